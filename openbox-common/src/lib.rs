@@ -1,0 +1,270 @@
+//! Plain data shared by the kernel programs (`openbox-ebpf`) and the agent.
+//!
+//! Every type is `#[repr(C)]` with fixed-size fields and explicit padding. Flags and
+//! kinds are integers, never `bool` or Rust enums: a bad value coming from the kernel
+//! must not be undefined behaviour on the user side. The agent decodes records with
+//! `read_unaligned` after checking their length.
+#![no_std]
+
+/// Payload bytes carried by one ring-buffer data record.
+pub const MAX_CHUNK: usize = 4096;
+/// Most data records emitted for one call; with [`MAX_CHUNK`] this bounds the
+/// configurable per-call capture limit.
+pub const MAX_RECORDS_PER_CALL: u32 = 64;
+/// Largest per-call capture limit the kernel programs honour (256 KiB).
+pub const MAX_CAPTURE_LIMIT: u32 = MAX_RECORDS_PER_CALL * MAX_CHUNK as u32;
+/// Default per-call capture limit.
+pub const DEFAULT_CAPTURE_LIMIT: u32 = 16 * 1024;
+/// Most iovec entries walked per readv/writev/sendmsg/recvmsg call.
+pub const MAX_IOVECS: u32 = 64;
+/// Bytes of a path kept from openat/openat2 and exec.
+pub const MAX_PATH: usize = 256;
+/// Bytes of a task name (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+
+// ---- event kinds (EventHeader::kind) ----
+/// Socket payload seen by a syscall ([`DataEvent`]).
+pub const EV_SOCK_DATA: u32 = 1;
+/// TLS plaintext seen by a libssl uprobe ([`DataEvent`], `ssl` set).
+pub const EV_TLS_DATA: u32 = 2;
+/// connect() returned ([`ConnEvent`]).
+pub const EV_CONNECT: u32 = 3;
+/// accept()/accept4() returned a new socket ([`ConnEvent`]).
+pub const EV_ACCEPT: u32 = 4;
+/// A tracked descriptor was closed ([`CloseEvent`]).
+pub const EV_CLOSE: u32 = 5;
+/// openat()/openat2() succeeded ([`FileOpenEvent`]).
+pub const EV_FILE_OPEN: u32 = 6;
+/// read/write on a tracked file descriptor ([`FileIoEvent`]).
+pub const EV_FILE_IO: u32 = 7;
+/// A watched process called execve ([`ProcEvent`], `path` = new image).
+pub const EV_EXEC: u32 = 8;
+/// A watched process created a child process ([`ProcEvent`], `other` = child).
+pub const EV_FORK: u32 = 9;
+/// A watched process exited ([`ProcEvent`]).
+pub const EV_EXIT: u32 = 10;
+/// socket()/socketpair() created socket descriptors ([`ConnEvent`], family only).
+pub const EV_SOCKET: u32 = 11;
+
+// ---- DataEvent::direction / FileIoEvent::direction ----
+/// Bytes leaving the process (write, send, SSL_write).
+pub const DIR_EGRESS: u32 = 1;
+/// Bytes entering the process (read, recv, SSL_read).
+pub const DIR_INGRESS: u32 = 2;
+
+// ---- EventHeader::flags ----
+/// The call moved more bytes than were captured (capture limit or chunk budget).
+pub const FLAG_TRUNCATED: u32 = 1 << 0;
+/// Last record of this call.
+pub const FLAG_LAST: u32 = 1 << 1;
+/// A socket syscall made while a libssl call was active on the same thread: the bytes
+/// are ciphertext; `ssl` names the SSL object. No payload is copied.
+pub const FLAG_IN_SSL: u32 = 1 << 2;
+/// Payload was not copied (descriptor marked `FD_NO_PAYLOAD` or ciphertext).
+pub const FLAG_NO_PAYLOAD: u32 = 1 << 3;
+/// A bpf_probe_read_user failed: the record holds fewer bytes than promised.
+pub const FLAG_READ_FAILED: u32 = 1 << 4;
+/// The process was stopped (SIGSTOP) after opening a TLS library so the agent can
+/// attach its uprobes before the library runs; the agent sends SIGCONT.
+pub const FLAG_PAUSED: u32 = 1 << 5;
+
+// ---- syscall / probe that produced a record (DataEvent::source, FileIoEvent::source) ----
+pub const SRC_READ: u32 = 1;
+pub const SRC_WRITE: u32 = 2;
+pub const SRC_READV: u32 = 3;
+pub const SRC_WRITEV: u32 = 4;
+pub const SRC_RECVFROM: u32 = 5;
+pub const SRC_SENDTO: u32 = 6;
+pub const SRC_RECVMSG: u32 = 7;
+pub const SRC_SENDMSG: u32 = 8;
+pub const SRC_SSL_READ: u32 = 9;
+pub const SRC_SSL_READ_EX: u32 = 10;
+pub const SRC_SSL_WRITE: u32 = 11;
+pub const SRC_SSL_WRITE_EX: u32 = 12;
+
+// ---- FdState::kind ----
+pub const FD_SOCKET: u32 = 1;
+pub const FD_FILE: u32 = 2;
+/// Tracked but uninteresting (a noise path): no events except close.
+pub const FD_IGNORED: u32 = 3;
+// ---- FdState::flags ----
+/// Do not copy payload for this descriptor (the agent knows it carries TLS ciphertext).
+pub const FD_NO_PAYLOAD: u32 = 1 << 0;
+
+// ---- Config::flags ----
+/// Stop a watched process with SIGSTOP when it opens a file whose name contains
+/// "libssl", so uprobes are attached before its first TLS call.
+pub const CFG_PAUSE_ON_TLS_LIB: u32 = 1 << 0;
+
+// ---- indices of the per-CPU COUNTERS array ----
+/// Records written to the ring buffer.
+pub const CNT_EVENTS: u32 = 0;
+/// Ring-buffer reservations/outputs that failed: events lost.
+pub const CNT_RINGBUF_DROPS: u32 = 1;
+/// Calls whose payload was cut by the capture limit.
+pub const CNT_TRUNCATED_CALLS: u32 = 2;
+/// Payload bytes not captured because of the capture limit.
+pub const CNT_TRUNCATED_BYTES: u32 = 3;
+/// Probe hits from processes that are not watched (filtered before any copy).
+pub const CNT_UNWATCHED: u32 = 4;
+/// Probe hits from watched processes.
+pub const CNT_WATCHED: u32 = 5;
+/// bpf_probe_read_user failures.
+pub const CNT_READ_FAILURES: u32 = 6;
+/// Map insertions that failed (map full): state lost.
+pub const CNT_MAP_FULL: u32 = 7;
+/// Payload bytes captured.
+pub const CNT_CAPTURED_BYTES: u32 = 8;
+pub const NUM_COUNTERS: u32 = 16;
+
+/// Common prefix of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// One of the `EV_*` constants.
+    pub kind: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Host process id (thread group id).
+    pub tgid: u32,
+    /// Host thread id.
+    pub tid: u32,
+}
+
+/// Payload bytes of one call, or one chunk of it. The record in the ring buffer is the
+/// header ([`DATA_HEADER_LEN`] bytes) followed by `len` payload bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataEvent {
+    pub hdr: EventHeader,
+    /// Socket descriptor, or -1 for TLS plaintext (libssl does not say).
+    pub fd: i32,
+    /// `SRC_*`: which syscall or probe produced it.
+    pub source: u32,
+    /// The `SSL*` of a TLS record, or of the libssl call active on this thread.
+    pub ssl: u64,
+    /// Bytes the whole call moved (its return value).
+    pub call_len: u64,
+    /// Offset of this chunk within the call's bytes.
+    pub offset: u64,
+    /// Payload bytes in this record.
+    pub len: u32,
+    /// `DIR_*`.
+    pub direction: u32,
+    pub data: [u8; MAX_CHUNK],
+}
+
+/// Size of [`DataEvent`] without its payload.
+pub const DATA_HEADER_LEN: usize = core::mem::size_of::<DataEvent>() - MAX_CHUNK;
+
+/// An address as the kernel had it in a `sockaddr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockAddr {
+    /// AF_INET (2), AF_INET6 (10), AF_UNIX (1), or 0 when unknown.
+    pub family: u16,
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// IPv4 in the first 4 bytes, or IPv6; for AF_UNIX the start of the path.
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnEvent {
+    pub hdr: EventHeader,
+    pub fd: i32,
+    /// connect(): 0 or -EINPROGRESS; accept: the new fd; socketpair: the second fd.
+    pub ret: i32,
+    /// Remote address (connect argument, accept result).
+    pub peer: SockAddr,
+    /// socket(): type (SOCK_STREAM = 1, SOCK_DGRAM = 2).
+    pub sock_type: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseEvent {
+    pub hdr: EventHeader,
+    pub fd: i32,
+    /// `FD_*` kind the descriptor had.
+    pub fd_kind: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileOpenEvent {
+    pub hdr: EventHeader,
+    pub fd: i32,
+    /// openat flags (O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_APPEND, O_TRUNC …).
+    pub open_flags: u32,
+    /// The dirfd argument (AT_FDCWD = -100 for paths relative to the cwd).
+    pub dirfd: i32,
+    /// Bytes of `path` used, without the NUL.
+    pub path_len: u32,
+    pub path: [u8; MAX_PATH],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileIoEvent {
+    pub hdr: EventHeader,
+    pub fd: i32,
+    /// `SRC_*` syscall.
+    pub source: u32,
+    /// `DIR_*`.
+    pub direction: u32,
+    pub _pad: u32,
+    /// Bytes the call moved.
+    pub bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProcEvent {
+    pub hdr: EventHeader,
+    /// EV_FORK: the child's tgid. EV_EXIT: the exit code. EV_EXEC: the old pid.
+    pub other: u32,
+    pub path_len: u32,
+    pub comm: [u8; COMM_LEN],
+    /// EV_EXEC: the new image's path.
+    pub path: [u8; MAX_PATH],
+}
+
+/// What the kernel knows of one descriptor of a watched process (map `FDS`, key
+/// `tgid << 32 | fd`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FdState {
+    /// `FD_*`.
+    pub kind: u32,
+    /// `FD_NO_PAYLOAD` …
+    pub flags: u32,
+}
+
+/// Run-time settings (map `CONFIG`, index 0), written by the agent before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Payload bytes captured per call, at most [`MAX_CAPTURE_LIMIT`].
+    pub capture_limit: u32,
+    /// `CFG_*` bits.
+    pub flags: u32,
+}
+
+/// Key of the `FDS` map.
+#[inline(always)]
+pub fn fd_key(tgid: u32, fd: i32) -> u64 {
+    ((tgid as u64) << 32) | (fd as u32 as u64)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and arrays, every bit pattern is valid.
+    unsafe impl aya::Pod for super::FdState {}
+    unsafe impl aya::Pod for super::Config {}
+}

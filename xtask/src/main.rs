@@ -1,0 +1,116 @@
+//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//!
+//! Every task installs what it needs and reuses what is already there, so the two
+//! commands of the README work on a fresh machine.
+
+mod env;
+mod toolchain;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "openbox-agent project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the kernel programs (installs rust-src and bpf-linker when missing).
+    BuildEbpf,
+    /// Build the kernel programs and the agent (release).
+    Build,
+    /// Install the test environment (Debian packages, Python virtualenv) and run every test.
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo: the agent tracing a sample program doing HTTPS and file I/O.
+    Demo,
+    /// Measure the per-syscall cost of the agent (watched, unwatched, no agent).
+    Bench {
+        /// Iterations per loop.
+        #[arg(long, default_value_t = 200_000)]
+        iterations: u64,
+    },
+    /// Install the test environment only (Debian packages, Python virtualenv).
+    SetupEnv,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
+        Task::Build => build_agent(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+        Task::Bench { iterations } => bench(iterations),
+        Task::SetupEnv => env::setup().map(|_| ()),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build_agent() -> Result<()> {
+    toolchain::build_ebpf()?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "openbox-agent"]))
+}
+
+fn agent_binary() -> PathBuf {
+    workspace_root().join("target/release/openbox-agent")
+}
+
+fn test(args: &[String]) -> Result<()> {
+    build_agent()?;
+    let test_env = env::setup()?;
+    let root = workspace_root();
+    // Unit tests and the parsers' tests, then the integration tests, which share kernel
+    // state (loaded programs, tracefs) and so run one at a time.
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .env("OPENBOX_AGENT_BIN", agent_binary())
+        .envs(test_env.vars())
+        .args(["test", "--release", "--workspace"])
+        .args(args)
+        .args(["--", "--test-threads=1"]))
+}
+
+fn demo() -> Result<()> {
+    build_agent()?;
+    let test_env = env::setup()?;
+    run(Command::new("python3")
+        .arg(workspace_root().join("tests/demo/demo.py"))
+        .env("OPENBOX_AGENT_BIN", agent_binary())
+        .envs(test_env.vars()))
+}
+
+fn bench(iterations: u64) -> Result<()> {
+    build_agent()?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "openbox-agent", "--example", "syscall_loop"]))?;
+    run(Command::new(agent_binary())
+        .args(["bench", "--iterations", &iterations.to_string(), "--loop-bin"])
+        .arg(workspace_root().join("target/release/examples/syscall_loop")))
+}
