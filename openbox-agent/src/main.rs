@@ -1,1 +1,134 @@
-fn main() {}
+//! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
+//! I/O — from the kernel, without instrumenting the worker.
+
+mod capture;
+mod check;
+mod conn;
+mod preflight;
+mod procfs;
+mod trace;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
+
+#[derive(Parser)]
+#[command(name = "openbox-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch a process and its children and print what they do: connections, cleartext
+    /// and TLS-plaintext bytes, files.
+    Trace {
+        /// One JSON object per line instead of readable text.
+        #[arg(long)]
+        json: bool,
+        /// Watch a running process (and its current and future children).
+        #[arg(long, conflicts_with = "command")]
+        pid: Option<u32>,
+        /// Payload bytes captured per call (at most 262144).
+        #[arg(long, default_value_t = DEFAULT_CAPTURE_LIMIT, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
+        capture_limit: u32,
+        /// Also probe this libssl (or binary exporting SSL_write/SSL_read); repeatable.
+        #[arg(long = "tls-lib", value_name = "PATH")]
+        tls_libs: Vec<PathBuf>,
+        /// Also skip files whose path starts with this prefix; repeatable.
+        #[arg(long = "skip-path", value_name = "PREFIX")]
+        skip_paths: Vec<String>,
+        /// Report every file, including the default noise paths (/dev/, /proc/, .so …).
+        #[arg(long)]
+        no_default_skips: bool,
+        /// Do not stop a process that loads a TLS library until its probes are attached
+        /// (its first TLS calls may then be missed).
+        #[arg(long)]
+        no_tls_pause: bool,
+        /// Ring-buffer size in MiB (a power of two).
+        #[arg(long, default_value_t = 16)]
+        ring_mib: u32,
+        /// Payload bytes shown per record in readable output.
+        #[arg(long, default_value_t = 160)]
+        show_bytes: usize,
+        /// The command to run and watch.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Report what this kernel offers, the privileges held, and the mode the agent will use.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OPENBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("openbox-agent: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { json } => {
+            let report = check::report();
+            check::print(&report, json);
+            Ok(if report.ready { 0 } else { 1 })
+        }
+        Command::Trace {
+            json,
+            pid,
+            capture_limit,
+            tls_libs,
+            skip_paths,
+            no_default_skips,
+            no_tls_pause,
+            ring_mib,
+            show_bytes,
+            command,
+        } => {
+            if !ring_mib.is_power_of_two() {
+                anyhow::bail!("--ring-mib must be a power of two (got {ring_mib})");
+            }
+            let mut skip = if no_default_skips {
+                conn::SkipPaths::none()
+            } else {
+                conn::SkipPaths::default()
+            };
+            skip.prefixes.extend(skip_paths);
+            let opts = trace::TraceOpts {
+                json,
+                pid,
+                command,
+                capture: capture::CaptureConfig {
+                    capture_limit,
+                    pause_on_tls_lib: !no_tls_pause,
+                    ring_bytes: ring_mib << 20,
+                },
+                tls_libs,
+                skip,
+                show_bytes,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(trace::run(opts))
+        }
+    }
+}

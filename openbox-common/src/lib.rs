@@ -91,10 +91,12 @@ pub const FD_IGNORED: u32 = 3;
 /// Do not copy payload for this descriptor (the agent knows it carries TLS ciphertext).
 pub const FD_NO_PAYLOAD: u32 = 1 << 0;
 
-// ---- Config::flags ----
-/// Stop a watched process with SIGSTOP when it opens a file whose name contains
-/// "libssl", so uprobes are attached before its first TLS call.
-pub const CFG_PAUSE_ON_TLS_LIB: u32 = 1 << 0;
+// ---- load-time settings: globals of the kernel object, set with EbpfLoader::set_global ----
+/// u32: payload bytes captured per call, at most [`MAX_CAPTURE_LIMIT`].
+pub const GLOBAL_CAPTURE_LIMIT: &str = "CAPTURE_LIMIT";
+/// u32: when 1, stop a watched process with SIGSTOP when it opens a file whose name
+/// contains "libssl", so uprobes are attached before its first TLS call.
+pub const GLOBAL_PAUSE_ON_TLS_LIB: &str = "PAUSE_ON_TLS_LIB";
 
 // ---- indices of the per-CPU COUNTERS array ----
 /// Records written to the ring buffer.
@@ -246,16 +248,6 @@ pub struct FdState {
     pub flags: u32,
 }
 
-/// Run-time settings (map `CONFIG`, index 0), written by the agent before attaching.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Config {
-    /// Payload bytes captured per call, at most [`MAX_CAPTURE_LIMIT`].
-    pub capture_limit: u32,
-    /// `CFG_*` bits.
-    pub flags: u32,
-}
-
 /// Key of the `FDS` map.
 #[inline(always)]
 pub fn fd_key(tgid: u32, fd: i32) -> u64 {
@@ -266,5 +258,4 @@ pub fn fd_key(tgid: u32, fd: i32) -> u64 {
 mod pod {
     // SAFETY: plain #[repr(C)] integers and arrays, every bit pattern is valid.
     unsafe impl aya::Pod for super::FdState {}
-    unsafe impl aya::Pod for super::Config {}
 }

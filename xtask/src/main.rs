@@ -63,7 +63,9 @@ pub fn workspace_root() -> PathBuf {
 
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed with {status}");
     }
@@ -72,9 +74,12 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 fn build_agent() -> Result<()> {
     toolchain::build_ebpf()?;
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "openbox-agent"]))
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "openbox-agent",
+    ]))
 }
 
 fn agent_binary() -> PathBuf {
@@ -107,10 +112,20 @@ fn demo() -> Result<()> {
 
 fn bench(iterations: u64) -> Result<()> {
     build_agent()?;
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "openbox-agent", "--example", "syscall_loop"]))?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "openbox-agent",
+        "--example",
+        "syscall_loop",
+    ]))?;
     run(Command::new(agent_binary())
-        .args(["bench", "--iterations", &iterations.to_string(), "--loop-bin"])
+        .args([
+            "bench",
+            "--iterations",
+            &iterations.to_string(),
+            "--loop-bin",
+        ])
         .arg(workspace_root().join("target/release/examples/syscall_loop")))
 }

@@ -26,7 +26,9 @@ struct Toolchain {
 
 fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("could not start {shown}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {shown}"))?;
     if !out.status.success() {
         bail!(
             "{shown} failed with {}: {}",
@@ -38,7 +40,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 /// Where the project keeps tools it installs (bpf-linker, the LLVM link directory).
@@ -61,20 +65,28 @@ fn find_toolchain() -> Result<Toolchain> {
     let mut name = "nightly";
     if !installed.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("xtask: installing the nightly toolchain (rustup toolchain install nightly --profile minimal)");
-        if run(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"])).is_err() {
+        if run(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"])).is_err()
+        {
             eprintln!("xtask: no nightly toolchain could be installed; falling back to stable with RUSTC_BOOTSTRAP=1");
             name = "stable";
         }
     }
-    let components = output(rustup().args(["component", "list", "--installed", "--toolchain", name]))?;
+    let components =
+        output(rustup().args(["component", "list", "--installed", "--toolchain", name]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to the {name} toolchain");
         run(rustup().args(["component", "add", "rust-src", "--toolchain", name])).map_err(|e| {
             anyhow!("{e}\nthe kernel programs are built with -Z build-std=core, which needs rust-src: run `rustup component add rust-src --toolchain {name}`")
         })?;
     }
-    let sysroot = PathBuf::from(output(rustup().args(["run", name, "rustc", "--print", "sysroot"]))?);
-    Ok(Toolchain { name: name.to_string(), sysroot, bootstrap: name == "stable" })
+    let sysroot = PathBuf::from(output(
+        rustup().args(["run", name, "rustc", "--print", "sysroot"]),
+    )?);
+    Ok(Toolchain {
+        name: name.to_string(),
+        sysroot,
+        bootstrap: name == "stable",
+    })
 }
 
 /// The toolchain's LLVM shared library, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
@@ -159,7 +171,14 @@ pub fn build_ebpf() -> Result<PathBuf> {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTFLAGS")
         .arg(format!("+{}", tc.name))
-        .args(["build", "--release", "--target", BPF_TARGET, "-Z", "build-std=core"]);
+        .args([
+            "build",
+            "--release",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+        ]);
     if tc.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }

@@ -1,0 +1,258 @@
+//! Loading and attaching the kernel programs, and reading what they report.
+
+pub mod event;
+pub mod tls;
+
+use std::{collections::HashSet, path::Path};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe},
+    Ebpf, EbpfLoader,
+};
+use openbox_common::*;
+use tokio::io::unix::AsyncFd;
+
+use crate::preflight;
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OPENBOX_EBPF_OBJECT"));
+
+/// (program, tracepoint category, tracepoint name)
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("sys_enter_read", "syscalls", "sys_enter_read"),
+    ("sys_exit_read", "syscalls", "sys_exit_read"),
+    ("sys_enter_write", "syscalls", "sys_enter_write"),
+    ("sys_exit_write", "syscalls", "sys_exit_write"),
+    ("sys_enter_readv", "syscalls", "sys_enter_readv"),
+    ("sys_exit_readv", "syscalls", "sys_exit_readv"),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev"),
+    ("sys_exit_writev", "syscalls", "sys_exit_writev"),
+    ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
+    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
+    ("sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
+    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
+    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("sys_enter_accept", "syscalls", "sys_enter_accept"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("sys_enter_accept4", "syscalls", "sys_enter_accept4"),
+    ("sys_exit_accept4", "syscalls", "sys_exit_accept4"),
+    ("sys_enter_socket", "syscalls", "sys_enter_socket"),
+    ("sys_exit_socket", "syscalls", "sys_exit_socket"),
+    ("sys_enter_socketpair", "syscalls", "sys_enter_socketpair"),
+    ("sys_exit_socketpair", "syscalls", "sys_exit_socketpair"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("sys_enter_openat", "syscalls", "sys_enter_openat"),
+    ("sys_exit_openat", "syscalls", "sys_exit_openat"),
+    ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
+    ("sys_exit_openat2", "syscalls", "sys_exit_openat2"),
+    ("task_newtask", "task", "task_newtask"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// libssl functions probed: (function, entry program).
+pub const SSL_FUNCTIONS: &[(&str, &str)] = &[
+    ("SSL_write", "ssl_write"),
+    ("SSL_write_ex", "ssl_write_ex"),
+    ("SSL_read", "ssl_read"),
+    ("SSL_read_ex", "ssl_read_ex"),
+];
+const SSL_RET_PROGRAM: &str = "ssl_ret";
+
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Payload bytes captured per call.
+    pub capture_limit: u32,
+    /// Stop a watched process that opens a TLS library until its uprobes are attached.
+    pub pause_on_tls_lib: bool,
+    /// Ring-buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            capture_limit: DEFAULT_CAPTURE_LIMIT,
+            pause_on_tls_lib: true,
+            ring_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counters {
+    pub events: u64,
+    pub ringbuf_drops: u64,
+    pub truncated_calls: u64,
+    pub truncated_bytes: u64,
+    pub unwatched_hits: u64,
+    pub watched_hits: u64,
+    pub read_failures: u64,
+    pub map_full: u64,
+    pub captured_bytes: u64,
+}
+
+/// The loaded programs and their maps.
+pub struct Capture {
+    ebpf: Ebpf,
+    watched: BpfHashMap<MapData, u32, u32>,
+    fds: BpfHashMap<MapData, u64, FdState>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Libraries whose libssl functions are probed (canonical paths).
+    tls_libs: HashSet<std::path::PathBuf>,
+}
+
+impl Capture {
+    /// Loads every program and attaches the tracepoints. Fails with a message that says
+    /// what is missing and how to fix it.
+    pub fn load(cfg: &CaptureConfig) -> Result<Capture> {
+        preflight::require_privileges()?;
+        preflight::ensure_tracefs()?;
+        preflight::raise_memlock();
+        let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
+        let pause: u32 = cfg.pause_on_tls_lib.into();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
+            .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
+            .map_max_entries("EVENTS", cfg.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| anyhow!("loading the kernel programs failed: {e}. Run `openbox-agent check` to see what this kernel lacks."))?;
+        for (prog, category, name) in TRACEPOINTS {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
+                .try_into()?;
+            tp.load()
+                .with_context(|| format!("the kernel rejected program {prog}"))?;
+            tp.attach(category, name).map_err(|e| {
+                anyhow!("attaching to tracepoint {category}:{name} failed: {e}. The kernel needs CONFIG_FTRACE_SYSCALLS and tracefs mounted at /sys/kernel/tracing.")
+            })?;
+        }
+        for (_, prog) in SSL_FUNCTIONS.iter().chain([&("", SSL_RET_PROGRAM)]) {
+            let p: &mut UProbe = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the kernel rejected program {prog}"))?;
+        }
+        let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
+        let fds = BpfHashMap::try_from(ebpf.take_map("FDS").context("map FDS")?)?;
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
+        Ok(Capture {
+            ebpf,
+            watched,
+            fds,
+            counters,
+            tls_libs: HashSet::new(),
+        })
+    }
+
+    /// The ring buffer, readable from tokio.
+    pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
+        let map = self.ebpf.take_map("EVENTS").context("map EVENTS")?;
+        let ring = RingBuf::try_from(map)?;
+        // SAFETY: the ring buffer owns its descriptor for as long as the AsyncFd lives.
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow!("polling the ring buffer: {e}"))
+    }
+
+    pub fn watch(&mut self, tgid: u32) -> Result<()> {
+        self.watched
+            .insert(tgid, 1, 0)
+            .with_context(|| format!("adding process {tgid} to the watched set"))
+    }
+
+    pub fn unwatch(&mut self, tgid: u32) {
+        let _ = self.watched.remove(&tgid);
+    }
+
+    pub fn is_watched(&self, tgid: u32) -> bool {
+        self.watched.get(&tgid, 0).is_ok()
+    }
+
+    pub fn set_fd(&mut self, tgid: u32, fd: i32, kind: u32, flags: u32) {
+        let _ = self
+            .fds
+            .insert(fd_key(tgid, fd), FdState { kind, flags }, 0);
+    }
+
+    pub fn forget_fd(&mut self, tgid: u32, fd: i32) {
+        let _ = self.fds.remove(&fd_key(tgid, fd));
+    }
+
+    pub fn counters(&self) -> Counters {
+        let sum = |idx: u32| -> u64 {
+            self.counters
+                .get(&idx, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        Counters {
+            events: sum(CNT_EVENTS),
+            ringbuf_drops: sum(CNT_RINGBUF_DROPS),
+            truncated_calls: sum(CNT_TRUNCATED_CALLS),
+            truncated_bytes: sum(CNT_TRUNCATED_BYTES),
+            unwatched_hits: sum(CNT_UNWATCHED),
+            watched_hits: sum(CNT_WATCHED),
+            read_failures: sum(CNT_READ_FAILURES),
+            map_full: sum(CNT_MAP_FULL),
+            captured_bytes: sum(CNT_CAPTURED_BYTES),
+        }
+    }
+
+    pub fn has_tls_lib(&self, path: &Path) -> bool {
+        self.tls_libs.contains(path)
+    }
+
+    /// Attaches entry and return probes to the libssl functions of `path` (every
+    /// process that maps it; the kernel programs filter by the watched set).
+    pub fn attach_tls(&mut self, path: &Path) -> Result<usize, tls::AttachError> {
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| tls::AttachError::NotFound {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        if self.tls_libs.contains(&canonical) {
+            return Ok(0);
+        }
+        let symbols = tls::ssl_symbols(&canonical)?;
+        let mut attached = 0;
+        for (func, prog) in SSL_FUNCTIONS {
+            if !symbols.iter().any(|s| s == func) {
+                continue;
+            }
+            for (program, what) in [(*prog, "entry"), (SSL_RET_PROGRAM, "return")] {
+                let p: &mut UProbe = self
+                    .ebpf
+                    .program_mut(program)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or_else(|| {
+                        tls::AttachError::Internal(format!("program {program} missing"))
+                    })?;
+                p.attach(
+                    *func,
+                    &canonical,
+                    aya::programs::uprobe::UProbeScope::AllProcesses,
+                )
+                .map_err(|e| tls::AttachError::Attach {
+                    path: canonical.clone(),
+                    func: format!("{func} ({what})"),
+                    reason: e.to_string(),
+                })?;
+                attached += 1;
+            }
+        }
+        self.tls_libs.insert(canonical);
+        Ok(attached)
+    }
+}

@@ -1,0 +1,1084 @@
+//! Descriptor tables, connection streams and their reassembly, and the linking of TLS
+//! plaintext to the socket that carries it.
+//!
+//! [`Tracker`] is a state machine over decoded kernel events: it owns no I/O. What it
+//! needs from the system (a process's cwd, a socket's peer) it asks through [`ProcEnv`];
+//! what the caller must do to the kernel maps it returns as [`Action`]s; what a user
+//! sees it returns as [`Record`]s.
+
+use std::collections::{HashMap, VecDeque};
+
+use openbox_common::*;
+
+use crate::capture::event::{Addr, Body, Data, Event};
+
+pub type Pid = u32;
+type FdKey = (Pid, i32);
+
+/// What the tracker asks of the system.
+pub trait ProcEnv {
+    /// Current working directory of a process.
+    fn cwd(&self, pid: Pid) -> Option<String>;
+    /// The path a descriptor refers to (readlink of /proc/PID/fd/FD).
+    fn fd_path(&self, pid: Pid, fd: i32) -> Option<String>;
+    /// Local and remote address of a socket descriptor.
+    fn socket_addrs(&self, pid: Pid, fd: i32) -> (Option<Addr>, Option<Addr>);
+}
+
+/// What the caller must do to the kernel state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Stop copying payload for this descriptor (TLS ciphertext).
+    NoPayload(Pid, i32),
+    /// Stop reporting this descriptor (a noise path).
+    Ignore(Pid, i32),
+    /// Forget these descriptors in the kernel (process exited).
+    ForgetFds(Pid, Vec<i32>),
+    /// A TLS library was opened: attach uprobes to it, then resume `paused` if set.
+    AttachTls {
+        pid: Pid,
+        path: String,
+        paused: bool,
+    },
+    /// The process replaced its image: re-read its descriptors and libraries.
+    Resync(Pid),
+    /// A new child process: seed the descriptors it inherited.
+    Seed(Pid),
+    /// The process exited: remove it from the watched set.
+    Unwatch(Pid),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Egress,
+    Ingress,
+}
+
+impl Direction {
+    fn from_raw(d: u32) -> Direction {
+        if d == DIR_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+    fn idx(&self) -> usize {
+        match self {
+            Direction::Egress => 0,
+            Direction::Ingress => 1,
+        }
+    }
+}
+
+/// What the user sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Exec {
+        ts: u64,
+        pid: Pid,
+        path: String,
+    },
+    Fork {
+        ts: u64,
+        pid: Pid,
+        child: Pid,
+    },
+    Exit {
+        ts: u64,
+        pid: Pid,
+    },
+    Connect {
+        ts: u64,
+        accept: bool,
+        pid: Pid,
+        tid: u32,
+        fd: i32,
+        conn: String,
+        peer: Option<Addr>,
+        local: Option<Addr>,
+    },
+    Data {
+        ts: u64,
+        pid: Pid,
+        tid: u32,
+        fd: i32,
+        conn: Option<String>,
+        peer: Option<Addr>,
+        tls: bool,
+        direction: Direction,
+        seq: u64,
+        truncated: u64,
+        data: Vec<u8>,
+    },
+    Close {
+        ts: u64,
+        pid: Pid,
+        fd: i32,
+        conn: String,
+        peer: Option<Addr>,
+        bytes_sent: u64,
+        bytes_received: u64,
+        tls: bool,
+    },
+    FileOpen {
+        ts: u64,
+        pid: Pid,
+        fd: i32,
+        path: String,
+        mode: &'static str,
+    },
+    FileClose {
+        ts: u64,
+        pid: Pid,
+        fd: i32,
+        path: String,
+        mode: &'static str,
+        bytes_read: u64,
+        bytes_written: u64,
+        reads: u64,
+        writes: u64,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Stream {
+    /// Stream offset where the next call starts.
+    next_seq: u64,
+    /// Stream offset where the call in progress started.
+    call_base: u64,
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: String,
+    peer: Option<Addr>,
+    /// The socket carries TLS: its raw bytes are ciphertext and never reported.
+    tls: bool,
+    /// The egress stream began with a PostgreSQL SSLRequest: TLS may start after it.
+    starttls: bool,
+    /// [plaintext-or-cleartext index: 0 socket, 1 TLS plaintext][direction]
+    streams: [[Stream; 2]; 2],
+    sock_bytes: [u64; 2],
+    /// A connect/accept record was printed for it.
+    announced: bool,
+}
+
+#[derive(Debug)]
+struct File {
+    path: String,
+    mode: &'static str,
+    ignored: bool,
+    bytes: [u64; 2],
+    calls: [u64; 2],
+}
+
+#[derive(Debug, Default)]
+struct Thread {
+    /// The TLS socket this thread last read ciphertext from (memory-BIO TLS reads it,
+    /// then decrypts with SSL_read on the same thread).
+    last_tls_ingress: Option<FdKey>,
+    /// An SSL object whose SSL_write had no socket yet (memory BIO): the next
+    /// ciphertext write on this thread carries it.
+    pending_egress_ssl: Option<u64>,
+}
+
+/// Plaintext of an SSL object not yet linked to a socket, kept bounded.
+const PENDING_LIMIT: usize = 256 * 1024;
+
+#[derive(Default)]
+pub struct Tracker {
+    conns: HashMap<FdKey, Conn>,
+    files: HashMap<FdKey, File>,
+    ssl_links: HashMap<(Pid, u64), FdKey>,
+    threads: HashMap<(Pid, u32), Thread>,
+    pending: HashMap<(Pid, u64), VecDeque<(Event, Data)>>,
+    pending_bytes: HashMap<(Pid, u64), usize>,
+    next_conn: u64,
+    /// Path prefixes, substrings and suffixes never reported as files.
+    pub skip: SkipPaths,
+    /// Records that could not be decoded or did not fit the state.
+    pub unparsed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SkipPaths {
+    pub prefixes: Vec<String>,
+    pub contains: Vec<String>,
+    pub suffixes: Vec<String>,
+}
+
+impl Default for SkipPaths {
+    /// The in-process SDK's skip list: /dev/, /proc/, /sys/, __pycache__, .pyc, .pyo,
+    /// .so, .dylib — and versioned shared objects (libssl.so.3).
+    fn default() -> Self {
+        Self {
+            prefixes: vec!["/dev/".into(), "/proc/".into(), "/sys/".into()],
+            contains: vec!["__pycache__".into(), ".so.".into()],
+            suffixes: vec![".pyc".into(), ".pyo".into(), ".so".into(), ".dylib".into()],
+        }
+    }
+}
+
+impl SkipPaths {
+    pub fn none() -> Self {
+        Self {
+            prefixes: vec![],
+            contains: vec![],
+            suffixes: vec![],
+        }
+    }
+    pub fn skips(&self, path: &str) -> bool {
+        self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
+            || self.contains.iter().any(|p| path.contains(p.as_str()))
+            || self.suffixes.iter().any(|p| path.ends_with(p.as_str()))
+    }
+}
+
+/// The mode string Python's open() would have used for these flags.
+pub fn open_mode(flags: u32) -> &'static str {
+    let acc = flags & libc::O_ACCMODE as u32;
+    let append = flags & libc::O_APPEND as u32 != 0;
+    let trunc = flags & libc::O_TRUNC as u32 != 0;
+    let excl =
+        flags & (libc::O_EXCL | libc::O_CREAT) as u32 == (libc::O_EXCL | libc::O_CREAT) as u32;
+    match acc {
+        0 => "r",
+        1 if append => "a",
+        1 if excl => "x",
+        1 => "w",
+        _ if append => "a+",
+        _ if trunc => "w+",
+        _ if excl => "x+",
+        _ => "r+",
+    }
+}
+
+/// The first bytes of a TLS record carrying a handshake or alert (RFC 8446 §5.1):
+/// content type 21/22, legacy version 3.x.
+fn looks_like_tls(b: &[u8]) -> bool {
+    b.len() >= 3 && (b[0] == 0x16 || b[0] == 0x15) && b[1] == 0x03 && b[2] <= 0x04
+}
+
+/// PostgreSQL SSLRequest: length 8, code 80877103.
+const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+impl Tracker {
+    pub fn new(skip: SkipPaths) -> Self {
+        Self {
+            skip,
+            ..Default::default()
+        }
+    }
+
+    fn new_conn(&mut self, key: FdKey, peer: Option<Addr>) -> &mut Conn {
+        self.next_conn += 1;
+        let id = format!("{}:{}:{}", key.0, key.1, self.next_conn);
+        self.conns.insert(
+            key,
+            Conn {
+                id,
+                peer,
+                tls: false,
+                starttls: false,
+                streams: Default::default(),
+                sock_bytes: [0; 2],
+                announced: false,
+            },
+        );
+        self.conns.get_mut(&key).unwrap()
+    }
+
+    /// Registers a descriptor that existed before watching began (from /proc).
+    pub fn seed_socket(&mut self, pid: Pid, fd: i32, peer: Option<Addr>) {
+        if !self.conns.contains_key(&(pid, fd)) {
+            self.new_conn((pid, fd), peer);
+        }
+    }
+
+    pub fn seed_file(&mut self, pid: Pid, fd: i32, path: String) -> bool {
+        let ignored = self.skip.skips(&path);
+        self.files.insert(
+            (pid, fd),
+            File {
+                path,
+                mode: "r",
+                ignored,
+                bytes: [0; 2],
+                calls: [0; 2],
+            },
+        );
+        !ignored
+    }
+
+    /// Descriptors the tracker knows for a process.
+    pub fn fds_of(&self, pid: Pid) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .conns
+            .keys()
+            .chain(self.files.keys())
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, fd)| *fd)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    pub fn handle(
+        &mut self,
+        ev: Event,
+        env: &dyn ProcEnv,
+        out: &mut Vec<Record>,
+        actions: &mut Vec<Action>,
+    ) {
+        let h = ev.hdr;
+        let (pid, tid, ts) = (h.tgid, h.tid, h.ts_ns);
+        match &ev.body {
+            Body::Connect(c) | Body::Accept(c) => {
+                let accept = matches!(ev.body, Body::Accept(_));
+                let (local, remote) = env.socket_addrs(pid, c.fd);
+                let peer = match &c.peer {
+                    Addr::Unknown(_) => remote,
+                    a => Some(a.clone()),
+                };
+                let conn = self.new_conn((pid, c.fd), peer.clone());
+                conn.announced = true;
+                out.push(Record::Connect {
+                    ts,
+                    accept,
+                    pid,
+                    tid,
+                    fd: c.fd,
+                    conn: conn.id.clone(),
+                    peer,
+                    local,
+                });
+            }
+            Body::Socket(c) => {
+                self.new_conn((pid, c.fd), None);
+                if c.ret >= 0 {
+                    // socketpair: the second end.
+                    self.new_conn((pid, c.ret), None);
+                }
+            }
+            Body::SockData(d) => self.sock_data(&ev, d, env, out, actions),
+            Body::TlsData(d) => self.tls_data(&ev, d.clone(), out),
+            Body::Close { fd, .. } => self.close(pid, *fd, ts, out),
+            Body::FileOpen(f) => {
+                let path = self.resolve(pid, f.dirfd, &f.path, env);
+                let paused = h.flags & FLAG_PAUSED != 0;
+                if paused
+                    || path
+                        .rsplit('/')
+                        .next()
+                        .is_some_and(|b| b.contains("libssl"))
+                {
+                    actions.push(Action::AttachTls {
+                        pid,
+                        path: path.clone(),
+                        paused,
+                    });
+                }
+                let mode = open_mode(f.open_flags);
+                let ignored = self.skip.skips(&path);
+                if ignored {
+                    actions.push(Action::Ignore(pid, f.fd));
+                } else {
+                    out.push(Record::FileOpen {
+                        ts,
+                        pid,
+                        fd: f.fd,
+                        path: path.clone(),
+                        mode,
+                    });
+                }
+                self.files.insert(
+                    (pid, f.fd),
+                    File {
+                        path,
+                        mode,
+                        ignored,
+                        bytes: [0; 2],
+                        calls: [0; 2],
+                    },
+                );
+            }
+            Body::FileIo(io) => {
+                if let Some(file) = self.files.get_mut(&(pid, io.fd)) {
+                    let i = Direction::from_raw(io.direction).idx();
+                    // bytes[0] = written, bytes[1] = read (egress, ingress).
+                    file.bytes[i] += io.bytes;
+                    file.calls[i] += 1;
+                }
+            }
+            Body::Exec(p) => {
+                out.push(Record::Exec {
+                    ts,
+                    pid,
+                    path: p.path.clone(),
+                });
+                // Descriptors with O_CLOEXEC vanished without close(): re-read them.
+                actions.push(Action::Resync(pid));
+            }
+            Body::Fork(p) => {
+                out.push(Record::Fork {
+                    ts,
+                    pid,
+                    child: p.other,
+                });
+                actions.push(Action::Seed(p.other));
+            }
+            Body::Exit(_) => {
+                self.flush_pending(pid, out);
+                let fds = self.fds_of(pid);
+                for fd in &fds {
+                    self.close(pid, *fd, ts, out);
+                }
+                self.threads.retain(|(p, _), _| *p != pid);
+                self.ssl_links.retain(|(p, _), _| *p != pid);
+                out.push(Record::Exit { ts, pid });
+                actions.push(Action::ForgetFds(pid, fds));
+                actions.push(Action::Unwatch(pid));
+            }
+        }
+    }
+
+    fn resolve(&self, pid: Pid, dirfd: i32, path: &str, env: &dyn ProcEnv) -> String {
+        if path.starts_with('/') {
+            return path.to_string();
+        }
+        let base = if dirfd == -100 {
+            env.cwd(pid)
+        } else {
+            env.fd_path(pid, dirfd)
+        };
+        match base {
+            Some(b) => format!(
+                "{}/{}",
+                b.trim_end_matches('/'),
+                path.trim_start_matches("./")
+            ),
+            None => path.to_string(),
+        }
+    }
+
+    fn sock_data(
+        &mut self,
+        ev: &Event,
+        d: &Data,
+        env: &dyn ProcEnv,
+        out: &mut Vec<Record>,
+        actions: &mut Vec<Action>,
+    ) {
+        let h = ev.hdr;
+        let key = (h.tgid, d.fd);
+        if !self.conns.contains_key(&key) {
+            let (_, remote) = env.socket_addrs(h.tgid, d.fd);
+            self.new_conn(key, remote);
+        }
+        let dir = Direction::from_raw(d.direction);
+        let i = dir.idx();
+        let in_ssl = h.flags & FLAG_IN_SSL != 0;
+        let thread = self.threads.entry((h.tgid, h.tid)).or_default();
+        let conn = self.conns.get_mut(&key).unwrap();
+        let first = d.offset == 0;
+        if first {
+            conn.sock_bytes[i] += d.call_len;
+            let s = &mut conn.streams[0][i];
+            s.call_base = s.next_seq;
+            if !conn.tls && !in_ssl {
+                let at_start = s.call_base == 0;
+                if (at_start || conn.starttls) && looks_like_tls(&d.payload) {
+                    conn.tls = true;
+                    actions.push(Action::NoPayload(h.tgid, d.fd));
+                } else if at_start && dir == Direction::Egress && d.payload == PG_SSL_REQUEST {
+                    conn.starttls = true;
+                }
+            }
+        }
+        let mut newly_linked = None;
+        if in_ssl {
+            if !conn.tls {
+                conn.tls = true;
+                actions.push(Action::NoPayload(h.tgid, d.fd));
+            }
+            newly_linked = Some(d.ssl);
+        } else if conn.tls {
+            match dir {
+                Direction::Egress => {
+                    if let Some(ssl) = thread.pending_egress_ssl.take() {
+                        newly_linked = Some(ssl);
+                    }
+                }
+                Direction::Ingress => thread.last_tls_ingress = Some(key),
+            }
+        }
+        let s = &mut conn.streams[0][i];
+        let seq = s.call_base + d.offset;
+        if h.flags & FLAG_LAST != 0 {
+            s.next_seq = s.call_base + d.call_len;
+        }
+        if !conn.tls && h.flags & FLAG_NO_PAYLOAD == 0 {
+            let truncated = if h.flags & FLAG_LAST != 0 {
+                d.call_len.saturating_sub(d.offset + d.payload.len() as u64)
+            } else {
+                0
+            };
+            out.push(Record::Data {
+                ts: h.ts_ns,
+                pid: h.tgid,
+                tid: h.tid,
+                fd: d.fd,
+                conn: Some(conn.id.clone()),
+                peer: conn.peer.clone(),
+                tls: false,
+                direction: dir,
+                seq,
+                truncated,
+                data: d.payload.clone(),
+            });
+        }
+        if let Some(ssl) = newly_linked {
+            if ssl != 0 && self.ssl_links.insert((h.tgid, ssl), key) != Some(key) {
+                self.flush_ssl(h.tgid, ssl, out);
+            }
+        }
+    }
+
+    fn tls_data(&mut self, ev: &Event, d: Data, out: &mut Vec<Record>) {
+        let h = ev.hdr;
+        let link = (h.tgid, d.ssl);
+        if !self.ssl_links.contains_key(&link) && d.direction == DIR_INGRESS {
+            // Memory-BIO TLS: the ciphertext this thread just read is what it decrypts.
+            if let Some(key) = self
+                .threads
+                .get(&(h.tgid, h.tid))
+                .and_then(|t| t.last_tls_ingress)
+            {
+                if self.conns.contains_key(&key) {
+                    self.ssl_links.insert(link, key);
+                    self.flush_ssl(h.tgid, d.ssl, out);
+                }
+            }
+        }
+        if self.ssl_links.contains_key(&link) && !self.pending.contains_key(&link) {
+            self.emit_tls(ev, &d, out);
+            return;
+        }
+        if d.direction == DIR_EGRESS && d.offset == 0 {
+            self.threads
+                .entry((h.tgid, h.tid))
+                .or_default()
+                .pending_egress_ssl = Some(d.ssl);
+        }
+        let size = self.pending_bytes.entry(link).or_default();
+        *size += d.payload.len();
+        let over = *size > PENDING_LIMIT;
+        self.pending
+            .entry(link)
+            .or_default()
+            .push_back((ev.clone(), d));
+        if over {
+            // Never linked within the bound: report it without a connection.
+            self.flush_ssl(h.tgid, link.1, out);
+        }
+    }
+
+    /// Emits the plaintext kept for an SSL object, on its connection if now known.
+    fn flush_ssl(&mut self, pid: Pid, ssl: u64, out: &mut Vec<Record>) {
+        self.pending_bytes.remove(&(pid, ssl));
+        if let Some(q) = self.pending.remove(&(pid, ssl)) {
+            for (ev, d) in q {
+                self.emit_tls(&ev, &d, out);
+            }
+        }
+    }
+
+    fn flush_pending(&mut self, pid: Pid, out: &mut Vec<Record>) {
+        let keys: Vec<(Pid, u64)> = self
+            .pending
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        for (p, ssl) in keys {
+            self.flush_ssl(p, ssl, out);
+        }
+    }
+
+    fn emit_tls(&mut self, ev: &Event, d: &Data, out: &mut Vec<Record>) {
+        let h = ev.hdr;
+        let dir = Direction::from_raw(d.direction);
+        let i = dir.idx();
+        let key = self.ssl_links.get(&(h.tgid, d.ssl)).copied();
+        let conn = key.and_then(|k| self.conns.get_mut(&k));
+        let truncated = if h.flags & FLAG_LAST != 0 {
+            d.call_len.saturating_sub(d.offset + d.payload.len() as u64)
+        } else {
+            0
+        };
+        let (conn_id, peer, fd, seq) = match conn {
+            Some(c) => {
+                let s = &mut c.streams[1][i];
+                if d.offset == 0 {
+                    s.call_base = s.next_seq;
+                }
+                let seq = s.call_base + d.offset;
+                if h.flags & FLAG_LAST != 0 {
+                    s.next_seq = s.call_base + d.call_len;
+                }
+                (
+                    Some(c.id.clone()),
+                    c.peer.clone(),
+                    key.map(|k| k.1).unwrap_or(-1),
+                    seq,
+                )
+            }
+            None => (None, None, -1, d.offset),
+        };
+        out.push(Record::Data {
+            ts: h.ts_ns,
+            pid: h.tgid,
+            tid: h.tid,
+            fd,
+            conn: conn_id,
+            peer,
+            tls: true,
+            direction: dir,
+            seq,
+            truncated,
+            data: d.payload.clone(),
+        });
+    }
+
+    fn close(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>) {
+        let key = (pid, fd);
+        if let Some(c) = self.conns.remove(&key) {
+            // Plaintext still waiting for this socket goes out before it closes.
+            let ssls: Vec<u64> = self
+                .ssl_links
+                .iter()
+                .filter(|(_, k)| **k == key)
+                .map(|((_, s), _)| *s)
+                .collect();
+            self.conns.insert(key, c);
+            for s in &ssls {
+                self.flush_ssl(pid, *s, out);
+            }
+            let c = self.conns.remove(&key).unwrap();
+            self.ssl_links.retain(|_, k| *k != key);
+            for t in self.threads.values_mut() {
+                if t.last_tls_ingress == Some(key) {
+                    t.last_tls_ingress = None;
+                }
+            }
+            // A socket that never connected nor carried a byte (a failed lookup, an
+            // unused socketpair) is not worth a line.
+            let silent = c.peer.is_none() && c.sock_bytes == [0, 0] && !c.announced;
+            if !silent {
+                out.push(Record::Close {
+                    ts,
+                    pid,
+                    fd,
+                    conn: c.id,
+                    peer: c.peer,
+                    bytes_sent: c.sock_bytes[0],
+                    bytes_received: c.sock_bytes[1],
+                    tls: c.tls,
+                });
+            }
+        }
+        if let Some(f) = self.files.remove(&key) {
+            if !f.ignored {
+                out.push(Record::FileClose {
+                    ts,
+                    pid,
+                    fd,
+                    path: f.path,
+                    mode: f.mode,
+                    bytes_read: f.bytes[1],
+                    bytes_written: f.bytes[0],
+                    reads: f.calls[1],
+                    writes: f.calls[0],
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::event::{Conn as ConnBody, FileIo, FileOpen, Proc};
+
+    struct FakeEnv;
+    impl ProcEnv for FakeEnv {
+        fn cwd(&self, _: Pid) -> Option<String> {
+            Some("/work".into())
+        }
+        fn fd_path(&self, _: Pid, _: i32) -> Option<String> {
+            None
+        }
+        fn socket_addrs(&self, _: Pid, _: i32) -> (Option<Addr>, Option<Addr>) {
+            (None, None)
+        }
+    }
+
+    fn ev(kind: u32, flags: u32, tid: u32, body: Body) -> Event {
+        Event {
+            hdr: EventHeader {
+                kind,
+                flags,
+                ts_ns: 1,
+                tgid: 10,
+                tid,
+            },
+            body,
+        }
+    }
+
+    fn data(fd: i32, dir: u32, ssl: u64, call_len: u64, offset: u64, payload: &[u8]) -> Data {
+        Data {
+            fd,
+            source: SRC_WRITE,
+            ssl,
+            call_len,
+            offset,
+            direction: dir,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn run(t: &mut Tracker, events: Vec<Event>) -> (Vec<Record>, Vec<Action>) {
+        let (mut out, mut actions) = (Vec::new(), Vec::new());
+        for e in events {
+            t.handle(e, &FakeEnv, &mut out, &mut actions);
+        }
+        (out, actions)
+    }
+
+    fn connect(fd: i32) -> Event {
+        let peer = Addr::Inet("127.0.0.1:443".parse().unwrap());
+        ev(
+            EV_CONNECT,
+            0,
+            11,
+            Body::Connect(ConnBody {
+                fd,
+                ret: 0,
+                peer,
+                sock_type: 0,
+            }),
+        )
+    }
+
+    fn stream(out: &[Record], tls: bool, want: Direction) -> Vec<u8> {
+        let mut segs: Vec<(u64, Vec<u8>)> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Data {
+                    tls: t,
+                    direction,
+                    seq,
+                    data,
+                    ..
+                } if *t == tls && *direction == want => Some((*seq, data.clone())),
+                _ => None,
+            })
+            .collect();
+        segs.sort_by_key(|s| s.0);
+        segs.into_iter().flat_map(|s| s.1).collect()
+    }
+
+    #[test]
+    fn chunked_calls_reassemble_with_stream_offsets() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                ev(
+                    EV_SOCK_DATA,
+                    0,
+                    11,
+                    Body::SockData(data(3, DIR_EGRESS, 0, 6, 0, b"abc")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(3, DIR_EGRESS, 0, 6, 3, b"def")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(3, DIR_EGRESS, 0, 2, 0, b"gh")),
+                ),
+            ],
+        );
+        assert_eq!(stream(&out, false, Direction::Egress), b"abcdefgh");
+        let seqs: Vec<u64> = out
+            .iter()
+            .filter_map(|r| {
+                if let Record::Data { seq, .. } = r {
+                    Some(*seq)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(seqs, vec![0, 3, 6]);
+    }
+
+    #[test]
+    fn ciphertext_is_never_reported_and_memory_bio_plaintext_links_to_its_socket() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+        let (out, actions) = run(
+            &mut t,
+            vec![
+                connect(5),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(5, DIR_EGRESS, 0, 10, 0, &hello)),
+                ),
+                // SSL_write into a memory BIO, then the transport writes the ciphertext.
+                ev(
+                    EV_TLS_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::TlsData(data(-1, DIR_EGRESS, 0xabc, 5, 0, b"GET /")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(5, DIR_EGRESS, 0, 30, 0, &[0x17; 30])),
+                ),
+                // Ciphertext read, then SSL_read on the same thread.
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(5, DIR_INGRESS, 0, 40, 0, &[0x17; 40])),
+                ),
+                ev(
+                    EV_TLS_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::TlsData(data(-1, DIR_INGRESS, 0xabc, 8, 0, b"HTTP/1.1")),
+                ),
+            ],
+        );
+        assert!(actions.contains(&Action::NoPayload(10, 5)));
+        assert!(
+            stream(&out, false, Direction::Egress).is_empty(),
+            "ciphertext reported: {out:?}"
+        );
+        assert!(stream(&out, false, Direction::Ingress).is_empty());
+        assert_eq!(stream(&out, true, Direction::Egress), b"GET /");
+        assert_eq!(stream(&out, true, Direction::Ingress), b"HTTP/1.1");
+        for r in &out {
+            if let Record::Data { conn, fd, .. } = r {
+                assert_eq!(conn.as_deref(), Some("10:5:1"));
+                assert_eq!(*fd, 5);
+            }
+        }
+    }
+
+    #[test]
+    fn fd_bio_tls_links_by_the_syscall_inside_the_ssl_call() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(7),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST | FLAG_IN_SSL | FLAG_NO_PAYLOAD,
+                    11,
+                    Body::SockData(data(7, DIR_EGRESS, 0x99, 50, 0, b"")),
+                ),
+                ev(
+                    EV_TLS_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::TlsData(data(-1, DIR_EGRESS, 0x99, 4, 0, b"PING")),
+                ),
+            ],
+        );
+        assert_eq!(stream(&out, true, Direction::Egress), b"PING");
+        assert!(out
+            .iter()
+            .any(|r| matches!(r, Record::Data { conn: Some(c), tls: true, .. } if c == "10:7:1")));
+    }
+
+    #[test]
+    fn postgres_ssl_request_is_cleartext_and_what_follows_is_not() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(4),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(4, DIR_EGRESS, 0, 8, 0, &PG_SSL_REQUEST)),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(4, DIR_INGRESS, 0, 1, 0, b"S")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(4, DIR_EGRESS, 0, 6, 0, &[0x16, 3, 1, 0, 1, 9])),
+                ),
+            ],
+        );
+        assert_eq!(stream(&out, false, Direction::Egress), PG_SSL_REQUEST);
+    }
+
+    #[test]
+    fn truncated_call_reports_the_bytes_not_captured() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST | FLAG_TRUNCATED,
+                    11,
+                    Body::SockData(data(3, DIR_EGRESS, 0, 100, 0, b"0123456789")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(3, DIR_EGRESS, 0, 1, 0, b"x")),
+                ),
+            ],
+        );
+        let recs: Vec<(u64, u64)> = out
+            .iter()
+            .filter_map(|r| {
+                if let Record::Data { seq, truncated, .. } = r {
+                    Some((*seq, *truncated))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(recs, vec![(0, 90), (100, 0)]);
+    }
+
+    #[test]
+    fn files_report_mode_and_totals_and_skip_noise_paths() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let open = |fd, path: &str, flags| {
+            ev(
+                EV_FILE_OPEN,
+                0,
+                11,
+                Body::FileOpen(FileOpen {
+                    fd,
+                    open_flags: flags,
+                    dirfd: -100,
+                    path: path.into(),
+                }),
+            )
+        };
+        let io = |fd, dir, bytes| {
+            ev(
+                EV_FILE_IO,
+                0,
+                11,
+                Body::FileIo(FileIo {
+                    fd,
+                    source: SRC_WRITE,
+                    direction: dir,
+                    bytes,
+                }),
+            )
+        };
+        let close = |fd| {
+            ev(
+                EV_CLOSE,
+                0,
+                11,
+                Body::Close {
+                    fd,
+                    fd_kind: FD_FILE,
+                },
+            )
+        };
+        let wflags = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;
+        let (out, actions) = run(
+            &mut t,
+            vec![
+                open(3, "out.txt", wflags),
+                io(3, DIR_EGRESS, 100),
+                io(3, DIR_EGRESS, 23),
+                close(3),
+                open(4, "/proc/self/status", 0),
+                close(4),
+                open(5, "/x/__pycache__/m.cpython-311.pyc", 0),
+            ],
+        );
+        assert!(actions.contains(&Action::Ignore(10, 4)));
+        let files: Vec<&Record> = out
+            .iter()
+            .filter(|r| matches!(r, Record::FileOpen { .. } | Record::FileClose { .. }))
+            .collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert!(matches!(
+            files[1],
+            Record::FileClose { path, mode: "w", bytes_written: 123, writes: 2, bytes_read: 0, .. } if path == "/work/out.txt"
+        ));
+    }
+
+    #[test]
+    fn open_modes_match_python() {
+        use libc::*;
+        assert_eq!(open_mode(O_RDONLY as u32), "r");
+        assert_eq!(open_mode((O_WRONLY | O_CREAT | O_TRUNC) as u32), "w");
+        assert_eq!(open_mode((O_WRONLY | O_CREAT | O_APPEND) as u32), "a");
+        assert_eq!(open_mode(O_RDWR as u32), "r+");
+        assert_eq!(open_mode((O_RDWR | O_CREAT | O_TRUNC) as u32), "w+");
+        assert_eq!(open_mode((O_RDWR | O_CREAT | O_APPEND) as u32), "a+");
+        assert_eq!(open_mode((O_WRONLY | O_CREAT | O_EXCL) as u32), "x");
+    }
+
+    #[test]
+    fn exit_closes_everything_and_unwatches() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, actions) = run(
+            &mut t,
+            vec![
+                connect(3),
+                ev(
+                    EV_EXIT,
+                    0,
+                    10,
+                    Body::Exit(Proc {
+                        other: 0,
+                        comm: "x".into(),
+                        path: String::new(),
+                    }),
+                ),
+            ],
+        );
+        assert!(out.iter().any(|r| matches!(r, Record::Close { fd: 3, .. })));
+        assert!(actions.contains(&Action::Unwatch(10)));
+        assert!(t.conns.is_empty());
+    }
+}

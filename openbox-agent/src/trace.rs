@@ -1,0 +1,564 @@
+//! `openbox-agent trace`: watch one process tree and print what it does.
+
+use std::{
+    ffi::CString,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use openbox_common::*;
+use serde_json::json;
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    capture::{event, tls, Capture, CaptureConfig, Counters},
+    conn::{Action, Pid, Record, SkipPaths, Tracker},
+    procfs::{self, FdTarget, Procfs},
+};
+
+#[derive(Debug, Clone)]
+pub struct TraceOpts {
+    pub json: bool,
+    pub pid: Option<u32>,
+    pub command: Vec<String>,
+    pub capture: CaptureConfig,
+    pub tls_libs: Vec<PathBuf>,
+    pub skip: SkipPaths,
+    /// Most payload bytes shown per data record in the readable output.
+    pub show_bytes: usize,
+}
+
+/// CLOCK_MONOTONIC (kernel timestamps) to Unix-epoch nanoseconds.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    offset: i128,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        fn now(clock: libc::clockid_t) -> i128 {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime with a valid out-pointer.
+            unsafe { libc::clock_gettime(clock, &mut ts) };
+            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+        }
+        Self {
+            offset: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC),
+        }
+    }
+    pub fn epoch_ns(&self, mono: u64) -> u64 {
+        (mono as i128 + self.offset).max(0) as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Starts `command` stopped, so it can be watched before its first instruction.
+fn spawn_stopped(command: &[String]) -> Result<Pid> {
+    let args: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| anyhow!("argument {a:?} holds a NUL byte")))
+        .collect::<Result<_>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let msg = format!("openbox-agent: cannot execute {}: ", command[0]);
+    // SAFETY: the child only calls async-signal-safe functions (raise, execvp, write,
+    // _exit) on memory prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork failed: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            libc::raise(libc::SIGSTOP);
+            libc::execvp(argv[0], argv.as_ptr());
+            let err = *libc::__errno_location();
+            let text = libc::strerror(err);
+            libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+            libc::write(2, text as *const libc::c_void, libc::strlen(text));
+            libc::write(2, b"\n".as_ptr() as *const libc::c_void, 1);
+            libc::_exit(127);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child to stop.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+    if r != pid || !libc::WIFSTOPPED(status) {
+        bail!("the traced command did not start (wait status {status})");
+    }
+    Ok(pid as Pid)
+}
+
+fn wait_exit(pid: Pid) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+        if r == pid as i32 {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 1;
+        }
+    }
+}
+
+/// A pidfd becomes readable when the process exits (it need not be our child).
+fn pidfd(pid: Pid) -> Result<AsyncFd<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        bail!(
+            "process {pid} not found ({})",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the descriptor is ours, and the AsyncFd owns it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow!("polling process {pid}: {e}"))
+}
+
+pub struct Session {
+    pub cap: Capture,
+    pub tracker: Tracker,
+    clock: Clock,
+    json: bool,
+    show_bytes: usize,
+    pub records_received: u64,
+    pub unparsed_records: u64,
+    out: std::io::BufWriter<std::io::Stdout>,
+}
+
+impl Session {
+    /// Attaches to libssl copies the process maps now (its executable included).
+    fn scan_tls(&mut self, pid: Pid) {
+        let exe = procfs::exe(pid);
+        let Ok(files) = tls::mapped_files(pid) else {
+            return;
+        };
+        for f in files {
+            if !tls::may_hold_libssl(&f, exe.as_deref()) {
+                continue;
+            }
+            let path = host_path(pid, &f);
+            if self.cap.has_tls_lib(&path) {
+                continue;
+            }
+            match self.cap.attach_tls(&path) {
+                Ok(n) if n > 0 => {
+                    tracing::info!(pid, lib = %path.display(), probes = n, "attached TLS probes")
+                }
+                Ok(_) => {}
+                // An executable without libssl symbols is the common case: stay quiet.
+                Err(tls::AttachError::NoSymbols { .. }) if Some(&f) == exe.as_ref() => {}
+                Err(e) => tracing::warn!(pid, "{e}"),
+            }
+        }
+    }
+
+    /// Registers the descriptors a process has now, in the tracker and the kernel.
+    fn seed(&mut self, pid: Pid) {
+        let known = self.tracker.fds_of(pid);
+        let now = procfs::fds(pid);
+        for fd in known {
+            if !now.iter().any(|(f, _)| *f == fd) {
+                self.cap.forget_fd(pid, fd);
+            }
+        }
+        for (fd, target) in now {
+            match target {
+                FdTarget::Socket(_) => {
+                    let (_, remote) = crate::conn::ProcEnv::socket_addrs(&Procfs, pid, fd);
+                    self.tracker.seed_socket(pid, fd, remote);
+                    self.cap.set_fd(pid, fd, FD_SOCKET, 0);
+                }
+                FdTarget::File(path) => {
+                    let kind = if self.tracker.seed_file(pid, fd, path) {
+                        FD_FILE
+                    } else {
+                        FD_IGNORED
+                    };
+                    self.cap.set_fd(pid, fd, kind, 0);
+                }
+                FdTarget::Other => {}
+            }
+        }
+    }
+
+    pub fn watch(&mut self, pid: Pid) -> Result<()> {
+        self.cap.watch(pid)?;
+        self.seed(pid);
+        self.scan_tls(pid);
+        Ok(())
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::NoPayload(pid, fd) => self.cap.set_fd(pid, fd, FD_SOCKET, FD_NO_PAYLOAD),
+            Action::Ignore(pid, fd) => self.cap.set_fd(pid, fd, FD_IGNORED, 0),
+            Action::ForgetFds(pid, fds) => {
+                for fd in fds {
+                    self.cap.forget_fd(pid, fd);
+                }
+            }
+            Action::AttachTls { pid, path, paused } => {
+                let p = host_path(pid, &path);
+                match self.cap.attach_tls(&p) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(pid, lib = %p.display(), probes = n, "attached TLS probes")
+                    }
+                    Ok(_) => {}
+                    Err(tls::AttachError::NoSymbols { .. }) => {}
+                    Err(e) => tracing::warn!(pid, "{e}"),
+                }
+                if paused {
+                    // SAFETY: resuming the process our kernel program stopped.
+                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                }
+            }
+            Action::Resync(pid) => {
+                self.seed(pid);
+                self.scan_tls(pid);
+            }
+            Action::Seed(pid) => self.seed(pid),
+            Action::Unwatch(pid) => self.cap.unwatch(pid),
+        }
+    }
+
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.records_received += 1;
+        let ev = match event::decode(bytes) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.unparsed_records += 1;
+                tracing::debug!("undecodable record: {e}");
+                return;
+            }
+        };
+        let (mut records, mut actions) = (Vec::new(), Vec::new());
+        self.tracker.handle(ev, &Procfs, &mut records, &mut actions);
+        for r in &records {
+            self.print(r);
+        }
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    fn print(&mut self, r: &Record) {
+        let line = if self.json {
+            record_json(r, &self.clock).to_string()
+        } else {
+            record_text(r, &self.clock, self.show_bytes)
+        };
+        let _ = writeln!(self.out, "{line}");
+    }
+
+    pub fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+
+    pub fn summary(&mut self) -> Counters {
+        let c = self.cap.counters();
+        if self.json {
+            let line = json!({
+                "type": "summary",
+                "events": c.events,
+                "records_received": self.records_received,
+                "ringbuf_drops": c.ringbuf_drops,
+                "truncated_calls": c.truncated_calls,
+                "truncated_bytes": c.truncated_bytes,
+                "unwatched_hits": c.unwatched_hits,
+                "watched_hits": c.watched_hits,
+                "read_failures": c.read_failures,
+                "map_full": c.map_full,
+                "captured_bytes": c.captured_bytes,
+                "unparsed_records": self.unparsed_records,
+            });
+            let _ = writeln!(self.out, "{line}");
+        } else {
+            let _ = writeln!(
+                self.out,
+                "-- summary: {} events ({} received), {} payload bytes captured; lost: {} ring-buffer drops, {} map-full; {} calls truncated ({} bytes not captured); {} undecodable records; probe hits: {} watched, {} unwatched",
+                c.events,
+                self.records_received,
+                c.captured_bytes,
+                c.ringbuf_drops,
+                c.map_full,
+                c.truncated_calls,
+                c.truncated_bytes,
+                self.unparsed_records,
+                c.watched_hits,
+                c.unwatched_hits
+            );
+        }
+        self.flush();
+        c
+    }
+}
+
+/// A path as seen by a process, opened from the host (a container's root differs).
+fn host_path(pid: Pid, path: &str) -> PathBuf {
+    let direct = Path::new(path);
+    if direct.exists() {
+        return direct.to_path_buf();
+    }
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+pub fn record_json(r: &Record, clock: &Clock) -> serde_json::Value {
+    let s = |a: &Option<event::Addr>| a.as_ref().map(|a| a.to_string());
+    match r {
+        Record::Exec { ts, pid, path } => {
+            json!({"type":"process","event":"exec","ts":clock.epoch_ns(*ts),"pid":pid,"path":path})
+        }
+        Record::Fork { ts, pid, child } => {
+            json!({"type":"process","event":"fork","ts":clock.epoch_ns(*ts),"pid":pid,"child":child})
+        }
+        Record::Exit { ts, pid } => {
+            json!({"type":"process","event":"exit","ts":clock.epoch_ns(*ts),"pid":pid})
+        }
+        Record::Connect {
+            ts,
+            accept,
+            pid,
+            tid,
+            fd,
+            conn,
+            peer,
+            local,
+        } => json!({
+            "type": if *accept { "accept" } else { "connect" },
+            "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
+            "peer": s(peer), "local": s(local),
+            "family": peer.as_ref().map(|p| p.family()).unwrap_or("unknown"),
+        }),
+        Record::Data {
+            ts,
+            pid,
+            tid,
+            fd,
+            conn,
+            peer,
+            tls,
+            direction,
+            seq,
+            truncated,
+            data,
+        } => json!({
+            "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
+            "peer": s(peer), "tls": tls, "direction": direction, "seq": seq, "len": data.len(),
+            "truncated": truncated,
+            "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
+        }),
+        Record::Close {
+            ts,
+            pid,
+            fd,
+            conn,
+            peer,
+            bytes_sent,
+            bytes_received,
+            tls,
+        } => json!({
+            "type": "close", "ts": clock.epoch_ns(*ts), "pid": pid, "fd": fd, "conn": conn, "peer": s(peer),
+            "bytes_sent": bytes_sent, "bytes_received": bytes_received, "tls": tls,
+        }),
+        Record::FileOpen {
+            ts,
+            pid,
+            fd,
+            path,
+            mode,
+        } => json!({
+            "type": "file", "event": "open", "ts": clock.epoch_ns(*ts), "pid": pid, "fd": fd, "path": path, "mode": mode,
+        }),
+        Record::FileClose {
+            ts,
+            pid,
+            fd,
+            path,
+            mode,
+            bytes_read,
+            bytes_written,
+            reads,
+            writes,
+        } => json!({
+            "type": "file", "event": "close", "ts": clock.epoch_ns(*ts), "pid": pid, "fd": fd, "path": path, "mode": mode,
+            "bytes_read": bytes_read, "bytes_written": bytes_written, "reads": reads, "writes": writes,
+        }),
+    }
+}
+
+fn escape(data: &[u8], max: usize) -> String {
+    let mut s = String::new();
+    for &b in data.iter().take(max) {
+        match b {
+            b'\r' => s.push_str("\\r"),
+            b'\n' => s.push_str("\\n"),
+            b'\t' => s.push_str("\\t"),
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            0x20..=0x7e => s.push(b as char),
+            _ => s.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    if data.len() > max {
+        s.push_str(&format!("… (+{} bytes)", data.len() - max));
+    }
+    s
+}
+
+fn hms(clock: &Clock, ts: u64) -> String {
+    let ns = clock.epoch_ns(ts);
+    let secs = ns / 1_000_000_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        (ns % 1_000_000_000) / 1000
+    )
+}
+
+pub fn record_text(r: &Record, clock: &Clock, max: usize) -> String {
+    let opt = |a: &Option<event::Addr>| {
+        a.as_ref()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    match r {
+        Record::Exec { ts, pid, path } => format!("{} [{pid}] exec {path}", hms(clock, *ts)),
+        Record::Fork { ts, pid, child } => format!("{} [{pid}] fork → child {child}", hms(clock, *ts)),
+        Record::Exit { ts, pid } => format!("{} [{pid}] exit", hms(clock, *ts)),
+        Record::Connect { ts, accept, pid, fd, peer, local, .. } => format!(
+            "{} [{pid}] {} fd {fd}: {} ↔ {}",
+            hms(clock, *ts),
+            if *accept { "accept" } else { "connect" },
+            opt(local),
+            opt(peer)
+        ),
+        Record::Data { ts, pid, fd, peer, tls, direction, data, truncated, .. } => format!(
+            "{} [{pid}] {} fd {fd} {} {} {} bytes{}: \"{}\"",
+            hms(clock, *ts),
+            if *tls { "tls " } else { "sock" },
+            if matches!(direction, crate::conn::Direction::Egress) { "→" } else { "←" },
+            opt(peer),
+            data.len(),
+            if *truncated > 0 { format!(" (+{truncated} not captured)") } else { String::new() },
+            escape(data, max)
+        ),
+        Record::Close { ts, pid, fd, peer, bytes_sent, bytes_received, tls, .. } => format!(
+            "{} [{pid}] close fd {fd} {}{}: sent {bytes_sent} B, received {bytes_received} B",
+            hms(clock, *ts),
+            opt(peer),
+            if *tls { " (TLS)" } else { "" }
+        ),
+        Record::FileOpen { ts, pid, fd, path, mode } => {
+            format!("{} [{pid}] open fd {fd} {path} ({mode})", hms(clock, *ts))
+        }
+        Record::FileClose { ts, pid, fd, path, mode, bytes_read, bytes_written, reads, writes } => format!(
+            "{} [{pid}] close fd {fd} {path} ({mode}): read {bytes_read} B in {reads} calls, wrote {bytes_written} B in {writes} calls",
+            hms(clock, *ts)
+        ),
+    }
+}
+
+pub async fn run(opts: TraceOpts) -> Result<i32> {
+    if opts.pid.is_none() && opts.command.is_empty() {
+        bail!("say what to trace: --pid PID, or -- COMMAND [ARGS...]");
+    }
+    let mut cap = Capture::load(&opts.capture)?;
+    for lib in &opts.tls_libs {
+        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
+    }
+    for lib in tls::system_libssl() {
+        if let Err(e) = cap.attach_tls(&lib) {
+            tracing::warn!("{e}");
+        }
+    }
+    let mut ring = cap.events()?;
+    let mut session = Session {
+        cap,
+        tracker: Tracker::new(opts.skip.clone()),
+        clock: Clock::new(),
+        json: opts.json,
+        show_bytes: opts.show_bytes,
+        records_received: 0,
+        unparsed_records: 0,
+        out: std::io::BufWriter::new(std::io::stdout()),
+    };
+
+    let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<i32>();
+    let mut pid_watch = None;
+    if let Some(pid) = opts.pid {
+        let fd = pidfd(pid)?;
+        session
+            .watch(pid)
+            .with_context(|| format!("watching process {pid}"))?;
+        for child in procfs::descendants(pid) {
+            let _ = session.watch(child);
+        }
+        pid_watch = Some(fd);
+        drop(exit_tx);
+    } else {
+        let pid = spawn_stopped(&opts.command)?;
+        session.watch(pid)?;
+        // SAFETY: resuming our stopped child.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        std::thread::spawn(move || {
+            let _ = exit_tx.send(wait_exit(pid));
+        });
+    }
+
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let pid_exit = async {
+        match &pid_watch {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::pin!(pid_exit);
+    let code = loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    session.handle_bytes(&item);
+                }
+                guard.clear_ready();
+                session.flush();
+            }
+            code = &mut exit_rx, if opts.pid.is_none() => break code.unwrap_or(1),
+            _ = &mut pid_exit => break 0,
+            _ = sigint.recv() => break 130,
+            _ = sigterm.recv() => break 143,
+        }
+    };
+    // Everything the traced processes did is already in the ring: drain it.
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        session.handle_bytes(&item);
+    }
+    session.summary();
+    Ok(if opts.pid.is_some() { 0 } else { code })
+}

@@ -1,0 +1,788 @@
+//! What a user sees from `openbox-agent trace --json -- COMMAND`: the real agent, real
+//! clients (CPython ssl, httpx async, psycopg2-binary, curl) against real local servers
+//! (tls_server.py, PostgreSQL), asserted byte for byte where it matters.
+//!
+//! Run with `cargo xtask test`: it builds the agent, sets up the Python virtualenv and
+//! Debian packages these tests use, and runs them one at a time (they share kernel
+//! state). Each run's output is kept in target/test-traces/<test>.jsonl.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use common::*;
+
+/// The traced client finished its own checks (it writes `ok` last).
+#[track_caller]
+fn assert_client_ok(out: &TempDir, trace: &Trace) {
+    assert!(
+        out.join("ok").exists(),
+        "the traced client did not finish its own checks (no {}); agent stderr (the client's traceback, if passed through):\n{}",
+        out.join("ok").display(),
+        trace.stderr
+    );
+}
+
+/// The single `connect` record to `peer`.
+#[track_caller]
+fn only_connection(trace: &Trace, peer: &str) -> String {
+    let conns = trace.conns("connect", peer);
+    assert_eq!(
+        conns.len(),
+        1,
+        "expected one connect record to {peer}, got {conns:?}; {}",
+        trace.census()
+    );
+    conns.into_iter().next().unwrap()
+}
+
+/// TLS plaintext of one connection: both directions byte-exact, all on the connect
+/// record's conn, and nothing emitted as cleartext data for that peer (that would be
+/// ciphertext).
+#[track_caller]
+fn assert_tls_connection_exact(trace: &Trace, peer: &str, sent: &[u8], received: &[u8]) {
+    let conn = only_connection(trace, peer);
+    for dir in [Dir::Egress, Dir::Ingress] {
+        let conns: BTreeSet<String> = trace
+            .segments(Some(peer), None, dir, true)
+            .into_iter()
+            .map(|s| s.conn)
+            .collect();
+        assert_eq!(
+            conns,
+            BTreeSet::from([conn.clone()]),
+            "{dir:?} TLS plaintext to {peer} must be on the connect record's conn {conn}; {}",
+            trace.census()
+        );
+    }
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Egress, true),
+        sent,
+        "TLS egress plaintext",
+    );
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Ingress, true),
+        received,
+        "TLS ingress plaintext",
+    );
+    for dir in [Dir::Egress, Dir::Ingress] {
+        let clear = trace.all_bytes(peer, dir, false);
+        assert!(
+            clear.is_empty(),
+            "{dir:?} data with tls:false to {peer} (the socket carries only TLS records, so this is ciphertext): {}",
+            preview(&clear)
+        );
+    }
+    let closes: Vec<_> = trace
+        .of_type("close")
+        .filter(|r| str_of(r, "conn") == conn)
+        .collect();
+    assert_eq!(
+        closes.len(),
+        1,
+        "one close record for {conn}; {}",
+        trace.census()
+    );
+    assert!(
+        bool_of(closes[0], "tls"),
+        "close of {conn} must say tls:true: {}",
+        closes[0]
+    );
+}
+
+#[test]
+fn tls_request_from_stdlib_ssl_is_captured_byte_exact() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let out = TempDir::new("stdlib-ssl");
+    let trace = trace(
+        &env,
+        "tls_request_from_stdlib_ssl_is_captured_byte_exact",
+        &env.python_command("client_ssl.py", &[&server.port.to_string(), &out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+
+    let sent = read(&out.join("sent.bin"));
+    let received = read(&out.join("received.bin"));
+    assert_eq!(server.connections(), 1, "the client makes one connection");
+    let (server_in, server_out) = server.recorded(0);
+    assert_bytes_eq(
+        &server_in,
+        &sent,
+        "server-side record vs what the client sent",
+    );
+    assert_bytes_eq(
+        &server_out,
+        &received,
+        "server-side record vs what the client received",
+    );
+    assert!(sent.starts_with(b"GET /stdlib/first?marker=stdlib-get HTTP/1.1\r\n"));
+    assert!(
+        contains(&sent, b"POST /stdlib/post HTTP/1.1\r\n") && contains(&sent, b"stdlib-body-00299")
+    );
+
+    assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
+}
+
+#[test]
+fn tls_requests_from_httpx_async_are_captured_byte_exact() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let out = TempDir::new("httpx-async");
+    let trace = trace(
+        &env,
+        "tls_requests_from_httpx_async_are_captured_byte_exact",
+        &env.python_command(
+            "client_httpx_async.py",
+            &[&server.port.to_string(), &out.arg()],
+        ),
+    );
+    assert_client_ok(&out, &trace);
+
+    // httpx writes its own headers, so the server's record is the reference.
+    assert_eq!(
+        server.connections(),
+        1,
+        "one AsyncClient keeps one keep-alive connection"
+    );
+    let (sent, received) = server.recorded(0);
+    assert!(
+        sent.starts_with(b"GET /httpx/first?marker=httpx-get HTTP/1.1\r\n"),
+        "{}",
+        preview(&sent)
+    );
+    assert!(
+        contains(&sent, b"POST /httpx/post HTTP/1.1\r\n") && contains(&sent, b"httpx-body-00374")
+    );
+    assert!(contains(&sent, b"GET /httpx/third HTTP/1.1\r\n"));
+
+    assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
+}
+
+#[test]
+fn postgres_query_over_tls_from_psycopg2_binary_is_captured() {
+    let env = TestEnv::get();
+    let pg = PgServer::start(&env);
+    let out = TempDir::new("psycopg2");
+    let trace = trace(
+        &env,
+        "postgres_query_over_tls_from_psycopg2_binary_is_captured",
+        &env.python_command("client_psycopg2.py", &[&pg.port.to_string(), &out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+    let peer = pg.peer();
+    only_connection(&trace, &peer);
+
+    let egress = trace.all_bytes(&peer, Dir::Egress, true);
+    assert!(
+        contains(&egress, b"SELECT 'marker-xyz'"),
+        "the query text must be in TLS egress plaintext to {peer} (libssl bundled in psycopg2-binary): {}; {}",
+        preview(&egress),
+        trace.census()
+    );
+    let ingress = trace.all_bytes(&peer, Dir::Ingress, true);
+    assert!(
+        contains(&ingress, b"marker-xyz"),
+        "the result must be in TLS ingress plaintext: {}",
+        preview(&ingress)
+    );
+
+    // Before TLS starts, libpq sends an 8-byte SSLRequest and the server answers 'S';
+    // everything after that on the socket is ciphertext and must not appear as data.
+    const SSL_REQUEST: &[u8] = &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    assert_bytes_eq(
+        &trace.all_bytes(&peer, Dir::Egress, false),
+        SSL_REQUEST,
+        "cleartext egress to PostgreSQL",
+    );
+    assert_bytes_eq(
+        &trace.all_bytes(&peer, Dir::Ingress, false),
+        b"S",
+        "cleartext ingress from PostgreSQL",
+    );
+}
+
+#[test]
+fn curl_plain_http_request_is_captured() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, false);
+    let out = TempDir::new("curl-http");
+    let body = out.join("body");
+    let url = format!("http://127.0.0.1:{}/curl-plain-marker", server.port);
+    let trace = trace(
+        &env,
+        "curl_plain_http_request_is_captured",
+        &[
+            "curl".into(),
+            "-s".into(),
+            "-o".into(),
+            body.display().to_string(),
+            url,
+        ],
+    );
+    assert_eq!(
+        read(&body),
+        b"echo:GET /curl-plain-marker 0",
+        "curl's response body"
+    );
+
+    let peer = server.peer();
+    let conn = only_connection(&trace, &peer);
+    let (sent, received) = server.recorded(0);
+    assert!(
+        sent.starts_with(b"GET /curl-plain-marker HTTP/1.1\r\n"),
+        "{}",
+        preview(&sent)
+    );
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Egress, false),
+        &sent,
+        "curl's request",
+    );
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Ingress, false),
+        &received,
+        "the response to curl",
+    );
+    assert!(
+        trace
+            .segments(Some(&peer), None, Dir::Egress, true)
+            .is_empty(),
+        "plain HTTP must not be reported as TLS"
+    );
+}
+
+#[test]
+fn curl_https_request_is_captured_as_tls_plaintext() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let out = TempDir::new("curl-https");
+    let body = out.join("body");
+    let url = format!("https://127.0.0.1:{}/curl-tls-marker", server.port);
+    let trace = trace(
+        &env,
+        "curl_https_request_is_captured_as_tls_plaintext",
+        &[
+            "curl".into(),
+            "-sk".into(),
+            "-o".into(),
+            body.display().to_string(),
+            url,
+        ],
+    );
+    assert_eq!(
+        read(&body),
+        b"echo:GET /curl-tls-marker 0",
+        "curl's response body"
+    );
+
+    let (sent, received) = server.recorded(0);
+    assert!(
+        sent.starts_with(b"GET /curl-tls-marker HTTP/1.1\r\n"),
+        "{}",
+        preview(&sent)
+    );
+    assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
+}
+
+/// One `file` close record as client_files.py produces it; `None` counts are not
+/// asserted (Python's buffered io decides them).
+struct ExpectedClose {
+    name: &'static str,
+    mode: &'static str,
+    bytes_read: u64,
+    bytes_written: u64,
+    reads: Option<u64>,
+    writes: Option<u64>,
+}
+
+const fn close(
+    name: &'static str,
+    mode: &'static str,
+    bytes_read: u64,
+    bytes_written: u64,
+    reads: Option<u64>,
+    writes: Option<u64>,
+) -> ExpectedClose {
+    ExpectedClose {
+        name,
+        mode,
+        bytes_read,
+        bytes_written,
+        reads,
+        writes,
+    }
+}
+
+/// Mirrors the table in client_files.py, in the order the client opens the files.
+const EXPECTED_FILES: &[ExpectedClose] = &[
+    close("written.txt", "w", 0, 1000, Some(0), Some(3)),
+    close("written.txt", "r", 1000, 0, Some(2), Some(0)),
+    close("written.txt", "a", 0, 24, Some(0), Some(1)),
+    close("rw.bin", "rw", 50, 100, Some(1), Some(1)),
+    close("appendplus.log", "a+", 10, 10, Some(1), Some(1)),
+    close("highlevel.txt", "w", 0, 12345, None, None),
+    close("highlevel.txt", "r", 12345, 0, None, None),
+];
+
+fn is_noise(path: &str) -> bool {
+    ["/proc/", "/dev/", "/sys/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+        || path.contains("/__pycache__/")
+        || path.ends_with(".pyc")
+        || path.ends_with(".so")
+}
+
+#[test]
+fn files_are_reported_with_exact_paths_modes_and_sizes() {
+    let env = TestEnv::get();
+    let dir = TempDir::new("files");
+    let trace = trace(
+        &env,
+        "files_are_reported_with_exact_paths_modes_and_sizes",
+        &env.python_command("client_files.py", &[&dir.arg()]),
+    );
+    assert_client_ok(&dir, &trace);
+
+    let files: Vec<_> = trace.of_type("file").collect();
+    let in_dir = |r: &&serde_json::Value, event: &str| {
+        str_of(r, "event") == event
+            && EXPECTED_FILES
+                .iter()
+                .any(|e| dir.join(e.name).display().to_string() == str_of(r, "path"))
+    };
+    let opens: Vec<_> = files.iter().filter(|r| in_dir(r, "open")).collect();
+    let closes: Vec<_> = files.iter().filter(|r| in_dir(r, "close")).collect();
+    assert_eq!(
+        opens.len(),
+        EXPECTED_FILES.len(),
+        "file open records for the client's files; {}",
+        trace.census()
+    );
+    assert_eq!(
+        closes.len(),
+        EXPECTED_FILES.len(),
+        "file close records for the client's files; {}",
+        trace.census()
+    );
+
+    for (i, e) in EXPECTED_FILES.iter().enumerate() {
+        let path = dir.join(e.name).display().to_string();
+        let (open, close) = (opens[i], closes[i]);
+        assert_eq!(str_of(open, "path"), path, "open #{i}: {open}");
+        assert_eq!(str_of(open, "mode"), e.mode, "open #{i} of {path}: {open}");
+        assert_eq!(str_of(close, "path"), path, "close #{i}: {close}");
+        assert_eq!(
+            str_of(close, "mode"),
+            e.mode,
+            "close #{i} of {path}: {close}"
+        );
+        assert_eq!(
+            u64_of(close, "fd"),
+            u64_of(open, "fd"),
+            "close #{i} of {path} has the open's fd: {close}"
+        );
+        assert_eq!(
+            u64_of(close, "bytes_read"),
+            e.bytes_read,
+            "bytes_read of {path} ({}): {close}",
+            e.mode
+        );
+        assert_eq!(
+            u64_of(close, "bytes_written"),
+            e.bytes_written,
+            "bytes_written of {path} ({}): {close}",
+            e.mode
+        );
+        if let Some(reads) = e.reads {
+            assert_eq!(
+                u64_of(close, "reads"),
+                reads,
+                "reads of {path} ({}): {close}",
+                e.mode
+            );
+        }
+        if let Some(writes) = e.writes {
+            assert_eq!(
+                u64_of(close, "writes"),
+                writes,
+                "writes of {path} ({}): {close}",
+                e.mode
+            );
+        }
+    }
+
+    let noise: Vec<&str> = files
+        .iter()
+        .map(|r| str_of(r, "path"))
+        .filter(|p| is_noise(p))
+        .collect();
+    assert!(
+        noise.is_empty(),
+        "noise paths must not be reported: {noise:?}"
+    );
+}
+
+#[test]
+fn unwatched_process_fires_probes_but_produces_no_records() {
+    let env = TestEnv::get();
+    let mut cmd = Command::new(&env.python);
+    cmd.arg(env.script("unwatched_load.py"))
+        .arg("60")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stderr(Stdio::inherit());
+    let mut load = Background::spawn("unwatched_load.py", &mut cmd);
+    assert_eq!(load.line(), "ready");
+    let load_pid = u64::from(load.pid());
+
+    let trace = trace(
+        &env,
+        "unwatched_process_fires_probes_but_produces_no_records",
+        &["sleep".into(), "3".into()],
+    );
+    let rest = load.stop();
+    let iterations: u64 = rest.last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    assert!(iterations > 0, "the unwatched load did no work ({rest:?})");
+
+    let from_load: Vec<_> = trace
+        .records
+        .iter()
+        .filter(|r| {
+            ["pid", "child"]
+                .iter()
+                .any(|k| r.get(*k).and_then(serde_json::Value::as_u64) == Some(load_pid))
+        })
+        .collect();
+    assert!(
+        from_load.is_empty(),
+        "records of the unwatched process {load_pid}: {from_load:?}"
+    );
+
+    let summary = trace.summary();
+    assert!(
+        trace.summary_u64("unwatched_hits") > 0,
+        "probes must have fired for the unwatched process ({iterations} loop iterations): {summary}"
+    );
+    assert_eq!(
+        trace.summary_u64("events"),
+        trace.summary_u64("records_received") + trace.summary_u64("ringbuf_drops"),
+        "every kernel record is either received or counted as dropped: {summary}"
+    );
+}
+
+#[test]
+fn body_beyond_the_capture_limit_is_truncated_and_counted() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, false);
+    let out = TempDir::new("bigbody");
+    let trace = trace(
+        &env,
+        "body_beyond_the_capture_limit_is_truncated_and_counted",
+        &env.python_command("client_bigbody.py", &[&server.port.to_string(), &out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+    let sent = read(&out.join("sent.bin"));
+    let received = read(&out.join("received.bin"));
+    let peer = server.peer();
+    let conn = only_connection(&trace, &peer);
+
+    let segments = trace.segments(None, Some(&conn), Dir::Egress, false);
+    assert!(
+        !segments.is_empty(),
+        "no egress data for {conn}; {}",
+        trace.census()
+    );
+    let mut next = 0u64;
+    let mut in_call = 0u64;
+    for s in &segments {
+        assert_eq!(
+            s.seq, next,
+            "seq must count uncaptured bytes too (seq = previous seq + len + truncated)"
+        );
+        let at = s.seq as usize;
+        assert_bytes_eq(
+            &s.bytes,
+            &sent[at..(at + s.bytes.len()).min(sent.len())],
+            &format!("segment at seq {at}"),
+        );
+        // A call's segments end with the one that reports the call's uncaptured rest.
+        in_call += s.bytes.len() as u64;
+        if s.truncated > 0 {
+            assert!(
+                in_call <= DEFAULT_CAPTURE_LIMIT,
+                "{in_call} bytes captured from one call; limit {DEFAULT_CAPTURE_LIMIT}"
+            );
+            in_call = 0;
+        }
+        next = s.seq + s.bytes.len() as u64 + s.truncated;
+    }
+    assert_eq!(
+        next,
+        sent.len() as u64,
+        "seq + len + truncated of the last segment must be the request's size"
+    );
+    let truncated: u64 = segments.iter().map(|s| s.truncated).sum();
+    assert!(truncated > 0, "a 1 MiB write must be reported truncated");
+    let captured: u64 = segments.iter().map(|s| s.bytes.len() as u64).sum();
+    assert_eq!(captured + truncated, sent.len() as u64);
+
+    assert!(
+        trace.summary_u64("truncated_calls") >= 1,
+        "{}",
+        trace.summary()
+    );
+    assert!(
+        trace.summary_u64("truncated_bytes") >= truncated,
+        "summary truncated_bytes must count at least the {truncated} bytes the data records report: {}",
+        trace.summary()
+    );
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Ingress, false),
+        &received,
+        "the response",
+    );
+}
+
+#[test]
+fn streams_reassemble_exactly_from_short_vectored_and_concurrent_io() {
+    let env = TestEnv::get();
+    let out = TempDir::new("iovec");
+    let trace = trace(
+        &env,
+        "streams_reassemble_exactly_from_short_vectored_and_concurrent_io",
+        &env.python_command("client_iovec.py", &[&out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+
+    let mut expected: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for entry in fs::read_dir(out.path()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(tag) = name.strip_suffix(".sent") {
+            expected.insert(tag.to_string(), read(&entry.path()));
+        }
+    }
+    assert_eq!(
+        expected.len(),
+        19,
+        "short-writes, writev, sendmsg and 16 threads: {:?}",
+        expected.keys()
+    );
+
+    // Both ends are in the traced process: the connecting side sends the payload and
+    // reads the echo; the accepting side reads the payload and sends the echo.
+    for (kind, sends) in [("connect", Dir::Egress), ("accept", Dir::Ingress)] {
+        let conns = trace.conns_of_kind(kind);
+        let mut found = BTreeSet::new();
+        for conn in &conns {
+            let payload = trace.stream(conn, sends, false);
+            let Some(tag) = expected
+                .keys()
+                .find(|t| payload.starts_with(format!("{t}\n").as_bytes()))
+            else {
+                continue;
+            };
+            let want = &expected[tag];
+            assert_bytes_eq(
+                &payload,
+                want,
+                &format!("{tag}: {kind} side {sends:?} ({conn})"),
+            );
+            let other = if sends == Dir::Egress {
+                Dir::Ingress
+            } else {
+                Dir::Egress
+            };
+            assert_bytes_eq(
+                &trace.stream(conn, other, false),
+                want,
+                &format!("{tag}: {kind} side {other:?}, the echo ({conn})"),
+            );
+            assert!(
+                found.insert(tag.clone()),
+                "two {kind} connections carry {tag}"
+            );
+        }
+        let missing: Vec<_> = expected.keys().filter(|t| !found.contains(*t)).collect();
+        assert!(
+            missing.is_empty(),
+            "no {kind} connection carries {missing:?}; {}",
+            trace.census()
+        );
+    }
+
+    // Each of the 16 sender threads wrote only on its own connection.
+    let mut tids = BTreeSet::new();
+    for conn in trace.conns_of_kind("connect") {
+        let segments = trace.segments(None, Some(&conn), Dir::Egress, false);
+        let Some(first) = segments.first() else {
+            continue;
+        };
+        if !first.bytes.starts_with(b"thread-") {
+            continue;
+        }
+        let conn_tids: BTreeSet<u64> = segments.iter().map(|s| s.tid).collect();
+        assert_eq!(
+            conn_tids.len(),
+            1,
+            "{conn} written by one thread, got tids {conn_tids:?}"
+        );
+        tids.extend(conn_tids);
+    }
+    assert_eq!(
+        tids.len(),
+        16,
+        "16 sender threads, each with its own connection: {tids:?}"
+    );
+}
+
+/// A command line that runs `program args…` as `nobody` with no capabilities.
+fn as_nobody(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        program,
+    ]);
+    cmd
+}
+
+#[test]
+fn agent_without_privileges_exits_with_an_error_naming_cap_bpf_and_root() {
+    let env = TestEnv::get();
+    // `nobody` must be able to reach the binary; the workspace may sit in a private home.
+    let copy = TempDir::new("unprivileged");
+    let mut agent = env.agent.display().to_string();
+    let reachable = as_nobody("test")
+        .args(["-x", &agent])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !reachable {
+        let dest = copy.join("openbox-agent");
+        fs::copy(&env.agent, &dest).unwrap();
+        fs::set_permissions(copy.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).unwrap();
+        agent = dest.display().to_string();
+    }
+    let mut cmd = as_nobody(&agent);
+    cmd.args(["trace", "--", "true"])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (status, stdout, stderr) = run_bounded(&mut cmd, Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "the agent must fail without privileges; stdout: {}",
+        preview(&stdout)
+    );
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("root"),
+        "the error must name CAP_BPF and root; stderr:\n{stderr}"
+    );
+}
+
+#[track_caller]
+fn assert_agent_fails_with(env: &TestEnv, name: &str, args: &[&str], needles: &[&str]) {
+    let (status, stdout, stderr, _) = run_agent(env, name, args);
+    assert!(
+        !status.success(),
+        "`openbox-agent {}` must fail; stdout: {}",
+        args.join(" "),
+        preview(&stdout)
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "the error must mention {needle:?}; stderr:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn tls_lib_without_ssl_symbols_is_an_error_naming_the_file_and_the_symbols() {
+    let env = TestEnv::get();
+    assert_agent_fails_with(
+        &env,
+        "tls_lib_without_ssl_symbols_is_an_error_naming_the_file_and_the_symbols",
+        &["trace", "--tls-lib", "/etc/hostname", "--", "true"],
+        &["/etc/hostname", "SSL_"],
+    );
+}
+
+#[test]
+fn tls_lib_that_does_not_exist_is_an_error_saying_not_found() {
+    let env = TestEnv::get();
+    assert_agent_fails_with(
+        &env,
+        "tls_lib_that_does_not_exist_is_an_error_saying_not_found",
+        &[
+            "trace",
+            "--tls-lib",
+            "/nonexistent/libssl.so.3",
+            "--",
+            "true",
+        ],
+        &["/nonexistent/libssl.so.3", "not found"],
+    );
+}
+
+/// Keeps the fixtures honest without the agent: each client passes against its server
+/// on its own, so a failure in the tests above is about the agent.
+#[test]
+fn fixtures_work_without_the_agent() {
+    let env = TestEnv::without_agent();
+    let run = |script: &str, args: &[&str]| {
+        let mut cmd = Command::new(&env.python);
+        cmd.arg(env.script(script))
+            .args(args)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (status, _, stderr) = run_bounded(&mut cmd, Duration::from_secs(120));
+        assert!(status.success(), "{script} {args:?} failed: {stderr}");
+    };
+    let tls = HttpServer::start(&env, true);
+    let plain = HttpServer::start(&env, false);
+    let pg = PgServer::start(&env);
+    let (tls_port, plain_port, pg_port) = (
+        tls.port.to_string(),
+        plain.port.to_string(),
+        pg.port.to_string(),
+    );
+    for (script, port) in [
+        ("client_ssl.py", tls_port.as_str()),
+        ("client_httpx_async.py", &tls_port),
+        ("client_psycopg2.py", &pg_port),
+        ("client_bigbody.py", &plain_port),
+    ] {
+        let out = TempDir::new("fixture");
+        run(script, &[port, &out.arg()]);
+        assert!(out.join("ok").exists(), "{script} did not write ok");
+    }
+    for script in ["client_files.py", "client_iovec.py"] {
+        let out = TempDir::new("fixture");
+        run(script, &[&out.arg()]);
+        assert!(out.join("ok").exists(), "{script} did not write ok");
+    }
+    // Let the servers' connection threads finish writing their records.
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(tls.connections(), 2);
+    let (sent, received) = tls.recorded(0);
+    assert!(
+        sent.starts_with(b"GET /stdlib/first")
+            && received.ends_with(b"echo:POST /stdlib/post 5000")
+    );
+}

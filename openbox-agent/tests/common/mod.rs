@@ -1,0 +1,614 @@
+//! Harness for the integration tests: the test environment `cargo xtask test` sets up,
+//! the fixture servers, and the agent run as a user runs it (`openbox-agent trace --json
+//! -- COMMAND`), its JSON-lines output parsed into records.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs,
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use serde_json::Value;
+
+/// The agent's default capture limit per call (bytes).
+pub const DEFAULT_CAPTURE_LIMIT: u64 = 16 * 1024;
+/// The longest a traced command or a fixture's start-up may take before the test fails.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crate in a workspace")
+        .to_path_buf()
+}
+
+/// What `cargo xtask test` provides (see xtask/src/env.rs).
+pub struct TestEnv {
+    pub python: PathBuf,
+    pub support: PathBuf,
+    pub pg_bin: PathBuf,
+    pub agent: PathBuf,
+}
+
+impl TestEnv {
+    /// The environment, including a built agent.
+    pub fn get() -> TestEnv {
+        let env = TestEnv::without_agent();
+        assert!(
+            env.agent.is_file(),
+            "agent binary {} not found: run `cargo xtask test`, which builds it (or set OPENBOX_AGENT_BIN)",
+            env.agent.display()
+        );
+        env
+    }
+
+    /// The environment for fixture-only checks: the agent need not be built.
+    pub fn without_agent() -> TestEnv {
+        let var = |name: &str| {
+            std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
+                panic!("{name} is not set: run `cargo xtask test`, which sets up the test environment")
+            })
+        };
+        let agent = std::env::var_os("OPENBOX_AGENT_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/release/openbox-agent"));
+        let env = TestEnv {
+            python: var("OPENBOX_TEST_PYTHON"),
+            support: var("OPENBOX_TEST_SUPPORT"),
+            pg_bin: var("OPENBOX_PG_BIN"),
+            agent,
+        };
+        assert!(
+            env.python.is_file(),
+            "{} not found: run `cargo xtask test`, which sets up the test environment",
+            env.python.display()
+        );
+        env
+    }
+
+    pub fn script(&self, name: &str) -> PathBuf {
+        self.support.join(name)
+    }
+
+    /// `<venv python> <support>/<script>` followed by `args`.
+    pub fn python_command(&self, script: &str, args: &[&str]) -> Vec<String> {
+        let mut cmd = vec![
+            self.python.display().to_string(),
+            self.script(script).display().to_string(),
+        ];
+        cmd.extend(args.iter().map(|a| a.to_string()));
+        cmd
+    }
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "openbox-test-{label}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// A fixture process running beside the test (not under the agent). Stopped with
+/// SIGTERM on drop, so it can clean up (pg_server.py shuts PostgreSQL down).
+pub struct Background {
+    name: String,
+    child: Child,
+    stdout: Option<mpsc::Receiver<String>>,
+}
+
+impl Background {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Background {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
+        let stdout = lines_of(child.stdout.take().expect("piped stdout"));
+        Background {
+            name: name.to_string(),
+            child,
+            stdout: Some(stdout),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line; fails the test if the process exits or stays silent.
+    pub fn line(&mut self) -> String {
+        let rx = self.stdout.as_ref().expect("stdout reader");
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{} printed nothing within {START_TIMEOUT:?}", self.name)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().ok();
+                panic!(
+                    "{} exited ({status:?}) before printing the expected line; its stderr is above",
+                    self.name
+                )
+            }
+        }
+    }
+
+    /// The first stdout line, as a port number.
+    pub fn port(&mut self) -> u16 {
+        let line = self.line();
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{} printed {line:?}, not a port", self.name))
+    }
+
+    /// SIGTERM, then wait; returns the rest of stdout.
+    pub fn stop(mut self) -> Vec<String> {
+        self.terminate();
+        let rx = self.stdout.take().expect("stdout reader");
+        rx.try_iter().collect()
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid, which we have not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// tls_server.py: HTTPS (or plain HTTP) on 127.0.0.1, recording each connection's
+/// plaintext under `record/conn-<k>.{in,out}`.
+pub struct HttpServer {
+    pub port: u16,
+    pub record: TempDir,
+    _process: Background,
+}
+
+impl HttpServer {
+    pub fn start(env: &TestEnv, tls: bool) -> HttpServer {
+        let record = TempDir::new("http-record");
+        let mut cmd = Command::new(&env.python);
+        cmd.arg(env.script("tls_server.py"))
+            .arg("--record")
+            .arg(record.path());
+        if !tls {
+            cmd.arg("--plain");
+        }
+        cmd.arg("0");
+        let mut process = Background::spawn("tls_server.py", &mut cmd);
+        let port = process.port();
+        HttpServer {
+            port,
+            record,
+            _process: process,
+        }
+    }
+
+    pub fn peer(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Number of connections the server accepted.
+    pub fn connections(&self) -> usize {
+        fs::read_dir(self.record.path())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".in"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// (bytes received, bytes sent) in plaintext on connection `k`.
+    pub fn recorded(&self, k: usize) -> (Vec<u8>, Vec<u8>) {
+        (
+            read(&self.record.join(&format!("conn-{k}.in"))),
+            read(&self.record.join(&format!("conn-{k}.out"))),
+        )
+    }
+}
+
+/// pg_server.py: a throwaway PostgreSQL cluster on 127.0.0.1, TLS only.
+pub struct PgServer {
+    pub port: u16,
+    _process: Background,
+}
+
+impl PgServer {
+    pub fn start(env: &TestEnv) -> PgServer {
+        let mut cmd = Command::new(&env.python);
+        cmd.arg(env.script("pg_server.py"))
+            .arg("--pg-bin")
+            .arg(&env.pg_bin)
+            .arg("0");
+        let mut process = Background::spawn("pg_server.py", &mut cmd);
+        let port = process.port();
+        PgServer {
+            port,
+            _process: process,
+        }
+    }
+
+    pub fn peer(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// What the agent printed for one run.
+pub struct Trace {
+    pub records: Vec<Value>,
+    pub stderr: String,
+    /// Where this run's stdout and stderr were saved, for a failing test's reader.
+    pub saved: PathBuf,
+}
+
+/// Runs the agent with `args` to completion (bounded by RUN_TIMEOUT) and saves its
+/// output under target/test-traces/<name>.{jsonl,stderr}.
+pub fn run_agent<S: AsRef<OsStr>>(
+    env: &TestEnv,
+    name: &str,
+    args: &[S],
+) -> (ExitStatus, Vec<u8>, String, PathBuf) {
+    let mut cmd = Command::new(&env.agent);
+    cmd.args(args)
+        // Keep the interpreter from writing .pyc files next to the fixtures.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (status, stdout, stderr) = run_bounded(&mut cmd, RUN_TIMEOUT);
+    let dir = workspace_root().join("target/test-traces");
+    let _ = fs::create_dir_all(&dir);
+    let saved = dir.join(format!("{name}.jsonl"));
+    let _ = fs::write(&saved, &stdout);
+    let _ = fs::write(dir.join(format!("{name}.stderr")), &stderr);
+    (status, stdout, stderr, saved)
+}
+
+/// `openbox-agent trace --json -- COMMAND...`; the run must succeed and end with a
+/// summary record.
+pub fn trace(env: &TestEnv, name: &str, command: &[String]) -> Trace {
+    let mut args: Vec<String> = vec!["trace".into(), "--json".into(), "--".into()];
+    args.extend(command.iter().cloned());
+    let (status, stdout, stderr, saved) = run_agent(env, name, &args);
+    assert!(
+        status.success(),
+        "`openbox-agent trace --json -- {}` failed with {status}\nstderr:\n{stderr}",
+        command.join(" ")
+    );
+    let mut records = Vec::new();
+    for (i, line) in String::from_utf8_lossy(&stdout).lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "line {} of the agent's stdout is not JSON ({e}): {line:?} (the traced clients print nothing to stdout; see {})",
+                i + 1,
+                saved.display()
+            )
+        });
+        assert!(
+            value.get("type").and_then(Value::as_str).is_some(),
+            "record without \"type\": {line}"
+        );
+        records.push(value);
+    }
+    let trace = Trace {
+        records,
+        stderr,
+        saved,
+    };
+    assert_eq!(
+        trace.records.last().map(|r| str_of(r, "type")),
+        Some("summary"),
+        "the last record must be the summary ({})",
+        trace.saved.display()
+    );
+    trace
+}
+
+/// Runs `cmd` with piped stdout/stderr, killing it after `timeout`.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> (ExitStatus, Vec<u8>, String) {
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr =
+                String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).to_string();
+            panic!("{cmd:?} did not finish within {timeout:?}; killed. stderr:\n{stderr}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).to_string();
+    (status, stdout, stderr)
+}
+
+pub fn str_of<'a>(record: &'a Value, key: &str) -> &'a str {
+    record
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("record has no string {key:?}: {record}"))
+}
+
+pub fn u64_of(record: &Value, key: &str) -> u64 {
+    record
+        .get(key)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("record has no integer {key:?}: {record}"))
+}
+
+pub fn bool_of(record: &Value, key: &str) -> bool {
+    record
+        .get(key)
+        .and_then(Value::as_bool)
+        .unwrap_or_else(|| panic!("record has no boolean {key:?}: {record}"))
+}
+
+/// One `data` record.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub conn: String,
+    pub tid: u64,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub truncated: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dir {
+    Egress,
+    Ingress,
+}
+
+impl Dir {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dir::Egress => "egress",
+            Dir::Ingress => "ingress",
+        }
+    }
+}
+
+impl Trace {
+    pub fn of_type<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.records
+            .iter()
+            .filter(move |r| str_of(r, "type") == kind)
+    }
+
+    pub fn summary(&self) -> &Value {
+        self.records.last().expect("a summary record")
+    }
+
+    pub fn summary_u64(&self, key: &str) -> u64 {
+        u64_of(self.summary(), key)
+    }
+
+    /// `conn` ids of `connect` (or `accept`) records with this peer, in output order.
+    pub fn conns(&self, kind: &str, peer: &str) -> Vec<String> {
+        self.of_type(kind)
+            .filter(|r| str_of(r, "peer") == peer)
+            .map(|r| str_of(r, "conn").to_string())
+            .collect()
+    }
+
+    pub fn conns_of_kind(&self, kind: &str) -> Vec<String> {
+        self.of_type(kind)
+            .map(|r| str_of(r, "conn").to_string())
+            .collect()
+    }
+
+    /// `data` records matching the filters, decoded and sorted by `seq`.
+    pub fn segments(
+        &self,
+        peer: Option<&str>,
+        conn: Option<&str>,
+        dir: Dir,
+        tls: bool,
+    ) -> Vec<Segment> {
+        let mut out: Vec<Segment> = self
+            .of_type("data")
+            .filter(|r| peer.is_none_or(|p| str_of(r, "peer") == p))
+            .filter(|r| conn.is_none_or(|c| str_of(r, "conn") == c))
+            .filter(|r| str_of(r, "direction") == dir.as_str() && bool_of(r, "tls") == tls)
+            .map(|r| {
+                let bytes = STANDARD
+                    .decode(str_of(r, "data_b64"))
+                    .unwrap_or_else(|e| panic!("data_b64 is not base64 ({e}): {r}"));
+                assert_eq!(
+                    bytes.len() as u64,
+                    u64_of(r, "len"),
+                    "\"len\" differs from the decoded data: {r}"
+                );
+                Segment {
+                    conn: str_of(r, "conn").to_string(),
+                    tid: u64_of(r, "tid"),
+                    seq: u64_of(r, "seq"),
+                    bytes,
+                    truncated: u64_of(r, "truncated"),
+                }
+            })
+            .collect();
+        out.sort_by_key(|s| s.seq);
+        out
+    }
+
+    /// The (conn, direction, tls) stream, reassembled by `seq`: it must start at 0,
+    /// have no gap or overlap and nothing truncated.
+    pub fn stream(&self, conn: &str, dir: Dir, tls: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in self.segments(None, Some(conn), dir, tls) {
+            assert_eq!(
+                s.seq,
+                out.len() as u64,
+                "conn {conn} {dir:?} tls={tls}: segment at seq {} but {} bytes so far ({})",
+                s.seq,
+                out.len(),
+                self.saved.display()
+            );
+            assert_eq!(
+                s.truncated,
+                0,
+                "conn {conn} {dir:?}: segment at seq {} truncated ({})",
+                s.seq,
+                self.saved.display()
+            );
+            out.extend_from_slice(&s.bytes);
+        }
+        out
+    }
+
+    /// Every data record's bytes for this peer, direction and tls flag, by seq, with no
+    /// continuity check.
+    pub fn all_bytes(&self, peer: &str, dir: Dir, tls: bool) -> Vec<u8> {
+        self.segments(Some(peer), None, dir, tls)
+            .into_iter()
+            .flat_map(|s| s.bytes)
+            .collect()
+    }
+
+    /// Count of records of each type, for failure messages.
+    pub fn census(&self) -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &self.records {
+            *counts.entry(str_of(r, "type").to_string()).or_default() += 1;
+        }
+        format!("{counts:?} (full output: {})", self.saved.display())
+    }
+}
+
+/// `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Shows bytes in failure messages without flooding the terminal.
+pub fn preview(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(300)];
+    format!(
+        "{:?}{} ({} bytes)",
+        String::from_utf8_lossy(shown),
+        if bytes.len() > 300 { "…" } else { "" },
+        bytes.len()
+    )
+}
+
+/// Asserts two byte strings are equal, showing where they first differ.
+#[track_caller]
+pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
+    if actual == expected {
+        return;
+    }
+    let at = actual
+        .iter()
+        .zip(expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(actual.len().min(expected.len()));
+    panic!(
+        "{what}: differs at byte {at} (captured {} bytes, expected {})\ncaptured: {}\nexpected: {}",
+        actual.len(),
+        expected.len(),
+        preview(&actual[at.saturating_sub(40)..]),
+        preview(&expected[at.saturating_sub(40)..]),
+    );
+}
