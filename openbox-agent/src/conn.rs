@@ -78,6 +78,7 @@ pub enum Record {
         ts: u64,
         pid: Pid,
         path: String,
+        comm: String,
     },
     Fork {
         ts: u64,
@@ -87,6 +88,7 @@ pub enum Record {
     Exit {
         ts: u64,
         pid: Pid,
+        comm: String,
     },
     Connect {
         ts: u64,
@@ -107,6 +109,8 @@ pub enum Record {
         peer: Option<Addr>,
         tls: bool,
         direction: Direction,
+        /// The syscall or libssl function that moved the bytes.
+        via: &'static str,
         seq: u64,
         truncated: u64,
         data: Vec<u8>,
@@ -197,8 +201,6 @@ pub struct Tracker {
     next_conn: u64,
     /// Path prefixes, substrings and suffixes never reported as files.
     pub skip: SkipPaths,
-    /// Records that could not be decoded or did not fit the state.
-    pub unparsed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +253,25 @@ pub fn open_mode(flags: u32) -> &'static str {
         _ if trunc => "w+",
         _ if excl => "x+",
         _ => "r+",
+    }
+}
+
+/// The name of a `SRC_*` value.
+pub fn source_name(source: u32) -> &'static str {
+    match source {
+        SRC_READ => "read",
+        SRC_WRITE => "write",
+        SRC_READV => "readv",
+        SRC_WRITEV => "writev",
+        SRC_RECVFROM => "recvfrom",
+        SRC_SENDTO => "sendto",
+        SRC_RECVMSG => "recvmsg",
+        SRC_SENDMSG => "sendmsg",
+        SRC_SSL_READ => "SSL_read",
+        SRC_SSL_READ_EX => "SSL_read_ex",
+        SRC_SSL_WRITE => "SSL_write",
+        SRC_SSL_WRITE_EX => "SSL_write_ex",
+        _ => "unknown",
     }
 }
 
@@ -364,7 +385,7 @@ impl Tracker {
             }
             Body::SockData(d) => self.sock_data(&ev, d, env, out, actions),
             Body::TlsData(d) => self.tls_data(&ev, d.clone(), out),
-            Body::Close { fd, .. } => self.close(pid, *fd, ts, out),
+            Body::Close { fd } => self.close(pid, *fd, ts, out),
             Body::FileOpen(f) => {
                 let path = self.resolve(pid, f.dirfd, &f.path, env);
                 let paused = h.flags & FLAG_PAUSED != 0;
@@ -417,6 +438,7 @@ impl Tracker {
                     ts,
                     pid,
                     path: p.path.clone(),
+                    comm: p.comm.clone(),
                 });
                 // Descriptors with O_CLOEXEC vanished without close(): re-read them.
                 actions.push(Action::Resync(pid));
@@ -429,7 +451,7 @@ impl Tracker {
                 });
                 actions.push(Action::Seed(p.other));
             }
-            Body::Exit(_) => {
+            Body::Exit(p) => {
                 self.flush_pending(pid, out);
                 let fds = self.fds_of(pid);
                 for fd in &fds {
@@ -437,7 +459,11 @@ impl Tracker {
                 }
                 self.threads.retain(|(p, _), _| *p != pid);
                 self.ssl_links.retain(|(p, _), _| *p != pid);
-                out.push(Record::Exit { ts, pid });
+                out.push(Record::Exit {
+                    ts,
+                    pid,
+                    comm: p.comm.clone(),
+                });
                 actions.push(Action::ForgetFds(pid, fds));
                 actions.push(Action::Unwatch(pid));
             }
@@ -534,6 +560,7 @@ impl Tracker {
                 peer: conn.peer.clone(),
                 tls: false,
                 direction: dir,
+                via: source_name(d.source),
                 seq,
                 truncated,
                 data: d.payload.clone(),
@@ -646,6 +673,7 @@ impl Tracker {
             peer,
             tls: true,
             direction: dir,
+            via: source_name(d.source),
             seq,
             truncated,
             data: d.payload.clone(),
@@ -768,7 +796,6 @@ mod tests {
                 fd,
                 ret: 0,
                 peer,
-                sock_type: 0,
             }),
         )
     }
@@ -1004,7 +1031,6 @@ mod tests {
                 11,
                 Body::FileIo(FileIo {
                     fd,
-                    source: SRC_WRITE,
                     direction: dir,
                     bytes,
                 }),
@@ -1015,10 +1041,7 @@ mod tests {
                 EV_CLOSE,
                 0,
                 11,
-                Body::Close {
-                    fd,
-                    fd_kind: FD_FILE,
-                },
+                Body::Close { fd },
             )
         };
         let wflags = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;

@@ -324,14 +324,14 @@ fn host_path(pid: Pid, path: &str) -> PathBuf {
 pub fn record_json(r: &Record, clock: &Clock) -> serde_json::Value {
     let s = |a: &Option<event::Addr>| a.as_ref().map(|a| a.to_string());
     match r {
-        Record::Exec { ts, pid, path } => {
-            json!({"type":"process","event":"exec","ts":clock.epoch_ns(*ts),"pid":pid,"path":path})
+        Record::Exec { ts, pid, path, comm } => {
+            json!({"type":"process","event":"exec","ts":clock.epoch_ns(*ts),"pid":pid,"path":path,"comm":comm})
         }
         Record::Fork { ts, pid, child } => {
             json!({"type":"process","event":"fork","ts":clock.epoch_ns(*ts),"pid":pid,"child":child})
         }
-        Record::Exit { ts, pid } => {
-            json!({"type":"process","event":"exit","ts":clock.epoch_ns(*ts),"pid":pid})
+        Record::Exit { ts, pid, comm } => {
+            json!({"type":"process","event":"exit","ts":clock.epoch_ns(*ts),"pid":pid,"comm":comm})
         }
         Record::Connect {
             ts,
@@ -357,12 +357,13 @@ pub fn record_json(r: &Record, clock: &Clock) -> serde_json::Value {
             peer,
             tls,
             direction,
+            via,
             seq,
             truncated,
             data,
         } => json!({
             "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
-            "peer": s(peer), "tls": tls, "direction": direction, "seq": seq, "len": data.len(),
+            "peer": s(peer), "tls": tls, "direction": direction, "via": via, "seq": seq, "len": data.len(),
             "truncated": truncated,
             "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
         }),
@@ -443,9 +444,9 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> String {
             .unwrap_or_else(|| "?".into())
     };
     match r {
-        Record::Exec { ts, pid, path } => format!("{} [{pid}] exec {path}", hms(clock, *ts)),
+        Record::Exec { ts, pid, path, .. } => format!("{} [{pid}] exec {path}", hms(clock, *ts)),
         Record::Fork { ts, pid, child } => format!("{} [{pid}] fork → child {child}", hms(clock, *ts)),
-        Record::Exit { ts, pid } => format!("{} [{pid}] exit", hms(clock, *ts)),
+        Record::Exit { ts, pid, comm } => format!("{} [{pid}] exit ({comm})", hms(clock, *ts)),
         Record::Connect { ts, accept, pid, fd, peer, local, .. } => format!(
             "{} [{pid}] {} fd {fd}: {} ↔ {}",
             hms(clock, *ts),

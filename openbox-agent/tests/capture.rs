@@ -125,7 +125,8 @@ fn tls_request_from_stdlib_ssl_is_captured_byte_exact() {
     );
     assert!(sent.starts_with(b"GET /stdlib/first?marker=stdlib-get HTTP/1.1\r\n"));
     assert!(
-        contains(&sent, b"POST /stdlib/post HTTP/1.1\r\n") && contains(&sent, b"stdlib-body-00299")
+        contains(&sent, b"POST /stdlib/post HTTP/1.1\r\n")
+            && contains(&sent, b"stdlib-body-00276\n")
     );
 
     assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
@@ -159,7 +160,7 @@ fn tls_requests_from_httpx_async_are_captured_byte_exact() {
         preview(&sent)
     );
     assert!(
-        contains(&sent, b"POST /httpx/post HTTP/1.1\r\n") && contains(&sent, b"httpx-body-00374")
+        contains(&sent, b"POST /httpx/post HTTP/1.1\r\n") && contains(&sent, b"httpx-body-00351\n")
     );
     assert!(contains(&sent, b"GET /httpx/third HTTP/1.1\r\n"));
 

@@ -3,6 +3,7 @@
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
 
+mod bench;
 mod env;
 mod toolchain;
 
@@ -112,20 +113,5 @@ fn demo() -> Result<()> {
 
 fn bench(iterations: u64) -> Result<()> {
     build_agent()?;
-    run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "openbox-agent",
-        "--example",
-        "syscall_loop",
-    ]))?;
-    run(Command::new(agent_binary())
-        .args([
-            "bench",
-            "--iterations",
-            &iterations.to_string(),
-            "--loop-bin",
-        ])
-        .arg(workspace_root().join("target/release/examples/syscall_loop")))
+    bench::run(&agent_binary(), iterations)
 }

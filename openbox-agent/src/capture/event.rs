@@ -91,7 +91,6 @@ pub struct Conn {
     pub fd: i32,
     pub ret: i32,
     pub peer: Addr,
-    pub sock_type: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +104,6 @@ pub struct FileOpen {
 #[derive(Debug, Clone)]
 pub struct FileIo {
     pub fd: i32,
-    pub source: u32,
     pub direction: u32,
     pub bytes: u64,
 }
@@ -124,7 +122,7 @@ pub enum Body {
     Connect(Conn),
     Accept(Conn),
     Socket(Conn),
-    Close { fd: i32, fd_kind: u32 },
+    Close { fd: i32 },
     FileOpen(FileOpen),
     FileIo(FileIo),
     Exec(Proc),
@@ -193,7 +191,6 @@ fn conn(bytes: &[u8]) -> Result<Conn, DecodeError> {
         fd: c.fd,
         ret: c.ret,
         peer: Addr::from_raw(&c.peer),
-        sock_type: c.sock_type,
     })
 }
 
@@ -216,10 +213,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EV_SOCKET => Body::Socket(conn(bytes)?),
         EV_CLOSE => {
             let c: CloseEvent = read(bytes)?;
-            Body::Close {
-                fd: c.fd,
-                fd_kind: c.fd_kind,
-            }
+            Body::Close { fd: c.fd }
         }
         EV_FILE_OPEN => {
             let f: FileOpenEvent = read(bytes)?;
@@ -234,7 +228,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let f: FileIoEvent = read(bytes)?;
             Body::FileIo(FileIo {
                 fd: f.fd,
-                source: f.source,
                 direction: f.direction,
                 bytes: f.bytes,
             })

@@ -175,9 +175,6 @@ impl Capture {
         let _ = self.watched.remove(&tgid);
     }
 
-    pub fn is_watched(&self, tgid: u32) -> bool {
-        self.watched.get(&tgid, 0).is_ok()
-    }
 
     pub fn set_fd(&mut self, tgid: u32, fd: i32, kind: u32, flags: u32) {
         let _ = self

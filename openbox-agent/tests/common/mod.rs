@@ -191,7 +191,12 @@ impl Background {
     pub fn stop(mut self) -> Vec<String> {
         self.terminate();
         let rx = self.stdout.take().expect("stdout reader");
-        rx.try_iter().collect()
+        let mut rest = Vec::new();
+        // The reader thread forwards what the process printed before it exited.
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+            rest.push(line);
+        }
+        rest
     }
 
     fn terminate(&mut self) {
