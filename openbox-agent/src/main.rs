@@ -1,12 +1,7 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-mod capture;
-mod check;
-mod conn;
-mod preflight;
-mod procfs;
-mod trace;
+use openbox_agent::{capture, check, conn, trace};
 
 use std::path::PathBuf;
 

@@ -327,7 +327,7 @@ const EXPECTED_FILES: &[ExpectedClose] = &[
     close("written.txt", "w", 0, 1000, Some(0), Some(3)),
     close("written.txt", "r", 1000, 0, Some(2), Some(0)),
     close("written.txt", "a", 0, 24, Some(0), Some(1)),
-    close("rw.bin", "rw", 50, 100, Some(1), Some(1)),
+    close("rw.bin", "r+", 50, 100, Some(1), Some(1)),
     close("appendplus.log", "a+", 10, 10, Some(1), Some(1)),
     close("highlevel.txt", "w", 0, 12345, None, None),
     close("highlevel.txt", "r", 12345, 0, None, None),
@@ -474,8 +474,8 @@ fn unwatched_process_fires_probes_but_produces_no_records() {
     );
     assert_eq!(
         trace.summary_u64("events"),
-        trace.summary_u64("records_received") + trace.summary_u64("ringbuf_drops"),
-        "every kernel record is either received or counted as dropped: {summary}"
+        trace.summary_u64("records_received"),
+        "every record the kernel wrote was read by the agent: {summary}"
     );
 }
 

@@ -117,7 +117,7 @@ fn watched() -> Option<(u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // SAFETY: plain lookup; the value is not kept.
-    if unsafe { WATCHED.get(&tgid) }.is_some() {
+    if unsafe { WATCHED.get(tgid) }.is_some() {
         count(CNT_WATCHED, 1);
         Some((pid_tgid, tgid))
     } else {
@@ -244,7 +244,7 @@ fn output_scratch(ev: *mut DataEvent, size: u64) -> bool {
 /// `iovcnt` entries). One record per chunk of at most MAX_CHUNK bytes (and per iovec),
 /// at most MAX_RECORDS_PER_CALL records.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "one call site per record kind; a struct would only rename them")]
 fn emit_payload(
     kind: u32,
     pid_tgid: u64,
@@ -403,7 +403,7 @@ fn emit_no_payload(pid_tgid: u64, fd: i32, source: u32, direction: u32, ssl: u64
 fn data_enter(ctx: &TracePointContext, source: u32) -> u32 {
     let Some((pid_tgid, tgid)) = watched() else { return 0 };
     let fd = arg(ctx, 0) as i32;
-    let Some(state) = (unsafe { FDS.get(&fd_key(tgid, fd)) }) else { return 0 };
+    let Some(state) = (unsafe { FDS.get(fd_key(tgid, fd)) }) else { return 0 };
     if state.kind == FD_IGNORED {
         return 0;
     }
@@ -416,7 +416,7 @@ fn data_enter(ctx: &TracePointContext, source: u32) -> u32 {
         fd_flags: state.flags,
         peer: SockAddr::default(),
     };
-    if ARGS.insert(&pid_tgid, &args, 0).is_err() {
+    if ARGS.insert(pid_tgid, args, 0).is_err() {
         count(CNT_MAP_FULL, 1);
     }
     0
@@ -425,8 +425,8 @@ fn data_enter(ctx: &TracePointContext, source: u32) -> u32 {
 #[inline(always)]
 fn data_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { ARGS.get(&pid_tgid) }).copied() else { return 0 };
-    let _ = ARGS.remove(&pid_tgid);
+    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else { return 0 };
+    let _ = ARGS.remove(pid_tgid);
     let n = ret(ctx);
     if n <= 0 {
         return 0;
@@ -448,7 +448,7 @@ fn data_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     // A libssl call active on this thread: these are its ciphertext bytes.
-    if let Some(ssl) = unsafe { SSL_ARGS.get(&pid_tgid) } {
+    if let Some(ssl) = unsafe { SSL_ARGS.get(pid_tgid) } {
         emit_no_payload(pid_tgid, args.fd, args.source, direction, ssl.ssl, n, FLAG_IN_SSL);
         return 0;
     }
@@ -497,7 +497,7 @@ data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG);
 #[inline(always)]
 fn stash(pid_tgid: u64, source: u32, fd: i32, buf: u64, count_: u64, peer: SockAddr) {
     let args = SyscallArgs { source, fd, buf, count: count_, fd_kind: 0, fd_flags: 0, peer };
-    if ARGS.insert(&pid_tgid, &args, 0).is_err() {
+    if ARGS.insert(pid_tgid, args, 0).is_err() {
         count(CNT_MAP_FULL, 1);
     }
 }
@@ -505,8 +505,8 @@ fn stash(pid_tgid: u64, source: u32, fd: i32, buf: u64, count_: u64, peer: SockA
 #[inline(always)]
 fn take_args(source: u32) -> Option<(u64, SyscallArgs)> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let args = unsafe { ARGS.get(&pid_tgid) }.copied()?;
-    let _ = ARGS.remove(&pid_tgid);
+    let args = unsafe { ARGS.get(pid_tgid) }.copied()?;
+    let _ = ARGS.remove(pid_tgid);
     if args.source != source {
         return None;
     }
@@ -516,7 +516,7 @@ fn take_args(source: u32) -> Option<(u64, SyscallArgs)> {
 #[inline(always)]
 fn track_fd(tgid: u32, fd: i32, kind: u32) {
     let state = FdState { kind, flags: 0 };
-    if FDS.insert(&fd_key(tgid, fd), &state, 0).is_err() {
+    if FDS.insert(fd_key(tgid, fd), state, 0).is_err() {
         count(CNT_MAP_FULL, 1);
     }
 }
@@ -656,8 +656,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     let Some((pid_tgid, tgid)) = watched() else { return 0 };
     let fd = arg(&ctx, 0) as i32;
     let key = fd_key(tgid, fd);
-    let Some(state) = (unsafe { FDS.get(&key) }).copied() else { return 0 };
-    let _ = FDS.remove(&key);
+    let Some(state) = (unsafe { FDS.get(key) }).copied() else { return 0 };
+    let _ = FDS.remove(key);
     submit(CloseEvent { hdr: header(EV_CLOSE, 0, pid_tgid), fd, fd_kind: state.kind });
     0
 }
@@ -762,7 +762,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     // first instruction. Threads (CLONE_THREAD) share the parent's tgid already.
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if unsafe { WATCHED.get(&tgid) }.is_none() {
+    if unsafe { WATCHED.get(tgid) }.is_none() {
         return 0;
     }
     let clone_flags: u64 = unsafe { ptr::read((ctx.as_ptr() as *const u8).add(32) as *const u64) };
@@ -770,7 +770,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let child: u32 = unsafe { ptr::read((ctx.as_ptr() as *const u8).add(8) as *const u32) };
-    if WATCHED.insert(&child, &1, BPF_NOEXIST as u64).is_err() {
+    if WATCHED.insert(child, 1, BPF_NOEXIST as u64).is_err() {
         count(CNT_MAP_FULL, 1);
     }
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
@@ -815,16 +815,16 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if unsafe { WATCHED.get(&tgid) }.is_none() {
+    if unsafe { WATCHED.get(tgid) }.is_none() {
         return 0;
     }
-    let _ = ARGS.remove(&pid_tgid);
-    let _ = SSL_ARGS.remove(&pid_tgid);
+    let _ = ARGS.remove(pid_tgid);
+    let _ = SSL_ARGS.remove(pid_tgid);
     let group_dead: u8 = unsafe { ptr::read((ctx.as_ptr() as *const u8).add(32)) };
     if group_dead == 0 {
         return 0;
     }
-    let _ = WATCHED.remove(&tgid);
+    let _ = WATCHED.remove(tgid);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         count(CNT_RINGBUF_DROPS, 1);
         return 0;
@@ -852,7 +852,7 @@ fn ssl_enter(ctx: &ProbeContext, source: u32, ex: bool) -> u32 {
         source,
         _pad: 0,
     };
-    if SSL_ARGS.insert(&pid_tgid, &args, 0).is_err() {
+    if SSL_ARGS.insert(pid_tgid, args, 0).is_err() {
         count(CNT_MAP_FULL, 1);
     }
     0
@@ -878,8 +878,8 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { SSL_ARGS.get(&pid_tgid) }).copied() else { return 0 };
-    let _ = SSL_ARGS.remove(&pid_tgid);
+    let Some(args) = (unsafe { SSL_ARGS.get(pid_tgid) }).copied() else { return 0 };
+    let _ = SSL_ARGS.remove(pid_tgid);
     let rv: i64 = ctx.ret::<i32>() as i64;
     let n: u64 = match args.source {
         SRC_SSL_WRITE_EX | SRC_SSL_READ_EX => {

@@ -1,8 +1,474 @@
 //! `cargo xtask bench`: the agent's cost per syscall.
-use std::path::Path;
+//!
+//! Runs `openbox-agent/examples/syscall_loop` (three loops: 1-byte and 4 KiB write+read
+//! pairs on an AF_UNIX socketpair, open+read+close of a 100-byte file in /tmp) under
+//! three conditions, interleaved over several rounds:
+//! - baseline: no agent;
+//! - unwatched: `openbox-agent trace --json --pid <idle sleep>` running, so every
+//!   program is attached but the loop process is filtered out by the watched-map lookup;
+//! - watched: `openbox-agent trace --json -- syscall_loop <loop>` (one agent run per loop,
+//!   so each gets its own summary), its stdout drained into a pipe and thrown away
+//!   except for the last line, the summary.
+//!
+//! Each syscall_loop run reports, per loop, the median of its timed batches; the table
+//! shows the median of those over the rounds.
 
-use anyhow::Result;
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
 
-pub fn run(_agent: &Path, _iterations: u64) -> Result<()> {
-    anyhow::bail!("not written yet")
+use anyhow::{bail, Context, Result};
+
+const ROUNDS: usize = 5;
+const LOOPS: [(&str, &str, u64); 3] = [
+    ("sock1", "socketpair 1 B write+read", 2),
+    ("sock4k", "socketpair 4 KiB write+read", 2),
+    ("file", "open+read 100 B+close /tmp", 3),
+];
+/// Time given to the unwatched agent to load and attach its programs (it takes ~0.5 s).
+const ATTACH_WAIT: Duration = Duration::from_secs(2);
+
+pub fn run(agent: &Path, iterations: u64) -> Result<()> {
+    if iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    let root = crate::workspace_root();
+    crate::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "openbox-agent",
+        "--example",
+        "syscall_loop",
+    ]))?;
+    let bench = Bench {
+        agent: agent.to_path_buf(),
+        loop_bin: root.join("target/release/examples/syscall_loop"),
+        iterations,
+        out: std::env::temp_dir().join(format!("openbox-bench-{}.json", std::process::id())),
+    };
+    let result = bench.all();
+    let _ = std::fs::remove_file(&bench.out);
+    result
+}
+
+/// ns per iteration of one loop in one run, and the watched agent's summary line.
+type Runs = BTreeMap<(&'static str, Cond), Vec<f64>>;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Cond {
+    Baseline,
+    Unwatched,
+    Watched,
+}
+
+struct Bench {
+    agent: PathBuf,
+    loop_bin: PathBuf,
+    iterations: u64,
+    out: PathBuf,
+}
+
+impl Bench {
+    fn all(&self) -> Result<()> {
+        let started = Instant::now();
+        println!(
+            "bench: {} iterations per loop, {ROUNDS} rounds of baseline / unwatched / watched",
+            self.iterations
+        );
+        let mut runs: Runs = BTreeMap::new();
+        let mut summaries: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut unwatched_summaries = Vec::new();
+        for round in 1..=ROUNDS {
+            for (kind, ns) in self.baseline()? {
+                runs.entry((kind, Cond::Baseline)).or_default().push(ns);
+            }
+            let (results, summary) = self.unwatched()?;
+            for (kind, ns) in results {
+                runs.entry((kind, Cond::Unwatched)).or_default().push(ns);
+            }
+            unwatched_summaries.push(summary);
+            for (kind, _, _) in LOOPS {
+                let (ns, summary) = self.watched(kind)?;
+                runs.entry((kind, Cond::Watched)).or_default().push(ns);
+                summaries.entry(kind).or_default().push(summary);
+            }
+            let show = |c| {
+                LOOPS
+                    .iter()
+                    .map(|(k, _, _)| format!("{:.0}", runs[&(*k, c)].last().unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            println!(
+                "  round {round}/{ROUNDS} ({:.0} s): ns/iter sock1/sock4k/file: baseline {}, unwatched {}, watched {}",
+                started.elapsed().as_secs_f64(),
+                show(Cond::Baseline),
+                show(Cond::Unwatched),
+                show(Cond::Watched)
+            );
+        }
+        self.report(&runs, &summaries, &unwatched_summaries);
+        println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// `syscall_loop --iterations N --out FILE LOOPS...`, run by the agent when
+    /// `watched` (and clears FILE).
+    fn loop_cmd(&self, watched: bool, loops: &[&str]) -> Command {
+        let _ = std::fs::remove_file(&self.out);
+        let mut cmd = if watched {
+            let mut c = Command::new(&self.agent);
+            c.args(["trace", "--json", "--"]).arg(&self.loop_bin);
+            c
+        } else {
+            Command::new(&self.loop_bin)
+        };
+        cmd.args(["--iterations", &self.iterations.to_string(), "--out"])
+            .arg(&self.out)
+            .args(loops)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn results(&self) -> Result<Vec<(&'static str, f64)>> {
+        let text = std::fs::read_to_string(&self.out)
+            .with_context(|| format!("syscall_loop wrote no results to {}", self.out.display()))?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let kind = LOOPS
+                .iter()
+                .map(|(k, _, _)| *k)
+                .find(|k| line.contains(&format!("\"loop\":\"{k}\"")))
+                .with_context(|| format!("unexpected syscall_loop line {line:?}"))?;
+            let ns = json_num(line, "ns_per_iter")
+                .with_context(|| format!("no ns_per_iter in {line:?}"))?;
+            out.push((kind, ns));
+        }
+        Ok(out)
+    }
+
+    fn baseline(&self) -> Result<Vec<(&'static str, f64)>> {
+        crate::run(&mut self.loop_cmd(false, &[]))?;
+        self.results()
+    }
+
+    /// Agent attached and watching an idle `sleep`; the loops run outside it.
+    fn unwatched(&self) -> Result<(Vec<(&'static str, f64)>, String)> {
+        let sleep = Proc::spawn(
+            "sleep 600",
+            Command::new("sleep").arg("600").stdin(Stdio::null()),
+            false,
+        )?;
+        let mut agent = Proc::spawn(
+            "agent (unwatched)",
+            Command::new(&self.agent)
+                .args(["trace", "--json", "--pid", &sleep.child.id().to_string()])
+                .stdin(Stdio::null()),
+            true,
+        )?;
+        std::thread::sleep(ATTACH_WAIT);
+        if let Some(status) = agent.child.try_wait()? {
+            bail!(
+                "the agent exited early ({status}): {}",
+                agent.stderr_text()
+            );
+        }
+        crate::run(&mut self.loop_cmd(false, &[]))?;
+        let results = self.results()?;
+        agent.interrupt()?;
+        let status = agent.wait(Duration::from_secs(60))?;
+        if !status.success() {
+            bail!("the agent failed ({status}): {}", agent.stderr_text());
+        }
+        drop(sleep);
+        let summary = agent.summary()?;
+        // Every syscall of the loops must have reached the agent's (unwatched) filter.
+        let loop_syscalls: u64 = LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum();
+        let hits = json_num(&summary, "unwatched_hits").unwrap_or(0.0) as u64;
+        if hits < loop_syscalls {
+            println!(
+                "  warning: the unwatched agent saw {hits} unwatched hits, fewer than the loops' {loop_syscalls} syscalls: was it attached in time?"
+            );
+        }
+        Ok((results, summary))
+    }
+
+    /// The loop run by the agent, which watches it; returns ns/iter and the summary.
+    fn watched(&self, kind: &'static str) -> Result<(f64, String)> {
+        let mut agent = Proc::spawn("agent (watched)", &mut self.loop_cmd(true, &[kind]), true)?;
+        let limit = Duration::from_secs(120 + self.iterations / 1000);
+        let status = agent.wait(limit)?;
+        if !status.success() {
+            bail!(
+                "watched run of {kind} failed ({status}): {}",
+                agent.stderr_text()
+            );
+        }
+        let summary = agent.summary()?;
+        let results = self.results()?;
+        let ns = results
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, ns)| *ns)
+            .with_context(|| format!("no {kind} result"))?;
+        Ok((ns, summary))
+    }
+
+    fn report(
+        &self,
+        runs: &Runs,
+        summaries: &BTreeMap<&str, Vec<String>>,
+        unwatched: &[String],
+    ) {
+        let med = |kind, c| median(runs[&(kind, c)].clone());
+        let spread = |kind, c| {
+            let v = &runs[&(kind, c)];
+            let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().cloned().fold(0.0, f64::max);
+            format!("{lo:.0}-{hi:.0}")
+        };
+        println!();
+        println!(
+            "ns per iteration (median of {ROUNDS} rounds; each round = median of 15 batches of {} iterations / 15):",
+            self.iterations
+        );
+        println!(
+            "{:<30} {:>9} | {:>24} | {:>24}",
+            "loop (syscalls/iter)", "baseline", "unwatched (+ns, ×)", "watched (+ns, ×)"
+        );
+        println!("{}", "-".repeat(30 + 1 + 9 + 3 + 24 + 3 + 24));
+        for (kind, label, n) in LOOPS {
+            let b = med(kind, Cond::Baseline);
+            let cell = |c| {
+                let v = med(kind, c);
+                format!("{v:.0} ({:+.0}, ×{:.2})", v - b, v / b)
+            };
+            println!(
+                "{:<30} {:>9.0} | {:>24} | {:>24}",
+                format!("{label} ({n})"),
+                b,
+                cell(Cond::Unwatched),
+                cell(Cond::Watched)
+            );
+        }
+        println!();
+        println!("added ns per syscall (added per iteration / syscalls per iteration):");
+        for (kind, label, n) in LOOPS {
+            let b = med(kind, Cond::Baseline);
+            println!(
+                "  {:<30} unwatched {:>+6.0}   watched {:>+6.0}",
+                label,
+                (med(kind, Cond::Unwatched) - b) / n as f64,
+                (med(kind, Cond::Watched) - b) / n as f64
+            );
+        }
+        println!();
+        println!("spread over rounds (min-max ns/iter):");
+        for (kind, label, _) in LOOPS {
+            println!(
+                "  {:<30} baseline {:>11}   unwatched {:>11}   watched {:>11}",
+                label,
+                spread(kind, Cond::Baseline),
+                spread(kind, Cond::Unwatched),
+                spread(kind, Cond::Watched)
+            );
+        }
+        println!();
+        println!("watched agent summaries (median over rounds; one agent run per loop):");
+        for (kind, label, _) in LOOPS {
+            let s = &summaries[kind];
+            let m = |key| median(s.iter().filter_map(|l| json_num(l, key)).collect());
+            let (events, drops) = (m("events"), m("ringbuf_drops"));
+            let lost = if events + drops > 0.0 {
+                100.0 * drops / (events + drops)
+            } else {
+                0.0
+            };
+            println!(
+                "  {:<30} events {:>9.0}  ringbuf_drops {:>9.0} ({lost:.1}% lost)  map_full {:.0}  captured_bytes {:.0}  watched_hits {:.0}",
+                label,
+                events,
+                drops,
+                m("map_full"),
+                m("captured_bytes"),
+                m("watched_hits")
+            );
+        }
+        let hits = median(
+            unwatched
+                .iter()
+                .filter_map(|l| json_num(l, "unwatched_hits"))
+                .collect(),
+        );
+        println!(
+            "unwatched agent: median {hits:.0} unwatched probe hits per run (the loops make {} syscalls)",
+            LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum::<u64>()
+        );
+    }
+}
+
+/// A child process killed (SIGINT first for the agent, so it detaches cleanly) and
+/// reaped when dropped, with its stdout reduced to its last line and its stderr kept.
+struct Proc {
+    name: String,
+    child: Child,
+    agent: bool,
+    last_line: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, agent: bool) -> Result<Proc> {
+        if agent {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(Stdio::null());
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("could not start {name}: {cmd:?}"))?;
+        let last_line = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        if let Some(mut out) = child.stdout.take() {
+            let last = last_line.clone();
+            readers.push(std::thread::spawn(move || {
+                // Keeps only the last complete line; the rest (hundreds of MB of JSON
+                // when watched) is read and dropped, like /dev/null would.
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pending: Vec<u8> = Vec::new();
+                loop {
+                    let n = match out.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &buf[..n];
+                    match chunk.iter().rposition(|&b| b == b'\n') {
+                        Some(p) => {
+                            let head = &chunk[..p];
+                            let line = match head.iter().rposition(|&b| b == b'\n') {
+                                Some(q) => head[q + 1..].to_vec(),
+                                None => {
+                                    let mut l = std::mem::take(&mut pending);
+                                    l.extend_from_slice(head);
+                                    l
+                                }
+                            };
+                            *last.lock().unwrap() = String::from_utf8_lossy(&line).into_owned();
+                            pending.clear();
+                            pending.extend_from_slice(&chunk[p + 1..]);
+                        }
+                        None => pending.extend_from_slice(chunk),
+                    }
+                }
+            }));
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let keep = stderr.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = err.read_to_string(&mut text);
+                *keep.lock().unwrap() = text;
+            }));
+        }
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            agent,
+            last_line,
+            stderr,
+            readers,
+        })
+    }
+
+    fn interrupt(&self) -> Result<()> {
+        crate::run(
+            Command::new("kill")
+                .args(["-INT", &self.child.id().to_string()])
+                .stderr(Stdio::null()),
+        )
+    }
+
+    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's closing summary line (call after `wait`).
+    fn summary(&self) -> Result<String> {
+        let line = self.last_line.lock().unwrap().clone();
+        if !line.contains("\"type\":\"summary\"") {
+            bail!(
+                "{}: last output line is not the summary: {line:?}; stderr: {}",
+                self.name,
+                self.stderr_text()
+            );
+        }
+        Ok(line)
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().trim().to_string()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if self.agent {
+                let _ = self.interrupt();
+                let _ = self.wait(Duration::from_secs(15));
+            }
+            if let Ok(None) = self.child.try_wait() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// The number after `"key":` in a flat JSON line.
+fn json_num(line: &str, key: &str) -> Option<f64> {
+    let pat = format!("\"{key}\":");
+    let start = line.find(&pat)? + pat.len();
+    let rest = line[start..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }

@@ -10,7 +10,7 @@ mirrors this list; keep them in step.
   DIR/written.txt       O_WRONLY|O_CREAT|O_TRUNC     w     write 500, 300, 200        0 / 1000
   DIR/written.txt       O_RDONLY                     r     read 400, 600              1000 / 0
   DIR/written.txt       O_WRONLY|O_APPEND            a     write 24                   0 / 24
-  DIR/rw.bin            O_RDWR|O_CREAT               rw    write 100, lseek 0, read 50  50 / 100
+  DIR/rw.bin            O_RDWR|O_CREAT               r+    write 100, lseek 0, read 50  50 / 100
   DIR/appendplus.log    O_RDWR|O_CREAT|O_APPEND      a+    write 10, lseek 0, read 10   10 / 10
   DIR/highlevel.txt     open(..., "w") (Python io)   w     one 12345-byte write       0 / 12345
   DIR/highlevel.txt     open(..., "rb").read()       r     reads up to EOF            12345 / 0

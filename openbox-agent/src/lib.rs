@@ -1,0 +1,15 @@
+//! openbox-agent as a library: the capture pipeline from kernel records to what a user
+//! sees. The binary (`main.rs`) is its command line.
+//!
+//! The data's path, top to bottom: [`capture`] (load, attach, read the ring buffer) →
+//! [`conn`] (descriptor tables, streams, TLS linking) → [`protocol`] (parsers) →
+//! [`span`] (SDK-compatible spans) → [`trace`] (output).
+
+pub mod capture;
+pub mod check;
+pub mod conn;
+pub mod preflight;
+pub mod procfs;
+pub mod protocol;
+pub mod span;
+pub mod trace;

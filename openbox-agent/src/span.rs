@@ -1,0 +1,1 @@
+//! Spans in the in-process SDK's JSON format (not written yet).
