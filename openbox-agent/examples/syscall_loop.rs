@@ -1,6 +1,6 @@
 //! Syscall micro-benchmark driven by `cargo xtask bench`.
 //!
-//! `syscall_loop [--iterations N] [--batches B] [--out FILE] [LOOP...]`
+//! `syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--out FILE] [LOOP...]`
 //!
 //! Loops (all three when none is named):
 //! - `sock1`: write 1 byte to one end of an AF_UNIX SOCK_STREAM socketpair, then read it
@@ -10,16 +10,14 @@
 //!
 //! Each loop runs a short warm-up, then `iterations` iterations split into `batches`
 //! timed batches (CLOCK_MONOTONIC through `Instant`), and prints one JSON line:
-//! `{"loop":"sock1","iterations":N,"syscalls_per_iter":2,"ns_per_iter":<median of the
-//! batches>,"min_ns":..,"max_ns":..}`. The results go to FILE when given (so they stay
+//! `{"loop":"sock1","iterations":N,"total_iterations":<N + warm-up>,"batches":B,
+//! "syscalls_per_iter":2,"ns_per_iter":<median of the batches>,"min_ns":..,"max_ns":..}`. The results go to FILE when given (so they stay
 //! apart from the output of a tracer whose stdout this process shares), else stdout;
-//! they are written only after every loop is done.
+//! they are written only after every loop is done. `--settle-ms` sleeps before the
+//! first loop, so a tracer that started this process has processed its exec first
+//! (descriptors created within ~2 ms of exec may otherwise be mis-tracked).
 
-use std::{
-    ffi::CString,
-    io::Write,
-    time::Instant,
-};
+use std::{ffi::CString, io::Write, time::Instant};
 
 fn die(msg: &str) -> ! {
     eprintln!("syscall_loop: {msg}");
@@ -88,7 +86,11 @@ fn sock_iter(p: &Pair, out: &[u8], inb: &mut [u8]) {
 fn file_iter(path: &CString, buf: &mut [u8], expect: usize) {
     // SAFETY: openat/read/close on a NUL-terminated path and our own buffer.
     unsafe {
-        let fd = libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        let fd = libc::openat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
         check(fd as isize, "open");
         let r = libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
         if r as usize != expect {
@@ -99,9 +101,9 @@ fn file_iter(path: &CString, buf: &mut [u8], expect: usize) {
     }
 }
 
-/// Runs `f` `warmup` times untimed, then `iterations` times in `batches` timed
-/// batches; returns the per-iteration nanoseconds of each batch.
-fn measure(iterations: u64, batches: u64, mut f: impl FnMut()) -> Vec<f64> {
+/// Runs `f` a few times untimed, then `iterations` times in `batches` timed batches;
+/// returns the per-iteration nanoseconds of each batch and the total calls of `f`.
+fn measure(iterations: u64, batches: u64, mut f: impl FnMut()) -> (Vec<f64>, u64) {
     let warmup = (iterations / 20).clamp(100, 10_000);
     for _ in 0..warmup {
         f();
@@ -115,7 +117,7 @@ fn measure(iterations: u64, batches: u64, mut f: impl FnMut()) -> Vec<f64> {
         }
         out.push(t.elapsed().as_nanos() as f64 / per as f64);
     }
-    out
+    (out, warmup + per * batches)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -131,6 +133,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     let mut iterations: u64 = 200_000;
     let mut batches: u64 = 15;
+    let mut settle_ms: u64 = 0;
     let mut out_path: Option<String> = None;
     let mut loops: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -149,10 +152,16 @@ fn main() {
                     .filter(|&b| b > 0)
                     .unwrap_or_else(|| die("--batches needs a positive number"))
             }
+            "--settle-ms" => {
+                settle_ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| die("--settle-ms needs a number"))
+            }
             "--out" => out_path = Some(args.next().unwrap_or_else(|| die("--out needs a path"))),
             "sock1" | "sock4k" | "file" => loops.push(a),
             "-h" | "--help" => {
-                println!("usage: syscall_loop [--iterations N] [--batches B] [--out FILE] [sock1|sock4k|file]...");
+                println!("usage: syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--out FILE] [sock1|sock4k|file]...");
                 return;
             }
             other => die(&format!("unknown argument {other:?}")),
@@ -162,15 +171,19 @@ fn main() {
         loops = vec!["sock1".into(), "sock4k".into(), "file".into()];
     }
 
+    std::thread::sleep(std::time::Duration::from_millis(settle_ms));
     let mut lines = Vec::new();
     for kind in &loops {
-        let (syscalls, mut ns) = match kind.as_str() {
+        let (syscalls, (mut ns, calls)) = match kind.as_str() {
             "sock1" | "sock4k" => {
                 let size = if kind == "sock1" { 1 } else { 4096 };
                 let p = Pair::new();
                 let out = vec![b'x'; size];
                 let mut inb = vec![0u8; size];
-                (2, measure(iterations, batches, || sock_iter(&p, &out, &mut inb)))
+                (
+                    2,
+                    measure(iterations, batches, || sock_iter(&p, &out, &mut inb)),
+                )
             }
             _ => {
                 let path = format!("/tmp/openbox-bench-{}.dat", std::process::id());
@@ -187,7 +200,7 @@ fn main() {
         let max = ns.iter().cloned().fold(0.0, f64::max);
         let med = median(&mut ns);
         lines.push(format!(
-            "{{\"loop\":\"{kind}\",\"iterations\":{iterations},\"batches\":{batches},\"syscalls_per_iter\":{syscalls},\"ns_per_iter\":{med:.1},\"min_ns\":{min:.1},\"max_ns\":{max:.1}}}"
+            "{{\"loop\":\"{kind}\",\"iterations\":{iterations},\"total_iterations\":{calls},\"batches\":{batches},\"syscalls_per_iter\":{syscalls},\"ns_per_iter\":{med:.1},\"min_ns\":{min:.1},\"max_ns\":{max:.1}}}"
         ));
     }
     let text = lines.join("\n") + "\n";

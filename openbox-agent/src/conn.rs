@@ -132,6 +132,15 @@ pub enum Record {
         path: String,
         mode: &'static str,
     },
+    /// One read or write call on a reported file (for file.read/file.write spans; not
+    /// printed as a record of its own).
+    FileIo {
+        ts: u64,
+        pid: Pid,
+        fd: i32,
+        direction: Direction,
+        bytes: u64,
+    },
     FileClose {
         ts: u64,
         pid: Pid,
@@ -427,10 +436,19 @@ impl Tracker {
             }
             Body::FileIo(io) => {
                 if let Some(file) = self.files.get_mut(&(pid, io.fd)) {
-                    let i = Direction::from_raw(io.direction).idx();
+                    let dir = Direction::from_raw(io.direction);
                     // bytes[0] = written, bytes[1] = read (egress, ingress).
-                    file.bytes[i] += io.bytes;
-                    file.calls[i] += 1;
+                    file.bytes[dir.idx()] += io.bytes;
+                    file.calls[dir.idx()] += 1;
+                    if !file.ignored {
+                        out.push(Record::FileIo {
+                            ts,
+                            pid,
+                            fd: io.fd,
+                            direction: dir,
+                            bytes: io.bytes,
+                        });
+                    }
                 }
             }
             Body::Exec(p) => {
@@ -792,11 +810,7 @@ mod tests {
             EV_CONNECT,
             0,
             11,
-            Body::Connect(ConnBody {
-                fd,
-                ret: 0,
-                peer,
-            }),
+            Body::Connect(ConnBody { fd, ret: 0, peer }),
         )
     }
 
@@ -1036,14 +1050,7 @@ mod tests {
                 }),
             )
         };
-        let close = |fd| {
-            ev(
-                EV_CLOSE,
-                0,
-                11,
-                Body::Close { fd },
-            )
-        };
+        let close = |fd| ev(EV_CLOSE, 0, 11, Body::Close { fd });
         let wflags = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32;
         let (out, actions) = run(
             &mut t,

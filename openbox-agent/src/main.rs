@@ -1,7 +1,7 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-use openbox_agent::{capture, check, conn, trace};
+use openbox_agent::{capture, check, conn, span, trace};
 
 use std::path::PathBuf;
 
@@ -21,9 +21,29 @@ enum Command {
     /// Watch a process and its children and print what they do: connections, cleartext
     /// and TLS-plaintext bytes, files.
     Trace {
-        /// One JSON object per line instead of readable text.
+        /// One JSON object per line instead of readable text: spans in the SDK's span
+        /// JSON (the summary then goes to stderr), or with --raw the capture records.
         #[arg(long)]
         json: bool,
+        /// Print the capture records (connections, bytes per direction, files) instead
+        /// of spans.
+        #[arg(long)]
+        raw: bool,
+        /// Most body bytes kept per HTTP message in spans.
+        #[arg(long, default_value_t = 65536)]
+        max_body: usize,
+        /// Most characters of a database statement kept in spans.
+        #[arg(long, default_value_t = 4096)]
+        max_statement: usize,
+        /// Do not redact sensitive HTTP headers (authorization, cookie, x-api-key …).
+        #[arg(long)]
+        no_redact: bool,
+        /// Redact this HTTP header too (case-insensitive); repeatable.
+        #[arg(long = "redact-header", value_name = "NAME")]
+        redact_headers: Vec<String>,
+        /// One file.read/file.write span per call, instead of one per burst of calls.
+        #[arg(long)]
+        every_file_call: bool,
         /// Watch a running process (and its current and future children).
         #[arg(long, conflicts_with = "command")]
         pid: Option<u32>,
@@ -88,6 +108,12 @@ fn real_main() -> Result<i32> {
         }
         Command::Trace {
             json,
+            raw,
+            max_body,
+            max_statement,
+            no_redact,
+            redact_headers,
+            every_file_call,
             pid,
             capture_limit,
             tls_libs,
@@ -107,8 +133,20 @@ fn real_main() -> Result<i32> {
                 conn::SkipPaths::default()
             };
             skip.prefixes.extend(skip_paths);
+            let mut spans = span::SpanConfig::default();
+            spans.parser.max_body = max_body;
+            spans.parser.max_statement = max_statement;
+            spans.every_file_call = every_file_call;
+            if no_redact {
+                spans.redact_headers.clear();
+            }
+            spans
+                .redact_headers
+                .extend(redact_headers.iter().map(|h| h.to_ascii_lowercase()));
             let opts = trace::TraceOpts {
                 json,
+                raw,
+                spans,
                 pid,
                 command,
                 capture: capture::CaptureConfig {

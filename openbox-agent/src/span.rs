@@ -1,1 +1,914 @@
-//! Spans in the in-process SDK's JSON format (not written yet).
+//! Spans in the in-process SDK's JSON format (openbox-core-protocol.md §3.1): protocol
+//! operations of each connection, and file.open spans with file.read/file.write children.
+//!
+//! [`SpanBuilder`] consumes the tracker's [`Record`]s: it detects each connection's
+//! protocol from its first bytes, feeds both directions to that protocol's parser, and
+//! turns the parser's [`Op`]s into [`Span`]s with the SDK's attribute names.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::{
+    capture::event::Addr,
+    conn::{Direction, Pid, Record},
+    protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
+    trace::Clock,
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub code: StatusCode,
+    pub description: Option<String>,
+}
+
+/// One span, serialised exactly as the SDK sends it inside ActivityCompleted.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Span {
+    pub span_id: String,
+    pub trace_id: String,
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    pub kind: &'static str,
+    pub start_time: u64,
+    pub end_time: u64,
+    pub duration_ns: Option<u64>,
+    pub attributes: Map<String, Value>,
+    pub status: Status,
+    pub events: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<Map<String, Value>>,
+    /// Which process made it (not part of the SDK's JSON; used for attribution).
+    #[serde(skip)]
+    pub pid: Pid,
+    #[serde(skip)]
+    pub tid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpanConfig {
+    pub parser: ParserConfig,
+    /// Header names whose values are replaced by `[REDACTED]` (lowercase).
+    pub redact_headers: Vec<String>,
+    /// One file.read/file.write span per call instead of one per burst.
+    pub every_file_call: bool,
+}
+
+impl Default for SpanConfig {
+    fn default() -> Self {
+        Self {
+            parser: ParserConfig::default(),
+            redact_headers: [
+                "authorization",
+                "proxy-authorization",
+                "cookie",
+                "set-cookie",
+                "x-api-key",
+                "api-key",
+                "x-auth-token",
+                "x-amz-security-token",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            every_file_call: false,
+        }
+    }
+}
+
+/// Which end of a connection the watched process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+/// Bytes held per direction while a connection's protocol is not yet recognisable.
+const DETECT_BYTES: usize = 64;
+
+struct ConnState {
+    role: Role,
+    peer: Option<Addr>,
+    pid: Pid,
+    tid: u32,
+    tls: bool,
+    parser: Option<Box<dyn Parser>>,
+    /// No known protocol: stop looking.
+    unknown: bool,
+    /// First bytes per direction [egress, ingress] kept for detection, with their ts.
+    held: [Vec<(u64, Vec<u8>)>; 2],
+    /// Next expected stream offset per [plaintext-or-cleartext][direction].
+    next_seq: [[u64; 2]; 2],
+}
+
+struct FileState {
+    span_id: String,
+    path: String,
+    mode: &'static str,
+    open_ts: u64,
+    pid: Pid,
+    /// The burst in progress: (direction, first ts, last ts, bytes, calls).
+    burst: Option<(Direction, u64, u64, u64, u64)>,
+    children: Vec<Span>,
+}
+
+/// Small non-cryptographic generator for span and trace ids (splitmix64).
+struct Ids(u64);
+
+impl Ids {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut seed);
+        }
+        Ids(u64::from_ne_bytes(seed) ^ std::process::id() as u64)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn span_id(&mut self) -> String {
+        format!("{:016x}", self.next())
+    }
+    fn trace_id(&mut self) -> String {
+        format!("{:016x}{:016x}", self.next(), self.next())
+    }
+}
+
+pub struct SpanBuilder {
+    cfg: SpanConfig,
+    clock: Clock,
+    ids: Ids,
+    trace_id: String,
+    conns: HashMap<String, ConnState>,
+    files: HashMap<(Pid, i32), FileState>,
+    /// Operations the parsers could not make sense of, over all closed connections.
+    pub unparsed: u64,
+    /// Connections whose protocol was not recognised.
+    pub unknown_conns: u64,
+}
+
+impl SpanBuilder {
+    pub fn new(cfg: SpanConfig, clock: Clock) -> Self {
+        let mut ids = Ids::new();
+        let trace_id = ids.trace_id();
+        Self {
+            cfg,
+            clock,
+            ids,
+            trace_id,
+            conns: HashMap::new(),
+            files: HashMap::new(),
+            unparsed: 0,
+            unknown_conns: 0,
+        }
+    }
+
+    fn conn(&mut self, id: &str, pid: Pid, tid: u32, peer: &Option<Addr>) -> &mut ConnState {
+        self.conns
+            .entry(id.to_string())
+            .or_insert_with(|| ConnState {
+                role: Role::Unknown,
+                peer: peer.clone(),
+                pid,
+                tid,
+                tls: false,
+                parser: None,
+                unknown: false,
+                held: [Vec::new(), Vec::new()],
+                next_seq: [[0; 2]; 2],
+            })
+    }
+
+    pub fn handle(&mut self, r: &Record, out: &mut Vec<Span>) {
+        match r {
+            Record::Connect {
+                accept,
+                pid,
+                tid,
+                conn,
+                peer,
+                ..
+            } => {
+                let c = self.conn(conn, *pid, *tid, peer);
+                c.role = if *accept { Role::Server } else { Role::Client };
+            }
+            Record::Data {
+                ts,
+                pid,
+                tid,
+                conn: Some(conn),
+                peer,
+                tls,
+                direction,
+                seq,
+                truncated,
+                data,
+                ..
+            } => {
+                let cfg = self.cfg.parser.clone();
+                let c = self.conn(conn, *pid, *tid, peer);
+                c.tid = *tid;
+                c.tls |= *tls;
+                let (t, d) = (*tls as usize, direction_idx(direction));
+                let gap_before = seq.saturating_sub(c.next_seq[t][d]);
+                c.next_seq[t][d] = seq + data.len() as u64 + truncated;
+                let mut ops = Vec::new();
+                feed(
+                    c, &cfg, direction, *ts, gap_before, data, *truncated, &mut ops,
+                );
+                let conn = conn.clone();
+                self.emit_ops(&conn, ops, out);
+            }
+            Record::Close { ts, conn, .. } => {
+                if let Some(mut c) = self.conns.remove(conn) {
+                    let mut ops = Vec::new();
+                    if let Some(p) = c.parser.as_mut() {
+                        p.close(*ts, &mut ops);
+                        self.unparsed += p.unparsed();
+                    } else if c.held.iter().any(|h| !h.is_empty()) {
+                        self.unknown_conns += 1;
+                    }
+                    let protocol = c.parser.as_ref().map(|p| p.protocol());
+                    for op in ops {
+                        out.push(self.span(&c, protocol, op));
+                    }
+                }
+            }
+            Record::FileOpen {
+                ts,
+                pid,
+                fd,
+                path,
+                mode,
+            } => {
+                let span_id = self.ids.span_id();
+                self.files.insert(
+                    (*pid, *fd),
+                    FileState {
+                        span_id,
+                        path: path.clone(),
+                        mode,
+                        open_ts: *ts,
+                        pid: *pid,
+                        burst: None,
+                        children: Vec::new(),
+                    },
+                );
+            }
+            Record::FileIo {
+                ts,
+                pid,
+                fd,
+                direction,
+                bytes,
+            } => {
+                let every = self.cfg.every_file_call;
+                let Some(f) = self.files.get_mut(&(*pid, *fd)) else {
+                    return;
+                };
+                match &mut f.burst {
+                    Some((d, _, last, total, calls)) if d == direction && !every => {
+                        *last = *ts;
+                        *total += bytes;
+                        *calls += 1;
+                    }
+                    _ => {
+                        let done = f.burst.replace((direction.clone(), *ts, *ts, *bytes, 1));
+                        if let Some(b) = done {
+                            let span = self.file_io_span((*pid, *fd), b);
+                            if let Some(f) = self.files.get_mut(&(*pid, *fd)) {
+                                f.children.push(span);
+                            }
+                        }
+                    }
+                }
+            }
+            Record::FileClose {
+                ts,
+                pid,
+                fd,
+                bytes_read,
+                bytes_written,
+                ..
+            } => {
+                let key = (*pid, *fd);
+                let burst = self.files.get_mut(&key).and_then(|f| f.burst.take());
+                if let Some(b) = burst {
+                    let span = self.file_io_span(key, b);
+                    if let Some(f) = self.files.get_mut(&key) {
+                        f.children.push(span);
+                    }
+                }
+                if let Some(f) = self.files.remove(&key) {
+                    let mut attributes = Map::new();
+                    attributes.insert("file.path".into(), f.path.clone().into());
+                    attributes.insert("file.mode".into(), f.mode.into());
+                    attributes.insert("file.total_bytes_read".into(), (*bytes_read).into());
+                    attributes.insert("file.total_bytes_written".into(), (*bytes_written).into());
+                    let open = self.base_span(
+                        f.span_id.clone(),
+                        None,
+                        "file.open".into(),
+                        "INTERNAL",
+                        f.open_ts,
+                        *ts,
+                        attributes,
+                        f.pid,
+                        0,
+                    );
+                    out.push(open);
+                    out.extend(f.children);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn file_io_span(&mut self, key: (Pid, i32), burst: (Direction, u64, u64, u64, u64)) -> Span {
+        let (dir, first, last, bytes, calls) = burst;
+        let (parent, path, pid) = match self.files.get(&key) {
+            Some(f) => (Some(f.span_id.clone()), f.path.clone(), f.pid),
+            None => (None, String::new(), key.0),
+        };
+        let op = if dir == Direction::Egress {
+            "write"
+        } else {
+            "read"
+        };
+        let mut attributes = Map::new();
+        attributes.insert("file.path".into(), path.into());
+        attributes.insert("file.operation".into(), op.into());
+        attributes.insert("file.bytes".into(), bytes.into());
+        if calls > 1 {
+            attributes.insert("file.calls".into(), calls.into());
+        }
+        let id = self.ids.span_id();
+        self.base_span(
+            id,
+            parent,
+            format!("file.{op}"),
+            "INTERNAL",
+            first,
+            last,
+            attributes,
+            pid,
+            0,
+        )
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "every field of a span's skeleton"
+    )]
+    fn base_span(
+        &self,
+        span_id: String,
+        parent: Option<String>,
+        name: String,
+        kind: &'static str,
+        start_ts: u64,
+        end_ts: u64,
+        attributes: Map<String, Value>,
+        pid: Pid,
+        tid: u32,
+    ) -> Span {
+        let start_time = self.clock.epoch_ns(start_ts);
+        let end_time = self.clock.epoch_ns(end_ts.max(start_ts));
+        Span {
+            span_id,
+            trace_id: self.trace_id.clone(),
+            parent_span_id: parent,
+            name,
+            kind,
+            start_time,
+            end_time,
+            duration_ns: Some(end_time - start_time),
+            attributes,
+            status: Status {
+                code: StatusCode::Unset,
+                description: None,
+            },
+            events: Vec::new(),
+            activity_id: None,
+            request_body: None,
+            response_body: None,
+            request_headers: None,
+            response_headers: None,
+            pid,
+            tid,
+        }
+    }
+
+    fn emit_ops(&mut self, conn: &str, ops: Vec<Op>, out: &mut Vec<Span>) {
+        if ops.is_empty() {
+            return;
+        }
+        let Some(c) = self.conns.remove(conn) else {
+            return;
+        };
+        let protocol = c.parser.as_ref().map(|p| p.protocol());
+        for op in ops {
+            out.push(self.span(&c, protocol, op));
+        }
+        self.conns.insert(conn.to_string(), c);
+    }
+
+    fn span(&mut self, c: &ConnState, protocol: Option<Protocol>, op: Op) -> Span {
+        let kind = if c.role == Role::Server {
+            "SERVER"
+        } else {
+            "CLIENT"
+        };
+        let mut attributes = op.attributes.clone();
+        let (peer_host, peer_port) = match &c.peer {
+            Some(Addr::Inet(a)) => (Some(a.ip().to_string()), Some(a.port())),
+            _ => (None, None),
+        };
+        let id = self.ids.span_id();
+        let mut span = self.base_span(
+            id,
+            None,
+            op.name.clone(),
+            kind,
+            op.start_ts,
+            op.end_ts,
+            Map::new(),
+            c.pid,
+            c.tid,
+        );
+        if protocol == Some(Protocol::Http) {
+            let scheme = if c.tls { "https" } else { "http" };
+            let default_port = if c.tls { 443 } else { 80 };
+            let host_header = attributes
+                .get("http.host")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            let (name, port) = match &host_header {
+                Some(h) => split_host_port(h, default_port),
+                None => (
+                    peer_host.clone().unwrap_or_default(),
+                    peer_port.unwrap_or(default_port),
+                ),
+            };
+            let target = attributes
+                .get("http.target")
+                .and_then(|v| v.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let url = if target.starts_with("http://") || target.starts_with("https://") {
+                target.clone()
+            } else {
+                let authority = host_header
+                    .clone()
+                    .unwrap_or_else(|| format_authority(&name, port, default_port));
+                format!("{scheme}://{authority}{target}")
+            };
+            attributes.insert("http.scheme".into(), scheme.into());
+            attributes.insert("http.url".into(), url.into());
+            attributes
+                .entry("http.host")
+                .or_insert_with(|| format_authority(&name, port, default_port).into());
+            attributes.insert("net.peer.name".into(), name.into());
+            attributes.insert("net.peer.port".into(), port.into());
+            span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
+            span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
+            span.request_body = op.request_body.as_ref().map(|b| text(b));
+            span.response_body = match (&op.response_body, &op.response_headers) {
+                (Some(b), Some(h)) if textual(h) => Some(text(b)),
+                _ => None,
+            };
+        } else {
+            if let Some(system) = protocol.and_then(|p| p.db_system()) {
+                attributes.insert("db.system".into(), system.into());
+            }
+            if let Some(h) = peer_host {
+                attributes.insert("net.peer.name".into(), h.into());
+            }
+            if let Some(p) = peer_port {
+                attributes.insert("net.peer.port".into(), p.into());
+            }
+        }
+        span.attributes = attributes;
+        span.status = Status {
+            code: op.status,
+            description: op.status_description,
+        };
+        span
+    }
+
+    fn headers(&self, headers: &[(String, String)]) -> Map<String, Value> {
+        let mut m = Map::new();
+        for (name, value) in headers {
+            let name = name.to_ascii_lowercase();
+            let value = if self.cfg.redact_headers.iter().any(|r| *r == name) {
+                "[REDACTED]".to_string()
+            } else {
+                value.clone()
+            };
+            // Repeated headers are joined as HTTP allows (RFC 9110 §5.3).
+            match m.get_mut(&name) {
+                Some(Value::String(prev)) => {
+                    prev.push_str(", ");
+                    prev.push_str(&value);
+                }
+                _ => {
+                    m.insert(name, value.into());
+                }
+            }
+        }
+        m
+    }
+
+    /// Connections still open at the end: finish what their parsers hold.
+    pub fn finish(&mut self, ts: u64, out: &mut Vec<Span>) {
+        let ids: Vec<String> = self.conns.keys().cloned().collect();
+        for conn in ids {
+            self.handle(
+                &Record::Close {
+                    ts,
+                    pid: 0,
+                    fd: -1,
+                    conn,
+                    peer: None,
+                    bytes_sent: 0,
+                    bytes_received: 0,
+                    tls: false,
+                },
+                out,
+            );
+        }
+    }
+}
+
+fn direction_idx(d: &Direction) -> usize {
+    match d {
+        Direction::Egress => 0,
+        Direction::Ingress => 1,
+    }
+}
+
+/// Routes one data segment to the connection's parser, detecting the protocol first.
+fn feed(
+    c: &mut ConnState,
+    cfg: &ParserConfig,
+    dir: &Direction,
+    ts: u64,
+    gap_before: u64,
+    data: &[u8],
+    truncated: u64,
+    ops: &mut Vec<Op>,
+) {
+    if c.unknown {
+        return;
+    }
+    let d = direction_idx(dir);
+    if c.parser.is_none() {
+        if gap_before > 0 || truncated > 0 && data.is_empty() {
+            // Watching began mid-stream, or bytes were lost before the protocol was known.
+            c.unknown = true;
+            return;
+        }
+        c.held[d].push((ts, data.to_vec()));
+        let mut detected = None;
+        for (hd, side_if_client) in [(0, Side::Client), (1, Side::Server)] {
+            let first: Vec<u8> = c.held[hd]
+                .iter()
+                .flat_map(|(_, b)| b.iter().copied())
+                .take(DETECT_BYTES)
+                .collect();
+            if first.is_empty() {
+                continue;
+            }
+            // Egress bytes are the client's when we are the client; try both readings
+            // while the role is unknown.
+            let sides: Vec<(Side, Role)> = match c.role {
+                Role::Client => vec![(side_if_client, Role::Client)],
+                Role::Server => vec![(other(side_if_client), Role::Server)],
+                Role::Unknown => vec![
+                    (side_if_client, Role::Client),
+                    (other(side_if_client), Role::Server),
+                ],
+            };
+            for (side, role) in sides {
+                if let Some(p) = protocol::detect(side, &first) {
+                    detected = Some((p, role));
+                    break;
+                }
+            }
+            if detected.is_some() {
+                break;
+            }
+        }
+        match detected {
+            Some((p, role)) => {
+                c.role = role;
+                let mut parser = protocol::new_parser(p, cfg);
+                // Replay what was held, in order of arrival.
+                let mut held: Vec<(u64, usize, Vec<u8>)> = Vec::new();
+                for (hd, items) in c.held.iter_mut().enumerate() {
+                    for (t, b) in items.drain(..) {
+                        held.push((t, hd, b));
+                    }
+                }
+                held.sort_by_key(|(t, _, _)| *t);
+                for (t, hd, b) in held {
+                    parser.feed(side_of(role, hd), &b, t, ops);
+                }
+                if truncated > 0 {
+                    parser.gap(side_of(role, d), truncated, ts, ops);
+                }
+                c.parser = Some(parser);
+            }
+            None => {
+                let held_bytes: usize = c.held.iter().flatten().map(|(_, b)| b.len()).sum();
+                if held_bytes >= 2 * DETECT_BYTES
+                    || c.held
+                        .iter()
+                        .all(|h| h.iter().map(|(_, b)| b.len()).sum::<usize>() >= DETECT_BYTES)
+                {
+                    c.unknown = true;
+                    c.held = [Vec::new(), Vec::new()];
+                }
+            }
+        }
+        return;
+    }
+    let role = c.role;
+    let p = c.parser.as_mut().unwrap();
+    let side = side_of(role, d);
+    if gap_before > 0 {
+        p.gap(side, gap_before, ts, ops);
+    }
+    if !data.is_empty() {
+        p.feed(side, data, ts, ops);
+    }
+    if truncated > 0 {
+        p.gap(side, truncated, ts, ops);
+    }
+}
+
+fn other(s: Side) -> Side {
+    match s {
+        Side::Client => Side::Server,
+        Side::Server => Side::Client,
+    }
+}
+
+/// The protocol side of a direction: egress is the client's when we are the client.
+fn side_of(role: Role, dir_idx: usize) -> Side {
+    match (role, dir_idx) {
+        (Role::Server, 0) | (Role::Client | Role::Unknown, 1) => Side::Server,
+        _ => Side::Client,
+    }
+}
+
+fn split_host_port(h: &str, default: u16) -> (String, u16) {
+    if let Some(rest) = h.strip_prefix('[') {
+        // [v6]:port
+        if let Some((ip, port)) = rest.split_once(']') {
+            let port = port
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(default);
+            return (ip.to_string(), port);
+        }
+    }
+    match h.rsplit_once(':') {
+        Some((name, port)) if port.parse::<u16>().is_ok() => {
+            (name.to_string(), port.parse().unwrap_or(default))
+        }
+        _ => (h.to_string(), default),
+    }
+}
+
+fn format_authority(name: &str, port: u16, default: u16) -> String {
+    let name = if name.contains(':') {
+        format!("[{name}]")
+    } else {
+        name.to_string()
+    };
+    if port == default {
+        name
+    } else {
+        format!("{name}:{port}")
+    }
+}
+
+/// Request bodies: UTF-8 with invalid bytes dropped, as the SDK decodes them.
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).replace('\u{FFFD}', "")
+}
+
+/// The SDK keeps response bodies only for text content types (or none), and only when
+/// they are not content-encoded (we see the bytes on the wire).
+fn textual(headers: &[(String, String)]) -> bool {
+    if header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity")) {
+        return false;
+    }
+    match header(headers, "content-type") {
+        None => true,
+        Some(ct) => {
+            let ct = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            [
+                "text/",
+                "application/json",
+                "application/xml",
+                "application/javascript",
+                "application/x-www-form-urlencoded",
+            ]
+            .iter()
+            .any(|p| ct.starts_with(p))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(conn: &str, dir: Direction, seq: u64, bytes: &[u8], ts: u64, tls: bool) -> Record {
+        Record::Data {
+            ts,
+            pid: 10,
+            tid: 11,
+            fd: 3,
+            conn: Some(conn.into()),
+            peer: Some(Addr::Inet("127.0.0.1:8443".parse().unwrap())),
+            tls,
+            direction: dir,
+            via: "write",
+            seq,
+            truncated: 0,
+            data: bytes.to_vec(),
+        }
+    }
+
+    fn connect(conn: &str) -> Record {
+        Record::Connect {
+            ts: 1,
+            accept: false,
+            pid: 10,
+            tid: 11,
+            fd: 3,
+            conn: conn.into(),
+            peer: Some(Addr::Inet("127.0.0.1:8443".parse().unwrap())),
+            local: None,
+        }
+    }
+
+    #[test]
+    fn https_exchange_becomes_an_sdk_http_span() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        let req = b"POST /v1/chat HTTP/1.1\r\nHost: api.local:8443\r\nAuthorization: Bearer sk-1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 4\r\n\r\n[1 ]";
+        for r in [
+            connect("c1"),
+            data("c1", Direction::Egress, 0, req, 10, true),
+            data("c1", Direction::Ingress, 0, resp, 20, true),
+        ] {
+            b.handle(&r, &mut out);
+        }
+        assert_eq!(out.len(), 1);
+        let s = &out[0];
+        assert_eq!(s.name, "POST");
+        assert_eq!(s.kind, "CLIENT");
+        assert_eq!(s.attributes["http.url"], "https://api.local:8443/v1/chat");
+        assert_eq!(s.attributes["http.scheme"], "https");
+        assert_eq!(s.attributes["net.peer.name"], "api.local");
+        assert_eq!(s.attributes["net.peer.port"], 8443);
+        assert_eq!(s.attributes["http.status_code"], 200);
+        assert_eq!(
+            s.request_headers.as_ref().unwrap()["authorization"],
+            "[REDACTED]"
+        );
+        assert_eq!(s.request_body.as_deref(), Some("{}"));
+        assert_eq!(s.response_body.as_deref(), Some("[1 ]"));
+        assert_eq!(s.duration_ns, Some(10));
+        assert_eq!(s.span_id.len(), 16);
+        assert_eq!(s.trace_id.len(), 32);
+        let json = serde_json::to_value(s).unwrap();
+        assert_eq!(
+            json["status"],
+            serde_json::json!({"code": "UNSET", "description": null})
+        );
+        assert!(json.get("pid").is_none());
+    }
+
+    #[test]
+    fn binary_response_bodies_are_not_kept() {
+        let h = vec![(
+            "Content-Type".to_string(),
+            "application/octet-stream".to_string(),
+        )];
+        assert!(!textual(&h));
+        assert!(textual(&[]));
+        assert!(!textual(&[
+            ("Content-Encoding".into(), "gzip".into()),
+            ("Content-Type".into(), "text/plain".into())
+        ]));
+    }
+
+    #[test]
+    fn file_bursts_coalesce_into_one_child_span() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(
+            &Record::FileOpen {
+                ts: 1,
+                pid: 10,
+                fd: 4,
+                path: "/data/x".into(),
+                mode: "r",
+            },
+            &mut out,
+        );
+        for i in 0..2560 {
+            b.handle(
+                &Record::FileIo {
+                    ts: 2 + i,
+                    pid: 10,
+                    fd: 4,
+                    direction: Direction::Ingress,
+                    bytes: 4096,
+                },
+                &mut out,
+            );
+        }
+        b.handle(
+            &Record::FileClose {
+                ts: 9000,
+                pid: 10,
+                fd: 4,
+                path: "/data/x".into(),
+                mode: "r",
+                bytes_read: 2560 * 4096,
+                bytes_written: 0,
+                reads: 2560,
+                writes: 0,
+            },
+            &mut out,
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].name, "file.open");
+        assert_eq!(out[0].attributes["file.total_bytes_read"], 2560 * 4096);
+        assert_eq!(out[1].name, "file.read");
+        assert_eq!(out[1].attributes["file.bytes"], 2560 * 4096);
+        assert_eq!(
+            out[1].parent_span_id.as_deref(),
+            Some(out[0].span_id.as_str())
+        );
+    }
+
+    #[test]
+    fn protocol_is_detected_by_content_not_port() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c2"), &mut out);
+        b.handle(
+            &data(
+                "c2",
+                Direction::Egress,
+                0,
+                b"GET /x HTTP/1.1\r\nHost: h:9000\r\n\r\n",
+                5,
+                false,
+            ),
+            &mut out,
+        );
+        b.handle(
+            &data(
+                "c2",
+                Direction::Ingress,
+                0,
+                b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
+                6,
+                false,
+            ),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].attributes["http.url"], "http://h:9000/x");
+        assert_eq!(out[0].status.code, StatusCode::Error);
+    }
+}

@@ -16,11 +16,15 @@ use crate::{
     capture::{event, tls, Capture, CaptureConfig, Counters},
     conn::{Action, Pid, Record, SkipPaths, Tracker},
     procfs::{self, FdTarget, Procfs},
+    span::{Span, SpanBuilder, SpanConfig},
 };
 
 #[derive(Debug, Clone)]
 pub struct TraceOpts {
     pub json: bool,
+    /// Print the capture records (connections, bytes, files) instead of spans.
+    pub raw: bool,
+    pub spans: SpanConfig,
     pub pid: Option<u32>,
     pub command: Vec<String>,
     pub capture: CaptureConfig,
@@ -139,6 +143,8 @@ pub struct Session {
     clock: Clock,
     json: bool,
     show_bytes: usize,
+    /// Span mode: the builder turning records into spans; raw mode: none.
+    spans: Option<SpanBuilder>,
     pub records_received: u64,
     pub unparsed_records: u64,
     out: std::io::BufWriter<std::io::Stdout>,
@@ -253,20 +259,59 @@ impl Session {
         let (mut records, mut actions) = (Vec::new(), Vec::new());
         self.tracker.handle(ev, &Procfs, &mut records, &mut actions);
         for r in &records {
-            self.print(r);
+            self.output(r);
         }
         for a in actions {
             self.act(a);
         }
     }
 
-    fn print(&mut self, r: &Record) {
+    fn output(&mut self, r: &Record) {
+        if let Some(builder) = self.spans.as_mut() {
+            let mut spans = Vec::new();
+            builder.handle(r, &mut spans);
+            self.print_spans(&spans);
+            // Process lifecycle stays visible in readable span output.
+            if !self.json
+                && matches!(
+                    r,
+                    Record::Exec { .. } | Record::Exit { .. } | Record::Fork { .. }
+                )
+            {
+                if let Some(line) = record_text(r, &self.clock, self.show_bytes) {
+                    let _ = writeln!(self.out, "{line}");
+                }
+            }
+            return;
+        }
         let line = if self.json {
-            record_json(r, &self.clock).to_string()
+            record_json(r, &self.clock).map(|v| v.to_string())
         } else {
             record_text(r, &self.clock, self.show_bytes)
         };
-        let _ = writeln!(self.out, "{line}");
+        if let Some(line) = line {
+            let _ = writeln!(self.out, "{line}");
+        }
+    }
+
+    fn print_spans(&mut self, spans: &[Span]) {
+        for span in spans {
+            let line = if self.json {
+                serde_json::to_string(span).unwrap_or_default()
+            } else {
+                span_text(span, self.show_bytes)
+            };
+            let _ = writeln!(self.out, "{line}");
+        }
+    }
+
+    /// Finishes spans of connections still open (end of tracing).
+    pub fn finish_spans(&mut self) {
+        if let Some(builder) = self.spans.as_mut() {
+            let mut spans = Vec::new();
+            builder.finish(now_mono(), &mut spans);
+            self.print_spans(&spans);
+        }
     }
 
     pub fn flush(&mut self) {
@@ -275,7 +320,23 @@ impl Session {
 
     pub fn summary(&mut self) -> Counters {
         let c = self.cap.counters();
-        if self.json {
+        let (unparsed_ops, unknown_conns) = self
+            .spans
+            .as_ref()
+            .map(|b| (b.unparsed, b.unknown_conns))
+            .unwrap_or((0, 0));
+        if self.json && self.spans.is_some() {
+            // Span mode: stdout holds only spans; the counters go to stderr.
+            eprintln!(
+                "{}",
+                json!({
+                    "type": "summary", "events": c.events, "records_received": self.records_received,
+                    "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
+                    "truncated_bytes": c.truncated_bytes, "unparsed_records": self.unparsed_records,
+                    "unparsed_messages": unparsed_ops, "unrecognised_connections": unknown_conns,
+                })
+            );
+        } else if self.json {
             let line = json!({
                 "type": "summary",
                 "events": c.events,
@@ -306,6 +367,12 @@ impl Session {
                 c.watched_hits,
                 c.unwatched_hits
             );
+            if self.spans.is_some() {
+                let _ = writeln!(
+                    self.out,
+                    "-- protocols: {unparsed_ops} messages not understood, {unknown_conns} connections of no known protocol"
+                );
+            }
         }
         self.flush();
         c
@@ -321,10 +388,87 @@ fn host_path(pid: Pid, path: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/root{path}"))
 }
 
-pub fn record_json(r: &Record, clock: &Clock) -> serde_json::Value {
+/// CLOCK_MONOTONIC now, in the kernel's timestamp units.
+fn now_mono() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One readable line per span.
+pub fn span_text(s: &Span, max: usize) -> String {
+    let secs = s.start_time / 1_000_000_000;
+    let when = format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        (s.start_time % 1_000_000_000) / 1000
+    );
+    let a = |k: &str| {
+        s.attributes.get(k).map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        })
+    };
+    let ms = s.duration_ns.unwrap_or(0) as f64 / 1e6;
+    let status = match (&s.status.code, &s.status.description) {
+        (crate::protocol::StatusCode::Error, Some(d)) => format!(" ERROR: {d}"),
+        (crate::protocol::StatusCode::Error, None) => " ERROR".to_string(),
+        _ => String::new(),
+    };
+    let what = if let Some(url) = a("http.url") {
+        let code = a("http.status_code").unwrap_or_else(|| "-".into());
+        let mut w = format!("{} {url} → {code}", s.name);
+        if let Some(b) = &s.request_body {
+            w.push_str(&format!(" request_body=\"{}\"", escape(b.as_bytes(), max)));
+        }
+        if let Some(b) = &s.response_body {
+            w.push_str(&format!(" response_body=\"{}\"", escape(b.as_bytes(), max)));
+        }
+        w
+    } else if let Some(system) = a("db.system") {
+        let mut w = format!("{system} {}", s.name);
+        for k in ["db.name", "db.user", "db.mongodb.collection", "db.rowcount"] {
+            if let Some(v) = a(k) {
+                w.push_str(&format!(" {}={v}", k.trim_start_matches("db.")));
+            }
+        }
+        if let Some(st) = a("db.statement") {
+            w.push_str(&format!(" \"{}\"", escape(st.as_bytes(), max)));
+        }
+        w
+    } else if let Some(path) = a("file.path") {
+        match s.name.as_str() {
+            "file.open" => format!(
+                "file.open {path} ({}) read {} B, wrote {} B",
+                a("file.mode").unwrap_or_default(),
+                a("file.total_bytes_read").unwrap_or_default(),
+                a("file.total_bytes_written").unwrap_or_default()
+            ),
+            _ => format!("  {} {} B", s.name, a("file.bytes").unwrap_or_default()),
+        }
+    } else {
+        s.name.clone()
+    };
+    format!("{when} [{}] {} {what} ({ms:.3} ms){status}", s.pid, s.kind)
+}
+
+pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
     let s = |a: &Option<event::Addr>| a.as_ref().map(|a| a.to_string());
-    match r {
-        Record::Exec { ts, pid, path, comm } => {
+    Some(match r {
+        Record::FileIo { .. } => return None,
+        Record::Exec {
+            ts,
+            pid,
+            path,
+            comm,
+        } => {
             json!({"type":"process","event":"exec","ts":clock.epoch_ns(*ts),"pid":pid,"path":path,"comm":comm})
         }
         Record::Fork { ts, pid, child } => {
@@ -403,7 +547,7 @@ pub fn record_json(r: &Record, clock: &Clock) -> serde_json::Value {
             "type": "file", "event": "close", "ts": clock.epoch_ns(*ts), "pid": pid, "fd": fd, "path": path, "mode": mode,
             "bytes_read": bytes_read, "bytes_written": bytes_written, "reads": reads, "writes": writes,
         }),
-    }
+    })
 }
 
 fn escape(data: &[u8], max: usize) -> String {
@@ -437,13 +581,14 @@ fn hms(clock: &Clock, ts: u64) -> String {
     )
 }
 
-pub fn record_text(r: &Record, clock: &Clock, max: usize) -> String {
+pub fn record_text(r: &Record, clock: &Clock, max: usize) -> Option<String> {
     let opt = |a: &Option<event::Addr>| {
         a.as_ref()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "?".into())
     };
-    match r {
+    Some(match r {
+        Record::FileIo { .. } => return None,
         Record::Exec { ts, pid, path, .. } => format!("{} [{pid}] exec {path}", hms(clock, *ts)),
         Record::Fork { ts, pid, child } => format!("{} [{pid}] fork → child {child}", hms(clock, *ts)),
         Record::Exit { ts, pid, comm } => format!("{} [{pid}] exit ({comm})", hms(clock, *ts)),
@@ -477,7 +622,7 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> String {
             "{} [{pid}] close fd {fd} {path} ({mode}): read {bytes_read} B in {reads} calls, wrote {bytes_written} B in {writes} calls",
             hms(clock, *ts)
         ),
-    }
+    })
 }
 
 pub async fn run(opts: TraceOpts) -> Result<i32> {
@@ -494,12 +639,14 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     }
     let mut ring = cap.events()?;
+    let clock = Clock::new();
     let mut session = Session {
         cap,
         tracker: Tracker::new(opts.skip.clone()),
-        clock: Clock::new(),
+        clock,
         json: opts.json,
         show_bytes: opts.show_bytes,
+        spans: (!opts.raw).then(|| SpanBuilder::new(opts.spans.clone(), clock)),
         records_received: 0,
         unparsed_records: 0,
         out: std::io::BufWriter::new(std::io::stdout()),
@@ -560,6 +707,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
     while let Some(item) = rb.next() {
         session.handle_bytes(&item);
     }
+    session.finish_spans();
     session.summary();
     Ok(if opts.pid.is_some() { 0 } else { code })
 }

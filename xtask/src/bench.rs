@@ -33,6 +33,11 @@ const LOOPS: [(&str, &str, u64); 3] = [
 ];
 /// Time given to the unwatched agent to load and attach its programs (it takes ~0.5 s).
 const ATTACH_WAIT: Duration = Duration::from_secs(2);
+/// Pause of the watched loop process before its loops, so the agent has handled its
+/// exec first: a socket created within ~2 ms of exec loses its egress capture after a
+/// millisecond or two (the agent's post-exec fd resync races with it), which would
+/// leave half the payload uncaptured and the watched figure too low.
+const SETTLE_MS: &str = "300";
 
 pub fn run(agent: &Path, iterations: u64) -> Result<()> {
     if iterations == 0 {
@@ -60,6 +65,8 @@ pub fn run(agent: &Path, iterations: u64) -> Result<()> {
 
 /// ns per iteration of one loop in one run, and the watched agent's summary line.
 type Runs = BTreeMap<(&'static str, Cond), Vec<f64>>;
+/// Per loop, each watched run's iterations (with warm-up) and agent summary line.
+type Summaries = BTreeMap<&'static str, Vec<(u64, String)>>;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Cond {
@@ -83,21 +90,21 @@ impl Bench {
             self.iterations
         );
         let mut runs: Runs = BTreeMap::new();
-        let mut summaries: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut summaries: Summaries = BTreeMap::new();
         let mut unwatched_summaries = Vec::new();
         for round in 1..=ROUNDS {
-            for (kind, ns) in self.baseline()? {
+            for (kind, ns, _) in self.baseline()? {
                 runs.entry((kind, Cond::Baseline)).or_default().push(ns);
             }
             let (results, summary) = self.unwatched()?;
-            for (kind, ns) in results {
+            for (kind, ns, _) in results {
                 runs.entry((kind, Cond::Unwatched)).or_default().push(ns);
             }
             unwatched_summaries.push(summary);
             for (kind, _, _) in LOOPS {
-                let (ns, summary) = self.watched(kind)?;
+                let (ns, total, summary) = self.watched(kind)?;
                 runs.entry((kind, Cond::Watched)).or_default().push(ns);
-                summaries.entry(kind).or_default().push(summary);
+                summaries.entry(kind).or_default().push((total, summary));
             }
             let show = |c| {
                 LOOPS
@@ -125,7 +132,9 @@ impl Bench {
         let _ = std::fs::remove_file(&self.out);
         let mut cmd = if watched {
             let mut c = Command::new(&self.agent);
-            c.args(["trace", "--json", "--"]).arg(&self.loop_bin);
+            c.args(["trace", "--json", "--"])
+                .arg(&self.loop_bin)
+                .args(["--settle-ms", SETTLE_MS]);
             c
         } else {
             Command::new(&self.loop_bin)
@@ -137,7 +146,8 @@ impl Bench {
         cmd
     }
 
-    fn results(&self) -> Result<Vec<(&'static str, f64)>> {
+    /// (loop, median ns per iteration, iterations run including the warm-up).
+    fn results(&self) -> Result<Vec<(&'static str, f64, u64)>> {
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("syscall_loop wrote no results to {}", self.out.display()))?;
         let mut out = Vec::new();
@@ -149,18 +159,20 @@ impl Bench {
                 .with_context(|| format!("unexpected syscall_loop line {line:?}"))?;
             let ns = json_num(line, "ns_per_iter")
                 .with_context(|| format!("no ns_per_iter in {line:?}"))?;
-            out.push((kind, ns));
+            let total = json_num(line, "total_iterations")
+                .with_context(|| format!("no total_iterations in {line:?}"))?;
+            out.push((kind, ns, total as u64));
         }
         Ok(out)
     }
 
-    fn baseline(&self) -> Result<Vec<(&'static str, f64)>> {
+    fn baseline(&self) -> Result<Vec<(&'static str, f64, u64)>> {
         crate::run(&mut self.loop_cmd(false, &[]))?;
         self.results()
     }
 
     /// Agent attached and watching an idle `sleep`; the loops run outside it.
-    fn unwatched(&self) -> Result<(Vec<(&'static str, f64)>, String)> {
+    fn unwatched(&self) -> Result<(Vec<(&'static str, f64, u64)>, String)> {
         let sleep = Proc::spawn(
             "sleep 600",
             Command::new("sleep").arg("600").stdin(Stdio::null()),
@@ -175,10 +187,7 @@ impl Bench {
         )?;
         std::thread::sleep(ATTACH_WAIT);
         if let Some(status) = agent.child.try_wait()? {
-            bail!(
-                "the agent exited early ({status}): {}",
-                agent.stderr_text()
-            );
+            bail!("the agent exited early ({status}): {}", agent.stderr_text());
         }
         crate::run(&mut self.loop_cmd(false, &[]))?;
         let results = self.results()?;
@@ -200,8 +209,9 @@ impl Bench {
         Ok((results, summary))
     }
 
-    /// The loop run by the agent, which watches it; returns ns/iter and the summary.
-    fn watched(&self, kind: &'static str) -> Result<(f64, String)> {
+    /// The loop run by the agent, which watches it; returns ns/iter, the iterations
+    /// run and the agent's summary.
+    fn watched(&self, kind: &'static str) -> Result<(f64, u64, String)> {
         let mut agent = Proc::spawn("agent (watched)", &mut self.loop_cmd(true, &[kind]), true)?;
         let limit = Duration::from_secs(120 + self.iterations / 1000);
         let status = agent.wait(limit)?;
@@ -213,20 +223,15 @@ impl Bench {
         }
         let summary = agent.summary()?;
         let results = self.results()?;
-        let ns = results
+        let (ns, total) = results
             .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, ns)| *ns)
+            .find(|(k, _, _)| *k == kind)
+            .map(|(_, ns, total)| (*ns, *total))
             .with_context(|| format!("no {kind} result"))?;
-        Ok((ns, summary))
+        Ok((ns, total, summary))
     }
 
-    fn report(
-        &self,
-        runs: &Runs,
-        summaries: &BTreeMap<&str, Vec<String>>,
-        unwatched: &[String],
-    ) {
+    fn report(&self, runs: &Runs, summaries: &Summaries, unwatched: &[String]) {
         let med = |kind, c| median(runs[&(kind, c)].clone());
         let spread = |kind, c| {
             let v = &runs[&(kind, c)];
@@ -236,7 +241,7 @@ impl Bench {
         };
         println!();
         println!(
-            "ns per iteration (median of {ROUNDS} rounds; each round = median of 15 batches of {} iterations / 15):",
+            "ns per iteration (median over {ROUNDS} rounds of each run's median of 15 timed batches; {} iterations per run):",
             self.iterations
         );
         println!(
@@ -284,15 +289,20 @@ impl Bench {
         println!("watched agent summaries (median over rounds; one agent run per loop):");
         for (kind, label, _) in LOOPS {
             let s = &summaries[kind];
-            let m = |key| median(s.iter().filter_map(|l| json_num(l, key)).collect());
+            let m = |key| median(s.iter().filter_map(|(_, l)| json_num(l, key)).collect());
             let (events, drops) = (m("events"), m("ringbuf_drops"));
+            let per_iter = median(
+                s.iter()
+                    .filter_map(|(total, l)| Some(json_num(l, "events")? / *total as f64))
+                    .collect(),
+            );
             let lost = if events + drops > 0.0 {
                 100.0 * drops / (events + drops)
             } else {
                 0.0
             };
             println!(
-                "  {:<30} events {:>9.0}  ringbuf_drops {:>9.0} ({lost:.1}% lost)  map_full {:.0}  captured_bytes {:.0}  watched_hits {:.0}",
+                "  {:<30} events {:>9.0} ({per_iter:.2}/iter)  ringbuf_drops {:>9.0} ({lost:.1}% lost)  map_full {:.0}  captured_bytes {:.0}  watched_hits {:.0}",
                 label,
                 events,
                 drops,

@@ -175,7 +175,6 @@ impl Capture {
         let _ = self.watched.remove(&tgid);
     }
 
-
     pub fn set_fd(&mut self, tgid: u32, fd: i32, kind: u32, flags: u32) {
         let _ = self
             .fds

@@ -1,33 +1,818 @@
-//! HTTP/1.1 parser. (Not written yet.)
+//! HTTP/1.1 (RFC 9112) parser: requests paired with responses on keep-alive and
+//! pipelined connections; Content-Length, chunked and close-delimited bodies; interim
+//! 1xx responses; HEAD, 204 and 304 without bodies; Upgrade/CONNECT turn the connection
+//! into an opaque stream.
 
-use super::{Op, Parser, ParserConfig, Protocol, Side};
+use std::collections::VecDeque;
 
-/// Whether these first bytes can start this protocol.
+use super::{Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+/// Most bytes of a start line plus header section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most requests waiting for their responses.
+const MAX_PENDING: usize = 1024;
+
+/// Whether these first bytes can start an HTTP/1.x request.
 pub fn looks_like_request(first: &[u8]) -> bool {
-    const METHODS: [&[u8]; 9] =
-        [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
     METHODS.iter().any(|m| first.starts_with(m))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body.
+    None,
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line.
+    Size,
+    /// This many data bytes remain in the chunk.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataEnd,
+    /// Trailer lines until an empty one.
+    Trailer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body,
+    /// Out of sync, or an opaque (upgraded) stream: bytes are ignored.
+    Lost,
+}
+
+/// One direction's message in progress.
+#[derive(Debug)]
+struct Stream {
+    state: State,
+    buf: Vec<u8>,
+    framing: Framing,
+    chunk: Chunk,
+    body: Vec<u8>,
+    body_complete: bool,
+    first_ts: u64,
+}
+
+impl Stream {
+    fn new() -> Self {
+        Self {
+            state: State::Head,
+            buf: Vec::new(),
+            framing: Framing::None,
+            chunk: Chunk::Size,
+            body: Vec::new(),
+            body_complete: true,
+            first_ts: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    body_complete: bool,
+    start_ts: u64,
+    /// Still receiving its body when the response began (e.g. after 100 Continue).
+    complete: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Response {
+    code: u16,
+    reason: String,
+    headers: Vec<(String, String)>,
+}
+
 pub struct HttpParser {
-    _cfg: ParserConfig,
+    cfg: ParserConfig,
+    req: Stream,
+    resp: Stream,
+    /// Requests sent and not yet answered, oldest first.
+    pending: VecDeque<Request>,
+    /// The request whose response is being read, and the response head.
+    answering: Option<(Request, Response)>,
     unparsed: u64,
 }
 
 impl HttpParser {
     pub fn new(cfg: ParserConfig) -> Self {
-        Self { _cfg: cfg, unparsed: 0 }
+        Self {
+            cfg,
+            req: Stream::new(),
+            resp: Stream::new(),
+            pending: VecDeque::new(),
+            answering: None,
+            unparsed: 0,
+        }
     }
+
+    fn lose(&mut self, side: Side) {
+        self.unparsed += 1;
+        let s = match side {
+            Side::Client => &mut self.req,
+            Side::Server => &mut self.resp,
+        };
+        s.state = State::Lost;
+        s.buf = Vec::new();
+    }
+
+    fn finish_response(&mut self, ts: u64, out: &mut Vec<Op>) {
+        let Some((req, resp)) = self.answering.take() else {
+            return;
+        };
+        let body = std::mem::take(&mut self.resp.body);
+        let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
+        out.push(self.op(req, Some((resp, body, body_complete)), ts));
+        self.resp.state = State::Head;
+        self.resp.framing = Framing::None;
+    }
+
+    fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool)>, end_ts: u64) -> Op {
+        let mut op = Op {
+            name: req.method.clone(),
+            start_ts: req.start_ts,
+            end_ts,
+            ..Default::default()
+        };
+        op.attr("http.method", req.method.clone());
+        op.attr("http.target", req.target.clone());
+        if let Some(host) = header(&req.headers, "host") {
+            op.attr("http.host", host.to_string());
+        }
+        if !req.body_complete {
+            op.attr("http.request_body_truncated", true);
+        }
+        op.request_headers = Some(req.headers);
+        op.request_body = if req.body.is_empty() {
+            None
+        } else {
+            Some(req.body)
+        };
+        if let Some((resp, body, complete)) = resp {
+            op.attr("http.status_code", resp.code);
+            if resp.code >= 400 {
+                op.status = StatusCode::Error;
+                op.status_description = Some(
+                    format!("HTTP {} {}", resp.code, resp.reason)
+                        .trim_end()
+                        .to_string(),
+                );
+            }
+            if !complete {
+                op.attr("http.response_body_truncated", true);
+            }
+            op.response_headers = Some(resp.headers);
+            op.response_body = if body.is_empty() { None } else { Some(body) };
+        }
+        op
+    }
+
+    /// Consumes body bytes of `side` from the front of its buffer; returns true when the
+    /// body is complete.
+    fn body(&mut self, side: Side) -> Result<bool, ()> {
+        let max_body = self.cfg.max_body;
+        let s = match side {
+            Side::Client => &mut self.req,
+            Side::Server => &mut self.resp,
+        };
+        loop {
+            match s.framing {
+                Framing::None => return Ok(true),
+                Framing::Length(0) => return Ok(true),
+                Framing::Length(n) => {
+                    if s.buf.is_empty() {
+                        return Ok(false);
+                    }
+                    let take = (n as usize).min(s.buf.len());
+                    keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
+                    s.buf.drain(..take);
+                    s.framing = Framing::Length(n - take as u64);
+                }
+                Framing::Close => {
+                    let data = std::mem::take(&mut s.buf);
+                    keep(&mut s.body, &data, max_body, &mut s.body_complete);
+                    return Ok(false);
+                }
+                Framing::Chunked => match s.chunk {
+                    Chunk::Size | Chunk::Trailer | Chunk::DataEnd => {
+                        let Some(end) = find(&s.buf, b"\r\n") else {
+                            if s.buf.len() > 4096 {
+                                return Err(());
+                            }
+                            return Ok(false);
+                        };
+                        let line: Vec<u8> = s.buf.drain(..end + 2).take(end).collect();
+                        match s.chunk {
+                            Chunk::Size => {
+                                // chunk-size [ chunk-ext ] CRLF (RFC 9112 §7.1)
+                                let hex = line.split(|&b| b == b';').next().unwrap_or(&[]);
+                                let hex = std::str::from_utf8(hex).map_err(|_| ())?.trim();
+                                let size = u64::from_str_radix(hex, 16).map_err(|_| ())?;
+                                s.chunk = if size == 0 {
+                                    Chunk::Trailer
+                                } else {
+                                    Chunk::Data(size)
+                                };
+                            }
+                            Chunk::DataEnd => {
+                                if !line.is_empty() {
+                                    return Err(());
+                                }
+                                s.chunk = Chunk::Size;
+                            }
+                            _ => {
+                                if line.is_empty() {
+                                    s.chunk = Chunk::Size;
+                                    s.framing = Framing::None;
+                                    return Ok(true);
+                                }
+                            }
+                        }
+                    }
+                    Chunk::Data(n) => {
+                        if s.buf.is_empty() {
+                            return Ok(false);
+                        }
+                        let take = (n as usize).min(s.buf.len());
+                        keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
+                        s.buf.drain(..take);
+                        s.chunk = if n - take as u64 == 0 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(n - take as u64)
+                        };
+                    }
+                },
+            }
+        }
+    }
+
+    fn feed_client(&mut self, ts: u64) {
+        loop {
+            match self.req.state {
+                State::Lost => {
+                    self.req.buf.clear();
+                    return;
+                }
+                State::Head => {
+                    // Stray CRLFs between requests are allowed (RFC 9112 §2.2).
+                    while self.req.buf.starts_with(b"\r\n") {
+                        self.req.buf.drain(..2);
+                    }
+                    if self.req.buf.is_empty() {
+                        return;
+                    }
+                    let Some(end) = find(&self.req.buf, b"\r\n\r\n") else {
+                        if self.req.buf.len() > MAX_HEAD {
+                            self.lose(Side::Client);
+                        }
+                        return;
+                    };
+                    let head: Vec<u8> = self.req.buf.drain(..end + 4).collect();
+                    let Some((start, headers)) = parse_head(&head[..end]) else {
+                        self.lose(Side::Client);
+                        return;
+                    };
+                    let mut parts = start.splitn(3, ' ');
+                    let (Some(method), Some(target), Some(version)) =
+                        (parts.next(), parts.next(), parts.next())
+                    else {
+                        self.lose(Side::Client);
+                        return;
+                    };
+                    if !version.starts_with("HTTP/1.")
+                        || !method.bytes().all(|b| b.is_ascii_uppercase())
+                    {
+                        self.lose(Side::Client);
+                        return;
+                    }
+                    let framing = if is_chunked(&headers) {
+                        Framing::Chunked
+                    } else {
+                        match content_length(&headers) {
+                            Ok(Some(n)) => Framing::Length(n),
+                            Ok(None) => Framing::None,
+                            Err(()) => {
+                                self.lose(Side::Client);
+                                return;
+                            }
+                        }
+                    };
+                    if self.pending.len() >= MAX_PENDING {
+                        self.pending.pop_front();
+                        self.unparsed += 1;
+                    }
+                    self.pending.push_back(Request {
+                        method: method.to_string(),
+                        target: target.to_string(),
+                        headers,
+                        body: Vec::new(),
+                        body_complete: true,
+                        start_ts: self.req.first_ts,
+                        complete: false,
+                    });
+                    self.req.framing = framing;
+                    self.req.chunk = Chunk::Size;
+                    self.req.state = State::Body;
+                }
+                State::Body => match self.body(Side::Client) {
+                    Ok(true) => {
+                        let body = std::mem::take(&mut self.req.body);
+                        let complete = std::mem::replace(&mut self.req.body_complete, true);
+                        if let Some(r) = self.pending.back_mut() {
+                            r.body = body;
+                            r.body_complete = complete;
+                            r.complete = true;
+                        }
+                        self.req.state = State::Head;
+                        self.req.first_ts = ts;
+                        if self.req.buf.is_empty() {
+                            return;
+                        }
+                    }
+                    Ok(false) => return,
+                    Err(()) => {
+                        self.lose(Side::Client);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    fn feed_server(&mut self, ts: u64, out: &mut Vec<Op>) {
+        loop {
+            match self.resp.state {
+                State::Lost => {
+                    self.resp.buf.clear();
+                    return;
+                }
+                State::Head => {
+                    if self.resp.buf.is_empty() {
+                        return;
+                    }
+                    let Some(end) = find(&self.resp.buf, b"\r\n\r\n") else {
+                        if self.resp.buf.len() > MAX_HEAD {
+                            self.lose(Side::Server);
+                        }
+                        return;
+                    };
+                    let head: Vec<u8> = self.resp.buf.drain(..end + 4).collect();
+                    let Some((start, headers)) = parse_head(&head[..end]) else {
+                        self.lose(Side::Server);
+                        return;
+                    };
+                    let mut parts = start.splitn(3, ' ');
+                    let version = parts.next().unwrap_or("");
+                    let code: Option<u16> = parts.next().and_then(|c| c.parse().ok());
+                    let reason = parts.next().unwrap_or("").to_string();
+                    let Some(code) = code.filter(|c| (100..1000).contains(c)) else {
+                        self.lose(Side::Server);
+                        return;
+                    };
+                    if !version.starts_with("HTTP/1.") {
+                        self.lose(Side::Server);
+                        return;
+                    }
+                    if code == 101 {
+                        // Switching Protocols (WebSocket …): what follows is not HTTP.
+                        if let Some(req) = self.pending.pop_front() {
+                            let resp = Response {
+                                code,
+                                reason,
+                                headers,
+                            };
+                            out.push(self.op(req, Some((resp, Vec::new(), true)), ts));
+                        }
+                        self.req.state = State::Lost;
+                        self.resp.state = State::Lost;
+                        self.req.buf.clear();
+                        self.resp.buf.clear();
+                        return;
+                    }
+                    if (100..200).contains(&code) {
+                        // Interim response (100 Continue, 103 Early Hints): the final one follows.
+                        continue;
+                    }
+                    let Some(req) = self.pending.pop_front() else {
+                        // A response to a request we never saw (watching began mid-stream).
+                        self.lose(Side::Server);
+                        return;
+                    };
+                    let no_body = req.method == "HEAD" || code == 204 || code == 304;
+                    let connect_ok = req.method == "CONNECT" && (200..300).contains(&code);
+                    let framing = if no_body || connect_ok {
+                        Framing::None
+                    } else if is_chunked(&headers) {
+                        Framing::Chunked
+                    } else {
+                        match content_length(&headers) {
+                            Ok(Some(n)) => Framing::Length(n),
+                            Ok(None) => Framing::Close,
+                            Err(()) => {
+                                self.lose(Side::Server);
+                                return;
+                            }
+                        }
+                    };
+                    self.answering = Some((
+                        req,
+                        Response {
+                            code,
+                            reason,
+                            headers,
+                        },
+                    ));
+                    self.resp.framing = framing;
+                    self.resp.chunk = Chunk::Size;
+                    self.resp.state = State::Body;
+                    if connect_ok {
+                        self.finish_response(ts, out);
+                        self.req.state = State::Lost;
+                        self.resp.state = State::Lost;
+                        return;
+                    }
+                }
+                State::Body => match self.body(Side::Server) {
+                    Ok(true) => {
+                        self.finish_response(ts, out);
+                        self.resp.first_ts = ts;
+                        if self.resp.buf.is_empty() {
+                            return;
+                        }
+                    }
+                    Ok(false) => return,
+                    Err(()) => {
+                        self.answering = None;
+                        self.lose(Side::Server);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Appends to a body kept up to `max` bytes, noting when bytes are cut.
+fn keep(body: &mut Vec<u8>, data: &[u8], max: usize, complete: &mut bool) {
+    let room = max.saturating_sub(body.len());
+    if data.len() > room {
+        *complete = false;
+    }
+    body.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Start line and header fields of a message head (without the final CRLFCRLF).
+fn parse_head(head: &[u8]) -> Option<(String, Vec<(String, String)>)> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let start = lines.next()?.to_string();
+    let mut headers = Vec::new();
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
+            return None;
+        }
+        headers.push((name.to_string(), value.trim().to_string()));
+    }
+    Some((start, headers))
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+fn is_chunked(headers: &[(String, String)]) -> bool {
+    header(headers, "transfer-encoding")
+        .map(|v| {
+            v.split(',')
+                .any(|c| c.trim().eq_ignore_ascii_case("chunked"))
+        })
+        .unwrap_or(false)
+}
+
+/// Content-Length; conflicting values are an error (RFC 9112 §6.3).
+fn content_length(headers: &[(String, String)]) -> Result<Option<u64>, ()> {
+    let mut found: Option<u64> = None;
+    for (n, v) in headers {
+        if n.eq_ignore_ascii_case("content-length") {
+            let len: u64 = v.trim().parse().map_err(|_| ())?;
+            if found.is_some_and(|f| f != len) {
+                return Err(());
+            }
+            found = Some(len);
+        }
+    }
+    Ok(found)
 }
 
 impl Parser for HttpParser {
     fn protocol(&self) -> Protocol {
         Protocol::Http
     }
-    fn feed(&mut self, _side: Side, _data: &[u8], _ts: u64, _out: &mut Vec<Op>) {}
-    fn gap(&mut self, _side: Side, _n: u64, _ts: u64, _out: &mut Vec<Op>) {}
-    fn close(&mut self, _ts: u64, _out: &mut Vec<Op>) {}
+
+    fn feed(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        let max = self.cfg.max_buffer;
+        let s = match side {
+            Side::Client => &mut self.req,
+            Side::Server => &mut self.resp,
+        };
+        if s.state == State::Lost {
+            return;
+        }
+        if s.state == State::Head && s.buf.is_empty() {
+            s.first_ts = ts;
+        }
+        if s.buf.len() + data.len() > max {
+            self.lose(side);
+            return;
+        }
+        s.buf.extend_from_slice(data);
+        match side {
+            Side::Client => self.feed_client(ts),
+            Side::Server => self.feed_server(ts, out),
+        }
+    }
+
+    fn gap(&mut self, side: Side, n: u64, ts: u64, out: &mut Vec<Op>) {
+        let s = match side {
+            Side::Client => &mut self.req,
+            Side::Server => &mut self.resp,
+        };
+        // Only bytes inside a body of known length can be skipped; anything else loses
+        // the message boundaries.
+        let skippable = s.state == State::Body && s.buf.is_empty();
+        match (skippable, s.framing, s.chunk) {
+            (true, Framing::Length(left), _) if n <= left => {
+                s.body_complete = false;
+                s.framing = Framing::Length(left - n);
+            }
+            (true, Framing::Chunked, Chunk::Data(left)) if n <= left => {
+                s.body_complete = false;
+                s.chunk = if left == n {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n)
+                };
+            }
+            (true, Framing::Close, _) => s.body_complete = false,
+            _ => {
+                self.lose(side);
+                return;
+            }
+        }
+        match side {
+            Side::Client => self.feed_client(ts),
+            Side::Server => self.feed_server(ts, out),
+        }
+    }
+
+    fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
+        if self.resp.state == State::Body && self.resp.framing == Framing::Close {
+            self.finish_response(ts, out);
+        } else if let Some((req, resp)) = self.answering.take() {
+            let body = std::mem::take(&mut self.resp.body);
+            out.push(self.op(req, Some((resp, body, false)), ts));
+        }
+        while let Some(req) = self.pending.pop_front() {
+            out.push(self.op(req, None, ts));
+        }
+    }
+
     fn unparsed(&self) -> u64 {
         self.unparsed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pieces: &[(Side, &[u8])]) -> (Vec<Op>, u64) {
+        let mut p = HttpParser::new(ParserConfig::default());
+        let mut out = Vec::new();
+        for (i, (side, data)) in pieces.iter().enumerate() {
+            p.feed(*side, data, i as u64 + 1, &mut out);
+        }
+        p.close(1000, &mut out);
+        (out, p.unparsed())
+    }
+
+    fn bytewise(pieces: &[(Side, &[u8])]) -> Vec<Op> {
+        let mut p = HttpParser::new(ParserConfig::default());
+        let mut out = Vec::new();
+        for (side, data) in pieces {
+            for b in data.iter() {
+                p.feed(*side, std::slice::from_ref(b), 1, &mut out);
+            }
+        }
+        p.close(1000, &mut out);
+        out
+    }
+
+    const REQ: &[u8] = b"POST /v1/chat HTTP/1.1\r\nHost: api.example\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"q\":\"hello\"}";
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\":\"hi\"}\n";
+
+    #[test]
+    fn request_pairs_with_its_response_with_headers_and_bodies() {
+        let (ops, unparsed) = run(&[(Side::Client, REQ), (Side::Server, RESP)]);
+        assert_eq!(unparsed, 0);
+        assert_eq!(ops.len(), 1);
+        let op = &ops[0];
+        assert_eq!(op.name, "POST");
+        assert_eq!(op.attributes["http.method"], "POST");
+        assert_eq!(op.attributes["http.target"], "/v1/chat");
+        assert_eq!(op.attributes["http.host"], "api.example");
+        assert_eq!(op.attributes["http.status_code"], 200);
+        assert_eq!(op.request_body.as_deref(), Some(&b"{\"q\":\"hello\"}"[..]));
+        assert_eq!(op.response_body.as_deref(), Some(&b"{\"a\":\"hi\"}\n"[..]));
+        assert_eq!((op.start_ts, op.end_ts), (1, 2));
+        assert_eq!(op.status, StatusCode::Unset);
+        assert_eq!(
+            bytewise(&[(Side::Client, REQ), (Side::Server, RESP)]).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn pipelined_requests_pair_in_order() {
+        let reqs = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\nHEAD /c HTTP/1.1\r\nHost: h\r\n\r\n";
+        let resps = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nbHTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
+        let (ops, _) = run(&[(Side::Client, reqs), (Side::Server, resps)]);
+        let got: Vec<(String, u64)> = ops
+            .iter()
+            .map(|o| {
+                (
+                    o.attributes["http.target"].as_str().unwrap().to_string(),
+                    o.attributes["http.status_code"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("/a".into(), 200), ("/b".into(), 404), ("/c".into(), 200)]
+        );
+        assert_eq!(ops[1].status, StatusCode::Error);
+        assert_eq!(
+            ops[1].status_description.as_deref(),
+            Some("HTTP 404 Not Found")
+        );
+        assert_eq!(ops[0].response_body.as_deref(), Some(&b"a"[..]));
+        assert_eq!(ops[2].response_body, None, "HEAD has no body");
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_in_any_pieces() {
+        let req = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let resp = b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nboom\r\n0\r\n\r\n";
+        for ops in [
+            run(&[(Side::Client, req), (Side::Server, resp)]).0,
+            bytewise(&[(Side::Client, req), (Side::Server, resp)]),
+        ] {
+            assert_eq!(ops.len(), 1);
+            assert_eq!(ops[0].request_body.as_deref(), Some(&b"hello world"[..]));
+            assert_eq!(ops[0].response_body.as_deref(), Some(&b"boom"[..]));
+            assert_eq!(ops[0].status, StatusCode::Error);
+        }
+    }
+
+    #[test]
+    fn close_delimited_body_ends_at_close() {
+        let (ops, _) = run(&[
+            (Side::Client, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"),
+            (Side::Server, b"HTTP/1.0 200 OK\r\n\r\nall of it"),
+        ]);
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].response_body.as_deref(), Some(&b"all of it"[..]));
+        assert_eq!(ops[0].end_ts, 1000);
+    }
+
+    #[test]
+    fn continue_then_final_response_and_no_body_statuses() {
+        let req =
+            b"PUT /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n";
+        let (ops, _) = run(&[
+            (Side::Client, req),
+            (Side::Server, b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (Side::Client, b"abc"),
+            (Side::Server, b"HTTP/1.1 204 No Content\r\n\r\n"),
+            (Side::Client, b"GET /y HTTP/1.1\r\nHost: h\r\n\r\n"),
+            (
+                Side::Server,
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+            ),
+        ]);
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[0].attributes["http.status_code"], 204);
+        assert_eq!(ops[0].request_body.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(ops[1].attributes["http.status_code"], 304);
+    }
+
+    #[test]
+    fn upgrade_makes_the_rest_opaque() {
+        let (ops, unparsed) = run(&[
+            (
+                Side::Client,
+                b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            ),
+            (
+                Side::Server,
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+            ),
+            (Side::Client, b"\x81\x85garbage frames"),
+        ]);
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].attributes["http.status_code"], 101);
+        assert_eq!(unparsed, 0);
+    }
+
+    #[test]
+    fn a_gap_inside_a_body_is_skipped_and_marked() {
+        let mut p = HttpParser::new(ParserConfig::default());
+        let mut out = Vec::new();
+        p.feed(
+            Side::Client,
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\nabc",
+            1,
+            &mut out,
+        );
+        p.gap(Side::Client, 997, 1, &mut out);
+        p.feed(
+            Side::Client,
+            b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n",
+            2,
+            &mut out,
+        );
+        p.feed(Side::Server, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 3, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].attributes["http.request_body_truncated"], true);
+        assert_eq!(out[1].attributes["http.target"], "/next");
+    }
+
+    #[test]
+    fn garbage_is_counted_not_panicked_on() {
+        let (ops, unparsed) = run(&[
+            (Side::Client, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            (Side::Server, b"\x00\x01garbage\r\n\r\n"),
+        ]);
+        assert!(unparsed >= 1);
+        assert!(ops.is_empty());
+        let (_, unparsed) = run(&[(
+            Side::Client,
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        )]);
+        assert_eq!(unparsed, 1, "conflicting Content-Length");
+    }
+
+    #[test]
+    fn bodies_are_kept_up_to_the_limit() {
+        let mut p = HttpParser::new(ParserConfig {
+            max_body: 4,
+            ..Default::default()
+        });
+        let mut out = Vec::new();
+        p.feed(
+            Side::Client,
+            b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789",
+            1,
+            &mut out,
+        );
+        p.feed(
+            Side::Server,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            2,
+            &mut out,
+        );
+        assert_eq!(out[0].request_body.as_deref(), Some(&b"0123"[..]));
+        assert_eq!(out[0].attributes["http.request_body_truncated"], true);
     }
 }

@@ -26,8 +26,13 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] =
-        [Protocol::Http, Protocol::Postgres, Protocol::Mysql, Protocol::Redis, Protocol::Mongo];
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Http,
+        Protocol::Postgres,
+        Protocol::Mysql,
+        Protocol::Redis,
+        Protocol::Mongo,
+    ];
 
     /// `db.system` of the SDK's database spans.
     pub fn db_system(self) -> Option<&'static str> {
@@ -103,7 +108,11 @@ pub struct ParserConfig {
 
 impl Default for ParserConfig {
     fn default() -> Self {
-        Self { max_body: 64 * 1024, max_statement: 4096, max_buffer: 1 << 20 }
+        Self {
+            max_body: 64 * 1024,
+            max_statement: 4096,
+            max_buffer: 1 << 20,
+        }
     }
 }
 
@@ -172,16 +181,30 @@ pub fn truncate_statement(s: &str, max: usize) -> String {
 /// piece sizes, the rest is split into alternating client and server pieces (with an
 /// occasional gap) and fed to a fresh parser. Must never panic.
 pub fn fuzz_one(protocol: Protocol, input: &[u8]) -> usize {
-    let Some((&seed, rest)) = input.split_first() else { return 0 };
-    let cfg = ParserConfig { max_body: 4096, max_statement: 256, max_buffer: 64 * 1024 };
+    let Some((&seed, rest)) = input.split_first() else {
+        return 0;
+    };
+    let cfg = ParserConfig {
+        max_body: 4096,
+        max_statement: 256,
+        max_buffer: 64 * 1024,
+    };
     let mut p = new_parser(protocol, &cfg);
     let mut out = Vec::new();
     let mut pos = 0;
     let mut i = 0u64;
     while pos < rest.len() {
-        let size = 1 + ((seed as usize).wrapping_mul(31).wrapping_add(i as usize * 7) % 97);
+        let size = 1
+            + ((seed as usize)
+                .wrapping_mul(31)
+                .wrapping_add(i as usize * 7)
+                % 97);
         let end = (pos + size).min(rest.len());
-        let side = if (seed >> (i % 8)) & 1 == 0 { Side::Client } else { Side::Server };
+        let side = if (seed >> (i % 8)) & 1 == 0 {
+            Side::Client
+        } else {
+            Side::Server
+        };
         if seed % 13 == 0 && i % 5 == 4 {
             p.gap(side, size as u64, i, &mut out);
         } else {
@@ -201,7 +224,10 @@ mod tests {
 
     #[test]
     fn detection_is_by_content() {
-        assert_eq!(detect(Side::Client, b"GET / HTTP/1.1\r\n"), Some(Protocol::Http));
+        assert_eq!(
+            detect(Side::Client, b"GET / HTTP/1.1\r\n"),
+            Some(Protocol::Http)
+        );
         assert_eq!(detect(Side::Client, b"hello"), None);
     }
 
@@ -215,7 +241,9 @@ mod tests {
     fn fuzz_driver_survives_noise() {
         for p in Protocol::ALL {
             for n in 0..64u8 {
-                let input: Vec<u8> = (0..300u32).map(|i| (i as u8).wrapping_mul(n).wrapping_add(n)).collect();
+                let input: Vec<u8> = (0..300u32)
+                    .map(|i| (i as u8).wrapping_mul(n).wrapping_add(n))
+                    .collect();
                 fuzz_one(p, &input);
             }
         }

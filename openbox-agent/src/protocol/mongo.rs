@@ -14,7 +14,10 @@ pub struct MongoParser {
 
 impl MongoParser {
     pub fn new(cfg: ParserConfig) -> Self {
-        Self { _cfg: cfg, unparsed: 0 }
+        Self {
+            _cfg: cfg,
+            unparsed: 0,
+        }
     }
 }
 

@@ -14,7 +14,10 @@ pub struct MysqlParser {
 
 impl MysqlParser {
     pub fn new(cfg: ParserConfig) -> Self {
-        Self { _cfg: cfg, unparsed: 0 }
+        Self {
+            _cfg: cfg,
+            unparsed: 0,
+        }
     }
 }
 

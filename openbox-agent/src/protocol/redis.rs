@@ -14,7 +14,10 @@ pub struct RedisParser {
 
 impl RedisParser {
     pub fn new(cfg: ParserConfig) -> Self {
-        Self { _cfg: cfg, unparsed: 0 }
+        Self {
+            _cfg: cfg,
+            unparsed: 0,
+        }
     }
 }
 

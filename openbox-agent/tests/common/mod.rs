@@ -352,7 +352,7 @@ pub fn run_agent<S: AsRef<OsStr>>(
 /// `openbox-agent trace --json -- COMMAND...`; the run must succeed and end with a
 /// summary record.
 pub fn trace(env: &TestEnv, name: &str, command: &[String]) -> Trace {
-    let mut args: Vec<String> = vec!["trace".into(), "--json".into(), "--".into()];
+    let mut args: Vec<String> = vec!["trace".into(), "--json".into(), "--raw".into(), "--".into()];
     args.extend(command.iter().cloned());
     let (status, stdout, stderr, saved) = run_agent(env, name, &args);
     assert!(
