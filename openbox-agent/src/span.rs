@@ -515,7 +515,7 @@ impl SpanBuilder {
         let mut m = Map::new();
         for (name, value) in headers {
             let name = name.to_ascii_lowercase();
-            let value = if self.cfg.redact_headers.iter().any(|r| *r == name) {
+            let value = if self.cfg.redact_headers.contains(&name) {
                 "[REDACTED]".to_string()
             } else {
                 value.clone()
@@ -563,6 +563,7 @@ fn direction_idx(d: &Direction) -> usize {
 }
 
 /// Routes one data segment to the connection's parser, detecting the protocol first.
+#[expect(clippy::too_many_arguments, reason = "the fields of one data record")]
 fn feed(
     c: &mut ConnState,
     cfg: &ParserConfig,
