@@ -4,11 +4,11 @@
 //! pairs on an AF_UNIX socketpair, open+read+close of a 100-byte file in /tmp) under
 //! three conditions, interleaved over several rounds:
 //! - baseline: no agent;
-//! - unwatched: `openbox-agent trace --json --pid <idle sleep>` running, so every
+//! - unwatched: `openbox-agent trace --json [--raw] --pid <idle sleep>` running, so every
 //!   program is attached but the loop process is filtered out by the watched-map lookup;
 //! - watched: `openbox-agent trace --json -- syscall_loop <loop>` (one agent run per loop,
-//!   so each gets its own summary), its stdout drained into a pipe and thrown away
-//!   except for the last line, the summary.
+//!   so each gets its own summary), its stdout drained through a pipe and thrown away
+//!   except for the last line (the summary, which span output puts on stderr instead).
 //!
 //! Each syscall_loop run reports, per loop, the median of its timed batches; the table
 //! shows the median of those over the rounds.
@@ -52,8 +52,17 @@ pub fn run(agent: &Path, iterations: u64) -> Result<()> {
         "--example",
         "syscall_loop",
     ]))?;
+    // `trace --json` prints spans when the agent has a span mode (the summary then goes
+    // to stderr, without the probe-hit counters); `--raw` brings back the records and
+    // the full summary, which the unwatched run uses to check the agent was attached.
+    let help = Command::new(agent)
+        .args(["trace", "--help"])
+        .output()
+        .with_context(|| format!("could not run {}", agent.display()))?;
+    let has_raw = String::from_utf8_lossy(&help.stdout).contains("--raw");
     let bench = Bench {
         agent: agent.to_path_buf(),
+        has_raw,
         loop_bin: root.join("target/release/examples/syscall_loop"),
         iterations,
         out: std::env::temp_dir().join(format!("openbox-bench-{}.json", std::process::id())),
@@ -63,7 +72,9 @@ pub fn run(agent: &Path, iterations: u64) -> Result<()> {
     result
 }
 
-/// ns per iteration of one loop in one run, and the watched agent's summary line.
+/// One syscall_loop result: loop, median ns per iteration, iterations run (with warm-up).
+type LoopResult = (&'static str, f64, u64);
+/// Per (loop, condition), the ns per iteration of each run.
 type Runs = BTreeMap<(&'static str, Cond), Vec<f64>>;
 /// Per loop, each watched run's iterations (with warm-up) and agent summary line.
 type Summaries = BTreeMap<&'static str, Vec<(u64, String)>>;
@@ -77,6 +88,8 @@ enum Cond {
 
 struct Bench {
     agent: PathBuf,
+    /// The agent takes `trace --raw` (records instead of spans).
+    has_raw: bool,
     loop_bin: PathBuf,
     iterations: u64,
     out: PathBuf,
@@ -88,6 +101,11 @@ impl Bench {
         println!(
             "bench: {} iterations per loop, {ROUNDS} rounds of baseline / unwatched / watched",
             self.iterations
+        );
+        println!(
+            "  unwatched: `{} --pid <sleep>`; watched: `trace --json -- syscall_loop <loop>`{}, stdout drained",
+            if self.has_raw { "trace --json --raw" } else { "trace --json" },
+            if self.has_raw { " (span output)" } else { "" },
         );
         let mut runs: Runs = BTreeMap::new();
         let mut summaries: Summaries = BTreeMap::new();
@@ -147,7 +165,7 @@ impl Bench {
     }
 
     /// (loop, median ns per iteration, iterations run including the warm-up).
-    fn results(&self) -> Result<Vec<(&'static str, f64, u64)>> {
+    fn results(&self) -> Result<Vec<LoopResult>> {
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("syscall_loop wrote no results to {}", self.out.display()))?;
         let mut out = Vec::new();
@@ -166,13 +184,13 @@ impl Bench {
         Ok(out)
     }
 
-    fn baseline(&self) -> Result<Vec<(&'static str, f64, u64)>> {
+    fn baseline(&self) -> Result<Vec<LoopResult>> {
         crate::run(&mut self.loop_cmd(false, &[]))?;
         self.results()
     }
 
     /// Agent attached and watching an idle `sleep`; the loops run outside it.
-    fn unwatched(&self) -> Result<(Vec<(&'static str, f64, u64)>, String)> {
+    fn unwatched(&self) -> Result<(Vec<LoopResult>, String)> {
         let sleep = Proc::spawn(
             "sleep 600",
             Command::new("sleep").arg("600").stdin(Stdio::null()),
@@ -181,7 +199,9 @@ impl Bench {
         let mut agent = Proc::spawn(
             "agent (unwatched)",
             Command::new(&self.agent)
-                .args(["trace", "--json", "--pid", &sleep.child.id().to_string()])
+                .args(["trace", "--json"])
+                .args(self.has_raw.then_some("--raw"))
+                .args(["--pid", &sleep.child.id().to_string()])
                 .stdin(Stdio::null()),
             true,
         )?;
@@ -200,8 +220,8 @@ impl Bench {
         let summary = agent.summary()?;
         // Every syscall of the loops must have reached the agent's (unwatched) filter.
         let loop_syscalls: u64 = LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum();
-        let hits = json_num(&summary, "unwatched_hits").unwrap_or(0.0) as u64;
-        if hits < loop_syscalls {
+        let hits = json_num(&summary, "unwatched_hits").map(|h| h as u64);
+        if let Some(hits) = hits.filter(|&h| h < loop_syscalls) {
             println!(
                 "  warning: the unwatched agent saw {hits} unwatched hits, fewer than the loops' {loop_syscalls} syscalls: was it attached in time?"
             );
@@ -301,26 +321,33 @@ impl Bench {
             } else {
                 0.0
             };
+            // Counters only some output modes of the agent report.
+            let extra: String = [
+                "map_full",
+                "captured_bytes",
+                "watched_hits",
+                "unrecognised_connections",
+            ]
+            .iter()
+            .filter(|k| s.iter().any(|(_, l)| json_num(l, k).is_some()))
+            .map(|k| format!("  {k} {:.0}", m(k)))
+            .collect();
             println!(
-                "  {:<30} events {:>9.0} ({per_iter:.2}/iter)  ringbuf_drops {:>9.0} ({lost:.1}% lost)  map_full {:.0}  captured_bytes {:.0}  watched_hits {:.0}",
-                label,
-                events,
-                drops,
-                m("map_full"),
-                m("captured_bytes"),
-                m("watched_hits")
+                "  {:<30} events {:>9.0} ({per_iter:.2}/iter)  ringbuf_drops {:>9.0} ({lost:.1}% lost){extra}",
+                label, events, drops,
             );
         }
-        let hits = median(
-            unwatched
-                .iter()
-                .filter_map(|l| json_num(l, "unwatched_hits"))
-                .collect(),
-        );
-        println!(
-            "unwatched agent: median {hits:.0} unwatched probe hits per run (the loops make {} syscalls)",
-            LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum::<u64>()
-        );
+        let hits: Vec<f64> = unwatched
+            .iter()
+            .filter_map(|l| json_num(l, "unwatched_hits"))
+            .collect();
+        if !hits.is_empty() {
+            println!(
+                "unwatched agent: median {:.0} unwatched probe hits per run (the loops make {} syscalls)",
+                median(hits),
+                LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum::<u64>()
+            );
+        }
     }
 }
 
@@ -423,17 +450,22 @@ impl Proc {
         }
     }
 
-    /// The agent's closing summary line (call after `wait`).
+    /// The agent's closing summary line (call after `wait`): the last line of stdout,
+    /// or, when stdout holds spans (`--json` without `--raw`), a line of stderr.
     fn summary(&self) -> Result<String> {
-        let line = self.last_line.lock().unwrap().clone();
-        if !line.contains("\"type\":\"summary\"") {
-            bail!(
-                "{}: last output line is not the summary: {line:?}; stderr: {}",
-                self.name,
-                self.stderr_text()
-            );
+        let is_summary = |l: &str| l.contains("\"type\":\"summary\"");
+        let last = self.last_line.lock().unwrap().clone();
+        if is_summary(&last) {
+            return Ok(last);
         }
-        Ok(line)
+        let stderr = self.stderr_text();
+        match stderr.lines().rev().find(|l| is_summary(l)) {
+            Some(line) => Ok(line.to_string()),
+            None => bail!(
+                "{}: no summary line (last stdout line {last:?}; stderr: {stderr})",
+                self.name
+            ),
+        }
     }
 
     fn stderr_text(&self) -> String {

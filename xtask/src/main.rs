@@ -5,6 +5,7 @@
 
 mod bench;
 mod env;
+mod fuzz;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -41,6 +42,13 @@ enum Task {
     },
     /// Install the test environment only (Debian packages, Python virtualenv).
     SetupEnv,
+    /// Fuzz the protocol parsers (cargo-fuzz, nightly), each target for --seconds.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets (http, postgres, mysql, redis, mongo); all when none is given.
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +60,7 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Bench { iterations } => bench(iterations),
         Task::SetupEnv => env::setup().map(|_| ()),
+        Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
     }
 }
 
