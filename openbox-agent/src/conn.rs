@@ -28,20 +28,24 @@ pub trait ProcEnv {
 /// What the caller must do to the kernel state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Stop copying payload for this descriptor (TLS ciphertext).
-    NoPayload(Pid, i32),
-    /// Stop reporting this descriptor (a noise path).
-    Ignore(Pid, i32),
-    /// Forget these descriptors in the kernel (process exited).
-    ForgetFds(Pid, Vec<i32>),
+    /// Stop copying payload for this incarnation (generation) of a descriptor: TLS
+    /// ciphertext.
+    NoPayload(Pid, i32, u64),
+    /// Stop reporting this incarnation of a descriptor: a noise path.
+    Quiet(Pid, i32, u64),
+    /// The descriptor closed: drop the flags set on that incarnation.
+    ClearFlags(Pid, i32, u64),
+    /// Forget these descriptors in the kernel unless recreated after `before` (the
+    /// process exited).
+    ForgetFds { pid: Pid, fds: Vec<i32>, before: u64 },
     /// A TLS library was opened: attach uprobes to it, then resume `paused` if set.
     AttachTls {
         pid: Pid,
         path: String,
         paused: bool,
     },
-    /// The process replaced its image: re-read its descriptors and libraries.
-    Resync(Pid),
+    /// The process replaced its image at `at`: re-read its descriptors and libraries.
+    Resync { pid: Pid, at: u64 },
     /// A new child process: seed the descriptors it inherited.
     Seed(Pid),
     /// The process exited: remove it from the watched set.
@@ -175,6 +179,10 @@ struct Conn {
     sock_bytes: [u64; 2],
     /// A connect/accept record was printed for it.
     announced: bool,
+    /// Generation of the descriptor in the kernel's table, when known.
+    gen: Option<u64>,
+    /// Flags were set on that generation (to clear at close).
+    flagged: bool,
 }
 
 #[derive(Debug)]
@@ -184,6 +192,7 @@ struct File {
     ignored: bool,
     bytes: [u64; 2],
     calls: [u64; 2],
+    gen: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -301,7 +310,7 @@ impl Tracker {
         }
     }
 
-    fn new_conn(&mut self, key: FdKey, peer: Option<Addr>) -> &mut Conn {
+    fn new_conn(&mut self, key: FdKey, peer: Option<Addr>, gen: Option<u64>) -> &mut Conn {
         self.next_conn += 1;
         let id = format!("{}:{}:{}", key.0, key.1, self.next_conn);
         self.conns.insert(
@@ -314,19 +323,25 @@ impl Tracker {
                 streams: Default::default(),
                 sock_bytes: [0; 2],
                 announced: false,
+                gen,
+                flagged: false,
             },
         );
         self.conns.get_mut(&key).unwrap()
     }
 
     /// Registers a descriptor that existed before watching began (from /proc).
-    pub fn seed_socket(&mut self, pid: Pid, fd: i32, peer: Option<Addr>) {
+    pub fn seed_socket(&mut self, pid: Pid, fd: i32, peer: Option<Addr>, gen: u64) {
         if !self.conns.contains_key(&(pid, fd)) {
-            self.new_conn((pid, fd), peer);
+            self.new_conn((pid, fd), peer, Some(gen));
         }
     }
 
-    pub fn seed_file(&mut self, pid: Pid, fd: i32, path: String) -> bool {
+    /// Registers a file open before watching began; false when it is a noise path.
+    pub fn seed_file(&mut self, pid: Pid, fd: i32, path: String, gen: u64) -> bool {
+        if let Some(f) = self.files.get(&(pid, fd)) {
+            return !f.ignored;
+        }
         let ignored = self.skip.skips(&path);
         self.files.insert(
             (pid, fd),
@@ -336,9 +351,15 @@ impl Tracker {
                 ignored,
                 bytes: [0; 2],
                 calls: [0; 2],
+                gen: Some(gen),
             },
         );
         !ignored
+    }
+
+    /// A descriptor that vanished without close() (exec closed it): report it closed.
+    pub fn close_vanished(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>, actions: &mut Vec<Action>) {
+        self.close(pid, fd, ts, out, actions);
     }
 
     /// Descriptors the tracker knows for a process.
@@ -372,7 +393,7 @@ impl Tracker {
                     Addr::Unknown(_) => remote,
                     a => Some(a.clone()),
                 };
-                let conn = self.new_conn((pid, c.fd), peer.clone());
+                let conn = self.new_conn((pid, c.fd), peer.clone(), Some(ts));
                 conn.announced = true;
                 out.push(Record::Connect {
                     ts,
@@ -386,15 +407,15 @@ impl Tracker {
                 });
             }
             Body::Socket(c) => {
-                self.new_conn((pid, c.fd), None);
+                self.new_conn((pid, c.fd), None, Some(ts));
                 if c.ret >= 0 {
                     // socketpair: the second end.
-                    self.new_conn((pid, c.ret), None);
+                    self.new_conn((pid, c.ret), None, Some(ts));
                 }
             }
             Body::SockData(d) => self.sock_data(&ev, d, env, out, actions),
             Body::TlsData(d) => self.tls_data(&ev, d.clone(), out),
-            Body::Close { fd } => self.close(pid, *fd, ts, out),
+            Body::Close { fd } => self.close(pid, *fd, ts, out, actions),
             Body::FileOpen(f) => {
                 let path = self.resolve(pid, f.dirfd, &f.path, env);
                 let paused = h.flags & FLAG_PAUSED != 0;
@@ -413,7 +434,7 @@ impl Tracker {
                 let mode = open_mode(f.open_flags);
                 let ignored = self.skip.skips(&path);
                 if ignored {
-                    actions.push(Action::Ignore(pid, f.fd));
+                    actions.push(Action::Quiet(pid, f.fd, ts));
                 } else {
                     out.push(Record::FileOpen {
                         ts,
@@ -431,6 +452,7 @@ impl Tracker {
                         ignored,
                         bytes: [0; 2],
                         calls: [0; 2],
+                        gen: Some(ts),
                     },
                 );
             }
@@ -459,7 +481,7 @@ impl Tracker {
                     comm: p.comm.clone(),
                 });
                 // Descriptors with O_CLOEXEC vanished without close(): re-read them.
-                actions.push(Action::Resync(pid));
+                actions.push(Action::Resync { pid, at: ts });
             }
             Body::Fork(p) => {
                 out.push(Record::Fork {
@@ -473,7 +495,7 @@ impl Tracker {
                 self.flush_pending(pid, out);
                 let fds = self.fds_of(pid);
                 for fd in &fds {
-                    self.close(pid, *fd, ts, out);
+                    self.close(pid, *fd, ts, out, actions);
                 }
                 self.threads.retain(|(p, _), _| *p != pid);
                 self.ssl_links.retain(|(p, _), _| *p != pid);
@@ -482,7 +504,7 @@ impl Tracker {
                     pid,
                     comm: p.comm.clone(),
                 });
-                actions.push(Action::ForgetFds(pid, fds));
+                actions.push(Action::ForgetFds { pid, fds, before: ts });
                 actions.push(Action::Unwatch(pid));
             }
         }
@@ -519,7 +541,8 @@ impl Tracker {
         let key = (h.tgid, d.fd);
         if !self.conns.contains_key(&key) {
             let (_, remote) = env.socket_addrs(h.tgid, d.fd);
-            self.new_conn(key, remote);
+            // Its generation is unknown: no kernel flags will be set on it.
+            self.new_conn(key, remote, None);
         }
         let dir = Direction::from_raw(d.direction);
         let i = dir.idx();
@@ -535,7 +558,10 @@ impl Tracker {
                 let at_start = s.call_base == 0;
                 if (at_start || conn.starttls) && looks_like_tls(&d.payload) {
                     conn.tls = true;
-                    actions.push(Action::NoPayload(h.tgid, d.fd));
+                    if let Some(gen) = conn.gen {
+                        conn.flagged = true;
+                        actions.push(Action::NoPayload(h.tgid, d.fd, gen));
+                    }
                 } else if at_start && dir == Direction::Egress && d.payload == PG_SSL_REQUEST {
                     conn.starttls = true;
                 }
@@ -545,7 +571,10 @@ impl Tracker {
         if in_ssl {
             if !conn.tls {
                 conn.tls = true;
-                actions.push(Action::NoPayload(h.tgid, d.fd));
+                if let Some(gen) = conn.gen {
+                    conn.flagged = true;
+                    actions.push(Action::NoPayload(h.tgid, d.fd, gen));
+                }
             }
             newly_linked = Some(d.ssl);
         } else if conn.tls {
@@ -698,7 +727,7 @@ impl Tracker {
         });
     }
 
-    fn close(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>) {
+    fn close(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>, actions: &mut Vec<Action>) {
         let key = (pid, fd);
         if let Some(c) = self.conns.remove(&key) {
             // Plaintext still waiting for this socket goes out before it closes.
@@ -713,6 +742,9 @@ impl Tracker {
                 self.flush_ssl(pid, *s, out);
             }
             let c = self.conns.remove(&key).unwrap();
+            if let (true, Some(gen)) = (c.flagged, c.gen) {
+                actions.push(Action::ClearFlags(pid, fd, gen));
+            }
             self.ssl_links.retain(|_, k| *k != key);
             for t in self.threads.values_mut() {
                 if t.last_tls_ingress == Some(key) {
@@ -736,6 +768,9 @@ impl Tracker {
             }
         }
         if let Some(f) = self.files.remove(&key) {
+            if let (true, Some(gen)) = (f.ignored, f.gen) {
+                actions.push(Action::ClearFlags(pid, fd, gen));
+            }
             if !f.ignored {
                 out.push(Record::FileClose {
                     ts,
@@ -915,7 +950,7 @@ mod tests {
                 ),
             ],
         );
-        assert!(actions.contains(&Action::NoPayload(10, 5)));
+        assert!(actions.contains(&Action::NoPayload(10, 5, 1)));
         assert!(
             stream(&out, false, Direction::Egress).is_empty(),
             "ciphertext reported: {out:?}"
@@ -1064,7 +1099,7 @@ mod tests {
                 open(5, "/x/__pycache__/m.cpython-311.pyc", 0),
             ],
         );
-        assert!(actions.contains(&Action::Ignore(10, 4)));
+        assert!(actions.contains(&Action::Quiet(10, 4, 1)));
         let files: Vec<&Record> = out
             .iter()
             .filter(|r| matches!(r, Record::FileOpen { .. } | Record::FileClose { .. }))

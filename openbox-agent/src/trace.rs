@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use openbox_common::*;
 use serde_json::json;
+use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -178,28 +179,37 @@ impl Session {
     }
 
     /// Registers the descriptors a process has now, in the tracker and the kernel.
-    fn seed(&mut self, pid: Pid) {
-        let known = self.tracker.fds_of(pid);
+    /// Registers the descriptors a process has now, in the tracker and the kernel. After
+    /// an exec at `exec_ts`, descriptors that vanished (O_CLOEXEC) are closed.
+    fn seed(&mut self, pid: Pid, exec_ts: Option<u64>) {
         let now = procfs::fds(pid);
-        for fd in known {
-            if !now.iter().any(|(f, _)| *f == fd) {
-                self.cap.forget_fd(pid, fd);
+        if let Some(at) = exec_ts {
+            for fd in self.tracker.fds_of(pid) {
+                if !now.iter().any(|(f, _)| *f == fd) {
+                    self.cap.forget_fd_before(pid, fd, at);
+                    let (mut records, mut actions) = (Vec::new(), Vec::new());
+                    self.tracker.close_vanished(pid, fd, at, &mut records, &mut actions);
+                    for r in &records {
+                        self.output(r);
+                    }
+                    for a in actions {
+                        self.act(a);
+                    }
+                }
             }
         }
         for (fd, target) in now {
             match target {
                 FdTarget::Socket(_) => {
+                    let gen = self.cap.seed_fd(pid, fd, FD_SOCKET);
                     let (_, remote) = crate::conn::ProcEnv::socket_addrs(&Procfs, pid, fd);
-                    self.tracker.seed_socket(pid, fd, remote);
-                    self.cap.set_fd(pid, fd, FD_SOCKET, 0);
+                    self.tracker.seed_socket(pid, fd, remote, gen);
                 }
                 FdTarget::File(path) => {
-                    let kind = if self.tracker.seed_file(pid, fd, path) {
-                        FD_FILE
-                    } else {
-                        FD_IGNORED
-                    };
-                    self.cap.set_fd(pid, fd, kind, 0);
+                    let gen = self.cap.seed_fd(pid, fd, FD_FILE);
+                    if !self.tracker.seed_file(pid, fd, path, gen) {
+                        self.cap.set_fd_flags(pid, fd, gen, FD_QUIET);
+                    }
                 }
                 FdTarget::Other => {}
             }
@@ -208,18 +218,19 @@ impl Session {
 
     pub fn watch(&mut self, pid: Pid) -> Result<()> {
         self.cap.watch(pid)?;
-        self.seed(pid);
+        self.seed(pid, None);
         self.scan_tls(pid);
         Ok(())
     }
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::NoPayload(pid, fd) => self.cap.set_fd(pid, fd, FD_SOCKET, FD_NO_PAYLOAD),
-            Action::Ignore(pid, fd) => self.cap.set_fd(pid, fd, FD_IGNORED, 0),
-            Action::ForgetFds(pid, fds) => {
+            Action::NoPayload(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_NO_PAYLOAD),
+            Action::Quiet(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_QUIET),
+            Action::ClearFlags(pid, fd, gen) => self.cap.clear_fd_flags(pid, fd, gen),
+            Action::ForgetFds { pid, fds, before } => {
                 for fd in fds {
-                    self.cap.forget_fd(pid, fd);
+                    self.cap.forget_fd_before(pid, fd, before);
                 }
             }
             Action::AttachTls { pid, path, paused } => {
@@ -237,11 +248,11 @@ impl Session {
                     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 }
             }
-            Action::Resync(pid) => {
-                self.seed(pid);
+            Action::Resync { pid, at } => {
+                self.seed(pid, Some(at));
                 self.scan_tls(pid);
             }
-            Action::Seed(pid) => self.seed(pid),
+            Action::Seed(pid) => self.seed(pid, None),
             Action::Unwatch(pid) => self.cap.unwatch(pid),
         }
     }
@@ -625,6 +636,12 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> Option<String> {
     })
 }
 
+fn drain(ring: &mut RingBuf<MapData>, session: &mut Session) {
+    while let Some(item) = ring.next() {
+        session.handle_bytes(&item);
+    }
+}
+
 pub async fn run(opts: TraceOpts) -> Result<i32> {
     if opts.pid.is_none() && opts.command.is_empty() {
         bail!("say what to trace: --pid PID, or -- COMMAND [ARGS...]");
@@ -685,15 +702,20 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     };
     tokio::pin!(pid_exit);
+    // The kernel wakes us only when 64 KiB are waiting (or a process is paused for us):
+    // drain on a short tick too, so records are never more than a tick late.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let code = loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    session.handle_bytes(&item);
-                }
+                drain(guard.get_inner_mut(), &mut session);
                 guard.clear_ready();
+                session.flush();
+            }
+            _ = tick.tick() => {
+                drain(ring.get_mut(), &mut session);
                 session.flush();
             }
             code = &mut exit_rx, if opts.pid.is_none() => break code.unwrap_or(1),
@@ -703,10 +725,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     };
     // Everything the traced processes did is already in the ring: drain it.
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        session.handle_bytes(&item);
-    }
+    drain(ring.get_mut(), &mut session);
     session.finish_spans();
     session.summary();
     Ok(if opts.pid.is_some() { 0 } else { code })

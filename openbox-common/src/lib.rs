@@ -87,9 +87,11 @@ pub const FD_SOCKET: u32 = 1;
 pub const FD_FILE: u32 = 2;
 /// Tracked but uninteresting (a noise path): no events except close.
 pub const FD_IGNORED: u32 = 3;
-// ---- FdState::flags ----
+// ---- FD_FLAGS values ----
 /// Do not copy payload for this descriptor (the agent knows it carries TLS ciphertext).
 pub const FD_NO_PAYLOAD: u32 = 1 << 0;
+/// Report nothing for this descriptor but its close (a noise path).
+pub const FD_QUIET: u32 = 1 << 1;
 
 // ---- load-time settings: globals of the kernel object, set with EbpfLoader::set_global ----
 /// u32: payload bytes captured per call, at most [`MAX_CAPTURE_LIMIT`].
@@ -238,14 +240,29 @@ pub struct ProcEvent {
 }
 
 /// What the kernel knows of one descriptor of a watched process (map `FDS`, key
-/// `tgid << 32 | fd`).
+/// `tgid << 32 | fd`). Only the kernel programs write it once watching has begun; the
+/// agent writes it only to seed descriptors that existed before (and only where the
+/// kernel has no entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FdState {
     /// `FD_*`.
     pub kind: u32,
-    /// `FD_NO_PAYLOAD` …
-    pub flags: u32,
+    pub _pad: u32,
+    /// Identifies this incarnation of the descriptor: the timestamp of the record that
+    /// created it (connect, accept, socket, socketpair, openat), or a small number the
+    /// agent chose when seeding. A reused descriptor number gets a new generation.
+    pub gen: u64,
+}
+
+/// Key of the `FD_FLAGS` map: flags the agent sets on one incarnation of a descriptor.
+/// Keyed by generation, a late update can never touch a newer descriptor that reuses
+/// the number (the agent reads events a little after they happen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FdFlagKey {
+    pub fd_key: u64,
+    pub gen: u64,
 }
 
 /// Key of the `FDS` map.
@@ -258,4 +275,5 @@ pub fn fd_key(tgid: u32, fd: i32) -> u64 {
 mod pod {
     // SAFETY: plain #[repr(C)] integers and arrays, every bit pattern is valid.
     unsafe impl aya::Pod for super::FdState {}
+    unsafe impl aya::Pod for super::FdFlagKey {}
 }

@@ -47,6 +47,9 @@ static SSL_ARGS: HashMap<u64, SslArgs> = HashMap::with_max_entries(16384, 0);
 /// Scratch space for data records (the stack is 512 bytes).
 #[map]
 static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+/// Flags the agent sets on one incarnation of a descriptor (see FdFlagKey).
+#[map]
+static FD_FLAGS: HashMap<FdFlagKey, u32> = HashMap::with_max_entries(65536, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 #[map]
@@ -138,12 +141,29 @@ fn header(kind: u32, flags: u32, pid_tgid: u64) -> EventHeader {
 }
 
 /// Sends a fixed-size record to the ring buffer, counting success or loss.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the agent only once this much is waiting; it also drains the ring on a short
+/// timer. Waking it for every record cost the traced process a context switch per
+/// syscall (measured: 6.3 µs instead of 2.5 µs per 1-byte write+read).
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+#[inline(always)]
+fn wakeup() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn submit<T: 'static>(value: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(value);
-            entry.submit(0);
+            entry.submit(wakeup());
             count(CNT_EVENTS, 1);
         }
         None => count(CNT_RINGBUF_DROPS, 1),
@@ -229,7 +249,7 @@ macro_rules! vset {
 
 #[inline(always)]
 fn output_scratch(ev: *mut DataEvent, size: u64) -> bool {
-    let rc = unsafe { bpf_ringbuf_output(&EVENTS as *const _ as *mut c_void, ev as *mut c_void, size, 0) };
+    let rc = unsafe { bpf_ringbuf_output(&EVENTS as *const _ as *mut c_void, ev as *mut c_void, size, wakeup()) };
     if rc == 0 {
         count(CNT_EVENTS, 1);
         true
@@ -403,8 +423,10 @@ fn emit_no_payload(pid_tgid: u64, fd: i32, source: u32, direction: u32, ssl: u64
 fn data_enter(ctx: &TracePointContext, source: u32) -> u32 {
     let Some((pid_tgid, tgid)) = watched() else { return 0 };
     let fd = arg(ctx, 0) as i32;
-    let Some(state) = (unsafe { FDS.get(fd_key(tgid, fd)) }) else { return 0 };
-    if state.kind == FD_IGNORED {
+    let key = fd_key(tgid, fd);
+    let Some(state) = (unsafe { FDS.get(key) }).copied() else { return 0 };
+    let flags = unsafe { FD_FLAGS.get(FdFlagKey { fd_key: key, gen: state.gen }) }.copied().unwrap_or(0);
+    if flags & FD_QUIET != 0 {
         return 0;
     }
     let args = SyscallArgs {
@@ -413,7 +435,7 @@ fn data_enter(ctx: &TracePointContext, source: u32) -> u32 {
         buf: arg(ctx, 1),
         count: arg(ctx, 2),
         fd_kind: state.kind,
-        fd_flags: state.flags,
+        fd_flags: flags,
         peer: SockAddr::default(),
     };
     if ARGS.insert(pid_tgid, args, 0).is_err() {
@@ -514,8 +536,8 @@ fn take_args(source: u32) -> Option<(u64, SyscallArgs)> {
 }
 
 #[inline(always)]
-fn track_fd(tgid: u32, fd: i32, kind: u32) {
-    let state = FdState { kind, flags: 0 };
+fn track_fd(tgid: u32, fd: i32, kind: u32, gen: u64) {
+    let state = FdState { kind, _pad: 0, gen };
     if FDS.insert(fd_key(tgid, fd), state, 0).is_err() {
         count(CNT_MAP_FULL, 1);
     }
@@ -536,9 +558,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if r != 0 && r != -EINPROGRESS {
         return 0;
     }
-    track_fd((pid_tgid >> 32) as u32, args.fd, FD_SOCKET);
+    let hdr = header(EV_CONNECT, 0, pid_tgid);
+    track_fd((pid_tgid >> 32) as u32, args.fd, FD_SOCKET, hdr.ts_ns);
     submit(ConnEvent {
-        hdr: header(EV_CONNECT, 0, pid_tgid),
+        hdr,
         fd: args.fd,
         ret: r as i32,
         peer: args.peer,
@@ -563,9 +586,10 @@ fn accept_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     let fd = r as i32;
-    track_fd((pid_tgid >> 32) as u32, fd, FD_SOCKET);
+    let hdr = header(EV_ACCEPT, 0, pid_tgid);
+    track_fd((pid_tgid >> 32) as u32, fd, FD_SOCKET, hdr.ts_ns);
     submit(ConnEvent {
-        hdr: header(EV_ACCEPT, 0, pid_tgid),
+        hdr,
         fd,
         ret: args.fd,
         peer: read_sockaddr(args.buf),
@@ -607,9 +631,10 @@ pub fn sys_exit_socket(ctx: TracePointContext) -> u32 {
     if r < 0 {
         return 0;
     }
-    track_fd((pid_tgid >> 32) as u32, r as i32, FD_SOCKET);
+    let hdr = header(EV_SOCKET, 0, pid_tgid);
+    track_fd((pid_tgid >> 32) as u32, r as i32, FD_SOCKET, hdr.ts_ns);
     submit(ConnEvent {
-        hdr: header(EV_SOCKET, 0, pid_tgid),
+        hdr,
         fd: r as i32,
         ret: -1,
         peer: args.peer,
@@ -638,10 +663,11 @@ pub fn sys_exit_socketpair(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let tgid = (pid_tgid >> 32) as u32;
-    track_fd(tgid, fds[0], FD_SOCKET);
-    track_fd(tgid, fds[1], FD_SOCKET);
+    let hdr = header(EV_SOCKET, 0, pid_tgid);
+    track_fd(tgid, fds[0], FD_SOCKET, hdr.ts_ns);
+    track_fd(tgid, fds[1], FD_SOCKET, hdr.ts_ns);
     submit(ConnEvent {
-        hdr: header(EV_SOCKET, 0, pid_tgid),
+        hdr,
         fd: fds[0],
         ret: fds[1],
         peer: args.peer,
@@ -695,13 +721,14 @@ fn openat_exit(ctx: &TracePointContext) -> u32 {
     }
     let tgid = (pid_tgid >> 32) as u32;
     let fd = r as i32;
-    track_fd(tgid, fd, FD_FILE);
+    let hdr = header(EV_FILE_OPEN, 0, pid_tgid);
+    track_fd(tgid, fd, FD_FILE, hdr.ts_ns);
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
         count(CNT_RINGBUF_DROPS, 1);
         return 0;
     };
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    ev.hdr = header(EV_FILE_OPEN, 0, pid_tgid);
+    ev.hdr = hdr;
     ev.fd = fd;
     ev.open_flags = args.count as u32;
     ev.dirfd = args.fd;
@@ -720,7 +747,9 @@ fn openat_exit(ctx: &TracePointContext) -> u32 {
             ev.hdr.flags |= FLAG_PAUSED;
         }
     }
-    entry.submit(0);
+    // A paused process waits for the agent: wake it now.
+    let wake = if ev.hdr.flags & FLAG_PAUSED != 0 { BPF_RB_FORCE_WAKEUP } else { wakeup() };
+    entry.submit(wake);
     count(CNT_EVENTS, 1);
     0
 }
@@ -782,7 +811,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     ev.other = child;
     ev.path_len = 0;
     ev.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    entry.submit(0);
+    entry.submit(wakeup());
     count(CNT_EVENTS, 1);
     0
 }
@@ -806,7 +835,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         Ok(s) => s.len() as u32,
         Err(_) => 0,
     };
-    entry.submit(0);
+    entry.submit(wakeup());
     count(CNT_EVENTS, 1);
     0
 }
@@ -834,7 +863,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     ev.other = 0;
     ev.path_len = 0;
     ev.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    entry.submit(0);
+    entry.submit(wakeup());
     count(CNT_EVENTS, 1);
     0
 }

@@ -16,6 +16,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::preflight;
 
+/// bpf_map_update_elem flag: fail when the key exists.
+const BPF_NOEXIST: u64 = 1;
+
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OPENBOX_EBPF_OBJECT"));
 
@@ -105,6 +108,10 @@ pub struct Capture {
     ebpf: Ebpf,
     watched: BpfHashMap<MapData, u32, u32>,
     fds: BpfHashMap<MapData, u64, FdState>,
+    fd_flags: BpfHashMap<MapData, FdFlagKey, u32>,
+    /// Generations for descriptors the agent seeds: small numbers, below any kernel
+    /// timestamp, so they never collide with the kernel's.
+    next_seed_gen: u64,
     counters: PerCpuArray<MapData, u64>,
     /// Libraries whose libssl functions are probed (canonical paths).
     tls_libs: HashSet<std::path::PathBuf>,
@@ -146,11 +153,14 @@ impl Capture {
         }
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let fds = BpfHashMap::try_from(ebpf.take_map("FDS").context("map FDS")?)?;
+        let fd_flags = BpfHashMap::try_from(ebpf.take_map("FD_FLAGS").context("map FD_FLAGS")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         Ok(Capture {
             ebpf,
             watched,
             fds,
+            fd_flags,
+            next_seed_gen: 1,
             counters,
             tls_libs: HashSet::new(),
         })
@@ -175,14 +185,41 @@ impl Capture {
         let _ = self.watched.remove(&tgid);
     }
 
-    pub fn set_fd(&mut self, tgid: u32, fd: i32, kind: u32, flags: u32) {
-        let _ = self
-            .fds
-            .insert(fd_key(tgid, fd), FdState { kind, flags }, 0);
+    /// Registers a descriptor found in /proc, unless the kernel already tracks it (its
+    /// entry is newer than our look at /proc). Returns the generation in force.
+    pub fn seed_fd(&mut self, tgid: u32, fd: i32, kind: u32) -> u64 {
+        let key = fd_key(tgid, fd);
+        let gen = self.next_seed_gen;
+        match self.fds.insert(key, FdState { kind, _pad: 0, gen }, BPF_NOEXIST) {
+            Ok(()) => {
+                self.next_seed_gen += 1;
+                gen
+            }
+            Err(_) => self.fds.get(&key, 0).map(|s| s.gen).unwrap_or(0),
+        }
     }
 
-    pub fn forget_fd(&mut self, tgid: u32, fd: i32) {
-        let _ = self.fds.remove(&fd_key(tgid, fd));
+    /// Sets flags on one incarnation of a descriptor; a newer descriptor with the same
+    /// number is never affected.
+    pub fn set_fd_flags(&mut self, tgid: u32, fd: i32, gen: u64, flags: u32) {
+        let _ = self.fd_flags.insert(FdFlagKey { fd_key: fd_key(tgid, fd), gen }, flags, 0);
+    }
+
+    pub fn clear_fd_flags(&mut self, tgid: u32, fd: i32, gen: u64) {
+        let _ = self.fd_flags.remove(&FdFlagKey { fd_key: fd_key(tgid, fd), gen });
+    }
+
+    /// Forgets a descriptor the kernel never saw closed (exec closed it, or the process
+    /// exited), unless the kernel's entry was created at or after `before` (a new
+    /// descriptor reusing the number).
+    pub fn forget_fd_before(&mut self, tgid: u32, fd: i32, before: u64) {
+        let key = fd_key(tgid, fd);
+        if let Ok(state) = self.fds.get(&key, 0) {
+            if state.gen < before {
+                let _ = self.fds.remove(&key);
+                let _ = self.fd_flags.remove(&FdFlagKey { fd_key: key, gen: state.gen });
+            }
+        }
     }
 
     pub fn counters(&self) -> Counters {
