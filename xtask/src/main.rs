@@ -20,6 +20,12 @@ struct Cli {
     task: Task,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    Syscalls,
+    Parsers,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Build the kernel programs (installs rust-src and bpf-linker when missing).
@@ -39,6 +45,9 @@ enum Task {
         /// Iterations per loop.
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
+        /// Run only one part: syscalls (the agent's cost per syscall) or parsers.
+        #[arg(long, value_enum)]
+        only: Option<BenchPart>,
     },
     /// Install the test environment only (Debian packages, Python virtualenv).
     SetupEnv,
@@ -58,7 +67,7 @@ fn main() -> Result<()> {
         Task::Build => build_agent(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
-        Task::Bench { iterations } => bench(iterations),
+        Task::Bench { iterations, only } => bench(iterations, only),
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
     }
@@ -120,7 +129,31 @@ fn demo() -> Result<()> {
         .envs(test_env.vars()))
 }
 
-fn bench(iterations: u64) -> Result<()> {
+fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
     build_agent()?;
-    bench::run(&agent_binary(), iterations)
+    if only != Some(BenchPart::Parsers) {
+        bench::run(&agent_binary(), iterations)?;
+    }
+    if only != Some(BenchPart::Syscalls) {
+        parser_bench()?;
+    }
+    Ok(())
+}
+
+/// Parser throughput over the recorded traffic in openbox-agent/benches/traffic.
+fn parser_bench() -> Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "openbox-agent", "--example", "parser_bench"]))?;
+    let dir = root.join("openbox-agent/benches/traffic");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    println!("\nparser throughput, one core, recorded traffic replayed through detection, parser and span builder:");
+    run(Command::new(root.join("target/release/examples/parser_bench")).args(&files))
 }
