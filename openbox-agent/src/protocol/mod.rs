@@ -228,6 +228,18 @@ mod tests {
             detect(Side::Client, b"GET / HTTP/1.1\r\n"),
             Some(Protocol::Http)
         );
+        assert_eq!(
+            detect(Side::Client, b"*1\r\n$4\r\nPING\r\n"),
+            Some(Protocol::Redis)
+        );
+        assert_eq!(
+            detect(Side::Client, b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
+            Some(Protocol::Postgres)
+        );
+        assert_eq!(
+            detect(Side::Server, b"\x50\x00\x00\x00\x0a10.11.6-MariaDB\x00"),
+            Some(Protocol::Mysql)
+        );
         assert_eq!(detect(Side::Client, b"hello"), None);
     }
 
