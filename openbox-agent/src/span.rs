@@ -485,6 +485,7 @@ impl SpanBuilder {
                 .or_insert_with(|| format_authority(&name, port, default_port).into());
             attributes.insert("net.peer.name".into(), name.into());
             attributes.insert("net.peer.port".into(), port.into());
+            attributes.insert("net.transport".into(), "ip_tcp".into());
             span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
             span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
             span.request_body = op.request_body.as_ref().map(|b| text(b));
@@ -501,6 +502,8 @@ impl SpanBuilder {
             }
             if let Some(p) = peer_port {
                 attributes.insert("net.peer.port".into(), p.into());
+                // Stream protocols over an inet socket: TCP (the OTel value the SDK sends).
+                attributes.insert("net.transport".into(), "ip_tcp".into());
             }
         }
         span.attributes = attributes;

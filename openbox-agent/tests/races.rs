@@ -13,7 +13,11 @@ use common::*;
 fn socket_reusing_the_number_of_a_just_closed_library_is_captured_in_full() {
     let env = TestEnv::get();
     let loop_bin = workspace_root().join("target/release/examples/syscall_loop");
-    assert!(loop_bin.exists(), "{} is built by cargo test (an example of openbox-agent)", loop_bin.display());
+    assert!(
+        loop_bin.exists(),
+        "{} is built by cargo test (an example of openbox-agent)",
+        loop_bin.display()
+    );
     let out = TempDir::new("race");
     let iterations: u64 = 20_000;
     let trace = trace(
@@ -33,7 +37,10 @@ fn socket_reusing_the_number_of_a_just_closed_library_is_captured_in_full() {
     // The loop reports how many write+read pairs it made, warm-up included.
     let report = String::from_utf8_lossy(&read(&out.join("loop.json"))).to_string();
     let line = report.lines().next().unwrap_or_default();
-    let made = u64_of(&serde_json::from_str(line).expect("the loop's report is JSON"), "total_iterations");
+    let made = u64_of(
+        &serde_json::from_str(line).expect("the loop's report is JSON"),
+        "total_iterations",
+    );
     assert!(made > iterations);
     let egress: Vec<&serde_json::Value> = trace
         .of_type("data")

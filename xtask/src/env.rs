@@ -1,7 +1,8 @@
-//! The test environment: Debian packages and a Python virtualenv.
+//! The test environment: Debian packages, two Python virtualenvs and a FerretDB binary.
 //!
 //! `setup()` checks before it installs, so a second run only looks: `dpkg-query` for the
-//! packages, a marker file in the virtualenv for the pip requirements.
+//! packages, a marker file in each virtualenv for its pip requirements, the versioned
+//! FerretDB binary in `~/.cache/openbox/go/bin`.
 
 use std::{
     fs,
@@ -15,12 +16,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::{run, workspace_root};
 
 /// Debian packages the integration tests use: the `curl` client (system libssl), the
-/// `openssl` CLI (self-signed certificates), PostgreSQL server binaries, `runuser` and
-/// `setpriv` (run a program as `postgres` or `nobody`), `ps`/`pgrep`.
+/// `openssl` CLI (self-signed certificates), PostgreSQL, MariaDB (server, and the client
+/// the fixture bootstraps it with) and Redis server binaries, `runuser` and `setpriv`
+/// (run a program as `postgres` or `nobody`), `ps`/`pgrep`. No service is started: the
+/// tests start throwaway servers themselves (tests/support/*_server.py).
 const APT_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "postgresql",
+    "mariadb-server",
+    "mariadb-client",
+    "redis-server",
     "ca-certificates",
     "util-linux",
     "procps",
@@ -33,7 +39,22 @@ const REQUIRED_BINARIES: &[(&str, &str)] = &[
     ("runuser", "util-linux"),
     ("setpriv", "util-linux"),
     ("pgrep", "procps"),
+    ("mariadb-install-db", "mariadb-server"),
+    ("mariadb", "mariadb-client"),
+    ("redis-server", "redis-server"),
 ];
+
+/// Where Debian's mariadb-server puts the server binary.
+const MARIADB_BIN_DIR: &str = "/usr/sbin";
+
+/// The in-process SDK and the OpenTelemetry instrumentations it enables, for the
+/// side-by-side test; a separate virtualenv because it pins its own versions.
+const SDK_REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/sdk-requirements.txt";
+
+/// FerretDB, a MongoDB-wire-protocol server; v1 has the SQLite backend
+/// (`--handler=sqlite --sqlite-url=file:DIR/`).
+const FERRETDB_MODULE: &str = "github.com/FerretDB/FerretDB";
+const FERRETDB_VERSION: &str = "v1.24.0";
 
 /// The fixtures' pip requirements, one pinned package a line (dependencies pinned too).
 const REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/requirements.txt";
@@ -78,8 +99,26 @@ pub fn setup() -> Result<TestEnv> {
     };
 
     let pg_bin = find_pg_bin()?;
+    let mariadb_bin = Path::new(MARIADB_BIN_DIR);
+    if !mariadb_bin.join("mariadbd").is_file() {
+        bail!("{}/mariadbd is missing although mariadb-server is installed: run `apt-get install --reinstall -y mariadb-server`", mariadb_bin.display());
+    }
+    let redis_server = on_path("redis-server").expect("checked by check_binaries");
     let venv = root.join("target/test-env/venv");
-    let venv_python = ensure_venv(&python3, &venv, &root.join(REQUIREMENTS_FILE))?;
+    let venv_python = ensure_venv(
+        &python3,
+        &venv,
+        &root.join(REQUIREMENTS_FILE),
+        FIXTURE_IMPORTS,
+    )?;
+    let sdk_venv = root.join("target/test-env/sdk-venv");
+    let sdk_python = ensure_venv(
+        &python3,
+        &sdk_venv,
+        &root.join(SDK_REQUIREMENTS_FILE),
+        SDK_IMPORTS,
+    )?;
+    let ferretdb = ensure_ferretdb()?;
 
     let vars = vec![
         (
@@ -87,6 +126,22 @@ pub fn setup() -> Result<TestEnv> {
             venv_python.display().to_string(),
         ),
         ("OPENBOX_PG_BIN".to_string(), pg_bin.display().to_string()),
+        (
+            "OPENBOX_MARIADB_BIN_DIR".to_string(),
+            mariadb_bin.display().to_string(),
+        ),
+        (
+            "OPENBOX_REDIS_SERVER".to_string(),
+            redis_server.display().to_string(),
+        ),
+        (
+            "OPENBOX_FERRETDB_BIN".to_string(),
+            ferretdb.display().to_string(),
+        ),
+        (
+            "OPENBOX_SDK_PYTHON".to_string(),
+            sdk_python.display().to_string(),
+        ),
         (
             "OPENBOX_TEST_SUPPORT".to_string(),
             support.display().to_string(),
@@ -233,7 +288,20 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
     ))
 }
 
-fn ensure_venv(python3: &Path, venv: &Path, requirements_file: &Path) -> Result<PathBuf> {
+/// Modules each virtualenv must import once built.
+const FIXTURE_IMPORTS: &str =
+    "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, requests, urllib3, aiohttp";
+const SDK_IMPORTS: &str =
+    "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
+     opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \
+     opentelemetry.instrumentation.redis, psycopg2, httpx, redis";
+
+fn ensure_venv(
+    python3: &Path,
+    venv: &Path,
+    requirements_file: &Path,
+    imports: &str,
+) -> Result<PathBuf> {
     let requirements = fs::read_to_string(requirements_file).with_context(|| {
         format!(
             "could not read the fixtures' pip requirements {}",
@@ -244,7 +312,7 @@ fn ensure_venv(python3: &Path, venv: &Path, requirements_file: &Path) -> Result<
     let venv_python = venv.join("bin/python");
     let want = marker_contents(python3, &requirements)?;
     let have = fs::read_to_string(&marker).ok();
-    if have.as_deref() == Some(want.as_str()) && venv_usable(&venv_python) {
+    if have.as_deref() == Some(want.as_str()) && venv_usable(&venv_python, imports) {
         return Ok(venv_python);
     }
 
@@ -267,18 +335,120 @@ fn ensure_venv(python3: &Path, venv: &Path, requirements_file: &Path) -> Result<
             requirements_file.display()
         )
     })?;
-    if !venv_usable(&venv_python) {
-        bail!("the virtualenv {} was built but cannot import httpx and psycopg2; delete it and run `cargo xtask setup-env` again", venv.display());
+    if !venv_usable(&venv_python, imports) {
+        bail!("the virtualenv {} was built but `{imports}` fails in it; delete it and run `cargo xtask setup-env` again", venv.display());
     }
     // Written last: an interrupted install leaves no marker and is redone next time.
     fs::write(&marker, want).with_context(|| format!("could not write {}", marker.display()))?;
     Ok(venv_python)
 }
 
-fn venv_usable(venv_python: &Path) -> bool {
+fn venv_usable(venv_python: &Path, imports: &str) -> bool {
     Command::new(venv_python)
-        .args(["-c", "import httpx, psycopg2"])
+        .args(["-c", imports])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// `go` on PATH, else the official tarball's place.
+fn find_go() -> Option<PathBuf> {
+    on_path("go").or_else(|| {
+        let p = PathBuf::from("/usr/local/go/bin/go");
+        p.is_file().then_some(p)
+    })
+}
+
+fn ferretdb_runs(bin: &Path) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .contains(&format!("version: {FERRETDB_VERSION}"))
+        })
+        .unwrap_or(false)
+}
+
+/// FerretDB v1 built from its module source into `~/.cache/openbox/go/bin`, reused when
+/// present.
+///
+/// Not `go install …@version`, for two reasons: `go install` reads the module's version
+/// list (for its deprecation check), which the module proxy this project reaches refuses
+/// (403) for FerretDB; and FerretDB v1's `build/version` package panics at start-up
+/// unless `build/version/version.txt` exists, a file only its own Taskfile generates. So:
+/// `go mod download` the tagged module, copy it, write version.txt, `go build`.
+fn ensure_ferretdb() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("HOME is not set: cannot place the FerretDB build cache"))?;
+    let cache = home.join(".cache/openbox/go");
+    let bin = cache.join(format!("bin/ferretdb-{FERRETDB_VERSION}"));
+    if ferretdb_runs(&bin) {
+        return Ok(bin);
+    }
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to build FerretDB {FERRETDB_VERSION} (the tests' MongoDB-protocol server) and is not installed: install Go 1.22 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    eprintln!(
+        "xtask: building FerretDB {FERRETDB_VERSION} into {} (once; takes a few minutes)",
+        bin.display()
+    );
+    let out = Command::new(&go)
+        .args(["mod", "download", "-json"])
+        .arg(format!("{FERRETDB_MODULE}@{FERRETDB_VERSION}"))
+        .env("GOFLAGS", "-mod=mod")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .with_context(|| format!("could not run {}", go.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`go mod download {FERRETDB_MODULE}@{FERRETDB_VERSION}` failed (is the Go module proxy reachable?): {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let info = String::from_utf8_lossy(&out.stdout);
+    // `"Dir": "/root/go/pkg/mod/github.com/!ferret!d!b/!ferret!d!b@v1.24.0",`
+    let module_dir = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Dir\":"))
+        .map(|v| v.trim().trim_end_matches(',').trim_matches('"').to_string())
+        .filter(|d| Path::new(d).is_dir())
+        .ok_or_else(|| anyhow!("`go mod download -json` gave no usable Dir: {info}"))?;
+    let src = cache.join(format!("src/ferretdb-{FERRETDB_VERSION}"));
+    if src.exists() {
+        fs::remove_dir_all(&src).with_context(|| format!("removing {}", src.display()))?;
+    }
+    fs::create_dir_all(src.parent().expect("has a parent"))?;
+    run(Command::new("cp").arg("-r").arg(&module_dir).arg(&src))?;
+    // The module cache is read-only; the copy must be writable for version.txt.
+    run(Command::new("chmod").args(["-R", "u+w"]).arg(&src))?;
+    fs::write(
+        src.join("build/version/version.txt"),
+        format!("{FERRETDB_VERSION}\n"),
+    )?;
+    let tmp = bin.with_extension("tmp");
+    fs::create_dir_all(bin.parent().expect("has a parent"))?;
+    run(Command::new(&go)
+        .args(["build", "-trimpath", "-o"])
+        .arg(&tmp)
+        .arg("./cmd/ferretdb")
+        .current_dir(&src))
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nbuilding FerretDB failed; the source is in {}",
+            src.display()
+        )
+    })?;
+    fs::rename(&tmp, &bin)?;
+    let _ = fs::remove_dir_all(&src);
+    if !ferretdb_runs(&bin) {
+        bail!(
+            "{} was built but `--version` does not report {FERRETDB_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }

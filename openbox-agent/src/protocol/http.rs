@@ -475,8 +475,13 @@ impl HttpParser {
     }
 }
 
-/// Appends to a body kept up to `max` bytes, noting when bytes are cut.
+/// Appends to a body kept up to `max` bytes, noting when bytes are cut. Once bytes were
+/// cut or lost, nothing more is appended: the kept body is always an exact prefix,
+/// never bytes from after a hole spliced onto bytes from before it.
 fn keep(body: &mut Vec<u8>, data: &[u8], max: usize, complete: &mut bool) {
+    if !*complete {
+        return;
+    }
     let room = max.saturating_sub(body.len());
     if data.len() > room {
         *complete = false;
@@ -776,6 +781,19 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].attributes["http.request_body_truncated"], true);
         assert_eq!(out[1].attributes["http.target"], "/next");
+    }
+
+    #[test]
+    fn a_body_with_a_hole_is_kept_as_the_prefix_before_the_hole() {
+        let mut p = HttpParser::new(ParserConfig::default());
+        let mut out = Vec::new();
+        p.feed(Side::Client, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 1, &mut out);
+        p.feed(Side::Server, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 2, &mut out);
+        p.gap(Side::Server, 4, 2, &mut out);
+        p.feed(Side::Server, b"xyz", 3, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].response_body.as_deref(), Some(&b"abc"[..]));
+        assert_eq!(out[0].attributes["http.response_body_truncated"], true);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! the fixture servers, and the agent run as a user runs it (`openbox-agent trace --json
 //! -- COMMAND`), its JSON-lines output parsed into records.
 
+// Each test binary (capture.rs, spans.rs) uses part of this module.
+#![allow(dead_code)]
+
 use std::{
     collections::BTreeMap,
     ffi::OsStr,
@@ -616,4 +619,382 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
         preview(&actual[at.saturating_sub(40)..]),
         preview(&expected[at.saturating_sub(40)..]),
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Spans (`openbox-agent trace --json -- COMMAND`, without --raw) and the fixture servers
+// the span tests use.
+// ---------------------------------------------------------------------------------------
+
+/// A path `cargo xtask setup-env` exports (see xtask/src/env.rs).
+pub fn env_path(name: &str) -> PathBuf {
+    let p = std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("{name} is not set: run `cargo xtask test`, which sets up the test environment")
+        });
+    assert!(
+        p.exists(),
+        "{name}={} does not exist: run `cargo xtask setup-env`",
+        p.display()
+    );
+    p
+}
+
+impl TestEnv {
+    /// The SDK's virtualenv python (openbox-temporal-sdk-python 1.0.0 and its OTel
+    /// instrumentations).
+    pub fn sdk_python(&self) -> PathBuf {
+        env_path("OPENBOX_SDK_PYTHON")
+    }
+}
+
+/// A fixture server script (support/<script>) that prints its port and stops on SIGTERM.
+pub struct Server {
+    pub port: u16,
+    _process: Background,
+}
+
+impl Server {
+    pub fn start(env: &TestEnv, script: &str, args: &[String]) -> Server {
+        let mut cmd = Command::new(&env.python);
+        cmd.arg(env.script(script)).args(args);
+        let mut process = Background::spawn(script, &mut cmd);
+        let port = process.port();
+        Server {
+            port,
+            _process: process,
+        }
+    }
+
+    /// pg_server.py: plain TCP and TLS both accepted (--allow-plain); `port` 0 = free.
+    pub fn postgres(env: &TestEnv, port: u16) -> Server {
+        Server::start(
+            env,
+            "pg_server.py",
+            &[
+                "--pg-bin".into(),
+                env.pg_bin.display().to_string(),
+                "--allow-plain".into(),
+                port.to_string(),
+            ],
+        )
+    }
+
+    pub fn mariadb(env: &TestEnv) -> Server {
+        let dir = env_path("OPENBOX_MARIADB_BIN_DIR");
+        Server::start(
+            env,
+            "mariadb_server.py",
+            &["--bin-dir".into(), dir.display().to_string()],
+        )
+    }
+
+    pub fn redis(env: &TestEnv) -> Server {
+        let bin = env_path("OPENBOX_REDIS_SERVER");
+        Server::start(
+            env,
+            "redis_server.py",
+            &["--redis-server".into(), bin.display().to_string()],
+        )
+    }
+
+    pub fn ferretdb(env: &TestEnv) -> Server {
+        let bin = env_path("OPENBOX_FERRETDB_BIN");
+        Server::start(
+            env,
+            "ferretdb_server.py",
+            &["--ferretdb".into(), bin.display().to_string()],
+        )
+    }
+
+    /// tls_server.py on `port` (0 = free): HTTPS, or plain HTTP with `tls` false.
+    pub fn http(env: &TestEnv, tls: bool, port: u16) -> Server {
+        let mut args = Vec::new();
+        if !tls {
+            args.push("--plain".to_string());
+        }
+        args.push(port.to_string());
+        Server::start(env, "tls_server.py", &args)
+    }
+}
+
+/// What `openbox-agent trace --json -- COMMAND` printed: spans on stdout, the summary on
+/// stderr.
+pub struct SpanRun {
+    pub spans: Vec<Value>,
+    pub summary: Value,
+    pub stderr: String,
+    pub saved: PathBuf,
+    /// Wall-clock window of the run (Unix ns): every span must fall inside it.
+    pub started_ns: u64,
+    pub ended_ns: u64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Runs `openbox-agent trace --json -- COMMAND…`, which must exit as COMMAND did
+/// (`expect_code`), and parses and checks its output: every stdout line is a span in
+/// the SDK's format (see [`check_span_shape`]), the last stderr line is the summary.
+pub fn trace_spans_exit(
+    env: &TestEnv,
+    name: &str,
+    command: &[String],
+    expect_code: i32,
+) -> SpanRun {
+    let mut args: Vec<String> = vec!["--".into()];
+    args.extend(command.iter().cloned());
+    spans_of_run(env, name, &args, expect_code)
+}
+
+fn spans_of_run(env: &TestEnv, name: &str, rest: &[String], expect_code: i32) -> SpanRun {
+    let mut args: Vec<String> = vec!["trace".into(), "--json".into()];
+    args.extend(rest.iter().cloned());
+    let started_ns = now_ns();
+    let (status, stdout, stderr, saved) = run_agent(env, name, &args);
+    let ended_ns = now_ns();
+    assert_eq!(
+        status.code(),
+        Some(expect_code),
+        "`openbox-agent {}` exited with {status}, expected {expect_code}\nstderr:\n{stderr}",
+        args.join(" ")
+    );
+    let mut spans = Vec::new();
+    for (i, line) in String::from_utf8_lossy(&stdout).lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "line {} of the agent's stdout is not JSON ({e}): {line:?} (see {})",
+                i + 1,
+                saved.display()
+            )
+        });
+        check_span_shape(&value);
+        spans.push(value);
+    }
+    let summary_line = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_else(|| {
+            panic!("the agent printed nothing on stderr; the summary belongs there")
+        });
+    let summary: Value = serde_json::from_str(summary_line).unwrap_or_else(|e| {
+        panic!("the last stderr line is not the JSON summary ({e}): {summary_line:?}")
+    });
+    assert_eq!(
+        summary.get("type").and_then(Value::as_str),
+        Some("summary"),
+        "the last stderr line is not the summary: {summary_line}"
+    );
+    let run = SpanRun {
+        spans,
+        summary,
+        stderr,
+        saved,
+        started_ns,
+        ended_ns,
+    };
+    run.check_ids_and_times();
+    run
+}
+
+pub fn trace_spans(env: &TestEnv, name: &str, command: &[String]) -> SpanRun {
+    trace_spans_exit(env, name, command, 0)
+}
+
+/// `openbox-agent trace --json ARGS…`: ARGS holds the agent's options, then `--` and
+/// the command.
+pub fn trace_spans_with(env: &TestEnv, name: &str, args: &[String]) -> SpanRun {
+    spans_of_run(env, name, args, 0)
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// One span has every field of the SDK's span JSON (openbox-core-protocol.md §3.1),
+/// with the right types.
+#[track_caller]
+pub fn check_span_shape(s: &Value) {
+    let o = s
+        .as_object()
+        .unwrap_or_else(|| panic!("a span is not a JSON object: {s}"));
+    let id = o.get("span_id").and_then(Value::as_str).unwrap_or("");
+    assert!(
+        is_hex(id, 16),
+        "span_id must be 16 lowercase hex characters: {s}"
+    );
+    let tid = o.get("trace_id").and_then(Value::as_str).unwrap_or("");
+    assert!(
+        is_hex(tid, 32),
+        "trace_id must be 32 lowercase hex characters: {s}"
+    );
+    match o.get("parent_span_id") {
+        Some(Value::Null) => {}
+        Some(Value::String(p)) if is_hex(p, 16) => {}
+        other => panic!("parent_span_id must be null or 16 hex characters, is {other:?}: {s}"),
+    }
+    assert!(
+        o.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty()),
+        "span without a name: {s}"
+    );
+    let kind = o.get("kind").and_then(Value::as_str).unwrap_or("");
+    assert!(
+        ["INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"].contains(&kind),
+        "kind {kind:?} is not an OTel kind name: {s}"
+    );
+    let start = o.get("start_time").and_then(Value::as_u64);
+    let end = o.get("end_time").and_then(Value::as_u64);
+    let (Some(start), Some(end)) = (start, end) else {
+        panic!("start_time and end_time must be integers (ns): {s}")
+    };
+    assert!(start <= end, "start_time after end_time: {s}");
+    assert_eq!(
+        o.get("duration_ns").and_then(Value::as_u64),
+        Some(end - start),
+        "duration_ns must be end_time - start_time: {s}"
+    );
+    assert!(
+        o.get("attributes").is_some_and(Value::is_object),
+        "attributes must be an object: {s}"
+    );
+    let status = o
+        .get("status")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("no status object: {s}"));
+    let code = status.get("code").and_then(Value::as_str).unwrap_or("");
+    assert!(
+        ["UNSET", "OK", "ERROR"].contains(&code),
+        "status.code {code:?}: {s}"
+    );
+    assert!(
+        matches!(
+            status.get("description"),
+            Some(Value::Null | Value::String(_))
+        ),
+        "status.description must be a string or null: {s}"
+    );
+    assert!(
+        o.get("events").is_some_and(Value::is_array),
+        "events must be an array: {s}"
+    );
+    for key in ["request_body", "response_body"] {
+        assert!(
+            o.get(key).is_none_or(Value::is_string),
+            "{key} must be a string when present: {s}"
+        );
+    }
+    for key in ["request_headers", "response_headers"] {
+        if let Some(h) = o.get(key) {
+            let h = h
+                .as_object()
+                .unwrap_or_else(|| panic!("{key} must be an object: {s}"));
+            for (name, value) in h {
+                assert_eq!(
+                    name,
+                    &name.to_ascii_lowercase(),
+                    "{key} names must be lowercase: {s}"
+                );
+                assert!(value.is_string(), "{key} values must be strings: {s}");
+            }
+        }
+    }
+}
+
+impl SpanRun {
+    fn check_ids_and_times(&self) {
+        let mut ids = std::collections::HashSet::new();
+        for s in &self.spans {
+            assert!(
+                ids.insert(str_of(s, "span_id").to_string()),
+                "span_id {} appears twice ({})",
+                str_of(s, "span_id"),
+                self.saved.display()
+            );
+            let (start, end) = (u64_of(s, "start_time"), u64_of(s, "end_time"));
+            // The kernel's clock is converted to wall-clock time: allow 2 s of skew.
+            let slack = 2_000_000_000;
+            assert!(
+                start + slack >= self.started_ns && end <= self.ended_ns + slack,
+                "span outside the run's wall-clock window [{}, {}]: {s}",
+                self.started_ns,
+                self.ended_ns
+            );
+        }
+        for s in &self.spans {
+            if let Some(p) = s.get("parent_span_id").and_then(Value::as_str) {
+                assert!(
+                    ids.contains(p),
+                    "parent_span_id {p} names no span of this run: {s}"
+                );
+            }
+        }
+    }
+
+    /// Spans whose `net.peer.port` attribute is `port`, in start order.
+    pub fn on_port(&self, port: u16) -> Vec<&Value> {
+        let mut v: Vec<&Value> = self
+            .spans
+            .iter()
+            .filter(|s| s["attributes"]["net.peer.port"].as_u64() == Some(port as u64))
+            .collect();
+        v.sort_by_key(|s| u64_of(s, "start_time"));
+        v
+    }
+
+    /// `file.open` spans whose path is under `dir`, in start order.
+    pub fn file_opens_under(&self, dir: &Path) -> Vec<&Value> {
+        let prefix = format!("{}/", dir.display());
+        let mut v: Vec<&Value> = self
+            .spans
+            .iter()
+            .filter(|s| str_of(s, "name") == "file.open")
+            .filter(|s| {
+                s["attributes"]["file.path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&prefix))
+            })
+            .collect();
+        v.sort_by_key(|s| u64_of(s, "start_time"));
+        v
+    }
+
+    /// Spans whose parent is `span`, in start order.
+    pub fn children_of(&self, span: &Value) -> Vec<&Value> {
+        let id = str_of(span, "span_id");
+        let mut v: Vec<&Value> = self
+            .spans
+            .iter()
+            .filter(|s| s["parent_span_id"].as_str() == Some(id))
+            .collect();
+        v.sort_by_key(|s| u64_of(s, "start_time"));
+        v
+    }
+
+    /// One line per span (name, key attributes, status), for failure messages.
+    pub fn show(&self, spans: &[&Value]) -> String {
+        let mut out = String::new();
+        for s in spans {
+            out.push_str(&format!(
+                "  {} {} {} status={}\n",
+                str_of(s, "name"),
+                str_of(s, "kind"),
+                s["attributes"],
+                s["status"]
+            ));
+        }
+        format!("{out}(full output: {})", self.saved.display())
+    }
 }

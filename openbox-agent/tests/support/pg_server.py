@@ -1,11 +1,15 @@
 """A throwaway PostgreSQL cluster on 127.0.0.1 that accepts TLS connections only.
 
-Usage (as root): pg_server.py [--pg-bin DIR] [PORT]
+Usage (as root): pg_server.py [--pg-bin DIR] [--allow-plain] [PORT]
 
 DIR defaults to $OPENBOX_PG_BIN, else the newest /usr/lib/postgresql/<ver>/bin. PORT 0
-(the default) picks a free port. Prints the port as the first stdout line once the
-server accepts connections. Log in as user `postgres`, database `postgres`, no password
-(trust), over TLS only (`sslmode=require`): non-TLS TCP connections are rejected.
+(the default) picks a free port; any fixed port works too (e.g. 6543). Prints the port as
+the first stdout line once the server accepts connections. Log in as user `postgres`,
+database `postgres`, no password (trust), over TLS only (`sslmode=require`): non-TLS TCP
+connections are rejected unless --allow-plain is given (then both are accepted).
+Also there: role `openbox` (password `openbox-pw`, trust) owning database `shop` with
+table `items(id int primary key, name text)` holding (1,'apple'), (2,'banana'),
+(3,'cherry').
 SIGTERM or SIGINT stops the server (fast shutdown) and deletes the cluster.
 
 PostgreSQL refuses to run as root, so initdb runs under `runuser -u postgres`, and the
@@ -27,6 +31,15 @@ import tempfile
 import time
 
 stopping = False
+
+SETUP = """
+CREATE ROLE openbox LOGIN PASSWORD 'openbox-pw';
+CREATE DATABASE shop OWNER openbox;
+\\connect shop
+SET ROLE openbox;
+CREATE TABLE items (id int PRIMARY KEY, name text);
+INSERT INTO items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
+"""
 
 
 def on_signal(*_):
@@ -64,6 +77,7 @@ def free_port():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pg-bin")
+    parser.add_argument("--allow-plain", action="store_true", help="accept non-TLS TCP connections too")
     parser.add_argument("port", nargs="?", type=int, default=0)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -113,7 +127,8 @@ def main():
             f.write(
                 "local all all trust\n"
                 "hostssl all all 127.0.0.1/32 trust\n"
-                "hostnossl all all 127.0.0.1/32 reject\n"
+                + ("hostnossl all all 127.0.0.1/32 trust\n" if args.allow_plain
+                   else "hostnossl all all 127.0.0.1/32 reject\n")
             )
         log = open(os.path.join(top, "postgres.log"), "wb")
         postmaster = subprocess.Popen(
@@ -137,6 +152,11 @@ def main():
             if stopping:
                 return
             time.sleep(0.1)
+        subprocess.run(
+            [os.path.join(bindir, "psql"), "-q", "-v", "ON_ERROR_STOP=1", "-h", top, "-p", str(port),
+             "-U", "postgres", "-d", "postgres", "-f", "-"],
+            input=SETUP.encode(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
         print(port, flush=True)
         while not stopping and postmaster.poll() is None:
             time.sleep(0.2)

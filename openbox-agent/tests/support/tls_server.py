@@ -5,10 +5,22 @@ Usage: tls_server.py [--plain] [--record DIR] [PORT]
 PORT 0 (the default) picks a free port. The chosen port is the first line on stdout.
 Keep-alive; TCP_NODELAY; bodies by Content-Length or chunked, up to several MiB.
 
+A request with `Expect: 100-continue` gets an interim `100 Continue` before its body is
+read. HEAD gets the headers GET would get (Content-Length included) and no body.
+
 Every response is deterministic (no Date header):
     HTTP/1.1 200 OK / Content-Type: text/plain / Content-Length: N
     body: "echo:<method> <path> <body length>"
 `GET /bytes/<n>` answers a body of n bytes (a repeating a-z pattern) instead.
+Other paths with their own answer (any method; `<rest>` is free text, e.g. a marker):
+    /status/<code>/<rest>  status <code> (its standard reason phrase), text/plain body
+                           "status:<code> <method> <path>"
+    /json/<rest>           application/json body {"method": …, "path": …, "body_len": …}
+    /binary/<n>            application/octet-stream body of n bytes 0x00..0xff repeating
+    /chunked/<rest>        Transfer-Encoding: chunked, text/plain, three chunks joined:
+                           "part1:<path>|part2|part3"
+    /cookie/<rest>         the echo body, plus `Set-Cookie: session=s3cr3t` and
+                           `X-Marker: <rest>` response headers
 
 --record DIR writes, per connection, the plaintext bytes received and sent:
 DIR/conn-<k>.in and DIR/conn-<k>.out (k = accept order, from 0). Each piece is
@@ -18,6 +30,7 @@ hold everything up to it.
 """
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -27,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from http import HTTPStatus
 
 MAX_HEADER = 64 * 1024
 
@@ -124,15 +138,40 @@ def read_body(conn, headers):
 
 
 def response_for(method, path, body):
+    status, ctype, extra = "200 OK", "text/plain", ""
     if method == "GET" and path.startswith("/bytes/"):
         n = int(path[len("/bytes/"):])
         pattern = b"abcdefghijklmnopqrstuvwxyz"
         payload = (pattern * (n // len(pattern) + 1))[:n]
+    elif path.startswith("/status/"):
+        code = int(path.split("/")[2])
+        status = f"{code} {HTTPStatus(code).phrase}"
+        payload = f"status:{code} {method} {path}".encode()
+    elif path.startswith("/json/"):
+        ctype = "application/json"
+        payload = json.dumps({"method": method, "path": path, "body_len": len(body)}).encode()
+    elif path.startswith("/binary/"):
+        ctype = "application/octet-stream"
+        n = int(path.split("/")[2])
+        payload = bytes(i % 256 for i in range(n))
+    elif path.startswith("/chunked/"):
+        parts = [f"part1:{path}|".encode(), b"part2|", b"part3"]
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "Content-Type: text/plain\r\n"
+            "Transfer-Encoding: chunked\r\n"
+            "\r\n"
+        ).encode()
+        return head + chunked
     else:
+        if path.startswith("/cookie/"):
+            extra = f"Set-Cookie: session=s3cr3t\r\nX-Marker: {path[len('/cookie/'):]}\r\n"
         payload = f"echo:{method} {path} {len(body)}".encode()
     head = (
-        "HTTP/1.1 200 OK\r\n"
-        "Content-Type: text/plain\r\n"
+        f"HTTP/1.1 {status}\r\n"
+        f"Content-Type: {ctype}\r\n"
+        f"{extra}"
         f"Content-Length: {len(payload)}\r\n"
         "\r\n"
     ).encode()
@@ -157,8 +196,15 @@ def serve_connection(sock, context, record_dir, index):
                 if ":" in line:
                     k, v = line.split(":", 1)
                     headers[k.strip().lower()] = v.strip()
+            if headers.get("expect", "").lower() == "100-continue":
+                interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+                rec.add("out", interim)
+                sock.sendall(interim)
             body = read_body(conn, headers)
             response = response_for(method, path, body)
+            if method == "HEAD":
+                # The headers a GET would get (Content-Length included), no body.
+                response = response_for("GET", path, body).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
             rec.add("out", response)
             sock.sendall(response)
             connection = headers.get("connection", "").lower()
