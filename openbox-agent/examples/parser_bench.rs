@@ -30,7 +30,9 @@ fn load(path: &str) -> Vec<Record> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| die(&format!("{path}: {e}")));
     let mut out = Vec::new();
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
         let u = |k: &str| v[k].as_u64().unwrap_or(0);
         let conn = v["conn"].as_str().map(str::to_string);
         match v["type"].as_str() {
@@ -52,7 +54,11 @@ fn load(path: &str) -> Vec<Record> {
                 conn,
                 peer: addr(&v["peer"]),
                 tls: v["tls"].as_bool().unwrap_or(false),
-                direction: if v["direction"] == "egress" { Direction::Egress } else { Direction::Ingress },
+                direction: if v["direction"] == "egress" {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
                 via: "replay",
                 seq: u("seq"),
                 truncated: u("truncated"),
@@ -83,7 +89,10 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seconds" => {
-                seconds = args.next().and_then(|s| s.parse().ok()).unwrap_or_else(|| die("--seconds needs a number"))
+                seconds = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| die("--seconds needs a number"))
             }
             _ => files.push(a),
         }
@@ -91,11 +100,26 @@ fn main() {
     if files.is_empty() {
         die("usage: parser_bench [--seconds S] FILE.jsonl...");
     }
-    println!("{:<12} {:>10} {:>8} {:>12} {:>12}", "capture", "bytes", "spans", "MB/s", "spans/s");
+    println!(
+        "{:<12} {:>10} {:>8} {:>12} {:>12}",
+        "capture", "bytes", "spans", "MB/s", "spans/s"
+    );
     for path in &files {
         let records = load(path);
-        let bytes: usize = records.iter().map(|r| if let Record::Data { data, .. } = r { data.len() } else { 0 }).sum();
-        let label = std::path::Path::new(path).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let bytes: usize = records
+            .iter()
+            .map(|r| {
+                if let Record::Data { data, .. } = r {
+                    data.len()
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let label = std::path::Path::new(path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         // Runs of about 0.2 s; the median run is reported.
         let mut rates = Vec::new();
         let mut spans_per_pass = 0;

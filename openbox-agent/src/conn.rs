@@ -37,7 +37,11 @@ pub enum Action {
     ClearFlags(Pid, i32, u64),
     /// Forget these descriptors in the kernel unless recreated after `before` (the
     /// process exited).
-    ForgetFds { pid: Pid, fds: Vec<i32>, before: u64 },
+    ForgetFds {
+        pid: Pid,
+        fds: Vec<i32>,
+        before: u64,
+    },
     /// A TLS library was opened: attach uprobes to it, then resume `paused` if set.
     AttachTls {
         pid: Pid,
@@ -358,7 +362,14 @@ impl Tracker {
     }
 
     /// A descriptor that vanished without close() (exec closed it): report it closed.
-    pub fn close_vanished(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>, actions: &mut Vec<Action>) {
+    pub fn close_vanished(
+        &mut self,
+        pid: Pid,
+        fd: i32,
+        ts: u64,
+        out: &mut Vec<Record>,
+        actions: &mut Vec<Action>,
+    ) {
         self.close(pid, fd, ts, out, actions);
     }
 
@@ -504,7 +515,11 @@ impl Tracker {
                     pid,
                     comm: p.comm.clone(),
                 });
-                actions.push(Action::ForgetFds { pid, fds, before: ts });
+                actions.push(Action::ForgetFds {
+                    pid,
+                    fds,
+                    before: ts,
+                });
                 actions.push(Action::Unwatch(pid));
             }
         }
@@ -727,7 +742,14 @@ impl Tracker {
         });
     }
 
-    fn close(&mut self, pid: Pid, fd: i32, ts: u64, out: &mut Vec<Record>, actions: &mut Vec<Action>) {
+    fn close(
+        &mut self,
+        pid: Pid,
+        fd: i32,
+        ts: u64,
+        out: &mut Vec<Record>,
+        actions: &mut Vec<Action>,
+    ) {
         let key = (pid, fd);
         if let Some(c) = self.conns.remove(&key) {
             // Plaintext still waiting for this socket goes out before it closes.

@@ -7,10 +7,10 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{MapData, RingBuf};
 use base64::Engine;
 use openbox_common::*;
 use serde_json::json;
-use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -188,7 +188,8 @@ impl Session {
                 if !now.iter().any(|(f, _)| *f == fd) {
                     self.cap.forget_fd_before(pid, fd, at);
                     let (mut records, mut actions) = (Vec::new(), Vec::new());
-                    self.tracker.close_vanished(pid, fd, at, &mut records, &mut actions);
+                    self.tracker
+                        .close_vanished(pid, fd, at, &mut records, &mut actions);
                     for r in &records {
                         self.output(r);
                     }

@@ -10,7 +10,11 @@ use crate::{run, workspace_root};
 pub const TARGETS: [&str; 5] = ["http", "postgres", "mysql", "redis", "mongo"];
 
 fn ensure_cargo_fuzz() -> Result<()> {
-    let ok = Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if ok {
         return Ok(());
     }
@@ -23,8 +27,11 @@ pub fn run_fuzz(targets: &[String], seconds: u64) -> Result<()> {
     crate::toolchain::build_ebpf()?;
     ensure_cargo_fuzz()?;
     let fuzz_dir = workspace_root().join("openbox-agent/fuzz");
-    let targets: Vec<String> =
-        if targets.is_empty() { TARGETS.iter().map(|t| t.to_string()).collect() } else { targets.to_vec() };
+    let targets: Vec<String> = if targets.is_empty() {
+        TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        targets.to_vec()
+    };
     for t in &targets {
         if !TARGETS.contains(&t.as_str()) {
             bail!("unknown fuzz target {t}: one of {}", TARGETS.join(", "));

@@ -143,9 +143,14 @@ fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
 /// Parser throughput over the recorded traffic in openbox-agent/benches/traffic.
 fn parser_bench() -> Result<()> {
     let root = workspace_root();
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "openbox-agent", "--example", "parser_bench"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "openbox-agent",
+        "--example",
+        "parser_bench",
+    ]))?;
     let dir = root.join("openbox-agent/benches/traffic");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?

@@ -190,7 +190,10 @@ impl Capture {
     pub fn seed_fd(&mut self, tgid: u32, fd: i32, kind: u32) -> u64 {
         let key = fd_key(tgid, fd);
         let gen = self.next_seed_gen;
-        match self.fds.insert(key, FdState { kind, _pad: 0, gen }, BPF_NOEXIST) {
+        match self
+            .fds
+            .insert(key, FdState { kind, _pad: 0, gen }, BPF_NOEXIST)
+        {
             Ok(()) => {
                 self.next_seed_gen += 1;
                 gen
@@ -202,11 +205,21 @@ impl Capture {
     /// Sets flags on one incarnation of a descriptor; a newer descriptor with the same
     /// number is never affected.
     pub fn set_fd_flags(&mut self, tgid: u32, fd: i32, gen: u64, flags: u32) {
-        let _ = self.fd_flags.insert(FdFlagKey { fd_key: fd_key(tgid, fd), gen }, flags, 0);
+        let _ = self.fd_flags.insert(
+            FdFlagKey {
+                fd_key: fd_key(tgid, fd),
+                gen,
+            },
+            flags,
+            0,
+        );
     }
 
     pub fn clear_fd_flags(&mut self, tgid: u32, fd: i32, gen: u64) {
-        let _ = self.fd_flags.remove(&FdFlagKey { fd_key: fd_key(tgid, fd), gen });
+        let _ = self.fd_flags.remove(&FdFlagKey {
+            fd_key: fd_key(tgid, fd),
+            gen,
+        });
     }
 
     /// Forgets a descriptor the kernel never saw closed (exec closed it, or the process
@@ -217,7 +230,10 @@ impl Capture {
         if let Ok(state) = self.fds.get(&key, 0) {
             if state.gen < before {
                 let _ = self.fds.remove(&key);
-                let _ = self.fd_flags.remove(&FdFlagKey { fd_key: key, gen: state.gen });
+                let _ = self.fd_flags.remove(&FdFlagKey {
+                    fd_key: key,
+                    gen: state.gen,
+                });
             }
         }
     }
