@@ -787,8 +787,18 @@ mod tests {
     fn a_body_with_a_hole_is_kept_as_the_prefix_before_the_hole() {
         let mut p = HttpParser::new(ParserConfig::default());
         let mut out = Vec::new();
-        p.feed(Side::Client, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 1, &mut out);
-        p.feed(Side::Server, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", 2, &mut out);
+        p.feed(
+            Side::Client,
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            1,
+            &mut out,
+        );
+        p.feed(
+            Side::Server,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            2,
+            &mut out,
+        );
         p.gap(Side::Server, 4, 2, &mut out);
         p.feed(Side::Server, b"xyz", 3, &mut out);
         assert_eq!(out.len(), 1);
