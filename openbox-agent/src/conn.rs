@@ -230,6 +230,9 @@ pub struct SkipPaths {
     pub prefixes: Vec<String>,
     pub contains: Vec<String>,
     pub suffixes: Vec<String>,
+    /// (directory part, suffix): skipped when the path contains the first and ends with
+    /// the second — Python's own sources, which its import system reads.
+    pub sources: Vec<(String, String)>,
 }
 
 impl Default for SkipPaths {
@@ -240,6 +243,12 @@ impl Default for SkipPaths {
             prefixes: vec!["/dev/".into(), "/proc/".into(), "/sys/".into()],
             contains: vec!["__pycache__".into(), ".so.".into()],
             suffixes: vec![".pyc".into(), ".pyo".into(), ".so".into(), ".dylib".into()],
+            // The SDK patches open() and so never sees the import system read modules;
+            // we see every read, and these are not the activity's.
+            sources: vec![
+                ("/lib/python".into(), ".py".into()),
+                ("/lib/python".into(), ".pth".into()),
+            ],
         }
     }
 }
@@ -250,12 +259,17 @@ impl SkipPaths {
             prefixes: vec![],
             contains: vec![],
             suffixes: vec![],
+            sources: vec![],
         }
     }
     pub fn skips(&self, path: &str) -> bool {
         self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
             || self.contains.iter().any(|p| path.contains(p.as_str()))
             || self.suffixes.iter().any(|p| path.ends_with(p.as_str()))
+            || self
+                .sources
+                .iter()
+                .any(|(d, s)| path.contains(d.as_str()) && path.ends_with(s.as_str()))
     }
 }
 
@@ -443,7 +457,9 @@ impl Tracker {
                     });
                 }
                 let mode = open_mode(f.open_flags);
-                let ignored = self.skip.skips(&path);
+                // Opening a directory (to list it, or as a dirfd) moves no file bytes.
+                let directory = f.open_flags & libc::O_DIRECTORY as u32 != 0;
+                let ignored = directory || self.skip.skips(&path);
                 if ignored {
                     actions.push(Action::Quiet(pid, f.fd, ts));
                 } else {
@@ -1131,6 +1147,36 @@ mod tests {
             files[1],
             Record::FileClose { path, mode: "w", bytes_written: 123, writes: 2, bytes_read: 0, .. } if path == "/work/out.txt"
         ));
+    }
+
+    #[test]
+    fn interpreter_sources_and_directories_are_not_file_io() {
+        let skip = SkipPaths::default();
+        assert!(skip.skips("/usr/lib/python3.11/json/__init__.py"));
+        assert!(skip.skips("/opt/venv/lib/python3.11/site-packages/distutils-precedence.pth"));
+        assert!(
+            !skip.skips("/srv/app/lib/report.py"),
+            "the application's own files stay"
+        );
+        assert!(!skip.skips("/opt/venv/lib/python3.11/site-packages/pkg/data.json"));
+        let mut t = Tracker::new(skip);
+        let flags = (libc::O_RDONLY | libc::O_DIRECTORY) as u32;
+        let (out, actions) = run(
+            &mut t,
+            vec![ev(
+                EV_FILE_OPEN,
+                0,
+                11,
+                Body::FileOpen(FileOpen {
+                    fd: 3,
+                    open_flags: flags,
+                    dirfd: -100,
+                    path: "/data".into(),
+                }),
+            )],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert!(actions.contains(&Action::Quiet(10, 3, 1)));
     }
 
     #[test]
