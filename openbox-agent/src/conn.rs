@@ -375,6 +375,15 @@ impl Tracker {
         !ignored
     }
 
+    /// No parser can use this connection's bytes: stop the kernel copying them (when the
+    /// descriptor's generation is known, so the flag can only hit this connection).
+    pub fn stop_payload(&mut self, conn_id: &str) -> Option<Action> {
+        let (key, c) = self.conns.iter_mut().find(|(_, c)| c.id == conn_id)?;
+        let gen = c.gen?;
+        c.flagged = true;
+        Some(Action::NoPayload(key.0, key.1, gen))
+    }
+
     /// A descriptor that vanished without close() (exec closed it): report it closed.
     pub fn close_vanished(
         &mut self,

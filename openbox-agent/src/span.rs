@@ -160,6 +160,9 @@ pub struct SpanBuilder {
     pub unparsed: u64,
     /// Connections whose protocol was not recognised.
     pub unknown_conns: u64,
+    /// Connections found, since the caller last took them, to be of no known protocol:
+    /// their payload need not be copied any more.
+    pub given_up: Vec<String>,
 }
 
 impl SpanBuilder {
@@ -175,6 +178,7 @@ impl SpanBuilder {
             files: HashMap::new(),
             unparsed: 0,
             unknown_conns: 0,
+            given_up: Vec::new(),
         }
     }
 
@@ -228,9 +232,13 @@ impl SpanBuilder {
                 let gap_before = seq.saturating_sub(c.next_seq[t][d]);
                 c.next_seq[t][d] = seq + data.len() as u64 + truncated;
                 let mut ops = Vec::new();
+                let was_unknown = c.unknown;
                 feed(
                     c, &cfg, direction, *ts, gap_before, data, *truncated, &mut ops,
                 );
+                if c.unknown && !was_unknown {
+                    self.given_up.push(conn.clone());
+                }
                 let conn = conn.clone();
                 self.emit_ops(&conn, ops, out);
             }
@@ -882,6 +890,28 @@ mod tests {
             out[1].parent_span_id.as_deref(),
             Some(out[0].span_id.as_str())
         );
+    }
+
+    #[test]
+    fn a_connection_of_no_known_protocol_is_given_up_once() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c3"), &mut out);
+        let noise = [0x42u8; 100];
+        b.handle(
+            &data("c3", Direction::Egress, 0, &noise, 5, false),
+            &mut out,
+        );
+        b.handle(
+            &data("c3", Direction::Ingress, 0, &noise, 6, false),
+            &mut out,
+        );
+        b.handle(
+            &data("c3", Direction::Egress, 100, &noise, 7, false),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        assert_eq!(b.given_up, vec!["c3".to_string()]);
     }
 
     #[test]

@@ -282,7 +282,14 @@ impl Session {
         if let Some(builder) = self.spans.as_mut() {
             let mut spans = Vec::new();
             builder.handle(r, &mut spans);
+            let given_up = std::mem::take(&mut builder.given_up);
             self.print_spans(&spans);
+            // Span mode only: --raw shows every byte, so it keeps copying them.
+            for conn in given_up {
+                if let Some(action) = self.tracker.stop_payload(&conn) {
+                    self.act(action);
+                }
+            }
             // Process lifecycle stays visible in readable span output.
             if !self.json
                 && matches!(
