@@ -13,26 +13,15 @@ the temp dir.
 import argparse
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 
-stopping = False
-
-
-def on_signal(*_):
-    global stopping
-    stopping = True
+import fixture
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bson_int_doc(key, value):
@@ -62,10 +51,9 @@ def main():
     args = parser.parse_args()
     if not args.ferretdb or not os.path.exists(args.ferretdb):
         sys.exit("ferretdb_server: no FerretDB binary: pass --ferretdb or set OPENBOX_FERRETDB_BIN (run `cargo xtask setup-env`)")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    fixture.handle_signals()
 
-    port = args.port or free_port()
+    port = args.port or fixture.free_port()
     top = tempfile.mkdtemp(prefix="openbox-ferretdb-")
     data = os.path.join(top, "data")
     os.makedirs(data)
@@ -74,34 +62,17 @@ def main():
         log = open(os.path.join(top, "ferretdb.log"), "wb")
         server = subprocess.Popen(
             [args.ferretdb, "--handler=sqlite", f"--sqlite-url=file:{data}/",
-             f"--listen-addr=127.0.0.1:{port}", f"--debug-addr=127.0.0.1:{free_port()}",
+             f"--listen-addr=127.0.0.1:{port}", f"--debug-addr=127.0.0.1:{fixture.free_port()}",
              f"--state-dir={top}", "--telemetry=disable", "--log-level=WARN"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=top,
             env={**os.environ, "DO_NOT_TRACK": "1"},
         )
-        deadline = time.monotonic() + 30
-        while not answers(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                sys.stderr.write(open(os.path.join(top, "ferretdb.log")).read())
-                sys.exit("ferretdb_server: FerretDB did not start")
-            if stopping:
-                return
-            time.sleep(0.05)
-        print(port, flush=True)
-        while not stopping and server.poll() is None:
-            time.sleep(0.2)
-        if server.poll() is not None and not stopping:
-            sys.stderr.write(open(os.path.join(top, "ferretdb.log")).read())
-            sys.exit("ferretdb_server: FerretDB exited unexpectedly")
+        log_path = os.path.join(top, "ferretdb.log")
+        if not fixture.wait_until_answering("ferretdb_server", server, log_path, lambda: answers(port), 30):
+            return
+        fixture.serve_until_stopped("ferretdb_server", server, port, log_path)
     finally:
-        if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        fixture.stop(server, 20)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -14,14 +14,11 @@ holds table `items(id INT PRIMARY KEY, name VARCHAR(64))` with rows (1,'apple'),
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-stopping = False
+import fixture
 
 BOOTSTRAP = """
 CREATE DATABASE shop;
@@ -34,16 +31,6 @@ INSERT INTO shop.items VALUES (1, 'apple'), (2, 'banana'), (3, 'cherry');
 """
 
 
-def on_signal(*_):
-    global stopping
-    stopping = True
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main():
     parser = argparse.ArgumentParser()
@@ -52,13 +39,12 @@ def main():
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("mariadb_server: run as root (mariadbd runs with --user=root)")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    fixture.handle_signals()
 
     mariadbd = os.path.join(args.bin_dir, "mariadbd")
     if not os.path.exists(mariadbd):
         sys.exit(f"mariadb_server: {mariadbd} not found: apt-get install mariadb-server (or run `cargo xtask setup-env`)")
-    port = args.port or free_port()
+    port = args.port or fixture.free_port()
     top = tempfile.mkdtemp(prefix="openbox-mariadb-")
     data = os.path.join(top, "data")
     sock = os.path.join(top, "mysqld.sock")
@@ -79,41 +65,26 @@ def main():
              "--skip-innodb-doublewrite", "--max-connections=20", "--skip-ssl"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=top,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                sys.stderr.write(open(os.path.join(top, "mariadb.log")).read())
-                sys.exit("mariadb_server: MariaDB did not start")
+        log_path = os.path.join(top, "mariadb.log")
+
+        def answers():
             ping = subprocess.run(
                 ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot", "-e", "SELECT 1"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            if ping.returncode == 0:
-                break
-            if stopping:
-                return
-            time.sleep(0.1)
+            return ping.returncode == 0
+
+        if not fixture.wait_until_answering("mariadb_server", server, log_path, answers, 60, poll=0.1):
+            return
         subprocess.run(
             ["mariadb", "--no-defaults", f"--socket={sock}", "-uroot"],
             input=BOOTSTRAP.encode(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        print(port, flush=True)
-        while not stopping and server.poll() is None:
-            time.sleep(0.2)
-        if server.poll() is not None and not stopping:
-            sys.stderr.write(open(os.path.join(top, "mariadb.log")).read())
-            sys.exit("mariadb_server: MariaDB exited unexpectedly")
+        fixture.serve_until_stopped("mariadb_server", server, port, log_path)
     except subprocess.CalledProcessError as e:
         sys.exit(f"mariadb_server: {e}: {(e.stderr or b'').decode(errors='replace')}")
     finally:
-        if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        fixture.stop(server, 30)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -10,25 +10,14 @@ PING. SIGTERM or SIGINT stops it and deletes the temp dir.
 import argparse
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 
-stopping = False
-
-
-def on_signal(*_):
-    global stopping
-    stopping = True
+import fixture
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pings(port):
@@ -45,10 +34,9 @@ def main():
     parser.add_argument("--redis-server", default=os.environ.get("OPENBOX_REDIS_SERVER", "redis-server"))
     parser.add_argument("port", nargs="?", type=int, default=0)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    fixture.handle_signals()
 
-    port = args.port or free_port()
+    port = args.port or fixture.free_port()
     top = tempfile.mkdtemp(prefix="openbox-redis-")
     server = None
     try:
@@ -62,29 +50,12 @@ def main():
             )
         except FileNotFoundError:
             sys.exit(f"redis_server: {args.redis_server} not found: apt-get install redis-server (or run `cargo xtask setup-env`)")
-        deadline = time.monotonic() + 30
-        while not pings(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                sys.stderr.write(open(os.path.join(top, "redis.log")).read())
-                sys.exit("redis_server: Redis did not start")
-            if stopping:
-                return
-            time.sleep(0.05)
-        print(port, flush=True)
-        while not stopping and server.poll() is None:
-            time.sleep(0.2)
-        if server.poll() is not None and not stopping:
-            sys.stderr.write(open(os.path.join(top, "redis.log")).read())
-            sys.exit("redis_server: Redis exited unexpectedly")
+        log_path = os.path.join(top, "redis.log")
+        if not fixture.wait_until_answering("redis_server", server, log_path, lambda: pings(port), 30):
+            return
+        fixture.serve_until_stopped("redis_server", server, port, log_path)
     finally:
-        if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        fixture.stop(server, 20)
         shutil.rmtree(top, ignore_errors=True)
 
 
