@@ -776,7 +776,7 @@ impl Tracker {
         actions: &mut Vec<Action>,
     ) {
         let key = (pid, fd);
-        if let Some(c) = self.conns.remove(&key) {
+        if self.conns.contains_key(&key) {
             // Plaintext still waiting for this socket goes out before it closes.
             let ssls: Vec<u64> = self
                 .ssl_links
@@ -784,11 +784,10 @@ impl Tracker {
                 .filter(|(_, k)| **k == key)
                 .map(|((_, s), _)| *s)
                 .collect();
-            self.conns.insert(key, c);
-            for s in &ssls {
-                self.flush_ssl(pid, *s, out);
+            for s in ssls {
+                self.flush_ssl(pid, s, out);
             }
-            let c = self.conns.remove(&key).unwrap();
+            let c = self.conns.remove(&key).expect("checked above");
             if let (true, Some(gen)) = (c.flagged, c.gen) {
                 actions.push(Action::ClearFlags(pid, fd, gen));
             }

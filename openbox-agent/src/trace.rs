@@ -420,14 +420,7 @@ fn now_mono() -> u64 {
 
 /// One readable line per span.
 pub fn span_text(s: &Span, max: usize) -> String {
-    let secs = s.start_time / 1_000_000_000;
-    let when = format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60,
-        (s.start_time % 1_000_000_000) / 1000
-    );
+    let when = hms_epoch(s.start_time);
     let a = |k: &str| {
         s.attributes.get(k).map(|v| {
             v.as_str()
@@ -589,7 +582,11 @@ fn escape(data: &[u8], max: usize) -> String {
 }
 
 fn hms(clock: &Clock, ts: u64) -> String {
-    let ns = clock.epoch_ns(ts);
+    hms_epoch(clock.epoch_ns(ts))
+}
+
+/// HH:MM:SS.micro (UTC) of a Unix-epoch nanosecond time.
+fn hms_epoch(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
     format!(
         "{:02}:{:02}:{:02}.{:06}",
