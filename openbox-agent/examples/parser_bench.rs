@@ -45,6 +45,7 @@ fn load(path: &str) -> Vec<Record> {
                 conn: conn.unwrap_or_default(),
                 peer: addr(&v["peer"]),
                 local: addr(&v["local"]),
+                attr: Default::default(),
             }),
             Some("data") => out.push(Record::Data {
                 ts: u("ts"),
@@ -65,6 +66,7 @@ fn load(path: &str) -> Vec<Record> {
                 data: base64::engine::general_purpose::STANDARD
                     .decode(v["data_b64"].as_str().unwrap_or(""))
                     .unwrap_or_default(),
+                attr: Default::default(),
             }),
             Some("close") => out.push(Record::Close {
                 ts: u("ts"),

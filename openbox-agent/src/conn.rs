@@ -79,6 +79,30 @@ impl Direction {
     }
 }
 
+/// Which worker activity a record belongs to, as the kernel saw it: the worker
+/// (`owner`, host tgid) and the token its hook published for the running activity.
+/// Zero means no exact evidence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Attr {
+    pub owner: u32,
+    pub activity: u64,
+}
+
+impl Attr {
+    pub fn of(h: &openbox_common::EventHeader) -> Attr {
+        if h.owner == 0 || h.activity == 0 {
+            return Attr::default();
+        }
+        Attr {
+            owner: h.owner,
+            activity: h.activity,
+        }
+    }
+    pub fn is_some(&self) -> bool {
+        self.activity != 0
+    }
+}
+
 /// What the user sees.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
@@ -107,6 +131,7 @@ pub enum Record {
         conn: String,
         peer: Option<Addr>,
         local: Option<Addr>,
+        attr: Attr,
     },
     Data {
         ts: u64,
@@ -122,6 +147,7 @@ pub enum Record {
         seq: u64,
         truncated: u64,
         data: Vec<u8>,
+        attr: Attr,
     },
     Close {
         ts: u64,
@@ -139,6 +165,7 @@ pub enum Record {
         fd: i32,
         path: String,
         mode: &'static str,
+        attr: Attr,
     },
     /// One read or write call on a reported file (for file.read/file.write spans; not
     /// printed as a record of its own).
@@ -148,6 +175,7 @@ pub enum Record {
         fd: i32,
         direction: Direction,
         bytes: u64,
+        attr: Attr,
     },
     FileClose {
         ts: u64,
@@ -438,6 +466,7 @@ impl Tracker {
                     conn: conn.id.clone(),
                     peer,
                     local,
+                    attr: Attr::of(&h),
                 });
             }
             Body::Socket(c) => {
@@ -478,6 +507,7 @@ impl Tracker {
                         fd: f.fd,
                         path: path.clone(),
                         mode,
+                        attr: Attr::of(&h),
                     });
                 }
                 self.files.insert(
@@ -505,6 +535,7 @@ impl Tracker {
                             fd: io.fd,
                             direction: dir,
                             bytes: io.bytes,
+                            attr: Attr::of(&h),
                         });
                     }
                 }
@@ -651,6 +682,7 @@ impl Tracker {
                 seq,
                 truncated,
                 data: d.payload.clone(),
+                attr: Attr::of(&h),
             });
         }
         if let Some(ssl) = newly_linked {
@@ -764,6 +796,7 @@ impl Tracker {
             seq,
             truncated,
             data: d.payload.clone(),
+            attr: Attr::of(&h),
         });
     }
 
@@ -860,6 +893,7 @@ mod tests {
                 ts_ns: 1,
                 tgid: 10,
                 tid,
+                ..Default::default()
             },
             body,
         }

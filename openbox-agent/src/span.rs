@@ -5,14 +5,14 @@
 //! protocol from its first bytes, feeds both directions to that protocol's parser, and
 //! turns the parser's [`Op`]s into [`Span`]s with the SDK's attribute names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
     capture::event::Addr,
-    conn::{Direction, Pid, Record},
+    conn::{Attr, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
     trace::Clock,
 };
@@ -52,6 +52,9 @@ pub struct Span {
     pub pid: Pid,
     #[serde(skip)]
     pub tid: u32,
+    /// The activity whose request (or file open) made it, as the kernel saw it.
+    #[serde(skip)]
+    pub attr: Attr,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +112,39 @@ struct ConnState {
     held: [Vec<(u64, Vec<u8>)>; 2],
     /// Next expected stream offset per [plaintext-or-cleartext][direction].
     next_seq: [[u64; 2]; 2],
+    /// Attribution changes of the bytes per direction: (ts of the first record with
+    /// this attribution, attribution). An operation belongs to whoever sent the first
+    /// byte of its request, whoever reads the response (a pooled connection's reply is
+    /// often read by the event loop's callback, outside any activity).
+    attrs: [VecDeque<(u64, Attr)>; 2],
+}
+
+/// Attribution changes kept per connection direction: enough for deep pipelining; an
+/// operation whose request began before the oldest kept change is left unattributed.
+const ATTR_HISTORY: usize = 256;
+
+impl ConnState {
+    fn note_attr(&mut self, d: usize, ts: u64, attr: Attr) {
+        let h = &mut self.attrs[d];
+        if h.back().map(|(_, a)| *a) != Some(attr) {
+            if h.len() == ATTR_HISTORY {
+                h.pop_front();
+            }
+            h.push_back((ts, attr));
+        }
+    }
+
+    /// The attribution of the request bytes at `ts`; forgets older changes (operations
+    /// complete in request order on one connection).
+    fn attr_at(&mut self, ts: u64) -> Attr {
+        let d = if self.role == Role::Server { 1 } else { 0 };
+        let h = &mut self.attrs[d];
+        let Some(i) = h.iter().rposition(|(t, _)| *t <= ts) else {
+            return Attr::default();
+        };
+        h.drain(..i);
+        h[0].1
+    }
 }
 
 struct FileState {
@@ -117,6 +153,7 @@ struct FileState {
     mode: &'static str,
     open_ts: u64,
     pid: Pid,
+    attr: Attr,
     /// The burst in progress: (direction, first ts, last ts, bytes, calls).
     burst: Option<(Direction, u64, u64, u64, u64)>,
     children: Vec<Span>,
@@ -195,6 +232,7 @@ impl SpanBuilder {
                 unknown: false,
                 held: [Vec::new(), Vec::new()],
                 next_seq: [[0; 2]; 2],
+                attrs: [VecDeque::new(), VecDeque::new()],
             })
     }
 
@@ -222,6 +260,7 @@ impl SpanBuilder {
                 seq,
                 truncated,
                 data,
+                attr,
                 ..
             } => {
                 let cfg = self.cfg.parser.clone();
@@ -229,6 +268,7 @@ impl SpanBuilder {
                 c.tid = *tid;
                 c.tls |= *tls;
                 let (t, d) = (*tls as usize, direction_idx(direction));
+                c.note_attr(d, *ts, *attr);
                 let gap_before = seq.saturating_sub(c.next_seq[t][d]);
                 c.next_seq[t][d] = seq + data.len() as u64 + truncated;
                 let mut ops = Vec::new();
@@ -253,7 +293,7 @@ impl SpanBuilder {
                     }
                     let protocol = c.parser.as_ref().map(|p| p.protocol());
                     for op in ops {
-                        out.push(self.span(&c, protocol, op));
+                        out.push(self.span(&mut c, protocol, op));
                     }
                 }
             }
@@ -263,6 +303,7 @@ impl SpanBuilder {
                 fd,
                 path,
                 mode,
+                attr,
             } => {
                 let span_id = self.ids.span_id();
                 self.files.insert(
@@ -273,6 +314,7 @@ impl SpanBuilder {
                         mode,
                         open_ts: *ts,
                         pid: *pid,
+                        attr: *attr,
                         burst: None,
                         children: Vec::new(),
                     },
@@ -284,6 +326,7 @@ impl SpanBuilder {
                 fd,
                 direction,
                 bytes,
+                ..
             } => {
                 let every = self.cfg.every_file_call;
                 let Some(f) = self.files.get_mut(&(*pid, *fd)) else {
@@ -339,8 +382,9 @@ impl SpanBuilder {
                         f.pid,
                         0,
                     );
-                    out.push(open);
-                    out.extend(f.children);
+                    let attr = f.attr;
+                    out.push(Span { attr, ..open });
+                    out.extend(f.children.into_iter().map(|c| Span { attr, ..c }));
                 }
             }
             _ => {}
@@ -419,6 +463,7 @@ impl SpanBuilder {
             response_headers: None,
             pid,
             tid,
+            attr: Attr::default(),
         }
     }
 
@@ -426,17 +471,18 @@ impl SpanBuilder {
         if ops.is_empty() {
             return;
         }
-        let Some(c) = self.conns.remove(conn) else {
+        let Some(mut c) = self.conns.remove(conn) else {
             return;
         };
         let protocol = c.parser.as_ref().map(|p| p.protocol());
         for op in ops {
-            out.push(self.span(&c, protocol, op));
+            out.push(self.span(&mut c, protocol, op));
         }
         self.conns.insert(conn.to_string(), c);
     }
 
-    fn span(&mut self, c: &ConnState, protocol: Option<Protocol>, op: Op) -> Span {
+    fn span(&mut self, c: &mut ConnState, protocol: Option<Protocol>, op: Op) -> Span {
+        let attr = c.attr_at(op.start_ts);
         let kind = if c.role == Role::Server {
             "SERVER"
         } else {
@@ -515,6 +561,7 @@ impl SpanBuilder {
             }
         }
         span.attributes = attributes;
+        span.attr = attr;
         span.status = Status {
             code: op.status,
             description: op.status_description,
@@ -772,7 +819,57 @@ mod tests {
             seq,
             truncated: 0,
             data: bytes.to_vec(),
+            attr: Attr::default(),
         }
+    }
+
+    fn by(r: Record, activity: u64) -> Record {
+        match r {
+            Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, .. } => {
+                let attr = if activity == 0 {
+                    Attr::default()
+                } else {
+                    Attr { owner: 10, activity }
+                };
+                Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, attr }
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn pooled_connection_operations_belong_to_whoever_sent_the_request() {
+        // Keep-alive connection shared by two activities: activity 1 sends a request,
+        // the event loop (no activity) reads the reply, activity 2 sends the next one,
+        // and its reply is read in activity 1's step.
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c"), &mut out);
+        let req1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n";
+        let req2 = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        b.handle(&by(data("c", Direction::Egress, 0, req1, 10, false), 1), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 0), &mut out);
+        b.handle(&by(data("c", Direction::Egress, req1.len() as u64, req2, 30, false), 2), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, resp.len() as u64, resp, 40, false), 1), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].attributes["http.target"], "/one");
+        assert_eq!(out[0].attr.activity, 1);
+        assert_eq!(out[1].attributes["http.target"], "/two");
+        assert_eq!(out[1].attr.activity, 2);
+    }
+
+    #[test]
+    fn request_sent_outside_any_activity_stays_unattributed() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c"), &mut out);
+        let req = b"GET /bg HTTP/1.1\r\nHost: x\r\n\r\n";
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        b.handle(&by(data("c", Direction::Egress, 0, req, 10, false), 0), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 7), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].attr.is_some());
     }
 
     fn connect(conn: &str) -> Record {
@@ -785,6 +882,7 @@ mod tests {
             conn: conn.into(),
             peer: Some(Addr::Inet("127.0.0.1:8443".parse().unwrap())),
             local: None,
+            attr: Attr::default(),
         }
     }
 
@@ -852,6 +950,7 @@ mod tests {
                 fd: 4,
                 path: "/data/x".into(),
                 mode: "r",
+                attr: Attr::default(),
             },
             &mut out,
         );
@@ -863,6 +962,7 @@ mod tests {
                     fd: 4,
                     direction: Direction::Ingress,
                     bytes: 4096,
+                    attr: Attr::default(),
                 },
                 &mut out,
             );

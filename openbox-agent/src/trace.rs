@@ -498,6 +498,7 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             conn,
             peer,
             local,
+            ..
         } => json!({
             "type": if *accept { "accept" } else { "connect" },
             "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
@@ -517,10 +518,11 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             seq,
             truncated,
             data,
+            attr,
         } => json!({
             "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
             "peer": s(peer), "tls": tls, "direction": direction, "via": via, "seq": seq, "len": data.len(),
-            "truncated": truncated,
+            "truncated": truncated, "worker": attr.owner, "activity": attr.activity,
             "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
         }),
         Record::Close {
@@ -542,6 +544,7 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             fd,
             path,
             mode,
+            ..
         } => json!({
             "type": "file", "event": "open", "ts": clock.epoch_ns(*ts), "pid": pid, "fd": fd, "path": path, "mode": mode,
         }),
@@ -631,7 +634,7 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> Option<String> {
             opt(peer),
             if *tls { " (TLS)" } else { "" }
         ),
-        Record::FileOpen { ts, pid, fd, path, mode } => {
+        Record::FileOpen { ts, pid, fd, path, mode, .. } => {
             format!("{} [{pid}] open fd {fd} {path} ({mode})", hms(clock, *ts))
         }
         Record::FileClose { ts, pid, fd, path, mode, bytes_read, bytes_written, reads, writes } => format!(

@@ -119,6 +119,8 @@ pub const CNT_READ_FAILURES: u32 = 6;
 pub const CNT_MAP_FULL: u32 = 7;
 /// Payload bytes captured.
 pub const CNT_CAPTURED_BYTES: u32 = 8;
+/// Reads of a thread's activity slot (worker memory) that failed: unattributed.
+pub const CNT_SLOT_READ_FAILURES: u32 = 9;
 pub const NUM_COUNTERS: u32 = 16;
 
 /// Common prefix of every ring-buffer record.
@@ -135,6 +137,13 @@ pub struct EventHeader {
     pub tgid: u32,
     /// Host thread id.
     pub tid: u32,
+    /// Host tgid of the registered worker whose activity was running on this thread
+    /// when the record was made (or that started this process), 0 when none.
+    pub owner: u32,
+    pub _pad: u32,
+    /// The activity token the worker's hook had published in the thread's slot (or
+    /// that the process inherited at fork), 0 when none. Meaningful only with `owner`.
+    pub activity: u64,
 }
 
 /// Payload bytes of one call, or one chunk of it. The record in the ring buffer is the
@@ -265,6 +274,28 @@ pub struct FdFlagKey {
     pub gen: u64,
 }
 
+/// Value of the `THREADS` map (key: host tid): where the thread's activity slot is.
+/// Written only by the agent, after it checked the hook's peer credentials.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadSlot {
+    /// User address, in the worker's memory, of the u64 the hook writes the running
+    /// activity's token into (0 = none).
+    pub addr: u64,
+    /// Host tgid of the worker (the thread's own process).
+    pub owner: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `INHERIT` map (key: host tgid): the activity that started this process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inherited {
+    pub owner: u32,
+    pub _pad: u32,
+    pub activity: u64,
+}
+
 /// Key of the `FDS` map.
 #[inline(always)]
 pub fn fd_key(tgid: u32, fd: i32) -> u64 {
@@ -276,4 +307,6 @@ mod pod {
     // SAFETY: plain #[repr(C)] integers and arrays, every bit pattern is valid.
     unsafe impl aya::Pod for super::FdState {}
     unsafe impl aya::Pod for super::FdFlagKey {}
+    unsafe impl aya::Pod for super::ThreadSlot {}
+    unsafe impl aya::Pod for super::Inherited {}
 }

@@ -50,6 +50,14 @@ static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 /// Flags the agent sets on one incarnation of a descriptor (see FdFlagKey).
 #[map]
 static FD_FLAGS: HashMap<FdFlagKey, u32> = HashMap::with_max_entries(65536, 0);
+/// Threads of registered workers (key: host tid) and where their activity slot is.
+/// Written by the agent once the hook's registration passed the peer-credential check.
+#[map]
+static THREADS: HashMap<u32, ThreadSlot> = HashMap::with_max_entries(65536, 0);
+/// Processes started while an activity ran (key: host tgid): the activity they serve.
+/// Written here at fork, from the parent's attribution; never by user space.
+#[map]
+static INHERIT: HashMap<u32, Inherited> = HashMap::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 #[map]
@@ -129,14 +137,46 @@ fn watched() -> Option<(u64, u32)> {
     }
 }
 
+/// Which worker activity the current thread works for: (owner tgid, token).
+///
+/// A registered worker thread reads its slot, which the hook rewrites on every step of
+/// an activity (the slot is in the worker's own memory: `current` is that worker, so
+/// the address means the same thing here as to the hook). Any other process of a
+/// watched tree uses what it inherited when an activity started it. A worker thread
+/// never falls back to inheritance: its slot is the only exact evidence.
+#[inline(always)]
+fn attribution(pid_tgid: u64) -> (u32, u64) {
+    let tid = pid_tgid as u32;
+    // SAFETY: plain lookups; values are copied out at once.
+    if let Some(slot) = unsafe { THREADS.get(tid) } {
+        let (addr, owner) = (slot.addr, slot.owner);
+        return match unsafe { bpf_probe_read_user(addr as *const u64) } {
+            Ok(token) if token != 0 => (owner, token),
+            Ok(_) => (0, 0),
+            Err(_) => {
+                count(CNT_SLOT_READ_FAILURES, 1);
+                (0, 0)
+            }
+        };
+    }
+    match unsafe { INHERIT.get((pid_tgid >> 32) as u32) } {
+        Some(i) => (i.owner, i.activity),
+        None => (0, 0),
+    }
+}
+
 #[inline(always)]
 fn header(kind: u32, flags: u32, pid_tgid: u64) -> EventHeader {
+    let (owner, activity) = attribution(pid_tgid);
     EventHeader {
         kind,
         flags,
         ts_ns: unsafe { bpf_ktime_get_ns() },
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
+        owner,
+        _pad: 0,
+        activity,
     }
 }
 
@@ -802,6 +842,15 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if WATCHED.insert(child, 1, BPF_NOEXIST as u64).is_err() {
         count(CNT_MAP_FULL, 1);
     }
+    // A process started while an activity ran on this thread (subprocess.run, a shell)
+    // works for that activity for its whole life, and so do its own children.
+    let (owner, activity) = attribution(pid_tgid);
+    if activity != 0 {
+        let value = Inherited { owner, _pad: 0, activity };
+        if INHERIT.insert(child, value, 0).is_err() {
+            count(CNT_MAP_FULL, 1);
+        }
+    }
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         count(CNT_RINGBUF_DROPS, 1);
         return 0;
@@ -849,11 +898,14 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     let _ = ARGS.remove(pid_tgid);
     let _ = SSL_ARGS.remove(pid_tgid);
+    // The tid may be reused by an unrelated thread: its slot registration dies here.
+    let _ = THREADS.remove(pid_tgid as u32);
     let group_dead: u8 = unsafe { ptr::read((ctx.as_ptr() as *const u8).add(32)) };
     if group_dead == 0 {
         return 0;
     }
     let _ = WATCHED.remove(tgid);
+    let _ = INHERIT.remove(tgid);
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         count(CNT_RINGBUF_DROPS, 1);
         return 0;

@@ -251,6 +251,7 @@ mod tests {
             ts_ns: 5,
             tgid: 7,
             tid: 8,
+            ..Default::default()
         };
         let mut v = Vec::new();
         v.extend_from_slice(unsafe {

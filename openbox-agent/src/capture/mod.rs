@@ -101,6 +101,7 @@ pub struct Counters {
     pub read_failures: u64,
     pub map_full: u64,
     pub captured_bytes: u64,
+    pub slot_read_failures: u64,
 }
 
 /// The loaded programs and their maps.
@@ -109,6 +110,8 @@ pub struct Capture {
     watched: BpfHashMap<MapData, u32, u32>,
     fds: BpfHashMap<MapData, u64, FdState>,
     fd_flags: BpfHashMap<MapData, FdFlagKey, u32>,
+    threads: BpfHashMap<MapData, u32, ThreadSlot>,
+    inherit: BpfHashMap<MapData, u32, Inherited>,
     /// Generations for descriptors the agent seeds: small numbers, below any kernel
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
@@ -154,12 +157,16 @@ impl Capture {
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let fds = BpfHashMap::try_from(ebpf.take_map("FDS").context("map FDS")?)?;
         let fd_flags = BpfHashMap::try_from(ebpf.take_map("FD_FLAGS").context("map FD_FLAGS")?)?;
+        let threads = BpfHashMap::try_from(ebpf.take_map("THREADS").context("map THREADS")?)?;
+        let inherit = BpfHashMap::try_from(ebpf.take_map("INHERIT").context("map INHERIT")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         Ok(Capture {
             ebpf,
             watched,
             fds,
             fd_flags,
+            threads,
+            inherit,
             next_seed_gen: 1,
             counters,
             tls_libs: HashSet::new(),
@@ -183,6 +190,27 @@ impl Capture {
 
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.watched.remove(&tgid);
+        let _ = self.inherit.remove(&tgid);
+    }
+
+    /// Tells the kernel where thread `tid` (host id) of worker `owner` publishes the
+    /// activity it runs: the u64 at `addr` in the worker's memory.
+    pub fn register_thread(&mut self, tid: u32, owner: u32, addr: u64) -> Result<()> {
+        self.threads
+            .insert(
+                tid,
+                ThreadSlot {
+                    addr,
+                    owner,
+                    _pad: 0,
+                },
+                0,
+            )
+            .with_context(|| format!("registering thread {tid} of worker {owner}"))
+    }
+
+    pub fn unregister_thread(&mut self, tid: u32) {
+        let _ = self.threads.remove(&tid);
     }
 
     /// Registers a descriptor found in /proc, unless the kernel already tracks it (its
@@ -255,6 +283,7 @@ impl Capture {
             read_failures: sum(CNT_READ_FAILURES),
             map_full: sum(CNT_MAP_FULL),
             captured_bytes: sum(CNT_CAPTURED_BYTES),
+            slot_read_failures: sum(CNT_SLOT_READ_FAILURES),
         }
     }
 
