@@ -265,11 +265,30 @@ pub struct SkipPaths {
 
 impl Default for SkipPaths {
     /// The in-process SDK's skip list: /dev/, /proc/, /sys/, __pycache__, .pyc, .pyo,
-    /// .so, .dylib — and versioned shared objects (libssl.so.3).
+    /// .so, .dylib — and versioned shared objects (libssl.so.3), plus the C library's
+    /// own configuration and locale reads.
     fn default() -> Self {
         Self {
-            prefixes: vec!["/dev/".into(), "/proc/".into(), "/sys/".into()],
-            contains: vec!["__pycache__".into(), ".so.".into()],
+            prefixes: [
+                "/dev/",
+                "/proc/",
+                "/sys/",
+                // What the C library and libssl read for any program (locale data,
+                // name-service configuration, the OpenSSL configuration): a subprocess
+                // such as curl reads them all before doing the activity's work.
+                "/usr/lib/locale/",
+                "/usr/share/locale/",
+                "/usr/lib/ssl/openssl.cnf",
+                "/etc/ld.so.cache",
+                "/etc/nsswitch.conf",
+                "/etc/passwd",
+                "/etc/group",
+                "/etc/host.conf",
+                "/etc/localtime",
+            ]
+            .map(String::from)
+            .to_vec(),
+            contains: vec!["__pycache__".into(), ".so.".into(), "/gconv/".into()],
             suffixes: vec![".pyc".into(), ".pyo".into(), ".so".into(), ".dylib".into()],
             // The SDK patches open() and so never sees the import system read modules;
             // we see every read, and these are not the activity's.

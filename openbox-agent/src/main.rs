@@ -1,12 +1,12 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-use openbox_agent::{capture, check, conn, span, trace};
+use openbox_agent::{capture, check, conn, daemon, span, trace};
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 
 #[derive(Parser)]
@@ -14,6 +14,82 @@ use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the kernel programs capture and how spans are built (shared by `trace` and `run`).
+#[derive(Args, Clone)]
+struct CaptureArgs {
+    /// Most body bytes kept per HTTP message in spans.
+    #[arg(long, default_value_t = 65536)]
+    max_body: usize,
+    /// Most characters of a database statement kept in spans.
+    #[arg(long, default_value_t = 4096)]
+    max_statement: usize,
+    /// Do not redact sensitive HTTP headers (authorization, cookie, x-api-key …).
+    #[arg(long)]
+    no_redact: bool,
+    /// Redact this HTTP header too (case-insensitive); repeatable.
+    #[arg(long = "redact-header", value_name = "NAME")]
+    redact_headers: Vec<String>,
+    /// One file.read/file.write span per call, instead of one per burst of calls.
+    #[arg(long)]
+    every_file_call: bool,
+    /// Payload bytes captured per call (at most 262144).
+    #[arg(long, default_value_t = DEFAULT_CAPTURE_LIMIT, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
+    capture_limit: u32,
+    /// Also probe this libssl (or binary exporting SSL_write/SSL_read); repeatable.
+    #[arg(long = "tls-lib", value_name = "PATH")]
+    tls_libs: Vec<PathBuf>,
+    /// Also skip files whose path starts with this prefix; repeatable.
+    #[arg(long = "skip-path", value_name = "PREFIX")]
+    skip_paths: Vec<String>,
+    /// Report every file, including the default noise paths (/dev/, /proc/, .so …).
+    #[arg(long)]
+    no_default_skips: bool,
+    /// Do not stop a process that loads a TLS library until its probes are attached
+    /// (its first TLS calls may then be missed).
+    #[arg(long)]
+    no_tls_pause: bool,
+    /// Ring-buffer size in MiB (a power of two).
+    #[arg(long, default_value_t = 16)]
+    ring_mib: u32,
+}
+
+impl CaptureArgs {
+    fn skip(&self) -> conn::SkipPaths {
+        let mut skip = if self.no_default_skips {
+            conn::SkipPaths::none()
+        } else {
+            conn::SkipPaths::default()
+        };
+        skip.prefixes.extend(self.skip_paths.iter().cloned());
+        skip
+    }
+
+    fn spans(&self) -> span::SpanConfig {
+        let mut spans = span::SpanConfig::default();
+        spans.parser.max_body = self.max_body;
+        spans.parser.max_statement = self.max_statement;
+        spans.every_file_call = self.every_file_call;
+        if self.no_redact {
+            spans.redact_headers.clear();
+        }
+        spans
+            .redact_headers
+            .extend(self.redact_headers.iter().map(|h| h.to_ascii_lowercase()));
+        spans
+    }
+
+    fn capture(&self) -> Result<capture::CaptureConfig> {
+        if !self.ring_mib.is_power_of_two() {
+            anyhow::bail!("--ring-mib must be a power of two (got {})", self.ring_mib);
+        }
+        Ok(capture::CaptureConfig {
+            capture_limit: self.capture_limit,
+            pause_on_tls_lib: !self.no_tls_pause,
+            ring_bytes: self.ring_mib << 20,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -29,49 +105,38 @@ enum Command {
         /// of spans.
         #[arg(long)]
         raw: bool,
-        /// Most body bytes kept per HTTP message in spans.
-        #[arg(long, default_value_t = 65536)]
-        max_body: usize,
-        /// Most characters of a database statement kept in spans.
-        #[arg(long, default_value_t = 4096)]
-        max_statement: usize,
-        /// Do not redact sensitive HTTP headers (authorization, cookie, x-api-key …).
-        #[arg(long)]
-        no_redact: bool,
-        /// Redact this HTTP header too (case-insensitive); repeatable.
-        #[arg(long = "redact-header", value_name = "NAME")]
-        redact_headers: Vec<String>,
-        /// One file.read/file.write span per call, instead of one per burst of calls.
-        #[arg(long)]
-        every_file_call: bool,
         /// Watch a running process (and its current and future children).
         #[arg(long, conflicts_with = "command")]
         pid: Option<u32>,
-        /// Payload bytes captured per call (at most 262144).
-        #[arg(long, default_value_t = DEFAULT_CAPTURE_LIMIT, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
-        capture_limit: u32,
-        /// Also probe this libssl (or binary exporting SSL_write/SSL_read); repeatable.
-        #[arg(long = "tls-lib", value_name = "PATH")]
-        tls_libs: Vec<PathBuf>,
-        /// Also skip files whose path starts with this prefix; repeatable.
-        #[arg(long = "skip-path", value_name = "PREFIX")]
-        skip_paths: Vec<String>,
-        /// Report every file, including the default noise paths (/dev/, /proc/, .so …).
-        #[arg(long)]
-        no_default_skips: bool,
-        /// Do not stop a process that loads a TLS library until its probes are attached
-        /// (its first TLS calls may then be missed).
-        #[arg(long)]
-        no_tls_pause: bool,
-        /// Ring-buffer size in MiB (a power of two).
-        #[arg(long, default_value_t = 16)]
-        ring_mib: u32,
+        #[command(flatten)]
+        capture: CaptureArgs,
         /// Payload bytes shown per record in readable output.
         #[arg(long, default_value_t = 160)]
         show_bytes: usize,
         /// The command to run and watch.
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
+    },
+    /// The daemon: serve the worker hooks' socket, watch registered workers and their
+    /// children, attribute what they do to Temporal activities, and write one event per
+    /// activity start and end (ActivityCompleted carries the activity's spans).
+    Run {
+        /// The hook socket (Unix stream socket).
+        #[arg(long, env = "OPENBOX_AGENT_SOCKET", default_value = daemon::hook::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Where governance events go, one JSON object per line: a file (appended) or
+        /// `-` for stdout.
+        #[arg(long, default_value = "-", value_name = "FILE")]
+        events: PathBuf,
+        /// Also write spans that could not be attributed exactly, with the reason, as
+        /// JSON lines to this file.
+        #[arg(long, value_name = "FILE")]
+        unattributed: Option<PathBuf>,
+        /// Most spans kept per activity (more are counted and dropped).
+        #[arg(long, default_value_t = 2000)]
+        span_limit: usize,
+        #[command(flatten)]
+        capture: CaptureArgs,
     },
     /// Report what this kernel offers, the privileges held, and the mode the agent will use.
     Check {
@@ -109,59 +174,49 @@ fn real_main() -> Result<i32> {
         Command::Trace {
             json,
             raw,
-            max_body,
-            max_statement,
-            no_redact,
-            redact_headers,
-            every_file_call,
             pid,
-            capture_limit,
-            tls_libs,
-            skip_paths,
-            no_default_skips,
-            no_tls_pause,
-            ring_mib,
+            capture,
             show_bytes,
             command,
         } => {
-            if !ring_mib.is_power_of_two() {
-                anyhow::bail!("--ring-mib must be a power of two (got {ring_mib})");
-            }
-            let mut skip = if no_default_skips {
-                conn::SkipPaths::none()
-            } else {
-                conn::SkipPaths::default()
-            };
-            skip.prefixes.extend(skip_paths);
-            let mut spans = span::SpanConfig::default();
-            spans.parser.max_body = max_body;
-            spans.parser.max_statement = max_statement;
-            spans.every_file_call = every_file_call;
-            if no_redact {
-                spans.redact_headers.clear();
-            }
-            spans
-                .redact_headers
-                .extend(redact_headers.iter().map(|h| h.to_ascii_lowercase()));
             let opts = trace::TraceOpts {
                 json,
                 raw,
-                spans,
+                spans: capture.spans(),
                 pid,
                 command,
-                capture: capture::CaptureConfig {
-                    capture_limit,
-                    pause_on_tls_lib: !no_tls_pause,
-                    ring_bytes: ring_mib << 20,
-                },
-                tls_libs,
-                skip,
+                capture: capture.capture()?,
+                tls_libs: capture.tls_libs.clone(),
+                skip: capture.skip(),
                 show_bytes,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(trace::run(opts))
+        }
+        Command::Run {
+            socket,
+            events,
+            unattributed,
+            span_limit,
+            capture,
+        } => {
+            let opts = daemon::RunOpts {
+                socket,
+                events,
+                unattributed,
+                spans: capture.spans(),
+                capture: capture.capture()?,
+                tls_libs: capture.tls_libs.clone(),
+                skip: capture.skip(),
+                span_limit,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(daemon::run(opts))
         }
     }
 }

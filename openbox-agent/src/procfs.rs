@@ -226,3 +226,97 @@ mod tests {
         assert!(Procfs.cwd(me).is_some());
     }
 }
+
+/// The ids of a task in each PID namespace it belongs to, outermost (the host's, as
+/// the agent sees it) first: the `NSpid` line of /proc/PID/status or
+/// /proc/PID/task/TID/status.
+pub fn nspids(status_path: &str) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(status_path).ok()?;
+    parse_nspid(&text)
+}
+
+fn parse_nspid(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    let ids: Vec<u32> = line["NSpid:".len()..]
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (!ids.is_empty()).then_some(ids)
+}
+
+/// The host thread id of the thread that process `pid` (host id) knows as `ns_tid` in
+/// its own PID namespace; None when it has no such thread.
+pub fn host_tid(pid: Pid, ns_tid: u32) -> Option<u32> {
+    let own = nspids(&format!("/proc/{pid}/status"))?;
+    if own.len() == 1 {
+        // Same namespace as ours: the ids are the host's.
+        return std::path::Path::new(&format!("/proc/{pid}/task/{ns_tid}"))
+            .exists()
+            .then_some(ns_tid);
+    }
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ids) = nspids(&format!("/proc/{pid}/task/{tid}/status")) {
+            if ids.last() == Some(&ns_tid) {
+                return Some(tid);
+            }
+        }
+    }
+    None
+}
+
+/// Whether `[addr, addr + len)` lies in one writable mapping of process `pid`.
+pub fn writable_range(pid: Pid, addr: u64, len: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    maps.lines().any(|line| {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            return false;
+        };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+            return false;
+        };
+        perms.starts_with("rw") && lo <= addr && end <= hi
+    })
+}
+
+#[cfg(test)]
+mod nspid_tests {
+    use super::*;
+
+    #[test]
+    fn nspid_line_lists_outer_to_inner_ids() {
+        let status = "Name:\tpython\nTgid:\t4242\nNSpid:\t4242\t1\nPPid:\t1\n";
+        assert_eq!(parse_nspid(status), Some(vec![4242, 1]));
+        assert_eq!(parse_nspid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn own_threads_translate_and_others_do_not() {
+        let pid = std::process::id();
+        let tid = unsafe { libc::gettid() } as u32;
+        assert_eq!(host_tid(pid, tid), Some(tid));
+        assert_eq!(host_tid(pid, u32::MAX - 1), None);
+    }
+
+    #[test]
+    fn writable_range_accepts_heap_and_refuses_code() {
+        let pid = std::process::id();
+        let v = vec![0u64; 1024];
+        assert!(writable_range(pid, v.as_ptr() as u64, 8 * 1024));
+        let code = writable_range_accepts_heap_and_refuses_code as *const () as u64;
+        assert!(!writable_range(pid, code, 8));
+        assert!(!writable_range(pid, u64::MAX - 4, 8));
+    }
+}

@@ -149,9 +149,40 @@ pub struct Session {
     pub records_received: u64,
     pub unparsed_records: u64,
     out: std::io::BufWriter<std::io::Stdout>,
+    /// Daemon mode: spans and process exits are kept for the caller, nothing printed.
+    pub collected: Option<Collected>,
+}
+
+/// What a collecting session gathered since the caller last took it.
+#[derive(Default)]
+pub struct Collected {
+    pub spans: Vec<Span>,
+    /// Processes that exited (host tgids).
+    pub exits: Vec<Pid>,
 }
 
 impl Session {
+    /// A session that keeps spans for the caller instead of printing them.
+    pub fn collecting(cap: Capture, skip: SkipPaths, spans: SpanConfig) -> Session {
+        let clock = Clock::new();
+        Session {
+            cap,
+            tracker: Tracker::new(skip),
+            clock,
+            json: true,
+            show_bytes: 0,
+            spans: Some(SpanBuilder::new(spans, clock)),
+            records_received: 0,
+            unparsed_records: 0,
+            out: std::io::BufWriter::new(std::io::stdout()),
+            collected: Some(Collected::default()),
+        }
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
     /// Attaches to libssl copies the process maps now (its executable included).
     fn scan_tls(&mut self, pid: Pid) {
         let exe = procfs::exe(pid);
@@ -283,7 +314,15 @@ impl Session {
             let mut spans = Vec::new();
             builder.handle(r, &mut spans);
             let given_up = std::mem::take(&mut builder.given_up);
-            self.print_spans(&spans);
+            match self.collected.as_mut() {
+                Some(c) => {
+                    c.spans.append(&mut spans);
+                    if let Record::Exit { pid, .. } = r {
+                        c.exits.push(*pid);
+                    }
+                }
+                None => self.print_spans(&spans),
+            }
             // Span mode only: --raw shows every byte, so it keeps copying them.
             for conn in given_up {
                 if let Some(action) = self.tracker.stop_payload(&conn) {
@@ -292,6 +331,7 @@ impl Session {
             }
             // Process lifecycle stays visible in readable span output.
             if !self.json
+                && self.collected.is_none()
                 && matches!(
                     r,
                     Record::Exec { .. } | Record::Exit { .. } | Record::Fork { .. }
@@ -329,7 +369,10 @@ impl Session {
         if let Some(builder) = self.spans.as_mut() {
             let mut spans = Vec::new();
             builder.finish(now_mono(), &mut spans);
-            self.print_spans(&spans);
+            match self.collected.as_mut() {
+                Some(c) => c.spans.append(&mut spans),
+                None => self.print_spans(&spans),
+            }
         }
     }
 
@@ -408,7 +451,7 @@ fn host_path(pid: Pid, path: &str) -> PathBuf {
 }
 
 /// CLOCK_MONOTONIC now, in the kernel's timestamp units.
-fn now_mono() -> u64 {
+pub fn now_mono() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -644,7 +687,7 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> Option<String> {
     })
 }
 
-fn drain(ring: &mut RingBuf<MapData>, session: &mut Session) {
+pub fn drain(ring: &mut RingBuf<MapData>, session: &mut Session) {
     while let Some(item) = ring.next() {
         session.handle_bytes(&item);
     }
@@ -675,6 +718,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         records_received: 0,
         unparsed_records: 0,
         out: std::io::BufWriter::new(std::io::stdout()),
+        collected: None,
     };
 
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<i32>();

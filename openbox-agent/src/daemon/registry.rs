@@ -1,0 +1,388 @@
+//! Who is registered and which activity every span belongs to.
+//!
+//! A worker is a process whose hook said `hello` and passed the credential check. Each
+//! activity execution gets a token from the agent; the hook writes it into the slot of
+//! whatever thread runs the activity's code, and the kernel copies the slot into every
+//! record. A span is attributed only when its token names an activity of the worker
+//! the kernel saw (`owner`), which is the exact evidence rule: anything else is counted
+//! as unattributed, with the reason.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use serde_json::{json, Value};
+
+use crate::{
+    conn::{Attr, Pid},
+    span::Span,
+};
+
+/// What the hook told about one activity execution.
+#[derive(Debug, Clone, Default)]
+pub struct ActivityInfo {
+    pub workflow_id: String,
+    pub run_id: String,
+    pub workflow_type: String,
+    pub activity_id: String,
+    pub activity_type: String,
+    pub task_queue: String,
+    pub attempt: u64,
+    pub input: Value,
+    /// Unix seconds, from the worker.
+    pub start_time: f64,
+}
+
+impl ActivityInfo {
+    /// Reads the fields of an `activity_start` request; names the first one missing.
+    pub fn from_request(req: &Value) -> Result<ActivityInfo, String> {
+        let s = |k: &str| -> Result<String, String> {
+            match req.get(k) {
+                Some(Value::String(v)) => Ok(v.clone()),
+                Some(Value::Number(n)) => Ok(n.to_string()),
+                _ => Err(format!("activity_start needs `{k}` (a string)")),
+            }
+        };
+        Ok(ActivityInfo {
+            workflow_id: s("workflow_id")?,
+            run_id: s("run_id")?,
+            workflow_type: s("workflow_type")?,
+            activity_id: s("activity_id")?,
+            activity_type: s("activity_type")?,
+            task_queue: s("task_queue")?,
+            attempt: req
+                .get("attempt")
+                .and_then(Value::as_u64)
+                .filter(|a| *a >= 1)
+                .ok_or("activity_start needs `attempt` (an integer ≥ 1)")?,
+            input: match req.get("input") {
+                Some(v @ Value::Array(_)) => v.clone(),
+                None | Some(Value::Null) => Value::Array(Vec::new()),
+                Some(_) => return Err("activity_start `input` must be an array".into()),
+            },
+            start_time: req
+                .get("start_time")
+                .and_then(Value::as_f64)
+                .unwrap_or_else(now_secs),
+        })
+    }
+}
+
+pub struct Worker {
+    /// Host pid.
+    pub pid: Pid,
+    /// The pid the worker knows itself by (its own PID namespace).
+    pub ns_pid: u32,
+    pub slots_addr: u64,
+    pub slots: u64,
+    /// Host tid → slot index.
+    pub threads: HashMap<u32, u64>,
+    /// Settings the hook passed in `hello` (governance options of create_openbox_worker).
+    pub config: Value,
+}
+
+pub struct Activity {
+    pub info: ActivityInfo,
+    pub owner: Pid,
+    pub token: u64,
+    pub trace_id: String,
+    pub spans: Vec<Span>,
+    /// Spans beyond the per-activity limit: counted, not kept.
+    pub dropped: u64,
+}
+
+/// Why a span could not be attributed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unattributed {
+    /// Made while no activity ran on the thread (worker housekeeping, an event-loop
+    /// callback, a thread the hook does not know).
+    NoActivity,
+    /// Its activity had already ended (a subprocess or connection outliving it).
+    AfterActivityEnd,
+    /// The token names no activity of that worker (a stale or forged slot value).
+    UnknownActivity,
+}
+
+impl Unattributed {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Unattributed::NoActivity => "no_activity",
+            Unattributed::AfterActivityEnd => "after_activity_end",
+            Unattributed::UnknownActivity => "unknown_activity",
+        }
+    }
+}
+
+/// Activities that ended, remembered (bounded) to tell late spans from unknown tokens.
+const ENDED_MEMORY: usize = 65536;
+
+#[derive(Default)]
+pub struct Stats {
+    pub workers: u64,
+    pub activities: u64,
+    pub spans_attributed: u64,
+    pub unattributed: BTreeMap<&'static str, u64>,
+    pub spans_dropped: u64,
+    pub registrations_refused: u64,
+    pub activities_abandoned: u64,
+}
+
+pub struct Registry {
+    pub workers: HashMap<Pid, Worker>,
+    pub activities: HashMap<(Pid, u64), Activity>,
+    ended: HashSet<(Pid, u64)>,
+    ended_order: VecDeque<(Pid, u64)>,
+    next_token: u64,
+    /// Most spans kept per activity.
+    pub span_limit: usize,
+    pub stats: Stats,
+}
+
+impl Registry {
+    pub fn new(span_limit: usize) -> Self {
+        Self {
+            workers: HashMap::new(),
+            activities: HashMap::new(),
+            ended: HashSet::new(),
+            ended_order: VecDeque::new(),
+            next_token: 1,
+            span_limit,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn start(&mut self, owner: Pid, info: ActivityInfo) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.stats.activities += 1;
+        let trace_id = format!("{:016x}{:016x}", random_u64(), token);
+        self.activities.insert(
+            (owner, token),
+            Activity {
+                info,
+                owner,
+                token,
+                trace_id,
+                spans: Vec::new(),
+                dropped: 0,
+            },
+        );
+        token
+    }
+
+    /// Takes an ended activity out, with the spans it gathered.
+    pub fn end(&mut self, owner: Pid, token: u64) -> Option<Activity> {
+        let a = self.activities.remove(&(owner, token))?;
+        self.remember_ended((owner, token));
+        Some(a)
+    }
+
+    fn remember_ended(&mut self, key: (Pid, u64)) {
+        if self.ended_order.len() == ENDED_MEMORY {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+        self.ended.insert(key);
+        self.ended_order.push_back(key);
+    }
+
+    /// Puts a span on its activity, or says why it cannot be.
+    pub fn route(&mut self, mut span: Span) -> Result<(), (Unattributed, Span)> {
+        let Attr { owner, activity } = span.attr;
+        if activity == 0 {
+            return Err(self.unattributed(Unattributed::NoActivity, span));
+        }
+        let key = (owner, activity);
+        match self.activities.get_mut(&key) {
+            Some(a) => {
+                if a.spans.len() >= self.span_limit {
+                    if a.dropped == 0 {
+                        tracing::warn!(
+                            activity_id = %a.info.activity_id,
+                            workflow_id = %a.info.workflow_id,
+                            limit = self.span_limit,
+                            "activity produced more spans than the per-activity limit: the rest are counted, not kept"
+                        );
+                    }
+                    a.dropped += 1;
+                    self.stats.spans_dropped += 1;
+                    return Ok(());
+                }
+                span.activity_id = Some(a.info.activity_id.clone());
+                span.trace_id = a.trace_id.clone();
+                a.spans.push(span);
+                self.stats.spans_attributed += 1;
+                Ok(())
+            }
+            None if self.ended.contains(&key) => {
+                Err(self.unattributed(Unattributed::AfterActivityEnd, span))
+            }
+            None => Err(self.unattributed(Unattributed::UnknownActivity, span)),
+        }
+    }
+
+    fn unattributed(&mut self, why: Unattributed, span: Span) -> (Unattributed, Span) {
+        *self.stats.unattributed.entry(why.as_str()).or_default() += 1;
+        (why, span)
+    }
+
+    /// A worker process died: its activities and threads go with it.
+    pub fn worker_exited(&mut self, pid: Pid) -> Option<Worker> {
+        let w = self.workers.remove(&pid)?;
+        let gone: Vec<(Pid, u64)> = self
+            .activities
+            .keys()
+            .filter(|(owner, _)| *owner == pid)
+            .copied()
+            .collect();
+        for key in gone {
+            self.activities.remove(&key);
+            self.remember_ended(key);
+            self.stats.activities_abandoned += 1;
+        }
+        Some(w)
+    }
+
+    pub fn summary(&self) -> Value {
+        json!({
+            "workers": self.stats.workers,
+            "activities": self.stats.activities,
+            "activities_in_flight": self.activities.len(),
+            "activities_abandoned": self.stats.activities_abandoned,
+            "spans_attributed": self.stats.spans_attributed,
+            "spans_unattributed": self.stats.unattributed.values().sum::<u64>(),
+            "unattributed_reasons": self.stats.unattributed,
+            "spans_dropped_over_limit": self.stats.spans_dropped,
+            "registrations_refused": self.stats.registrations_refused,
+        })
+    }
+}
+
+pub fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::span::Status;
+
+    fn span(owner: Pid, activity: u64) -> Span {
+        Span {
+            span_id: "0000000000000001".into(),
+            trace_id: "0".repeat(32),
+            parent_span_id: None,
+            name: "GET".into(),
+            kind: "CLIENT",
+            start_time: 1,
+            end_time: 2,
+            duration_ns: Some(1),
+            attributes: Default::default(),
+            status: Status {
+                code: Default::default(),
+                description: None,
+            },
+            events: Vec::new(),
+            activity_id: None,
+            request_body: None,
+            response_body: None,
+            request_headers: None,
+            response_headers: None,
+            pid: owner,
+            tid: owner,
+            attr: Attr { owner, activity },
+        }
+    }
+
+    fn info(id: &str) -> ActivityInfo {
+        ActivityInfo {
+            activity_id: id.into(),
+            attempt: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spans_land_only_on_the_activity_their_token_names_for_that_worker() {
+        let mut r = Registry::new(10);
+        let a = r.start(100, info("a"));
+        let b = r.start(200, info("b"));
+        assert!(r.route(span(100, a)).is_ok());
+        // Worker 200 writing worker 100's token into its own slot claims nothing.
+        assert_eq!(
+            r.route(span(200, a)).unwrap_err().0,
+            Unattributed::UnknownActivity
+        );
+        assert_eq!(r.route(span(100, 0)).unwrap_err().0, Unattributed::NoActivity);
+        let done = r.end(100, a).unwrap();
+        assert_eq!(done.spans.len(), 1);
+        assert_eq!(done.spans[0].activity_id.as_deref(), Some("a"));
+        assert_eq!(done.spans[0].trace_id, done.trace_id);
+        assert_eq!(
+            r.route(span(100, a)).unwrap_err().0,
+            Unattributed::AfterActivityEnd
+        );
+        assert!(r.route(span(200, b)).is_ok());
+    }
+
+    #[test]
+    fn spans_over_the_limit_are_counted_not_kept() {
+        let mut r = Registry::new(2);
+        let a = r.start(1, info("a"));
+        for _ in 0..5 {
+            r.route(span(1, a)).unwrap();
+        }
+        let done = r.end(1, a).unwrap();
+        assert_eq!((done.spans.len(), done.dropped), (2, 3));
+        assert_eq!(r.stats.spans_dropped, 3);
+    }
+
+    #[test]
+    fn a_dead_worker_takes_its_activities_with_it() {
+        let mut r = Registry::new(10);
+        r.workers.insert(
+            7,
+            Worker {
+                pid: 7,
+                ns_pid: 7,
+                slots_addr: 0,
+                slots: 1,
+                threads: HashMap::new(),
+                config: Value::Null,
+            },
+        );
+        let a = r.start(7, info("a"));
+        assert!(r.worker_exited(7).is_some());
+        assert!(r.activities.is_empty());
+        assert_eq!(r.stats.activities_abandoned, 1);
+        assert_eq!(
+            r.route(span(7, a)).unwrap_err().0,
+            Unattributed::AfterActivityEnd
+        );
+    }
+
+    #[test]
+    fn activity_start_requests_name_what_is_missing() {
+        let ok = json!({"workflow_id":"w","run_id":"r","workflow_type":"W","activity_id":"1",
+            "activity_type":"t","task_queue":"q","attempt":2,"input":[1,"x"]});
+        let info = ActivityInfo::from_request(&ok).unwrap();
+        assert_eq!((info.attempt, info.input.clone()), (2, json!([1, "x"])));
+        let mut bad = ok.clone();
+        bad.as_object_mut().unwrap().remove("run_id");
+        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("run_id"));
+        let mut bad = ok;
+        bad["attempt"] = json!(0);
+        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("attempt"));
+    }
+}
