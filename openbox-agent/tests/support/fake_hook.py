@@ -1,0 +1,111 @@
+"""A stand-in for the worker hook, speaking the hook protocol by hand, for the daemon's
+tests without a Temporal server.
+
+    fake_hook.py SOCKET MODE [ARGS...]
+
+Modes:
+  attribute URL DIR   two threads run activities "a" and "b" at the same time; each
+                      writes DIR/<id>-marker.txt, GETs URL/<id>-marker (TLS or not),
+                      and runs `curl URL/<id>-curl`; then, with no activity published,
+                      writes DIR/none.txt. Prints the replies as JSON lines.
+  forge-pid PID       hello claiming pid PID.
+  forge-thread TID    a valid hello, then `thread` for TID.
+  die                 hello, activity_start, then exits without activity_end.
+"""
+
+import ctypes
+import json
+import mmap
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+
+
+class Agent:
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rw")
+        self.next_id = 0
+        self.lock = threading.Lock()
+
+    def call(self, **msg):
+        with self.lock:
+            self.next_id += 1
+            msg["id"] = self.next_id
+            self.file.write(json.dumps(msg) + "\n")
+            self.file.flush()
+            reply = json.loads(self.file.readline())
+        print(json.dumps({"op": msg["op"], "reply": reply}), flush=True)
+        return reply
+
+
+def slot_table(n=64):
+    mm = mmap.mmap(-1, 8 * n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    slots = memoryview(mm).cast("Q")
+    for i in range(n):
+        slots[i] = 0  # fault the pages in: the kernel side cannot
+    return mm, slots, ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+def hello(agent, addr, n=64, pid=None):
+    return agent.call(op="hello", pid=os.getpid() if pid is None else pid,
+                      hook="fake-hook", slots_addr=addr, slots=n, config={})
+
+
+def activity(agent, slots, slot, name, url, out_dir, barrier):
+    agent.call(op="thread", tid=threading.get_native_id(), slot=slot)
+    start = agent.call(op="activity_start", workflow_id="wf-" + name, run_id="run-1",
+                       workflow_type="W", activity_id=name, activity_type="work",
+                       task_queue="q", attempt=1, input=[{"who": name}])
+    barrier.wait()
+    slots[slot] = start["token"]
+    try:
+        with open(os.path.join(out_dir, name + "-marker.txt"), "w") as f:
+            f.write("written by " + name)
+        ctx = ssl._create_unverified_context()
+        urllib.request.urlopen(f"{url}/{name}-marker", context=ctx).read()
+        subprocess.run(["curl", "-sk", "-o", "/dev/null", f"{url}/{name}-curl"], check=True)
+    finally:
+        slots[slot] = 0
+    barrier.wait()
+    agent.call(op="activity_end", token=start["token"], status="completed",
+               output={"done": name}, error=None)
+
+
+def main():
+    path, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    agent = Agent(path)
+    mm, slots, addr = slot_table()
+    if mode == "attribute":
+        url, out_dir = args
+        hello(agent, addr)
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=activity, args=(agent, slots, i + 1, name, url, out_dir, barrier))
+                   for i, name in enumerate(["a", "b"])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with open(os.path.join(out_dir, "none.txt"), "w") as f:
+            f.write("no activity")
+    elif mode == "forge-pid":
+        hello(agent, addr, pid=int(args[0]))
+    elif mode == "forge-thread":
+        hello(agent, addr)
+        agent.call(op="thread", tid=int(args[0]), slot=0)
+    elif mode == "die":
+        hello(agent, addr)
+        agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
+                   activity_id="1", activity_type="t", task_queue="q", attempt=1, input=[])
+        os._exit(0)
+    else:
+        sys.exit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()
