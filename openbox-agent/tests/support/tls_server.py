@@ -16,6 +16,8 @@ Other paths with their own answer (any method; `<rest>` is free text, e.g. a mar
     /status/<code>/<rest>  status <code> (its standard reason phrase), text/plain body
                            "status:<code> <method> <path>"
     /json/<rest>           application/json body {"method": …, "path": …, "body_len": …}
+    POST /v1/chat/completions  an LLM chat-completions style JSON answer quoting the
+                           last message's content ("Answer to: <content>")
     /binary/<n>            application/octet-stream body of n bytes 0x00..0xff repeating
     /chunked/<rest>        Transfer-Encoding: chunked, text/plain, three chunks joined:
                            "part1:<path>|part2|part3"
@@ -137,6 +139,30 @@ def read_body(conn, headers):
     return conn.read_exact(n)
 
 
+def chat_completion(body):
+    """An answer shaped like an LLM chat-completions API's, deterministic: it quotes the
+    last user message back."""
+    try:
+        request = json.loads(body or b"{}")
+        messages = request.get("messages") or [{}]
+        prompt = str(messages[-1].get("content", ""))
+        model = str(request.get("model", "local-model"))
+    except (ValueError, AttributeError):
+        prompt, model = "", "local-model"
+    return {
+        "id": "chatcmpl-local",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": f"Answer to: {prompt[:200]}"},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 4,
+                  "total_tokens": len(prompt.split()) + 4},
+    }
+
+
 def response_for(method, path, body):
     status, ctype, extra = "200 OK", "text/plain", ""
     if method == "GET" and path.startswith("/bytes/"):
@@ -150,6 +176,9 @@ def response_for(method, path, body):
     elif path.startswith("/json/"):
         ctype = "application/json"
         payload = json.dumps({"method": method, "path": path, "body_len": len(body)}).encode()
+    elif method == "POST" and path.startswith("/v1/chat/completions"):
+        ctype = "application/json"
+        payload = json.dumps(chat_completion(body)).encode()
     elif path.startswith("/binary/"):
         ctype = "application/octet-stream"
         n = int(path.split("/")[2])
