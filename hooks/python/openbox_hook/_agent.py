@@ -1,0 +1,453 @@
+"""The hook's side of the hook <-> agent protocol, and which threads the agent knows.
+
+Wire format: a Unix stream socket carrying one compact JSON object per line. Requests are
+``{"id": <int unique per connection>, "op": <str>, ...}``; replies are ``{"id": <same>,
+"ok": true, ...}`` or ``{"id": <same>, "ok": false, "error": <str>}`` and may arrive out
+of order. Every connection starts with ``hello`` (who we are, where the slot table is,
+the governance settings).
+
+Two kinds of connection, because two kinds of caller:
+
+- one asyncio connection per event loop (``_Channel``) for the interceptor's
+  ``activity_start``/``activity_end`` and the loop thread's own registration: activities
+  on the loop must never block it;
+- one blocking connection (``_BlockingConnection``) for executor threads, which must
+  register themselves synchronously before they run activity code.
+
+Every failure here means "no agent" for the call at hand: the caller gets ``None`` and the
+activity runs as if the hook were not installed. The first failure in the process logs one
+warning; reconnecting is tried again at most every ``RETRY_INTERVAL`` seconds, silently.
+
+Thread registrations are valid for one *epoch*: any lost connection starts a new one (the
+agent may have restarted and forgotten every thread), and threads register again before
+their next activity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+from . import _slots
+from ._version import __version__
+
+DEFAULT_SOCKET = "/run/openbox/agent.sock"
+SOCKET_ENV = "OPENBOX_AGENT_SOCKET"
+HOOK = f"openbox-hook/{__version__}"
+RETRY_INTERVAL = 5.0
+"""Seconds between connection attempts once one failed."""
+MAX_LINE = 16 << 20
+"""Longest reply line accepted, and the most unsent data tolerated on a connection: an
+agent that stops reading gets its connection closed rather than the worker's memory."""
+
+_log = logging.getLogger("openbox.hook")
+_warn_lock = threading.Lock()
+_warned = False
+
+
+def _warn_unreachable(socket_path: str, reason: object) -> None:
+    """One warning per process, whichever connection fails first; the rest go to debug."""
+    global _warned
+    _log.debug("openbox-agent call failed at %s: %s", socket_path, reason)
+    with _warn_lock:
+        if _warned:
+            return
+        _warned = True
+    _log.warning(
+        "openbox-agent not reachable at %s (%s): activities run without capture",
+        socket_path,
+        reason,
+    )
+
+
+_links: weakref.WeakSet[AgentLink] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _warn_lock
+    _warn_lock = threading.Lock()
+    for link in list(_links):
+        link._start_afresh()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    # ASCII-only JSON: no raw newline can appear inside, and no encoding can fail.
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    reply = json.loads(line)
+    if not isinstance(reply, dict):
+        raise ValueError(f"reply is not a JSON object: {line[:200]!r}")
+    return reply
+
+
+class _ThreadState(threading.local):
+    """One thread's registration with one agent link (class attributes are the defaults)."""
+
+    slot: int | None = None
+    epoch = -1
+    """Link epoch the registration was made in; -1 = never registered."""
+    refused = False
+    """The agent said no, or no slot was left: this thread never writes its slot."""
+    pending: asyncio.Future | None = None
+    """Loop threads: the registration in flight, so concurrent activities send one."""
+
+
+class AgentLink:
+    """Everything one hook knows about its agent: connections, epoch, registered threads."""
+
+    def __init__(self, socket_path: str, timeout: float, config: dict[str, Any]) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.config = config
+        self.epoch = 0
+        self._start_afresh()
+        _links.add(self)
+
+    def _start_afresh(self) -> None:
+        """No connection, no registered thread (also what a forked child inherits).
+
+        A child must not speak on its parent's connections (the agent knows the peer by
+        its credentials), its threads are not its parent's, and a lock some other
+        thread of the parent held at the fork would never be released.
+        """
+        self._epoch_lock = threading.Lock()
+        self._threads = _ThreadState()
+        self._blocking = _BlockingConnection(self)
+        self._channels: dict[asyncio.AbstractEventLoop, _Channel] = {}
+
+    def hello(self) -> dict[str, Any]:
+        # The pid is taken per connection: a forked child connects as itself.
+        return {
+            "pid": os.getpid(),
+            "hook": HOOK,
+            "slots_addr": _slots.address,
+            "slots": _slots.SLOTS,
+            "config": self.config,
+        }
+
+    def close(self) -> None:
+        """Close the blocking connection and the calling event loop's connection."""
+        self._blocking.close()
+        try:
+            channel = self._channels.pop(asyncio.get_running_loop(), None)
+        except RuntimeError:
+            channel = None  # not on an event loop: only the blocking connection is ours
+        if channel is not None:
+            channel.close()
+        self.lost()  # a thread registered on a closed connection registers again
+
+    def lost(self) -> None:
+        """A connection broke: registrations made so far may be gone with the agent."""
+        with self._epoch_lock:
+            self.epoch += 1
+
+    def failed(self, reason: object) -> None:
+        _warn_unreachable(self.socket_path, reason)
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any] | None:
+        """One request on this event loop's connection; None when there is no agent."""
+        loop = asyncio.get_running_loop()
+        channel = self._channels.get(loop)
+        if channel is None:
+            # A new loop: forget the channels of loops that are closed (their sockets
+            # close when the transports are collected).
+            for closed in [other for other in self._channels if other.is_closed()]:
+                del self._channels[closed]
+            channel = self._channels[loop] = _Channel(self, loop)
+        return await channel.call(op, fields)
+
+    def current_slot(self) -> int | None:
+        """The calling thread's slot if its registration is valid now; never does I/O."""
+        state = self._threads
+        return state.slot if state.epoch == self.epoch else None
+
+    def register_thread(self) -> int | None:
+        """Slot of the calling (executor) thread, registering it first if needed (blocks)."""
+        slot = self.current_slot()
+        if slot is not None:
+            return slot
+        state = self._threads
+        if state.refused or (slot := self._allocate(state)) is None:
+            return None
+        epoch = self.epoch
+        reply = self._blocking.call("thread", tid=threading.get_native_id(), slot=slot)
+        return self._registered(state, slot, epoch, reply)
+
+    async def register_loop_thread(self) -> int | None:
+        """Slot of the event-loop thread, registering it over the loop's connection."""
+        slot = self.current_slot()
+        if slot is not None:
+            return slot
+        state = self._threads
+        if state.pending is not None:
+            # Another activity is registering this thread right now: wait for its answer
+            # (shielded: this activity being cancelled must not cancel the others' wait).
+            return await asyncio.shield(state.pending)
+        if state.refused or (slot := self._allocate(state)) is None:
+            return None
+        state.pending = done = asyncio.get_running_loop().create_future()
+        try:
+            epoch = self.epoch
+            reply = await self.call("thread", tid=threading.get_native_id(), slot=slot)
+            return self._registered(state, slot, epoch, reply)
+        finally:
+            state.pending = None
+            # Also when this task was cancelled mid-way: the waiters get what holds now.
+            done.set_result(self.current_slot())
+
+    @staticmethod
+    def _allocate(state: _ThreadState) -> int | None:
+        slot = _slots.current()
+        if slot is None:
+            state.refused = True
+        return slot
+
+    def _registered(
+        self, state: _ThreadState, slot: int, epoch: int, reply: dict[str, Any] | None
+    ) -> int | None:
+        if reply is None:
+            return None  # no agent: the thread tries again before a later activity
+        if not reply.get("ok"):
+            state.refused = True
+            _log.debug(
+                "openbox-agent refused thread %d: %s",
+                threading.get_native_id(),
+                reply.get("error"),
+            )
+            return None
+        state.slot, state.epoch = slot, epoch
+        return slot
+
+
+class _Connection(asyncio.Protocol):
+    """One asyncio connection to the agent: writes requests, matches replies by id."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Any) -> None:
+        self._loop = loop
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            try:
+                reply = _decode(buffer[start:end])
+            except ValueError as exc:
+                self._abort(exc)
+                return
+            start = end + 1
+            request_id = reply.get("id")
+            # A reply to a request that timed out finds no future and is dropped.
+            future = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+            if future is not None and not future.done():
+                future.set_result(reply)
+        del buffer[:start]
+        if len(buffer) > MAX_LINE:
+            self._abort(ValueError("reply line too long"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = ConnectionError(f"openbox-agent closed the connection ({exc or 'EOF'})")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._on_lost(self)
+
+    def _abort(self, reason: Exception) -> None:
+        _log.debug("openbox hook: dropping agent connection: %s", reason)
+        self.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost follows and fails what is pending
+
+    async def request(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if self.closed or self._transport is None:
+            raise ConnectionError("openbox-agent connection is closed")
+        request_id = self._next_id
+        self._next_id += 1
+        future = self._loop.create_future()
+        self._pending[request_id] = future
+        timer = self._loop.call_later(timeout, _expire, future, op, timeout)
+        try:
+            self._transport.write(_encode({"id": request_id, "op": op, **fields}))
+            if self._transport.get_write_buffer_size() > MAX_LINE:
+                self._abort(ConnectionError("openbox-agent is not reading"))
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request_id, None)
+
+
+def _expire(future: asyncio.Future, op: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"no reply to {op} within {timeout:g} s"))
+
+
+class _Channel:
+    """The connection of one event loop: connects (and says hello) on demand."""
+
+    def __init__(self, link: AgentLink, loop: asyncio.AbstractEventLoop) -> None:
+        self._link = link
+        self._loop = loop
+        self._connection: _Connection | None = None
+        self._connecting = asyncio.Lock()
+        self._retry_at = 0.0
+
+    async def call(self, op: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        connection = self._connection
+        if connection is None and (connection := await self._connect()) is None:
+            return None
+        try:
+            return await connection.request(op, fields, self._link.timeout)
+        except (OSError, ValueError) as exc:
+            self._link.failed(f"{op}: {exc}")
+            return None
+
+    async def _connect(self) -> _Connection | None:
+        async with self._connecting:
+            if self._connection is not None:
+                return self._connection  # made while this call waited for the lock
+            if self._loop.time() < self._retry_at:
+                return None
+            connection = _Connection(self._loop, self._lost)
+            try:
+                await asyncio.wait_for(
+                    self._loop.create_unix_connection(lambda: connection, self._link.socket_path),
+                    self._link.timeout,
+                )
+                reply = await connection.request("hello", self._link.hello(), self._link.timeout)
+                if not reply.get("ok"):
+                    raise ConnectionRefusedError(f"hello refused: {reply.get('error')}")
+            except (OSError, ValueError) as exc:
+                connection.close()
+                self._retry_at = self._loop.time() + RETRY_INTERVAL
+                self._link.failed(exc)
+                return None
+            _log.debug(
+                "openbox hook: connected to %s (worker pid %s)",
+                reply.get("agent"),
+                reply.get("worker"),
+            )
+            self._connection = connection
+            return connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def _lost(self, connection: _Connection) -> None:
+        if connection is self._connection:
+            self._connection = None
+            self._link.lost()
+
+
+class _BlockingConnection:
+    """The connection executor threads register on; one request at a time, under a lock."""
+
+    def __init__(self, link: AgentLink) -> None:
+        self._link = link
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._epoch = 0
+        self._buffer = bytearray()
+        self._next_id = 1
+        self._retry_at = 0.0
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any] | None:
+        with self._lock:
+            if self._sock is not None and self._epoch != self._link.epoch:
+                self._close()  # made before a connection was lost: the agent may be new
+            if self._sock is None and not self._connect():
+                return None
+            try:
+                return self._request(op, fields)
+            except (OSError, ValueError) as exc:
+                self._close()
+                self._link.lost()
+                self._link.failed(f"{op}: {exc}")
+                return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._close()
+
+    def _connect(self) -> bool:
+        if time.monotonic() < self._retry_at:
+            return False
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._epoch = self._link.epoch
+        self._next_id = 1  # ids are per connection: hello is 1 on each
+        try:
+            self._sock.settimeout(self._link.timeout)
+            self._sock.connect(self._link.socket_path)
+            reply = self._request("hello", self._link.hello())
+            if not reply.get("ok"):
+                raise ConnectionRefusedError(f"hello refused: {reply.get('error')}")
+        except (OSError, ValueError) as exc:
+            self._close()
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            self._link.failed(exc)
+            return False
+        return True
+
+    def _close(self) -> None:
+        assert self._sock is not None
+        self._sock.close()
+        self._sock = None
+        self._buffer.clear()
+
+    def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        assert self._sock is not None
+        request_id = self._next_id
+        self._next_id += 1
+        deadline = time.monotonic() + self._link.timeout
+        self._sock.settimeout(self._link.timeout)
+        self._sock.sendall(_encode({"id": request_id, "op": op, **fields}))
+        while True:
+            reply = _decode(self._read_line(deadline))
+            if reply.get("id") == request_id:
+                return reply
+            # else: the late reply to a request that timed out earlier
+
+    def _read_line(self, deadline: float) -> bytes:
+        assert self._sock is not None
+        buffer = self._buffer
+        while (end := buffer.find(b"\n")) < 0:
+            if len(buffer) > MAX_LINE:
+                raise ValueError("reply line too long")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply within {self._link.timeout:g} s")
+            self._sock.settimeout(remaining)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("openbox-agent closed the connection")
+            buffer += chunk
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
+        return line

@@ -1,0 +1,70 @@
+"""``OpenBoxHook``: the worker interceptor that connects a Temporal worker to openbox-agent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import temporalio.worker
+
+from ._activity import ActivityInbound
+from ._agent import DEFAULT_SOCKET, SOCKET_ENV, AgentLink
+from .serialize import serialize_value
+
+
+class OpenBoxHook(temporalio.worker.Interceptor):
+    """Publishes which activity runs on which thread, for openbox-agent to attribute.
+
+    Adopt it in one line::
+
+        Worker(client, task_queue=..., activities=..., interceptors=[OpenBoxHook()])
+
+    Args:
+        socket_path: the agent's Unix socket. Default: ``$OPENBOX_AGENT_SOCKET``, else
+            ``/run/openbox/agent.sock``.
+        timeout: seconds to wait for each reply of the agent; a call that takes longer
+            means "no agent" for that activity.
+        config: governance settings sent to the agent in ``hello`` (what
+            :func:`create_openbox_worker` fills in from the SDK's parameters).
+
+    Without a reachable agent the worker runs exactly as without the hook; one warning
+    is logged (logger ``openbox.hook``) and the connection is retried every 5 s.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+        self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(dict(config or {})))
+
+    @property
+    def socket_path(self) -> str:
+        return self._link.socket_path
+
+    def close(self) -> None:
+        """Close the hook's connections to the agent (exiting the process does too).
+
+        Call it on the worker's event loop once the worker has stopped; a later activity
+        would simply connect again.
+        """
+        self._link.close()
+
+    def intercept_activity(
+        self, next: temporalio.worker.ActivityInboundInterceptor
+    ) -> temporalio.worker.ActivityInboundInterceptor:
+        return ActivityInbound(next, self._link)
+
+    def workflow_interceptor_class(
+        self, input: temporalio.worker.WorkflowInterceptorClassInput
+    ) -> type[temporalio.worker.WorkflowInboundInterceptor] | None:
+        # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived) will be
+        # reported through a workflow interceptor class returned here; workflows do no
+        # I/O of their own, so attribution needs none.
+        return None

@@ -1,0 +1,111 @@
+"""``create_openbox_worker``: the SDK's factory, taking the SDK's parameters.
+
+Moving from ``openbox-temporal-sdk-python`` is a one-line import change::
+
+    from openbox_hook import create_openbox_worker   # was: from openbox import ...
+
+The governance settings are not acted on here: they go to openbox-agent in ``hello``
+(``config``), and the agent governs. The instrumentation switches are accepted and
+ignored: the agent captures HTTP, databases and files at kernel level, for every library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import temporalio.client
+import temporalio.worker
+
+from .hook import OpenBoxHook
+
+GOVERNANCE_POLICIES = ("fail_open", "fail_closed")
+
+
+def create_openbox_worker(
+    client: temporalio.client.Client,
+    task_queue: str,
+    workflows: Sequence[type] = (),
+    activities: Sequence[Callable[..., Any]] = (),
+    *,
+    openbox_url: str | None = None,
+    openbox_api_key: str | None = None,
+    governance_timeout: float = 30.0,
+    governance_policy: str = "fail_open",
+    send_start_event: bool = True,
+    send_activity_start_event: bool = True,
+    skip_workflow_types: Iterable[str] | None = None,
+    skip_activity_types: Iterable[str] | None = None,
+    skip_signals: Iterable[str] | None = None,
+    hitl_enabled: bool = True,
+    instrument_databases: bool = True,
+    db_libraries: Iterable[str] | None = None,
+    instrument_file_io: bool = False,
+    agent_socket: str | None = None,
+    **worker_kwargs: Any,
+) -> temporalio.worker.Worker:
+    """A ``temporalio.worker.Worker`` with an :class:`OpenBoxHook` installed.
+
+    Args:
+        client, task_queue, workflows, activities: as for ``Worker``.
+        openbox_url, openbox_api_key, governance_timeout, governance_policy,
+        send_start_event, send_activity_start_event, skip_workflow_types,
+        skip_activity_types, skip_signals, hitl_enabled: the SDK's governance settings,
+            forwarded to the agent, which governs (settings left as ``None`` are not
+            sent, so the agent's own defaults apply to them).
+        instrument_databases, db_libraries, instrument_file_io: accepted for
+            compatibility and ignored: the agent sees all database and file I/O.
+        agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else
+            ``/run/openbox/agent.sock``).
+        worker_kwargs: any other ``Worker`` parameter; an ``interceptors`` list gets
+            the hook appended.
+
+    Raises:
+        ValueError: ``governance_policy`` is not ``"fail_open"``/``"fail_closed"``, or
+            ``governance_timeout`` is not a positive number of seconds.
+        TypeError: a skip list is a single string instead of a collection of names.
+    """
+    if governance_policy not in GOVERNANCE_POLICIES:
+        raise ValueError(
+            f"governance_policy must be 'fail_open' or 'fail_closed', got {governance_policy!r}"
+        )
+    if (
+        isinstance(governance_timeout, bool)
+        or not isinstance(governance_timeout, (int, float))
+        or not governance_timeout > 0
+    ):
+        raise ValueError(
+            f"governance_timeout must be a number of seconds > 0, got {governance_timeout!r}"
+        )
+    settings: dict[str, Any] = {
+        "openbox_url": openbox_url,
+        "openbox_api_key": openbox_api_key,
+        "governance_timeout": float(governance_timeout),
+        "governance_policy": governance_policy,
+        "send_start_event": send_start_event,
+        "send_activity_start_event": send_activity_start_event,
+        "skip_workflow_types": _names("skip_workflow_types", skip_workflow_types),
+        "skip_activity_types": _names("skip_activity_types", skip_activity_types),
+        "skip_signals": _names("skip_signals", skip_signals),
+        "hitl_enabled": hitl_enabled,
+    }
+    config = {key: value for key, value in settings.items() if value is not None}
+    hook = OpenBoxHook(agent_socket, config=config)
+    interceptors = [*worker_kwargs.pop("interceptors", ()), hook]
+    return temporalio.worker.Worker(
+        client,
+        task_queue=task_queue,
+        workflows=workflows,
+        activities=activities,
+        interceptors=interceptors,
+        **worker_kwargs,
+    )
+
+
+def _names(parameter: str, names: Iterable[str] | None) -> list[str] | None:
+    """A set of names as the sorted list JSON can carry."""
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)):
+        raise TypeError(f"{parameter} must be a collection of names, not a single string")
+    return sorted({str(name) for name in names})

@@ -1,0 +1,141 @@
+"""An in-process stand-in for openbox-agent's hook socket.
+
+Serves the hook protocol on a Unix socket in a temporary directory, one thread per
+connection, records every message, and answers: ``hello`` with a worker pid, ``thread``
+with ok (or a refusal), ``activity_start`` with a fresh token, anything else with ok.
+Subclasses change answers through ``respond`` and their timing through ``delay``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from typing import Any
+
+
+class FakeAgent:
+    def __init__(self, socket_path: str | None = None, *, refuse_threads: bool = False) -> None:
+        """Listens on ``socket_path``, default a new temporary directory's ``agent.sock``."""
+        self.refuse_threads = refuse_threads
+        self._dir = None if socket_path else tempfile.mkdtemp(prefix="openbox-fake-agent-")
+        self.socket_path = socket_path or os.path.join(self._dir, "agent.sock")
+        self.messages: list[dict[str, Any]] = []
+        self.connections = 0
+        self._changed = threading.Condition()
+        self._next_token = 1
+        self._clients: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.socket_path)
+        self._listener.listen(64)
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="fake-agent").start()
+
+    # -- what tests look at -------------------------------------------------------
+
+    def ops(self, op: str) -> list[dict[str, Any]]:
+        with self._changed:
+            return [m for m in self.messages if m.get("op") == op]
+
+    def wait_for(self, op: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(found := [m for m in self.messages if m.get("op") == op]) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"fake agent: {len(found)} {op!r} messages, wanted {count}"
+                    )
+                self._changed.wait(remaining)
+            return found
+
+    # -- behaviour subclasses change ---------------------------------------------
+
+    def respond(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply (without id) to ``message``; None sends nothing."""
+        op = message.get("op")
+        if op == "hello":
+            return {"ok": True, "agent": "fake-agent", "worker": message.get("pid")}
+        if op == "thread" and self.refuse_threads:
+            return {"ok": False, "error": "thread refused"}
+        if op == "activity_start":
+            with self._changed:
+                token = self._next_token
+                self._next_token += 1
+            return {"ok": True, "token": token}
+        return {"ok": True}
+
+    def delay(self, message: dict[str, Any]) -> float:
+        """Seconds to hold the reply to ``message`` (other replies overtake it)."""
+        return 0.0
+
+    # -- serving -----------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._changed:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            client.close()
+        if self._dir is None:
+            os.unlink(self.socket_path)
+        else:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> FakeAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._changed:
+                self._clients.append(client)
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        write_lock = threading.Lock()
+        reader = client.makefile("rb")
+        try:
+            for line in reader:
+                message = json.loads(line)
+                assert line.endswith(b"\n") and b"\n" not in line[:-1]
+                with self._changed:
+                    self.messages.append(message)
+                    self._changed.notify_all()
+                reply = self.respond(message)
+                if reply is None:
+                    continue
+                data = (json.dumps({"id": message["id"], **reply}) + "\n").encode()
+                delay = self.delay(message)
+                if delay:
+                    threading.Timer(delay, self._send, (client, write_lock, data)).start()
+                else:
+                    self._send(client, write_lock, data)
+        except (OSError, ValueError):
+            pass
+        finally:
+            reader.close()
+
+    @staticmethod
+    def _send(client: socket.socket, lock: threading.Lock, data: bytes) -> None:
+        with lock:
+            try:
+                client.sendall(data)
+            except OSError:
+                pass
