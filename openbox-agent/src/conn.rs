@@ -215,6 +215,8 @@ struct Conn {
     gen: Option<u64>,
     /// Flags were set on that generation (to clear at close).
     flagged: bool,
+    /// Open before watching began: its first bytes seen are mid-stream.
+    midstream: bool,
 }
 
 #[derive(Debug)]
@@ -360,6 +362,17 @@ pub fn source_name(source: u32) -> &'static str {
 
 /// The first bytes of a TLS record carrying a handshake or alert (RFC 8446 §5.1):
 /// content type 21/22, legacy version 3.x.
+/// A TLS record of any content type (handshake, alert, change-cipher-spec, application
+/// data) with a plausible length: how a connection that was already open when watching
+/// began shows it carries TLS.
+fn looks_like_tls_record(b: &[u8]) -> bool {
+    b.len() >= 5
+        && (0x14..=0x17).contains(&b[0])
+        && b[1] == 0x03
+        && b[2] <= 0x04
+        && u16::from_be_bytes([b[3], b[4]]) <= 16384 + 2048
+}
+
 fn looks_like_tls(b: &[u8]) -> bool {
     b.len() >= 3 && (b[0] == 0x16 || b[0] == 0x15) && b[1] == 0x03 && b[2] <= 0x04
 }
@@ -390,6 +403,7 @@ impl Tracker {
                 announced: false,
                 gen,
                 flagged: false,
+                midstream: false,
             },
         );
         self.conns.get_mut(&key).unwrap()
@@ -398,7 +412,7 @@ impl Tracker {
     /// Registers a descriptor that existed before watching began (from /proc).
     pub fn seed_socket(&mut self, pid: Pid, fd: i32, peer: Option<Addr>, gen: u64) {
         if !self.conns.contains_key(&(pid, fd)) {
-            self.new_conn((pid, fd), peer, Some(gen));
+            self.new_conn((pid, fd), peer, Some(gen)).midstream = true;
         }
     }
 
@@ -632,7 +646,7 @@ impl Tracker {
         if !self.conns.contains_key(&key) {
             let (_, remote) = env.socket_addrs(h.tgid, d.fd);
             // Its generation is unknown: no kernel flags will be set on it.
-            self.new_conn(key, remote, None);
+            self.new_conn(key, remote, None).midstream = true;
         }
         let dir = Direction::from_raw(d.direction);
         let i = dir.idx();
@@ -646,7 +660,12 @@ impl Tracker {
             s.call_base = s.next_seq;
             if !conn.tls && !in_ssl {
                 let at_start = s.call_base == 0;
-                if (at_start || conn.starttls) && looks_like_tls(&d.payload) {
+                // A pooled TLS connection opened before the worker registered shows
+                // only application-data records: without this its ciphertext would be
+                // taken for cleartext and its plaintext never linked to it.
+                if (at_start || conn.starttls) && looks_like_tls(&d.payload)
+                    || conn.midstream && looks_like_tls_record(&d.payload)
+                {
                     conn.tls = true;
                     if let Some(gen) = conn.gen {
                         conn.flagged = true;
@@ -1005,6 +1024,35 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![0, 3, 6]);
+    }
+
+    #[test]
+    fn a_tls_connection_open_before_watching_began_is_recognised_and_linked() {
+        // A pooled TLS connection (asyncpg) opened before the worker registered: the
+        // agent only ever sees application-data records on it.
+        let mut t = Tracker::new(SkipPaths::default());
+        t.seed_socket(10, 6, None, 3);
+        let record = [0x17, 0x03, 0x03, 0x00, 0x19, 9, 9, 9, 9, 9];
+        let (out, actions) = run(
+            &mut t,
+            vec![
+                ev(
+                    EV_TLS_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::TlsData(data(-1, DIR_EGRESS, 0xdef, 8, 0, b"Q\0\0\0\x07;\0")),
+                ),
+                ev(
+                    EV_SOCK_DATA,
+                    FLAG_LAST,
+                    11,
+                    Body::SockData(data(6, DIR_EGRESS, 0, 10, 0, &record)),
+                ),
+            ],
+        );
+        assert!(actions.contains(&Action::NoPayload(10, 6, 3)));
+        assert!(stream(&out, false, Direction::Egress).is_empty(), "{out:?}");
+        assert_eq!(stream(&out, true, Direction::Egress), b"Q\0\0\0\x07;\0");
     }
 
     #[test]

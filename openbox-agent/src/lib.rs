@@ -9,6 +9,7 @@ pub mod capture;
 pub mod check;
 pub mod conn;
 pub mod daemon;
+pub mod governance;
 pub mod preflight;
 pub mod procfs;
 pub mod protocol;

@@ -1,8 +1,10 @@
-//! The test environment: Debian packages, two Python virtualenvs and a FerretDB binary.
+//! The test environment: Debian packages, two Python virtualenvs (the first with the
+//! worker hook from hooks/python installed in it), a FerretDB binary and the Temporal CLI.
 //!
 //! `setup()` checks before it installs, so a second run only looks: `dpkg-query` for the
-//! packages, a marker file in each virtualenv for its pip requirements, the versioned
-//! FerretDB binary in `~/.cache/openbox/go/bin`.
+//! packages, a marker file in each virtualenv for its pip requirements, a stamp of the
+//! hook's sources, the versioned FerretDB binary and the `temporal` binary in
+//! `~/.cache/openbox/go/bin`.
 
 use std::{
     fs,
@@ -58,6 +60,19 @@ const FERRETDB_VERSION: &str = "v1.24.0";
 
 /// The fixtures' pip requirements, one pinned package a line (dependencies pinned too).
 const REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/requirements.txt";
+
+/// The Temporal CLI, whose `temporal server start-dev` is the end-to-end tests' Temporal
+/// server (no Debian or PyPI package has one). Always an explicit version: the module
+/// proxy this project reaches refuses version listings, so `@latest` cannot resolve.
+const TEMPORAL_PACKAGE: &str = "github.com/temporalio/cli/cmd/temporal";
+const TEMPORAL_MODULE: &str = "github.com/temporalio/cli";
+const TEMPORAL_VERSION: &str = "v1.1.2";
+
+/// The worker hook's Python package, installed (not editable) into the fixtures'
+/// virtualenv so the end-to-end tests prove it is pip-installable.
+const HOOK_DIR: &str = "hooks/python";
+/// Module the installed hook must provide.
+const HOOK_IMPORT: &str = "from openbox_hook import OpenBoxHook, create_openbox_worker";
 
 pub struct TestEnv {
     vars: Vec<(String, String)>,
@@ -118,7 +133,10 @@ pub fn setup() -> Result<TestEnv> {
         &root.join(SDK_REQUIREMENTS_FILE),
         SDK_IMPORTS,
     )?;
+    let hook_dir = root.join(HOOK_DIR);
+    install_hook(&venv_python, &venv, &hook_dir)?;
     let ferretdb = ensure_ferretdb()?;
+    let temporal = ensure_temporal()?;
 
     let vars = vec![
         (
@@ -145,6 +163,14 @@ pub fn setup() -> Result<TestEnv> {
         (
             "OPENBOX_TEST_SUPPORT".to_string(),
             support.display().to_string(),
+        ),
+        (
+            "OPENBOX_TEMPORAL_BIN".to_string(),
+            temporal.display().to_string(),
+        ),
+        (
+            "OPENBOX_HOOK_DIR".to_string(),
+            hook_dir.display().to_string(),
         ),
     ];
     for (k, v) in &vars {
@@ -289,8 +315,8 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
 }
 
 /// Modules each virtualenv must import once built.
-const FIXTURE_IMPORTS: &str =
-    "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, requests, urllib3, aiohttp";
+const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, \
+     requests, urllib3, aiohttp, temporalio.client, temporalio.worker";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \
@@ -380,10 +406,7 @@ fn ferretdb_runs(bin: &Path) -> bool {
 /// unless `build/version/version.txt` exists, a file only its own Taskfile generates. So:
 /// `go mod download` the tagged module, copy it, write version.txt, `go build`.
 fn ensure_ferretdb() -> Result<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("HOME is not set: cannot place the FerretDB build cache"))?;
-    let cache = home.join(".cache/openbox/go");
+    let cache = go_cache()?;
     let bin = cache.join(format!("bin/ferretdb-{FERRETDB_VERSION}"));
     if ferretdb_runs(&bin) {
         return Ok(bin);
@@ -451,4 +474,241 @@ fn ensure_ferretdb() -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// `~/.cache/openbox/go`: where the Go-built test servers live (`bin/`) and are built.
+fn go_cache() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from).ok_or_else(|| {
+        anyhow!("HOME is not set: cannot place the Go build cache (~/.cache/openbox/go)")
+    })?;
+    Ok(home.join(".cache/openbox/go"))
+}
+
+/// The Temporal CLI in `~/.cache/openbox/go/bin/temporal`, built once with `go install`
+/// and reused when present.
+///
+/// Unlike FerretDB, `go install PACKAGE@VERSION` works for the CLI here (its module needs
+/// no generated file), as long as the version is explicit. The binary reports
+/// `0.0.0-DEV` as its own version (the release's ldflags are not applied), so which
+/// module version it was built from is read from its build information instead.
+fn ensure_temporal() -> Result<PathBuf> {
+    let cache = go_cache()?;
+    let gobin = cache.join("bin");
+    let bin = gobin.join("temporal");
+    if temporal_runs(&bin) {
+        return Ok(bin);
+    }
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to build the Temporal CLI {TEMPORAL_VERSION} (the end-to-end tests' Temporal dev server) and is not installed: install Go 1.22 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    eprintln!(
+        "xtask: building the Temporal CLI {TEMPORAL_VERSION} into {} (once; takes about 4 minutes)",
+        bin.display()
+    );
+    fs::create_dir_all(&gobin).with_context(|| format!("creating {}", gobin.display()))?;
+    run(Command::new(&go)
+        .arg("install")
+        .arg(format!("{TEMPORAL_PACKAGE}@{TEMPORAL_VERSION}"))
+        .env("GOBIN", &gobin)
+        // Outside any module, so the go.mod of whatever directory we run in is ignored.
+        .current_dir(std::env::temp_dir()))
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nbuilding the Temporal CLI failed (is the Go module proxy reachable?); retry with `GOBIN={} {} install {TEMPORAL_PACKAGE}@{TEMPORAL_VERSION}`",
+            gobin.display(),
+            go.display()
+        )
+    })?;
+    if !temporal_runs(&bin) {
+        bail!(
+            "{} was built but does not run (`temporal --version`) or is not {TEMPORAL_MODULE} {TEMPORAL_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// `bin --version` works, and, when Go is there to read the build information, the
+/// binary was built from the pinned module version.
+fn temporal_runs(bin: &Path) -> bool {
+    let runs = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("temporal version")
+        })
+        .unwrap_or(false);
+    if !runs {
+        return false;
+    }
+    let Some(go) = find_go() else {
+        return true;
+    };
+    // `go version -m BIN` lists `\tmod\tgithub.com/temporalio/cli\tv1.1.2\th1:…`.
+    Command::new(go)
+        .args(["version", "-m"])
+        .arg(bin)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 3 && f[0] == "mod" && f[1] == TEMPORAL_MODULE && f[2] == TEMPORAL_VERSION
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Names under hooks/python that are build output or caches, not the package's sources:
+/// neither hashed nor copied.
+fn is_build_output(name: &str) -> bool {
+    matches!(
+        name,
+        "__pycache__"
+            | "build"
+            | "dist"
+            | ".git"
+            | ".pytest_cache"
+            | ".mypy_cache"
+            | ".ruff_cache"
+            | ".venv"
+    ) || name.ends_with(".egg-info")
+        || name.ends_with(".pyc")
+        || name.ends_with(".pyo")
+}
+
+/// The package's source files (relative paths, sorted), build output left out.
+fn hook_sources(dir: &Path) -> Result<Vec<PathBuf>> {
+    fn walk(top: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let here = top.join(rel);
+        for entry in fs::read_dir(&here).with_context(|| format!("reading {}", here.display()))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if is_build_output(&name) {
+                continue;
+            }
+            let path = rel.join(&name);
+            let meta = fs::metadata(top.join(&path))
+                .with_context(|| format!("reading {}", top.join(&path).display()))?;
+            if meta.is_dir() {
+                walk(top, &path, out)?;
+            } else if meta.is_file() {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+/// FNV-1a over every source file's relative path and contents: stable across Rust
+/// releases (unlike `DefaultHasher`), which is all a stamp needs.
+fn hook_stamp(dir: &Path, files: &[PathBuf]) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for f in files {
+        let data =
+            fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()))?;
+        feed(f.to_string_lossy().as_bytes());
+        feed(&[0]);
+        feed(&(data.len() as u64).to_le_bytes());
+        feed(&data);
+    }
+    Ok(format!("{h:016x} {} files\n", files.len()))
+}
+
+/// Installs the worker hook (hooks/python) into the fixtures' virtualenv with
+/// `pip install --no-deps --force-reinstall`, not editable, so the tests use the package
+/// as a user would get it. Redone whenever a source file under hooks/python changes (a
+/// stamp of their hash in the virtualenv). pip builds from a copy under target/, so no
+/// build output (`build/`, `*.egg-info`) lands in the source tree.
+///
+/// While hooks/python holds no package yet (no pyproject.toml or setup.py), this says so
+/// and goes on: everything but the end-to-end tests works without the hook.
+fn install_hook(venv_python: &Path, venv: &Path, hook_dir: &Path) -> Result<()> {
+    let has_package =
+        hook_dir.join("pyproject.toml").is_file() || hook_dir.join("setup.py").is_file();
+    if !has_package {
+        eprintln!(
+            "xtask: {} holds no Python package yet (no pyproject.toml or setup.py): the worker hook is not installed, so the end-to-end tests (tests/e2e) will fail until it exists; run `cargo xtask setup-env` again then",
+            hook_dir.display()
+        );
+        return Ok(());
+    }
+    let files = hook_sources(hook_dir)?;
+    let stamp_file = venv.join("openbox-hook.stamp");
+    let want = hook_stamp(hook_dir, &files)?;
+    let importable = || {
+        // From /, so the import cannot come from a source checkout in the cwd.
+        Command::new(venv_python)
+            .args(["-c", HOOK_IMPORT])
+            .current_dir("/")
+            .output()
+    };
+    if fs::read_to_string(&stamp_file).ok().as_deref() == Some(want.as_str())
+        && importable().map(|o| o.status.success()).unwrap_or(false)
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the worker hook from {} into {}",
+        hook_dir.display(),
+        venv.display()
+    );
+    let _ = fs::remove_file(&stamp_file);
+    let build = venv
+        .parent()
+        .expect("venv has a parent")
+        .join("hook-build/python");
+    if build.exists() {
+        fs::remove_dir_all(&build).with_context(|| format!("removing {}", build.display()))?;
+    }
+    for f in &files {
+        let to = build.join(f);
+        fs::create_dir_all(to.parent().expect("a file has a parent"))?;
+        fs::copy(hook_dir.join(f), &to).with_context(|| {
+            format!("copying {} to {}", hook_dir.join(f).display(), to.display())
+        })?;
+    }
+    run(Command::new(venv_python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--quiet",
+            "--no-deps",
+            "--force-reinstall",
+        ])
+        .arg(&build))
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nthe worker hook in {} is not pip-installable (or its build backend could not be fetched from PyPI); retry with `{} -m pip install --no-deps --force-reinstall {}`",
+            hook_dir.display(),
+            venv_python.display(),
+            hook_dir.display()
+        )
+    })?;
+    let _ = fs::remove_dir_all(build.parent().expect("has a parent"));
+    let check = importable().with_context(|| format!("could not run {}", venv_python.display()))?;
+    if !check.status.success() {
+        bail!(
+            "the worker hook from {} was installed but `{HOOK_IMPORT}` fails in {}: {}",
+            hook_dir.display(),
+            venv.display(),
+            String::from_utf8_lossy(&check.stderr).trim()
+        );
+    }
+    // Written last: an interrupted install leaves no stamp and is redone next time.
+    fs::write(&stamp_file, want)
+        .with_context(|| format!("could not write {}", stamp_file.display()))?;
+    Ok(())
 }

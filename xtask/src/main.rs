@@ -6,6 +6,7 @@
 mod bench;
 mod env;
 mod fuzz;
+mod hook_bench;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -24,6 +25,9 @@ struct Cli {
 enum BenchPart {
     Syscalls,
     Parsers,
+    /// The worker hook: per coroutine step, per activity, and a no-op activity's latency
+    /// with and without the hook on a real Temporal dev server.
+    Hook,
 }
 
 #[derive(Subcommand)]
@@ -32,7 +36,8 @@ enum Task {
     BuildEbpf,
     /// Build the kernel programs and the agent (release).
     Build,
-    /// Install the test environment (Debian packages, Python virtualenv) and run every test.
+    /// Install the test environment (Debian packages, Python virtualenvs with the worker
+    /// hook, FerretDB, the Temporal CLI) and run every test, end-to-end tests included.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -45,11 +50,12 @@ enum Task {
         /// Iterations per loop.
         #[arg(long, default_value_t = 200_000)]
         iterations: u64,
-        /// Run only one part: syscalls (the agent's cost per syscall) or parsers.
+        /// Run only one part: syscalls (the agent's cost per syscall), parsers, or hook.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
     },
-    /// Install the test environment only (Debian packages, Python virtualenv).
+    /// Install the test environment only (Debian packages, Python virtualenvs with the
+    /// worker hook, FerretDB, the Temporal CLI); prints the OPENBOX_* variables.
     SetupEnv,
     /// Fuzz the protocol parsers (cargo-fuzz, nightly), each target for --seconds.
     Fuzz {
@@ -131,11 +137,16 @@ fn demo() -> Result<()> {
 
 fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
     build_agent()?;
-    if only != Some(BenchPart::Parsers) {
+    let part = |p: BenchPart| only.is_none() || only == Some(p);
+    if part(BenchPart::Syscalls) {
         bench::run(&agent_binary(), iterations)?;
     }
-    if only != Some(BenchPart::Syscalls) {
+    if part(BenchPart::Parsers) {
         parser_bench()?;
+    }
+    if part(BenchPart::Hook) {
+        let test_env = env::setup()?;
+        hook_bench::run(&agent_binary(), &test_env, 40)?;
     }
     Ok(())
 }

@@ -155,6 +155,9 @@ pub fn detect(side: Side, first: &[u8]) -> Option<Protocol> {
                 Some(Protocol::Redis)
             } else if mongo::looks_like_message(first) {
                 Some(Protocol::Mongo)
+            } else if postgres::looks_like_request_midstream(first) {
+                // Last: only a connection seen from its middle starts with a typed message.
+                Some(Protocol::Postgres)
             } else {
                 None
             }

@@ -72,6 +72,46 @@ pub fn looks_like_startup(first: &[u8]) -> bool {
     }
 }
 
+/// Whether these first client bytes, seen on a connection that was already open when
+/// watching began (a pool opened before the worker registered), start a PostgreSQL
+/// request: a simple Query, or a Parse or Bind of the extended protocol, with a
+/// plausible length and the text fields such a message starts with.
+pub fn looks_like_request_midstream(first: &[u8]) -> bool {
+    let (Some(&kind), Some(len)) = (first.first(), be_u32(first, 1)) else {
+        return false;
+    };
+    if !(5..=(1 << 24)).contains(&len) {
+        return false;
+    }
+    let body = &first[5..first.len().min(1 + len as usize)];
+    let text = |b: &[u8]| b.iter().all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r');
+    // Names (statement, portal) are short identifiers; asyncpg's are `__asyncpg_stmt_N__`.
+    let name = |b: &[u8]| b.len() <= 63 && b.iter().all(|c| c.is_ascii_graphic());
+    match kind {
+        b'Q' => {
+            let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
+            end > 0 && text(&body[..end]) && body[..end].iter().any(|c| c.is_ascii_alphabetic())
+        }
+        b'P' => match body.iter().position(|&c| c == 0) {
+            Some(n) if name(&body[..n]) => {
+                let query = &body[n + 1..];
+                let end = query.iter().position(|&c| c == 0).unwrap_or(query.len());
+                end > 0 && text(&query[..end]) && query[..end].iter().any(|c| c.is_ascii_alphabetic())
+            }
+            _ => false,
+        },
+        b'B' => {
+            let mut parts = body.splitn(3, |&c| c == 0);
+            let (Some(portal), Some(stmt), Some(_)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return false;
+            };
+            name(portal) && name(stmt)
+        }
+        _ => false,
+    }
+}
+
 pub struct PostgresParser {
     cfg: ParserConfig,
     unparsed: u64,
@@ -2674,6 +2714,19 @@ mod tests {
             }
             super::super::fuzz_one(Protocol::Postgres, &input);
         }
+    }
+
+    #[test]
+    fn requests_of_a_connection_already_open_are_recognised_and_garbage_is_not() {
+        let parse = msg(b'P', b"__asyncpg_stmt_1__\0SELECT 'marker-1'\0\0\0");
+        assert!(looks_like_request_midstream(&parse));
+        assert!(looks_like_request_midstream(&msg(b'Q', b"SELECT 1\0")));
+        assert!(looks_like_request_midstream(&msg(b'B', b"\0__asyncpg_stmt_1__\0\0\0")));
+        assert!(!looks_like_request_midstream(b"PING\r\n"));
+        assert!(!looks_like_request_midstream(b"POST / HTTP/1.1\r\n"));
+        assert!(!looks_like_request_midstream(&msg(b'Q', b"\x01\x02\x03\0")));
+        assert!(!looks_like_request_midstream(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5]));
+        assert!(!looks_like_request_midstream(&[b'Q', 0xff, 0, 0, 0]));
     }
 
     #[test]

@@ -1,0 +1,579 @@
+//! The OpenBox Core client for API v1 routes (protocol §1): `GET /api/v1/auth/validate`,
+//! `POST /api/v1/governance/evaluate`, `POST /api/v1/governance/approval`, with
+//! `Authorization: Bearer <key>` and `Content-Type: application/json`, one timeout per call
+//! (`governance_timeout`). TLS is rustls (ring) trusting the system roots plus an optional
+//! extra PEM CA file. Redirects are not followed (httpx does not follow them either; a 3xx
+//! counts as "no verdict").
+//!
+//! Calls never fail: they return a [`CoreOutcome`] that says what happened, and
+//! [`apply_fail_policy`] turns an evaluate outcome into a verdict (or none) per §6.
+
+use std::{path::Path, time::Duration};
+
+use serde_json::{json, Value};
+
+use super::{
+    config::FailPolicy,
+    events,
+    verdict::{EvaluateResponse, Verdict},
+};
+
+pub const VALIDATE_PATH: &str = "/api/v1/auth/validate";
+pub const EVALUATE_PATH: &str = "/api/v1/governance/evaluate";
+pub const APPROVAL_PATH: &str = "/api/v1/governance/approval";
+
+/// What one Core call came to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoreOutcome<T> {
+    /// A 2xx answer whose body is a JSON object.
+    Ok(T),
+    /// A 2xx/3xx answer whose body is not a JSON object: no verdict, continue (§6).
+    NonJson { status: u16 },
+    /// HTTP status ≥ 400; `body` is the first 512 bytes of the answer, for logs.
+    HttpError { status: u16, body: String },
+    /// No complete answer within `governance_timeout`.
+    Timeout,
+    /// Connection refused, DNS, TLS or I/O failure.
+    Network(String),
+}
+
+impl<T> CoreOutcome<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> CoreOutcome<U> {
+        match self {
+            CoreOutcome::Ok(t) => CoreOutcome::Ok(f(t)),
+            CoreOutcome::NonJson { status } => CoreOutcome::NonJson { status },
+            CoreOutcome::HttpError { status, body } => CoreOutcome::HttpError { status, body },
+            CoreOutcome::Timeout => CoreOutcome::Timeout,
+            CoreOutcome::Network(e) => CoreOutcome::Network(e),
+        }
+    }
+
+    /// Core took the event (any 2xx/3xx answer).
+    pub fn accepted(&self) -> bool {
+        matches!(self, CoreOutcome::Ok(_) | CoreOutcome::NonJson { .. })
+    }
+
+    /// Trying the same request again may succeed: timeout, network, 5xx, 408, 429.
+    /// Other 4xx answers are permanent (a spooled event is not retried forever).
+    pub fn retryable(&self) -> bool {
+        match self {
+            CoreOutcome::Timeout | CoreOutcome::Network(_) => true,
+            CoreOutcome::HttpError { status, .. } => {
+                *status >= 500 || *status == 408 || *status == 429
+            }
+            _ => false,
+        }
+    }
+
+    /// The §6 error text after `Governance API error: `.
+    pub fn error_text(&self) -> Option<String> {
+        match self {
+            CoreOutcome::HttpError { status, .. } => Some(format!("HTTP {status}")),
+            CoreOutcome::Timeout => Some("timed out".to_owned()),
+            CoreOutcome::Network(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// §6 for activity events: the verdict to act on, or `None` for "no verdict, continue
+/// without redaction". fail_open: failures give `None`. fail_closed: network error,
+/// timeout and HTTP ≥ 400 give a synthetic HALT `Governance API error: …`. A non-JSON
+/// 2xx/3xx answer gives `None` in both.
+pub fn apply_fail_policy(
+    outcome: &CoreOutcome<EvaluateResponse>,
+    policy: FailPolicy,
+) -> Option<EvaluateResponse> {
+    match outcome {
+        CoreOutcome::Ok(r) => Some(r.clone()),
+        CoreOutcome::NonJson { .. } => None,
+        failure => match policy {
+            FailPolicy::FailOpen => None,
+            FailPolicy::FailClosed => Some(EvaluateResponse::synthetic(
+                Verdict::Halt,
+                format!(
+                    "Governance API error: {}",
+                    failure.error_text().unwrap_or_default()
+                ),
+            )),
+        },
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read the extra CA file {path}: {source}")]
+    CaFileRead {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the extra CA file {path} holds no usable PEM certificate: {reason}")]
+    CaFileInvalid { path: String, reason: String },
+    #[error("cannot set up the HTTP client for OpenBox Core: {0}")]
+    Build(String),
+}
+
+/// Start-up validation failures (§1.4): the daemon must refuse to start on either.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error(
+        "OpenBox Core at {url} refused the API key (HTTP {status} from {VALIDATE_PATH}): set a valid key with \
+         OPENBOX_API_KEY, --openbox-api-key or governance.openbox_api_key (keys look like obx_live_… or \
+         obx_test_…; they are issued in the OpenBox dashboard)"
+    )]
+    KeyRefused { url: String, status: u16 },
+    #[error(
+        "cannot reach OpenBox Core at {url}: {reason} — check openbox_url and that Core is reachable from this \
+         host, or unset the URL to run on the embedded local policy"
+    )]
+    Unreachable { url: String, reason: String },
+}
+
+/// An async client for one Core base URL. Cheap to clone (shares the connection pool).
+#[derive(Clone, Debug)]
+pub struct CoreClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: String,
+    timeout: Duration,
+}
+
+impl CoreClient {
+    /// `base_url` as normalized by the config (no trailing `/`).
+    pub fn new(
+        base_url: &str,
+        api_key: &str,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_native_certs(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout)
+            .user_agent(concat!("openbox-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|source| ClientError::CaFileRead {
+                path: shown.clone(),
+                source,
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ClientError::CaFileInvalid {
+                    path: shown.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if certs.is_empty() {
+                return Err(ClientError::CaFileInvalid {
+                    path: shown,
+                    reason: "no CERTIFICATE block".into(),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Build(error_chain(&e)))?;
+        Ok(CoreClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+            timeout,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `GET /api/v1/auth/validate`: 200 → ok; 401/403 → the key was refused; anything else
+    /// (other statuses, network, timeout) → Core unreachable.
+    pub async fn validate(&self) -> Result<(), ValidateError> {
+        let url = format!("{}{VALIDATE_PATH}", self.base_url);
+        let sent = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.api_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(self.timeout)
+            .send()
+            .await;
+        let unreachable = |reason: String| ValidateError::Unreachable {
+            url: self.base_url.clone(),
+            reason,
+        };
+        match sent {
+            Ok(resp) => match resp.status().as_u16() {
+                200 => Ok(()),
+                status @ (401 | 403) => Err(ValidateError::KeyRefused {
+                    url: self.base_url.clone(),
+                    status,
+                }),
+                status => Err(unreachable(format!("HTTP {status} from {VALIDATE_PATH}"))),
+            },
+            Err(e) if e.is_timeout() => Err(unreachable(format!(
+                "no answer within {:.1} s (governance_timeout)",
+                self.timeout.as_secs_f64()
+            ))),
+            Err(e) => Err(unreachable(error_chain(&e))),
+        }
+    }
+
+    /// `POST /api/v1/governance/evaluate` with the event (SDK key order, see `events`).
+    pub async fn evaluate(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
+        self.evaluate_raw(events::encode(event)).await.map(|v| {
+            // post_json only returns Ok for JSON objects, which always parse.
+            EvaluateResponse::from_value(&v)
+                .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
+        })
+    }
+
+    /// `POST /api/v1/governance/evaluate` with an already encoded body (a spooled event).
+    pub async fn evaluate_raw(&self, body: Vec<u8>) -> CoreOutcome<Value> {
+        self.post_json(EVALUATE_PATH, body).await
+    }
+
+    /// `POST /api/v1/governance/approval` with `{workflow_id, run_id, activity_id}`.
+    pub async fn approval(
+        &self,
+        workflow_id: &str,
+        run_id: &str,
+        activity_id: &str,
+    ) -> CoreOutcome<Value> {
+        let body =
+            json!({"workflow_id": workflow_id, "run_id": run_id, "activity_id": activity_id});
+        // Keys in the SDK's order (serde_json's map may sort them).
+        let body = format!(
+            "{{\"workflow_id\":{},\"run_id\":{},\"activity_id\":{}}}",
+            body["workflow_id"], body["run_id"], body["activity_id"]
+        );
+        self.post_json(APPROVAL_PATH, body.into_bytes()).await
+    }
+
+    async fn post_json(&self, path: &str, body: Vec<u8>) -> CoreOutcome<Value> {
+        let url = format!("{}{path}", self.base_url);
+        let sent = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.api_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(self.timeout)
+            .body(body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return CoreOutcome::Timeout,
+            Err(e) => return CoreOutcome::Network(error_chain(&e)),
+        };
+        let status = resp.status().as_u16();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) if e.is_timeout() => return CoreOutcome::Timeout,
+            Err(e) => return CoreOutcome::Network(error_chain(&e)),
+        };
+        if status >= 400 {
+            let shown = &bytes[..bytes.len().min(512)];
+            return CoreOutcome::HttpError {
+                status,
+                body: String::from_utf8_lossy(shown).into_owned(),
+            };
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v @ Value::Object(_)) if status < 300 => CoreOutcome::Ok(v),
+            _ => CoreOutcome::NonJson { status },
+        }
+    }
+}
+
+/// An error with its causes, e.g. `error sending request: … : Connection refused (os error 111)`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cur = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::governance::testutil::{Canned, FakeHttp};
+
+    fn client(server: &FakeHttp, timeout_ms: u64) -> CoreClient {
+        CoreClient::new(
+            &server.base_url(),
+            "obx_test_key",
+            Duration::from_millis(timeout_ms),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn evaluate_sends_bearer_json_and_parses_the_verdict() {
+        let server =
+            FakeHttp::start(|_| Canned::json(200, json!({"verdict": "block", "reason": "r"})))
+                .await;
+        let out = client(&server, 2000)
+            .evaluate(&json!({"event_type": "ActivityStarted", "source": "workflow-telemetry"}))
+            .await;
+        let CoreOutcome::Ok(r) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.verdict, Verdict::Block);
+        let req = &server.requests()[0];
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path, EVALUATE_PATH);
+        assert_eq!(req.header("authorization"), Some("Bearer obx_test_key"));
+        assert_eq!(req.header("content-type"), Some("application/json"));
+        assert_eq!(
+            req.body,
+            br#"{"source":"workflow-telemetry","event_type":"ActivityStarted"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn outcomes_distinguish_non_json_http_errors_timeouts_and_network_errors() {
+        let server = FakeHttp::start(|req| match req.path.as_str() {
+            "/api/v1/governance/evaluate" => Canned::text(200, "not json"),
+            _ => Canned::text(500, "boom"),
+        })
+        .await;
+        let c = client(&server, 2000);
+        assert_eq!(
+            c.evaluate(&json!({})).await,
+            CoreOutcome::NonJson { status: 200 }
+        );
+        let out = c.approval("w", "r", "a").await;
+        assert_eq!(
+            out,
+            CoreOutcome::HttpError {
+                status: 500,
+                body: "boom".into()
+            }
+        );
+        assert_eq!(
+            server.requests()[1].body,
+            br#"{"workflow_id":"w","run_id":"r","activity_id":"a"}"#
+        );
+
+        let slow =
+            FakeHttp::start(|_| Canned::json(200, json!({})).delayed(Duration::from_millis(1500)))
+                .await;
+        assert_eq!(
+            client(&slow, 200).evaluate(&json!({})).await,
+            CoreOutcome::Timeout
+        );
+
+        let arr = FakeHttp::start(|_| Canned::json(200, json!(["allow"]))).await;
+        assert_eq!(
+            client(&arr, 2000).evaluate(&json!({})).await,
+            CoreOutcome::NonJson { status: 200 }
+        );
+        let redirect =
+            FakeHttp::start(|_| Canned::text(302, "").header("Location", "http://127.0.0.1:1/x"))
+                .await;
+        assert_eq!(
+            client(&redirect, 2000).evaluate(&json!({})).await,
+            CoreOutcome::NonJson { status: 302 }
+        );
+
+        let closed = FakeHttp::start(|_| Canned::close()).await;
+        assert!(matches!(
+            client(&closed, 2000).evaluate(&json!({})).await,
+            CoreOutcome::Network(_)
+        ));
+        let port = closed.port();
+        drop(closed);
+        let refused = CoreClient::new(
+            &format!("http://127.0.0.1:{port}"),
+            "k",
+            Duration::from_secs(2),
+            None,
+        )
+        .unwrap();
+        let out = refused.evaluate(&json!({})).await;
+        // Refused, or reset if the aborted listener is not closed yet.
+        assert!(matches!(out, CoreOutcome::Network(_)), "{out:?}");
+        assert!(out.retryable());
+    }
+
+    #[test]
+    fn fail_policy_table() {
+        let ok = CoreOutcome::Ok(EvaluateResponse::synthetic(Verdict::Block, "x"));
+        type Case = (
+            CoreOutcome<EvaluateResponse>,
+            Option<Verdict>,
+            Option<Verdict>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                ok.clone(),
+                Some(Verdict::Block),
+                Some(Verdict::Block),
+                Some("x"),
+            ),
+            (CoreOutcome::NonJson { status: 200 }, None, None, None),
+            (CoreOutcome::NonJson { status: 204 }, None, None, None),
+            (
+                CoreOutcome::HttpError {
+                    status: 500,
+                    body: String::new(),
+                },
+                None,
+                Some(Verdict::Halt),
+                Some("Governance API error: HTTP 500"),
+            ),
+            (
+                CoreOutcome::HttpError {
+                    status: 403,
+                    body: String::new(),
+                },
+                None,
+                Some(Verdict::Halt),
+                Some("Governance API error: HTTP 403"),
+            ),
+            (
+                CoreOutcome::Timeout,
+                None,
+                Some(Verdict::Halt),
+                Some("Governance API error: timed out"),
+            ),
+            (
+                CoreOutcome::Network("connection refused".into()),
+                None,
+                Some(Verdict::Halt),
+                Some("Governance API error: connection refused"),
+            ),
+        ];
+        for (outcome, open, closed, reason) in cases {
+            assert_eq!(
+                apply_fail_policy(&outcome, FailPolicy::FailOpen).map(|r| r.verdict),
+                open,
+                "{outcome:?}"
+            );
+            let c = apply_fail_policy(&outcome, FailPolicy::FailClosed);
+            assert_eq!(c.as_ref().map(|r| r.verdict), closed, "{outcome:?}");
+            assert_eq!(c.and_then(|r| r.reason).as_deref(), reason);
+        }
+    }
+
+    #[test]
+    fn retryable_outcomes_are_transient_failures_only() {
+        let e = |status| CoreOutcome::<Value>::HttpError {
+            status,
+            body: String::new(),
+        };
+        assert!(
+            e(500).retryable() && e(503).retryable() && e(429).retryable() && e(408).retryable()
+        );
+        assert!(!e(400).retryable() && !e(401).retryable() && !e(404).retryable());
+        assert!(CoreOutcome::<Value>::Timeout.retryable());
+        assert!(!CoreOutcome::Ok(json!({})).retryable());
+        assert!(CoreOutcome::<Value>::NonJson { status: 200 }.accepted());
+    }
+
+    #[tokio::test]
+    async fn validate_accepts_200_and_explains_refused_keys_and_unreachable_core() {
+        let server = FakeHttp::start(|req| {
+            if req.header("authorization") == Some("Bearer obx_test_key") {
+                Canned::json(200, json!({"valid": true}))
+            } else {
+                Canned::json(401, json!({"detail": "bad key"}))
+            }
+        })
+        .await;
+        client(&server, 2000).validate().await.unwrap();
+        let req = &server.requests()[0];
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str()),
+            ("GET", VALIDATE_PATH)
+        );
+        assert_eq!(req.header("content-type"), Some("application/json"));
+
+        let bad = CoreClient::new(
+            &server.base_url(),
+            "obx_test_wrong",
+            Duration::from_secs(2),
+            None,
+        )
+        .unwrap();
+        let err = bad.validate().await.unwrap_err().to_string();
+        assert!(err.contains("refused the API key (HTTP 401"), "{err}");
+        assert!(err.contains("OPENBOX_API_KEY"), "{err}");
+
+        let forbidden = FakeHttp::start(|_| Canned::text(403, "")).await;
+        assert!(matches!(
+            client(&forbidden, 2000).validate().await,
+            Err(ValidateError::KeyRefused { status: 403, .. })
+        ));
+        let broken = FakeHttp::start(|_| Canned::text(500, "")).await;
+        let err = client(&broken, 2000).validate().await.unwrap_err();
+        assert!(matches!(err, ValidateError::Unreachable { .. }));
+        assert!(err.to_string().contains("HTTP 500"), "{err}");
+        let slow =
+            FakeHttp::start(|_| Canned::text(200, "").delayed(Duration::from_millis(1500))).await;
+        let err = client(&slow, 200).validate().await.unwrap_err().to_string();
+        assert!(err.contains("no answer within 0.2 s"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn https_core_with_a_self_signed_certificate_needs_the_extra_ca_file() {
+        let tls = crate::governance::testutil::TlsFake::start().await;
+        let base = format!("https://localhost:{}", tls.port);
+        let trusting = CoreClient::new(
+            &base,
+            "obx_test_key",
+            Duration::from_secs(5),
+            Some(&tls.ca_file),
+        )
+        .unwrap();
+        trusting.validate().await.unwrap();
+        let CoreOutcome::Ok(r) = trusting
+            .evaluate(&json!({"event_type": "ActivityStarted"}))
+            .await
+        else {
+            panic!()
+        };
+        assert_eq!(r.verdict, Verdict::Allow);
+
+        let plain = CoreClient::new(&base, "obx_test_key", Duration::from_secs(5), None).unwrap();
+        let err = plain.validate().await.unwrap_err().to_string();
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+        let dir = crate::governance::testutil::TempDir::new("ca");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let err = CoreClient::new(&base, "k", Duration::from_secs(1), Some(&junk))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("junk.pem holds no usable PEM certificate"),
+            "{err}"
+        );
+        let err = CoreClient::new(
+            &base,
+            "k",
+            Duration::from_secs(1),
+            Some(&dir.path().join("missing.pem")),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot read the extra CA file"), "{err}");
+    }
+}

@@ -1,0 +1,909 @@
+//! Governance: forwards what activities do to OpenBox Core (or to the embedded local
+//! policy) and tells the worker hook what to do (`openbox-core-protocol.md`, API v1
+//! routes, Bearer key, SDK 1.0 payloads).
+//!
+//! # Using it from the daemon
+//!
+//! ```ignore
+//! use openbox_agent::governance::{self, Governor, GovernanceConfig, RawSettings, events};
+//!
+//! // Start-up: flags (clap) > OPENBOX_* environment > [governance] of the TOML file > defaults.
+//! let config = GovernanceConfig::load(&raw_settings_from_clap, config_file.as_deref())?;
+//! // With a URL: validates the key (GET /api/v1/auth/validate) — an error here must stop
+//! // the daemon — opens the spool and starts its delivery task. Without: embedded mode.
+//! let governor = std::sync::Arc::new(Governor::new(config).await?);
+//!
+//! // Hook `activity_start` {workflow_id, run_id, workflow_type, activity_id, activity_type,
+//! // task_queue, attempt, start_time, input:[…]}:
+//! let info: events::ActivityInfo = serde_json::from_value(msg.clone())?;
+//! let started = events::activity_started(&info, input_args.clone(), SystemTime::now());
+//! let decision = governor.activity_started(started).await;
+//! // → answer the hook with serde_json::to_value(&decision) (see `Decision`), and keep
+//! //   `input_args` with the input redaction applied (`Redaction::apply_to_input_json`)
+//! //   for ActivityCompleted — or use the arguments the hook reports after applying it.
+//!
+//! // Hook `activity_end` {token, status, end_time, output, error}: build ActivityCompleted
+//! // with the captured §3.1 spans (drop spans whose URL `governor.is_core_url(url)`).
+//! let completed = events::activity_completed(&info, events::ActivityCompletion { … }, SystemTime::now());
+//! let decision = governor.activity_completed(completed).await;   // output redaction / failure
+//!
+//! // Workflow-level events from the hook's workflow interceptor (no answer needed):
+//! governor.workflow_event(events::workflow_started(&wf, now)).await;
+//! governor.signal(events::signal_received(&wf, "approve", args, now)).await;
+//! ```
+//!
+//! The hook acts on a [`Decision`] (JSON: `{"action":"continue"|"fail"|"approval_pending",…}`):
+//! - `continue`: run the activity / return its result, after applying `redaction` if
+//!   present: `{"target":"input","args":[{"index":i,"value":{…}}]}` — merge `value` into
+//!   argument `i` when it is a dataclass (recursively, only existing fields), otherwise
+//!   replace argument `i` with `value` (the real argument, not a copy); or
+//!   `{"target":"output","value":v}` — merge into a dataclass result when `v` is an object,
+//!   otherwise replace the result with `v`.
+//! - `fail`: raise `ApplicationError(message, type=error_type, non_retryable=…)`.
+//! - `approval_pending`: raise the **retryable** `ApplicationError(message,
+//!   type="ApprovalPending")`; Temporal's retry brings the activity back and the next
+//!   [`Governor::activity_started`] polls the approval.
+//!
+//! # Choices
+//!
+//! - **Error names.** SDK 1.0's decision order (§4.2: BLOCK/HALT, guardrails failure,
+//!   REQUIRE_APPROVAL, redaction) with SDK 2.0's type names: `GovernanceBlock` for BLOCK,
+//!   `GovernanceHalt` for HALT (SDK 1.0 said `GovernanceStop` for both), plus
+//!   `GuardrailsValidationFailed`, `ApprovalPending`, `ApprovalRejected`, `ApprovalExpired`.
+//!   The agent holds no Temporal client, so **HALT does not terminate the workflow**: it
+//!   fails the activity non-retryably (as SDK 1.0 did); the workflow sees the error.
+//! - **Approval marker** keyed by (workflow_id, run_id, activity_id) (SDK 2.0), not by
+//!   workflow id alone (SDK 1.0), so parallel activities of one workflow do not consume
+//!   each other's approvals. It lives in memory, as in the SDK: after an agent restart the
+//!   retry re-evaluates ActivityStarted instead of polling.
+//! - **Stored run verdicts.** A BLOCK/HALT answer to SignalReceived or WorkflowStarted is
+//!   stored for that run and fails the run's next activities with the same error as an
+//!   activity BLOCK/HALT (§4.2; SDK 1.0 also halts the workflow on a WorkflowStarted
+//!   BLOCK/HALT, which the agent can only do this way). Under fail_closed, a workflow event
+//!   or signal Core could not take stores a synthetic HALT `Governance API error: …` the
+//!   same way. Stored state of a run is dropped at its WorkflowCompleted/WorkflowFailed.
+//! - **Spool.** Events that need no synchronous verdict — workflow events, signals, and
+//!   ActivityCompleted under fail_open — go to the durable spool ([`spool`]) when Core
+//!   does not take them (network error, timeout, 5xx, 408, 429), and are delivered in
+//!   order by a background task with backoff 0.5 s → 30 s. While the spool holds
+//!   anything, new events of these kinds queue behind it (so under fail_open an
+//!   ActivityCompleted gets no verdict until the backlog is delivered — as if Core were
+//!   still down). Events Core refuses with another 4xx are not retried: they are logged
+//!   at error level and counted. Events already in flight when another one is spooled may
+//!   overtake it. A delivered signal's BLOCK/HALT is stored for its run as above.
+//! - **Core URLs are never governed**: [`Governor::is_core_url`] tests a URL against the
+//!   normalized Core prefix (lowercase scheme and host, explicit default port, no trailing
+//!   slash; §3.2) so the daemon can drop the agent's own calls from spans.
+//!
+//! # Config file (TOML, `[governance]` table; other tables are left to other parts)
+//!
+//! The same text is `example-config.toml` beside this file (parsed by a test).
+//!
+//! ```toml
+//! [governance]
+//! openbox_url = "https://core.openbox.ai"   # unset: embedded mode (local policy + sink)
+//! openbox_api_key = "obx_live_…"            # or OPENBOX_API_KEY
+//! governance_policy = "fail_open"           # alias on_api_error; fail_open | fail_closed
+//! governance_timeout = 30                   # alias api_timeout; seconds per HTTP call
+//! send_start_event = true
+//! send_activity_start_event = true
+//! skip_workflow_types = []
+//! skip_signals = []
+//! skip_activity_types = ["send_governance_event"]   # a list replaces the default
+//! hitl_enabled = true
+//! skip_hitl_activity_types = ["send_governance_event"]
+//! policy_file = "policy.toml"               # embedded mode; relative to this file
+//! events_sink = "-"                         # path, "-" (stdout) or "off"; default "-"
+//!                                           # in embedded mode, off with a Core URL
+//! ca_file = "/etc/openbox/core-ca.pem"      # extra CA besides the system roots
+//! spool_dir = "/var/lib/openbox-agent/spool"
+//! spool_max_bytes = "256MiB"
+//! spool_max_events = 100000
+//! ```
+//!
+//! # Local policy file (embedded mode; TOML, first matching rule wins)
+//!
+//! The same text is `example-policy.toml` beside this file (parsed by a test).
+//!
+//! ```toml
+//! default_verdict = "allow"
+//!
+//! [[rules]]
+//! name = "no-drop-table"
+//! event_type = "ActivityCompleted"
+//! sql = 're:(?i)\bdrop\s+table\b'          # `re:` = regex search; otherwise a glob
+//! verdict = "block"
+//! reason = "DROP TABLE is not allowed"
+//!
+//! [[rules]]
+//! name = "payments-need-approval"
+//! activity_type = ["charge_*", "refund"]
+//! verdict = "require_approval"
+//! reason = "payments need a human"
+//! [rules.approval]                          # how the embedded default answers polls
+//! decision = "approve"                      # approve | reject | expire | pending
+//! after_polls = 2
+//!
+//! [[rules]]
+//! name = "redact-prompts"
+//! event_type = "ActivityStarted"
+//! activity_type = "call_llm"
+//! input = 're:\d{3}-\d{2}-\d{4}'
+//! verdict = "allow"
+//! [rules.guardrails]
+//! redacted_input = [{ prompt = "[REDACTED]" }]
+//!
+//! [[rules]]
+//! name = "no-openai-from-etl"
+//! workflow_type = "Etl*"
+//! http_host = "*.openai.com"
+//! http_method = "POST"
+//! verdict = "halt"
+//! ```
+//!
+//! Conditions: `event_type`, `activity_type`, `workflow_type`, `task_queue`,
+//! `signal_name`, `input`, `output`, `http_host`, `http_method`, `http_url`, `sql`,
+//! `file_path` (see [`policy`]).
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod events;
+pub mod policy;
+pub mod sink;
+pub mod spool;
+pub mod verdict;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
+};
+
+pub use client::{apply_fail_policy, CoreClient, CoreOutcome};
+pub use config::{FailPolicy, GovernanceConfig, RawSettings, SinkTarget};
+use serde_json::Value;
+use tokio::sync::Notify;
+pub use verdict::{
+    ApprovalStatus, ArgRedaction, Decision, ErrorType, EvaluateResponse, Redaction, Stage, Verdict,
+};
+
+use self::{
+    events::str_field,
+    policy::{LocalCore, Policy},
+    sink::Sink,
+    spool::{Appended, Spool, SpoolLimits},
+};
+
+/// Why the governor could not start. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum GovernanceError {
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error(transparent)]
+    Validate(#[from] client::ValidateError),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error("{0}")]
+    Sink(std::io::Error),
+    #[error("governance spool: {0}")]
+    Spool(std::io::Error),
+}
+
+/// What happened to a workflow event or signal.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventDisposition {
+    /// Not sent: skip lists or `send_start_event = false`.
+    Skipped,
+    /// Core (or the local policy) answered. `verdict` is `None` for a non-JSON answer.
+    Delivered {
+        verdict: Option<Verdict>,
+        reason: Option<String>,
+    },
+    /// Queued in the spool for later delivery.
+    Spooled,
+    /// Lost: the spool was full, it could not be written, or Core refused the event with a
+    /// 4xx. Logged at error level and counted.
+    Dropped,
+}
+
+/// Counters for the daemon's status output.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GovernanceStats {
+    pub spool_pending: u64,
+    pub spool_bytes: u64,
+    pub spool_dropped: u64,
+    pub delivered_from_spool: u64,
+    pub rejected_by_core: u64,
+    pub core_failures: u64,
+    /// Events lost because the spool could not be written (disk full, I/O error).
+    pub spool_write_errors: u64,
+}
+
+enum Backend {
+    Core(CoreClient),
+    Local(LocalCore),
+}
+
+impl Backend {
+    async fn evaluate(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
+        match self {
+            Backend::Core(c) => c.evaluate(event).await,
+            Backend::Local(l) => match EvaluateResponse::from_value(&l.evaluate(event)) {
+                Some(r) => CoreOutcome::Ok(r),
+                None => CoreOutcome::NonJson { status: 200 },
+            },
+        }
+    }
+
+    async fn approval(&self, wf: &str, run: &str, act: &str) -> CoreOutcome<Value> {
+        match self {
+            Backend::Core(c) => c.approval(wf, run, act).await,
+            Backend::Local(l) => CoreOutcome::Ok(l.approval(wf, run, act)),
+        }
+    }
+}
+
+/// A map that forgets its oldest entries past `cap`, so per-run state stays bounded.
+struct Bounded<K, V> {
+    map: HashMap<K, (u64, V)>,
+    order: VecDeque<(u64, K)>,
+    seq: u64,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            seq: 0,
+            cap,
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        self.seq += 1;
+        self.map.insert(k.clone(), (self.seq, v));
+        self.order.push_back((self.seq, k));
+        while self.map.len() > self.cap {
+            let Some((seq, old)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&old).is_some_and(|(s, _)| *s == seq) {
+                self.map.remove(&old);
+            }
+        }
+        // Keep the order queue from growing with stale entries of re-inserted keys.
+        if self.order.len() > 2 * self.cap.max(16) {
+            let map = &self.map;
+            self.order
+                .retain(|(s, k)| map.get(k).is_some_and(|(cur, _)| cur == s));
+        }
+    }
+
+    fn get(&self, k: &K) -> Option<&V> {
+        self.map.get(k).map(|(_, v)| v)
+    }
+
+    fn remove(&mut self, k: &K) -> Option<V> {
+        self.map.remove(k).map(|(_, v)| v)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
+        self.map.retain(|k, _| keep(k));
+    }
+}
+
+const MAX_RUNS: usize = 65_536;
+
+type RunKey = (String, String);
+type ActivityKey = (String, String, String);
+
+struct RunState {
+    /// BLOCK/HALT stored for a run (signal, WorkflowStarted, fail_closed failures).
+    verdicts: Bounded<RunKey, (Verdict, String)>,
+    /// Activities waiting for approval.
+    approvals: Bounded<ActivityKey, ()>,
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered_from_spool: AtomicU64,
+    rejected_by_core: AtomicU64,
+    core_failures: AtomicU64,
+    lost: AtomicU64,
+}
+
+struct Inner {
+    config: GovernanceConfig,
+    backend: Backend,
+    sink: Option<Sink>,
+    spool: Option<Arc<Mutex<Spool>>>,
+    wake: Notify,
+    runs: Mutex<RunState>,
+    core_prefix: Option<String>,
+    counters: Counters,
+}
+
+/// The governance facade the daemon calls. Share it as `Arc<Governor>`; dropping it stops
+/// the spool delivery task (undelivered events stay in the spool for the next start).
+pub struct Governor {
+    inner: Arc<Inner>,
+    delivery: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Governor {
+    fn drop(&mut self) {
+        if let Some(task) = self.delivery.take() {
+            task.abort();
+        }
+    }
+}
+
+fn run_key(event: &Value) -> RunKey {
+    (
+        str_field(event, "workflow_id").to_owned(),
+        str_field(event, "run_id").to_owned(),
+    )
+}
+
+fn activity_key(event: &Value) -> ActivityKey {
+    (
+        str_field(event, "workflow_id").to_owned(),
+        str_field(event, "run_id").to_owned(),
+        str_field(event, "activity_id").to_owned(),
+    )
+}
+
+/// The normalized Core prefix of §3.2: `scheme://host:port/path` with lowercase scheme and
+/// host, the default port made explicit, and no trailing slash.
+pub fn core_url_prefix(base: &str) -> Option<String> {
+    let url = reqwest::Url::parse(base.trim()).ok()?;
+    let host = url.host_str()?;
+    let port = url.port_or_known_default()?;
+    Some(format!(
+        "{}://{}:{}{}",
+        url.scheme(),
+        host,
+        port,
+        url.path().trim_end_matches('/')
+    ))
+}
+
+/// True when `url` is under the Core base URL whose [`core_url_prefix`] is `prefix`.
+pub fn is_core_url(prefix: &str, url: &str) -> bool {
+    let Some(candidate) = core_url_prefix(url) else {
+        return false;
+    };
+    match candidate.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+impl Governor {
+    /// Starts governance. With `openbox_url`: builds the Core client, validates the API key
+    /// (refusing to start on any failure, §1.4), opens the spool and starts delivering it.
+    /// Without: loads the local policy (built-in allow-all when no `policy_file`).
+    pub async fn new(config: GovernanceConfig) -> Result<Governor, GovernanceError> {
+        let sink = config
+            .events_sink
+            .as_ref()
+            .map(Sink::open)
+            .transpose()
+            .map_err(GovernanceError::Sink)?;
+        let (backend, spool, core_prefix) = match (&config.openbox_url, &config.openbox_api_key) {
+            (Some(url), key) => {
+                let client = CoreClient::new(
+                    url,
+                    key.as_deref().unwrap_or(""),
+                    config.governance_timeout,
+                    config.ca_file.as_deref(),
+                )?;
+                client.validate().await?;
+                tracing::info!(url = %url, "OpenBox Core API key validated");
+                let limits = SpoolLimits::new(config.spool_max_bytes, config.spool_max_events);
+                let dir = config.spool_dir.clone();
+                let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, limits))
+                    .await
+                    .map_err(|e| GovernanceError::Spool(std::io::Error::other(e)))?
+                    .map_err(GovernanceError::Spool)?;
+                (
+                    Backend::Core(client),
+                    Some(Arc::new(Mutex::new(spool))),
+                    core_url_prefix(url),
+                )
+            }
+            (None, _) => {
+                let policy = match &config.policy_file {
+                    Some(p) => Policy::load(p)?,
+                    None => Policy::default(),
+                };
+                tracing::info!(
+                    policy = %config.policy_file.as_ref().map_or("built-in allow-all".into(), |p| p.display().to_string()),
+                    rules = policy.rule_count(),
+                    "governance runs on the embedded local policy (no openbox_url)"
+                );
+                (
+                    Backend::Local(LocalCore::new(policy, config.policy_file.clone())),
+                    None,
+                    None,
+                )
+            }
+        };
+        let inner = Arc::new(Inner {
+            config,
+            backend,
+            sink,
+            spool,
+            wake: Notify::new(),
+            runs: Mutex::new(RunState {
+                verdicts: Bounded::new(MAX_RUNS),
+                approvals: Bounded::new(MAX_RUNS),
+            }),
+            core_prefix,
+            counters: Counters::default(),
+        });
+        let delivery = inner
+            .spool
+            .is_some()
+            .then(|| tokio::spawn(deliver_spool(inner.clone())));
+        inner.wake.notify_one();
+        Ok(Governor { inner, delivery })
+    }
+
+    pub fn config(&self) -> &GovernanceConfig {
+        &self.inner.config
+    }
+
+    /// True when `url` is under the Core base URL (never govern the agent's own calls).
+    /// Always false in embedded mode.
+    pub fn is_core_url(&self, url: &str) -> bool {
+        self.inner
+            .core_prefix
+            .as_deref()
+            .is_some_and(|p| is_core_url(p, url))
+    }
+
+    /// ActivityStarted (before the activity runs): skip list, stored run verdict, pending
+    /// approval poll, then the evaluate call and §4.2. `event` is an ActivityStarted event
+    /// (see [`events::activity_started`]); a missing `timestamp` is filled in.
+    pub async fn activity_started(&self, mut event: Value) -> Decision {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let activity_type = str_field(&event, "activity_type").to_owned();
+        if cfg.skip_activity_types.contains(&activity_type) {
+            return Decision::allow_without_verdict();
+        }
+        let run = run_key(&event);
+        let stored = inner.lock_runs().verdicts.get(&run).cloned();
+        if let Some((verdict, reason)) = stored {
+            tracing::info!(workflow_id = %run.0, run_id = %run.1, activity_type = %activity_type, verdict = %verdict,
+                "activity stopped by a verdict stored for its run");
+            return verdict::stop_decision(verdict, &reason);
+        }
+        let hitl = cfg.hitl_enabled && !cfg.skip_hitl_activity_types.contains(&activity_type);
+        let key = activity_key(&event);
+        if hitl && inner.lock_runs().approvals.get(&key).is_some() {
+            let now = clock::unix_seconds(SystemTime::now());
+            let status = match inner.backend.approval(&key.0, &key.1, &key.2).await {
+                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
+                other => {
+                    tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
+                    None
+                }
+            };
+            tracing::info!(workflow_id = %key.0, run_id = %key.1, activity_id = %key.2, status = ?status, "approval poll");
+            match status {
+                None => {
+                    return Decision::ApprovalPending {
+                        message: "Failed to check approval status, retrying...".into(),
+                    }
+                }
+                Some(ApprovalStatus::Pending) => {
+                    return Decision::ApprovalPending {
+                        message: format!("Awaiting approval for activity {activity_type}"),
+                    }
+                }
+                Some(ApprovalStatus::Expired) => {
+                    inner.lock_runs().approvals.remove(&key);
+                    return Decision::fail(
+                        ErrorType::ApprovalExpired,
+                        format!(
+                            "Approval expired for activity {activity_type} (workflow_id={}, run_id={}, activity_id={})",
+                            key.0, key.1, key.2
+                        ),
+                    );
+                }
+                Some(ApprovalStatus::Rejected { reason }) => {
+                    inner.lock_runs().approvals.remove(&key);
+                    return Decision::fail(
+                        ErrorType::ApprovalRejected,
+                        format!("Activity rejected: {reason}"),
+                    );
+                }
+                Some(ApprovalStatus::Approved) => {
+                    // Approved: ActivityStarted is sent again below and its verdict enforced.
+                    inner.lock_runs().approvals.remove(&key);
+                }
+            }
+        }
+        if !cfg.send_activity_start_event {
+            return Decision::allow_without_verdict();
+        }
+        stamp(&mut event);
+        inner.write_sink(&event);
+        let arg_count = event
+            .get("activity_input")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let outcome = inner.backend.evaluate(&event).await;
+        inner.note_failure(&outcome, &event);
+        let response = apply_fail_policy(&outcome, cfg.on_api_error);
+        let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
+        inner.after_activity_decision(&key, &activity_type, "ActivityStarted", &decision);
+        decision
+    }
+
+    /// ActivityCompleted (after the activity ran, with its spans): evaluate and §4.2 with
+    /// output redaction. Under fail_open, when Core does not take it (or a backlog is
+    /// being delivered) the event is spooled and the activity continues without a verdict.
+    pub async fn activity_completed(&self, mut event: Value) -> Decision {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let activity_type = str_field(&event, "activity_type").to_owned();
+        if cfg.skip_activity_types.contains(&activity_type) {
+            return Decision::allow_without_verdict();
+        }
+        stamp(&mut event);
+        inner.write_sink(&event);
+        let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
+        if fail_open && inner.spool_backlog().await {
+            inner.spool_event(&event).await;
+            return Decision::allow_without_verdict();
+        }
+        let outcome = inner.backend.evaluate(&event).await;
+        inner.note_failure(&outcome, &event);
+        if fail_open && outcome.retryable() {
+            inner.spool_event(&event).await;
+        }
+        let response = apply_fail_policy(&outcome, cfg.on_api_error);
+        let hitl = cfg.hitl_enabled && !cfg.skip_hitl_activity_types.contains(&activity_type);
+        let decision = verdict::decide(Stage::Completed, response.as_ref(), hitl);
+        inner.after_activity_decision(
+            &activity_key(&event),
+            &activity_type,
+            "ActivityCompleted",
+            &decision,
+        );
+        decision
+    }
+
+    /// WorkflowStarted / WorkflowCompleted / WorkflowFailed. Honours `skip_workflow_types`
+    /// and `send_start_event`; spooled when Core does not take it. A BLOCK/HALT answer to
+    /// WorkflowStarted is stored for the run (see the module docs).
+    pub async fn workflow_event(&self, mut event: Value) -> EventDisposition {
+        let cfg = &self.inner.config;
+        if cfg
+            .skip_workflow_types
+            .contains(str_field(&event, "workflow_type"))
+        {
+            return EventDisposition::Skipped;
+        }
+        if str_field(&event, "event_type") == events::WORKFLOW_STARTED && !cfg.send_start_event {
+            return EventDisposition::Skipped;
+        }
+        stamp(&mut event);
+        self.inner.write_sink(&event);
+        self.inner.send_or_spool(event).await
+    }
+
+    /// SignalReceived. Honours `skip_workflow_types` and `skip_signals`. The signal itself
+    /// never fails; a BLOCK/HALT answer is stored for the run and enforced at its next
+    /// activity (§4.2).
+    pub async fn signal(&self, mut event: Value) -> EventDisposition {
+        let cfg = &self.inner.config;
+        if cfg
+            .skip_workflow_types
+            .contains(str_field(&event, "workflow_type"))
+            || cfg.skip_signals.contains(str_field(&event, "signal_name"))
+        {
+            return EventDisposition::Skipped;
+        }
+        stamp(&mut event);
+        self.inner.write_sink(&event);
+        self.inner.send_or_spool(event).await
+    }
+
+    pub fn stats(&self) -> GovernanceStats {
+        let c = &self.inner.counters;
+        let (spool_pending, spool_bytes, spool_dropped) = match &self.inner.spool {
+            Some(s) => {
+                let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                (s.len(), s.bytes(), s.dropped())
+            }
+            None => (0, 0, 0),
+        };
+        GovernanceStats {
+            spool_pending,
+            spool_bytes,
+            spool_dropped,
+            delivered_from_spool: c.delivered_from_spool.load(Ordering::Relaxed),
+            rejected_by_core: c.rejected_by_core.load(Ordering::Relaxed),
+            core_failures: c.core_failures.load(Ordering::Relaxed),
+            spool_write_errors: c.lost.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until the spool is empty (e.g. before a clean shutdown); false on timeout.
+    pub async fn wait_spool_empty(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.inner.spool_backlog().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn stamp(event: &mut Value) {
+    if let Value::Object(m) = event {
+        if !m.get("timestamp").is_some_and(Value::is_string) {
+            m.insert(
+                "timestamp".into(),
+                Value::String(clock::rfc3339_millis(SystemTime::now())),
+            );
+        }
+    }
+}
+
+impl Inner {
+    fn lock_runs(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_sink(&self, event: &Value) {
+        if let Some(s) = &self.sink {
+            s.write(event);
+        }
+    }
+
+    fn note_failure<T>(&self, outcome: &CoreOutcome<T>, event: &Value) {
+        if let Some(err) = outcome.error_text() {
+            self.counters.core_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(event_type = str_field(event, "event_type"), workflow_id = str_field(event, "workflow_id"),
+                activity_id = str_field(event, "activity_id"), error = %err, policy = self.config.on_api_error.as_str(),
+                "OpenBox Core did not answer a governance event");
+        }
+    }
+
+    fn after_activity_decision(
+        &self,
+        key: &ActivityKey,
+        activity_type: &str,
+        stage: &str,
+        d: &Decision,
+    ) {
+        if matches!(d, Decision::ApprovalPending { .. }) {
+            self.lock_runs().approvals.insert(key.clone(), ());
+        }
+        match d {
+            Decision::Continue {
+                verdict, redaction, ..
+            } => tracing::debug!(workflow_id = %key.0, activity_id = %key.2,
+                activity_type, stage, verdict = ?verdict, redaction = redaction.is_some(), "governance decision"),
+            other => {
+                tracing::info!(workflow_id = %key.0, run_id = %key.1, activity_id = %key.2, activity_type, stage,
+                decision = ?other, "governance decision")
+            }
+        }
+    }
+
+    /// True when the spool holds undelivered events (new events must queue behind them).
+    async fn spool_backlog(&self) -> bool {
+        match &self.spool {
+            Some(s) => !s.lock().unwrap_or_else(|p| p.into_inner()).is_empty(),
+            None => false,
+        }
+    }
+
+    async fn spool_event(&self, event: &Value) -> EventDisposition {
+        let Some(spool) = self.spool.clone() else {
+            return EventDisposition::Dropped;
+        };
+        let body = events::encode(event);
+        let appended = tokio::task::spawn_blocking(move || {
+            spool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .append(&body)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match appended {
+            Ok(Appended::Stored) => {
+                self.wake.notify_one();
+                EventDisposition::Spooled
+            }
+            Ok(Appended::Dropped) => EventDisposition::Dropped,
+            Err(e) => {
+                self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, event_type = str_field(event, "event_type"),
+                    "cannot spool a governance event; it is lost");
+                EventDisposition::Dropped
+            }
+        }
+    }
+
+    async fn send_or_spool(&self, event: Value) -> EventDisposition {
+        if self.spool_backlog().await {
+            // Queued behind the backlog; its answer is applied when it is delivered.
+            return self.spool_event(&event).await;
+        }
+        let outcome = self.backend.evaluate(&event).await;
+        self.note_failure(&outcome, &event);
+        match outcome {
+            CoreOutcome::Ok(r) => {
+                self.after_delivery(&event, Some(&r));
+                EventDisposition::Delivered {
+                    verdict: Some(r.verdict),
+                    reason: r.reason,
+                }
+            }
+            CoreOutcome::NonJson { .. } => {
+                self.after_delivery(&event, None);
+                EventDisposition::Delivered {
+                    verdict: None,
+                    reason: None,
+                }
+            }
+            ref failed if failed.retryable() => {
+                let d = self.spool_event(&event).await;
+                self.fail_closed_store(&event, &failed.error_text().unwrap_or_default());
+                d
+            }
+            failed => {
+                self.counters
+                    .rejected_by_core
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(event_type = str_field(&event, "event_type"), workflow_id = str_field(&event, "workflow_id"),
+                    outcome = ?failed, "OpenBox Core refused a governance event; it is not retried");
+                self.fail_closed_store(&event, &failed.error_text().unwrap_or_default());
+                EventDisposition::Dropped
+            }
+        }
+    }
+
+    /// fail_closed: a run whose WorkflowStarted or signal Core could not take is halted at
+    /// its next activity (SDK 1.0 halts the workflow).
+    fn fail_closed_store(&self, event: &Value, error: &str) {
+        let et = str_field(event, "event_type");
+        if self.config.on_api_error == FailPolicy::FailClosed
+            && (et == events::WORKFLOW_STARTED || et == events::SIGNAL_RECEIVED)
+        {
+            self.lock_runs().verdicts.insert(
+                run_key(event),
+                (Verdict::Halt, format!("Governance API error: {error}")),
+            );
+        }
+    }
+
+    /// What a delivered workflow-level event's answer changes: BLOCK/HALT stored for the
+    /// run (signal, WorkflowStarted), run state dropped at the run's end.
+    fn after_delivery(&self, event: &Value, response: Option<&EvaluateResponse>) {
+        let et = str_field(event, "event_type");
+        let run = run_key(event);
+        match et {
+            events::WORKFLOW_COMPLETED | events::WORKFLOW_FAILED => {
+                let mut runs = self.lock_runs();
+                runs.verdicts.remove(&run);
+                runs.approvals.retain(|k| !(k.0 == run.0 && k.1 == run.1));
+            }
+            events::SIGNAL_RECEIVED | events::WORKFLOW_STARTED => {
+                if let Some(r) = response.filter(|r| r.verdict.should_stop()) {
+                    let reason = r
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "Workflow blocked by governance".to_owned());
+                    tracing::info!(workflow_id = %run.0, run_id = %run.1, event_type = et, verdict = %r.verdict,
+                        reason = %reason, "verdict stored for the run; its next activity will fail");
+                    self.lock_runs().verdicts.insert(run, (r.verdict, reason));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Delivers spooled events in order while the spool is non-empty, with bounded backoff.
+async fn deliver_spool(inner: Arc<Inner>) {
+    let (Some(spool), Backend::Core(client)) = (inner.spool.clone(), &inner.backend) else {
+        return;
+    };
+    let initial = inner.config.spool_retry_initial;
+    let max = inner.config.spool_retry_max.max(initial);
+    let mut backoff = initial;
+    loop {
+        let s = spool.clone();
+        let next =
+            tokio::task::spawn_blocking(move || s.lock().unwrap_or_else(|p| p.into_inner()).peek())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+        let item = match next {
+            Ok(Some(item)) => item,
+            Ok(None) => {
+                backoff = initial;
+                inner.wake.notified().await;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the governance spool; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max);
+                continue;
+            }
+        };
+        let outcome = client.evaluate_raw(item.body.clone()).await;
+        if outcome.retryable() {
+            tracing::warn!(outcome = ?outcome, retry_in_ms = backoff.as_millis() as u64,
+                "OpenBox Core still unreachable; spooled governance events wait");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(max);
+            continue;
+        }
+        backoff = initial;
+        let event: Value = serde_json::from_slice(&item.body).unwrap_or(Value::Null);
+        match &outcome {
+            CoreOutcome::Ok(v) => {
+                inner
+                    .counters
+                    .delivered_from_spool
+                    .fetch_add(1, Ordering::Relaxed);
+                inner.after_delivery(&event, EvaluateResponse::from_value(v).as_ref());
+            }
+            CoreOutcome::NonJson { .. } => {
+                inner
+                    .counters
+                    .delivered_from_spool
+                    .fetch_add(1, Ordering::Relaxed);
+                inner.after_delivery(&event, None);
+            }
+            refused => {
+                inner
+                    .counters
+                    .rejected_by_core
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(event_type = str_field(&event, "event_type"), outcome = ?refused,
+                    "OpenBox Core refused a spooled governance event; dropping it");
+            }
+        }
+        let s = spool.clone();
+        let acked = tokio::task::spawn_blocking(move || {
+            s.lock().unwrap_or_else(|p| p.into_inner()).ack(&item)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = acked {
+            tracing::error!(error = %e, "cannot record spool delivery; the event may be sent again");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

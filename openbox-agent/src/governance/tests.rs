@@ -1,0 +1,1132 @@
+//! Governor tests against a real in-process HTTP "Core" and the embedded local policy.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{json, Value};
+
+use super::{
+    events::{self, ActivityCompletion, ActivityInfo, ActivityStatus, WorkflowInfo},
+    testutil::{Canned, FakeHttp, Request, TempDir},
+    *,
+};
+
+const KEY: &str = "obx_test_key";
+
+fn activity(run: &str, id: &str, activity_type: &str) -> ActivityInfo {
+    ActivityInfo {
+        workflow_id: "wf-1".into(),
+        run_id: run.into(),
+        workflow_type: "OrderWorkflow".into(),
+        activity_id: id.into(),
+        activity_type: activity_type.into(),
+        task_queue: "q".into(),
+        attempt: 1,
+    }
+}
+
+fn workflow(run: &str) -> WorkflowInfo {
+    WorkflowInfo {
+        workflow_id: "wf-1".into(),
+        run_id: run.into(),
+        workflow_type: "OrderWorkflow".into(),
+        task_queue: "q".into(),
+    }
+}
+
+fn started(a: &ActivityInfo, input: Value) -> Value {
+    let Value::Array(args) = input else {
+        panic!("input must be an array")
+    };
+    events::activity_started(a, args, SystemTime::now())
+}
+
+fn completed(a: &ActivityInfo, output: Value) -> Value {
+    let now = SystemTime::now();
+    events::activity_completed(
+        a,
+        ActivityCompletion {
+            status: ActivityStatus::Completed,
+            start_time: now,
+            end_time: now,
+            activity_input: vec![],
+            activity_output: output,
+            error: None,
+            spans: vec![],
+        },
+        now,
+    )
+}
+
+fn core_config(server: &FakeHttp, dir: &TempDir) -> GovernanceConfig {
+    GovernanceConfig {
+        openbox_url: Some(server.base_url()),
+        openbox_api_key: Some(KEY.into()),
+        governance_timeout: Duration::from_millis(1500),
+        events_sink: None,
+        spool_dir: dir.path().join("spool"),
+        spool_retry_initial: Duration::from_millis(20),
+        spool_retry_max: Duration::from_millis(100),
+        ..GovernanceConfig::default()
+    }
+}
+
+/// Validate answers 200 for the right key; evaluate/approval answers come from `f`.
+fn core(
+    f: impl Fn(&Request) -> Canned + Send + Sync + 'static,
+) -> impl Fn(&Request) -> Canned + Send + Sync + 'static {
+    move |req: &Request| {
+        if req.path == client::VALIDATE_PATH {
+            if req.header("authorization") == Some(&format!("Bearer {KEY}")) {
+                Canned::json(200, json!({"valid": true}))
+            } else {
+                Canned::json(401, json!({}))
+            }
+        } else {
+            f(req)
+        }
+    }
+}
+
+fn evaluated_types(server: &FakeHttp) -> Vec<String> {
+    server
+        .evaluated()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn embedded_block_rule_fails_the_activity_and_the_sink_gets_every_event() {
+    let dir = TempDir::new("gov-embedded");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nname = \"no-wipe\"\nactivity_type = \"wipe_*\"\nverdict = \"block\"\nreason = \"wiping is not allowed\"\n",
+    )
+    .unwrap();
+    let sink = dir.path().join("events.jsonl");
+    let config = GovernanceConfig {
+        policy_file: Some(policy),
+        events_sink: Some(SinkTarget::File(sink.clone())),
+        ..GovernanceConfig::default()
+    };
+    let g = Governor::new(config).await.unwrap();
+    let d = g
+        .activity_started(started(&activity("r", "1", "wipe_disk"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceBlock,
+            "Governance blocked: wiping is not allowed",
+            true
+        ))
+    );
+    let d = g
+        .activity_started(started(&activity("r", "2", "read_disk"), json!([1])))
+        .await;
+    assert_eq!(
+        d,
+        Decision::Continue {
+            verdict: Some(Verdict::Allow),
+            constrained: false,
+            redaction: None
+        }
+    );
+    assert_eq!(
+        g.workflow_event(events::workflow_started(&workflow("r"), SystemTime::now()))
+            .await,
+        EventDisposition::Delivered {
+            verdict: Some(Verdict::Allow),
+            reason: None
+        }
+    );
+    let lines: Vec<Value> = std::fs::read_to_string(&sink)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["activity_type"], "wipe_disk");
+    assert_eq!(lines[2]["event_type"], "WorkflowStarted");
+    assert!(
+        !g.is_core_url("http://127.0.0.1/api"),
+        "no Core in embedded mode"
+    );
+}
+
+#[tokio::test]
+async fn embedded_approval_is_polled_on_retry_and_activity_started_is_sent_again() {
+    let dir = TempDir::new("gov-approval");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nactivity_type = \"pay\"\nverdict = \"require_approval\"\nreason = \"big spend\"\n[rules.approval]\nafter_polls = 1\n",
+    )
+    .unwrap();
+    let config = GovernanceConfig {
+        policy_file: Some(policy),
+        events_sink: None,
+        ..GovernanceConfig::default()
+    };
+    let g = Governor::new(config).await.unwrap();
+    let mut a = activity("r", "7", "pay");
+    let d = g.activity_started(started(&a, json!([]))).await;
+    assert_eq!(
+        d,
+        Decision::ApprovalPending {
+            message: "Approval required: big spend".into()
+        }
+    );
+    a.attempt = 2;
+    let d = g.activity_started(started(&a, json!([]))).await;
+    assert_eq!(
+        d,
+        Decision::ApprovalPending {
+            message: "Awaiting approval for activity pay".into()
+        }
+    );
+    a.attempt = 3;
+    let d = g.activity_started(started(&a, json!([]))).await;
+    assert_eq!(
+        d,
+        Decision::Continue {
+            verdict: Some(Verdict::Allow),
+            constrained: false,
+            redaction: None
+        }
+    );
+    // hitl disabled: REQUIRE_APPROVAL simply continues.
+    let policy = dir.path().join("policy.toml");
+    let config = GovernanceConfig {
+        policy_file: Some(policy),
+        events_sink: None,
+        hitl_enabled: false,
+        ..GovernanceConfig::default()
+    };
+    let g = Governor::new(config).await.unwrap();
+    let d = g
+        .activity_started(started(&activity("r", "8", "pay"), json!([])))
+        .await;
+    assert_eq!(
+        d,
+        Decision::Continue {
+            verdict: Some(Verdict::RequireApproval),
+            constrained: false,
+            redaction: None
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_refused_api_key_or_an_unreachable_core_stops_start_up() {
+    let dir = TempDir::new("gov-key");
+    let server = FakeHttp::start(core(|_| Canned::json(200, json!({})))).await;
+    let mut config = core_config(&server, &dir);
+    config.openbox_api_key = Some("obx_test_wrong".into());
+    let err = Governor::new(config).await.err().unwrap();
+    assert!(
+        matches!(
+            err,
+            GovernanceError::Validate(client::ValidateError::KeyRefused { status: 401, .. })
+        ),
+        "{err}"
+    );
+    let port = server.port();
+    drop(server);
+    let mut config = GovernanceConfig {
+        openbox_url: Some(format!("http://127.0.0.1:{port}")),
+        ..core_config_dummy(&dir)
+    };
+    config.governance_timeout = Duration::from_millis(500);
+    let err = Governor::new(config).await.err().unwrap().to_string();
+    assert!(
+        err.starts_with("cannot reach OpenBox Core at http://127.0.0.1:"),
+        "{err}"
+    );
+}
+
+fn core_config_dummy(dir: &TempDir) -> GovernanceConfig {
+    GovernanceConfig {
+        openbox_api_key: Some(KEY.into()),
+        events_sink: None,
+        spool_dir: dir.path().join("spool"),
+        ..GovernanceConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn core_verdicts_and_redactions_reach_the_decision() {
+    let dir = TempDir::new("gov-core");
+    let server = FakeHttp::start(core(|req| {
+        let ev = req.json();
+        match (ev["event_type"].as_str(), ev["activity_type"].as_str()) {
+            (Some("ActivityStarted"), Some("call_llm")) => Canned::json(200, json!({"verdict": "allow",
+                "guardrails_result": {"input_type": "activity_input", "redacted_input": {"prompt": "[REDACTED]"}}})),
+            (Some("ActivityCompleted"), Some("call_llm")) => Canned::json(200, json!({"verdict": "constrain",
+                "guardrails": {"input_type": "activity_output", "redacted_input": "[REDACTED]"}})),
+            (_, Some("guarded")) => Canned::json(200, json!({"verdict": "allow",
+                "guardrails_result": {"validation_passed": false, "reasons": [{"reason": "pii"}, {"reason": "toxic"}]}})),
+            (_, Some("halted")) => Canned::json(200, json!({"action": "stop", "reason": "policy 9"})),
+            _ => Canned::text(200, "OK"),
+        }
+    }))
+    .await;
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    let a = activity("r", "1", "call_llm");
+    let Decision::Continue {
+        redaction: Some(red),
+        ..
+    } = g
+        .activity_started(started(&a, json!([{"prompt": "ssn 1"}, 2])))
+        .await
+    else {
+        panic!("expected input redaction")
+    };
+    let mut args = vec![json!({"prompt": "ssn 1", "model": "m"}), json!(2)];
+    red.apply_to_input_json(&mut args);
+    assert_eq!(args[0], json!({"prompt": "[REDACTED]", "model": "m"}));
+    let d = g
+        .activity_completed(completed(&a, json!({"text": "secret"})))
+        .await;
+    assert_eq!(
+        d,
+        Decision::Continue {
+            verdict: Some(Verdict::Constrain),
+            constrained: true,
+            redaction: Some(Redaction::Output {
+                value: json!("[REDACTED]")
+            })
+        }
+    );
+    let d = g
+        .activity_started(started(&activity("r", "2", "guarded"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GuardrailsValidationFailed,
+            "Guardrails validation failed: pii; toxic",
+            true
+        ))
+    );
+    let d = g
+        .activity_completed(completed(&activity("r", "3", "halted"), json!(null)))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceHalt,
+            "Governance blocked: policy 9",
+            true
+        ))
+    );
+    // A non-JSON 200 is "no verdict": continue.
+    let d = g
+        .activity_started(started(&activity("r", "4", "other"), json!([])))
+        .await;
+    assert_eq!(d, Decision::allow_without_verdict());
+    let req = server
+        .requests()
+        .into_iter()
+        .find(|r| r.path == client::EVALUATE_PATH)
+        .unwrap();
+    assert_eq!(req.header("authorization"), Some("Bearer obx_test_key"));
+    assert_eq!(req.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn fail_closed_halts_activities_on_500_timeout_and_network_errors_and_fail_open_continues() {
+    let dir = TempDir::new("gov-failclosed");
+    let server = FakeHttp::start(core(|req| match req.json()["activity_type"].as_str() {
+        Some("slow") => {
+            Canned::json(200, json!({"verdict": "allow"})).delayed(Duration::from_millis(2500))
+        }
+        Some("cut") => Canned::close(),
+        Some("junk") => Canned::text(200, "<html>"),
+        _ => Canned::text(500, "oops"),
+    }))
+    .await;
+    let mut config = core_config(&server, &dir);
+    config.governance_timeout = Duration::from_millis(300);
+    config.on_api_error = FailPolicy::FailClosed;
+    let g = Governor::new(config).await.unwrap();
+    let d = g
+        .activity_started(started(&activity("r", "1", "x"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceHalt,
+            "Governance blocked: Governance API error: HTTP 500",
+            true
+        ))
+    );
+    let d = g
+        .activity_started(started(&activity("r", "2", "slow"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceHalt,
+            "Governance blocked: Governance API error: timed out",
+            true
+        ))
+    );
+    let d = g
+        .activity_completed(completed(&activity("r", "3", "cut"), json!(1)))
+        .await;
+    let (t, msg, _) = d.error().unwrap();
+    assert_eq!(t, ErrorType::GovernanceHalt);
+    assert!(
+        msg.starts_with("Governance blocked: Governance API error: "),
+        "{msg}"
+    );
+    let d = g
+        .activity_started(started(&activity("r", "4", "junk"), json!([])))
+        .await;
+    assert_eq!(
+        d,
+        Decision::allow_without_verdict(),
+        "non-JSON continues under fail_closed too"
+    );
+    assert_eq!(
+        g.stats().spool_pending,
+        0,
+        "fail_closed never spools ActivityCompleted"
+    );
+    drop(g);
+
+    let dir = TempDir::new("gov-failopen");
+    let mut config = core_config(&server, &dir);
+    config.governance_timeout = Duration::from_millis(300);
+    let g = Governor::new(config).await.unwrap();
+    for t in ["x", "slow", "cut"] {
+        assert_eq!(
+            g.activity_started(started(&activity("r", "1", t), json!([])))
+                .await,
+            Decision::allow_without_verdict(),
+            "{t}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spooled_events_are_delivered_in_order_and_new_ones_queue_behind_them() {
+    let dir = TempDir::new("gov-spool");
+    let server = FakeHttp::start(core(|_| Canned::text(503, "down"))).await;
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    let wf = workflow("r");
+    assert_eq!(
+        g.workflow_event(events::workflow_started(&wf, SystemTime::now()))
+            .await,
+        EventDisposition::Spooled
+    );
+    let d = g
+        .activity_completed(completed(&activity("r", "1", "a"), json!("out")))
+        .await;
+    assert_eq!(
+        d,
+        Decision::allow_without_verdict(),
+        "fail_open: no verdict, continue"
+    );
+    assert_eq!(
+        g.signal(events::signal_received(
+            &wf,
+            "go",
+            vec![],
+            SystemTime::now()
+        ))
+        .await,
+        EventDisposition::Spooled
+    );
+    assert_eq!(g.stats().spool_pending, 3);
+
+    let delivered = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = delivered.clone();
+    server.set_handler(core(move |req| {
+        log.lock()
+            .unwrap()
+            .push(req.json()["event_type"].as_str().unwrap_or("").to_owned());
+        Canned::json(200, json!({"verdict": "allow"}))
+    }));
+    // Sent right after Core comes back, before the backlog drained: must go behind it.
+    let d = g
+        .workflow_event(events::workflow_completed(
+            &wf,
+            json!(null),
+            SystemTime::now(),
+        ))
+        .await;
+    assert!(
+        matches!(
+            d,
+            EventDisposition::Spooled | EventDisposition::Delivered { .. }
+        ),
+        "{d:?}"
+    );
+    assert!(g.wait_spool_empty(Duration::from_secs(10)).await);
+    assert_eq!(
+        *delivered.lock().unwrap(),
+        [
+            "WorkflowStarted",
+            "ActivityCompleted",
+            "SignalReceived",
+            "WorkflowCompleted"
+        ]
+    );
+    let stats = g.stats();
+    assert_eq!(stats.spool_pending, 0);
+    assert!(stats.delivered_from_spool >= 3, "{stats:?}");
+    // Only the first event was tried: the others queued behind it without a call.
+    assert_eq!(stats.core_failures, 1, "{stats:?}");
+}
+
+#[tokio::test]
+async fn the_spool_survives_a_restart_and_is_delivered_by_the_next_governor() {
+    let dir = TempDir::new("gov-restart");
+    let server = FakeHttp::start(core(|_| Canned::close())).await;
+    {
+        let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+        for run in ["r1", "r2"] {
+            assert_eq!(
+                g.workflow_event(events::workflow_started(&workflow(run), SystemTime::now()))
+                    .await,
+                EventDisposition::Spooled
+            );
+        }
+        assert_eq!(g.stats().spool_pending, 2);
+    }
+    server.set_handler(core(|_| Canned::json(200, json!({"verdict": "allow"}))));
+    let before = server.evaluated().len();
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    assert!(g.wait_spool_empty(Duration::from_secs(10)).await);
+    let runs: Vec<Value> = server.evaluated()[before..]
+        .iter()
+        .map(|e| e["run_id"].clone())
+        .collect();
+    assert_eq!(runs, [json!("r1"), json!("r2")]);
+}
+
+#[tokio::test]
+async fn core_refusing_an_event_with_a_4xx_drops_it_loudly_instead_of_retrying_forever() {
+    let dir = TempDir::new("gov-4xx");
+    let server = FakeHttp::start(core(|_| Canned::text(422, "bad event"))).await;
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    let d = g
+        .workflow_event(events::workflow_started(&workflow("r"), SystemTime::now()))
+        .await;
+    assert_eq!(d, EventDisposition::Dropped);
+    assert_eq!(g.stats().rejected_by_core, 1);
+    assert_eq!(g.stats().spool_pending, 0);
+}
+
+#[tokio::test]
+async fn a_signal_block_is_enforced_at_the_next_activity_of_that_run_only() {
+    let dir = TempDir::new("gov-signal");
+    let server = FakeHttp::start(core(|req| match req.json()["signal_name"].as_str() {
+        Some("cancel") => Canned::json(
+            200,
+            json!({"verdict": "block", "reason": "cancelled by policy"}),
+        ),
+        _ => Canned::json(200, json!({"verdict": "allow"})),
+    }))
+    .await;
+    let mut config = core_config(&server, &dir);
+    config.skip_signals = ["heartbeat".to_owned()].into();
+    let g = Governor::new(config).await.unwrap();
+    let wf = workflow("r1");
+    assert_eq!(
+        g.signal(events::signal_received(
+            &wf,
+            "heartbeat",
+            vec![],
+            SystemTime::now()
+        ))
+        .await,
+        EventDisposition::Skipped
+    );
+    assert!(
+        server.evaluated().is_empty(),
+        "skipped signals are not sent"
+    );
+    let d = g
+        .signal(events::signal_received(
+            &wf,
+            "cancel",
+            vec![json!(1)],
+            SystemTime::now(),
+        ))
+        .await;
+    assert_eq!(
+        d,
+        EventDisposition::Delivered {
+            verdict: Some(Verdict::Block),
+            reason: Some("cancelled by policy".into())
+        }
+    );
+    let d = g
+        .activity_started(started(&activity("r1", "5", "any"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceBlock,
+            "Governance blocked: cancelled by policy",
+            true
+        ))
+    );
+    let d = g
+        .activity_started(started(&activity("r2", "5", "any"), json!([])))
+        .await;
+    assert_eq!(d.error(), None, "another run is not affected");
+    // The run's end clears what was stored for it.
+    g.workflow_event(events::workflow_failed(
+        &wf,
+        events::workflow_error("ActivityError", "x", None, None),
+        SystemTime::now(),
+    ))
+    .await;
+    assert_eq!(
+        g.activity_started(started(&activity("r1", "6", "any"), json!([])))
+            .await
+            .error(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn fail_closed_workflow_event_failures_halt_the_run_at_its_next_activity() {
+    let dir = TempDir::new("gov-wf-closed");
+    let server = FakeHttp::start(core(|req| match req.json()["event_type"].as_str() {
+        Some("WorkflowStarted") => Canned::text(502, ""),
+        _ => Canned::json(200, json!({"verdict": "allow"})),
+    }))
+    .await;
+    let mut config = core_config(&server, &dir);
+    config.on_api_error = FailPolicy::FailClosed;
+    config.spool_retry_initial = Duration::from_secs(5);
+    let g = Governor::new(config).await.unwrap();
+    assert_eq!(
+        g.workflow_event(events::workflow_started(&workflow("r"), SystemTime::now()))
+            .await,
+        EventDisposition::Spooled
+    );
+    let d = g
+        .activity_started(started(&activity("r", "1", "a"), json!([])))
+        .await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::GovernanceHalt,
+            "Governance blocked: Governance API error: HTTP 502",
+            true
+        ))
+    );
+}
+
+#[tokio::test]
+async fn skip_lists_and_send_flags_are_honoured() {
+    let dir = TempDir::new("gov-skip");
+    let server = FakeHttp::start(core(|_| Canned::json(200, json!({"verdict": "block"})))).await;
+    let mut config = core_config(&server, &dir);
+    config.send_start_event = false;
+    config.send_activity_start_event = false;
+    config.skip_workflow_types = ["Noisy".to_owned()].into();
+    let g = Governor::new(config).await.unwrap();
+    let d = g
+        .activity_started(started(
+            &activity("r", "1", "send_governance_event"),
+            json!([]),
+        ))
+        .await;
+    assert_eq!(d, Decision::allow_without_verdict());
+    let d = g
+        .activity_completed(completed(
+            &activity("r", "1", "send_governance_event"),
+            json!(1),
+        ))
+        .await;
+    assert_eq!(d, Decision::allow_without_verdict());
+    let d = g
+        .activity_started(started(&activity("r", "2", "work"), json!([])))
+        .await;
+    assert_eq!(
+        d,
+        Decision::allow_without_verdict(),
+        "send_activity_start_event = false"
+    );
+    assert_eq!(
+        g.workflow_event(events::workflow_started(&workflow("r"), SystemTime::now()))
+            .await,
+        EventDisposition::Skipped
+    );
+    let noisy = WorkflowInfo {
+        workflow_type: "Noisy".into(),
+        ..workflow("r")
+    };
+    assert_eq!(
+        g.workflow_event(events::workflow_completed(
+            &noisy,
+            json!(1),
+            SystemTime::now()
+        ))
+        .await,
+        EventDisposition::Skipped
+    );
+    assert_eq!(
+        g.signal(events::signal_received(
+            &noisy,
+            "s",
+            vec![],
+            SystemTime::now()
+        ))
+        .await,
+        EventDisposition::Skipped
+    );
+    assert!(
+        server.evaluated().is_empty(),
+        "{:?}",
+        evaluated_types(&server)
+    );
+    // Activities of a skipped workflow type are still governed.
+    let a = ActivityInfo {
+        workflow_type: "Noisy".into(),
+        ..activity("r", "3", "work")
+    };
+    assert_eq!(
+        g.activity_completed(completed(&a, json!(1)))
+            .await
+            .error()
+            .unwrap()
+            .0,
+        ErrorType::GovernanceBlock
+    );
+    assert_eq!(evaluated_types(&server), ["ActivityCompleted"]);
+}
+
+#[tokio::test]
+async fn core_approval_polls_cover_failure_pending_rejection_expiry_and_approval() {
+    let dir = TempDir::new("gov-core-approval");
+    let answers: Arc<Mutex<VecDeque<Canned>>> = Arc::new(Mutex::new(VecDeque::from([
+        Canned::text(500, ""),
+        Canned::json(200, json!({"verdict": "require_approval"})),
+        Canned::json(200, json!({"verdict": "allow"})),
+    ])));
+    let next = answers.clone();
+    let approved = Arc::new(Mutex::new(false));
+    let flag = approved.clone();
+    let server = FakeHttp::start(core(move |req| {
+        if req.path == client::APPROVAL_PATH {
+            let a = next
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| Canned::json(200, json!({})));
+            if a.status() == 200 {
+                *flag.lock().unwrap() = true;
+            }
+            return a;
+        }
+        match req.json()["activity_type"].as_str() {
+            Some("pay") if !*flag.lock().unwrap() => Canned::json(
+                200,
+                json!({"verdict": "require-approval", "reason": "money"}),
+            ),
+            Some("export") => Canned::json(200, json!({"verdict": "require_approval"})),
+            _ => Canned::json(200, json!({"verdict": "allow"})),
+        }
+    }))
+    .await;
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    let a = activity("r", "9", "pay");
+    assert_eq!(
+        g.activity_started(started(&a, json!([]))).await,
+        Decision::ApprovalPending {
+            message: "Approval required: money".into()
+        }
+    );
+    assert_eq!(
+        g.activity_started(started(&a, json!([]))).await,
+        Decision::ApprovalPending {
+            message: "Failed to check approval status, retrying...".into()
+        }
+    );
+    assert_eq!(
+        g.activity_started(started(&a, json!([]))).await,
+        Decision::ApprovalPending {
+            message: "Awaiting approval for activity pay".into()
+        }
+    );
+    let d = g.activity_started(started(&a, json!([]))).await;
+    assert_eq!(
+        d.error(),
+        None,
+        "approved, and the re-sent ActivityStarted is allowed: {d:?}"
+    );
+    let approval = server
+        .requests()
+        .into_iter()
+        .find(|r| r.path == client::APPROVAL_PATH)
+        .unwrap();
+    assert_eq!(
+        approval.json(),
+        json!({"workflow_id": "wf-1", "run_id": "r", "activity_id": "9"})
+    );
+    let starts = server
+        .evaluated()
+        .iter()
+        .filter(|e| e["activity_id"] == "9")
+        .count();
+    assert_eq!(
+        starts, 2,
+        "ActivityStarted sent, then re-sent after approval"
+    );
+
+    // Approval requested after completion, then rejected on the retry.
+    let e = activity("r", "10", "export");
+    let d = g.activity_completed(completed(&e, json!(1))).await;
+    assert_eq!(
+        d,
+        Decision::ApprovalPending {
+            message: "Approval required for output: Activity output requires human approval".into()
+        }
+    );
+    answers.lock().unwrap().push_back(Canned::json(
+        200,
+        json!({"verdict": "halt", "reason": "no export"}),
+    ));
+    assert_eq!(
+        g.activity_started(started(&e, json!([]))).await.error(),
+        Some((
+            ErrorType::ApprovalRejected,
+            "Activity rejected: no export",
+            true
+        ))
+    );
+
+    // Expired.
+    let x = activity("r", "11", "export");
+    g.activity_started(started(&x, json!([]))).await;
+    answers.lock().unwrap().push_back(Canned::json(
+        200,
+        json!({"verdict": "allow", "approval_expiration_time": "2020-01-01 00:00:00"}),
+    ));
+    let d = g.activity_started(started(&x, json!([]))).await;
+    assert_eq!(
+        d.error(),
+        Some((
+            ErrorType::ApprovalExpired,
+            "Approval expired for activity export (workflow_id=wf-1, run_id=r, activity_id=11)",
+            true
+        ))
+    );
+}
+
+#[tokio::test]
+async fn core_urls_are_recognised_by_normalised_prefix() {
+    let p = core_url_prefix("HTTPS://Core.Example.com/").unwrap();
+    assert_eq!(p, "https://core.example.com:443");
+    assert!(is_core_url(
+        &p,
+        "https://core.example.com/api/v1/governance/evaluate"
+    ));
+    assert!(is_core_url(&p, "https://CORE.example.com:443/x"));
+    assert!(is_core_url(&p, "https://core.example.com"));
+    assert!(
+        !is_core_url(&p, "http://core.example.com/api"),
+        "other scheme"
+    );
+    assert!(
+        !is_core_url(&p, "https://core.example.com:8443/api"),
+        "other port"
+    );
+    assert!(!is_core_url(&p, "https://core.example.com.evil.net/api"));
+    assert!(!is_core_url(&p, "not a url"));
+    let p = core_url_prefix("http://localhost:8086/openbox").unwrap();
+    assert!(is_core_url(&p, "http://localhost:8086/openbox/api/v1/x"));
+    assert!(!is_core_url(&p, "http://localhost:8086/openboxer"));
+    assert!(!is_core_url(&p, "http://localhost:8086/"));
+
+    let dir = TempDir::new("gov-coreurl");
+    let server = FakeHttp::start(core(|_| Canned::json(200, json!({})))).await;
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    assert!(g.is_core_url(&format!(
+        "http://127.0.0.1:{}/api/v1/governance/evaluate",
+        server.port()
+    )));
+    assert!(!g.is_core_url("http://127.0.0.1:1/api"));
+}
+
+/// The repository's `tests/fake_core` directory.
+fn fake_core_dir() -> Option<std::path::PathBuf> {
+    let from_manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fake_core");
+    let from_source = std::path::Path::new(file!())
+        .ancestors()
+        .nth(4)
+        .map(|root| root.join("tests/fake_core"));
+    [Some(from_manifest), from_source]
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("fake_core.py").is_file())
+}
+
+/// A fake_core.py process, killed on drop.
+struct FakeCoreProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for FakeCoreProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_fake_core(
+    dir: &std::path::Path,
+    record: &std::path::Path,
+    script: &std::path::Path,
+) -> Option<FakeCoreProcess> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("python3")
+        .arg(dir.join("fake_core.py"))
+        .args(["--port", "0", "--api-key", KEY, "--record"])
+        .arg(record)
+        .arg("--script")
+        .arg(script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take()?)
+        .read_line(&mut line)
+        .ok()?;
+    let port = line.trim().strip_prefix("listening on ")?.parse().ok()?;
+    Some(FakeCoreProcess { child, port })
+}
+
+#[tokio::test]
+async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let dir = TempDir::new("gov-e2e");
+    let record = dir.path().join("requests.jsonl");
+    let script = dir.path().join("script.json");
+    std::fs::write(
+        &script,
+        json!({
+            "rules": [
+                {"match": {"event_type": "ActivityStarted", "activity_type": "pay"}, "body": {"verdict": "require_approval", "reason": "money"}, "times": 1},
+                {"match": {"activity_type": "wipe"}, "body": {"verdict": "block", "reason": "no wiping"}}
+            ],
+            "approvals": [{"match": {"activity_id": "2"}, "responses": [{"body": {"verdict": "require_approval"}}, {"body": {"verdict": "allow"}}]}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return;
+    };
+    let base = format!("http://127.0.0.1:{}", fc.port);
+    let config = GovernanceConfig {
+        openbox_url: Some(base.clone()),
+        openbox_api_key: Some(KEY.into()),
+        events_sink: None,
+        spool_dir: dir.path().join("spool"),
+        spool_retry_initial: Duration::from_millis(50),
+        spool_retry_max: Duration::from_millis(200),
+        ..GovernanceConfig::default()
+    };
+    let g = Governor::new(config).await.unwrap();
+    let wf = workflow("r-e2e");
+    g.workflow_event(events::workflow_started(&wf, SystemTime::now()))
+        .await;
+    let a = activity("r-e2e", "1", "call_llm");
+    assert_eq!(
+        g.activity_started(started(&a, json!([{"prompt": "hi"}])))
+            .await
+            .error(),
+        None
+    );
+    let now = SystemTime::now();
+    let span = json!({"span_id": "00f067aa0ba902b7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "parent_span_id": null,
+        "name": "POST", "kind": "CLIENT", "start_time": 1_736_937_045_100_000_000u64, "end_time": 1_736_937_045_200_000_000u64,
+        "duration_ns": 100_000_000, "attributes": {"http.method": "POST", "http.url": "https://api.example.com/v1/chat"},
+        "status": {"code": "UNSET", "description": null}, "events": [], "activity_id": "1", "request_body": "{}"});
+    let c = events::activity_completed(
+        &a,
+        ActivityCompletion {
+            status: ActivityStatus::Completed,
+            start_time: now,
+            end_time: now + Duration::from_millis(5),
+            activity_input: vec![json!({"prompt": "hi"})],
+            activity_output: json!({"text": "hello"}),
+            error: None,
+            spans: vec![span],
+        },
+        SystemTime::now(),
+    );
+    assert_eq!(g.activity_completed(c).await.error(), None);
+    g.signal(events::signal_received(
+        &wf,
+        "nudge",
+        vec![json!({"x": 1})],
+        SystemTime::now(),
+    ))
+    .await;
+    let mut p = activity("r-e2e", "2", "pay");
+    assert!(matches!(
+        g.activity_started(started(&p, json!([5]))).await,
+        Decision::ApprovalPending { .. }
+    ));
+    p.attempt = 2;
+    assert!(matches!(
+        g.activity_started(started(&p, json!([5]))).await,
+        Decision::ApprovalPending { .. }
+    ));
+    p.attempt = 3;
+    assert_eq!(
+        g.activity_started(started(&p, json!([5]))).await.error(),
+        None,
+        "approved on the second poll"
+    );
+    let w = activity("r-e2e", "3", "wipe");
+    assert_eq!(
+        g.activity_started(started(&w, json!([])))
+            .await
+            .error()
+            .unwrap()
+            .0,
+        ErrorType::GovernanceBlock
+    );
+    let failed = events::activity_completed(
+        &w,
+        ActivityCompletion {
+            status: ActivityStatus::Failed,
+            start_time: now,
+            end_time: now,
+            activity_input: vec![],
+            activity_output: json!(null),
+            error: Some(events::ActivityError {
+                kind: "ApplicationError".into(),
+                message: "Governance blocked: no wiping".into(),
+            }),
+            spans: vec![],
+        },
+        SystemTime::now(),
+    );
+    g.activity_completed(failed).await;
+
+    // Core goes down: the workflow's end is spooled, then delivered when it is back.
+    let control = reqwest::Client::new();
+    control
+        .post(format!("{base}/_control"))
+        .body(r#"{"down":"close"}"#)
+        .send()
+        .await
+        .unwrap();
+    let cause = events::ErrorLink {
+        kind: "ApplicationError".into(),
+        message: "Governance blocked: no wiping".into(),
+        error_type: Some("GovernanceBlock".into()),
+        non_retryable: Some(true),
+    };
+    let error = events::workflow_error("ActivityError", "Activity task failed", Some(&cause), None);
+    assert_eq!(
+        g.workflow_event(events::workflow_failed(&wf, error, SystemTime::now()))
+            .await,
+        EventDisposition::Spooled
+    );
+    control
+        .post(format!("{base}/_control"))
+        .body(r#"{"down":false}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(g.wait_spool_empty(Duration::from_secs(10)).await);
+    drop(g);
+    drop(fc);
+
+    let lines: Vec<Value> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let answered: Vec<&Value> = lines.iter().filter(|l| l["status"] != 0).collect();
+    let kinds: Vec<String> = answered
+        .iter()
+        .map(|l| {
+            l["body"]["event_type"]
+                .as_str()
+                .map_or_else(|| l["path"].as_str().unwrap().to_owned(), str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "/api/v1/auth/validate",
+            "WorkflowStarted",
+            "ActivityStarted",
+            "ActivityCompleted",
+            "SignalReceived",
+            "ActivityStarted",
+            "/api/v1/governance/approval",
+            "/api/v1/governance/approval",
+            "ActivityStarted",
+            "ActivityStarted",
+            "ActivityCompleted",
+            "WorkflowFailed"
+        ]
+    );
+    let out = std::process::Command::new("python3")
+        .arg(fc_dir.join("validate.py"))
+        .arg(&record)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "schema validation failed:\n{report}");
+}
+
+#[test]
+fn the_schema_validator_passes_its_self_test() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let Ok(out) = std::process::Command::new("python3")
+        .arg(fc_dir.join("validate.py"))
+        .arg("--self-test")
+        .output()
+    else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// The daemon spawns these futures on a multi-threaded runtime: they must be Send, and
+/// the governor shareable.
+#[expect(dead_code, reason = "compile-time check only")]
+fn governor_futures_are_send(g: &'static Governor) {
+    fn is_send<T: Send>(_: T) {}
+    fn is_sync<T: Send + Sync>() {}
+    is_sync::<Governor>();
+    is_send(g.activity_started(Value::Null));
+    is_send(g.activity_completed(Value::Null));
+    is_send(g.workflow_event(Value::Null));
+    is_send(g.signal(Value::Null));
+    is_send(g.wait_spool_empty(Duration::ZERO));
+}

@@ -1,0 +1,352 @@
+"""The end-to-end tests' Temporal worker, with the OpenBox worker hook.
+
+Usage: worker.py --address HOST:PORT --task-queue QUEUE [--socket PATH] [--threads N]
+                 [--max-concurrent N] [--https-base URL] [--pg-port PORT]
+
+Registers the `Fanout` workflow and the activities below, with
+`interceptors=[OpenBoxHook(PATH)]` (PATH also from $OPENBOX_AGENT_SOCKET), sync
+activities on `ThreadPoolExecutor(N)`. Prints `ready <pid>` on stdout once the worker
+runs; SIGTERM or SIGINT shuts it down (exit 0). Logs go to stderr as
+`LEVEL logger: message` lines, so a test can count the hook's warnings.
+
+`Fanout(plan)` runs `plan["activity"]` once per item of `plan["items"]`, all at once,
+each with `activity_id = item["marker"]`, and returns one `{"ok", "result"|"error"}` per
+item. `plan["max_attempts"]` (default 1: a failure is final) and
+`plan["retry_initial_ms"]` set the retry policy.
+
+Every activity gets one dict: `marker` (unique text the test looks for in the captured
+spans: URL path, SQL text, file name), `https_base` (tls_server.py), `pg_port`
+(pg_server.py, user `openbox`, database `shop`, TLS), `dir` (where files go), and
+optionally `shared` (async: use the worker-wide httpx client and asyncpg pool) and
+`rendezvous` (`{"name", "count", "timeout"}`: wait until `count` activities of that name
+have started, or `timeout` seconds, so they really run at the same time).
+"""
+
+import argparse
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import asyncpg
+import httpx
+import psycopg2
+import requests
+import urllib3
+from temporalio import activity, workflow
+from temporalio.client import Client
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+from openbox_hook import OpenBoxHook
+
+urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
+# pg_server.py allows 20 connections (3 reserved for superusers): activities that open
+# their own asyncpg connection take one of these first. The others still run at the
+# same time; only their database step queues.
+OWN_PG_CONNECTIONS = 12
+SHARED = {}
+
+
+def pg_ssl():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def url_of(p, marker):
+    return f"{p['https_base']}/e2e/{marker}"
+
+
+def expect_echo(text, marker):
+    want = f"echo:GET /e2e/{marker} 0"
+    if text != want:
+        raise RuntimeError(f"HTTPS answer {text!r}, expected {want!r}")
+
+
+def sql_of(marker):
+    return f"SELECT '{marker}'::text AS marker"
+
+
+def write_file(p, marker):
+    path = os.path.join(p["dir"], f"{marker}.txt")
+    with open(path, "w") as f:
+        f.write(f"written by the activity of {marker}\n")
+    return path
+
+
+# ---- rendezvous: activities wait for each other so they overlap for sure ----
+
+_async_counts = {}
+_sync_counts = {}
+_sync_cond = threading.Condition()
+
+
+async def arendezvous(p):
+    r = p.get("rendezvous")
+    if not r:
+        return
+    name = r["name"]
+    _async_counts[name] = _async_counts.get(name, 0) + 1
+    deadline = asyncio.get_running_loop().time() + r.get("timeout", 20)
+    while _async_counts[name] < r["count"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def rendezvous(p):
+    r = p.get("rendezvous")
+    if not r:
+        return
+    name = r["name"]
+    with _sync_cond:
+        _sync_counts[name] = _sync_counts.get(name, 0) + 1
+        _sync_cond.notify_all()
+        _sync_cond.wait_for(lambda: _sync_counts[name] >= r["count"], timeout=r.get("timeout", 20))
+
+
+# ---- async steps ----
+
+_own_pg = None
+
+
+async def a_http(p, marker):
+    if p.get("shared"):
+        r = await SHARED["httpx"].get(url_of(p, marker))
+    else:
+        async with httpx.AsyncClient(verify=False) as client:
+            r = await client.get(url_of(p, marker))
+    expect_echo(r.text, marker)
+    return r.text
+
+
+async def a_sql(p, marker):
+    global _own_pg
+    if p.get("shared"):
+        async with SHARED["pgpool"].acquire() as conn:
+            value = await conn.fetchval(sql_of(marker))
+    else:
+        if _own_pg is None:
+            _own_pg = asyncio.Semaphore(OWN_PG_CONNECTIONS)
+        async with _own_pg:
+            conn = await asyncpg.connect(host="127.0.0.1", port=p["pg_port"], user="openbox",
+                                         database="shop", ssl=pg_ssl(), timeout=60)
+            try:
+                value = await conn.fetchval(sql_of(marker))
+            finally:
+                await conn.close()
+    if value != marker:
+        raise RuntimeError(f"SQL answered {value!r}, expected {marker!r}")
+    return value
+
+
+async def a_file(p, marker):
+    return write_file(p, marker)
+
+
+async def async_steps(p, marker):
+    # A different step order per activity, with a yield between steps, so the steps
+    # of different activities interleave on the loop.
+    steps = [a_http, a_sql, a_file]
+    k = sum(map(ord, marker)) % 3
+    steps = steps[k:] + steps[:k]
+    out = {}
+    for step in steps:
+        out[step.__name__] = await step(p, marker)
+        await asyncio.sleep(0)
+    return out
+
+
+# ---- sync steps ----
+
+def s_http(p, marker):
+    r = requests.get(url_of(p, marker), verify=False, timeout=60)
+    expect_echo(r.text, marker)
+    return r.text
+
+
+def s_sql(p, marker):
+    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_port"], user="openbox", dbname="shop",
+                            sslmode="require", gssencmode="disable", connect_timeout=60)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql_of(marker))
+            value = cur.fetchone()[0]
+    finally:
+        conn.close()
+    if value != marker:
+        raise RuntimeError(f"SQL answered {value!r}, expected {marker!r}")
+    return value
+
+
+def sync_steps(p, marker):
+    steps = [s_http, s_sql, write_file]
+    k = sum(map(ord, marker)) % 3
+    steps = steps[k:] + steps[:k]
+    return {step.__name__: step(p, marker) for step in steps}
+
+
+def info():
+    i = activity.info()
+    return {"activity_id": i.activity_id, "attempt": i.attempt, "pid": os.getpid(),
+            "tid": threading.get_native_id()}
+
+
+# ---- activities ----
+
+@activity.defn
+async def async_io(p):
+    await arendezvous(p)
+    return {"steps": await async_steps(p, p["marker"]), **info()}
+
+
+@activity.defn
+def sync_io(p):
+    rendezvous(p)
+    return {"steps": sync_steps(p, p["marker"]), **info()}
+
+
+@activity.defn
+def curl_sync(p):
+    rendezvous(p)
+    r = subprocess.run(["curl", "-sk", "--max-time", "60", url_of(p, p["marker"])],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"curl exited {r.returncode}: {r.stderr}")
+    expect_echo(r.stdout, p["marker"])
+    return {"curl": r.stdout, **info()}
+
+
+@activity.defn
+async def curl_async(p):
+    await arendezvous(p)
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sk", "--max-time", "60", url_of(p, p["marker"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"curl exited {proc.returncode}: {err.decode(errors='replace')}")
+    expect_echo(out.decode(), p["marker"])
+    return {"curl": out.decode(), **info()}
+
+
+def fail_if_early(p, attempt):
+    if attempt <= p.get("fail_attempts", 1):
+        raise ApplicationError(f"failing attempt {attempt} on purpose", type="E2EFailOnPurpose")
+
+
+@activity.defn
+async def retry_async(p):
+    attempt = activity.info().attempt
+    marker = f"{p['marker']}-attempt-{attempt}"
+    steps = await async_steps(p, marker)
+    fail_if_early(p, attempt)
+    return {"steps": steps, **info()}
+
+
+@activity.defn
+def retry_sync(p):
+    attempt = activity.info().attempt
+    marker = f"{p['marker']}-attempt-{attempt}"
+    steps = sync_steps(p, marker)
+    fail_if_early(p, attempt)
+    return {"steps": steps, **info()}
+
+
+ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync]
+
+
+@workflow.defn
+class Fanout:
+    @workflow.run
+    async def run(self, plan):
+        retry = RetryPolicy(
+            initial_interval=timedelta(milliseconds=plan.get("retry_initial_ms", 200)),
+            backoff_coefficient=1.0,
+            maximum_attempts=plan.get("max_attempts", 1),
+        )
+        calls = [
+            workflow.execute_activity(
+                plan["activity"], item, activity_id=item["marker"],
+                start_to_close_timeout=timedelta(seconds=plan.get("timeout_s", 180)),
+                retry_policy=retry,
+            )
+            for item in plan["items"]
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        out = []
+        for r in results:
+            if isinstance(r, BaseException):
+                cause = r.__cause__
+                out.append({"ok": False, "error": f"{r}: {cause!r}" if cause else str(r)})
+            else:
+                out.append({"ok": True, "result": r})
+        return out
+
+
+async def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--task-queue", required=True)
+    parser.add_argument("--socket", default=os.environ.get("OPENBOX_AGENT_SOCKET"))
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--max-concurrent", type=int, default=100)
+    parser.add_argument("--https-base")
+    parser.add_argument("--pg-port", type=int)
+    args = parser.parse_args()
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+    # Worker-wide connections, opened before any activity runs: few connections that
+    # every activity takes turns on (the "shared pool" case).
+    if args.https_base:
+        SHARED["httpx"] = httpx.AsyncClient(
+            verify=False, limits=httpx.Limits(max_connections=5, max_keepalive_connections=5))
+    if args.pg_port:
+        SHARED["pgpool"] = await asyncpg.create_pool(
+            host="127.0.0.1", port=args.pg_port, user="openbox", database="shop", ssl=pg_ssl(),
+            min_size=5, max_size=5, timeout=60)
+
+    client = await Client.connect(args.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.threads) as executor:
+        worker = Worker(
+            client,
+            task_queue=args.task_queue,
+            workflows=[Fanout],
+            activities=ACTIVITIES,
+            activity_executor=executor,
+            max_concurrent_activities=args.max_concurrent,
+            workflow_runner=UnsandboxedWorkflowRunner(),
+            interceptors=[OpenBoxHook(args.socket)],
+        )
+        async with worker:
+            print("ready", os.getpid(), flush=True)
+            await stop.wait()
+    if "pgpool" in SHARED:
+        await SHARED["pgpool"].close()
+    if "httpx" in SHARED:
+        await SHARED["httpx"].aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    # The worker has shut down cleanly; skip interpreter finalization, which temporalio's
+    # runtime threads can abort (SIGABRT, "PyGILState_Release: thread state … must be
+    # current") after everything is done.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""A fake OpenBox Core for end-to-end tests (Python 3.11 standard library only).
+
+Implements the three API v1 routes of shared/docs/openbox-core-protocol.md:
+    GET  /api/v1/auth/validate        200 for the right Bearer key, 401 otherwise
+    POST /api/v1/governance/evaluate  scripted verdicts (default {"verdict": "allow"})
+    POST /api/v1/governance/approval  scripted answer sequences per activity
+and a control route, /_control (never recorded, never needs the key):
+    GET  /_control                    the current state as JSON
+    POST /_control {"down": "close"}  answer nothing: close every connection at once
+    POST /_control {"down": "refuse", "for_seconds": 3}
+                                      stop listening (connection refused), come back after
+                                      for_seconds (required: /_control is unreachable too)
+    POST /_control {"down": false}    back to normal
+    POST /_control {"script": {...}}  replace the script
+    POST /_control {"reset": true}    forget approval sequence positions and rule counts
+
+CLI:
+    fake_core.py [--host 127.0.0.1] [--port 0] [--api-key KEY | --any-key]
+                 [--record FILE] [--script FILE] [--control-file FILE] [--port-file FILE]
+
+    --port 0 picks a free port. When ready it prints "listening on PORT" (flushed) on stdout,
+    and writes PORT to --port-file if given. --api-key defaults to obx_test_fakecore.
+    --record FILE appends one JSON line per request: {"time", "method", "path", "headers"
+    (names lowercased), "body" (parsed JSON, or null when empty), "raw_body" (only when not
+    JSON), "status" (what was answered; 0 = connection closed)}.
+    --script FILE is re-read whenever it changes. --control-file FILE is polled every 0.1 s:
+    its JSON content {"down": false | "close" | "refuse"} sets the down state (the way to
+    bring back a server that is not listening without a timer). SIGTERM/SIGINT stop it.
+
+Script (JSON):
+    {
+      "default": {"verdict": "allow"},            # evaluate body when no rule matches
+      "validate": {"status": 200},                # optional override of the validate answer
+      "rules": [                                  # first match wins
+        {"match": {"event_type": "ActivityStarted", "activity_type": ["pay", "refund"]},
+         "status": 200,                           # default 200
+         "body": {"verdict": "require_approval", "reason": "needs a human"},
+         "raw": "not json",                       # instead of body: a non-JSON answer
+         "delay": 1.5,                            # seconds before answering
+         "close": true,                           # close the connection without answering
+         "times": 2}                              # only the first 2 matching requests
+      ],
+      "approvals": [                              # per activity, a sequence; the last repeats
+        {"match": {"activity_id": "1"},
+         "responses": [{"body": {"verdict": "require_approval"}}, {"body": {"verdict": "allow"}}]}
+      ],
+      "approval_default": {"verdict": "allow"}
+    }
+    A match maps top-level body fields to a value (equality), a list (any of), or a string
+    "re:REGEX" (regular-expression search on the value's text). Every response entry
+    (rules, approval responses) accepts status, body, raw, delay and close.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+VALIDATE = "/api/v1/auth/validate"
+EVALUATE = "/api/v1/governance/evaluate"
+APPROVAL = "/api/v1/governance/approval"
+
+
+class State:
+    def __init__(self, args):
+        self.lock = threading.Lock()
+        self.args = args
+        self.down = False  # False | "close" | "refuse"
+        self.script = {}
+        self.script_mtime = None
+        self.rule_hits = {}
+        self.approval_pos = {}
+        self.up_at = None
+        self.record_lock = threading.Lock()
+        self.load_script()
+
+    def load_script(self):
+        path = self.args.script
+        if not path:
+            return
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self.script_mtime:
+            return
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            script = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            print(f"fake_core: script {path} is not valid JSON ({e}); keeping the previous one", file=sys.stderr, flush=True)
+            return
+        with self.lock:
+            self.script = script
+            self.script_mtime = mtime
+            self.rule_hits.clear()
+            self.approval_pos.clear()
+
+    def record(self, entry):
+        if not self.args.record:
+            return
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with self.record_lock, open(self.args.record, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+
+def matches(match, body):
+    if not isinstance(body, dict):
+        return not match
+    for key, want in (match or {}).items():
+        have = body.get(key)
+        text = have if isinstance(have, str) else json.dumps(have)
+        if isinstance(want, list):
+            if not any(have == w for w in want):
+                return False
+        elif isinstance(want, str) and want.startswith("re:"):
+            if have is None or not re.search(want[3:], text):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-openbox-core/1"
+
+    def setup(self):
+        super().setup()
+        # Without this, keep-alive requests pay a 40 ms delayed-ACK stall.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, fmt, *args):
+        if self.server.state.args.verbose:
+            sys.stderr.write("fake_core: " + (fmt % args) + "\n")
+
+    def do_GET(self):
+        self.handle_any("GET")
+
+    def do_POST(self):
+        self.handle_any("POST")
+
+    def read_body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def send(self, status, body=None, raw=None, content_type="application/json"):
+        if raw is not None:
+            payload = raw.encode("utf-8") if isinstance(raw, str) else raw
+            content_type = "text/plain"
+        else:
+            payload = json.dumps(body if body is not None else {}, separators=(",", ":")).encode("utf-8")
+        head = (
+            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+            f"Server: {self.server_version}\r\n\r\n"
+        ).encode("latin-1")
+        # One write: headers and body in the same segment.
+        self.wfile.write(head + payload)
+        self.wfile.flush()
+
+    def close_now(self):
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def answer(self, spec):
+        """Apply one scripted response entry; returns the status sent (0 = closed)."""
+        if spec.get("delay"):
+            time.sleep(float(spec["delay"]))
+        if spec.get("close"):
+            self.close_now()
+            return 0
+        status = int(spec.get("status", 200))
+        if "raw" in spec:
+            self.send(status, raw=spec["raw"])
+        else:
+            self.send(status, body=spec.get("body", {}))
+        return status
+
+    def handle_any(self, method):
+        state = self.server.state
+        path = self.path.split("?", 1)[0]
+        raw = self.read_body()
+        if path == "/_control":
+            return self.control(method, raw)
+        try:
+            body = json.loads(raw) if raw else None
+            raw_text = None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body, raw_text = None, raw.decode("utf-8", "replace")
+        entry = {
+            "time": time.time(),
+            "method": method,
+            "path": path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body,
+        }
+        if raw_text is not None:
+            entry["raw_body"] = raw_text
+        state.load_script()
+        if state.down:
+            entry["status"] = 0
+            state.record(entry)
+            return self.close_now()
+        status = self.route(method, path, body)
+        entry["status"] = status
+        state.record(entry)
+
+    def route(self, method, path, body):
+        state = self.server.state
+        auth = self.headers.get("Authorization", "")
+        key_ok = state.args.any_key or auth == f"Bearer {state.args.api_key}"
+        known = {(VALIDATE, "GET"), (EVALUATE, "POST"), (APPROVAL, "POST")}
+        if (path, method) not in known:
+            self.send(404, {"detail": f"no route {method} {path}"})
+            return 404
+        if not key_ok:
+            self.send(401, {"detail": "invalid API key"})
+            return 401
+        with state.lock:
+            script = state.script
+        if path == VALIDATE:
+            return self.answer(dict({"status": 200, "body": {"valid": True}}, **script.get("validate", {})))
+        if path == EVALUATE:
+            for i, rule in enumerate(script.get("rules", [])):
+                if not matches(rule.get("match"), body):
+                    continue
+                with state.lock:
+                    hits = state.rule_hits.get(i, 0)
+                    if "times" in rule and hits >= int(rule["times"]):
+                        continue
+                    state.rule_hits[i] = hits + 1
+                return self.answer(rule)
+            return self.answer({"body": script.get("default", {"verdict": "allow"})})
+        # APPROVAL
+        for i, entry in enumerate(script.get("approvals", [])):
+            if not matches(entry.get("match"), body):
+                continue
+            responses = entry.get("responses") or [{"body": {"verdict": "allow"}}]
+            key = (i, json.dumps(body, sort_keys=True))
+            with state.lock:
+                pos = state.approval_pos.get(key, 0)
+                state.approval_pos[key] = pos + 1
+            return self.answer(responses[min(pos, len(responses) - 1)])
+        return self.answer({"body": script.get("approval_default", {"verdict": "allow"})})
+
+    def control(self, method, raw):
+        state = self.server.state
+        if method == "POST":
+            try:
+                cmd = json.loads(raw or b"{}")
+            except json.JSONDecodeError:
+                self.send(400, {"detail": "control body must be JSON"})
+                return
+            with state.lock:
+                if "script" in cmd:
+                    state.script = cmd["script"]
+                    state.script_mtime = None
+                    state.rule_hits.clear()
+                    state.approval_pos.clear()
+                if cmd.get("reset"):
+                    state.rule_hits.clear()
+                    state.approval_pos.clear()
+            if "down" in cmd:
+                down = cmd["down"]
+                if down not in (False, "close", "refuse", True):
+                    self.send(400, {"detail": "down must be false, \"close\" or \"refuse\""})
+                    return
+                if down == "refuse" and not cmd.get("for_seconds"):
+                    self.send(400, {"detail": "down=refuse needs for_seconds (or use --control-file)"})
+                    return
+                state.down = "close" if down is True else down
+                state.up_at = time.time() + float(cmd["for_seconds"]) if cmd.get("for_seconds") else None
+        self.send(200, {"down": state.down, "script": state.script,
+                        "port": self.server.server_address[1]})
+
+
+def main():
+    ap = argparse.ArgumentParser(description="A fake OpenBox Core (see the module docstring).")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--api-key", default="obx_test_fakecore")
+    ap.add_argument("--any-key", action="store_true", help="accept any Bearer key")
+    ap.add_argument("--record")
+    ap.add_argument("--script")
+    ap.add_argument("--control-file")
+    ap.add_argument("--port-file")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+
+    state = State(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def watch_control():
+        last = None
+        while not stop.is_set():
+            if args.control_file:
+                try:
+                    with open(args.control_file, encoding="utf-8") as f:
+                        text = f.read()
+                except FileNotFoundError:
+                    text = ""
+                if text != last:
+                    last = text
+                    try:
+                        down = json.loads(text).get("down", False) if text.strip() else False
+                    except (json.JSONDecodeError, AttributeError):
+                        down = state.down
+                    state.down = "close" if down is True else down
+                    state.up_at = None
+            if state.up_at is not None and time.time() >= state.up_at:
+                state.down, state.up_at = False, None
+            state.load_script()
+            stop.wait(0.1)
+
+    threading.Thread(target=watch_control, daemon=True).start()
+
+    port = args.port
+    announced = False
+    while not stop.is_set():
+        if state.down == "refuse":
+            stop.wait(0.05)
+            continue
+        ThreadingHTTPServer.allow_reuse_address = True
+        ThreadingHTTPServer.daemon_threads = True
+        server = ThreadingHTTPServer((args.host, port), Handler)
+        server.state = state
+        port = server.server_address[1]
+        if not announced:
+            if args.port_file:
+                with open(args.port_file, "w", encoding="utf-8") as f:
+                    f.write(f"{port}\n")
+            print(f"listening on {port}", flush=True)
+            announced = True
+        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        t.start()
+        while not stop.is_set() and state.down != "refuse":
+            stop.wait(0.05)
+        server.shutdown()
+        server.server_close()
+        t.join()
+
+
+if __name__ == "__main__":
+    main()

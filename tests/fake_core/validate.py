@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Validate requests recorded by fake_core.py against tests/schema/openbox-core-v1.schema.json.
+
+Python 3.11 standard library only, so it implements the small JSON Schema subset the
+schema uses: type, const, enum, required, properties, additionalProperties (bool or
+schema), items, pattern, minimum, minLength, oneOf, anyOf, and local $ref ("#/$defs/x").
+Annotation keywords ($schema, $id, title, description, $defs) are ignored.
+
+Usage:
+    validate.py RECORDED.jsonl [--schema PATH] [--def NAME]
+        Each line is a recorded request {method, path, headers, body, ...}. Validated against
+        the top-level schema, or with --def NAME each line's `body` against $defs/NAME.
+        Exit 0 when every line is valid, 1 otherwise (each problem printed as
+        "line N: <json path>: <what>").
+    validate.py --self-test
+        Checks the validator and the schema on built-in good and bad samples.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SCHEMA = os.path.join(HERE, "..", "schema", "openbox-core-v1.schema.json")
+
+
+def _type_ok(value, name):
+    if name == "null":
+        return value is None
+    if name == "boolean":
+        return isinstance(value, bool)
+    if name == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and math.isfinite(value) and value.is_integer()
+        )
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "string":
+        return isinstance(value, str)
+    if name == "array":
+        return isinstance(value, list)
+    if name == "object":
+        return isinstance(value, dict)
+    raise ValueError(f"unsupported type {name!r}")
+
+
+def _same(a, b):
+    """JSON equality (1 == 1.0, but True != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+class Validator:
+    SUPPORTED = {
+        "type", "const", "enum", "required", "properties", "additionalProperties", "items",
+        "pattern", "minimum", "minLength", "oneOf", "anyOf", "$ref",
+        "$schema", "$id", "title", "description", "$defs",
+    }
+
+    def __init__(self, root):
+        self.root = root
+        self._check_keywords(root)
+
+    def _check_keywords(self, schema):
+        if isinstance(schema, dict):
+            for key, sub in schema.items():
+                # `properties` and `$defs` map names to schemas: their keys are not keywords.
+                if key in ("properties", "$defs"):
+                    for s in sub.values():
+                        self._check_keywords(s)
+                elif key not in self.SUPPORTED:
+                    raise ValueError(f"schema uses unsupported keyword {key!r}")
+                elif key not in ("const", "enum", "required") and isinstance(sub, (dict, list)):
+                    self._check_keywords(sub)
+        elif isinstance(schema, list):
+            for s in schema:
+                self._check_keywords(s)
+
+    def resolve(self, ref):
+        if not ref.startswith("#/"):
+            raise ValueError(f"only local $ref is supported, not {ref!r}")
+        node = self.root
+        for part in ref[2:].split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        return node
+
+    def errors(self, value, schema, path="$"):
+        """All problems of `value` against `schema`, as (path, message, is_const) triples;
+        is_const marks a `const` mismatch (a oneOf discriminator such as event_type)."""
+        if schema is True or schema == {}:
+            return []
+        if schema is False:
+            return [(path, "no value is allowed here", False)]
+        out = []
+        if "$ref" in schema:
+            out += self.errors(value, self.resolve(schema["$ref"]), path)
+        if "type" in schema:
+            names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            if not any(_type_ok(value, n) for n in names):
+                return out + [(path, f"{json.dumps(value)[:80]} is not of type {' or '.join(names)}", False)]
+        if "const" in schema and not _same(value, schema["const"]):
+            out.append((path, f"{json.dumps(value)[:80]} is not {json.dumps(schema['const'])}", True))
+        if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
+            out.append((path, f"{json.dumps(value)[:80]} is not one of {json.dumps(schema['enum'])}", False))
+        if isinstance(value, str):
+            if "pattern" in schema and not re.search(schema["pattern"], value):
+                out.append((path, f"{value[:80]!r} does not match {schema['pattern']}", False))
+            if "minLength" in schema and len(value) < schema["minLength"]:
+                out.append((path, f"shorter than {schema['minLength']}", False))
+        if _type_ok(value, "number") and "minimum" in schema and value < schema["minimum"]:
+            out.append((path, f"{value} is less than {schema['minimum']}", False))
+        if isinstance(value, dict):
+            for key in schema.get("required", []):
+                if key not in value:
+                    out.append((path, f"required property {key!r} is missing", False))
+            props = schema.get("properties", {})
+            for key, sub in value.items():
+                child = f"{path}.{key}"
+                if key in props:
+                    out += self.errors(sub, props[key], child)
+                elif "additionalProperties" in schema:
+                    extra = schema["additionalProperties"]
+                    if extra is False:
+                        out.append((child, "additional property is not allowed", False))
+                    else:
+                        out += self.errors(sub, extra, child)
+        if isinstance(value, list) and "items" in schema:
+            for i, item in enumerate(value):
+                out += self.errors(item, schema["items"], f"{path}[{i}]")
+        for key in ("oneOf", "anyOf"):
+            if key not in schema:
+                continue
+            results = [self.errors(value, s, path) for s in schema[key]]
+            valid = sum(1 for r in results if not r)
+            if key == "oneOf" and valid > 1:
+                out.append((path, f"matches {valid} branches of oneOf, not exactly one", False))
+            elif valid == 0:
+                # Report the closest branch: fewest failed discriminators (const), then
+                # fewest problems.
+                best = min(results, key=lambda r: (sum(1 for e in r if e[2]), len(r)))
+                out += best or [(path, f"matches no branch of {key}", False)]
+        return out
+
+
+def validate_file(recorded, schema_path, def_name=None):
+    with open(schema_path, encoding="utf-8") as f:
+        root = json.load(f)
+    v = Validator(root)
+    schema = v.resolve(f"#/$defs/{def_name}") if def_name else root
+    problems = 0
+    lines = 0
+    with open(recorded, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            lines += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                print(f"line {n}: not JSON: {e}")
+                problems += 1
+                continue
+            value = record.get("body") if def_name else record
+            for path, msg, _ in v.errors(value, schema):
+                print(f"line {n}: {path}: {msg}")
+                problems += 1
+    return lines, problems
+
+
+def _samples():
+    span = {
+        "span_id": "00f067aa0ba902b7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "parent_span_id": None, "name": "POST", "kind": "CLIENT",
+        "start_time": 1736937045100000000, "end_time": 1736937045200000000, "duration_ns": 100000000,
+        "attributes": {"http.method": "POST", "http.url": "https://api.example.com/v1"},
+        "status": {"code": "UNSET", "description": None}, "events": [],
+        "activity_id": "1", "request_body": "{}", "request_headers": {"content-type": "application/json"},
+    }
+    base = {"source": "workflow-telemetry", "workflow_id": "wf-1", "run_id": "r-1", "workflow_type": "W"}
+    ts = "2026-01-15T10:30:45.123Z"
+    act = dict(base, activity_id="1", activity_type="call_llm", task_queue="q", attempt=1, timestamp=ts)
+    good = [
+        dict(base, event_type="WorkflowStarted", task_queue="q", timestamp=ts),
+        dict(base, event_type="WorkflowCompleted", workflow_output=None, timestamp=ts),
+        dict(base, event_type="WorkflowFailed", timestamp=ts, error={
+            "type": "ActivityError", "message": "Activity task failed",
+            "cause": {"type": "ApplicationError", "message": "m", "error_type": "GovernanceBlock", "non_retryable": True},
+            "root_cause": {"type": "ValueError", "message": "x"}}),
+        dict(base, event_type="SignalReceived", task_queue="q", signal_name="go", signal_args=[1], timestamp=ts),
+        dict(act, event_type="ActivityStarted", activity_input=[{"prompt": "hi"}]),
+        dict(act, event_type="ActivityCompleted", status="completed", start_time=1736937045.1,
+             end_time=1736937046.3, duration_ms=1200.4, span_count=1, spans=[span],
+             activity_input=[{"prompt": "hi"}], activity_output={"text": "hello"}, error=None),
+    ]
+    hdr = {"authorization": "Bearer obx_test_x", "content-type": "application/json"}
+    records_good = [{"method": "POST", "path": "/api/v1/governance/evaluate", "headers": hdr, "body": b} for b in good]
+    records_good.append({"method": "POST", "path": "/api/v1/governance/approval", "headers": hdr,
+                         "body": {"workflow_id": "w", "run_id": "r", "activity_id": "1"}})
+    records_good.append({"method": "GET", "path": "/api/v1/auth/validate", "headers": hdr, "body": None})
+    bad_span = dict(span, span_id="XYZ")
+    records_bad = [
+        ("bad span id", dict(records_good[5], body=dict(good[5], spans=[bad_span]))),
+        ("extra field", dict(records_good[0], body=dict(good[0], extra=1))),
+        ("missing field", dict(records_good[4], body={k: v for k, v in good[4].items() if k != "attempt"})),
+        ("unknown event", dict(records_good[0], body=dict(good[0], event_type="Nope"))),
+        ("bad timestamp", dict(records_good[1], body=dict(good[1], timestamp="2026-01-15T10:30:45Z"))),
+        ("bool attempt", dict(records_good[4], body=dict(good[4], attempt=True))),
+        ("no bearer", dict(records_good[6], headers={"content-type": "application/json"})),
+        ("approval extra", dict(records_good[6], body={"workflow_id": "w", "run_id": "r", "activity_id": "1", "x": 1})),
+        ("wrong route", dict(records_good[0], path="/api/v2/governance/evaluate")),
+        ("failed error type", dict(records_good[5], body=dict(good[5], error={"type": "E"}))),
+    ]
+    return records_good, records_bad
+
+
+def self_test(schema_path):
+    with open(schema_path, encoding="utf-8") as f:
+        v = Validator(json.load(f))
+    good, bad = _samples()
+    failures = 0
+    for rec in good:
+        errs = v.errors(rec, v.root)
+        if errs:
+            failures += 1
+            print(f"FAIL good sample {rec['path']} {rec['body'] and rec['body'].get('event_type')}: {errs}")
+    for name, rec in bad:
+        if not v.errors(rec, v.root):
+            failures += 1
+            print(f"FAIL bad sample accepted: {name}")
+    # The validator itself.
+    small = Validator({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]})
+    checks = [
+        (small.errors(3, small.root) == [], "integer branch"),
+        (small.errors(2.5, small.root) != [], "2.5 matches neither"),
+        (small.errors(12, small.root) != [], "12 matches both branches"),
+        (small.errors(True, small.root) != [], "bool is not an integer"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            failures += 1
+            print(f"FAIL validator: {what}")
+    total = len(good) + len(bad) + len(checks)
+    print(f"{total - failures} passed, {failures} failed")
+    return failures == 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("recorded", nargs="?", help="JSON-lines file written by fake_core.py --record")
+    ap.add_argument("--schema", default=DEFAULT_SCHEMA)
+    ap.add_argument("--def", dest="def_name", help="validate each line's body against $defs/NAME")
+    ap.add_argument("--self-test", action="store_true")
+    args = ap.parse_args()
+    if args.self_test:
+        sys.exit(0 if self_test(args.schema) else 1)
+    if not args.recorded:
+        ap.error("give a recorded-requests file, or --self-test")
+    lines, problems = validate_file(args.recorded, args.schema, args.def_name)
+    print(f"{lines} requests checked, {problems} problems")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+//! `cargo xtask bench --only hook`: what the worker hook costs, per coroutine step, per
+//! activity, and end to end on a real Temporal dev server with the agent daemon running
+//! (hooks/python/bench/bench_hook.py prints the figures; this starts what it needs).
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::env::TestEnv;
+
+/// Kills the process when dropped (the dev server and the agent never outlive us).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child, then reaping it.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            bail!("{what} was not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+pub fn run(agent: &Path, env: &TestEnv, runs: u32) -> Result<()> {
+    let vars: std::collections::HashMap<String, String> = env.vars().into_iter().collect();
+    let var = |k: &str| {
+        vars.get(k)
+            .cloned()
+            .with_context(|| format!("the test environment did not provide {k}"))
+    };
+    let (temporal, python) = (var("OPENBOX_TEMPORAL_BIN")?, var("OPENBOX_TEST_PYTHON")?);
+    let dir = std::env::temp_dir().join(format!("openbox-hook-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let _server = Running(
+        Command::new(&temporal)
+            .args(["server", "start-dev", "--headless", "--ip", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("--db-filename")
+            .arg(dir.join("temporal.db"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {temporal}"))?,
+    );
+    let socket = dir.join("agent.sock");
+    let _agent = Running(
+        Command::new(agent)
+            .arg("run")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--events")
+            .arg(dir.join("events.jsonl"))
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", agent.display()))?,
+    );
+    wait_until("openbox-agent run", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })?;
+    wait_until("the Temporal dev server", Duration::from_secs(90), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    println!("\nworker hook cost (Temporal dev server on 127.0.0.1:{port}, agent daemon running):");
+    let script = crate::workspace_root().join("hooks/python/bench/bench_hook.py");
+    let result = crate::run(
+        Command::new(&python)
+            .arg(script)
+            .arg("--temporal")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--agent-socket")
+            .arg(&socket)
+            .arg("--runs")
+            .arg(runs.to_string()),
+    );
+    drop(_agent);
+    drop(_server);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
