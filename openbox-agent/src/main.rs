@@ -92,6 +92,87 @@ impl CaptureArgs {
     }
 }
 
+/// Governance settings (flags > OPENBOX_* environment > `--config` file > defaults).
+#[derive(Args, Clone)]
+struct GovArgs {
+    /// A TOML file with a `[governance]` table (see the README).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// OpenBox Core base URL; without one, the embedded default governs (local policy
+    /// file and the events sink). Env: OPENBOX_URL.
+    #[arg(long, value_name = "URL")]
+    openbox_url: Option<String>,
+    /// Core API key (obx_live_… / obx_test_…). Env: OPENBOX_API_KEY.
+    #[arg(long, value_name = "KEY")]
+    openbox_api_key: Option<String>,
+    /// fail_open (default) or fail_closed: what happens when Core cannot answer.
+    /// Env: OPENBOX_GOVERNANCE_POLICY.
+    #[arg(long, value_name = "POLICY")]
+    governance_policy: Option<String>,
+    /// Seconds per Core call (default 30). Env: OPENBOX_GOVERNANCE_TIMEOUT.
+    #[arg(long, value_name = "SECONDS")]
+    governance_timeout: Option<String>,
+    #[arg(long, value_name = "BOOL")]
+    send_start_event: Option<bool>,
+    #[arg(long, value_name = "BOOL")]
+    send_activity_start_event: Option<bool>,
+    /// Repeatable; given, the list replaces the default.
+    #[arg(long = "skip-workflow-type", value_name = "TYPE")]
+    skip_workflow_types: Option<Vec<String>>,
+    #[arg(long = "skip-signal", value_name = "NAME")]
+    skip_signals: Option<Vec<String>>,
+    /// Repeatable; given, the list replaces the default (send_governance_event).
+    #[arg(long = "skip-activity-type", value_name = "TYPE")]
+    skip_activity_types: Option<Vec<String>>,
+    #[arg(long, value_name = "BOOL")]
+    hitl_enabled: Option<bool>,
+    #[arg(long = "skip-hitl-activity-type", value_name = "TYPE")]
+    skip_hitl_activity_types: Option<Vec<String>>,
+    /// The embedded default's local policy (TOML rules → verdicts).
+    #[arg(long, value_name = "FILE")]
+    policy_file: Option<PathBuf>,
+    /// An extra CA bundle (PEM) trusted for Core.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Where events wait while Core is unreachable (durable, bounded).
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Spool limit in bytes (K/M/G suffixes), default 256MiB.
+    #[arg(long, value_name = "BYTES")]
+    spool_max_bytes: Option<String>,
+    /// Spool limit in events, default 100000.
+    #[arg(long, value_name = "N")]
+    spool_max_events: Option<String>,
+}
+
+impl GovArgs {
+    fn load(&self, events: Option<String>) -> Result<openbox_agent::governance::GovernanceConfig> {
+        let raw = openbox_agent::governance::RawSettings {
+            openbox_url: self.openbox_url.clone(),
+            openbox_api_key: self.openbox_api_key.clone(),
+            governance_policy: self.governance_policy.clone(),
+            governance_timeout: self.governance_timeout.clone(),
+            send_start_event: self.send_start_event,
+            send_activity_start_event: self.send_activity_start_event,
+            skip_workflow_types: self.skip_workflow_types.clone(),
+            skip_signals: self.skip_signals.clone(),
+            skip_activity_types: self.skip_activity_types.clone(),
+            hitl_enabled: self.hitl_enabled,
+            skip_hitl_activity_types: self.skip_hitl_activity_types.clone(),
+            policy_file: self.policy_file.clone(),
+            events_sink: events,
+            ca_file: self.ca_file.clone(),
+            spool_dir: self.spool_dir.clone(),
+            spool_max_bytes: self.spool_max_bytes.clone(),
+            spool_max_events: self.spool_max_events.clone(),
+        };
+        Ok(openbox_agent::governance::GovernanceConfig::load(
+            &raw,
+            self.config.as_deref(),
+        )?)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Watch a process and its children and print what they do: connections, cleartext
@@ -124,10 +205,12 @@ enum Command {
         /// The hook socket (Unix stream socket).
         #[arg(long, env = "OPENBOX_AGENT_SOCKET", default_value = daemon::hook::DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// Where governance events go, one JSON object per line: a file (appended) or
-        /// `-` for stdout.
-        #[arg(long, default_value = "-", value_name = "FILE")]
-        events: PathBuf,
+        /// Where governance events go, one JSON object per line: a file (appended), `-`
+        /// for stdout, or `off` [default: `-` without a Core URL, off with one].
+        #[arg(long, value_name = "FILE")]
+        events: Option<String>,
+        #[command(flatten)]
+        governance: GovArgs,
         /// Also write spans that could not be attributed exactly, with the reason, as
         /// JSON lines to this file.
         #[arg(long, value_name = "FILE")]
@@ -199,13 +282,14 @@ fn real_main() -> Result<i32> {
         Command::Run {
             socket,
             events,
+            governance,
             unattributed,
             span_limit,
             capture,
         } => {
             let opts = daemon::RunOpts {
                 socket,
-                events,
+                governance: governance.load(events)?,
                 unattributed,
                 spans: capture.spans(),
                 capture: capture.capture()?,

@@ -15,25 +15,31 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
 use anyhow::{anyhow, Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::{
     capture::{tls, Capture, CaptureConfig},
     conn::{Pid, SkipPaths},
+    governance::{events, GovernanceConfig, Governor},
     procfs,
     span::{Span, SpanConfig},
     trace::{self, Session},
 };
-use hook::{reply, HookMsg};
+use hook::{reply, HookMsg, ReplyTx};
 use registry::{ActivityInfo, Registry, Unattributed, Worker};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {
     pub socket: PathBuf,
-    /// Governance events as JSON lines: a file (appended), or `-` for stdout.
-    pub events: PathBuf,
+    /// Core, the embedded policy, the events sink, the spool.
+    pub governance: GovernanceConfig,
     /// Spans that could not be attributed, as JSON lines with the reason.
     pub unattributed: Option<PathBuf>,
     pub spans: SpanConfig,
@@ -83,7 +89,7 @@ struct Daemon {
     registry: Registry,
     /// Hook connection → the worker it registered as.
     conns: std::collections::HashMap<u64, Pid>,
-    events: Lines,
+    governor: Arc<Governor>,
     unattributed: Option<Lines>,
 }
 
@@ -98,14 +104,18 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         }
     }
     let mut ring = cap.events()?;
-    let events = Lines::open(&opts.events)?;
+    let governor = Arc::new(
+        Governor::new(opts.governance.clone())
+            .await
+            .context("starting governance")?,
+    );
     let unattributed = opts.unattributed.as_deref().map(Lines::open).transpose()?;
     let listener = hook::bind(&opts.socket).await?;
     let mut d = Daemon {
         session: Session::collecting(cap, opts.skip.clone(), opts.spans.clone()),
         registry: Registry::new(opts.span_limit),
         conns: Default::default(),
-        events,
+        governor,
         unattributed,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -154,6 +164,14 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         s.extend(r);
         s.extend(k);
         s.insert("records_received".into(), d.session.records_received.into());
+        let g = d.governor.stats();
+        s.insert(
+            "governance".into(),
+            json!({"spool_pending": g.spool_pending, "spool_bytes": g.spool_bytes,
+                "spool_dropped": g.spool_dropped, "delivered_from_spool": g.delivered_from_spool,
+                "rejected_by_core": g.rejected_by_core, "core_failures": g.core_failures,
+                "spool_write_errors": g.spool_write_errors}),
+        );
     }
     eprintln!("{summary}");
     Ok(0)
@@ -202,12 +220,20 @@ impl Daemon {
             } => {
                 let id = req.get("id").cloned().unwrap_or(Value::Null);
                 let op = req.get("op").and_then(Value::as_str).unwrap_or("");
+                // Governed ops answer from a task of their own: Core may take its time.
                 let result = match (op, self.conns.get(&conn).copied()) {
                     ("hello", _) => self.hello(conn, peer, &req),
                     (_, None) => Err("send `hello` first".to_string()),
                     ("thread", Some(w)) => self.thread(w, &req),
-                    ("activity_start", Some(w)) => self.activity_start(w, &req),
-                    ("activity_end", Some(w)) => self.activity_end(w, &req),
+                    ("activity_start", Some(w)) => match self.activity_start(w, &req, &tx, &id) {
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    },
+                    ("activity_end", Some(w)) => match self.activity_end(w, &req, &tx, &id) {
+                        Ok(()) => return,
+                        Err(e) => Err(e),
+                    },
+                    ("workflow_event", Some(_)) => self.workflow_event(&req),
                     (other, Some(_)) => Err(format!("unknown op {other:?}")),
                 };
                 reply(&tx, &id, result);
@@ -307,15 +333,32 @@ impl Daemon {
         Ok(json!({"host_tid": host_tid}))
     }
 
-    fn activity_start(&mut self, worker: Pid, req: &Value) -> Result<Value, String> {
+    fn activity_start(
+        &mut self,
+        worker: Pid,
+        req: &Value,
+        tx: &ReplyTx,
+        id: &Value,
+    ) -> Result<(), String> {
         let info = ActivityInfo::from_request(req)?;
-        let event = activity_event("ActivityStarted", &info, now_rfc3339());
+        let input = info.input.as_array().cloned().unwrap_or_default();
+        let event = events::activity_started(&gov_info(&info), input, SystemTime::now());
         let token = self.registry.start(worker, info);
-        self.events.write(&event);
-        Ok(json!({"token": token}))
+        let (gov, tx, id) = (self.governor.clone(), tx.clone(), id.clone());
+        tokio::spawn(async move {
+            let decision = gov.activity_started(event).await;
+            reply(&tx, &id, Ok(json!({"token": token, "decision": decision})));
+        });
+        Ok(())
     }
 
-    fn activity_end(&mut self, worker: Pid, req: &Value) -> Result<Value, String> {
+    fn activity_end(
+        &mut self,
+        worker: Pid,
+        req: &Value,
+        tx: &ReplyTx,
+        id: &Value,
+    ) -> Result<(), String> {
         let token = req
             .get("token")
             .and_then(Value::as_u64)
@@ -327,96 +370,123 @@ impl Daemon {
             .get("end_time")
             .and_then(Value::as_f64)
             .unwrap_or_else(registry::now_secs);
-        let status = match req.get("status").and_then(Value::as_str) {
-            Some("failed") => "failed",
-            _ => "completed",
-        };
-        let mut event = activity_event("ActivityCompleted", &a.info, now_rfc3339());
-        let fields = event.as_object_mut().expect("an object");
-        fields.insert("status".into(), status.into());
-        fields.insert("start_time".into(), a.info.start_time.into());
-        fields.insert("end_time".into(), end_time.into());
-        fields.insert(
-            "duration_ms".into(),
-            ((end_time - a.info.start_time) * 1000.0).max(0.0).into(),
-        );
-        fields.insert("span_count".into(), a.spans.len().into());
-        fields.insert(
-            "spans".into(),
-            serde_json::to_value(&a.spans).unwrap_or(Value::Array(Vec::new())),
-        );
-        let output = if status == "failed" {
-            Value::Null
-        } else {
-            req.get("output").cloned().unwrap_or(Value::Null)
-        };
-        fields.insert("activity_output".into(), output);
-        fields.insert(
-            "error".into(),
-            match req.get("error") {
-                Some(e @ Value::Object(_)) => e.clone(),
-                _ => Value::Null,
+        let failed = req.get("status").and_then(Value::as_str) == Some("failed");
+        // The agent's own calls to Core are never governed (protocol §3.2).
+        let spans: Vec<Value> = a
+            .spans
+            .iter()
+            .filter(|s| {
+                !s.attributes
+                    .get("http.url")
+                    .and_then(Value::as_str)
+                    .is_some_and(|u| self.governor.is_core_url(u))
+            })
+            .filter_map(|s| serde_json::to_value(s).ok())
+            .collect();
+        let span_count = spans.len();
+        let completion = events::ActivityCompletion {
+            status: if failed {
+                events::ActivityStatus::Failed
+            } else {
+                events::ActivityStatus::Completed
             },
-        );
-        self.events.write(&event);
-        Ok(json!({"span_count": a.spans.len(), "spans_dropped": a.dropped}))
+            start_time: system_time(a.info.start_time),
+            end_time: system_time(end_time),
+            // The hook reports the arguments the activity really ran with (after input
+            // redaction); older hooks do not, and then they are the ones it started with.
+            activity_input: req
+                .get("input")
+                .and_then(Value::as_array)
+                .or(a.info.input.as_array())
+                .cloned()
+                .unwrap_or_default(),
+            activity_output: if failed {
+                Value::Null
+            } else {
+                req.get("output").cloned().unwrap_or(Value::Null)
+            },
+            error: req.get("error").and_then(|e| {
+                Some(events::ActivityError {
+                    kind: e.get("type")?.as_str()?.to_string(),
+                    message: e.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+                })
+            }),
+            spans,
+        };
+        let event = events::activity_completed(&gov_info(&a.info), completion, SystemTime::now());
+        let (gov, tx, id, dropped) = (self.governor.clone(), tx.clone(), id.clone(), a.dropped);
+        tokio::spawn(async move {
+            let decision = gov.activity_completed(event).await;
+            reply(
+                &tx,
+                &id,
+                Ok(json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision})),
+            );
+        });
+        Ok(())
+    }
+
+    /// WorkflowStarted/Completed/Failed and SignalReceived from the hook's workflow
+    /// interceptor: governed in the background, the workflow never waits.
+    fn workflow_event(&mut self, req: &Value) -> Result<Value, String> {
+        let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let wf = events::WorkflowInfo {
+            workflow_id: s("workflow_id"),
+            run_id: s("run_id"),
+            workflow_type: s("workflow_type"),
+            task_queue: s("task_queue"),
+        };
+        if wf.workflow_id.is_empty() || wf.run_id.is_empty() {
+            return Err("workflow_event needs `workflow_id` and `run_id`".into());
+        }
+        let now = SystemTime::now();
+        let gov = self.governor.clone();
+        match s("event_type").as_str() {
+            events::WORKFLOW_STARTED => {
+                let e = events::workflow_started(&wf, now);
+                tokio::spawn(async move { gov.workflow_event(e).await });
+            }
+            events::WORKFLOW_COMPLETED => {
+                let output = req.get("workflow_output").cloned().unwrap_or(Value::Null);
+                let e = events::workflow_completed(&wf, output, now);
+                tokio::spawn(async move { gov.workflow_event(e).await });
+            }
+            events::WORKFLOW_FAILED => {
+                let error = req.get("error").cloned().unwrap_or(Value::Null);
+                let e = events::workflow_failed(&wf, error, now);
+                tokio::spawn(async move { gov.workflow_event(e).await });
+            }
+            events::SIGNAL_RECEIVED => {
+                let args = req
+                    .get("signal_args")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let e = events::signal_received(&wf, &s("signal_name"), args, now);
+                tokio::spawn(async move { gov.signal(e).await });
+            }
+            other => return Err(format!("unknown workflow event_type {other:?}")),
+        }
+        Ok(json!({}))
     }
 }
 
-/// The fields ActivityStarted and ActivityCompleted share (protocol §2.2).
-fn activity_event(kind: &str, a: &ActivityInfo, timestamp: String) -> Value {
-    let mut m = Map::new();
-    m.insert("source".into(), "workflow-telemetry".into());
-    m.insert("event_type".into(), kind.into());
-    m.insert("workflow_id".into(), a.workflow_id.clone().into());
-    m.insert("run_id".into(), a.run_id.clone().into());
-    m.insert("workflow_type".into(), a.workflow_type.clone().into());
-    m.insert("activity_id".into(), a.activity_id.clone().into());
-    m.insert("activity_type".into(), a.activity_type.clone().into());
-    m.insert("task_queue".into(), a.task_queue.clone().into());
-    m.insert("attempt".into(), a.attempt.into());
-    m.insert("timestamp".into(), timestamp.into());
-    m.insert("activity_input".into(), a.input.clone());
-    Value::Object(m)
+fn gov_info(a: &ActivityInfo) -> events::ActivityInfo {
+    events::ActivityInfo {
+        workflow_id: a.workflow_id.clone(),
+        run_id: a.run_id.clone(),
+        workflow_type: a.workflow_type.clone(),
+        activity_id: a.activity_id.clone(),
+        activity_type: a.activity_type.clone(),
+        task_queue: a.task_queue.clone(),
+        attempt: a.attempt.min(u32::MAX as u64) as u32,
+    }
 }
 
-/// UTC now as RFC 3339 with milliseconds and `Z` (protocol §2.1).
-pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339_ms(now.as_millis() as i64)
-}
-
-pub fn rfc3339_ms(ms: i64) -> String {
-    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, sod) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_are_rfc3339_utc_with_milliseconds() {
-        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_ms(1_736_937_045_123), "2025-01-15T10:30:45.123Z");
-        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+fn system_time(secs: f64) -> SystemTime {
+    if secs.is_finite() && secs > 0.0 {
+        UNIX_EPOCH + Duration::from_secs_f64(secs)
+    } else {
+        SystemTime::now()
     }
 }

@@ -40,7 +40,7 @@ class Agent:
             self.file.write(json.dumps(msg) + "\n")
             self.file.flush()
             reply = json.loads(self.file.readline())
-        print(json.dumps({"op": msg["op"], "reply": reply}), flush=True)
+            print(json.dumps({"op": msg["op"], "reply": reply}), flush=True)
         return reply
 
 
