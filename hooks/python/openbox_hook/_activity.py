@@ -2,12 +2,17 @@
 
 For each activity: ``activity_start`` (identity, input) gets a token from the agent; the
 activity function is wrapped so its thread's slot holds that token while (and only while)
-its code runs; ``activity_end`` (status, output or error) follows once the function has
-finished, before Temporal sees the result.
+its code runs; ``activity_end`` (status, input as run, output or error) follows once the
+function has finished, before Temporal sees the result.
+
+Both replies may carry the agent's governance decision (``_decision``): the start reply
+can refuse the activity (it does not run; Temporal gets the decision's
+``ApplicationError``) or redact its arguments; the end reply can fail it after the fact
+or redact its result.
 
 The hook never changes an activity's outcome on its own account: without an agent, or
 when any of this machinery fails, the activity runs with its original function and its
-result or exception passes through untouched.
+result or exception passes through untouched. Only an explicit decision changes it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import temporalio.activity
 import temporalio.exceptions
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from . import _driver, _slots
+from . import _decision, _driver, _slots
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
@@ -42,7 +47,7 @@ def _internal_error() -> None:
         return
     _internal_error_logged = True
     _log.warning(
-        "openbox hook internal error; the activity runs without attribution "
+        "openbox hook internal error; the activity runs as if the hook were not there "
         "(further ones are logged at debug level)",
         exc_info=True,
     )
@@ -54,37 +59,103 @@ class ActivityInbound(ActivityInboundInterceptor):
         self._link = link
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
-        reply = await self._start(input)
-        if reply is None:
+        started = await self._start(input)
+        if started is None:
             return await self.next.execute_activity(input)
+        reply, input_json = started
         token = reply["token"]
+        seen = _Seen()
         try:
-            input = self._on_start_reply(reply, input)
-            result = await self.next.execute_activity(await self._attributed(input, token))
+            run_input = self._on_start_reply(reply, input, seen)
+        except temporalio.exceptions.ApplicationError as refusal:
+            # The agent's decision: the activity does not run. It still gets its
+            # activity_end, so the agent can free what it holds for it.
+            await self._end(token, "failed", None, refusal, input_json)
+            raise
+        except Exception:
+            _internal_error()
+            run_input = input
+        if run_input is not input:
+            input_json = serialize_args(run_input.args)  # what ActivityCompleted reports
+        try:
+            result = await self.next.execute_activity(await self._attributed(run_input, token))
         except (Exception, asyncio.CancelledError) as exc:
             # Not GeneratorExit, KeyboardInterrupt or SystemExit: nothing can be awaited
             # while those unwind, so such an activity gets no activity_end.
-            await self._end(token, "failed", None, exc)
+            end = await self._end(token, "failed", None, exc, input_json)
+            refusal = None if _is_cancellation(exc) else self._on_failed_end_reply(end, seen)
+            if refusal is not None:
+                raise refusal from exc
             raise
-        await self._end(token, "completed", result, None)
-        return result
+        end = await self._end(token, "completed", result, None, input_json)
+        try:
+            return self._on_end_reply(end, result, seen)
+        except temporalio.exceptions.ApplicationError:
+            raise
+        except Exception:
+            _internal_error()
+            return result
 
     def _on_start_reply(
-        self, reply: dict[str, Any], input: ExecuteActivityInput
+        self, reply: dict[str, Any], input: ExecuteActivityInput, seen: _Seen | None = None
     ) -> ExecuteActivityInput:
         """Where the agent's answer to ``activity_start`` acts on the activity.
 
-        Returns the input to run. The agent's governance verdict will ride on this reply
-        (redacted input, BLOCK/HALT raised from here as the activity's failure); today the
-        agent only attributes, so the input is returned as it came.
+        Returns the input to run: ``input`` itself, or a copy whose ``args`` carry the
+        input redaction (dataclass arguments merged in place, others replaced). Raises
+        the ``ApplicationError`` of a ``fail`` or ``approval_pending`` decision (any other
+        exception is the hook's own failure: the caller logs it and runs the input as it
+        came).
         """
-        return input
+        decision = _decision.read(reply, "start")
+        (seen or _Seen()).note(decision)
+        if decision.error is not None:
+            raise decision.error
+        if not decision.input_args:
+            return input
+        return dataclasses.replace(
+            input, args=_decision.redact_args(input.args, decision.input_args)
+        )
 
-    async def _start(self, input: ExecuteActivityInput) -> dict[str, Any] | None:
-        """The agent's reply to ``activity_start`` when it accepted the activity, else None."""
+    def _on_end_reply(self, reply: dict[str, Any] | None, result: Any, seen: _Seen) -> Any:
+        """Where the agent's answer to ``activity_end`` acts on a completed activity.
+
+        Returns the result to hand to Temporal (after any output redaction), or raises
+        the decision's ``ApplicationError``, which replaces the result (the activity's
+        work has happened).
+        """
+        decision = _decision.read(reply, "end")
+        seen.note(decision)
+        if decision.error is not None:
+            raise decision.error
+        if not decision.redacts_output:
+            return result
+        return _decision.redact_output(result, decision.output)
+
+    def _on_failed_end_reply(
+        self, reply: dict[str, Any] | None, seen: _Seen
+    ) -> temporalio.exceptions.ApplicationError | None:
+        """The error replacing a failed activity's own exception, if the agent decided one.
+
+        The agent governs ActivityCompleted of failed activities too (as SDK 1.0 did from
+        its ``finally``); a ``fail`` or ``approval_pending`` decision on it is raised with
+        the activity's exception as its cause. There is no result to redact.
+        """
+        try:
+            decision = _decision.read(reply, "end")
+            seen.note(decision)
+            return decision.error
+        except Exception:
+            _internal_error()
+            return None
+
+    async def _start(self, input: ExecuteActivityInput) -> tuple[dict[str, Any], list[Any]] | None:
+        """The agent's reply to ``activity_start`` and the serialised arguments it was
+        sent, when the agent accepted the activity; else None."""
         try:
             info = temporalio.activity.info()
-            reply = await self._link.call(
+            input_json = serialize_args(input.args)
+            reply = await self._link.call_governed(
                 "activity_start",
                 workflow_id=info.workflow_id,
                 run_id=info.workflow_run_id,
@@ -94,7 +165,7 @@ class ActivityInbound(ActivityInboundInterceptor):
                 task_queue=info.task_queue,
                 attempt=info.attempt,
                 start_time=time.time(),
-                input=serialize_args(input.args),
+                input=input_json,
             )
         except Exception:
             _internal_error()
@@ -105,15 +176,24 @@ class ActivityInbound(ActivityInboundInterceptor):
         if not reply.get("ok") or type(token) is not int or not 0 < token < 1 << 64:
             _log.debug("openbox-agent did not take the activity: %s", reply)
             return None
-        return reply
+        return reply, input_json
 
-    async def _end(self, token: int, status: str, result: Any, exc: BaseException | None) -> None:
+    async def _end(
+        self,
+        token: int,
+        status: str,
+        result: Any,
+        exc: BaseException | None,
+        input_json: list[Any],
+    ) -> dict[str, Any] | None:
+        """The agent's reply to ``activity_end`` (None without one)."""
         try:
-            await self._link.call(
+            reply = await self._link.call_governed(
                 "activity_end",
                 token=token,
                 status=status,
                 end_time=time.time(),
+                input=input_json,
                 output=None if exc is not None else serialize_value(result),
                 error=None
                 if exc is None
@@ -121,6 +201,11 @@ class ActivityInbound(ActivityInboundInterceptor):
             )
         except Exception:
             _internal_error()
+            return None
+        if reply is not None and not reply.get("ok"):
+            _log.debug("openbox-agent refused activity_end: %s", reply.get("error"))
+            return None
+        return reply
 
     async def _attributed(self, input: ExecuteActivityInput, token: int) -> ExecuteActivityInput:
         """``input`` with its function wrapped to publish ``token``, or as it came."""
@@ -187,6 +272,33 @@ def _sync_wrapper(fn: Callable[..., Any], token: int, link: AgentLink) -> Callab
             table[slot] = previous
 
     return attributed
+
+
+class _Seen:
+    """What was already logged for one activity: CONSTRAIN is logged once per activity."""
+
+    __slots__ = ("constrained",)
+
+    def __init__(self) -> None:
+        self.constrained = False
+
+    def note(self, decision: _decision.Decision) -> None:
+        if decision.constrained and not self.constrained:
+            self.constrained = True
+            try:
+                info = temporalio.activity.info()
+                _log.info(
+                    "openbox governance: activity %s (id %s, workflow %s) runs constrained",
+                    info.activity_type,
+                    info.activity_id,
+                    info.workflow_id,
+                )
+            except Exception:
+                _log.info("openbox governance: activity runs constrained")
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    return isinstance(exc, (asyncio.CancelledError, temporalio.exceptions.CancelledError))
 
 
 def _message(exc: BaseException) -> str:

@@ -10,9 +10,15 @@ Two kinds of connection, because two kinds of caller:
 
 - one asyncio connection per event loop (``_Channel``) for the interceptor's
   ``activity_start``/``activity_end`` and the loop thread's own registration: activities
-  on the loop must never block it;
+  on the loop must never block it (the workflow-event sender, ``_events``, has a loop of
+  its own and so a connection of its own);
 - one blocking connection (``_BlockingConnection``) for executor threads, which must
   register themselves synchronously before they run activity code.
+
+``activity_start``/``activity_end`` (and ``workflow_event``) are answered once the agent
+has governed them, which may take up to the governance timeout: they wait
+``governance_timeout + 5`` seconds (``GOVERNED_TIMEOUT`` without that setting) instead of
+the hook's short per-call timeout.
 
 Every failure here means "no agent" for the call at hand: the caller gets ``None`` and the
 activity runs as if the hook were not installed. The first failure in the process logs one
@@ -43,6 +49,10 @@ SOCKET_ENV = "OPENBOX_AGENT_SOCKET"
 HOOK = f"openbox-hook/{__version__}"
 RETRY_INTERVAL = 5.0
 """Seconds between connection attempts once one failed."""
+GOVERNED_TIMEOUT = 35.0
+"""Seconds a governed call waits when the config has no ``governance_timeout``: the SDK's
+default governance timeout (30 s) plus the margin the agent needs to answer after it."""
+GOVERNED_MARGIN = 5.0
 MAX_LINE = 16 << 20
 """Longest reply line accepted, and the most unsent data tolerated on a connection: an
 agent that stops reading gets its connection closed rather than the worker's memory."""
@@ -111,6 +121,7 @@ class AgentLink:
         self.socket_path = socket_path
         self.timeout = timeout
         self.config = config
+        self.governed_timeout = max(timeout, _governed_timeout(config))
         self.epoch = 0
         self._start_afresh()
         _links.add(self)
@@ -156,8 +167,24 @@ class AgentLink:
     def failed(self, reason: object) -> None:
         _warn_unreachable(self.socket_path, reason)
 
-    async def call(self, op: str, **fields: Any) -> dict[str, Any] | None:
+    async def call(self, op: str, /, **fields: Any) -> dict[str, Any] | None:
         """One request on this event loop's connection; None when there is no agent."""
+        return await self._channel().call(op, fields, self.timeout)
+
+    async def call_governed(self, op: str, /, **fields: Any) -> dict[str, Any] | None:
+        """``call`` for a request the agent answers after governing it (longer timeout)."""
+        return await self._channel().call(op, fields, self.governed_timeout)
+
+    async def post(self, op: str, fields: dict[str, Any]) -> asyncio.Future | None:
+        """Write one request on this event loop's connection without waiting for its reply.
+
+        Returns the future of the reply (it fails with ``OSError`` when the connection is
+        lost or the governed timeout passes), or None when there is no agent. Requests
+        posted one after the other from one task are written in that order.
+        """
+        return await self._channel().post(op, fields, self.governed_timeout)
+
+    def _channel(self) -> _Channel:
         loop = asyncio.get_running_loop()
         channel = self._channels.get(loop)
         if channel is None:
@@ -166,7 +193,7 @@ class AgentLink:
             for closed in [other for other in self._channels if other.is_closed()]:
                 del self._channels[closed]
             channel = self._channels[loop] = _Channel(self, loop)
-        return await channel.call(op, fields)
+        return channel
 
     def current_slot(self) -> int | None:
         """The calling thread's slot if its registration is valid now; never does I/O."""
@@ -284,6 +311,11 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()  # connection_lost follows and fails what is pending
 
     async def request(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any]:
+        # Awaiting the future directly: a cancelled caller cancels it, which unregisters it.
+        return await self.send(op, fields, timeout)
+
+    def send(self, op: str, fields: dict[str, Any], timeout: float) -> asyncio.Future:
+        """Write one request now; the future of its reply expires after ``timeout``."""
         if self.closed or self._transport is None:
             raise ConnectionError("openbox-agent connection is closed")
         request_id = self._next_id
@@ -291,14 +323,27 @@ class _Connection(asyncio.Protocol):
         future = self._loop.create_future()
         self._pending[request_id] = future
         timer = self._loop.call_later(timeout, _expire, future, op, timeout)
-        try:
-            self._transport.write(_encode({"id": request_id, "op": op, **fields}))
-            if self._transport.get_write_buffer_size() > MAX_LINE:
-                self._abort(ConnectionError("openbox-agent is not reading"))
-            return await future
-        finally:
+
+        def settled(_: asyncio.Future) -> None:
             timer.cancel()
             self._pending.pop(request_id, None)
+
+        future.add_done_callback(settled)
+        try:
+            self._transport.write(_encode({"id": request_id, "op": op, **fields}))
+        except BaseException:
+            future.cancel()
+            raise
+        if self._transport.get_write_buffer_size() > MAX_LINE:
+            self._abort(ConnectionError("openbox-agent is not reading"))
+        return future
+
+
+def _governed_timeout(config: dict[str, Any]) -> float:
+    seconds = config.get("governance_timeout")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+        return float(seconds) + GOVERNED_MARGIN
+    return GOVERNED_TIMEOUT
 
 
 def _expire(future: asyncio.Future, op: str, timeout: float) -> None:
@@ -316,12 +361,22 @@ class _Channel:
         self._connecting = asyncio.Lock()
         self._retry_at = 0.0
 
-    async def call(self, op: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    async def call(self, op: str, fields: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         connection = self._connection
         if connection is None and (connection := await self._connect()) is None:
             return None
         try:
-            return await connection.request(op, fields, self._link.timeout)
+            return await connection.request(op, fields, timeout)
+        except (OSError, ValueError) as exc:
+            self._link.failed(f"{op}: {exc}")
+            return None
+
+    async def post(self, op: str, fields: dict[str, Any], timeout: float) -> asyncio.Future | None:
+        connection = self._connection
+        if connection is None and (connection := await self._connect()) is None:
+            return None
+        try:
+            return connection.send(op, fields, timeout)
         except (OSError, ValueError) as exc:
             self._link.failed(f"{op}: {exc}")
             return None

@@ -8,13 +8,15 @@ from typing import Any
 
 import temporalio.worker
 
+from . import _events, _workflow
 from ._activity import ActivityInbound
 from ._agent import DEFAULT_SOCKET, SOCKET_ENV, AgentLink
 from .serialize import serialize_value
 
 
 class OpenBoxHook(temporalio.worker.Interceptor):
-    """Publishes which activity runs on which thread, for openbox-agent to attribute.
+    """Publishes which activity runs on which thread, for openbox-agent to attribute, and
+    carries out the agent's governance decisions.
 
     Adopt it in one line::
 
@@ -23,10 +25,13 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     Args:
         socket_path: the agent's Unix socket. Default: ``$OPENBOX_AGENT_SOCKET``, else
             ``/run/openbox/agent.sock``.
-        timeout: seconds to wait for each reply of the agent; a call that takes longer
-            means "no agent" for that activity.
+        timeout: seconds to wait for the agent to accept a connection and answer
+            ``hello`` and thread registrations; a call that takes longer means "no agent"
+            for that activity.
         config: governance settings sent to the agent in ``hello`` (what
-            :func:`create_openbox_worker` fills in from the SDK's parameters).
+            :func:`create_openbox_worker` fills in from the SDK's parameters). Its
+            ``governance_timeout`` (default 30 s) plus 5 s is how long ``activity_start``
+            and ``activity_end`` wait: the agent answers them after governing.
 
     Without a reachable agent the worker runs exactly as without the hook; one warning
     is logged (logger ``openbox.hook``) and the connection is retried every 5 s.
@@ -43,6 +48,7 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(dict(config or {})))
+        self._workflow_class = _workflow.interceptor_class(self._link)
 
     @property
     def socket_path(self) -> str:
@@ -52,9 +58,17 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         """Close the hook's connections to the agent (exiting the process does too).
 
         Call it on the worker's event loop once the worker has stopped; a later activity
-        would simply connect again.
+        would simply connect again. Workflow events already handed to the background
+        sender are still sent (see :meth:`flush`).
         """
         self._link.close()
+
+    @staticmethod
+    def flush(timeout: float = 5.0) -> bool:
+        """Wait (blocking) until every workflow event reported so far has been written
+        to the agent and answered, or given up. True if that happened within
+        ``timeout`` seconds. Useful before a process exits."""
+        return _events.wait_idle(timeout)
 
     def intercept_activity(
         self, next: temporalio.worker.ActivityInboundInterceptor
@@ -64,7 +78,6 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     def workflow_interceptor_class(
         self, input: temporalio.worker.WorkflowInterceptorClassInput
     ) -> type[temporalio.worker.WorkflowInboundInterceptor] | None:
-        # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived) will be
-        # reported through a workflow interceptor class returned here; workflows do no
-        # I/O of their own, so attribution needs none.
-        return None
+        # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived), fire and
+        # forget; workflows do no I/O of their own, so attribution needs nothing here.
+        return self._workflow_class

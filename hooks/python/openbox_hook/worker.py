@@ -52,7 +52,9 @@ def create_openbox_worker(
         send_start_event, send_activity_start_event, skip_workflow_types,
         skip_activity_types, skip_signals, hitl_enabled: the SDK's governance settings,
             forwarded to the agent, which governs (settings left as ``None`` are not
-            sent, so the agent's own defaults apply to them).
+            sent, so the agent's own defaults apply to them). ``governance_timeout``
+            plus 5 s is also how long the hook waits for the agent's decision on each
+            ``activity_start``/``activity_end``.
         instrument_databases, db_libraries, instrument_file_io: accepted for
             compatibility and ignored: the agent sees all database and file I/O.
         agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else

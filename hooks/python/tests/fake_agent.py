@@ -2,8 +2,12 @@
 
 Serves the hook protocol on a Unix socket in a temporary directory, one thread per
 connection, records every message, and answers: ``hello`` with a worker pid, ``thread``
-with ok (or a refusal), ``activity_start`` with a fresh token, anything else with ok.
-Subclasses change answers through ``respond`` and their timing through ``delay``.
+with ok (or a refusal), ``activity_start`` with a fresh token, anything else (such as
+``workflow_event``) with ok. Replies to ``activity_start``/``activity_end`` carry the
+governance decision ``decide`` returns, if any: by default the one scripted in
+``decisions[(op, activity_type)]``, where a list is consumed one item per call (one per
+attempt). Subclasses change answers through ``respond`` and their timing through
+``delay``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import time
 from typing import Any
 
 
+NO_DECISION = object()
+"""``decide``'s answer for a reply without ``"decision"``."""
+
+
 class FakeAgent:
     def __init__(self, socket_path: str | None = None, *, refuse_threads: bool = False) -> None:
         """Listens on ``socket_path``, default a new temporary directory's ``agent.sock``."""
@@ -28,6 +36,9 @@ class FakeAgent:
         self.connections = 0
         self._changed = threading.Condition()
         self._next_token = 1
+        self.decisions: dict[tuple[str, str], Any] = {}
+        self.started: dict[int, dict[str, Any]] = {}
+        """activity_start messages by the token they got."""
         self._clients: list[socket.socket] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.socket_path)
@@ -53,6 +64,13 @@ class FakeAgent:
                 self._changed.wait(remaining)
             return found
 
+    def workflow_events(self, event_type: str | None = None) -> list[dict[str, Any]]:
+        return [
+            m
+            for m in self.ops("workflow_event")
+            if event_type is None or m.get("event_type") == event_type
+        ]
+
     # -- behaviour subclasses change ---------------------------------------------
 
     def respond(self, message: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,12 +80,28 @@ class FakeAgent:
             return {"ok": True, "agent": "fake-agent", "worker": message.get("pid")}
         if op == "thread" and self.refuse_threads:
             return {"ok": False, "error": "thread refused"}
+        reply: dict[str, Any] = {"ok": True}
         if op == "activity_start":
             with self._changed:
                 token = self._next_token
                 self._next_token += 1
-            return {"ok": True, "token": token}
-        return {"ok": True}
+                self.started[token] = message
+            reply["token"] = token
+        if op in ("activity_start", "activity_end"):
+            decision = self.decide(message)
+            if decision is not NO_DECISION:
+                reply["decision"] = decision
+        return reply
+
+    def decide(self, message: dict[str, Any]) -> Any:
+        """The decision for an activity_start/activity_end, or NO_DECISION for none."""
+        op = message["op"]
+        with self._changed:
+            start = message if op == "activity_start" else self.started.get(message.get("token"))
+            script = self.decisions.get((op, (start or {}).get("activity_type")), NO_DECISION)
+            if isinstance(script, list):
+                return script.pop(0) if script else NO_DECISION
+            return script
 
     def delay(self, message: dict[str, Any]) -> float:
         """Seconds to hold the reply to ``message`` (other replies overtake it)."""

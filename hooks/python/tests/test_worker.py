@@ -40,6 +40,10 @@ class CreateWorkerTest(unittest.TestCase):
         self.assertEqual(worker_kwargs["workflows"], ())
         self.assertEqual(worker_kwargs["activities"], ())
 
+    def test_governance_timeout_sets_how_long_decisions_are_awaited(self) -> None:
+        hook, _ = self.build(governance_timeout=3)
+        self.assertEqual(hook._link.governed_timeout, 8.0)
+
     def test_all_sdk_parameters(self) -> None:
         def act() -> None:
             pass
@@ -108,10 +112,22 @@ class HookConstructionTest(unittest.TestCase):
         with mock.patch.dict("os.environ", clear=True):
             self.assertEqual(OpenBoxHook().socket_path, "/run/openbox/agent.sock")
 
-    def test_bare_hook_sends_empty_config_and_no_workflow_interceptor(self) -> None:
+    def test_bare_hook_sends_empty_config_and_has_a_workflow_interceptor(self) -> None:
         hook = OpenBoxHook()
         self.assertEqual(hook._link.config, {})
-        self.assertIsNone(hook.workflow_interceptor_class(mock.Mock()))
+        cls = hook.workflow_interceptor_class(mock.Mock())
+        self.assertTrue(issubclass(cls, temporalio.worker.WorkflowInboundInterceptor))
+        self.assertIs(hook.workflow_interceptor_class(mock.Mock()), cls)
+
+    def test_governed_calls_wait_governance_timeout_plus_five_seconds(self) -> None:
+        self.assertEqual(OpenBoxHook()._link.governed_timeout, 35.0)
+        self.assertEqual(
+            OpenBoxHook(config={"governance_timeout": 12})._link.governed_timeout, 17.0
+        )
+        # Never shorter than the hook's own per-call timeout.
+        self.assertEqual(
+            OpenBoxHook(timeout=60, config={"governance_timeout": 1})._link.governed_timeout, 60.0
+        )
 
     def test_timeout_must_be_positive(self) -> None:
         with self.assertRaisesRegex(ValueError, "timeout"):

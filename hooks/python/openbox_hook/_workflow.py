@@ -1,0 +1,196 @@
+"""The workflow interceptor: reports workflow events to the agent, fire-and-forget.
+
+``WorkflowStarted``, ``WorkflowCompleted``, ``WorkflowFailed`` and ``SignalReceived`` go to
+the agent as ``{"op": "workflow_event", "event_type": ..., ...}`` (the fields of
+openbox-core-protocol.md §2.2 without ``source`` and ``timestamp``, which the agent adds
+when it sends them). The skip lists and ``send_start_event`` are the agent's to apply.
+
+Why determinism is untouched: the interceptor issues no command, awaits nothing, reads
+no clock, and changes no value the workflow sees. It hands a message to a background
+thread (``_events``) and returns; the workflow's own code runs exactly as without it.
+The SDK sent these events through an activity (so they became commands in the history);
+the hook needs no such activity: the agent outside the process sends them.
+
+Nothing is sent while the workflow replays (``workflow.unsafe.is_replaying()``), so a
+worker that replays a history (after a cache eviction, a restart, or in a
+``Replayer``) sends nothing twice. ``WorkflowFailed`` is sent only for an exception that
+fails the workflow; any other exception fails the workflow *task*, which Temporal retries
+(replaying up to it), so it is not a workflow outcome.
+
+All of it runs on the workflow thread inside the sandbox. This module is imported
+outside the sandbox (with the hook), so its globals are the real modules; the sandbox's
+restrictions are lifted while a message is built, as user objects' serialisation
+(``__str__``, pydantic's ``model_dump``) may touch what the sandbox guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import temporalio.exceptions
+import temporalio.workflow
+from temporalio.worker import (
+    ExecuteWorkflowInput,
+    HandleSignalInput,
+    WorkflowInboundInterceptor,
+)
+
+from . import _events
+from ._agent import AgentLink
+from .serialize import serialize_args, serialize_value
+
+_log = logging.getLogger("openbox.hook")
+
+MESSAGE_LIMIT = 500
+"""Characters kept of ``cause``/``root_cause`` messages (SDK 2.0)."""
+TYPE_LIMIT = 200
+"""``error_type`` is reported only when shorter than this (SDK 2.0)."""
+
+
+def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
+    """The workflow inbound interceptor class reporting to ``link``'s agent."""
+
+    class OpenBoxWorkflowInbound(WorkflowInboundInterceptor):
+        async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+            _report(link, "WorkflowStarted", True, dict)
+            try:
+                result = await super().execute_workflow(input)
+            except Exception as exc:
+                if _fails_workflow(exc):
+                    _report(link, "WorkflowFailed", False, functools.partial(_failed, exc))
+                raise
+            _report(
+                link,
+                "WorkflowCompleted",
+                False,
+                lambda: {"workflow_output": serialize_value(result)},
+            )
+            return result
+
+        async def handle_signal(self, input: HandleSignalInput) -> None:
+            _report(
+                link,
+                "SignalReceived",
+                True,
+                lambda: {"signal_name": input.signal, "signal_args": serialize_args(input.args)},
+            )
+            await super().handle_signal(input)
+
+    return OpenBoxWorkflowInbound
+
+
+def _report(
+    link: AgentLink,
+    event_type: str,
+    with_task_queue: bool,
+    build: Callable[[], dict[str, Any]],
+) -> None:
+    """Post one event unless replaying (``build`` gives its own fields, and is called only
+    when the event is sent). Never raises into the workflow, never blocks it."""
+    try:
+        unsafe = temporalio.workflow.unsafe
+        if unsafe.is_replaying():
+            return
+        with unsafe.sandbox_unrestricted(), unsafe.imports_passed_through():
+            info = temporalio.workflow.info()
+            fields: dict[str, Any] = {
+                "event_type": event_type,
+                "workflow_id": info.workflow_id,
+                "run_id": info.run_id,
+                "workflow_type": info.workflow_type,
+            }
+            if with_task_queue:
+                fields["task_queue"] = info.task_queue
+            fields.update(build())
+            _events.post(link, "workflow_event", fields)
+    except Exception:
+        _internal_error(event_type)
+
+
+_internal_error_logged = False
+
+
+def _internal_error(event_type: str) -> None:
+    """A bug in the hook: logged once with its traceback; the workflow goes on."""
+    global _internal_error_logged
+    try:
+        with temporalio.workflow.unsafe.sandbox_unrestricted():
+            first = not _internal_error_logged
+            _internal_error_logged = True
+            _log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "openbox hook internal error: %s not reported to openbox-agent%s",
+                event_type,
+                " (further ones are logged at debug level)" if first else "",
+                exc_info=True,
+            )
+    except Exception:
+        pass
+
+
+def _failed(exc: BaseException) -> dict[str, Any]:
+    return {"error": _error_object(exc)}
+
+
+def _fails_workflow(exc: BaseException) -> bool:
+    """Whether ``exc`` leaving the workflow fails it (rather than its task)."""
+    try:
+        runtime = temporalio.workflow._Runtime.current()
+        is_failure = getattr(runtime, "workflow_is_failure_exception", None)
+        if is_failure is not None:
+            return bool(is_failure(exc))
+    except Exception:
+        pass
+    # Temporal's rule without the configured failure_exception_types.
+    return isinstance(exc, (temporalio.exceptions.FailureError, asyncio.TimeoutError))
+
+
+def _error_object(exc: BaseException) -> dict[str, Any]:
+    """The WorkflowFailed ``error`` (§2.3): ``{type, message, cause?, root_cause?}``.
+
+    ``cause`` is the exception's Temporal cause, else its ``__cause__``, else its
+    ``__context__``; ``root_cause`` is the cause's own Temporal cause or ``__cause__``.
+    ``error_type`` is included when the exception has a string ``type`` (shorter than
+    200 characters), ``non_retryable`` when the cause has that attribute (not on the root
+    cause, as in the SDK); cause messages are cut to 500 characters.
+    """
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": _text(exc)}
+    cause = _cause_of(exc, with_context=True)
+    if cause is None:
+        return error
+    error["cause"] = _link(cause, with_non_retryable=True)
+    root = _cause_of(cause, with_context=False)
+    if root is not None:
+        error["root_cause"] = _link(root, with_non_retryable=False)
+    return error
+
+
+def _cause_of(exc: BaseException, *, with_context: bool) -> BaseException | None:
+    candidates = [getattr(exc, "cause", None), exc.__cause__]
+    if with_context:
+        candidates.append(exc.__context__)
+    for candidate in candidates:
+        if isinstance(candidate, BaseException):
+            return candidate
+    return None
+
+
+def _link(exc: BaseException, *, with_non_retryable: bool) -> dict[str, Any]:
+    link: dict[str, Any] = {"type": type(exc).__name__, "message": _text(exc)[:MESSAGE_LIMIT]}
+    error_type = getattr(exc, "type", None)
+    if isinstance(error_type, str) and error_type and len(error_type) < TYPE_LIMIT:
+        link["error_type"] = error_type
+    if with_non_retryable and hasattr(exc, "non_retryable"):
+        link["non_retryable"] = serialize_value(exc.non_retryable)
+    return link
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__}: str() failed>"
