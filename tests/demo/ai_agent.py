@@ -23,6 +23,7 @@ from datetime import timedelta
 from temporalio import activity, workflow
 from temporalio.client import Client
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 from temporalio.worker import Worker
 
 with workflow.unsafe.imports_passed_through():
@@ -98,6 +99,15 @@ async def summarize(text: str) -> str:
     return await ask_llm(f"Summarize: {text}")
 
 
+@activity.defn
+async def publish_report(where: str) -> str:
+    """Would post the report to a public site; the demo's local policy blocks it before
+    it runs."""
+    async with httpx.AsyncClient(verify=False, timeout=10) as client:
+        r = await client.post(f"{CONFIG['llm']}/json/publish", json={"report": where})
+        return r.text
+
+
 @workflow.defn
 class ResearchAgent:
     @workflow.run
@@ -111,7 +121,12 @@ class ResearchAgent:
         where = await workflow.execute_activity(
             write_report, Report(question, plan, products, sources), **opts)
         summary = await workflow.execute_activity(summarize, f"{question} / {where}", **opts)
-        return {"summary": summary, "report": where, "sources": len(sources)}
+        try:
+            published = await workflow.execute_activity(publish_report, where, **opts)
+        except ActivityError as e:
+            published = f"not published: {e.cause}"
+        return {"summary": summary, "report": where, "sources": len(sources),
+                "published": published}
 
 
 async def serve(args):
@@ -125,7 +140,8 @@ async def serve(args):
             client,
             task_queue=TASK_QUEUE,
             workflows=[ResearchAgent],
-            activities=[plan_research, query_products, fetch_sources, write_report, summarize],
+            activities=[plan_research, query_products, fetch_sources, write_report, summarize,
+                        publish_report],
             activity_executor=pool,
             interceptors=[OpenBoxHook()],  # the one line that adopts openbox-agent
         )

@@ -3,8 +3,10 @@ with one interceptor, and the agent daemon attributing what every activity did.
 
 Starts, each on free loopback ports and in a throwaway directory: the Temporal dev
 server, a local HTTPS server answering like an LLM API, a throwaway PostgreSQL (TLS),
-`openbox-agent run`, and the worker of ai_agent.py; runs the ResearchAgent workflow;
-then prints, per activity, the spans the agent captured and attributed to it.
+`openbox-agent run` (embedded default: events as JSON lines, verdicts from the local
+policy tests/demo/policy.toml), and the worker of ai_agent.py; runs the ResearchAgent
+workflow; then prints, per activity, the spans the agent captured and attributed to it,
+and the activity the policy blocked.
 
 Run by xtask, which builds the agent and provides OPENBOX_AGENT_BIN,
 OPENBOX_TEST_PYTHON, OPENBOX_TEST_SUPPORT, OPENBOX_PG_BIN and OPENBOX_TEMPORAL_BIN.
@@ -104,6 +106,8 @@ def report(events_path, summary):
     for e in done:
         print(f"{e['activity_type']} (activity {e['activity_id']}, attempt {e['attempt']}, "
               f"{e['status']}, {e['duration_ms']:.1f} ms) — {e['span_count']} spans")
+        if e.get("error"):
+            print(f"    {e['error']['type']}: {e['error']['message']}")
         roots = [s for s in e["spans"] if s["name"] != "file.read" and s["name"] != "file.write"]
         children = {}
         for s in e["spans"]:
@@ -118,7 +122,9 @@ def report(events_path, summary):
     keys = ["workers", "activities", "spans_attributed", "spans_unattributed",
             "unattributed_reasons", "registrations_refused", "ringbuf_drops", "events"]
     print("    " + ", ".join(f"{k}={summary.get(k)}" for k in keys))
-    print("\nUnattributed spans are the worker's own housekeeping outside any activity "
+    print("\npublish_report was blocked by the local policy (tests/demo/policy.toml) before it "
+          "ran: the hook raised the SDK's non-retryable GovernanceBlock, and the workflow saw it.")
+    print("Unattributed spans are the worker's own housekeeping outside any activity "
           "(Temporal's polling, imports); they are never guessed onto an activity.")
     print(f"Every event as JSON lines: {events_path}")
 
@@ -149,8 +155,10 @@ def main():
         sock = os.path.join(workdir, "agent.sock")
         events = os.path.join(workdir, "events.jsonl")
         agent_err = os.path.join(workdir, "agent.err")
-        print(f"== openbox-agent run --socket {sock} --events {events}", flush=True)
+        policy = os.path.join(HERE, "policy.toml")
+        print(f"== openbox-agent run --socket {sock} --events {events} --policy-file {policy}", flush=True)
         agent_p = procs.start("agent", [agent, "run", "--socket", sock, "--events", events,
+                                        "--policy-file", policy,
                                         "--unattributed", os.path.join(workdir, "unattributed.jsonl")],
                               stdout=subprocess.DEVNULL, stderr=open(agent_err, "w"))
         wait_for("openbox-agent", lambda: os.path.exists(sock) or agent_p.poll() is not None)
