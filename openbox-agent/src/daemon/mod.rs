@@ -27,7 +27,12 @@ use tokio::sync::mpsc;
 use crate::{
     capture::{tls, Capture, CaptureConfig},
     conn::{Pid, SkipPaths},
-    governance::{events, GovernanceConfig, Governor},
+    governance::{
+        config::normalize_url,
+        events,
+        verdict::{Decision, ErrorType},
+        FailPolicy, GovernanceConfig, Governor,
+    },
     procfs,
     span::{Span, SpanConfig},
     trace::{self, Session},
@@ -90,7 +95,20 @@ struct Daemon {
     /// Hook connection → the worker it registered as.
     conns: std::collections::HashMap<u64, Pid>,
     governor: Arc<Governor>,
+    /// The agent's own governance settings, the base of per-worker ones.
+    base_config: GovernanceConfig,
+    /// Governors for workers that passed their own settings (create_openbox_worker),
+    /// by those settings; `Err` holds why Core refused them.
+    worker_governors: std::collections::HashMap<String, GovernorState>,
+    ready_tx: mpsc::UnboundedSender<(String, Result<Arc<Governor>, String>)>,
     unattributed: Option<Lines>,
+}
+
+enum GovernorState {
+    Ready(Arc<Governor>),
+    Refused(String),
+    /// Being started (Core validates the key): hellos waiting for it.
+    Starting(Vec<(ReplyTx, Value, Value)>),
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
@@ -104,6 +122,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         }
     }
     let mut ring = cap.events()?;
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let governor = Arc::new(
         Governor::new(opts.governance.clone())
             .await
@@ -116,6 +135,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         registry: Registry::new(opts.span_limit),
         conns: Default::default(),
         governor,
+        base_config: opts.governance.clone(),
+        worker_governors: Default::default(),
+        ready_tx,
         unattributed,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -147,6 +169,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 d.route();
                 d.handle(msg);
             }
+            Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -222,7 +245,10 @@ impl Daemon {
                 let op = req.get("op").and_then(Value::as_str).unwrap_or("");
                 // Governed ops answer from a task of their own: Core may take its time.
                 let result = match (op, self.conns.get(&conn).copied()) {
-                    ("hello", _) => self.hello(conn, peer, &req),
+                    ("hello", _) => match self.hello(conn, peer, &req) {
+                        Ok(ok) if !self.worker_governor(peer, &tx, &id, &ok) => return,
+                        other => other,
+                    },
                     (_, None) => Err("send `hello` first".to_string()),
                     ("thread", Some(w)) => self.thread(w, &req),
                     ("activity_start", Some(w)) => match self.activity_start(w, &req, &tx, &id) {
@@ -233,7 +259,7 @@ impl Daemon {
                         Ok(()) => return,
                         Err(e) => Err(e),
                     },
-                    ("workflow_event", Some(_)) => self.workflow_event(&req),
+                    ("workflow_event", Some(w)) => self.workflow_event(w, &req),
                     (other, Some(_)) => Err(format!("unknown op {other:?}")),
                 };
                 reply(&tx, &id, result);
@@ -292,6 +318,7 @@ impl Daemon {
                     slots,
                     threads: Default::default(),
                     config: req.get("config").cloned().unwrap_or(Value::Null),
+                    governor: None,
                 },
             );
             self.registry.stats.workers += 1;
@@ -299,6 +326,92 @@ impl Daemon {
         }
         self.conns.insert(conn, peer);
         Ok(json!({"agent": concat!("openbox-agent/", env!("CARGO_PKG_VERSION")), "worker": peer}))
+    }
+
+    /// A worker that passed governance settings of its own (create_openbox_worker with
+    /// the SDK's parameters) gets a governor with them, started once per distinct set;
+    /// its hello is answered when that governor is ready. Returns false when the hello
+    /// is answered later.
+    fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Value) -> bool {
+        let Some(config) = self.registry.workers.get(&worker).map(|w| w.config.clone()) else {
+            return true;
+        };
+        let cfg = match worker_config(&self.base_config, &config) {
+            Ok(None) => return true,
+            Ok(Some(cfg)) => cfg,
+            Err(e) => {
+                tracing::warn!(pid = worker, "the worker's governance settings are invalid: {e}");
+                self.set_worker_governor(worker, format!("invalid: {e}"));
+                self.worker_governors
+                    .insert(format!("invalid: {e}"), GovernorState::Refused(e));
+                return true;
+            }
+        };
+        let key = config.to_string();
+        self.set_worker_governor(worker, key.clone());
+        match self.worker_governors.get_mut(&key) {
+            Some(GovernorState::Starting(waiting)) => {
+                waiting.push((tx.clone(), id.clone(), ok.clone()));
+                false
+            }
+            Some(_) => true,
+            None => {
+                self.worker_governors.insert(
+                    key.clone(),
+                    GovernorState::Starting(vec![(tx.clone(), id.clone(), ok.clone())]),
+                );
+                let ready = self.ready_tx.clone();
+                tokio::spawn(async move {
+                    let result = Governor::new(cfg).await.map(Arc::new).map_err(|e| e.to_string());
+                    let _ = ready.send((key, result));
+                });
+                false
+            }
+        }
+    }
+
+    fn set_worker_governor(&mut self, worker: Pid, key: String) {
+        if let Some(w) = self.registry.workers.get_mut(&worker) {
+            w.governor = Some(key);
+        }
+    }
+
+    fn governor_ready(&mut self, key: String, result: Result<Arc<Governor>, String>) {
+        let state = match result {
+            Ok(g) => GovernorState::Ready(g),
+            Err(e) => {
+                tracing::error!("governance with a worker's own settings could not start: {e}; its activities are halted");
+                GovernorState::Refused(e)
+            }
+        };
+        if let Some(GovernorState::Starting(waiting)) = self.worker_governors.insert(key, state) {
+            for (tx, id, ok) in waiting {
+                reply(&tx, &id, Ok(ok));
+            }
+        }
+    }
+
+    /// The governor of a worker's activities: its own, or the agent's. `Err` carries the
+    /// decision for a worker whose own settings Core refused (fail closed: a worker that
+    /// asked to be governed is never run ungoverned).
+    fn governor_of(&self, worker: Pid) -> Result<Arc<Governor>, Decision> {
+        let key = self
+            .registry
+            .workers
+            .get(&worker)
+            .and_then(|w| w.governor.as_ref());
+        match key.and_then(|k| self.worker_governors.get(k)) {
+            None => Ok(self.governor.clone()),
+            Some(GovernorState::Ready(g)) => Ok(g.clone()),
+            Some(GovernorState::Refused(e)) => Err(Decision::fail(
+                ErrorType::GovernanceHalt,
+                format!("Governance API error: {e}"),
+            )),
+            Some(GovernorState::Starting(_)) => Err(Decision::fail(
+                ErrorType::GovernanceHalt,
+                "Governance API error: governance for this worker is still starting",
+            )),
+        }
     }
 
     /// Tells the kernel where a worker thread publishes its activity.
@@ -344,9 +457,12 @@ impl Daemon {
         let input = info.input.as_array().cloned().unwrap_or_default();
         let event = events::activity_started(&gov_info(&info), input, SystemTime::now());
         let token = self.registry.start(worker, info);
-        let (gov, tx, id) = (self.governor.clone(), tx.clone(), id.clone());
+        let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         tokio::spawn(async move {
-            let decision = gov.activity_started(event).await;
+            let decision = match gov {
+                Ok(gov) => gov.activity_started(event).await,
+                Err(refused) => refused,
+            };
             reply(&tx, &id, Ok(json!({"token": token, "decision": decision})));
         });
         Ok(())
@@ -372,6 +488,7 @@ impl Daemon {
             .unwrap_or_else(registry::now_secs);
         let failed = req.get("status").and_then(Value::as_str) == Some("failed");
         // The agent's own calls to Core are never governed (protocol §3.2).
+        let own = self.governor_of(worker).unwrap_or_else(|_| self.governor.clone());
         let spans: Vec<Value> = a
             .spans
             .iter()
@@ -379,11 +496,12 @@ impl Daemon {
                 !s.attributes
                     .get("http.url")
                     .and_then(Value::as_str)
-                    .is_some_and(|u| self.governor.is_core_url(u))
+                    .is_some_and(|u| own.is_core_url(u) || self.governor.is_core_url(u))
             })
             .filter_map(|s| serde_json::to_value(s).ok())
             .collect();
         let span_count = spans.len();
+        let gov = self.governor_of(worker);
         let completion = events::ActivityCompletion {
             status: if failed {
                 events::ActivityStatus::Failed
@@ -414,9 +532,12 @@ impl Daemon {
             spans,
         };
         let event = events::activity_completed(&gov_info(&a.info), completion, SystemTime::now());
-        let (gov, tx, id, dropped) = (self.governor.clone(), tx.clone(), id.clone(), a.dropped);
+        let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
         tokio::spawn(async move {
-            let decision = gov.activity_completed(event).await;
+            let decision = match gov {
+                Ok(gov) => gov.activity_completed(event).await,
+                Err(refused) => refused,
+            };
             reply(
                 &tx,
                 &id,
@@ -428,7 +549,7 @@ impl Daemon {
 
     /// WorkflowStarted/Completed/Failed and SignalReceived from the hook's workflow
     /// interceptor: governed in the background, the workflow never waits.
-    fn workflow_event(&mut self, req: &Value) -> Result<Value, String> {
+    fn workflow_event(&mut self, worker: Pid, req: &Value) -> Result<Value, String> {
         let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         let wf = events::WorkflowInfo {
             workflow_id: s("workflow_id"),
@@ -440,7 +561,9 @@ impl Daemon {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
         }
         let now = SystemTime::now();
-        let gov = self.governor.clone();
+        let Ok(gov) = self.governor_of(worker) else {
+            return Err("governance for this worker is not available".into());
+        };
         match s("event_type").as_str() {
             events::WORKFLOW_STARTED => {
                 let e = events::workflow_started(&wf, now);
@@ -471,6 +594,106 @@ impl Daemon {
     }
 }
 
+/// The agent's settings with a worker's own (the create_openbox_worker parameters its
+/// hook sent in `hello`) laid over them; None when it sent none. A Core URL configured on
+/// the agent wins over the worker's (a different one is reported and ignored).
+fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<GovernanceConfig>, String> {
+    const KEYS: [&str; 10] = [
+        "openbox_url",
+        "openbox_api_key",
+        "governance_timeout",
+        "governance_policy",
+        "send_start_event",
+        "send_activity_start_event",
+        "skip_workflow_types",
+        "skip_activity_types",
+        "skip_signals",
+        "hitl_enabled",
+    ];
+    let Some(m) = v.as_object() else {
+        return Ok(None);
+    };
+    if !KEYS.iter().any(|k| m.get(*k).is_some_and(|v| !v.is_null())) {
+        return Ok(None);
+    }
+    let mut cfg = base.clone();
+    let set = |k: &str| -> Result<Option<std::collections::BTreeSet<String>>, String> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).ok_or(format!("{k} must be a list of names")))
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some(_) => Err(format!("{k} must be a list of names")),
+        }
+    };
+    let flag = |k: &str| -> Result<Option<bool>, String> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(format!("{k} must be true or false")),
+        }
+    };
+    if let Some(url) = m.get("openbox_url").and_then(Value::as_str) {
+        let url = normalize_url(url)?;
+        match (&base.openbox_url, url) {
+            (Some(mine), Some(theirs)) if *mine != theirs => tracing::warn!(
+                agent = %mine, worker = %theirs,
+                "a worker asked for another OpenBox Core URL; the agent's configured one is used"
+            ),
+            (None, Some(theirs)) => {
+                cfg.openbox_url = Some(theirs);
+                cfg.openbox_api_key = m
+                    .get("openbox_api_key")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                // Each Core has a spool of its own (a spool directory is locked by one user).
+                let tag: u64 = cfg
+                    .openbox_url
+                    .as_deref()
+                    .unwrap_or("")
+                    .bytes()
+                    .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                cfg.spool_dir = base.spool_dir.join(format!("core-{tag:016x}"));
+            }
+            _ => {}
+        }
+    }
+    if let Some(t) = m.get("governance_timeout").filter(|v| !v.is_null()) {
+        let secs = t
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86400.0)
+            .ok_or("governance_timeout must be a positive number of seconds")?;
+        cfg.governance_timeout = Duration::from_secs_f64(secs);
+    }
+    match m.get("governance_policy").and_then(Value::as_str) {
+        None => {}
+        Some("fail_open") => cfg.on_api_error = FailPolicy::FailOpen,
+        Some("fail_closed") => cfg.on_api_error = FailPolicy::FailClosed,
+        Some(other) => return Err(format!("governance_policy {other:?}: use fail_open or fail_closed")),
+    }
+    if let Some(b) = flag("send_start_event")? {
+        cfg.send_start_event = b;
+    }
+    if let Some(b) = flag("send_activity_start_event")? {
+        cfg.send_activity_start_event = b;
+    }
+    if let Some(b) = flag("hitl_enabled")? {
+        cfg.hitl_enabled = b;
+    }
+    if let Some(s) = set("skip_workflow_types")? {
+        cfg.skip_workflow_types = s;
+    }
+    if let Some(s) = set("skip_activity_types")? {
+        cfg.skip_activity_types = s;
+    }
+    if let Some(s) = set("skip_signals")? {
+        cfg.skip_signals = s;
+    }
+    Ok(Some(cfg))
+}
+
 fn gov_info(a: &ActivityInfo) -> events::ActivityInfo {
     events::ActivityInfo {
         workflow_id: a.workflow_id.clone(),
@@ -488,5 +711,55 @@ fn system_time(secs: f64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs_f64(secs)
     } else {
         SystemTime::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_hook_keeps_the_agents_settings() {
+        let base = GovernanceConfig::default();
+        assert!(worker_config(&base, &json!({})).unwrap().is_none());
+        assert!(worker_config(&base, &Value::Null).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_workers_sdk_parameters_lay_over_the_agents_settings() {
+        let base = GovernanceConfig::default();
+        let cfg = worker_config(
+            &base,
+            &json!({"openbox_url": "http://localhost:8086/", "openbox_api_key": "obx_test_k",
+                "governance_timeout": 2.5, "governance_policy": "fail_closed",
+                "skip_activity_types": ["a", "b"], "send_start_event": false}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(cfg.openbox_url.as_deref(), Some("http://localhost:8086"));
+        assert_eq!(cfg.openbox_api_key.as_deref(), Some("obx_test_k"));
+        assert_eq!(cfg.governance_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.on_api_error, FailPolicy::FailClosed);
+        assert!(!cfg.send_start_event);
+        assert_eq!(cfg.skip_activity_types.len(), 2);
+        assert_ne!(cfg.spool_dir, base.spool_dir);
+    }
+
+    #[test]
+    fn the_agents_core_url_wins_and_bad_values_are_named() {
+        let base = GovernanceConfig {
+            openbox_url: Some("https://core.example.com".into()),
+            ..Default::default()
+        };
+        let cfg = worker_config(&base, &json!({"openbox_url": "https://other.example.com"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.openbox_url.as_deref(), Some("https://core.example.com"));
+        let err = worker_config(&base, &json!({"governance_policy": "sometimes"})).unwrap_err();
+        assert!(err.contains("governance_policy"), "{err}");
+        let err = worker_config(&base, &json!({"governance_timeout": -1})).unwrap_err();
+        assert!(err.contains("governance_timeout"), "{err}");
+        let err = worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
+        assert!(err.contains("https"), "{err}");
     }
 }

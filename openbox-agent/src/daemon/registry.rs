@@ -77,6 +77,8 @@ pub struct Worker {
     pub threads: HashMap<u32, u64>,
     /// Settings the hook passed in `hello` (governance options of create_openbox_worker).
     pub config: Value,
+    /// Which of the daemon's per-worker governors governs it (None: the agent's own).
+    pub governor: Option<String>,
 }
 
 pub struct Activity {
@@ -360,6 +362,7 @@ mod tests {
                 slots: 1,
                 threads: HashMap::new(),
                 config: Value::Null,
+                governor: None,
             },
         );
         let a = r.start(7, info("a"));
