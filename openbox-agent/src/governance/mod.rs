@@ -316,6 +316,8 @@ struct RunState {
 
 #[derive(Default)]
 struct Counters {
+    /// Delivery attempts of spooled events that Core did not take (it is still down).
+    spool_attempts_failed: AtomicU64,
     delivered_from_spool: AtomicU64,
     rejected_by_core: AtomicU64,
     core_failures: AtomicU64,
@@ -541,11 +543,12 @@ impl Governor {
         }
         stamp(&mut event);
         inner.write_sink(&event);
+        inner.drain_backlog_first().await;
         let arg_count = event
             .get("activity_input")
             .and_then(Value::as_array)
             .map_or(0, Vec::len);
-        let outcome = inner.backend.evaluate(&event).await;
+        let outcome = inner.evaluate_after_backlog(&event).await;
         inner.note_failure(&outcome, &event);
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
@@ -566,11 +569,12 @@ impl Governor {
         stamp(&mut event);
         inner.write_sink(&event);
         let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
+        inner.drain_backlog_first().await;
         if fail_open && inner.spool_backlog().await {
             inner.spool_event(&event).await;
             return Decision::allow_without_verdict();
         }
-        let outcome = inner.backend.evaluate(&event).await;
+        let outcome = inner.evaluate_after_backlog(&event).await;
         inner.note_failure(&outcome, &event);
         if fail_open && outcome.retryable() {
             inner.spool_event(&event).await;
@@ -712,6 +716,40 @@ impl Inner {
     }
 
     /// True when the spool holds undelivered events (new events must queue behind them).
+    /// Before an activity event goes to Core directly, the events spooled before it must
+    /// arrive first (a run's WorkflowStarted before its ActivityStarted): wake delivery
+    /// and wait until the spool is empty — unless Core still fails the spooled events (it
+    /// is down: then the activity event meets the failure policy itself) or the
+    /// governance timeout passes.
+    async fn drain_backlog_first(&self) {
+        if !self.spool_backlog().await {
+            return;
+        }
+        let failed_before = self.counters.spool_attempts_failed.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.config.governance_timeout;
+        self.wake.notify_one();
+        while self.spool_backlog().await {
+            if self.counters.spool_attempts_failed.load(Ordering::Relaxed) > failed_before
+                || tokio::time::Instant::now() >= deadline
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Evaluates an activity event, unless events spooled before it are still waiting
+    /// for Core: it would overtake them, so it meets the failure policy as if Core were
+    /// unreachable (ActivityStarted needs an answer at once and is never spooled).
+    async fn evaluate_after_backlog(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
+        if self.spool_backlog().await {
+            return CoreOutcome::Network(
+                "earlier governance events are still waiting for OpenBox Core".into(),
+            );
+        }
+        self.backend.evaluate(event).await
+    }
+
     async fn spool_backlog(&self) -> bool {
         match &self.spool {
             Some(s) => !s.lock().unwrap_or_else(|p| p.into_inner()).is_empty(),
@@ -859,9 +897,17 @@ async fn deliver_spool(inner: Arc<Inner>) {
         };
         let outcome = client.evaluate_raw(item.body.clone()).await;
         if outcome.retryable() {
+            inner
+                .counters
+                .spool_attempts_failed
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(outcome = ?outcome, retry_in_ms = backoff.as_millis() as u64,
                 "OpenBox Core still unreachable; spooled governance events wait");
-            tokio::time::sleep(backoff).await;
+            // An activity about to talk to Core wakes us at once (see drain_backlog_first).
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = inner.wake.notified() => {}
+            }
             backoff = (backoff * 2).min(max);
             continue;
         }
