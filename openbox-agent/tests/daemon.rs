@@ -262,3 +262,29 @@ fn a_worker_that_dies_mid_activity_leaves_nothing_behind() {
     assert_eq!(summary["activities_in_flight"], 0, "{summary}");
     assert_eq!(summary["activities_abandoned"], 1, "{summary}");
 }
+
+#[test]
+fn bad_governance_settings_stop_the_agent_with_a_message_naming_the_setting() {
+    let env = TestEnv::get();
+    let dir = TempDir::new("bad-config");
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (&["--governance-timeout", "abc"], &[], "governance_timeout"),
+        (&[], &[("OPENBOX_GOVERNANCE_POLICY", "sometimes")], "OPENBOX_GOVERNANCE_POLICY"),
+        (&["--openbox-url", "http://core.example.com"], &[], "https"),
+        (&["--policy-file", "/nonexistent/policy.toml"], &[], "/nonexistent/policy.toml"),
+    ];
+    for (args, vars, named) in cases {
+        let mut cmd = Command::new(&env.agent);
+        cmd.arg("run")
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .args(args)
+            .envs(vars.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (status, _, err) = run_bounded(&mut cmd, Duration::from_secs(30));
+        assert!(!status.success(), "{args:?} {vars:?} was accepted");
+        assert!(err.contains(named), "{args:?} {vars:?}: the error does not name {named}: {err}");
+        assert!(!dir.join("agent.sock").exists(), "a refused start left its socket behind");
+    }
+}
