@@ -209,7 +209,8 @@ impl Daemon {
         let spans = std::mem::take(&mut collected.spans);
         let exits = std::mem::take(&mut collected.exits);
         for span in spans {
-            if let Err((why, span)) = self.registry.route(span) {
+            if let Err(refused) = self.registry.route(span) {
+                let (why, span) = *refused;
                 self.write_unattributed(why, &span);
             }
         }

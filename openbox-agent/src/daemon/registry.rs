@@ -188,7 +188,7 @@ impl Registry {
     }
 
     /// Puts a span on its activity, or says why it cannot be.
-    pub fn route(&mut self, mut span: Span) -> Result<(), (Unattributed, Span)> {
+    pub fn route(&mut self, mut span: Span) -> Result<(), Box<(Unattributed, Span)>> {
         let Attr { owner, activity } = span.attr;
         if activity == 0 {
             return Err(self.unattributed(Unattributed::NoActivity, span));
@@ -222,9 +222,9 @@ impl Registry {
         }
     }
 
-    fn unattributed(&mut self, why: Unattributed, span: Span) -> (Unattributed, Span) {
+    fn unattributed(&mut self, why: Unattributed, span: Span) -> Box<(Unattributed, Span)> {
         *self.stats.unattributed.entry(why.as_str()).or_default() += 1;
-        (why, span)
+        Box::new((why, span))
     }
 
     /// A worker process died: its activities and threads go with it.
