@@ -31,12 +31,16 @@ import temporalio.activity
 import temporalio.exceptions
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from . import _decision, _driver, _slots
+from . import _decision, _driver, _events, _slots
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
 _log = logging.getLogger("openbox.hook")
 _internal_error_logged = False
+
+
+WORKFLOW_EVENTS_WAIT = 2.0
+"""Seconds an activity waits, at most, for workflow events posted before it to be written."""
 
 
 def _internal_error() -> None:
@@ -155,6 +159,9 @@ class ActivityInbound(ActivityInboundInterceptor):
         try:
             info = temporalio.activity.info()
             input_json = serialize_args(input.args)
+            # The run's WorkflowStarted (posted by workflow code, sent by another thread)
+            # goes out before this activity's ActivityStarted.
+            await _events.written(WORKFLOW_EVENTS_WAIT)
             reply = await self._link.call_governed(
                 "activity_start",
                 workflow_id=info.workflow_id,

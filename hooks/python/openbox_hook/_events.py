@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from ._agent import AgentLink
@@ -66,6 +67,11 @@ class _Sender:
         assert loop is not None and queue is not None
         loop.call_soon_threadsafe(queue.put_nowait, (link, op, fields))
         return True
+
+    def pending(self) -> int:
+        """Messages posted in this process and not yet written."""
+        with self._lock:
+            return self._queued if self._pid == os.getpid() else 0
 
     def wait_idle(self, timeout: float) -> bool:
         """Until every posted message is written and answered (or given up); for tests
@@ -148,3 +154,14 @@ def post(link: AgentLink, op: str, fields: dict[str, Any]) -> bool:
 
 def wait_idle(timeout: float = 5.0) -> bool:
     return sender.wait_idle(timeout)
+
+
+async def written(timeout: float) -> bool:
+    """Until every message posted so far has been written to the agent (not answered),
+    without blocking the caller's event loop; at once when none waits. False on timeout."""
+    deadline = time.monotonic() + timeout
+    while sender.pending():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True

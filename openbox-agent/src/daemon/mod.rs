@@ -101,8 +101,18 @@ struct Daemon {
     /// by those settings; `Err` holds why Core refused them.
     worker_governors: std::collections::HashMap<String, GovernorState>,
     ready_tx: mpsc::UnboundedSender<(String, Result<Arc<Governor>, String>)>,
+    /// Per run (workflow id, run id): becomes true when the run's latest workflow event
+    /// (started, signal) has been answered. Activity events of the run wait for it, and
+    /// so does the next workflow event: Core gets WorkflowStarted before the run's
+    /// activities, though every event is governed in a task of its own and the hook sends
+    /// workflow events on a connection of their own. Activities of one run stay parallel.
+    run_tail: std::collections::HashMap<(String, String), tokio::sync::watch::Receiver<bool>>,
     unattributed: Option<Lines>,
 }
+
+/// Runs remembered for ordering; past this the oldest are forgotten (their later events
+/// are then ordered only by arrival).
+const MAX_ORDERED_RUNS: usize = 65536;
 
 enum GovernorState {
     Ready(Arc<Governor>),
@@ -138,6 +148,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         base_config: opts.governance.clone(),
         worker_governors: Default::default(),
         ready_tx,
+        run_tail: Default::default(),
         unattributed,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -392,6 +403,35 @@ impl Daemon {
         }
     }
 
+    /// The run's latest workflow event, to wait for; a workflow event (`barrier`) also
+    /// becomes the latest, and gets the sender to mark itself answered. `last` forgets
+    /// the run (its final event).
+    fn run_turn(
+        &mut self,
+        workflow_id: &str,
+        run_id: &str,
+        barrier: bool,
+        last: bool,
+    ) -> (
+        Option<tokio::sync::watch::Receiver<bool>>,
+        Option<tokio::sync::watch::Sender<bool>>,
+    ) {
+        let key = (workflow_id.to_string(), run_id.to_string());
+        if !barrier {
+            return (self.run_tail.get(&key).cloned(), None);
+        }
+        let (done, next) = tokio::sync::watch::channel(false);
+        let prev = if last {
+            self.run_tail.remove(&key)
+        } else {
+            if self.run_tail.len() >= MAX_ORDERED_RUNS && !self.run_tail.contains_key(&key) {
+                self.run_tail.clear();
+            }
+            self.run_tail.insert(key, next)
+        };
+        (prev, Some(done))
+    }
+
     /// The governor of a worker's activities: its own, or the agent's. `Err` carries the
     /// decision for a worker whose own settings Core refused (fail closed: a worker that
     /// asked to be governed is never run ungoverned).
@@ -457,9 +497,11 @@ impl Daemon {
         let info = ActivityInfo::from_request(req)?;
         let input = info.input.as_array().cloned().unwrap_or_default();
         let event = events::activity_started(&gov_info(&info), input, SystemTime::now());
+        let (prev, _) = self.run_turn(&info.workflow_id, &info.run_id, false, false);
         let token = self.registry.start(worker, info);
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         tokio::spawn(async move {
+            after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_started(event).await,
                 Err(refused) => refused,
@@ -534,7 +576,9 @@ impl Daemon {
         };
         let event = events::activity_completed(&gov_info(&a.info), completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
+        let (prev, _) = self.run_turn(&a.info.workflow_id, &a.info.run_id, false, false);
         tokio::spawn(async move {
+            after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_completed(event).await,
                 Err(refused) => refused,
@@ -565,20 +609,41 @@ impl Daemon {
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
-        match s("event_type").as_str() {
+        let kind = s("event_type");
+        let last = kind == events::WORKFLOW_COMPLETED || kind == events::WORKFLOW_FAILED;
+        let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, true, last);
+        match kind.as_str() {
             events::WORKFLOW_STARTED => {
                 let e = events::workflow_started(&wf, now);
-                tokio::spawn(async move { gov.workflow_event(e).await });
+                tokio::spawn(async move {
+                    after(prev).await;
+                    gov.workflow_event(e).await;
+                    if let Some(done) = done {
+                        let _ = done.send(true);
+                    }
+                });
             }
             events::WORKFLOW_COMPLETED => {
                 let output = req.get("workflow_output").cloned().unwrap_or(Value::Null);
                 let e = events::workflow_completed(&wf, output, now);
-                tokio::spawn(async move { gov.workflow_event(e).await });
+                tokio::spawn(async move {
+                    after(prev).await;
+                    gov.workflow_event(e).await;
+                    if let Some(done) = done {
+                        let _ = done.send(true);
+                    }
+                });
             }
             events::WORKFLOW_FAILED => {
                 let error = req.get("error").cloned().unwrap_or(Value::Null);
                 let e = events::workflow_failed(&wf, error, now);
-                tokio::spawn(async move { gov.workflow_event(e).await });
+                tokio::spawn(async move {
+                    after(prev).await;
+                    gov.workflow_event(e).await;
+                    if let Some(done) = done {
+                        let _ = done.send(true);
+                    }
+                });
             }
             events::SIGNAL_RECEIVED => {
                 let args = req
@@ -587,7 +652,13 @@ impl Daemon {
                     .cloned()
                     .unwrap_or_default();
                 let e = events::signal_received(&wf, &s("signal_name"), args, now);
-                tokio::spawn(async move { gov.signal(e).await });
+                tokio::spawn(async move {
+                    after(prev).await;
+                    gov.signal(e).await;
+                    if let Some(done) = done {
+                        let _ = done.send(true);
+                    }
+                });
             }
             other => return Err(format!("unknown workflow event_type {other:?}")),
         }
@@ -693,6 +764,13 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
         cfg.skip_signals = s;
     }
     Ok(Some(cfg))
+}
+
+/// Waits until the run's latest workflow event has been answered (or was dropped).
+async fn after(prev: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut prev) = prev {
+        let _ = prev.wait_for(|answered| *answered).await;
+    }
 }
 
 fn gov_info(a: &ActivityInfo) -> events::ActivityInfo {
