@@ -126,7 +126,7 @@ def report(events_path, summary):
           "ran: the hook raised the SDK's non-retryable GovernanceBlock, and the workflow saw it.")
     print("Unattributed spans are the worker's own housekeeping outside any activity "
           "(Temporal's polling, imports); they are never guessed onto an activity.")
-    print(f"Every event as JSON lines: {events_path}")
+    print(f"Every event as JSON lines: {events_path} (the worker's log is beside it)")
 
 
 def main():
@@ -171,9 +171,10 @@ def main():
         worker = procs.start("worker", [python, app, "worker", "--temporal", f"127.0.0.1:{tport}",
                                         "--llm", f"https://127.0.0.1:{llm_port}", "--pg-port", str(pg_port),
                                         "--workdir", workdir],
-                             env=worker_env, stdout=subprocess.PIPE, text=True)
+                             env=worker_env, stdout=subprocess.PIPE, text=True,
+                             stderr=open(os.path.join(workdir, "worker.log"), "w"))
         if worker.stdout.readline().strip() != "worker ready":
-            sys.exit("the worker did not start")
+            sys.exit("the worker did not start:\n" + open(os.path.join(workdir, "worker.log")).read())
         print("== worker ready (Worker(..., interceptors=[OpenBoxHook()])); running ResearchAgent", flush=True)
         result = subprocess.run([python, app, "run", "--temporal", f"127.0.0.1:{tport}",
                                  "--question", "Which fruit sells best in winter?"],
