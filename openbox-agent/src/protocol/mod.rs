@@ -221,6 +221,70 @@ pub fn fuzz_one(protocol: Protocol, input: &[u8]) -> usize {
     out.len()
 }
 
+/// Scripts for the parsers' unit tests: (side, bytes, timestamp) pieces fed in order.
+#[cfg(test)]
+pub(crate) mod scripts {
+    use super::*;
+
+    pub type Script = Vec<(Side, Vec<u8>, u64)>;
+
+    /// Feeds a script to a fresh parser, whole pieces or one byte at a time, then closes
+    /// it: the ops and the unparsed count.
+    pub fn run_with(
+        protocol: Protocol,
+        cfg: ParserConfig,
+        script: &Script,
+        byte_at_a_time: bool,
+    ) -> (Vec<Op>, u64) {
+        let mut p = new_parser(protocol, &cfg);
+        let mut out = Vec::new();
+        for (side, data, ts) in script {
+            if byte_at_a_time {
+                for b in data {
+                    p.feed(*side, std::slice::from_ref(b), *ts, &mut out);
+                }
+            } else {
+                p.feed(*side, data, *ts, &mut out);
+            }
+        }
+        p.close(1000, &mut out);
+        (out, p.unparsed())
+    }
+
+    /// Runs the script whole and one byte at a time; both must agree and parse cleanly.
+    pub fn run(protocol: Protocol, script: &Script) -> Vec<Op> {
+        let (whole, unparsed) = run_with(protocol, ParserConfig::default(), script, false);
+        let (bytes, unparsed_bytes) = run_with(protocol, ParserConfig::default(), script, true);
+        assert_eq!(
+            whole, bytes,
+            "byte-at-a-time feeding must give the same ops"
+        );
+        assert_eq!((unparsed, unparsed_bytes), (0, 0));
+        whole
+    }
+
+    /// A recorded session: one line per piece, `C <hex>` (client) or `S <hex>` (server),
+    /// stamped 1, 2, 3 …
+    pub fn recording(text: &str) -> Script {
+        text.lines()
+            .enumerate()
+            .map(|(i, line)| {
+                let (side, hex) = line.split_once(' ').unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap())
+                    .collect();
+                let side = if side == "C" {
+                    Side::Client
+                } else {
+                    Side::Server
+                };
+                (side, bytes, i as u64 + 1)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1244,7 +1244,7 @@ mod tests {
         command(COM_QUERY, sql.as_bytes())
     }
 
-    type Script = Vec<(Side, Vec<u8>, u64)>;
+    use crate::protocol::scripts::{self, Script};
 
     fn connect(caps: u64, user: &str, db: Option<&str>) -> Script {
         vec![
@@ -1259,31 +1259,12 @@ mod tests {
     }
 
     fn run_with(cfg: ParserConfig, script: &Script, byte_at_a_time: bool) -> (Vec<Op>, u64) {
-        let mut p = MysqlParser::new(cfg);
-        let mut out = Vec::new();
-        for (side, data, ts) in script {
-            if byte_at_a_time {
-                for b in data {
-                    p.feed(*side, std::slice::from_ref(b), *ts, &mut out);
-                }
-            } else {
-                p.feed(*side, data, *ts, &mut out);
-            }
-        }
-        p.close(1000, &mut out);
-        (out, p.unparsed())
+        scripts::run_with(Protocol::Mysql, cfg, script, byte_at_a_time)
     }
 
     /// Runs the script whole and one byte at a time; both must agree and parse cleanly.
     fn run(script: &Script) -> Vec<Op> {
-        let (whole, unparsed) = run_with(ParserConfig::default(), script, false);
-        let (bytes, unparsed_bytes) = run_with(ParserConfig::default(), script, true);
-        assert_eq!(
-            whole, bytes,
-            "byte-at-a-time feeding must give the same ops"
-        );
-        assert_eq!((unparsed, unparsed_bytes), (0, 0));
-        whole
+        scripts::run(Protocol::Mysql, script)
     }
 
     fn attr<'a>(op: &'a Op, k: &str) -> Option<&'a Value> {
@@ -2005,27 +1986,7 @@ mod tests {
     }
 
     fn replay(recording: &str) -> Vec<Op> {
-        let script: Script = recording
-            .lines()
-            .enumerate()
-            .map(|(i, line)| {
-                let (side, hex) = line.split_once(' ').unwrap();
-                let bytes = (0..hex.len())
-                    .step_by(2)
-                    .map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap())
-                    .collect();
-                (
-                    if side == "C" {
-                        Side::Client
-                    } else {
-                        Side::Server
-                    },
-                    bytes,
-                    i as u64 + 1,
-                )
-            })
-            .collect();
-        run(&script)
+        run(&scripts::recording(recording))
     }
 
     fn names_and_counts(ops: &[Op]) -> Vec<(&str, Option<i64>, StatusCode)> {
