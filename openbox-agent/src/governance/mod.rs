@@ -342,6 +342,26 @@ pub struct Governor {
     delivery: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Governor {
+    /// Stops the spool delivery and returns once the spool is closed (its directory lock
+    /// released), so another governor — the agent started again — can open it at once.
+    /// Dropping a governor stops delivery too, but the task lets go of the spool only
+    /// when the runtime next runs it.
+    pub async fn shutdown(mut self) {
+        if let Some(task) = self.delivery.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        // A spool read the task had handed to a blocking thread may still hold it briefly.
+        if let Some(spool) = self.inner.spool.as_ref() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(spool) > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
 impl Drop for Governor {
     fn drop(&mut self) {
         if let Some(task) = self.delivery.take() {

@@ -490,17 +490,16 @@ async fn spooled_events_are_delivered_in_order_and_new_ones_queue_behind_them() 
 async fn the_spool_survives_a_restart_and_is_delivered_by_the_next_governor() {
     let dir = TempDir::new("gov-restart");
     let server = FakeHttp::start(core(|_| Canned::close())).await;
-    {
-        let g = Governor::new(core_config(&server, &dir)).await.unwrap();
-        for run in ["r1", "r2"] {
-            assert_eq!(
-                g.workflow_event(events::workflow_started(&workflow(run), SystemTime::now()))
-                    .await,
-                EventDisposition::Spooled
-            );
-        }
-        assert_eq!(g.stats().spool_pending, 2);
+    let g = Governor::new(core_config(&server, &dir)).await.unwrap();
+    for run in ["r1", "r2"] {
+        assert_eq!(
+            g.workflow_event(events::workflow_started(&workflow(run), SystemTime::now()))
+                .await,
+            EventDisposition::Spooled
+        );
     }
+    assert_eq!(g.stats().spool_pending, 2);
+    g.shutdown().await;
     server.set_handler(core(|_| Canned::json(200, json!({"verdict": "allow"}))));
     let before = server.evaluated().len();
     let g = Governor::new(core_config(&server, &dir)).await.unwrap();
