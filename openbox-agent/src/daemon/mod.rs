@@ -403,23 +403,26 @@ impl Daemon {
         }
     }
 
-    /// The run's latest workflow event, to wait for; a workflow event (`barrier`) also
-    /// becomes the latest, and gets the sender to mark itself answered. `last` forgets
-    /// the run (its final event).
+    /// The run's latest workflow event, for an activity event of the run to wait for.
+    fn run_latest(&self, workflow_id: &str, run_id: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.run_tail
+            .get(&(workflow_id.to_string(), run_id.to_string()))
+            .cloned()
+    }
+
+    /// A workflow event of the run becomes its latest: returns the previous one to wait
+    /// for, and the sender that marks this one answered. `last` (the run's final event)
+    /// forgets the run.
     fn run_turn(
         &mut self,
         workflow_id: &str,
         run_id: &str,
-        barrier: bool,
         last: bool,
     ) -> (
         Option<tokio::sync::watch::Receiver<bool>>,
-        Option<tokio::sync::watch::Sender<bool>>,
+        tokio::sync::watch::Sender<bool>,
     ) {
         let key = (workflow_id.to_string(), run_id.to_string());
-        if !barrier {
-            return (self.run_tail.get(&key).cloned(), None);
-        }
         let (done, next) = tokio::sync::watch::channel(false);
         let prev = if last {
             self.run_tail.remove(&key)
@@ -429,7 +432,7 @@ impl Daemon {
             }
             self.run_tail.insert(key, next)
         };
-        (prev, Some(done))
+        (prev, done)
     }
 
     /// The governor of a worker's activities: its own, or the agent's. `Err` carries the
@@ -495,9 +498,8 @@ impl Daemon {
         id: &Value,
     ) -> Result<(), String> {
         let info = ActivityInfo::from_request(req)?;
-        let input = info.input.as_array().cloned().unwrap_or_default();
-        let event = events::activity_started(&gov_info(&info), input, SystemTime::now());
-        let (prev, _) = self.run_turn(&info.workflow_id, &info.run_id, false, false);
+        let event = events::activity_started(&info.id, info.input.clone(), SystemTime::now());
+        let prev = self.run_latest(&info.id.workflow_id, &info.id.run_id);
         let token = self.registry.start(worker, info);
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         tokio::spawn(async move {
@@ -558,9 +560,8 @@ impl Daemon {
             activity_input: req
                 .get("input")
                 .and_then(Value::as_array)
-                .or(a.info.input.as_array())
                 .cloned()
-                .unwrap_or_default(),
+                .unwrap_or_else(|| a.info.input.clone()),
             activity_output: if failed {
                 Value::Null
             } else {
@@ -574,9 +575,9 @@ impl Daemon {
             }),
             spans,
         };
-        let event = events::activity_completed(&gov_info(&a.info), completion, SystemTime::now());
+        let event = events::activity_completed(&a.info.id, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
-        let (prev, _) = self.run_turn(&a.info.workflow_id, &a.info.run_id, false, false);
+        let prev = self.run_latest(&a.info.id.workflow_id, &a.info.id.run_id);
         tokio::spawn(async move {
             after(prev).await;
             let decision = match gov {
@@ -609,41 +610,15 @@ impl Daemon {
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
-        let kind = s("event_type");
-        let last = kind == events::WORKFLOW_COMPLETED || kind == events::WORKFLOW_FAILED;
-        let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, true, last);
-        match kind.as_str() {
-            events::WORKFLOW_STARTED => {
-                let e = events::workflow_started(&wf, now);
-                tokio::spawn(async move {
-                    after(prev).await;
-                    gov.workflow_event(e).await;
-                    if let Some(done) = done {
-                        let _ = done.send(true);
-                    }
-                });
-            }
+        let (event, signal) = match s("event_type").as_str() {
+            events::WORKFLOW_STARTED => (events::workflow_started(&wf, now), false),
             events::WORKFLOW_COMPLETED => {
                 let output = req.get("workflow_output").cloned().unwrap_or(Value::Null);
-                let e = events::workflow_completed(&wf, output, now);
-                tokio::spawn(async move {
-                    after(prev).await;
-                    gov.workflow_event(e).await;
-                    if let Some(done) = done {
-                        let _ = done.send(true);
-                    }
-                });
+                (events::workflow_completed(&wf, output, now), false)
             }
             events::WORKFLOW_FAILED => {
                 let error = req.get("error").cloned().unwrap_or(Value::Null);
-                let e = events::workflow_failed(&wf, error, now);
-                tokio::spawn(async move {
-                    after(prev).await;
-                    gov.workflow_event(e).await;
-                    if let Some(done) = done {
-                        let _ = done.send(true);
-                    }
-                });
+                (events::workflow_failed(&wf, error, now), false)
             }
             events::SIGNAL_RECEIVED => {
                 let args = req
@@ -651,17 +626,24 @@ impl Daemon {
                     .and_then(Value::as_array)
                     .cloned()
                     .unwrap_or_default();
-                let e = events::signal_received(&wf, &s("signal_name"), args, now);
-                tokio::spawn(async move {
-                    after(prev).await;
-                    gov.signal(e).await;
-                    if let Some(done) = done {
-                        let _ = done.send(true);
-                    }
-                });
+                (events::signal_received(&wf, &s("signal_name"), args, now), true)
             }
             other => return Err(format!("unknown workflow event_type {other:?}")),
-        }
+        };
+        let last = matches!(
+            events::str_field(&event, "event_type"),
+            events::WORKFLOW_COMPLETED | events::WORKFLOW_FAILED
+        );
+        let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
+        tokio::spawn(async move {
+            after(prev).await;
+            if signal {
+                gov.signal(event).await;
+            } else {
+                gov.workflow_event(event).await;
+            }
+            let _ = done.send(true);
+        });
         Ok(json!({}))
     }
 }
@@ -770,18 +752,6 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
 async fn after(prev: Option<tokio::sync::watch::Receiver<bool>>) {
     if let Some(mut prev) = prev {
         let _ = prev.wait_for(|answered| *answered).await;
-    }
-}
-
-fn gov_info(a: &ActivityInfo) -> events::ActivityInfo {
-    events::ActivityInfo {
-        workflow_id: a.workflow_id.clone(),
-        run_id: a.run_id.clone(),
-        workflow_type: a.workflow_type.clone(),
-        activity_id: a.activity_id.clone(),
-        activity_type: a.activity_type.clone(),
-        task_queue: a.task_queue.clone(),
-        attempt: a.attempt.min(u32::MAX as u64) as u32,
     }
 }
 

@@ -13,20 +13,17 @@ use serde_json::{json, Value};
 
 use crate::{
     conn::{Attr, Pid},
+    governance::events,
     span::Span,
 };
 
 /// What the hook told about one activity execution.
 #[derive(Debug, Clone, Default)]
 pub struct ActivityInfo {
-    pub workflow_id: String,
-    pub run_id: String,
-    pub workflow_type: String,
-    pub activity_id: String,
-    pub activity_type: String,
-    pub task_queue: String,
-    pub attempt: u64,
-    pub input: Value,
+    /// Who the activity is, as the governance events name it.
+    pub id: events::ActivityInfo,
+    /// The positional arguments, serialised by the hook.
+    pub input: Vec<Value>,
     /// Unix seconds, from the worker.
     pub start_time: f64,
 }
@@ -42,20 +39,23 @@ impl ActivityInfo {
             }
         };
         Ok(ActivityInfo {
-            workflow_id: s("workflow_id")?,
-            run_id: s("run_id")?,
-            workflow_type: s("workflow_type")?,
-            activity_id: s("activity_id")?,
-            activity_type: s("activity_type")?,
-            task_queue: s("task_queue")?,
-            attempt: req
-                .get("attempt")
-                .and_then(Value::as_u64)
-                .filter(|a| *a >= 1)
-                .ok_or("activity_start needs `attempt` (an integer ≥ 1)")?,
+            id: events::ActivityInfo {
+                workflow_id: s("workflow_id")?,
+                run_id: s("run_id")?,
+                workflow_type: s("workflow_type")?,
+                activity_id: s("activity_id")?,
+                activity_type: s("activity_type")?,
+                task_queue: s("task_queue")?,
+                attempt: req
+                    .get("attempt")
+                    .and_then(Value::as_u64)
+                    .and_then(|a| u32::try_from(a).ok())
+                    .filter(|a| *a >= 1)
+                    .ok_or("activity_start needs `attempt` (an integer ≥ 1)")?,
+            },
             input: match req.get("input") {
-                Some(v @ Value::Array(_)) => v.clone(),
-                None | Some(Value::Null) => Value::Array(Vec::new()),
+                Some(Value::Array(args)) => args.clone(),
+                None | Some(Value::Null) => Vec::new(),
                 Some(_) => return Err("activity_start `input` must be an array".into()),
             },
             start_time: req
@@ -199,8 +199,8 @@ impl Registry {
                 if a.spans.len() >= self.span_limit {
                     if a.dropped == 0 {
                         tracing::warn!(
-                            activity_id = %a.info.activity_id,
-                            workflow_id = %a.info.workflow_id,
+                            activity_id = %a.info.id.activity_id,
+                            workflow_id = %a.info.id.workflow_id,
                             limit = self.span_limit,
                             "activity produced more spans than the per-activity limit: the rest are counted, not kept"
                         );
@@ -209,7 +209,7 @@ impl Registry {
                     self.stats.spans_dropped += 1;
                     return Ok(());
                 }
-                span.activity_id = Some(a.info.activity_id.clone());
+                span.activity_id = Some(a.info.id.activity_id.clone());
                 span.trace_id = a.trace_id.clone();
                 a.spans.push(span);
                 self.stats.spans_attributed += 1;
@@ -309,8 +309,11 @@ mod tests {
 
     fn info(id: &str) -> ActivityInfo {
         ActivityInfo {
-            activity_id: id.into(),
-            attempt: 1,
+            id: events::ActivityInfo {
+                activity_id: id.into(),
+                attempt: 1,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -380,7 +383,7 @@ mod tests {
         let ok = json!({"workflow_id":"w","run_id":"r","workflow_type":"W","activity_id":"1",
             "activity_type":"t","task_queue":"q","attempt":2,"input":[1,"x"]});
         let info = ActivityInfo::from_request(&ok).unwrap();
-        assert_eq!((info.attempt, info.input.clone()), (2, json!([1, "x"])));
+        assert_eq!((info.id.attempt, json!(info.input)), (2, json!([1, "x"])));
         let mut bad = ok.clone();
         bad.as_object_mut().unwrap().remove("run_id");
         assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("run_id"));
