@@ -256,7 +256,11 @@ pub fn host_tid(pid: Pid, ns_tid: u32) -> Option<u32> {
     }
     let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     for entry in dir.flatten() {
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some(ids) = nspids(&format!("/proc/{pid}/task/{tid}/status")) {

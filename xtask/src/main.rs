@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -7,6 +7,8 @@ mod bench;
 mod env;
 mod fuzz;
 mod hook_bench;
+mod lint;
+mod proc;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -36,8 +38,12 @@ enum Task {
     BuildEbpf,
     /// Build the kernel programs and the agent (release).
     Build,
-    /// Install the test environment (Debian packages, Python virtualenvs with the worker
-    /// hook, FerretDB, the Temporal CLI) and run every test, end-to-end tests included.
+    /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
+    /// and on the kernel crate, ruff and mypy on the worker hook.
+    Lint,
+    /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
+    /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
+    /// tests included.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -71,6 +77,7 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
         Task::Build => build_agent(),
+        Task::Lint => lint::lint(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
@@ -112,6 +119,9 @@ fn agent_binary() -> PathBuf {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    lint::lint().context(
+        "`cargo xtask lint` failed, so no test ran: fix its findings (listed above) and run again",
+    )?;
     build_agent()?;
     let test_env = env::setup()?;
     let root = workspace_root();

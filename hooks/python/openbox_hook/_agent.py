@@ -95,7 +95,7 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
-def _decode(line: bytes) -> dict[str, Any]:
+def _decode(line: bytes | bytearray) -> dict[str, Any]:
     reply = json.loads(line)
     if not isinstance(reply, dict):
         raise ValueError(f"reply is not a JSON object: {line[:200]!r}")

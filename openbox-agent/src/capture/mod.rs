@@ -5,7 +5,7 @@ pub mod tls;
 
 use std::{collections::HashSet, path::Path};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe},
@@ -124,6 +124,9 @@ impl Capture {
     /// Loads every program and attaches the tracepoints. Fails with a message that says
     /// what is missing and how to fix it.
     pub fn load(cfg: &CaptureConfig) -> Result<Capture> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this openbox-agent was built without its kernel programs (the kernel object was missing at build time, see build.rs): build it with `cargo xtask build`");
+        }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
         preflight::raise_memlock();

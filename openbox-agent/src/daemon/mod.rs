@@ -83,7 +83,11 @@ impl Lines {
     pub fn write(&mut self, v: &Value) {
         let mut line = v.to_string();
         line.push('\n');
-        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
+        if let Err(e) = self
+            .out
+            .write_all(line.as_bytes())
+            .and_then(|_| self.out.flush())
+        {
             tracing::error!(path = %self.path, "writing an event failed: {e}");
         }
     }
@@ -237,8 +241,10 @@ impl Daemon {
 
     fn write_unattributed(&mut self, why: Unattributed, span: &Span) {
         if let Some(out) = self.unattributed.as_mut() {
-            out.write(&json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
-                "worker": span.attr.owner, "token": span.attr.activity, "span": span}));
+            out.write(
+                &json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
+                "worker": span.attr.owner, "token": span.attr.activity, "span": span}),
+            );
         }
     }
 
@@ -293,10 +299,14 @@ impl Daemon {
             .and_then(|ids| ids.last().copied())
             .ok_or_else(|| format!("process {peer} vanished"))?;
         if claimed != Some(ns_pid as u64) {
-            let claim = claimed.map(|c| c.to_string()).unwrap_or_else(|| "nothing".into());
+            let claim = claimed
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "nothing".into());
             return self.refuse(
                 peer,
-                format!("process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"),
+                format!(
+                    "process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"
+                ),
             );
         }
         let addr = req.get("slots_addr").and_then(Value::as_u64).unwrap_or(0);
@@ -352,7 +362,10 @@ impl Daemon {
             Ok(None) => return true,
             Ok(Some(cfg)) => cfg,
             Err(e) => {
-                tracing::warn!(pid = worker, "the worker's governance settings are invalid: {e}");
+                tracing::warn!(
+                    pid = worker,
+                    "the worker's governance settings are invalid: {e}"
+                );
                 self.set_worker_governor(worker, format!("invalid: {e}"));
                 self.worker_governors
                     .insert(format!("invalid: {e}"), GovernorState::Refused(e));
@@ -374,7 +387,10 @@ impl Daemon {
                 );
                 let ready = self.ready_tx.clone();
                 tokio::spawn(async move {
-                    let result = Governor::new(cfg).await.map(Arc::new).map_err(|e| e.to_string());
+                    let result = Governor::new(cfg)
+                        .await
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string());
                     let _ = ready.send((key, result));
                 });
                 false
@@ -404,7 +420,11 @@ impl Daemon {
     }
 
     /// The run's latest workflow event, for an activity event of the run to wait for.
-    fn run_latest(&self, workflow_id: &str, run_id: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
+    fn run_latest(
+        &self,
+        workflow_id: &str,
+        run_id: &str,
+    ) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.run_tail
             .get(&(workflow_id.to_string(), run_id.to_string()))
             .cloned()
@@ -470,10 +490,15 @@ impl Daemon {
             return Err("the worker is gone".into());
         };
         if slot >= w.slots {
-            return Err(format!("slot {slot} is outside the table of {} slots", w.slots));
+            return Err(format!(
+                "slot {slot} is outside the table of {} slots",
+                w.slots
+            ));
         }
         let addr = w.slots_addr + slot * 8;
-        let Some(host_tid) = u32::try_from(tid).ok().and_then(|t| procfs::host_tid(worker, t))
+        let Some(host_tid) = u32::try_from(tid)
+            .ok()
+            .and_then(|t| procfs::host_tid(worker, t))
         else {
             return self.refuse(
                 worker,
@@ -533,7 +558,9 @@ impl Daemon {
             .unwrap_or_else(registry::now_secs);
         let failed = req.get("status").and_then(Value::as_str) == Some("failed");
         // The agent's own calls to Core are never governed (protocol §3.2).
-        let own = self.governor_of(worker).unwrap_or_else(|_| self.governor.clone());
+        let own = self
+            .governor_of(worker)
+            .unwrap_or_else(|_| self.governor.clone());
         let spans: Vec<Value> = a
             .spans
             .iter()
@@ -570,7 +597,11 @@ impl Daemon {
             error: req.get("error").and_then(|e| {
                 Some(events::ActivityError {
                     kind: e.get("type")?.as_str()?.to_string(),
-                    message: e.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+                    message: e
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                 })
             }),
             spans,
@@ -587,7 +618,9 @@ impl Daemon {
             reply(
                 &tx,
                 &id,
-                Ok(json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision})),
+                Ok(
+                    json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision}),
+                ),
             );
         });
         Ok(())
@@ -626,7 +659,10 @@ impl Daemon {
                     .and_then(Value::as_array)
                     .cloned()
                     .unwrap_or_default();
-                (events::signal_received(&wf, &s("signal_name"), args, now), true)
+                (
+                    events::signal_received(&wf, &s("signal_name"), args, now),
+                    true,
+                )
             }
             other => return Err(format!("unknown workflow event_type {other:?}")),
         };
@@ -676,7 +712,11 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or(format!("{k} must be a list of names")))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or(format!("{k} must be a list of names"))
+                })
                 .collect::<Result<_, _>>()
                 .map(Some),
             Some(_) => Err(format!("{k} must be a list of names")),
@@ -708,7 +748,9 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
                     .as_deref()
                     .unwrap_or("")
                     .bytes()
-                    .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                    .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                    });
                 cfg.spool_dir = base.spool_dir.join(format!("core-{tag:016x}"));
             }
             _ => {}
@@ -725,7 +767,11 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
         None => {}
         Some("fail_open") => cfg.on_api_error = FailPolicy::FailOpen,
         Some("fail_closed") => cfg.on_api_error = FailPolicy::FailClosed,
-        Some(other) => return Err(format!("governance_policy {other:?}: use fail_open or fail_closed")),
+        Some(other) => {
+            return Err(format!(
+                "governance_policy {other:?}: use fail_open or fail_closed"
+            ))
+        }
     }
     if let Some(b) = flag("send_start_event")? {
         cfg.send_start_event = b;
@@ -808,7 +854,8 @@ mod tests {
         assert!(err.contains("governance_policy"), "{err}");
         let err = worker_config(&base, &json!({"governance_timeout": -1})).unwrap_err();
         assert!(err.contains("governance_timeout"), "{err}");
-        let err = worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
+        let err =
+            worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
         assert!(err.contains("https"), "{err}");
     }
 }

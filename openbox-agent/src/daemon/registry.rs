@@ -329,7 +329,10 @@ mod tests {
             r.route(span(200, a)).unwrap_err().0,
             Unattributed::UnknownActivity
         );
-        assert_eq!(r.route(span(100, 0)).unwrap_err().0, Unattributed::NoActivity);
+        assert_eq!(
+            r.route(span(100, 0)).unwrap_err().0,
+            Unattributed::NoActivity
+        );
         let done = r.end(100, a).unwrap();
         assert_eq!(done.spans.len(), 1);
         assert_eq!(done.spans[0].activity_id.as_deref(), Some("a"));
@@ -386,9 +389,13 @@ mod tests {
         assert_eq!((info.id.attempt, json!(info.input)), (2, json!([1, "x"])));
         let mut bad = ok.clone();
         bad.as_object_mut().unwrap().remove("run_id");
-        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("run_id"));
+        assert!(ActivityInfo::from_request(&bad)
+            .unwrap_err()
+            .contains("run_id"));
         let mut bad = ok;
         bad["attempt"] = json!(0);
-        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("attempt"));
+        assert!(ActivityInfo::from_request(&bad)
+            .unwrap_err()
+            .contains("attempt"));
     }
 }

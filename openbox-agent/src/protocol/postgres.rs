@@ -84,7 +84,10 @@ pub fn looks_like_request_midstream(first: &[u8]) -> bool {
         return false;
     }
     let body = &first[5..first.len().min(1 + len as usize)];
-    let text = |b: &[u8]| b.iter().all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r');
+    let text = |b: &[u8]| {
+        b.iter()
+            .all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r')
+    };
     // Names (statement, portal) are short identifiers; asyncpg's are `__asyncpg_stmt_N__`.
     let name = |b: &[u8]| b.len() <= 63 && b.iter().all(|c| c.is_ascii_graphic());
     match kind {
@@ -96,7 +99,9 @@ pub fn looks_like_request_midstream(first: &[u8]) -> bool {
             Some(n) if name(&body[..n]) => {
                 let query = &body[n + 1..];
                 let end = query.iter().position(|&c| c == 0).unwrap_or(query.len());
-                end > 0 && text(&query[..end]) && query[..end].iter().any(|c| c.is_ascii_alphabetic())
+                end > 0
+                    && text(&query[..end])
+                    && query[..end].iter().any(|c| c.is_ascii_alphabetic())
             }
             _ => false,
         },
@@ -2702,11 +2707,16 @@ mod tests {
         let parse = msg(b'P', b"__asyncpg_stmt_1__\0SELECT 'marker-1'\0\0\0");
         assert!(looks_like_request_midstream(&parse));
         assert!(looks_like_request_midstream(&msg(b'Q', b"SELECT 1\0")));
-        assert!(looks_like_request_midstream(&msg(b'B', b"\0__asyncpg_stmt_1__\0\0\0")));
+        assert!(looks_like_request_midstream(&msg(
+            b'B',
+            b"\0__asyncpg_stmt_1__\0\0\0"
+        )));
         assert!(!looks_like_request_midstream(b"PING\r\n"));
         assert!(!looks_like_request_midstream(b"POST / HTTP/1.1\r\n"));
         assert!(!looks_like_request_midstream(&msg(b'Q', b"\x01\x02\x03\0")));
-        assert!(!looks_like_request_midstream(&[0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5]));
+        assert!(!looks_like_request_midstream(&[
+            0x17, 3, 3, 0, 5, 1, 2, 3, 4, 5
+        ]));
         assert!(!looks_like_request_midstream(&[b'Q', 0xff, 0, 0, 0]));
     }
 
