@@ -174,6 +174,10 @@ impl GovArgs {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once from the command line, never copied"
+)]
 enum Command {
     /// Watch a process and its children and print what they do: connections, cleartext
     /// and TLS-plaintext bytes, files.

@@ -298,6 +298,11 @@ fn a_worker_that_dies_mid_activity_leaves_nothing_behind() {
 fn bad_governance_settings_stop_the_agent_with_a_message_naming_the_setting() {
     let env = TestEnv::get();
     let dir = TempDir::new("bad-config");
+    // (arguments, environment, the setting the message must name)
+    #[expect(
+        clippy::type_complexity,
+        reason = "a table of literal cases, read in place"
+    )]
     let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
         (&["--governance-timeout", "abc"], &[], "governance_timeout"),
         (

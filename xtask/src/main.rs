@@ -45,6 +45,9 @@ enum Task {
     /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
     /// tests included.
     Test {
+        /// Skip `lint` (when iterating on one test; CI never does).
+        #[arg(long)]
+        skip_lint: bool,
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -78,7 +81,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
         Task::Build => build_agent(),
         Task::Lint => lint::lint(),
-        Task::Test { args } => test(&args),
+        Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
         Task::SetupEnv => env::setup().map(|_| ()),
@@ -118,10 +121,12 @@ fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/openbox-agent")
 }
 
-fn test(args: &[String]) -> Result<()> {
-    lint::lint().context(
-        "`cargo xtask lint` failed, so no test ran: fix its findings (listed above) and run again",
-    )?;
+fn test(skip_lint: bool, args: &[String]) -> Result<()> {
+    if !skip_lint {
+        lint::lint().context(
+            "`cargo xtask lint` failed, so no test ran: fix its findings (listed above) and run again",
+        )?;
+    }
     build_agent()?;
     let test_env = env::setup()?;
     let root = workspace_root();
