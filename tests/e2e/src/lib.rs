@@ -17,6 +17,13 @@
 //! The marker scheme: each activity gets a unique marker (`mk<hex>-NNN`) that it puts in
 //! its HTTPS URL, its SQL text and its file name, so a captured span names the activity
 //! that must own it; [`check_attribution`] compares that with what the agent reported.
+//!
+//! One module per part, each readable alone: `env` (what `cargo xtask test` provides,
+//! the logs directories), `servers` (shared by a binary's tests), `agent` (the daemon),
+//! `worker` (the hooked worker and the client), `scenario` (a test's world),
+//! `attribution` (the check) and `governance` (the fake Core, the governing agent and
+//! its world). Process guards, temporary directories and free ports come from
+//! `openbox-testkit`, which the agent's integration tests use too.
 
 mod agent;
 mod attribution;
