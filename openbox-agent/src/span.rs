@@ -11,10 +11,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    capture::event::Addr,
+    capture::{clock::Clock, event::Addr},
     conn::{Attr, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
-    trace::Clock,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
