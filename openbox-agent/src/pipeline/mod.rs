@@ -215,14 +215,20 @@ impl<S: Sink> Session<S> {
     /// Attaches to libssl copies the process maps now (its executable included).
     fn scan_tls(&mut self, pid: Pid) {
         let exe = procfs::exe(pid);
-        let Ok(files) = tls::mapped_files(pid) else {
+        let Ok(files) = procfs::mapped_files(pid) else {
             return;
         };
         for f in files {
-            if !tls::may_hold_libssl(&f, exe.as_deref()) {
+            if !tls::may_hold_libssl(&f.path, exe.as_deref()) {
                 continue;
             }
-            let path = host_path(pid, &f);
+            if f.deleted {
+                // The name now leads to another file (an upgraded package) or none:
+                // probing it would watch the wrong code.
+                tracing::warn!(pid, lib = %f.path, "a libssl copy this process maps was replaced or deleted on disk since: its TLS plaintext is not captured");
+                continue;
+            }
+            let path = host_path(pid, &f.path);
             if self.cap.has_tls_lib(&path) {
                 continue;
             }
@@ -232,7 +238,7 @@ impl<S: Sink> Session<S> {
                 }
                 Ok(_) => {}
                 // An executable without libssl symbols is the common case: stay quiet.
-                Err(tls::AttachError::NoSymbols { .. }) if Some(&f) == exe.as_ref() => {}
+                Err(tls::AttachError::NoSymbols { .. }) if Some(&f.path) == exe.as_ref() => {}
                 Err(e) => tracing::warn!(pid, "{e}"),
             }
         }
