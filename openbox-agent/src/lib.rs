@@ -5,6 +5,7 @@
 //! [`conn`] (descriptor tables, streams, TLS linking) → [`protocol`] (parsers) →
 //! [`span`] (SDK-compatible spans) → [`trace`] (output).
 
+pub mod bounded;
 pub mod capture;
 pub mod check;
 pub mod conn;

@@ -7,11 +7,14 @@
 //! does not fit [`ParserConfig::max_buffer`] is skipped and counted as unparsed. Any
 //! input, however malformed, must never panic: it becomes an `unparsed` count.
 
+mod bytes;
+mod framing;
 pub mod http;
 pub mod mongo;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
+mod sql;
 
 use serde_json::{Map, Value};
 
@@ -172,6 +175,13 @@ pub fn detect(side: Side, first: &[u8]) -> Option<Protocol> {
     }
 }
 
+/// Whether a client's first write asks the server to switch the connection to TLS
+/// in-band (PostgreSQL's SSLRequest): the answer is cleartext, and what follows it on
+/// the socket is the TLS handshake, however it looks.
+pub fn asks_for_tls_upgrade(first: &[u8]) -> bool {
+    postgres::is_ssl_request(first)
+}
+
 /// Truncates a statement to `max` characters on a character boundary, marking the cut.
 pub fn truncate_statement(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
@@ -308,6 +318,16 @@ mod tests {
             Some(Protocol::Mysql)
         );
         assert_eq!(detect(Side::Client, b"hello"), None);
+    }
+
+    #[test]
+    fn tls_upgrade_requests_are_recognised_exactly() {
+        let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert!(asks_for_tls_upgrade(&ssl_request));
+        // GSSENCRequest, a longer write, a cut one: not an SSLRequest.
+        assert!(!asks_for_tls_upgrade(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]));
+        assert!(!asks_for_tls_upgrade(&[&ssl_request[..], b"x"].concat()));
+        assert!(!asks_for_tls_upgrade(&ssl_request[..7]));
     }
 
     #[test]

@@ -12,7 +12,11 @@ use std::collections::VecDeque;
 
 use base64::Engine as _;
 
-use super::{truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{
+    bytes::{cstr, le_i32, le_i64, le_u32, lossy},
+    framing::FrameReader,
+    truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+};
 
 const HEADER: usize = 16;
 /// The server's default `maxMessageSizeBytes` (48 MB); anything longer is not MongoDB.
@@ -63,26 +67,13 @@ struct Header {
     op: i32,
 }
 
-fn rd<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
-    b.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-fn rd_i32(b: &[u8], at: usize) -> Option<i32> {
-    rd(b, at).map(i32::from_le_bytes)
-}
-fn rd_u32(b: &[u8], at: usize) -> Option<u32> {
-    rd(b, at).map(u32::from_le_bytes)
-}
-fn rd_i64(b: &[u8], at: usize) -> Option<i64> {
-    rd(b, at).map(i64::from_le_bytes)
-}
-
 impl Header {
     fn parse(b: &[u8]) -> Option<Header> {
         Some(Header {
-            len: u32::try_from(rd_i32(b, 0)?).ok()?,
-            request_id: rd_i32(b, 4)?,
-            response_to: rd_i32(b, 8)?,
-            op: rd_i32(b, 12)?,
+            len: u32::try_from(le_i32(b, 0)?).ok()?,
+            request_id: le_i32(b, 4)?,
+            response_to: le_i32(b, 8)?,
+            op: le_i32(b, 12)?,
         })
     }
 
@@ -118,8 +109,9 @@ struct Doc<'a> {
     complete: bool,
 }
 
+/// One element's value, borrowing from the message bytes (bsonspec.org "element").
 #[derive(Clone, Copy, Debug)]
-enum Bv<'a> {
+enum BsonValue<'a> {
     Double(f64),
     Str(&'a [u8]),
     Doc(Doc<'a>),
@@ -145,7 +137,7 @@ enum Bv<'a> {
 
 /// A whole document at the start of `b`, and the bytes after it.
 fn doc_at(b: &[u8]) -> Option<(Doc<'_>, &[u8])> {
-    let size = usize::try_from(rd_i32(b, 0)?).ok()?;
+    let size = usize::try_from(le_i32(b, 0)?).ok()?;
     if size < 5 {
         return None;
     }
@@ -165,7 +157,7 @@ fn doc_at(b: &[u8]) -> Option<(Doc<'_>, &[u8])> {
 
 /// A document at the start of `b`, or the part of it that `b` holds.
 fn doc_prefix(b: &[u8]) -> Option<Doc<'_>> {
-    let size = usize::try_from(rd_i32(b, 0)?).ok()?;
+    let size = usize::try_from(le_i32(b, 0)?).ok()?;
     if size < 5 {
         return None;
     }
@@ -178,14 +170,15 @@ fn doc_prefix(b: &[u8]) -> Option<Doc<'_>> {
     })
 }
 
+/// BSON `cstring` at the start of `b`, and the bytes after its NUL.
 fn cstring(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = b.iter().position(|&c| c == 0)?;
-    Some((b.get(..nul)?, b.get(nul + 1..)?))
+    let (s, next) = cstr(b, 0)?;
+    Some((s, b.get(next..)?))
 }
 
 /// BSON `string`: int32 length (including the trailing NUL), bytes, NUL.
 fn bson_string(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let len = usize::try_from(rd_i32(b, 0)?).ok()?;
+    let len = usize::try_from(le_i32(b, 0)?).ok()?;
     let end = len.checked_add(4)?;
     let (&nul, s) = b.get(4..end)?.split_last()?;
     (nul == 0).then_some((s, b.get(end..)?))
@@ -195,74 +188,84 @@ fn fixed(b: &[u8], n: usize) -> Option<(&[u8], &[u8])> {
     Some((b.get(..n)?, b.get(n..)?))
 }
 
-fn element(b: &[u8]) -> Option<(&[u8], Bv<'_>, &[u8])> {
+fn element(b: &[u8]) -> Option<(&[u8], BsonValue<'_>, &[u8])> {
     let (&ty, rest) = b.split_first()?;
     let (name, r) = cstring(rest)?;
     let (v, r) = match ty {
         0x01 => {
             let (x, r) = fixed(r, 8)?;
-            (Bv::Double(f64::from_le_bytes(x.try_into().ok()?)), r)
+            (BsonValue::Double(f64::from_le_bytes(x.try_into().ok()?)), r)
         }
         0x02 | 0x0D | 0x0E => {
             let (s, r) = bson_string(r)?;
             (
                 match ty {
-                    0x02 => Bv::Str(s),
-                    0x0D => Bv::Code(s),
-                    _ => Bv::Symbol(s),
+                    0x02 => BsonValue::Str(s),
+                    0x0D => BsonValue::Code(s),
+                    _ => BsonValue::Symbol(s),
                 },
                 r,
             )
         }
         0x03 | 0x04 => {
             let (d, r) = doc_at(r)?;
-            (if ty == 0x03 { Bv::Doc(d) } else { Bv::Array(d) }, r)
+            (
+                if ty == 0x03 {
+                    BsonValue::Doc(d)
+                } else {
+                    BsonValue::Array(d)
+                },
+                r,
+            )
         }
         0x05 => {
-            let len = usize::try_from(rd_i32(r, 0)?).ok()?;
+            let len = usize::try_from(le_i32(r, 0)?).ok()?;
             let subtype = *r.get(4)?;
             let (data, r) = fixed(r.get(5..)?, len)?;
-            (Bv::Binary(subtype, data), r)
+            (BsonValue::Binary(subtype, data), r)
         }
-        0x06 => (Bv::Undefined, r),
+        0x06 => (BsonValue::Undefined, r),
         0x07 => {
             let (oid, r) = fixed(r, 12)?;
-            (Bv::ObjectId(oid), r)
+            (BsonValue::ObjectId(oid), r)
         }
         0x08 => {
             let (&x, r) = r.split_first()?;
-            (Bv::Bool(x != 0), r)
+            (BsonValue::Bool(x != 0), r)
         }
-        0x09 => (Bv::DateTime(rd_i64(r, 0)?), r.get(8..)?),
-        0x0A => (Bv::Null, r),
+        0x09 => (BsonValue::DateTime(le_i64(r, 0)?), r.get(8..)?),
+        0x0A => (BsonValue::Null, r),
         0x0B => {
             let (pattern, r) = cstring(r)?;
             let (options, r) = cstring(r)?;
-            (Bv::Regex(pattern, options), r)
+            (BsonValue::Regex(pattern, options), r)
         }
         0x0C => {
             let (ns, r) = bson_string(r)?;
             let (oid, r) = fixed(r, 12)?;
-            (Bv::DbPointer(ns, oid), r)
+            (BsonValue::DbPointer(ns, oid), r)
         }
         0x0F => {
             // int32 total length, string code, document scope.
-            let total = usize::try_from(rd_i32(r, 0)?).ok()?;
+            let total = usize::try_from(le_i32(r, 0)?).ok()?;
             let (whole, after) = fixed(r, total)?;
             let (code, s) = bson_string(whole.get(4..)?)?;
             let (scope, _) = doc_at(s)?;
-            (Bv::CodeWithScope(code, scope), after)
+            (BsonValue::CodeWithScope(code, scope), after)
         }
-        0x10 => (Bv::Int32(rd_i32(r, 0)?), r.get(4..)?),
+        0x10 => (BsonValue::Int32(le_i32(r, 0)?), r.get(4..)?),
         // uint64: increment in the low 32 bits, seconds in the high 32 bits.
-        0x11 => (Bv::Timestamp(rd_u32(r, 4)?, rd_u32(r, 0)?), r.get(8..)?),
-        0x12 => (Bv::Int64(rd_i64(r, 0)?), r.get(8..)?),
+        0x11 => (
+            BsonValue::Timestamp(le_u32(r, 4)?, le_u32(r, 0)?),
+            r.get(8..)?,
+        ),
+        0x12 => (BsonValue::Int64(le_i64(r, 0)?), r.get(8..)?),
         0x13 => {
             let (d, r) = fixed(r, 16)?;
-            (Bv::Decimal128(d), r)
+            (BsonValue::Decimal128(d), r)
         }
-        0xFF => (Bv::MinKey, r),
-        0x7F => (Bv::MaxKey, r),
+        0xFF => (BsonValue::MinKey, r),
+        0x7F => (BsonValue::MaxKey, r),
         _ => return None,
     };
     Some((name, v, r))
@@ -273,7 +276,7 @@ fn element(b: &[u8]) -> Option<(&[u8], Bv<'_>, &[u8])> {
 struct Elems<'a>(&'a [u8]);
 
 impl<'a> Iterator for Elems<'a> {
-    type Item = (&'a [u8], Bv<'a>);
+    type Item = (&'a [u8], BsonValue<'a>);
     fn next(&mut self) -> Option<Self::Item> {
         match element(self.0) {
             Some((name, v, rest)) => {
@@ -292,43 +295,43 @@ impl<'a> Doc<'a> {
     fn iter(self) -> Elems<'a> {
         Elems(self.elems)
     }
-    fn get(self, key: &str) -> Option<Bv<'a>> {
+    fn get(self, key: &str) -> Option<BsonValue<'a>> {
         self.iter()
             .find(|(k, _)| *k == key.as_bytes())
             .map(|(_, v)| v)
     }
-    fn first(self) -> Option<(&'a [u8], Bv<'a>)> {
+    fn first(self) -> Option<(&'a [u8], BsonValue<'a>)> {
         self.iter().next()
     }
 }
 
-impl<'a> Bv<'a> {
+impl<'a> BsonValue<'a> {
     fn number(self) -> Option<f64> {
         match self {
-            Bv::Double(x) => Some(x),
-            Bv::Int32(n) => Some(f64::from(n)),
-            Bv::Int64(n) => Some(n as f64),
-            Bv::Bool(b) => Some(if b { 1.0 } else { 0.0 }),
+            BsonValue::Double(x) => Some(x),
+            BsonValue::Int32(n) => Some(f64::from(n)),
+            BsonValue::Int64(n) => Some(n as f64),
+            BsonValue::Bool(b) => Some(if b { 1.0 } else { 0.0 }),
             _ => None,
         }
     }
     fn int(self) -> Option<i64> {
         match self {
-            Bv::Int32(n) => Some(i64::from(n)),
-            Bv::Int64(n) => Some(n),
-            Bv::Double(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Some(x as i64),
+            BsonValue::Int32(n) => Some(i64::from(n)),
+            BsonValue::Int64(n) => Some(n),
+            BsonValue::Double(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => Some(x as i64),
             _ => None,
         }
     }
     fn str(self) -> Option<String> {
         match self {
-            Bv::Str(s) => Some(String::from_utf8_lossy(s).into_owned()),
+            BsonValue::Str(s) => Some(String::from_utf8_lossy(s).into_owned()),
             _ => None,
         }
     }
     fn doc(self) -> Option<Doc<'a>> {
         match self {
-            Bv::Doc(d) | Bv::Array(d) => Some(d),
+            BsonValue::Doc(d) | BsonValue::Array(d) => Some(d),
             _ => None,
         }
     }
@@ -338,15 +341,15 @@ impl<'a> Bv<'a> {
 // Rendering as relaxed Extended JSON (MongoDB Extended JSON v2, relaxed mode)
 // ---------------------------------------------------------------------------------------
 
-/// Output bounded in characters: once past `max`, further pushes are dropped and the
-/// caller's `truncate_statement` marks the cut.
-struct Out {
+/// Extended JSON text bounded in characters: once past `max`, further pushes are dropped
+/// and the caller's `truncate_statement` marks the cut.
+struct ExtJson {
     s: String,
     chars: usize,
     max: usize,
 }
 
-impl Out {
+impl ExtJson {
     fn new(max: usize) -> Self {
         Self {
             s: String::new(),
@@ -393,9 +396,9 @@ impl Out {
         self.push(&h);
     }
 
-    fn value(&mut self, v: Bv<'_>, depth: usize) {
+    fn value(&mut self, v: BsonValue<'_>, depth: usize) {
         match v {
-            Bv::Double(x) => {
+            BsonValue::Double(x) => {
                 if x.is_finite() {
                     self.push(&format!("{x:?}"));
                 } else {
@@ -409,69 +412,69 @@ impl Out {
                     self.push(&format!("{{\"$numberDouble\": \"{s}\"}}"));
                 }
             }
-            Bv::Str(s) => self.string(s),
-            Bv::Doc(d) => self.doc(d, depth + 1, &|_, _| true),
-            Bv::Array(d) => self.array(d, depth + 1),
-            Bv::Binary(sub, data) => {
+            BsonValue::Str(s) => self.string(s),
+            BsonValue::Doc(d) => self.doc(d, depth + 1, &|_, _| true),
+            BsonValue::Array(d) => self.array(d, depth + 1),
+            BsonValue::Binary(sub, data) => {
                 let data = data.get(..self.budget()).unwrap_or(data);
                 let b64 = base64::engine::general_purpose::STANDARD.encode(data);
                 self.push(&format!(
                     "{{\"$binary\": {{\"base64\": \"{b64}\", \"subType\": \"{sub:02x}\"}}}}"
                 ));
             }
-            Bv::Undefined => self.push("{\"$undefined\": true}"),
-            Bv::ObjectId(oid) => {
+            BsonValue::Undefined => self.push("{\"$undefined\": true}"),
+            BsonValue::ObjectId(oid) => {
                 self.push("{\"$oid\": \"");
                 self.hex(oid);
                 self.push("\"}");
             }
-            Bv::Bool(b) => self.push(if b { "true" } else { "false" }),
-            Bv::DateTime(ms) => match iso_date(ms) {
+            BsonValue::Bool(b) => self.push(if b { "true" } else { "false" }),
+            BsonValue::DateTime(ms) => match iso_date(ms) {
                 Some(iso) => self.push(&format!("{{\"$date\": \"{iso}\"}}")),
                 None => self.push(&format!("{{\"$date\": {{\"$numberLong\": \"{ms}\"}}}}")),
             },
-            Bv::Null => self.push("null"),
-            Bv::Regex(p, o) => {
+            BsonValue::Null => self.push("null"),
+            BsonValue::Regex(p, o) => {
                 self.push("{\"$regularExpression\": {\"pattern\": ");
                 self.string(p);
                 self.push(", \"options\": ");
                 self.string(o);
                 self.push("}}");
             }
-            Bv::DbPointer(ns, oid) => {
+            BsonValue::DbPointer(ns, oid) => {
                 self.push("{\"$dbPointer\": {\"$ref\": ");
                 self.string(ns);
                 self.push(", \"$id\": {\"$oid\": \"");
                 self.hex(oid);
                 self.push("\"}}}");
             }
-            Bv::Code(c) => {
+            BsonValue::Code(c) => {
                 self.push("{\"$code\": ");
                 self.string(c);
                 self.push("}");
             }
-            Bv::Symbol(s) => {
+            BsonValue::Symbol(s) => {
                 self.push("{\"$symbol\": ");
                 self.string(s);
                 self.push("}");
             }
-            Bv::CodeWithScope(c, scope) => {
+            BsonValue::CodeWithScope(c, scope) => {
                 self.push("{\"$code\": ");
                 self.string(c);
                 self.push(", \"$scope\": ");
                 self.doc(scope, depth + 1, &|_, _| true);
                 self.push("}");
             }
-            Bv::Int32(n) => self.push(&n.to_string()),
-            Bv::Timestamp(t, i) => {
+            BsonValue::Int32(n) => self.push(&n.to_string()),
+            BsonValue::Timestamp(t, i) => {
                 self.push(&format!("{{\"$timestamp\": {{\"t\": {t}, \"i\": {i}}}}}"))
             }
-            Bv::Int64(n) => self.push(&n.to_string()),
-            Bv::Decimal128(d) => {
+            BsonValue::Int64(n) => self.push(&n.to_string()),
+            BsonValue::Decimal128(d) => {
                 self.push(&format!("{{\"$numberDecimal\": \"{}\"}}", decimal128(d)))
             }
-            Bv::MinKey => self.push("{\"$minKey\": 1}"),
-            Bv::MaxKey => self.push("{\"$maxKey\": 1}"),
+            BsonValue::MinKey => self.push("{\"$minKey\": 1}"),
+            BsonValue::MaxKey => self.push("{\"$maxKey\": 1}"),
         }
     }
 
@@ -482,7 +485,7 @@ impl Out {
         d: Doc<'_>,
         depth: usize,
         keep: &dyn Fn(usize, &[u8]) -> bool,
-        extra: &dyn Fn(&mut Out, bool),
+        extra: &dyn Fn(&mut ExtJson, bool),
     ) {
         if depth > MAX_DEPTH {
             return self.push("{...}");
@@ -632,106 +635,59 @@ impl Message {
     }
 }
 
+/// One direction's message reader: the 16-byte header, then the body it announces.
 #[derive(Default)]
 struct Stream {
-    hdr: Vec<u8>,
+    frames: FrameReader<HEADER>,
+    /// Header of the message whose body is being read.
     header: Option<Header>,
-    body: Vec<u8>,
-    /// Body bytes seen of the current message (kept or not).
-    got: u64,
-    /// Some body bytes were not kept: over the buffer limit, or lost in a gap.
-    cut: bool,
-    start_ts: u64,
-    dead: bool,
 }
 
 impl Stream {
     fn mid_message(&self) -> bool {
-        !self.hdr.is_empty() || self.header.is_some()
+        !self.frames.at_boundary()
     }
 
     /// The next complete message, `Ok(None)` when more bytes are needed, `Err` when the
     /// bytes are not a message header.
-    fn step(
-        &mut self,
-        data: &[u8],
-        pos: &mut usize,
-        ts: u64,
-        keep: usize,
-    ) -> Result<Option<Message>, ()> {
-        loop {
-            match self.header {
-                None => {
-                    let rest = data.get(*pos..).unwrap_or_default();
-                    if rest.is_empty() {
-                        return Ok(None);
-                    }
-                    if self.hdr.is_empty() {
-                        self.start_ts = ts;
-                    }
-                    let take = (HEADER - self.hdr.len()).min(rest.len());
-                    self.hdr
-                        .extend_from_slice(rest.get(..take).unwrap_or_default());
-                    *pos += take;
-                    if self.hdr.len() < HEADER {
-                        return Ok(None);
-                    }
-                    let h = Header::parse(&self.hdr).ok_or(())?;
-                    if !(HEADER as u32..=MAX_MESSAGE).contains(&h.len) || !h.known_op() {
-                        return Err(());
-                    }
-                    self.hdr.clear();
-                    self.header = Some(h);
-                    self.body.clear();
-                    self.got = 0;
-                    self.cut = false;
-                }
-                Some(h) => {
-                    let need = u64::from(h.len) - HEADER as u64 - self.got;
-                    if need == 0 {
-                        self.header = None;
-                        return Ok(Some(Message {
-                            header: h,
-                            body: std::mem::take(&mut self.body),
-                            cut: self.cut,
-                            start_ts: self.start_ts,
-                            end_ts: ts,
-                        }));
-                    }
-                    let rest = data.get(*pos..).unwrap_or_default();
-                    if rest.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = rest.len().min(usize::try_from(need).unwrap_or(usize::MAX));
-                    // Keep a prefix up to the limit; after a gap nothing more is kept, as
-                    // later bytes would sit at wrong offsets.
-                    let room = if self.cut {
-                        0
-                    } else {
-                        keep.saturating_sub(self.body.len()).min(take)
-                    };
-                    self.body
-                        .extend_from_slice(rest.get(..room).unwrap_or_default());
-                    if room < take {
-                        self.cut = true;
-                    }
-                    self.got += take as u64;
-                    *pos += take;
-                }
+    fn step(&mut self, data: &mut &[u8], ts: u64, keep: usize) -> Result<Option<Message>, ()> {
+        if self.header.is_none() {
+            let Some(bytes) = self.frames.read_header(data, ts, HEADER, true) else {
+                return Ok(None);
+            };
+            let h = Header::parse(&bytes).ok_or(())?;
+            if !(HEADER as u32..=MAX_MESSAGE).contains(&h.len) || !h.known_op() {
+                return Err(());
             }
+            self.header = Some(h);
+            self.frames.start_body(h.len as usize - HEADER, keep);
         }
+        if !self.frames.read_body(data) {
+            return Ok(None);
+        }
+        Ok(self.take_message(ts))
     }
 
-    /// `n` bytes lost: skippable only inside a message whose length we know.
-    fn skip(&mut self, n: u64) -> bool {
-        let Some(h) = self.header else { return false };
-        let need = u64::from(h.len) - HEADER as u64 - self.got;
-        if n > need {
-            return false;
+    fn take_message(&mut self, end_ts: u64) -> Option<Message> {
+        let header = self.header.take()?;
+        let (body, cut) = self.frames.take_body();
+        Some(Message {
+            header,
+            body,
+            cut,
+            start_ts: self.frames.start_ts,
+            end_ts,
+        })
+    }
+
+    /// `n` bytes lost: skippable only inside a message whose length we know (the message
+    /// may end with them). `Err`: the stream is lost.
+    fn skip(&mut self, n: u64, ts: u64) -> Result<Option<Message>, ()> {
+        match self.frames.skip(n) {
+            (_, true) => Err(()),
+            (true, false) => Ok(self.take_message(ts)),
+            (false, false) => Ok(None),
         }
-        self.got += n;
-        self.cut = true;
-        true
     }
 }
 
@@ -749,7 +705,7 @@ struct MsgParts<'a> {
 /// `max_docs`: documents of a sequence worth listing (each renders as at least 4
 /// characters, so more would be cut from the statement anyway).
 fn op_msg_parts(m: &Message, max_docs: usize) -> Option<MsgParts<'_>> {
-    let flags = rd_u32(&m.body, 0)?;
+    let flags = le_u32(&m.body, 0)?;
     // The checksum, when present, is the message's last 4 bytes.
     let end = if flags & CHECKSUM_PRESENT != 0 {
         m.body_len().saturating_sub(4)
@@ -777,7 +733,7 @@ fn op_msg_parts(m: &Message, max_docs: usize) -> Option<MsgParts<'_>> {
             },
             1 => {
                 // int32 size (including itself), cstring identifier, documents.
-                let size = usize::try_from(rd_i32(rest, 0)?).ok()?;
+                let size = usize::try_from(le_i32(rest, 0)?).ok()?;
                 let (seq, after) = match rest.get(..size) {
                     Some(seq) => (seq, rest.get(size..).unwrap_or_default()),
                     None if m.cut => (rest, &[][..]),
@@ -819,10 +775,6 @@ struct Request {
     no_reply: bool,
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
 /// Builds the op of a command document (OP_MSG body or OP_QUERY `$cmd` query).
 fn command_op(
     body: Doc<'_>,
@@ -838,13 +790,13 @@ fn command_op(
     };
     op.attr("db.operation", command.clone());
     let collection = match (command.as_str(), first) {
-        ("getMore", _) => body.get("collection").and_then(Bv::str),
+        ("getMore", _) => body.get("collection").and_then(BsonValue::str),
         (_, v) => v.str(),
     };
     if let Some(c) = collection {
         op.attr("db.mongodb.collection", c);
     }
-    let db = db.or_else(|| body.get("$db").and_then(Bv::str));
+    let db = db.or_else(|| body.get("$db").and_then(BsonValue::str));
     if let Some(db) = db {
         op.attr("db.name", db);
     }
@@ -859,8 +811,8 @@ fn command_op(
         let secret = handshake && k == b"speculativeAuthenticate";
         !(secret || DROPPED_FIELDS.contains(&k))
     };
-    let mut out = Out::new(max);
-    let extra = |out: &mut Out, empty: bool| {
+    let mut out = ExtJson::new(max);
+    let extra = |out: &mut ExtJson, empty: bool| {
         if sensitive {
             return;
         }
@@ -916,7 +868,7 @@ fn decode_request(m: &Message, max: usize) -> Option<Request> {
             let (db, coll) = ns.split_once('.').unwrap_or((ns.as_str(), ""));
             // Legacy wrapped form: {$query: {...}, $readPreference: ...}.
             let query = match query.first() {
-                Some((b"$query" | b"query", Bv::Doc(inner))) => inner,
+                Some((b"$query" | b"query", BsonValue::Doc(inner))) => inner,
                 _ => query,
             };
             if coll == "$cmd" {
@@ -930,7 +882,7 @@ fn decode_request(m: &Message, max: usize) -> Option<Request> {
             op.attr("db.operation", "find");
             op.attr("db.mongodb.collection", coll);
             op.attr("db.name", db);
-            let mut out = Out::new(max);
+            let mut out = ExtJson::new(max);
             out.doc(query, 0, &|_, k| !DROPPED_FIELDS.contains(&k));
             op.attr("db.statement", truncate_statement(&out.s, max));
             Some(Request {
@@ -959,25 +911,29 @@ fn decode_request(m: &Message, max: usize) -> Option<Request> {
 
 /// Reads a reply document into the op: error status, error code, row count.
 fn apply_reply(op: &mut Op, command: &str, d: Doc<'_>) {
-    let err = |v: Option<Bv<'_>>| -> (Option<String>, Option<i64>) {
-        let Some(e) = v.and_then(Bv::doc) else {
+    let err = |v: Option<BsonValue<'_>>| -> (Option<String>, Option<i64>) {
+        let Some(e) = v.and_then(BsonValue::doc) else {
             return (None, None);
         };
         (
-            e.get("errmsg").and_then(Bv::str),
-            e.get("code").and_then(Bv::int),
+            e.get("errmsg").and_then(BsonValue::str),
+            e.get("code").and_then(BsonValue::int),
         )
     };
-    let (message, code) = if d.get("ok").and_then(Bv::number) == Some(0.0) {
+    let (message, code) = if d.get("ok").and_then(BsonValue::number) == Some(0.0) {
         let msg = d
             .get("errmsg")
-            .and_then(Bv::str)
-            .or_else(|| d.get("codeName").and_then(Bv::str));
+            .and_then(BsonValue::str)
+            .or_else(|| d.get("codeName").and_then(BsonValue::str));
         (
             Some(msg.unwrap_or_else(|| "command failed".into())),
-            d.get("code").and_then(Bv::int),
+            d.get("code").and_then(BsonValue::int),
         )
-    } else if let Some((_, first)) = d.get("writeErrors").and_then(Bv::doc).and_then(Doc::first) {
+    } else if let Some((_, first)) = d
+        .get("writeErrors")
+        .and_then(BsonValue::doc)
+        .and_then(Doc::first)
+    {
         let (m, c) = err(Some(first));
         (Some(m.unwrap_or_else(|| "write error".into())), c)
     } else if d.get("writeConcernError").is_some() {
@@ -994,7 +950,7 @@ fn apply_reply(op: &mut Op, command: &str, d: Doc<'_>) {
         }
     }
     let rows = match command {
-        "insert" | "update" | "delete" => d.get("n").and_then(Bv::int),
+        "insert" | "update" | "delete" => d.get("n").and_then(BsonValue::int),
         "find" | "aggregate" | "getMore" => {
             let batch = if command == "getMore" {
                 "nextBatch"
@@ -1002,9 +958,9 @@ fn apply_reply(op: &mut Op, command: &str, d: Doc<'_>) {
                 "firstBatch"
             };
             d.get("cursor")
-                .and_then(Bv::doc)
+                .and_then(BsonValue::doc)
                 .and_then(|c| c.get(batch))
-                .and_then(Bv::doc)
+                .and_then(BsonValue::doc)
                 .filter(|b| b.complete)
                 .map(|b| b.iter().count() as i64)
         }
@@ -1027,16 +983,16 @@ fn decode_reply(op: &mut Op, req_command: &str, legacy_query: bool, m: &Message)
         }
         OP_REPLY => {
             // responseFlags, cursorID, startingFrom, numberReturned, documents.
-            let Some(flags) = rd_i32(&m.body, 0) else {
+            let Some(flags) = le_i32(&m.body, 0) else {
                 return false;
             };
-            let returned = rd_i32(&m.body, 16);
+            let returned = le_i32(&m.body, 16);
             let first = m.body.get(20..).and_then(doc_prefix);
             if flags & QUERY_FAILURE != 0 {
                 op.status = StatusCode::Error;
-                let msg = first.and_then(|d| d.get("$err")).and_then(Bv::str);
+                let msg = first.and_then(|d| d.get("$err")).and_then(BsonValue::str);
                 op.status_description = Some(msg.unwrap_or_else(|| "query failure".into()));
-                if let Some(c) = first.and_then(|d| d.get("code")).and_then(Bv::int) {
+                if let Some(c) = first.and_then(|d| d.get("code")).and_then(BsonValue::int) {
                     op.attr("db.error.code", c);
                 }
             } else if flags & CURSOR_NOT_FOUND != 0 {
@@ -1083,25 +1039,28 @@ impl MongoParser {
         }
     }
 
-    fn drive(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
+    fn drive(&mut self, side: Side, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
         let keep = self.cfg.max_buffer.saturating_sub(HEADER);
-        let mut pos = 0;
         loop {
             let stream = match side {
                 Side::Client => &mut self.client,
                 Side::Server => &mut self.server,
             };
-            if stream.dead {
+            if stream.frames.dead {
                 return;
             }
-            match stream.step(data, &mut pos, ts, keep) {
+            match stream.step(&mut data, ts, keep) {
                 Ok(None) => return,
                 Err(()) => return self.give_up(side, ts, out),
-                Ok(Some(m)) => match side {
-                    Side::Client => self.request(&m, out),
-                    Side::Server => self.reply(&m, out),
-                },
+                Ok(Some(m)) => self.dispatch(side, &m, out),
             }
+        }
+    }
+
+    fn dispatch(&mut self, side: Side, m: &Message, out: &mut Vec<Op>) {
+        match side {
+            Side::Client => self.request(m, out),
+            Side::Server => self.reply(m, out),
         }
     }
 
@@ -1113,7 +1072,7 @@ impl MongoParser {
         };
         req.op.start_ts = m.start_ts;
         req.op.end_ts = m.end_ts;
-        if req.no_reply || self.server.dead {
+        if req.no_reply || self.server.frames.dead {
             // moreToCome: the server sends nothing back (e.g. w:0 writes).
             out.push(req.op);
             return;
@@ -1156,9 +1115,9 @@ impl MongoParser {
     fn give_up(&mut self, side: Side, ts: u64, out: &mut Vec<Op>) {
         self.unparsed += 1;
         match side {
-            Side::Client => self.client.dead = true,
+            Side::Client => self.client.frames.dead = true,
             Side::Server => {
-                self.server.dead = true;
+                self.server.frames.dead = true;
                 self.flush(ts, out);
             }
         }
@@ -1187,26 +1146,25 @@ impl Parser for MongoParser {
             Side::Client => &mut self.client,
             Side::Server => &mut self.server,
         };
-        if stream.dead || n == 0 {
+        if stream.frames.dead || n == 0 {
             return;
         }
-        if stream.skip(n) {
-            // The gap may have been the message's end: finish it.
-            self.drive(side, &[], ts, out);
-        } else {
-            self.give_up(side, ts, out);
+        match stream.skip(n, ts) {
+            Ok(Some(m)) => self.dispatch(side, &m, out),
+            Ok(None) => {}
+            Err(()) => self.give_up(side, ts, out),
         }
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
-        if (!self.client.dead && self.client.mid_message())
-            || (!self.server.dead && self.server.mid_message())
+        if (!self.client.frames.dead && self.client.mid_message())
+            || (!self.server.frames.dead && self.server.mid_message())
         {
             self.unparsed += 1;
         }
         self.flush(ts, out);
-        self.client.dead = true;
-        self.server.dead = true;
+        self.client.frames.dead = true;
+        self.server.frames.dead = true;
     }
 
     fn unparsed(&self) -> u64 {

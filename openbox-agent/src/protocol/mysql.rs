@@ -15,11 +15,12 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use super::{
-    postgres::{
-        new_op, sql_operation, BoundedMap, Dialect, Statement, MAX_PENDING, MAX_STATEMENTS,
-    },
-    truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+    bytes::{cstr, le_u16, le_u32, lenenc_int, lossy},
+    framing::FrameReader,
+    sql::{self, finish_op, new_op, Dialect, ServerError, Statement, MAX_PENDING, MAX_STATEMENTS},
+    truncate_statement, Op, Parser, ParserConfig, Protocol, Side,
 };
+use crate::bounded::BoundedMap;
 
 // Capability flags ("Capabilities Flags" in the MySQL protocol docs). MariaDB's own
 // flags travel in four extra bytes and are kept here in the upper 32 bits.
@@ -51,8 +52,6 @@ const MAX_PACKET: usize = 0xFF_FFFF;
 const ROW_KEEP: usize = 1024;
 /// MariaDB progress reports come as ERR packets with this code and end nothing.
 const PROGRESS_REPORT: u16 = 0xFFFF;
-/// Largest integer JSON readers agree on (RFC 8259 §6: ±(2^53 − 1)); row counts are clamped.
-const MAX_JSON_INT: u64 = (1 << 53) - 1;
 
 // Command bytes ("Text Protocol", "Prepared Statements", "Utility Commands").
 const COM_QUIT: u8 = 0x01;
@@ -133,7 +132,7 @@ struct Running {
     results: u32,
     rows: u64,
     rowcount: Option<u64>,
-    error: Option<(u16, String)>,
+    error: Option<ServerError>,
 }
 
 #[derive(Debug)]
@@ -200,7 +199,7 @@ impl MysqlParser {
     }
 
     fn feed_client(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
-        while !data.is_empty() && !self.client.dead && !self.stopped {
+        while !data.is_empty() && !self.client.frames.dead && !self.stopped {
             match self.client.pull(&mut data, ts, self.cfg.max_buffer) {
                 Some(frame) => self.on_client(frame, out),
                 None => break,
@@ -209,7 +208,7 @@ impl MysqlParser {
     }
 
     fn feed_server(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
-        while !data.is_empty() && !self.server.dead && !self.stopped {
+        while !data.is_empty() && !self.server.frames.dead && !self.stopped {
             // Rows are only counted: keep just enough of them to recognise a terminator.
             let keep = match self.resp {
                 Resp::Start => self.cfg.max_buffer,
@@ -333,7 +332,7 @@ impl MysqlParser {
         }
         // Auth response: length-encoded, 1-byte length, or NUL-terminated.
         pos = if client_caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
-            match lenenc(b, pos) {
+            match lenenc_int(b, pos) {
                 Some((n, next)) => next.saturating_add(usize::try_from(n).unwrap_or(usize::MAX)),
                 None => return,
             }
@@ -657,7 +656,7 @@ impl MysqlParser {
     /// A result set's first packet: the column count (and, when metadata is optional,
     /// whether the column definitions follow).
     fn on_column_count(&mut self, b: &[u8]) {
-        let Some((count, next)) = lenenc(b, 0) else {
+        let Some((count, next)) = lenenc_int(b, 0) else {
             self.unparsed += 1;
             return;
         };
@@ -715,7 +714,10 @@ impl MysqlParser {
         let msg_at = if b.get(3) == Some(&b'#') { 9 } else { 3 };
         let message = lossy(b.get(msg_at..).unwrap_or_default());
         if let Some(front) = self.pending.front_mut() {
-            front.run.error = Some((code, message));
+            front.run.error = Some(ServerError {
+                code: Some(code.into()),
+                message,
+            });
         }
         self.pop_front(ts, out, true);
     }
@@ -757,7 +759,7 @@ impl Parser for MysqlParser {
             Side::Client => &mut self.client,
             Side::Server => &mut self.server,
         };
-        if reader.dead {
+        if reader.frames.dead {
             return;
         }
         let (frame, lost) = reader.skip(n);
@@ -772,10 +774,10 @@ impl Parser for MysqlParser {
             self.unparsed += 1;
             match side {
                 // Commands already seen can still be answered.
-                Side::Client => self.client.dead = true,
+                Side::Client => self.client.frames.dead = true,
                 // Without the server's answers new ops would carry made-up end times.
                 Side::Server => {
-                    self.server.dead = true;
+                    self.server.frames.dead = true;
                     self.stop(ts, out);
                 }
             }
@@ -795,21 +797,12 @@ impl Parser for MysqlParser {
 
 fn finish(run: Box<Running>, end_ts: u64) -> Op {
     let Running {
-        mut op,
+        op,
         rowcount,
         error,
         ..
     } = *run;
-    op.end_ts = end_ts;
-    if let Some(n) = rowcount {
-        op.attr("db.rowcount", n.min(MAX_JSON_INT));
-    }
-    if let Some((code, message)) = error {
-        op.status = StatusCode::Error;
-        op.status_description = Some(message);
-        op.attr("db.error.code", code);
-    }
-    op
+    finish_op(op, end_ts, rowcount, error)
 }
 
 fn sql_operation_is_use(stmt: Option<&Statement>) -> bool {
@@ -824,7 +817,7 @@ fn use_target(sql: &str) -> Option<String> {
         Some(quoted) => quoted.split('`').next()?,
         None => rest.split(|c: char| c.is_whitespace() || c == ';').next()?,
     };
-    (!name.is_empty() && sql_operation(sql, Dialect::Mysql).as_deref() == Some("USE"))
+    (!name.is_empty() && sql::operation(sql, Dialect::Mysql).as_deref() == Some("USE"))
         .then(|| name.to_string())
 }
 
@@ -834,8 +827,8 @@ fn use_target(sql: &str) -> Option<String> {
 fn query_text(args: &[u8], attributes: bool) -> Option<String> {
     let mut pos = 0;
     if attributes {
-        let (count, next) = lenenc(args, 0)?;
-        let (_sets, next) = lenenc(args, next)?;
+        let (count, next) = lenenc_int(args, 0)?;
+        let (_sets, next) = lenenc_int(args, next)?;
         pos = next;
         if count > 0 {
             let count = usize::try_from(count).ok()?;
@@ -849,7 +842,7 @@ fn query_text(args: &[u8], attributes: bool) -> Option<String> {
             let mut types = Vec::with_capacity(count.min(64));
             for _ in 0..count {
                 types.push(le_u16(args, pos)?);
-                let (name_len, next) = lenenc(args, pos.checked_add(2)?)?;
+                let (name_len, next) = lenenc_int(args, pos.checked_add(2)?)?;
                 pos = next.checked_add(usize::try_from(name_len).ok()?)?;
             }
             for (i, ty) in types.into_iter().enumerate() {
@@ -879,7 +872,7 @@ fn skip_binary_value(b: &[u8], pos: usize, ty: u16) -> Option<usize> {
         }
         // Strings, decimals, blobs, JSON, BIT, ENUM, SET, GEOMETRY: length-encoded.
         _ => {
-            let (n, next) = lenenc(b, pos)?;
+            let (n, next) = lenenc_int(b, pos)?;
             return next.checked_add(usize::try_from(n).ok()?);
         }
     };
@@ -890,10 +883,10 @@ fn skip_binary_value(b: &[u8], pos: usize, ty: u16) -> Option<usize> {
 /// OK_Packet: header, affected rows (lenenc), last insert id (lenenc), then status
 /// flags under CLIENT_PROTOCOL_41 or CLIENT_TRANSACTIONS.
 fn parse_ok(b: &[u8], caps: u64) -> (Option<u64>, u16) {
-    let Some((affected, next)) = lenenc(b, 1) else {
+    let Some((affected, next)) = lenenc_int(b, 1) else {
         return (None, 0);
     };
-    let status = match lenenc(b, next) {
+    let status = match lenenc_int(b, next) {
         Some((_, at)) if caps & (CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS) != 0 => {
             le_u16(b, at).unwrap_or(0)
         }
@@ -927,69 +920,36 @@ struct Frame {
 /// One direction's packet reader, reassembling payloads split at 0xFFFFFF bytes.
 #[derive(Default)]
 struct Reader {
-    hdr: [u8; 4],
-    hdr_len: usize,
-    in_body: bool,
-    /// Bytes of the current packet still to come.
-    remaining: usize,
+    frames: FrameReader<4>,
+    /// Length of the current packet.
     packet_len: usize,
     /// The payload goes on in the next packet.
     continued: bool,
+    /// Sequence id of the payload's first packet.
     seq: u8,
+    /// The payload's length so far.
     len: usize,
-    keep: usize,
-    body: Vec<u8>,
-    start_ts: u64,
-    dead: bool,
 }
 
 impl Reader {
-    fn recycle(&mut self, mut body: Vec<u8>) {
-        body.clear();
-        if self.body.capacity() == 0 && body.capacity() <= 64 * 1024 {
-            self.body = body;
-        }
+    fn recycle(&mut self, body: Vec<u8>) {
+        self.frames.recycle(body);
     }
 
     fn pull(&mut self, data: &mut &[u8], ts: u64, keep: usize) -> Option<Frame> {
         loop {
-            if !self.in_body {
-                if data.is_empty() {
-                    return None;
-                }
-                if self.hdr_len == 0 && !self.continued {
-                    self.start_ts = ts;
-                }
-                let take = (4 - self.hdr_len).min(data.len());
-                let (head, rest) = data.split_at(take);
-                if let Some(dst) = self.hdr.get_mut(self.hdr_len..self.hdr_len + take) {
-                    dst.copy_from_slice(head);
-                }
-                self.hdr_len += take;
-                *data = rest;
-                if self.hdr_len < 4 {
-                    return None;
-                }
-                self.hdr_len = 0;
-                let [l0, l1, l2, seq] = self.hdr;
-                if !self.continued {
+            if !self.frames.in_body() {
+                let [l0, l1, l2, seq] = self.frames.read_header(data, ts, 4, !self.continued)?;
+                self.packet_len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+                if self.continued {
+                    self.frames.continue_body(self.packet_len);
+                } else {
                     self.seq = seq;
                     self.len = 0;
-                    self.keep = keep;
-                    self.body.clear();
+                    self.frames.start_body(self.packet_len, keep);
                 }
-                self.packet_len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
-                self.remaining = self.packet_len;
-                self.in_body = true;
             }
-            let take = self.remaining.min(data.len());
-            let (chunk, rest) = data.split_at(take);
-            let room = self.keep.saturating_sub(self.body.len()).min(chunk.len());
-            self.body
-                .extend_from_slice(chunk.get(..room).unwrap_or_default());
-            self.remaining -= take;
-            *data = rest;
-            if self.remaining > 0 {
+            if !self.frames.read_body(data) {
                 return None;
             }
             if let Some(frame) = self.end_packet() {
@@ -1000,82 +960,27 @@ impl Reader {
 
     /// The current packet is complete: the payload too, unless it continues.
     fn end_packet(&mut self) -> Option<Frame> {
-        self.in_body = false;
         self.len = self.len.saturating_add(self.packet_len);
         self.continued = self.packet_len == MAX_PACKET;
         if self.continued {
             return None;
         }
+        let (body, _) = self.frames.take_body();
         Some(Frame {
             seq: self.seq,
-            body: std::mem::take(&mut self.body),
+            body,
             len: self.len,
-            start_ts: self.start_ts,
+            start_ts: self.frames.start_ts,
         })
     }
 
     /// `n` bytes were lost. Inside a packet they are skipped (a payload completed this
     /// way is returned with what was kept); anywhere else the stream is `lost`.
     fn skip(&mut self, n: u64) -> (Option<Frame>, bool) {
-        if !self.in_body {
-            self.dead = true;
-            return (None, true);
-        }
-        // Bytes after the hole would land at the wrong offset: keep no more.
-        self.keep = self.body.len();
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n < self.remaining {
-            self.remaining -= n;
-            return (None, false);
-        }
-        let lost = n > self.remaining;
-        self.remaining = 0;
-        let frame = self.end_packet();
-        if lost {
-            self.dead = true;
-        }
+        let (ended, lost) = self.frames.skip(n);
+        let frame = if ended { self.end_packet() } else { None };
         (frame, lost)
     }
-}
-
-// --- byte helpers ------------------------------------------------------------------
-
-fn le_u16(b: &[u8], at: usize) -> Option<u16> {
-    let bytes = b.get(at..at.checked_add(2)?)?;
-    Some(u16::from_le_bytes(bytes.try_into().ok()?))
-}
-
-fn le_u32(b: &[u8], at: usize) -> Option<u32> {
-    let bytes = b.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
-}
-
-/// Length-encoded integer: < 0xFB itself, 0xFC + 2 bytes, 0xFD + 3, 0xFE + 8.
-fn lenenc(b: &[u8], at: usize) -> Option<(u64, usize)> {
-    let first = *b.get(at)?;
-    let width = match first {
-        0..=0xfa => return Some((u64::from(first), at + 1)),
-        0xfc => 2,
-        0xfd => 3,
-        0xfe => 8,
-        // 0xFB is NULL in a row, 0xFF an error header: not integers.
-        _ => return None,
-    };
-    let bytes = b.get(at + 1..at + 1 + width)?;
-    let mut v = [0u8; 8];
-    v.get_mut(..width)?.copy_from_slice(bytes);
-    Some((u64::from_le_bytes(v), at + 1 + width))
-}
-
-/// NUL-terminated string at `at`: its bytes and the offset after the NUL.
-fn cstr(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let rest = b.get(at..)?;
-    let end = rest.iter().position(|&c| c == 0)?;
-    Some((rest.get(..end)?, at + end + 1))
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[cfg(test)]

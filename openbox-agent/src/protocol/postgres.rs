@@ -23,12 +23,15 @@
 //! (several Syncs outstanding, requests queued after the one being answered, COPY), or
 //! the client's own stream is lost, the connection is given up instead.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
-use super::{truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{
+    bytes::{be_u32, cstr, cstr_or_rest, lossy},
+    framing::FrameReader,
+    sql::{finish_op, new_op, Dialect, ServerError, Statement, MAX_PENDING, MAX_STATEMENTS},
+    Op, Parser, ParserConfig, Protocol, Side,
+};
+use crate::bounded::BoundedMap;
 
 /// `int32 80877103`: "the SSL request code" (1234 << 16 | 5679).
 const SSL_REQUEST: u32 = 80_877_103;
@@ -41,16 +44,8 @@ const PROTOCOL_MAJOR_3: u32 = 3;
 /// Bound on an untyped startup-phase message; a real StartupMessage is a few hundred
 /// bytes (libpq itself refuses startup packets over 10 000 bytes).
 const MAX_STARTUP_LEN: u32 = 10_000;
-/// Most prepared statements / portals remembered per connection (oldest evicted first).
-pub(super) const MAX_STATEMENTS: usize = 256;
-/// Most requests waiting for a response; beyond this the server side is evidently not
-/// being seen, and the oldest request is given up.
-pub(super) const MAX_PENDING: usize = 1024;
 /// Bind carries parameter values after the two names we need; keep only its head.
 const BIND_KEEP: usize = 4096;
-/// Largest integer JSON readers agree on (RFC 8259 §6: ±(2^53 − 1)); row counts are clamped.
-const MAX_JSON_INT: u64 = (1 << 53) - 1;
-
 /// Whether these first client bytes start PostgreSQL: an SSLRequest, GSSENCRequest,
 /// CancelRequest, or a StartupMessage for protocol 3.x with a plausible length.
 pub fn looks_like_startup(first: &[u8]) -> bool {
@@ -72,6 +67,11 @@ pub fn looks_like_startup(first: &[u8]) -> bool {
     }
 }
 
+/// Whether these client bytes are exactly an SSLRequest.
+pub fn is_ssl_request(b: &[u8]) -> bool {
+    b.len() == 8 && be_u32(b, 0) == Some(8) && be_u32(b, 4) == Some(SSL_REQUEST)
+}
+
 /// Whether these first client bytes, seen on a connection that was already open when
 /// watching began (a pool opened before the worker registered), start a PostgreSQL
 /// request: a simple Query, or a Parse or Bind of the extended protocol, with a
@@ -84,7 +84,10 @@ pub fn looks_like_request_midstream(first: &[u8]) -> bool {
         return false;
     }
     let body = &first[5..first.len().min(1 + len as usize)];
-    let text = |b: &[u8]| b.iter().all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r');
+    let text = |b: &[u8]| {
+        b.iter()
+            .all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r')
+    };
     // Names (statement, portal) are short identifiers; asyncpg's are `__asyncpg_stmt_N__`.
     let name = |b: &[u8]| b.len() <= 63 && b.iter().all(|c| c.is_ascii_graphic());
     match kind {
@@ -96,7 +99,9 @@ pub fn looks_like_request_midstream(first: &[u8]) -> bool {
             Some(n) if name(&body[..n]) => {
                 let query = &body[n + 1..];
                 let end = query.iter().position(|&c| c == 0).unwrap_or(query.len());
-                end > 0 && text(&query[..end]) && query[..end].iter().any(|c| c.is_ascii_alphabetic())
+                end > 0
+                    && text(&query[..end])
+                    && query[..end].iter().any(|c| c.is_ascii_alphabetic())
             }
             _ => false,
         },
@@ -144,28 +149,6 @@ pub struct PostgresParser {
     copy: bool,
     /// The client's last message was a Flush: it waits for the answers so far.
     client_flushed: bool,
-}
-
-/// A statement as remembered: text already cut to `max_statement`, and its operation.
-#[derive(Debug)]
-pub(super) struct Statement {
-    pub(super) text: String,
-    pub(super) operation: Option<String>,
-}
-
-impl Statement {
-    pub(super) fn new(sql: &str, max: usize, dialect: Dialect) -> Self {
-        Self {
-            text: truncate_statement(sql, max),
-            operation: sql_operation(sql, dialect),
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct ServerError {
-    code: Option<String>,
-    message: String,
 }
 
 /// A request on its way to becoming an op.
@@ -223,7 +206,7 @@ impl PostgresParser {
     }
 
     fn feed_client(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
-        while !data.is_empty() && !self.client.dead && !self.stopped {
+        while !data.is_empty() && !self.client.frames.dead && !self.stopped {
             if self.client_startup && self.client.at_boundary() {
                 // A capture that starts mid-connection begins with a typed message; as a
                 // startup length its first byte would mean ≥ 0x43000000 bytes, so the two
@@ -256,7 +239,7 @@ impl PostgresParser {
             // The rest of a response already reported; the client has not asked again.
             return;
         }
-        while !data.is_empty() && !self.server.dead && !self.stopped {
+        while !data.is_empty() && !self.server.frames.dead && !self.stopped {
             if self.ssl_answers > 0 && self.server.at_boundary() {
                 match data.first() {
                     Some(b'S' | b'N') => {
@@ -328,7 +311,9 @@ impl PostgresParser {
                     Some((portal, stmt)) => match self.statements.get(&lossy(stmt)).cloned() {
                         Some(s) => self.portals.insert(lossy(portal), s),
                         // Prepared before the capture began: forget any stale mapping.
-                        None => self.portals.remove(&lossy(portal)),
+                        None => {
+                            self.portals.remove(&lossy(portal));
+                        }
                     },
                     None => self.unparsed += 1,
                 }
@@ -349,8 +334,12 @@ impl PostgresParser {
                 // Close: Byte1 'S' (statement) or 'P' (portal), String name.
                 if let Some((name, _)) = cstr(body, 1) {
                     match body.first() {
-                        Some(b'S') => self.statements.remove(&lossy(name)),
-                        Some(b'P') => self.portals.remove(&lossy(name)),
+                        Some(b'S') => {
+                            self.statements.remove(&lossy(name));
+                        }
+                        Some(b'P') => {
+                            self.portals.remove(&lossy(name));
+                        }
                         _ => self.unparsed += 1,
                     }
                 }
@@ -377,7 +366,7 @@ impl PostgresParser {
             }
             Some(CANCEL_REQUEST) => {
                 // A cancel connection carries nothing else.
-                self.client.dead = true;
+                self.client.frames.dead = true;
             }
             Some(code) if code >> 16 == PROTOCOL_MAJOR_3 => {
                 // StartupMessage: pairs of NUL-terminated name and value, then a NUL.
@@ -405,7 +394,7 @@ impl PostgresParser {
             }
             _ => {
                 self.unparsed += 1;
-                self.client.dead = true;
+                self.client.frames.dead = true;
             }
         }
     }
@@ -610,7 +599,7 @@ impl PostgresParser {
     /// server's answers new ops would carry made-up end times.
     fn server_lost(&mut self, ts: u64, out: &mut Vec<Op>) {
         self.end_response(ts, out);
-        self.server.dead = true;
+        self.server.frames.dead = true;
         self.stopped = true;
     }
 
@@ -623,7 +612,7 @@ impl PostgresParser {
             return;
         }
         self.end_response(ts, out);
-        self.server.dead = true;
+        self.server.frames.dead = true;
         self.server_resync = true;
     }
 
@@ -643,7 +632,7 @@ impl PostgresParser {
             _ => false,
         };
         waiting
-            && !self.client.dead
+            && !self.client.frames.dead
             && self.client.at_boundary()
             && !self.client_startup
             && self.ssl_answers == 0
@@ -664,7 +653,7 @@ impl PostgresParser {
     /// The client's stream can no longer be framed. The server may still answer what
     /// was asked — unless it is waiting for the client's next request to resynchronise.
     fn client_lost(&mut self) {
-        self.client.dead = true;
+        self.client.frames.dead = true;
         if self.server_resync {
             self.stopped = true;
         }
@@ -726,7 +715,7 @@ impl Parser for PostgresParser {
         };
         // A dead reader has no framing to lose; this includes the server side while it
         // waits to resynchronise (one `unparsed` per resync, not per gap).
-        if reader.dead {
+        if reader.frames.dead {
             return;
         }
         let (frame, lost) = reader.skip(n);
@@ -757,53 +746,12 @@ impl Parser for PostgresParser {
 
 fn finish(run: Box<Running>, end_ts: u64) -> Op {
     let Running {
-        mut op,
+        op,
         rowcount,
         error,
         ..
     } = *run;
-    op.end_ts = end_ts;
-    if let Some(n) = rowcount {
-        op.attr("db.rowcount", n.min(MAX_JSON_INT));
-    }
-    if let Some(err) = error {
-        op.status = StatusCode::Error;
-        op.status_description = Some(err.message);
-        if let Some(code) = err.code {
-            op.attr("db.error.code", code);
-        }
-    }
-    op
-}
-
-/// An op with the SDK's database attributes; shared with the MySQL parser.
-pub(super) fn new_op(
-    stmt: Option<&Statement>,
-    fallback: &str,
-    database: Option<&str>,
-    user: Option<&str>,
-    start_ts: u64,
-) -> Op {
-    let operation = stmt.and_then(|s| s.operation.clone());
-    let mut op = Op {
-        name: operation.clone().unwrap_or_else(|| fallback.to_string()),
-        start_ts,
-        end_ts: start_ts,
-        ..Op::default()
-    };
-    if let Some(s) = stmt {
-        op.attr("db.statement", s.text.clone());
-    }
-    if let Some(o) = operation {
-        op.attr("db.operation", o);
-    }
-    if let Some(d) = database {
-        op.attr("db.name", d);
-    }
-    if let Some(u) = user {
-        op.attr("db.user", u);
-    }
-    op
+    finish_op(op, end_ts, rowcount, error)
 }
 
 /// ErrorResponse: fields of Byte1 code + String value, ended by a zero byte.
@@ -820,7 +768,7 @@ fn parse_error(body: &[u8]) -> ServerError {
         }
         let value = cstr_or_rest(body, pos + 1);
         match field {
-            b'C' => err.code = Some(lossy(value)),
+            b'C' => err.code = Some(lossy(value).into()),
             b'M' => err.message = lossy(value),
             _ => {}
         }
@@ -843,120 +791,6 @@ fn tag_rowcount(tag: &[u8]) -> Option<u64> {
         return None;
     }
     words.next_back()?.parse().ok()
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Dialect {
-    Postgres,
-    Mysql,
-}
-
-/// The statement's first keyword, uppercased: SELECT, INSERT, WITH, BEGIN …
-/// Leading whitespace, `--` line comments and `/* */` block comments are skipped
-/// (nested in PostgreSQL; `#` line comments and `/*!NNNNN …*/` version comments, whose
-/// body is executed, in MySQL), as are opening parentheses and empty statements.
-pub(super) fn sql_operation(sql: &str, dialect: Dialect) -> Option<String> {
-    let b = sql.as_bytes();
-    let mut i = 0;
-    loop {
-        match (b.get(i), b.get(i + 1)) {
-            (Some(c), _) if c.is_ascii_whitespace() || *c == b'(' || *c == b';' => i += 1,
-            (Some(b'-'), Some(b'-')) => i = skip_line(b, i),
-            (Some(b'#'), _) if dialect == Dialect::Mysql => i = skip_line(b, i),
-            (Some(b'/'), Some(b'*')) => {
-                if dialect == Dialect::Mysql && b.get(i + 2) == Some(&b'!') {
-                    // Executable comment: its content is SQL, after an optional version.
-                    i += 3;
-                    while b.get(i).is_some_and(u8::is_ascii_digit) {
-                        i += 1;
-                    }
-                } else {
-                    i = skip_block(b, i, dialect == Dialect::Postgres);
-                }
-            }
-            _ => break,
-        }
-    }
-    let rest = b.get(i..)?;
-    let len = rest
-        .iter()
-        .take_while(|c| c.is_ascii_alphabetic() || **c == b'_')
-        .count();
-    let word = rest.get(..len.min(32))?;
-    (!word.is_empty()).then(|| String::from_utf8_lossy(word).to_ascii_uppercase())
-}
-
-fn skip_line(b: &[u8], i: usize) -> usize {
-    match b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\n')) {
-        Some(p) => i + p + 1,
-        None => b.len(),
-    }
-}
-
-fn skip_block(b: &[u8], mut i: usize, nested: bool) -> usize {
-    let mut depth = 0u32;
-    while i < b.len() {
-        match (b.get(i), b.get(i + 1)) {
-            (Some(b'/'), Some(b'*')) if depth == 0 || nested => {
-                depth = depth.saturating_add(1);
-                i += 2;
-            }
-            (Some(b'*'), Some(b'/')) => {
-                depth = depth.saturating_sub(1);
-                i += 2;
-                if depth == 0 {
-                    return i;
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    b.len()
-}
-
-/// A map that forgets its oldest entries beyond `cap`, bounding per-connection memory
-/// (prepared statements and portals are created by the client, without limit).
-#[derive(Debug)]
-pub(super) struct BoundedMap<K, V> {
-    map: BTreeMap<K, V>,
-    order: VecDeque<K>,
-    cap: usize,
-}
-
-impl<K: Ord + Clone, V> BoundedMap<K, V> {
-    pub(super) fn new(cap: usize) -> Self {
-        Self {
-            map: BTreeMap::new(),
-            order: VecDeque::new(),
-            cap,
-        }
-    }
-
-    pub(super) fn insert(&mut self, key: K, value: V) {
-        if self.map.insert(key.clone(), value).is_none() {
-            self.order.push_back(key);
-            if self.map.len() > self.cap {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.map.remove(&oldest);
-                }
-            }
-        }
-    }
-
-    pub(super) fn get(&self, key: &K) -> Option<&V> {
-        self.map.get(key)
-    }
-
-    pub(super) fn remove(&mut self, key: &K) {
-        if self.map.remove(key).is_some() {
-            self.order.retain(|k| k != key);
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.map.len()
-    }
 }
 
 // --- framing -----------------------------------------------------------------------
@@ -1070,73 +904,38 @@ enum Pulled {
     Bad,
 }
 
-/// One direction's message reader: header bytes, then the body, of which at most
-/// `keep` bytes are buffered.
+/// One direction's message reader: a type byte (not in the startup phase) and an Int32
+/// length that counts itself, then the body, of which at most `keep` bytes are kept.
 #[derive(Default)]
 struct Reader {
-    hdr: [u8; 5],
-    hdr_len: usize,
-    in_body: bool,
-    untyped: bool,
+    frames: FrameReader<5>,
     typ: u8,
-    remaining: usize,
-    keep: usize,
-    body: Vec<u8>,
-    truncated: bool,
-    start_ts: u64,
-    dead: bool,
+    untyped: bool,
 }
 
 impl Reader {
     fn at_boundary(&self) -> bool {
-        !self.in_body && self.hdr_len == 0
+        self.frames.at_boundary()
     }
 
     /// Forgets the message in progress (and a lost stream): the next byte starts one.
     fn restart(&mut self) {
-        self.hdr_len = 0;
-        self.in_body = false;
-        self.remaining = 0;
-        self.keep = 0;
-        self.truncated = false;
-        self.body.clear();
-        self.dead = false;
+        self.frames.restart();
     }
 
-    fn recycle(&mut self, mut body: Vec<u8>) {
-        body.clear();
-        if self.body.capacity() == 0 && body.capacity() <= 64 * 1024 {
-            self.body = body;
-        }
+    fn recycle(&mut self, body: Vec<u8>) {
+        self.frames.recycle(body);
     }
 
     fn pull(&mut self, data: &mut &[u8], ts: u64, rules: &Rules, max_buffer: usize) -> Pulled {
-        if !self.in_body {
-            let need: usize = if rules.typed { 5 } else { 4 };
-            if self.hdr_len == 0 {
-                self.start_ts = ts;
-            }
-            let take = need.saturating_sub(self.hdr_len).min(data.len());
-            let (head, rest) = data.split_at(take);
-            if let Some(dst) = self.hdr.get_mut(self.hdr_len..self.hdr_len + take) {
-                dst.copy_from_slice(head);
-            }
-            self.hdr_len += take;
-            *data = rest;
-            if self.hdr_len < need {
+        if !self.frames.in_body() {
+            let need = if rules.typed { 5 } else { 4 };
+            let Some(header) = self.frames.read_header(data, ts, need, true) else {
                 return Pulled::More;
-            }
-            self.hdr_len = 0;
-            let (typ, len) = if rules.typed {
-                (
-                    self.hdr[0],
-                    u32::from_be_bytes([self.hdr[1], self.hdr[2], self.hdr[3], self.hdr[4]]),
-                )
-            } else {
-                (
-                    0,
-                    u32::from_be_bytes([self.hdr[0], self.hdr[1], self.hdr[2], self.hdr[3]]),
-                )
+            };
+            let (typ, len) = match header {
+                [typ, a, b, c, d] if rules.typed => (typ, u32::from_be_bytes([a, b, c, d])),
+                [a, b, c, d, _] => (0, u32::from_be_bytes([a, b, c, d])),
             };
             // The length counts itself; the protocol's Int32 is signed, so anything over
             // 2^31 − 1 (or an unknown type byte) means we are reading garbage.
@@ -1146,39 +945,29 @@ impl Reader {
                 (8..=MAX_STARTUP_LEN).contains(&len)
             };
             if !plausible {
-                self.dead = true;
+                self.frames.dead = true;
                 return Pulled::Bad;
             }
             let body_len = (len - 4) as usize;
             self.typ = typ;
             self.untyped = !rules.typed;
-            self.remaining = body_len;
-            self.keep = (rules.keep)(typ).min(max_buffer).min(body_len);
-            self.truncated = self.keep < body_len;
-            self.body.clear();
-            self.in_body = true;
+            let keep = (rules.keep)(typ).min(max_buffer).min(body_len);
+            self.frames.start_body(body_len, keep);
         }
-        let take = self.remaining.min(data.len());
-        let (chunk, rest) = data.split_at(take);
-        let room = self.keep.saturating_sub(self.body.len()).min(chunk.len());
-        self.body
-            .extend_from_slice(chunk.get(..room).unwrap_or_default());
-        self.remaining -= take;
-        *data = rest;
-        if self.remaining > 0 {
+        if !self.frames.read_body(data) {
             return Pulled::More;
         }
         Pulled::Frame(self.take_frame())
     }
 
     fn take_frame(&mut self) -> Frame {
-        self.in_body = false;
+        let (body, truncated) = self.frames.take_body();
         Frame {
             typ: self.typ,
             untyped: self.untyped,
-            body: std::mem::take(&mut self.body),
-            truncated: self.truncated,
-            start_ts: self.start_ts,
+            body,
+            truncated,
+            start_ts: self.frames.start_ts,
         }
     }
 
@@ -1186,53 +975,9 @@ impl Reader {
     /// completed this way is returned, marked truncated); anywhere else the stream
     /// can no longer be framed (`lost`).
     fn skip(&mut self, n: u64) -> (Option<Frame>, bool) {
-        if !self.in_body {
-            self.dead = true;
-            return (None, true);
-        }
-        // Bytes after the hole would land at the wrong offset: keep no more.
-        self.keep = self.body.len();
-        self.truncated = true;
-        let n_usize = usize::try_from(n).unwrap_or(usize::MAX);
-        if n_usize < self.remaining {
-            self.remaining -= n_usize;
-            return (None, false);
-        }
-        let lost = n_usize > self.remaining;
-        self.remaining = 0;
-        let frame = self.take_frame();
-        if lost {
-            self.dead = true;
-        }
-        (Some(frame), lost)
+        let (ended, lost) = self.frames.skip(n);
+        (ended.then(|| self.take_frame()), lost)
     }
-}
-
-// --- byte helpers ------------------------------------------------------------------
-
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    let bytes = b.get(at..at.checked_add(4)?)?;
-    Some(u32::from_be_bytes(bytes.try_into().ok()?))
-}
-
-/// NUL-terminated string at `at`: its bytes and the offset after the NUL.
-fn cstr(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let rest = b.get(at..)?;
-    let end = rest.iter().position(|&c| c == 0)?;
-    Some((rest.get(..end)?, at + end + 1))
-}
-
-/// NUL-terminated string at `at`, or everything left when the NUL was cut off.
-fn cstr_or_rest(b: &[u8], at: usize) -> &[u8] {
-    let rest = b.get(at..).unwrap_or_default();
-    match rest.iter().position(|&c| c == 0) {
-        Some(end) => rest.get(..end).unwrap_or_default(),
-        None => rest,
-    }
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[cfg(test)]

@@ -107,7 +107,7 @@ pub fn looks_like_command(first: &[u8]) -> bool {
 // ---------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum St {
+enum ReadState {
     /// Expecting the type byte of a value.
     Type,
     /// Reading the rest of a line that began with type byte `.0`.
@@ -146,7 +146,7 @@ enum Step {
 
 struct Reader {
     client: bool,
-    st: St,
+    state: ReadState,
     keep: usize,
     inline_max: usize,
     /// Header line being read (kept ≤ `HEADER_MAX`, else bad) or, for simple types, the
@@ -185,7 +185,7 @@ impl Reader {
     fn new(client: bool, keep: usize, inline_max: usize) -> Self {
         Self {
             client,
-            st: St::Type,
+            state: ReadState::Type,
             keep,
             inline_max,
             line: Vec::new(),
@@ -208,9 +208,9 @@ impl Reader {
     /// `n` bytes were lost. Only a bulk payload has a known length to skip; anything else
     /// leaves the reader lost in the stream (returns false).
     fn skip(&mut self, n: u64) -> bool {
-        if let St::Bulk(ty, left) = self.st {
+        if let ReadState::Bulk(ty, left) = self.state {
             if n <= left {
-                self.st = St::Bulk(ty, left - n);
+                self.state = ReadState::Bulk(ty, left - n);
                 // The kept prefix stays shorter than `scalar_len`: the argument shows as cut.
                 self.lost = true;
                 return true;
@@ -224,8 +224,8 @@ impl Reader {
             return self.end(ty, false, 0);
         }
         loop {
-            match self.st {
-                St::Type => {
+            match self.state {
+                ReadState::Type => {
                     let Some(&b) = data.get(*pos) else {
                         return Step::More;
                     };
@@ -246,7 +246,7 @@ impl Reader {
                             self.scalar.clear();
                             self.scalar.push(b);
                             self.scalar_len = 1;
-                            self.st = St::Inline;
+                            self.state = ReadState::Inline;
                             continue;
                         }
                         if !self.stack.is_empty() && b != b'$' {
@@ -256,12 +256,12 @@ impl Reader {
                     if is_scalar_line(b) || is_bulk(b) || is_aggregate(b) {
                         self.line.clear();
                         self.line_len = 0;
-                        self.st = St::Line(b);
+                        self.state = ReadState::Line(b);
                     } else {
                         return Step::Bad;
                     }
                 }
-                St::Line(ty) => {
+                ReadState::Line(ty) => {
                     let rest = data.get(*pos..).unwrap_or_default();
                     let nl = rest.iter().position(|&b| b == b'\n');
                     let chunk = rest.get(..nl.unwrap_or(rest.len())).unwrap_or_default();
@@ -288,14 +288,14 @@ impl Reader {
                         self.line.pop();
                     }
                     self.line_len = self.line_len.saturating_sub(1);
-                    self.st = St::Type;
+                    self.state = ReadState::Type;
                     if let Some(step) = self.finish_line(ty) {
                         return step;
                     }
                 }
-                St::Bulk(ty, left) => {
+                ReadState::Bulk(ty, left) => {
                     if left == 0 {
-                        self.st = St::Type;
+                        self.state = ReadState::Type;
                         let len = self.scalar_len;
                         if let Some(step) = self.value_done(ty, true, len) {
                             return step;
@@ -316,7 +316,7 @@ impl Reader {
                         self.scalar
                             .extend_from_slice(rest.get(..room).unwrap_or_default());
                         *pos += take;
-                        self.st = St::Bulk(ty, left - take as u64);
+                        self.state = ReadState::Bulk(ty, left - take as u64);
                     } else {
                         let Some(&b) = data.get(*pos) else {
                             return Step::More;
@@ -326,10 +326,10 @@ impl Reader {
                             return Step::Bad;
                         }
                         *pos += 1;
-                        self.st = St::Bulk(ty, left - 1);
+                        self.state = ReadState::Bulk(ty, left - 1);
                     }
                 }
-                St::Inline => {
+                ReadState::Inline => {
                     let rest = data.get(*pos..).unwrap_or_default();
                     let nl = rest.iter().position(|&b| b == b'\n');
                     let chunk = rest.get(..nl.unwrap_or(rest.len())).unwrap_or_default();
@@ -353,7 +353,7 @@ impl Reader {
                         self.scalar.pop();
                         self.scalar_len -= 1;
                     }
-                    self.st = St::Type;
+                    self.state = ReadState::Type;
                     self.in_msg = false;
                     return Step::Inline {
                         len: self.scalar_len,
@@ -389,7 +389,7 @@ impl Reader {
             self.scalar.clear();
             self.scalar_len = n as u64;
             self.lost = false;
-            self.st = St::Bulk(ty, n as u64 + 2);
+            self.state = ReadState::Bulk(ty, n as u64 + 2);
             return None;
         }
         // Aggregate. Maps and attributes hold key/value pairs: twice as many values.

@@ -1,6 +1,7 @@
 use serde_json::{json, Value};
 
 use super::*;
+use crate::protocol::StatusCode;
 
 // --- packet builders (MySQL source docs, "Client/Server Protocol") ---
 
@@ -853,48 +854,48 @@ fn fuzz_seeds_replay_their_recordings() {
     // must still give every op, so the fuzzer starts deep in real conversations.
     for (seed, ops) in [
         (
-            include_bytes!("../../fuzz/seeds/mysql/pymysql-seed55.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/pymysql-seed55.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/pymysql-seeda7.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/pymysql-seeda7.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/pymysql-seed3c.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/pymysql-seed3c.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/deprecate-eof-seed55.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/deprecate-eof-seed55.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/deprecate-eof-seeda7.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/deprecate-eof-seeda7.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/deprecate-eof-seed3c.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/deprecate-eof-seed3c.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/cache-metadata-seed55.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/cache-metadata-seed55.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/cache-metadata-seeda7.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/cache-metadata-seeda7.bin").as_slice(),
             11,
         ),
         (
-            include_bytes!("../../fuzz/seeds/mysql/cache-metadata-seed3c.bin").as_slice(),
+            include_bytes!("../../../fuzz/seeds/mysql/cache-metadata-seed3c.bin").as_slice(),
             11,
         ),
     ] {
         assert_eq!(super::super::fuzz_one(Protocol::Mysql, seed), ops);
     }
     for seed in [
-        include_bytes!("../../fuzz/seeds/mysql/pymysql-seed4e.bin").as_slice(),
-        include_bytes!("../../fuzz/seeds/mysql/deprecate-eof-seed4e.bin").as_slice(),
-        include_bytes!("../../fuzz/seeds/mysql/cache-metadata-seed4e.bin").as_slice(),
+        include_bytes!("../../../fuzz/seeds/mysql/pymysql-seed4e.bin").as_slice(),
+        include_bytes!("../../../fuzz/seeds/mysql/deprecate-eof-seed4e.bin").as_slice(),
+        include_bytes!("../../../fuzz/seeds/mysql/cache-metadata-seed4e.bin").as_slice(),
     ] {
         // Every fifth piece is lost here: the parser gives up without panicking.
         super::super::fuzz_one(Protocol::Mysql, seed);
