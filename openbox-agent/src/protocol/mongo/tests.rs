@@ -1,5 +1,6 @@
-use super::*;
 use Side::{Client as C, Server as S};
+
+use super::*;
 
 /// BSON document builder for tests.
 #[derive(Default, Clone)]
