@@ -6,6 +6,13 @@
 //! can be unit-tested and fuzzed alone. Memory per connection is bounded: a message that
 //! does not fit [`ParserConfig::max_buffer`] is skipped and counted as unparsed. Any
 //! input, however malformed, must never panic: it becomes an `unparsed` count.
+//!
+//! One file per protocol, its unit tests beside it in `<name>/tests.rs`. What parsers
+//! share lives in its own module: `framing` (the reader of length-prefixed messages:
+//! PostgreSQL, MySQL, MongoDB), `bytes` (field readers: integers, C strings, MySQL's
+//! length-encoded integers) and `sql` (statement text, operation keyword by dialect, the
+//! database op's attributes). HTTP and Redis frame by lines and delimiters, not by a
+//! length header, and keep their own readers.
 
 mod bytes;
 mod framing;

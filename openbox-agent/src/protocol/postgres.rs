@@ -46,6 +46,7 @@ const PROTOCOL_MAJOR_3: u32 = 3;
 const MAX_STARTUP_LEN: u32 = 10_000;
 /// Bind carries parameter values after the two names we need; keep only its head.
 const BIND_KEEP: usize = 4096;
+
 /// Whether these first client bytes start PostgreSQL: an SSLRequest, GSSENCRequest,
 /// CancelRequest, or a StartupMessage for protocol 3.x with a plausible length.
 pub fn looks_like_startup(first: &[u8]) -> bool {
