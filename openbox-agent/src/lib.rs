@@ -6,6 +6,7 @@
 //! [`span`] (SDK-compatible spans) → sinks ([`trace`]'s printer, [`daemon`]'s
 //! attribution and [`governance`]). [`pipeline`] drives those stages.
 
+pub mod bounded;
 pub mod capture;
 pub mod check;
 pub mod conn;
