@@ -656,10 +656,10 @@ fn feed(
             // while the role is unknown.
             let sides: Vec<(Side, Role)> = match c.role {
                 Role::Client => vec![(side_if_client, Role::Client)],
-                Role::Server => vec![(other(side_if_client), Role::Server)],
+                Role::Server => vec![(side_if_client.opposite(), Role::Server)],
                 Role::Unknown => vec![
                     (side_if_client, Role::Client),
-                    (other(side_if_client), Role::Server),
+                    (side_if_client.opposite(), Role::Server),
                 ],
             };
             for (side, role) in sides {
@@ -717,13 +717,6 @@ fn feed(
     }
     if truncated > 0 {
         p.gap(side, truncated, ts, ops);
-    }
-}
-
-fn other(s: Side) -> Side {
-    match s {
-        Side::Client => Side::Server,
-        Side::Server => Side::Client,
     }
 }
 

@@ -65,6 +65,15 @@ pub enum Side {
     Server,
 }
 
+impl Side {
+    pub fn opposite(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
+}
+
 /// Span status, as the SDK reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
