@@ -11,10 +11,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    capture::event::Addr,
+    capture::{clock::Clock, event::Addr},
     conn::{Attr, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
-    trace::Clock,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -657,10 +656,10 @@ fn feed(
             // while the role is unknown.
             let sides: Vec<(Side, Role)> = match c.role {
                 Role::Client => vec![(side_if_client, Role::Client)],
-                Role::Server => vec![(other(side_if_client), Role::Server)],
+                Role::Server => vec![(side_if_client.opposite(), Role::Server)],
                 Role::Unknown => vec![
                     (side_if_client, Role::Client),
-                    (other(side_if_client), Role::Server),
+                    (side_if_client.opposite(), Role::Server),
                 ],
             };
             for (side, role) in sides {
@@ -718,13 +717,6 @@ fn feed(
     }
     if truncated > 0 {
         p.gap(side, truncated, ts, ops);
-    }
-}
-
-fn other(s: Side) -> Side {
-    match s {
-        Side::Client => Side::Server,
-        Side::Server => Side::Client,
     }
 }
 
@@ -825,44 +817,13 @@ mod tests {
 
     fn by(r: Record, activity: u64) -> Record {
         match r {
-            Record::Data {
-                ts,
-                pid,
-                tid,
-                fd,
-                conn,
-                peer,
-                tls,
-                direction,
-                via,
-                seq,
-                truncated,
-                data,
-                ..
-            } => {
+            Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, .. } => {
                 let attr = if activity == 0 {
                     Attr::default()
                 } else {
-                    Attr {
-                        owner: 10,
-                        activity,
-                    }
+                    Attr { owner: 10, activity }
                 };
-                Record::Data {
-                    ts,
-                    pid,
-                    tid,
-                    fd,
-                    conn,
-                    peer,
-                    tls,
-                    direction,
-                    via,
-                    seq,
-                    truncated,
-                    data,
-                    attr,
-                }
+                Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, attr }
             }
             other => other,
         }
@@ -879,28 +840,10 @@ mod tests {
         let req1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n";
         let req2 = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        b.handle(
-            &by(data("c", Direction::Egress, 0, req1, 10, false), 1),
-            &mut out,
-        );
-        b.handle(
-            &by(data("c", Direction::Ingress, 0, resp, 20, false), 0),
-            &mut out,
-        );
-        b.handle(
-            &by(
-                data("c", Direction::Egress, req1.len() as u64, req2, 30, false),
-                2,
-            ),
-            &mut out,
-        );
-        b.handle(
-            &by(
-                data("c", Direction::Ingress, resp.len() as u64, resp, 40, false),
-                1,
-            ),
-            &mut out,
-        );
+        b.handle(&by(data("c", Direction::Egress, 0, req1, 10, false), 1), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 0), &mut out);
+        b.handle(&by(data("c", Direction::Egress, req1.len() as u64, req2, 30, false), 2), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, resp.len() as u64, resp, 40, false), 1), &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].attributes["http.target"], "/one");
         assert_eq!(out[0].attr.activity, 1);
@@ -915,14 +858,8 @@ mod tests {
         b.handle(&connect("c"), &mut out);
         let req = b"GET /bg HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        b.handle(
-            &by(data("c", Direction::Egress, 0, req, 10, false), 0),
-            &mut out,
-        );
-        b.handle(
-            &by(data("c", Direction::Ingress, 0, resp, 20, false), 7),
-            &mut out,
-        );
+        b.handle(&by(data("c", Direction::Egress, 0, req, 10, false), 0), &mut out);
+        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 7), &mut out);
         assert_eq!(out.len(), 1);
         assert!(!out[0].attr.is_some());
     }

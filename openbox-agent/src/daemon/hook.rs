@@ -103,9 +103,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<HookMsg>) {
         let peer = match stream.peer_cred().ok().and_then(|c| c.pid()) {
             Some(pid) if pid > 0 => pid as Pid,
             _ => {
-                tracing::warn!(
-                    "refused a hook connection: the kernel did not say which process it is"
-                );
+                tracing::warn!("refused a hook connection: the kernel did not say which process it is");
                 continue;
             }
         };
@@ -164,10 +162,7 @@ async fn connection(conn: u64, peer: Pid, stream: UnixStream, tx: mpsc::Unbounde
 }
 
 /// Reads one line without its newline, refusing lines over [`MAX_LINE`].
-async fn read_line<R: AsyncBufReadExt + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<usize, String> {
+async fn read_line<R: AsyncBufReadExt + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<usize, String> {
     loop {
         let chunk = r.fill_buf().await.map_err(|e| e.to_string())?;
         if chunk.is_empty() {

@@ -20,12 +20,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::{
-    capture::{tls, Capture, CaptureConfig},
+    capture::CaptureConfig,
     conn::{Pid, SkipPaths},
     governance::{
         config::normalize_url,
@@ -33,9 +33,9 @@ use crate::{
         verdict::{Decision, ErrorType},
         FailPolicy, GovernanceConfig, Governor,
     },
+    pipeline::{self, Collect, Output, Session},
     procfs,
     span::{Span, SpanConfig},
-    trace::{self, Session},
 };
 use hook::{reply, HookMsg, ReplyTx};
 use registry::{ActivityInfo, Registry, Unattributed, Worker};
@@ -83,18 +83,14 @@ impl Lines {
     pub fn write(&mut self, v: &Value) {
         let mut line = v.to_string();
         line.push('\n');
-        if let Err(e) = self
-            .out
-            .write_all(line.as_bytes())
-            .and_then(|_| self.out.flush())
-        {
+        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
             tracing::error!(path = %self.path, "writing an event failed: {e}");
         }
     }
 }
 
 struct Daemon {
-    session: Session,
+    session: Session<Collect>,
     registry: Registry,
     /// Hook connection → the worker it registered as.
     conns: std::collections::HashMap<u64, Pid>,
@@ -126,16 +122,13 @@ enum GovernorState {
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
-    let mut cap = Capture::load(&opts.capture)?;
-    for lib in &opts.tls_libs {
-        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
-    }
-    for lib in tls::system_libssl() {
-        if let Err(e) = cap.attach_tls(&lib) {
-            tracing::warn!("{e}");
-        }
-    }
-    let mut ring = cap.events()?;
+    let (session, mut ring) = pipeline::start(
+        &opts.capture,
+        &opts.tls_libs,
+        opts.skip.clone(),
+        Output::Spans(opts.spans.clone()),
+        Collect::default(),
+    )?;
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let governor = Arc::new(
         Governor::new(opts.governance.clone())
@@ -145,7 +138,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     let unattributed = opts.unattributed.as_deref().map(Lines::open).transpose()?;
     let listener = hook::bind(&opts.socket).await?;
     let mut d = Daemon {
-        session: Session::collecting(cap, opts.skip.clone(), opts.spans.clone()),
+        session,
         registry: Registry::new(opts.span_limit),
         conns: Default::default(),
         governor,
@@ -164,23 +157,16 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                trace::drain(guard.get_inner_mut(), &mut d.session);
-                guard.clear_ready();
-                d.route();
-            }
-            _ = tick.tick() => {
-                trace::drain(ring.get_mut(), &mut d.session);
+            ready = ring.ready() => {
+                ready?;
+                ring.drain(&mut d.session);
                 d.route();
             }
             Some(msg) = rx.recv() => {
                 // What the worker did before sending this is in the ring: read it first.
-                trace::drain(ring.get_mut(), &mut d.session);
+                ring.drain(&mut d.session);
                 d.route();
                 d.handle(msg);
             }
@@ -191,17 +177,20 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     }
     server.abort();
     let _ = std::fs::remove_file(&opts.socket);
-    trace::drain(ring.get_mut(), &mut d.session);
-    d.session.finish_spans();
+    ring.drain(&mut d.session);
+    d.session.finish();
     d.route();
-    let c = d.session.cap.counters();
+    let c = d.session.counters();
     let mut summary = json!({"type": "summary"});
     if let (Value::Object(s), Value::Object(r), Ok(Value::Object(k))) =
         (&mut summary, d.registry.summary(), serde_json::to_value(c))
     {
         s.extend(r);
         s.extend(k);
-        s.insert("records_received".into(), d.session.records_received.into());
+        s.insert(
+            "records_received".into(),
+            d.session.stats().records_received.into(),
+        );
         let g = d.governor.stats();
         s.insert(
             "governance".into(),
@@ -218,11 +207,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 impl Daemon {
     /// Moves the spans the session finished onto their activities.
     fn route(&mut self) {
-        let Some(collected) = self.session.collected.as_mut() else {
-            return;
-        };
-        let spans = std::mem::take(&mut collected.spans);
-        let exits = std::mem::take(&mut collected.exits);
+        let Collect { spans, exits } = self.session.sink_mut().take();
         for span in spans {
             if let Err(refused) = self.registry.route(span) {
                 let (why, span) = *refused;
@@ -232,7 +217,7 @@ impl Daemon {
         for pid in exits {
             if let Some(w) = self.registry.worker_exited(pid) {
                 for tid in w.threads.keys() {
-                    self.session.cap.unregister_thread(*tid);
+                    self.session.capture_mut().unregister_thread(*tid);
                 }
                 tracing::info!(pid, "worker exited");
             }
@@ -241,10 +226,8 @@ impl Daemon {
 
     fn write_unattributed(&mut self, why: Unattributed, span: &Span) {
         if let Some(out) = self.unattributed.as_mut() {
-            out.write(
-                &json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
-                "worker": span.attr.owner, "token": span.attr.activity, "span": span}),
-            );
+            out.write(&json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
+                "worker": span.attr.owner, "token": span.attr.activity, "span": span}));
         }
     }
 
@@ -299,14 +282,10 @@ impl Daemon {
             .and_then(|ids| ids.last().copied())
             .ok_or_else(|| format!("process {peer} vanished"))?;
         if claimed != Some(ns_pid as u64) {
-            let claim = claimed
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "nothing".into());
+            let claim = claimed.map(|c| c.to_string()).unwrap_or_else(|| "nothing".into());
             return self.refuse(
                 peer,
-                format!(
-                    "process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"
-                ),
+                format!("process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"),
             );
         }
         let addr = req.get("slots_addr").and_then(Value::as_u64).unwrap_or(0);
@@ -362,10 +341,7 @@ impl Daemon {
             Ok(None) => return true,
             Ok(Some(cfg)) => cfg,
             Err(e) => {
-                tracing::warn!(
-                    pid = worker,
-                    "the worker's governance settings are invalid: {e}"
-                );
+                tracing::warn!(pid = worker, "the worker's governance settings are invalid: {e}");
                 self.set_worker_governor(worker, format!("invalid: {e}"));
                 self.worker_governors
                     .insert(format!("invalid: {e}"), GovernorState::Refused(e));
@@ -387,10 +363,7 @@ impl Daemon {
                 );
                 let ready = self.ready_tx.clone();
                 tokio::spawn(async move {
-                    let result = Governor::new(cfg)
-                        .await
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string());
+                    let result = Governor::new(cfg).await.map(Arc::new).map_err(|e| e.to_string());
                     let _ = ready.send((key, result));
                 });
                 false
@@ -420,11 +393,7 @@ impl Daemon {
     }
 
     /// The run's latest workflow event, for an activity event of the run to wait for.
-    fn run_latest(
-        &self,
-        workflow_id: &str,
-        run_id: &str,
-    ) -> Option<tokio::sync::watch::Receiver<bool>> {
+    fn run_latest(&self, workflow_id: &str, run_id: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.run_tail
             .get(&(workflow_id.to_string(), run_id.to_string()))
             .cloned()
@@ -490,15 +459,10 @@ impl Daemon {
             return Err("the worker is gone".into());
         };
         if slot >= w.slots {
-            return Err(format!(
-                "slot {slot} is outside the table of {} slots",
-                w.slots
-            ));
+            return Err(format!("slot {slot} is outside the table of {} slots", w.slots));
         }
         let addr = w.slots_addr + slot * 8;
-        let Some(host_tid) = u32::try_from(tid)
-            .ok()
-            .and_then(|t| procfs::host_tid(worker, t))
+        let Some(host_tid) = u32::try_from(tid).ok().and_then(|t| procfs::host_tid(worker, t))
         else {
             return self.refuse(
                 worker,
@@ -506,7 +470,7 @@ impl Daemon {
             );
         };
         self.session
-            .cap
+            .capture_mut()
             .register_thread(host_tid, worker, addr)
             .map_err(|e| format!("{e:#}"))?;
         if let Some(w) = self.registry.workers.get_mut(&worker) {
@@ -558,9 +522,7 @@ impl Daemon {
             .unwrap_or_else(registry::now_secs);
         let failed = req.get("status").and_then(Value::as_str) == Some("failed");
         // The agent's own calls to Core are never governed (protocol §3.2).
-        let own = self
-            .governor_of(worker)
-            .unwrap_or_else(|_| self.governor.clone());
+        let own = self.governor_of(worker).unwrap_or_else(|_| self.governor.clone());
         let spans: Vec<Value> = a
             .spans
             .iter()
@@ -597,11 +559,7 @@ impl Daemon {
             error: req.get("error").and_then(|e| {
                 Some(events::ActivityError {
                     kind: e.get("type")?.as_str()?.to_string(),
-                    message: e
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string(),
+                    message: e.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
                 })
             }),
             spans,
@@ -618,9 +576,7 @@ impl Daemon {
             reply(
                 &tx,
                 &id,
-                Ok(
-                    json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision}),
-                ),
+                Ok(json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision})),
             );
         });
         Ok(())
@@ -659,10 +615,7 @@ impl Daemon {
                     .and_then(Value::as_array)
                     .cloned()
                     .unwrap_or_default();
-                (
-                    events::signal_received(&wf, &s("signal_name"), args, now),
-                    true,
-                )
+                (events::signal_received(&wf, &s("signal_name"), args, now), true)
             }
             other => return Err(format!("unknown workflow event_type {other:?}")),
         };
@@ -712,11 +665,7 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(str::to_string)
-                        .ok_or(format!("{k} must be a list of names"))
-                })
+                .map(|x| x.as_str().map(str::to_string).ok_or(format!("{k} must be a list of names")))
                 .collect::<Result<_, _>>()
                 .map(Some),
             Some(_) => Err(format!("{k} must be a list of names")),
@@ -748,9 +697,7 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
                     .as_deref()
                     .unwrap_or("")
                     .bytes()
-                    .fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                    });
+                    .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
                 cfg.spool_dir = base.spool_dir.join(format!("core-{tag:016x}"));
             }
             _ => {}
@@ -767,11 +714,7 @@ fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<Governance
         None => {}
         Some("fail_open") => cfg.on_api_error = FailPolicy::FailOpen,
         Some("fail_closed") => cfg.on_api_error = FailPolicy::FailClosed,
-        Some(other) => {
-            return Err(format!(
-                "governance_policy {other:?}: use fail_open or fail_closed"
-            ))
-        }
+        Some(other) => return Err(format!("governance_policy {other:?}: use fail_open or fail_closed")),
     }
     if let Some(b) = flag("send_start_event")? {
         cfg.send_start_event = b;
@@ -854,8 +797,7 @@ mod tests {
         assert!(err.contains("governance_policy"), "{err}");
         let err = worker_config(&base, &json!({"governance_timeout": -1})).unwrap_err();
         assert!(err.contains("governance_timeout"), "{err}");
-        let err =
-            worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
+        let err = worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
         assert!(err.contains("https"), "{err}");
     }
 }
