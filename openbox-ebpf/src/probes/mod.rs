@@ -5,7 +5,7 @@ mod process;
 mod sockets;
 mod tls;
 
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_current_pid_tgid};
 use openbox_common::*;
 
 use crate::{
@@ -16,7 +16,8 @@ use crate::{
 /// Keeps a syscall's arguments for its exit program.
 #[inline(always)]
 fn stash(pid_tgid: u64, args: SyscallArgs) -> Result<(), Loss> {
-    ARGS.insert(pid_tgid, args, 0).map_err(|_| Loss::MapFull)
+    ARGS.insert(pid_tgid, args, BPF_ANY.into())
+        .map_err(|_| Loss::MapFull)
 }
 
 /// Takes what the entry program of the current thread's syscall kept. None when there
@@ -35,7 +36,7 @@ fn take_args() -> Option<(u64, SyscallArgs)> {
 #[inline(always)]
 fn track_fd(tgid: u32, fd: i32, kind: u32, gen: u64) {
     let state = FdState { kind, _pad: 0, gen };
-    if FDS.insert(fd_key(tgid, fd), state, 0).is_err() {
+    if FDS.insert(fd_key(tgid, fd), state, BPF_ANY.into()).is_err() {
         // The descriptor's calls will go unseen; its creation record still goes out.
         Loss::MapFull.count();
     }

@@ -6,7 +6,7 @@
 //! kernel whose layout differs, so a program never reads a field that is not there.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::tracepoint,
     programs::TracePointContext,
@@ -80,7 +80,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
             _pad: 0,
             activity,
         };
-        if INHERIT.insert(child, value, 0).is_err() {
+        if INHERIT.insert(child, value, BPF_ANY.into()).is_err() {
             Loss::MapFull.count();
         }
     }

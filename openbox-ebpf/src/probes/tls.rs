@@ -13,6 +13,7 @@
 //! delete per TLS call that moved bytes; a full map is counted as `Loss::Scratch`.
 
 use aya_ebpf::{
+    bindings::BPF_ANY,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
@@ -48,7 +49,7 @@ fn try_ssl_enter(ctx: &ProbeContext, source: u32, ex: bool) -> Result<(), Loss> 
         _pad: 0,
     };
     SSL_ARGS
-        .insert(pid_tgid, args, 0)
+        .insert(pid_tgid, args, BPF_ANY.into())
         .map_err(|_| Loss::MapFull)
 }
 
@@ -135,7 +136,7 @@ fn thread_scratch(pid_tgid: u64) -> Result<*mut Scratch, Loss> {
     // value, the 4 KiB scratch would be copied to the 512-byte stack.
     let template: &Scratch = unsafe { &*template };
     TLS_SCRATCH
-        .insert(pid_tgid, template, 0)
+        .insert(pid_tgid, template, BPF_ANY.into())
         .map_err(|_| Loss::Scratch)?;
     TLS_SCRATCH.get_ptr_mut(pid_tgid).ok_or(Loss::Scratch)
 }
