@@ -34,7 +34,7 @@ pub fn parse_format(text: &str) -> Vec<FormatField> {
     text.lines().filter_map(parse_field_line).collect()
 }
 
-/// `field:unsigned int fd;	offset:16;	size:8;	signed:0;`
+/// `field:unsigned int fd; offset:16; size:8; signed:0;`
 fn parse_field_line(line: &str) -> Option<FormatField> {
     let mut parts = line.trim().split(';').map(str::trim);
     let decl = parts.next()?.strip_prefix("field:")?;
