@@ -7,11 +7,12 @@
 //! the kernel saw (`owner`), which is the exact evidence rule: anything else is counted
 //! as unattributed, with the reason.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
 use crate::{
+    bounded::BoundedMap,
     conn::{Attr, Pid},
     governance::events,
     span::Span,
@@ -130,8 +131,7 @@ pub struct Stats {
 pub struct Registry {
     pub workers: HashMap<Pid, Worker>,
     pub activities: HashMap<(Pid, u64), Activity>,
-    ended: HashSet<(Pid, u64)>,
-    ended_order: VecDeque<(Pid, u64)>,
+    ended: BoundedMap<(Pid, u64), ()>,
     next_token: u64,
     /// Most spans kept per activity.
     pub span_limit: usize,
@@ -143,8 +143,7 @@ impl Registry {
         Self {
             workers: HashMap::new(),
             activities: HashMap::new(),
-            ended: HashSet::new(),
-            ended_order: VecDeque::new(),
+            ended: BoundedMap::new(ENDED_MEMORY),
             next_token: 1,
             span_limit,
             stats: Stats::default(),
@@ -178,13 +177,7 @@ impl Registry {
     }
 
     fn remember_ended(&mut self, key: (Pid, u64)) {
-        if self.ended_order.len() == ENDED_MEMORY {
-            if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
-            }
-        }
-        self.ended.insert(key);
-        self.ended_order.push_back(key);
+        self.ended.insert(key, ());
     }
 
     /// Puts a span on its activity, or says why it cannot be.
@@ -215,7 +208,7 @@ impl Registry {
                 self.stats.spans_attributed += 1;
                 Ok(())
             }
-            None if self.ended.contains(&key) => {
+            None if self.ended.contains_key(&key) => {
                 Err(self.unattributed(Unattributed::AfterActivityEnd, span))
             }
             None => Err(self.unattributed(Unattributed::UnknownActivity, span)),
@@ -329,7 +322,10 @@ mod tests {
             r.route(span(200, a)).unwrap_err().0,
             Unattributed::UnknownActivity
         );
-        assert_eq!(r.route(span(100, 0)).unwrap_err().0, Unattributed::NoActivity);
+        assert_eq!(
+            r.route(span(100, 0)).unwrap_err().0,
+            Unattributed::NoActivity
+        );
         let done = r.end(100, a).unwrap();
         assert_eq!(done.spans.len(), 1);
         assert_eq!(done.spans[0].activity_id.as_deref(), Some("a"));
@@ -386,9 +382,13 @@ mod tests {
         assert_eq!((info.id.attempt, json!(info.input)), (2, json!([1, "x"])));
         let mut bad = ok.clone();
         bad.as_object_mut().unwrap().remove("run_id");
-        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("run_id"));
+        assert!(ActivityInfo::from_request(&bad)
+            .unwrap_err()
+            .contains("run_id"));
         let mut bad = ok;
         bad["attempt"] = json!(0);
-        assert!(ActivityInfo::from_request(&bad).unwrap_err().contains("attempt"));
+        assert!(ActivityInfo::from_request(&bad)
+            .unwrap_err()
+            .contains("attempt"));
     }
 }
