@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod event;
 pub mod tls;
+pub mod tracefs;
 
 use std::{collections::HashSet, path::Path};
 
@@ -103,6 +104,9 @@ pub struct Counters {
     pub map_full: u64,
     pub captured_bytes: u64,
     pub slot_read_failures: u64,
+    pub scratch_failures: u64,
+    pub kernel_read_failures: u64,
+    pub pause_failures: u64,
 }
 
 /// The loaded programs and their maps.
@@ -130,6 +134,8 @@ impl Capture {
         }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
+        // Before anything is loaded: a program must never read a field that moved.
+        tracefs::check_kernel()?;
         preflight::raise_memlock();
         let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
         let pause: u32 = cfg.pause_on_tls_lib.into();
@@ -288,6 +294,9 @@ impl Capture {
             map_full: sum(CNT_MAP_FULL),
             captured_bytes: sum(CNT_CAPTURED_BYTES),
             slot_read_failures: sum(CNT_SLOT_READ_FAILURES),
+            scratch_failures: sum(CNT_SCRATCH_FAILURES),
+            kernel_read_failures: sum(CNT_KERNEL_READ_FAILURES),
+            pause_failures: sum(CNT_PAUSE_FAILURES),
         }
     }
 
