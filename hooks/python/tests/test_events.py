@@ -47,7 +47,8 @@ class SenderTest(unittest.TestCase):
         messages = agent.wait_for("workflow_event", 400)
         for t in range(4):
             self.assertEqual(
-                [m["signal_args"][0] for m in messages if m["workflow_id"] == f"w{t}"], list(range(100))
+                [m["signal_args"][0] for m in messages if m["workflow_id"] == f"w{t}"],
+                list(range(100)),
             )
         # One connection of its own, introduced by hello with the hook's config.
         [hello] = agent.ops("hello")
