@@ -36,7 +36,8 @@ pub enum HookMsg {
         peer: Pid,
         /// The request's `id`, echoed in its reply.
         id: Value,
-        req: Result<Request, BadRequest>,
+        /// Boxed: a request is large beside `Closed`, and moves through a channel.
+        req: Box<Result<Request, BadRequest>>,
         reply: ReplyTx,
     },
     Closed {
@@ -153,7 +154,7 @@ async fn connection(conn: u64, peer: Pid, stream: UnixStream, tx: mpsc::Unbounde
             conn,
             peer,
             id,
-            req,
+            req: Box::new(req),
             reply: reply_tx.clone(),
         };
         if tx.send(msg).is_err() {
@@ -203,7 +204,7 @@ mod tests {
             reply
                 .send(Reply::new(id.clone(), Ok(Answer::Accepted {})))
                 .unwrap();
-            got.push((id, req));
+            got.push((id, *req));
         }
         assert!(got[0]
             .1

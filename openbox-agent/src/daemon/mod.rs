@@ -225,7 +225,7 @@ impl Daemon {
                 reply: tx,
             } => {
                 // Governed ops answer from a task of their own: Core may take its time.
-                let result = match (req, self.conns.get(&conn).copied()) {
+                let result = match (*req, self.conns.get(&conn).copied()) {
                     (Ok(Request::Hello(hello)), _) => match self.hello(conn, peer, &hello) {
                         Ok(ok) if !self.worker_governor(peer, &tx, &id, &ok) => return,
                         other => other,

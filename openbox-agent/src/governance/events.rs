@@ -498,7 +498,7 @@ mod tests {
             activity_input: vec![json!({"prompt": "hi"})],
             activity_output: json!({"text": "hello"}),
             error: None,
-            spans: vec![Span::with_attributes(
+            spans: vec![crate::governance::testutil::span(
                 "POST",
                 json!({"http.method": "POST"}),
             )],

@@ -711,7 +711,7 @@ mod tests {
                     .iter()
                     .map(|sp| {
                         let name = sp.get("name").and_then(Value::as_str).unwrap_or("span");
-                        Span::with_attributes(
+                        crate::governance::testutil::span(
                             name,
                             sp.get("attributes").cloned().unwrap_or_default(),
                         )

@@ -957,7 +957,7 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
         None
     );
     let now = SystemTime::now();
-    let mut span = crate::span::Span::with_attributes(
+    let mut span = testutil::span(
         "POST",
         json!({"http.method": "POST", "http.url": "https://api.example.com/v1/chat"}),
     );
