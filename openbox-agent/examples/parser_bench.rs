@@ -8,10 +8,9 @@
 use std::time::{Duration, Instant};
 
 use openbox_agent::{
-    capture::event::Addr,
+    capture::{clock::Clock, event::Addr},
     conn::{Direction, Record},
     span::{SpanBuilder, SpanConfig},
-    trace::Clock,
 };
 use serde_json::Value;
 

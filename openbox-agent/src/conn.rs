@@ -10,7 +10,10 @@ use std::collections::{HashMap, VecDeque};
 
 use openbox_common::*;
 
-use crate::capture::event::{Addr, Body, Data, Event};
+use crate::{
+    capture::event::{Addr, Body, Data, Event},
+    protocol,
+};
 
 pub type Pid = u32;
 type FdKey = (Pid, i32);
@@ -377,9 +380,6 @@ fn looks_like_tls(b: &[u8]) -> bool {
     b.len() >= 3 && (b[0] == 0x16 || b[0] == 0x15) && b[1] == 0x03 && b[2] <= 0x04
 }
 
-/// PostgreSQL SSLRequest: length 8, code 80877103.
-const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-
 impl Tracker {
     pub fn new(skip: SkipPaths) -> Self {
         Self {
@@ -671,7 +671,10 @@ impl Tracker {
                         conn.flagged = true;
                         actions.push(Action::NoPayload(h.tgid, d.fd, gen));
                     }
-                } else if at_start && dir == Direction::Egress && d.payload == PG_SSL_REQUEST {
+                } else if at_start
+                    && dir == Direction::Egress
+                    && protocol::asks_for_tls_upgrade(&d.payload)
+                {
                     conn.starttls = true;
                 }
             }
@@ -1142,6 +1145,8 @@ mod tests {
 
     #[test]
     fn postgres_ssl_request_is_cleartext_and_what_follows_is_not() {
+        // SSLRequest: length 8, code 80877103.
+        const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         let mut t = Tracker::new(SkipPaths::default());
         let (out, _) = run(
             &mut t,

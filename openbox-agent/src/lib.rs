@@ -3,13 +3,16 @@
 //!
 //! The data's path, top to bottom: [`capture`] (load, attach, read the ring buffer) →
 //! [`conn`] (descriptor tables, streams, TLS linking) → [`protocol`] (parsers) →
-//! [`span`] (SDK-compatible spans) → [`trace`] (output).
+//! [`span`] (SDK-compatible spans) → sinks ([`trace`]'s printer, [`daemon`]'s
+//! attribution and [`governance`]). [`pipeline`] drives those stages.
 
+pub mod bounded;
 pub mod capture;
 pub mod check;
 pub mod conn;
 pub mod daemon;
 pub mod governance;
+pub mod pipeline;
 pub mod preflight;
 pub mod procfs;
 pub mod protocol;

@@ -12,11 +12,9 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// The effective capability set of this process.
 pub fn effective_caps() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    ::procfs::process::Process::myself()
+        .and_then(|me| me.status())
+        .map(|s| s.capeff)
         .unwrap_or(0)
 }
 

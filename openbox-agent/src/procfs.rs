@@ -3,7 +3,13 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use ::procfs::{
+    process::{FDTarget, MMPermissions, MMapPath, Process},
+    FromRead,
 };
 
 use crate::{
@@ -18,126 +24,86 @@ pub enum FdTarget {
     Other,
 }
 
+fn process(pid: Pid) -> Option<Process> {
+    Process::new(i32::try_from(pid).ok()?).ok()
+}
+
 /// The descriptors of a process.
 pub fn fds(pid: Pid) -> Vec<(i32, FdTarget)> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+    let Some(fds) = process(pid).and_then(|p| p.fd().ok()) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        out.push((fd, classify(&target)));
-    }
+    let mut out: Vec<(i32, FdTarget)> = fds
+        .flatten()
+        .map(|info| (info.fd, classify(info.target)))
+        .collect();
     out.sort_by_key(|(fd, _)| *fd);
     out
 }
 
-fn classify(target: &str) -> FdTarget {
-    if let Some(ino) = target
-        .strip_prefix("socket:[")
-        .and_then(|s| s.strip_suffix(']'))
-    {
-        return ino.parse().map(FdTarget::Socket).unwrap_or(FdTarget::Other);
+fn classify(target: FDTarget) -> FdTarget {
+    match target {
+        FDTarget::Socket(inode) => FdTarget::Socket(inode),
+        FDTarget::Path(path) => {
+            let path = path.to_string_lossy();
+            // A deleted file's name is no longer the file: nothing to report it as.
+            if path.starts_with('/') && !path.ends_with(" (deleted)") {
+                FdTarget::File(path.into_owned())
+            } else {
+                FdTarget::Other
+            }
+        }
+        _ => FdTarget::Other,
     }
-    if target.starts_with('/') && !target.ends_with(" (deleted)") {
-        return FdTarget::File(target.to_string());
-    }
-    FdTarget::Other
 }
 
 fn socket_inode(pid: Pid, fd: i32) -> Option<u64> {
-    let t = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    match classify(&t.to_string_lossy()) {
-        FdTarget::Socket(ino) => Some(ino),
+    match process(pid)?.fd_from_fd(fd).ok()?.target {
+        FDTarget::Socket(inode) => Some(inode),
         _ => None,
     }
 }
 
-/// Parses an address of /proc/net/tcp{,6}: hex IP in host-order 32-bit words, hex port.
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
-    let (ip, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match ip.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(
-            u32::from_str_radix(ip, 16).ok()?.to_ne_bytes(),
-        )),
-        32 => {
-            let mut b = [0u8; 16];
-            for i in 0..4 {
-                let w = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
-                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            let v6 = Ipv6Addr::from(b);
-            match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            }
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
+/// IPv4 peers of dual-stack sockets appear in the tcp6/udp6 tables as v4-mapped
+/// addresses: report them as the IPv4 addresses they are, as the kernel records do.
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
 }
 
 /// inode → (local, remote) for the TCP and UDP sockets of a process's network namespace.
 fn inet_sockets(pid: Pid) -> HashMap<u64, (SocketAddr, SocketAddr)> {
     let mut out = HashMap::new();
-    for table in ["tcp", "tcp6", "udp", "udp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        out.extend(parse_inet_table(&text));
+    let Some(p) = process(pid) else {
+        return out;
+    };
+    let tcp = [p.tcp(), p.tcp6()].into_iter().flatten().flatten();
+    for e in tcp {
+        out.insert(e.inode, (unmapped(e.local_address), unmapped(e.remote_address)));
     }
-    out
-}
-
-fn parse_inet_table(text: &str) -> HashMap<u64, (SocketAddr, SocketAddr)> {
-    let mut out = HashMap::new();
-    for line in text.lines().skip(1) {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 10 {
-            continue;
-        }
-        if let (Some(l), Some(r), Ok(ino)) = (
-            parse_proc_addr(cols[1]),
-            parse_proc_addr(cols[2]),
-            cols[9].parse(),
-        ) {
-            out.insert(ino, (l, r));
-        }
+    let udp = [p.udp(), p.udp6()].into_iter().flatten().flatten();
+    for e in udp {
+        out.insert(e.inode, (unmapped(e.local_address), unmapped(e.remote_address)));
     }
     out
 }
 
 /// Every descendant of a process (children, grandchildren …), from /proc/*/stat.
 pub fn descendants(root: Pid) -> Vec<Pid> {
-    let mut parent_of: Vec<(Pid, Pid)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<Pid>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // The comm field may hold spaces and parentheses: ppid follows the last ')'.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-                parent_of.push((pid, ppid));
-            }
-        }
-    }
+    let parent_of: Vec<(Pid, Pid)> = ::procfs::process::all_processes()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let stat = p.stat().ok()?;
+            Some((Pid::try_from(stat.pid).ok()?, Pid::try_from(stat.ppid).ok()?))
+        })
+        .collect();
     let mut out = Vec::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {
@@ -152,9 +118,52 @@ pub fn descendants(root: Pid) -> Vec<Pid> {
 }
 
 pub fn exe(pid: Pid) -> Option<String> {
-    std::fs::read_link(format!("/proc/{pid}/exe"))
+    process(pid)?
+        .exe()
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// A file a process maps executable, as /proc/PID/maps names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MappedFile {
+    /// The path in the process's own mount namespace (spaces kept).
+    pub path: String,
+    /// Replaced or removed since it was mapped (`(deleted)` in maps): the path now
+    /// names another file, or none.
+    pub deleted: bool,
+}
+
+/// Executable file mappings of a process, from /proc/PID/maps.
+pub fn mapped_files(pid: Pid) -> std::io::Result<Vec<MappedFile>> {
+    let p = process(pid).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("process {pid}"))
+    })?;
+    let maps = p.maps().map_err(std::io::Error::other)?;
+    let mut out: Vec<MappedFile> = maps
+        .into_iter()
+        .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
+        .filter_map(|m| match m.pathname {
+            MMapPath::Path(path) => Some(mapped_file(&path.to_string_lossy())),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn mapped_file(path: &str) -> MappedFile {
+    match path.strip_suffix(" (deleted)") {
+        Some(p) => MappedFile {
+            path: p.to_string(),
+            deleted: true,
+        },
+        None => MappedFile {
+            path: path.to_string(),
+            deleted: false,
+        },
+    }
 }
 
 /// The real /proc.
@@ -162,15 +171,15 @@ pub struct Procfs;
 
 impl ProcEnv for Procfs {
     fn cwd(&self, pid: Pid) -> Option<String> {
-        std::fs::read_link(format!("/proc/{pid}/cwd"))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        let cwd = process(pid)?.cwd().ok()?;
+        Some(cwd.to_string_lossy().into_owned())
     }
 
     fn fd_path(&self, pid: Pid, fd: i32) -> Option<String> {
-        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        match process(pid)?.fd_from_fd(fd).ok()?.target {
+            FDTarget::Path(path) => Some(path.to_string_lossy().into_owned()),
+            _ => None,
+        }
     }
 
     fn socket_addrs(&self, pid: Pid, fd: i32) -> (Option<Addr>, Option<Addr>) {
@@ -193,30 +202,22 @@ impl ProcEnv for Procfs {
 
 #[cfg(test)]
 mod tests {
+    use std::{io::Write, os::unix::net::UnixStream};
+
     use super::*;
 
     #[test]
-    fn proc_net_tcp_lines_give_addresses_by_inode() {
-        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1
-";
-        let t = parse_inet_table(text);
-        let (l, r) = t[&4242];
-        assert_eq!(l.to_string(), "127.0.0.1:8080");
-        assert_eq!(r.to_string(), "127.0.0.1:54321");
-    }
-
-    #[test]
-    fn ipv6_loopback_parses() {
-        let a = parse_proc_addr("00000000000000000000000001000000:01BB").unwrap();
-        assert_eq!(a.to_string(), "[::1]:443");
-    }
-
-    #[test]
     fn fd_targets_are_classified() {
-        assert_eq!(classify("socket:[123]"), FdTarget::Socket(123));
-        assert_eq!(classify("/tmp/a"), FdTarget::File("/tmp/a".into()));
-        assert_eq!(classify("pipe:[5]"), FdTarget::Other);
+        assert_eq!(classify(FDTarget::Socket(123)), FdTarget::Socket(123));
+        assert_eq!(
+            classify(FDTarget::Path("/tmp/a b".into())),
+            FdTarget::File("/tmp/a b".into())
+        );
+        assert_eq!(classify(FDTarget::Pipe(5)), FdTarget::Other);
+        assert_eq!(
+            classify(FDTarget::Path("/tmp/gone (deleted)".into())),
+            FdTarget::Other
+        );
     }
 
     #[test]
@@ -225,21 +226,92 @@ mod tests {
         assert!(!fds(me).is_empty());
         assert!(Procfs.cwd(me).is_some());
     }
+
+    #[test]
+    fn a_connected_tcp_socket_has_its_addresses() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+        let (local, remote) = Procfs.socket_addrs(std::process::id(), fd);
+        assert_eq!(remote, Some(Addr::Inet(server)));
+        assert_eq!(local, Some(Addr::Inet(client.local_addr().unwrap())));
+    }
+
+    #[test]
+    fn a_v4_peer_of_a_dual_stack_socket_is_reported_as_ipv4() {
+        let a: SocketAddr = "[::ffff:127.0.0.1]:443".parse().unwrap();
+        assert_eq!(unmapped(a).to_string(), "127.0.0.1:443");
+        let b: SocketAddr = "[::1]:443".parse().unwrap();
+        assert_eq!(unmapped(b), b);
+    }
+
+    #[test]
+    fn unix_sockets_have_no_inet_addresses() {
+        let (mut a, _b) = UnixStream::pair().unwrap();
+        a.write_all(b"x").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&a);
+        assert_eq!(Procfs.socket_addrs(std::process::id(), fd), (None, None));
+    }
+
+    #[test]
+    fn descendants_include_a_child_and_its_child() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 5 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = descendants(std::process::id());
+            if found.contains(&pid) && found.len() >= 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::process::Command::new("pkill")
+            .args(["-P", &pid.to_string()])
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&pid), "{found:?} lacks {pid}");
+    }
+
+    #[test]
+    fn deleted_and_spaced_paths_of_mappings_are_kept_whole() {
+        assert_eq!(
+            mapped_file("/opt/my env/lib/libssl.so.3"),
+            MappedFile {
+                path: "/opt/my env/lib/libssl.so.3".into(),
+                deleted: false
+            }
+        );
+        assert_eq!(
+            mapped_file("/usr/lib/libssl.so.3 (deleted)"),
+            MappedFile {
+                path: "/usr/lib/libssl.so.3".into(),
+                deleted: true
+            }
+        );
+    }
+
+    #[test]
+    fn own_mappings_include_the_executable() {
+        let files = mapped_files(std::process::id()).unwrap();
+        let me = exe(std::process::id()).unwrap();
+        assert!(files.iter().any(|f| f.path == me && !f.deleted), "{files:?}");
+    }
 }
 
 /// The ids of a task in each PID namespace it belongs to, outermost (the host's, as
 /// the agent sees it) first: the `NSpid` line of /proc/PID/status or
 /// /proc/PID/task/TID/status.
 pub fn nspids(status_path: &str) -> Option<Vec<u32>> {
-    let text = std::fs::read_to_string(status_path).ok()?;
-    parse_nspid(&text)
-}
-
-fn parse_nspid(status: &str) -> Option<Vec<u32>> {
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    let ids: Vec<u32> = line["NSpid:".len()..]
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
+    let status = ::procfs::process::Status::from_file(status_path).ok()?;
+    let ids: Vec<u32> = status
+        .nspid?
+        .into_iter()
+        .filter_map(|id| u32::try_from(id).ok())
         .collect();
     (!ids.is_empty()).then_some(ids)
 }
@@ -250,19 +322,14 @@ pub fn host_tid(pid: Pid, ns_tid: u32) -> Option<u32> {
     let own = nspids(&format!("/proc/{pid}/status"))?;
     if own.len() == 1 {
         // Same namespace as ours: the ids are the host's.
-        return std::path::Path::new(&format!("/proc/{pid}/task/{ns_tid}"))
+        return Path::new(&format!("/proc/{pid}/task/{ns_tid}"))
             .exists()
             .then_some(ns_tid);
     }
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    for entry in dir.flatten() {
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Some(ids) = nspids(&format!("/proc/{pid}/task/{tid}/status")) {
-            if ids.last() == Some(&ns_tid) {
-                return Some(tid);
-            }
+    for task in process(pid)?.tasks().ok()?.flatten() {
+        let ids = task.status().ok().and_then(|s| s.nspid);
+        if ids.and_then(|ids| ids.last().copied()) == i32::try_from(ns_tid).ok() {
+            return u32::try_from(task.tid).ok();
         }
     }
     None
@@ -270,24 +337,18 @@ pub fn host_tid(pid: Pid, ns_tid: u32) -> Option<u32> {
 
 /// Whether `[addr, addr + len)` lies in one writable mapping of process `pid`.
 pub fn writable_range(pid: Pid, addr: u64, len: u64) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+    let Some(maps) = process(pid).and_then(|p| p.maps().ok()) else {
         return false;
     };
     let Some(end) = addr.checked_add(len) else {
         return false;
     };
-    maps.lines().any(|line| {
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        let Some((lo, hi)) = range.split_once('-') else {
-            return false;
-        };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
-            return false;
-        };
-        perms.starts_with("rw") && lo <= addr && end <= hi
+    maps.into_iter().any(|m| {
+        let (lo, hi) = m.address;
+        m.perms
+            .contains(MMPermissions::READ | MMPermissions::WRITE)
+            && lo <= addr
+            && end <= hi
     })
 }
 
@@ -296,10 +357,11 @@ mod nspid_tests {
     use super::*;
 
     #[test]
-    fn nspid_line_lists_outer_to_inner_ids() {
-        let status = "Name:\tpython\nTgid:\t4242\nNSpid:\t4242\t1\nPPid:\t1\n";
-        assert_eq!(parse_nspid(status), Some(vec![4242, 1]));
-        assert_eq!(parse_nspid("Name:\tx\n"), None);
+    fn own_nspid_is_our_pid() {
+        let pid = std::process::id();
+        let ids = nspids(&format!("/proc/{pid}/status")).unwrap();
+        assert_eq!(ids.first(), Some(&pid));
+        assert_eq!(nspids("/proc/not-a-process/status"), None);
     }
 
     #[test]

@@ -11,10 +11,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::{
-    capture::event::Addr,
+    capture::{clock::Clock, event::Addr},
     conn::{Attr, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
-    trace::Clock,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -657,10 +656,10 @@ fn feed(
             // while the role is unknown.
             let sides: Vec<(Side, Role)> = match c.role {
                 Role::Client => vec![(side_if_client, Role::Client)],
-                Role::Server => vec![(other(side_if_client), Role::Server)],
+                Role::Server => vec![(side_if_client.opposite(), Role::Server)],
                 Role::Unknown => vec![
                     (side_if_client, Role::Client),
-                    (other(side_if_client), Role::Server),
+                    (side_if_client.opposite(), Role::Server),
                 ],
             };
             for (side, role) in sides {
@@ -718,13 +717,6 @@ fn feed(
     }
     if truncated > 0 {
         p.gap(side, truncated, ts, ops);
-    }
-}
-
-fn other(s: Side) -> Side {
-    match s {
-        Side::Client => Side::Server,
-        Side::Server => Side::Client,
     }
 }
 

@@ -1,23 +1,18 @@
 //! `openbox-agent trace`: watch one process tree and print what it does.
 
-use std::{
-    ffi::CString,
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::{ffi::CString, io::Write, path::PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{MapData, RingBuf};
 use base64::Engine;
-use openbox_common::*;
 use serde_json::json;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
-    capture::{event, tls, Capture, CaptureConfig, Counters},
-    conn::{Action, Pid, Record, SkipPaths, Tracker},
-    procfs::{self, FdTarget, Procfs},
-    span::{Span, SpanBuilder, SpanConfig},
+    capture::{clock::Clock, event, CaptureConfig, Counters},
+    conn::{Pid, Record, SkipPaths},
+    pipeline::{self, Output, Session, Sink},
+    procfs,
+    span::{Span, SpanConfig},
 };
 
 #[derive(Debug, Clone)]
@@ -33,38 +28,6 @@ pub struct TraceOpts {
     pub skip: SkipPaths,
     /// Most payload bytes shown per data record in the readable output.
     pub show_bytes: usize,
-}
-
-/// CLOCK_MONOTONIC (kernel timestamps) to Unix-epoch nanoseconds.
-#[derive(Clone, Copy)]
-pub struct Clock {
-    offset: i128,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        fn now(clock: libc::clockid_t) -> i128 {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: clock_gettime with a valid out-pointer.
-            unsafe { libc::clock_gettime(clock, &mut ts) };
-            ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-        }
-        Self {
-            offset: now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC),
-        }
-    }
-    pub fn epoch_ns(&self, mono: u64) -> u64 {
-        (mono as i128 + self.offset).max(0) as u64
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// Starts `command` stopped, so it can be watched before its first instruction.
@@ -138,327 +101,112 @@ fn pidfd(pid: Pid) -> Result<AsyncFd<std::os::fd::OwnedFd>> {
         .map_err(|e| anyhow!("polling process {pid}: {e}"))
 }
 
-pub struct Session {
-    pub cap: Capture,
-    pub tracker: Tracker,
-    clock: Clock,
+/// The `trace` sink: spans (or, with `--raw`, capture records) on stdout, readable or
+/// one JSON object per line.
+struct Printer {
     json: bool,
+    raw: bool,
     show_bytes: usize,
-    /// Span mode: the builder turning records into spans; raw mode: none.
-    spans: Option<SpanBuilder>,
-    pub records_received: u64,
-    pub unparsed_records: u64,
     out: std::io::BufWriter<std::io::Stdout>,
-    /// Daemon mode: spans and process exits are kept for the caller, nothing printed.
-    pub collected: Option<Collected>,
 }
 
-/// What a collecting session gathered since the caller last took it.
-#[derive(Default)]
-pub struct Collected {
-    pub spans: Vec<Span>,
-    /// Processes that exited (host tgids).
-    pub exits: Vec<Pid>,
-}
-
-impl Session {
-    /// A session that keeps spans for the caller instead of printing them.
-    pub fn collecting(cap: Capture, skip: SkipPaths, spans: SpanConfig) -> Session {
-        let clock = Clock::new();
-        Session {
-            cap,
-            tracker: Tracker::new(skip),
-            clock,
-            json: true,
-            show_bytes: 0,
-            spans: Some(SpanBuilder::new(spans, clock)),
-            records_received: 0,
-            unparsed_records: 0,
-            out: std::io::BufWriter::new(std::io::stdout()),
-            collected: Some(Collected::default()),
-        }
-    }
-
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
-    /// Attaches to libssl copies the process maps now (its executable included).
-    fn scan_tls(&mut self, pid: Pid) {
-        let exe = procfs::exe(pid);
-        let Ok(files) = tls::mapped_files(pid) else {
-            return;
-        };
-        for f in files {
-            if !tls::may_hold_libssl(&f, exe.as_deref()) {
-                continue;
-            }
-            let path = host_path(pid, &f);
-            if self.cap.has_tls_lib(&path) {
-                continue;
-            }
-            match self.cap.attach_tls(&path) {
-                Ok(n) if n > 0 => {
-                    tracing::info!(pid, lib = %path.display(), probes = n, "attached TLS probes")
-                }
-                Ok(_) => {}
-                // An executable without libssl symbols is the common case: stay quiet.
-                Err(tls::AttachError::NoSymbols { .. }) if Some(&f) == exe.as_ref() => {}
-                Err(e) => tracing::warn!(pid, "{e}"),
-            }
-        }
-    }
-
-    /// Registers the descriptors a process has now, in the tracker and the kernel.
-    /// Registers the descriptors a process has now, in the tracker and the kernel. After
-    /// an exec at `exec_ts`, descriptors that vanished (O_CLOEXEC) are closed.
-    fn seed(&mut self, pid: Pid, exec_ts: Option<u64>) {
-        let now = procfs::fds(pid);
-        if let Some(at) = exec_ts {
-            for fd in self.tracker.fds_of(pid) {
-                if !now.iter().any(|(f, _)| *f == fd) {
-                    self.cap.forget_fd_before(pid, fd, at);
-                    let (mut records, mut actions) = (Vec::new(), Vec::new());
-                    self.tracker
-                        .close_vanished(pid, fd, at, &mut records, &mut actions);
-                    for r in &records {
-                        self.output(r);
-                    }
-                    for a in actions {
-                        self.act(a);
-                    }
-                }
-            }
-        }
-        for (fd, target) in now {
-            match target {
-                FdTarget::Socket(_) => {
-                    let gen = self.cap.seed_fd(pid, fd, FD_SOCKET);
-                    let (_, remote) = crate::conn::ProcEnv::socket_addrs(&Procfs, pid, fd);
-                    self.tracker.seed_socket(pid, fd, remote, gen);
-                }
-                FdTarget::File(path) => {
-                    let gen = self.cap.seed_fd(pid, fd, FD_FILE);
-                    if !self.tracker.seed_file(pid, fd, path, gen) {
-                        self.cap.set_fd_flags(pid, fd, gen, FD_QUIET);
-                    }
-                }
-                FdTarget::Other => {}
-            }
-        }
-    }
-
-    pub fn watch(&mut self, pid: Pid) -> Result<()> {
-        self.cap.watch(pid)?;
-        self.seed(pid, None);
-        self.scan_tls(pid);
-        Ok(())
-    }
-
-    fn act(&mut self, action: Action) {
-        match action {
-            Action::NoPayload(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_NO_PAYLOAD),
-            Action::Quiet(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_QUIET),
-            Action::ClearFlags(pid, fd, gen) => self.cap.clear_fd_flags(pid, fd, gen),
-            Action::ForgetFds { pid, fds, before } => {
-                for fd in fds {
-                    self.cap.forget_fd_before(pid, fd, before);
-                }
-            }
-            Action::AttachTls { pid, path, paused } => {
-                let p = host_path(pid, &path);
-                match self.cap.attach_tls(&p) {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(pid, lib = %p.display(), probes = n, "attached TLS probes")
-                    }
-                    Ok(_) => {}
-                    Err(tls::AttachError::NoSymbols { .. }) => {}
-                    Err(e) => tracing::warn!(pid, "{e}"),
-                }
-                if paused {
-                    // SAFETY: resuming the process our kernel program stopped.
-                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-                }
-            }
-            Action::Resync { pid, at } => {
-                self.seed(pid, Some(at));
-                self.scan_tls(pid);
-            }
-            Action::Seed(pid) => self.seed(pid, None),
-            Action::Unwatch(pid) => self.cap.unwatch(pid),
-        }
-    }
-
-    pub fn handle_bytes(&mut self, bytes: &[u8]) {
-        self.records_received += 1;
-        let ev = match event::decode(bytes) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.unparsed_records += 1;
-                tracing::debug!("undecodable record: {e}");
-                return;
-            }
-        };
-        let (mut records, mut actions) = (Vec::new(), Vec::new());
-        self.tracker.handle(ev, &Procfs, &mut records, &mut actions);
-        for r in &records {
-            self.output(r);
-        }
-        for a in actions {
-            self.act(a);
-        }
-    }
-
-    fn output(&mut self, r: &Record) {
-        if let Some(builder) = self.spans.as_mut() {
-            let mut spans = Vec::new();
-            builder.handle(r, &mut spans);
-            let given_up = std::mem::take(&mut builder.given_up);
-            match self.collected.as_mut() {
-                Some(c) => {
-                    c.spans.append(&mut spans);
-                    if let Record::Exit { pid, .. } = r {
-                        c.exits.push(*pid);
-                    }
-                }
-                None => self.print_spans(&spans),
-            }
-            // Span mode only: --raw shows every byte, so it keeps copying them.
-            for conn in given_up {
-                if let Some(action) = self.tracker.stop_payload(&conn) {
-                    self.act(action);
-                }
-            }
-            // Process lifecycle stays visible in readable span output.
-            if !self.json
-                && self.collected.is_none()
-                && matches!(
-                    r,
-                    Record::Exec { .. } | Record::Exit { .. } | Record::Fork { .. }
-                )
-            {
-                if let Some(line) = record_text(r, &self.clock, self.show_bytes) {
-                    let _ = writeln!(self.out, "{line}");
-                }
-            }
-            return;
-        }
+impl Sink for Printer {
+    fn span(&mut self, span: Span) {
         let line = if self.json {
-            record_json(r, &self.clock).map(|v| v.to_string())
+            serde_json::to_string(&span).unwrap_or_default()
         } else {
-            record_text(r, &self.clock, self.show_bytes)
+            span_text(&span, self.show_bytes)
+        };
+        let _ = writeln!(self.out, "{line}");
+    }
+
+    fn record(&mut self, r: &Record, clock: &Clock) {
+        let line = if self.raw {
+            if self.json {
+                record_json(r, clock).map(|v| v.to_string())
+            } else {
+                record_text(r, clock, self.show_bytes)
+            }
+        } else if !self.json
+            && matches!(
+                r,
+                Record::Exec { .. } | Record::Exit { .. } | Record::Fork { .. }
+            )
+        {
+            // Process lifecycle stays visible in readable span output.
+            record_text(r, clock, self.show_bytes)
+        } else {
+            None
         };
         if let Some(line) = line {
             let _ = writeln!(self.out, "{line}");
         }
     }
 
-    fn print_spans(&mut self, spans: &[Span]) {
-        for span in spans {
-            let line = if self.json {
-                serde_json::to_string(span).unwrap_or_default()
-            } else {
-                span_text(span, self.show_bytes)
-            };
-            let _ = writeln!(self.out, "{line}");
-        }
-    }
-
-    /// Finishes spans of connections still open (end of tracing).
-    pub fn finish_spans(&mut self) {
-        if let Some(builder) = self.spans.as_mut() {
-            let mut spans = Vec::new();
-            builder.finish(now_mono(), &mut spans);
-            match self.collected.as_mut() {
-                Some(c) => c.spans.append(&mut spans),
-                None => self.print_spans(&spans),
-            }
-        }
-    }
-
-    pub fn flush(&mut self) {
+    fn flush(&mut self) {
         let _ = self.out.flush();
     }
+}
 
-    pub fn summary(&mut self) -> Counters {
-        let c = self.cap.counters();
-        let (unparsed_ops, unknown_conns) = self
-            .spans
-            .as_ref()
-            .map(|b| (b.unparsed, b.unknown_conns))
-            .unwrap_or((0, 0));
-        if self.json && self.spans.is_some() {
-            // Span mode: stdout holds only spans; the counters go to stderr.
-            eprintln!(
-                "{}",
-                json!({
-                    "type": "summary", "events": c.events, "records_received": self.records_received,
-                    "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
-                    "truncated_bytes": c.truncated_bytes, "unparsed_records": self.unparsed_records,
-                    "unparsed_messages": unparsed_ops, "unrecognised_connections": unknown_conns,
-                })
-            );
-        } else if self.json {
-            let line = json!({
-                "type": "summary",
-                "events": c.events,
-                "records_received": self.records_received,
-                "ringbuf_drops": c.ringbuf_drops,
-                "truncated_calls": c.truncated_calls,
-                "truncated_bytes": c.truncated_bytes,
-                "unwatched_hits": c.unwatched_hits,
-                "watched_hits": c.watched_hits,
-                "read_failures": c.read_failures,
-                "map_full": c.map_full,
-                "captured_bytes": c.captured_bytes,
-                "unparsed_records": self.unparsed_records,
-            });
-            let _ = writeln!(self.out, "{line}");
-        } else {
+/// The kernel's and the pipeline's counters, at the end of tracing: on stderr in span
+/// JSON mode (stdout holds only spans), else after the output.
+fn summary(session: &mut Session<Printer>) -> Counters {
+    let c = session.counters();
+    let st = session.stats();
+    let spans = session.spans_enabled();
+    let p = session.sink_mut();
+    if p.json && spans {
+        eprintln!(
+            "{}",
+            json!({
+                "type": "summary", "events": c.events, "records_received": st.records_received,
+                "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
+                "truncated_bytes": c.truncated_bytes, "unparsed_records": st.unparsed_records,
+                "unparsed_messages": st.unparsed_messages,
+                "unrecognised_connections": st.unrecognised_connections,
+            })
+        );
+    } else if p.json {
+        let line = json!({
+            "type": "summary",
+            "events": c.events,
+            "records_received": st.records_received,
+            "ringbuf_drops": c.ringbuf_drops,
+            "truncated_calls": c.truncated_calls,
+            "truncated_bytes": c.truncated_bytes,
+            "unwatched_hits": c.unwatched_hits,
+            "watched_hits": c.watched_hits,
+            "read_failures": c.read_failures,
+            "map_full": c.map_full,
+            "captured_bytes": c.captured_bytes,
+            "unparsed_records": st.unparsed_records,
+        });
+        let _ = writeln!(p.out, "{line}");
+    } else {
+        let _ = writeln!(
+            p.out,
+            "-- summary: {} events ({} received), {} payload bytes captured; lost: {} ring-buffer drops, {} map-full; {} calls truncated ({} bytes not captured); {} undecodable records; probe hits: {} watched, {} unwatched",
+            c.events,
+            st.records_received,
+            c.captured_bytes,
+            c.ringbuf_drops,
+            c.map_full,
+            c.truncated_calls,
+            c.truncated_bytes,
+            st.unparsed_records,
+            c.watched_hits,
+            c.unwatched_hits
+        );
+        if spans {
             let _ = writeln!(
-                self.out,
-                "-- summary: {} events ({} received), {} payload bytes captured; lost: {} ring-buffer drops, {} map-full; {} calls truncated ({} bytes not captured); {} undecodable records; probe hits: {} watched, {} unwatched",
-                c.events,
-                self.records_received,
-                c.captured_bytes,
-                c.ringbuf_drops,
-                c.map_full,
-                c.truncated_calls,
-                c.truncated_bytes,
-                self.unparsed_records,
-                c.watched_hits,
-                c.unwatched_hits
+                p.out,
+                "-- protocols: {} messages not understood, {} connections of no known protocol",
+                st.unparsed_messages, st.unrecognised_connections
             );
-            if self.spans.is_some() {
-                let _ = writeln!(
-                    self.out,
-                    "-- protocols: {unparsed_ops} messages not understood, {unknown_conns} connections of no known protocol"
-                );
-            }
         }
-        self.flush();
-        c
     }
-}
-
-/// A path as seen by a process, opened from the host (a container's root differs).
-fn host_path(pid: Pid, path: &str) -> PathBuf {
-    let direct = Path::new(path);
-    if direct.exists() {
-        return direct.to_path_buf();
-    }
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
-}
-
-/// CLOCK_MONOTONIC now, in the kernel's timestamp units.
-pub fn now_mono() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    p.flush();
+    c
 }
 
 /// One readable line per span.
@@ -687,39 +435,28 @@ pub fn record_text(r: &Record, clock: &Clock, max: usize) -> Option<String> {
     })
 }
 
-pub fn drain(ring: &mut RingBuf<MapData>, session: &mut Session) {
-    while let Some(item) = ring.next() {
-        session.handle_bytes(&item);
-    }
-}
-
 pub async fn run(opts: TraceOpts) -> Result<i32> {
     if opts.pid.is_none() && opts.command.is_empty() {
         bail!("say what to trace: --pid PID, or -- COMMAND [ARGS...]");
     }
-    let mut cap = Capture::load(&opts.capture)?;
-    for lib in &opts.tls_libs {
-        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
-    }
-    for lib in tls::system_libssl() {
-        if let Err(e) = cap.attach_tls(&lib) {
-            tracing::warn!("{e}");
-        }
-    }
-    let mut ring = cap.events()?;
-    let clock = Clock::new();
-    let mut session = Session {
-        cap,
-        tracker: Tracker::new(opts.skip.clone()),
-        clock,
+    let printer = Printer {
         json: opts.json,
+        raw: opts.raw,
         show_bytes: opts.show_bytes,
-        spans: (!opts.raw).then(|| SpanBuilder::new(opts.spans.clone(), clock)),
-        records_received: 0,
-        unparsed_records: 0,
         out: std::io::BufWriter::new(std::io::stdout()),
-        collected: None,
     };
+    let output = if opts.raw {
+        Output::Records
+    } else {
+        Output::Spans(opts.spans.clone())
+    };
+    let (mut session, mut ring) = pipeline::start(
+        &opts.capture,
+        &opts.tls_libs,
+        opts.skip.clone(),
+        output,
+        printer,
+    )?;
 
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<i32>();
     let mut pid_watch = None;
@@ -754,21 +491,11 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     };
     tokio::pin!(pid_exit);
-    // The kernel wakes us only when 64 KiB are waiting (or a process is paused for us):
-    // drain on a short tick too, so records are never more than a tick late.
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let code = loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut session);
-                guard.clear_ready();
-                session.flush();
-            }
-            _ = tick.tick() => {
-                drain(ring.get_mut(), &mut session);
-                session.flush();
+            ready = ring.ready() => {
+                ready?;
+                ring.drain(&mut session);
             }
             code = &mut exit_rx, if opts.pid.is_none() => break code.unwrap_or(1),
             _ = &mut pid_exit => break 0,
@@ -777,8 +504,8 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     };
     // Everything the traced processes did is already in the ring: drain it.
-    drain(ring.get_mut(), &mut session);
-    session.finish_spans();
-    session.summary();
+    ring.drain(&mut session);
+    session.finish();
+    summary(&mut session);
     Ok(if opts.pid.is_some() { 0 } else { code })
 }

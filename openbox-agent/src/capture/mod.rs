@@ -1,5 +1,6 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
+pub mod clock;
 pub mod event;
 pub mod tls;
 

@@ -17,12 +17,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::{
-    capture::{tls, Capture, CaptureConfig},
+    capture::CaptureConfig,
     conn::{Pid, SkipPaths},
     governance::{
         events::{self, Event},
@@ -30,9 +30,9 @@ use crate::{
         verdict::{Decision, ErrorType},
         GovernanceConfig, Governor,
     },
+    pipeline::{self, Collect, Output, Session},
     procfs,
     span::{Span, SpanConfig},
-    trace::{self, Session},
 };
 use hook::{reply, HookMsg, ReplyTx};
 use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
@@ -54,7 +54,7 @@ pub struct RunOpts {
 }
 
 struct Daemon {
-    session: Session,
+    session: Session<Collect>,
     registry: Registry,
     /// Hook connection → the worker it registered as.
     conns: std::collections::HashMap<u64, Pid>,
@@ -86,16 +86,13 @@ enum GovernorState {
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
-    let mut cap = Capture::load(&opts.capture)?;
-    for lib in &opts.tls_libs {
-        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
-    }
-    for lib in tls::system_libssl() {
-        if let Err(e) = cap.attach_tls(&lib) {
-            tracing::warn!("{e}");
-        }
-    }
-    let mut ring = cap.events()?;
+    let (session, mut ring) = pipeline::start(
+        &opts.capture,
+        &opts.tls_libs,
+        opts.skip.clone(),
+        Output::Spans(opts.spans.clone()),
+        Collect::default(),
+    )?;
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let governor = Arc::new(
         Governor::new(opts.governance.clone())
@@ -109,7 +106,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         .transpose()?;
     let listener = hook::bind(&opts.socket).await?;
     let mut d = Daemon {
-        session: Session::collecting(cap, opts.skip.clone(), opts.spans.clone()),
+        session,
         registry: Registry::new(opts.span_limit),
         conns: Default::default(),
         governor,
@@ -128,23 +125,16 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                trace::drain(guard.get_inner_mut(), &mut d.session);
-                guard.clear_ready();
-                d.route();
-            }
-            _ = tick.tick() => {
-                trace::drain(ring.get_mut(), &mut d.session);
+            ready = ring.ready() => {
+                ready?;
+                ring.drain(&mut d.session);
                 d.route();
             }
             Some(msg) = rx.recv() => {
                 // What the worker did before sending this is in the ring: read it first.
-                trace::drain(ring.get_mut(), &mut d.session);
+                ring.drain(&mut d.session);
                 d.route();
                 d.handle(msg);
             }
@@ -155,17 +145,20 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     }
     server.abort();
     let _ = std::fs::remove_file(&opts.socket);
-    trace::drain(ring.get_mut(), &mut d.session);
-    d.session.finish_spans();
+    ring.drain(&mut d.session);
+    d.session.finish();
     d.route();
-    let c = d.session.cap.counters();
+    let c = d.session.counters();
     let mut summary = json!({"type": "summary"});
     if let (Value::Object(s), Value::Object(r), Ok(Value::Object(k))) =
         (&mut summary, d.registry.summary(), serde_json::to_value(c))
     {
         s.extend(r);
         s.extend(k);
-        s.insert("records_received".into(), d.session.records_received.into());
+        s.insert(
+            "records_received".into(),
+            d.session.stats().records_received.into(),
+        );
         let g = d.governor.stats();
         s.insert(
             "governance".into(),
@@ -182,11 +175,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 impl Daemon {
     /// Moves the spans the session finished onto their activities.
     fn route(&mut self) {
-        let Some(collected) = self.session.collected.as_mut() else {
-            return;
-        };
-        let spans = std::mem::take(&mut collected.spans);
-        let exits = std::mem::take(&mut collected.exits);
+        let Collect { spans, exits } = self.session.sink_mut().take();
         for span in spans {
             if let Err(refused) = self.registry.route(span) {
                 let (why, span) = *refused;
@@ -196,7 +185,7 @@ impl Daemon {
         for pid in exits {
             if let Some(w) = self.registry.worker_exited(pid) {
                 for tid in w.threads.keys() {
-                    self.session.cap.unregister_thread(*tid);
+                    self.session.capture_mut().unregister_thread(*tid);
                 }
                 tracing::info!(pid, "worker exited");
             }
@@ -472,7 +461,7 @@ impl Daemon {
             );
         };
         self.session
-            .cap
+            .capture_mut()
             .register_thread(host_tid, worker, addr)
             .map_err(|e| format!("{e:#}"))?;
         if let Some(w) = self.registry.workers.get_mut(&worker) {

@@ -7,12 +7,13 @@
 //! the kernel saw (`owner`), which is the exact evidence rule: anything else is counted
 //! as unattributed, with the reason.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
 use super::protocol::ActivityStart;
 use crate::{
+    bounded::BoundedMap,
     conn::{Attr, Pid},
     span::Span,
 };
@@ -82,8 +83,7 @@ pub struct Stats {
 pub struct Registry {
     pub workers: HashMap<Pid, Worker>,
     pub activities: HashMap<(Pid, u64), Activity>,
-    ended: HashSet<(Pid, u64)>,
-    ended_order: VecDeque<(Pid, u64)>,
+    ended: BoundedMap<(Pid, u64), ()>,
     next_token: u64,
     /// Most spans kept per activity.
     pub span_limit: usize,
@@ -95,8 +95,7 @@ impl Registry {
         Self {
             workers: HashMap::new(),
             activities: HashMap::new(),
-            ended: HashSet::new(),
-            ended_order: VecDeque::new(),
+            ended: BoundedMap::new(ENDED_MEMORY),
             next_token: 1,
             span_limit,
             stats: Stats::default(),
@@ -130,13 +129,7 @@ impl Registry {
     }
 
     fn remember_ended(&mut self, key: (Pid, u64)) {
-        if self.ended_order.len() == ENDED_MEMORY {
-            if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
-            }
-        }
-        self.ended.insert(key);
-        self.ended_order.push_back(key);
+        self.ended.insert(key, ());
     }
 
     /// Puts a span on its activity, or says why it cannot be.
@@ -167,7 +160,7 @@ impl Registry {
                 self.stats.spans_attributed += 1;
                 Ok(())
             }
-            None if self.ended.contains(&key) => {
+            None if self.ended.contains_key(&key) => {
                 Err(self.unattributed(Unattributed::AfterActivityEnd, span))
             }
             None => Err(self.unattributed(Unattributed::UnknownActivity, span)),

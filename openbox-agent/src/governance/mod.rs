@@ -158,8 +158,6 @@ pub mod verdict;
 pub(crate) mod testutil;
 
 use std::{
-    collections::{HashMap, VecDeque},
-    hash::Hash,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -181,6 +179,7 @@ use self::{
     sink::Sink,
     spool::{Appended, Spool, SpoolLimits},
 };
+use crate::bounded::BoundedMap;
 
 /// Why the governor could not start. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -252,57 +251,6 @@ impl Backend {
     }
 }
 
-/// A map that forgets its oldest entries past `cap`, so per-run state stays bounded.
-struct Bounded<K, V> {
-    map: HashMap<K, (u64, V)>,
-    order: VecDeque<(u64, K)>,
-    seq: u64,
-    cap: usize,
-}
-
-impl<K: Hash + Eq + Clone, V> Bounded<K, V> {
-    fn new(cap: usize) -> Self {
-        Bounded {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            seq: 0,
-            cap,
-        }
-    }
-
-    fn insert(&mut self, k: K, v: V) {
-        self.seq += 1;
-        self.map.insert(k.clone(), (self.seq, v));
-        self.order.push_back((self.seq, k));
-        while self.map.len() > self.cap {
-            let Some((seq, old)) = self.order.pop_front() else {
-                break;
-            };
-            if self.map.get(&old).is_some_and(|(s, _)| *s == seq) {
-                self.map.remove(&old);
-            }
-        }
-        // Keep the order queue from growing with stale entries of re-inserted keys.
-        if self.order.len() > 2 * self.cap.max(16) {
-            let map = &self.map;
-            self.order
-                .retain(|(s, k)| map.get(k).is_some_and(|(cur, _)| cur == s));
-        }
-    }
-
-    fn get(&self, k: &K) -> Option<&V> {
-        self.map.get(k).map(|(_, v)| v)
-    }
-
-    fn remove(&mut self, k: &K) -> Option<V> {
-        self.map.remove(k).map(|(_, v)| v)
-    }
-
-    fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
-        self.map.retain(|k, _| keep(k));
-    }
-}
-
 const MAX_RUNS: usize = 65_536;
 
 type RunKey = (String, String);
@@ -310,9 +258,9 @@ type ActivityKey = (String, String, String);
 
 struct RunState {
     /// BLOCK/HALT stored for a run (signal, WorkflowStarted, fail_closed failures).
-    verdicts: Bounded<RunKey, (Verdict, String)>,
+    verdicts: BoundedMap<RunKey, (Verdict, String)>,
     /// Activities waiting for approval.
-    approvals: Bounded<ActivityKey, ()>,
+    approvals: BoundedMap<ActivityKey, ()>,
 }
 
 #[derive(Default)]
@@ -466,8 +414,8 @@ impl Governor {
             spool,
             wake: Notify::new(),
             runs: Mutex::new(RunState {
-                verdicts: Bounded::new(MAX_RUNS),
-                approvals: Bounded::new(MAX_RUNS),
+                verdicts: BoundedMap::new(MAX_RUNS),
+                approvals: BoundedMap::new(MAX_RUNS),
             }),
             core_prefix,
             counters: Counters::default(),

@@ -6,12 +6,22 @@
 //! can be unit-tested and fuzzed alone. Memory per connection is bounded: a message that
 //! does not fit [`ParserConfig::max_buffer`] is skipped and counted as unparsed. Any
 //! input, however malformed, must never panic: it becomes an `unparsed` count.
+//!
+//! One file per protocol, its unit tests beside it in `<name>/tests.rs`. What parsers
+//! share lives in its own module: `framing` (the reader of length-prefixed messages:
+//! PostgreSQL, MySQL, MongoDB), `bytes` (field readers: integers, C strings, MySQL's
+//! length-encoded integers) and `sql` (statement text, operation keyword by dialect, the
+//! database op's attributes). HTTP and Redis frame by lines and delimiters, not by a
+//! length header, and keep their own readers.
 
+mod bytes;
+mod framing;
 pub mod http;
 pub mod mongo;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
+mod sql;
 
 use serde_json::{Map, Value};
 
@@ -53,6 +63,15 @@ pub enum Side {
     Client,
     /// Bytes the server sent: responses, results, replies.
     Server,
+}
+
+impl Side {
+    pub fn opposite(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
 }
 
 /// Span status, as the SDK reports it.
@@ -170,6 +189,13 @@ pub fn detect(side: Side, first: &[u8]) -> Option<Protocol> {
             }
         }
     }
+}
+
+/// Whether a client's first write asks the server to switch the connection to TLS
+/// in-band (PostgreSQL's SSLRequest): the answer is cleartext, and what follows it on
+/// the socket is the TLS handshake, however it looks.
+pub fn asks_for_tls_upgrade(first: &[u8]) -> bool {
+    postgres::is_ssl_request(first)
 }
 
 /// Truncates a statement to `max` characters on a character boundary, marking the cut.
@@ -308,6 +334,16 @@ mod tests {
             Some(Protocol::Mysql)
         );
         assert_eq!(detect(Side::Client, b"hello"), None);
+    }
+
+    #[test]
+    fn tls_upgrade_requests_are_recognised_exactly() {
+        let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert!(asks_for_tls_upgrade(&ssl_request));
+        // GSSENCRequest, a longer write, a cut one: not an SSLRequest.
+        assert!(!asks_for_tls_upgrade(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]));
+        assert!(!asks_for_tls_upgrade(&[&ssl_request[..], b"x"].concat()));
+        assert!(!asks_for_tls_upgrade(&ssl_request[..7]));
     }
 
     #[test]

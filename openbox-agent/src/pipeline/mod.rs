@@ -1,0 +1,370 @@
+//! The capture pipeline, one stage per module:
+//!
+//! kernel programs (`openbox-ebpf`) → ring buffer → [`capture::event::decode`] →
+//! [`conn::Tracker`] (descriptors, streams, TLS linking; records out, kernel-map
+//! actions back) → [`span::SpanBuilder`] (protocol detection and parsers) → [`Sink`]s
+//! (the `trace` printer, the daemon's attribution, exporters).
+//!
+//! A [`Session`] owns every stage after the ring buffer and the loaded programs; the
+//! [`Ring`] is kept apart so a command's event loop can wait on it while it also
+//! borrows the session for other work (hook requests, signals).
+//!
+//! [`capture::event::decode`]: crate::capture::event::decode
+//! [`conn::Tracker`]: crate::conn::Tracker
+//! [`span::SpanBuilder`]: crate::span::SpanBuilder
+
+pub mod sink;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Result};
+use aya::maps::{MapData, RingBuf};
+use openbox_common::{FD_FILE, FD_NO_PAYLOAD, FD_QUIET, FD_SOCKET};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+pub use self::sink::{Collect, Sink};
+use crate::{
+    capture::{
+        clock::{now_mono, Clock},
+        event, tls, Capture, CaptureConfig, Counters,
+    },
+    conn::{Action, Pid, ProcEnv, Record, SkipPaths, Tracker},
+    procfs::{self, FdTarget, Procfs},
+    span::{SpanBuilder, SpanConfig},
+};
+
+/// What a session makes of the records.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Spans, through the protocol parsers (records are still shown to the sinks).
+    Spans(SpanConfig),
+    /// Capture records only: every byte stays copied, no parser runs.
+    Records,
+}
+
+/// The user-space side's own counts, beside the kernel's [`Counters`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stats {
+    /// Ring-buffer records read.
+    pub records_received: u64,
+    /// Records that did not decode (a kernel/agent layout mismatch; never expected).
+    pub unparsed_records: u64,
+    /// Protocol messages the parsers could not make sense of (closed connections).
+    pub unparsed_messages: u64,
+    /// Connections of no known protocol.
+    pub unrecognised_connections: u64,
+}
+
+pub struct Session<S: Sink> {
+    cap: Capture,
+    tracker: Tracker,
+    clock: Clock,
+    spans: Option<SpanBuilder>,
+    sink: S,
+    records_received: u64,
+    unparsed_records: u64,
+}
+
+/// Loads the kernel programs, probes the libssl copies every process may use (the
+/// ones named on the command line, which must work, and the system's), and opens the
+/// ring buffer. The start of both `trace` and `run`.
+pub fn start<S: Sink>(
+    capture: &CaptureConfig,
+    tls_libs: &[PathBuf],
+    skip: SkipPaths,
+    output: Output,
+    sink: S,
+) -> Result<(Session<S>, Ring)> {
+    let mut cap = Capture::load(capture)?;
+    for lib in tls_libs {
+        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
+    }
+    for lib in tls::system_libssl() {
+        if let Err(e) = cap.attach_tls(&lib) {
+            tracing::warn!("{e}");
+        }
+    }
+    let ring = Ring::new(cap.events()?);
+    Ok((Session::new(cap, skip, output, sink), ring))
+}
+
+impl<S: Sink> Session<S> {
+    pub fn new(cap: Capture, skip: SkipPaths, output: Output, sink: S) -> Self {
+        let clock = Clock::new();
+        let spans = match output {
+            Output::Spans(cfg) => Some(SpanBuilder::new(cfg, clock)),
+            Output::Records => None,
+        };
+        Session {
+            cap,
+            tracker: Tracker::new(skip),
+            clock,
+            spans,
+            sink,
+            records_received: 0,
+            unparsed_records: 0,
+        }
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
+    }
+
+    pub fn capture(&self) -> &Capture {
+        &self.cap
+    }
+
+    pub fn capture_mut(&mut self) -> &mut Capture {
+        &mut self.cap
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    pub fn spans_enabled(&self) -> bool {
+        self.spans.is_some()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (unparsed_messages, unrecognised_connections) = self
+            .spans
+            .as_ref()
+            .map(|b| (b.unparsed, b.unknown_conns))
+            .unwrap_or((0, 0));
+        Stats {
+            records_received: self.records_received,
+            unparsed_records: self.unparsed_records,
+            unparsed_messages,
+            unrecognised_connections,
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.cap.counters()
+    }
+
+    /// Starts watching a process: the kernel filters on it from now on, its open
+    /// descriptors are learnt from /proc, and the libssl copies it maps are probed.
+    pub fn watch(&mut self, pid: Pid) -> Result<()> {
+        self.cap.watch(pid)?;
+        self.seed(pid, None);
+        self.scan_tls(pid);
+        Ok(())
+    }
+
+    /// One ring-buffer record through every stage.
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.records_received += 1;
+        let ev = match event::decode(bytes) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.unparsed_records += 1;
+                tracing::debug!("undecodable record: {e}");
+                return;
+            }
+        };
+        let (mut records, mut actions) = (Vec::new(), Vec::new());
+        self.tracker.handle(ev, &Procfs, &mut records, &mut actions);
+        for r in &records {
+            self.output(r);
+        }
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    /// Finishes the spans of connections and files still open (the end of a session).
+    pub fn finish(&mut self) {
+        if let Some(builder) = self.spans.as_mut() {
+            let mut spans = Vec::new();
+            builder.finish(now_mono(), &mut spans);
+            for span in spans {
+                self.sink.span(span);
+            }
+        }
+        self.sink.flush();
+    }
+
+    fn output(&mut self, r: &Record) {
+        if let Some(builder) = self.spans.as_mut() {
+            let mut spans = Vec::new();
+            builder.handle(r, &mut spans);
+            let given_up = std::mem::take(&mut builder.given_up);
+            for span in spans {
+                self.sink.span(span);
+            }
+            // Span mode only: records mode shows every byte, so it keeps copying them.
+            for conn in given_up {
+                if let Some(action) = self.tracker.stop_payload(&conn) {
+                    self.act(action);
+                }
+            }
+        }
+        self.sink.record(r, &self.clock);
+    }
+
+    /// Attaches to libssl copies the process maps now (its executable included).
+    fn scan_tls(&mut self, pid: Pid) {
+        let exe = procfs::exe(pid);
+        let Ok(files) = procfs::mapped_files(pid) else {
+            return;
+        };
+        for f in files {
+            if !tls::may_hold_libssl(&f.path, exe.as_deref()) {
+                continue;
+            }
+            if f.deleted {
+                // The name now leads to another file (an upgraded package) or none:
+                // probing it would watch the wrong code.
+                tracing::warn!(pid, lib = %f.path, "a libssl copy this process maps was replaced or deleted on disk since: its TLS plaintext is not captured");
+                continue;
+            }
+            let path = host_path(pid, &f.path);
+            if self.cap.has_tls_lib(&path) {
+                continue;
+            }
+            match self.cap.attach_tls(&path) {
+                Ok(n) if n > 0 => {
+                    tracing::info!(pid, lib = %path.display(), probes = n, "attached TLS probes")
+                }
+                Ok(_) => {}
+                // An executable without libssl symbols is the common case: stay quiet.
+                Err(tls::AttachError::NoSymbols { .. }) if Some(&f.path) == exe.as_ref() => {}
+                Err(e) => tracing::warn!(pid, "{e}"),
+            }
+        }
+    }
+
+    /// Registers the descriptors a process has now, in the tracker and the kernel. After
+    /// an exec at `exec_ts`, descriptors that vanished (O_CLOEXEC) are closed.
+    fn seed(&mut self, pid: Pid, exec_ts: Option<u64>) {
+        let now = procfs::fds(pid);
+        if let Some(at) = exec_ts {
+            for fd in self.tracker.fds_of(pid) {
+                if !now.iter().any(|(f, _)| *f == fd) {
+                    self.cap.forget_fd_before(pid, fd, at);
+                    let (mut records, mut actions) = (Vec::new(), Vec::new());
+                    self.tracker
+                        .close_vanished(pid, fd, at, &mut records, &mut actions);
+                    for r in &records {
+                        self.output(r);
+                    }
+                    for a in actions {
+                        self.act(a);
+                    }
+                }
+            }
+        }
+        for (fd, target) in now {
+            match target {
+                FdTarget::Socket(_) => {
+                    let gen = self.cap.seed_fd(pid, fd, FD_SOCKET);
+                    let (_, remote) = Procfs.socket_addrs(pid, fd);
+                    self.tracker.seed_socket(pid, fd, remote, gen);
+                }
+                FdTarget::File(path) => {
+                    let gen = self.cap.seed_fd(pid, fd, FD_FILE);
+                    if !self.tracker.seed_file(pid, fd, path, gen) {
+                        self.cap.set_fd_flags(pid, fd, gen, FD_QUIET);
+                    }
+                }
+                FdTarget::Other => {}
+            }
+        }
+    }
+
+    /// Carries out what the tracker asked of the kernel side.
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::NoPayload(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_NO_PAYLOAD),
+            Action::Quiet(pid, fd, gen) => self.cap.set_fd_flags(pid, fd, gen, FD_QUIET),
+            Action::ClearFlags(pid, fd, gen) => self.cap.clear_fd_flags(pid, fd, gen),
+            Action::ForgetFds { pid, fds, before } => {
+                for fd in fds {
+                    self.cap.forget_fd_before(pid, fd, before);
+                }
+            }
+            Action::AttachTls { pid, path, paused } => {
+                let p = host_path(pid, &path);
+                match self.cap.attach_tls(&p) {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(pid, lib = %p.display(), probes = n, "attached TLS probes")
+                    }
+                    Ok(_) => {}
+                    Err(tls::AttachError::NoSymbols { .. }) => {}
+                    Err(e) => tracing::warn!(pid, "{e}"),
+                }
+                if paused {
+                    // SAFETY: resuming the process our kernel program stopped.
+                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                }
+            }
+            Action::Resync { pid, at } => {
+                self.seed(pid, Some(at));
+                self.scan_tls(pid);
+            }
+            Action::Seed(pid) => self.seed(pid, None),
+            Action::Unwatch(pid) => self.cap.unwatch(pid),
+        }
+    }
+}
+
+/// A path as seen by a process, opened from the host (a container's root differs).
+fn host_path(pid: Pid, path: &str) -> PathBuf {
+    let direct = Path::new(path);
+    if direct.exists() {
+        return direct.to_path_buf();
+    }
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+/// The ring buffer, read when the kernel wakes us and on a short tick.
+pub struct Ring {
+    fd: AsyncFd<RingBuf<MapData>>,
+    tick: tokio::time::Interval,
+}
+
+/// The kernel wakes the reader only when 64 KiB are waiting (or a process is paused
+/// for the agent): the tick bounds how late a record can be read.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
+
+impl Ring {
+    fn new(fd: AsyncFd<RingBuf<MapData>>) -> Ring {
+        let mut tick = tokio::time::interval(DRAIN_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ring { fd, tick }
+    }
+
+    /// Waits until records may be waiting. Cancel-safe: use it in `select!`, then
+    /// [`Ring::drain`].
+    pub async fn ready(&mut self) -> Result<()> {
+        tokio::select! {
+            guard = self.fd.readable_mut() => {
+                // Clearing before the drain that follows cannot lose a wake-up: records
+                // arriving after this point are read by that drain or wake us again.
+                guard.map_err(|e| anyhow!("polling the ring buffer: {e}"))?.clear_ready();
+            }
+            _ = self.tick.tick() => {}
+        }
+        Ok(())
+    }
+
+    /// Passes every record waiting in the ring through the session, then flushes its
+    /// sink.
+    pub fn drain<S: Sink>(&mut self, session: &mut Session<S>) {
+        let ring = self.fd.get_mut();
+        while let Some(item) = ring.next() {
+            session.handle_bytes(&item);
+        }
+        session.sink.flush();
+    }
+}

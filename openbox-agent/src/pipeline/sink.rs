@@ -1,0 +1,66 @@
+//! Where spans leave the pipeline: the `trace` printer, the daemon's collector for
+//! attribution, and (later) exporters. A session hands every sink the same spans, in
+//! the order the parsers finished them.
+
+use crate::{
+    capture::clock::Clock,
+    conn::{Pid, Record},
+    span::Span,
+};
+
+pub trait Sink {
+    /// A finished span.
+    fn span(&mut self, span: Span);
+
+    /// Every capture record, in ring-buffer order, after the spans it finished. Sinks
+    /// that show raw capture or follow process lifecycles look at them.
+    fn record(&mut self, _record: &Record, _clock: &Clock) {}
+
+    /// The session has drained what the ring held: a good moment to write out.
+    fn flush(&mut self) {}
+}
+
+/// Two sinks fed the same spans and records (e.g. attribution and an exporter).
+impl<A: Sink, B: Sink> Sink for (A, B) {
+    fn span(&mut self, span: Span) {
+        self.0.span(span.clone());
+        self.1.span(span);
+    }
+
+    fn record(&mut self, record: &Record, clock: &Clock) {
+        self.0.record(record, clock);
+        self.1.record(record, clock);
+    }
+
+    fn flush(&mut self) {
+        self.0.flush();
+        self.1.flush();
+    }
+}
+
+/// Keeps spans and process exits until the caller takes them (the daemon routes them
+/// to activities after each drain).
+#[derive(Debug, Default)]
+pub struct Collect {
+    pub spans: Vec<Span>,
+    /// Processes that exited (host tgids).
+    pub exits: Vec<Pid>,
+}
+
+impl Collect {
+    pub fn take(&mut self) -> Collect {
+        std::mem::take(self)
+    }
+}
+
+impl Sink for Collect {
+    fn span(&mut self, span: Span) {
+        self.spans.push(span);
+    }
+
+    fn record(&mut self, record: &Record, _clock: &Clock) {
+        if let Record::Exit { pid, .. } = record {
+            self.exits.push(*pid);
+        }
+    }
+}
