@@ -16,6 +16,40 @@ use tokio::{
 
 pub use openbox_testkit::TempDir;
 
+use crate::span::{Span, Status};
+
+/// A finished span named `name` with these attributes (an object), made by no one in
+/// particular: for tests of what reads spans (the local policy, governance events).
+pub fn span(name: &str, attributes: Value) -> Span {
+    Span {
+        span_id: "00000000000000a1".into(),
+        trace_id: "0".repeat(32),
+        parent_span_id: None,
+        name: name.into(),
+        kind: "CLIENT",
+        start_time: 1_000,
+        end_time: 2_000,
+        duration_ns: Some(1_000),
+        attributes: match attributes {
+            Value::Object(m) => m,
+            _ => Default::default(),
+        },
+        status: Status {
+            code: Default::default(),
+            description: None,
+        },
+        events: Vec::new(),
+        activity_id: None,
+        request_body: None,
+        response_body: None,
+        request_headers: None,
+        response_headers: None,
+        pid: 0,
+        tid: 0,
+        attr: Default::default(),
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Request {
     pub method: String,
