@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::protocol::ActivityStart;
 use crate::{
     bounded::BoundedMap,
-    conn::{Attr, Pid},
+    conn::{Attribution, Pid},
     span::Span,
 };
 
@@ -134,7 +134,7 @@ impl Registry {
 
     /// Puts a span on its activity, or says why it cannot be.
     pub fn route(&mut self, mut span: Span) -> Result<(), Box<(Unattributed, Span)>> {
-        let Attr { owner, activity } = span.attr;
+        let Attribution { owner, activity } = span.attr;
         if activity == 0 {
             return Err(self.unattributed(Unattributed::NoActivity, span));
         }
@@ -248,7 +248,7 @@ mod tests {
             response_headers: None,
             pid: owner,
             tid: owner,
-            attr: Attr { owner, activity },
+            attr: Attribution { owner, activity },
         }
     }
 
