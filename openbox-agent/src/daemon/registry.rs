@@ -223,32 +223,13 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::span::Status;
 
     fn span(owner: Pid, activity: u64) -> Span {
         Span {
-            span_id: "0000000000000001".into(),
-            trace_id: "0".repeat(32),
-            parent_span_id: None,
-            name: "GET".into(),
-            kind: "CLIENT",
-            start_time: 1,
-            end_time: 2,
-            duration_ns: Some(1),
-            attributes: Default::default(),
-            status: Status {
-                code: Default::default(),
-                description: None,
-            },
-            events: Vec::new(),
-            activity_id: None,
-            request_body: None,
-            response_body: None,
-            request_headers: None,
-            response_headers: None,
             pid: owner,
             tid: owner,
             attr: Attribution { owner, activity },
+            ..crate::governance::testutil::span("GET", serde_json::Value::Null)
         }
     }
 
