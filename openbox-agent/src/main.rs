@@ -272,7 +272,14 @@ fn real_main() -> Result<i32> {
     match cli.command {
         Command::Check { json } => {
             let report = check::report();
-            check::print(&report, json);
+            match check::print(&report, json) {
+                // Rust ignores SIGPIPE, so a reader that left (`check --json | head`)
+                // is an EPIPE here: the output ends, as it would have with SIGPIPE.
+                // SIGPIPE is not restored instead: the daemon writing events to a pipe
+                // must outlive its reader, not die silently with processes paused.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r?,
+            }
             Ok(if report.ready { 0 } else { 1 })
         }
         Command::Trace {
