@@ -139,7 +139,9 @@ pub fn report() -> Report {
                 format!("{n} syscalls:* events")
             }
             Ok(false) => "absent".into(),
-            Err(_) if tracefs_denied => "unknown: tracefs is not readable (permission denied)".into(),
+            Err(_) if tracefs_denied => {
+                "unknown: tracefs is not readable (permission denied)".into()
+            }
             Err(_) => "unknown: tracefs is not mounted".into(),
         },
         fix: match &syscalls {
@@ -256,7 +258,11 @@ pub fn report() -> Report {
             } else {
                 "not held".into()
             },
-            fix: if ok { String::new() } else { format!("run as root, or {}", preflight::SETCAP) },
+            fix: if ok {
+                String::new()
+            } else {
+                format!("run as root, or {}", preflight::SETCAP)
+            },
             required: true,
         });
     }

@@ -194,6 +194,10 @@ impl GovArgs {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only obscure the clap definitions"
+)]
 enum Command {
     /// Watch a process and its children and print what they do: connections, cleartext
     /// and TLS-plaintext bytes, files.

@@ -52,7 +52,11 @@ pub fn tracefs_events() -> Result<std::path::PathBuf, Access> {
             _ => {}
         }
     }
-    Err(if denied { Access::Denied } else { Access::Absent })
+    Err(if denied {
+        Access::Denied
+    } else {
+        Access::Absent
+    })
 }
 
 /// The effective capability set of this process.

@@ -112,9 +112,9 @@ impl Redactor {
             lower.match_indices(p.as_str()).any(|(at, _)| {
                 let end = at + p.len();
                 // Harmless only when the occurrence lies inside a harmless word.
-                !words.iter().any(|&(s, e)| {
-                    s <= at && end <= e && HARMLESS_WORDS.contains(&&lower[s..e])
-                })
+                !words
+                    .iter()
+                    .any(|&(s, e)| s <= at && end <= e && HARMLESS_WORDS.contains(&&lower[s..e]))
             })
         })
     }
@@ -549,15 +549,36 @@ mod tests {
         let form = |s: &str| r.body(s, Some("application/x-www-form-urlencoded; charset=utf-8"));
         let json = |s: &str| r.body(s, Some("application/json"));
         let cases: Vec<(String, &str)> = vec![
-            (url("/v1/x?access_token=s3cr3t&page=2"), "/v1/x?access_token=[REDACTED]&page=2"),
-            (url("https://h/v1?api_key=s3cr3t"), "https://h/v1?api_key=[REDACTED]"),
-            (url("/m?key=AIza&q=a+b#frag"), "/m?key=[REDACTED]&q=a+b#frag"),
-            (url("/e?%61pi_key=x&flag&=v&a=="), "/e?%61pi_key=[REDACTED]&flag&=v&a=="),
-            (url("https://u:pw@h:1/p?x=1"), "https://u:[REDACTED]@h:1/p?x=1"),
+            (
+                url("/v1/x?access_token=s3cr3t&page=2"),
+                "/v1/x?access_token=[REDACTED]&page=2",
+            ),
+            (
+                url("https://h/v1?api_key=s3cr3t"),
+                "https://h/v1?api_key=[REDACTED]",
+            ),
+            (
+                url("/m?key=AIza&q=a+b#frag"),
+                "/m?key=[REDACTED]&q=a+b#frag",
+            ),
+            (
+                url("/e?%61pi_key=x&flag&=v&a=="),
+                "/e?%61pi_key=[REDACTED]&flag&=v&a==",
+            ),
+            (
+                url("https://u:pw@h:1/p?x=1"),
+                "https://u:[REDACTED]@h:1/p?x=1",
+            ),
             (url("https://u@h/p"), "https://u@h/p"),
             (url("/plain/path"), "/plain/path"),
-            (form("user=ann&password=hunter2&remember=1"), "user=ann&password=[REDACTED]&remember=1"),
-            (form("pass+word=x&client_secret=y"), "pass+word=x&client_secret=[REDACTED]"),
+            (
+                form("user=ann&password=hunter2&remember=1"),
+                "user=ann&password=[REDACTED]&remember=1",
+            ),
+            (
+                form("pass+word=x&client_secret=y"),
+                "pass+word=x&client_secret=[REDACTED]",
+            ),
             (
                 json(r#"{"user":"ann", "token" : "t0k","n":1}"#),
                 r#"{"user":"ann", "token" : "[REDACTED]","n":1}"#,
@@ -574,22 +595,34 @@ mod tests {
                 json(r#"{"note": "a \"password\": b", "secret": "x\"y", "session": null}"#),
                 r#"{"note": "a \"password\": b", "secret": "[REDACTED]", "session": null}"#,
             ),
-            (json(r#"{"pass\u0077ord": "x"}"#), r#"{"pass\u0077ord": "[REDACTED]"}"#),
+            (
+                json(r#"{"pass\u0077ord": "x"}"#),
+                r#"{"pass\u0077ord": "[REDACTED]"}"#,
+            ),
             (
                 json(r#"{"usage": {"prompt_tokens": 9, "max_tokens": 5}}"#),
                 r#"{"usage": {"prompt_tokens": 9, "max_tokens": 5}}"#,
             ),
             // Truncated and invalid documents: redacted as far as they read.
-            (json(r#"{"a": 1, "token": "abc"#), r#"{"a": 1, "token": "[REDACTED]"#),
+            (
+                json(r#"{"a": 1, "token": "abc"#),
+                r#"{"a": 1, "token": "[REDACTED]"#,
+            ),
             (json(r#"{"auth": {"x": "abc", "#), r#"{"auth": "[REDACTED]"#),
-            (json(r#"{"a": [1,, }, "token": "t", "b"#), r#"{"a": [1,, }, "token": "[REDACTED]", "b"#),
+            (
+                json(r#"{"a": [1,, }, "token": "t", "b"#),
+                r#"{"a": [1,, }, "token": "[REDACTED]", "b"#,
+            ),
             (json(r#"{"password""#), r#"{"password""#),
             (json(r#"{"password":"#), r#"{"password":"#),
             (
                 r.body(r#"data: {"token": "t"}"#, Some("text/event-stream")),
                 r#"data: {"token": "[REDACTED]"}"#,
             ),
-            (r.body(r#"[{"token": "t"}]"#, None), r#"[{"token": "[REDACTED]"}]"#),
+            (
+                r.body(r#"[{"token": "t"}]"#, None),
+                r#"[{"token": "[REDACTED]"}]"#,
+            ),
             (r.body("password=x", Some("text/plain")), "password=x"),
             (
                 r.sql("ALTER ROLE app WITH LOGIN PASSWORD 'hunter2' VALID UNTIL '2030-01-01'"),
@@ -611,9 +644,18 @@ mod tests {
                 r.sql("SET PASSWORD FOR 'u'@'h' = 'pw'"),
                 "SET PASSWORD FOR 'u'@'h' = '[REDACTED]'",
             ),
-            (r.sql("SET PASSWORD = PASSWORD('pw')"), "SET PASSWORD = PASSWORD('[REDACTED]')"),
-            (r.sql("ALTER USER u PASSWORD 'cut"), "ALTER USER u PASSWORD '[REDACTED]"),
-            (r.sql("SELECT password FROM t WHERE id = 'x'"), "SELECT password FROM t WHERE id = 'x'"),
+            (
+                r.sql("SET PASSWORD = PASSWORD('pw')"),
+                "SET PASSWORD = PASSWORD('[REDACTED]')",
+            ),
+            (
+                r.sql("ALTER USER u PASSWORD 'cut"),
+                "ALTER USER u PASSWORD '[REDACTED]",
+            ),
+            (
+                r.sql("SELECT password FROM t WHERE id = 'x'"),
+                "SELECT password FROM t WHERE id = 'x'",
+            ),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);
@@ -624,14 +666,27 @@ mod tests {
     fn header_values() {
         let r = Redactor::default();
         assert_eq!(r.header_value("X-Goog-Api-Key", "AIza"), REDACTED);
-        assert_eq!(r.header_value("Location", "/cb?code=1&state=2&access_token=t"), "/cb?code=1&state=2&access_token=[REDACTED]");
+        assert_eq!(
+            r.header_value("Location", "/cb?code=1&state=2&access_token=t"),
+            "/cb?code=1&state=2&access_token=[REDACTED]"
+        );
         assert_eq!(r.header_value("Content-Type", "text/plain"), "text/plain");
     }
 
     #[test]
     fn scanning_never_panics_on_odd_input() {
         let r = Redactor::default();
-        for s in ["\"", "\"token\":", "\"token\":\"\\", "{\"key\":[\"]", "%", "a=%e9&key=%", "'", "password '", "é=é&tökén=1"] {
+        for s in [
+            "\"",
+            "\"token\":",
+            "\"token\":\"\\",
+            "{\"key\":[\"]",
+            "%",
+            "a=%e9&key=%",
+            "'",
+            "password '",
+            "é=é&tökén=1",
+        ] {
             let _ = r.json(s);
             let _ = r.form(s);
             let _ = r.url(s);

@@ -57,23 +57,13 @@ pub struct Span {
     pub attr: Attr,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpanConfig {
     pub parser: ParserConfig,
     /// Which header, URL, body and statement values are replaced by `[REDACTED]`.
     pub redact: Redactor,
     /// One file.read/file.write span per call instead of one per burst.
     pub every_file_call: bool,
-}
-
-impl Default for SpanConfig {
-    fn default() -> Self {
-        Self {
-            parser: ParserConfig::default(),
-            redact: Redactor::default(),
-            every_file_call: false,
-        }
-    }
 }
 
 /// Which end of a connection the watched process is.

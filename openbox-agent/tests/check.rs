@@ -24,7 +24,11 @@ fn check_without_privileges_reports_permission_denied_not_a_missing_tracefs() {
         .output()
         .expect("setpriv runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "not ready without privileges; stderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "not ready without privileges; stderr: {stderr}"
+    );
     let report: Value = serde_json::from_slice(&out.stdout).expect("check --json prints JSON");
     let item = |name: &str| {
         report["items"]
@@ -41,13 +45,19 @@ fn check_without_privileges_reports_permission_denied_not_a_missing_tracefs() {
     assert!(!detail.contains("not mounted"), "tracefs: {tracefs}");
     let syscalls = item("syscall tracepoints");
     assert!(
-        syscalls["detail"].as_str().unwrap().contains("permission denied"),
+        syscalls["detail"]
+            .as_str()
+            .unwrap()
+            .contains("permission denied"),
         "syscall tracepoints: {syscalls}"
     );
     let kill = item("CAP_KILL");
     assert_eq!(kill["ok"], false, "{kill}");
     assert!(kill["fix"].as_str().unwrap().contains("cap_kill"), "{kill}");
-    assert!(item("CAP_BPF")["fix"].as_str().unwrap().contains("cap_kill"));
+    assert!(item("CAP_BPF")["fix"]
+        .as_str()
+        .unwrap()
+        .contains("cap_kill"));
 }
 
 /// Runs the agent with stdout a pipe whose reading end is already closed; returns its
@@ -62,7 +72,10 @@ fn into_closed_pipe(env: &TestEnv, args: &[&str]) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .output()
         .expect("agent runs");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -84,7 +97,14 @@ fn trace_json_into_a_closed_pipe_does_not_panic() {
     let python = env.python.display().to_string();
     let (code, stderr) = into_closed_pipe(
         &env,
-        &["trace", "--json", "--", &python, "-c", "open('/etc/hostname').read()"],
+        &[
+            "trace",
+            "--json",
+            "--",
+            &python,
+            "-c",
+            "open('/etc/hostname').read()",
+        ],
     );
     assert!(!stderr.contains("panicked"), "trace panicked: {stderr}");
     assert_eq!(code, Some(0), "trace exits as its command did: {stderr}");

@@ -40,7 +40,10 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
         args.extend(cmd);
         run_agent(&env, "redaction", &args)
     };
-    assert!(status.success(), "trace failed with {status}\nstderr:\n{stderr}");
+    assert!(
+        status.success(),
+        "trace failed with {status}\nstderr:\n{stderr}"
+    );
     let text = String::from_utf8_lossy(&stdout);
     for (i, line) in text.lines().enumerate() {
         assert!(
@@ -59,7 +62,12 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
     let redacted_response_headers = |s: &Value| {
         let h = &s["response_headers"];
         expect(s, "set-cookie", &h["set-cookie"], json!("[REDACTED]"));
-        expect(s, "x-upstream-token", &h["x-upstream-token"], json!("[REDACTED]"));
+        expect(
+            s,
+            "x-upstream-token",
+            &h["x-upstream-token"],
+            json!("[REDACTED]"),
+        );
         expect(
             s,
             "location",
@@ -73,21 +81,46 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
     // Headers (X-Goog-Api-Key, Private-Token, Authorization, Cookie) and ?access_token=.
     let s = span_for(&spans, "/query?");
     let target = "/query?access_token=[REDACTED]&page=2";
-    expect(s, "http.target", &s["attributes"]["http.target"], json!(target));
-    expect(s, "http.url", &s["attributes"]["http.url"], json!(format!("{base}{target}")));
+    expect(
+        s,
+        "http.target",
+        &s["attributes"]["http.target"],
+        json!(target),
+    );
+    expect(
+        s,
+        "http.url",
+        &s["attributes"]["http.url"],
+        json!(format!("{base}{target}")),
+    );
     let h = &s["request_headers"];
     for name in ["x-goog-api-key", "private-token", "authorization", "cookie"] {
         expect(s, name, &h[name], json!("[REDACTED]"));
     }
     expect(s, "x-marker", &h["x-marker"], json!("visible-req"));
-    expect(s, "response_body", &s["response_body"], json!(response_json));
+    expect(
+        s,
+        "response_body",
+        &s["response_body"],
+        json!(response_json),
+    );
     redacted_response_headers(s);
 
     // ?api_key=
     let s = span_for(&spans, "/query2?");
     let target = "/query2?api_key=[REDACTED]&q=plain";
-    expect(s, "http.target", &s["attributes"]["http.target"], json!(target));
-    expect(s, "http.url", &s["attributes"]["http.url"], json!(format!("{base}{target}")));
+    expect(
+        s,
+        "http.target",
+        &s["attributes"]["http.target"],
+        json!(target),
+    );
+    expect(
+        s,
+        "http.url",
+        &s["attributes"]["http.url"],
+        json!(format!("{base}{target}")),
+    );
 
     // password= in a form body, both ways (the server echoes it).
     let s = span_for(&spans, "/form");
@@ -132,7 +165,10 @@ fn redaction_patterns_can_be_relaxed_extended_and_turned_off() {
         args.push("--".into());
         args.extend(cmd.iter().cloned());
         let (status, stdout, stderr, _) = run_agent(&env, name, &args);
-        assert!(status.success(), "trace failed with {status}\nstderr:\n{stderr}");
+        assert!(
+            status.success(),
+            "trace failed with {status}\nstderr:\n{stderr}"
+        );
         let spans: Vec<Value> = String::from_utf8_lossy(&stdout)
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -142,14 +178,24 @@ fn redaction_patterns_can_be_relaxed_extended_and_turned_off() {
     };
     let spans = run(
         "redaction-relaxed",
-        &["--no-redact-pattern", "key", "--redact-pattern", "MARKER", "--redact-header", "Private-Token"],
+        &[
+            "--no-redact-pattern",
+            "key",
+            "--redact-pattern",
+            "MARKER",
+            "--redact-header",
+            "Private-Token",
+        ],
     );
     let h = &span_for(&spans, "/query?")["request_headers"];
     assert_eq!(h["x-goog-api-key"], "S3CRET-h1", "key no longer a pattern");
     assert_eq!(h["private-token"], "[REDACTED]");
     assert_eq!(h["x-marker"], "[REDACTED]", "marker added as a pattern");
     let s = span_for(&spans, "/query2?");
-    assert_eq!(s["attributes"]["http.target"], "/query2?api_key=S3CRET-q2&q=plain");
+    assert_eq!(
+        s["attributes"]["http.target"],
+        "/query2?api_key=S3CRET-q2&q=plain"
+    );
 
     let spans = run("redaction-off", &["--no-redact"]);
     let s = span_for(&spans, "/form");
