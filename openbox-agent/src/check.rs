@@ -151,6 +151,23 @@ pub fn report() -> Report {
         },
         required: true,
     });
+    if tracefs.is_ok() {
+        let layouts = crate::capture::tracefs::check_kernel();
+        items.push(Item {
+            name: "tracepoint layouts",
+            ok: layouts.is_ok(),
+            detail: match &layouts {
+                Ok(()) => "every field the kernel programs read is where they read it".into(),
+                Err(e) => format!("{e:#}"),
+            },
+            fix: if layouts.is_ok() {
+                String::new()
+            } else {
+                "a kernel whose tracepoint layout matches (see the detail)".into()
+            },
+            required: true,
+        });
+    }
     let uprobes = exists("/sys/bus/event_source/devices/uprobe");
     items.push(Item {
         name: "uprobes",

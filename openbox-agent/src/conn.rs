@@ -86,17 +86,17 @@ impl Direction {
 /// (`owner`, host tgid) and the token its hook published for the running activity.
 /// Zero means no exact evidence.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Attr {
+pub struct Attribution {
     pub owner: u32,
     pub activity: u64,
 }
 
-impl Attr {
-    pub fn of(h: &openbox_common::EventHeader) -> Attr {
+impl Attribution {
+    pub fn of(h: &openbox_common::EventHeader) -> Attribution {
         if h.owner == 0 || h.activity == 0 {
-            return Attr::default();
+            return Attribution::default();
         }
-        Attr {
+        Attribution {
             owner: h.owner,
             activity: h.activity,
         }
@@ -134,7 +134,7 @@ pub enum Record {
         conn: String,
         peer: Option<Addr>,
         local: Option<Addr>,
-        attr: Attr,
+        attr: Attribution,
     },
     Data {
         ts: u64,
@@ -150,7 +150,7 @@ pub enum Record {
         seq: u64,
         truncated: u64,
         data: Vec<u8>,
-        attr: Attr,
+        attr: Attribution,
     },
     Close {
         ts: u64,
@@ -168,7 +168,7 @@ pub enum Record {
         fd: i32,
         path: String,
         mode: &'static str,
-        attr: Attr,
+        attr: Attribution,
     },
     /// One read or write call on a reported file (for file.read/file.write spans; not
     /// printed as a record of its own).
@@ -178,7 +178,7 @@ pub enum Record {
         fd: i32,
         direction: Direction,
         bytes: u64,
-        attr: Attr,
+        attr: Attribution,
     },
     FileClose {
         ts: u64,
@@ -499,7 +499,7 @@ impl Tracker {
                     conn: conn.id.clone(),
                     peer,
                     local,
-                    attr: Attr::of(&h),
+                    attr: Attribution::of(&h),
                 });
             }
             Body::Socket(c) => {
@@ -540,7 +540,7 @@ impl Tracker {
                         fd: f.fd,
                         path: path.clone(),
                         mode,
-                        attr: Attr::of(&h),
+                        attr: Attribution::of(&h),
                     });
                 }
                 self.files.insert(
@@ -568,7 +568,7 @@ impl Tracker {
                             fd: io.fd,
                             direction: dir,
                             bytes: io.bytes,
-                            attr: Attr::of(&h),
+                            attr: Attribution::of(&h),
                         });
                     }
                 }
@@ -723,7 +723,7 @@ impl Tracker {
                 seq,
                 truncated,
                 data: d.payload.clone(),
-                attr: Attr::of(&h),
+                attr: Attribution::of(&h),
             });
         }
         if let Some(ssl) = newly_linked {
@@ -837,7 +837,7 @@ impl Tracker {
             seq,
             truncated,
             data: d.payload.clone(),
-            attr: Attr::of(&h),
+            attr: Attribution::of(&h),
         });
     }
 

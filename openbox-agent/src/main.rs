@@ -196,7 +196,7 @@ impl GovArgs {
 #[derive(Subcommand)]
 #[expect(
     clippy::large_enum_variant,
-    reason = "parsed once at start; boxing would only obscure the clap definitions"
+    reason = "parsed once from the command line, never copied"
 )]
 enum Command {
     /// Watch a process and its children and print what they do: connections, cleartext

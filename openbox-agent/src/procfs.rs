@@ -84,11 +84,17 @@ fn inet_sockets(pid: Pid) -> HashMap<u64, (SocketAddr, SocketAddr)> {
     };
     let tcp = [p.tcp(), p.tcp6()].into_iter().flatten().flatten();
     for e in tcp {
-        out.insert(e.inode, (unmapped(e.local_address), unmapped(e.remote_address)));
+        out.insert(
+            e.inode,
+            (unmapped(e.local_address), unmapped(e.remote_address)),
+        );
     }
     let udp = [p.udp(), p.udp6()].into_iter().flatten().flatten();
     for e in udp {
-        out.insert(e.inode, (unmapped(e.local_address), unmapped(e.remote_address)));
+        out.insert(
+            e.inode,
+            (unmapped(e.local_address), unmapped(e.remote_address)),
+        );
     }
     out
 }
@@ -101,7 +107,10 @@ pub fn descendants(root: Pid) -> Vec<Pid> {
         .flatten()
         .filter_map(|p| {
             let stat = p.stat().ok()?;
-            Some((Pid::try_from(stat.pid).ok()?, Pid::try_from(stat.ppid).ok()?))
+            Some((
+                Pid::try_from(stat.pid).ok()?,
+                Pid::try_from(stat.ppid).ok()?,
+            ))
         })
         .collect();
     let mut out = Vec::new();
@@ -299,7 +308,10 @@ mod tests {
     fn own_mappings_include_the_executable() {
         let files = mapped_files(std::process::id()).unwrap();
         let me = exe(std::process::id()).unwrap();
-        assert!(files.iter().any(|f| f.path == me && !f.deleted), "{files:?}");
+        assert!(
+            files.iter().any(|f| f.path == me && !f.deleted),
+            "{files:?}"
+        );
     }
 }
 
@@ -345,10 +357,7 @@ pub fn writable_range(pid: Pid, addr: u64, len: u64) -> bool {
     };
     maps.into_iter().any(|m| {
         let (lo, hi) = m.address;
-        m.perms
-            .contains(MMPermissions::READ | MMPermissions::WRITE)
-            && lo <= addr
-            && end <= hi
+        m.perms.contains(MMPermissions::READ | MMPermissions::WRITE) && lo <= addr && end <= hi
     })
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     capture::{clock::Clock, event::Addr},
-    conn::{Attr, Direction, Pid, Record},
+    conn::{Attribution, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
     redact::Redactor,
 };
@@ -54,7 +54,7 @@ pub struct Span {
     pub tid: u32,
     /// The activity whose request (or file open) made it, as the kernel saw it.
     #[serde(skip)]
-    pub attr: Attr,
+    pub attr: Attribution,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -94,7 +94,7 @@ struct ConnState {
     /// this attribution, attribution). An operation belongs to whoever sent the first
     /// byte of its request, whoever reads the response (a pooled connection's reply is
     /// often read by the event loop's callback, outside any activity).
-    attrs: [VecDeque<(u64, Attr)>; 2],
+    attrs: [VecDeque<(u64, Attribution)>; 2],
 }
 
 /// Attribution changes kept per connection direction: enough for deep pipelining; an
@@ -102,7 +102,7 @@ struct ConnState {
 const ATTR_HISTORY: usize = 256;
 
 impl ConnState {
-    fn note_attr(&mut self, d: usize, ts: u64, attr: Attr) {
+    fn note_attr(&mut self, d: usize, ts: u64, attr: Attribution) {
         let h = &mut self.attrs[d];
         if h.back().map(|(_, a)| *a) != Some(attr) {
             if h.len() == ATTR_HISTORY {
@@ -114,11 +114,11 @@ impl ConnState {
 
     /// The attribution of the request bytes at `ts`; forgets older changes (operations
     /// complete in request order on one connection).
-    fn attr_at(&mut self, ts: u64) -> Attr {
+    fn attr_at(&mut self, ts: u64) -> Attribution {
         let d = if self.role == Role::Server { 1 } else { 0 };
         let h = &mut self.attrs[d];
         let Some(i) = h.iter().rposition(|(t, _)| *t <= ts) else {
-            return Attr::default();
+            return Attribution::default();
         };
         h.drain(..i);
         h[0].1
@@ -131,7 +131,7 @@ struct FileState {
     mode: &'static str,
     open_ts: u64,
     pid: Pid,
-    attr: Attr,
+    attr: Attribution,
     /// The burst in progress: (direction, first ts, last ts, bytes, calls).
     burst: Option<(Direction, u64, u64, u64, u64)>,
     children: Vec<Span>,
@@ -441,7 +441,7 @@ impl SpanBuilder {
             response_headers: None,
             pid,
             tid,
-            attr: Attr::default(),
+            attr: Attribution::default(),
         }
     }
 
@@ -806,19 +806,50 @@ mod tests {
             seq,
             truncated: 0,
             data: bytes.to_vec(),
-            attr: Attr::default(),
+            attr: Attribution::default(),
         }
     }
 
     fn by(r: Record, activity: u64) -> Record {
         match r {
-            Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, .. } => {
+            Record::Data {
+                ts,
+                pid,
+                tid,
+                fd,
+                conn,
+                peer,
+                tls,
+                direction,
+                via,
+                seq,
+                truncated,
+                data,
+                ..
+            } => {
                 let attr = if activity == 0 {
-                    Attr::default()
+                    Attribution::default()
                 } else {
-                    Attr { owner: 10, activity }
+                    Attribution {
+                        owner: 10,
+                        activity,
+                    }
                 };
-                Record::Data { ts, pid, tid, fd, conn, peer, tls, direction, via, seq, truncated, data, attr }
+                Record::Data {
+                    ts,
+                    pid,
+                    tid,
+                    fd,
+                    conn,
+                    peer,
+                    tls,
+                    direction,
+                    via,
+                    seq,
+                    truncated,
+                    data,
+                    attr,
+                }
             }
             other => other,
         }
@@ -835,10 +866,28 @@ mod tests {
         let req1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n";
         let req2 = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        b.handle(&by(data("c", Direction::Egress, 0, req1, 10, false), 1), &mut out);
-        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 0), &mut out);
-        b.handle(&by(data("c", Direction::Egress, req1.len() as u64, req2, 30, false), 2), &mut out);
-        b.handle(&by(data("c", Direction::Ingress, resp.len() as u64, resp, 40, false), 1), &mut out);
+        b.handle(
+            &by(data("c", Direction::Egress, 0, req1, 10, false), 1),
+            &mut out,
+        );
+        b.handle(
+            &by(data("c", Direction::Ingress, 0, resp, 20, false), 0),
+            &mut out,
+        );
+        b.handle(
+            &by(
+                data("c", Direction::Egress, req1.len() as u64, req2, 30, false),
+                2,
+            ),
+            &mut out,
+        );
+        b.handle(
+            &by(
+                data("c", Direction::Ingress, resp.len() as u64, resp, 40, false),
+                1,
+            ),
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].attributes["http.target"], "/one");
         assert_eq!(out[0].attr.activity, 1);
@@ -853,8 +902,14 @@ mod tests {
         b.handle(&connect("c"), &mut out);
         let req = b"GET /bg HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        b.handle(&by(data("c", Direction::Egress, 0, req, 10, false), 0), &mut out);
-        b.handle(&by(data("c", Direction::Ingress, 0, resp, 20, false), 7), &mut out);
+        b.handle(
+            &by(data("c", Direction::Egress, 0, req, 10, false), 0),
+            &mut out,
+        );
+        b.handle(
+            &by(data("c", Direction::Ingress, 0, resp, 20, false), 7),
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         assert!(!out[0].attr.is_some());
     }
@@ -869,7 +924,7 @@ mod tests {
             conn: conn.into(),
             peer: Some(Addr::Inet("127.0.0.1:8443".parse().unwrap())),
             local: None,
-            attr: Attr::default(),
+            attr: Attribution::default(),
         }
     }
 
@@ -937,7 +992,7 @@ mod tests {
                 fd: 4,
                 path: "/data/x".into(),
                 mode: "r",
-                attr: Attr::default(),
+                attr: Attribution::default(),
             },
             &mut out,
         );
@@ -949,7 +1004,7 @@ mod tests {
                     fd: 4,
                     direction: Direction::Ingress,
                     bytes: 4096,
-                    attr: Attr::default(),
+                    attr: Attribution::default(),
                 },
                 &mut out,
             );

@@ -78,10 +78,15 @@ impl Daemon {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
-        assert!(status.success(), "the agent exited with {status}: {}", self.stderr());
+        assert!(
+            status.success(),
+            "the agent exited with {status}: {}",
+            self.stderr()
+        );
         let err = self.stderr();
         let last = err.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|_| panic!("no summary at the end of stderr:\n{err}"))
+        serde_json::from_str(last)
+            .unwrap_or_else(|_| panic!("no summary at the end of stderr:\n{err}"))
     }
 
     fn hook(&self, env: &TestEnv, args: &[&str]) -> Vec<Value> {
@@ -148,7 +153,10 @@ fn concurrent_activities_on_two_threads_and_their_subprocesses_are_attributed_ex
             format!("{url}/{id}-marker"),
             format!("{url}/{id}-curl"),
         ] {
-            assert!(subjects.contains(&want), "activity {id} lacks {want}: {subjects:?}");
+            assert!(
+                subjects.contains(&want),
+                "activity {id} lacks {want}: {subjects:?}"
+            );
         }
         assert!(
             !subjects.iter().any(|s| s.contains(&format!("/{other}-"))),
@@ -170,7 +178,11 @@ fn concurrent_activities_on_two_threads_and_their_subprocesses_are_attributed_ex
             .any(|u| u["reason"] == "no_activity" && subject(&u["span"]) == none),
         "{unattributed:?}"
     );
-    assert!(!done.iter().any(|e| e["spans"].as_array().unwrap().iter().any(|s| subject(s) == none)));
+    assert!(!done.iter().any(|e| e["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| subject(s) == none)));
     assert_eq!(summary["workers"], 1);
     assert_eq!(summary["activities"], 2);
     assert_eq!(summary["ringbuf_drops"], 0);
@@ -185,10 +197,16 @@ fn a_registration_claiming_another_process_or_thread_is_refused_and_logged() {
 
     let replies = daemon.hook(&env, &["forge-pid", &other_pid]);
     assert_eq!(replies[0]["reply"]["ok"], false, "{replies:?}");
-    assert!(replies[0]["reply"]["error"].as_str().unwrap().contains("refused"));
+    assert!(replies[0]["reply"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("refused"));
 
     let replies = daemon.hook(&env, &["forge-thread", &other_pid]);
-    assert_eq!(replies[0]["reply"]["ok"], true, "a genuine hello: {replies:?}");
+    assert_eq!(
+        replies[0]["reply"]["ok"], true,
+        "a genuine hello: {replies:?}"
+    );
     assert_eq!(replies[1]["reply"]["ok"], false, "{replies:?}");
     let _ = other.kill();
     let _ = other.wait();
@@ -196,8 +214,14 @@ fn a_registration_claiming_another_process_or_thread_is_refused_and_logged() {
     let summary = daemon.stop();
     assert_eq!(summary["registrations_refused"], 2);
     let log = daemon.stderr();
-    assert!(log.contains(&format!("claims to be pid {other_pid}")), "{log}");
-    assert!(log.contains(&format!("thread {other_pid} is not a thread of process")), "{log}");
+    assert!(
+        log.contains(&format!("claims to be pid {other_pid}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("thread {other_pid} is not a thread of process")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -224,8 +248,14 @@ fn a_worker_in_its_own_pid_namespace_registers_and_is_attributed() {
     for e in done {
         let id = e["activity_id"].as_str().unwrap();
         let subjects: Vec<String> = e["spans"].as_array().unwrap().iter().map(subject).collect();
-        assert!(subjects.contains(&format!("{url}/{id}-marker")), "{subjects:?}");
-        assert!(subjects.contains(&format!("{url}/{id}-curl")), "{subjects:?}");
+        assert!(
+            subjects.contains(&format!("{url}/{id}-marker")),
+            "{subjects:?}"
+        );
+        assert!(
+            subjects.contains(&format!("{url}/{id}-curl")),
+            "{subjects:?}"
+        );
     }
 }
 
@@ -235,7 +265,8 @@ fn requests_before_hello_and_malformed_lines_get_errors_not_a_crash() {
     let env = TestEnv::get();
     let mut daemon = Daemon::start(&env);
     let mut s = UnixStream::connect(&daemon.socket).unwrap();
-    s.write_all(b"not json\n{\"id\":1,\"op\":\"activity_start\"}\n").unwrap();
+    s.write_all(b"not json\n{\"id\":1,\"op\":\"activity_start\"}\n")
+        .unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut replies = Vec::new();
     for _ in 0..2 {
@@ -267,11 +298,24 @@ fn a_worker_that_dies_mid_activity_leaves_nothing_behind() {
 fn bad_governance_settings_stop_the_agent_with_a_message_naming_the_setting() {
     let env = TestEnv::get();
     let dir = TempDir::new("bad-config");
+    // (arguments, environment, the setting the message must name)
+    #[expect(
+        clippy::type_complexity,
+        reason = "a table of literal cases, read in place"
+    )]
     let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
         (&["--governance-timeout", "abc"], &[], "governance_timeout"),
-        (&[], &[("OPENBOX_GOVERNANCE_POLICY", "sometimes")], "OPENBOX_GOVERNANCE_POLICY"),
+        (
+            &[],
+            &[("OPENBOX_GOVERNANCE_POLICY", "sometimes")],
+            "OPENBOX_GOVERNANCE_POLICY",
+        ),
         (&["--openbox-url", "http://core.example.com"], &[], "https"),
-        (&["--policy-file", "/nonexistent/policy.toml"], &[], "/nonexistent/policy.toml"),
+        (
+            &["--policy-file", "/nonexistent/policy.toml"],
+            &[],
+            "/nonexistent/policy.toml",
+        ),
     ];
     for (args, vars, named) in cases {
         let mut cmd = Command::new(&env.agent);
@@ -284,7 +328,13 @@ fn bad_governance_settings_stop_the_agent_with_a_message_naming_the_setting() {
             .stderr(Stdio::piped());
         let (status, _, err) = run_bounded(&mut cmd, Duration::from_secs(30));
         assert!(!status.success(), "{args:?} {vars:?} was accepted");
-        assert!(err.contains(named), "{args:?} {vars:?}: the error does not name {named}: {err}");
-        assert!(!dir.join("agent.sock").exists(), "a refused start left its socket behind");
+        assert!(
+            err.contains(named),
+            "{args:?} {vars:?}: the error does not name {named}: {err}"
+        );
+        assert!(
+            !dir.join("agent.sock").exists(),
+            "a refused start left its socket behind"
+        );
     }
 }

@@ -121,7 +121,61 @@ pub const CNT_MAP_FULL: u32 = 7;
 pub const CNT_CAPTURED_BYTES: u32 = 8;
 /// Reads of a thread's activity slot (worker memory) that failed: unattributed.
 pub const CNT_SLOT_READ_FAILURES: u32 = 9;
+/// Data records not made for want of scratch space: the per-thread TLS scratch map
+/// was full (or a per-CPU scratch lookup failed, which cannot happen but the verifier
+/// makes the programs check).
+pub const CNT_SCRATCH_FAILURES: u32 = 10;
+/// bpf_probe_read_kernel failures (the exec tracepoint's file name): the record went
+/// out without it.
+pub const CNT_KERNEL_READ_FAILURES: u32 = 11;
+/// A watched process that opened a TLS library could not be stopped (bpf_send_signal
+/// failed): its first TLS calls may run before the uprobes exist.
+pub const CNT_PAUSE_FAILURES: u32 = 12;
 pub const NUM_COUNTERS: u32 = 16;
+
+// ---- tracepoint record layouts the kernel programs assume ----
+// Each is read at a fixed offset of the raw record; the agent checks every one against
+// the tracepoint's tracefs `format` at load (openbox-agent/src/capture/tracefs.rs) and
+// refuses to start on a kernel whose layout differs.
+
+/// Where a kernel program reads one field of a tracepoint record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawField {
+    /// Byte offset from the start of the record (the common fields included).
+    pub offset: usize,
+    /// Bytes read.
+    pub size: usize,
+}
+
+/// Syscall tracepoints (`syscalls:sys_enter_*`): argument `n` is the 8-byte slot at
+/// `SYSCALL_ARGS_OFFSET + 8 * n`, whatever its C type.
+pub const SYSCALL_ARGS_OFFSET: usize = 16;
+/// Bytes of one syscall tracepoint argument slot.
+pub const SYSCALL_ARG_SIZE: usize = 8;
+/// `syscalls:sys_exit_*`: the return value.
+pub const SYSCALL_RET: RawField = RawField {
+    offset: 16,
+    size: 8,
+};
+/// `task:task_newtask`: the child's pid (its tgid, for a process).
+pub const TASK_NEWTASK_PID: RawField = RawField { offset: 8, size: 4 };
+/// `task:task_newtask`: the clone flags.
+pub const TASK_NEWTASK_CLONE_FLAGS: RawField = RawField {
+    offset: 32,
+    size: 8,
+};
+/// `sched:sched_process_exec`: `__data_loc` of the new image's file name.
+pub const SCHED_PROCESS_EXEC_FILENAME: RawField = RawField { offset: 8, size: 4 };
+/// `sched:sched_process_exec`: the pid before exec.
+pub const SCHED_PROCESS_EXEC_OLD_PID: RawField = RawField {
+    offset: 16,
+    size: 4,
+};
+/// `sched:sched_process_exit`: whether the exiting thread is the last of its group.
+pub const SCHED_PROCESS_EXIT_GROUP_DEAD: RawField = RawField {
+    offset: 32,
+    size: 1,
+};
 
 /// Common prefix of every ring-buffer record.
 #[repr(C)]

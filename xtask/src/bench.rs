@@ -15,15 +15,14 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+
+use crate::proc::Proc;
 
 const ROUNDS: usize = 5;
 const LOOPS: [(&str, &str, u64); 3] = [
@@ -201,12 +200,12 @@ impl Bench {
             Command::new(&self.agent)
                 .args(["trace", "--json"])
                 .args(self.has_raw.then_some("--raw"))
-                .args(["--pid", &sleep.child.id().to_string()])
+                .args(["--pid", &sleep.pid().to_string()])
                 .stdin(Stdio::null()),
             true,
         )?;
         std::thread::sleep(ATTACH_WAIT);
-        if let Some(status) = agent.child.try_wait()? {
+        if let Some(status) = agent.try_wait()? {
             bail!("the agent exited early ({status}): {}", agent.stderr_text());
         }
         crate::run(&mut self.loop_cmd(false, &[]))?;
@@ -347,146 +346,6 @@ impl Bench {
                 median(hits),
                 LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum::<u64>()
             );
-        }
-    }
-}
-
-/// A child process killed (SIGINT first for the agent, so it detaches cleanly) and
-/// reaped when dropped, with its stdout reduced to its last line and its stderr kept.
-struct Proc {
-    name: String,
-    child: Child,
-    agent: bool,
-    last_line: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, agent: bool) -> Result<Proc> {
-        if agent {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        } else {
-            cmd.stdout(Stdio::null());
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("could not start {name}: {cmd:?}"))?;
-        let last_line = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        if let Some(mut out) = child.stdout.take() {
-            let last = last_line.clone();
-            readers.push(std::thread::spawn(move || {
-                // Keeps only the last complete line; the rest (hundreds of MB of JSON
-                // when watched) is read and dropped, like /dev/null would.
-                let mut buf = vec![0u8; 1 << 20];
-                let mut pending: Vec<u8> = Vec::new();
-                loop {
-                    let n = match out.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let chunk = &buf[..n];
-                    match chunk.iter().rposition(|&b| b == b'\n') {
-                        Some(p) => {
-                            let head = &chunk[..p];
-                            let line = match head.iter().rposition(|&b| b == b'\n') {
-                                Some(q) => head[q + 1..].to_vec(),
-                                None => {
-                                    let mut l = std::mem::take(&mut pending);
-                                    l.extend_from_slice(head);
-                                    l
-                                }
-                            };
-                            *last.lock().unwrap() = String::from_utf8_lossy(&line).into_owned();
-                            pending.clear();
-                            pending.extend_from_slice(&chunk[p + 1..]);
-                        }
-                        None => pending.extend_from_slice(chunk),
-                    }
-                }
-            }));
-        }
-        if let Some(mut err) = child.stderr.take() {
-            let keep = stderr.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = err.read_to_string(&mut text);
-                *keep.lock().unwrap() = text;
-            }));
-        }
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            agent,
-            last_line,
-            stderr,
-            readers,
-        })
-    }
-
-    fn interrupt(&self) -> Result<()> {
-        crate::run(
-            Command::new("kill")
-                .args(["-INT", &self.child.id().to_string()])
-                .stderr(Stdio::null()),
-        )
-    }
-
-    fn wait(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The agent's closing summary line (call after `wait`): the last line of stdout,
-    /// or, when stdout holds spans (`--json` without `--raw`), a line of stderr.
-    fn summary(&self) -> Result<String> {
-        let is_summary = |l: &str| l.contains("\"type\":\"summary\"");
-        let last = self.last_line.lock().unwrap().clone();
-        if is_summary(&last) {
-            return Ok(last);
-        }
-        let stderr = self.stderr_text();
-        match stderr.lines().rev().find(|l| is_summary(l)) {
-            Some(line) => Ok(line.to_string()),
-            None => bail!(
-                "{}: no summary line (last stdout line {last:?}; stderr: {stderr})",
-                self.name
-            ),
-        }
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap().trim().to_string()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if self.agent {
-                let _ = self.interrupt();
-                let _ = self.wait(Duration::from_secs(15));
-            }
-            if let Ok(None) = self.child.try_wait() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-        for r in self.readers.drain(..) {
-            let _ = r.join();
         }
     }
 }

@@ -254,6 +254,34 @@ fn check_binaries() -> Result<()> {
     Ok(())
 }
 
+/// The pinned Python lint tools (ruff, mypy and the Temporal SDK mypy checks the hook
+/// against), one package a line; a change rebuilds their virtualenv.
+const LINT_REQUIREMENTS_FILE: &str = "xtask/lint-requirements.txt";
+const LINT_IMPORTS: &str = "import mypy.api, temporalio.worker";
+
+/// The lint tools' virtualenv (target/test-env/lint-venv), built on first use and
+/// reused while xtask/lint-requirements.txt is unchanged. Returns its `bin` directory.
+pub fn lint_tools() -> Result<PathBuf> {
+    let python3 = match find_python3()? {
+        Some(p) if python_has_venv(&p) => p,
+        _ => {
+            install_debian_packages(&["python3", "python3-venv"])?;
+            find_python3()?
+                .filter(|p| python_has_venv(p))
+                .ok_or_else(|| anyhow!("python3 with the venv module is missing: run `apt-get install -y python3 python3-venv`"))?
+        }
+    };
+    let root = workspace_root();
+    let venv = root.join("target/test-env/lint-venv");
+    ensure_venv(
+        &python3,
+        &venv,
+        &root.join(LINT_REQUIREMENTS_FILE),
+        LINT_IMPORTS,
+    )?;
+    Ok(venv.join("bin"))
+}
+
 fn find_python3() -> Result<Option<PathBuf>> {
     Ok(on_path("python3"))
 }
@@ -316,7 +344,7 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
 
 /// Modules each virtualenv must import once built.
 const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, \
-     requests, urllib3, aiohttp, temporalio.client, temporalio.worker";
+     requests, urllib3, aiohttp, temporalio.client, temporalio.worker, jsonschema";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \
@@ -330,7 +358,7 @@ fn ensure_venv(
 ) -> Result<PathBuf> {
     let requirements = fs::read_to_string(requirements_file).with_context(|| {
         format!(
-            "could not read the fixtures' pip requirements {}",
+            "could not read the pip requirements {}",
             requirements_file.display()
         )
     })?;
@@ -342,7 +370,7 @@ fn ensure_venv(
         return Ok(venv_python);
     }
 
-    eprintln!("xtask: creating the test virtualenv {}", venv.display());
+    eprintln!("xtask: creating the virtualenv {}", venv.display());
     if venv.exists() {
         fs::remove_dir_all(venv)
             .with_context(|| format!("could not remove the stale virtualenv {}", venv.display()))?;
@@ -356,7 +384,7 @@ fn ensure_venv(
         .arg(requirements_file))
     .map_err(|e| {
         anyhow!(
-            "{e}\ninstalling the fixtures' Python packages failed (is PyPI reachable?); retry with `{} -m pip install -r {}`, then run this again",
+            "{e}\ninstalling the Python packages failed (is PyPI reachable?); retry with `{} -m pip install -r {}`, then run this again",
             venv_python.display(),
             requirements_file.display()
         )

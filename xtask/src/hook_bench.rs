@@ -5,32 +5,13 @@
 use std::{
     net::{TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 
-use crate::env::TestEnv;
-
-/// Kills the process when dropped (the dev server and the agent never outlive us).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child, then reaping it.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::{env::TestEnv, proc::Proc};
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -58,29 +39,34 @@ pub fn run(agent: &Path, env: &TestEnv, runs: u32) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("openbox-hook-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
-    let _server = Running(
+    let server = Proc::service(
+        "the Temporal dev server",
         Command::new(&temporal)
-            .args(["server", "start-dev", "--headless", "--ip", "127.0.0.1", "--port"])
+            .args([
+                "server",
+                "start-dev",
+                "--headless",
+                "--ip",
+                "127.0.0.1",
+                "--port",
+            ])
             .arg(port.to_string())
             .arg("--db-filename")
             .arg(dir.join("temporal.db"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {temporal}"))?,
-    );
+            .stderr(Stdio::null()),
+    )?;
     let socket = dir.join("agent.sock");
-    let _agent = Running(
+    let daemon = Proc::service(
+        "openbox-agent run",
         Command::new(agent)
             .arg("run")
             .arg("--socket")
             .arg(&socket)
             .arg("--events")
             .arg(dir.join("events.jsonl"))
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", agent.display()))?,
-    );
+            .stdout(Stdio::null()),
+    )?;
     wait_until("openbox-agent run", Duration::from_secs(30), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     })?;
@@ -99,8 +85,8 @@ pub fn run(agent: &Path, env: &TestEnv, runs: u32) -> Result<()> {
             .arg("--runs")
             .arg(runs.to_string()),
     );
-    drop(_agent);
-    drop(_server);
+    drop(daemon);
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -7,6 +7,8 @@ mod bench;
 mod env;
 mod fuzz;
 mod hook_bench;
+mod lint;
+mod proc;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -36,9 +38,16 @@ enum Task {
     BuildEbpf,
     /// Build the kernel programs and the agent (release).
     Build,
-    /// Install the test environment (Debian packages, Python virtualenvs with the worker
-    /// hook, FerretDB, the Temporal CLI) and run every test, end-to-end tests included.
+    /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
+    /// and on the kernel crate, ruff and mypy on the worker hook.
+    Lint,
+    /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
+    /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
+    /// tests included.
     Test {
+        /// Skip `lint` (when iterating on one test; CI never does).
+        #[arg(long)]
+        skip_lint: bool,
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -71,7 +80,8 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
         Task::Build => build_agent(),
-        Task::Test { args } => test(&args),
+        Task::Lint => lint::lint(),
+        Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
         Task::SetupEnv => env::setup().map(|_| ()),
@@ -111,7 +121,12 @@ fn agent_binary() -> PathBuf {
     workspace_root().join("target/release/openbox-agent")
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(skip_lint: bool, args: &[String]) -> Result<()> {
+    if !skip_lint {
+        lint::lint().context(
+            "`cargo xtask lint` failed, so no test ran: fix its findings (listed above) and run again",
+        )?;
+    }
     build_agent()?;
     let test_env = env::setup()?;
     let root = workspace_root();

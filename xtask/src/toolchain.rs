@@ -71,14 +71,11 @@ fn find_toolchain() -> Result<Toolchain> {
             name = "stable";
         }
     }
-    let components =
-        output(rustup().args(["component", "list", "--installed", "--toolchain", name]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: adding rust-src to the {name} toolchain");
-        run(rustup().args(["component", "add", "rust-src", "--toolchain", name])).map_err(|e| {
-            anyhow!("{e}\nthe kernel programs are built with -Z build-std=core, which needs rust-src: run `rustup component add rust-src --toolchain {name}`")
-        })?;
-    }
+    ensure_component(
+        name,
+        "rust-src",
+        "the kernel programs are built with -Z build-std=core, which needs rust-src",
+    )?;
     let sysroot = PathBuf::from(output(
         rustup().args(["run", name, "rustc", "--print", "sysroot"]),
     )?);
@@ -87,6 +84,23 @@ fn find_toolchain() -> Result<Toolchain> {
         sysroot,
         bootstrap: name == "stable",
     })
+}
+
+/// Adds a rustup component to the toolchain when it is missing; `why` says what needs it.
+fn ensure_component(toolchain: &str, component: &str, why: &str) -> Result<()> {
+    let components =
+        output(rustup().args(["component", "list", "--installed", "--toolchain", toolchain]))?;
+    if !components.lines().any(|l| l.starts_with(component)) {
+        eprintln!("xtask: adding {component} to the {toolchain} toolchain");
+        run(rustup().args(["component", "add", component, "--toolchain", toolchain])).map_err(
+            |e| {
+                anyhow!(
+                    "{e}\n{why}: run `rustup component add {component} --toolchain {toolchain}`"
+                )
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// The toolchain's LLVM shared library, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
@@ -155,24 +169,17 @@ pub fn ebpf_object() -> PathBuf {
     workspace_root().join("target/bpf/openbox-ebpf.o")
 }
 
-pub fn build_ebpf() -> Result<PathBuf> {
-    let tc = find_toolchain()?;
-    let linker_dir = ensure_bpf_linker(&tc)?;
-    let path = format!(
-        "{}:{}",
-        linker_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let crate_dir = workspace_root().join("openbox-ebpf");
+/// `cargo +<toolchain> <task> --release --target bpfel-unknown-none -Z build-std=core`
+/// in the kernel crate, free of the outer cargo's toolchain, target dir and flags.
+fn ebpf_cargo(tc: &Toolchain, task: &str) -> Command {
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(&crate_dir)
-        .env("PATH", &path)
+    cmd.current_dir(workspace_root().join("openbox-ebpf"))
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTFLAGS")
         .arg(format!("+{}", tc.name))
         .args([
-            "build",
+            task,
             "--release",
             "--target",
             BPF_TARGET,
@@ -182,7 +189,31 @@ pub fn build_ebpf() -> Result<PathBuf> {
     if tc.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
-    run(&mut cmd)?;
+    cmd
+}
+
+/// Clippy on the kernel crate, warnings denied, with the toolchain that builds it (its
+/// own workspace and target, so the root workspace's clippy does not reach it).
+pub fn clippy_ebpf() -> Result<()> {
+    let tc = find_toolchain()?;
+    ensure_component(
+        &tc.name,
+        "clippy",
+        "`cargo xtask lint` runs clippy on the kernel crate",
+    )?;
+    run(ebpf_cargo(&tc, "clippy").args(["--", "-D", "warnings"]))
+}
+
+pub fn build_ebpf() -> Result<PathBuf> {
+    let tc = find_toolchain()?;
+    let linker_dir = ensure_bpf_linker(&tc)?;
+    let path = format!(
+        "{}:{}",
+        linker_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let crate_dir = workspace_root().join("openbox-ebpf");
+    run(ebpf_cargo(&tc, "build").env("PATH", &path))?;
     let built = crate_dir.join(format!("target/{BPF_TARGET}/release/openbox-ebpf"));
     let dest = ebpf_object();
     fs::create_dir_all(dest.parent().unwrap())?;

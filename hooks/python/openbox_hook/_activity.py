@@ -87,9 +87,10 @@ class ActivityInbound(ActivityInboundInterceptor):
             # Not GeneratorExit, KeyboardInterrupt or SystemExit: nothing can be awaited
             # while those unwind, so such an activity gets no activity_end.
             end = await self._end(token, "failed", None, exc, input_json)
-            refusal = None if _is_cancellation(exc) else self._on_failed_end_reply(end, seen)
-            if refusal is not None:
-                raise refusal from exc
+            # Not named `refusal`: that name is the except target above, unbound after it.
+            verdict = None if _is_cancellation(exc) else self._on_failed_end_reply(end, seen)
+            if verdict is not None:
+                raise verdict from exc
             raise
         end = await self._end(token, "completed", result, None, input_json)
         try:

@@ -4,7 +4,9 @@ Wire format: a Unix stream socket carrying one compact JSON object per line. Req
 ``{"id": <int unique per connection>, "op": <str>, ...}``; replies are ``{"id": <same>,
 "ok": true, ...}`` or ``{"id": <same>, "ok": false, "error": <str>}`` and may arrive out
 of order. Every connection starts with ``hello`` (who we are, where the slot table is,
-the governance settings).
+the governance settings). Every request and reply is described by the JSON Schema
+``hooks/protocol/hook-agent.schema.json``, which this package's tests and the agent's
+tests check real messages against.
 
 Two kinds of connection, because two kinds of caller:
 
@@ -95,7 +97,7 @@ def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
-def _decode(line: bytes) -> dict[str, Any]:
+def _decode(line: bytes | bytearray) -> dict[str, Any]:
     reply = json.loads(line)
     if not isinstance(reply, dict):
         raise ValueError(f"reply is not a JSON object: {line[:200]!r}")

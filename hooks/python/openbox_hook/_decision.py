@@ -203,7 +203,7 @@ def merge_dataclass(obj: Any, data: dict[str, Any]) -> None:
         if _is_dataclass_instance(current) and isinstance(new, dict):
             merge_dataclass(current, new)
         elif isinstance(current, list) and isinstance(new, list):
-            for i, (item, new_item) in enumerate(zip(current, new)):
+            for i, (item, new_item) in enumerate(zip(current, new, strict=False)):
                 if _is_dataclass_instance(item) and isinstance(new_item, dict):
                     merge_dataclass(item, new_item)
                 else:

@@ -8,6 +8,12 @@ governance decision ``decide`` returns, if any: by default the one scripted in
 ``decisions[(op, activity_type)]``, where a list is consumed one item per call (one per
 attempt). Subclasses change answers through ``respond`` and their timing through
 ``delay``.
+
+Every message received and every reply sent is checked against the protocol schema
+(``hook_protocol``); ``close`` fails the test that used the agent if one was off the
+protocol. A test that answers off the protocol on purpose sets ``check_replies = False``.
+With ``OPENBOX_HOOK_RECORD=<file>`` in the environment every request line received is
+also appended to that file (how ``hooks/protocol/recorded-requests.jsonl`` is made).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import threading
 import time
 from typing import Any
 
+import hook_protocol
+
+RECORD = os.environ.get("OPENBOX_HOOK_RECORD")
 
 NO_DECISION = object()
 """``decide``'s answer for a reply without ``"decision"``."""
@@ -30,6 +39,9 @@ class FakeAgent:
     def __init__(self, socket_path: str | None = None, *, refuse_threads: bool = False) -> None:
         """Listens on ``socket_path``, default a new temporary directory's ``agent.sock``."""
         self.refuse_threads = refuse_threads
+        self.check_replies = True
+        self.violations: list[str] = []
+        """Messages and replies that were off the protocol, with why."""
         self._dir = None if socket_path else tempfile.mkdtemp(prefix="openbox-fake-agent-")
         self.socket_path = socket_path or os.path.join(self._dir, "agent.sock")
         self.messages: list[dict[str, Any]] = []
@@ -80,7 +92,11 @@ class FakeAgent:
             return {"ok": True, "agent": "fake-agent", "worker": message.get("pid")}
         if op == "thread" and self.refuse_threads:
             return {"ok": False, "error": "thread refused"}
+        if op == "thread":
+            return {"ok": True, "host_tid": message.get("tid")}
         reply: dict[str, Any] = {"ok": True}
+        if op == "activity_end":
+            reply.update(span_count=0, spans_dropped=0)
         if op == "activity_start":
             with self._changed:
                 token = self._next_token
@@ -110,6 +126,7 @@ class FakeAgent:
     # -- serving -----------------------------------------------------------------
 
     def close(self) -> None:
+        """Stops serving; fails when a message or reply was off the protocol."""
         self._closed = True
         self._listener.close()
         with self._changed:
@@ -124,6 +141,10 @@ class FakeAgent:
             os.unlink(self.socket_path)
         else:
             shutil.rmtree(self._dir, ignore_errors=True)
+        with self._changed:
+            violations = list(self.violations)
+        if violations:
+            raise AssertionError("off the hook protocol:\n" + "\n".join(violations))
 
     def __enter__(self) -> FakeAgent:
         return self
@@ -149,13 +170,23 @@ class FakeAgent:
             for line in reader:
                 message = json.loads(line)
                 assert line.endswith(b"\n") and b"\n" not in line[:-1]
+                problems = hook_protocol.request_problems(message)
+                if RECORD:
+                    with open(RECORD, "ab") as record:
+                        record.write(line)
                 with self._changed:
                     self.messages.append(message)
+                    self.violations += [f"request {message}: {p}" for p in problems]
                     self._changed.notify_all()
                 reply = self.respond(message)
                 if reply is None:
                     continue
-                data = (json.dumps({"id": message["id"], **reply}) + "\n").encode()
+                reply = {"id": message["id"], **reply}
+                if self.check_replies:
+                    problems = hook_protocol.reply_problems(message.get("op"), reply)
+                    with self._changed:
+                        self.violations += [f"reply {reply}: {p}" for p in problems]
+                data = (json.dumps(reply) + "\n").encode()
                 delay = self.delay(message)
                 if delay:
                     threading.Timer(delay, self._send, (client, write_lock, data)).start()

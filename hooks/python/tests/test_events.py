@@ -16,7 +16,16 @@ from openbox_hook import OpenBoxHook, _events
 
 
 def event(n: int, thread: int = 0) -> dict:
-    return {"event_type": "SignalReceived", "workflow_id": f"w{thread}", "n": n}
+    """A SignalReceived of workflow ``w<thread>`` whose argument is ``n``."""
+    return {
+        "event_type": "SignalReceived",
+        "workflow_id": f"w{thread}",
+        "run_id": "r",
+        "workflow_type": "W",
+        "task_queue": "q",
+        "signal_name": "s",
+        "signal_args": [n],
+    }
 
 
 class SenderTest(unittest.TestCase):
@@ -38,7 +47,8 @@ class SenderTest(unittest.TestCase):
         messages = agent.wait_for("workflow_event", 400)
         for t in range(4):
             self.assertEqual(
-                [m["n"] for m in messages if m["workflow_id"] == f"w{t}"], list(range(100))
+                [m["signal_args"][0] for m in messages if m["workflow_id"] == f"w{t}"],
+                list(range(100)),
             )
         # One connection of its own, introduced by hello with the hook's config.
         [hello] = agent.ops("hello")
@@ -87,7 +97,7 @@ class SenderTest(unittest.TestCase):
         sender._overflow_warned = False
         self.assertTrue(_events.post(hook._link, "workflow_event", event(3)))
         self.assertTrue(OpenBoxHook.flush(5.0))
-        self.assertEqual([m["n"] for m in agent.ops("workflow_event")], [3])
+        self.assertEqual([m["signal_args"][0] for m in agent.ops("workflow_event")], [3])
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 pub mod clock;
 pub mod event;
 pub mod tls;
+pub mod tracefs;
 
 use std::{collections::HashSet, path::Path};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{TracePoint, UProbe},
@@ -103,6 +104,9 @@ pub struct Counters {
     pub map_full: u64,
     pub captured_bytes: u64,
     pub slot_read_failures: u64,
+    pub scratch_failures: u64,
+    pub kernel_read_failures: u64,
+    pub pause_failures: u64,
 }
 
 /// The loaded programs and their maps.
@@ -125,8 +129,13 @@ impl Capture {
     /// Loads every program and attaches the tracepoints. Fails with a message that says
     /// what is missing and how to fix it.
     pub fn load(cfg: &CaptureConfig) -> Result<Capture> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this openbox-agent was built without its kernel programs (the kernel object was missing at build time, see build.rs): build it with `cargo xtask build`");
+        }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
+        // Before anything is loaded: a program must never read a field that moved.
+        tracefs::check_kernel()?;
         preflight::raise_memlock();
         let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
         let pause: u32 = cfg.pause_on_tls_lib.into();
@@ -285,6 +294,9 @@ impl Capture {
             map_full: sum(CNT_MAP_FULL),
             captured_bytes: sum(CNT_CAPTURED_BYTES),
             slot_read_failures: sum(CNT_SLOT_READ_FAILURES),
+            scratch_failures: sum(CNT_SCRATCH_FAILURES),
+            kernel_read_failures: sum(CNT_KERNEL_READ_FAILURES),
+            pause_failures: sum(CNT_PAUSE_FAILURES),
         }
     }
 

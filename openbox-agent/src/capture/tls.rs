@@ -100,14 +100,20 @@ mod tests {
 
     #[test]
     fn libssl_copies_and_executables_are_worth_checking() {
-        assert!(may_hold_libssl("/usr/lib/x86_64-linux-gnu/libssl.so.3", None));
+        assert!(may_hold_libssl(
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            None
+        ));
         assert!(may_hold_libssl(
             "/opt/venv/lib/python3.11/site-packages/psycopg2_binary.libs/libssl-81ffa89e.so.3",
             None
         ));
         assert!(!may_hold_libssl("/usr/lib/libcrypto.so.3", None));
         assert!(may_hold_libssl("/usr/bin/node", Some("/usr/bin/node")));
-        assert!(!may_hold_libssl("/usr/bin/python3.11", Some("/usr/bin/node")));
+        assert!(!may_hold_libssl(
+            "/usr/bin/python3.11",
+            Some("/usr/bin/node")
+        ));
     }
 
     #[test]

@@ -8,13 +8,15 @@
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::mpsc,
 };
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, FramedWrite};
 
+use super::protocol::{self, Answer, BadRequest, Reply, Request};
 use crate::conn::Pid;
 
 /// Longest request line accepted (activity inputs can be large).
@@ -24,7 +26,7 @@ pub const MAX_LINE: usize = 16 << 20;
 pub const DEFAULT_SOCKET: &str = "/run/openbox/agent.sock";
 
 /// Where a reply goes: the writer of the connection the request came on.
-pub type ReplyTx = mpsc::UnboundedSender<String>;
+pub type ReplyTx = mpsc::UnboundedSender<Reply>;
 
 #[derive(Debug)]
 pub enum HookMsg {
@@ -32,7 +34,10 @@ pub enum HookMsg {
         conn: u64,
         /// Host pid of the peer, from the kernel (SO_PEERCRED), never from the peer.
         peer: Pid,
-        req: Value,
+        /// The request's `id`, echoed in its reply.
+        id: Value,
+        /// Boxed: a request is large beside `Closed`, and moves through a channel.
+        req: Box<Result<Request, BadRequest>>,
         reply: ReplyTx,
     },
     Closed {
@@ -40,18 +45,16 @@ pub enum HookMsg {
     },
 }
 
-/// Sends `{"id": id, "ok": true, ...fields}` or an error reply.
-pub fn reply(tx: &ReplyTx, id: &Value, result: Result<Value, String>) {
-    let msg = match result {
-        Ok(Value::Object(mut fields)) => {
-            fields.insert("id".into(), id.clone());
-            fields.insert("ok".into(), true.into());
-            Value::Object(fields)
-        }
-        Ok(_) => json!({"id": id, "ok": true}),
-        Err(error) => json!({"id": id, "ok": false, "error": error}),
-    };
-    let _ = tx.send(msg.to_string());
+/// Sends `{"id": id, "ok": true, ...answer}` or an error reply.
+pub fn reply(tx: &ReplyTx, id: &Value, result: Result<Answer, String>) {
+    let _ = tx.send(Reply::new(id.clone(), result));
+}
+
+/// Newline-framed lines of at most [`MAX_LINE`] bytes. Bytes rather than text: a line
+/// that is not UTF-8 is a malformed request (answered, the connection goes on), not a
+/// broken stream.
+fn codec() -> AnyDelimiterCodec {
+    AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE)
 }
 
 /// Binds the socket: creates its directory, replaces a stale socket file, refuses to
@@ -103,7 +106,9 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<HookMsg>) {
         let peer = match stream.peer_cred().ok().and_then(|c| c.pid()) {
             Some(pid) if pid > 0 => pid as Pid,
             _ => {
-                tracing::warn!("refused a hook connection: the kernel did not say which process it is");
+                tracing::warn!(
+                    "refused a hook connection: the kernel did not say which process it is"
+                );
                 continue;
             }
         };
@@ -113,43 +118,43 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<HookMsg>) {
 }
 
 async fn connection(conn: u64, peer: Pid, stream: UnixStream, tx: mpsc::UnboundedSender<HookMsg>) {
-    let (read, mut write) = stream.into_split();
-    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<String>();
+    let (read, write) = stream.into_split();
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
-        while let Some(mut line) = reply_rx.recv().await {
-            line.push('\n');
-            if write.write_all(line.as_bytes()).await.is_err() {
+        let mut lines = FramedWrite::new(write, codec());
+        while let Some(reply) = reply_rx.recv().await {
+            // A Reply holds only strings, numbers and JSON values: it always serializes.
+            let line = serde_json::to_string(&reply).unwrap_or_default();
+            if lines.send(line).await.is_err() {
                 break;
             }
         }
     });
-    let mut reader = BufReader::new(read);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match read_line(&mut reader, &mut buf).await {
-            Ok(0) => break,
-            Ok(_) => {}
+    let mut lines = FramedRead::new(read, codec());
+    while let Some(line) = lines.next().await {
+        let line = match line {
+            Ok(line) => line,
             Err(e) => {
-                reply(&reply_tx, &Value::Null, Err(e));
+                let why = match e {
+                    AnyDelimiterCodecError::MaxChunkLengthExceeded => {
+                        format!("request longer than {MAX_LINE} bytes")
+                    }
+                    AnyDelimiterCodecError::Io(e) => e.to_string(),
+                };
+                reply(&reply_tx, &Value::Null, Err(why));
                 break;
             }
-        }
-        let req: Value = match serde_json::from_slice(&buf) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                reply(
-                    &reply_tx,
-                    &Value::Null,
-                    Err("a request is one JSON object per line".into()),
-                );
-                continue;
-            }
         };
+        // An empty line is not a request, nor the end of the stream.
+        if line.is_empty() {
+            continue;
+        }
+        let (id, req) = protocol::parse(&line);
         let msg = HookMsg::Request {
             conn,
             peer,
-            req,
+            id,
+            req: Box::new(req),
             reply: reply_tx.clone(),
         };
         if tx.send(msg).is_err() {
@@ -161,31 +166,94 @@ async fn connection(conn: u64, peer: Pid, stream: UnixStream, tx: mpsc::Unbounde
     let _ = writer.await;
 }
 
-/// Reads one line without its newline, refusing lines over [`MAX_LINE`].
-async fn read_line<R: AsyncBufReadExt + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<usize, String> {
-    loop {
-        let chunk = r.fill_buf().await.map_err(|e| e.to_string())?;
-        if chunk.is_empty() {
-            return Ok(buf.len());
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+
+    /// A connection served as the daemon serves it, and the requests it hands over.
+    fn serve_pair() -> (UnixStream, mpsc::UnboundedReceiver<HookMsg>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(connection(1, 1234, server, tx));
+        (client, rx)
+    }
+
+    async fn next_line(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Option<Value> {
+        let mut line = String::new();
+        match r.read_line(&mut line).await.unwrap() {
+            0 => None,
+            _ => Some(serde_json::from_str(&line).unwrap()),
         }
-        match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                buf.extend_from_slice(&chunk[..i]);
-                r.consume(i + 1);
-                // An empty line is not the end of the stream.
-                if buf.is_empty() {
-                    continue;
-                }
-                return Ok(buf.len());
-            }
-            None => {
-                let n = chunk.len();
-                buf.extend_from_slice(chunk);
-                r.consume(n);
-            }
+    }
+
+    #[tokio::test]
+    async fn malformed_lines_are_handed_on_as_errors_and_the_connection_goes_on() {
+        let (client, mut rx) = serve_pair();
+        let (read, mut write) = client.into_split();
+        write
+            .write_all(b"not json\n\n\xff\xfe\n{\"id\":4,\"op\":\"thread\",\"tid\":1,\"slot\":0}\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let Some(HookMsg::Request { id, req, reply, .. }) = rx.recv().await else {
+                panic!("connection ended early")
+            };
+            reply
+                .send(Reply::new(id.clone(), Ok(Answer::Accepted {})))
+                .unwrap();
+            got.push((id, *req));
         }
-        if buf.len() > MAX_LINE {
-            return Err(format!("request longer than {MAX_LINE} bytes"));
+        assert!(got[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .error
+            .contains("one JSON object"));
+        assert!(got[1].1.as_ref().unwrap_err().before_hello);
+        assert_eq!(got[2].0, 4);
+        assert_eq!(
+            got[2].1,
+            Ok(Request::Thread(protocol::Thread { tid: 1, slot: 0 }))
+        );
+        let mut r = BufReader::new(read);
+        for want in [Value::Null, Value::Null, 4.into()] {
+            let reply = next_line(&mut r).await.unwrap();
+            assert_eq!(
+                (reply["id"].clone(), reply["ok"].clone()),
+                (want, true.into())
+            );
         }
+        drop(write);
+        assert!(matches!(rx.recv().await, Some(HookMsg::Closed { conn: 1 })));
+    }
+
+    #[tokio::test]
+    async fn an_over_long_line_is_answered_and_the_connection_closed() {
+        let (client, mut rx) = serve_pair();
+        let (read, mut write) = client.into_split();
+        let writer = tokio::spawn(async move {
+            let mut long = vec![b'x'; MAX_LINE + 2];
+            long.push(b'\n');
+            // The agent stops reading part-way: the write may fail, which is fine.
+            let _ = write.write_all(&long).await;
+            write
+        });
+        let mut r = BufReader::new(read);
+        let reply = next_line(&mut r).await.unwrap();
+        assert_eq!(reply["id"], Value::Null);
+        assert_eq!(reply["ok"], false);
+        assert!(
+            reply["error"].as_str().unwrap().contains("longer than"),
+            "{reply}"
+        );
+        assert!(
+            next_line(&mut r).await.is_none(),
+            "the connection is closed"
+        );
+        assert!(matches!(rx.recv().await, Some(HookMsg::Closed { conn: 1 })));
+        drop(writer.await);
     }
 }

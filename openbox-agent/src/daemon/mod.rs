@@ -8,14 +8,11 @@
 //! has been read (they are in the ring before the hook can even send the request).
 
 pub mod hook;
+pub mod protocol;
 pub mod registry;
 
 use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
-
-use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -28,17 +25,18 @@ use crate::{
     capture::CaptureConfig,
     conn::{Pid, SkipPaths},
     governance::{
-        config::normalize_url,
-        events,
+        events::{self, Event},
+        sink::Sink,
         verdict::{Decision, ErrorType},
-        FailPolicy, GovernanceConfig, Governor,
+        GovernanceConfig, Governor,
     },
     pipeline::{self, Collect, Output, Session},
     procfs,
     span::{Span, SpanConfig},
 };
 use hook::{reply, HookMsg, ReplyTx};
-use registry::{ActivityInfo, Registry, Unattributed, Worker};
+use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
+use registry::{Registry, Unattributed, Worker};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {
@@ -53,40 +51,6 @@ pub struct RunOpts {
     pub skip: SkipPaths,
     /// Most spans kept per activity.
     pub span_limit: usize,
-}
-
-/// A JSON-lines output: a file appended to, or stdout. Flushed per line.
-pub struct Lines {
-    out: Box<dyn Write + Send>,
-    path: String,
-}
-
-impl Lines {
-    pub fn open(path: &Path) -> Result<Lines> {
-        let out: Box<dyn Write + Send> = if path.as_os_str() == "-" {
-            Box::new(std::io::stdout())
-        } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening {} for writing", path.display()))?,
-            )
-        };
-        Ok(Lines {
-            out,
-            path: path.display().to_string(),
-        })
-    }
-
-    pub fn write(&mut self, v: &Value) {
-        let mut line = v.to_string();
-        line.push('\n');
-        if let Err(e) = self.out.write_all(line.as_bytes()).and_then(|_| self.out.flush()) {
-            tracing::error!(path = %self.path, "writing an event failed: {e}");
-        }
-    }
 }
 
 struct Daemon {
@@ -107,7 +71,7 @@ struct Daemon {
     /// activities, though every event is governed in a task of its own and the hook sends
     /// workflow events on a connection of their own. Activities of one run stay parallel.
     run_tail: std::collections::HashMap<(String, String), tokio::sync::watch::Receiver<bool>>,
-    unattributed: Option<Lines>,
+    unattributed: Option<Sink>,
 }
 
 /// Runs remembered for ordering; past this the oldest are forgotten (their later events
@@ -118,7 +82,7 @@ enum GovernorState {
     Ready(Arc<Governor>),
     Refused(String),
     /// Being started (Core validates the key): hellos waiting for it.
-    Starting(Vec<(ReplyTx, Value, Value)>),
+    Starting(Vec<(ReplyTx, Value, Answer)>),
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
@@ -135,7 +99,11 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             .await
             .context("starting governance")?,
     );
-    let unattributed = opts.unattributed.as_deref().map(Lines::open).transpose()?;
+    let unattributed = opts
+        .unattributed
+        .as_deref()
+        .map(|path| Sink::open_path(path, "unattributed spans file"))
+        .transpose()?;
     let listener = hook::bind(&opts.socket).await?;
     let mut d = Daemon {
         session,
@@ -226,8 +194,10 @@ impl Daemon {
 
     fn write_unattributed(&mut self, why: Unattributed, span: &Span) {
         if let Some(out) = self.unattributed.as_mut() {
-            out.write(&json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
-                "worker": span.attr.owner, "token": span.attr.activity, "span": span}));
+            out.write_value(
+                &json!({"reason": why.as_str(), "pid": span.pid, "tid": span.tid,
+                "worker": span.attr.owner, "token": span.attr.activity, "span": span}),
+            );
         }
     }
 
@@ -239,36 +209,40 @@ impl Daemon {
             HookMsg::Request {
                 conn,
                 peer,
+                id,
                 req,
                 reply: tx,
             } => {
-                let id = req.get("id").cloned().unwrap_or(Value::Null);
-                let op = req.get("op").and_then(Value::as_str).unwrap_or("");
                 // Governed ops answer from a task of their own: Core may take its time.
-                let result = match (op, self.conns.get(&conn).copied()) {
-                    ("hello", _) => match self.hello(conn, peer, &req) {
+                let result = match (*req, self.conns.get(&conn).copied()) {
+                    (Ok(Request::Hello(hello)), _) => match self.hello(conn, peer, &hello) {
                         Ok(ok) if !self.worker_governor(peer, &tx, &id, &ok) => return,
                         other => other,
                     },
+                    (Err(bad), _) if bad.before_hello => Err(bad.error),
                     (_, None) => Err("send `hello` first".to_string()),
-                    ("thread", Some(w)) => self.thread(w, &req),
-                    ("activity_start", Some(w)) => match self.activity_start(w, &req, &tx, &id) {
-                        Ok(()) => return,
-                        Err(e) => Err(e),
-                    },
-                    ("activity_end", Some(w)) => match self.activity_end(w, &req, &tx, &id) {
-                        Ok(()) => return,
-                        Err(e) => Err(e),
-                    },
-                    ("workflow_event", Some(w)) => self.workflow_event(w, &req),
-                    (other, Some(_)) => Err(format!("unknown op {other:?}")),
+                    (Err(bad), Some(_)) => Err(bad.error),
+                    (Ok(Request::Thread(t)), Some(w)) => self.thread(w, &t),
+                    (Ok(Request::ActivityStart(start)), Some(w)) => {
+                        match self.activity_start(w, start, &tx, &id) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (Ok(Request::ActivityEnd(end)), Some(w)) => {
+                        match self.activity_end(w, end, &tx, &id) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (Ok(Request::WorkflowEvent(ev)), Some(w)) => self.workflow_event(w, ev),
                 };
                 reply(&tx, &id, result);
             }
         }
     }
 
-    fn refuse(&mut self, peer: Pid, why: String) -> Result<Value, String> {
+    fn refuse<T>(&mut self, peer: Pid, why: String) -> Result<T, String> {
         self.registry.stats.registrations_refused += 1;
         tracing::warn!(peer, "refused hook registration: {why}");
         Err(format!("refused: {why}"))
@@ -276,20 +250,23 @@ impl Daemon {
 
     /// Registers the peer as a worker. The peer's identity comes from the kernel
     /// (SO_PEERCRED); what it claims must match it, in its own PID namespace.
-    fn hello(&mut self, conn: u64, peer: Pid, req: &Value) -> Result<Value, String> {
-        let claimed = req.get("pid").and_then(Value::as_u64);
+    fn hello(&mut self, conn: u64, peer: Pid, req: &Hello) -> Result<Answer, String> {
+        let claimed = req.pid;
         let ns_pid = procfs::nspids(&format!("/proc/{peer}/status"))
             .and_then(|ids| ids.last().copied())
             .ok_or_else(|| format!("process {peer} vanished"))?;
         if claimed != Some(ns_pid as u64) {
-            let claim = claimed.map(|c| c.to_string()).unwrap_or_else(|| "nothing".into());
+            let claim = claimed
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "nothing".into());
             return self.refuse(
                 peer,
-                format!("process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"),
+                format!(
+                    "process {peer} (pid {ns_pid} in its own namespace) claims to be pid {claim}"
+                ),
             );
         }
-        let addr = req.get("slots_addr").and_then(Value::as_u64).unwrap_or(0);
-        let slots = req.get("slots").and_then(Value::as_u64).unwrap_or(0);
+        let (addr, slots) = (req.slots_addr, req.slots);
         if !(1..=65536).contains(&slots) || !procfs::writable_range(peer, addr, slots * 8) {
             return self.refuse(
                 peer,
@@ -318,30 +295,37 @@ impl Daemon {
                     slots_addr: addr,
                     slots,
                     threads: Default::default(),
-                    config: req.get("config").cloned().unwrap_or(Value::Null),
+                    config: req.config.clone(),
                     governor: None,
                 },
             );
             self.registry.stats.workers += 1;
-            tracing::info!(pid = peer, ns_pid, hook = ?req.get("hook"), "worker registered");
+            tracing::info!(pid = peer, ns_pid, hook = ?req.hook, "worker registered");
         }
         self.conns.insert(conn, peer);
-        Ok(json!({"agent": concat!("openbox-agent/", env!("CARGO_PKG_VERSION")), "worker": peer}))
+        Ok(Answer::Hello {
+            agent: concat!("openbox-agent/", env!("CARGO_PKG_VERSION")).to_string(),
+            worker: peer,
+        })
     }
 
     /// A worker that passed governance settings of its own (create_openbox_worker with
     /// the SDK's parameters) gets a governor with them, started once per distinct set;
     /// its hello is answered when that governor is ready. Returns false when the hello
     /// is answered later.
-    fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Value) -> bool {
+    fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Answer) -> bool {
         let Some(config) = self.registry.workers.get(&worker).map(|w| w.config.clone()) else {
             return true;
         };
-        let cfg = match worker_config(&self.base_config, &config) {
+        let cfg = match self.base_config.with_worker_settings(&config) {
             Ok(None) => return true,
             Ok(Some(cfg)) => cfg,
             Err(e) => {
-                tracing::warn!(pid = worker, "the worker's governance settings are invalid: {e}");
+                let e = e.to_string();
+                tracing::warn!(
+                    pid = worker,
+                    "the worker's governance settings are invalid: {e}"
+                );
                 self.set_worker_governor(worker, format!("invalid: {e}"));
                 self.worker_governors
                     .insert(format!("invalid: {e}"), GovernorState::Refused(e));
@@ -363,7 +347,10 @@ impl Daemon {
                 );
                 let ready = self.ready_tx.clone();
                 tokio::spawn(async move {
-                    let result = Governor::new(cfg).await.map(Arc::new).map_err(|e| e.to_string());
+                    let result = Governor::new(cfg)
+                        .await
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string());
                     let _ = ready.send((key, result));
                 });
                 false
@@ -393,7 +380,11 @@ impl Daemon {
     }
 
     /// The run's latest workflow event, for an activity event of the run to wait for.
-    fn run_latest(&self, workflow_id: &str, run_id: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
+    fn run_latest(
+        &self,
+        workflow_id: &str,
+        run_id: &str,
+    ) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.run_tail
             .get(&(workflow_id.to_string(), run_id.to_string()))
             .cloned()
@@ -448,21 +439,21 @@ impl Daemon {
     }
 
     /// Tells the kernel where a worker thread publishes its activity.
-    fn thread(&mut self, worker: Pid, req: &Value) -> Result<Value, String> {
-        let (Some(tid), Some(slot)) = (
-            req.get("tid").and_then(Value::as_u64),
-            req.get("slot").and_then(Value::as_u64),
-        ) else {
-            return Err("thread needs `tid` and `slot` (integers)".into());
-        };
+    fn thread(&mut self, worker: Pid, req: &Thread) -> Result<Answer, String> {
+        let Thread { tid, slot } = *req;
         let Some(w) = self.registry.workers.get(&worker) else {
             return Err("the worker is gone".into());
         };
         if slot >= w.slots {
-            return Err(format!("slot {slot} is outside the table of {} slots", w.slots));
+            return Err(format!(
+                "slot {slot} is outside the table of {} slots",
+                w.slots
+            ));
         }
         let addr = w.slots_addr + slot * 8;
-        let Some(host_tid) = u32::try_from(tid).ok().and_then(|t| procfs::host_tid(worker, t))
+        let Some(host_tid) = u32::try_from(tid)
+            .ok()
+            .and_then(|t| procfs::host_tid(worker, t))
         else {
             return self.refuse(
                 worker,
@@ -476,20 +467,21 @@ impl Daemon {
         if let Some(w) = self.registry.workers.get_mut(&worker) {
             w.threads.insert(host_tid, slot);
         }
-        Ok(json!({"host_tid": host_tid}))
+        Ok(Answer::Thread { host_tid })
     }
 
     fn activity_start(
         &mut self,
         worker: Pid,
-        req: &Value,
+        req: ActivityStart,
         tx: &ReplyTx,
         id: &Value,
     ) -> Result<(), String> {
-        let info = ActivityInfo::from_request(req)?;
-        let event = events::activity_started(&info.id, info.input.clone(), SystemTime::now());
-        let prev = self.run_latest(&info.id.workflow_id, &info.id.run_id);
-        let token = self.registry.start(worker, info);
+        let mut req = req;
+        req.start_time.get_or_insert_with(registry::now_secs);
+        let event = events::activity_started(&req.activity, req.input.clone(), SystemTime::now());
+        let prev = self.run_latest(&req.activity.workflow_id, &req.activity.run_id);
+        let token = self.registry.start(worker, req);
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         tokio::spawn(async move {
             after(prev).await;
@@ -497,7 +489,7 @@ impl Daemon {
                 Ok(gov) => gov.activity_started(event).await,
                 Err(refused) => refused,
             };
-            reply(&tx, &id, Ok(json!({"token": token, "decision": decision})));
+            reply(&tx, &id, Ok(Answer::ActivityStart { token, decision }));
         });
         Ok(())
     }
@@ -505,93 +497,71 @@ impl Daemon {
     fn activity_end(
         &mut self,
         worker: Pid,
-        req: &Value,
+        req: ActivityEnd,
         tx: &ReplyTx,
         id: &Value,
     ) -> Result<(), String> {
-        let token = req
-            .get("token")
-            .and_then(Value::as_u64)
-            .ok_or("activity_end needs `token`")?;
+        let token = req.token;
         let Some(a) = self.registry.end(worker, token) else {
             return Err(format!("no activity {token} of this worker is running"));
         };
-        let end_time = req
-            .get("end_time")
-            .and_then(Value::as_f64)
-            .unwrap_or_else(registry::now_secs);
-        let failed = req.get("status").and_then(Value::as_str) == Some("failed");
+        let end_time = req.end_time.unwrap_or_else(registry::now_secs);
+        let failed = req.status == events::ActivityStatus::Failed;
         // The agent's own calls to Core are never governed (protocol §3.2).
-        let own = self.governor_of(worker).unwrap_or_else(|_| self.governor.clone());
-        let spans: Vec<Value> = a
+        let own = self
+            .governor_of(worker)
+            .unwrap_or_else(|_| self.governor.clone());
+        let spans: Vec<Span> = a
             .spans
-            .iter()
+            .into_iter()
             .filter(|s| {
                 !s.attributes
                     .get("http.url")
                     .and_then(Value::as_str)
                     .is_some_and(|u| own.is_core_url(u) || self.governor.is_core_url(u))
             })
-            .filter_map(|s| serde_json::to_value(s).ok())
             .collect();
         let span_count = spans.len();
         let gov = self.governor_of(worker);
+        let start = a.start;
         let completion = events::ActivityCompletion {
-            status: if failed {
-                events::ActivityStatus::Failed
-            } else {
-                events::ActivityStatus::Completed
-            },
-            start_time: system_time(a.info.start_time),
+            status: req.status,
+            start_time: system_time(start.start_time.unwrap_or_default()),
             end_time: system_time(end_time),
             // The hook reports the arguments the activity really ran with (after input
             // redaction); older hooks do not, and then they are the ones it started with.
-            activity_input: req
-                .get("input")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_else(|| a.info.input.clone()),
-            activity_output: if failed {
-                Value::Null
-            } else {
-                req.get("output").cloned().unwrap_or(Value::Null)
-            },
-            error: req.get("error").and_then(|e| {
-                Some(events::ActivityError {
-                    kind: e.get("type")?.as_str()?.to_string(),
-                    message: e.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
-                })
-            }),
+            activity_input: req.input.unwrap_or(start.input),
+            activity_output: if failed { Value::Null } else { req.output },
+            error: req.error,
             spans,
         };
-        let event = events::activity_completed(&a.info.id, completion, SystemTime::now());
+        let event = events::activity_completed(&start.activity, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
-        let prev = self.run_latest(&a.info.id.workflow_id, &a.info.id.run_id);
+        let prev = self.run_latest(&start.activity.workflow_id, &start.activity.run_id);
         tokio::spawn(async move {
             after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_completed(event).await,
                 Err(refused) => refused,
             };
-            reply(
-                &tx,
-                &id,
-                Ok(json!({"span_count": span_count, "spans_dropped": dropped, "decision": decision})),
-            );
+            let answer = Answer::ActivityEnd {
+                span_count,
+                spans_dropped: dropped,
+                decision,
+            };
+            reply(&tx, &id, Ok(answer));
         });
         Ok(())
     }
 
     /// WorkflowStarted/Completed/Failed and SignalReceived from the hook's workflow
     /// interceptor: governed in the background, the workflow never waits.
-    fn workflow_event(&mut self, worker: Pid, req: &Value) -> Result<Value, String> {
-        let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        let wf = events::WorkflowInfo {
-            workflow_id: s("workflow_id"),
-            run_id: s("run_id"),
-            workflow_type: s("workflow_type"),
-            task_queue: s("task_queue"),
-        };
+    fn workflow_event(
+        &mut self,
+        worker: Pid,
+        req: protocol::WorkflowEvent,
+    ) -> Result<Answer, String> {
+        let wf = req.workflow;
         if wf.workflow_id.is_empty() || wf.run_id.is_empty() {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
         }
@@ -599,142 +569,35 @@ impl Daemon {
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
-        let (event, signal) = match s("event_type").as_str() {
-            events::WORKFLOW_STARTED => (events::workflow_started(&wf, now), false),
-            events::WORKFLOW_COMPLETED => {
-                let output = req.get("workflow_output").cloned().unwrap_or(Value::Null);
-                (events::workflow_completed(&wf, output, now), false)
+        let event: Event = match req.event {
+            WorkflowEventKind::WorkflowStarted => events::workflow_started(&wf, now).into(),
+            WorkflowEventKind::WorkflowCompleted { workflow_output } => {
+                events::workflow_completed(&wf, workflow_output, now).into()
             }
-            events::WORKFLOW_FAILED => {
-                let error = req.get("error").cloned().unwrap_or(Value::Null);
-                (events::workflow_failed(&wf, error, now), false)
+            WorkflowEventKind::WorkflowFailed { error } => {
+                events::workflow_failed(&wf, error, now).into()
             }
-            events::SIGNAL_RECEIVED => {
-                let args = req
-                    .get("signal_args")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                (events::signal_received(&wf, &s("signal_name"), args, now), true)
-            }
-            other => return Err(format!("unknown workflow event_type {other:?}")),
+            WorkflowEventKind::SignalReceived {
+                signal_name,
+                signal_args,
+            } => events::signal_received(&wf, &signal_name, signal_args, now).into(),
         };
+        // The run's final event: its ordering state goes.
         let last = matches!(
-            events::str_field(&event, "event_type"),
-            events::WORKFLOW_COMPLETED | events::WORKFLOW_FAILED
+            event,
+            Event::WorkflowCompleted(_) | Event::WorkflowFailed(_)
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
         tokio::spawn(async move {
             after(prev).await;
-            if signal {
-                gov.signal(event).await;
-            } else {
-                gov.workflow_event(event).await;
-            }
+            match event {
+                Event::SignalReceived(signal) => gov.signal(signal).await,
+                other => gov.workflow_event(other).await,
+            };
             let _ = done.send(true);
         });
-        Ok(json!({}))
+        Ok(Answer::Accepted {})
     }
-}
-
-/// The agent's settings with a worker's own (the create_openbox_worker parameters its
-/// hook sent in `hello`) laid over them; None when it sent none. A Core URL configured on
-/// the agent wins over the worker's (a different one is reported and ignored).
-fn worker_config(base: &GovernanceConfig, v: &Value) -> Result<Option<GovernanceConfig>, String> {
-    const KEYS: [&str; 10] = [
-        "openbox_url",
-        "openbox_api_key",
-        "governance_timeout",
-        "governance_policy",
-        "send_start_event",
-        "send_activity_start_event",
-        "skip_workflow_types",
-        "skip_activity_types",
-        "skip_signals",
-        "hitl_enabled",
-    ];
-    let Some(m) = v.as_object() else {
-        return Ok(None);
-    };
-    if !KEYS.iter().any(|k| m.get(*k).is_some_and(|v| !v.is_null())) {
-        return Ok(None);
-    }
-    let mut cfg = base.clone();
-    let set = |k: &str| -> Result<Option<std::collections::BTreeSet<String>>, String> {
-        match m.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or(format!("{k} must be a list of names")))
-                .collect::<Result<_, _>>()
-                .map(Some),
-            Some(_) => Err(format!("{k} must be a list of names")),
-        }
-    };
-    let flag = |k: &str| -> Result<Option<bool>, String> {
-        match m.get(k) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(format!("{k} must be true or false")),
-        }
-    };
-    if let Some(url) = m.get("openbox_url").and_then(Value::as_str) {
-        let url = normalize_url(url)?;
-        match (&base.openbox_url, url) {
-            (Some(mine), Some(theirs)) if *mine != theirs => tracing::warn!(
-                agent = %mine, worker = %theirs,
-                "a worker asked for another OpenBox Core URL; the agent's configured one is used"
-            ),
-            (None, Some(theirs)) => {
-                cfg.openbox_url = Some(theirs);
-                cfg.openbox_api_key = m
-                    .get("openbox_api_key")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                // Each Core has a spool of its own (a spool directory is locked by one user).
-                let tag: u64 = cfg
-                    .openbox_url
-                    .as_deref()
-                    .unwrap_or("")
-                    .bytes()
-                    .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-                cfg.spool_dir = base.spool_dir.join(format!("core-{tag:016x}"));
-            }
-            _ => {}
-        }
-    }
-    if let Some(t) = m.get("governance_timeout").filter(|v| !v.is_null()) {
-        let secs = t
-            .as_f64()
-            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86400.0)
-            .ok_or("governance_timeout must be a positive number of seconds")?;
-        cfg.governance_timeout = Duration::from_secs_f64(secs);
-    }
-    match m.get("governance_policy").and_then(Value::as_str) {
-        None => {}
-        Some("fail_open") => cfg.on_api_error = FailPolicy::FailOpen,
-        Some("fail_closed") => cfg.on_api_error = FailPolicy::FailClosed,
-        Some(other) => return Err(format!("governance_policy {other:?}: use fail_open or fail_closed")),
-    }
-    if let Some(b) = flag("send_start_event")? {
-        cfg.send_start_event = b;
-    }
-    if let Some(b) = flag("send_activity_start_event")? {
-        cfg.send_activity_start_event = b;
-    }
-    if let Some(b) = flag("hitl_enabled")? {
-        cfg.hitl_enabled = b;
-    }
-    if let Some(s) = set("skip_workflow_types")? {
-        cfg.skip_workflow_types = s;
-    }
-    if let Some(s) = set("skip_activity_types")? {
-        cfg.skip_activity_types = s;
-    }
-    if let Some(s) = set("skip_signals")? {
-        cfg.skip_signals = s;
-    }
-    Ok(Some(cfg))
 }
 
 /// Waits until the run's latest workflow event has been answered (or was dropped).
@@ -749,55 +612,5 @@ fn system_time(secs: f64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs_f64(secs)
     } else {
         SystemTime::now()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_bare_hook_keeps_the_agents_settings() {
-        let base = GovernanceConfig::default();
-        assert!(worker_config(&base, &json!({})).unwrap().is_none());
-        assert!(worker_config(&base, &Value::Null).unwrap().is_none());
-    }
-
-    #[test]
-    fn a_workers_sdk_parameters_lay_over_the_agents_settings() {
-        let base = GovernanceConfig::default();
-        let cfg = worker_config(
-            &base,
-            &json!({"openbox_url": "http://localhost:8086/", "openbox_api_key": "obx_test_k",
-                "governance_timeout": 2.5, "governance_policy": "fail_closed",
-                "skip_activity_types": ["a", "b"], "send_start_event": false}),
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(cfg.openbox_url.as_deref(), Some("http://localhost:8086"));
-        assert_eq!(cfg.openbox_api_key.as_deref(), Some("obx_test_k"));
-        assert_eq!(cfg.governance_timeout, Duration::from_millis(2500));
-        assert_eq!(cfg.on_api_error, FailPolicy::FailClosed);
-        assert!(!cfg.send_start_event);
-        assert_eq!(cfg.skip_activity_types.len(), 2);
-        assert_ne!(cfg.spool_dir, base.spool_dir);
-    }
-
-    #[test]
-    fn the_agents_core_url_wins_and_bad_values_are_named() {
-        let base = GovernanceConfig {
-            openbox_url: Some("https://core.example.com".into()),
-            ..Default::default()
-        };
-        let cfg = worker_config(&base, &json!({"openbox_url": "https://other.example.com"}))
-            .unwrap()
-            .unwrap();
-        assert_eq!(cfg.openbox_url.as_deref(), Some("https://core.example.com"));
-        let err = worker_config(&base, &json!({"governance_policy": "sometimes"})).unwrap_err();
-        assert!(err.contains("governance_policy"), "{err}");
-        let err = worker_config(&base, &json!({"governance_timeout": -1})).unwrap_err();
-        assert!(err.contains("governance_timeout"), "{err}");
-        let err = worker_config(&base, &json!({"openbox_url": "http://core.example.com"})).unwrap_err();
-        assert!(err.contains("https"), "{err}");
     }
 }

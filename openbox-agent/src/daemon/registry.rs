@@ -11,61 +11,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
+use super::protocol::ActivityStart;
 use crate::{
     bounded::BoundedMap,
-    conn::{Attr, Pid},
-    governance::events,
+    conn::{Attribution, Pid},
     span::Span,
 };
-
-/// What the hook told about one activity execution.
-#[derive(Debug, Clone, Default)]
-pub struct ActivityInfo {
-    /// Who the activity is, as the governance events name it.
-    pub id: events::ActivityInfo,
-    /// The positional arguments, serialised by the hook.
-    pub input: Vec<Value>,
-    /// Unix seconds, from the worker.
-    pub start_time: f64,
-}
-
-impl ActivityInfo {
-    /// Reads the fields of an `activity_start` request; names the first one missing.
-    pub fn from_request(req: &Value) -> Result<ActivityInfo, String> {
-        let s = |k: &str| -> Result<String, String> {
-            match req.get(k) {
-                Some(Value::String(v)) => Ok(v.clone()),
-                Some(Value::Number(n)) => Ok(n.to_string()),
-                _ => Err(format!("activity_start needs `{k}` (a string)")),
-            }
-        };
-        Ok(ActivityInfo {
-            id: events::ActivityInfo {
-                workflow_id: s("workflow_id")?,
-                run_id: s("run_id")?,
-                workflow_type: s("workflow_type")?,
-                activity_id: s("activity_id")?,
-                activity_type: s("activity_type")?,
-                task_queue: s("task_queue")?,
-                attempt: req
-                    .get("attempt")
-                    .and_then(Value::as_u64)
-                    .and_then(|a| u32::try_from(a).ok())
-                    .filter(|a| *a >= 1)
-                    .ok_or("activity_start needs `attempt` (an integer ≥ 1)")?,
-            },
-            input: match req.get("input") {
-                Some(Value::Array(args)) => args.clone(),
-                None | Some(Value::Null) => Vec::new(),
-                Some(_) => return Err("activity_start `input` must be an array".into()),
-            },
-            start_time: req
-                .get("start_time")
-                .and_then(Value::as_f64)
-                .unwrap_or_else(now_secs),
-        })
-    }
-}
 
 pub struct Worker {
     /// Host pid.
@@ -83,7 +34,8 @@ pub struct Worker {
 }
 
 pub struct Activity {
-    pub info: ActivityInfo,
+    /// What the hook said when the activity started (`start_time` filled in).
+    pub start: ActivityStart,
     pub owner: Pid,
     pub token: u64,
     pub trace_id: String,
@@ -150,7 +102,7 @@ impl Registry {
         }
     }
 
-    pub fn start(&mut self, owner: Pid, info: ActivityInfo) -> u64 {
+    pub fn start(&mut self, owner: Pid, start: ActivityStart) -> u64 {
         let token = self.next_token;
         self.next_token += 1;
         self.stats.activities += 1;
@@ -158,7 +110,7 @@ impl Registry {
         self.activities.insert(
             (owner, token),
             Activity {
-                info,
+                start,
                 owner,
                 token,
                 trace_id,
@@ -182,7 +134,7 @@ impl Registry {
 
     /// Puts a span on its activity, or says why it cannot be.
     pub fn route(&mut self, mut span: Span) -> Result<(), Box<(Unattributed, Span)>> {
-        let Attr { owner, activity } = span.attr;
+        let Attribution { owner, activity } = span.attr;
         if activity == 0 {
             return Err(self.unattributed(Unattributed::NoActivity, span));
         }
@@ -192,8 +144,8 @@ impl Registry {
                 if a.spans.len() >= self.span_limit {
                     if a.dropped == 0 {
                         tracing::warn!(
-                            activity_id = %a.info.id.activity_id,
-                            workflow_id = %a.info.id.workflow_id,
+                            activity_id = %a.start.activity.activity_id,
+                            workflow_id = %a.start.activity.workflow_id,
                             limit = self.span_limit,
                             "activity produced more spans than the per-activity limit: the rest are counted, not kept"
                         );
@@ -202,7 +154,7 @@ impl Registry {
                     self.stats.spans_dropped += 1;
                     return Ok(());
                 }
-                span.activity_id = Some(a.info.id.activity_id.clone());
+                span.activity_id = Some(a.start.activity.activity_id.clone());
                 span.trace_id = a.trace_id.clone();
                 a.spans.push(span);
                 self.stats.spans_attributed += 1;
@@ -296,18 +248,19 @@ mod tests {
             response_headers: None,
             pid: owner,
             tid: owner,
-            attr: Attr { owner, activity },
+            attr: Attribution { owner, activity },
         }
     }
 
-    fn info(id: &str) -> ActivityInfo {
-        ActivityInfo {
-            id: events::ActivityInfo {
+    fn info(id: &str) -> ActivityStart {
+        ActivityStart {
+            activity: crate::governance::events::ActivityInfo {
                 activity_id: id.into(),
                 attempt: 1,
                 ..Default::default()
             },
-            ..Default::default()
+            input: Vec::new(),
+            start_time: None,
         }
     }
 
@@ -372,23 +325,5 @@ mod tests {
             r.route(span(7, a)).unwrap_err().0,
             Unattributed::AfterActivityEnd
         );
-    }
-
-    #[test]
-    fn activity_start_requests_name_what_is_missing() {
-        let ok = json!({"workflow_id":"w","run_id":"r","workflow_type":"W","activity_id":"1",
-            "activity_type":"t","task_queue":"q","attempt":2,"input":[1,"x"]});
-        let info = ActivityInfo::from_request(&ok).unwrap();
-        assert_eq!((info.id.attempt, json!(info.input)), (2, json!([1, "x"])));
-        let mut bad = ok.clone();
-        bad.as_object_mut().unwrap().remove("run_id");
-        assert!(ActivityInfo::from_request(&bad)
-            .unwrap_err()
-            .contains("run_id"));
-        let mut bad = ok;
-        bad["attempt"] = json!(0);
-        assert!(ActivityInfo::from_request(&bad)
-            .unwrap_err()
-            .contains("attempt"));
     }
 }

@@ -14,7 +14,6 @@ use serde_json::{json, Value};
 
 use super::{
     config::FailPolicy,
-    events,
     verdict::{EvaluateResponse, Verdict},
 };
 
@@ -222,9 +221,9 @@ impl CoreClient {
         }
     }
 
-    /// `POST /api/v1/governance/evaluate` with the event (SDK key order, see `events`).
-    pub async fn evaluate(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
-        self.evaluate_raw(events::encode(event)).await.map(|v| {
+    /// `POST /api/v1/governance/evaluate` with the encoded event (see `events::encode`).
+    pub async fn evaluate(&self, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
+        self.evaluate_raw(body).await.map(|v| {
             // post_json only returns Ok for JSON objects, which always parse.
             EvaluateResponse::from_value(&v)
                 .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
@@ -313,6 +312,10 @@ mod tests {
     use super::*;
     use crate::governance::testutil::{Canned, FakeHttp};
 
+    fn body(event: Value) -> Vec<u8> {
+        serde_json::to_vec(&event).unwrap()
+    }
+
     fn client(server: &FakeHttp, timeout_ms: u64) -> CoreClient {
         CoreClient::new(
             &server.base_url(),
@@ -328,8 +331,15 @@ mod tests {
         let server =
             FakeHttp::start(|_| Canned::json(200, json!({"verdict": "block", "reason": "r"})))
                 .await;
+        let wf = crate::governance::events::WorkflowInfo {
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            workflow_type: "T".into(),
+            task_queue: "q".into(),
+        };
+        let event = crate::governance::events::workflow_started(&wf, std::time::UNIX_EPOCH);
         let out = client(&server, 2000)
-            .evaluate(&json!({"event_type": "ActivityStarted", "source": "workflow-telemetry"}))
+            .evaluate(crate::governance::events::encode(&event))
             .await;
         let CoreOutcome::Ok(r) = out else {
             panic!("{out:?}")
@@ -342,7 +352,7 @@ mod tests {
         assert_eq!(req.header("content-type"), Some("application/json"));
         assert_eq!(
             req.body,
-            br#"{"source":"workflow-telemetry","event_type":"ActivityStarted"}"#
+            br#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
     }
 
@@ -355,7 +365,7 @@ mod tests {
         .await;
         let c = client(&server, 2000);
         assert_eq!(
-            c.evaluate(&json!({})).await,
+            c.evaluate(body(json!({}))).await,
             CoreOutcome::NonJson { status: 200 }
         );
         let out = c.approval("w", "r", "a").await;
@@ -375,26 +385,26 @@ mod tests {
             FakeHttp::start(|_| Canned::json(200, json!({})).delayed(Duration::from_millis(1500)))
                 .await;
         assert_eq!(
-            client(&slow, 200).evaluate(&json!({})).await,
+            client(&slow, 200).evaluate(body(json!({}))).await,
             CoreOutcome::Timeout
         );
 
         let arr = FakeHttp::start(|_| Canned::json(200, json!(["allow"]))).await;
         assert_eq!(
-            client(&arr, 2000).evaluate(&json!({})).await,
+            client(&arr, 2000).evaluate(body(json!({}))).await,
             CoreOutcome::NonJson { status: 200 }
         );
         let redirect =
             FakeHttp::start(|_| Canned::text(302, "").header("Location", "http://127.0.0.1:1/x"))
                 .await;
         assert_eq!(
-            client(&redirect, 2000).evaluate(&json!({})).await,
+            client(&redirect, 2000).evaluate(body(json!({}))).await,
             CoreOutcome::NonJson { status: 302 }
         );
 
         let closed = FakeHttp::start(|_| Canned::close()).await;
         assert!(matches!(
-            client(&closed, 2000).evaluate(&json!({})).await,
+            client(&closed, 2000).evaluate(body(json!({}))).await,
             CoreOutcome::Network(_)
         ));
         let port = closed.port();
@@ -406,7 +416,7 @@ mod tests {
             None,
         )
         .unwrap();
-        let out = refused.evaluate(&json!({})).await;
+        let out = refused.evaluate(body(json!({}))).await;
         // Refused, or reset if the aborted listener is not closed yet.
         assert!(matches!(out, CoreOutcome::Network(_)), "{out:?}");
         assert!(out.retryable());
@@ -545,7 +555,7 @@ mod tests {
         .unwrap();
         trusting.validate().await.unwrap();
         let CoreOutcome::Ok(r) = trusting
-            .evaluate(&json!({"event_type": "ActivityStarted"}))
+            .evaluate(body(json!({"event_type": "ActivityStarted"})))
             .await
         else {
             panic!()

@@ -90,6 +90,8 @@ enum Origin {
     Flag(&'static str),
     Env(&'static str),
     File(PathBuf, &'static str),
+    /// A worker's `create_openbox_worker` parameter, sent by its hook in `hello`.
+    Worker(&'static str),
 }
 
 impl Origin {
@@ -98,6 +100,7 @@ impl Origin {
             Origin::Flag(f) => format!("{f} {value}"),
             Origin::Env(e) => format!("{e}={value}"),
             Origin::File(p, k) => format!("{}: governance.{k} = {value:?}", p.display()),
+            Origin::Worker(k) => format!("the worker's {k} = {value:?}"),
         }
     }
 }
@@ -195,6 +198,20 @@ const FILE_KEYS: &[&str] = &[
     "spool_max_events",
 ];
 
+/// The SDK parameters a worker may pass (`create_openbox_worker`).
+const WORKER_KEYS: &[&str] = &[
+    "openbox_url",
+    "openbox_api_key",
+    "governance_timeout",
+    "governance_policy",
+    "send_start_event",
+    "send_activity_start_event",
+    "skip_workflow_types",
+    "skip_activity_types",
+    "skip_signals",
+    "hitl_enabled",
+];
+
 /// One layer of settings with the origin of each value.
 #[derive(Default)]
 struct Layer {
@@ -215,6 +232,64 @@ impl Layer {
             .iter()
             .find(|(n, _, _)| *n == name)
             .map(|(_, o, v)| (o, v))
+    }
+
+    /// One layer of `layers` (first = strongest): each setting from the first that has it.
+    fn merged(layers: &[Layer]) -> Layer {
+        let mut out = Layer::default();
+        for layer in layers {
+            for (name, origin, val) in &layer.values {
+                if out.get(name).is_none() {
+                    out.values.push((name, origin.clone(), val.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn take(&mut self, name: &str) -> Option<Val> {
+        let i = self.values.iter().position(|(n, _, _)| *n == name)?;
+        Some(self.values.remove(i).2)
+    }
+
+    /// The SDK parameters a worker passed to `create_openbox_worker`, as its hook sends
+    /// them in `hello` (`config`, a JSON object; `null` = not given, other keys ignored).
+    fn from_worker(settings: &serde_json::Value) -> Result<Layer, ConfigError> {
+        use serde_json::Value;
+        let mut l = Layer::default();
+        let Some(map) = settings.as_object() else {
+            return Ok(l);
+        };
+        for &name in WORKER_KEYS {
+            let Some(value) = map.get(name).filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let wrong = |want: &str| {
+                ConfigError::Invalid(format!("the worker's {name} must be {want}, not {value}"))
+            };
+            let val = match name {
+                "send_start_event" | "send_activity_start_event" | "hitl_enabled" => {
+                    Val::Bool(value.as_bool().ok_or_else(|| wrong("true or false"))?)
+                }
+                "skip_workflow_types" | "skip_signals" | "skip_activity_types" => Val::List(
+                    value
+                        .as_array()
+                        .and_then(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().map(str::to_owned))
+                                .collect::<Option<Vec<_>>>()
+                        })
+                        .ok_or_else(|| wrong("a list of names"))?,
+                ),
+                "governance_timeout" => match value {
+                    Value::Number(n) => Val::Text(n.to_string()),
+                    _ => return Err(wrong("a positive number of seconds")),
+                },
+                _ => Val::Text(value.as_str().ok_or_else(|| wrong("a string"))?.to_owned()),
+            };
+            l.values.push((name, Origin::Worker(name), val));
+        }
+        Ok(l)
     }
 
     fn from_flags(raw: &RawSettings) -> Layer {
@@ -437,8 +512,39 @@ impl GovernanceConfig {
     }
 
     fn resolve(layers: &[Layer]) -> Result<GovernanceConfig, ConfigError> {
-        let pick = |name: &str| layers.iter().find_map(|l| l.get(name));
+        let merged = Layer::merged(layers);
         let mut c = GovernanceConfig::default();
+        c.apply(&merged)?;
+        if merged.get("events_sink").is_none() && c.openbox_url.is_some() {
+            c.events_sink = None;
+        }
+        match (&c.openbox_url, &c.openbox_api_key) {
+            (Some(url), None) => {
+                return Err(ConfigError::Invalid(format!(
+                    "openbox_url is {url} but no API key is set: set OPENBOX_API_KEY (or --openbox-api-key, \
+                     or governance.openbox_api_key), or unset the URL to run on the embedded local policy"
+                )))
+            }
+            (None, Some(_)) => c.warnings.push(
+                "an OpenBox API key is set but no openbox_url: running on the embedded local policy".to_owned(),
+            ),
+            (Some(_), Some(key)) if !api_key_format_ok(key) => c.warnings.push(
+                "OpenBox API key format may be invalid: expected obx_live_… or obx_test_… \
+                 (^obx_(live|test)_[a-zA-Z0-9_]+$)"
+                    .to_owned(),
+            ),
+            _ => {}
+        }
+        for w in &c.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(c)
+    }
+
+    /// Sets what `layer` holds, checking each value (the errors name where it came from).
+    fn apply(&mut self, layer: &Layer) -> Result<(), ConfigError> {
+        let pick = |name: &str| layer.get(name);
+        let c = self;
         let text = |name: &str| match pick(name) {
             Some((o, Val::Text(s))) => Some((o.clone(), s.clone())),
             _ => None,
@@ -511,25 +617,29 @@ impl GovernanceConfig {
             Some((_, Val::Path(p))) => Some(p.clone()),
             _ => None,
         };
-        c.policy_file = path("policy_file");
-        c.ca_file = path("ca_file");
+        if let Some(file) = path("policy_file") {
+            c.policy_file = Some(file);
+        }
+        if let Some(file) = path("ca_file") {
+            c.ca_file = Some(file);
+        }
         if let Some(dir) = path("spool_dir") {
             c.spool_dir = dir;
         }
-        c.events_sink = match text("events_sink") {
-            Some((_, s)) if s == "-" => Some(SinkTarget::Stdout),
-            Some((_, s)) if s == "off" => None,
-            Some((origin, s)) if s.trim().is_empty() => {
-                return Err(invalid(
-                    &origin,
-                    &s,
-                    "events_sink must be a file path, - (stdout) or off",
-                ))
-            }
-            Some((_, s)) => Some(SinkTarget::File(PathBuf::from(s))),
-            None if c.openbox_url.is_some() => None,
-            None => Some(SinkTarget::Stdout),
-        };
+        if let Some((origin, s)) = text("events_sink") {
+            c.events_sink = match s.as_str() {
+                "-" => Some(SinkTarget::Stdout),
+                "off" => None,
+                _ if s.trim().is_empty() => {
+                    return Err(invalid(
+                        &origin,
+                        &s,
+                        "events_sink must be a file path, - (stdout) or off",
+                    ))
+                }
+                _ => Some(SinkTarget::File(PathBuf::from(s))),
+            };
+        }
         if let Some((origin, v)) = text("spool_max_bytes") {
             c.spool_max_bytes = parse_size(&v).filter(|n| *n >= 4096).ok_or_else(|| {
                 invalid(&origin, &v, "spool_max_bytes must be a size of at least 4096 bytes (e.g. 268435456, 256MiB, 1G)")
@@ -549,28 +659,49 @@ impl GovernanceConfig {
                         )
                     })?;
         }
+        Ok(())
+    }
 
-        match (&c.openbox_url, &c.openbox_api_key) {
-            (Some(url), None) => {
-                return Err(ConfigError::Invalid(format!(
-                    "openbox_url is {url} but no API key is set: set OPENBOX_API_KEY (or --openbox-api-key, \
-                     or governance.openbox_api_key), or unset the URL to run on the embedded local policy"
-                )))
+    /// These settings with a worker's own (the `create_openbox_worker` parameters its hook
+    /// sent in `hello`) laid over them; `None` when it sent none. A Core URL configured on
+    /// the agent wins over the worker's (a different one is reported and ignored); a
+    /// worker's own Core gets a spool directory of its own.
+    pub fn with_worker_settings(
+        &self,
+        settings: &serde_json::Value,
+    ) -> Result<Option<GovernanceConfig>, ConfigError> {
+        let mut layer = Layer::from_worker(settings)?;
+        if layer.values.is_empty() {
+            return Ok(None);
+        }
+        let mut cfg = self.clone();
+        let url = layer.take("openbox_url");
+        let key = layer.take("openbox_api_key");
+        cfg.apply(&layer)?;
+        if let Some(Val::Text(url)) = url {
+            let theirs = normalize_url(&url)
+                .map_err(|rule| invalid(&Origin::Worker("openbox_url"), &url, rule))?;
+            match (&self.openbox_url, theirs) {
+                (Some(mine), Some(theirs)) if *mine != theirs => tracing::warn!(
+                    agent = %mine, worker = %theirs,
+                    "a worker asked for another OpenBox Core URL; the agent's configured one is used"
+                ),
+                (None, Some(theirs)) => {
+                    // Each Core has a spool of its own (a spool directory is locked by one user).
+                    let tag: u64 = theirs.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                    });
+                    cfg.spool_dir = self.spool_dir.join(format!("core-{tag:016x}"));
+                    cfg.openbox_url = Some(theirs);
+                    cfg.openbox_api_key = match key {
+                        Some(Val::Text(k)) => Some(k),
+                        _ => None,
+                    };
+                }
+                _ => {}
             }
-            (None, Some(_)) => c.warnings.push(
-                "an OpenBox API key is set but no openbox_url: running on the embedded local policy".to_owned(),
-            ),
-            (Some(_), Some(key)) if !api_key_format_ok(key) => c.warnings.push(
-                "OpenBox API key format may be invalid: expected obx_live_… or obx_test_… \
-                 (^obx_(live|test)_[a-zA-Z0-9_]+$)"
-                    .to_owned(),
-            ),
-            _ => {}
         }
-        for w in &c.warnings {
-            tracing::warn!("{w}");
-        }
-        Ok(c)
+        Ok(Some(cfg))
     }
 
     /// True when events go to OpenBox Core (a URL is set), false for the embedded default.
@@ -637,6 +768,8 @@ fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::governance::testutil::TempDir;
@@ -930,5 +1063,60 @@ policy_file = "policy.toml"
             1,
             "the placeholder key does not have the SDK's format"
         );
+    }
+
+    #[test]
+    fn a_bare_hook_keeps_the_agents_settings() {
+        let base = GovernanceConfig::default();
+        assert!(base.with_worker_settings(&json!({})).unwrap().is_none());
+        assert!(base.with_worker_settings(&Value::Null).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_workers_sdk_parameters_lay_over_the_agents_settings() {
+        let base = GovernanceConfig::default();
+        let cfg = base
+            .with_worker_settings(
+                &json!({"openbox_url": "http://localhost:8086/", "openbox_api_key": "obx_test_k",
+                "governance_timeout": 2.5, "governance_policy": "fail_closed",
+                "skip_activity_types": ["a", "b"], "send_start_event": false}),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.openbox_url.as_deref(), Some("http://localhost:8086"));
+        assert_eq!(cfg.openbox_api_key.as_deref(), Some("obx_test_k"));
+        assert_eq!(cfg.governance_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.on_api_error, FailPolicy::FailClosed);
+        assert!(!cfg.send_start_event);
+        assert_eq!(cfg.skip_activity_types.len(), 2);
+        assert_ne!(cfg.spool_dir, base.spool_dir);
+    }
+
+    #[test]
+    fn the_agents_core_url_wins_and_bad_values_are_named() {
+        let base = GovernanceConfig {
+            openbox_url: Some("https://core.example.com".into()),
+            ..Default::default()
+        };
+        let cfg = base
+            .with_worker_settings(&json!({"openbox_url": "https://other.example.com"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.openbox_url.as_deref(), Some("https://core.example.com"));
+        let err = base
+            .with_worker_settings(&json!({"governance_policy": "sometimes"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("governance_policy"), "{err}");
+        let err = base
+            .with_worker_settings(&json!({"governance_timeout": -1}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("governance_timeout"), "{err}");
+        let err = base
+            .with_worker_settings(&json!({"openbox_url": "http://core.example.com"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("https"), "{err}");
     }
 }

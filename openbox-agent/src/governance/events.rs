@@ -1,10 +1,8 @@
 //! The six governance events with SDK 1.0 payloads (protocol §2.2), and their wire bytes.
 //!
-//! Builders return `serde_json::Value`s; [`encode`] writes them as compact JSON with the
-//! top-level keys in the SDK's order (the order its Python dicts are built in, as in the
-//! §2.2 example) whatever order the map holds them in, so the bytes are the same with or
-//! without serde_json's `preserve_order`. Nested values (inputs, spans) are written as
-//! they are.
+//! Each event is a struct whose fields serialize in the SDK's key order (the order its
+//! Python dicts are built in, as in the §2.2 example); the governor reads them typed and
+//! [`encode`]s each once, for Core, the events sink and the spool alike.
 
 use std::time::SystemTime;
 
@@ -12,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::clock;
+use crate::span::Span;
 
 pub const WORKFLOW_STARTED: &str = "WorkflowStarted";
 pub const WORKFLOW_COMPLETED: &str = "WorkflowCompleted";
@@ -26,6 +25,7 @@ pub const SOURCE: &str = "workflow-telemetry";
 pub struct WorkflowInfo {
     pub workflow_id: String,
     pub run_id: String,
+    #[serde(default)]
     pub workflow_type: String,
     /// Sent on WorkflowStarted and SignalReceived only.
     #[serde(default)]
@@ -58,11 +58,12 @@ pub enum ActivityStatus {
 pub struct ActivityError {
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(default)]
     pub message: String,
 }
 
 /// What ActivityCompleted adds to the activity fields.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct ActivityCompletion {
     pub status: ActivityStatus,
     /// When the activity started and ended (the SDK's `time.time()` around execution).
@@ -74,30 +75,261 @@ pub struct ActivityCompletion {
     pub activity_output: Value,
     pub error: Option<ActivityError>,
     /// §3.1 spans that ended before the activity did.
-    pub spans: Vec<Value>,
+    pub spans: Vec<Span>,
 }
 
-pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> Value {
-    json!({
-        "source": SOURCE, "event_type": WORKFLOW_STARTED, "workflow_id": wf.workflow_id, "run_id": wf.run_id,
-        "workflow_type": wf.workflow_type, "task_queue": wf.task_queue, "timestamp": clock::rfc3339_millis(now),
-    })
+/// One governance event, typed until it is encoded.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    WorkflowStarted(WorkflowStarted),
+    WorkflowCompleted(WorkflowCompleted),
+    WorkflowFailed(WorkflowFailed),
+    SignalReceived(SignalReceived),
+    ActivityStarted(ActivityStarted),
+    ActivityCompleted(ActivityCompleted),
 }
 
-/// `workflow_output` is the serialized result (may be null). No `task_queue` (§2.2).
-pub fn workflow_completed(wf: &WorkflowInfo, workflow_output: Value, now: SystemTime) -> Value {
-    json!({
-        "source": SOURCE, "event_type": WORKFLOW_COMPLETED, "workflow_id": wf.workflow_id, "run_id": wf.run_id,
-        "workflow_type": wf.workflow_type, "workflow_output": workflow_output, "timestamp": clock::rfc3339_millis(now),
-    })
+/// The fields every event starts with.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Head {
+    pub source: &'static str,
+    pub event_type: &'static str,
+    pub workflow_id: String,
+    pub run_id: String,
+    pub workflow_type: String,
 }
 
-/// `error` as built by [`workflow_error`]. No `task_queue` (§2.2).
-pub fn workflow_failed(wf: &WorkflowInfo, error: Value, now: SystemTime) -> Value {
-    json!({
-        "source": SOURCE, "event_type": WORKFLOW_FAILED, "workflow_id": wf.workflow_id, "run_id": wf.run_id,
-        "workflow_type": wf.workflow_type, "error": error, "timestamp": clock::rfc3339_millis(now),
-    })
+impl Head {
+    fn new(event_type: &'static str, workflow_id: &str, run_id: &str, workflow_type: &str) -> Head {
+        Head {
+            source: SOURCE,
+            event_type,
+            workflow_id: workflow_id.to_owned(),
+            run_id: run_id.to_owned(),
+            workflow_type: workflow_type.to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkflowStarted {
+    #[serde(flatten)]
+    pub head: Head,
+    pub task_queue: String,
+    pub timestamp: String,
+}
+
+/// No `task_queue` (§2.2).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkflowCompleted {
+    #[serde(flatten)]
+    pub head: Head,
+    /// The serialized result (may be null).
+    pub workflow_output: Value,
+    pub timestamp: String,
+}
+
+/// No `task_queue` (§2.2).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkflowFailed {
+    #[serde(flatten)]
+    pub head: Head,
+    /// As built by [`workflow_error`].
+    pub error: Value,
+    pub timestamp: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SignalReceived {
+    #[serde(flatten)]
+    pub head: Head,
+    pub task_queue: String,
+    pub signal_name: String,
+    pub signal_args: Vec<Value>,
+    pub timestamp: String,
+}
+
+/// The activity fields after the head (activity events put `timestamp` after `attempt`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivityHead {
+    #[serde(flatten)]
+    pub head: Head,
+    pub activity_id: String,
+    pub activity_type: String,
+    pub task_queue: String,
+    pub attempt: u32,
+    pub timestamp: String,
+}
+
+impl ActivityHead {
+    fn new(a: &ActivityInfo, event_type: &'static str, now: SystemTime) -> ActivityHead {
+        ActivityHead {
+            head: Head::new(event_type, &a.workflow_id, &a.run_id, &a.workflow_type),
+            activity_id: a.activity_id.clone(),
+            activity_type: a.activity_type.clone(),
+            task_queue: a.task_queue.clone(),
+            attempt: a.attempt,
+            timestamp: clock::rfc3339_millis(now),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivityStarted {
+    #[serde(flatten)]
+    pub activity: ActivityHead,
+    /// Always the array of positional arguments (`[]` for none).
+    pub activity_input: Vec<Value>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ActivityCompleted {
+    #[serde(flatten)]
+    pub activity: ActivityHead,
+    pub status: ActivityStatus,
+    /// Unix seconds.
+    pub start_time: f64,
+    pub end_time: f64,
+    pub duration_ms: f64,
+    pub span_count: usize,
+    pub spans: Vec<Span>,
+    pub activity_input: Vec<Value>,
+    /// Null when the activity failed.
+    pub activity_output: Value,
+    pub error: Option<ActivityError>,
+}
+
+macro_rules! event_kinds {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Event {
+            fn from(e: $kind) -> Event {
+                Event::$kind(e)
+            }
+        }
+    )*};
+}
+
+event_kinds!(
+    WorkflowStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    SignalReceived,
+    ActivityStarted,
+    ActivityCompleted
+);
+
+impl Event {
+    pub fn head(&self) -> &Head {
+        match self {
+            Event::WorkflowStarted(e) => &e.head,
+            Event::WorkflowCompleted(e) => &e.head,
+            Event::WorkflowFailed(e) => &e.head,
+            Event::SignalReceived(e) => &e.head,
+            Event::ActivityStarted(e) => &e.activity.head,
+            Event::ActivityCompleted(e) => &e.activity.head,
+        }
+    }
+
+    pub fn event_type(&self) -> &'static str {
+        self.head().event_type
+    }
+
+    /// The activity fields of an activity event.
+    pub fn activity(&self) -> Option<&ActivityHead> {
+        match self {
+            Event::ActivityStarted(e) => Some(&e.activity),
+            Event::ActivityCompleted(e) => Some(&e.activity),
+            _ => None,
+        }
+    }
+
+    pub fn task_queue(&self) -> Option<&str> {
+        match self {
+            Event::WorkflowStarted(e) => Some(&e.task_queue),
+            Event::SignalReceived(e) => Some(&e.task_queue),
+            other => other.activity().map(|a| a.task_queue.as_str()),
+        }
+    }
+
+    pub fn signal_name(&self) -> Option<&str> {
+        match self {
+            Event::SignalReceived(e) => Some(&e.signal_name),
+            _ => None,
+        }
+    }
+
+    /// The activity's arguments (the signal's for SignalReceived).
+    pub fn input(&self) -> Option<&[Value]> {
+        match self {
+            Event::ActivityStarted(e) => Some(&e.activity_input),
+            Event::ActivityCompleted(e) => Some(&e.activity_input),
+            Event::SignalReceived(e) => Some(&e.signal_args),
+            _ => None,
+        }
+    }
+
+    /// The activity's or workflow's result.
+    pub fn output(&self) -> Option<&Value> {
+        match self {
+            Event::ActivityCompleted(e) => Some(&e.activity_output),
+            Event::WorkflowCompleted(e) => Some(&e.workflow_output),
+            _ => None,
+        }
+    }
+
+    /// The spans of ActivityCompleted; none for the others.
+    pub fn spans(&self) -> &[Span] {
+        match self {
+            Event::ActivityCompleted(e) => &e.spans,
+            _ => &[],
+        }
+    }
+}
+
+pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
+    WorkflowStarted {
+        head: Head::new(
+            WORKFLOW_STARTED,
+            &wf.workflow_id,
+            &wf.run_id,
+            &wf.workflow_type,
+        ),
+        task_queue: wf.task_queue.clone(),
+        timestamp: clock::rfc3339_millis(now),
+    }
+}
+
+/// `workflow_output` is the serialized result (may be null).
+pub fn workflow_completed(
+    wf: &WorkflowInfo,
+    workflow_output: Value,
+    now: SystemTime,
+) -> WorkflowCompleted {
+    WorkflowCompleted {
+        head: Head::new(
+            WORKFLOW_COMPLETED,
+            &wf.workflow_id,
+            &wf.run_id,
+            &wf.workflow_type,
+        ),
+        workflow_output,
+        timestamp: clock::rfc3339_millis(now),
+    }
+}
+
+/// `error` as built by [`workflow_error`].
+pub fn workflow_failed(wf: &WorkflowInfo, error: Value, now: SystemTime) -> WorkflowFailed {
+    WorkflowFailed {
+        head: Head::new(
+            WORKFLOW_FAILED,
+            &wf.workflow_id,
+            &wf.run_id,
+            &wf.workflow_type,
+        ),
+        error,
+        timestamp: clock::rfc3339_millis(now),
+    }
 }
 
 pub fn signal_received(
@@ -105,57 +337,78 @@ pub fn signal_received(
     signal_name: &str,
     signal_args: Vec<Value>,
     now: SystemTime,
-) -> Value {
-    json!({
-        "source": SOURCE, "event_type": SIGNAL_RECEIVED, "workflow_id": wf.workflow_id, "run_id": wf.run_id,
-        "workflow_type": wf.workflow_type, "task_queue": wf.task_queue, "signal_name": signal_name,
-        "signal_args": signal_args, "timestamp": clock::rfc3339_millis(now),
-    })
-}
-
-fn activity_base(a: &ActivityInfo, event_type: &str, now: SystemTime) -> Map<String, Value> {
-    let Value::Object(map) = json!({
-        "source": SOURCE, "event_type": event_type, "workflow_id": a.workflow_id, "run_id": a.run_id,
-        "workflow_type": a.workflow_type, "activity_id": a.activity_id, "activity_type": a.activity_type,
-        "task_queue": a.task_queue, "attempt": a.attempt, "timestamp": clock::rfc3339_millis(now),
-    }) else {
-        unreachable!("json! object")
-    };
-    map
+) -> SignalReceived {
+    SignalReceived {
+        head: Head::new(
+            SIGNAL_RECEIVED,
+            &wf.workflow_id,
+            &wf.run_id,
+            &wf.workflow_type,
+        ),
+        task_queue: wf.task_queue.clone(),
+        signal_name: signal_name.to_owned(),
+        signal_args,
+        timestamp: clock::rfc3339_millis(now),
+    }
 }
 
 /// `activity_input` is always the array of positional arguments (`[]` for none).
-pub fn activity_started(a: &ActivityInfo, activity_input: Vec<Value>, now: SystemTime) -> Value {
-    let mut m = activity_base(a, ACTIVITY_STARTED, now);
-    m.insert("activity_input".into(), Value::Array(activity_input));
-    Value::Object(m)
+pub fn activity_started(
+    a: &ActivityInfo,
+    activity_input: Vec<Value>,
+    now: SystemTime,
+) -> ActivityStarted {
+    ActivityStarted {
+        activity: ActivityHead::new(a, ACTIVITY_STARTED, now),
+        activity_input,
+    }
 }
 
-pub fn activity_completed(a: &ActivityInfo, c: ActivityCompletion, now: SystemTime) -> Value {
-    let mut m = activity_base(a, ACTIVITY_COMPLETED, now);
-    m.insert("status".into(), json!(c.status));
-    m.insert(
-        "start_time".into(),
-        json!(clock::unix_seconds(c.start_time)),
-    );
-    m.insert("end_time".into(), json!(clock::unix_seconds(c.end_time)));
+pub fn activity_completed(
+    a: &ActivityInfo,
+    c: ActivityCompletion,
+    now: SystemTime,
+) -> ActivityCompleted {
     // From the two instants, not from the two rounded floats (which would give 1200.0000476…).
     let duration_ms = match c.end_time.duration_since(c.start_time) {
         Ok(d) => d.as_secs_f64() * 1000.0,
         Err(e) => -e.duration().as_secs_f64() * 1000.0,
     };
-    m.insert("duration_ms".into(), json!(duration_ms));
-    m.insert("span_count".into(), json!(c.spans.len()));
-    m.insert("spans".into(), Value::Array(c.spans));
-    m.insert("activity_input".into(), Value::Array(c.activity_input));
-    let output = if c.status == ActivityStatus::Failed {
-        Value::Null
-    } else {
-        c.activity_output
-    };
-    m.insert("activity_output".into(), output);
-    m.insert("error".into(), c.error.map_or(Value::Null, |e| json!(e)));
-    Value::Object(m)
+    let failed = c.status == ActivityStatus::Failed;
+    ActivityCompleted {
+        activity: ActivityHead::new(a, ACTIVITY_COMPLETED, now),
+        status: c.status,
+        start_time: clock::unix_seconds(c.start_time),
+        end_time: clock::unix_seconds(c.end_time),
+        duration_ms,
+        span_count: c.spans.len(),
+        spans: c.spans,
+        activity_input: c.activity_input,
+        activity_output: if failed {
+            Value::Null
+        } else {
+            c.activity_output
+        },
+        error: c.error,
+    }
+}
+
+/// The event (an [`Event`] or one kind of them) as compact JSON bytes: the request body, a
+/// spool line, a sink line.
+pub fn encode(event: &impl Serialize) -> Vec<u8> {
+    // Strings, numbers, spans and JSON values always serialize.
+    serde_json::to_vec(event).unwrap_or_default()
+}
+
+/// What the governor needs of an event it only has the bytes of (a spooled one).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Spooled {
+    #[serde(default)]
+    pub event_type: String,
+    #[serde(default)]
+    pub workflow_id: String,
+    #[serde(default)]
+    pub run_id: String,
 }
 
 /// One link of a WorkflowFailed error chain (§2.3).
@@ -206,120 +459,6 @@ pub fn workflow_error(
     Value::Object(m)
 }
 
-/// SDK 1.0 key order per event type. Workflow events get `timestamp` last (it is added in
-/// the sending activity); activity events after `attempt`.
-fn key_order(event_type: &str) -> &'static [&'static str] {
-    const WF_HEAD: [&str; 5] = [
-        "source",
-        "event_type",
-        "workflow_id",
-        "run_id",
-        "workflow_type",
-    ];
-    match event_type {
-        WORKFLOW_STARTED => &[
-            "source",
-            "event_type",
-            "workflow_id",
-            "run_id",
-            "workflow_type",
-            "task_queue",
-            "timestamp",
-        ],
-        WORKFLOW_COMPLETED => &[
-            "source",
-            "event_type",
-            "workflow_id",
-            "run_id",
-            "workflow_type",
-            "workflow_output",
-            "timestamp",
-        ],
-        WORKFLOW_FAILED => &[
-            "source",
-            "event_type",
-            "workflow_id",
-            "run_id",
-            "workflow_type",
-            "error",
-            "timestamp",
-        ],
-        SIGNAL_RECEIVED => &[
-            "source",
-            "event_type",
-            "workflow_id",
-            "run_id",
-            "workflow_type",
-            "task_queue",
-            "signal_name",
-            "signal_args",
-            "timestamp",
-        ],
-        ACTIVITY_STARTED | ACTIVITY_COMPLETED => &[
-            "source",
-            "event_type",
-            "workflow_id",
-            "run_id",
-            "workflow_type",
-            "activity_id",
-            "activity_type",
-            "task_queue",
-            "attempt",
-            "timestamp",
-            "status",
-            "start_time",
-            "end_time",
-            "duration_ms",
-            "span_count",
-            "spans",
-            "activity_input",
-            "activity_output",
-            "error",
-        ],
-        _ => &WF_HEAD,
-    }
-}
-
-/// The event as compact JSON bytes (the request body, a spool line, a sink line): known
-/// top-level keys in SDK order, then any others in map order. Non-object values are
-/// written as they are.
-pub fn encode(event: &Value) -> Vec<u8> {
-    let Value::Object(map) = event else {
-        return serde_json::to_vec(event).unwrap_or_default();
-    };
-    let order = key_order(map.get("event_type").and_then(Value::as_str).unwrap_or(""));
-    let mut out = Vec::with_capacity(256);
-    out.push(b'{');
-    let mut first = true;
-    let mut put = |out: &mut Vec<u8>, k: &str, v: &Value| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        // Strings and Values always serialize; a failure here would be a serde_json bug.
-        let _ = serde_json::to_writer(&mut *out, k);
-        out.push(b':');
-        let _ = serde_json::to_writer(&mut *out, v);
-    };
-    for k in order {
-        if let Some(v) = map.get(*k) {
-            put(&mut out, k, v);
-        }
-    }
-    for (k, v) in map {
-        if !order.contains(&k.as_str()) {
-            put(&mut out, k, v);
-        }
-    }
-    out.push(b'}');
-    out
-}
-
-/// A top-level string field of an event, `""` when missing or not a string.
-pub fn str_field<'a>(event: &'a Value, key: &str) -> &'a str {
-    event.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
@@ -342,6 +481,14 @@ mod tests {
         UNIX_EPOCH + Duration::from_millis(ms)
     }
 
+    fn text(event: &impl Serialize) -> String {
+        String::from_utf8(encode(event)).unwrap()
+    }
+
+    fn value(event: &impl Serialize) -> Value {
+        serde_json::from_slice(&encode(event)).unwrap()
+    }
+
     #[test]
     fn activity_completed_matches_the_sdk_example_byte_for_byte() {
         let c = ActivityCompletion {
@@ -351,13 +498,18 @@ mod tests {
             activity_input: vec![json!({"prompt": "hi"})],
             activity_output: json!({"text": "hello"}),
             error: None,
-            spans: vec![json!({"name": "POST"})],
+            spans: vec![crate::governance::testutil::span(
+                "POST",
+                json!({"http.method": "POST"}),
+            )],
         };
+        let span = serde_json::to_string(&c.spans[0]).unwrap();
         let ev = activity_completed(&info(), c, at(1_768_473_045_123));
-        let text = String::from_utf8(encode(&ev)).unwrap();
         assert_eq!(
-            text,
-            r#"{"source":"workflow-telemetry","event_type":"ActivityCompleted","workflow_id":"wf-1","run_id":"r-1","workflow_type":"MyWorkflow","activity_id":"1","activity_type":"call_llm","task_queue":"q","attempt":1,"timestamp":"2026-01-15T10:30:45.123Z","status":"completed","start_time":1736937045.1,"end_time":1736937046.3,"duration_ms":1200.0,"span_count":1,"spans":[{"name":"POST"}],"activity_input":[{"prompt":"hi"}],"activity_output":{"text":"hello"},"error":null}"#
+            text(&ev),
+            format!(
+                r#"{{"source":"workflow-telemetry","event_type":"ActivityCompleted","workflow_id":"wf-1","run_id":"r-1","workflow_type":"MyWorkflow","activity_id":"1","activity_type":"call_llm","task_queue":"q","attempt":1,"timestamp":"2026-01-15T10:30:45.123Z","status":"completed","start_time":1736937045.1,"end_time":1736937046.3,"duration_ms":1200.0,"span_count":1,"spans":[{span}],"activity_input":[{{"prompt":"hi"}}],"activity_output":{{"text":"hello"}},"error":null}}"#
+            )
         );
     }
 
@@ -375,7 +527,7 @@ mod tests {
             }),
             spans: vec![],
         };
-        let ev = activity_completed(&info(), c, at(2000));
+        let ev = value(&activity_completed(&info(), c, at(2000)));
         assert_eq!(ev["status"], "failed");
         assert_eq!(ev["activity_output"], Value::Null);
         assert_eq!(ev["error"], json!({"type": "ValueError", "message": "bad"}));
@@ -388,7 +540,7 @@ mod tests {
     fn activity_started_and_workflow_events_have_sdk_fields_and_order() {
         let ev = activity_started(&info(), vec![json!("a"), json!(2)], at(0));
         assert_eq!(
-            String::from_utf8(encode(&ev)).unwrap(),
+            text(&ev),
             r#"{"source":"workflow-telemetry","event_type":"ActivityStarted","workflow_id":"wf-1","run_id":"r-1","workflow_type":"MyWorkflow","activity_id":"1","activity_type":"call_llm","task_queue":"q","attempt":1,"timestamp":"1970-01-01T00:00:00.000Z","activity_input":["a",2]}"#
         );
         let wf = WorkflowInfo {
@@ -398,22 +550,22 @@ mod tests {
             task_queue: "q".into(),
         };
         assert_eq!(
-            String::from_utf8(encode(&workflow_started(&wf, at(0)))).unwrap(),
+            text(&workflow_started(&wf, at(0))),
             r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
-        let done = workflow_completed(&wf, Value::Null, at(0));
+        let done = value(&workflow_completed(&wf, Value::Null, at(0)));
         assert!(done.get("task_queue").is_none());
         assert_eq!(done["workflow_output"], Value::Null);
         let sig = signal_received(&wf, "approve", vec![json!(true)], at(0));
         assert_eq!(
-            String::from_utf8(encode(&sig)).unwrap(),
+            text(&sig),
             r#"{"source":"workflow-telemetry","event_type":"SignalReceived","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","signal_name":"approve","signal_args":[true],"timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
-        let failed = workflow_failed(
+        let failed = value(&workflow_failed(
             &wf,
             workflow_error("ActivityError", "Activity task failed", None, None),
             at(0),
-        );
+        ));
         assert!(failed.get("task_queue").is_none());
         assert_eq!(
             failed["error"],
@@ -454,13 +606,23 @@ mod tests {
     }
 
     #[test]
-    fn encode_keeps_unknown_keys_after_known_ones_and_handles_non_objects() {
-        let ev = json!({"zzz": 1, "event_type": "ActivityStarted", "source": "workflow-telemetry"});
+    fn spooled_bytes_give_back_the_run_an_event_is_about() {
+        let wf = WorkflowInfo {
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            workflow_type: "T".into(),
+            task_queue: "q".into(),
+        };
+        let spooled: Spooled =
+            serde_json::from_slice(&encode(&workflow_started(&wf, at(0)))).unwrap();
         assert_eq!(
-            encode(&ev),
-            br#"{"source":"workflow-telemetry","event_type":"ActivityStarted","zzz":1}"#
+            (
+                spooled.event_type.as_str(),
+                spooled.workflow_id.as_str(),
+                spooled.run_id.as_str()
+            ),
+            (WORKFLOW_STARTED, "w", "r")
         );
-        assert_eq!(encode(&json!([1])), b"[1]");
     }
 
     #[test]

@@ -174,7 +174,7 @@ pub use verdict::{
 };
 
 use self::{
-    events::str_field,
+    events::Event,
     policy::{LocalCore, Policy},
     sink::Sink,
     spool::{Appended, Spool, SpoolLimits},
@@ -232,9 +232,10 @@ enum Backend {
 }
 
 impl Backend {
-    async fn evaluate(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
+    /// `body` is `event` encoded (Core gets the bytes, the local policy reads the event).
+    async fn evaluate(&self, event: &Event, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
         match self {
-            Backend::Core(c) => c.evaluate(event).await,
+            Backend::Core(c) => c.evaluate(body).await,
             Backend::Local(l) => match EvaluateResponse::from_value(&l.evaluate(event)) {
                 Some(r) => CoreOutcome::Ok(r),
                 None => CoreOutcome::NonJson { status: 200 },
@@ -318,18 +319,15 @@ impl Drop for Governor {
     }
 }
 
-fn run_key(event: &Value) -> RunKey {
-    (
-        str_field(event, "workflow_id").to_owned(),
-        str_field(event, "run_id").to_owned(),
-    )
+fn run_key(head: &events::Head) -> RunKey {
+    (head.workflow_id.clone(), head.run_id.clone())
 }
 
-fn activity_key(event: &Value) -> ActivityKey {
+fn activity_key(activity: &events::ActivityHead) -> ActivityKey {
     (
-        str_field(event, "workflow_id").to_owned(),
-        str_field(event, "run_id").to_owned(),
-        str_field(event, "activity_id").to_owned(),
+        activity.head.workflow_id.clone(),
+        activity.head.run_id.clone(),
+        activity.activity_id.clone(),
     )
 }
 
@@ -444,16 +442,15 @@ impl Governor {
     }
 
     /// ActivityStarted (before the activity runs): skip list, stored run verdict, pending
-    /// approval poll, then the evaluate call and §4.2. `event` is an ActivityStarted event
-    /// (see [`events::activity_started`]); a missing `timestamp` is filled in.
-    pub async fn activity_started(&self, mut event: Value) -> Decision {
+    /// approval poll, then the evaluate call and §4.2.
+    pub async fn activity_started(&self, event: events::ActivityStarted) -> Decision {
         let inner = &self.inner;
         let cfg = &inner.config;
-        let activity_type = str_field(&event, "activity_type").to_owned();
+        let activity_type = event.activity.activity_type.clone();
         if cfg.skip_activity_types.contains(&activity_type) {
             return Decision::allow_without_verdict();
         }
-        let run = run_key(&event);
+        let run = run_key(&event.activity.head);
         let stored = inner.lock_runs().verdicts.get(&run).cloned();
         if let Some((verdict, reason)) = stored {
             tracing::info!(workflow_id = %run.0, run_id = %run.1, activity_type = %activity_type, verdict = %verdict,
@@ -461,7 +458,7 @@ impl Governor {
             return verdict::stop_decision(verdict, &reason);
         }
         let hitl = cfg.hitl_enabled && !cfg.skip_hitl_activity_types.contains(&activity_type);
-        let key = activity_key(&event);
+        let key = activity_key(&event.activity);
         if hitl && inner.lock_runs().approvals.get(&key).is_some() {
             let now = clock::unix_seconds(SystemTime::now());
             let status = match inner.backend.approval(&key.0, &key.1, &key.2).await {
@@ -509,14 +506,12 @@ impl Governor {
         if !cfg.send_activity_start_event {
             return Decision::allow_without_verdict();
         }
-        stamp(&mut event);
-        inner.write_sink(&event);
+        let arg_count = event.activity_input.len();
+        let event = Event::ActivityStarted(event);
+        let body = events::encode(&event);
+        inner.write_sink(&body);
         inner.drain_backlog_first().await;
-        let arg_count = event
-            .get("activity_input")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        let outcome = inner.evaluate_after_backlog(&event).await;
+        let outcome = inner.evaluate_after_backlog(&event, body).await;
         inner.note_failure(&outcome, &event);
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
@@ -527,72 +522,64 @@ impl Governor {
     /// ActivityCompleted (after the activity ran, with its spans): evaluate and §4.2 with
     /// output redaction. Under fail_open, when Core does not take it (or a backlog is
     /// being delivered) the event is spooled and the activity continues without a verdict.
-    pub async fn activity_completed(&self, mut event: Value) -> Decision {
+    pub async fn activity_completed(&self, event: events::ActivityCompleted) -> Decision {
         let inner = &self.inner;
         let cfg = &inner.config;
-        let activity_type = str_field(&event, "activity_type").to_owned();
+        let activity_type = event.activity.activity_type.clone();
         if cfg.skip_activity_types.contains(&activity_type) {
             return Decision::allow_without_verdict();
         }
-        stamp(&mut event);
-        inner.write_sink(&event);
+        let key = activity_key(&event.activity);
+        let event = Event::ActivityCompleted(event);
+        let body = events::encode(&event);
+        inner.write_sink(&body);
         let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
         inner.drain_backlog_first().await;
         if fail_open && inner.spool_backlog().await {
-            inner.spool_event(&event).await;
+            inner.spool_event(&event, body).await;
             return Decision::allow_without_verdict();
         }
-        let outcome = inner.evaluate_after_backlog(&event).await;
+        let outcome = inner.evaluate_after_backlog(&event, body.clone()).await;
         inner.note_failure(&outcome, &event);
         if fail_open && outcome.retryable() {
-            inner.spool_event(&event).await;
+            inner.spool_event(&event, body).await;
         }
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let hitl = cfg.hitl_enabled && !cfg.skip_hitl_activity_types.contains(&activity_type);
         let decision = verdict::decide(Stage::Completed, response.as_ref(), hitl);
-        inner.after_activity_decision(
-            &activity_key(&event),
-            &activity_type,
-            "ActivityCompleted",
-            &decision,
-        );
+        inner.after_activity_decision(&key, &activity_type, "ActivityCompleted", &decision);
         decision
     }
 
     /// WorkflowStarted / WorkflowCompleted / WorkflowFailed. Honours `skip_workflow_types`
     /// and `send_start_event`; spooled when Core does not take it. A BLOCK/HALT answer to
     /// WorkflowStarted is stored for the run (see the module docs).
-    pub async fn workflow_event(&self, mut event: Value) -> EventDisposition {
+    pub async fn workflow_event(&self, event: impl Into<Event>) -> EventDisposition {
+        let event = event.into();
         let cfg = &self.inner.config;
         if cfg
             .skip_workflow_types
-            .contains(str_field(&event, "workflow_type"))
+            .contains(&event.head().workflow_type)
         {
             return EventDisposition::Skipped;
         }
-        if str_field(&event, "event_type") == events::WORKFLOW_STARTED && !cfg.send_start_event {
+        if event.event_type() == events::WORKFLOW_STARTED && !cfg.send_start_event {
             return EventDisposition::Skipped;
         }
-        stamp(&mut event);
-        self.inner.write_sink(&event);
         self.inner.send_or_spool(event).await
     }
 
     /// SignalReceived. Honours `skip_workflow_types` and `skip_signals`. The signal itself
     /// never fails; a BLOCK/HALT answer is stored for the run and enforced at its next
     /// activity (§4.2).
-    pub async fn signal(&self, mut event: Value) -> EventDisposition {
+    pub async fn signal(&self, event: events::SignalReceived) -> EventDisposition {
         let cfg = &self.inner.config;
-        if cfg
-            .skip_workflow_types
-            .contains(str_field(&event, "workflow_type"))
-            || cfg.skip_signals.contains(str_field(&event, "signal_name"))
+        if cfg.skip_workflow_types.contains(&event.head.workflow_type)
+            || cfg.skip_signals.contains(&event.signal_name)
         {
             return EventDisposition::Skipped;
         }
-        stamp(&mut event);
-        self.inner.write_sink(&event);
-        self.inner.send_or_spool(event).await
+        self.inner.send_or_spool(Event::SignalReceived(event)).await
     }
 
     pub fn stats(&self) -> GovernanceStats {
@@ -630,33 +617,23 @@ impl Governor {
     }
 }
 
-fn stamp(event: &mut Value) {
-    if let Value::Object(m) = event {
-        if !m.get("timestamp").is_some_and(Value::is_string) {
-            m.insert(
-                "timestamp".into(),
-                Value::String(clock::rfc3339_millis(SystemTime::now())),
-            );
-        }
-    }
-}
-
 impl Inner {
     fn lock_runs(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_sink(&self, event: &Value) {
+    fn write_sink(&self, body: &[u8]) {
         if let Some(s) = &self.sink {
-            s.write(event);
+            s.write(body);
         }
     }
 
-    fn note_failure<T>(&self, outcome: &CoreOutcome<T>, event: &Value) {
+    fn note_failure<T>(&self, outcome: &CoreOutcome<T>, event: &Event) {
         if let Some(err) = outcome.error_text() {
             self.counters.core_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(event_type = str_field(event, "event_type"), workflow_id = str_field(event, "workflow_id"),
-                activity_id = str_field(event, "activity_id"), error = %err, policy = self.config.on_api_error.as_str(),
+            let activity_id = event.activity().map_or("", |a| a.activity_id.as_str());
+            tracing::warn!(event_type = event.event_type(), workflow_id = %event.head().workflow_id,
+                activity_id, error = %err, policy = self.config.on_api_error.as_str(),
                 "OpenBox Core did not answer a governance event");
         }
     }
@@ -709,13 +686,17 @@ impl Inner {
     /// Evaluates an activity event, unless events spooled before it are still waiting
     /// for Core: it would overtake them, so it meets the failure policy as if Core were
     /// unreachable (ActivityStarted needs an answer at once and is never spooled).
-    async fn evaluate_after_backlog(&self, event: &Value) -> CoreOutcome<EvaluateResponse> {
+    async fn evaluate_after_backlog(
+        &self,
+        event: &Event,
+        body: Vec<u8>,
+    ) -> CoreOutcome<EvaluateResponse> {
         if self.spool_backlog().await {
             return CoreOutcome::Network(
                 "earlier governance events are still waiting for OpenBox Core".into(),
             );
         }
-        self.backend.evaluate(event).await
+        self.backend.evaluate(event, body).await
     }
 
     async fn spool_backlog(&self) -> bool {
@@ -725,11 +706,10 @@ impl Inner {
         }
     }
 
-    async fn spool_event(&self, event: &Value) -> EventDisposition {
+    async fn spool_event(&self, event: &Event, body: Vec<u8>) -> EventDisposition {
         let Some(spool) = self.spool.clone() else {
             return EventDisposition::Dropped;
         };
-        let body = events::encode(event);
         let appended = tokio::task::spawn_blocking(move || {
             spool
                 .lock()
@@ -747,47 +727,51 @@ impl Inner {
             Ok(Appended::Dropped) => EventDisposition::Dropped,
             Err(e) => {
                 self.counters.lost.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, event_type = str_field(event, "event_type"),
+                tracing::error!(error = %e, event_type = event.event_type(),
                     "cannot spool a governance event; it is lost");
                 EventDisposition::Dropped
             }
         }
     }
 
-    async fn send_or_spool(&self, event: Value) -> EventDisposition {
+    /// A workflow event or signal: written to the sink, then to Core or the spool.
+    async fn send_or_spool(&self, event: Event) -> EventDisposition {
+        let body = events::encode(&event);
+        self.write_sink(&body);
         if self.spool_backlog().await {
             // Queued behind the backlog; its answer is applied when it is delivered.
-            return self.spool_event(&event).await;
+            return self.spool_event(&event, body).await;
         }
-        let outcome = self.backend.evaluate(&event).await;
+        let outcome = self.backend.evaluate(&event, body.clone()).await;
         self.note_failure(&outcome, &event);
+        let (event_type, run) = (event.event_type(), run_key(event.head()));
         match outcome {
             CoreOutcome::Ok(r) => {
-                self.after_delivery(&event, Some(&r));
+                self.after_delivery(event_type, run, Some(&r));
                 EventDisposition::Delivered {
                     verdict: Some(r.verdict),
                     reason: r.reason,
                 }
             }
             CoreOutcome::NonJson { .. } => {
-                self.after_delivery(&event, None);
+                self.after_delivery(event_type, run, None);
                 EventDisposition::Delivered {
                     verdict: None,
                     reason: None,
                 }
             }
             ref failed if failed.retryable() => {
-                let d = self.spool_event(&event).await;
-                self.fail_closed_store(&event, &failed.error_text().unwrap_or_default());
+                let d = self.spool_event(&event, body).await;
+                self.fail_closed_store(event_type, run, &failed.error_text().unwrap_or_default());
                 d
             }
             failed => {
                 self.counters
                     .rejected_by_core
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(event_type = str_field(&event, "event_type"), workflow_id = str_field(&event, "workflow_id"),
+                tracing::error!(event_type, workflow_id = %run.0,
                     outcome = ?failed, "OpenBox Core refused a governance event; it is not retried");
-                self.fail_closed_store(&event, &failed.error_text().unwrap_or_default());
+                self.fail_closed_store(event_type, run, &failed.error_text().unwrap_or_default());
                 EventDisposition::Dropped
             }
         }
@@ -795,13 +779,12 @@ impl Inner {
 
     /// fail_closed: a run whose WorkflowStarted or signal Core could not take is halted at
     /// its next activity (SDK 1.0 halts the workflow).
-    fn fail_closed_store(&self, event: &Value, error: &str) {
-        let et = str_field(event, "event_type");
+    fn fail_closed_store(&self, event_type: &str, run: RunKey, error: &str) {
         if self.config.on_api_error == FailPolicy::FailClosed
-            && (et == events::WORKFLOW_STARTED || et == events::SIGNAL_RECEIVED)
+            && (event_type == events::WORKFLOW_STARTED || event_type == events::SIGNAL_RECEIVED)
         {
             self.lock_runs().verdicts.insert(
-                run_key(event),
+                run,
                 (Verdict::Halt, format!("Governance API error: {error}")),
             );
         }
@@ -809,9 +792,7 @@ impl Inner {
 
     /// What a delivered workflow-level event's answer changes: BLOCK/HALT stored for the
     /// run (signal, WorkflowStarted), run state dropped at the run's end.
-    fn after_delivery(&self, event: &Value, response: Option<&EvaluateResponse>) {
-        let et = str_field(event, "event_type");
-        let run = run_key(event);
+    fn after_delivery(&self, et: &str, run: RunKey, response: Option<&EvaluateResponse>) {
         match et {
             events::WORKFLOW_COMPLETED | events::WORKFLOW_FAILED => {
                 let mut runs = self.lock_runs();
@@ -880,28 +861,33 @@ async fn deliver_spool(inner: Arc<Inner>) {
             continue;
         }
         backoff = initial;
-        let event: Value = serde_json::from_slice(&item.body).unwrap_or(Value::Null);
+        let event: events::Spooled = serde_json::from_slice(&item.body).unwrap_or_default();
+        let run = (event.workflow_id, event.run_id);
         match &outcome {
             CoreOutcome::Ok(v) => {
                 inner
                     .counters
                     .delivered_from_spool
                     .fetch_add(1, Ordering::Relaxed);
-                inner.after_delivery(&event, EvaluateResponse::from_value(v).as_ref());
+                inner.after_delivery(
+                    &event.event_type,
+                    run,
+                    EvaluateResponse::from_value(v).as_ref(),
+                );
             }
             CoreOutcome::NonJson { .. } => {
                 inner
                     .counters
                     .delivered_from_spool
                     .fetch_add(1, Ordering::Relaxed);
-                inner.after_delivery(&event, None);
+                inner.after_delivery(&event.event_type, run, None);
             }
             refused => {
                 inner
                     .counters
                     .rejected_by_core
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(event_type = str_field(&event, "event_type"), outcome = ?refused,
+                tracing::error!(event_type = %event.event_type, outcome = ?refused,
                     "OpenBox Core refused a spooled governance event; dropping it");
             }
         }

@@ -1,5 +1,6 @@
-//! The embedded default's local policy: ordered rules over the event JSON, answering in
-//! Core's evaluate-response format so verdicts take the same code path as Core's.
+//! The embedded default's local policy: ordered rules over the governance events (read
+//! typed, as the governor holds them), answering in Core's evaluate-response format so
+//! verdicts take the same code path as Core's.
 //!
 //! Format (TOML; see the module docs of `governance` for a full example):
 //!
@@ -26,11 +27,10 @@
 //! - `input`: the compact JSON text of `activity_input` (or of `signal_args` for signals);
 //!   `output`: of `activity_output` (or `workflow_output`).
 //! - `http_host`, `http_method`, `http_url`: one HTTP span of `spans` must match all the
-//!   given ones (`http.url`/`http.method` attributes, or SDK 2.0 root `http_url`/
-//!   `http_method`; the host comes from the URL, else `http.host`/`net.peer.name`).
-//! - `sql`: a span's `db.statement` (or `db_statement`); `file_path`: a span's `file.path`
-//!   (or `file_path`). Span conditions only match events that carry spans
-//!   (ActivityCompleted).
+//!   given ones (its `http.url`/`http.method` attributes; the host comes from the URL,
+//!   else `http.host`/`net.peer.name`).
+//! - `sql`: a span's `db.statement`; `file_path`: a span's `file.path`. Span conditions
+//!   only match events that carry spans (ActivityCompleted).
 //!
 //! Optional per rule: `[rules.guardrails]` (`input_type` — default `activity_input` for
 //! ActivityStarted, `activity_output` otherwise —, `redacted_input`, `validation_passed`,
@@ -47,7 +47,8 @@ use std::{
 use regex::Regex;
 use serde_json::{json, Map, Value};
 
-use super::verdict::Verdict;
+use super::{events::Event, verdict::Verdict};
+use crate::span::Span;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -234,12 +235,12 @@ impl Policy {
     }
 
     /// The index of the first rule matching `event`.
-    fn first_match(&self, event: &Value) -> Option<usize> {
+    fn first_match(&self, event: &Event) -> Option<usize> {
         self.rules.iter().position(|r| r.matches(event))
     }
 
     /// The Core-format evaluate response for `event`.
-    pub fn evaluate(&self, event: &Value) -> Value {
+    pub fn evaluate(&self, event: &Event) -> Value {
         let Some(i) = self.first_match(event) else {
             return json!({"verdict": self.default_verdict.as_str()});
         };
@@ -253,12 +254,11 @@ impl Policy {
         if let Some(g) = &rule.guardrails {
             let mut g = g.clone();
             if !g.contains_key("input_type") {
-                let stage =
-                    if event.get("event_type").and_then(Value::as_str) == Some("ActivityStarted") {
-                        "activity_input"
-                    } else {
-                        "activity_output"
-                    };
+                let stage = if matches!(event, Event::ActivityStarted(_)) {
+                    "activity_input"
+                } else {
+                    "activity_output"
+                };
                 g.insert("input_type".into(), json!(stage));
             }
             out.insert("guardrails_result".into(), Value::Object(g));
@@ -498,40 +498,28 @@ fn strip_port(h: &str) -> &str {
     h.split(':').next().unwrap_or(h)
 }
 
-/// A span value: SDK 2.0 root field, else the OTel attribute.
-fn span_text<'a>(span: &'a Value, root: &str, attr: &str) -> Option<&'a str> {
-    span.get(root).and_then(Value::as_str).or_else(|| {
-        span.get("attributes")
-            .and_then(|a| a.get(attr))
-            .and_then(Value::as_str)
-    })
+/// A span's OTel attribute, when it is text.
+fn span_text<'a>(span: &'a Span, attr: &str) -> Option<&'a str> {
+    span.attributes.get(attr).and_then(Value::as_str)
 }
 
-fn compact(v: &Value) -> String {
+fn compact(v: &(impl serde::Serialize + ?Sized)) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
 impl Rule {
-    fn matches(&self, event: &Value) -> bool {
-        let event_type = event
-            .get("event_type")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+    fn matches(&self, event: &Event) -> bool {
+        let activity = event.activity();
         for (key, pats) in &self.fields {
             let text: Option<String> = match *key {
-                "input" => {
-                    let v = if event_type == "SignalReceived" {
-                        event.get("signal_args")
-                    } else {
-                        event.get("activity_input")
-                    };
-                    v.map(compact)
-                }
-                "output" => event
-                    .get("activity_output")
-                    .or_else(|| event.get("workflow_output"))
-                    .map(compact),
-                k => event.get(k).and_then(Value::as_str).map(str::to_owned),
+                "input" => event.input().map(compact),
+                "output" => event.output().map(compact),
+                "event_type" => Some(event.event_type().to_owned()),
+                "workflow_type" => Some(event.head().workflow_type.clone()),
+                "activity_type" => activity.map(|a| a.activity_type.clone()),
+                "task_queue" => event.task_queue().map(str::to_owned),
+                "signal_name" => event.signal_name().map(str::to_owned),
+                _ => None,
             };
             if !pats.matches(text.as_deref()) {
                 return false;
@@ -540,20 +528,17 @@ impl Rule {
         if self.http.is_empty() && self.sql.is_none() && self.file_path.is_none() {
             return true;
         }
-        let spans: &[Value] = event
-            .get("spans")
-            .and_then(Value::as_array)
-            .map_or(&[], Vec::as_slice);
+        let spans = event.spans();
         if !self.http.is_empty() {
             let http_match = spans.iter().any(|s| {
-                let url = span_text(s, "http_url", "http.url");
-                let method = span_text(s, "http_method", "http.method");
+                let url = span_text(s, "http.url");
+                let method = span_text(s, "http.method");
                 if url.is_none() && method.is_none() {
                     return false;
                 }
                 let host = url.and_then(url_host).or_else(|| {
-                    span_text(s, "http_host", "http.host")
-                        .or_else(|| span_text(s, "server_address", "net.peer.name"))
+                    span_text(s, "http.host")
+                        .or_else(|| span_text(s, "net.peer.name"))
                         .map(strip_port)
                 });
                 self.http.iter().all(|(key, pats)| match *key {
@@ -569,16 +554,13 @@ impl Rule {
         if let Some(sql) = &self.sql {
             if !spans
                 .iter()
-                .any(|s| sql.matches(span_text(s, "db_statement", "db.statement")))
+                .any(|s| sql.matches(span_text(s, "db.statement")))
             {
                 return false;
             }
         }
         if let Some(fp) = &self.file_path {
-            if !spans
-                .iter()
-                .any(|s| fp.matches(span_text(s, "file_path", "file.path")))
-            {
+            if !spans.iter().any(|s| fp.matches(span_text(s, "file.path"))) {
                 return false;
             }
         }
@@ -605,15 +587,14 @@ struct LocalState {
 /// Bound on remembered approvals, so a long-running agent's memory stays flat.
 const MAX_REMEMBERED: usize = 65_536;
 
-fn key_of(event: &Value) -> (String, String, String) {
-    let s = |k: &str| {
-        event
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    (s("workflow_id"), s("run_id"), s("activity_id"))
+fn key_of(event: &Event) -> (String, String, String) {
+    let head = event.head();
+    let activity_id = event.activity().map_or("", |a| a.activity_id.as_str());
+    (
+        head.workflow_id.clone(),
+        head.run_id.clone(),
+        activity_id.to_owned(),
+    )
 }
 
 impl LocalCore {
@@ -630,7 +611,7 @@ impl LocalCore {
         self.source.as_deref()
     }
 
-    pub fn evaluate(&self, event: &Value) -> Value {
+    pub fn evaluate(&self, event: &Event) -> Value {
         let mut answer = self.policy.evaluate(event);
         if answer["verdict"] != "require_approval" {
             return answer;
@@ -690,7 +671,91 @@ impl LocalCore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use super::*;
+    use crate::governance::events::{
+        self, ActivityCompletion, ActivityInfo, ActivityStatus, WorkflowInfo,
+    };
+
+    /// The event the JSON describes (by its `event_type`, else ActivityStarted), with the
+    /// fields it names; spans are given as `{"name", "attributes"}`.
+    fn event_of(v: &Value) -> Event {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let list = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let a = ActivityInfo {
+            workflow_id: s("workflow_id"),
+            run_id: s("run_id"),
+            workflow_type: s("workflow_type"),
+            activity_id: s("activity_id"),
+            activity_type: s("activity_type"),
+            task_queue: s("task_queue"),
+            attempt: 1,
+        };
+        let wf = WorkflowInfo {
+            workflow_id: s("workflow_id"),
+            run_id: s("run_id"),
+            workflow_type: s("workflow_type"),
+            task_queue: s("task_queue"),
+        };
+        let at = UNIX_EPOCH;
+        let output = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+        match s("event_type").as_str() {
+            events::ACTIVITY_COMPLETED => {
+                let spans = list("spans")
+                    .iter()
+                    .map(|sp| {
+                        let name = sp.get("name").and_then(Value::as_str).unwrap_or("span");
+                        crate::governance::testutil::span(
+                            name,
+                            sp.get("attributes").cloned().unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                let c = ActivityCompletion {
+                    status: ActivityStatus::Completed,
+                    start_time: at,
+                    end_time: at,
+                    activity_input: list("activity_input"),
+                    activity_output: output("activity_output"),
+                    error: None,
+                    spans,
+                };
+                events::activity_completed(&a, c, at).into()
+            }
+            events::WORKFLOW_STARTED => events::workflow_started(&wf, at).into(),
+            events::WORKFLOW_COMPLETED => {
+                events::workflow_completed(&wf, output("workflow_output"), at).into()
+            }
+            events::WORKFLOW_FAILED => events::workflow_failed(&wf, output("error"), at).into(),
+            events::SIGNAL_RECEIVED => {
+                events::signal_received(&wf, &s("signal_name"), list("signal_args"), at).into()
+            }
+            _ => events::activity_started(&a, list("activity_input"), at).into(),
+        }
+    }
+
+    /// `evaluate` of the event a JSON object describes (see [`event_of`]).
+    trait EvalJson {
+        fn eval(&self, v: &Value) -> Value;
+    }
+
+    impl EvalJson for Policy {
+        fn eval(&self, v: &Value) -> Value {
+            self.evaluate(&event_of(v))
+        }
+    }
+
+    impl EvalJson for LocalCore {
+        fn eval(&self, v: &Value) -> Value {
+            self.evaluate(&event_of(v))
+        }
+    }
 
     fn policy(text: &str) -> Policy {
         Policy::parse(text, Path::new("policy.toml")).unwrap()
@@ -711,11 +776,11 @@ mod tests {
     #[test]
     fn an_empty_policy_allows_everything() {
         assert_eq!(
-            Policy::default().evaluate(&json!({"event_type": "ActivityStarted"})),
+            Policy::default().eval(&json!({"event_type": "ActivityStarted"})),
             json!({"verdict": "allow"})
         );
         assert_eq!(
-            policy("default_verdict = \"constrain\"").evaluate(&json!({})),
+            policy("default_verdict = \"constrain\"").eval(&json!({})),
             json!({"verdict": "constrain"})
         );
     }
@@ -744,19 +809,16 @@ reason = "SSN in input"
         );
         let started = |t: &str, input: Value| json!({"event_type": "ActivityStarted", "activity_type": t, "activity_input": input});
         assert_eq!(
-            p.evaluate(&started("call_llm", json!([]))),
+            p.eval(&started("call_llm", json!([]))),
             json!({"verdict": "require_approval", "reason": "LLM calls need a human", "policy_id": "llm-approval"})
         );
         assert_eq!(
-            p.evaluate(&started("ask_llm", json!([])))["verdict"],
+            p.eval(&started("ask_llm", json!([])))["verdict"],
             "require_approval"
         );
+        assert_eq!(p.eval(&started("ask_llm2", json!([])))["verdict"], "allow");
         assert_eq!(
-            p.evaluate(&started("ask_llm2", json!([])))["verdict"],
-            "allow"
-        );
-        assert_eq!(
-            p.evaluate(&started(
+            p.eval(&started(
                 "other",
                 json!([{"prompt": "my ssn is 123-45-6789"}])
             )),
@@ -764,7 +826,7 @@ reason = "SSN in input"
         );
         let c = json!({"event_type": "ActivityCompleted", "activity_type": "call_llm"});
         assert_eq!(
-            p.evaluate(&c),
+            p.eval(&c),
             json!({"verdict": "block", "policy_id": "rules[1]"})
         );
     }
@@ -797,19 +859,19 @@ verdict = "constrain"
             )
         };
         assert_eq!(
-            p.evaluate(&http("POST", "https://api.openai.com/v1/chat/completions"))["verdict"],
+            p.eval(&http("POST", "https://api.openai.com/v1/chat/completions"))["verdict"],
             "halt"
         );
         assert_eq!(
-            p.evaluate(&http("GET", "https://api.openai.com/v1/chat/completions"))["verdict"],
+            p.eval(&http("GET", "https://api.openai.com/v1/chat/completions"))["verdict"],
             "allow"
         );
         assert_eq!(
-            p.evaluate(&http("POST", "https://api.openai.com:443/v1/embeddings"))["verdict"],
+            p.eval(&http("POST", "https://api.openai.com:443/v1/embeddings"))["verdict"],
             "allow"
         );
         assert_eq!(
-            p.evaluate(&http("POST", "https://user@x.openai.com:8443/v1/chat/x"))["verdict"],
+            p.eval(&http("POST", "https://user@x.openai.com:8443/v1/chat/x"))["verdict"],
             "halt"
         );
         // Method from one span and URL from another do not combine.
@@ -817,23 +879,18 @@ verdict = "constrain"
             {"attributes": {"http.method": "POST", "http.url": "https://example.com/v1/chat/"}},
             {"attributes": {"http.method": "GET", "http.url": "https://api.openai.com/v1/chat/"}}
         ]));
-        assert_eq!(p.evaluate(&mixed)["verdict"], "allow");
-        // SDK 2.0 root fields work too.
-        let v2 = completed(
-            json!([{"http_method": "POST", "http_url": "https://api.openai.com/v1/chat/x"}]),
-        );
-        assert_eq!(p.evaluate(&v2)["verdict"], "halt");
+        assert_eq!(p.eval(&mixed)["verdict"], "allow");
         let sql = completed(
             json!([{"attributes": {"db.system": "postgresql", "db.statement": "Drop  TABLE users"}}]),
         );
-        assert_eq!(p.evaluate(&sql)["policy_id"], "drop");
+        assert_eq!(p.eval(&sql)["policy_id"], "drop");
         let file =
             completed(json!([{"name": "file.open", "attributes": {"file.path": "/etc/passwd"}}]));
-        assert_eq!(p.evaluate(&file)["verdict"], "constrain");
+        assert_eq!(p.eval(&file)["verdict"], "constrain");
         let started =
             json!({"event_type": "ActivityStarted", "activity_type": "x", "activity_input": []});
         assert_eq!(
-            p.evaluate(&started)["verdict"],
+            p.eval(&started)["verdict"],
             "allow",
             "no spans: span rules never match"
         );
@@ -859,11 +916,11 @@ reasons = ["toxic output", { type = "pii", field = "text", reason = "email" }]
         );
         let s = json!({"event_type": "ActivityStarted", "activity_type": "call_llm"});
         assert_eq!(
-            p.evaluate(&s)["guardrails_result"],
+            p.eval(&s)["guardrails_result"],
             json!({"input_type": "activity_input", "redacted_input": [{"prompt": "[REDACTED]"}]})
         );
         let c = json!({"event_type": "ActivityCompleted", "activity_type": "summarize"});
-        let g = &p.evaluate(&c)["guardrails_result"];
+        let g = &p.eval(&c)["guardrails_result"];
         assert_eq!(g["input_type"], "activity_output");
         assert_eq!(g["validation_passed"], false);
         assert_eq!(g["reasons"][0]["reason"], "toxic output");
@@ -941,31 +998,28 @@ decision = "expire"
         );
         let core = LocalCore::new(p, None);
         let ev = |t: &str, id: &str| json!({"event_type": "ActivityStarted", "workflow_id": "w", "run_id": "r", "activity_id": id, "activity_type": t});
-        assert_eq!(
-            core.evaluate(&ev("pay", "1"))["verdict"],
-            "require_approval"
-        );
+        assert_eq!(core.eval(&ev("pay", "1"))["verdict"], "require_approval");
         assert_eq!(
             core.approval("w", "r", "1"),
             json!({"verdict": "require_approval"})
         );
         assert_eq!(core.approval("w", "r", "1"), json!({"verdict": "allow"}));
         assert_eq!(
-            core.evaluate(&ev("pay", "1"))["verdict"],
+            core.eval(&ev("pay", "1"))["verdict"],
             "allow",
             "re-sent ActivityStarted after approval"
         );
         assert_eq!(
-            core.evaluate(&ev("pay", "2"))["verdict"],
+            core.eval(&ev("pay", "2"))["verdict"],
             "require_approval",
             "another activity still needs approval"
         );
-        core.evaluate(&ev("wipe", "3"));
+        core.eval(&ev("wipe", "3"));
         assert_eq!(
             core.approval("w", "r", "3"),
             json!({"verdict": "block", "reason": "not today"})
         );
-        core.evaluate(&ev("late", "4"));
+        core.eval(&ev("late", "4"));
         assert_eq!(core.approval("w", "r", "4")["expired"], true);
         assert_eq!(
             core.approval("w", "r", "nothing-waiting"),
@@ -982,16 +1036,16 @@ decision = "expire"
         .unwrap();
         assert_eq!(p.rule_count(), 4);
         let sql = completed(json!([{"attributes": {"db.statement": "drop table t"}}]));
-        assert_eq!(p.evaluate(&sql)["policy_id"], "no-drop-table");
+        assert_eq!(p.eval(&sql)["policy_id"], "no-drop-table");
         let pay = json!({"event_type": "ActivityStarted", "activity_type": "charge_card"});
-        assert_eq!(p.evaluate(&pay)["verdict"], "require_approval");
+        assert_eq!(p.eval(&pay)["verdict"], "require_approval");
         let llm = json!({"event_type": "ActivityStarted", "activity_type": "call_llm", "activity_input": [{"prompt": "123-45-6789"}]});
         assert_eq!(
-            p.evaluate(&llm)["guardrails_result"]["redacted_input"],
+            p.eval(&llm)["guardrails_result"]["redacted_input"],
             json!([{"prompt": "[REDACTED]"}])
         );
         let etl = json!({"event_type": "ActivityCompleted", "workflow_type": "EtlDaily",
             "spans": [{"attributes": {"http.method": "POST", "http.url": "https://api.openai.com/v1/chat"}}]});
-        assert_eq!(p.evaluate(&etl)["verdict"], "halt");
+        assert_eq!(p.eval(&etl)["verdict"], "halt");
     }
 }

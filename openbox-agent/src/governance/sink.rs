@@ -1,6 +1,7 @@
-//! JSON-lines sink: every governance event, one compact JSON object per line (the exact
-//! bytes sent to Core, see `events::encode`), flushed after each line. A file is opened
-//! for appending (created if missing); `-` is stdout.
+//! JSON-lines sink: one compact JSON object per line, flushed after each line. A file is
+//! opened for appending (created if missing); `-` is stdout. The governance events sink
+//! writes every event as the exact bytes sent to Core (see `events::encode`); the daemon
+//! writes its unattributed spans through one too.
 
 use std::{
     fs::{File, OpenOptions},
@@ -9,27 +10,46 @@ use std::{
     sync::Mutex,
 };
 
-use serde_json::Value;
+use serde::Serialize;
 
-use super::{config::SinkTarget, events};
+use super::config::SinkTarget;
+
+const EVENTS: &str = "events sink";
 
 pub struct Sink {
     out: Mutex<Box<dyn Write + Send>>,
     name: String,
+    /// What the lines are, for messages (`events sink`, `unattributed spans file`).
+    what: &'static str,
 }
 
 impl Sink {
     pub fn open(target: &SinkTarget) -> io::Result<Sink> {
         match target {
-            SinkTarget::Stdout => Ok(Sink {
-                out: Mutex::new(Box::new(io::stdout())),
-                name: "stdout".into(),
-            }),
-            SinkTarget::File(path) => Self::open_file(path),
+            SinkTarget::Stdout => Ok(Self::stdout(EVENTS)),
+            SinkTarget::File(path) => Self::open_file(path, EVENTS),
         }
     }
 
-    fn open_file(path: &Path) -> io::Result<Sink> {
+    /// Lines of another kind (`what` names them in messages): into the file at `path`,
+    /// or stdout for `-`.
+    pub fn open_path(path: &Path, what: &'static str) -> io::Result<Sink> {
+        if path.as_os_str() == "-" {
+            Ok(Self::stdout(what))
+        } else {
+            Self::open_file(path, what)
+        }
+    }
+
+    fn stdout(what: &'static str) -> Sink {
+        Sink {
+            out: Mutex::new(Box::new(io::stdout())),
+            name: "stdout".into(),
+            what,
+        }
+    }
+
+    fn open_file(path: &Path, what: &'static str) -> io::Result<Sink> {
         let file: File = OpenOptions::new()
             .create(true)
             .append(true)
@@ -37,15 +57,13 @@ impl Sink {
             .map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!(
-                        "cannot open events sink {} for appending: {e}",
-                        path.display()
-                    ),
+                    format!("cannot open {what} {} for appending: {e}", path.display()),
                 )
             })?;
         Ok(Sink {
             out: Mutex::new(Box::new(file)),
             name: path.display().to_string(),
+            what,
         })
     }
 
@@ -54,6 +72,7 @@ impl Sink {
         Sink {
             out: Mutex::new(w),
             name: name.to_owned(),
+            what: EVENTS,
         }
     }
 
@@ -61,26 +80,40 @@ impl Sink {
         &self.name
     }
 
-    /// Writes one event line. A write error is logged, not returned: losing the local copy
-    /// of an event must not change what the activity is told.
-    pub fn write(&self, event: &Value) {
-        let mut line = events::encode(event);
+    /// Writes one line of JSON (`json` holds no newline: compact JSON never does). A write
+    /// error is logged, not returned: losing the local copy of an event must not change
+    /// what the activity is told.
+    pub fn write(&self, json: &[u8]) {
+        let mut line = Vec::with_capacity(json.len() + 1);
+        line.extend_from_slice(json);
         line.push(b'\n');
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         // One write_all of the whole line keeps lines whole in an O_APPEND file shared
         // with other writers.
         if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-            tracing::error!(sink = %self.name, error = %e, "cannot write governance event to the events sink");
+            tracing::error!(sink = %self.name, error = %e, "cannot write a line to the {}", self.what);
+        }
+    }
+
+    /// Writes `value` as one line of compact JSON.
+    pub fn write_value(&self, value: &impl Serialize) {
+        match serde_json::to_vec(value) {
+            Ok(json) => self.write(&json),
+            Err(e) => {
+                tracing::error!(sink = %self.name, error = %e, "cannot write a line to the {}", self.what)
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::UNIX_EPOCH;
+
     use serde_json::json;
 
     use super::*;
-    use crate::governance::testutil::TempDir;
+    use crate::governance::{events, testutil::TempDir};
 
     #[test]
     fn events_are_appended_one_compact_line_each() {
@@ -88,18 +121,22 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "{\"earlier\":true}\n").unwrap();
         let sink = Sink::open(&SinkTarget::File(path.clone())).unwrap();
-        sink.write(
-            &json!({"event_type": "WorkflowStarted", "source": "workflow-telemetry", "x": "a\nb"}),
-        );
-        sink.write(&json!({"event_type": "SignalReceived"}));
+        let wf = events::WorkflowInfo {
+            workflow_id: "w".into(),
+            run_id: "r\n1".into(),
+            workflow_type: "T".into(),
+            task_queue: "q".into(),
+        };
+        sink.write(&events::encode(&events::workflow_started(&wf, UNIX_EPOCH)));
+        sink.write_value(&json!({"reason": "no_activity"}));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(
             lines[1],
-            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","x":"a\nb"}"#
+            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r\n1","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
-        assert_eq!(lines[2], r#"{"event_type":"SignalReceived"}"#);
+        assert_eq!(lines[2], r#"{"reason":"no_activity"}"#);
     }
 
     #[test]

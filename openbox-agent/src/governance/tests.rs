@@ -37,14 +37,14 @@ fn workflow(run: &str) -> WorkflowInfo {
     }
 }
 
-fn started(a: &ActivityInfo, input: Value) -> Value {
+fn started(a: &ActivityInfo, input: Value) -> events::ActivityStarted {
     let Value::Array(args) = input else {
         panic!("input must be an array")
     };
     events::activity_started(a, args, SystemTime::now())
 }
 
-fn completed(a: &ActivityInfo, output: Value) -> Value {
+fn completed(a: &ActivityInfo, output: Value) -> events::ActivityCompleted {
     let now = SystemTime::now();
     events::activity_completed(
         a,
@@ -957,10 +957,17 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
         None
     );
     let now = SystemTime::now();
-    let span = json!({"span_id": "00f067aa0ba902b7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "parent_span_id": null,
-        "name": "POST", "kind": "CLIENT", "start_time": 1_736_937_045_100_000_000u64, "end_time": 1_736_937_045_200_000_000u64,
-        "duration_ns": 100_000_000, "attributes": {"http.method": "POST", "http.url": "https://api.example.com/v1/chat"},
-        "status": {"code": "UNSET", "description": null}, "events": [], "activity_id": "1", "request_body": "{}"});
+    let mut span = testutil::span(
+        "POST",
+        json!({"http.method": "POST", "http.url": "https://api.example.com/v1/chat"}),
+    );
+    span.span_id = "00f067aa0ba902b7".into();
+    span.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into();
+    span.start_time = 1_736_937_045_100_000_000;
+    span.end_time = 1_736_937_045_200_000_000;
+    span.duration_ns = Some(100_000_000);
+    span.activity_id = Some("1".into());
+    span.request_body = Some("{}".into());
     let c = events::activity_completed(
         &a,
         ActivityCompletion {
@@ -1123,9 +1130,12 @@ fn governor_futures_are_send(g: &'static Governor) {
     fn is_send<T: Send>(_: T) {}
     fn is_sync<T: Send + Sync>() {}
     is_sync::<Governor>();
-    is_send(g.activity_started(Value::Null));
-    is_send(g.activity_completed(Value::Null));
-    is_send(g.workflow_event(Value::Null));
-    is_send(g.signal(Value::Null));
+    let a = events::ActivityInfo::default();
+    let wf = events::WorkflowInfo::default();
+    let now = SystemTime::now();
+    is_send(g.activity_started(events::activity_started(&a, vec![], now)));
+    is_send(g.activity_completed(completed(&a, Value::Null)));
+    is_send(g.workflow_event(events::workflow_started(&wf, now)));
+    is_send(g.signal(events::signal_received(&wf, "s", vec![], now)));
     is_send(g.wait_spool_empty(Duration::ZERO));
 }

@@ -2,7 +2,7 @@
 //! switchable answers so timeouts, bad bodies and closed connections are real.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,31 +14,39 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+pub use openbox_testkit::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "obx-gov-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
+use crate::span::{Span, Status};
 
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A finished span named `name` with these attributes (an object), made by no one in
+/// particular: for tests of what reads spans (the local policy, governance events).
+pub fn span(name: &str, attributes: Value) -> Span {
+    Span {
+        span_id: "00000000000000a1".into(),
+        trace_id: "0".repeat(32),
+        parent_span_id: None,
+        name: name.into(),
+        kind: "CLIENT",
+        start_time: 1_000,
+        end_time: 2_000,
+        duration_ns: Some(1_000),
+        attributes: match attributes {
+            Value::Object(m) => m,
+            _ => Default::default(),
+        },
+        status: Status {
+            code: Default::default(),
+            description: None,
+        },
+        events: Vec::new(),
+        activity_id: None,
+        request_body: None,
+        response_body: None,
+        request_headers: None,
+        response_headers: None,
+        pid: 0,
+        tid: 0,
+        attr: Default::default(),
     }
 }
 

@@ -9,32 +9,22 @@ use std::{
     collections::BTreeMap,
     ffi::OsStr,
     fs,
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    process::{Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine};
+use openbox_testkit::fixtures;
+pub use openbox_testkit::{env_path, workspace_root, Background, TempDir};
 use serde_json::Value;
 
 /// The agent's default capture limit per call (bytes).
 pub const DEFAULT_CAPTURE_LIMIT: u64 = 16 * 1024;
 /// The longest a traced command or a fixture's start-up may take before the test fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("crate in a workspace")
-        .to_path_buf()
-}
 
 /// What `cargo xtask test` provides (see xtask/src/env.rs).
 pub struct TestEnv {
@@ -95,154 +85,12 @@ impl TestEnv {
     }
 }
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "openbox-test-{label}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    pub fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 pub fn read(path: &Path) -> Vec<u8> {
     fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// A fixture process running beside the test (not under the agent). Stopped with
 /// SIGTERM on drop, so it can clean up (pg_server.py shuts PostgreSQL down).
-pub struct Background {
-    name: String,
-    child: Child,
-    stdout: Option<mpsc::Receiver<String>>,
-}
-
-impl Background {
-    pub fn spawn(name: &str, cmd: &mut Command) -> Background {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
-        let stdout = lines_of(child.stdout.take().expect("piped stdout"));
-        Background {
-            name: name.to_string(),
-            child,
-            stdout: Some(stdout),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The next stdout line; fails the test if the process exits or stays silent.
-    pub fn line(&mut self) -> String {
-        let rx = self.stdout.as_ref().expect("stdout reader");
-        match rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                panic!("{} printed nothing within {START_TIMEOUT:?}", self.name)
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = self.child.wait().ok();
-                panic!(
-                    "{} exited ({status:?}) before printing the expected line; its stderr is above",
-                    self.name
-                )
-            }
-        }
-    }
-
-    /// The first stdout line, as a port number.
-    pub fn port(&mut self) -> u16 {
-        let line = self.line();
-        line.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{} printed {line:?}, not a port", self.name))
-    }
-
-    /// SIGTERM, then wait; returns the rest of stdout.
-    pub fn stop(mut self) -> Vec<String> {
-        self.terminate();
-        let rx = self.stdout.take().expect("stdout reader");
-        let mut rest = Vec::new();
-        // The reader thread forwards what the process printed before it exited.
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-            rest.push(line);
-        }
-        rest
-    }
-
-    fn terminate(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: kill(2) on our own child's pid, which we have not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(l).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
-    });
-    rx
-}
-
 /// tls_server.py: HTTPS (or plain HTTP) on 127.0.0.1, recording each connection's
 /// plaintext under `record/conn-<k>.{in,out}`.
 pub struct HttpServer {
@@ -254,14 +102,7 @@ pub struct HttpServer {
 impl HttpServer {
     pub fn start(env: &TestEnv, tls: bool) -> HttpServer {
         let record = TempDir::new("http-record");
-        let mut cmd = Command::new(&env.python);
-        cmd.arg(env.script("tls_server.py"))
-            .arg("--record")
-            .arg(record.path());
-        if !tls {
-            cmd.arg("--plain");
-        }
-        cmd.arg("0");
+        let mut cmd = fixtures::tls_server(&env.python, &env.support, tls, Some(record.path()), 0);
         let mut process = Background::spawn("tls_server.py", &mut cmd);
         let port = process.port();
         HttpServer {
@@ -303,11 +144,7 @@ pub struct PgServer {
 
 impl PgServer {
     pub fn start(env: &TestEnv) -> PgServer {
-        let mut cmd = Command::new(&env.python);
-        cmd.arg(env.script("pg_server.py"))
-            .arg("--pg-bin")
-            .arg(&env.pg_bin)
-            .arg("0");
+        let mut cmd = fixtures::pg_server(&env.python, &env.support, &env.pg_bin, false, 0);
         let mut process = Background::spawn("pg_server.py", &mut cmd);
         let port = process.port();
         PgServer {
@@ -626,21 +463,6 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
 // the span tests use.
 // ---------------------------------------------------------------------------------------
 
-/// A path `cargo xtask setup-env` exports (see xtask/src/env.rs).
-pub fn env_path(name: &str) -> PathBuf {
-    let p = std::env::var_os(name)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("{name} is not set: run `cargo xtask test`, which sets up the test environment")
-        });
-    assert!(
-        p.exists(),
-        "{name}={} does not exist: run `cargo xtask setup-env`",
-        p.display()
-    );
-    p
-}
-
 impl TestEnv {
     /// The SDK's virtualenv python (openbox-temporal-sdk-python 1.0.0 and its OTel
     /// instrumentations).
@@ -659,7 +481,11 @@ impl Server {
     pub fn start(env: &TestEnv, script: &str, args: &[String]) -> Server {
         let mut cmd = Command::new(&env.python);
         cmd.arg(env.script(script)).args(args);
-        let mut process = Background::spawn(script, &mut cmd);
+        Server::spawn(script, cmd)
+    }
+
+    fn spawn(name: &str, mut cmd: Command) -> Server {
+        let mut process = Background::spawn(name, &mut cmd);
         let port = process.port();
         Server {
             port,
@@ -669,15 +495,9 @@ impl Server {
 
     /// pg_server.py: plain TCP and TLS both accepted (--allow-plain); `port` 0 = free.
     pub fn postgres(env: &TestEnv, port: u16) -> Server {
-        Server::start(
-            env,
+        Server::spawn(
             "pg_server.py",
-            &[
-                "--pg-bin".into(),
-                env.pg_bin.display().to_string(),
-                "--allow-plain".into(),
-                port.to_string(),
-            ],
+            fixtures::pg_server(&env.python, &env.support, &env.pg_bin, true, port),
         )
     }
 
@@ -710,12 +530,10 @@ impl Server {
 
     /// tls_server.py on `port` (0 = free): HTTPS, or plain HTTP with `tls` false.
     pub fn http(env: &TestEnv, tls: bool, port: u16) -> Server {
-        let mut args = Vec::new();
-        if !tls {
-            args.push("--plain".to_string());
-        }
-        args.push(port.to_string());
-        Server::start(env, "tls_server.py", &args)
+        Server::spawn(
+            "tls_server.py",
+            fixtures::tls_server(&env.python, &env.support, tls, None, port),
+        )
     }
 }
 

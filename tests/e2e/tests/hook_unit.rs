@@ -1,19 +1,30 @@
-//! The worker hook's own unit tests (hooks/python/tests, Python unittest), run with the
-//! test environment's interpreter so `cargo xtask test` covers them too.
+//! The worker hook's own tests (hooks/python/tests), run by pytest with the test
+//! environment's interpreter so `cargo xtask test` covers them too (its configuration is
+//! in hooks/python/pyproject.toml).
 
 use std::process::Command;
+
+use openbox_testkit::{workspace_root, FIX};
 
 #[test]
 fn the_worker_hooks_python_unit_tests_pass() {
     let python = std::env::var("OPENBOX_TEST_PYTHON")
-        .expect("OPENBOX_TEST_PYTHON is not set: run `cargo xtask test`");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(python)
-        .args(["-m", "unittest", "discover", "-s", "hooks/python/tests"])
-        .current_dir(&root)
+        .unwrap_or_else(|_| panic!("OPENBOX_TEST_PYTHON is not set: {FIX}"));
+    let out = Command::new(&python)
+        .args(["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(workspace_root().join("hooks/python"))
         .output()
-        .expect("running the hook's unit tests");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "hook unit tests failed:\n{err}");
-    eprintln!("{}", err.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
+        .unwrap_or_else(|e| panic!("running {python} -m pytest: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the hook's tests failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    eprintln!(
+        "{}",
+        stdout.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
 }

@@ -1,0 +1,466 @@
+//! The hook ↔ agent protocol: what a worker hook may ask and what it is answered.
+//!
+//! One compact JSON object per line each way (see [`super::hook`] for the framing).
+//! Requests are `{"id": <int>, "op": <name>, ...}`; replies carry the request's `id` and
+//! `"ok"`, then either the answer's fields or `"error"`. The same messages are described
+//! by `hooks/protocol/hook-agent.schema.json`, which the Rust tests and the Python hook's
+//! tests both validate real messages against.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::{
+    conn::Pid,
+    governance::{events, verdict::Decision},
+};
+
+/// One request, by its `op`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello(Hello),
+    Thread(Thread),
+    ActivityStart(ActivityStart),
+    ActivityEnd(ActivityEnd),
+    WorkflowEvent(WorkflowEvent),
+}
+
+/// The ops [`Request`] knows, for telling an unknown op from a malformed known one.
+pub const OPS: [&str; 5] = [
+    "hello",
+    "thread",
+    "activity_start",
+    "activity_end",
+    "workflow_event",
+];
+
+/// Registers the connection's process as a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The pid the worker knows itself by; checked against the kernel's word.
+    #[serde(default)]
+    pub pid: Option<u64>,
+    /// `openbox-hook/<version>`, logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// Address of the slot table in the worker's memory, and its length in slots.
+    #[serde(default)]
+    pub slots_addr: u64,
+    #[serde(default)]
+    pub slots: u64,
+    /// The SDK governance settings given to `create_openbox_worker` (an object; parsed
+    /// by `governance::config::WorkerSettings`, whose errors halt the worker's activities
+    /// rather than refuse its registration).
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// Tells the agent which slot a thread of the worker publishes its activity in.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Thread {
+    /// The thread's id in the worker's PID namespace.
+    pub tid: u64,
+    pub slot: u64,
+}
+
+/// An activity execution begins; answered with its token once governed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityStart {
+    #[serde(flatten)]
+    pub activity: events::ActivityInfo,
+    /// The positional arguments, serialised by the hook (`null` or absent: none).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub input: Vec<Value>,
+    /// Unix seconds, from the worker; the agent's clock when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<f64>,
+}
+
+/// An activity execution ended; answered with the span count once governed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityEnd {
+    pub token: u64,
+    /// `completed` when absent.
+    #[serde(default = "completed")]
+    pub status: events::ActivityStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<f64>,
+    /// The arguments the activity really ran with (after input redaction); hooks that
+    /// do not send them get the ones it started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Vec<Value>>,
+    /// The serialised result (ignored when the activity failed).
+    #[serde(default)]
+    pub output: Value,
+    #[serde(default)]
+    pub error: Option<events::ActivityError>,
+}
+
+fn completed() -> events::ActivityStatus {
+    events::ActivityStatus::Completed
+}
+
+/// A workflow event from the hook's workflow interceptor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowEvent {
+    #[serde(flatten)]
+    pub workflow: events::WorkflowInfo,
+    #[serde(flatten)]
+    pub event: WorkflowEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event_type")]
+pub enum WorkflowEventKind {
+    WorkflowStarted,
+    WorkflowCompleted {
+        #[serde(default)]
+        workflow_output: Value,
+    },
+    WorkflowFailed {
+        /// The §2.3 error object the hook built.
+        #[serde(default)]
+        error: Value,
+    },
+    SignalReceived {
+        #[serde(default)]
+        signal_name: String,
+        #[serde(default, deserialize_with = "null_as_empty")]
+        signal_args: Vec<Value>,
+    },
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
+    Ok(Option::<Vec<Value>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A request line that is not a request the agent understands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRequest {
+    /// What is wrong is said even before `hello` (a line that is no JSON object, a
+    /// malformed `hello`); otherwise the peer is first told to say `hello`.
+    pub before_hello: bool,
+    pub error: String,
+}
+
+/// Reads one request line: its `id` (echoed in the reply whatever it is, `null` when
+/// absent) and the request or why it is not one.
+pub fn parse(line: &[u8]) -> (Value, Result<Request, BadRequest>) {
+    let mut value: Value = match serde_json::from_slice(line) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            let error = "a request is one JSON object per line".to_string();
+            let bad = BadRequest {
+                before_hello: true,
+                error,
+            };
+            return (Value::Null, Err(bad));
+        }
+    };
+    let id = value
+        .as_object_mut()
+        .and_then(|m| m.remove("id"))
+        .unwrap_or(Value::Null);
+    let op = value.get("op").and_then(Value::as_str).map(str::to_string);
+    let request = match op.as_deref() {
+        Some(name) if OPS.contains(&name) => Request::deserialize(value)
+            .map_err(|e| format!("{name}: {e}"))
+            .and_then(Request::checked)
+            .map_err(|error| BadRequest {
+                before_hello: name == "hello",
+                error,
+            }),
+        _ => Err(BadRequest {
+            before_hello: false,
+            error: format!("unknown op {:?}", op.as_deref().unwrap_or("")),
+        }),
+    };
+    (id, request)
+}
+
+impl Request {
+    /// What the types alone do not say.
+    fn checked(self) -> Result<Request, String> {
+        match &self {
+            Request::ActivityStart(a) if a.activity.attempt < 1 => {
+                Err("activity_start needs `attempt` (an integer ≥ 1)".into())
+            }
+            _ => Ok(self),
+        }
+    }
+}
+
+/// What a request is answered with when it succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Hello {
+        /// `openbox-agent/<version>`.
+        agent: String,
+        /// The worker's host pid.
+        worker: Pid,
+    },
+    Thread {
+        host_tid: u32,
+    },
+    ActivityStart {
+        token: u64,
+        decision: Decision,
+    },
+    ActivityEnd {
+        span_count: usize,
+        spans_dropped: u64,
+        decision: Decision,
+    },
+    /// `workflow_event`: nothing but `ok`.
+    Accepted {},
+}
+
+/// One reply line: `{"id", "ok": true, ...answer}` or `{"id", "ok": false, "error"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reply {
+    pub id: Value,
+    pub ok: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Answer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    pub fn new(id: Value, result: Result<Answer, String>) -> Reply {
+        match result {
+            Ok(answer) => Reply {
+                id,
+                ok: true,
+                answer: Some(answer),
+                error: None,
+            },
+            Err(error) => Reply {
+                id,
+                ok: false,
+                answer: None,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn every_op_the_hook_sends_parses_and_ids_come_back_as_sent() {
+        let line = br#"{"id":7,"op":"activity_end","token":3,"status":"failed","end_time":2.5,"input":[1],"output":null,"error":{"type":"ValueError","message":"bad"}}"#;
+        let (id, req) = parse(line);
+        assert_eq!(id, json!(7));
+        let Request::ActivityEnd(end) = req.unwrap() else {
+            panic!("not activity_end")
+        };
+        assert_eq!(end.status, events::ActivityStatus::Failed);
+        assert_eq!(end.error.unwrap().kind, "ValueError");
+        let (id, req) = parse(br#"{"id":"x","op":"workflow_event","event_type":"SignalReceived","workflow_id":"w","run_id":"r","workflow_type":"T","signal_name":"go","signal_args":null}"#);
+        assert_eq!(id, json!("x"));
+        let Request::WorkflowEvent(ev) = req.unwrap() else {
+            panic!("not workflow_event")
+        };
+        assert_eq!(
+            ev.event,
+            WorkflowEventKind::SignalReceived {
+                signal_name: "go".into(),
+                signal_args: vec![]
+            }
+        );
+        assert_eq!(ev.workflow.task_queue, "");
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong_and_keep_their_op() {
+        let (id, req) = parse(b"not json");
+        assert_eq!(id, Value::Null);
+        assert!(req.unwrap_err().error.contains("one JSON object per line"));
+        let (id, req) = parse(br#"{"id":2,"op":"dance"}"#);
+        assert_eq!(id, json!(2));
+        assert_eq!(req.unwrap_err().error, r#"unknown op "dance""#);
+        let err = parse(br#"{"id":3,"op":"thread","tid":1}"#).1.unwrap_err();
+        assert!(!err.before_hello);
+        assert!(err.error.contains("slot"), "{}", err.error);
+        let err = parse(br#"{"op":"workflow_event","event_type":"Nope","workflow_id":"w","run_id":"r","workflow_type":"T"}"#).1.unwrap_err();
+        assert!(err.error.contains("Nope"), "{}", err.error);
+    }
+
+    #[test]
+    fn activity_start_requests_name_what_is_missing() {
+        let ok = json!({"op":"activity_start","workflow_id":"w","run_id":"r","workflow_type":"W","activity_id":"1",
+            "activity_type":"t","task_queue":"q","attempt":2,"input":[1,"x"]});
+        let Ok(Request::ActivityStart(start)) = parse(ok.to_string().as_bytes()).1 else {
+            panic!("not activity_start")
+        };
+        assert_eq!(
+            (start.activity.attempt, json!(start.input)),
+            (2, json!([1, "x"]))
+        );
+        let mut bad = ok.clone();
+        bad.as_object_mut().unwrap().remove("run_id");
+        let err = parse(bad.to_string().as_bytes()).1.unwrap_err();
+        assert!(err.error.contains("run_id"), "{}", err.error);
+        let mut bad = ok;
+        bad["attempt"] = json!(0);
+        let err = parse(bad.to_string().as_bytes()).1.unwrap_err();
+        assert!(err.error.contains("attempt"), "{}", err.error);
+    }
+
+    #[test]
+    fn replies_put_the_answer_beside_id_and_ok() {
+        let r = Reply::new(json!(4), Ok(Answer::Thread { host_tid: 9 }));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"id": 4, "ok": true, "host_tid": 9})
+        );
+        let r = Reply::new(json!(5), Ok(Answer::Accepted {}));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"id": 5, "ok": true})
+        );
+        let r = Reply::new(Value::Null, Err("no".into()));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"id": null, "ok": false, "error": "no"})
+        );
+    }
+
+    /// The protocol schema both sides' tests validate against, narrowed to one definition.
+    fn schema(definition: &str) -> jsonschema::Validator {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../hooks/protocol/hook-agent.schema.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the protocol schema");
+        let doc: Value = serde_json::from_str(&text).expect("the protocol schema is JSON");
+        jsonschema::draft202012::meta::validate(&doc)
+            .expect("the protocol schema is a valid schema");
+        let narrowed = json!({"$ref": format!("#/$defs/{definition}"), "$defs": doc["$defs"]});
+        jsonschema::draft202012::new(&narrowed).expect("the protocol schema compiles")
+    }
+
+    fn assert_valid(validator: &jsonschema::Validator, what: &str, message: &Value) {
+        let errors: Vec<String> = validator
+            .iter_errors(message)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{what} {message} is off the protocol: {errors:?}"
+        );
+    }
+
+    /// Messages the Python hook really sent (recorded from its test suite, see
+    /// hooks/protocol/README.md): each is valid, parses, and says the same once the
+    /// agent's types write it back.
+    #[test]
+    fn the_hooks_recorded_requests_follow_the_schema_and_parse() {
+        let requests = schema("request");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../hooks/protocol/recorded-requests.jsonl"
+        );
+        let text = std::fs::read_to_string(path).expect("the recorded hook requests");
+        let mut ops = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let sent: Value = serde_json::from_str(line).unwrap();
+            assert_valid(&requests, "recorded request", &sent);
+            let (id, req) = parse(line.as_bytes());
+            let req = req.unwrap_or_else(|e| panic!("{line}: {}", e.error));
+            assert_eq!(id, sent["id"]);
+            let mut written = serde_json::to_value(&req).unwrap();
+            written["id"] = id;
+            assert_valid(&requests, "re-serialized request", &written);
+            assert_eq!(
+                parse(written.to_string().as_bytes()).1.unwrap(),
+                req,
+                "{line}"
+            );
+            ops.insert(format!(
+                "{} {}",
+                sent["op"],
+                sent.get("event_type").unwrap_or(&Value::Null)
+            ));
+        }
+        assert_eq!(
+            ops.len(),
+            8,
+            "every op and workflow event type is recorded: {ops:?}"
+        );
+    }
+
+    #[test]
+    fn every_reply_the_agent_writes_follows_the_schema() {
+        use crate::governance::verdict::{ArgRedaction, ErrorType, Redaction, Verdict};
+        let decisions = [
+            Decision::allow_without_verdict(),
+            Decision::Continue {
+                verdict: Some(Verdict::Constrain),
+                constrained: true,
+                redaction: Some(Redaction::Input {
+                    args: vec![ArgRedaction {
+                        index: 0,
+                        value: json!({"card": "[REDACTED]"}).as_object().unwrap().clone(),
+                    }],
+                }),
+            },
+            Decision::Continue {
+                verdict: Some(Verdict::Allow),
+                constrained: false,
+                redaction: Some(Redaction::Output { value: json!("x") }),
+            },
+            Decision::fail(ErrorType::GovernanceHalt, "Governance API error: down"),
+            Decision::ApprovalPending {
+                message: "Approval required".into(),
+            },
+        ];
+        let replies = [
+            (
+                "hello",
+                Answer::Hello {
+                    agent: "openbox-agent/0.1.0".into(),
+                    worker: 42,
+                },
+            ),
+            ("thread", Answer::Thread { host_tid: 43 }),
+            ("workflow_event", Answer::Accepted {}),
+        ]
+        .into_iter()
+        .chain(decisions.iter().flat_map(|d| {
+            [
+                (
+                    "activity_start",
+                    Answer::ActivityStart {
+                        token: 1,
+                        decision: d.clone(),
+                    },
+                ),
+                (
+                    "activity_end",
+                    Answer::ActivityEnd {
+                        span_count: 2,
+                        spans_dropped: 0,
+                        decision: d.clone(),
+                    },
+                ),
+            ]
+        }));
+        for (op, answer) in replies {
+            let reply = serde_json::to_value(Reply::new(json!(9), Ok(answer))).unwrap();
+            assert_valid(&schema(&format!("{op}_reply")), op, &reply);
+            assert_valid(&schema("reply"), op, &reply);
+        }
+        for id in [json!(3), Value::Null] {
+            let reply =
+                serde_json::to_value(Reply::new(id, Err("send `hello` first".into()))).unwrap();
+            assert_valid(&schema("error_reply"), "error", &reply);
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Every map of the kernel programs, the load-time settings, and the values the
+//! programs keep for themselves (never read by the agent).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use openbox_common::*;
+
+use crate::emit::LoopState;
+
+// ---- load-time settings (EbpfLoader::set_global) ----
+#[no_mangle]
+pub static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE_LIMIT;
+#[no_mangle]
+pub static PAUSE_ON_TLS_LIB: u32 = 0;
+
+/// Watched processes: tgid → flags. Filled by the agent and by fork of a watched process.
+#[map]
+pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
+/// Descriptors of watched processes: fd_key(tgid, fd) → FdState.
+#[map]
+pub static FDS: HashMap<u64, FdState> = HashMap::with_max_entries(131072, 0);
+/// Arguments of a syscall in flight, by pid_tgid (a thread is in one syscall at a time).
+#[map]
+pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+/// Arguments of a libssl call in flight, by pid_tgid. Its presence also means "a TLS
+/// call is active on this thread": socket bytes moved meanwhile are ciphertext.
+#[map]
+pub static SSL_ARGS: HashMap<u64, SslArgs> = HashMap::with_max_entries(16384, 0);
+/// Scratch space of the tracepoint programs for data records (the stack is 512
+/// bytes). Per CPU: a tracepoint program runs with preemption disabled, so it has its
+/// CPU's slot to itself until it returns.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+/// Scratch space of the uprobe programs, by pid_tgid, for as long as one runs. Not per
+/// CPU: a uprobe program can be preempted, and a program that runs on the same CPU
+/// meanwhile would overwrite a per-CPU slot (see `probes::tls`). An entry lives only
+/// while a program runs, so this bounds the preempted TLS returns at one time.
+#[map]
+pub static TLS_SCRATCH: HashMap<u64, Scratch> = HashMap::with_max_entries(256, 0);
+/// Flags the agent sets on one incarnation of a descriptor (see FdFlagKey).
+#[map]
+pub static FD_FLAGS: HashMap<FdFlagKey, u32> = HashMap::with_max_entries(65536, 0);
+/// Threads of registered workers (key: host tid) and where their activity slot is.
+/// Written by the agent once the hook's registration passed the peer-credential check.
+#[map]
+pub static THREADS: HashMap<u32, ThreadSlot> = HashMap::with_max_entries(65536, 0);
+/// Processes started while an activity ran (key: host tgid): the activity they serve.
+/// Written here at fork, from the parent's attribution; never by user space.
+#[map]
+pub static INHERIT: HashMap<u32, Inherited> = HashMap::with_max_entries(16384, 0);
+/// Per-CPU counters, indexed by `openbox_common::CNT_*`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// What a syscall's entry program keeps for its exit program, by call.
+#[repr(C, u32)]
+#[derive(Clone, Copy)]
+pub enum SyscallArgs {
+    /// read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg on a tracked descriptor.
+    Data {
+        /// `SRC_*`.
+        source: u32,
+        fd: i32,
+        /// FD kind at entry.
+        fd_kind: u32,
+        fd_flags: u32,
+        /// Buffer, iovec array or msghdr pointer, by source.
+        buf: u64,
+        /// Requested byte count or iovec count.
+        count: u64,
+    },
+    Connect {
+        fd: i32,
+        /// The peer, read at entry (the address may be gone at exit).
+        peer: SockAddr,
+    },
+    /// accept and accept4.
+    Accept {
+        /// The listening socket.
+        listener: i32,
+        /// Where the kernel writes the peer's sockaddr (0 when not asked).
+        peer_addr: u64,
+    },
+    Socket {
+        family: u16,
+        /// The type argument, with SOCK_NONBLOCK/SOCK_CLOEXEC.
+        sock_type: u64,
+    },
+    SocketPair {
+        family: u16,
+        sock_type: u64,
+        /// The int[2] the kernel writes the two descriptors into.
+        fds: u64,
+    },
+    /// openat and openat2.
+    Open {
+        dirfd: i32,
+        /// The path pointer.
+        path: u64,
+        /// Open flags (openat2: `open_how.flags`).
+        flags: u64,
+    },
+}
+
+/// What a libssl entry probe keeps for the return probe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SslArgs {
+    pub ssl: u64,
+    pub buf: u64,
+    pub num: u64,
+    /// SSL_*_ex: where the byte count is written.
+    pub out_len: u64,
+    pub source: u32,
+    pub _pad: u32,
+}
+
+/// Room to build a data record and the state of the loop that fills it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub event: DataEvent,
+    pub state: LoopState,
+}

@@ -1,0 +1,149 @@
+//! File opens: openat and openat2 (reads and writes of tracked files go through the
+//! data calls in `sockets`). When asked, a process that opens a TLS library is
+//! stopped until the agent has attached its uprobes.
+//!
+//! The syscall arguments are 8-byte slots from offset 16 (see `sockets`); on the kernel
+//! this was written on (6.18):
+//!
+//! ```text
+//! name: sys_enter_openat
+//!     field:int dfd;  offset:16;  size:8; signed:0;
+//!     field:const char * filename;    offset:24;  size:8; signed:0;
+//!     field:int flags;    offset:32;  size:8; signed:0;
+//!     field:umode_t mode; offset:40;  size:8; signed:0;
+//! name: sys_enter_openat2
+//!     field:int dfd;  offset:16;  size:8; signed:0;
+//!     field:const char * filename;    offset:24;  size:8; signed:0;
+//!     field:struct open_how * how;    offset:32;  size:8; signed:0;
+//!     field:size_t usize; offset:40;  size:8; signed:0;
+//! ```
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_send_signal},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use openbox_common::*;
+
+use super::{stash, take_args, track_fd};
+use crate::{
+    emit::wakeup,
+    error::{count, finish, Loss},
+    maps::{SyscallArgs, EVENTS, PAUSE_ON_TLS_LIB},
+    task::{arg, header, ret, watched},
+};
+
+const SIGSTOP: u32 = 19;
+
+#[inline(always)]
+fn try_openat_enter(ctx: &TracePointContext, flags: u64) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    stash(
+        pid_tgid,
+        SyscallArgs::Open {
+            dirfd: arg(ctx, 0) as i32,
+            path: arg(ctx, 1),
+            flags,
+        },
+    )
+}
+
+#[tracepoint]
+pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
+    finish(try_openat_enter(&ctx, arg(&ctx, 2)))
+}
+
+#[tracepoint]
+pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
+    // struct open_how starts with the u64 flags. Unreadable, the open is still tracked
+    // (its descriptor must be), reported with flags 0, and the failure counted.
+    let how = arg(&ctx, 2);
+    let flags = unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or_else(|_| {
+        Loss::UserRead.count();
+        0
+    });
+    finish(try_openat_enter(&ctx, flags))
+}
+
+#[inline(always)]
+fn try_openat_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+    let Some((pid_tgid, SyscallArgs::Open { dirfd, path, flags })) = take_args() else {
+        return Ok(());
+    };
+    let r = ret(ctx);
+    if r < 0 {
+        // The open failed: no descriptor.
+        return Ok(());
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = r as i32;
+    let hdr = header(EV_FILE_OPEN, 0, pid_tgid);
+    track_fd(tgid, fd, FD_FILE, hdr.ts_ns);
+    let mut entry = EVENTS.reserve::<FileOpenEvent>(0).ok_or(Loss::RingFull)?;
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = hdr;
+    ev.fd = fd;
+    ev.open_flags = flags as u32;
+    ev.dirfd = dirfd;
+    let len = match unsafe { bpf_probe_read_user_str_bytes(path as *const u8, &mut ev.path) } {
+        Ok(s) => s.len(),
+        Err(_) => {
+            // The record goes out with an empty path.
+            Loss::UserRead.count();
+            0
+        }
+    };
+    ev.path_len = len as u32;
+    if unsafe { ptr::read_volatile(&PAUSE_ON_TLS_LIB) } != 0 && contains_libssl(&ev.path, len) {
+        // Stop the process until the agent has attached its uprobes to this library:
+        // otherwise its first TLS calls could run before the probes exist.
+        if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+            ev.hdr.flags |= FLAG_PAUSED;
+        } else {
+            Loss::Pause.count();
+        }
+    }
+    // A paused process waits for the agent: wake it now.
+    let wake = if ev.hdr.flags & FLAG_PAUSED != 0 {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        wakeup()
+    };
+    entry.submit(wake);
+    count(CNT_EVENTS, 1);
+    Ok(())
+}
+
+#[inline(always)]
+fn contains_libssl(path: &[u8; MAX_PATH], len: usize) -> bool {
+    let needle = *b"libssl";
+    let mut i = 0;
+    while i + needle.len() <= MAX_PATH && i + needle.len() <= len {
+        if path[i] == b'l'
+            && path[i + 1] == b'i'
+            && path[i + 2] == b'b'
+            && path[i + 3] == b's'
+            && path[i + 4] == b's'
+            && path[i + 5] == b'l'
+        {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[tracepoint]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    finish(try_openat_exit(&ctx))
+}
+
+#[tracepoint]
+pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
+    finish(try_openat_exit(&ctx))
+}

@@ -1,0 +1,187 @@
+//! Process lifecycle: fork (a watched process's children are watched from their first
+//! instruction), exec, and exit.
+//!
+//! These tracepoints are read at raw offsets (`openbox_common::TASK_NEWTASK_*`,
+//! `SCHED_PROCESS_*`); the agent checks each against tracefs at load and refuses a
+//! kernel whose layout differs, so a program never reads a field that is not there.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
+    macros::tracepoint,
+    programs::TracePointContext,
+    EbpfContext,
+};
+use openbox_common::*;
+
+use crate::{
+    emit::wakeup,
+    error::{count, finish, Loss},
+    maps::{ARGS, EVENTS, INHERIT, SSL_ARGS, THREADS, WATCHED},
+    task::{attribution, field, header, is_watched, watched},
+};
+
+const CLONE_THREAD: u64 = 0x10000;
+/// errno of an insertion with BPF_NOEXIST whose key is there (aya-ebpf has no errno
+/// values).
+const EEXIST: i32 = 17;
+
+/// The current task's name. bpf_get_current_comm fails only without a current task,
+/// which a tracepoint fired by a task always has: not a loss; the name would be empty.
+#[inline(always)]
+fn comm() -> [u8; COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+}
+
+/// ```text
+/// name: task_newtask
+/// ID: 205
+/// format:
+///     field:unsigned short common_type;   offset:0;   size:2; signed:0;
+///     field:unsigned char common_flags;   offset:2;   size:1; signed:0;
+///     field:unsigned char common_preempt_count;   offset:3;   size:1; signed:0;
+///     field:int common_pid;   offset:4;   size:4; signed:1;
+///
+///     field:pid_t pid;    offset:8;   size:4; signed:1;
+///     field:char comm[16];    offset:12;  size:16;    signed:0;
+///     field:u64 clone_flags;  offset:32;  size:8; signed:0;
+///     field:short oom_score_adj;  offset:40;  size:2; signed:1;
+/// ```
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    finish(try_task_newtask(&ctx))
+}
+
+#[inline(always)]
+fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
+    // Runs in the parent, before the child can run: the child is watched from its
+    // first instruction. Threads (CLONE_THREAD) share the parent's tgid already.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_watched((pid_tgid >> 32) as u32) {
+        return Ok(());
+    }
+    let clone_flags: u64 = field(ctx, TASK_NEWTASK_CLONE_FLAGS);
+    if clone_flags & CLONE_THREAD != 0 {
+        return Ok(());
+    }
+    let child: u32 = field(ctx, TASK_NEWTASK_PID);
+    match WATCHED.insert(child, 1, BPF_NOEXIST.into()) {
+        Ok(()) => {}
+        // Watched already (the agent got there first): nothing lost.
+        Err(e) if e == -EEXIST => {}
+        Err(_) => Loss::MapFull.count(),
+    }
+    // A process started while an activity ran on this thread (subprocess.run, a shell)
+    // works for that activity for its whole life, and so do its own children.
+    let (owner, activity) = attribution(pid_tgid);
+    if activity != 0 {
+        let value = Inherited {
+            owner,
+            _pad: 0,
+            activity,
+        };
+        if INHERIT.insert(child, value, BPF_ANY.into()).is_err() {
+            Loss::MapFull.count();
+        }
+    }
+    let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = header(EV_FORK, 0, pid_tgid);
+    ev.other = child;
+    ev.path_len = 0;
+    ev.comm = comm();
+    entry.submit(wakeup());
+    count(CNT_EVENTS, 1);
+    Ok(())
+}
+
+/// ```text
+/// name: sched_process_exec
+/// ID: 365
+/// format:
+///     (common fields as in task_newtask)
+///
+///     field:__data_loc char[] filename;   offset:8;   size:4; signed:0;
+///     field:pid_t pid;    offset:12;  size:4; signed:1;
+///     field:pid_t old_pid;    offset:16;  size:4; signed:1;
+/// ```
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    finish(try_sched_process_exec(&ctx))
+}
+
+#[inline(always)]
+fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = header(EV_EXEC, 0, pid_tgid);
+    ev.other = field(ctx, SCHED_PROCESS_EXEC_OLD_PID);
+    ev.comm = comm();
+    // __data_loc: low 16 bits offset from the record start, high 16 bits length.
+    let loc: u32 = field(ctx, SCHED_PROCESS_EXEC_FILENAME);
+    let off = (loc & 0xffff) as usize;
+    let src = unsafe { (ctx.as_ptr() as *const u8).add(off) };
+    ev.path_len = match unsafe { bpf_probe_read_kernel_str_bytes(src, &mut ev.path) } {
+        Ok(s) => s.len() as u32,
+        Err(_) => {
+            // The record goes out without the new image's path.
+            Loss::KernelRead.count();
+            0
+        }
+    };
+    entry.submit(wakeup());
+    count(CNT_EVENTS, 1);
+    Ok(())
+}
+
+/// `group_dead` exists only on recent kernels; without it, offset 32 is past the
+/// record and a thread's exit could unwatch its whole process. The agent refuses to
+/// start on such a kernel (`capture/tracefs.rs`).
+///
+/// ```text
+/// name: sched_process_exit
+/// ID: 369
+/// format:
+///     (common fields as in task_newtask)
+///
+///     field:char comm[16];    offset:8;   size:16;    signed:0;
+///     field:pid_t pid;    offset:24;  size:4; signed:1;
+///     field:int prio; offset:28;  size:4; signed:1;
+///     field:bool group_dead;  offset:32;  size:1; signed:0;
+/// ```
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    finish(try_sched_process_exit(&ctx))
+}
+
+#[inline(always)]
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_watched(tgid) {
+        return Ok(());
+    }
+    let _ = ARGS.remove(pid_tgid);
+    let _ = SSL_ARGS.remove(pid_tgid);
+    // The tid may be reused by an unrelated thread: its slot registration dies here.
+    let _ = THREADS.remove(pid_tgid as u32);
+    let group_dead: u8 = field(ctx, SCHED_PROCESS_EXIT_GROUP_DEAD);
+    if group_dead == 0 {
+        // Another thread of the process lives on.
+        return Ok(());
+    }
+    let _ = WATCHED.remove(tgid);
+    let _ = INHERIT.remove(tgid);
+    let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = header(EV_EXIT, 0, pid_tgid);
+    ev.other = 0;
+    ev.path_len = 0;
+    ev.comm = comm();
+    entry.submit(wakeup());
+    count(CNT_EVENTS, 1);
+    Ok(())
+}
