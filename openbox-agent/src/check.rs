@@ -1,11 +1,11 @@
 //! `openbox-agent check`: what this kernel offers, what privileges the agent holds, the
 //! mode it will use, and what to do about anything missing.
 
-use std::path::Path;
+use std::{io::Write, path::Path};
 
 use serde::Serialize;
 
-use crate::preflight::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, TRACEFS};
+use crate::preflight::{self, Access, CAP_BPF, CAP_KILL, CAP_PERFMON, CAP_SYS_ADMIN, TRACEFS};
 
 #[derive(Debug, Serialize)]
 pub struct Item {
@@ -48,7 +48,7 @@ fn kernel_config(name: &str) -> Option<bool> {
 
 /// Creates (and closes) a BPF ring buffer map: the definitive test that the kernel has
 /// them and that we may create maps.
-fn ringbuf_supported() -> Result<(), String> {
+fn ringbuf_supported() -> std::io::Result<()> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -78,71 +78,80 @@ fn ringbuf_supported() -> Result<(), String> {
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: closing the fd we just got.
     unsafe { libc::close(fd as i32) };
     Ok(())
 }
 
-fn lsm_list() -> Option<String> {
+fn lsm_list() -> std::io::Result<String> {
     if !exists("/sys/kernel/security/lsm") {
         let t = std::ffi::CString::new("/sys/kernel/security").unwrap();
         let f = std::ffi::CString::new("securityfs").unwrap();
         // SAFETY: mount(2) with C strings; failure is reported below.
         unsafe { libc::mount(f.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
     }
-    std::fs::read_to_string("/sys/kernel/security/lsm")
-        .ok()
-        .map(|s| s.trim().to_string())
+    std::fs::read_to_string(LSM).map(|s| s.trim().to_string())
 }
+
+const LSM: &str = "/sys/kernel/security/lsm";
 
 pub fn report() -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let mut items = Vec::new();
-    let tracefs_ok = preflight::ensure_tracefs().is_ok();
-    let events = if exists(&format!("{TRACEFS}/events")) {
-        format!("{TRACEFS}/events")
-    } else {
-        "/sys/kernel/debug/tracing/events".to_string()
-    };
+    // Mounts tracefs when it is missing and we may; then looks again.
+    let tracefs_err = preflight::ensure_tracefs().err();
+    let tracefs = preflight::tracefs_events();
+    let tracefs_denied = tracefs == Err(Access::Denied);
     items.push(Item {
         name: "tracefs",
-        ok: tracefs_ok,
-        detail: if tracefs_ok {
-            format!("mounted ({events})")
-        } else {
-            "not mounted".into()
+        ok: tracefs.is_ok(),
+        detail: match (&tracefs, &tracefs_err) {
+            (Ok(events), _) => format!("mounted ({})", events.display()),
+            (Err(Access::Denied), _) => preflight::denied(TRACEFS),
+            (Err(_), Some(e)) => format!("{e:#}"),
+            (Err(_), None) => "not mounted".into(),
         },
-        fix: if tracefs_ok {
-            String::new()
-        } else {
-            format!("mount -t tracefs nodev {TRACEFS}")
+        fix: match &tracefs {
+            Ok(_) => String::new(),
+            Err(Access::Denied) => "run `openbox-agent check` as root to see the rest".into(),
+            Err(_) => format!("mount -t tracefs nodev {TRACEFS}"),
         },
         required: true,
     });
-    let syscalls = Path::new(&events).join("syscalls/sys_enter_write").exists();
+    let syscalls = tracefs
+        .as_ref()
+        .map(|events| events.join("syscalls/sys_enter_write").exists());
     items.push(Item {
         name: "syscall tracepoints",
-        ok: syscalls,
-        detail: if syscalls {
-            let n = std::fs::read_dir(Path::new(&events).join("syscalls"))
-                .map(|d| d.count())
-                .unwrap_or(0);
-            format!("{n} syscalls:* events")
-        } else {
-            "absent".into()
+        ok: syscalls == Ok(true),
+        detail: match &syscalls {
+            Ok(true) => {
+                let n = tracefs
+                    .as_ref()
+                    .ok()
+                    .and_then(|e| std::fs::read_dir(e.join("syscalls")).ok())
+                    .map(|d| d.count())
+                    .unwrap_or(0);
+                format!("{n} syscalls:* events")
+            }
+            Ok(false) => "absent".into(),
+            Err(_) if tracefs_denied => {
+                "unknown: tracefs is not readable (permission denied)".into()
+            }
+            Err(_) => "unknown: tracefs is not mounted".into(),
         },
-        fix: if syscalls {
-            String::new()
-        } else {
-            "a kernel built with CONFIG_FTRACE_SYSCALLS=y".into()
+        fix: match &syscalls {
+            Ok(true) => String::new(),
+            Ok(false) => "a kernel built with CONFIG_FTRACE_SYSCALLS=y".into(),
+            Err(_) => String::new(),
         },
         required: true,
     });
-    if tracefs_ok {
+    if tracefs.is_ok() {
         let layouts = crate::capture::tracefs::check_kernel();
         items.push(Item {
             name: "tracepoint layouts",
@@ -189,12 +198,17 @@ pub fn report() -> Report {
         fix: String::new(),
         required: false,
     });
-    let btf = preflight::btf_present();
+    let btf_access = preflight::btf();
+    let btf = btf_access == Access::Present;
     items.push(Item {
         name: "BTF",
         ok: btf,
-        detail: if btf { "/sys/kernel/btf/vmlinux".into() } else { "absent".into() },
-        fix: if btf { String::new() } else { "a kernel built with CONFIG_DEBUG_INFO_BTF=y (needed for fentry and LSM, not for the tracepoint data path)".into() },
+        detail: match btf_access {
+            Access::Present => preflight::BTF.into(),
+            Access::Denied => preflight::denied(preflight::BTF),
+            Access::Absent => "absent".into(),
+        },
+        fix: if btf_access == Access::Absent { "a kernel built with CONFIG_DEBUG_INFO_BTF=y (needed for fentry and LSM, not for the tracepoint data path)".into() } else { String::new() },
         required: false,
     });
     items.push(Item {
@@ -213,14 +227,16 @@ pub fn report() -> Report {
         .as_deref()
         .map(|l| l.split(',').any(|m| m == "bpf"))
         .unwrap_or(false);
+    let lsm_denied = matches!(&lsm, Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied);
     items.push(Item {
         name: "BPF LSM",
         ok: bpf_lsm,
         detail: match &lsm {
-            Some(l) => format!("active LSMs: {l}"),
-            None => "cannot read /sys/kernel/security/lsm".into(),
+            Ok(l) => format!("active LSMs: {l}"),
+            Err(_) if lsm_denied => preflight::denied(LSM),
+            Err(e) => format!("cannot read {LSM}: {e}"),
         },
-        fix: if bpf_lsm {
+        fix: if bpf_lsm || lsm_denied {
             String::new()
         } else {
             "boot with lsm=...,bpf (needed only for enforcement in the kernel)".into()
@@ -233,6 +249,9 @@ pub fn report() -> Report {
         ok: ring.is_ok(),
         detail: match &ring {
             Ok(()) => "BPF_MAP_TYPE_RINGBUF created".into(),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                format!("creating one failed: permission denied ({e})")
+            }
             Err(e) => format!("creating one failed: {e}"),
         },
         fix: if ring.is_ok() {
@@ -256,10 +275,22 @@ pub fn report() -> Report {
             } else {
                 "not held".into()
             },
-            fix: if ok { String::new() } else { "run as root, or setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_sys_ptrace+ep on the binary".into() },
+            fix: if ok {
+                String::new()
+            } else {
+                format!("run as root, or {}", preflight::SETCAP)
+            },
             required: true,
         });
     }
+    let kill = preflight::has_cap(caps, CAP_KILL);
+    items.push(Item {
+        name: "CAP_KILL",
+        ok: kill,
+        detail: if kill { "held".into() } else { "not held: a process of another user that loads libssl is paused by the kernel until its TLS probes are attached, and the agent could not resume it".into() },
+        fix: if kill { String::new() } else { format!("run as root, or {}", preflight::SETCAP) },
+        required: false,
+    });
     let ready = items.iter().all(|i| i.ok || !i.required);
     let mode = if !ready {
         "cannot run: see the required items above".to_string()
@@ -283,15 +314,16 @@ pub fn report() -> Report {
     }
 }
 
-pub fn print(report: &Report, json: bool) {
+/// Writes the report to stdout. A reader that went away (`check --json | head`) shows as
+/// a `BrokenPipe` error, which the caller treats as the end of the output.
+pub fn print(report: &Report, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(report).unwrap_or_default()
-        );
-        return;
+        let text = serde_json::to_string_pretty(report).unwrap_or_default();
+        writeln!(out, "{text}")?;
+        return out.flush();
     }
-    println!("kernel {}", report.kernel);
+    writeln!(out, "kernel {}", report.kernel)?;
     for i in &report.items {
         let mark = if i.ok {
             "ok  "
@@ -300,10 +332,11 @@ pub fn print(report: &Report, json: bool) {
         } else {
             "no  "
         };
-        println!("  [{mark}] {:<20} {}", i.name, i.detail);
+        writeln!(out, "  [{mark}] {:<20} {}", i.name, i.detail)?;
         if !i.fix.is_empty() {
-            println!("           fix: {}", i.fix);
+            writeln!(out, "           fix: {}", i.fix)?;
         }
     }
-    println!("mode: {}", report.mode);
+    writeln!(out, "mode: {}", report.mode)?;
+    out.flush()
 }

@@ -16,5 +16,6 @@ pub mod pipeline;
 pub mod preflight;
 pub mod procfs;
 pub mod protocol;
+pub mod redact;
 pub mod span;
 pub mod trace;

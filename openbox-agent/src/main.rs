@@ -1,7 +1,7 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-use openbox_agent::{capture, check, conn, daemon, span, trace};
+use openbox_agent::{capture, check, conn, daemon, redact, span, trace};
 
 use std::path::PathBuf;
 
@@ -25,12 +25,20 @@ struct CaptureArgs {
     /// Most characters of a database statement kept in spans.
     #[arg(long, default_value_t = 4096)]
     max_statement: usize,
-    /// Do not redact sensitive HTTP headers (authorization, cookie, x-api-key …).
+    /// Redact nothing: headers, URLs, bodies and statements are shown as captured.
     #[arg(long)]
     no_redact: bool,
-    /// Redact this HTTP header too (case-insensitive); repeatable.
+    /// Redact this HTTP header too (exact name, case-insensitive); repeatable.
     #[arg(long = "redact-header", value_name = "NAME")]
     redact_headers: Vec<String>,
+    /// Also redact header, query parameter and body field names containing this
+    /// (case-insensitive); repeatable.
+    #[arg(long = "redact-pattern", value_name = "SUBSTR")]
+    redact_patterns: Vec<String>,
+    /// Drop this pattern from the default list (auth, token, secret, key, password,
+    /// session, cookie, signature, credential); repeatable.
+    #[arg(long = "no-redact-pattern", value_name = "SUBSTR")]
+    no_redact_patterns: Vec<String>,
     /// One file.read/file.write span per call, instead of one per burst of calls.
     #[arg(long)]
     every_file_call: bool,
@@ -71,13 +79,25 @@ impl CaptureArgs {
         spans.parser.max_body = self.max_body;
         spans.parser.max_statement = self.max_statement;
         spans.every_file_call = self.every_file_call;
+        spans.redact = self.redactor();
+        spans
+    }
+
+    fn redactor(&self) -> redact::Redactor {
         if self.no_redact {
-            spans.redact_headers.clear();
+            return redact::Redactor::off();
         }
-        spans
-            .redact_headers
-            .extend(self.redact_headers.iter().map(|h| h.to_ascii_lowercase()));
-        spans
+        let mut r = redact::Redactor::default();
+        for p in &self.no_redact_patterns {
+            r.remove_pattern(p);
+        }
+        for p in &self.redact_patterns {
+            r.add_pattern(p);
+        }
+        for h in &self.redact_headers {
+            r.add_header(h);
+        }
+        r
     }
 
     fn capture(&self) -> Result<capture::CaptureConfig> {
@@ -256,7 +276,14 @@ fn real_main() -> Result<i32> {
     match cli.command {
         Command::Check { json } => {
             let report = check::report();
-            check::print(&report, json);
+            match check::print(&report, json) {
+                // Rust ignores SIGPIPE, so a reader that left (`check --json | head`)
+                // is an EPIPE here: the output ends, as it would have with SIGPIPE.
+                // SIGPIPE is not restored instead: the daemon writing events to a pipe
+                // must outlive its reader, not die silently with processes paused.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r?,
+            }
             Ok(if report.ready { 0 } else { 1 })
         }
         Command::Trace {

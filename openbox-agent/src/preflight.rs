@@ -5,10 +5,59 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
+pub const CAP_KILL: u32 = 5;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 pub const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// The capabilities the agent uses, as `setcap` wants them: CAP_KILL resumes processes
+/// of other users that the kernel paused while TLS probes are attached.
+pub const SETCAP: &str = "setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_sys_ptrace,cap_kill+ep $(command -v openbox-agent)";
+
+/// Why a kernel file the agent reads is not usable: absent, or there but not readable
+/// by us (tracefs is mode 0700: only root or CAP_DAC_READ_SEARCH sees inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Present,
+    Absent,
+    Denied,
+}
+
+impl Access {
+    pub fn of(path: &Path) -> Access {
+        match std::fs::metadata(path) {
+            Ok(_) => Access::Present,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Access::Denied,
+            Err(_) => Access::Absent,
+        }
+    }
+}
+
+/// What to tell a user who cannot read a kernel file.
+pub fn denied(path: &str) -> String {
+    format!("{path}: permission denied (run as root or grant the capabilities: {SETCAP})")
+}
+
+/// The tracefs events directory, when one is mounted and readable.
+pub fn tracefs_events() -> Result<std::path::PathBuf, Access> {
+    let mut denied = false;
+    for root in [TRACEFS, DEBUGFS_TRACING] {
+        let events = Path::new(root).join("events");
+        match Access::of(&events) {
+            Access::Present if events.is_dir() => return Ok(events),
+            // A 0700 mount point hides even whether `events` exists (EACCES).
+            Access::Denied => denied = true,
+            _ => {}
+        }
+    }
+    Err(if denied {
+        Access::Denied
+    } else {
+        Access::Absent
+    })
+}
 
 /// The effective capability set of this process.
 pub fn effective_caps() -> u64 {
@@ -39,7 +88,7 @@ pub fn require_privileges() -> Result<()> {
         missing.push("CAP_PERFMON");
     }
     bail!(
-        "openbox-agent lacks {} (uid {}): it loads eBPF programs, which needs root or CAP_BPF and CAP_PERFMON. Run it as root (sudo openbox-agent …) or grant the capabilities: setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_sys_ptrace+ep $(command -v openbox-agent)",
+        "openbox-agent lacks {} (uid {}): it loads eBPF programs, which needs root or CAP_BPF and CAP_PERFMON (and CAP_KILL to resume other users' processes it pauses while attaching TLS probes). Run it as root (sudo openbox-agent …) or grant the capabilities: {SETCAP}",
         missing.join(" and "),
         unsafe { libc::geteuid() }
     );
@@ -47,11 +96,10 @@ pub fn require_privileges() -> Result<()> {
 
 /// Tracepoints are attached through tracefs: mount it when it is not mounted.
 pub fn ensure_tracefs() -> Result<()> {
-    if Path::new(TRACEFS).join("events").is_dir() {
-        return Ok(());
-    }
-    if Path::new("/sys/kernel/debug/tracing/events").is_dir() {
-        return Ok(());
+    match tracefs_events() {
+        Ok(_) => return Ok(()),
+        Err(Access::Denied) => bail!("tracefs at {}", denied(TRACEFS)),
+        Err(_) => {}
     }
     let target = std::ffi::CString::new(TRACEFS).unwrap();
     let fstype = std::ffi::CString::new("tracefs").unwrap();
@@ -84,8 +132,10 @@ pub fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
-pub fn btf_present() -> bool {
-    Path::new("/sys/kernel/btf/vmlinux").exists()
+pub const BTF: &str = "/sys/kernel/btf/vmlinux";
+
+pub fn btf() -> Access {
+    Access::of(Path::new(BTF))
 }
 
 #[cfg(test)]

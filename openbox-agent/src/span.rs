@@ -14,6 +14,7 @@ use crate::{
     capture::{clock::Clock, event::Addr},
     conn::{Attribution, Direction, Pid, Record},
     protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
+    redact::Redactor,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -56,35 +57,13 @@ pub struct Span {
     pub attr: Attribution,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SpanConfig {
     pub parser: ParserConfig,
-    /// Header names whose values are replaced by `[REDACTED]` (lowercase).
-    pub redact_headers: Vec<String>,
+    /// Which header, URL, body and statement values are replaced by `[REDACTED]`.
+    pub redact: Redactor,
     /// One file.read/file.write span per call instead of one per burst.
     pub every_file_call: bool,
-}
-
-impl Default for SpanConfig {
-    fn default() -> Self {
-        Self {
-            parser: ParserConfig::default(),
-            redact_headers: [
-                "authorization",
-                "proxy-authorization",
-                "cookie",
-                "set-cookie",
-                "x-api-key",
-                "api-key",
-                "x-auth-token",
-                "x-amz-security-token",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            every_file_call: false,
-        }
-    }
 }
 
 /// Which end of a connection the watched process is.
@@ -531,8 +510,10 @@ impl SpanBuilder {
                     .unwrap_or_else(|| format_authority(&name, port, default_port));
                 format!("{scheme}://{authority}{target}")
             };
+            let redact = &self.cfg.redact;
             attributes.insert("http.scheme".into(), scheme.into());
-            attributes.insert("http.url".into(), url.into());
+            attributes.insert("http.url".into(), redact.url(&url).into());
+            attributes.insert("http.target".into(), redact.url(&target).into());
             attributes
                 .entry("http.host")
                 .or_insert_with(|| format_authority(&name, port, default_port).into());
@@ -541,14 +522,28 @@ impl SpanBuilder {
             attributes.insert("net.transport".into(), "ip_tcp".into());
             span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
             span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
-            span.request_body = op.request_body.as_ref().map(|b| text(b));
+            span.request_body = op
+                .request_body
+                .as_ref()
+                .map(|b| redact.body(&text(b), content_type(&op.request_headers)));
             span.response_body = match (&op.response_body, &op.response_headers) {
-                (Some(b), Some(h)) if textual(h) => Some(text(b)),
+                (Some(b), Some(h)) if textual(h) => {
+                    Some(redact.body(&text(b), content_type(&op.response_headers)))
+                }
                 _ => None,
             };
+            // The span name is the method; a parser may one day put the target in it.
+            span.name = redact.url(&span.name);
         } else {
             if let Some(system) = protocol.and_then(|p| p.db_system()) {
                 attributes.insert("db.system".into(), system.into());
+            }
+            // Redis AUTH/HELLO and MongoDB authentication commands are hidden by their
+            // parsers; SQL carries passwords inside statement text.
+            if matches!(protocol, Some(Protocol::Postgres | Protocol::Mysql)) {
+                if let Some(Value::String(stmt)) = attributes.get_mut("db.statement") {
+                    *stmt = self.cfg.redact.sql(stmt);
+                }
             }
             if let Some(h) = peer_host {
                 attributes.insert("net.peer.name".into(), h.into());
@@ -572,11 +567,7 @@ impl SpanBuilder {
         let mut m = Map::new();
         for (name, value) in headers {
             let name = name.to_ascii_lowercase();
-            let value = if self.cfg.redact_headers.contains(&name) {
-                "[REDACTED]".to_string()
-            } else {
-                value.clone()
-            };
+            let value = self.cfg.redact.header_value(&name, value);
             // Repeated headers are joined as HTTP allows (RFC 9110 §5.3).
             match m.get_mut(&name) {
                 Some(Value::String(prev)) => {
@@ -758,6 +749,10 @@ fn format_authority(name: &str, port: u16, default: u16) -> String {
     } else {
         format!("{name}:{port}")
     }
+}
+
+fn content_type(headers: &Option<Vec<(String, String)>>) -> Option<&str> {
+    headers.as_deref().and_then(|h| header(h, "content-type"))
 }
 
 /// Request bodies: UTF-8 with invalid bytes dropped, as the SDK decodes them.
