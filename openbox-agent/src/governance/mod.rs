@@ -150,6 +150,7 @@ pub mod clock;
 pub mod config;
 pub mod events;
 pub mod policy;
+pub mod private;
 pub mod sink;
 pub mod spool;
 pub mod verdict;

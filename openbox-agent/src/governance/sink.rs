@@ -4,7 +4,7 @@
 //! writes its unattributed spans through one too.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, Write},
     path::Path,
     sync::Mutex,
@@ -50,16 +50,19 @@ impl Sink {
     }
 
     fn open_file(path: &Path, what: &'static str) -> io::Result<Sink> {
-        let file: File = OpenOptions::new()
+        let cannot = |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open {what} {} for appending: {e}", path.display()),
+            )
+        };
+        let file: File = super::private::options()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot open {what} {} for appending: {e}", path.display()),
-                )
-            })?;
+            .map_err(cannot)?;
+        // Events and unattributed spans hold inputs, outputs and bodies: owner only.
+        super::private::tighten(path, super::private::FILE_MODE).map_err(cannot)?;
         Ok(Sink {
             out: Mutex::new(Box::new(file)),
             name: path.display().to_string(),
@@ -114,6 +117,25 @@ mod tests {
 
     use super::*;
     use crate::governance::{events, testutil::TempDir};
+
+    #[test]
+    fn an_events_file_is_created_private_and_an_earlier_one_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("sink-modes");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.path().join("events.jsonl");
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0o022) };
+        Sink::open(&SinkTarget::File(fresh.clone())).unwrap();
+        unsafe { libc::umask(old) };
+        assert_eq!(mode(&fresh), 0o600);
+        let earlier = dir.path().join("unattributed.jsonl");
+        std::fs::write(&earlier, "{}\n").unwrap();
+        std::fs::set_permissions(&earlier, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Sink::open_path(&earlier, "unattributed spans").unwrap();
+        assert_eq!(mode(&earlier), 0o600);
+        assert_eq!(std::fs::read_to_string(&earlier).unwrap(), "{}\n");
+    }
 
     #[test]
     fn events_are_appended_one_compact_line_each() {

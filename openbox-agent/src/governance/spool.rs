@@ -100,7 +100,7 @@ fn ctx(e: io::Error, what: impl std::fmt::Display) -> io::Error {
 impl Spool {
     /// Opens (creating if needed) the spool in `dir` and picks up where the last run left.
     pub fn open(dir: &Path, limits: SpoolLimits) -> io::Result<Spool> {
-        fs::create_dir_all(dir).map_err(|e| {
+        super::private::dir(dir).map_err(|e| {
             ctx(
                 e,
                 format_args!(
@@ -109,7 +109,7 @@ impl Spool {
                 ),
             )
         })?;
-        let lock = OpenOptions::new()
+        let lock = super::private::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -213,7 +213,11 @@ impl Spool {
 
     fn store_cursor(&self) -> io::Result<()> {
         let tmp = self.dir.join("cursor.tmp");
-        let mut f = File::create(&tmp)?;
+        let mut f = super::private::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         writeln!(f, "{} {}", self.read.segment, self.read.offset)?;
         f.sync_all()?;
         fs::rename(&tmp, self.dir.join("cursor"))?;
@@ -363,7 +367,7 @@ impl Spool {
                 None => self.read.segment.max(1),
             };
             let path = self.path(id);
-            let f = OpenOptions::new()
+            let f = super::private::options()
                 .create(true)
                 .append(true)
                 .open(&path)
@@ -559,6 +563,30 @@ mod tests {
                     .starts_with("seg-")
             })
             .count()
+    }
+
+    #[test]
+    fn the_spool_directory_and_every_file_in_it_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("spool-modes");
+        let spool_dir = dir.path().join("spool");
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0o022) };
+        let mut s = Spool::open(&spool_dir, limits(100, 1 << 20)).unwrap();
+        for n in 0..5 {
+            s.append(&ev(n)).unwrap();
+        }
+        let e = s.peek().unwrap().unwrap();
+        s.ack(&e).unwrap();
+        unsafe { libc::umask(old) };
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&spool_dir), 0o700);
+        let mut files = 0;
+        for entry in fs::read_dir(&spool_dir).unwrap().flatten() {
+            assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+            files += 1;
+        }
+        assert!(files >= 3, "lock, cursor and segments: {files}");
     }
 
     #[test]
