@@ -125,6 +125,8 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             ready = ring.ready() => {
@@ -141,6 +143,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
         }
     }
     server.abort();
@@ -157,7 +160,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         s.extend(k);
         let st = d.session.stats();
         s.insert("records_received".into(), st.records_received.into());
+        s.insert("resumed".into(), st.resumed.into());
         s.insert("resume_failures".into(), st.resume_failures.into());
+        s.insert("resumed_at_start".into(), st.resumed_at_start.into());
         let g = d.governor.stats();
         s.insert(
             "governance".into(),
