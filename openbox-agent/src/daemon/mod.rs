@@ -51,6 +51,9 @@ pub struct RunOpts {
     pub skip: SkipPaths,
     /// Most spans kept per activity.
     pub span_limit: usize,
+    /// Group of the socket and its directory (default: the agent's own).
+    pub socket_group: Option<u32>,
+    pub hook_limits: hook::Limits,
 }
 
 struct Daemon {
@@ -104,7 +107,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         .as_deref()
         .map(|path| Sink::open_path(path, "unattributed spans file"))
         .transpose()?;
-    let listener = hook::bind(&opts.socket).await?;
+    let listener = hook::bind(&opts.socket, opts.socket_group).await?;
     let mut d = Daemon {
         session,
         registry: Registry::new(opts.span_limit),
@@ -116,8 +119,8 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         run_tail: Default::default(),
         unattributed,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let server = tokio::spawn(hook::serve(listener, tx));
+    let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
+    let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
     eprintln!(
         "openbox-agent: listening for worker hooks on {}",
         opts.socket.display()
@@ -155,6 +158,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     {
         s.extend(r);
         s.extend(k);
+        if let Value::Object(h) = hook::summary() {
+            s.extend(h);
+        }
         s.insert(
             "records_received".into(),
             d.session.stats().records_received.into(),
@@ -216,7 +222,13 @@ impl Daemon {
                 // Governed ops answer from a task of their own: Core may take its time.
                 let result = match (*req, self.conns.get(&conn).copied()) {
                     (Ok(Request::Hello(hello)), _) => match self.hello(conn, peer, &hello) {
-                        Ok(ok) if !self.worker_governor(peer, &tx, &id, &ok) => return,
+                        Ok(ok) => {
+                            tx.welcomed();
+                            if !self.worker_governor(peer, &tx, &id, &ok) {
+                                return;
+                            }
+                            Ok(ok)
+                        }
                         other => other,
                     },
                     (Err(bad), _) if bad.before_hello => Err(bad.error),
