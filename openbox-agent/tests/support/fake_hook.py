@@ -11,6 +11,8 @@ Modes:
   forge-pid PID       hello claiming pid PID.
   forge-thread TID    a valid hello, then `thread` for TID.
   die                 hello, activity_start, then exits without activity_end.
+  hello [SECS]        hello; with SECS, waits that long on the same connection and says
+                      hello again (a registered connection must not be timed out).
 """
 
 import ctypes
@@ -22,6 +24,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 
@@ -98,6 +101,11 @@ def main():
     elif mode == "forge-thread":
         hello(agent, addr)
         agent.call(op="thread", tid=int(args[0]), slot=0)
+    elif mode == "hello":
+        hello(agent, addr)
+        if args:
+            time.sleep(float(args[0]))
+            hello(agent, addr)
     elif mode == "die":
         hello(agent, addr)
         agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
