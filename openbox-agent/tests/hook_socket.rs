@@ -254,12 +254,13 @@ fn idle_connections_helper() {
         match UnixStream::connect(&socket) {
             Ok(s) => held.push(s),
             Err(e) => {
-                println!("error {e}");
+                // Straight to fd 1: the harness captures `println!` until the test ends.
+                let _ = writeln!(std::io::stdout(), "error {e}");
                 return;
             }
         }
     }
-    println!("ready {}", held.len());
+    writeln!(std::io::stdout(), "ready {}", held.len()).unwrap();
     std::io::stdout().flush().unwrap();
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
