@@ -163,6 +163,16 @@ struct GovArgs {
     /// Spool limit in events, default 100000.
     #[arg(long, value_name = "N")]
     spool_max_events: Option<String>,
+    /// A Core URL prefix a worker may ask for in its own settings (create_openbox_worker's
+    /// openbox_url) when the agent has no Core URL of its own. Repeatable; default none:
+    /// a worker never chooses where the agent sends its requests.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        env = "OPENBOX_ALLOW_WORKER_CORE_URL",
+        value_delimiter = ','
+    )]
+    allow_worker_core_url: Vec<String>,
 }
 
 impl GovArgs {
@@ -186,10 +196,10 @@ impl GovArgs {
             spool_max_bytes: self.spool_max_bytes.clone(),
             spool_max_events: self.spool_max_events.clone(),
         };
-        Ok(openbox_agent::governance::GovernanceConfig::load(
-            &raw,
-            self.config.as_deref(),
-        )?)
+        let mut cfg =
+            openbox_agent::governance::GovernanceConfig::load(&raw, self.config.as_deref())?;
+        cfg.allow_worker_core_urls = self.allow_worker_core_url.clone();
+        Ok(cfg)
     }
 }
 

@@ -164,6 +164,7 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "truncated_bytes": c.truncated_bytes, "unparsed_records": st.unparsed_records,
                 "unparsed_messages": st.unparsed_messages,
                 "unrecognised_connections": st.unrecognised_connections,
+                "resume_failures": st.resume_failures,
             })
         );
     } else if p.json {
@@ -183,6 +184,7 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             "map_full": c.map_full,
             "captured_bytes": c.captured_bytes,
             "unparsed_records": st.unparsed_records,
+            "resume_failures": st.resume_failures,
         });
         let _ = writeln!(p.out, "{line}");
     } else {
@@ -200,6 +202,13 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             c.watched_hits,
             c.unwatched_hits
         );
+        if st.resume_failures > 0 {
+            let _ = writeln!(
+                p.out,
+                "-- {} paused processes could not be resumed (see the errors above)",
+                st.resume_failures
+            );
+        }
         if spans {
             let _ = writeln!(
                 p.out,

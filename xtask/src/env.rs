@@ -32,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     "util-linux",
     "procps",
+    "libcap2-bin",
 ];
 
 /// Binaries that must be on PATH once the packages are installed: (binary, package).
@@ -41,6 +42,7 @@ const REQUIRED_BINARIES: &[(&str, &str)] = &[
     ("runuser", "util-linux"),
     ("setpriv", "util-linux"),
     ("pgrep", "procps"),
+    ("capsh", "libcap2-bin"),
     ("mariadb-install-db", "mariadb-server"),
     ("mariadb", "mariadb-client"),
     ("redis-server", "redis-server"),

@@ -10,9 +10,12 @@ can refuse the activity (it does not run; Temporal gets the decision's
 ``ApplicationError``) or redact its arguments; the end reply can fail it after the fact
 or redact its result.
 
-The hook never changes an activity's outcome on its own account: without an agent, or
-when any of this machinery fails, the activity runs with its original function and its
-result or exception passes through untouched. Only an explicit decision changes it.
+The hook never changes an activity's outcome on its own account: when any of this
+machinery fails, or without an agent under fail_open, the activity runs with its original
+function and its result or exception passes through untouched. Only an explicit decision
+changes it, or, under fail_closed, an agent that cannot be reached: nothing can govern the
+activity then, so it fails with ``GovernanceHalt`` (not run when ``activity_start`` got no
+answer, its outcome withheld when ``activity_end`` got none).
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ class ActivityInbound(ActivityInboundInterceptor):
 
     async def _start(self, input: ExecuteActivityInput) -> tuple[dict[str, Any], list[Any]] | None:
         """The agent's reply to ``activity_start`` and the serialised arguments it was
-        sent, when the agent accepted the activity; else None."""
+        sent, when the agent accepted the activity; else None. Raises ``GovernanceHalt``
+        instead of None when the agent is unreachable under fail_closed."""
         try:
             info = temporalio.activity.info()
             input_json = serialize_args(input.args)
@@ -179,6 +183,8 @@ class ActivityInbound(ActivityInboundInterceptor):
             _internal_error()
             return None
         if reply is None:
+            if self._link.fail_closed:
+                raise self._link.unreachable_error("the activity does not run")
             return None
         token = reply.get("token")
         if not reply.get("ok") or type(token) is not int or not 0 < token < 1 << 64:
@@ -210,6 +216,18 @@ class ActivityInbound(ActivityInboundInterceptor):
         except Exception:
             _internal_error()
             return None
+        if reply is None and self._link.fail_closed:
+            # Read like the agent's own decision, so every path applies it the same way.
+            error = self._link.unreachable_error("the activity's outcome is withheld")
+            return {
+                "ok": True,
+                "decision": {
+                    "action": "fail",
+                    "error_type": error.type,
+                    "message": error.message,
+                    "non_retryable": True,
+                },
+            }
         if reply is not None and not reply.get("ok"):
             _log.debug("openbox-agent refused activity_end: %s", reply.get("error"))
             return None

@@ -22,9 +22,12 @@ has governed them, which may take up to the governance timeout: they wait
 ``governance_timeout + 5`` seconds (``GOVERNED_TIMEOUT`` without that setting) instead of
 the hook's short per-call timeout.
 
-Every failure here means "no agent" for the call at hand: the caller gets ``None`` and the
-activity runs as if the hook were not installed. The first failure in the process logs one
-warning; reconnecting is tried again at most every ``RETRY_INTERVAL`` seconds, silently.
+Every failure here means "no agent" for the call at hand: the caller gets ``None``. Under
+fail_open the activity then runs as if the hook were not installed; under fail_closed
+(``governance_policy`` in the config) it fails with ``GovernanceHalt``
+(``AgentLink.unreachable_error``): without the agent nothing governs it. The first failure
+in the process logs one warning; reconnecting is tried again at most every
+``RETRY_INTERVAL`` seconds, silently.
 
 Thread registrations are valid for one *epoch*: any lost connection starts a new one (the
 agent may have restarted and forgotten every thread), and threads register again before
@@ -43,11 +46,17 @@ import time
 import weakref
 from typing import Any
 
+import temporalio.exceptions
+
 from . import _slots
 from ._version import __version__
 
 DEFAULT_SOCKET = "/run/openbox/agent.sock"
 SOCKET_ENV = "OPENBOX_AGENT_SOCKET"
+POLICY_ENV = "OPENBOX_GOVERNANCE_POLICY"
+"""The worker's failure policy when neither ``create_openbox_worker`` nor the hook's
+``config`` sets ``governance_policy``."""
+GOVERNANCE_POLICIES = ("fail_open", "fail_closed")
 HOOK = f"openbox-hook/{__version__}"
 RETRY_INTERVAL = 5.0
 """Seconds between connection attempts once one failed."""
@@ -64,7 +73,7 @@ _warn_lock = threading.Lock()
 _warned = False
 
 
-def _warn_unreachable(socket_path: str, reason: object) -> None:
+def _warn_unreachable(socket_path: str, reason: object, consequence: str) -> None:
     """One warning per process, whichever connection fails first; the rest go to debug."""
     global _warned
     _log.debug("openbox-agent call failed at %s: %s", socket_path, reason)
@@ -73,9 +82,10 @@ def _warn_unreachable(socket_path: str, reason: object) -> None:
             return
         _warned = True
     _log.warning(
-        "openbox-agent not reachable at %s (%s): activities run without capture",
+        "openbox-agent not reachable at %s (%s): %s",
         socket_path,
         reason,
+        consequence,
     )
 
 
@@ -124,6 +134,10 @@ class AgentLink:
         self.timeout = timeout
         self.config = config
         self.governed_timeout = max(timeout, _governed_timeout(config))
+        policy = config.get("governance_policy", config.get("on_api_error"))
+        self.fail_closed = policy == "fail_closed"
+        self.last_failure: object = "not connected yet"
+        """Why the agent was last found unreachable (for the fail_closed error)."""
         self.epoch = 0
         self._start_afresh()
         _links.add(self)
@@ -167,7 +181,23 @@ class AgentLink:
             self.epoch += 1
 
     def failed(self, reason: object) -> None:
-        _warn_unreachable(self.socket_path, reason)
+        self.last_failure = reason
+        consequence = (
+            "activities fail with GovernanceHalt (governance_policy fail_closed)"
+            if self.fail_closed
+            else "activities run without capture"
+        )
+        _warn_unreachable(self.socket_path, reason, consequence)
+
+    def unreachable_error(self, what: str) -> temporalio.exceptions.ApplicationError:
+        """fail_closed without an agent: the error the activity fails with (non-retryable,
+        as the agent's own fail_closed HALT is). ``what`` says what it costs."""
+        return temporalio.exceptions.ApplicationError(
+            f"openbox-agent unreachable at {self.socket_path} ({self.last_failure}); "
+            f"governance_policy is fail_closed, so {what}",
+            type="GovernanceHalt",
+            non_retryable=True,
+        )
 
     async def call(self, op: str, /, **fields: Any) -> dict[str, Any] | None:
         """One request on this event loop's connection; None when there is no agent."""

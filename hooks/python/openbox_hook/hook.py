@@ -10,7 +10,7 @@ import temporalio.worker
 
 from . import _events, _workflow
 from ._activity import ActivityInbound
-from ._agent import DEFAULT_SOCKET, SOCKET_ENV, AgentLink
+from ._agent import DEFAULT_SOCKET, GOVERNANCE_POLICIES, POLICY_ENV, SOCKET_ENV, AgentLink
 from .serialize import serialize_value
 
 
@@ -31,10 +31,19 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         config: governance settings sent to the agent in ``hello`` (what
             :func:`create_openbox_worker` fills in from the SDK's parameters). Its
             ``governance_timeout`` (default 30 s) plus 5 s is how long ``activity_start``
-            and ``activity_end`` wait: the agent answers them after governing.
+            and ``activity_end`` wait: the agent answers them after governing. Its
+            ``governance_policy`` (alias ``on_api_error``) defaults to
+            ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
+            too).
 
-    Without a reachable agent the worker runs exactly as without the hook; one warning
-    is logged (logger ``openbox.hook``) and the connection is retried every 5 s.
+    Without a reachable agent, under fail_open (the default) the worker runs exactly as
+    without the hook; under fail_closed each activity fails with ``GovernanceHalt``
+    (non-retryable) naming the socket. Either way one warning is logged (logger
+    ``openbox.hook``) and the connection is retried every 5 s.
+
+    Raises:
+        ValueError: ``timeout`` is not positive, or ``$OPENBOX_GOVERNANCE_POLICY`` is
+            not ``fail_open``/``fail_closed``.
     """
 
     def __init__(
@@ -47,7 +56,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
-        self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(dict(config or {})))
+        settings = dict(config or {})
+        _apply_policy_env(settings)
+        self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(self._link)
 
     @property
@@ -81,3 +92,17 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived), fire and
         # forget; workflows do no I/O of their own, so attribution needs nothing here.
         return self._workflow_class
+
+
+def _apply_policy_env(config: dict[str, Any]) -> None:
+    """``$OPENBOX_GOVERNANCE_POLICY`` as the config's ``governance_policy`` unless the
+    config sets one (or its alias ``on_api_error``). Checked here: the hook acts on it when
+    the agent is unreachable, so a misspelt fail_closed must not pass for fail_open."""
+    if "governance_policy" in config or "on_api_error" in config:
+        return
+    policy = os.environ.get(POLICY_ENV)
+    if not policy:
+        return
+    if policy not in GOVERNANCE_POLICIES:
+        raise ValueError(f"${POLICY_ENV} must be 'fail_open' or 'fail_closed', got {policy!r}")
+    config["governance_policy"] = policy

@@ -11,15 +11,15 @@ ignored: the agent captures HTTP, databases and files at kernel level, for every
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import temporalio.client
 import temporalio.worker
 
+from ._agent import GOVERNANCE_POLICIES, POLICY_ENV
 from .hook import OpenBoxHook
-
-GOVERNANCE_POLICIES = ("fail_open", "fail_closed")
 
 
 def create_openbox_worker(
@@ -31,7 +31,7 @@ def create_openbox_worker(
     openbox_url: str | None = None,
     openbox_api_key: str | None = None,
     governance_timeout: float = 30.0,
-    governance_policy: str = "fail_open",
+    governance_policy: str | None = None,
     send_start_event: bool = True,
     send_activity_start_event: bool = True,
     skip_workflow_types: Iterable[str] | None = None,
@@ -54,7 +54,9 @@ def create_openbox_worker(
             forwarded to the agent, which governs (settings left as ``None`` are not
             sent, so the agent's own defaults apply to them). ``governance_timeout``
             plus 5 s is also how long the hook waits for the agent's decision on each
-            ``activity_start``/``activity_end``.
+            ``activity_start``/``activity_end``. ``governance_policy`` defaults to
+            ``$OPENBOX_GOVERNANCE_POLICY``, else ``"fail_open"``; under ``"fail_closed"``
+            an unreachable agent fails every activity with ``GovernanceHalt``.
         instrument_databases, db_libraries, instrument_file_io: accepted for
             compatibility and ignored: the agent sees all database and file I/O.
         agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else
@@ -63,13 +65,18 @@ def create_openbox_worker(
             the hook appended.
 
     Raises:
-        ValueError: ``governance_policy`` is not ``"fail_open"``/``"fail_closed"``, or
+        ValueError: ``governance_policy`` (or ``$OPENBOX_GOVERNANCE_POLICY``) is not
+            ``"fail_open"``/``"fail_closed"``, or
             ``governance_timeout`` is not a positive number of seconds.
         TypeError: a skip list is a single string instead of a collection of names.
     """
+    source = "governance_policy"
+    if governance_policy is None:
+        governance_policy, source = os.environ.get(POLICY_ENV), f"${POLICY_ENV}"
+        governance_policy = governance_policy or "fail_open"
     if governance_policy not in GOVERNANCE_POLICIES:
         raise ValueError(
-            f"governance_policy must be 'fail_open' or 'fail_closed', got {governance_policy!r}"
+            f"{source} must be 'fail_open' or 'fail_closed', got {governance_policy!r}"
         )
     if (
         isinstance(governance_timeout, bool)

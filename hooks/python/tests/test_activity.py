@@ -11,10 +11,12 @@ import tempfile
 import threading
 import unittest
 import warnings
+from unittest import mock
 
 import support
 from fake_agent import FakeAgent
 
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from openbox_hook import OpenBoxHook, _slots
@@ -428,6 +430,111 @@ class NoAgentTest(unittest.TestCase):
         results = self.run_many(OpenBoxHook(agent.socket_path), terminal)
         self.assertEqual(results, self.expect())
         self.assertEqual(agent.ops("activity_end"), [])
+
+
+class FailClosedNoAgentTest(unittest.TestCase):
+    """fail_closed without an agent: nothing governs the activities, so none runs."""
+
+    CONFIG = {"governance_policy": "fail_closed"}
+
+    def setUp(self) -> None:
+        support.reset_warning()
+        self.directory = tempfile.TemporaryDirectory()
+        self.addCleanup(self.directory.cleanup)
+        self.executor = concurrent.futures.ThreadPoolExecutor(2)
+        self.addCleanup(self.executor.shutdown)
+
+    def run_both(self, hook: OpenBoxHook, terminal: support.Terminal) -> list[BaseException]:
+        """An async and a sync activity, each 5 times: the exceptions they raised."""
+
+        async def work() -> str:
+            return "ran"
+
+        def work_sync() -> str:
+            return "ran"
+
+        async def main() -> list[BaseException]:
+            raised = []
+            for _ in range(5):
+                for fn, executor in ((work, None), (work_sync, self.executor)):
+                    try:
+                        await support.run_activity(hook, fn, executor=executor, terminal=terminal)
+                    except BaseException as exc:
+                        raised.append(exc)
+            return raised
+
+        return support.run(main(), hook)
+
+    def assert_halted(self, raised: list[BaseException], path: str, count: int = 10) -> None:
+        self.assertEqual(len(raised), count, raised)
+        for exc in raised:
+            self.assertIsInstance(exc, ApplicationError)
+            assert isinstance(exc, ApplicationError)
+            self.assertEqual(exc.type, "GovernanceHalt")
+            self.assertTrue(exc.non_retryable)
+            self.assertIn(f"openbox-agent unreachable at {path}", exc.message)
+            self.assertIn("fail_closed", exc.message)
+
+    def test_missing_socket_fails_every_activity_unrun(self) -> None:
+        path = os.path.join(self.directory.name, "missing.sock")
+        terminal = support.Terminal()
+        with self.assertLogs("openbox.hook", "WARNING") as logs:
+            raised = self.run_both(OpenBoxHook(path, config=self.CONFIG), terminal)
+        self.assert_halted(raised, path)
+        self.assertIn("No such file", raised[0].message)
+        self.assertEqual(terminal.inputs, [])  # no activity ran
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn(f"openbox-agent not reachable at {path}", logs.records[0].getMessage())
+        self.assertIn("GovernanceHalt", logs.records[0].getMessage())
+
+    def test_refused_socket_and_policy_from_the_environment(self) -> None:
+        path = os.path.join(self.directory.name, "closed.sock")
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(path)  # bound, never listening: connect() is refused
+        self.addCleanup(dead.close)
+        terminal = support.Terminal()
+        with mock.patch.dict("os.environ", {"OPENBOX_GOVERNANCE_POLICY": "fail_closed"}):
+            hook = OpenBoxHook(path)
+        with self.assertLogs("openbox.hook", "WARNING"):
+            raised = self.run_both(hook, terminal)
+        self.assert_halted(raised, path)
+        self.assertIn("refused", raised[0].message)
+        self.assertEqual(terminal.inputs, [])
+
+    def test_agent_gone_mid_run_withholds_the_outcome(self) -> None:
+        agent = FakeAgent()
+        self.addCleanup(agent.close)
+        hook = OpenBoxHook(agent.socket_path, config=self.CONFIG)
+        terminal = support.Terminal()
+
+        async def dies() -> str:
+            agent.close()  # the agent goes away while the activity runs
+            return "ran"
+
+        async def main() -> BaseException | None:
+            try:
+                await support.run_activity(hook, dies, terminal=terminal)
+            except BaseException as exc:
+                return exc
+            return None
+
+        with self.assertLogs("openbox.hook", "WARNING"):
+            raised = support.run(main(), hook)
+        self.assertEqual(len(terminal.inputs), 1)  # it ran: the agent was there at start
+        assert raised is not None
+        self.assert_halted([raised], agent.socket_path, count=1)
+        self.assertIn("outcome is withheld", raised.message)  # type: ignore[attr-defined]
+
+    def test_fail_open_keeps_running_without_capture(self) -> None:
+        path = os.path.join(self.directory.name, "missing.sock")
+        terminal = support.Terminal()
+        with self.assertLogs("openbox.hook", "WARNING") as logs:
+            raised = self.run_both(
+                OpenBoxHook(path, config={"governance_policy": "fail_open"}), terminal
+            )
+        self.assertEqual(raised, [])
+        self.assertEqual(len(terminal.inputs), 10)
+        self.assertIn("activities run without capture", logs.records[0].getMessage())
 
 
 if __name__ == "__main__":

@@ -103,6 +103,20 @@ class CreateWorkerTest(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, "skip_signals"):
             create_openbox_worker("client", "queue", skip_signals="heartbeat")
 
+    def test_policy_from_the_environment_unless_given(self) -> None:
+        with mock.patch.dict("os.environ", {"OPENBOX_GOVERNANCE_POLICY": "fail_closed"}):
+            hook, _ = self.build()
+            self.assertEqual(hook._link.config["governance_policy"], "fail_closed")
+            self.assertTrue(hook._link.fail_closed)
+            hook, _ = self.build(governance_policy="fail_open")
+            self.assertEqual(hook._link.config["governance_policy"], "fail_open")
+            self.assertFalse(hook._link.fail_closed)
+        with (
+            mock.patch.dict("os.environ", {"OPENBOX_GOVERNANCE_POLICY": "closed"}),
+            self.assertRaisesRegex(ValueError, r"\$OPENBOX_GOVERNANCE_POLICY .*'closed'"),
+        ):
+            create_openbox_worker("client", "queue")
+
 
 class HookConstructionTest(unittest.TestCase):
     def test_socket_path_argument_env_default(self) -> None:
@@ -128,6 +142,20 @@ class HookConstructionTest(unittest.TestCase):
         self.assertEqual(
             OpenBoxHook(timeout=60, config={"governance_timeout": 1})._link.governed_timeout, 60.0
         )
+
+    def test_policy_from_config_else_environment(self) -> None:
+        with mock.patch.dict("os.environ", {"OPENBOX_GOVERNANCE_POLICY": "fail_closed"}):
+            hook = OpenBoxHook()
+            self.assertEqual(hook._link.config, {"governance_policy": "fail_closed"})
+            self.assertTrue(hook._link.fail_closed)
+            hook = OpenBoxHook(config={"governance_policy": "fail_open"})
+            self.assertFalse(hook._link.fail_closed)
+            self.assertTrue(OpenBoxHook(config={"on_api_error": "fail_closed"})._link.fail_closed)
+        with mock.patch.dict("os.environ", {"OPENBOX_GOVERNANCE_POLICY": "nope"}):
+            with self.assertRaisesRegex(ValueError, "OPENBOX_GOVERNANCE_POLICY"):
+                OpenBoxHook()
+        with mock.patch.dict("os.environ", clear=True):
+            self.assertFalse(OpenBoxHook()._link.fail_closed)
 
     def test_timeout_must_be_positive(self) -> None:
         with self.assertRaisesRegex(ValueError, "timeout"):

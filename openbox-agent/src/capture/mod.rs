@@ -109,6 +109,22 @@ pub struct Counters {
     pub pause_failures: u64,
 }
 
+/// Whether processes that load a libssl may be paused until its probes are attached.
+/// Resuming a process of another user needs CAP_KILL: without it a paused process could
+/// stay stopped, so the agent does not pause at all and says what that costs.
+fn pause_allowed(wanted: bool) -> bool {
+    if !wanted {
+        return false;
+    }
+    if preflight::has_cap(preflight::effective_caps(), preflight::CAP_KILL) {
+        return true;
+    }
+    tracing::warn!(
+        "CAP_KILL is missing: processes that load a libssl after watching began are not paused while its TLS probes attach, so their first TLS calls may not be captured; grant CAP_KILL (or run as root) to close that gap"
+    );
+    false
+}
+
 /// The loaded programs and their maps.
 pub struct Capture {
     ebpf: Ebpf,
@@ -138,7 +154,7 @@ impl Capture {
         tracefs::check_kernel()?;
         preflight::raise_memlock();
         let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
-        let pause: u32 = cfg.pause_on_tls_lib.into();
+        let pause: u32 = pause_allowed(cfg.pause_on_tls_lib).into();
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
             .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)

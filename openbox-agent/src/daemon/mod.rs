@@ -161,10 +161,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         if let Value::Object(h) = hook::summary() {
             s.extend(h);
         }
-        s.insert(
-            "records_received".into(),
-            d.session.stats().records_received.into(),
-        );
+        let st = d.session.stats();
+        s.insert("records_received".into(), st.records_received.into());
+        s.insert("resume_failures".into(), st.resume_failures.into());
         let g = d.governor.stats();
         s.insert(
             "governance".into(),

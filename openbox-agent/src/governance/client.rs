@@ -125,7 +125,20 @@ pub enum ValidateError {
         "cannot reach OpenBox Core at {url}: {reason} — check openbox_url and that Core is reachable from this \
          host, or unset the URL to run on the embedded local policy"
     )]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        url: String,
+        reason: String,
+        /// Network error, timeout or 5xx: Core may answer later, so the agent starts and
+        /// validates again then. Other statuses mean a wrong URL: start-up stops.
+        outage: bool,
+    },
+}
+
+impl ValidateError {
+    /// True when Core could not answer (an outage), not when it answered no.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, ValidateError::Unreachable { outage: true, .. })
+    }
 }
 
 /// An async client for one Core base URL. Cheap to clone (shares the connection pool).
@@ -189,7 +202,7 @@ impl CoreClient {
     }
 
     /// `GET /api/v1/auth/validate`: 200 → ok; 401/403 → the key was refused; anything else
-    /// (other statuses, network, timeout) → Core unreachable.
+    /// → Core unreachable, an outage for network errors, timeouts and 5xx.
     pub async fn validate(&self) -> Result<(), ValidateError> {
         let url = format!("{}{VALIDATE_PATH}", self.base_url);
         let sent = self
@@ -200,9 +213,10 @@ impl CoreClient {
             .timeout(self.timeout)
             .send()
             .await;
-        let unreachable = |reason: String| ValidateError::Unreachable {
+        let unreachable = |reason: String, outage: bool| ValidateError::Unreachable {
             url: self.base_url.clone(),
             reason,
+            outage,
         };
         match sent {
             Ok(resp) => match resp.status().as_u16() {
@@ -211,13 +225,19 @@ impl CoreClient {
                     url: self.base_url.clone(),
                     status,
                 }),
-                status => Err(unreachable(format!("HTTP {status} from {VALIDATE_PATH}"))),
+                status => Err(unreachable(
+                    format!("HTTP {status} from {VALIDATE_PATH}"),
+                    status >= 500,
+                )),
             },
-            Err(e) if e.is_timeout() => Err(unreachable(format!(
-                "no answer within {:.1} s (governance_timeout)",
-                self.timeout.as_secs_f64()
-            ))),
-            Err(e) => Err(unreachable(error_chain(&e))),
+            Err(e) if e.is_timeout() => Err(unreachable(
+                format!(
+                    "no answer within {:.1} s (governance_timeout)",
+                    self.timeout.as_secs_f64()
+                ),
+                true,
+            )),
+            Err(e) => Err(unreachable(error_chain(&e), true)),
         }
     }
 
@@ -534,8 +554,14 @@ mod tests {
         ));
         let broken = FakeHttp::start(|_| Canned::text(500, "")).await;
         let err = client(&broken, 2000).validate().await.unwrap_err();
-        assert!(matches!(err, ValidateError::Unreachable { .. }));
+        assert!(err.is_outage(), "a 5xx is an outage: {err}");
         assert!(err.to_string().contains("HTTP 500"), "{err}");
+        let wrong_path = FakeHttp::start(|_| Canned::text(404, "")).await;
+        let err = client(&wrong_path, 2000).validate().await.unwrap_err();
+        assert!(
+            matches!(err, ValidateError::Unreachable { outage: false, .. }),
+            "a 404 is a wrong URL, not an outage: {err}"
+        );
         let slow =
             FakeHttp::start(|_| Canned::text(200, "").delayed(Duration::from_millis(1500))).await;
         let err = client(&slow, 200).validate().await.unwrap_err().to_string();

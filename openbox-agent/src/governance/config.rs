@@ -146,6 +146,9 @@ pub struct GovernanceConfig {
     pub spool_retry_max: Duration,
     /// Non-fatal findings (API key format), also logged at load time.
     pub warnings: Vec<String>,
+    /// Core URL prefixes a worker may ask for when the agent has no Core URL of its own
+    /// (`--allow-worker-core-url`, operator only: never from a worker). Empty: none.
+    pub allow_worker_core_urls: Vec<String>,
 }
 
 impl Default for GovernanceConfig {
@@ -172,6 +175,7 @@ impl Default for GovernanceConfig {
             spool_retry_initial: Duration::from_millis(500),
             spool_retry_max: Duration::from_secs(30),
             warnings: Vec::new(),
+            allow_worker_core_urls: Vec::new(),
         }
     }
 }
@@ -686,6 +690,13 @@ impl GovernanceConfig {
                     agent = %mine, worker = %theirs,
                     "a worker asked for another OpenBox Core URL; the agent's configured one is used"
                 ),
+                (None, Some(theirs)) if !self.allows_worker_core(&theirs) => {
+                    return Err(invalid(
+                        &Origin::Worker("openbox_url"),
+                        &theirs,
+                        "a worker may not choose where the agent sends its requests: the agent has no Core URL and this one matches no --allow-worker-core-url prefix (an operator setting)",
+                    ));
+                }
                 (None, Some(theirs)) => {
                     // Each Core has a spool of its own (a spool directory is locked by one user).
                     let tag: u64 = theirs.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -702,6 +713,17 @@ impl GovernanceConfig {
             }
         }
         Ok(Some(cfg))
+    }
+
+    /// Whether a worker may have the agent talk to this Core: it starts with a prefix the
+    /// operator allowed, and the next character ends a path segment (an allowed
+    /// `https://core.example` must not let `https://core.example.evil` through).
+    fn allows_worker_core(&self, url: &str) -> bool {
+        self.allow_worker_core_urls.iter().any(|prefix| {
+            let prefix = prefix.trim_end_matches('/');
+            url.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
     }
 
     /// True when events go to OpenBox Core (a URL is set), false for the embedded default.
@@ -1074,7 +1096,10 @@ policy_file = "policy.toml"
 
     #[test]
     fn a_workers_sdk_parameters_lay_over_the_agents_settings() {
-        let base = GovernanceConfig::default();
+        let base = GovernanceConfig {
+            allow_worker_core_urls: vec!["http://localhost:8086".into()],
+            ..Default::default()
+        };
         let cfg = base
             .with_worker_settings(
                 &json!({"openbox_url": "http://localhost:8086/", "openbox_api_key": "obx_test_k",
@@ -1118,5 +1143,40 @@ policy_file = "policy.toml"
             .unwrap_err()
             .to_string();
         assert!(err.contains("https"), "{err}");
+    }
+
+    #[test]
+    fn a_worker_may_not_choose_a_core_the_operator_did_not_allow() {
+        let settings =
+            json!({"openbox_url": "http://127.0.0.1:9/", "openbox_api_key": "obx_test_k"});
+        let err = GovernanceConfig::default()
+            .with_worker_settings(&settings)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--allow-worker-core-url"), "{err}");
+        assert!(err.contains("127.0.0.1:9"), "{err}");
+        let allowing = |prefix: &str| GovernanceConfig {
+            allow_worker_core_urls: vec![prefix.into()],
+            ..Default::default()
+        };
+        let cfg = allowing("http://127.0.0.1:9/")
+            .with_worker_settings(&settings)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cfg.openbox_url.as_deref(), Some("http://127.0.0.1:9"));
+        // A prefix is matched up to a path segment: no look-alike host gets through.
+        let evil = json!({"openbox_url": "https://core.example.com.evil.net"});
+        assert!(allowing("https://core.example.com")
+            .with_worker_settings(&evil)
+            .is_err());
+        let path = json!({"openbox_url": "https://core.example.com/tenant-a"});
+        assert!(allowing("https://core.example.com")
+            .with_worker_settings(&path)
+            .is_ok());
+        // Other settings of the worker need no allow-list.
+        assert!(GovernanceConfig::default()
+            .with_worker_settings(&json!({"governance_policy": "fail_closed"}))
+            .unwrap()
+            .is_some());
     }
 }

@@ -9,8 +9,10 @@
 //!
 //! // Start-up: flags (clap) > OPENBOX_* environment > [governance] of the TOML file > defaults.
 //! let config = GovernanceConfig::load(&raw_settings_from_clap, config_file.as_deref())?;
-//! // With a URL: validates the key (GET /api/v1/auth/validate) — an error here must stop
-//! // the daemon — opens the spool and starts its delivery task. Without: embedded mode.
+//! // With a URL: validates the key (GET /api/v1/auth/validate) — an error here (key
+//! // refused, wrong URL) must stop the daemon; Core down is not one: the governor starts,
+//! // the failure policy applies until Core answers, and the key is validated then —
+//! // opens the spool and starts its delivery task. Without: embedded mode.
 //! let governor = std::sync::Arc::new(Governor::new(config).await?);
 //!
 //! // Hook `activity_start` {workflow_id, run_id, workflow_type, activity_id, activity_type,
@@ -160,7 +162,7 @@ pub(crate) mod testutil;
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, SystemTime},
@@ -283,6 +285,9 @@ struct Inner {
     runs: Mutex<RunState>,
     core_prefix: Option<String>,
     counters: Counters,
+    /// Core accepted the API key (always true without Core). False while the agent runs
+    /// on its failure policy after starting during a Core outage.
+    key_validated: AtomicBool,
 }
 
 /// The governance facade the daemon calls. Share it as `Arc<Governor>`; dropping it stops
@@ -290,6 +295,8 @@ struct Inner {
 pub struct Governor {
     inner: Arc<Inner>,
     delivery: Option<tokio::task::JoinHandle<()>>,
+    /// Validates the key again once Core answers, after a start during an outage.
+    revalidation: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Governor {
@@ -298,6 +305,9 @@ impl Governor {
     /// Dropping a governor stops delivery too, but the task lets go of the spool only
     /// when the runtime next runs it.
     pub async fn shutdown(mut self) {
+        if let Some(task) = self.revalidation.take() {
+            task.abort();
+        }
         if let Some(task) = self.delivery.take() {
             task.abort();
             let _ = task.await;
@@ -315,6 +325,9 @@ impl Governor {
 impl Drop for Governor {
     fn drop(&mut self) {
         if let Some(task) = self.delivery.take() {
+            task.abort();
+        }
+        if let Some(task) = self.revalidation.take() {
             task.abort();
         }
     }
@@ -360,7 +373,11 @@ pub fn is_core_url(prefix: &str, url: &str) -> bool {
 
 impl Governor {
     /// Starts governance. With `openbox_url`: builds the Core client, validates the API key
-    /// (refusing to start on any failure, §1.4), opens the spool and starts delivering it.
+    /// (refusing to start when Core refuses it or answers like a wrong URL, §1.4), opens
+    /// the spool and starts delivering it. A Core that cannot answer (network error,
+    /// timeout, 5xx) does not stop the start: a restart during an outage must not leave
+    /// workers ungoverned, so the failure policy applies to every activity until Core
+    /// answers (fail_open spools, fail_closed halts), and the key is validated then.
     /// Without: loads the local policy (built-in allow-all when no `policy_file`).
     pub async fn new(config: GovernanceConfig) -> Result<Governor, GovernanceError> {
         let sink = config
@@ -369,6 +386,7 @@ impl Governor {
             .map(Sink::open)
             .transpose()
             .map_err(GovernanceError::Sink)?;
+        let mut key_validated = true;
         let (backend, spool, core_prefix) = match (&config.openbox_url, &config.openbox_api_key) {
             (Some(url), key) => {
                 let client = CoreClient::new(
@@ -377,8 +395,21 @@ impl Governor {
                     config.governance_timeout,
                     config.ca_file.as_deref(),
                 )?;
-                client.validate().await?;
-                tracing::info!(url = %url, "OpenBox Core API key validated");
+                match client.validate().await {
+                    Ok(()) => tracing::info!(url = %url, "OpenBox Core API key validated"),
+                    Err(e) if e.is_outage() => {
+                        key_validated = false;
+                        tracing::error!(
+                            error = %e,
+                            policy = config.on_api_error.as_str(),
+                            "OpenBox Core is unreachable: starting anyway; the failure policy \
+                             applies to every activity until Core answers (fail_open: continue \
+                             and spool events, fail_closed: halt activities), and the API key is \
+                             validated then"
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 let limits = SpoolLimits::new(config.spool_max_bytes, config.spool_max_events);
                 let dir = config.spool_dir.clone();
                 let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, limits))
@@ -420,13 +451,25 @@ impl Governor {
             }),
             core_prefix,
             counters: Counters::default(),
+            key_validated: AtomicBool::new(key_validated),
         });
         let delivery = inner
             .spool
             .is_some()
             .then(|| tokio::spawn(deliver_spool(inner.clone())));
+        let revalidation = (!key_validated).then(|| tokio::spawn(revalidate_key(inner.clone())));
         inner.wake.notify_one();
-        Ok(Governor { inner, delivery })
+        Ok(Governor {
+            inner,
+            delivery,
+            revalidation,
+        })
+    }
+
+    /// False while the agent runs on its failure policy after starting during a Core
+    /// outage (until Core validates the key); always true without Core.
+    pub fn key_validated(&self) -> bool {
+        self.inner.key_validated.load(Ordering::Relaxed)
     }
 
     pub fn config(&self) -> &GovernanceConfig {
@@ -817,6 +860,40 @@ impl Inner {
 }
 
 /// Delivers spooled events in order while the spool is non-empty, with bounded backoff.
+/// After a start during a Core outage: validates the key again, backing off like spool
+/// delivery, until Core answers. A key refused then cannot stop an agent that is already
+/// serving workers: it is logged as an error, and Core's refusals of every event keep the
+/// failure policy applying.
+async fn revalidate_key(inner: Arc<Inner>) {
+    let Backend::Core(client) = &inner.backend else {
+        return;
+    };
+    let mut wait = inner.config.spool_retry_initial;
+    loop {
+        tokio::time::sleep(wait).await;
+        match client.validate().await {
+            Ok(()) => {
+                inner.key_validated.store(true, Ordering::Relaxed);
+                tracing::info!(url = %client.base_url(), "OpenBox Core answers again: API key validated");
+                return;
+            }
+            Err(e) if e.is_outage() => {
+                tracing::debug!(error = %e, "OpenBox Core still unreachable");
+                wait = (wait * 2).min(inner.config.spool_retry_max);
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    policy = inner.config.on_api_error.as_str(),
+                    "OpenBox Core answers again but refuses this agent: the failure policy \
+                     keeps applying; fix the key or URL and restart the agent"
+                );
+                return;
+            }
+        }
+    }
+}
+
 async fn deliver_spool(inner: Arc<Inner>) {
     let (Some(spool), Backend::Core(client)) = (inner.spool.clone(), &inner.backend) else {
         return;

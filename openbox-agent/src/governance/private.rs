@@ -25,10 +25,7 @@ pub fn options() -> OpenOptions {
 pub fn tighten(path: &Path, mode: u32) -> io::Result<()> {
     let current = fs::metadata(path)?.permissions().mode();
     if current & 0o077 != 0 {
-        fs::set_permissions(
-            path,
-            Permissions::from_mode(current & 0o7700 & !0o077 | mode),
-        )?;
+        fs::set_permissions(path, Permissions::from_mode((current & 0o7700) | mode))?;
         tracing::warn!(path = %path.display(), from = format!("{:o}", current & 0o7777), to = format!("{mode:o}"), "made a file holding captured data private");
     }
     Ok(())

@@ -223,7 +223,7 @@ async fn embedded_approval_is_polled_on_retry_and_activity_started_is_sent_again
 }
 
 #[tokio::test]
-async fn a_refused_api_key_or_an_unreachable_core_stops_start_up() {
+async fn a_refused_api_key_or_a_wrong_url_stops_start_up() {
     let dir = TempDir::new("gov-key");
     let server = FakeHttp::start(core(|_| Canned::json(200, json!({})))).await;
     let mut config = core_config(&server, &dir);
@@ -236,18 +236,112 @@ async fn a_refused_api_key_or_an_unreachable_core_stops_start_up() {
         ),
         "{err}"
     );
-    let port = server.port();
-    drop(server);
-    let mut config = GovernanceConfig {
-        openbox_url: Some(format!("http://127.0.0.1:{port}")),
-        ..core_config_dummy(&dir)
-    };
-    config.governance_timeout = Duration::from_millis(500);
-    let err = Governor::new(config).await.err().unwrap().to_string();
+    // Something that answers 404 at the validate route is not Core: a configuration error.
+    let not_core = FakeHttp::start(|_| Canned::text(404, "")).await;
+    let err = Governor::new(core_config(&not_core, &dir))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
-        err.starts_with("cannot reach OpenBox Core at http://127.0.0.1:"),
+        err.starts_with("cannot reach OpenBox Core at http://127.0.0.1:")
+            && err.contains("HTTP 404"),
         "{err}"
     );
+}
+
+/// A port nothing listens on (yet).
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 10: an agent (re)started during a Core outage used to exit, leaving its workers
+/// ungoverned. It starts, applies the failure policy, and validates the key once Core
+/// listens.
+#[tokio::test]
+async fn started_while_core_is_down_the_policy_applies_until_core_answers() {
+    for policy in [FailPolicy::FailClosed, FailPolicy::FailOpen] {
+        let name = policy.as_str();
+        let dir = TempDir::new("gov-core-down");
+        let port = closed_port();
+        let config = GovernanceConfig {
+            openbox_url: Some(format!("http://127.0.0.1:{port}")),
+            governance_timeout: Duration::from_millis(500),
+            spool_retry_initial: Duration::from_millis(20),
+            spool_retry_max: Duration::from_millis(100),
+            on_api_error: policy,
+            ..core_config_dummy(&dir)
+        };
+        let g = Governor::new(config)
+            .await
+            .expect("starts while Core is down");
+        assert!(!g.key_validated(), "{name}");
+        let a = activity("r", "1", "x");
+        let start = g.activity_started(started(&a, json!([]))).await;
+        let end = g.activity_completed(completed(&a, json!(1))).await;
+        match policy {
+            FailPolicy::FailClosed => {
+                for d in [&start, &end] {
+                    let (t, msg, non_retryable) = d.error().expect("fail_closed halts");
+                    assert_eq!(t, ErrorType::GovernanceHalt);
+                    assert!(msg.contains("Governance API error"), "{msg}");
+                    assert!(non_retryable);
+                }
+                assert_eq!(g.stats().spool_pending, 0, "fail_closed spools nothing");
+            }
+            FailPolicy::FailOpen => {
+                assert_eq!(start, Decision::allow_without_verdict());
+                assert_eq!(end, Decision::allow_without_verdict());
+                assert_eq!(g.stats().spool_pending, 1, "ActivityCompleted spooled");
+            }
+        }
+
+        let server = FakeHttp::start_at(
+            port,
+            core(|_| Canned::json(200, json!({"verdict": "allow"}))),
+        )
+        .await;
+        wait_until("the key validated", || g.key_validated()).await;
+        let validations: Vec<_> = server
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == client::VALIDATE_PATH)
+            .collect();
+        assert_eq!(validations.len(), 1, "{name}");
+        assert_eq!(
+            validations[0].header("authorization"),
+            Some(format!("Bearer {KEY}").as_str())
+        );
+        let b = activity("r", "2", "x");
+        let d = g.activity_started(started(&b, json!([]))).await;
+        assert_eq!(d.error(), None, "{name}: governed again once Core answers");
+        assert!(g.wait_spool_empty(Duration::from_secs(10)).await, "{name}");
+        let types = evaluated_types(&server);
+        assert!(
+            types.contains(&"ActivityStarted".to_owned()),
+            "{name}: {types:?}"
+        );
+        if policy == FailPolicy::FailOpen {
+            assert_eq!(
+                types.iter().filter(|t| *t == "ActivityCompleted").count(),
+                1,
+                "{name}: the spooled ActivityCompleted delivered: {types:?}"
+            );
+        }
+        g.shutdown().await;
+    }
 }
 
 fn core_config_dummy(dir: &TempDir) -> GovernanceConfig {

@@ -130,7 +130,16 @@ pub struct FakeHttp {
 
 impl FakeHttp {
     pub async fn start(handler: impl Fn(&Request) -> Canned + Send + Sync + 'static) -> FakeHttp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        FakeHttp::start_at(0, handler).await
+    }
+
+    /// `start` on a given port of 127.0.0.1 (0: any free one), e.g. a Core that comes up
+    /// where the agent already looks for it.
+    pub async fn start_at(
+        port: u16,
+        handler: impl Fn(&Request) -> Canned + Send + Sync + 'static,
+    ) -> FakeHttp {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let handler: Handler = Arc::new(Mutex::new(Box::new(handler)));

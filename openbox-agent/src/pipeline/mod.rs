@@ -57,6 +57,8 @@ pub struct Stats {
     pub unparsed_messages: u64,
     /// Connections of no known protocol.
     pub unrecognised_connections: u64,
+    /// Paused processes the agent could not resume (each also logged at error level).
+    pub resume_failures: u64,
 }
 
 pub struct Session<S: Sink> {
@@ -67,6 +69,7 @@ pub struct Session<S: Sink> {
     sink: S,
     records_received: u64,
     unparsed_records: u64,
+    resume_failures: u64,
 }
 
 /// Loads the kernel programs, probes the libssl copies every process may use (the
@@ -107,6 +110,7 @@ impl<S: Sink> Session<S> {
             sink,
             records_received: 0,
             unparsed_records: 0,
+            resume_failures: 0,
         }
     }
 
@@ -145,6 +149,7 @@ impl<S: Sink> Session<S> {
             unparsed_records: self.unparsed_records,
             unparsed_messages,
             unrecognised_connections,
+            resume_failures: self.resume_failures,
         }
     }
 
@@ -304,8 +309,7 @@ impl<S: Sink> Session<S> {
                     Err(e) => tracing::warn!(pid, "{e}"),
                 }
                 if paused {
-                    // SAFETY: resuming the process our kernel program stopped.
-                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                    self.resume(pid);
                 }
             }
             Action::Resync { pid, at } => {
@@ -315,6 +319,26 @@ impl<S: Sink> Session<S> {
             Action::Seed(pid) => self.seed(pid, None),
             Action::Unwatch(pid) => self.cap.unwatch(pid),
         }
+    }
+}
+
+impl<S: Sink> Session<S> {
+    /// Resumes a process the kernel stopped when it loaded a libssl, whatever became of
+    /// the attach. A failure is loud and counted: the process would stay stopped.
+    fn resume(&mut self, pid: Pid) {
+        // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
+        if unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0 {
+            return;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ESRCH) {
+            return; // It is gone: nothing is left stopped.
+        }
+        self.resume_failures += 1;
+        tracing::error!(
+            pid,
+            "could not resume process {pid}, which the kernel paused while TLS probes were attached: {err}. It stays stopped until resumed: run `kill -CONT {pid}` (the agent needs CAP_KILL to resume other users' processes)"
+        );
     }
 }
 

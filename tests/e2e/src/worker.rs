@@ -37,6 +37,8 @@ pub struct WorkerOpts {
     /// Open the worker-wide httpx client (5 connections) and asyncpg pool (5) that
     /// activities with `"shared": true` use.
     pub shared_pools: bool,
+    /// Extra environment of the worker (e.g. `OPENBOX_GOVERNANCE_POLICY`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for WorkerOpts {
@@ -46,6 +48,7 @@ impl Default for WorkerOpts {
             max_concurrent: 100,
             unshare: false,
             shared_pools: false,
+            env: Vec::new(),
         }
     }
 }
@@ -81,7 +84,8 @@ impl Worker {
             .arg(opts.threads.to_string())
             .arg("--max-concurrent")
             .arg(opts.max_concurrent.to_string())
-            .env("OPENBOX_AGENT_SOCKET", socket);
+            .env("OPENBOX_AGENT_SOCKET", socket)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)));
         if opts.shared_pools {
             cmd.arg("--https-base")
                 .arg(format!("https://127.0.0.1:{}", shared.https_port))

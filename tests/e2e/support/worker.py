@@ -287,7 +287,11 @@ class Fanout:
         for r in results:
             if isinstance(r, BaseException):
                 cause = r.__cause__
-                out.append({"ok": False, "error": f"{r}: {cause!r}" if cause else str(r)})
+                out.append({
+                    "ok": False,
+                    "error": f"{r}: {cause!r}" if cause else str(r),
+                    "error_type": getattr(cause, "type", None),
+                })
             else:
                 out.append({"ok": True, "result": r})
         return out

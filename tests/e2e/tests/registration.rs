@@ -3,7 +3,7 @@
 
 use std::{fs, time::Duration};
 
-use openbox_e2e::{ExpectedActivity, Kind, Proc, Scenario, ScenarioOpts};
+use openbox_e2e::{ExpectedActivity, Kind, Proc, Scenario, ScenarioOpts, WorkerOpts};
 use serde_json::{json, Value};
 
 const ALL: &[Kind] = &[Kind::Https, Kind::Sql, Kind::FileOpen];
@@ -70,6 +70,75 @@ fn worker_without_agent_runs_normally_and_warns_once() {
         done.worker.stderr_path.display(),
         hook_lines.join("\n")
     );
+}
+
+/// No agent, worker configured fail_closed (`OPENBOX_GOVERNANCE_POLICY`): nothing can
+/// govern the activities, so each one fails with the non-retryable `GovernanceHalt`
+/// naming the socket, without running, and the workflow sees that error (issue 10: they
+/// used to run ungoverned).
+#[test]
+fn worker_without_agent_under_fail_closed_fails_every_activity() {
+    let s = Scenario::start(
+        "worker_without_agent_under_fail_closed_fails_every_activity",
+        ScenarioOpts {
+            agent: false,
+            worker: WorkerOpts {
+                env: vec![("OPENBOX_GOVERNANCE_POLICY".into(), "fail_closed".into())],
+                ..WorkerOpts::default()
+            },
+        },
+    );
+    assert!(!s.socket.exists(), "{} must not exist", s.socket.display());
+    let items = |range: std::ops::Range<usize>| range.map(|i| s.item(i)).collect::<Vec<_>>();
+    let out = s.run(&[
+        (
+            s.workflow_id(0),
+            json!({"activity": "async_io", "items": items(0..5)}),
+        ),
+        (
+            s.workflow_id(1),
+            json!({"activity": "sync_io", "items": items(5..10)}),
+        ),
+    ]);
+    let socket = s.socket.display().to_string();
+    for wf in &out {
+        assert_eq!(wf["ok"], json!(true), "the workflow itself completes: {wf}");
+        let activities = wf["result"].as_array().expect("per-activity outcomes");
+        assert_eq!(activities.len(), 5, "{wf}");
+        for a in activities {
+            let error = a["error"].as_str().unwrap_or("");
+            assert!(
+                a["ok"] == json!(false)
+                    && a["error_type"] == json!("GovernanceHalt")
+                    && error.contains(&format!("openbox-agent unreachable at {socket}"))
+                    && error.contains("fail_closed"),
+                "every activity fails with GovernanceHalt naming the socket: {a}"
+            );
+        }
+    }
+    for i in 0..10 {
+        let marker = s.marker(i);
+        let ran = fs::read_dir(&s.files)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().contains(&marker))
+            })
+            .unwrap_or(false);
+        assert!(
+            !ran,
+            "activity {marker} ran: it left a file in {}",
+            s.files.display()
+        );
+    }
+    let done = s.finish();
+    let warnings: Vec<&str> = done
+        .worker
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("WARNING openbox.hook"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning: {warnings:#?}");
+    assert!(warnings[0].contains("GovernanceHalt"), "{}", warnings[0]);
 }
 
 fn ok_of(reply: &Value) -> Option<bool> {
