@@ -108,7 +108,11 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let (status, out, err) = run_bounded(&mut cmd, Duration::from_secs(60));
-        assert!(status.success(), "fake_hook.py hello failed: {err}");
+        assert!(
+            status.success(),
+            "fake_hook.py hello failed: {err}\nthe agent's stderr:\n{}",
+            self.stderr()
+        );
         String::from_utf8_lossy(&out)
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["reply"].clone())
@@ -255,12 +259,13 @@ fn idle_connections_helper() {
             Ok(s) => held.push(s),
             Err(e) => {
                 // Straight to fd 1: the harness captures `println!` until the test ends.
-                let _ = writeln!(std::io::stdout(), "error {e}");
+                // On a line of its own: the harness has printed "test NAME ... " already.
+                let _ = writeln!(std::io::stdout(), "\nerror {e}");
                 return;
             }
         }
     }
-    writeln!(std::io::stdout(), "ready {}", held.len()).unwrap();
+    writeln!(std::io::stdout(), "\nready {}", held.len()).unwrap();
     std::io::stdout().flush().unwrap();
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
@@ -313,11 +318,14 @@ fn idle_connections_are_capped_per_uid_and_a_worker_still_registers() {
     // One uid (in the group) holds 2 000 idle connections.
     let mut peer = idle_peer(&agent.socket, NOBODY, NOBODY);
     // The test harness prints its own lines first.
-    let line = BufReader::new(peer.stdout.take().unwrap())
-        .lines()
+    let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
+    let line = lines
+        .by_ref()
         .map_while(Result::ok)
         .find(|l| l.starts_with("ready") || l.starts_with("error"))
         .unwrap_or_default();
+    // The rest of its output, so that it never writes to a closed pipe.
+    thread::spawn(move || lines.for_each(drop));
     let held_at = Instant::now();
     assert_eq!(
         line,
@@ -334,6 +342,11 @@ fn idle_connections_are_capped_per_uid_and_a_worker_still_registers() {
             "hello while a uid holds 2 000 connections: {r}"
         );
     }
+    // And a worker's activities are attributed exactly meanwhile.
+    let server = HttpServer::start(&env, true);
+    let work = TempDir::new("work");
+    let url = format!("https://127.0.0.1:{}", server.port);
+    agent.hook(&env, &["attribute", &url, &work.arg()]);
     // By now the idle connections are past the hello timeout.
     let wait = Duration::from_secs(11).saturating_sub(held_at.elapsed());
     thread::sleep(wait);
@@ -356,9 +369,168 @@ fn idle_connections_are_capped_per_uid_and_a_worker_still_registers() {
         Some(CAP as u64),
         "{summary}"
     );
+    let events: Vec<Value> = fs::read_to_string(agent.dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event_type"] == "ActivityCompleted")
+        .collect();
+    assert_eq!(done.len(), 2, "{events:?}");
+    for e in done {
+        let id = e["activity_id"].as_str().unwrap();
+        let subjects: Vec<&str> = e["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| {
+                let a = &s["attributes"];
+                a["http.url"].as_str().or(a["file.path"].as_str())
+            })
+            .collect();
+        for want in [
+            format!("{}/{id}-marker.txt", work.arg()),
+            format!("{url}/{id}-marker"),
+        ] {
+            assert!(
+                subjects.contains(&want.as_str()),
+                "activity {id} lacks {want}: {subjects:?}"
+            );
+        }
+        assert!(
+            !subjects
+                .iter()
+                .any(|s| s.contains(if id == "a" { "/b-" } else { "/a-" })),
+            "activity {id} holds the other's spans: {subjects:?}"
+        );
+    }
     let refusals = err.matches("refused a hook connection").count();
     assert!(
         (1..=15).contains(&refusals),
         "refusals must be logged, at most once a second per uid: {refusals} lines"
+    );
+}
+
+impl Agent {
+    /// The stand-in hook in `mode` as root: every (op, reply) it printed.
+    fn hook(&self, env: &TestEnv, args: &[&str]) -> Vec<(String, Value)> {
+        let mut cmd = Command::new(&env.python);
+        cmd.arg(env.script("fake_hook.py"))
+            .arg(&self.socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (status, out, err) = run_bounded(&mut cmd, Duration::from_secs(60));
+        assert!(status.success(), "fake_hook.py {args:?} failed: {err}");
+        String::from_utf8_lossy(&out)
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["op"].as_str().unwrap_or_default().to_string(),
+                    v["reply"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or_default()
+    }
+}
+
+/// The decision in the reply to the stand-in hook's `activity_start`.
+fn start_decision(replies: &[(String, Value)]) -> Value {
+    replies
+        .iter()
+        .find(|(op, _)| op == "activity_start")
+        .map(|(_, r)| r["decision"].clone())
+        .unwrap_or_else(|| panic!("no activity_start reply: {replies:?}"))
+}
+
+/// A worker's hello names a Core URL the operator did not allow: the agent never
+/// connects there (its requests carry an API key), says so, counts it, and the worker's
+/// activities follow the worker's failure policy.
+#[test]
+fn a_worker_supplied_core_url_is_refused_and_its_activities_follow_its_policy() {
+    let env = TestEnv::get();
+    // Where a hostile worker would have the agent send its key-bearing requests.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", trap.local_addr().unwrap());
+    let mut agent = Agent::start(&env, &[]);
+
+    let closed = serde_json::json!({"openbox_url": url, "openbox_api_key": "obx_test_stolen",
+        "governance_policy": "fail_closed"})
+    .to_string();
+    let decision = start_decision(&agent.hook(&env, &["settings", &closed]));
+    assert_eq!(decision["action"], "fail", "{decision}");
+    assert_eq!(decision["error_type"], "GovernanceHalt", "{decision}");
+    assert!(
+        decision["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--allow-worker-core-url")),
+        "the halt says why: {decision}"
+    );
+
+    let open = serde_json::json!({"openbox_url": url, "openbox_api_key": "obx_test_stolen",
+        "governance_policy": "fail_open"})
+    .to_string();
+    let decision = start_decision(&agent.hook(&env, &["settings", &open]));
+    assert_eq!(decision["action"], "continue", "{decision}");
+
+    let summary = agent.stop();
+    assert!(
+        trap.accept().is_err(),
+        "the agent connected to the worker's Core URL"
+    );
+    assert_eq!(summary["worker_settings_refused"], 2, "{summary}");
+    let err = agent.stderr();
+    assert_eq!(
+        err.matches("refused the worker's governance settings")
+            .count(),
+        2,
+        "each refusal is logged:\n{err}"
+    );
+    assert!(err.contains("ungoverned (fail_open)"), "{err}");
+    assert!(err.contains("halted (fail_closed)"), "{err}");
+}
+
+/// Every distinct worker `config` starts a governor (a Core client, a spool, a handle on
+/// the events file); it is freed with the last worker using it, so workers coming and
+/// going with settings of their own do not pile up governors and file handles.
+#[test]
+fn a_workers_own_governor_is_freed_with_its_last_worker() {
+    let env = TestEnv::get();
+    let mut agent = Agent::start(&env, &[]);
+    // One worker first, so lazily opened handles (the events file) are counted in the base.
+    let warm = serde_json::json!({"governance_timeout": 29}).to_string();
+    agent.hook(&env, &["settings", &warm]);
+    let base = agent.open_fds();
+    const WORKERS: u64 = 12;
+    for i in 0..WORKERS {
+        let own = serde_json::json!({"governance_timeout": 30 + i}).to_string();
+        let decision = start_decision(&agent.hook(&env, &["settings", &own]));
+        assert_eq!(decision["action"], "continue", "{decision}");
+    }
+    // The workers have exited; the agent sees their exits through the kernel.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.open_fds() > base + 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let fds = agent.open_fds();
+    let summary = agent.stop();
+    assert!(
+        fds <= base + 2,
+        "{WORKERS} exited workers left handles behind: {base} open files before, {fds} after"
+    );
+    assert_eq!(
+        summary["worker_governors_freed"].as_u64(),
+        Some(WORKERS + 1),
+        "{summary}"
     );
 }

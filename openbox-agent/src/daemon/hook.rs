@@ -380,6 +380,10 @@ async fn connection(
     let mut lines = FramedRead::new(read, codec());
     let hello_deadline = tokio::time::sleep(hello_timeout);
     tokio::pin!(hello_deadline);
+    // Whether the hello deadline still applies. The branch's condition is checked only
+    // when `select!` starts waiting, and a hello accepted meanwhile does not wake it: the
+    // deadline may fire for a welcomed connection, which then only disarms it.
+    let mut deadline_armed = true;
     let mut cut = false;
     loop {
         let line = tokio::select! {
@@ -391,7 +395,11 @@ async fn connection(
                 cut = true;
                 break;
             }
-            _ = &mut hello_deadline, if !ctl.welcomed.is_cancelled() => {
+            _ = &mut hello_deadline, if deadline_armed => {
+                deadline_armed = false;
+                if ctl.welcomed.is_cancelled() {
+                    continue;
+                }
                 CLOSED_WITHOUT_HELLO.fetch_add(1, Ordering::Relaxed);
                 if log_allowed(ctl.uid) {
                     tracing::info!(
@@ -454,6 +462,10 @@ mod tests {
 
     /// A connection served as the daemon serves it, and the requests it hands over.
     fn serve_pair() -> (UnixStream, mpsc::Receiver<HookMsg>) {
+        serve_pair_within(HELLO_TIMEOUT)
+    }
+
+    fn serve_pair_within(hello_timeout: Duration) -> (UnixStream, mpsc::Receiver<HookMsg>) {
         let (client, server) = UnixStream::pair().unwrap();
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         let ctl = Arc::new(PeerCtl {
@@ -462,7 +474,7 @@ mod tests {
             dropped: CancellationToken::new(),
             welcomed: CancellationToken::new(),
         });
-        tokio::spawn(connection(1, ctl, server, tx, HELLO_TIMEOUT, None));
+        tokio::spawn(connection(1, ctl, server, tx, hello_timeout, None));
         (client, rx)
     }
 
@@ -512,6 +524,38 @@ mod tests {
         }
         drop(write);
         assert!(matches!(rx.recv().await, Some(HookMsg::Closed { conn: 1 })));
+    }
+
+    /// The deadline is armed when the connection waits for its next line; a hello
+    /// accepted meanwhile must still count (a worker's connection waits idle for long).
+    #[tokio::test]
+    async fn a_welcomed_connection_outlives_the_hello_deadline_an_idle_one_does_not() {
+        let timeout = Duration::from_millis(200);
+        let (client, mut rx) = serve_pair_within(timeout);
+        let (read, mut write) = client.into_split();
+        write
+            .write_all(b"{\"id\":1,\"op\":\"hello\"}\n")
+            .await
+            .unwrap();
+        let Some(HookMsg::Request { reply, .. }) = rx.recv().await else {
+            panic!("no request")
+        };
+        reply.welcomed();
+        tokio::time::sleep(timeout * 2).await;
+        write
+            .write_all(b"{\"id\":2,\"op\":\"thread\",\"tid\":1,\"slot\":0}\n")
+            .await
+            .unwrap();
+        let Some(HookMsg::Request { id, .. }) = rx.recv().await else {
+            panic!("the welcomed connection was closed at the hello deadline")
+        };
+        assert_eq!(id, 2);
+        drop((read, write));
+
+        let (idle, mut rx) = serve_pair_within(timeout);
+        tokio::time::sleep(timeout * 2).await;
+        assert!(matches!(rx.recv().await, Some(HookMsg::Closed { conn: 1 })));
+        drop(idle);
     }
 
     #[tokio::test]
