@@ -138,19 +138,6 @@ pub fn btf() -> Access {
     Access::of(Path::new(BTF))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn capability_bits_are_read_by_number() {
-        let caps = (1u64 << CAP_BPF) | (1u64 << CAP_PERFMON);
-        assert!(has_cap(caps, CAP_BPF));
-        assert!(has_cap(caps, CAP_PERFMON));
-        assert!(!has_cap(caps, CAP_SYS_ADMIN));
-    }
-}
-
 /// Raises the soft limit on open files to the hard limit: the daemon holds a socket per
 /// hook connection and the kernel objects besides, and the usual soft limit (1024) is
 /// reached by a thousand idle connections, after which a real worker cannot register.
@@ -190,4 +177,17 @@ pub fn raise_nofile_limit() {
         new = lim.rlim_max,
         "raised the open-files limit (RLIMIT_NOFILE)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_bits_are_read_by_number() {
+        let caps = (1u64 << CAP_BPF) | (1u64 << CAP_PERFMON);
+        assert!(has_cap(caps, CAP_BPF));
+        assert!(has_cap(caps, CAP_PERFMON));
+        assert!(!has_cap(caps, CAP_SYS_ADMIN));
+    }
 }
