@@ -163,7 +163,7 @@ fn assert_redacted(spans: &[Value], base: &str) {
     let response_json = r#"{"access_token": "[REDACTED]", "token_type": "Bearer", "usage": {"prompt_tokens": 3, "max_tokens": 5}, "note": "visible-resp-body"}"#;
 
     // Headers (X-Goog-Api-Key, Private-Token, Authorization, Cookie) and ?access_token=.
-    let s = span_for(&spans, "/query?");
+    let s = span_for(spans, "/query?");
     let target = "/query?access_token=[REDACTED]&page=2";
     expect(
         s,
@@ -191,7 +191,7 @@ fn assert_redacted(spans: &[Value], base: &str) {
     redacted_response_headers(s);
 
     // ?api_key=
-    let s = span_for(&spans, "/query2?");
+    let s = span_for(spans, "/query2?");
     let target = "/query2?api_key=[REDACTED]&q=plain";
     expect(
         s,
@@ -207,20 +207,20 @@ fn assert_redacted(spans: &[Value], base: &str) {
     );
 
     // password= in a form body, both ways (the server echoes it).
-    let s = span_for(&spans, "/form");
+    let s = span_for(spans, "/form");
     let form = "user=ann&password=[REDACTED]&remember=1";
     expect(s, "request_body", &s["request_body"], json!(form));
     expect(s, "response_body", &s["response_body"], json!(form));
     redacted_response_headers(s);
 
     // token in a JSON body, nested in objects and arrays, both ways.
-    let s = span_for(&spans, "/json");
+    let s = span_for(spans, "/json");
     let body = r#"{"user": "ann", "auth": "[REDACTED]", "items": [{"token": "[REDACTED]", "n": 1}], "max_tokens": 5}"#;
     expect(s, "request_body", &s["request_body"], json!(body));
     expect(s, "response_body", &s["response_body"], json!(body));
 
     // A truncated (invalid) JSON body is redacted as far as it reads.
-    let s = span_for(&spans, "/truncated");
+    let s = span_for(spans, "/truncated");
     let body = r#"{"a": [1, 2], "token": "[REDACTED]"#;
     expect(s, "request_body", &s["request_body"], json!(body));
     expect(s, "response_body", &s["response_body"], json!(body));
