@@ -13,6 +13,8 @@ Modes:
   die                 hello, activity_start, then exits without activity_end.
   hello [SECS]        hello; with SECS, waits that long on the same connection and says
                       hello again (a registered connection must not be timed out).
+  command CMD...      one activity ("cmd") that runs CMD as a subprocess (its output
+                      discarded; a failure fails the hook).
   settings JSON       hello with JSON as the worker's own governance settings
                       (create_openbox_worker's parameters), then one activity.
 """
@@ -108,6 +110,19 @@ def main():
         if args:
             time.sleep(float(args[0]))
             hello(agent, addr)
+    elif mode == "command":
+        hello(agent, addr)
+        agent.call(op="thread", tid=threading.get_native_id(), slot=1)
+        start = agent.call(op="activity_start", workflow_id="wf-cmd", run_id="run-1",
+                           workflow_type="W", activity_id="cmd", activity_type="command",
+                           task_queue="q", attempt=1, input=[])
+        slots[1] = start["token"]
+        try:
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        finally:
+            slots[1] = 0
+        agent.call(op="activity_end", token=start["token"], status="completed",
+                   output={"done": "cmd"}, error=None)
     elif mode == "settings":
         hello(agent, addr, config=json.loads(args[0]))
         start = agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
