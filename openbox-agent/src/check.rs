@@ -332,8 +332,9 @@ pub fn report() -> Report {
             .flatten()
             .flat_map(|(_, pids)| pids.iter().map(|p| p.to_string()))
             .collect();
+        // EACCES on the 0700 directory, EPERM from bpf(2) without CAP_BPF.
         let denied =
-            matches!(&orphans, Err(e) if e.contains("ermission denied") || e.contains("EPERM"));
+            matches!(&orphans, Err(e) if e.contains("os error 13") || e.contains("os error 1)"));
         items.push(Item {
             name: "left stopped",
             ok: orphans.is_ok() && pids.is_empty(),

@@ -287,6 +287,25 @@ fn a_process_paused_when_the_agent_is_killed_runs_again_at_the_next_start() {
             1,
             "the crashed agent's record of paused processes is not in bpffs"
         );
+        // `check` names it.
+        let out = Command::new(&env.agent)
+            .args(["check", "--json"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("check runs");
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("check --json prints JSON");
+        let left = report["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "left stopped")
+            .unwrap_or_else(|| panic!("no `left stopped` item in {report:#}"));
+        assert_eq!(left["ok"], false, "{left}");
+        assert!(
+            left["detail"].as_str().unwrap().contains(&pid.to_string()),
+            "{left}"
+        );
 
         let (summary, stderr) = match next {
             "trace" => {
