@@ -10,6 +10,9 @@
 //	k8s-validate PATH...                 PATH: a manifest, a directory of them, or - (stdin)
 //	k8s-validate -compare A -- B         also: the DaemonSet pod specs and ConfigMap data
 //	                                     in A and in B are the same (image aside)
+//	k8s-validate -write-configmaps DIR PATH...
+//	                                     also: write each ConfigMap's data as files
+//	                                     DIR/NAME/KEY, for the agent's own parsers
 //
 // Exit status: 0 when every document passes, 1 when any fails, 2 on bad usage.
 package main
@@ -72,8 +75,14 @@ func main() {
 		usage()
 	}
 	compare := false
+	writeTo := ""
 	var left, right []string
-	if args[0] == "-compare" {
+	if args[0] == "-write-configmaps" {
+		if len(args) < 3 {
+			usage()
+		}
+		writeTo, left = args[1], args[2:]
+	} else if args[0] == "-compare" {
 		compare = true
 		sep := indexOf(args, "--")
 		if sep < 2 || sep == len(args)-1 {
@@ -92,6 +101,11 @@ func main() {
 		problems = append(problems, p...)
 		problems = append(problems, compareSets(a, b)...)
 	}
+	if writeTo != "" && len(problems) == 0 {
+		if err := writeConfigMaps(writeTo, a); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
 	for _, p := range problems {
 		fmt.Fprintln(os.Stderr, p)
 	}
@@ -103,7 +117,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: k8s-validate PATH... | k8s-validate -compare PATH... -- PATH...\n(PATH: a YAML manifest, a directory of them, or - for stdin)")
+	fmt.Fprintln(os.Stderr, "usage: k8s-validate PATH...\n       k8s-validate -compare PATH... -- PATH...\n       k8s-validate -write-configmaps DIR PATH...\n(PATH: a YAML manifest, a directory of them, or - for stdin)")
 	os.Exit(2)
 }
 
@@ -480,4 +494,19 @@ func firstDifference(a, b any) string {
 		}
 	}
 	return "(no textual difference)"
+}
+
+func writeConfigMaps(dir string, objs []object) error {
+	for name, data := range configMaps(objs) {
+		sub := filepath.Join(dir, name)
+		if err := os.MkdirAll(sub, 0o755); err != nil {
+			return err
+		}
+		for key, value := range data {
+			if err := os.WriteFile(filepath.Join(sub, key), []byte(value), 0o644); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
