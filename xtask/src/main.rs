@@ -42,8 +42,8 @@ enum Task {
     /// and on the kernel crate, ruff and mypy on the worker hook.
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
-    /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
-    /// tests included.
+    /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker) and run every test, end-to-end tests included.
     Test {
         /// Skip `lint` (when iterating on one test; CI never does).
         #[arg(long)]
@@ -64,7 +64,8 @@ enum Task {
         only: Option<BenchPart>,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
-    /// worker hook, FerretDB, the Temporal CLI); prints the OPENBOX_* variables.
+    /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker); prints the OPENBOX_* variables.
     SetupEnv,
     /// Fuzz the protocol parsers (cargo-fuzz, nightly), each target for --seconds.
     Fuzz {
