@@ -666,6 +666,35 @@ fn ensure_helm() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// `gofmt` and `go vet` on the manifest checker: gofmt lists no file to reformat and vet
+/// finds nothing.
+pub fn lint_k8s_validate() -> Result<()> {
+    let src = workspace_root().join(K8S_VALIDATE_DIR);
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to check the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.24 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    let gofmt = go.with_file_name("gofmt");
+    let out = Command::new(&gofmt)
+        .arg("-l")
+        .arg(".")
+        .current_dir(&src)
+        .output()
+        .with_context(|| format!("could not run {}", gofmt.display()))?;
+    let unformatted = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !unformatted.trim().is_empty() {
+        bail!(
+            "gofmt: not formatted in {}: {}{}",
+            src.display(),
+            unformatted.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    run(go_command(&go)?
+        .env("GOFLAGS", "-modcacherw -mod=readonly")
+        .args(["vet", "."])
+        .current_dir(&src))
+}
+
 /// The manifest checker (tests/k8s-validate) built into target/test-env. `go build`
 /// runs every time: Go's build cache makes an unchanged checker a no-op, and a changed
 /// one is never stale. Its dependencies are pinned by its go.sum (`-mod=readonly`).

@@ -39,7 +39,8 @@ enum Task {
     /// Build the kernel programs and the agent (release).
     Build,
     /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
-    /// and on the kernel crate, ruff and mypy on the worker hook.
+    /// and on the kernel crate, ruff and mypy on the worker hook, gofmt and go vet on the
+    /// Kubernetes manifest checker.
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
     /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
