@@ -251,6 +251,7 @@ fn value_sets() -> Vec<&'static [&'static str]> {
             r#"podAnnotations={"prometheus.io/scrape":"true"}"#,
         ],
         &["--set", "governance.timeoutSeconds=60"],
+        &["--set", "btf.mount=false"],
     ]
 }
 
