@@ -637,7 +637,7 @@ fn ensure_helm() -> Result<PathBuf> {
         return Ok(bin);
     }
     let go = find_go().ok_or_else(|| {
-        anyhow!("Go is needed to build Helm {HELM_VERSION} (the chart's lint and render tests) and is not installed: install Go 1.24 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+        anyhow!("Go is needed to build Helm {HELM_VERSION} (the chart's lint and render tests) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
     })?;
     eprintln!(
         "xtask: building Helm {HELM_VERSION} into {} (once; takes several minutes)",
@@ -671,7 +671,7 @@ fn ensure_helm() -> Result<PathBuf> {
 pub fn lint_k8s_validate() -> Result<()> {
     let src = workspace_root().join(K8S_VALIDATE_DIR);
     let go = find_go().ok_or_else(|| {
-        anyhow!("Go is needed to check the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.24 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+        anyhow!("Go is needed to check the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
     })?;
     let gofmt = go.with_file_name("gofmt");
     let out = Command::new(&gofmt)
@@ -703,7 +703,7 @@ fn build_k8s_validate() -> Result<PathBuf> {
     let src = root.join(K8S_VALIDATE_DIR);
     let bin = root.join("target/test-env/k8s-validate");
     let go = find_go().ok_or_else(|| {
-        anyhow!("Go is needed to build the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.24 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+        anyhow!("Go is needed to build the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
     })?;
     fs::create_dir_all(bin.parent().expect("has a parent"))?;
     run(go_command(&go)?
