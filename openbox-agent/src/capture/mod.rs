@@ -1,6 +1,7 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
 pub mod clock;
+pub mod detach;
 pub mod event;
 pub mod pause;
 pub mod tls;
@@ -159,8 +160,9 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     /// Libraries whose libssl functions are probed (canonical paths).
     tls_libs: HashSet<std::path::PathBuf>,
-    /// Last field, dropped after `ebpf` has detached the programs (fields drop in
-    /// declaration order): no process can be stopped after it resumed them all.
+    /// Last field, dropped after `ebpf` (fields drop in declaration order): the
+    /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
+    /// process can be stopped after it resumed them all.
     pauses: pause::Pauses,
 }
 
@@ -188,6 +190,7 @@ impl Capture {
         let pause: u32 = pin.is_some().into();
         let mut loader = EbpfLoader::new();
         loader
+            .btf(None)
             .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
             .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
             .map_max_entries("EVENTS", cfg.ring_bytes);
@@ -280,6 +283,21 @@ impl Capture {
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.watched.remove(&tgid);
         let _ = self.inherit.remove(&tgid);
+    }
+
+    /// Ends capture and lets the programs detach after this process has exited (see
+    /// [`detach`]): first nothing is watched any more, so in those seconds the programs
+    /// record nothing and stop nobody (a process the command left running included).
+    pub fn hand_off_detach(&mut self) {
+        let watched: Vec<u32> = self.watched.keys().flatten().collect();
+        for tgid in watched {
+            self.unwatch(tgid);
+        }
+        let threads: Vec<u32> = self.threads.keys().flatten().collect();
+        for tid in threads {
+            self.unregister_thread(tid);
+        }
+        detach::hand_off();
     }
 
     /// Tells the kernel where thread `tid` (host id) of worker `owner` publishes the

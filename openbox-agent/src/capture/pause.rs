@@ -6,8 +6,9 @@
 //! and start time), and resumes a process:
 //! - once its probes are attached, whatever became of the attach (`Session::act`);
 //! - when the agent ends by any path that unwinds (return, error, Ctrl-C, SIGTERM,
-//!   SIGHUP, panic): [`Pauses`] is dropped after the programs are detached, so no new
-//!   stop can follow, and resumes every process still recorded;
+//!   SIGHUP, panic): [`Pauses`] is dropped after the programs are detached or no
+//!   longer watch anyone (`Capture::hand_off_detach`), so no new stop can follow, and
+//!   resumes every process still recorded;
 //! - after a crash (SIGKILL, abort): the next agent to start finds the pinned map of an
 //!   agent that is no longer running ([`recover`]) and resumes every process recorded
 //!   there that still exists, is stopped and started before the stop (a reused pid is
