@@ -5,7 +5,11 @@
 //! so a process can only ever speak for itself), frames requests, and hands them to the
 //! daemon's loop with a way to answer. What a request may do is decided there.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -24,6 +28,13 @@ pub const MAX_LINE: usize = 16 << 20;
 
 /// Default socket path; `--socket` or `OPENBOX_AGENT_SOCKET` override it.
 pub const DEFAULT_SOCKET: &str = "/run/openbox/agent.sock";
+
+static CONNECTIONS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
+/// Hook connections accepted since the start (for the summary and `/metrics`).
+pub fn connections_accepted() -> u64 {
+    CONNECTIONS_ACCEPTED.load(Ordering::Relaxed)
+}
 
 /// Where a reply goes: the writer of the connection the request came on.
 pub type ReplyTx = mpsc::UnboundedSender<Reply>;
@@ -113,6 +124,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<HookMsg>) {
             }
         };
         next_conn += 1;
+        CONNECTIONS_ACCEPTED.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection(next_conn, peer, stream, tx.clone()));
     }
 }
