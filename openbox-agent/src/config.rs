@@ -70,13 +70,29 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::parse(&text).map_err(|e| {
+        let mut c = Self::parse(&text).map_err(|e| {
             anyhow::anyhow!(
                 "config file {}: {}",
                 path.display(),
                 e.to_string().trim_end()
             )
-        })
+        })?;
+        // Relative paths are the file's neighbours, as `policy_file` in [governance]: a
+        // config must not mean something else when the agent starts from another directory.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let near = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        let (agent, capture) = (&mut c.agent, &mut c.capture);
+        agent
+            .socket
+            .iter_mut()
+            .chain(agent.unattributed.iter_mut())
+            .chain(capture.tls_libs.iter_mut().flatten())
+            .for_each(near);
+        Ok(c)
     }
 
     pub fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
@@ -142,6 +158,16 @@ governance_policy = "fail_closed"
             .unwrap_err()
             .to_string();
         assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_holds_every_table_and_its_governance_table_is_valid() {
+        let text = include_str!("../../deploy/agent.toml");
+        let c = FileConfig::parse(text).unwrap();
+        assert_eq!(c.agent.metrics_addr.as_deref(), Some("0.0.0.0:9464"));
+        assert!(c.capture.ring_mib.is_some());
+        crate::governance::GovernanceConfig::from_toml_str(text, Path::new("/etc/openbox-agent/agent.toml"))
+            .unwrap();
     }
 
     #[test]

@@ -49,7 +49,7 @@ struct CaptureArgs {
     /// One file.read/file.write span per call, instead of one per burst of calls.
     #[arg(long)]
     every_file_call: bool,
-    /// Payload bytes captured per call (at most 262144) [default: 4096].
+    /// Payload bytes captured per call (at most 262144) [default: 16384].
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
     capture_limit: Option<u32>,
     /// Also probe this libssl (or binary exporting SSL_write/SSL_read); repeatable.
