@@ -166,8 +166,11 @@ governance_policy = "fail_closed"
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.agent.metrics_addr.as_deref(), Some("0.0.0.0:9464"));
         assert!(c.capture.ring_mib.is_some());
-        crate::governance::GovernanceConfig::from_toml_str(text, Path::new("/etc/openbox-agent/agent.toml"))
-            .unwrap();
+        crate::governance::GovernanceConfig::from_toml_str(
+            text,
+            Path::new("/etc/openbox-agent/agent.toml"),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
 use openbox_agent::{
     capture, check,
     config::{pick, pick_flag, pick_list, CaptureFile, FileConfig},
@@ -8,11 +12,6 @@ use openbox_agent::{
     logging::{self, LogFormat},
     redact, span, trace,
 };
-
-use std::path::PathBuf;
-
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
 use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 
 #[derive(Parser)]

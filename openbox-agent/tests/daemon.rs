@@ -391,7 +391,10 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
             let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
-            (name.to_string(), value.parse().unwrap_or_else(|_| panic!("{l}")))
+            (
+                name.to_string(),
+                value.parse().unwrap_or_else(|_| panic!("{l}")),
+            )
         })
         .collect()
 }
@@ -460,9 +463,15 @@ fn metrics_scraped_during_a_run_hold_the_values_of_the_summary_and_json_logs_par
             "openbox_hook_registrations_refused_total".into(),
             num(&summary["registrations_refused"]),
         ),
-        ("openbox_activities_total".into(), num(&summary["activities"])),
+        (
+            "openbox_activities_total".into(),
+            num(&summary["activities"]),
+        ),
         ("openbox_spool_events".into(), num(&g["spool_pending"])),
-        ("openbox_spool_dropped_total".into(), num(&g["spool_dropped"])),
+        (
+            "openbox_spool_dropped_total".into(),
+            num(&g["spool_dropped"]),
+        ),
         (
             "openbox_governance_request_duration_seconds_count".into(),
             g["requests"].as_object().unwrap().values().map(num).sum(),
@@ -541,7 +550,14 @@ fn readyz_says_not_ready_until_the_programs_are_attached_then_systemd_hears_read
     notify.set_nonblocking(true).unwrap();
     let stderr = fs::File::create(dir.join("agent.err")).unwrap();
     let mut child = Command::new(&env.agent)
-        .args(["run", "--events", "off", "--metrics-addr", "127.0.0.1:0", "--socket"])
+        .args([
+            "run",
+            "--events",
+            "off",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--socket",
+        ])
         .arg(&socket)
         // Test-only: the agent waits for this file before it loads its programs.
         .env("OPENBOX_TEST_HOLD_ATTACH", &gate)
@@ -559,7 +575,10 @@ fn readyz_says_not_ready_until_the_programs_are_attached_then_systemd_hears_read
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not attached"), "{body}");
     assert_eq!(http_get(&addr, "/metrics").unwrap().0, 503);
-    assert!(UnixStream::connect(&socket).is_err(), "socket before attach");
+    assert!(
+        UnixStream::connect(&socket).is_err(),
+        "socket before attach"
+    );
     let mut buf = [0u8; 256];
     assert!(
         notify.recv(&mut buf).is_err(),
@@ -634,14 +653,23 @@ fn the_config_file_covers_run_settings_with_flag_over_env_over_file_and_rejects_
         err
     };
     let err = run(&[], &[]);
-    assert!(err.contains("--metrics-addr 192.0.2.1:1"), "the file's: {err}");
+    assert!(
+        err.contains("--metrics-addr 192.0.2.1:1"),
+        "the file's: {err}"
+    );
     let err = run(&[], &[("OPENBOX_METRICS_ADDR", "192.0.2.2:1")]);
-    assert!(err.contains("--metrics-addr 192.0.2.2:1"), "env over file: {err}");
+    assert!(
+        err.contains("--metrics-addr 192.0.2.2:1"),
+        "env over file: {err}"
+    );
     let err = run(
         &["--metrics-addr", "192.0.2.3:1"],
         &[("OPENBOX_METRICS_ADDR", "192.0.2.2:1")],
     );
-    assert!(err.contains("--metrics-addr 192.0.2.3:1"), "flag over env: {err}");
+    assert!(
+        err.contains("--metrics-addr 192.0.2.3:1"),
+        "flag over env: {err}"
+    );
 
     // A misspelled key stops the agent, naming the file and the key.
     fs::write(&config, "[capture]\nring_mb = 16\n").unwrap();
@@ -656,6 +684,9 @@ fn the_config_file_covers_run_settings_with_flag_over_env_over_file_and_rejects_
     // A value of the wrong kind is named too.
     fs::write(&config, "[capture]\nring_mib = 3\n").unwrap();
     let err = run(&[], &[]);
-    assert!(err.contains("ring_mib") && err.contains("power of two"), "{err}");
+    assert!(
+        err.contains("ring_mib") && err.contains("power of two"),
+        "{err}"
+    );
     assert!(!dir.join("agent.sock").exists());
 }

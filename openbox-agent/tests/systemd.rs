@@ -70,7 +70,10 @@ fn the_systemd_unit_waits_for_ready_and_owns_the_agents_default_directories() {
     assert_eq!(value("Type"), "notify");
     // RuntimeDirectory=X is /run/X, StateDirectory=X is /var/lib/X.
     let socket_dir = Path::new(DEFAULT_SOCKET).parent().unwrap();
-    assert_eq!(Path::new("/run").join(value("RuntimeDirectory")), socket_dir);
+    assert_eq!(
+        Path::new("/run").join(value("RuntimeDirectory")),
+        socket_dir
+    );
     let state = Path::new("/var/lib").join(value("StateDirectory"));
     assert!(
         Path::new(DEFAULT_SPOOL_DIR).starts_with(&state),

@@ -21,6 +21,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use hook::{reply, HookMsg, ReplyTx};
+use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
+use registry::{Registry, Unattributed, Worker};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -37,9 +40,6 @@ use crate::{
     procfs,
     span::{Span, SpanConfig},
 };
-use hook::{reply, HookMsg, ReplyTx};
-use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
-use registry::{Registry, Unattributed, Worker};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {

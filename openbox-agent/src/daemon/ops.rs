@@ -123,11 +123,12 @@ async fn route(path: &str, ready: &Readiness, scrape: &ScrapeTx) -> Response {
         ),
         "/metrics" => {
             let (tx, rx) = oneshot::channel();
-            // Before the daemon's loop runs (programs still loading) and after it stopped,
+            // Before the daemon's loop runs (programs still loading) and once it stops,
             // nobody answers: the counters do not exist yet, or no longer.
-            let summary = match scrape.try_send(tx) {
-                Ok(()) => rx.await.ok(),
-                Err(_) => None,
+            let summary = if ready.get() && scrape.try_send(tx).is_ok() {
+                rx.await.ok()
+            } else {
+                None
             };
             match summary {
                 Some(s) => Response {

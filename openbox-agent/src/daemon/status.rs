@@ -412,7 +412,7 @@ mod tests {
             "openbox_parser_unparsed_messages_total{protocol=\"mongo\"} 0",
             "openbox_governance_requests_total{outcome=\"timeout\"} 1",
             "openbox_governance_request_duration_seconds_bucket{le=\"0.001\"} 3",
-            "openbox_governance_request_duration_seconds_bucket{le=\"1.0\"} 4",
+            "openbox_governance_request_duration_seconds_bucket{le=\"1\"} 4",
             "openbox_governance_request_duration_seconds_bucket{le=\"+Inf\"} 5",
             "openbox_governance_request_duration_seconds_sum 31.5",
             "openbox_governance_request_duration_seconds_count 5",

@@ -231,9 +231,11 @@ impl AgentReport {
         let s = &self.summary;
         let num = |v: &Value| v.as_u64().unwrap_or(0);
         let metric = |name: &str| -> u64 {
-            *self.metrics.get(name).unwrap_or_else(|| {
-                panic!("{name} is not in /metrics:\n{}", self.metrics_text)
-            }) as u64
+            *self
+                .metrics
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{}", self.metrics_text))
+                as u64
         };
         let g = &s["governance"];
         let mut equal: Vec<(String, u64)> = [
@@ -243,14 +245,23 @@ impl AgentReport {
             ("openbox_truncated_bytes_total", &s["truncated_bytes"]),
             ("openbox_records_received_total", &s["records_received"]),
             ("openbox_spans_attributed_total", &s["spans_attributed"]),
-            ("openbox_spans_dropped_over_limit_total", &s["spans_dropped_over_limit"]),
+            (
+                "openbox_spans_dropped_over_limit_total",
+                &s["spans_dropped_over_limit"],
+            ),
             ("openbox_hook_connections_total", &s["hook_connections"]),
-            ("openbox_hook_registrations_refused_total", &s["registrations_refused"]),
+            (
+                "openbox_hook_registrations_refused_total",
+                &s["registrations_refused"],
+            ),
             ("openbox_activities_total", &s["activities"]),
             ("openbox_workers_registered_total", &s["workers"]),
             ("openbox_spool_events", &g["spool_pending"]),
             ("openbox_spool_dropped_total", &g["spool_dropped"]),
-            ("openbox_governance_core_failures_total", &g["core_failures"]),
+            (
+                "openbox_governance_core_failures_total",
+                &g["core_failures"],
+            ),
         ]
         .into_iter()
         .map(|(name, v)| (name.to_string(), num(v)))
@@ -292,7 +303,11 @@ impl AgentReport {
                 self.metrics_text
             );
         }
-        assert!(metric("openbox_spans_attributed_total") > 0, "{}", self.metrics_text);
+        assert!(
+            metric("openbox_spans_attributed_total") > 0,
+            "{}",
+            self.metrics_text
+        );
         assert!(
             metric("openbox_governance_requests_total{outcome=\"ok\"}") > 0,
             "{}",
