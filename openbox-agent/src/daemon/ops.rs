@@ -49,7 +49,7 @@ impl Readiness {
 /// Binds `--metrics-addr` (HOST:PORT; port 0 picks one, reported on stderr).
 pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| {
-        format!("--metrics-addr {addr}: cannot listen there (give HOST:PORT, e.g. 0.0.0.0:9464, with a free port)")
+        format!("metrics address {addr:?} (--metrics-addr, OPENBOX_METRICS_ADDR or metrics_addr): cannot listen there; give HOST:PORT with a free port, e.g. 0.0.0.0:9464")
     })
 }
 
