@@ -3,8 +3,8 @@
 //! in the plural, e.g. `--tls-lib` → `tls_libs`):
 //!
 //! ```toml
-//! [agent]       # socket, unattributed, span_limit, metrics_addr, log_format,
-//!               # allow_worker_core_url
+//! [agent]       # socket, socket_group, max_connections_per_uid, unattributed,
+//!               # span_limit, metrics_addr, log_format, allow_worker_core_url
 //! [capture]     # max_body, max_statement, no_redact, redact_headers, redact_patterns,
 //!               # no_redact_patterns, every_file_call, capture_limit, tls_libs,
 //!               # skip_paths, no_default_skips, no_tls_pause, ring_mib
@@ -40,6 +40,9 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
     pub socket: Option<PathBuf>,
+    /// A group name or numeric gid, as `--socket-group`.
+    pub socket_group: Option<String>,
+    pub max_connections_per_uid: Option<usize>,
     pub unattributed: Option<PathBuf>,
     pub span_limit: Option<usize>,
     pub metrics_addr: Option<String>,

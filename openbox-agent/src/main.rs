@@ -10,7 +10,7 @@ use openbox_agent::{
     config::{pick, pick_flag, pick_list, CaptureFile, FileConfig},
     conn, daemon,
     logging::{self, LogFormat},
-    redact, span, trace,
+    preflight, redact, span, trace,
 };
 use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 
@@ -311,6 +311,14 @@ enum Command {
         /// The hook socket (Unix stream socket) [default: /run/openbox/agent.sock].
         #[arg(long, env = "OPENBOX_AGENT_SOCKET")]
         socket: Option<PathBuf>,
+        /// Group (name or gid) of the socket (mode 0660) and of its directory (0750):
+        /// run workers with this group to let them connect [default: the agent's group].
+        #[arg(long, env = "OPENBOX_SOCKET_GROUP", value_name = "NAME|GID")]
+        socket_group: Option<String>,
+        /// Most hook connections one uid may hold at once (root included); more are
+        /// closed at once [default: 256].
+        #[arg(long)]
+        max_connections_per_uid: Option<usize>,
         /// Where governance events go, one JSON object per line: a file (appended), `-`
         /// for stdout, or `off` [default: `-` without a Core URL, off with one].
         #[arg(long, value_name = "FILE")]
@@ -383,6 +391,7 @@ fn real_main() -> Result<i32> {
         } => {
             logging::init(log.log_format.unwrap_or_default());
             let capture = capture.resolve(CaptureFile::default());
+            preflight::raise_nofile_limit();
             let opts = trace::TraceOpts {
                 json,
                 raw,
@@ -401,6 +410,8 @@ fn real_main() -> Result<i32> {
         }
         Command::Run {
             socket,
+            socket_group,
+            max_connections_per_uid,
             events,
             governance,
             unattributed,
@@ -420,6 +431,7 @@ fn real_main() -> Result<i32> {
                 governance.allow_worker_core_url.clone(),
                 agent.allow_worker_core_url,
             );
+            preflight::raise_nofile_limit();
             let opts = daemon::RunOpts {
                 socket: pick(
                     socket,
@@ -434,6 +446,19 @@ fn real_main() -> Result<i32> {
                 skip: capture.skip(),
                 span_limit: pick(span_limit, agent.span_limit, 2000),
                 metrics_addr: metrics_addr.or(agent.metrics_addr),
+                socket_group: socket_group
+                    .or(agent.socket_group)
+                    .as_deref()
+                    .map(daemon::hook::parse_group)
+                    .transpose()?,
+                hook_limits: daemon::hook::Limits {
+                    max_connections_per_uid: pick(
+                        max_connections_per_uid,
+                        agent.max_connections_per_uid,
+                        daemon::hook::DEFAULT_MAX_CONNECTIONS_PER_UID,
+                    ),
+                    ..Default::default()
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -467,6 +467,22 @@ fn metrics_scraped_during_a_run_hold_the_values_of_the_summary_and_json_logs_par
             "openbox_activities_total".into(),
             num(&summary["activities"]),
         ),
+        (
+            "openbox_hook_connections_refused_total".into(),
+            num(&summary["hook_connections_refused"]),
+        ),
+        (
+            "openbox_hook_peers_dropped_total".into(),
+            num(&summary["hook_peers_dropped"]),
+        ),
+        (
+            "openbox_hook_closed_without_hello_total".into(),
+            num(&summary["hook_closed_without_hello"]),
+        ),
+        (
+            "openbox_worker_settings_refused_total".into(),
+            num(&summary["worker_settings_refused"]),
+        ),
         ("openbox_spool_events".into(), num(&g["spool_pending"])),
         (
             "openbox_spool_dropped_total".into(),

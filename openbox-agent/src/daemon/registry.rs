@@ -83,6 +83,11 @@ pub struct Stats {
     pub unattributed: BTreeMap<&'static str, u64>,
     pub spans_dropped: u64,
     pub registrations_refused: u64,
+    /// Workers whose own governance settings the agent refused (their activities follow
+    /// their failure policy).
+    pub worker_settings_refused: u64,
+    /// Governors of workers' own settings freed with their last worker.
+    pub worker_governors_freed: u64,
     pub activities_abandoned: u64,
 }
 

@@ -12,14 +12,16 @@ use prometheus_client::{
 };
 use serde_json::{json, Value};
 
-use super::registry::{self, Unattributed};
+use super::{
+    hook,
+    registry::{self, Unattributed},
+};
 use crate::{capture::Counters, governance::GovernanceStats, pipeline, protocol::Protocol};
 
 /// Counts from the hook socket.
 #[derive(Clone, Debug, Default)]
 pub struct HookStats {
-    /// Connections accepted since the start.
-    pub connections: u64,
+    pub socket: hook::SocketStats,
     /// Connections open now whose `hello` was accepted.
     pub connections_registered: u64,
 }
@@ -57,8 +59,13 @@ impl Summary {
             "unattributed_reasons": r.unattributed,
             "spans_dropped_over_limit": r.spans_dropped,
             "registrations_refused": r.registrations_refused,
-            "hook_connections": self.hook.connections,
+            "worker_settings_refused": r.worker_settings_refused,
+            "worker_governors_freed": r.worker_governors_freed,
+            "hook_connections": self.hook.socket.connections_accepted,
             "hook_connections_registered": self.hook.connections_registered,
+            "hook_connections_refused": self.hook.socket.connections_refused,
+            "hook_peers_dropped": self.hook.socket.peers_dropped,
+            "hook_closed_without_hello": self.hook.socket.closed_without_hello,
             "records_received": self.pipeline.records_received,
             "unparsed_records": self.pipeline.unparsed_records,
             "unparsed_messages": self.pipeline.unparsed_messages,
@@ -297,7 +304,7 @@ impl Collector for Metrics {
             e,
             "hook_connections",
             "Hook socket connections accepted.",
-            s.hook.connections,
+            s.hook.socket.connections_accepted,
         )?;
         gauge(
             e,
@@ -310,6 +317,37 @@ impl Collector for Metrics {
             "hook_registrations_refused",
             "Hook requests refused (a peer claiming another process, thread or memory).",
             r.registrations_refused,
+        )?;
+        let h = &s.hook.socket;
+        counter(
+            e,
+            "hook_connections_refused",
+            "Hook connections refused: the uid held --max-connections-per-uid already.",
+            h.connections_refused,
+        )?;
+        counter(
+            e,
+            "hook_peers_dropped",
+            "Hook connections dropped because the peer left its replies unread.",
+            h.peers_dropped,
+        )?;
+        counter(
+            e,
+            "hook_closed_without_hello",
+            "Hook connections closed for sending no accepted hello in time.",
+            h.closed_without_hello,
+        )?;
+        counter(
+            e,
+            "worker_settings_refused",
+            "Workers whose own governance settings were refused.",
+            r.worker_settings_refused,
+        )?;
+        counter(
+            e,
+            "worker_governors_freed",
+            "Governors of workers' own settings freed with their last worker.",
+            r.worker_governors_freed,
         )?;
         // Governance.
         labelled(
