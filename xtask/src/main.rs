@@ -39,11 +39,12 @@ enum Task {
     /// Build the kernel programs and the agent (release).
     Build,
     /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
-    /// and on the kernel crate, ruff and mypy on the worker hook.
+    /// and on the kernel crate, ruff and mypy on the worker hook, gofmt and go vet on the
+    /// Kubernetes manifest checker.
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
-    /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
-    /// tests included.
+    /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker) and run every test, end-to-end tests included.
     Test {
         /// Skip `lint` (when iterating on one test; CI never does).
         #[arg(long)]
@@ -64,7 +65,8 @@ enum Task {
         only: Option<BenchPart>,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
-    /// worker hook, FerretDB, the Temporal CLI); prints the OPENBOX_* variables.
+    /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker); prints the OPENBOX_* variables.
     SetupEnv,
     /// Fuzz the protocol parsers (cargo-fuzz, nightly), each target for --seconds.
     Fuzz {
