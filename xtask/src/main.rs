@@ -9,6 +9,7 @@ mod fuzz;
 mod hook_bench;
 mod lint;
 mod proc;
+mod startup_bench;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -30,6 +31,8 @@ enum BenchPart {
     /// The worker hook: per coroutine step, per activity, and a no-op activity's latency
     /// with and without the hook on a real Temporal dev server.
     Hook,
+    /// `trace -- CMD`: how long until CMD runs, and until `trace` returns after it ends.
+    Startup,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +167,9 @@ fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
     if part(BenchPart::Hook) {
         let test_env = env::setup()?;
         hook_bench::run(&agent_binary(), &test_env, 40)?;
+    }
+    if part(BenchPart::Startup) {
+        startup_bench::run(&agent_binary())?;
     }
     Ok(())
 }

@@ -213,6 +213,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     d.session.finish();
     d.route();
     eprintln!("{}", d.summary().to_json());
+    d.session.capture_mut().hand_off_detach();
     drop(scrape_tx);
     if let Some(s) = ops_server {
         s.abort();
