@@ -153,6 +153,7 @@ pub mod config;
 pub mod events;
 pub mod policy;
 pub mod private;
+pub mod requests;
 pub mod sink;
 pub mod spool;
 pub mod verdict;
@@ -165,7 +166,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 pub use client::{apply_fail_policy, CoreClient, CoreOutcome};
@@ -217,7 +218,7 @@ pub enum EventDisposition {
 }
 
 /// Counters for the daemon's status output.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GovernanceStats {
     pub spool_pending: u64,
     pub spool_bytes: u64,
@@ -227,6 +228,9 @@ pub struct GovernanceStats {
     pub core_failures: u64,
     /// Events lost because the spool could not be written (disk full, I/O error).
     pub spool_write_errors: u64,
+    /// Calls to Core (or the embedded local policy) by outcome, their latency, and
+    /// whether Core answered the last one.
+    pub requests: requests::RequestStats,
 }
 
 enum Backend {
@@ -274,6 +278,7 @@ struct Counters {
     rejected_by_core: AtomicU64,
     core_failures: AtomicU64,
     lost: AtomicU64,
+    requests: requests::Requests,
 }
 
 struct Inner {
@@ -453,6 +458,9 @@ impl Governor {
             counters: Counters::default(),
             key_validated: AtomicBool::new(key_validated),
         });
+        if matches!(inner.backend, Backend::Core(_)) {
+            inner.counters.requests.set_reachable(key_validated);
+        }
         let delivery = inner
             .spool
             .is_some()
@@ -505,7 +513,10 @@ impl Governor {
         let key = activity_key(&event.activity);
         if hitl && inner.lock_runs().approvals.get(&key).is_some() {
             let now = clock::unix_seconds(SystemTime::now());
-            let status = match inner.backend.approval(&key.0, &key.1, &key.2).await {
+            let started = Instant::now();
+            let outcome = inner.backend.approval(&key.0, &key.1, &key.2).await;
+            inner.counters.requests.record(&outcome, started.elapsed());
+            let status = match outcome {
                 CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
                 other => {
                     tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
@@ -643,6 +654,7 @@ impl Governor {
             rejected_by_core: c.rejected_by_core.load(Ordering::Relaxed),
             core_failures: c.core_failures.load(Ordering::Relaxed),
             spool_write_errors: c.lost.load(Ordering::Relaxed),
+            requests: c.requests.snapshot(),
         }
     }
 
@@ -740,7 +752,15 @@ impl Inner {
                 "earlier governance events are still waiting for OpenBox Core".into(),
             );
         }
-        self.backend.evaluate(event, body).await
+        self.evaluate(event, body).await
+    }
+
+    /// One evaluate call, counted by outcome and timed.
+    async fn evaluate(&self, event: &Event, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
+        let started = Instant::now();
+        let outcome = self.backend.evaluate(event, body).await;
+        self.counters.requests.record(&outcome, started.elapsed());
+        outcome
     }
 
     async fn spool_backlog(&self) -> bool {
@@ -786,7 +806,7 @@ impl Inner {
             // Queued behind the backlog; its answer is applied when it is delivered.
             return self.spool_event(&event, body).await;
         }
-        let outcome = self.backend.evaluate(&event, body.clone()).await;
+        let outcome = self.evaluate(&event, body.clone()).await;
         self.note_failure(&outcome, &event);
         let (event_type, run) = (event.event_type(), run_key(event.head()));
         match outcome {
@@ -874,6 +894,7 @@ async fn revalidate_key(inner: Arc<Inner>) {
         match client.validate().await {
             Ok(()) => {
                 inner.key_validated.store(true, Ordering::Relaxed);
+                inner.counters.requests.set_reachable(true);
                 tracing::info!(url = %client.base_url(), "OpenBox Core answers again: API key validated");
                 return;
             }
@@ -922,7 +943,9 @@ async fn deliver_spool(inner: Arc<Inner>) {
                 continue;
             }
         };
+        let started = Instant::now();
         let outcome = client.evaluate_raw(item.body.clone()).await;
+        inner.counters.requests.record(&outcome, started.elapsed());
         if outcome.retryable() {
             inner
                 .counters

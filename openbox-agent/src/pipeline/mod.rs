@@ -47,7 +47,7 @@ pub enum Output {
 }
 
 /// The user-space side's own counts, beside the kernel's [`Counters`].
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     /// Ring-buffer records read.
     pub records_received: u64,
@@ -55,6 +55,8 @@ pub struct Stats {
     pub unparsed_records: u64,
     /// Protocol messages the parsers could not make sense of (closed connections).
     pub unparsed_messages: u64,
+    /// The same, by protocol (`http`, `postgres`, …; protocols without losses absent).
+    pub unparsed_by_protocol: std::collections::BTreeMap<&'static str, u64>,
     /// Connections of no known protocol.
     pub unrecognised_connections: u64,
     /// Processes resumed once the TLS probes of the libssl they opened were attached.
@@ -150,15 +152,16 @@ impl<S: Sink> Session<S> {
     }
 
     pub fn stats(&self) -> Stats {
-        let (unparsed_messages, unrecognised_connections) = self
+        let (unparsed_by_protocol, unrecognised_connections) = self
             .spans
             .as_ref()
-            .map(|b| (b.unparsed, b.unknown_conns))
-            .unwrap_or((0, 0));
+            .map(|b| (b.unparsed.clone(), b.unknown_conns))
+            .unwrap_or_default();
         Stats {
             records_received: self.records_received,
             unparsed_records: self.unparsed_records,
-            unparsed_messages,
+            unparsed_messages: unparsed_by_protocol.values().sum(),
+            unparsed_by_protocol,
             unrecognised_connections,
             resumed: self.resumed,
             resume_failures: self.resume_failures + self.cap.recovered().failures,
