@@ -258,10 +258,7 @@ fn every_workflow_event_acknowledged_before_a_sigkill_reaches_core_exactly_once(
     agent.kill();
     let exited = Instant::now() + Duration::from_secs(30);
     while hook.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < exited,
-            "the hook did not see the agent go"
-        );
+        assert!(Instant::now() < exited, "the hook did not see the agent go");
         thread::sleep(Duration::from_millis(20));
     }
     let acked = lines(&acked_file);
@@ -364,7 +361,11 @@ fn while_core_is_down_spool_delivery_retries_on_its_backoff_not_per_activity() {
         most,
         core.record.display()
     );
-    assert_eq!(retries, most - 1, "only the oldest spooled event is retried");
+    assert_eq!(
+        retries,
+        most - 1,
+        "only the oldest spooled event is retried"
+    );
 
     // Back up: every ActivityCompleted the hook was answered for arrives, once.
     let want: BTreeSet<&String> = ended.iter().collect();

@@ -586,10 +586,19 @@ mod tests {
         let low = waits.iter().filter(|w| **w < ms(160)).count();
         let high = waits.iter().filter(|w| **w > ms(1440)).count();
         // Each tenth of the range holds ~200 of 2000 uniform samples.
-        assert!((120..=280).contains(&low), "{low} waits in the lowest tenth");
-        assert!((120..=280).contains(&high), "{high} waits in the highest tenth");
+        assert!(
+            (120..=280).contains(&low),
+            "{low} waits in the lowest tenth"
+        );
+        assert!(
+            (120..=280).contains(&high),
+            "{high} waits in the highest tenth"
+        );
         let mean = waits.iter().sum::<Duration>() / 2000;
-        assert!(mean > ms(720) && mean < ms(880), "mean {mean:?}, expected ~800 ms");
+        assert!(
+            mean > ms(720) && mean < ms(880),
+            "mean {mean:?}, expected ~800 ms"
+        );
     }
 
     #[test]

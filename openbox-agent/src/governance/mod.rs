@@ -907,7 +907,10 @@ async fn revalidate_key(inner: Arc<Inner>) {
     let Backend::Core(client) = &inner.backend else {
         return;
     };
-    let mut backoff = Backoff::new(inner.config.spool_retry_initial, inner.config.spool_retry_max);
+    let mut backoff = Backoff::new(
+        inner.config.spool_retry_initial,
+        inner.config.spool_retry_max,
+    );
     loop {
         tokio::time::sleep(backoff.next_wait()).await;
         match client.validate().await {
