@@ -287,8 +287,11 @@ struct Counters {
 /// An event for the spool, and where to say whether it is on disk.
 type SpoolWrite = (Vec<u8>, oneshot::Sender<std::io::Result<Appended>>);
 
-/// Most events written with one fsync.
-const MAX_SPOOL_BATCH: usize = 1024;
+/// Most events written with one fsync. Their acknowledgements reach the hook together, so
+/// this stays well below the daemon's per-connection reply queue (`hook::REPLY_QUEUE`),
+/// which drops a peer that lets it fill; at ~3 ms an fsync, 256 a batch still spools
+/// tens of thousands of events a second.
+const MAX_SPOOL_BATCH: usize = 256;
 
 struct Inner {
     config: GovernanceConfig,
