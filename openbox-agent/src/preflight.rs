@@ -155,7 +155,7 @@ pub fn raise_nofile_limit() {
     }
     let old = lim.rlim_cur;
     if old >= lim.rlim_max {
-        tracing::info!(
+        tracing::debug!(
             soft = old,
             hard = lim.rlim_max,
             "open-files limit already at its hard limit"

@@ -189,6 +189,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         );
     }
     eprintln!("{summary}");
+    d.session.capture_mut().hand_off_detach();
     Ok(0)
 }
 
