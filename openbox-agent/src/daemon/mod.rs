@@ -34,7 +34,7 @@ use crate::{
         events::{self, Event},
         sink::Sink,
         verdict::{Decision, ErrorType},
-        FailPolicy, GovernanceConfig, Governor,
+        EventDisposition, FailPolicy, GovernanceConfig, Governor,
     },
     pipeline::{self, Collect, Output, Session},
     procfs,
@@ -312,7 +312,12 @@ impl Daemon {
                             Err(e) => Err(e),
                         }
                     }
-                    (Ok(Request::WorkflowEvent(ev)), Some(w)) => self.workflow_event(w, ev),
+                    (Ok(Request::WorkflowEvent(ev)), Some(w)) => {
+                        match self.workflow_event(w, ev, &tx, &id) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        }
+                    }
                 };
                 reply(&tx, &id, result);
             }
@@ -702,12 +707,16 @@ impl Daemon {
     }
 
     /// WorkflowStarted/Completed/Failed and SignalReceived from the hook's workflow
-    /// interceptor: governed in the background, the workflow never waits.
+    /// interceptor (which never waits for the reply). Acknowledged only once the event is
+    /// safe — Core took it, or it is fsync'd in the spool — so an agent killed after the
+    /// reply loses nothing it acknowledged.
     fn workflow_event(
         &mut self,
         worker: Pid,
         req: protocol::WorkflowEvent,
-    ) -> Result<Answer, String> {
+        tx: &ReplyTx,
+        id: &Value,
+    ) -> Result<(), String> {
         let wf = req.workflow;
         if wf.workflow_id.is_empty() || wf.run_id.is_empty() {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
@@ -735,15 +744,26 @@ impl Daemon {
             Event::WorkflowCompleted(_) | Event::WorkflowFailed(_)
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
+        let (tx, id) = (tx.clone(), id.clone());
         tokio::spawn(async move {
             after(prev).await;
-            match event {
+            let disposition = match event {
                 Event::SignalReceived(signal) => gov.signal(signal).await,
                 other => gov.workflow_event(other).await,
             };
             let _ = done.send(true);
+            let answer = match disposition {
+                EventDisposition::Delivered { .. }
+                | EventDisposition::Spooled
+                | EventDisposition::Skipped => Ok(Answer::Accepted {}),
+                EventDisposition::Dropped => Err("the event was not accepted: OpenBox Core \
+                    refused it, or the governance spool is full or cannot be written \
+                    (the agent's log says which)"
+                    .to_string()),
+            };
+            reply(&tx, &id, answer);
         });
-        Ok(Answer::Accepted {})
+        Ok(())
     }
 }
 

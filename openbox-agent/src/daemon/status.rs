@@ -78,7 +78,7 @@ impl Summary {
                 "spool_pending": g.spool_pending, "spool_bytes": g.spool_bytes,
                 "spool_dropped": g.spool_dropped, "delivered_from_spool": g.delivered_from_spool,
                 "rejected_by_core": g.rejected_by_core, "core_failures": g.core_failures,
-                "spool_write_errors": g.spool_write_errors,
+                "spool_write_errors": g.spool_write_errors, "spool_retries": g.spool_retries,
                 "requests": requests,
                 "request_seconds_sum": g.requests.latency_sum_nanos as f64 / 1e9,
                 "core_reachable": g.requests.core_reachable,
@@ -424,6 +424,12 @@ impl Collector for Metrics {
             "spool_write_errors",
             "Governance events lost because the spool could not be written.",
             g.spool_write_errors,
+        )?;
+        counter(
+            e,
+            "spool_retries",
+            "Deliveries of spooled events Core did not take, each followed by a backoff wait.",
+            g.spool_retries,
         )?;
         if let Some(up) = g.requests.core_reachable {
             gauge(
