@@ -181,6 +181,8 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             ready = ring.ready() => {
@@ -203,6 +205,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
         }
     }
     readiness.set(false);

@@ -71,7 +71,9 @@ impl Summary {
             "unparsed_messages": self.pipeline.unparsed_messages,
             "unparsed_by_protocol": self.pipeline.unparsed_by_protocol,
             "unrecognised_connections": self.pipeline.unrecognised_connections,
+            "resumed": self.pipeline.resumed,
             "resume_failures": self.pipeline.resume_failures,
+            "resumed_at_start": self.pipeline.resumed_at_start,
             "governance": {
                 "spool_pending": g.spool_pending, "spool_bytes": g.spool_bytes,
                 "spool_dropped": g.spool_dropped, "delivered_from_spool": g.delivered_from_spool,
@@ -234,6 +236,18 @@ impl Collector for Metrics {
             "resume_failures",
             "Paused processes the agent could not resume.",
             p.resume_failures,
+        )?;
+        counter(
+            e,
+            "resumed",
+            "Processes resumed once the TLS probes of the libssl they opened were attached.",
+            p.resumed,
+        )?;
+        counter(
+            e,
+            "resumed_at_start",
+            "Processes an earlier agent left stopped (a crash), resumed at this one's start.",
+            p.resumed_at_start,
         )?;
         // Parsers.
         labelled(

@@ -30,7 +30,7 @@ pub use self::sink::{Collect, Sink};
 use crate::{
     capture::{
         clock::{now_mono, Clock},
-        event, tls, Capture, CaptureConfig, Counters,
+        event, pause, tls, Capture, CaptureConfig, Counters,
     },
     conn::{Action, Pid, ProcEnv, Record, SkipPaths, Tracker},
     procfs::{self, FdTarget, Procfs},
@@ -59,8 +59,13 @@ pub struct Stats {
     pub unparsed_by_protocol: std::collections::BTreeMap<&'static str, u64>,
     /// Connections of no known protocol.
     pub unrecognised_connections: u64,
+    /// Processes resumed once the TLS probes of the libssl they opened were attached.
+    pub resumed: u64,
     /// Paused processes the agent could not resume (each also logged at error level).
     pub resume_failures: u64,
+    /// Processes an earlier agent left stopped when it ended without resuming them (a
+    /// crash), resumed at this one's start.
+    pub resumed_at_start: u64,
 }
 
 pub struct Session<S: Sink> {
@@ -71,7 +76,11 @@ pub struct Session<S: Sink> {
     sink: S,
     records_received: u64,
     unparsed_records: u64,
+    resumed: u64,
     resume_failures: u64,
+    /// Test-only (`OPENBOX_TEST_HOLD_PAUSED`, see `capture::pause::HOLD_ENV`): paused
+    /// processes stay stopped until the agent ends.
+    hold_paused: bool,
 }
 
 /// Loads the kernel programs, probes the libssl copies every process may use (the
@@ -112,7 +121,9 @@ impl<S: Sink> Session<S> {
             sink,
             records_received: 0,
             unparsed_records: 0,
+            resumed: 0,
             resume_failures: 0,
+            hold_paused: std::env::var_os(pause::HOLD_ENV).is_some(),
         }
     }
 
@@ -152,7 +163,9 @@ impl<S: Sink> Session<S> {
             unparsed_messages: unparsed_by_protocol.values().sum(),
             unparsed_by_protocol,
             unrecognised_connections,
-            resume_failures: self.resume_failures,
+            resumed: self.resumed,
+            resume_failures: self.resume_failures + self.cap.recovered().failures,
+            resumed_at_start: self.cap.recovered().resumed,
         }
     }
 
@@ -177,6 +190,10 @@ impl<S: Sink> Session<S> {
             Err(e) => {
                 self.unparsed_records += 1;
                 tracing::debug!("undecodable record: {e}");
+                // A process stopped for its TLS probes must run on, whatever the record.
+                if let Some(pid) = event::paused_tgid(bytes) {
+                    self.resume(pid);
+                }
                 return;
             }
         };
@@ -327,21 +344,29 @@ impl<S: Sink> Session<S> {
 
 impl<S: Sink> Session<S> {
     /// Resumes a process the kernel stopped when it loaded a libssl, whatever became of
-    /// the attach. A failure is loud and counted: the process would stay stopped.
+    /// the attach. A failure is loud and counted: the process would stay stopped (until
+    /// the agent exits, which tries again).
     fn resume(&mut self, pid: Pid) {
-        // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
-        if unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0 {
+        if self.hold_paused {
+            tracing::warn!(
+                pid,
+                "{} is set (tests only): process {pid} stays stopped until the agent exits",
+                pause::HOLD_ENV
+            );
             return;
         }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ESRCH) {
-            return; // It is gone: nothing is left stopped.
+        match self.cap.resume(pid) {
+            Ok(true) => self.resumed += 1,
+            // It is gone: nothing is left stopped.
+            Ok(false) => {}
+            Err(err) => {
+                self.resume_failures += 1;
+                tracing::error!(
+                    pid,
+                    "could not resume process {pid}, which the kernel paused while TLS probes were attached: {err}. It stays stopped until resumed: run `kill -CONT {pid}` (the agent needs CAP_KILL to resume other users' processes)"
+                );
+            }
         }
-        self.resume_failures += 1;
-        tracing::error!(
-            pid,
-            "could not resume process {pid}, which the kernel paused while TLS probes were attached: {err}. It stays stopped until resumed: run `kill -CONT {pid}` (the agent needs CAP_KILL to resume other users' processes)"
-        );
     }
 }
 
