@@ -109,7 +109,13 @@ fn container_id(component: &str) -> Option<String> {
 /// (systemd driver).
 fn pod_uid(component: &str) -> Option<String> {
     let c = component.strip_suffix(".slice").unwrap_or(component);
-    let uid = c.rsplit('-').next()?.strip_prefix("pod")?.replace('_', "-");
+    // The systemd form's uid has underscores, so its last `-pod` starts it; the
+    // cgroupfs form is the whole component.
+    let uid = match c.rfind("-pod") {
+        Some(i) => &c[i + 4..],
+        None => c.strip_prefix("pod")?,
+    }
+    .replace('_', "-");
     let well_formed = uid.len() == 36
         && uid
             .bytes()

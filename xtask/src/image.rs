@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &["podman", "runc", "mmdebstrap"];
 /// The agent image's name; the tag is the crate version.
 pub const AGENT_IMAGE: &str = "localhost/openbox-agent";
 const WORKER_IMAGE: &str = "localhost/openbox-e2e-worker";
+/// The host's CA bundle, which pip in the worker's build trusts (see its Containerfile).
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A Debian base image made with mmdebstrap.
 struct Base {
@@ -235,8 +237,15 @@ pub fn worker_image() -> Result<String> {
         fs::copy(hook_dir.join(f), &to)?;
     }
     eprintln!("xtask: building the test worker image {tag} (pip installs from PyPI)");
+    let ca = Path::new(HOST_CA_BUNDLE);
+    if !ca.is_file() {
+        bail!("{HOST_CA_BUNDLE} is missing: pip in the worker image's build trusts the host's CA bundle; install ca-certificates");
+    }
     run(podman()?
-        .args(["build", "--quiet", "--network", "host", "--file"])
+        .args(["build", "--quiet", "--network", "host"])
+        .arg("--volume")
+        .arg(format!("{HOST_CA_BUNDLE}:/run/host-ca.crt:ro"))
+        .arg("--file")
         .arg(&containerfile)
         .arg("--build-arg")
         .arg(format!("BASE={base}"))

@@ -41,7 +41,11 @@ enum Task {
     Build,
     /// Build the agent's container image (deploy/Containerfile) with podman, base images
     /// made locally with mmdebstrap; prints the image's name.
-    Image,
+    Image {
+        /// Also build the end-to-end tests' worker image (`cargo xtask test` does).
+        #[arg(long)]
+        e2e_worker: bool,
+    },
     /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
     /// and on the kernel crate, ruff and mypy on the worker hook.
     Lint,
@@ -84,10 +88,12 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
         Task::Build => build_agent(),
-        Task::Image => {
+        Task::Image { e2e_worker } => {
             build_agent()?;
-            let tag = image::agent_image()?;
-            println!("{tag}");
+            println!("{}", image::agent_image()?);
+            if e2e_worker {
+                println!("{}", image::worker_image()?);
+            }
             Ok(())
         }
         Task::Lint => lint::lint(),

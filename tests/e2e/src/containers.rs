@@ -112,7 +112,10 @@ pub fn start_agent_container(logs: &Path, dirs: &HostDirs) -> (Agent, Container)
     cmd.args(["run", "--rm", "--name", &container.name])
         .arg("--pid=host")
         .arg("--network=host")
-        .arg("--cap-drop=all");
+        .arg("--cap-drop=all")
+        // The default seccomp profile lets bpf(2) and perf_event_open(2) through only
+        // with CAP_SYS_ADMIN: with CAP_BPF alone, creating the ring buffer fails (EPERM).
+        .args(["--security-opt", "seccomp=unconfined"]);
     for cap in AGENT_CAPABILITIES {
         cmd.arg(format!("--cap-add={cap}"));
     }
