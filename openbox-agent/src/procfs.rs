@@ -223,7 +223,9 @@ pub fn in_root_at(root: &Path, path: &str) -> std::path::PathBuf {
 }
 
 fn components(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
-    path.split('/').filter(|c| !c.is_empty()).map(str::to_string)
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
 }
 
 fn join(root: &Path, parts: &[String]) -> std::path::PathBuf {

@@ -117,10 +117,9 @@ fn pod_uid(component: &str) -> Option<String> {
     }
     .replace('_', "-");
     let well_formed = uid.len() == 36
-        && uid
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| matches!(i, 8 | 13 | 18 | 23) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit()));
+        && uid.bytes().enumerate().all(|(i, b)| {
+            matches!(i, 8 | 13 | 18 | 23) == (b == b'-') && (b == b'-' || b.is_ascii_hexdigit())
+        });
     well_formed.then_some(uid)
 }
 
@@ -203,7 +202,10 @@ mod tests {
     #[test]
     fn pod_name_and_namespace_come_from_the_environment() {
         let environ = b"PATH=/bin\0OPENBOX_POD_NAME=worker-7d9\0OPENBOX_POD_NAMESPACE=\0X=1\0";
-        assert_eq!(env_var(environ, ENV_POD_NAME).as_deref(), Some("worker-7d9"));
+        assert_eq!(
+            env_var(environ, ENV_POD_NAME).as_deref(),
+            Some("worker-7d9")
+        );
         assert_eq!(env_var(environ, ENV_POD_NAMESPACE), None);
         assert_eq!(env_var(environ, "OPENBOX_POD"), None);
     }

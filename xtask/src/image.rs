@@ -78,8 +78,12 @@ pub fn containers_conf() -> Result<PathBuf> {
 /// `podman` with the runtime options this machine needs.
 pub fn podman() -> Result<Command> {
     let mut c = Command::new("podman");
-    c.env("CONTAINERS_CONF", containers_conf()?)
-        .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
+    c.env("CONTAINERS_CONF", containers_conf()?).args([
+        "--runtime",
+        "runc",
+        "--cgroup-manager",
+        "cgroupfs",
+    ]);
     Ok(c)
 }
 
@@ -119,7 +123,9 @@ fn suite() -> Result<String> {
         .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
         .map(|v| v.trim_matches('"').to_string())
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| anyhow!("/etc/os-release names no VERSION_CODENAME: the base images need a Debian host"))
+        .ok_or_else(|| {
+            anyhow!("/etc/os-release names no VERSION_CODENAME: the base images need a Debian host")
+        })
 }
 
 /// FNV-1a, as the hook stamp: stable across Rust releases.
@@ -221,7 +227,8 @@ pub fn worker_image() -> Result<String> {
     let hook_files = env::hook_sources(&hook_dir)?;
     let hash = fnv(&[
         base.as_bytes(),
-        &fs::read(&containerfile).with_context(|| format!("reading {}", containerfile.display()))?,
+        &fs::read(&containerfile)
+            .with_context(|| format!("reading {}", containerfile.display()))?,
         &fs::read(&requirements).with_context(|| format!("reading {}", requirements.display()))?,
         env::hook_stamp(&hook_dir, &hook_files)?.as_bytes(),
     ]);

@@ -17,7 +17,8 @@ use crate::{Agent, Env, Shared, Worker, WorkerOpts};
 /// The capabilities the agent's container gets: the set deploy/README.md lists under
 /// "Privileges (measured)", and all the agent needs (the test fails without any one of
 /// them, see that section for what fails).
-pub const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"];
+pub const AGENT_CAPABILITIES: &[&str] =
+    &["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"];
 
 /// Where support/worker.py is mounted in the worker's container.
 const SCRIPTS_IN_CONTAINER: &str = "/opt/openbox-e2e";
@@ -166,9 +167,15 @@ pub fn start_worker_container(
     cmd.args(["run", "--rm", "--name", &container.name])
         .arg("--network=host")
         .arg("-v")
-        .arg(format!("{}:{SOCKET_DIR_IN_CONTAINER}", dirs.socket_dir.display()))
+        .arg(format!(
+            "{}:{SOCKET_DIR_IN_CONTAINER}",
+            dirs.socket_dir.display()
+        ))
         .arg("-v")
-        .arg(format!("{}:{SCRIPTS_IN_CONTAINER}:ro", env.scripts.display()))
+        .arg(format!(
+            "{}:{SCRIPTS_IN_CONTAINER}:ro",
+            env.scripts.display()
+        ))
         .args(["-e", &format!("OPENBOX_AGENT_SOCKET={socket}")])
         .args(["-e", "OPENBOX_POD_NAME=worker-pod-0"])
         .args(["-e", "OPENBOX_POD_NAMESPACE=e2e"])

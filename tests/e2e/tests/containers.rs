@@ -83,7 +83,11 @@ fn workers_in_containers(name: &str, agent_in_container: bool) {
 
     let expected: Vec<_> = (0..2 * PER_WORKFLOW)
         .map(|i| {
-            let wf = if i < PER_WORKFLOW { &wf_async } else { &wf_sync };
+            let wf = if i < PER_WORKFLOW {
+                &wf_async
+            } else {
+                &wf_sync
+            };
             ExpectedActivity::new(wf, &marker(i), ALL)
         })
         .collect();
@@ -130,7 +134,11 @@ fn workers_in_containers(name: &str, agent_in_container: bool) {
             }
         }
     }
-    assert!(spans > 0, "no spans at all in {}", report.events_path.display());
+    assert!(
+        spans > 0,
+        "no spans at all in {}",
+        report.events_path.display()
+    );
     assert_eq!(
         files,
         2 * PER_WORKFLOW,
