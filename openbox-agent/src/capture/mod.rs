@@ -361,7 +361,7 @@ impl Capture {
                 .map_err(|e| tls::AttachError::Attach {
                     path: path.clone(),
                     func: format!("{func} ({what})"),
-                    reason: e.to_string(),
+                    reason: with_causes(&e),
                 })?;
                 attached += 1;
             }
@@ -369,6 +369,19 @@ impl Capture {
         self.tls_libs.insert(id);
         Ok(attached)
     }
+}
+
+/// An error with its causes: aya's "`perf_event_open` failed" alone hides the errno that
+/// says which privilege is missing.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// (device, inode) of the file `path` leads to.

@@ -17,8 +17,16 @@ use crate::{Agent, Env, Shared, Worker, WorkerOpts};
 /// The capabilities the agent's container gets: the set deploy/README.md lists under
 /// "Privileges (measured)", and all the agent needs (the test fails without any one of
 /// them, see that section for what fails).
-pub const AGENT_CAPABILITIES: &[&str] =
-    &["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL"];
+pub const AGENT_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "PERFMON",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+    "KILL",
+    // Attaching a uprobe from a container fails without it (perf_event_open: EPERM);
+    // see deploy/README.md.
+    "SYS_ADMIN",
+];
 
 /// Where support/worker.py is mounted in the worker's container.
 const SCRIPTS_IN_CONTAINER: &str = "/opt/openbox-e2e";
@@ -117,7 +125,17 @@ pub fn start_agent_container(logs: &Path, dirs: &HostDirs) -> (Agent, Container)
         // The default seccomp profile lets bpf(2) and perf_event_open(2) through only
         // with CAP_SYS_ADMIN: with CAP_BPF alone, creating the ring buffer fails (EPERM).
         .args(["--security-opt", "seccomp=unconfined"]);
-    for cap in AGENT_CAPABILITIES {
+    // OPENBOX_E2E_AGENT_CAPS (comma-separated) replaces the set: how deploy/README.md's
+    // "Privileges (measured)" was measured, one capability left out at a time.
+    let caps: Vec<String> = match std::env::var("OPENBOX_E2E_AGENT_CAPS") {
+        Ok(v) => v
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect(),
+        Err(_) => AGENT_CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+    };
+    for cap in &caps {
         cmd.arg(format!("--cap-add={cap}"));
     }
     cmd.args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
