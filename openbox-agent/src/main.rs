@@ -1,7 +1,7 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-use openbox_agent::{capture, check, conn, daemon, redact, span, trace};
+use openbox_agent::{capture, check, conn, daemon, preflight, redact, span, trace};
 
 use std::path::PathBuf;
 
@@ -239,6 +239,14 @@ enum Command {
         /// The hook socket (Unix stream socket).
         #[arg(long, env = "OPENBOX_AGENT_SOCKET", default_value = daemon::hook::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Group (name or gid) of the socket (mode 0660) and of its directory (0750):
+        /// run workers with this group to let them connect [default: the agent's group].
+        #[arg(long, env = "OPENBOX_SOCKET_GROUP", value_name = "NAME|GID")]
+        socket_group: Option<String>,
+        /// Most hook connections one uid may hold at once (root included); more are
+        /// closed at once.
+        #[arg(long, default_value_t = daemon::hook::DEFAULT_MAX_CONNECTIONS_PER_UID)]
+        max_connections_per_uid: usize,
         /// Where governance events go, one JSON object per line: a file (appended), `-`
         /// for stdout, or `off` [default: `-` without a Core URL, off with one].
         #[arg(long, value_name = "FILE")]
@@ -304,6 +312,7 @@ fn real_main() -> Result<i32> {
             show_bytes,
             command,
         } => {
+            preflight::raise_nofile_limit();
             let opts = trace::TraceOpts {
                 json,
                 raw,
@@ -322,12 +331,15 @@ fn real_main() -> Result<i32> {
         }
         Command::Run {
             socket,
+            socket_group,
+            max_connections_per_uid,
             events,
             governance,
             unattributed,
             span_limit,
             capture,
         } => {
+            preflight::raise_nofile_limit();
             let opts = daemon::RunOpts {
                 socket,
                 governance: governance.load(events)?,
@@ -337,6 +349,14 @@ fn real_main() -> Result<i32> {
                 tls_libs: capture.tls_libs.clone(),
                 skip: capture.skip(),
                 span_limit,
+                socket_group: socket_group
+                    .as_deref()
+                    .map(daemon::hook::parse_group)
+                    .transpose()?,
+                hook_limits: daemon::hook::Limits {
+                    max_connections_per_uid,
+                    ..Default::default()
+                },
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -138,6 +138,47 @@ pub fn btf() -> Access {
     Access::of(Path::new(BTF))
 }
 
+/// Raises the soft limit on open files to the hard limit: the daemon holds a socket per
+/// hook connection and the kernel objects besides, and the usual soft limit (1024) is
+/// reached by a thousand idle connections, after which a real worker cannot register.
+/// A failure is logged, not fatal: the agent still works up to the old limit.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("reading the open-files limit (RLIMIT_NOFILE) failed: {e}");
+        return;
+    }
+    let old = lim.rlim_cur;
+    if old >= lim.rlim_max {
+        tracing::debug!(
+            soft = old,
+            hard = lim.rlim_max,
+            "open-files limit already at its hard limit"
+        );
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(
+            "raising the open-files limit from {old} to {} failed: {e}; the agent may run out of file descriptors with many hook connections (raise it with `ulimit -n`)",
+            lim.rlim_max
+        );
+        return;
+    }
+    tracing::info!(
+        old,
+        new = lim.rlim_max,
+        "raised the open-files limit (RLIMIT_NOFILE)"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

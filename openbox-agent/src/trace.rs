@@ -519,5 +519,6 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
     ring.drain(&mut session);
     session.finish();
     summary(&mut session);
+    session.capture_mut().hand_off_detach();
     Ok(if opts.pid.is_some() { 0 } else { code })
 }

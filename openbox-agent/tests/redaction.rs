@@ -1,4 +1,4 @@
-//! Issue 10's redaction table over what `trace --json` prints: a real HTTP client and
+//! Issue 10's redaction table over what `trace --json` prints and what `run` writes: a real HTTP client and
 //! server (tests/support/client_redaction.py, redaction_server.py) and PostgreSQL
 //! exchange every kind of secret the issue lists; no secret may reach stdout, and
 //! everything around each secret must be byte-exact.
@@ -6,6 +6,14 @@
 //! Run with `cargo xtask test -p openbox-agent --test redaction`.
 
 mod common;
+
+use std::{
+    fs,
+    os::unix::net::UnixStream,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use serde_json::{json, Value};
@@ -58,7 +66,83 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("a span per line"))
         .collect();
-    let base = format!("http://127.0.0.1:{}", http.port);
+    assert_redacted(&spans, &format!("http://127.0.0.1:{}", http.port));
+}
+
+/// The same table over what `run` writes: the activity's spans in the events file (what
+/// Core gets too), and the unattributed spans file.
+#[test]
+fn secrets_of_every_kind_never_reach_the_run_events_and_the_rest_is_byte_exact() {
+    let env = TestEnv::get();
+    let http = Server::start(&env, "redaction_server.py", &["0".into()]);
+    let pg = Server::postgres(&env, 0);
+    let dir = TempDir::new("redaction-run");
+    let socket = dir.join("agent.sock");
+    let mut agent = Command::new(&env.agent)
+        .arg("run")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--events")
+        .arg(dir.join("events.jsonl"))
+        .arg("--unattributed")
+        .arg(dir.join("unattributed.jsonl"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("agent.err")).unwrap())
+        .spawn()
+        .expect("starting openbox-agent run");
+    let stderr = || fs::read_to_string(dir.join("agent.err")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not listen within 30 s:\n{}",
+            stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut hook = Command::new(&env.python);
+    hook.arg(env.script("fake_hook.py"))
+        .arg(&socket)
+        .arg("command")
+        .args(env.python_command(
+            "client_redaction.py",
+            &[&http.port.to_string(), &pg.port.to_string()],
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (status, _, err) = run_bounded(&mut hook, Duration::from_secs(120));
+    assert!(status.success(), "the hook failed: {err}\n{}", stderr());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success(), "{}", stderr());
+
+    for file in ["events.jsonl", "unattributed.jsonl", "agent.err"] {
+        let text = fs::read_to_string(dir.join(file)).unwrap_or_default();
+        for (i, line) in text.lines().enumerate() {
+            assert!(
+                !line.contains("S3CRET"),
+                "line {} of {file} holds a secret: {line}",
+                i + 1
+            );
+        }
+    }
+    let events: Vec<Value> = fs::read_to_string(dir.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done = events
+        .iter()
+        .find(|e| e["event_type"] == "ActivityCompleted" && e["activity_id"] == "cmd")
+        .unwrap_or_else(|| panic!("no ActivityCompleted for the activity: {events:#?}"));
+    let spans = done["spans"].as_array().expect("spans");
+    assert_redacted(spans, &format!("http://127.0.0.1:{}", http.port));
+}
+
+/// Issue 10's table: each secret of client_redaction.py is `[REDACTED]` in `spans`, and
+/// everything around it is byte-exact.
+fn assert_redacted(spans: &[Value], base: &str) {
     let redacted_response_headers = |s: &Value| {
         let h = &s["response_headers"];
         expect(s, "set-cookie", &h["set-cookie"], json!("[REDACTED]"));
@@ -79,7 +163,7 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
     let response_json = r#"{"access_token": "[REDACTED]", "token_type": "Bearer", "usage": {"prompt_tokens": 3, "max_tokens": 5}, "note": "visible-resp-body"}"#;
 
     // Headers (X-Goog-Api-Key, Private-Token, Authorization, Cookie) and ?access_token=.
-    let s = span_for(&spans, "/query?");
+    let s = span_for(spans, "/query?");
     let target = "/query?access_token=[REDACTED]&page=2";
     expect(
         s,
@@ -107,7 +191,7 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
     redacted_response_headers(s);
 
     // ?api_key=
-    let s = span_for(&spans, "/query2?");
+    let s = span_for(spans, "/query2?");
     let target = "/query2?api_key=[REDACTED]&q=plain";
     expect(
         s,
@@ -123,20 +207,20 @@ fn secrets_of_every_kind_never_reach_trace_output_and_the_rest_is_byte_exact() {
     );
 
     // password= in a form body, both ways (the server echoes it).
-    let s = span_for(&spans, "/form");
+    let s = span_for(spans, "/form");
     let form = "user=ann&password=[REDACTED]&remember=1";
     expect(s, "request_body", &s["request_body"], json!(form));
     expect(s, "response_body", &s["response_body"], json!(form));
     redacted_response_headers(s);
 
     // token in a JSON body, nested in objects and arrays, both ways.
-    let s = span_for(&spans, "/json");
+    let s = span_for(spans, "/json");
     let body = r#"{"user": "ann", "auth": "[REDACTED]", "items": [{"token": "[REDACTED]", "n": 1}], "max_tokens": 5}"#;
     expect(s, "request_body", &s["request_body"], json!(body));
     expect(s, "response_body", &s["response_body"], json!(body));
 
     // A truncated (invalid) JSON body is redacted as far as it reads.
-    let s = span_for(&spans, "/truncated");
+    let s = span_for(spans, "/truncated");
     let body = r#"{"a": [1, 2], "token": "[REDACTED]"#;
     expect(s, "request_body", &s["request_body"], json!(body));
     expect(s, "response_body", &s["response_body"], json!(body));

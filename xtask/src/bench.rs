@@ -361,7 +361,7 @@ fn json_num(line: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

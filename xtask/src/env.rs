@@ -3,7 +3,7 @@
 //!
 //! `setup()` checks before it installs, so a second run only looks: `dpkg-query` for the
 //! packages, a marker file in each virtualenv for its pip requirements, a stamp of the
-//! hook's sources, the versioned FerretDB binary and the `temporal` binary in
+//! hook's sources, the versioned FerretDB binary and the `temporal` and `helm` binaries in
 //! `~/.cache/openbox/go/bin`.
 
 use std::{
@@ -69,6 +69,15 @@ const REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/requirements.txt";
 const TEMPORAL_PACKAGE: &str = "github.com/temporalio/cli/cmd/temporal";
 const TEMPORAL_MODULE: &str = "github.com/temporalio/cli";
 const TEMPORAL_VERSION: &str = "v1.1.2";
+
+/// Helm 3, for `helm lint` and `helm template` of the chart in deploy/helm (no Debian
+/// or PyPI package has it). Explicit version, as for the Temporal CLI.
+const HELM_PACKAGE: &str = "helm.sh/helm/v3/cmd/helm";
+const HELM_MODULE: &str = "helm.sh/helm/v3";
+const HELM_VERSION: &str = "v3.22.0";
+
+/// The strict Kubernetes manifest checker (a Go module in the repository).
+const K8S_VALIDATE_DIR: &str = "tests/k8s-validate";
 
 /// The worker hook's Python package, installed (not editable) into the fixtures'
 /// virtualenv so the end-to-end tests prove it is pip-installable.
@@ -139,6 +148,8 @@ pub fn setup() -> Result<TestEnv> {
     install_hook(&venv_python, &venv, &hook_dir)?;
     let ferretdb = ensure_ferretdb()?;
     let temporal = ensure_temporal()?;
+    let helm = ensure_helm()?;
+    let k8s_validate = build_k8s_validate()?;
 
     let vars = vec![
         (
@@ -173,6 +184,11 @@ pub fn setup() -> Result<TestEnv> {
         (
             "OPENBOX_HOOK_DIR".to_string(),
             hook_dir.display().to_string(),
+        ),
+        ("OPENBOX_HELM_BIN".to_string(), helm.display().to_string()),
+        (
+            "OPENBOX_K8S_VALIDATE_BIN".to_string(),
+            k8s_validate.display().to_string(),
         ),
     ];
     for (k, v) in &vars {
@@ -571,6 +587,12 @@ fn temporal_runs(bin: &Path) -> bool {
     if !runs {
         return false;
     }
+    built_from(bin, TEMPORAL_MODULE, TEMPORAL_VERSION)
+}
+
+/// The Go binary was built from `module` at `version`, as its build information says;
+/// true when Go is not there to read it.
+fn built_from(bin: &Path, module: &str, version: &str) -> bool {
     let Some(go) = find_go() else {
         return true;
     };
@@ -582,10 +604,121 @@ fn temporal_runs(bin: &Path) -> bool {
         .map(|o| {
             String::from_utf8_lossy(&o.stdout).lines().any(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() >= 3 && f[0] == "mod" && f[1] == TEMPORAL_MODULE && f[2] == TEMPORAL_VERSION
+                f.len() >= 3 && f[0] == "mod" && f[1] == module && f[2] == version
             })
         })
         .unwrap_or(false)
+}
+
+/// `go` with its module downloads kept in `~/.cache/openbox/go/mod` (writable, so the
+/// cache can be deleted like any other directory).
+fn go_command(go: &Path) -> Result<Command> {
+    let mut cmd = Command::new(go);
+    cmd.env("GOMODCACHE", go_cache()?.join("mod"))
+        .env("GOFLAGS", "-modcacherw");
+    Ok(cmd)
+}
+
+/// Helm in `~/.cache/openbox/go/bin/helm`, built once with `go install` and reused while
+/// it is the pinned version.
+fn ensure_helm() -> Result<PathBuf> {
+    let gobin = go_cache()?.join("bin");
+    let bin = gobin.join("helm");
+    // A `go install`ed Helm reports only its minor version (`v3.22`), the release's
+    // ldflags not being applied: the exact version is read from its build information.
+    let runs = || {
+        Command::new(&bin)
+            .args(["version", "--short"])
+            .output()
+            .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("v3."))
+            .unwrap_or(false)
+    };
+    if runs() && built_from(&bin, HELM_MODULE, HELM_VERSION) {
+        return Ok(bin);
+    }
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to build Helm {HELM_VERSION} (the chart's lint and render tests) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    eprintln!(
+        "xtask: building Helm {HELM_VERSION} into {} (once; takes several minutes)",
+        bin.display()
+    );
+    fs::create_dir_all(&gobin).with_context(|| format!("creating {}", gobin.display()))?;
+    run(go_command(&go)?
+        .arg("install")
+        .arg(format!("{HELM_PACKAGE}@{HELM_VERSION}"))
+        .env("GOBIN", &gobin)
+        // Outside any module, so the go.mod of whatever directory we run in is ignored.
+        .current_dir(std::env::temp_dir()))
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nbuilding Helm failed (is the Go module proxy reachable?); retry with `GOBIN={} {} install {HELM_PACKAGE}@{HELM_VERSION}`",
+            gobin.display(),
+            go.display()
+        )
+    })?;
+    if !(runs() && built_from(&bin, HELM_MODULE, HELM_VERSION)) {
+        bail!(
+            "{} was built but does not run (`helm version --short`) or is not {HELM_MODULE} {HELM_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// `gofmt` and `go vet` on the manifest checker: gofmt lists no file to reformat and vet
+/// finds nothing.
+pub fn lint_k8s_validate() -> Result<()> {
+    let src = workspace_root().join(K8S_VALIDATE_DIR);
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to check the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    let gofmt = go.with_file_name("gofmt");
+    let out = Command::new(&gofmt)
+        .arg("-l")
+        .arg(".")
+        .current_dir(&src)
+        .output()
+        .with_context(|| format!("could not run {}", gofmt.display()))?;
+    let unformatted = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !unformatted.trim().is_empty() {
+        bail!(
+            "gofmt: not formatted in {}: {}{}",
+            src.display(),
+            unformatted.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    run(go_command(&go)?
+        .env("GOFLAGS", "-modcacherw -mod=readonly")
+        .args(["vet", "."])
+        .current_dir(&src))
+}
+
+/// The manifest checker (tests/k8s-validate) built into target/test-env. `go build`
+/// runs every time: Go's build cache makes an unchanged checker a no-op, and a changed
+/// one is never stale. Its dependencies are pinned by its go.sum (`-mod=readonly`).
+fn build_k8s_validate() -> Result<PathBuf> {
+    let root = workspace_root();
+    let src = root.join(K8S_VALIDATE_DIR);
+    let bin = root.join("target/test-env/k8s-validate");
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to build the Kubernetes manifest checker ({K8S_VALIDATE_DIR}) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    fs::create_dir_all(bin.parent().expect("has a parent"))?;
+    run(go_command(&go)?
+        .env("GOFLAGS", "-modcacherw -mod=readonly")
+        .args(["build", "-trimpath", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src))
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nbuilding the manifest checker in {} failed (its modules come from the Go module proxy the first time)",
+            src.display()
+        )
+    })?;
+    Ok(bin)
 }
 
 /// Names under hooks/python that are build output or caches, not the package's sources:

@@ -4,7 +4,8 @@
 //! - rustfmt on the root workspace and on the kernel crate (its own workspace);
 //! - clippy, warnings denied, on the root workspace (release, every target, like the
 //!   tests build) and on the kernel crate (nightly, bpfel-unknown-none);
-//! - ruff (lint and format) and mypy on the worker hook, from a pinned tools virtualenv.
+//! - ruff (lint and format) and mypy on the worker hook, from a pinned tools virtualenv;
+//! - gofmt and go vet on the Kubernetes manifest checker (tests/k8s-validate).
 //!
 //! Every check runs even when an earlier one fails, so one run shows every finding.
 
@@ -74,6 +75,13 @@ pub fn lint() -> Result<()> {
             fix: "see clippy's findings above",
         },
         toolchain::clippy_ebpf(),
+    );
+    check(
+        Check {
+            name: "gofmt and go vet (tests/k8s-validate)",
+            fix: "run `gofmt -w tests/k8s-validate`, or see go vet's findings above",
+        },
+        env::lint_k8s_validate(),
     );
     match env::lint_tools() {
         Ok(bin) => {

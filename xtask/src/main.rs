@@ -10,6 +10,7 @@ mod hook_bench;
 mod image;
 mod lint;
 mod proc;
+mod startup_bench;
 mod toolchain;
 
 use std::{path::PathBuf, process::Command};
@@ -31,6 +32,8 @@ enum BenchPart {
     /// The worker hook: per coroutine step, per activity, and a no-op activity's latency
     /// with and without the hook on a real Temporal dev server.
     Hook,
+    /// `trace -- CMD`: how long until CMD runs, and until `trace` returns after it ends.
+    Startup,
 }
 
 #[derive(Subcommand)]
@@ -47,11 +50,12 @@ enum Task {
         e2e_worker: bool,
     },
     /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
-    /// and on the kernel crate, ruff and mypy on the worker hook.
+    /// and on the kernel crate, ruff and mypy on the worker hook, gofmt and go vet on the
+    /// Kubernetes manifest checker.
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
-    /// with the worker hook, FerretDB, the Temporal CLI) and run every test, end-to-end
-    /// tests included.
+    /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker) and run every test, end-to-end tests included.
     Test {
         /// Skip `lint` (when iterating on one test; CI never does).
         #[arg(long)]
@@ -72,7 +76,8 @@ enum Task {
         only: Option<BenchPart>,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
-    /// worker hook, FerretDB, the Temporal CLI); prints the OPENBOX_* variables.
+    /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
+    /// checker); prints the OPENBOX_* variables.
     SetupEnv,
     /// Fuzz the protocol parsers (cargo-fuzz, nightly), each target for --seconds.
     Fuzz {
@@ -185,6 +190,9 @@ fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
     if part(BenchPart::Hook) {
         let test_env = env::setup()?;
         hook_bench::run(&agent_binary(), &test_env, 40)?;
+    }
+    if part(BenchPart::Startup) {
+        startup_bench::run(&agent_binary())?;
     }
     Ok(())
 }

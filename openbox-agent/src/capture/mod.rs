@@ -1,6 +1,7 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
 pub mod clock;
+pub mod detach;
 pub mod event;
 pub mod tls;
 pub mod tracefs;
@@ -159,6 +160,7 @@ impl Capture {
         let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
         let pause: u32 = pause_allowed(cfg.pause_on_tls_lib).into();
         let mut ebpf = EbpfLoader::new()
+            .btf(None)
             .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
             .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
             .map_max_entries("EVENTS", cfg.ring_bytes)
@@ -220,6 +222,21 @@ impl Capture {
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.watched.remove(&tgid);
         let _ = self.inherit.remove(&tgid);
+    }
+
+    /// Ends capture and lets the programs detach after this process has exited (see
+    /// [`detach`]): first nothing is watched any more, so in those seconds the programs
+    /// record nothing and stop nobody (a process the command left running included).
+    pub fn hand_off_detach(&mut self) {
+        let watched: Vec<u32> = self.watched.keys().flatten().collect();
+        for tgid in watched {
+            self.unwatch(tgid);
+        }
+        let threads: Vec<u32> = self.threads.keys().flatten().collect();
+        for tid in threads {
+            self.unregister_thread(tid);
+        }
+        detach::hand_off();
     }
 
     /// Tells the kernel where thread `tid` (host id) of worker `owner` publishes the

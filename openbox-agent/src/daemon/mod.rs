@@ -28,7 +28,7 @@ use crate::{
         events::{self, Event},
         sink::Sink,
         verdict::{Decision, ErrorType},
-        GovernanceConfig, Governor,
+        FailPolicy, GovernanceConfig, Governor,
     },
     pipeline::{self, Collect, Output, Session},
     procfs,
@@ -51,6 +51,9 @@ pub struct RunOpts {
     pub skip: SkipPaths,
     /// Most spans kept per activity.
     pub span_limit: usize,
+    /// Group of the socket and its directory (default: the agent's own).
+    pub socket_group: Option<u32>,
+    pub hook_limits: hook::Limits,
 }
 
 struct Daemon {
@@ -62,8 +65,8 @@ struct Daemon {
     /// The agent's own governance settings, the base of per-worker ones.
     base_config: GovernanceConfig,
     /// Governors for workers that passed their own settings (create_openbox_worker),
-    /// by those settings; `Err` holds why Core refused them.
-    worker_governors: std::collections::HashMap<String, GovernorState>,
+    /// by those settings, each freed with the last worker that uses it.
+    worker_governors: std::collections::HashMap<String, WorkerGovernor>,
     ready_tx: mpsc::UnboundedSender<(String, Result<Arc<Governor>, String>)>,
     /// Per run (workflow id, run id): becomes true when the run's latest workflow event
     /// (started, signal) has been answered. Activity events of the run wait for it, and
@@ -78,9 +81,24 @@ struct Daemon {
 /// are then ordered only by arrival).
 const MAX_ORDERED_RUNS: usize = 65536;
 
+/// Distinct worker settings governed at once; a worker with yet other settings is
+/// refused (each governor holds a Core client, a spool and a handle on the events file).
+const MAX_WORKER_GOVERNORS: usize = 64;
+
+struct WorkerGovernor {
+    /// Registered workers using it.
+    workers: usize,
+    state: GovernorState,
+}
+
 enum GovernorState {
     Ready(Arc<Governor>),
-    Refused(String),
+    /// The agent would not govern with these settings, or Core refused them: the
+    /// worker's activities follow `policy` (fail_open runs them ungoverned).
+    Refused {
+        why: String,
+        policy: FailPolicy,
+    },
     /// Being started (Core validates the key): hellos waiting for it.
     Starting(Vec<(ReplyTx, Value, Answer)>),
 }
@@ -104,7 +122,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         .as_deref()
         .map(|path| Sink::open_path(path, "unattributed spans file"))
         .transpose()?;
-    let listener = hook::bind(&opts.socket).await?;
+    let listener = hook::bind(&opts.socket, opts.socket_group).await?;
     let mut d = Daemon {
         session,
         registry: Registry::new(opts.span_limit),
@@ -116,8 +134,8 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         run_tail: Default::default(),
         unattributed,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let server = tokio::spawn(hook::serve(listener, tx));
+    let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
+    let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
     eprintln!(
         "openbox-agent: listening for worker hooks on {}",
         opts.socket.display()
@@ -155,6 +173,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     {
         s.extend(r);
         s.extend(k);
+        if let Value::Object(h) = hook::summary() {
+            s.extend(h);
+        }
         let st = d.session.stats();
         s.insert("records_received".into(), st.records_received.into());
         s.insert("resume_failures".into(), st.resume_failures.into());
@@ -168,6 +189,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         );
     }
     eprintln!("{summary}");
+    d.session.capture_mut().hand_off_detach();
     Ok(0)
 }
 
@@ -185,6 +207,9 @@ impl Daemon {
             if let Some(w) = self.registry.worker_exited(pid) {
                 for tid in w.threads.keys() {
                     self.session.capture_mut().unregister_thread(*tid);
+                }
+                if let Some(key) = &w.governor {
+                    self.release_governor(key);
                 }
                 tracing::info!(pid, "worker exited");
             }
@@ -215,7 +240,13 @@ impl Daemon {
                 // Governed ops answer from a task of their own: Core may take its time.
                 let result = match (*req, self.conns.get(&conn).copied()) {
                     (Ok(Request::Hello(hello)), _) => match self.hello(conn, peer, &hello) {
-                        Ok(ok) if !self.worker_governor(peer, &tx, &id, &ok) => return,
+                        Ok(ok) => {
+                            tx.welcomed();
+                            if !self.worker_governor(peer, &tx, &id, &ok) {
+                                return;
+                            }
+                            Ok(ok)
+                        }
                         other => other,
                     },
                     (Err(bad), _) if bad.before_hello => Err(bad.error),
@@ -320,20 +351,24 @@ impl Daemon {
             Ok(None) => return true,
             Ok(Some(cfg)) => cfg,
             Err(e) => {
-                let e = e.to_string();
-                tracing::warn!(
-                    pid = worker,
-                    "the worker's governance settings are invalid: {e}"
-                );
-                self.set_worker_governor(worker, format!("invalid: {e}"));
-                self.worker_governors
-                    .insert(format!("invalid: {e}"), GovernorState::Refused(e));
+                let policy = self.base_config.worker_fail_policy(&config);
+                self.refuse_settings(worker, format!("invalid: {e}"), e.to_string(), policy);
                 return true;
             }
         };
         let key = config.to_string();
+        if !self.worker_governors.contains_key(&key)
+            && self.worker_governors.len() >= MAX_WORKER_GOVERNORS
+        {
+            let why = format!(
+                "{MAX_WORKER_GOVERNORS} workers with distinct governance settings are governed already"
+            );
+            let policy = self.base_config.worker_fail_policy(&config);
+            self.refuse_settings(worker, "too many".into(), why, policy);
+            return true;
+        }
         self.set_worker_governor(worker, key.clone());
-        match self.worker_governors.get_mut(&key) {
+        match self.worker_governors.get_mut(&key).map(|g| &mut g.state) {
             Some(GovernorState::Starting(waiting)) => {
                 waiting.push((tx.clone(), id.clone(), ok.clone()));
                 false
@@ -342,7 +377,10 @@ impl Daemon {
             None => {
                 self.worker_governors.insert(
                     key.clone(),
-                    GovernorState::Starting(vec![(tx.clone(), id.clone(), ok.clone())]),
+                    WorkerGovernor {
+                        workers: 1,
+                        state: GovernorState::Starting(vec![(tx.clone(), id.clone(), ok.clone())]),
+                    },
                 );
                 let ready = self.ready_tx.clone();
                 tokio::spawn(async move {
@@ -357,21 +395,77 @@ impl Daemon {
         }
     }
 
+    /// The agent will not govern the worker with its own settings: said loudly, counted,
+    /// and its activities follow `policy`.
+    fn refuse_settings(&mut self, worker: Pid, key: String, why: String, policy: FailPolicy) {
+        self.registry.stats.worker_settings_refused += 1;
+        let then = match policy {
+            FailPolicy::FailOpen => "its activities run ungoverned (fail_open)",
+            FailPolicy::FailClosed => "its activities are halted (fail_closed)",
+        };
+        tracing::error!(
+            pid = worker,
+            "refused the worker's governance settings: {why}; {then}"
+        );
+        let key = format!("refused ({}): {key}: {why}", policy.as_str());
+        self.worker_governors
+            .entry(key.clone())
+            .or_insert(WorkerGovernor {
+                workers: 0,
+                state: GovernorState::Refused { why, policy },
+            });
+        self.set_worker_governor(worker, key);
+    }
+
+    /// Points the worker at the governor of `key` (counted by `worker_governor` and
+    /// `refuse_settings`); a worker that used another one lets go of it.
     fn set_worker_governor(&mut self, worker: Pid, key: String) {
-        if let Some(w) = self.registry.workers.get_mut(&worker) {
-            w.governor = Some(key);
+        let old = match self.registry.workers.get_mut(&worker) {
+            Some(w) if w.governor.as_deref() == Some(key.as_str()) => return,
+            Some(w) => w.governor.replace(key.clone()),
+            None => return,
+        };
+        if let Some(g) = self.worker_governors.get_mut(&key) {
+            g.workers += 1;
+        }
+        if let Some(old) = old {
+            self.release_governor(&old);
+        }
+    }
+
+    /// A worker stopped using the governor of `key`: the last one frees it (its Core
+    /// client, spool and events file handle; activities still being governed keep it
+    /// until they are answered).
+    fn release_governor(&mut self, key: &str) {
+        let Some(g) = self.worker_governors.get_mut(key) else {
+            return;
+        };
+        g.workers = g.workers.saturating_sub(1);
+        if g.workers == 0 {
+            self.worker_governors.remove(key);
+            self.registry.stats.worker_governors_freed += 1;
+            tracing::debug!(
+                "freed the governor of a worker's own settings: its last worker is gone"
+            );
         }
     }
 
     fn governor_ready(&mut self, key: String, result: Result<Arc<Governor>, String>) {
+        let Some(entry) = self.worker_governors.get_mut(&key) else {
+            // Its workers all exited while it started: nobody needs it.
+            return;
+        };
         let state = match result {
             Ok(g) => GovernorState::Ready(g),
-            Err(e) => {
-                tracing::error!("governance with a worker's own settings could not start: {e}; its activities are halted");
-                GovernorState::Refused(e)
+            Err(why) => {
+                tracing::error!("governance with a worker's own settings could not start: {why}; its activities are halted");
+                GovernorState::Refused {
+                    why,
+                    policy: FailPolicy::FailClosed,
+                }
             }
         };
-        if let Some(GovernorState::Starting(waiting)) = self.worker_governors.insert(key, state) {
+        if let GovernorState::Starting(waiting) = std::mem::replace(&mut entry.state, state) {
             for (tx, id, ok) in waiting {
                 reply(&tx, &id, Ok(ok));
             }
@@ -423,12 +517,19 @@ impl Daemon {
             .workers
             .get(&worker)
             .and_then(|w| w.governor.as_ref());
-        match key.and_then(|k| self.worker_governors.get(k)) {
+        match key
+            .and_then(|k| self.worker_governors.get(k))
+            .map(|g| &g.state)
+        {
             None => Ok(self.governor.clone()),
             Some(GovernorState::Ready(g)) => Ok(g.clone()),
-            Some(GovernorState::Refused(e)) => Err(Decision::fail(
+            Some(GovernorState::Refused {
+                policy: FailPolicy::FailOpen,
+                ..
+            }) => Err(Decision::allow_without_verdict()),
+            Some(GovernorState::Refused { why, .. }) => Err(Decision::fail(
                 ErrorType::GovernanceHalt,
-                format!("Governance API error: {e}"),
+                format!("Governance API error: {why}"),
             )),
             Some(GovernorState::Starting(_)) => Err(Decision::fail(
                 ErrorType::GovernanceHalt,

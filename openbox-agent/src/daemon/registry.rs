@@ -77,6 +77,11 @@ pub struct Stats {
     pub unattributed: BTreeMap<&'static str, u64>,
     pub spans_dropped: u64,
     pub registrations_refused: u64,
+    /// Workers whose own governance settings the agent refused (their activities follow
+    /// their failure policy).
+    pub worker_settings_refused: u64,
+    /// Governors of workers' own settings freed with their last worker.
+    pub worker_governors_freed: u64,
     pub activities_abandoned: u64,
 }
 
@@ -200,6 +205,8 @@ impl Registry {
             "unattributed_reasons": self.stats.unattributed,
             "spans_dropped_over_limit": self.stats.spans_dropped,
             "registrations_refused": self.stats.registrations_refused,
+            "worker_settings_refused": self.stats.worker_settings_refused,
+            "worker_governors_freed": self.stats.worker_governors_freed,
         })
     }
 }

@@ -715,6 +715,24 @@ impl GovernanceConfig {
         Ok(Some(cfg))
     }
 
+    /// The failure policy a worker's own settings ask for (`governance_policy`), else the
+    /// agent's: what the worker's activities follow when the agent refuses its settings.
+    pub fn worker_fail_policy(&self, settings: &serde_json::Value) -> FailPolicy {
+        let policy = settings
+            .get("governance_policy")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let Ok(layer) = Layer::from_worker(&serde_json::json!({ "governance_policy": policy }))
+        else {
+            return self.on_api_error;
+        };
+        let mut cfg = self.clone();
+        match cfg.apply(&layer) {
+            Ok(()) => cfg.on_api_error,
+            Err(_) => self.on_api_error,
+        }
+    }
+
     /// Whether a worker may have the agent talk to this Core: it starts with a prefix the
     /// operator allowed, and the next character ends a path segment (an allowed
     /// `https://core.example` must not let `https://core.example.evil` through).
@@ -1178,5 +1196,26 @@ policy_file = "policy.toml"
             .with_worker_settings(&json!({"governance_policy": "fail_closed"}))
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn a_refused_worker_follows_its_own_failure_policy_else_the_agents() {
+        let agent = GovernanceConfig::default();
+        assert_eq!(agent.on_api_error, FailPolicy::FailOpen);
+        let closed =
+            json!({"openbox_url": "http://127.0.0.1:9", "governance_policy": "fail_closed"});
+        assert_eq!(agent.worker_fail_policy(&closed), FailPolicy::FailClosed);
+        let open = json!({"openbox_url": "http://127.0.0.1:9", "governance_policy": "fail_open"});
+        let strict = GovernanceConfig {
+            on_api_error: FailPolicy::FailClosed,
+            ..Default::default()
+        };
+        assert_eq!(strict.worker_fail_policy(&open), FailPolicy::FailOpen);
+        // Not given, or not a policy: the agent's.
+        let neither = json!({"openbox_url": "http://127.0.0.1:9"});
+        assert_eq!(strict.worker_fail_policy(&neither), FailPolicy::FailClosed);
+        let bad = json!({"governance_policy": "maybe"});
+        assert_eq!(strict.worker_fail_policy(&bad), FailPolicy::FailClosed);
+        assert_eq!(agent.worker_fail_policy(&json!(null)), FailPolicy::FailOpen);
     }
 }

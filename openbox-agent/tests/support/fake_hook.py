@@ -11,6 +11,12 @@ Modes:
   forge-pid PID       hello claiming pid PID.
   forge-thread TID    a valid hello, then `thread` for TID.
   die                 hello, activity_start, then exits without activity_end.
+  hello [SECS]        hello; with SECS, waits that long on the same connection and says
+                      hello again (a registered connection must not be timed out).
+  command CMD...      one activity ("cmd") that runs CMD as a subprocess (its output
+                      discarded; a failure fails the hook).
+  settings JSON       hello with JSON as the worker's own governance settings
+                      (create_openbox_worker's parameters), then one activity.
 """
 
 import ctypes
@@ -22,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 
 
@@ -52,9 +59,9 @@ def slot_table(n=64):
     return mm, slots, ctypes.addressof(ctypes.c_char.from_buffer(mm))
 
 
-def hello(agent, addr, n=64, pid=None):
+def hello(agent, addr, n=64, pid=None, config=None):
     return agent.call(op="hello", pid=os.getpid() if pid is None else pid,
-                      hook="fake-hook", slots_addr=addr, slots=n, config={})
+                      hook="fake-hook", slots_addr=addr, slots=n, config=config or {})
 
 
 def activity(agent, slots, slot, name, url, out_dir, barrier):
@@ -98,6 +105,31 @@ def main():
     elif mode == "forge-thread":
         hello(agent, addr)
         agent.call(op="thread", tid=int(args[0]), slot=0)
+    elif mode == "hello":
+        hello(agent, addr)
+        if args:
+            time.sleep(float(args[0]))
+            hello(agent, addr)
+    elif mode == "command":
+        hello(agent, addr)
+        agent.call(op="thread", tid=threading.get_native_id(), slot=1)
+        start = agent.call(op="activity_start", workflow_id="wf-cmd", run_id="run-1",
+                           workflow_type="W", activity_id="cmd", activity_type="command",
+                           task_queue="q", attempt=1, input=[])
+        slots[1] = start["token"]
+        try:
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+        finally:
+            slots[1] = 0
+        agent.call(op="activity_end", token=start["token"], status="completed",
+                   output={"done": "cmd"}, error=None)
+    elif mode == "settings":
+        hello(agent, addr, config=json.loads(args[0]))
+        start = agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
+                           activity_id="1", activity_type="t", task_queue="q", attempt=1,
+                           input=[])
+        agent.call(op="activity_end", token=start["token"], status="completed", output=None,
+                   error=None)
     elif mode == "die":
         hello(agent, addr)
         agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
