@@ -5,7 +5,10 @@ use std::{io::Write, path::Path};
 
 use serde::Serialize;
 
-use crate::preflight::{self, Access, CAP_BPF, CAP_KILL, CAP_PERFMON, CAP_SYS_ADMIN, TRACEFS};
+use crate::{
+    capture::pause,
+    preflight::{self, Access, CAP_BPF, CAP_KILL, CAP_PERFMON, CAP_SYS_ADMIN, TRACEFS},
+};
 
 #[derive(Debug, Serialize)]
 pub struct Item {
@@ -96,6 +99,9 @@ fn lsm_list() -> std::io::Result<String> {
 }
 
 const LSM: &str = "/sys/kernel/security/lsm";
+
+/// What the agent gives up without CAP_KILL or bpffs.
+const NOT_PAUSED: &str = "processes that load a libssl after watching began are not paused while its TLS probes attach, so their first TLS calls may not be captured";
 
 pub fn report() -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -287,10 +293,73 @@ pub fn report() -> Report {
     items.push(Item {
         name: "CAP_KILL",
         ok: kill,
-        detail: if kill { "held".into() } else { "not held: a process of another user that loads libssl is paused by the kernel until its TLS probes are attached, and the agent could not resume it".into() },
-        fix: if kill { String::new() } else { format!("run as root, or {}", preflight::SETCAP) },
+        detail: if kill {
+            "held".into()
+        } else {
+            format!("not held: {NOT_PAUSED}, as the agent could not resume another user's process")
+        },
+        fix: if kill {
+            String::new()
+        } else {
+            format!("run as root, or {}", preflight::SETCAP)
+        },
         required: false,
     });
+    // Mounts bpffs when it is missing and we may; then looks again.
+    let bpffs = preflight::ensure_bpffs();
+    items.push(Item {
+        name: "bpffs",
+        ok: bpffs.is_ok(),
+        detail: match &bpffs {
+            Ok(()) => format!(
+                "mounted at {}: paused processes are recorded in {}/, so those a crashed agent left stopped are resumed at the next start",
+                preflight::BPFFS,
+                pause::PIN_DIR
+            ),
+            Err(e) => format!("{e:#}: {NOT_PAUSED}"),
+        },
+        fix: if bpffs.is_ok() {
+            String::new()
+        } else {
+            format!("mount -t bpf bpf {}", preflight::BPFFS)
+        },
+        required: false,
+    });
+    if bpffs.is_ok() {
+        let orphans = pause::orphans();
+        let pids: Vec<String> = orphans
+            .iter()
+            .flatten()
+            .flat_map(|(_, pids)| pids.iter().map(|p| p.to_string()))
+            .collect();
+        // EACCES on the 0700 directory, EPERM from bpf(2) without CAP_BPF.
+        let denied =
+            matches!(&orphans, Err(e) if e.contains("os error 13") || e.contains("os error 1)"));
+        items.push(Item {
+            name: "left stopped",
+            ok: orphans.is_ok() && pids.is_empty(),
+            detail: match &orphans {
+                Ok(_) if pids.is_empty() => "no process stopped by an agent that ended".into(),
+                Ok(_) => format!(
+                    "processes stopped while an agent that has ended attached TLS probes: {}",
+                    pids.join(", ")
+                ),
+                Err(e) if denied => format!("{e} (permission denied)"),
+                Err(e) => format!("cannot read the records of paused processes: {e}"),
+            },
+            fix: match &orphans {
+                Ok(_) if pids.is_empty() => String::new(),
+                Ok(_) => "start the agent (`run` or `trace`): it resumes them; or `kill -CONT PID`"
+                    .into(),
+                Err(_) if denied => "run `openbox-agent check` as root".into(),
+                Err(_) => format!(
+                    "resume stopped processes with `kill -CONT PID`, then remove the files in {}",
+                    pause::PIN_DIR
+                ),
+            },
+            required: false,
+        });
+    }
     let ready = items.iter().all(|i| i.ok || !i.required);
     let mode = if !ready {
         "cannot run: see the required items above".to_string()

@@ -9,9 +9,11 @@
 pub mod bounded;
 pub mod capture;
 pub mod check;
+pub mod config;
 pub mod conn;
 pub mod daemon;
 pub mod governance;
+pub mod logging;
 pub mod pipeline;
 pub mod preflight;
 pub mod procfs;

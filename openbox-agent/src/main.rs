@@ -1,12 +1,17 @@
 //! openbox-agent: sees what Temporal activities do — HTTP(S), database queries, file
 //! I/O — from the kernel, without instrumenting the worker.
 
-use openbox_agent::{capture, check, conn, daemon, preflight, redact, span, trace};
-
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use openbox_agent::{
+    capture, check,
+    config::{pick, pick_flag, pick_list, CaptureFile, FileConfig},
+    conn, daemon,
+    logging::{self, LogFormat},
+    preflight, redact, span, trace,
+};
 use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 
 #[derive(Parser)]
@@ -16,15 +21,16 @@ struct Cli {
     command: Command,
 }
 
-/// How the kernel programs capture and how spans are built (shared by `trace` and `run`).
+/// How the kernel programs capture and how spans are built (shared by `trace` and `run`;
+/// `run` also reads them from the `[capture]` table of its config file).
 #[derive(Args, Clone)]
 struct CaptureArgs {
-    /// Most body bytes kept per HTTP message in spans.
-    #[arg(long, default_value_t = 65536)]
-    max_body: usize,
-    /// Most characters of a database statement kept in spans.
-    #[arg(long, default_value_t = 4096)]
-    max_statement: usize,
+    /// Most body bytes kept per HTTP message in spans [default: 65536].
+    #[arg(long)]
+    max_body: Option<usize>,
+    /// Most characters of a database statement kept in spans [default: 4096].
+    #[arg(long)]
+    max_statement: Option<usize>,
     /// Redact nothing: headers, URLs, bodies and statements are shown as captured.
     #[arg(long)]
     no_redact: bool,
@@ -42,9 +48,9 @@ struct CaptureArgs {
     /// One file.read/file.write span per call, instead of one per burst of calls.
     #[arg(long)]
     every_file_call: bool,
-    /// Payload bytes captured per call (at most 262144).
-    #[arg(long, default_value_t = DEFAULT_CAPTURE_LIMIT, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
-    capture_limit: u32,
+    /// Payload bytes captured per call (at most 262144) [default: 16384].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=MAX_CAPTURE_LIMIT as i64))]
+    capture_limit: Option<u32>,
     /// Also probe this libssl (or binary exporting SSL_write/SSL_read); repeatable.
     #[arg(long = "tls-lib", value_name = "PATH")]
     tls_libs: Vec<PathBuf>,
@@ -58,12 +64,53 @@ struct CaptureArgs {
     /// (its first TLS calls may then be missed).
     #[arg(long)]
     no_tls_pause: bool,
-    /// Ring-buffer size in MiB (a power of two).
-    #[arg(long, default_value_t = 16)]
+    /// Ring-buffer size in MiB (a power of two) [default: 16].
+    #[arg(long)]
+    ring_mib: Option<u32>,
+}
+
+/// [`CaptureArgs`] with the config file's `[capture]` table and the defaults applied.
+struct Capture {
+    max_body: usize,
+    max_statement: usize,
+    no_redact: bool,
+    redact_headers: Vec<String>,
+    redact_patterns: Vec<String>,
+    no_redact_patterns: Vec<String>,
+    every_file_call: bool,
+    capture_limit: u32,
+    tls_libs: Vec<PathBuf>,
+    skip_paths: Vec<String>,
+    no_default_skips: bool,
+    no_tls_pause: bool,
     ring_mib: u32,
 }
 
 impl CaptureArgs {
+    fn resolve(self, file: CaptureFile) -> Capture {
+        Capture {
+            max_body: pick(self.max_body, file.max_body, 65536),
+            max_statement: pick(self.max_statement, file.max_statement, 4096),
+            no_redact: pick_flag(self.no_redact, file.no_redact),
+            redact_headers: pick_list(self.redact_headers, file.redact_headers),
+            redact_patterns: pick_list(self.redact_patterns, file.redact_patterns),
+            no_redact_patterns: pick_list(self.no_redact_patterns, file.no_redact_patterns),
+            every_file_call: pick_flag(self.every_file_call, file.every_file_call),
+            capture_limit: pick(
+                self.capture_limit,
+                file.capture_limit,
+                DEFAULT_CAPTURE_LIMIT,
+            ),
+            tls_libs: pick_list(self.tls_libs, file.tls_libs),
+            skip_paths: pick_list(self.skip_paths, file.skip_paths),
+            no_default_skips: pick_flag(self.no_default_skips, file.no_default_skips),
+            no_tls_pause: pick_flag(self.no_tls_pause, file.no_tls_pause),
+            ring_mib: pick(self.ring_mib, file.ring_mib, 16),
+        }
+    }
+}
+
+impl Capture {
     fn skip(&self) -> conn::SkipPaths {
         let mut skip = if self.no_default_skips {
             conn::SkipPaths::none()
@@ -102,7 +149,16 @@ impl CaptureArgs {
 
     fn capture(&self) -> Result<capture::CaptureConfig> {
         if !self.ring_mib.is_power_of_two() {
-            anyhow::bail!("--ring-mib must be a power of two (got {})", self.ring_mib);
+            anyhow::bail!(
+                "ring_mib (--ring-mib) must be a power of two (got {})",
+                self.ring_mib
+            );
+        }
+        if self.capture_limit > MAX_CAPTURE_LIMIT {
+            anyhow::bail!(
+                "capture_limit (--capture-limit) must be at most {MAX_CAPTURE_LIMIT} (got {})",
+                self.capture_limit
+            );
         }
         Ok(capture::CaptureConfig {
             capture_limit: self.capture_limit,
@@ -115,8 +171,9 @@ impl CaptureArgs {
 /// Governance settings (flags > OPENBOX_* environment > `--config` file > defaults).
 #[derive(Args, Clone)]
 struct GovArgs {
-    /// A TOML file with a `[governance]` table (see the README).
-    #[arg(long, value_name = "FILE")]
+    /// A TOML file with every setting of `run`: tables `[agent]`, `[capture]` and
+    /// `[governance]` (see the README). Flags and environment variables override it.
+    #[arg(long, value_name = "FILE", env = "OPENBOX_CONFIG")]
     config: Option<PathBuf>,
     /// OpenBox Core base URL; without one, the embedded default governs (local policy
     /// file and the events sink). Env: OPENBOX_URL.
@@ -175,8 +232,21 @@ struct GovArgs {
     allow_worker_core_url: Vec<String>,
 }
 
+/// How logs are written (`trace` and `run`).
+#[derive(Args, Clone)]
+struct LogArgs {
+    /// `text` (readable) or `json` (one object per line, for log collectors)
+    /// [default: text]. Env: OPENBOX_LOG_FORMAT. Verbosity: OPENBOX_LOG (default warn).
+    #[arg(long, value_enum, env = "OPENBOX_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
 impl GovArgs {
-    fn load(&self, events: Option<String>) -> Result<openbox_agent::governance::GovernanceConfig> {
+    fn load(
+        &self,
+        events: Option<String>,
+        allow_worker_core_url: Vec<String>,
+    ) -> Result<openbox_agent::governance::GovernanceConfig> {
         let raw = openbox_agent::governance::RawSettings {
             openbox_url: self.openbox_url.clone(),
             openbox_api_key: self.openbox_api_key.clone(),
@@ -198,7 +268,7 @@ impl GovArgs {
         };
         let mut cfg =
             openbox_agent::governance::GovernanceConfig::load(&raw, self.config.as_deref())?;
-        cfg.allow_worker_core_urls = self.allow_worker_core_url.clone();
+        cfg.allow_worker_core_urls = allow_worker_core_url;
         Ok(cfg)
     }
 }
@@ -225,6 +295,8 @@ enum Command {
         pid: Option<u32>,
         #[command(flatten)]
         capture: CaptureArgs,
+        #[command(flatten)]
+        log: LogArgs,
         /// Payload bytes shown per record in readable output.
         #[arg(long, default_value_t = 160)]
         show_bytes: usize,
@@ -236,17 +308,17 @@ enum Command {
     /// children, attribute what they do to Temporal activities, and write one event per
     /// activity start and end (ActivityCompleted carries the activity's spans).
     Run {
-        /// The hook socket (Unix stream socket).
-        #[arg(long, env = "OPENBOX_AGENT_SOCKET", default_value = daemon::hook::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// The hook socket (Unix stream socket) [default: /run/openbox/agent.sock].
+        #[arg(long, env = "OPENBOX_AGENT_SOCKET")]
+        socket: Option<PathBuf>,
         /// Group (name or gid) of the socket (mode 0660) and of its directory (0750):
         /// run workers with this group to let them connect [default: the agent's group].
         #[arg(long, env = "OPENBOX_SOCKET_GROUP", value_name = "NAME|GID")]
         socket_group: Option<String>,
         /// Most hook connections one uid may hold at once (root included); more are
-        /// closed at once.
-        #[arg(long, default_value_t = daemon::hook::DEFAULT_MAX_CONNECTIONS_PER_UID)]
-        max_connections_per_uid: usize,
+        /// closed at once [default: 256].
+        #[arg(long)]
+        max_connections_per_uid: Option<usize>,
         /// Where governance events go, one JSON object per line: a file (appended), `-`
         /// for stdout, or `off` [default: `-` without a Core URL, off with one].
         #[arg(long, value_name = "FILE")]
@@ -257,11 +329,18 @@ enum Command {
         /// JSON lines to this file.
         #[arg(long, value_name = "FILE")]
         unattributed: Option<PathBuf>,
-        /// Most spans kept per activity (more are counted and dropped).
-        #[arg(long, default_value_t = 2000)]
-        span_limit: usize,
+        /// Most spans kept per activity (more are counted and dropped) [default: 2000].
+        #[arg(long)]
+        span_limit: Option<usize>,
+        /// Serve Prometheus metrics at /metrics, and the probes /healthz (alive) and
+        /// /readyz (programs attached, hook socket serving), on this HOST:PORT.
+        /// Env: OPENBOX_METRICS_ADDR.
+        #[arg(long, value_name = "HOST:PORT", env = "OPENBOX_METRICS_ADDR")]
+        metrics_addr: Option<String>,
         #[command(flatten)]
         capture: CaptureArgs,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Report what this kernel offers, the privileges held, and the mode the agent will use.
     Check {
@@ -271,16 +350,12 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("OPENBOX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let code = match real_main() {
         Ok(code) => code,
+        Err(e) if logging::is_json() => {
+            tracing::error!(error = %format!("{e:#}"), "openbox-agent failed");
+            1
+        }
         Err(e) => {
             eprintln!("openbox-agent: error: {e:#}");
             1
@@ -293,6 +368,7 @@ fn real_main() -> Result<i32> {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { json } => {
+            logging::init(LogFormat::Text);
             let report = check::report();
             match check::print(&report, json) {
                 // Rust ignores SIGPIPE, so a reader that left (`check --json | head`)
@@ -309,9 +385,12 @@ fn real_main() -> Result<i32> {
             raw,
             pid,
             capture,
+            log,
             show_bytes,
             command,
         } => {
+            logging::init(log.log_format.unwrap_or_default());
+            let capture = capture.resolve(CaptureFile::default());
             preflight::raise_nofile_limit();
             let opts = trace::TraceOpts {
                 json,
@@ -337,24 +416,47 @@ fn real_main() -> Result<i32> {
             governance,
             unattributed,
             span_limit,
+            metrics_addr,
             capture,
+            log,
         } => {
+            let file = match &governance.config {
+                Some(path) => FileConfig::load(path)?,
+                None => FileConfig::default(),
+            };
+            let agent = file.agent;
+            logging::init(pick(log.log_format, agent.log_format, LogFormat::Text));
+            let capture = capture.resolve(file.capture);
+            let allow = pick_list(
+                governance.allow_worker_core_url.clone(),
+                agent.allow_worker_core_url,
+            );
             preflight::raise_nofile_limit();
             let opts = daemon::RunOpts {
-                socket,
-                governance: governance.load(events)?,
-                unattributed,
+                socket: pick(
+                    socket,
+                    agent.socket,
+                    PathBuf::from(daemon::hook::DEFAULT_SOCKET),
+                ),
+                governance: governance.load(events, allow)?,
+                unattributed: unattributed.or(agent.unattributed),
                 spans: capture.spans(),
                 capture: capture.capture()?,
                 tls_libs: capture.tls_libs.clone(),
                 skip: capture.skip(),
-                span_limit,
+                span_limit: pick(span_limit, agent.span_limit, 2000),
+                metrics_addr: metrics_addr.or(agent.metrics_addr),
                 socket_group: socket_group
+                    .or(agent.socket_group)
                     .as_deref()
                     .map(daemon::hook::parse_group)
                     .transpose()?,
                 hook_limits: daemon::hook::Limits {
-                    max_connections_per_uid,
+                    max_connections_per_uid: pick(
+                        max_connections_per_uid,
+                        agent.max_connections_per_uid,
+                        daemon::hook::DEFAULT_MAX_CONNECTIONS_PER_UID,
+                    ),
                     ..Default::default()
                 },
             };

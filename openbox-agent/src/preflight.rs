@@ -122,6 +122,47 @@ pub fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// statfs(2) f_type of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Whether a bpffs is mounted at [`BPFFS`].
+pub fn bpffs_mounted() -> bool {
+    let path = std::ffi::CString::new(BPFFS).unwrap();
+    // SAFETY: statfs(2) writes into the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The paused processes' records are pinned in bpffs, so they outlive a crashed agent:
+/// mount it when it is not mounted.
+pub fn ensure_bpffs() -> Result<()> {
+    if bpffs_mounted() {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(BPFFS).unwrap();
+    let fstype = std::ffi::CString::new("bpf").unwrap();
+    // SAFETY: plain mount(2) with static C strings.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 || !bpffs_mounted() {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "bpffs is not mounted at {BPFFS} and mounting it failed ({err}). Mount it with `mount -t bpf bpf {BPFFS}` (in a container, mount the host's {BPFFS}, so that what an agent leaves there outlives the container)"
+        );
+    }
+    tracing::info!("mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 pub fn raise_memlock() {
     let rlim = libc::rlimit {

@@ -5,7 +5,7 @@
 //! protocol from its first bytes, feeds both directions to that protocol's parser, and
 //! turns the parser's [`Op`]s into [`Span`]s with the SDK's attribute names.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -171,8 +171,9 @@ pub struct SpanBuilder {
     trace_id: String,
     conns: HashMap<String, ConnState>,
     files: HashMap<(Pid, i32), FileState>,
-    /// Operations the parsers could not make sense of, over all closed connections.
-    pub unparsed: u64,
+    /// Operations the parsers could not make sense of, over all closed connections, by
+    /// protocol.
+    pub unparsed: BTreeMap<&'static str, u64>,
     /// Connections whose protocol was not recognised.
     pub unknown_conns: u64,
     /// Connections found, since the caller last took them, to be of no known protocol:
@@ -191,7 +192,7 @@ impl SpanBuilder {
             trace_id,
             conns: HashMap::new(),
             files: HashMap::new(),
-            unparsed: 0,
+            unparsed: BTreeMap::new(),
             unknown_conns: 0,
             given_up: Vec::new(),
         }
@@ -265,7 +266,10 @@ impl SpanBuilder {
                     let mut ops = Vec::new();
                     if let Some(p) = c.parser.as_mut() {
                         p.close(*ts, &mut ops);
-                        self.unparsed += p.unparsed();
+                        let lost = p.unparsed();
+                        if lost > 0 {
+                            *self.unparsed.entry(p.protocol().as_str()).or_default() += lost;
+                        }
                     } else if c.held.iter().any(|h| !h.is_empty()) {
                         self.unknown_conns += 1;
                     }

@@ -164,7 +164,9 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "truncated_bytes": c.truncated_bytes, "unparsed_records": st.unparsed_records,
                 "unparsed_messages": st.unparsed_messages,
                 "unrecognised_connections": st.unrecognised_connections,
+                "paused": c.paused, "resumed": st.resumed,
                 "resume_failures": st.resume_failures,
+                "resumed_at_start": st.resumed_at_start,
             })
         );
     } else if p.json {
@@ -184,7 +186,10 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             "map_full": c.map_full,
             "captured_bytes": c.captured_bytes,
             "unparsed_records": st.unparsed_records,
+            "paused": c.paused,
+            "resumed": st.resumed,
             "resume_failures": st.resume_failures,
+            "resumed_at_start": st.resumed_at_start,
         });
         let _ = writeln!(p.out, "{line}");
     } else {
@@ -202,6 +207,20 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             c.watched_hits,
             c.unwatched_hits
         );
+        if c.paused > 0 {
+            let _ = writeln!(
+                p.out,
+                "-- {} processes paused while TLS probes attached, {} resumed",
+                c.paused, st.resumed
+            );
+        }
+        if st.resumed_at_start > 0 {
+            let _ = writeln!(
+                p.out,
+                "-- {} processes an earlier agent left stopped were resumed at start",
+                st.resumed_at_start
+            );
+        }
         if st.resume_failures > 0 {
             let _ = writeln!(
                 p.out,
@@ -480,13 +499,25 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         for child in procfs::descendants(pid) {
             let _ = session.watch(child);
         }
+        tracing::info!(pid, "watching process {pid} and its children");
         pid_watch = Some(fd);
         drop(exit_tx);
     } else {
         let pid = spawn_stopped(&opts.command)?;
-        session.watch(pid)?;
+        if let Err(e) = session.watch(pid) {
+            // The command never ran: it must not stay stopped behind us.
+            // SAFETY: killing and reaping our own stopped child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            wait_exit(pid);
+            return Err(e.context(format!("watching {}", opts.command[0])));
+        }
         // SAFETY: resuming our stopped child.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        if unsafe { libc::kill(pid as i32, libc::SIGCONT) } != 0 {
+            bail!(
+                "could not start the traced command (process {pid}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
         std::thread::spawn(move || {
             let _ = exit_tx.send(wait_exit(pid));
         });
@@ -494,6 +525,9 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // A closed terminal ends the agent like Ctrl-C: through the exit path that resumes
+    // paused processes (the default action would kill it on the spot).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let pid_exit = async {
         match &pid_watch {
             Some(fd) => {
@@ -513,6 +547,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
             _ = &mut pid_exit => break 0,
             _ = sigint.recv() => break 130,
             _ = sigterm.recv() => break 143,
+            _ = sighup.recv() => break 129,
         }
     };
     // Everything the traced processes did is already in the ring: drain it.

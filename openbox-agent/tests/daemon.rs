@@ -6,6 +6,7 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     fs,
     os::unix::net::UnixStream,
     path::PathBuf,
@@ -26,11 +27,18 @@ struct Daemon {
 
 impl Daemon {
     fn start(env: &TestEnv) -> Daemon {
+        Daemon::start_with(env, &[], &[])
+    }
+
+    /// Started with extra arguments and environment variables.
+    fn start_with(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new("daemon");
         let socket = dir.join("agent.sock");
         let stderr = fs::File::create(dir.join("agent.err")).unwrap();
         let child = Command::new(&env.agent)
             .arg("run")
+            .args(args)
+            .envs(vars.iter().copied())
             .arg("--socket")
             .arg(&socket)
             .arg("--events")
@@ -337,4 +345,355 @@ fn bad_governance_settings_stop_the_agent_with_a_message_naming_the_setting() {
             "a refused start left its socket behind"
         );
     }
+}
+
+/// `GET path` on the agent's metrics address: (status code, body).
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
+}
+
+/// The address the agent printed for its endpoints (started with `--metrics-addr
+/// 127.0.0.1:0`), from its stderr file.
+fn metrics_addr(stderr: impl Fn() -> String) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let err = stderr();
+        if let Some(rest) = err.split("/readyz on http://").nth(1) {
+            let addr: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not say where its endpoints are within 30 s:\n{err}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Prometheus text → `name{labels}` → value (comments skipped).
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l}"));
+            (
+                name.to_string(),
+                value.parse().unwrap_or_else(|_| panic!("{l}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_scraped_during_a_run_hold_the_values_of_the_summary_and_json_logs_parse() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let work = TempDir::new("work-metrics");
+    let mut daemon = Daemon::start_with(
+        &env,
+        &["--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
+        &[("OPENBOX_LOG", "info")],
+    );
+    let addr = metrics_addr(|| daemon.stderr());
+    let url = format!("https://127.0.0.1:{}", server.port);
+    daemon.hook(&env, &["attribute", &url, &work.arg()]);
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    daemon.hook(&env, &["forge-pid", &other.id().to_string()]);
+    let _ = other.kill();
+    let _ = other.wait();
+    // The hook processes' exits reach the agent through the ring buffer.
+    thread::sleep(Duration::from_millis(300));
+    let (status, text) = http_get(&addr, "/metrics").unwrap();
+    assert_eq!(status, 200, "{text}");
+    let m = parse_metrics(&text);
+    let summary = daemon.stop();
+
+    let metric = |name: &str| -> u64 {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{text}")) as u64
+    };
+    let num = |v: &Value| v.as_u64().unwrap_or(0);
+    let g = &summary["governance"];
+    let mut pairs: Vec<(String, u64)> = vec![
+        ("openbox_events_total".into(), num(&summary["events"])),
+        (
+            "openbox_ringbuf_drops_total".into(),
+            num(&summary["ringbuf_drops"]),
+        ),
+        (
+            "openbox_truncated_calls_total".into(),
+            num(&summary["truncated_calls"]),
+        ),
+        (
+            "openbox_truncated_bytes_total".into(),
+            num(&summary["truncated_bytes"]),
+        ),
+        (
+            "openbox_records_received_total".into(),
+            num(&summary["records_received"]),
+        ),
+        (
+            "openbox_spans_attributed_total".into(),
+            num(&summary["spans_attributed"]),
+        ),
+        (
+            "openbox_connections_unrecognised_total".into(),
+            num(&summary["unrecognised_connections"]),
+        ),
+        (
+            "openbox_hook_connections_total".into(),
+            num(&summary["hook_connections"]),
+        ),
+        (
+            "openbox_hook_registrations_refused_total".into(),
+            num(&summary["registrations_refused"]),
+        ),
+        (
+            "openbox_activities_total".into(),
+            num(&summary["activities"]),
+        ),
+        (
+            "openbox_hook_connections_refused_total".into(),
+            num(&summary["hook_connections_refused"]),
+        ),
+        (
+            "openbox_hook_peers_dropped_total".into(),
+            num(&summary["hook_peers_dropped"]),
+        ),
+        (
+            "openbox_hook_closed_without_hello_total".into(),
+            num(&summary["hook_closed_without_hello"]),
+        ),
+        (
+            "openbox_worker_settings_refused_total".into(),
+            num(&summary["worker_settings_refused"]),
+        ),
+        ("openbox_spool_events".into(), num(&g["spool_pending"])),
+        (
+            "openbox_spool_dropped_total".into(),
+            num(&g["spool_dropped"]),
+        ),
+        (
+            "openbox_governance_request_duration_seconds_count".into(),
+            g["requests"].as_object().unwrap().values().map(num).sum(),
+        ),
+    ];
+    for reason in ["no_activity", "after_activity_end", "unknown_activity"] {
+        pairs.push((
+            format!("openbox_spans_unattributed_total{{reason=\"{reason}\"}}"),
+            num(&summary["unattributed_reasons"][reason]),
+        ));
+    }
+    for protocol in ["http", "postgres", "mysql", "redis", "mongo"] {
+        pairs.push((
+            format!("openbox_parser_unparsed_messages_total{{protocol=\"{protocol}\"}}"),
+            num(&summary["unparsed_by_protocol"][protocol]),
+        ));
+    }
+    for outcome in ["ok", "non_json", "http_error", "timeout", "network"] {
+        pairs.push((
+            format!("openbox_governance_requests_total{{outcome=\"{outcome}\"}}"),
+            num(&g["requests"][outcome]),
+        ));
+    }
+    for (name, want) in &pairs {
+        assert_eq!(
+            metric(name),
+            *want,
+            "{name}: /metrics and the summary disagree\nsummary: {summary}\n/metrics:\n{text}"
+        );
+    }
+    // And the run really counted something.
+    assert!(metric("openbox_spans_attributed_total") >= 6, "{text}");
+    assert!(
+        metric("openbox_spans_unattributed_total{reason=\"no_activity\"}") >= 1,
+        "{text}"
+    );
+    assert_eq!(metric("openbox_hook_registrations_refused_total"), 1);
+    assert!(metric("openbox_hook_connections_total") >= 2, "{text}");
+    // Two ActivityStarted and two ActivityCompleted, answered by the local policy.
+    assert!(
+        metric("openbox_governance_requests_total{outcome=\"ok\"}") >= 4,
+        "{text}"
+    );
+    assert!(metric("openbox_events_total") > 0);
+
+    // --log-format json: every line on stderr is a JSON object (the summary too).
+    let err = daemon.stderr();
+    let lines: Vec<Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("listening for worker hooks"))),
+        "{err}"
+    );
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused hook registration"))),
+        "{err}"
+    );
+}
+
+#[test]
+fn readyz_says_not_ready_until_the_programs_are_attached_then_systemd_hears_ready() {
+    use std::os::unix::net::UnixDatagram;
+    let env = TestEnv::get();
+    let dir = TempDir::new("readyz");
+    let socket = dir.join("agent.sock");
+    let gate = dir.join("attach-now");
+    let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify.set_nonblocking(true).unwrap();
+    let stderr = fs::File::create(dir.join("agent.err")).unwrap();
+    let mut child = Command::new(&env.agent)
+        .args([
+            "run",
+            "--events",
+            "off",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--socket",
+        ])
+        .arg(&socket)
+        // Test-only: the agent waits for this file before it loads its programs.
+        .env("OPENBOX_TEST_HOLD_ATTACH", &gate)
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let read_err = || fs::read_to_string(dir.join("agent.err")).unwrap_or_default();
+    let addr = metrics_addr(read_err);
+
+    assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
+    let (status, body) = http_get(&addr, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not attached"), "{body}");
+    assert_eq!(http_get(&addr, "/metrics").unwrap().0, 503);
+    assert!(
+        UnixStream::connect(&socket).is_err(),
+        "socket before attach"
+    );
+    let mut buf = [0u8; 256];
+    assert!(
+        notify.recv(&mut buf).is_err(),
+        "systemd was told something before the agent was ready"
+    );
+
+    fs::write(&gate, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let (status, _) = http_get(&addr, "/readyz").unwrap();
+        if seen.last() != Some(&status) {
+            seen.push(status);
+        }
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {seen:?}\n{}",
+            read_err()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Ready means serving: the hook socket answers, systemd got READY=1, and /metrics
+    // has counters.
+    assert!(UnixStream::connect(&socket).is_ok());
+    notify.set_nonblocking(false).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = notify.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    let (status, text) = http_get(&addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(text.contains("openbox_events_total"), "{text}");
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success(), "{}", read_err());
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+#[test]
+fn the_config_file_covers_run_settings_with_flag_over_env_over_file_and_rejects_unknown_keys() {
+    let env = TestEnv::get();
+    let dir = TempDir::new("config");
+    let config = dir.join("agent.toml");
+    // Not an address: `run` stops at once and names the value it used, so each case
+    // shows which layer won without loading any program.
+    fs::write(
+        &config,
+        "[agent]\nmetrics_addr = \"from-the-file\"\n[capture]\nring_mib = 16\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], vars: &[(&str, &str)]| -> String {
+        let mut cmd = Command::new(&env.agent);
+        cmd.arg("run")
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("OPENBOX_METRICS_ADDR")
+            .envs(vars.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (status, _, err) = run_bounded(&mut cmd, Duration::from_secs(30));
+        assert!(!status.success(), "{args:?} {vars:?} started");
+        err
+    };
+    let err = run(&[], &[]);
+    assert!(err.contains("\"from-the-file\""), "the file's: {err}");
+    let err = run(&[], &[("OPENBOX_METRICS_ADDR", "from-the-env")]);
+    assert!(err.contains("\"from-the-env\""), "env over file: {err}");
+    let err = run(
+        &["--metrics-addr", "from-the-flag"],
+        &[("OPENBOX_METRICS_ADDR", "from-the-env")],
+    );
+    assert!(err.contains("\"from-the-flag\""), "flag over env: {err}");
+
+    // A misspelled key stops the agent, naming the file and the key.
+    fs::write(&config, "[capture]\nring_mb = 16\n").unwrap();
+    let err = run(&[], &[]);
+    assert!(
+        err.contains(&config.display().to_string()) && err.contains("ring_mb"),
+        "{err}"
+    );
+    fs::write(&config, "[agnet]\nsocket = \"/tmp/x\"\n").unwrap();
+    let err = run(&[], &[]);
+    assert!(err.contains("agnet"), "{err}");
+    // A value of the wrong kind is named too.
+    fs::write(&config, "[capture]\nring_mib = 3\n").unwrap();
+    let err = run(&[], &[]);
+    assert!(
+        err.contains("ring_mib") && err.contains("power of two"),
+        "{err}"
+    );
+    assert!(!dir.join("agent.sock").exists());
 }

@@ -131,6 +131,9 @@ pub const CNT_KERNEL_READ_FAILURES: u32 = 11;
 /// A watched process that opened a TLS library could not be stopped (bpf_send_signal
 /// failed): its first TLS calls may run before the uprobes exist.
 pub const CNT_PAUSE_FAILURES: u32 = 12;
+/// Watched processes stopped (SIGSTOP) while the agent attached TLS probes to a libssl
+/// they opened; each is recorded in `PAUSED` until the agent resumes it.
+pub const CNT_PAUSED: u32 = 13;
 pub const NUM_COUNTERS: u32 = 16;
 
 // ---- tracepoint record layouts the kernel programs assume ----
@@ -350,6 +353,18 @@ pub struct Inherited {
     pub activity: u64,
 }
 
+/// Value of the `PAUSED` map (key: host tgid): a process the kernel stopped when it
+/// opened a libssl, until the agent resumes it. The map is pinned in bpffs, so a record
+/// outlives an agent that crashed meanwhile and the next agent resumes the process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PausedProc {
+    /// `bpf_ktime_get_boot_ns()` at the stop: CLOCK_BOOTTIME, the clock of the start
+    /// time in /proc/PID/stat. A process with this pid that started later is another one
+    /// (the pid was reused) and is never resumed on this record's behalf.
+    pub paused_at_ns: u64,
+}
+
 /// Key of the `FDS` map.
 #[inline(always)]
 pub fn fd_key(tgid: u32, fd: i32) -> u64 {
@@ -363,4 +378,5 @@ mod pod {
     unsafe impl aya::Pod for super::FdFlagKey {}
     unsafe impl aya::Pod for super::ThreadSlot {}
     unsafe impl aya::Pod for super::Inherited {}
+    unsafe impl aya::Pod for super::PausedProc {}
 }

@@ -50,6 +50,12 @@ pub static THREADS: HashMap<u32, ThreadSlot> = HashMap::with_max_entries(65536, 
 /// Written here at fork, from the parent's attribution; never by user space.
 #[map]
 pub static INHERIT: HashMap<u32, Inherited> = HashMap::with_max_entries(16384, 0);
+/// Processes stopped while their TLS probes attach (key: host tgid). Written here
+/// before the SIGSTOP, removed by the agent once it sent SIGCONT, or here at the
+/// process's exit. The agent pins it in bpffs (/sys/fs/bpf/openbox/): after a crash of
+/// the agent, the next one resumes whoever is still stopped.
+#[map]
+pub static PAUSED: HashMap<u32, PausedProc> = HashMap::with_max_entries(4096, 0);
 /// Per-CPU counters, indexed by `openbox_common::CNT_*`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);

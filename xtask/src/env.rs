@@ -20,7 +20,8 @@ use crate::{run, workspace_root};
 /// Debian packages the integration tests use: the `curl` client (system libssl), the
 /// `openssl` CLI (self-signed certificates), PostgreSQL, MariaDB (server, and the client
 /// the fixture bootstraps it with) and Redis server binaries, `runuser` and `setpriv`
-/// (run a program as `postgres` or `nobody`), `ps`/`pgrep`. No service is started: the
+/// (run a program as `postgres` or `nobody`), `ps`/`pgrep`, `systemd-analyze` (checks
+/// deploy/systemd/openbox-agent.service). No service is started: the
 /// tests start throwaway servers themselves (tests/support/*_server.py).
 const APT_PACKAGES: &[&str] = &[
     "curl",
@@ -33,6 +34,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "libcap2-bin",
+    "systemd",
 ];
 
 /// Binaries that must be on PATH once the packages are installed: (binary, package).
@@ -43,6 +45,7 @@ const REQUIRED_BINARIES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("pgrep", "procps"),
     ("capsh", "libcap2-bin"),
+    ("systemd-analyze", "systemd"),
     ("mariadb-install-db", "mariadb-server"),
     ("mariadb", "mariadb-client"),
     ("redis-server", "redis-server"),

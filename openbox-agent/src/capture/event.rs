@@ -203,6 +203,13 @@ fn proc_(bytes: &[u8]) -> Result<Proc, DecodeError> {
     })
 }
 
+/// The process a record says the kernel stopped (`FLAG_PAUSED`), read from its header
+/// alone: a record that does not decode must not leave its process stopped.
+pub fn paused_tgid(bytes: &[u8]) -> Option<u32> {
+    let hdr: EventHeader = read(bytes).ok()?;
+    (hdr.kind == EV_FILE_OPEN && hdr.flags & FLAG_PAUSED != 0).then_some(hdr.tgid)
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let hdr: EventHeader = read(bytes)?;
     let body = match hdr.kind {

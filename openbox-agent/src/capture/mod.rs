@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod detach;
 pub mod event;
+pub mod pause;
 pub mod tls;
 pub mod tracefs;
 
@@ -108,22 +109,41 @@ pub struct Counters {
     pub scratch_failures: u64,
     pub kernel_read_failures: u64,
     pub pause_failures: u64,
+    /// Processes stopped while their TLS probes were attached.
+    pub paused: u64,
 }
 
-/// Whether processes that load a libssl may be paused until its probes are attached.
-/// Resuming a process of another user needs CAP_KILL: without it a paused process could
-/// stay stopped, so the agent does not pause at all and says what that costs.
-fn pause_allowed(wanted: bool) -> bool {
+/// Where this agent pins its record of paused processes, when processes that load a
+/// libssl may be paused until its probes are attached; `None`: no pausing. Resuming a
+/// process of another user needs CAP_KILL, and a process stopped when the agent crashes
+/// is resumed by the next start only from a record in bpffs: without either, a paused
+/// process could stay stopped, so the agent does not pause at all and says what that
+/// costs.
+fn pause_pin(wanted: bool, bpffs: &Result<()>) -> Option<std::path::PathBuf> {
     if !wanted {
-        return false;
+        return None;
     }
-    if preflight::has_cap(preflight::effective_caps(), preflight::CAP_KILL) {
-        return true;
+    const COST: &str = "processes that load a libssl after watching began are not paused while its TLS probes attach, so their first TLS calls may not be captured";
+    if !preflight::has_cap(preflight::effective_caps(), preflight::CAP_KILL) {
+        tracing::warn!(
+            "CAP_KILL is missing: {COST}; grant CAP_KILL (or run as root) to close that gap"
+        );
+        return None;
     }
-    tracing::warn!(
-        "CAP_KILL is missing: processes that load a libssl after watching began are not paused while its TLS probes attach, so their first TLS calls may not be captured; grant CAP_KILL (or run as root) to close that gap"
-    );
-    false
+    if let Err(e) = bpffs {
+        tracing::warn!("{e:#}: {COST}");
+        return None;
+    }
+    match pause::create_pin_dir().and_then(|()| pause::own_pin()) {
+        Ok(pin) => Some(pin),
+        Err(e) => {
+            tracing::warn!(
+                "cannot keep the record of paused processes in {}: {e}: {COST}",
+                pause::PIN_DIR
+            );
+            None
+        }
+    }
 }
 
 /// The loaded programs and their maps.
@@ -143,6 +163,10 @@ pub struct Capture {
     /// /proc/PID/root) is probed once, and two files at the same path in different
     /// roots are both probed.
     tls_libs: HashSet<(u64, u64)>,
+    /// Last field, dropped after `ebpf` (fields drop in declaration order): the
+    /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
+    /// process can be stopped after it resumed them all.
+    pauses: pause::Pauses,
 }
 
 impl Capture {
@@ -157,15 +181,42 @@ impl Capture {
         // Before anything is loaded: a program must never read a field that moved.
         tracefs::check_kernel()?;
         preflight::raise_memlock();
+        let bpffs = preflight::ensure_bpffs();
+        // Processes an agent that crashed left stopped run again, whatever this one does.
+        let recovered = if bpffs.is_ok() {
+            pause::recover()
+        } else {
+            pause::Recovery::default()
+        };
         let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
-        let pause: u32 = pause_allowed(cfg.pause_on_tls_lib).into();
-        let mut ebpf = EbpfLoader::new()
+        let pin = pause_pin(cfg.pause_on_tls_lib, &bpffs);
+        let pause: u32 = pin.is_some().into();
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
             .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
             .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
-            .map_max_entries("EVENTS", cfg.ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(|e| anyhow!("loading the kernel programs failed: {e}. Run `openbox-agent check` to see what this kernel lacks."))?;
+            .map_max_entries("EVENTS", cfg.ring_bytes);
+        if let Some(pin) = &pin {
+            loader.map_pin_path(pause::MAP, pin.clone());
+        }
+        let loaded = loader.load(EBPF_OBJECT);
+        let mut ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                if let Some(pin) = &pin {
+                    let _ = std::fs::remove_file(pin);
+                }
+                bail!("loading the kernel programs failed: {e}. Run `openbox-agent check` to see what this kernel lacks.");
+            }
+        };
+        // Owns the pin from here, so every error below removes it. Nothing is watched
+        // yet, so nothing can be paused before `Capture` holds it.
+        let pauses = pause::Pauses::new(
+            BpfHashMap::try_from(ebpf.take_map(pause::MAP).context("map PAUSED")?)?,
+            pin,
+            recovered,
+        );
         for (prog, category, name) in TRACEPOINTS {
             let tp: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -201,7 +252,20 @@ impl Capture {
             next_seed_gen: 1,
             counters,
             tls_libs: HashSet::new(),
+            pauses,
         })
+    }
+
+    /// Resumes a process the kernel paused while its TLS probes were attached, and
+    /// forgets its record. `Ok(false)`: the process is gone.
+    pub fn resume(&mut self, pid: u32) -> std::io::Result<bool> {
+        self.pauses.resume(pid)
+    }
+
+    /// Processes an earlier agent left stopped (it crashed) that this one resumed at
+    /// its start.
+    pub fn recovered(&self) -> pause::Recovery {
+        self.pauses.recovered
     }
 
     /// The ring buffer, readable from tokio.
@@ -333,6 +397,7 @@ impl Capture {
             scratch_failures: sum(CNT_SCRATCH_FAILURES),
             kernel_read_failures: sum(CNT_KERNEL_READ_FAILURES),
             pause_failures: sum(CNT_PAUSE_FAILURES),
+            paused: sum(CNT_PAUSED),
         }
     }
 

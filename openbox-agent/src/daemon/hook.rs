@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::{
     net::{UnixListener, UnixStream},
     sync::mpsc::{self, error::TrySendError},
@@ -75,17 +75,27 @@ impl Default for Limits {
     }
 }
 
+static CONNECTIONS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static PEERS_DROPPED: AtomicU64 = AtomicU64::new(0);
 static CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
 static CLOSED_WITHOUT_HELLO: AtomicU64 = AtomicU64::new(0);
 
-/// What the socket refused or cut, for the daemon's summary.
-pub fn summary() -> Value {
-    json!({
-        "hook_peers_dropped": PEERS_DROPPED.load(Ordering::Relaxed),
-        "hook_connections_refused": CONNECTIONS_REFUSED.load(Ordering::Relaxed),
-        "hook_closed_without_hello": CLOSED_WITHOUT_HELLO.load(Ordering::Relaxed),
-    })
+/// What the socket accepted, refused or cut, for the daemon's summary and `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketStats {
+    pub connections_accepted: u64,
+    pub peers_dropped: u64,
+    pub connections_refused: u64,
+    pub closed_without_hello: u64,
+}
+
+pub fn stats() -> SocketStats {
+    SocketStats {
+        connections_accepted: CONNECTIONS_ACCEPTED.load(Ordering::Relaxed),
+        peers_dropped: PEERS_DROPPED.load(Ordering::Relaxed),
+        connections_refused: CONNECTIONS_REFUSED.load(Ordering::Relaxed),
+        closed_without_hello: CLOSED_WITHOUT_HELLO.load(Ordering::Relaxed),
+    }
 }
 
 /// At most one log line per second per uid: a peer that trips a limit in a loop must
@@ -335,6 +345,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<HookMsg>, limits: Li
             }
         };
         next_conn += 1;
+        CONNECTIONS_ACCEPTED.fetch_add(1, Ordering::Relaxed);
         let ctl = Arc::new(PeerCtl {
             uid,
             pid: peer,

@@ -8,8 +8,11 @@
 //! has been read (they are in the ring before the hook can even send the request).
 
 pub mod hook;
+pub mod notify;
+pub mod ops;
 pub mod protocol;
 pub mod registry;
+pub mod status;
 
 use std::{
     path::PathBuf,
@@ -18,6 +21,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use hook::{reply, HookMsg, ReplyTx};
+use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
+use registry::{Registry, Unattributed, Worker};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -28,15 +34,12 @@ use crate::{
         events::{self, Event},
         sink::Sink,
         verdict::{Decision, ErrorType},
-        FailPolicy, GovernanceConfig, Governor,
+        EventDisposition, FailPolicy, GovernanceConfig, Governor,
     },
     pipeline::{self, Collect, Output, Session},
     procfs,
     span::{Span, SpanConfig},
 };
-use hook::{reply, HookMsg, ReplyTx};
-use protocol::{ActivityEnd, ActivityStart, Answer, Hello, Request, Thread, WorkflowEventKind};
-use registry::{Registry, Unattributed, Worker};
 
 #[derive(Debug, Clone)]
 pub struct RunOpts {
@@ -51,10 +54,17 @@ pub struct RunOpts {
     pub skip: SkipPaths,
     /// Most spans kept per activity.
     pub span_limit: usize,
+    /// Serve /metrics, /healthz and /readyz here (HOST:PORT).
+    pub metrics_addr: Option<String>,
     /// Group of the socket and its directory (default: the agent's own).
     pub socket_group: Option<u32>,
     pub hook_limits: hook::Limits,
 }
+
+/// Test-only: names a file the agent waits for before it loads and attaches its kernel
+/// programs, so a test can observe the endpoints while the agent is not ready yet
+/// (tests/daemon.rs). Not a setting: nothing in production sets it.
+const TEST_HOLD_ATTACH_ENV: &str = "OPENBOX_TEST_HOLD_ATTACH";
 
 struct Daemon {
     session: Session<Collect>,
@@ -104,6 +114,32 @@ enum GovernorState {
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
+    // The endpoints come first: /healthz answers (and /readyz says "not ready") while the
+    // programs load, which can take seconds on a busy node.
+    let readiness = Arc::new(ops::Readiness::default());
+    let (scrape_tx, mut scrape_rx) = mpsc::channel(16);
+    let ops_server = match &opts.metrics_addr {
+        Some(addr) => {
+            let listener = ops::bind(addr).await?;
+            crate::logging::announce(format_args!(
+                "serving /metrics, /healthz, /readyz on http://{}",
+                listener.local_addr()?
+            ));
+            Some(tokio::spawn(ops::serve(
+                listener,
+                readiness.clone(),
+                scrape_tx.clone(),
+            )))
+        }
+        None => None,
+    };
+    if let Some(gate) = std::env::var_os(TEST_HOLD_ATTACH_ENV) {
+        let gate = PathBuf::from(gate);
+        tracing::warn!(file = %gate.display(), "{TEST_HOLD_ATTACH_ENV} is set (test only): waiting for the file before attaching");
+        while !gate.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (session, mut ring) = pipeline::start(
         &opts.capture,
         &opts.tls_libs,
@@ -136,13 +172,17 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
     let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
-    eprintln!(
-        "openbox-agent: listening for worker hooks on {}",
+    crate::logging::announce(format_args!(
+        "listening for worker hooks on {}",
         opts.socket.display()
-    );
+    ));
+    readiness.set(true);
+    notify::ready();
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             ready = ring.ready() => {
@@ -157,43 +197,50 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 d.handle(msg);
             }
             Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
+            Some(reply) = scrape_rx.recv() => {
+                // A scrape sees everything read so far, as the summary at exit does.
+                ring.drain(&mut d.session);
+                d.route();
+                let _ = reply.send(d.summary());
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
         }
     }
+    readiness.set(false);
+    notify::stopping();
     server.abort();
     let _ = std::fs::remove_file(&opts.socket);
     ring.drain(&mut d.session);
     d.session.finish();
     d.route();
-    let c = d.session.counters();
-    let mut summary = json!({"type": "summary"});
-    if let (Value::Object(s), Value::Object(r), Ok(Value::Object(k))) =
-        (&mut summary, d.registry.summary(), serde_json::to_value(c))
-    {
-        s.extend(r);
-        s.extend(k);
-        if let Value::Object(h) = hook::summary() {
-            s.extend(h);
-        }
-        let st = d.session.stats();
-        s.insert("records_received".into(), st.records_received.into());
-        s.insert("resume_failures".into(), st.resume_failures.into());
-        let g = d.governor.stats();
-        s.insert(
-            "governance".into(),
-            json!({"spool_pending": g.spool_pending, "spool_bytes": g.spool_bytes,
-                "spool_dropped": g.spool_dropped, "delivered_from_spool": g.delivered_from_spool,
-                "rejected_by_core": g.rejected_by_core, "core_failures": g.core_failures,
-                "spool_write_errors": g.spool_write_errors}),
-        );
-    }
-    eprintln!("{summary}");
+    eprintln!("{}", d.summary().to_json());
     d.session.capture_mut().hand_off_detach();
+    drop(scrape_tx);
+    if let Some(s) = ops_server {
+        s.abort();
+    }
     Ok(0)
 }
 
 impl Daemon {
+    /// Everything counted so far: the summary at exit and every `/metrics` scrape.
+    fn summary(&self) -> status::Summary {
+        status::Summary {
+            kernel: self.session.counters(),
+            pipeline: self.session.stats(),
+            registry: self.registry.stats.clone(),
+            workers_now: self.registry.workers.len() as u64,
+            activities_in_flight: self.registry.activities.len() as u64,
+            hook: status::HookStats {
+                socket: hook::stats(),
+                connections_registered: self.conns.len() as u64,
+            },
+            governance: self.governor.stats(),
+        }
+    }
+
     /// Moves the spans the session finished onto their activities.
     fn route(&mut self) {
         let Collect { spans, exits } = self.session.sink_mut().take();
@@ -265,7 +312,12 @@ impl Daemon {
                             Err(e) => Err(e),
                         }
                     }
-                    (Ok(Request::WorkflowEvent(ev)), Some(w)) => self.workflow_event(w, ev),
+                    (Ok(Request::WorkflowEvent(ev)), Some(w)) => {
+                        match self.workflow_event(w, ev, &tx, &id) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        }
+                    }
                 };
                 reply(&tx, &id, result);
             }
@@ -655,12 +707,16 @@ impl Daemon {
     }
 
     /// WorkflowStarted/Completed/Failed and SignalReceived from the hook's workflow
-    /// interceptor: governed in the background, the workflow never waits.
+    /// interceptor (which never waits for the reply). Acknowledged only once the event is
+    /// safe — Core took it, or it is fsync'd in the spool — so an agent killed after the
+    /// reply loses nothing it acknowledged.
     fn workflow_event(
         &mut self,
         worker: Pid,
         req: protocol::WorkflowEvent,
-    ) -> Result<Answer, String> {
+        tx: &ReplyTx,
+        id: &Value,
+    ) -> Result<(), String> {
         let wf = req.workflow;
         if wf.workflow_id.is_empty() || wf.run_id.is_empty() {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
@@ -688,15 +744,26 @@ impl Daemon {
             Event::WorkflowCompleted(_) | Event::WorkflowFailed(_)
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
+        let (tx, id) = (tx.clone(), id.clone());
         tokio::spawn(async move {
             after(prev).await;
-            match event {
+            let disposition = match event {
                 Event::SignalReceived(signal) => gov.signal(signal).await,
                 other => gov.workflow_event(other).await,
             };
             let _ = done.send(true);
+            let answer = match disposition {
+                EventDisposition::Delivered { .. }
+                | EventDisposition::Spooled
+                | EventDisposition::Skipped => Ok(Answer::Accepted {}),
+                EventDisposition::Dropped => Err("the event was not accepted: OpenBox Core \
+                    refused it, or the governance spool is full or cannot be written \
+                    (the agent's log says which)"
+                    .to_string()),
+            };
+            reply(&tx, &id, answer);
         });
-        Ok(Answer::Accepted {})
+        Ok(())
     }
 }
 

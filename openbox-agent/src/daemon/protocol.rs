@@ -212,7 +212,8 @@ pub enum Answer {
         spans_dropped: u64,
         decision: Decision,
     },
-    /// `workflow_event`: nothing but `ok`.
+    /// `workflow_event`: nothing but `ok`, sent once the event is safe (delivered to Core
+    /// or fsync'd in the spool).
     Accepted {},
 }
 

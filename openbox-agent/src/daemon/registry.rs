@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::protocol::ActivityStart;
 use crate::{
@@ -57,6 +57,12 @@ pub enum Unattributed {
 }
 
 impl Unattributed {
+    pub const ALL: [Unattributed; 3] = [
+        Unattributed::NoActivity,
+        Unattributed::AfterActivityEnd,
+        Unattributed::UnknownActivity,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Unattributed::NoActivity => "no_activity",
@@ -69,7 +75,7 @@ impl Unattributed {
 /// Activities that ended, remembered (bounded) to tell late spans from unknown tokens.
 const ENDED_MEMORY: usize = 65536;
 
-#[derive(Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub workers: u64,
     pub activities: u64,
@@ -192,22 +198,6 @@ impl Registry {
             self.stats.activities_abandoned += 1;
         }
         Some(w)
-    }
-
-    pub fn summary(&self) -> Value {
-        json!({
-            "workers": self.stats.workers,
-            "activities": self.stats.activities,
-            "activities_in_flight": self.activities.len(),
-            "activities_abandoned": self.stats.activities_abandoned,
-            "spans_attributed": self.stats.spans_attributed,
-            "spans_unattributed": self.stats.unattributed.values().sum::<u64>(),
-            "unattributed_reasons": self.stats.unattributed,
-            "spans_dropped_over_limit": self.stats.spans_dropped,
-            "registrations_refused": self.stats.registrations_refused,
-            "worker_settings_refused": self.stats.worker_settings_refused,
-            "worker_governors_freed": self.stats.worker_governors_freed,
-        })
     }
 }
 

@@ -99,6 +99,54 @@ pub fn apply_fail_policy(
     }
 }
 
+/// When to try Core again after failures in a row: exponential backoff with full jitter.
+/// The n-th wait (n = failures before it, from 0) is uniform in `[0, min(cap, base·2ⁿ)]`,
+/// so agents on many nodes that lost Core at the same moment spread their retries instead
+/// of hitting a recovering Core in lockstep, and the load stays about half the
+/// unjittered schedule's.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    failures: u32,
+    rng: fastrand::Rng,
+}
+
+impl Backoff {
+    /// `cap` below `base` is taken as `base`.
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff::with_rng(base, cap, fastrand::Rng::new())
+    }
+
+    fn with_rng(base: Duration, cap: Duration, rng: fastrand::Rng) -> Backoff {
+        Backoff {
+            base,
+            cap: cap.max(base),
+            failures: 0,
+            rng,
+        }
+    }
+
+    /// The longest the next wait can be: `min(cap, base·2ⁿ)`.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.failures).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// The wait before the next try, after one more failure in a row.
+    pub fn next_wait(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(self.rng.u64(0..=nanos))
+    }
+
+    /// Core answered: the next failure starts from `base` again.
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot read the extra CA file {path}: {source}")]
@@ -501,6 +549,65 @@ mod tests {
             assert_eq!(c.as_ref().map(|r| r.verdict), closed, "{outcome:?}");
             assert_eq!(c.and_then(|r| r.reason).as_deref(), reason);
         }
+    }
+
+    #[test]
+    fn backoff_ceilings_double_from_the_base_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(500), Duration::from_secs(30));
+        let mut ceilings = Vec::new();
+        for _ in 0..9 {
+            ceilings.push(b.ceiling().as_millis());
+            b.next_wait();
+        }
+        assert_eq!(
+            ceilings,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        for _ in 0..100 {
+            b.next_wait();
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(30), "no overflow");
+        b.reset();
+        assert_eq!(b.ceiling(), ms(500));
+        assert_eq!(Backoff::new(ms(500), ms(100)).ceiling(), ms(500));
+    }
+
+    #[test]
+    fn backoff_waits_are_uniform_between_zero_and_the_ceiling() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::with_rng(ms(100), ms(1600), fastrand::Rng::with_seed(7));
+        // The fifth wait in a row and on are capped at 1.6 s: sample them.
+        for _ in 0..4 {
+            assert!(b.next_wait() <= b.ceiling());
+        }
+        let waits: Vec<Duration> = (0..2000).map(|_| b.next_wait()).collect();
+        assert!(waits.iter().all(|w| *w <= ms(1600)), "never above the cap");
+        let low = waits.iter().filter(|w| **w < ms(160)).count();
+        let high = waits.iter().filter(|w| **w > ms(1440)).count();
+        // Each tenth of the range holds ~200 of 2000 uniform samples.
+        assert!(
+            (120..=280).contains(&low),
+            "{low} waits in the lowest tenth"
+        );
+        assert!(
+            (120..=280).contains(&high),
+            "{high} waits in the highest tenth"
+        );
+        let mean = waits.iter().sum::<Duration>() / 2000;
+        assert!(
+            mean > ms(720) && mean < ms(880),
+            "mean {mean:?}, expected ~800 ms"
+        );
+    }
+
+    #[test]
+    fn two_agents_failing_together_do_not_retry_in_lockstep() {
+        let ms = Duration::from_millis;
+        let mut a = Backoff::new(ms(500), Duration::from_secs(30));
+        let mut b = Backoff::new(ms(500), Duration::from_secs(30));
+        let same = (0..10).filter(|_| a.next_wait() == b.next_wait()).count();
+        assert_eq!(same, 0, "independent draws at nanosecond resolution");
     }
 
     #[test]

@@ -67,8 +67,13 @@
 //! - **Spool.** Events that need no synchronous verdict — workflow events, signals, and
 //!   ActivityCompleted under fail_open — go to the durable spool ([`spool`]) when Core
 //!   does not take them (network error, timeout, 5xx, 408, 429), and are delivered in
-//!   order by a background task with backoff 0.5 s → 30 s. While the spool holds
-//!   anything, new events of these kinds queue behind it (so under fail_open an
+//!   order by a background task. After a failed try it waits per [`Backoff`]: uniform in
+//!   [0, min(30 s, 0.5 s·2ⁿ)] after the n-th failure in a row (full jitter, so nodes do
+//!   not retry in lockstep), and new events never cut that wait short. Spooling returns
+//!   once the event is fsync'd (group commit: one fsync per batch of waiting events), and
+//!   only then does the daemon acknowledge a workflow event to the hook. While the spool
+//!   holds anything, new events of these kinds queue behind it, and an activity event
+//!   waits for the backlog up to the governance timeout (so under fail_open an
 //!   ActivityCompleted gets no verdict until the backlog is delivered — as if Core were
 //!   still down). Events Core refuses with another 4xx are not retried: they are logged
 //!   at error level and counted. Events already in flight when another one is spooled may
@@ -153,6 +158,7 @@ pub mod config;
 pub mod events;
 pub mod policy;
 pub mod private;
+pub mod requests;
 pub mod sink;
 pub mod spool;
 pub mod verdict;
@@ -165,13 +171,13 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
-pub use client::{apply_fail_policy, CoreClient, CoreOutcome};
+pub use client::{apply_fail_policy, Backoff, CoreClient, CoreOutcome};
 pub use config::{FailPolicy, GovernanceConfig, RawSettings, SinkTarget};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 pub use verdict::{
     ApprovalStatus, ArgRedaction, Decision, ErrorType, EvaluateResponse, Redaction, Stage, Verdict,
 };
@@ -217,7 +223,7 @@ pub enum EventDisposition {
 }
 
 /// Counters for the daemon's status output.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GovernanceStats {
     pub spool_pending: u64,
     pub spool_bytes: u64,
@@ -227,6 +233,12 @@ pub struct GovernanceStats {
     pub core_failures: u64,
     /// Events lost because the spool could not be written (disk full, I/O error).
     pub spool_write_errors: u64,
+    /// Calls to Core (or the embedded local policy) by outcome, their latency, and
+    /// whether Core answered the last one.
+    pub requests: requests::RequestStats,
+    /// Delivery attempts of spooled events that Core did not take (each one followed by
+    /// a backoff wait).
+    pub spool_retries: u64,
 }
 
 enum Backend {
@@ -269,19 +281,34 @@ struct RunState {
 #[derive(Default)]
 struct Counters {
     /// Delivery attempts of spooled events that Core did not take (it is still down).
-    spool_attempts_failed: AtomicU64,
+    spool_retries: AtomicU64,
     delivered_from_spool: AtomicU64,
     rejected_by_core: AtomicU64,
     core_failures: AtomicU64,
     lost: AtomicU64,
+    requests: requests::Requests,
 }
+
+/// An event for the spool, and where to say whether it is on disk.
+type SpoolWrite = (Vec<u8>, oneshot::Sender<std::io::Result<Appended>>);
+
+/// Most events written with one fsync. Their acknowledgements reach the hook together, so
+/// this stays well below the daemon's per-connection reply queue (`hook::REPLY_QUEUE`),
+/// which drops a peer that lets it fill; at ~3 ms an fsync, 256 a batch still spools
+/// tens of thousands of events a second.
+const MAX_SPOOL_BATCH: usize = 256;
 
 struct Inner {
     config: GovernanceConfig,
     backend: Backend,
     sink: Option<Sink>,
     spool: Option<Arc<Mutex<Spool>>>,
+    /// To the task that appends to the spool (group commit, see [`write_spool`]).
+    spool_writes: Option<mpsc::Sender<SpoolWrite>>,
+    /// Wakes spool delivery when it is idle (a backoff wait is never cut short).
     wake: Notify,
+    /// Spool delivery emptied the spool: activity events waiting for the backlog go on.
+    drained: Notify,
     runs: Mutex<RunState>,
     core_prefix: Option<String>,
     counters: Counters,
@@ -295,6 +322,7 @@ struct Inner {
 pub struct Governor {
     inner: Arc<Inner>,
     delivery: Option<tokio::task::JoinHandle<()>>,
+    spool_writer: Option<tokio::task::JoinHandle<()>>,
     /// Validates the key again once Core answers, after a start during an outage.
     revalidation: Option<tokio::task::JoinHandle<()>>,
 }
@@ -308,7 +336,10 @@ impl Governor {
         if let Some(task) = self.revalidation.take() {
             task.abort();
         }
-        if let Some(task) = self.delivery.take() {
+        for task in [self.delivery.take(), self.spool_writer.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
             let _ = task.await;
         }
@@ -324,10 +355,14 @@ impl Governor {
 
 impl Drop for Governor {
     fn drop(&mut self) {
-        if let Some(task) = self.delivery.take() {
-            task.abort();
-        }
-        if let Some(task) = self.revalidation.take() {
+        for task in [
+            self.delivery.take(),
+            self.spool_writer.take(),
+            self.revalidation.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             task.abort();
         }
     }
@@ -439,12 +474,21 @@ impl Governor {
                 )
             }
         };
+        let (spool_writes, spool_writer) = match &spool {
+            Some(spool) => {
+                let (tx, rx) = mpsc::channel(MAX_SPOOL_BATCH);
+                (Some(tx), Some(tokio::spawn(write_spool(spool.clone(), rx))))
+            }
+            None => (None, None),
+        };
         let inner = Arc::new(Inner {
             config,
             backend,
             sink,
             spool,
+            spool_writes,
             wake: Notify::new(),
+            drained: Notify::new(),
             runs: Mutex::new(RunState {
                 verdicts: BoundedMap::new(MAX_RUNS),
                 approvals: BoundedMap::new(MAX_RUNS),
@@ -453,6 +497,9 @@ impl Governor {
             counters: Counters::default(),
             key_validated: AtomicBool::new(key_validated),
         });
+        if matches!(inner.backend, Backend::Core(_)) {
+            inner.counters.requests.set_reachable(key_validated);
+        }
         let delivery = inner
             .spool
             .is_some()
@@ -462,6 +509,7 @@ impl Governor {
         Ok(Governor {
             inner,
             delivery,
+            spool_writer,
             revalidation,
         })
     }
@@ -505,7 +553,10 @@ impl Governor {
         let key = activity_key(&event.activity);
         if hitl && inner.lock_runs().approvals.get(&key).is_some() {
             let now = clock::unix_seconds(SystemTime::now());
-            let status = match inner.backend.approval(&key.0, &key.1, &key.2).await {
+            let started = Instant::now();
+            let outcome = inner.backend.approval(&key.0, &key.1, &key.2).await;
+            inner.counters.requests.record(&outcome, started.elapsed());
+            let status = match outcome {
                 CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
                 other => {
                     tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
@@ -643,6 +694,8 @@ impl Governor {
             rejected_by_core: c.rejected_by_core.load(Ordering::Relaxed),
             core_failures: c.core_failures.load(Ordering::Relaxed),
             spool_write_errors: c.lost.load(Ordering::Relaxed),
+            requests: c.requests.snapshot(),
+            spool_retries: c.spool_retries.load(Ordering::Relaxed),
         }
     }
 
@@ -704,26 +757,29 @@ impl Inner {
         }
     }
 
-    /// True when the spool holds undelivered events (new events must queue behind them).
     /// Before an activity event goes to Core directly, the events spooled before it must
-    /// arrive first (a run's WorkflowStarted before its ActivityStarted): wake delivery
-    /// and wait until the spool is empty — unless Core still fails the spooled events (it
-    /// is down: then the activity event meets the failure policy itself) or the
-    /// governance timeout passes.
+    /// arrive first (a run's WorkflowStarted before its ActivityStarted): waits until the
+    /// spool is empty, for at most the governance timeout — the time the event itself
+    /// would have had to get an answer. Delivery is woken if it is idle; a delivery that
+    /// is backing off keeps its wait (one try per backoff step, not one per activity).
     async fn drain_backlog_first(&self) {
-        if !self.spool_backlog().await {
-            return;
-        }
-        let failed_before = self.counters.spool_attempts_failed.load(Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + self.config.governance_timeout;
-        self.wake.notify_one();
-        while self.spool_backlog().await {
-            if self.counters.spool_attempts_failed.load(Ordering::Relaxed) > failed_before
-                || tokio::time::Instant::now() >= deadline
-            {
+        let mut woke = false;
+        loop {
+            // Registered before the check, so an emptying in between is not missed.
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if !self.spool_backlog().await {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            if !woke {
+                self.wake.notify_one();
+                woke = true;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -740,7 +796,15 @@ impl Inner {
                 "earlier governance events are still waiting for OpenBox Core".into(),
             );
         }
-        self.backend.evaluate(event, body).await
+        self.evaluate(event, body).await
+    }
+
+    /// One evaluate call, counted by outcome and timed.
+    async fn evaluate(&self, event: &Event, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
+        let started = Instant::now();
+        let outcome = self.backend.evaluate(event, body).await;
+        self.counters.requests.record(&outcome, started.elapsed());
+        outcome
     }
 
     async fn spool_backlog(&self) -> bool {
@@ -750,19 +814,18 @@ impl Inner {
         }
     }
 
+    /// Returns once the event is fsync'd in the spool (or lost, counted and logged): only
+    /// then may the event be acknowledged to the hook.
     async fn spool_event(&self, event: &Event, body: Vec<u8>) -> EventDisposition {
-        let Some(spool) = self.spool.clone() else {
+        let Some(writes) = &self.spool_writes else {
             return EventDisposition::Dropped;
         };
-        let appended = tokio::task::spawn_blocking(move || {
-            spool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .append(&body)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
+        let stopped = || std::io::Error::other("the spool writer has stopped (agent shutdown)");
+        let (done, stored) = oneshot::channel();
+        let appended = match writes.send((body, done)).await {
+            Ok(()) => stored.await.unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
+        };
         match appended {
             Ok(Appended::Stored) => {
                 self.wake.notify_one();
@@ -786,7 +849,7 @@ impl Inner {
             // Queued behind the backlog; its answer is applied when it is delivered.
             return self.spool_event(&event, body).await;
         }
-        let outcome = self.backend.evaluate(&event, body.clone()).await;
+        let outcome = self.evaluate(&event, body.clone()).await;
         self.note_failure(&outcome, &event);
         let (event_type, run) = (event.event_type(), run_key(event.head()));
         match outcome {
@@ -859,7 +922,6 @@ impl Inner {
     }
 }
 
-/// Delivers spooled events in order while the spool is non-empty, with bounded backoff.
 /// After a start during a Core outage: validates the key again, backing off like spool
 /// delivery, until Core answers. A key refused then cannot stop an agent that is already
 /// serving workers: it is logged as an error, and Core's refusals of every event keep the
@@ -868,18 +930,21 @@ async fn revalidate_key(inner: Arc<Inner>) {
     let Backend::Core(client) = &inner.backend else {
         return;
     };
-    let mut wait = inner.config.spool_retry_initial;
+    let mut backoff = Backoff::new(
+        inner.config.spool_retry_initial,
+        inner.config.spool_retry_max,
+    );
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(backoff.next_wait()).await;
         match client.validate().await {
             Ok(()) => {
                 inner.key_validated.store(true, Ordering::Relaxed);
+                inner.counters.requests.set_reachable(true);
                 tracing::info!(url = %client.base_url(), "OpenBox Core answers again: API key validated");
                 return;
             }
             Err(e) if e.is_outage() => {
                 tracing::debug!(error = %e, "OpenBox Core still unreachable");
-                wait = (wait * 2).min(inner.config.spool_retry_max);
             }
             Err(e) => {
                 tracing::error!(
@@ -894,13 +959,50 @@ async fn revalidate_key(inner: Arc<Inner>) {
     }
 }
 
+/// Appends spooled events for every producer: the events that queue up while one batch is
+/// being written and fsync'd go to disk together with the next fsync (group commit), so
+/// a burst of events costs a few fsyncs, not one each. Each producer hears back once its
+/// event is durable.
+async fn write_spool(spool: Arc<Mutex<Spool>>, mut writes: mpsc::Receiver<SpoolWrite>) {
+    let mut batch = Vec::with_capacity(MAX_SPOOL_BATCH);
+    while writes.recv_many(&mut batch, MAX_SPOOL_BATCH).await > 0 {
+        let (bodies, waiting): (Vec<Vec<u8>>, Vec<_>) = batch.drain(..).unzip();
+        let s = spool.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .append_batch(&bodies)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match written {
+            Ok(appended) => {
+                for (done, a) in waiting.into_iter().zip(appended) {
+                    let _ = done.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                for done in waiting {
+                    let _ = done.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Delivers spooled events in order while the spool is non-empty. After a failure it
+/// waits as [`Backoff`] says (full jitter) and nothing cuts that wait short: new events
+/// wake delivery only when it is idle.
 async fn deliver_spool(inner: Arc<Inner>) {
     let (Some(spool), Backend::Core(client)) = (inner.spool.clone(), &inner.backend) else {
         return;
     };
-    let initial = inner.config.spool_retry_initial;
-    let max = inner.config.spool_retry_max.max(initial);
-    let mut backoff = initial;
+    let mut backoff = Backoff::new(
+        inner.config.spool_retry_initial,
+        inner.config.spool_retry_max,
+    );
     loop {
         let s = spool.clone();
         let next =
@@ -911,34 +1013,31 @@ async fn deliver_spool(inner: Arc<Inner>) {
         let item = match next {
             Ok(Some(item)) => item,
             Ok(None) => {
-                backoff = initial;
+                backoff.reset();
+                inner.drained.notify_waiters();
                 inner.wake.notified().await;
                 continue;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the governance spool; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(max);
+                let wait = backoff.next_wait();
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "cannot read the governance spool; retrying");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
+        let started = Instant::now();
         let outcome = client.evaluate_raw(item.body.clone()).await;
+        inner.counters.requests.record(&outcome, started.elapsed());
         if outcome.retryable() {
-            inner
-                .counters
-                .spool_attempts_failed
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(outcome = ?outcome, retry_in_ms = backoff.as_millis() as u64,
+            inner.counters.spool_retries.fetch_add(1, Ordering::Relaxed);
+            let wait = backoff.next_wait();
+            tracing::warn!(outcome = ?outcome, retry_in_ms = wait.as_millis() as u64,
                 "OpenBox Core still unreachable; spooled governance events wait");
-            // An activity about to talk to Core wakes us at once (see drain_backlog_first).
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = inner.wake.notified() => {}
-            }
-            backoff = (backoff * 2).min(max);
+            tokio::time::sleep(wait).await;
             continue;
         }
-        backoff = initial;
+        backoff.reset();
         let event: events::Spooled = serde_json::from_slice(&item.body).unwrap_or_default();
         let run = (event.workflow_id, event.run_id);
         match &outcome {
@@ -971,14 +1070,21 @@ async fn deliver_spool(inner: Arc<Inner>) {
         }
         let s = spool.clone();
         let acked = tokio::task::spawn_blocking(move || {
-            s.lock().unwrap_or_else(|p| p.into_inner()).ack(&item)
+            let mut s = s.lock().unwrap_or_else(|p| p.into_inner());
+            s.ack(&item).map(|()| s.is_empty())
         })
         .await
         .map_err(std::io::Error::other)
         .and_then(|r| r);
-        if let Err(e) = acked {
-            tracing::error!(error = %e, "cannot record spool delivery; the event may be sent again");
-            tokio::time::sleep(backoff).await;
+        match acked {
+            Ok(true) => inner.drained.notify_waiters(),
+            Ok(false) => {}
+            Err(e) => {
+                let wait = backoff.next_wait();
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "cannot record spool delivery; the event may be sent again");
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }

@@ -8,7 +8,9 @@
 //!   atomically (write temp, fsync, rename, fsync directory) after each delivery.
 //! - `lock`: held with `flock` while a spool is open, so two agents never share one.
 //!
-//! Every append is fsync'd before [`Spool::append`] returns. Delivery is in append order:
+//! Every append is fsync'd before [`Spool::append`] (or [`Spool::append_batch`], one fsync
+//! for many events) returns, and a new segment's directory entry before it is written to.
+//! Delivery is in append order:
 //! [`Spool::peek`] gives the oldest event, [`Spool::ack`] moves the cursor past it once Core
 //! answered. Fully delivered segments are deleted.
 //!
@@ -109,6 +111,10 @@ impl Spool {
                 ),
             )
         })?;
+        // The directory's own entry must survive a crash too, or so would nothing in it.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
         let lock = super::private::options()
             .create(true)
             .truncate(false)
@@ -334,22 +340,73 @@ impl Spool {
     /// Appends one event (its encoded body) and fsyncs it. When the spool is full the event
     /// is dropped, counted and logged at error level.
     pub fn append(&mut self, body: &[u8]) -> io::Result<Appended> {
-        let size = body.len() as u64 + 1;
-        if self.pending_events + 1 > self.limits.max_events
-            || self.pending_bytes + size > self.limits.max_bytes
-        {
-            self.dropped += 1;
-            // Every drop is counted; the log says so on the first and then every 100th.
-            if self.dropped == 1 || self.dropped.is_multiple_of(100) {
-                tracing::error!(
-                    dir = %self.dir.display(), pending_events = self.pending_events, pending_bytes = self.pending_bytes,
-                    max_events = self.limits.max_events, max_bytes = self.limits.max_bytes, dropped_total = self.dropped,
-                    "GOVERNANCE SPOOL FULL: OpenBox Core has been unreachable long enough to fill the spool; \
-                     governance events are being DROPPED (raise spool_max_bytes/spool_max_events or restore Core)"
-                );
+        let appended = self.append_batch(&[body])?;
+        Ok(appended[0])
+    }
+
+    /// Appends events in order with one write and one fsync for all of them (group commit:
+    /// the events that arrived while the previous batch was being synced). When this
+    /// returns `Ok`, every `Stored` event is on disk; events that would pass a limit are
+    /// `Dropped`, counted and logged. An error means none of the batch was stored.
+    pub fn append_batch(&mut self, bodies: &[&[u8]]) -> io::Result<Vec<Appended>> {
+        let mut outcome = Vec::with_capacity(bodies.len());
+        let mut lines = Vec::new();
+        let (mut events, mut bytes) = (0u64, 0u64);
+        for body in bodies {
+            let size = body.len() as u64 + 1;
+            if self.pending_events + events + 1 > self.limits.max_events
+                || self.pending_bytes + bytes + size > self.limits.max_bytes
+            {
+                self.note_dropped();
+                outcome.push(Appended::Dropped);
+                continue;
             }
-            return Ok(Appended::Dropped);
+            lines.extend_from_slice(body);
+            lines.push(b'\n');
+            events += 1;
+            bytes += size;
+            outcome.push(Appended::Stored);
         }
+        if events == 0 {
+            return Ok(outcome);
+        }
+        // A batch goes whole into one segment: segments are cut between batches, so one
+        // may pass `segment_bytes` by a batch.
+        let (_, f, len) = self.writer_for_append()?;
+        if let Err(e) = f.write_all(&lines).and_then(|()| f.sync_data()) {
+            // Leave no partial line behind for the next event to be glued to.
+            let _ = f.set_len(*len);
+            return Err(ctx(
+                e,
+                format_args!(
+                    "cannot write to the governance spool in {}",
+                    self.dir.display()
+                ),
+            ));
+        }
+        *len += bytes;
+        self.pending_events += events;
+        self.pending_bytes += bytes;
+        Ok(outcome)
+    }
+
+    fn note_dropped(&mut self) {
+        self.dropped += 1;
+        // Every drop is counted; the log says so on the first and then every 100th.
+        if self.dropped == 1 || self.dropped.is_multiple_of(100) {
+            tracing::error!(
+                dir = %self.dir.display(), pending_events = self.pending_events, pending_bytes = self.pending_bytes,
+                max_events = self.limits.max_events, max_bytes = self.limits.max_bytes, dropped_total = self.dropped,
+                "GOVERNANCE SPOOL FULL: OpenBox Core has been unreachable long enough to fill the spool; \
+                 governance events are being DROPPED (raise spool_max_bytes/spool_max_events or restore Core)"
+            );
+        }
+    }
+
+    /// The segment to append to: the current one, or a new one once it is full. A new
+    /// segment's directory entry is fsync'd before anything is written to it, so an event
+    /// whose append returned cannot vanish with its file after a crash.
+    fn writer_for_append(&mut self) -> io::Result<&mut (u64, File, u64)> {
         let rotate = match &self.writer {
             Some((_, _, len)) => *len >= self.limits.segment_bytes,
             None => true,
@@ -390,27 +447,7 @@ impl Spool {
             }
             self.writer = Some((id, f, len));
         }
-        let Some((_, f, len)) = self.writer.as_mut() else {
-            unreachable!("writer set above")
-        };
-        let mut line = Vec::with_capacity(body.len() + 1);
-        line.extend_from_slice(body);
-        line.push(b'\n');
-        if let Err(e) = f.write_all(&line).and_then(|()| f.sync_data()) {
-            // Leave no partial line behind for the next event to be glued to.
-            let _ = f.set_len(*len);
-            return Err(ctx(
-                e,
-                format_args!(
-                    "cannot write to the governance spool in {}",
-                    self.dir.display()
-                ),
-            ));
-        }
-        *len += size;
-        self.pending_events += 1;
-        self.pending_bytes += size;
-        Ok(Appended::Stored)
+        Ok(self.writer.as_mut().expect("writer set above"))
     }
 
     /// The oldest undelivered event, or `None` when there is none. Lines that are not JSON
@@ -660,6 +697,31 @@ mod tests {
         assert_eq!(s.append(&ev(1)).unwrap(), Appended::Stored);
         assert_eq!(s.append(&ev(2)).unwrap(), Appended::Dropped);
         assert_eq!(s.dropped(), 1);
+    }
+
+    #[test]
+    fn a_batch_is_stored_in_order_up_to_the_limits_and_survives_a_reopen() {
+        let dir = TempDir::new("spool-batch");
+        {
+            let mut s = Spool::open(dir.path(), limits(4, 1 << 20)).unwrap();
+            s.append(&ev(0)).unwrap();
+            let batch: Vec<Vec<u8>> = (1..6).map(ev).collect();
+            let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            assert_eq!(
+                s.append_batch(&refs).unwrap(),
+                [
+                    Appended::Stored,
+                    Appended::Stored,
+                    Appended::Stored,
+                    Appended::Dropped,
+                    Appended::Dropped
+                ]
+            );
+            assert_eq!((s.len(), s.dropped()), (4, 2));
+            assert_eq!(s.append_batch(&[]).unwrap(), []);
+        }
+        let mut s = Spool::open(dir.path(), limits(4, 1 << 20)).unwrap();
+        assert_eq!(drain(&mut s), (0..4).map(ev).collect::<Vec<_>>());
     }
 
     #[test]

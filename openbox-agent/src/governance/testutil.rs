@@ -7,14 +7,13 @@ use std::{
     time::Duration,
 };
 
+pub use openbox_testkit::TempDir;
 use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
     task::{JoinHandle, JoinSet},
 };
-
-pub use openbox_testkit::TempDir;
 
 use crate::span::{Span, Status};
 

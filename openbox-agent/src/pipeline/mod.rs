@@ -27,7 +27,7 @@ pub use self::sink::{Collect, Sink};
 use crate::{
     capture::{
         clock::{now_mono, Clock},
-        event, tls, Capture, CaptureConfig, Counters,
+        event, pause, tls, Capture, CaptureConfig, Counters,
     },
     conn::{Action, Pid, ProcEnv, Record, SkipPaths, Tracker},
     procfs::{self, FdTarget, Procfs},
@@ -45,7 +45,7 @@ pub enum Output {
 }
 
 /// The user-space side's own counts, beside the kernel's [`Counters`].
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     /// Ring-buffer records read.
     pub records_received: u64,
@@ -53,10 +53,17 @@ pub struct Stats {
     pub unparsed_records: u64,
     /// Protocol messages the parsers could not make sense of (closed connections).
     pub unparsed_messages: u64,
+    /// The same, by protocol (`http`, `postgres`, …; protocols without losses absent).
+    pub unparsed_by_protocol: std::collections::BTreeMap<&'static str, u64>,
     /// Connections of no known protocol.
     pub unrecognised_connections: u64,
+    /// Processes resumed once the TLS probes of the libssl they opened were attached.
+    pub resumed: u64,
     /// Paused processes the agent could not resume (each also logged at error level).
     pub resume_failures: u64,
+    /// Processes an earlier agent left stopped when it ended without resuming them (a
+    /// crash), resumed at this one's start.
+    pub resumed_at_start: u64,
 }
 
 pub struct Session<S: Sink> {
@@ -67,10 +74,14 @@ pub struct Session<S: Sink> {
     sink: S,
     records_received: u64,
     unparsed_records: u64,
+    resumed: u64,
     resume_failures: u64,
     /// The container (and pod) of each process that made a span, read once per process
     /// and forgotten when it exits.
     workloads: HashMap<Pid, Workload>,
+    /// Test-only (`OPENBOX_TEST_HOLD_PAUSED`, see `capture::pause::HOLD_ENV`): paused
+    /// processes stay stopped until the agent ends.
+    hold_paused: bool,
 }
 
 /// Loads the kernel programs, probes the libssl copies every process may use (the
@@ -111,8 +122,10 @@ impl<S: Sink> Session<S> {
             sink,
             records_received: 0,
             unparsed_records: 0,
+            resumed: 0,
             resume_failures: 0,
             workloads: HashMap::new(),
+            hold_paused: std::env::var_os(pause::HOLD_ENV).is_some(),
         }
     }
 
@@ -141,17 +154,20 @@ impl<S: Sink> Session<S> {
     }
 
     pub fn stats(&self) -> Stats {
-        let (unparsed_messages, unrecognised_connections) = self
+        let (unparsed_by_protocol, unrecognised_connections) = self
             .spans
             .as_ref()
-            .map(|b| (b.unparsed, b.unknown_conns))
-            .unwrap_or((0, 0));
+            .map(|b| (b.unparsed.clone(), b.unknown_conns))
+            .unwrap_or_default();
         Stats {
             records_received: self.records_received,
             unparsed_records: self.unparsed_records,
-            unparsed_messages,
+            unparsed_messages: unparsed_by_protocol.values().sum(),
+            unparsed_by_protocol,
             unrecognised_connections,
-            resume_failures: self.resume_failures,
+            resumed: self.resumed,
+            resume_failures: self.resume_failures + self.cap.recovered().failures,
+            resumed_at_start: self.cap.recovered().resumed,
         }
     }
 
@@ -176,6 +192,10 @@ impl<S: Sink> Session<S> {
             Err(e) => {
                 self.unparsed_records += 1;
                 tracing::debug!("undecodable record: {e}");
+                // A process stopped for its TLS probes must run on, whatever the record.
+                if let Some(pid) = event::paused_tgid(bytes) {
+                    self.resume(pid);
+                }
                 return;
             }
         };
@@ -339,21 +359,29 @@ impl<S: Sink> Session<S> {
 
 impl<S: Sink> Session<S> {
     /// Resumes a process the kernel stopped when it loaded a libssl, whatever became of
-    /// the attach. A failure is loud and counted: the process would stay stopped.
+    /// the attach. A failure is loud and counted: the process would stay stopped (until
+    /// the agent exits, which tries again).
     fn resume(&mut self, pid: Pid) {
-        // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
-        if unsafe { libc::kill(pid as i32, libc::SIGCONT) } == 0 {
+        if self.hold_paused {
+            tracing::warn!(
+                pid,
+                "{} is set (tests only): process {pid} stays stopped until the agent exits",
+                pause::HOLD_ENV
+            );
             return;
         }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ESRCH) {
-            return; // It is gone: nothing is left stopped.
+        match self.cap.resume(pid) {
+            Ok(true) => self.resumed += 1,
+            // It is gone: nothing is left stopped.
+            Ok(false) => {}
+            Err(err) => {
+                self.resume_failures += 1;
+                tracing::error!(
+                    pid,
+                    "could not resume process {pid}, which the kernel paused while TLS probes were attached: {err}. It stays stopped until resumed: run `kill -CONT {pid}` (the agent needs CAP_KILL to resume other users' processes)"
+                );
+            }
         }
-        self.resume_failures += 1;
-        tracing::error!(
-            pid,
-            "could not resume process {pid}, which the kernel paused while TLS probes were attached: {err}. It stays stopped until resumed: run `kill -CONT {pid}` (the agent needs CAP_KILL to resume other users' processes)"
-        );
     }
 }
 

@@ -44,6 +44,17 @@ impl Protocol {
         Protocol::Mongo,
     ];
 
+    /// Its name in counters and metric labels (the serialized form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Postgres => "postgres",
+            Protocol::Mysql => "mysql",
+            Protocol::Redis => "redis",
+            Protocol::Mongo => "mongo",
+        }
+    }
+
     /// `db.system` of the SDK's database spans.
     pub fn db_system(self) -> Option<&'static str> {
         match self {

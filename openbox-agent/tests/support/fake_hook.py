@@ -11,6 +11,18 @@ Modes:
   forge-pid PID       hello claiming pid PID.
   forge-thread TID    a valid hello, then `thread` for TID.
   die                 hello, activity_start, then exits without activity_end.
+  workflow-events RUNS SIGNALS ACKED
+                      as the hook's workflow-event sender does: one connection, every
+                      request written without waiting for replies. Per run (round robin
+                      over RUNS runs): WorkflowStarted, SIGNALS signals, WorkflowCompleted.
+                      Appends the key of each event the agent acknowledged (ok: true) to
+                      the file ACKED, one line each, as the reply arrives; ends when every
+                      reply came or the agent went away.
+  activities THREADS SECONDS
+                      THREADS threads, each on its own connection, run activities
+                      (activity_start then activity_end) one after the other until
+                      SECONDS have passed; prints {"ended": [activity ids]} of the
+                      activity_end requests answered ok.
   hello [SECS]        hello; with SECS, waits that long on the same connection and says
                       hello again (a registered connection must not be timed out).
   command CMD...      one activity ("cmd") that runs CMD as a subprocess (its output
@@ -39,6 +51,7 @@ class Agent:
         self.file = self.sock.makefile("rw")
         self.next_id = 0
         self.lock = threading.Lock()
+        self.echo = True
 
     def call(self, **msg):
         with self.lock:
@@ -47,7 +60,8 @@ class Agent:
             self.file.write(json.dumps(msg) + "\n")
             self.file.flush()
             reply = json.loads(self.file.readline())
-            print(json.dumps({"op": msg["op"], "reply": reply}), flush=True)
+            if self.echo:
+                print(json.dumps({"op": msg["op"], "reply": reply}), flush=True)
         return reply
 
 
@@ -82,6 +96,80 @@ def activity(agent, slots, slot, name, url, out_dir, barrier):
     barrier.wait()
     agent.call(op="activity_end", token=start["token"], status="completed",
                output={"done": name}, error=None)
+
+
+def event_key(msg):
+    """What identifies a workflow event, in the hook's request and in Core's body alike."""
+    n = msg.get("signal_args", [""])[0] if msg["event_type"] == "SignalReceived" else ""
+    return f"{msg['workflow_id']}/{msg['event_type']}/{n}"
+
+
+def workflow_events(agent, addr, runs, signals, acked_path):
+    hello(agent, addr)
+    head = {"workflow_type": "Durable", "task_queue": "q"}
+    requests = []
+    for step in range(signals + 2):
+        for r in range(runs):
+            wf = {"workflow_id": f"dur-{r}", "run_id": "run-1", **head}
+            if step == 0:
+                requests.append({"event_type": "WorkflowStarted", **wf})
+            elif step == signals + 1:
+                requests.append({"event_type": "WorkflowCompleted", "workflow_output": None, **wf})
+            else:
+                n = (step - 1) * runs + r
+                requests.append({"event_type": "SignalReceived", "signal_name": "tick",
+                                 "signal_args": [n], **wf})
+    keys = {}
+    for i, req in enumerate(requests, start=1000):
+        keys[i] = event_key(req)
+
+    def write():
+        try:
+            for i, req in enumerate(requests, start=1000):
+                agent.sock.sendall((json.dumps({"id": i, "op": "workflow_event", **req}) + "\n").encode())
+        except OSError:
+            pass  # the agent went away
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with open(acked_path, "a") as acked:
+        for _ in requests:
+            line = agent.file.readline()
+            if not line:
+                break
+            reply = json.loads(line)
+            if reply.get("ok"):
+                acked.write(keys[reply["id"]] + "\n")
+                acked.flush()
+    writer.join()
+
+
+def activities(path, addr, threads, seconds):
+    deadline = time.monotonic() + seconds
+    ended = []
+
+    def run(t):
+        agent = Agent(path)
+        agent.echo = False
+        hello(agent, addr)
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            activity_id = f"{t}-{i}"
+            start = agent.call(op="activity_start", workflow_id=f"storm-{t}", run_id="run-1",
+                               workflow_type="Storm", activity_id=activity_id,
+                               activity_type="work", task_queue="q", attempt=1, input=[i])
+            end = agent.call(op="activity_end", token=start["token"], status="completed",
+                             output=i, error=None)
+            if end.get("ok"):
+                ended.append(activity_id)
+
+    pool = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    print(json.dumps({"ended": ended}), flush=True)
 
 
 def main():
@@ -135,6 +223,10 @@ def main():
         agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",
                    activity_id="1", activity_type="t", task_queue="q", attempt=1, input=[])
         os._exit(0)
+    elif mode == "workflow-events":
+        workflow_events(agent, addr, int(args[0]), int(args[1]), args[2])
+    elif mode == "activities":
+        activities(path, addr, int(args[0]), float(args[1]))
     else:
         sys.exit(f"unknown mode {mode}")
 

@@ -21,8 +21,11 @@
 use core::ptr;
 
 use aya_ebpf::{
-    bindings::BPF_RB_FORCE_WAKEUP,
-    helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated::bpf_send_signal},
+    bindings::{BPF_ANY, BPF_RB_FORCE_WAKEUP},
+    helpers::{
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{bpf_ktime_get_boot_ns, bpf_send_signal},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -32,7 +35,7 @@ use super::{stash, take_args, track_fd};
 use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
-    maps::{SyscallArgs, EVENTS, PAUSE_ON_TLS_LIB},
+    maps::{SyscallArgs, EVENTS, PAUSED, PAUSE_ON_TLS_LIB},
     task::{arg, header, ret, watched},
 };
 
@@ -99,14 +102,11 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), Loss> {
         }
     };
     ev.path_len = len as u32;
-    if unsafe { ptr::read_volatile(&PAUSE_ON_TLS_LIB) } != 0 && contains_libssl(&ev.path, len) {
-        // Stop the process until the agent has attached its uprobes to this library:
-        // otherwise its first TLS calls could run before the probes exist.
-        if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
-            ev.hdr.flags |= FLAG_PAUSED;
-        } else {
-            Loss::Pause.count();
-        }
+    if unsafe { ptr::read_volatile(&PAUSE_ON_TLS_LIB) } != 0
+        && contains_libssl(&ev.path, len)
+        && pause(tgid)
+    {
+        ev.hdr.flags |= FLAG_PAUSED;
     }
     // A paused process waits for the agent: wake it now.
     let wake = if ev.hdr.flags & FLAG_PAUSED != 0 {
@@ -117,6 +117,30 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     entry.submit(wake);
     count(CNT_EVENTS, 1);
     Ok(())
+}
+
+/// Stops the current process until the agent has attached its uprobes to the libssl it
+/// opened: otherwise its first TLS calls could run before the probes exist. The stop is
+/// recorded in PAUSED first, so no process is stopped that the agent (or, after a
+/// crash, the next agent) could not find again; without a record there is no stop.
+#[inline(always)]
+fn pause(tgid: u32) -> bool {
+    let record = PausedProc {
+        // SAFETY: a helper without arguments.
+        paused_at_ns: unsafe { bpf_ktime_get_boot_ns() },
+    };
+    if PAUSED.insert(tgid, record, BPF_ANY.into()).is_err() {
+        Loss::Pause.count();
+        return false;
+    }
+    // SAFETY: a helper taking a signal number; it signals the current process.
+    if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
+        let _ = PAUSED.remove(tgid);
+        Loss::Pause.count();
+        return false;
+    }
+    count(CNT_PAUSED, 1);
+    true
 }
 
 #[inline(always)]

@@ -17,7 +17,7 @@ use openbox_common::*;
 use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
-    maps::{ARGS, EVENTS, INHERIT, SSL_ARGS, THREADS, WATCHED},
+    maps::{ARGS, EVENTS, INHERIT, PAUSED, SSL_ARGS, THREADS, WATCHED},
     task::{attribution, field, header, is_watched, watched},
 };
 
@@ -175,6 +175,8 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     }
     let _ = WATCHED.remove(tgid);
     let _ = INHERIT.remove(tgid);
+    // A process killed while paused is no longer stopped: its pid may be reused.
+    let _ = PAUSED.remove(tgid);
     let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     ev.hdr = header(EV_EXIT, 0, pid_tgid);

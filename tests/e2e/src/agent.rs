@@ -1,7 +1,9 @@
 //! The agent daemon (`openbox-agent run`) as the end-to-end tests start and stop it.
 
 use std::{
+    collections::BTreeMap,
     fs,
+    io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
@@ -14,10 +16,12 @@ use serde_json::Value;
 
 use crate::{Env, START_TIMEOUT};
 
-/// `openbox-agent run --socket S --events E --unattributed U`.
+/// `openbox-agent run --socket S --events E --unattributed U --metrics-addr 127.0.0.1:0`.
 pub struct Agent {
     proc: Proc,
     pub socket: PathBuf,
+    /// Where it serves /metrics (the port it chose, from its stderr).
+    pub metrics_addr: Option<String>,
     pub events: PathBuf,
     pub unattributed: PathBuf,
 }
@@ -36,6 +40,34 @@ pub struct AgentReport {
     pub stderr_path: PathBuf,
     pub events_path: PathBuf,
     pub unattributed_path: PathBuf,
+    /// `/metrics` scraped just before SIGTERM (the worker already stopped): series →
+    /// value, and the text.
+    pub metrics: BTreeMap<String, f64>,
+    pub metrics_text: String,
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+fn scrape(addr: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    match out.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(std::io::Error::other(format!("/metrics answered: {out}"))),
+    }
+}
+
+/// Prometheus text → `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 pub(crate) fn json_lines(path: &Path, what: &str) -> Vec<Value> {
@@ -72,6 +104,7 @@ impl Agent {
             .arg(&events)
             .arg("--unattributed")
             .arg(&unattributed)
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .env(
                 "OPENBOX_LOG",
                 std::env::var("OPENBOX_LOG").unwrap_or_else(|_| "info".into()),
@@ -111,9 +144,20 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(100));
         }
+        // Printed before the programs load, so it is there once the socket serves.
+        let metrics_addr = proc
+            .stderr_text()
+            .split("/readyz on http://")
+            .nth(1)
+            .map(|rest| {
+                rest.chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect()
+            });
         Agent {
             proc,
             socket: socket.to_path_buf(),
+            metrics_addr,
             events: events.to_path_buf(),
             unattributed: unattributed.to_path_buf(),
         }
@@ -126,6 +170,18 @@ impl Agent {
     /// SIGTERM, wait for the drain, and read everything it reported. The agent must exit
     /// 0 and end with the summary line on stderr.
     pub fn stop(mut self) -> AgentReport {
+        let addr = self.metrics_addr.clone().unwrap_or_else(|| {
+            panic!(
+                "`openbox-agent run --metrics-addr` did not say where it serves\nstderr: {}",
+                self.proc.stderr_tail()
+            )
+        });
+        let metrics_text = scrape(&addr).unwrap_or_else(|e| {
+            panic!(
+                "scraping http://{addr}/metrics: {e}\nstderr: {}",
+                self.proc.stderr_tail()
+            )
+        });
         let (status, in_time) = self
             .proc
             .stop_leader(libc::SIGTERM, Duration::from_secs(60));
@@ -160,6 +216,8 @@ impl Agent {
             stderr_path: self.proc.stderr.clone(),
             events_path: self.events.clone(),
             unattributed_path: self.unattributed.clone(),
+            metrics: parse_metrics(&metrics_text),
+            metrics_text,
         }
     }
 }
@@ -176,6 +234,98 @@ impl AgentReport {
                     self.stderr_path.display()
                 )
             })
+    }
+
+    /// `/metrics`, scraped after the worker stopped, holds the values of the summary the
+    /// agent printed at exit. Counters that the shutdown itself can still move (spans of
+    /// connections still open when the agent stops are finished then: unattributed
+    /// reasons, parser losses, unrecognised connections) may only have grown by exit.
+    pub fn assert_metrics_match_summary(&self) {
+        let s = &self.summary;
+        let num = |v: &Value| v.as_u64().unwrap_or(0);
+        let metric = |name: &str| -> u64 {
+            *self
+                .metrics
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not in /metrics:\n{}", self.metrics_text))
+                as u64
+        };
+        let g = &s["governance"];
+        let mut equal: Vec<(String, u64)> = [
+            ("openbox_events_total", &s["events"]),
+            ("openbox_ringbuf_drops_total", &s["ringbuf_drops"]),
+            ("openbox_truncated_calls_total", &s["truncated_calls"]),
+            ("openbox_truncated_bytes_total", &s["truncated_bytes"]),
+            ("openbox_records_received_total", &s["records_received"]),
+            ("openbox_spans_attributed_total", &s["spans_attributed"]),
+            (
+                "openbox_spans_dropped_over_limit_total",
+                &s["spans_dropped_over_limit"],
+            ),
+            ("openbox_hook_connections_total", &s["hook_connections"]),
+            (
+                "openbox_hook_registrations_refused_total",
+                &s["registrations_refused"],
+            ),
+            ("openbox_activities_total", &s["activities"]),
+            ("openbox_workers_registered_total", &s["workers"]),
+            ("openbox_spool_events", &g["spool_pending"]),
+            ("openbox_spool_dropped_total", &g["spool_dropped"]),
+            (
+                "openbox_governance_core_failures_total",
+                &g["core_failures"],
+            ),
+        ]
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), num(v)))
+        .collect();
+        for outcome in ["ok", "non_json", "http_error", "timeout", "network"] {
+            equal.push((
+                format!("openbox_governance_requests_total{{outcome=\"{outcome}\"}}"),
+                num(&g["requests"][outcome]),
+            ));
+        }
+        for (name, want) in &equal {
+            assert_eq!(
+                metric(name),
+                *want,
+                "{name}: /metrics after the worker stopped and the summary at exit disagree\nsummary: {s}\n/metrics:\n{}",
+                self.metrics_text
+            );
+        }
+        let mut grown: Vec<(String, u64)> = vec![(
+            "openbox_connections_unrecognised_total".into(),
+            num(&s["unrecognised_connections"]),
+        )];
+        for reason in ["no_activity", "after_activity_end", "unknown_activity"] {
+            grown.push((
+                format!("openbox_spans_unattributed_total{{reason=\"{reason}\"}}"),
+                num(&s["unattributed_reasons"][reason]),
+            ));
+        }
+        for protocol in ["http", "postgres", "mysql", "redis", "mongo"] {
+            grown.push((
+                format!("openbox_parser_unparsed_messages_total{{protocol=\"{protocol}\"}}"),
+                num(&s["unparsed_by_protocol"][protocol]),
+            ));
+        }
+        for (name, at_exit) in &grown {
+            assert!(
+                metric(name) <= *at_exit,
+                "{name}: /metrics says more than the summary at exit ({at_exit})\n{}",
+                self.metrics_text
+            );
+        }
+        assert!(
+            metric("openbox_spans_attributed_total") > 0,
+            "{}",
+            self.metrics_text
+        );
+        assert!(
+            metric("openbox_governance_requests_total{outcome=\"ok\"}") > 0,
+            "{}",
+            self.metrics_text
+        );
     }
 
     /// Events of one `event_type`.

@@ -519,6 +519,8 @@ mod tests {
             stderr_path: PathBuf::new(),
             events_path: PathBuf::new(),
             unattributed_path: PathBuf::new(),
+            metrics: Default::default(),
+            metrics_text: String::new(),
         }
     }
 

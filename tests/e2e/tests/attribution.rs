@@ -35,6 +35,7 @@ fn finish_and_check(s: Scenario, expected: &[ExpectedActivity]) {
     let attribution = openbox_e2e::check_attribution(&agent, &done.token, expected);
     attribution.print(&name, &agent);
     attribution.assert_exact(0, &agent);
+    agent.assert_metrics_match_summary();
 }
 
 fn fifty_concurrent_async(name: &str, shared_pools: bool) {

@@ -1443,6 +1443,14 @@ fn core_down_under_fail_closed_halts_the_activity() {
         "the halted activity's body ran"
     );
     w.core().up();
+    // wf0's spooled events reach Core first, when the spool's backoff wait ends (new
+    // events never cut it short); until then wf1's activity would meet fail_closed too.
+    let wfs = [wf0.clone()];
+    let failed = (wf0.clone(), "WorkflowFailed".to_string(), String::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !delivered(w.core(), &wfs).contains(&failed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let o = w.run(
         &[steps_workflow(
             &wf1,
