@@ -21,3 +21,4 @@ pub mod protocol;
 pub mod redact;
 pub mod span;
 pub mod trace;
+pub mod workload;

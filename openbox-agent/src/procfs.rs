@@ -175,6 +175,65 @@ fn mapped_file(path: &str) -> MappedFile {
     }
 }
 
+/// A path as process `pid` names it, opened from the agent: under /proc/PID/root, with
+/// symlinks resolved inside that root. A container's `/usr/lib/…/libssl.so.3` is not the
+/// file at the same path in the agent's view (the agent's own, or the host's), and an
+/// absolute symlink in the container points into the container, so neither the plain
+/// path nor `canonicalize` (which follows /proc/PID/root back to the agent's `/`) will
+/// do. A path that does not resolve is returned joined as it is: opening it then fails
+/// with the error worth reporting.
+pub fn in_root(pid: Pid, path: &str) -> std::path::PathBuf {
+    in_root_at(Path::new(&format!("/proc/{pid}/root")), path)
+}
+
+/// [`in_root`] for any root directory.
+pub fn in_root_at(root: &Path, path: &str) -> std::path::PathBuf {
+    // As the kernel's own limit on nested links (ELOOP).
+    const MAX_LINKS: usize = 40;
+    let mut todo: Vec<String> = components(path).rev().collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = join(root, &done).join(&c);
+        let target = match std::fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => std::fs::read_link(&here).ok(),
+            _ => None,
+        };
+        match target {
+            Some(t) if links < MAX_LINKS => {
+                links += 1;
+                let t = t.to_string_lossy().into_owned();
+                if t.starts_with('/') {
+                    done.clear();
+                }
+                todo.extend(components(&t).rev());
+            }
+            _ => done.push(c),
+        }
+    }
+    join(root, &done)
+}
+
+fn components(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
+fn join(root: &Path, parts: &[String]) -> std::path::PathBuf {
+    let mut p = root.to_path_buf();
+    p.extend(parts);
+    p
+}
+
 /// The real /proc.
 pub struct Procfs;
 
@@ -214,6 +273,35 @@ mod tests {
     use std::{io::Write, os::unix::net::UnixStream};
 
     use super::*;
+
+    #[test]
+    fn paths_resolve_inside_the_given_root() {
+        let root = std::env::temp_dir().join(format!("openbox-root-{}", std::process::id()));
+        let lib = root.join("usr/lib/x86_64-linux-gnu");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("libssl.so.3"), b"").unwrap();
+        let _ = std::os::unix::fs::symlink("usr/lib", root.join("lib"));
+        // Absolute targets are the container's, not the agent's.
+        let _ = std::os::unix::fs::symlink(
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            lib.join("libssl.so"),
+        );
+        let want = lib.join("libssl.so.3");
+        for path in [
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "/lib/x86_64-linux-gnu/libssl.so.3",
+            "/lib/x86_64-linux-gnu/libssl.so",
+            "/usr/lib/../lib/x86_64-linux-gnu/./libssl.so",
+        ] {
+            assert_eq!(in_root_at(&root, path), want, "{path}");
+        }
+        // Missing files are joined as named, for the error that opening them gives.
+        assert_eq!(in_root_at(&root, "/opt/none.so"), root.join("opt/none.so"));
+        // A link loop ends.
+        let _ = std::os::unix::fs::symlink("/loop", root.join("loop"));
+        let _ = in_root_at(&root, "/loop/x");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn fd_targets_are_classified() {

@@ -228,7 +228,7 @@ fn dpkg_installed(package: &str) -> Result<bool> {
         && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed")
 }
 
-fn install_debian_packages(wanted: &[&str]) -> Result<()> {
+pub(crate) fn install_debian_packages(wanted: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
     for package in wanted {
         if !dpkg_installed(package)? {
@@ -743,7 +743,7 @@ fn is_build_output(name: &str) -> bool {
 }
 
 /// The package's source files (relative paths, sorted), build output left out.
-fn hook_sources(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn hook_sources(dir: &Path) -> Result<Vec<PathBuf>> {
     fn walk(top: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let here = top.join(rel);
         for entry in fs::read_dir(&here).with_context(|| format!("reading {}", here.display()))? {
@@ -771,7 +771,7 @@ fn hook_sources(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// FNV-1a over every source file's relative path and contents: stable across Rust
 /// releases (unlike `DefaultHasher`), which is all a stamp needs.
-fn hook_stamp(dir: &Path, files: &[PathBuf]) -> Result<String> {
+pub(crate) fn hook_stamp(dir: &Path, files: &[PathBuf]) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
         for b in bytes {

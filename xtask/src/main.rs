@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | lint | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -7,6 +7,7 @@ mod bench;
 mod env;
 mod fuzz;
 mod hook_bench;
+mod image;
 mod lint;
 mod proc;
 mod startup_bench;
@@ -41,6 +42,13 @@ enum Task {
     BuildEbpf,
     /// Build the kernel programs and the agent (release).
     Build,
+    /// Build the agent's container image (deploy/Containerfile) with podman, base images
+    /// made locally with mmdebstrap; prints the image's name.
+    Image {
+        /// Also build the end-to-end tests' worker image (`cargo xtask test` does).
+        #[arg(long)]
+        e2e_worker: bool,
+    },
     /// Check formatting and lints: rustfmt and clippy (warnings denied) on the workspace
     /// and on the kernel crate, ruff and mypy on the worker hook, gofmt and go vet on the
     /// Kubernetes manifest checker.
@@ -85,6 +93,14 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildEbpf => toolchain::build_ebpf().map(|_| ()),
         Task::Build => build_agent(),
+        Task::Image { e2e_worker } => {
+            build_agent()?;
+            println!("{}", image::agent_image()?);
+            if e2e_worker {
+                println!("{}", image::worker_image()?);
+            }
+            Ok(())
+        }
         Task::Lint => lint::lint(),
         Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
@@ -134,6 +150,10 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
     }
     build_agent()?;
     let test_env = env::setup()?;
+    // tests/e2e/tests/containers.rs runs the agent image as the DaemonSet does, and a
+    // worker in a container of its own.
+    let agent_image = image::agent_image()?;
+    let worker_image = image::worker_image()?;
     let root = workspace_root();
     // Unit tests and the parsers' tests, then the integration tests, which share kernel
     // state (loaded programs, tracefs) and so run one at a time.
@@ -141,6 +161,9 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
         .current_dir(&root)
         .env("OPENBOX_AGENT_BIN", agent_binary())
         .envs(test_env.vars())
+        .env("OPENBOX_AGENT_IMAGE", &agent_image)
+        .env("OPENBOX_WORKER_IMAGE", &worker_image)
+        .env("CONTAINERS_CONF", image::containers_conf()?)
         .args(["test", "--release", "--workspace"])
         .args(args)
         .args(["--", "--test-threads=1"]))

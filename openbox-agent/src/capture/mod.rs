@@ -158,8 +158,11 @@ pub struct Capture {
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
     counters: PerCpuArray<MapData, u64>,
-    /// Libraries whose libssl functions are probed (canonical paths).
-    tls_libs: HashSet<std::path::PathBuf>,
+    /// Libraries whose libssl functions are probed, by file identity (device, inode):
+    /// one file reached through different paths (the host's view, a container's
+    /// /proc/PID/root) is probed once, and two files at the same path in different
+    /// roots are both probed.
+    tls_libs: HashSet<(u64, u64)>,
     /// Last field, dropped after `ebpf` (fields drop in declaration order): the
     /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
     /// process can be stopped after it resumed them all.
@@ -399,22 +402,26 @@ impl Capture {
     }
 
     pub fn has_tls_lib(&self, path: &Path) -> bool {
-        self.tls_libs.contains(path)
+        file_id(path).is_ok_and(|id| self.tls_libs.contains(&id))
     }
 
     /// Attaches entry and return probes to the libssl functions of `path` (every
-    /// process that maps it; the kernel programs filter by the watched set).
+    /// process that maps it; the kernel programs filter by the watched set). `path` is
+    /// opened as given: for a process in another root, pass its path under
+    /// /proc/PID/root ([`crate::procfs::in_root`]); the kernel resolves it the same way
+    /// and probes that file.
     pub fn attach_tls(&mut self, path: &Path) -> Result<usize, tls::AttachError> {
-        let canonical = path
-            .canonicalize()
-            .map_err(|e| tls::AttachError::NotFound {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        if self.tls_libs.contains(&canonical) {
+        let id = file_id(path).map_err(|e| tls::AttachError::NotFound {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if self.tls_libs.contains(&id) {
             return Ok(0);
         }
-        let symbols = tls::ssl_symbols(&canonical)?;
+        // Absolute, but with links unresolved: resolving /proc/PID/root would lead back
+        // into the agent's own root.
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let symbols = tls::ssl_symbols(path)?;
         let mut attached = 0;
         for (func, prog) in SSL_FUNCTIONS {
             if !symbols.iter().any(|s| s == func) {
@@ -430,18 +437,38 @@ impl Capture {
                     })?;
                 p.attach(
                     *func,
-                    &canonical,
+                    path,
                     aya::programs::uprobe::UProbeScope::AllProcesses,
                 )
                 .map_err(|e| tls::AttachError::Attach {
-                    path: canonical.clone(),
+                    path: path.clone(),
                     func: format!("{func} ({what})"),
-                    reason: e.to_string(),
+                    reason: with_causes(&e),
                 })?;
                 attached += 1;
             }
         }
-        self.tls_libs.insert(canonical);
+        self.tls_libs.insert(id);
         Ok(attached)
     }
+}
+
+/// An error with its causes: aya's "`perf_event_open` failed" alone hides the errno that
+/// says which privilege is missing.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// (device, inode) of the file `path` leads to.
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }

@@ -17,7 +17,7 @@ pub enum AttachError {
     NotElf { path: PathBuf, reason: String },
     #[error("uprobe target {path} defines none of SSL_write, SSL_write_ex, SSL_read, SSL_read_ex: it is not a libssl (give the libssl.so the program maps, see /proc/PID/maps)")]
     NoSymbols { path: PathBuf },
-    #[error("uprobe on {path} {func} failed: {reason} — run as root or grant CAP_BPF and CAP_PERFMON, and check that the file is still there")]
+    #[error("uprobe on {path} {func} failed: {reason} — run as root or grant the capabilities ({}); on kernels whose uprobe perf events refuse CAP_PERFMON (Linux 6.18 measured) also CAP_SYS_ADMIN; and check that the file is still there", crate::preflight::SETCAP)]
     Attach {
         path: PathBuf,
         func: String,

@@ -15,10 +15,7 @@
 
 pub mod sink;
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{MapData, RingBuf};
@@ -34,7 +31,8 @@ use crate::{
     },
     conn::{Action, Pid, ProcEnv, Record, SkipPaths, Tracker},
     procfs::{self, FdTarget, Procfs},
-    span::{SpanBuilder, SpanConfig},
+    span::{Span, SpanBuilder, SpanConfig},
+    workload::Workload,
 };
 
 /// What a session makes of the records.
@@ -78,6 +76,9 @@ pub struct Session<S: Sink> {
     unparsed_records: u64,
     resumed: u64,
     resume_failures: u64,
+    /// The container (and pod) of each process that made a span, read once per process
+    /// and forgotten when it exits.
+    workloads: HashMap<Pid, Workload>,
     /// Test-only (`OPENBOX_TEST_HOLD_PAUSED`, see `capture::pause::HOLD_ENV`): paused
     /// processes stay stopped until the agent ends.
     hold_paused: bool,
@@ -123,6 +124,7 @@ impl<S: Sink> Session<S> {
             unparsed_records: 0,
             resumed: 0,
             resume_failures: 0,
+            workloads: HashMap::new(),
             hold_paused: std::env::var_os(pause::HOLD_ENV).is_some(),
         }
     }
@@ -213,7 +215,7 @@ impl<S: Sink> Session<S> {
             let mut spans = Vec::new();
             builder.finish(now_mono(), &mut spans);
             for span in spans {
-                self.sink.span(span);
+                self.emit(span);
             }
         }
         self.sink.flush();
@@ -225,7 +227,7 @@ impl<S: Sink> Session<S> {
             builder.handle(r, &mut spans);
             let given_up = std::mem::take(&mut builder.given_up);
             for span in spans {
-                self.sink.span(span);
+                self.emit(span);
             }
             // Span mode only: records mode shows every byte, so it keeps copying them.
             for conn in given_up {
@@ -235,6 +237,19 @@ impl<S: Sink> Session<S> {
             }
         }
         self.sink.record(r, &self.clock);
+        if let Record::Exit { pid, .. } = r {
+            self.workloads.remove(pid);
+        }
+    }
+
+    /// A span to the sink, with its process's container and pod as resource attributes
+    /// (`container.id`, `k8s.pod.uid`, `k8s.pod.name`, `k8s.namespace.name`).
+    fn emit(&mut self, mut span: Span) {
+        self.workloads
+            .entry(span.pid)
+            .or_insert_with(|| Workload::of(span.pid))
+            .annotate(&mut span.attributes);
+        self.sink.span(span);
     }
 
     /// Attaches to libssl copies the process maps now (its executable included).
@@ -253,13 +268,13 @@ impl<S: Sink> Session<S> {
                 tracing::warn!(pid, lib = %f.path, "a libssl copy this process maps was replaced or deleted on disk since: its TLS plaintext is not captured");
                 continue;
             }
-            let path = host_path(pid, &f.path);
+            let path = procfs::in_root(pid, &f.path);
             if self.cap.has_tls_lib(&path) {
                 continue;
             }
             match self.cap.attach_tls(&path) {
                 Ok(n) if n > 0 => {
-                    tracing::info!(pid, lib = %path.display(), probes = n, "attached TLS probes")
+                    tracing::info!(pid, lib = %f.path, opened = %path.display(), probes = n, "attached TLS probes")
                 }
                 Ok(_) => {}
                 // An executable without libssl symbols is the common case: stay quiet.
@@ -319,10 +334,10 @@ impl<S: Sink> Session<S> {
                 }
             }
             Action::AttachTls { pid, path, paused } => {
-                let p = host_path(pid, &path);
+                let p = procfs::in_root(pid, &path);
                 match self.cap.attach_tls(&p) {
                     Ok(n) if n > 0 => {
-                        tracing::info!(pid, lib = %p.display(), probes = n, "attached TLS probes")
+                        tracing::info!(pid, lib = %path, opened = %p.display(), probes = n, "attached TLS probes")
                     }
                     Ok(_) => {}
                     Err(tls::AttachError::NoSymbols { .. }) => {}
@@ -368,15 +383,6 @@ impl<S: Sink> Session<S> {
             }
         }
     }
-}
-
-/// A path as seen by a process, opened from the host (a container's root differs).
-fn host_path(pid: Pid, path: &str) -> PathBuf {
-    let direct = Path::new(path);
-    if direct.exists() {
-        return direct.to_path_buf();
-    }
-    PathBuf::from(format!("/proc/{pid}/root{path}"))
 }
 
 /// The ring buffer, read when the kernel wakes us and on a short tick.

@@ -109,6 +109,19 @@ impl Agent {
                 "OPENBOX_LOG",
                 std::env::var("OPENBOX_LOG").unwrap_or_else(|_| "info".into()),
             );
+        Agent::spawn(cmd, logs, socket, &events, &unattributed)
+    }
+
+    /// Starts `cmd`, an `openbox-agent run` however wrapped (e.g. `podman run`) that
+    /// serves `socket` and writes `events` and `unattributed` (paths as the test sees
+    /// them), and waits until the socket accepts connections.
+    pub fn spawn(
+        cmd: Command,
+        logs: &Path,
+        socket: &Path,
+        events: &Path,
+        unattributed: &Path,
+    ) -> Agent {
         let mut proc = Proc::spawn("agent", cmd, logs);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -145,8 +158,8 @@ impl Agent {
             proc,
             socket: socket.to_path_buf(),
             metrics_addr,
-            events,
-            unattributed,
+            events: events.to_path_buf(),
+            unattributed: unattributed.to_path_buf(),
         }
     }
 

@@ -27,6 +27,7 @@
 
 mod agent;
 mod attribution;
+mod containers;
 mod env;
 mod governance;
 mod scenario;
@@ -38,7 +39,8 @@ use std::time::Duration;
 pub use openbox_testkit::{free_port, tail, workspace_root, Proc, TempDir};
 
 pub use crate::{
-    agent::*, attribution::*, env::*, governance::*, scenario::*, servers::*, worker::*,
+    agent::*, attribution::*, containers::*, env::*, governance::*, scenario::*, servers::*,
+    worker::*,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);

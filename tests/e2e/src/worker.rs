@@ -97,6 +97,14 @@ impl Worker {
         Worker { proc }
     }
 
+    /// Starts `cmd`, a support/worker.py however wrapped (e.g. `podman run`), and waits
+    /// for its `ready` line.
+    pub fn spawn(cmd: Command, logs: &Path) -> Worker {
+        let mut proc = Proc::spawn("worker", cmd, logs);
+        proc.wait_for_line("`ready`", START_TIMEOUT, |l| l.starts_with("ready"));
+        Worker { proc }
+    }
+
     /// The worker's pid in the test's PID namespace (for an unshared worker: the pid of
     /// `unshare`, not of the worker).
     pub fn pid(&self) -> u32 {
