@@ -140,6 +140,8 @@ pub fn start_agent_container(logs: &Path, dirs: &HostDirs) -> (Agent, Container)
     }
     cmd.args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing"])
         .args(["-v", "/sys/kernel/btf:/sys/kernel/btf:ro"])
+        // The pinned map of paused processes outlives the container (as in the manifests).
+        .args(["-v", "/sys/fs/bpf:/sys/fs/bpf"])
         .arg("-v")
         .arg(format!(
             "{}:{SOCKET_DIR_IN_CONTAINER}",
@@ -157,6 +159,9 @@ pub fn start_agent_container(logs: &Path, dirs: &HostDirs) -> (Agent, Container)
             "/out/events.jsonl",
             "--unattributed",
             "/out/unattributed.jsonl",
+            // As the DaemonSet serves its probes; host network, so the test scrapes it.
+            "--metrics-addr",
+            "127.0.0.1:0",
         ]);
     let agent = Agent::spawn(
         cmd,
