@@ -101,9 +101,21 @@ pub fn ensure_tracefs() -> Result<()> {
         Err(Access::Denied) => bail!("tracefs at {}", denied(TRACEFS)),
         Err(_) => {}
     }
-    let target = std::ffi::CString::new(TRACEFS).unwrap();
-    let fstype = std::ffi::CString::new("tracefs").unwrap();
-    // SAFETY: plain mount(2) with static C strings.
+    let mounted = mount("tracefs", TRACEFS);
+    if mounted.is_err() || !Path::new(TRACEFS).join("events").is_dir() {
+        let err = mounted.err().unwrap_or_else(std::io::Error::last_os_error);
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}). Mount it with `mount -t tracefs nodev {TRACEFS}` (in a container, mount the host's /sys/kernel/tracing), then try again."
+        );
+    }
+    Ok(())
+}
+
+/// mount(2) of a pseudo filesystem of type `fstype` (also its source name) at `target`.
+fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
+    let target = std::ffi::CString::new(target)?;
+    let fstype = std::ffi::CString::new(fstype)?;
+    // SAFETY: plain mount(2) with NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
             fstype.as_ptr(),
@@ -113,13 +125,11 @@ pub fn ensure_tracefs() -> Result<()> {
             std::ptr::null(),
         )
     };
-    if rc != 0 || !Path::new(TRACEFS).join("events").is_dir() {
-        let err = std::io::Error::last_os_error();
-        bail!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}). Mount it with `mount -t tracefs nodev {TRACEFS}` (in a container, mount the host's /sys/kernel/tracing), then try again."
-        );
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Ok(())
 }
 
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -141,20 +151,9 @@ pub fn ensure_bpffs() -> Result<()> {
     if bpffs_mounted() {
         return Ok(());
     }
-    let target = std::ffi::CString::new(BPFFS).unwrap();
-    let fstype = std::ffi::CString::new("bpf").unwrap();
-    // SAFETY: plain mount(2) with static C strings.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 || !bpffs_mounted() {
-        let err = std::io::Error::last_os_error();
+    let mounted = mount("bpf", BPFFS);
+    if mounted.is_err() || !bpffs_mounted() {
+        let err = mounted.err().unwrap_or_else(std::io::Error::last_os_error);
         bail!(
             "bpffs is not mounted at {BPFFS} and mounting it failed ({err}). Mount it with `mount -t bpf bpf {BPFFS}` (in a container, mount the host's {BPFFS}, so that what an agent leaves there outlives the container)"
         );
