@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench |
+//! kernel-matrix`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -8,6 +9,7 @@ mod env;
 mod fuzz;
 mod hook_bench;
 mod image;
+mod kernel_matrix;
 mod lint;
 mod proc;
 mod startup_bench;
@@ -75,6 +77,17 @@ enum Task {
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
     },
+    /// Boot Debian's 6.1 and 6.12 cloud kernels under qemu (TCG) with the agent and run
+    /// `check` and, per capture mode, a `trace` of an HTTPS request and a file write in
+    /// each, beside the host; prints the matrix and what differs.
+    KernelMatrix {
+        /// One `trace` per kernel in the default capture mode, and no helper probe.
+        #[arg(long)]
+        quick: bool,
+        /// Only this kernel (host, 6.1, 6.12); repeatable. All when none is given.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+    },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
     /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
     /// checker); prints the OPENBOX_* variables.
@@ -105,6 +118,10 @@ fn main() -> Result<()> {
         Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
+        Task::KernelMatrix { quick, kernels } => {
+            build_agent()?;
+            kernel_matrix::run(&agent_binary(), &kernel_matrix::Options { quick, kernels })
+        }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
     }
