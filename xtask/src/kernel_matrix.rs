@@ -73,6 +73,19 @@ const GUEST_WORK: &str = "/tmp/kmx";
 /// loading the programs ~10 s per mode.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
+/// Findings on a kernel that stand until the agent changes: (kernel, text of the
+/// agent's error). A mode that fails with it is reported as known, not as a failure, so
+/// CI's quick run keeps checking the rest (the guests boot, `check` runs, the host
+/// captures) while the finding is open; once the error is gone the run says so.
+///
+/// Debian's 6.1 and 6.12 have no `group_dead` in `sched:sched_process_exit` (added to
+/// the tracepoint after 6.12), which the exit program reads to tell a process's end
+/// from a thread's, so the agent refuses to start there (capture/tracefs.rs).
+const KNOWN: &[(&str, &str)] = &[
+    ("6.1", "has no field `group_dead`"),
+    ("6.12", "has no field `group_dead`"),
+];
+
 /// The lock the project's kernel tests share, so the host row does not load programs
 /// while another run's tests do.
 const KERNEL_LOCK: &str = "/tmp/openbox-kernel.lock";
@@ -137,6 +150,17 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
         modes.join(", "),
         started.elapsed().as_secs_f64()
     );
+    for (kernel, text) in KNOWN {
+        let seen = rows
+            .iter()
+            .filter(|r| r.label == *kernel)
+            .flat_map(|r| &r.modes)
+            .any(|m| m.known == Some(*text));
+        let ran = rows.iter().any(|r| r.label == *kernel && !r.modes.is_empty());
+        if ran && !seen {
+            println!("kernel-matrix: the known finding on {kernel} ({text}) was not seen: if it is fixed, remove it from KNOWN in xtask/src/kernel_matrix.rs");
+        }
+    }
     let failed: Vec<String> = rows.iter().flat_map(Row::failures).collect();
     if !failed.is_empty() {
         bail!(
@@ -715,6 +739,10 @@ struct ModeResult {
     file: bool,
     /// The agent's error, verifier log included, and its warnings.
     errors: Vec<String>,
+    /// The agent refused to start (the kernel lacks something it checks first).
+    refused: bool,
+    /// The entry of [`KNOWN`] the error matches.
+    known: Option<&'static str>,
     summary: Option<Value>,
 }
 
@@ -723,7 +751,7 @@ impl Row {
         let modes = expect
             .modes
             .iter()
-            .map(|m| ModeResult::read(&sections, m))
+            .map(|m| ModeResult::read(&sections, m, label))
             .collect();
         Row {
             label: label.into(),
@@ -748,6 +776,9 @@ impl Row {
             out.push(format!("{}: {}", self.label, e.lines().next().unwrap_or("")));
         }
         for m in &self.modes {
+            if m.known.is_some() {
+                continue;
+            }
             let missing: Vec<&str> = [
                 (m.loaded != Some(true), "programs not loaded"),
                 (m.attached != Some(true), "not attached"),
@@ -767,7 +798,7 @@ impl Row {
 }
 
 impl ModeResult {
-    fn read(s: &Sections, mode: &str) -> ModeResult {
+    fn read(s: &Sections, mode: &str, kernel: &str) -> ModeResult {
         let stderr = s.text(&format!("stderr {mode}"));
         let rc: Option<i32> = s.text(&format!("trace {mode}")).trim().parse().ok();
         let spans: Vec<Value> = s
@@ -803,6 +834,11 @@ impl ModeResult {
                 && (sp["name"] == "file.write"
                     || a["file.total_bytes_written"].as_u64().unwrap_or(0) > 0)
         });
+        let refused = error.as_deref().is_some_and(|e| e.contains("refuses to start"));
+        let known = KNOWN
+            .iter()
+            .find(|(k, text)| *k == kernel && error.as_deref().is_some_and(|e| e.contains(text)))
+            .map(|(_, text)| *text);
         let mut errors: Vec<String> = error.into_iter().collect();
         errors.extend(
             stderr
@@ -820,6 +856,8 @@ impl ModeResult {
             https,
             file,
             errors,
+            refused,
+            known,
             summary,
         }
     }
@@ -865,7 +903,7 @@ fn report(rows: &[Row], modes: &[String]) -> String {
                 o,
                 "   {:<12} {:>7} {:>9} {:>15} {:>14}",
                 m.mode,
-                mark(m.loaded),
+                if m.refused { "refused" } else { mark(m.loaded) },
                 mark(m.attached),
                 mark(Some(m.https)),
                 mark(Some(m.file))
@@ -884,6 +922,9 @@ fn report(rows: &[Row], modes: &[String]) -> String {
                 if !failures.is_empty() {
                     let _ = writeln!(o, "   mode {}: summary counts {}", m.mode, failures.join(" "));
                 }
+            }
+            if let Some(text) = m.known {
+                let _ = writeln!(o, "   mode {}: known finding ({text}), see KNOWN in xtask/src/kernel_matrix.rs", m.mode);
             }
             for e in &m.errors {
                 let _ = writeln!(o, "   mode {} printed:\n      {}", m.mode, tail(e, 40).replace('\n', "\n      "));

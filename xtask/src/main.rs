@@ -57,7 +57,8 @@ enum Task {
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
     /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
-    /// checker) and run every test, end-to-end tests included.
+    /// checker) and run every test, end-to-end tests included; with no test arguments,
+    /// then `kernel-matrix --quick`.
     Test {
         /// Skip `lint` (when iterating on one test; CI never does).
         #[arg(long)]
@@ -87,6 +88,9 @@ enum Task {
         /// Only this kernel (host, 6.1, 6.12); repeatable. All when none is given.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
+        /// Run this agent binary instead of building the workspace's.
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
     /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
@@ -118,9 +122,19 @@ fn main() -> Result<()> {
         Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
-        Task::KernelMatrix { quick, kernels } => {
-            build_agent()?;
-            kernel_matrix::run(&agent_binary(), &kernel_matrix::Options { quick, kernels })
+        Task::KernelMatrix {
+            quick,
+            kernels,
+            agent,
+        } => {
+            let agent = match agent {
+                Some(path) => path,
+                None => {
+                    build_agent()?;
+                    agent_binary()
+                }
+            };
+            kernel_matrix::run(&agent, &kernel_matrix::Options { quick, kernels })
         }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
@@ -183,7 +197,20 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
         .env("CONTAINERS_CONF", image::containers_conf()?)
         .args(["test", "--release", "--workspace"])
         .args(args)
-        .args(["--", "--test-threads=1"]))
+        .args(["--", "--test-threads=1"]))?;
+    // The whole suite (CI) also boots the other kernels users have: check and one trace
+    // each, about a minute (the full matrix is `cargo xtask kernel-matrix`). Not when
+    // the run is narrowed to some tests.
+    if args.is_empty() {
+        kernel_matrix::run(
+            &agent_binary(),
+            &kernel_matrix::Options {
+                quick: true,
+                kernels: Vec::new(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {
