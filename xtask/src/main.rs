@@ -134,7 +134,15 @@ fn main() -> Result<()> {
                     agent_binary()
                 }
             };
-            kernel_matrix::run(&agent, &kernel_matrix::Options { quick, kernels })
+            let object = workspace_root().join("target/bpf/openbox-ebpf.o");
+            kernel_matrix::run(
+                &agent,
+                &kernel_matrix::Options {
+                    quick,
+                    kernels,
+                    object,
+                },
+            )
         }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
@@ -207,6 +215,7 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
             &kernel_matrix::Options {
                 quick: true,
                 kernels: Vec::new(),
+                object: root.join("target/bpf/openbox-ebpf.o"),
             },
         )?;
     }
