@@ -226,24 +226,38 @@ fn capture_modes(agent: &Path, quick: bool) -> Result<Vec<String>> {
     Ok(modes)
 }
 
-/// `--capture-mode <MODE>  ... [possible values: auto, fentry, tracepoint]`
+/// The values of `--capture-mode` but `auto`, from `trace --help`: clap lists them
+/// inline (`[possible values: auto, fentry, tracepoint]`) or, when each value has a
+/// description, one a line (`- fentry: …`) under the option.
 fn modes_from_help(help: &str) -> Vec<String> {
-    let Some(at) = help.find("--capture-mode") else {
+    let mut lines = help.lines().skip_while(|l| !l.contains("--capture-mode"));
+    let Some(first) = lines.next() else {
         return Vec::new();
     };
-    let rest = &help[at..];
-    let Some(values) = rest
-        .find("[possible values: ")
-        .map(|i| &rest[i + "[possible values: ".len()..])
-        .and_then(|v| v.split(']').next())
-    else {
-        return Vec::new();
+    let block: Vec<&str> = std::iter::once(first)
+        .chain(lines.take_while(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("--") || t.starts_with("-h,"))
+        }))
+        .collect();
+    let text = block.join("\n");
+    let values: Vec<String> = match text.find("[possible values: ") {
+        Some(i) => text[i + "[possible values: ".len()..]
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .map(|v| v.trim().to_string())
+            .collect(),
+        None => block
+            .iter()
+            .filter_map(|l| l.trim_start().strip_prefix("- "))
+            .map(|v| v.split(':').next().unwrap_or("").trim().to_string())
+            .collect(),
     };
     values
-        .split(',')
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && *v != "auto")
-        .map(String::from)
+        .into_iter()
+        .filter(|v| !v.is_empty() && v != "auto")
         .collect()
 }
 
@@ -1348,6 +1362,8 @@ mod tests {
     fn capture_modes_are_read_from_the_help_without_auto() {
         let help = "      --capture-mode <MODE>  How sockets and files are captured [default: auto] [possible values: auto, fentry, tracepoint]\n      --json  x";
         assert_eq!(modes_from_help(help), ["fentry", "tracepoint"]);
+        let long = "      --capture-mode <CAPTURE_MODE>\n          How sockets and files are captured\n\n          Possible values:\n          - auto:       fentry/fexit where this kernel has them\n          - fentry:     fentry/fexit programs\n          - tracepoint: Syscall tracepoints\n\n          [env: OPENBOX_CAPTURE_MODE=]\n\n  -h, --help\n          Print help\n          - not: a value";
+        assert_eq!(modes_from_help(long), ["fentry", "tracepoint"]);
         assert!(modes_from_help("--json  One JSON object").is_empty());
     }
 
