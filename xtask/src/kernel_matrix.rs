@@ -1003,8 +1003,8 @@ fn report(rows: &[Row], expect: &Expect) -> String {
                 m.mode,
                 if m.refused { "refused" } else { mark(m.loaded) },
                 mark(m.attached),
-                mark(Some(m.https)),
-                mark(Some(m.file))
+                mark(Some(m.https).filter(|_| !m.refused)),
+                mark(Some(m.file).filter(|_| !m.refused))
             );
         }
         describe(&mut o, s, host, row.label == "host", &expect.helpers);
