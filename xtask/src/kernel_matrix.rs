@@ -37,9 +37,11 @@ const STEPS: &str = include_str!("../kernel-matrix/steps.sh");
 
 /// What the matrix needs on the host: qemu, a static busybox for the guest, the HTTPS
 /// client and server (their dynamic libraries are copied into the guest), bpftool for
-/// the helper comparison, objcopy to strip the agent's debug information.
+/// the helper comparison, objcopy to strip the agent's debug information, the helper
+/// names (linux/bpf.h), `flock` for the host row.
 const PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    "util-linux",
     "busybox-static",
     "curl",
     "openssl",
