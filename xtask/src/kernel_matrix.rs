@@ -974,7 +974,11 @@ fn report(rows: &[Row], expect: &Expect) -> String {
         let _ = writeln!(o);
         match &row.source {
             GuestOrHost::Host(t) => {
-                let _ = writeln!(o, "== host, {:.1} s", t.as_secs_f64());
+                let _ = writeln!(
+                    o,
+                    "== host, {:.1} s (waiting for {KERNEL_LOCK} included)",
+                    t.as_secs_f64()
+                );
             }
             GuestOrHost::Guest(t, package) => {
                 let _ = writeln!(
