@@ -247,7 +247,7 @@ pub fn report() -> Report {
         fix: if fentry.is_ok() || !btf {
             String::new()
         } else {
-            "without fentry, sockets and files are captured with syscall tracepoints, which slow every syscall of every process on the node; an x86_64 kernel with BTF and CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS removes that cost".into()
+            "sockets and files are captured with syscall tracepoints instead, which slow every syscall of every process on the node; fentry needs x86_64, BTF and a kernel that allows BPF tracing programs (trampolines, CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS)".into()
         },
         required: false,
     });
@@ -390,7 +390,10 @@ pub fn report() -> Report {
         // What `--capture-mode auto` (the default) uses.
         let mut m = match &fentry {
             Ok(()) => "fentry/fexit on the syscall functions for sockets and files".to_string(),
-            Err(_) => "syscall tracepoints for sockets and files (fentry/fexit unavailable, see above)".to_string(),
+            Err(_) => {
+                "syscall tracepoints for sockets and files (fentry/fexit unavailable, see above)"
+                    .to_string()
+            }
         };
         if uprobes {
             m.push_str(", libssl uprobes for TLS plaintext");
@@ -406,7 +409,11 @@ pub fn report() -> Report {
         kernel,
         items,
         mode,
-        capture_mode: if fentry.is_ok() { Mode::Fentry } else { Mode::Tracepoint },
+        capture_mode: if fentry.is_ok() {
+            Mode::Fentry
+        } else {
+            Mode::Tracepoint
+        },
         ready,
     }
 }

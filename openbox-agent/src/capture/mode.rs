@@ -133,10 +133,16 @@ pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
             }
         };
         loaded.map_err(|e| {
-            anyhow::anyhow!(
-                "{what} program {prog} on {func}: {}",
-                super::with_causes(&e)
-            )
+            let text = super::with_causes(&e);
+            // EPERM with CAP_BPF and CAP_PERFMON held, before the verifier ran (its log
+            // is empty): the kernel refuses the program type itself, as this project's
+            // Firecracker development VM (6.18) does for every BPF_PROG_TYPE_TRACING.
+            let hint = if text.contains("os error 1)") {
+                " (this kernel refuses BPF tracing programs, the fentry/fexit type, although the agent holds CAP_BPF and CAP_PERFMON: `bpftool feature probe kernel` shows `program_type tracing is NOT available`)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{what} program {prog} on {func}: {text}{hint}")
         })?;
     }
     Ok(())
