@@ -214,14 +214,62 @@ macro_rules! data_syscall {
     };
 }
 
-data_syscall!(sys_enter_read, sys_exit_read, fexit_read, "__x64_sys_read", SRC_READ);
-data_syscall!(sys_enter_write, sys_exit_write, fexit_write, "__x64_sys_write", SRC_WRITE);
-data_syscall!(sys_enter_readv, sys_exit_readv, fexit_readv, "__x64_sys_readv", SRC_READV);
-data_syscall!(sys_enter_writev, sys_exit_writev, fexit_writev, "__x64_sys_writev", SRC_WRITEV);
-data_syscall!(sys_enter_recvfrom, sys_exit_recvfrom, fexit_recvfrom, "__x64_sys_recvfrom", SRC_RECVFROM);
-data_syscall!(sys_enter_sendto, sys_exit_sendto, fexit_sendto, "__x64_sys_sendto", SRC_SENDTO);
-data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, fexit_recvmsg, "__x64_sys_recvmsg", SRC_RECVMSG);
-data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, fexit_sendmsg, "__x64_sys_sendmsg", SRC_SENDMSG);
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    fexit_read,
+    "__x64_sys_read",
+    SRC_READ
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    fexit_write,
+    "__x64_sys_write",
+    SRC_WRITE
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    fexit_readv,
+    "__x64_sys_readv",
+    SRC_READV
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    fexit_writev,
+    "__x64_sys_writev",
+    SRC_WRITEV
+);
+data_syscall!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    fexit_recvfrom,
+    "__x64_sys_recvfrom",
+    SRC_RECVFROM
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    fexit_sendto,
+    "__x64_sys_sendto",
+    SRC_SENDTO
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    fexit_recvmsg,
+    "__x64_sys_recvmsg",
+    SRC_RECVMSG
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    fexit_sendmsg,
+    "__x64_sys_sendmsg",
+    SRC_SENDMSG
+);
 
 // ---- connections ----
 
