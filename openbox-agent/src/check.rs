@@ -6,7 +6,7 @@ use std::{io::Write, path::Path};
 use serde::Serialize;
 
 use crate::{
-    capture::pause,
+    capture::{mode::Mode, pause},
     preflight::{self, Access, CAP_BPF, CAP_KILL, CAP_PERFMON, CAP_SYS_ADMIN, TRACEFS},
 };
 
@@ -26,6 +26,8 @@ pub struct Report {
     pub kernel: String,
     pub items: Vec<Item>,
     pub mode: String,
+    /// What `--capture-mode auto` uses here.
+    pub capture_mode: Mode,
     pub ready: bool,
 }
 
@@ -157,8 +159,14 @@ pub fn report() -> Report {
         },
         required: true,
     });
+    // The mode `auto` picks: fentry when its programs load and attach.
+    let fentry = if preflight::require_privileges().is_ok() {
+        crate::capture::probe_fentry().map_err(|e| format!("{e:#}"))
+    } else {
+        Err("unknown: loading programs needs CAP_BPF and CAP_PERFMON (run as root)".into())
+    };
     if tracefs.is_ok() {
-        let layouts = crate::capture::tracefs::check_kernel();
+        let layouts = crate::capture::tracefs::check_kernel(fentry.is_err());
         items.push(Item {
             name: "tracepoint layouts",
             ok: layouts.is_ok(),
@@ -173,6 +181,15 @@ pub fn report() -> Report {
             },
             required: true,
         });
+    }
+    // Syscall tracepoints are the data path only when fentry cannot be.
+    if fentry.is_ok() {
+        if let Some(item) = items.iter_mut().find(|i| i.name == "syscall tracepoints") {
+            item.required = false;
+            if !item.ok {
+                item.fix.clear();
+            }
+        }
     }
     let uprobes = exists("/sys/bus/event_source/devices/uprobe");
     items.push(Item {
@@ -219,13 +236,19 @@ pub fn report() -> Report {
     });
     items.push(Item {
         name: "fentry/fexit",
-        ok: btf,
-        detail: if btf {
-            "BTF trampolines available".into()
-        } else {
-            "needs BTF".into()
+        ok: fentry.is_ok(),
+        detail: match &fentry {
+            Ok(()) => format!(
+                "the {} fentry/fexit programs load and attach (__x64_sys_* functions in BTF, trampolines)",
+                crate::capture::mode::FENTRY_PROGRAMS.len()
+            ),
+            Err(e) => e.clone(),
         },
-        fix: String::new(),
+        fix: if fentry.is_ok() || !btf {
+            String::new()
+        } else {
+            "sockets and files are captured with syscall tracepoints instead, which slow every syscall of every process on the node; fentry needs x86_64, BTF and a kernel that allows BPF tracing programs (trampolines, CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS)".into()
+        },
         required: false,
     });
     let lsm = lsm_list();
@@ -364,7 +387,14 @@ pub fn report() -> Report {
     let mode = if !ready {
         "cannot run: see the required items above".to_string()
     } else {
-        let mut m = "syscall tracepoints for sockets and files".to_string();
+        // What `--capture-mode auto` (the default) uses.
+        let mut m = match &fentry {
+            Ok(()) => "fentry/fexit on the syscall functions for sockets and files".to_string(),
+            Err(_) => {
+                "syscall tracepoints for sockets and files (fentry/fexit unavailable, see above)"
+                    .to_string()
+            }
+        };
         if uprobes {
             m.push_str(", libssl uprobes for TLS plaintext");
         } else {
@@ -379,6 +409,11 @@ pub fn report() -> Report {
         kernel,
         items,
         mode,
+        capture_mode: if fentry.is_ok() {
+            Mode::Fentry
+        } else {
+            Mode::Tracepoint
+        },
         ready,
     }
 }

@@ -7,7 +7,8 @@
 //!               # span_limit, metrics_addr, log_format, allow_worker_core_url
 //! [capture]     # max_body, max_statement, no_redact, redact_headers, redact_patterns,
 //!               # no_redact_patterns, every_file_call, capture_limit, tls_libs,
-//!               # skip_paths, no_default_skips, no_tls_pause, ring_mib
+//!               # skip_paths, no_default_skips, no_tls_pause, ring_mib,
+//!               # capture_mode
 //! [governance]  # see governance::config (`--events` is `events_sink` there)
 //! ```
 //!
@@ -67,6 +68,7 @@ pub struct CaptureFile {
     pub no_default_skips: Option<bool>,
     pub no_tls_pause: Option<bool>,
     pub ring_mib: Option<u32>,
+    pub capture_mode: Option<crate::capture::mode::ModeChoice>,
 }
 
 impl FileConfig {
@@ -137,6 +139,7 @@ metrics_addr = "127.0.0.1:9464"
 log_format = "json"
 [capture]
 ring_mib = 32
+capture_mode = "tracepoint"
 tls_libs = ["/opt/ssl/libssl.so.3"]
 [governance]
 governance_policy = "fail_closed"
@@ -146,6 +149,10 @@ governance_policy = "fail_closed"
         assert_eq!(c.agent.socket, Some("/run/x.sock".into()));
         assert_eq!(c.agent.log_format, Some(LogFormat::Json));
         assert_eq!(c.capture.ring_mib, Some(32));
+        assert_eq!(
+            c.capture.capture_mode,
+            Some(crate::capture::mode::ModeChoice::Tracepoint)
+        );
         assert!(c.governance.is_some());
 
         let e = FileConfig::parse("[capture]\nring_mb = 32\n")
@@ -161,6 +168,10 @@ governance_policy = "fail_closed"
             .unwrap_err()
             .to_string();
         assert!(e.contains("xml"), "{e}");
+        let e = FileConfig::parse("[capture]\ncapture_mode = \"kprobe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kprobe") && e.contains("fentry"), "{e}");
     }
 
     #[test]

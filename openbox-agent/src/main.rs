@@ -67,6 +67,13 @@ struct CaptureArgs {
     /// Ring-buffer size in MiB (a power of two) [default: 16].
     #[arg(long)]
     ring_mib: Option<u32>,
+    /// How sockets and files are captured: `fentry` (fentry/fexit programs on the
+    /// syscall functions: only the calls pay), `tracepoint` (syscall tracepoints: every
+    /// syscall of every process on the node pays the slow path), or `auto` (fentry
+    /// where the kernel has BTF and trampolines) [default: auto]. `openbox-agent check`
+    /// says which `auto` picks. Env: OPENBOX_CAPTURE_MODE.
+    #[arg(long, value_enum, env = "OPENBOX_CAPTURE_MODE")]
+    capture_mode: Option<capture::mode::ModeChoice>,
 }
 
 /// [`CaptureArgs`] with the config file's `[capture]` table and the defaults applied.
@@ -84,6 +91,7 @@ struct Capture {
     no_default_skips: bool,
     no_tls_pause: bool,
     ring_mib: u32,
+    capture_mode: capture::mode::ModeChoice,
 }
 
 impl CaptureArgs {
@@ -106,6 +114,7 @@ impl CaptureArgs {
             no_default_skips: pick_flag(self.no_default_skips, file.no_default_skips),
             no_tls_pause: pick_flag(self.no_tls_pause, file.no_tls_pause),
             ring_mib: pick(self.ring_mib, file.ring_mib, 16),
+            capture_mode: pick(self.capture_mode, file.capture_mode, Default::default()),
         }
     }
 }
@@ -164,6 +173,7 @@ impl Capture {
             capture_limit: self.capture_limit,
             pause_on_tls_lib: !self.no_tls_pause,
             ring_bytes: self.ring_mib << 20,
+            mode: self.capture_mode,
         })
     }
 }

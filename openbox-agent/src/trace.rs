@@ -153,13 +153,15 @@ impl Sink for Printer {
 fn summary(session: &mut Session<Printer>) -> Counters {
     let c = session.counters();
     let st = session.stats();
+    let mode = session.capture().mode().mode.as_str();
     let spans = session.spans_enabled();
     let p = session.sink_mut();
     if p.json && spans {
         eprintln!(
             "{}",
             json!({
-                "type": "summary", "events": c.events, "records_received": st.records_received,
+                "type": "summary", "capture_mode": mode, "events": c.events,
+                "records_received": st.records_received,
                 "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
                 "truncated_bytes": c.truncated_bytes, "unparsed_records": st.unparsed_records,
                 "unparsed_messages": st.unparsed_messages,
@@ -172,6 +174,7 @@ fn summary(session: &mut Session<Printer>) -> Counters {
     } else if p.json {
         let line = json!({
             "type": "summary",
+            "capture_mode": mode,
             "events": c.events,
             "records_received": st.records_received,
             "ringbuf_drops": c.ringbuf_drops,
@@ -195,7 +198,7 @@ fn summary(session: &mut Session<Printer>) -> Counters {
     } else {
         let _ = writeln!(
             p.out,
-            "-- summary: {} events ({} received), {} payload bytes captured; lost: {} ring-buffer drops, {} map-full; {} calls truncated ({} bytes not captured); {} undecodable records; probe hits: {} watched, {} unwatched",
+            "-- summary: {} events ({} received), {} payload bytes captured; lost: {} ring-buffer drops, {} map-full; {} calls truncated ({} bytes not captured); {} undecodable records; probe hits: {} watched, {} unwatched; capture mode: {mode}",
             c.events,
             st.records_received,
             c.captured_bytes,

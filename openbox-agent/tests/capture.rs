@@ -739,6 +739,70 @@ fn tls_lib_that_does_not_exist_is_an_error_saying_not_found() {
     );
 }
 
+/// The capture mode `--capture-mode auto` uses on this kernel, as `check` reports it,
+/// and the detail of its fentry/fexit item (why fentry cannot be used, when it cannot).
+fn auto_capture_mode(env: &TestEnv) -> (String, String) {
+    let (_, stdout, stderr, _) = run_agent(env, "check_capture_mode", &["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("check --json is not JSON ({e}); stderr:\n{stderr}"));
+    let fentry = report["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|i| i["name"] == "fentry/fexit"))
+        .map(|i| i["detail"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    (str_of(&report, "capture_mode").to_string(), fentry)
+}
+
+/// The suite runs in the mode `OPENBOX_CAPTURE_MODE` asks for (`cargo xtask test` runs
+/// the capture tests in each mode the kernel has), and the summary says which it was:
+/// a run meant for one mode that silently used the other would test nothing new.
+#[test]
+fn trace_captures_in_the_mode_asked_for_and_says_which() {
+    let env = TestEnv::get();
+    let (auto, fentry_detail) = auto_capture_mode(&env);
+    let expected = match std::env::var("OPENBOX_CAPTURE_MODE").as_deref() {
+        Ok("fentry") => "fentry".to_string(),
+        Ok("tracepoint") => "tracepoint".to_string(),
+        _ => auto.clone(),
+    };
+    let out = TempDir::new("capture-mode");
+    let file = out.join("written.txt");
+    let trace = trace(
+        &env,
+        "trace_captures_in_the_mode_asked_for_and_says_which",
+        &[
+            "sh".into(),
+            "-c".into(),
+            format!("echo captured > {}", file.display()),
+        ],
+    );
+    assert_eq!(
+        str_of(trace.summary(), "capture_mode"),
+        expected,
+        "summary: {}; check's fentry/fexit item: {fentry_detail}",
+        trace.summary()
+    );
+    let path = file.display().to_string();
+    let opened = trace
+        .of_type("file")
+        .any(|r| str_of(r, "event") == "open" && str_of(r, "path") == path);
+    assert!(
+        opened,
+        "the file written in {expected} mode was not reported; {}",
+        trace.census()
+    );
+    if auto == "tracepoint" {
+        // This kernel refuses fentry (check said why): asking for it is an error naming
+        // the mode and what to use instead, not a silent fallback.
+        assert_agent_fails_with(
+            &env,
+            "capture_mode_fentry_refused",
+            &["trace", "--capture-mode", "fentry", "--", "true"],
+            &["--capture-mode fentry", "auto or tracepoint"],
+        );
+    }
+}
+
 /// Keeps the fixtures honest without the agent: each client passes against its server
 /// on its own, so a failure in the tests above is about the agent.
 #[test]

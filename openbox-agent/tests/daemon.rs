@@ -150,6 +150,13 @@ fn concurrent_activities_on_two_threads_and_their_subprocesses_are_attributed_ex
     assert_eq!(summary["workers"], 1);
     assert_eq!(summary["activities"], 2);
     assert_eq!(summary["ringbuf_drops"], 0);
+    // The summary says how sockets and files were captured (the mode asked for, when
+    // the run asked for one).
+    let mode = summary["capture_mode"].as_str().unwrap_or_default();
+    match std::env::var("OPENBOX_CAPTURE_MODE").as_deref() {
+        Ok(asked @ ("fentry" | "tracepoint")) => assert_eq!(mode, asked, "{summary}"),
+        _ => assert!(["fentry", "tracepoint"].contains(&mode), "{summary}"),
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_probe_read_user,
         generated::{bpf_probe_read_user as raw_probe_read_user, bpf_ringbuf_output},
@@ -14,7 +14,7 @@ use openbox_common::*;
 
 use crate::{
     error::{count, Loss},
-    maps::{Scratch, CAPTURE_LIMIT, EVENTS, SCRATCH},
+    maps::{Scratch, CAPTURE_LIMIT, EVENTS, SCRATCH, TLS_SCRATCH},
     task::header,
 };
 
@@ -43,12 +43,97 @@ pub fn submit<T: 'static>(value: T) -> Result<(), Loss> {
     Ok(())
 }
 
-/// This CPU's scratch record, for the tracepoint programs (see `maps::SCRATCH`).
+/// This CPU's scratch record, for the tracepoint programs (see `maps::SCRATCH`; fentry
+/// and fexit programs use [`claim_scratch`]).
 #[inline(always)]
 pub fn cpu_scratch() -> Result<*mut Scratch, Loss> {
     // Index 0 of a one-entry array: the lookup cannot fail, but the verifier wants the
     // check, and a failure would still be counted.
     SCRATCH.get_ptr_mut(0).ok_or(Loss::Scratch)
+}
+
+/// A scratch entry of this thread's own (see `probes::tls`), deleted by the caller
+/// before its program returns.
+#[inline(always)]
+pub fn thread_scratch(pid_tgid: u64) -> Result<*mut Scratch, Loss> {
+    // The insert needs a value to copy; its content does not matter (every field a
+    // record carries is written before it is sent), so this CPU's slot serves, even if
+    // a preempting program is writing it.
+    let template = cpu_scratch()?;
+    // SAFETY: a map value pointer of the map's value type. Passed by reference: by
+    // value, the 4 KiB scratch would be copied to the 512-byte stack.
+    let template: &Scratch = unsafe { &*template };
+    TLS_SCRATCH
+        .insert(pid_tgid, template, BPF_ANY.into())
+        .map_err(|_| Loss::Scratch)?;
+    TLS_SCRATCH.get_ptr_mut(pid_tgid).ok_or(Loss::Scratch)
+}
+
+/// Scratch space claimed by an fentry/fexit program, given back with [`release`].
+#[derive(Clone, Copy)]
+pub enum Claimed {
+    /// This CPU's slot.
+    Cpu(*mut Scratch),
+    /// The thread's own entry: this CPU's slot was in use (see [`claim_scratch`]).
+    Thread(*mut Scratch),
+}
+
+impl Claimed {
+    #[inline(always)]
+    pub fn scratch(self) -> *mut Scratch {
+        match self {
+            Claimed::Cpu(s) | Claimed::Thread(s) => s,
+        }
+    }
+}
+
+/// Scratch space for an fentry/fexit program. Those run with migration disabled but,
+/// unlike tracepoint programs, may be preempted (preempt=full or lazy), and the task
+/// that runs meanwhile on this CPU may run another of them: so the per-CPU slot is
+/// marked busy while used, and a program that finds it busy takes a thread-keyed entry
+/// as the uprobe programs do. Costs two stores in the common case. The check and the
+/// mark are two instructions, not an atomic exchange: a program preempted exactly
+/// between them by one that is itself preempted while holding the slot could share
+/// it; that needs two preemptions within a few instructions on one CPU.
+#[inline(always)]
+pub fn claim_scratch(pid_tgid: u64) -> Result<Claimed, Loss> {
+    let s = cpu_scratch()?;
+    // SAFETY: this CPU's slot of a per-CPU array; see above for concurrency.
+    let busy = unsafe { ptr::addr_of_mut!((*s).busy) };
+    if unsafe { ptr::read_volatile(busy) } == 0 {
+        unsafe { ptr::write_volatile(busy, 1) };
+        return Ok(Claimed::Cpu(s));
+    }
+    thread_scratch(pid_tgid).map(Claimed::Thread)
+}
+
+/// Gives back what [`claim_scratch`] claimed.
+#[inline(always)]
+pub fn release(claimed: Claimed, pid_tgid: u64) {
+    match claimed {
+        // SAFETY: the slot this program marked busy.
+        Claimed::Cpu(s) => unsafe { ptr::write_volatile(ptr::addr_of_mut!((*s).busy), 0) },
+        Claimed::Thread(_) => {
+            let _ = TLS_SCRATCH.remove(pid_tgid);
+        }
+    }
+}
+
+/// Runs `f` with scratch space: this CPU's slot for a tracepoint program
+/// (`preemptible` false), a claimed one for an fentry/fexit program.
+#[inline(always)]
+pub fn with_scratch(
+    preemptible: bool,
+    pid_tgid: u64,
+    f: impl FnOnce(*mut Scratch) -> Result<(), Loss>,
+) -> Result<(), Loss> {
+    if !preemptible {
+        return f(cpu_scratch()?);
+    }
+    let claimed = claim_scratch(pid_tgid)?;
+    let result = f(claimed.scratch());
+    release(claimed, pid_tgid);
+    result
 }
 
 /// Where the bytes of a call are.

@@ -22,20 +22,23 @@ pub static WATCHED: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
 #[map]
 pub static FDS: HashMap<u64, FdState> = HashMap::with_max_entries(131072, 0);
 /// Arguments of a syscall in flight, by pid_tgid (a thread is in one syscall at a time).
+/// Tracepoint mode only: an fexit program sees the arguments and the result together.
 #[map]
 pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
 /// Arguments of a libssl call in flight, by pid_tgid. Its presence also means "a TLS
 /// call is active on this thread": socket bytes moved meanwhile are ciphertext.
 #[map]
 pub static SSL_ARGS: HashMap<u64, SslArgs> = HashMap::with_max_entries(16384, 0);
-/// Scratch space of the tracepoint programs for data records (the stack is 512
-/// bytes). Per CPU: a tracepoint program runs with preemption disabled, so it has its
-/// CPU's slot to itself until it returns.
+/// Scratch space of the tracepoint and fentry/fexit programs for data records (the
+/// stack is 512 bytes). Per CPU: a tracepoint program runs with preemption disabled, so
+/// it has its CPU's slot to itself until it returns; an fexit program may be preempted
+/// and claims the slot first (`emit::claim_scratch`).
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-/// Scratch space of the uprobe programs, by pid_tgid, for as long as one runs. Not per
-/// CPU: a uprobe program can be preempted, and a program that runs on the same CPU
-/// meanwhile would overwrite a per-CPU slot (see `probes::tls`). An entry lives only
+/// Scratch space of the uprobe programs (and of an fexit program that found this CPU's
+/// slot taken), by pid_tgid, for as long as one runs. Not per CPU: a uprobe program can
+/// be preempted, and a program that runs on the same CPU meanwhile would overwrite a
+/// per-CPU slot (see `probes::tls`). An entry lives only
 /// while a program runs, so this bounds the preempted TLS returns at one time.
 #[map]
 pub static TLS_SCRATCH: HashMap<u64, Scratch> = HashMap::with_max_entries(256, 0);
@@ -131,4 +134,7 @@ pub struct SslArgs {
 pub struct Scratch {
     pub event: DataEvent,
     pub state: LoopState,
+    /// Non-zero while an fentry/fexit program uses this CPU's slot (see
+    /// `emit::claim_scratch`).
+    pub busy: u64,
 }

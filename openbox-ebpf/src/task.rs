@@ -1,11 +1,12 @@
 //! The current task: is it watched, which activity does it work for, and the header
-//! of the records it causes. Also the raw reads of tracepoint records.
+//! of the records it causes. Also the raw reads of tracepoint records, and of the
+//! syscall arguments an fentry/fexit program finds in `struct pt_regs`.
 
 use core::ptr;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    programs::TracePointContext,
+    programs::{FExitContext, TracePointContext},
     EbpfContext,
 };
 use openbox_common::*;
@@ -108,4 +109,46 @@ pub fn field<T>(ctx: &TracePointContext, field: RawField) -> T {
     // SAFETY: as `arg`. Reading past the record on a kernel with another layout would
     // return garbage, not fault: that is why the agent refuses such a kernel.
     unsafe { ptr::read((ctx.as_ptr() as *const u8).add(field.offset) as *const T) }
+}
+
+/// The registers a syscall was entered with, as the fentry/fexit programs on the
+/// `__x64_sys_*` functions see them: those functions take a single `const struct
+/// pt_regs *` and read each argument from it.
+#[derive(Clone, Copy)]
+pub struct SyscallRegs(*const u64);
+
+/// Where each syscall argument is in x86_64's `struct pt_regs`, in 8-byte words (from
+/// the kernel's BTF: r10 at 56, r9 64, r8 72, dx 96, si 104, di 112). The syscall ABI
+/// passes arguments in di, si, dx, r10, r8, r9.
+const SYSCALL_ARG_REGS: [usize; 6] = [14, 13, 12, 7, 9, 8];
+
+impl SyscallRegs {
+    /// The `pt_regs` pointer: argument 0 of every `__x64_sys_*` function.
+    #[inline(always)]
+    pub fn of(ctx: &impl EbpfContext) -> Self {
+        // SAFETY: a tracing program's context is an array of u64 arguments; the
+        // verifier checks this read against the function's BTF prototype.
+        SyscallRegs(unsafe { ptr::read(ctx.as_ptr() as *const *const u64) })
+    }
+
+    /// Syscall argument `n` (0-based, at most 5).
+    ///
+    /// A direct load, not a bpf_probe_read_kernel: the verifier knows the pointer as
+    /// a `struct pt_regs` (PTR_TO_BTF_ID) and checks each offset against that struct's
+    /// BTF at load, so a kernel whose layout differs refuses the program instead of
+    /// letting it read the wrong register.
+    #[inline(always)]
+    pub fn arg(self, n: usize) -> u64 {
+        // SAFETY: see above; the verifier rejects an offset outside the struct.
+        unsafe { ptr::read(self.0.add(SYSCALL_ARG_REGS[n])) }
+    }
+}
+
+/// The return value of the `__x64_sys_*` function an fexit program runs after: it
+/// follows the single `pt_regs` argument in the context.
+#[inline(always)]
+pub fn fexit_ret(ctx: &FExitContext) -> i64 {
+    // SAFETY: slot 1 of a one-argument function's fexit context is its return value;
+    // the verifier checks the read against the BTF prototype.
+    unsafe { ptr::read((ctx.as_ptr() as *const i64).add(1)) }
 }

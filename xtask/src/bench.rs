@@ -11,7 +11,8 @@
 //!   except for the last line (the summary, which span output puts on stderr instead).
 //!
 //! Each syscall_loop run reports, per loop, the median of its timed batches; the table
-//! shows the median of those over the rounds.
+//! shows the median of those over the rounds. All of it once per capture mode the
+//! kernel has (`--capture-mode fentry`, `tracepoint`), each with its own baseline.
 
 use std::{
     collections::BTreeMap,
@@ -38,7 +39,7 @@ const ATTACH_WAIT: Duration = Duration::from_secs(2);
 /// leave half the payload uncaptured and the watched figure too low.
 const SETTLE_MS: &str = "300";
 
-pub fn run(agent: &Path, iterations: u64) -> Result<()> {
+pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<()> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
     }
@@ -59,16 +60,20 @@ pub fn run(agent: &Path, iterations: u64) -> Result<()> {
         .output()
         .with_context(|| format!("could not run {}", agent.display()))?;
     let has_raw = String::from_utf8_lossy(&help.stdout).contains("--raw");
-    let bench = Bench {
-        agent: agent.to_path_buf(),
-        has_raw,
-        loop_bin: root.join("target/release/examples/syscall_loop"),
-        iterations,
-        out: std::env::temp_dir().join(format!("openbox-bench-{}.json", std::process::id())),
-    };
-    let result = bench.all();
-    let _ = std::fs::remove_file(&bench.out);
-    result
+    for &mode in modes {
+        let bench = Bench {
+            agent: agent.to_path_buf(),
+            has_raw,
+            loop_bin: root.join("target/release/examples/syscall_loop"),
+            iterations,
+            out: std::env::temp_dir().join(format!("openbox-bench-{}.json", std::process::id())),
+            mode,
+        };
+        let result = bench.all();
+        let _ = std::fs::remove_file(&bench.out);
+        result?;
+    }
+    Ok(())
 }
 
 /// One syscall_loop result: loop, median ns per iteration, iterations run (with warm-up).
@@ -92,14 +97,16 @@ struct Bench {
     loop_bin: PathBuf,
     iterations: u64,
     out: PathBuf,
+    /// The agent's `--capture-mode`.
+    mode: &'static str,
 }
 
 impl Bench {
     fn all(&self) -> Result<()> {
         let started = Instant::now();
         println!(
-            "bench: {} iterations per loop, {ROUNDS} rounds of baseline / unwatched / watched",
-            self.iterations
+            "bench: capture mode {}: {} iterations per loop, {ROUNDS} rounds of baseline / unwatched / watched",
+            self.mode, self.iterations
         );
         println!(
             "  unwatched: `{} --pid <sleep>`; watched: `trace --json -- syscall_loop <loop>`{}, stdout drained",
@@ -149,7 +156,7 @@ impl Bench {
         let _ = std::fs::remove_file(&self.out);
         let mut cmd = if watched {
             let mut c = Command::new(&self.agent);
-            c.args(["trace", "--json", "--"])
+            c.args(["trace", "--json", "--capture-mode", self.mode, "--"])
                 .arg(&self.loop_bin)
                 .args(["--settle-ms", SETTLE_MS]);
             c
@@ -198,7 +205,7 @@ impl Bench {
         let mut agent = Proc::spawn(
             "agent (unwatched)",
             Command::new(&self.agent)
-                .args(["trace", "--json"])
+                .args(["trace", "--json", "--capture-mode", self.mode])
                 .args(self.has_raw.then_some("--raw"))
                 .args(["--pid", &sleep.pid().to_string()])
                 .stdin(Stdio::null()),
@@ -259,6 +266,7 @@ impl Bench {
             format!("{lo:.0}-{hi:.0}")
         };
         println!();
+        println!("capture mode {}:", self.mode);
         println!(
             "ns per iteration (median over {ROUNDS} rounds of each run's median of 15 timed batches; {} iterations per run):",
             self.iterations

@@ -196,30 +196,100 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
     let root = workspace_root();
     // Unit tests and the parsers' tests, then the integration tests, which share kernel
     // state (loaded programs, tracefs) and so run one at a time.
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .env("OPENBOX_AGENT_BIN", agent_binary())
-        .envs(test_env.vars())
-        .env("OPENBOX_AGENT_IMAGE", &agent_image)
-        .env("OPENBOX_WORKER_IMAGE", &worker_image)
-        .env("CONTAINERS_CONF", image::containers_conf()?)
-        .args(["test", "--release", "--workspace"])
-        .args(args)
-        .args(["--", "--test-threads=1"]))?;
+    let cargo_test = |extra: &[String]| -> Result<Command> {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root)
+            .env("OPENBOX_AGENT_BIN", agent_binary())
+            .envs(test_env.vars())
+            .env("OPENBOX_AGENT_IMAGE", &agent_image)
+            .env("OPENBOX_WORKER_IMAGE", &worker_image)
+            .env("CONTAINERS_CONF", image::containers_conf()?)
+            .args(["test", "--release", "--workspace"])
+            .args(extra)
+            .args(["--", "--test-threads=1"]);
+        Ok(cmd)
+    };
+    // Every test in the capture mode OPENBOX_CAPTURE_MODE names (the agents the tests
+    // start inherit it), `auto` by default.
+    run(&mut cargo_test(args)?)?;
+    if !args.is_empty() {
+        return Ok(());
+    }
     // The whole suite (CI) also boots the other kernels users have: check and one trace
     // each, about a minute (the full matrix is `cargo xtask kernel-matrix`). Not when
     // the run is narrowed to some tests.
-    if args.is_empty() {
-        kernel_matrix::run(
-            &agent_binary(),
-            &kernel_matrix::Options {
-                quick: true,
-                kernels: Vec::new(),
-                object: root.join("target/bpf/openbox-ebpf.o"),
-            },
-        )?;
+    kernel_matrix::run(
+        &agent_binary(),
+        &kernel_matrix::Options {
+            quick: true,
+            kernels: Vec::new(),
+            object: root.join("target/bpf/openbox-ebpf.o"),
+        },
+    )?;
+    if std::env::var_os(CAPTURE_MODE_ENV).is_some() {
+        return Ok(());
     }
-    Ok(())
+    // The capture tests again in the mode `auto` did not pick, when the kernel has it.
+    match other_capture_mode()? {
+        OtherMode::Runs(mode) => {
+            println!("xtask: the capture tests again in {mode} mode ({CAPTURE_MODE_ENV}={mode})");
+            let extra: Vec<String> = CAPTURE_MODE_TESTS
+                .iter()
+                .flat_map(|t| ["--test".to_string(), t.to_string()])
+                .collect();
+            let mut extra_args = vec!["-p".to_string(), "openbox-agent".to_string()];
+            extra_args.extend(extra);
+            run(cargo_test(&extra_args)?.env(CAPTURE_MODE_ENV, mode))
+        }
+        OtherMode::Unavailable(why) => {
+            println!("xtask: the suite ran in tracepoint mode only: this kernel cannot run fentry/fexit programs ({why})");
+            Ok(())
+        }
+    }
+}
+
+/// The agent's capture mode setting (`--capture-mode`), which the tests' agents inherit.
+const CAPTURE_MODE_ENV: &str = "OPENBOX_CAPTURE_MODE";
+/// The test binaries run in both capture modes (the whole suite runs in `auto`'s).
+const CAPTURE_MODE_TESTS: &[&str] = &["capture", "spans"];
+
+enum OtherMode {
+    /// The mode to run the capture tests in as well.
+    Runs(&'static str),
+    /// `auto` picked tracepoints: fentry cannot run here, for this reason.
+    Unavailable(String),
+}
+
+/// The capture mode `auto` does not use on this kernel, from `openbox-agent check`.
+fn other_capture_mode() -> Result<OtherMode> {
+    let out = Command::new(agent_binary())
+        .args(["check", "--json"])
+        .output()
+        .context("running `openbox-agent check --json`")?;
+    let report = String::from_utf8_lossy(&out.stdout);
+    Ok(match json_string_after(&report, "\"capture_mode\"") {
+        Some("fentry") => OtherMode::Runs("tracepoint"),
+        Some(_) => OtherMode::Unavailable(
+            report
+                .find("\"fentry/fexit\"")
+                .and_then(|at| json_string_after(&report[at..], "\"detail\""))
+                .unwrap_or("see `openbox-agent check`")
+                .to_string(),
+        ),
+        None => bail!("`openbox-agent check --json` says no capture_mode:\n{report}"),
+    })
+}
+
+/// The string value after the first `key` in pretty-printed JSON (no escapes needed:
+/// the values read here are plain words and sentences).
+fn json_string_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
 }
 
 fn demo() -> Result<()> {
@@ -235,7 +305,14 @@ fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
     build_agent()?;
     let part = |p: BenchPart| only.is_none() || only == Some(p);
     if part(BenchPart::Syscalls) {
-        bench::run(&agent_binary(), iterations)?;
+        let modes = match other_capture_mode()? {
+            OtherMode::Runs(_) => vec!["fentry", "tracepoint"],
+            OtherMode::Unavailable(why) => {
+                println!("bench: tracepoint mode only: this kernel cannot run fentry/fexit programs ({why})");
+                vec!["tracepoint"]
+            }
+        };
+        bench::run(&agent_binary(), iterations, &modes)?;
     }
     if part(BenchPart::Parsers) {
         parser_bench()?;

@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod detach;
 pub mod event;
+pub mod mode;
 pub mod pause;
 pub mod tls;
 pub mod tracefs;
@@ -26,8 +27,8 @@ const BPF_NOEXIST: u64 = 1;
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OPENBOX_EBPF_OBJECT"));
 
-/// (program, tracepoint category, tracepoint name)
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
+/// The data path of tracepoint mode (see [`mode`]): (program, category, tracepoint).
+const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_read", "syscalls", "sys_enter_read"),
     ("sys_exit_read", "syscalls", "sys_exit_read"),
     ("sys_enter_write", "syscalls", "sys_enter_write"),
@@ -59,6 +60,10 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_openat", "syscalls", "sys_exit_openat"),
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
     ("sys_exit_openat2", "syscalls", "sys_exit_openat2"),
+];
+
+/// Process lifecycle, in both modes: these tracepoints are not on the syscall path.
+const PROCESS_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("task_newtask", "task", "task_newtask"),
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
@@ -81,6 +86,8 @@ pub struct CaptureConfig {
     pub pause_on_tls_lib: bool,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// fentry/fexit or syscall tracepoints for sockets and files.
+    pub mode: mode::ModeChoice,
 }
 
 impl Default for CaptureConfig {
@@ -89,6 +96,7 @@ impl Default for CaptureConfig {
             capture_limit: DEFAULT_CAPTURE_LIMIT,
             pause_on_tls_lib: true,
             ring_bytes: 16 << 20,
+            mode: mode::ModeChoice::Auto,
         }
     }
 }
@@ -149,6 +157,7 @@ fn pause_pin(wanted: bool, bpffs: &Result<()>) -> Option<std::path::PathBuf> {
 /// The loaded programs and their maps.
 pub struct Capture {
     ebpf: Ebpf,
+    chosen: mode::Chosen,
     watched: BpfHashMap<MapData, u32, u32>,
     fds: BpfHashMap<MapData, u64, FdState>,
     fd_flags: BpfHashMap<MapData, FdFlagKey, u32>,
@@ -178,8 +187,16 @@ impl Capture {
         }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
+        // The vmlinux BTF is parsed only when fentry may be used (it takes ~0.1 s).
+        let btf = match cfg.mode {
+            mode::ModeChoice::Tracepoint => Err(anyhow!("--capture-mode tracepoint")),
+            mode::ModeChoice::Fentry => Ok(mode::fentry_prerequisites().context(
+                "--capture-mode fentry: fentry/fexit cannot be used on this kernel; use --capture-mode auto or tracepoint",
+            )?),
+            mode::ModeChoice::Auto => mode::fentry_prerequisites(),
+        };
         // Before anything is loaded: a program must never read a field that moved.
-        tracefs::check_kernel()?;
+        tracefs::check_kernel(btf.is_err())?;
         preflight::raise_memlock();
         let bpffs = preflight::ensure_bpffs();
         // Processes an agent that crashed left stopped run again, whatever this one does.
@@ -217,17 +234,46 @@ impl Capture {
             pin,
             recovered,
         );
-        for (prog, category, name) in TRACEPOINTS {
-            let tp: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
-                .try_into()?;
-            tp.load()
-                .with_context(|| format!("the kernel rejected program {prog}"))?;
-            tp.attach(category, name).map_err(|e| {
-                anyhow!("attaching to tracepoint {category}:{name} failed: {e}. The kernel needs CONFIG_FTRACE_SYSCALLS and tracefs mounted at /sys/kernel/tracing.")
-            })?;
+        attach_tracepoints(&mut ebpf, PROCESS_TRACEPOINTS)?;
+        let chosen = match btf {
+            Ok(btf) => match mode::attach_fentry(&mut ebpf, &btf) {
+                Ok(()) => mode::Chosen {
+                    mode: mode::Mode::Fentry,
+                    reason: match cfg.mode {
+                        mode::ModeChoice::Fentry => "--capture-mode fentry".into(),
+                        _ => "auto: BTF and fentry/fexit trampolines available".into(),
+                    },
+                },
+                Err(e) if cfg.mode == mode::ModeChoice::Auto => {
+                    mode::unload(&mut ebpf);
+                    tracing::warn!(
+                        error = %format!("{e:#}"),
+                        "fentry/fexit programs could not be attached; capturing with syscall tracepoints instead, which slow every syscall of every process on the node"
+                    );
+                    tracefs::check_kernel(true)?;
+                    mode::Chosen {
+                        mode: mode::Mode::Tracepoint,
+                        reason: format!("auto: fentry/fexit failed: {e:#}"),
+                    }
+                }
+                Err(e) => {
+                    return Err(e.context(
+                        "--capture-mode fentry: attaching the fentry/fexit programs failed; use --capture-mode auto or tracepoint",
+                    ))
+                }
+            },
+            Err(e) => mode::Chosen {
+                mode: mode::Mode::Tracepoint,
+                reason: match cfg.mode {
+                    mode::ModeChoice::Tracepoint => "--capture-mode tracepoint".into(),
+                    _ => format!("auto: {e:#}"),
+                },
+            },
+        };
+        if chosen.mode == mode::Mode::Tracepoint {
+            attach_tracepoints(&mut ebpf, SYSCALL_TRACEPOINTS)?;
         }
+        tracing::info!(mode = %chosen.mode, reason = %chosen.reason, "capture mode");
         for (_, prog) in SSL_FUNCTIONS.iter().chain([&("", SSL_RET_PROGRAM)]) {
             let p: &mut UProbe = ebpf
                 .program_mut(prog)
@@ -244,6 +290,7 @@ impl Capture {
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         Ok(Capture {
             ebpf,
+            chosen,
             watched,
             fds,
             fd_flags,
@@ -254,6 +301,11 @@ impl Capture {
             tls_libs: HashSet::new(),
             pauses,
         })
+    }
+
+    /// The capture mode in use, and why.
+    pub fn mode(&self) -> &mode::Chosen {
+        &self.chosen
     }
 
     /// Resumes a process the kernel paused while its TLS probes were attached, and
@@ -451,6 +503,40 @@ impl Capture {
         self.tls_libs.insert(id);
         Ok(attached)
     }
+}
+
+/// Whether fentry mode works here, the way `auto` finds out: the kernel's BTF is read,
+/// and every fentry/fexit program is loaded and attached (then detached at once), so
+/// a missing function, a verifier refusal or missing trampolines all show. For `check`.
+pub fn probe_fentry() -> Result<()> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this openbox-agent was built without its kernel programs");
+    }
+    let btf = mode::fentry_prerequisites()?;
+    preflight::raise_memlock();
+    let mut ebpf = EbpfLoader::new()
+        .btf(None)
+        // The smallest ring: nothing is recorded.
+        .map_max_entries("EVENTS", 4096)
+        .load(EBPF_OBJECT)
+        .context("loading the kernel object")?;
+    mode::attach_fentry(&mut ebpf, &btf)
+}
+
+/// Loads and attaches tracepoint programs: (program, category, tracepoint).
+fn attach_tracepoints(ebpf: &mut Ebpf, which: &[(&str, &str, &str)]) -> Result<()> {
+    for (prog, category, name) in which {
+        let tp: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
+            .try_into()?;
+        tp.load()
+            .with_context(|| format!("the kernel rejected program {prog}"))?;
+        tp.attach(category, name).map_err(|e| {
+            anyhow!("attaching to tracepoint {category}:{name} failed: {e}. The kernel needs CONFIG_FTRACE_SYSCALLS and tracefs mounted at /sys/kernel/tracing.")
+        })?;
+    }
+    Ok(())
 }
 
 /// An error with its causes: aya's "`perf_event_open` failed" alone hides the errno that

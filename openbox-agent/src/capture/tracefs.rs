@@ -268,15 +268,20 @@ fn events_dir() -> PathBuf {
     PathBuf::from("/sys/kernel/debug/tracing/events")
 }
 
-/// Checks this kernel's tracepoint layouts against what the kernel programs read.
-/// Call after tracefs is mounted, before loading.
-pub fn check_kernel() -> Result<()> {
-    check_in(&events_dir())
+/// Checks this kernel's tracepoint layouts against what the kernel programs read: the
+/// process lifecycle tracepoints, and with `syscalls` the syscall tracepoints too (not
+/// read in fentry mode). Call after tracefs is mounted, before loading.
+pub fn check_kernel(syscalls: bool) -> Result<()> {
+    check_in(&events_dir(), syscalls)
 }
 
 /// Checks the layouts of the tracepoints under `events` (tracefs's `events/`).
-fn check_in(events: &Path) -> Result<()> {
-    check_all(&assumed(), |category, event| {
+fn check_in(events: &Path, syscalls: bool) -> Result<()> {
+    let assumed: Vec<Assumed> = assumed()
+        .into_iter()
+        .filter(|a| syscalls || a.category != "syscalls")
+        .collect();
+    check_all(&assumed, |category, event| {
         let path = events.join(category).join(event).join("format");
         std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -532,7 +537,7 @@ print fmt: \"0x%lx\", REC->ret
 
     #[test]
     fn an_unreadable_format_says_which_tracepoint() {
-        let err = check_in(Path::new("/nonexistent/events")).unwrap_err();
+        let err = check_in(Path::new("/nonexistent/events"), true).unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("tracepoint task:task_newtask")

@@ -151,6 +151,11 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         Output::Spans(opts.spans.clone()),
         Collect::default(),
     )?;
+    let chosen = session.capture().mode();
+    crate::logging::announce(format_args!(
+        "capturing sockets and files with {} ({})",
+        chosen.mode, chosen.reason
+    ));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let governor = Arc::new(
         Governor::new(opts.governance.clone())
@@ -281,6 +286,7 @@ impl Daemon {
     /// Everything counted so far: the summary at exit and every `/metrics` scrape.
     fn summary(&self) -> status::Summary {
         status::Summary {
+            capture_mode: self.session.capture().mode().mode.as_str(),
             kernel: self.session.counters(),
             pipeline: self.session.stats(),
             registry: self.registry.stats.clone(),

@@ -28,6 +28,8 @@ pub struct HookStats {
 
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
+    /// `fentry` or `tracepoint` (see `capture::mode`).
+    pub capture_mode: &'static str,
     pub kernel: Counters,
     pub pipeline: pipeline::Stats,
     pub registry: registry::Stats,
@@ -50,6 +52,7 @@ impl Summary {
             .collect();
         let mut s = json!({
             "type": "summary",
+            "capture_mode": self.capture_mode,
             "workers": r.workers,
             "activities": r.activities,
             "activities_in_flight": self.activities_in_flight,

@@ -17,6 +17,9 @@
 //!     field:struct open_how * how;    offset:32;  size:8; signed:0;
 //!     field:size_t usize; offset:40;  size:8; signed:0;
 //! ```
+//!
+//! In fentry mode, one fexit program per syscall on `__x64_sys_openat`/`openat2` sees
+//! the arguments (`task::SyscallRegs`) and the new descriptor at once (see `sockets`).
 
 use core::ptr;
 
@@ -26,8 +29,8 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_ktime_get_boot_ns, bpf_send_signal},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
 };
 use openbox_common::*;
 
@@ -36,13 +39,13 @@ use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
     maps::{SyscallArgs, EVENTS, PAUSED, PAUSE_ON_TLS_LIB},
-    task::{arg, header, ret, watched},
+    task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
 const SIGSTOP: u32 = 19;
 
 #[inline(always)]
-fn try_openat_enter(ctx: &TracePointContext, flags: u64) -> Result<(), Loss> {
+fn try_openat_enter(ctx: &TracePointContext, flags: impl FnOnce() -> u64) -> Result<(), Loss> {
     let Some((pid_tgid, _)) = watched() else {
         return Ok(());
     };
@@ -51,26 +54,32 @@ fn try_openat_enter(ctx: &TracePointContext, flags: u64) -> Result<(), Loss> {
         SyscallArgs::Open {
             dirfd: arg(ctx, 0) as i32,
             path: arg(ctx, 1),
-            flags,
+            flags: flags(),
         },
     )
 }
 
 #[tracepoint]
 pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
-    finish(try_openat_enter(&ctx, arg(&ctx, 2)))
+    finish(try_openat_enter(&ctx, || arg(&ctx, 2)))
+}
+
+/// openat2's flags: struct open_how starts with the u64 flags. Unreadable, the open is
+/// still tracked (its descriptor must be), reported with flags 0, and the failure
+/// counted.
+#[inline(always)]
+fn open_how_flags(how: u64) -> u64 {
+    unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or_else(|_| {
+        Loss::UserRead.count();
+        0
+    })
 }
 
 #[tracepoint]
 pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
-    // struct open_how starts with the u64 flags. Unreadable, the open is still tracked
-    // (its descriptor must be), reported with flags 0, and the failure counted.
-    let how = arg(&ctx, 2);
-    let flags = unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or_else(|_| {
-        Loss::UserRead.count();
-        0
-    });
-    finish(try_openat_enter(&ctx, flags))
+    // Read after the watched check: an unwatched process's open_how is none of our
+    // business (before, an unreadable one was even counted as a loss).
+    finish(try_openat_enter(&ctx, || open_how_flags(arg(&ctx, 2))))
 }
 
 #[inline(always)]
@@ -78,7 +87,43 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     let Some((pid_tgid, SyscallArgs::Open { dirfd, path, flags })) = take_args() else {
         return Ok(());
     };
-    let r = ret(ctx);
+    open_done(pid_tgid, dirfd, path, flags, ret(ctx))
+}
+
+/// openat and openat2 at their end; the path is read then, from the caller's memory
+/// (see `sockets::fexit_connect`).
+#[inline(always)]
+fn try_openat_fexit(ctx: &FExitContext, openat2: bool) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let regs = SyscallRegs::of(ctx);
+    let flags = if openat2 {
+        open_how_flags(regs.arg(2))
+    } else {
+        regs.arg(2)
+    };
+    open_done(
+        pid_tgid,
+        regs.arg(0) as i32,
+        regs.arg(1),
+        flags,
+        fexit_ret(ctx),
+    )
+}
+
+#[fexit(function = "__x64_sys_openat")]
+pub fn fexit_openat(ctx: FExitContext) -> u32 {
+    finish(try_openat_fexit(&ctx, false))
+}
+
+#[fexit(function = "__x64_sys_openat2")]
+pub fn fexit_openat2(ctx: FExitContext) -> u32 {
+    finish(try_openat_fexit(&ctx, true))
+}
+
+#[inline(always)]
+fn open_done(pid_tgid: u64, dirfd: i32, path: u64, flags: u64, r: i64) -> Result<(), Loss> {
     if r < 0 {
         // The open failed: no descriptor.
         return Ok(());

@@ -26,20 +26,29 @@
 //! ```
 //!
 //! The agent checks every slot a program reads (`capture/tracefs.rs`).
+//!
+//! In fentry mode the same calls are seen by one fexit program per syscall, on the
+//! `__x64_sys_*` function the syscall table calls (fentry for close, which needs no
+//! result): it sees the arguments (in `struct pt_regs`, `task::SyscallRegs`) and the
+//! result together, so nothing is stashed between entry and exit. Those functions
+//! exist for every syscall on x86_64, are never inlined (the syscall table points at
+//! them), and see exactly the calls the tracepoints see; an unwatched process pays a
+//! BPF trampoline and one hash lookup per call instead of the syscall slow path that
+//! any enabled syscall tracepoint forces on every process.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fentry, fexit, tracepoint},
+    programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use openbox_common::*;
 
 use super::{stash, take_args, track_fd};
 use crate::{
-    emit::{cpu_scratch, emit_no_payload, emit_payload, submit, DataCall, Payload},
+    emit::{emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
     error::{finish, Loss},
     maps::{SyscallArgs, ARGS, FDS, FD_FLAGS, SSL_ARGS},
-    task::{arg, header, ret, watched},
+    task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
 const AF_UNIX: u16 = 1;
@@ -50,20 +59,17 @@ const EINPROGRESS: i64 = 115;
 
 // ---- data calls ----
 
-/// Entry of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg: stash the
-/// arguments when the process is watched and the descriptor tracked.
+/// The arguments of read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg, when the
+/// process is watched and the descriptor tracked: what the call's result is reported
+/// with. `args(n)` reads syscall argument n.
 #[inline(always)]
-fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
-    let Some((pid_tgid, tgid)) = watched() else {
-        return Ok(());
-    };
-    let fd = arg(ctx, 0) as i32;
+fn data_args(source: u32, args: impl Fn(usize) -> u64) -> Option<(u64, SyscallArgs)> {
+    let (pid_tgid, tgid) = watched()?;
+    let fd = args(0) as i32;
     let key = fd_key(tgid, fd);
     // Not a loss: an untracked descriptor is one this process had no socket or file
     // event for (a pipe, a tty), which the agent does not follow.
-    let Some(state) = (unsafe { FDS.get(key) }).copied() else {
-        return Ok(());
-    };
+    let state = (unsafe { FDS.get(key) }).copied()?;
     // No entry is the common case: the agent set no flags on this descriptor.
     let flags = unsafe {
         FD_FLAGS.get(FdFlagKey {
@@ -75,19 +81,28 @@ fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
     .unwrap_or(0);
     if flags & FD_QUIET != 0 {
         // The agent asked for nothing but the close.
-        return Ok(());
+        return None;
     }
-    stash(
+    Some((
         pid_tgid,
         SyscallArgs::Data {
             source,
             fd,
             fd_kind: state.kind,
             fd_flags: flags,
-            buf: arg(ctx, 1),
-            count: arg(ctx, 2),
+            buf: args(1),
+            count: args(2),
         },
-    )
+    ))
+}
+
+/// Entry tracepoint of a data call: stash its arguments for the exit.
+#[inline(always)]
+fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
+    match data_args(source, |n| arg(ctx, n)) {
+        Some((pid_tgid, args)) => stash(pid_tgid, args),
+        None => Ok(()),
+    }
 }
 
 #[inline(always)]
@@ -98,6 +113,22 @@ fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
         return Ok(());
     };
     let _ = ARGS.remove(pid_tgid);
+    data_done(pid_tgid, args, ret(ctx), false)
+}
+
+/// fexit of a data call: the arguments and the result at once.
+#[inline(always)]
+fn try_data_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
+    let regs = SyscallRegs::of(ctx);
+    match data_args(source, |n| regs.arg(n)) {
+        Some((pid_tgid, args)) => data_done(pid_tgid, args, fexit_ret(ctx), true),
+        None => Ok(()),
+    }
+}
+
+/// Reports what a data call moved. `preemptible`: the caller is an fexit program.
+#[inline(always)]
+fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Result<(), Loss> {
     // Another call's arguments: its entry ran before the programs were attached.
     let SyscallArgs::Data {
         source,
@@ -110,7 +141,6 @@ fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     else {
         return Ok(());
     };
-    let n = ret(ctx);
     if n <= 0 {
         // The call failed or moved nothing: nothing to report.
         return Ok(());
@@ -141,17 +171,16 @@ fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     };
     // A libssl call active on this thread: these are its ciphertext bytes.
     if let Some(ssl) = unsafe { SSL_ARGS.get(pid_tgid) } {
-        return emit_no_payload(
-            cpu_scratch()?,
-            DataCall {
-                ssl: ssl.ssl,
-                ..call
-            },
-            FLAG_IN_SSL,
-        );
+        let call = DataCall {
+            ssl: ssl.ssl,
+            ..call
+        };
+        return with_scratch(preemptible, pid_tgid, |s| {
+            emit_no_payload(s, call, FLAG_IN_SSL)
+        });
     }
     if fd_flags & FD_NO_PAYLOAD != 0 {
-        return emit_no_payload(cpu_scratch()?, call, 0);
+        return with_scratch(preemptible, pid_tgid, |s| emit_no_payload(s, call, 0));
     }
     let payload = match source {
         SRC_READV | SRC_WRITEV => Payload::Iovecs { array: buf, count },
@@ -165,11 +194,11 @@ fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
         }
         _ => Payload::Buffer(buf),
     };
-    emit_payload(cpu_scratch()?, call, payload)
+    with_scratch(preemptible, pid_tgid, |s| emit_payload(s, call, payload))
 }
 
 macro_rules! data_syscall {
-    ($enter:ident, $exit:ident, $src:expr) => {
+    ($enter:ident, $exit:ident, $fexit:ident, $func:literal, $src:expr) => {
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             finish(try_data_enter(&ctx, $src))
@@ -178,17 +207,69 @@ macro_rules! data_syscall {
         pub fn $exit(ctx: TracePointContext) -> u32 {
             finish(try_data_exit(&ctx))
         }
+        #[fexit(function = $func)]
+        pub fn $fexit(ctx: FExitContext) -> u32 {
+            finish(try_data_fexit(&ctx, $src))
+        }
     };
 }
 
-data_syscall!(sys_enter_read, sys_exit_read, SRC_READ);
-data_syscall!(sys_enter_write, sys_exit_write, SRC_WRITE);
-data_syscall!(sys_enter_readv, sys_exit_readv, SRC_READV);
-data_syscall!(sys_enter_writev, sys_exit_writev, SRC_WRITEV);
-data_syscall!(sys_enter_recvfrom, sys_exit_recvfrom, SRC_RECVFROM);
-data_syscall!(sys_enter_sendto, sys_exit_sendto, SRC_SENDTO);
-data_syscall!(sys_enter_recvmsg, sys_exit_recvmsg, SRC_RECVMSG);
-data_syscall!(sys_enter_sendmsg, sys_exit_sendmsg, SRC_SENDMSG);
+data_syscall!(
+    sys_enter_read,
+    sys_exit_read,
+    fexit_read,
+    "__x64_sys_read",
+    SRC_READ
+);
+data_syscall!(
+    sys_enter_write,
+    sys_exit_write,
+    fexit_write,
+    "__x64_sys_write",
+    SRC_WRITE
+);
+data_syscall!(
+    sys_enter_readv,
+    sys_exit_readv,
+    fexit_readv,
+    "__x64_sys_readv",
+    SRC_READV
+);
+data_syscall!(
+    sys_enter_writev,
+    sys_exit_writev,
+    fexit_writev,
+    "__x64_sys_writev",
+    SRC_WRITEV
+);
+data_syscall!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    fexit_recvfrom,
+    "__x64_sys_recvfrom",
+    SRC_RECVFROM
+);
+data_syscall!(
+    sys_enter_sendto,
+    sys_exit_sendto,
+    fexit_sendto,
+    "__x64_sys_sendto",
+    SRC_SENDTO
+);
+data_syscall!(
+    sys_enter_recvmsg,
+    sys_exit_recvmsg,
+    fexit_recvmsg,
+    "__x64_sys_recvmsg",
+    SRC_RECVMSG
+);
+data_syscall!(
+    sys_enter_sendmsg,
+    sys_exit_sendmsg,
+    fexit_sendmsg,
+    "__x64_sys_sendmsg",
+    SRC_SENDMSG
+);
 
 // ---- connections ----
 
@@ -260,7 +341,28 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     let Some((pid_tgid, SyscallArgs::Connect { fd, peer })) = take_args() else {
         return Ok(());
     };
-    let r = ret(ctx);
+    connect_done(pid_tgid, fd, peer, ret(ctx))
+}
+
+/// connect's fexit reads the address at the call's end: the caller's memory, which
+/// only another thread of the process could have changed meanwhile.
+#[fexit(function = "__x64_sys_connect")]
+pub fn fexit_connect(ctx: FExitContext) -> u32 {
+    finish(try_connect_fexit(&ctx))
+}
+
+#[inline(always)]
+fn try_connect_fexit(ctx: &FExitContext) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let regs = SyscallRegs::of(ctx);
+    let peer = read_sockaddr(regs.arg(1));
+    connect_done(pid_tgid, regs.arg(0) as i32, peer, fexit_ret(ctx))
+}
+
+#[inline(always)]
+fn connect_done(pid_tgid: u64, fd: i32, peer: SockAddr, r: i64) -> Result<(), Loss> {
     if r != 0 && r != -EINPROGRESS {
         // The connection failed: there is none to track.
         return Ok(());
@@ -303,7 +405,21 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     else {
         return Ok(());
     };
-    let r = ret(ctx);
+    accept_done(pid_tgid, listener, peer_addr, ret(ctx))
+}
+
+/// accept and accept4 (the same first two arguments).
+#[inline(always)]
+fn try_accept_fexit(ctx: &FExitContext) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let regs = SyscallRegs::of(ctx);
+    accept_done(pid_tgid, regs.arg(0) as i32, regs.arg(1), fexit_ret(ctx))
+}
+
+#[inline(always)]
+fn accept_done(pid_tgid: u64, listener: i32, peer_addr: u64, r: i64) -> Result<(), Loss> {
     if r < 0 {
         // No connection accepted.
         return Ok(());
@@ -337,6 +453,14 @@ pub fn sys_enter_accept4(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
     finish(try_accept_exit(&ctx))
 }
+#[fexit(function = "__x64_sys_accept")]
+pub fn fexit_accept(ctx: FExitContext) -> u32 {
+    finish(try_accept_fexit(&ctx))
+}
+#[fexit(function = "__x64_sys_accept4")]
+pub fn fexit_accept4(ctx: FExitContext) -> u32 {
+    finish(try_accept_fexit(&ctx))
+}
 
 #[tracepoint]
 pub fn sys_enter_socket(ctx: TracePointContext) -> u32 {
@@ -367,7 +491,25 @@ fn try_socket_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     let Some((pid_tgid, SyscallArgs::Socket { family, sock_type })) = take_args() else {
         return Ok(());
     };
-    let r = ret(ctx);
+    socket_done(pid_tgid, family, sock_type, ret(ctx))
+}
+
+#[fexit(function = "__x64_sys_socket")]
+pub fn fexit_socket(ctx: FExitContext) -> u32 {
+    finish(try_socket_fexit(&ctx))
+}
+
+#[inline(always)]
+fn try_socket_fexit(ctx: &FExitContext) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let regs = SyscallRegs::of(ctx);
+    socket_done(pid_tgid, regs.arg(0) as u16, regs.arg(1), fexit_ret(ctx))
+}
+
+#[inline(always)]
+fn socket_done(pid_tgid: u64, family: u16, sock_type: u64, r: i64) -> Result<(), Loss> {
     if r < 0 {
         // No socket created.
         return Ok(());
@@ -425,7 +567,38 @@ fn try_socketpair_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     else {
         return Ok(());
     };
-    if ret(ctx) != 0 {
+    socketpair_done(pid_tgid, family, sock_type, fds, ret(ctx))
+}
+
+#[fexit(function = "__x64_sys_socketpair")]
+pub fn fexit_socketpair(ctx: FExitContext) -> u32 {
+    finish(try_socketpair_fexit(&ctx))
+}
+
+#[inline(always)]
+fn try_socketpair_fexit(ctx: &FExitContext) -> Result<(), Loss> {
+    let Some((pid_tgid, _)) = watched() else {
+        return Ok(());
+    };
+    let regs = SyscallRegs::of(ctx);
+    socketpair_done(
+        pid_tgid,
+        regs.arg(0) as u16,
+        regs.arg(1),
+        regs.arg(3),
+        fexit_ret(ctx),
+    )
+}
+
+#[inline(always)]
+fn socketpair_done(
+    pid_tgid: u64,
+    family: u16,
+    sock_type: u64,
+    fds: u64,
+    r: i64,
+) -> Result<(), Loss> {
+    if r != 0 {
         // No sockets created.
         return Ok(());
     }
@@ -449,15 +622,21 @@ fn try_socketpair_exit(ctx: &TracePointContext) -> Result<(), Loss> {
 
 #[tracepoint]
 pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    finish(try_close(&ctx))
+    finish(try_close(|| arg(&ctx, 0) as i32))
+}
+
+/// close needs no result: the descriptor is gone whatever close returns (even EINTR).
+#[fentry(function = "__x64_sys_close")]
+pub fn fentry_close(ctx: FEntryContext) -> u32 {
+    finish(try_close(|| SyscallRegs::of(&ctx).arg(0) as i32))
 }
 
 #[inline(always)]
-fn try_close(ctx: &TracePointContext) -> Result<(), Loss> {
+fn try_close(fd: impl FnOnce() -> i32) -> Result<(), Loss> {
     let Some((pid_tgid, tgid)) = watched() else {
         return Ok(());
     };
-    let fd = arg(ctx, 0) as i32;
+    let fd = fd();
     let key = fd_key(tgid, fd);
     // Not tracked: not a descriptor the agent follows.
     let Some(state) = (unsafe { FDS.get(key) }).copied() else {

@@ -21,9 +21,9 @@ use aya_ebpf::{
 use openbox_common::*;
 
 use crate::{
-    emit::{cpu_scratch, emit_payload, DataCall, Payload},
+    emit::{emit_payload, thread_scratch, DataCall, Payload},
     error::{finish, Loss},
-    maps::{Scratch, SslArgs, SSL_ARGS, TLS_SCRATCH},
+    maps::{SslArgs, SSL_ARGS, TLS_SCRATCH},
     task::watched,
 };
 
@@ -123,20 +123,4 @@ fn try_ssl_ret(ctx: &RetProbeContext) -> Result<(), Loss> {
     // Whatever happened, the entry must not outlive this run (no entry: no harm).
     let _ = TLS_SCRATCH.remove(pid_tgid);
     result
-}
-
-/// A scratch entry of this thread's own (see the module notes).
-#[inline(always)]
-fn thread_scratch(pid_tgid: u64) -> Result<*mut Scratch, Loss> {
-    // The insert needs a value to copy; its content does not matter (every field a
-    // record carries is written before it is sent), so this CPU's slot serves, even if
-    // a preempting program is writing it.
-    let template = cpu_scratch()?;
-    // SAFETY: a map value pointer of the map's value type. Passed by reference: by
-    // value, the 4 KiB scratch would be copied to the 512-byte stack.
-    let template: &Scratch = unsafe { &*template };
-    TLS_SCRATCH
-        .insert(pid_tgid, template, BPF_ANY.into())
-        .map_err(|_| Loss::Scratch)?;
-    TLS_SCRATCH.get_ptr_mut(pid_tgid).ok_or(Loss::Scratch)
 }

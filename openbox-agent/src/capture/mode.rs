@@ -1,0 +1,163 @@
+//! How socket and file I/O is captured: fentry/fexit programs on the syscall functions,
+//! or syscall tracepoints.
+//!
+//! Enabling any `syscalls:*` tracepoint sets a flag on every task of the node, which
+//! sends every syscall of every process through the kernel's slow path (measured: +424
+//! to +492 ns per syscall on unwatched processes). An fentry/fexit program is reached
+//! through a BPF trampoline patched into the one function it is attached to, so only
+//! calls of that function pay, and far less. The programs of both modes report the same
+//! records; the process lifecycle tracepoints (`task`, `sched`) are used in both, as
+//! they do not touch the syscall path.
+//!
+//! fentry mode needs the kernel's BTF (to find each function and type its arguments),
+//! BPF trampolines (x86_64 with `CONFIG_DYNAMIC_FTRACE_WITH_DIRECT_CALLS`), and the
+//! `__x64_sys_*` functions; `auto` uses it when the programs load and attach, and the
+//! tracepoints otherwise.
+
+use std::fmt;
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{FEntry, FExit},
+    Btf, Ebpf,
+};
+
+/// `--capture-mode` / `capture_mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeChoice {
+    /// fentry/fexit where this kernel has them, else syscall tracepoints.
+    #[default]
+    Auto,
+    /// fentry/fexit programs on the syscall functions; fail if they cannot be used.
+    Fentry,
+    /// Syscall tracepoints (every process on the node pays the syscall slow path).
+    Tracepoint,
+}
+
+/// The mode in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Fentry,
+    Tracepoint,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Fentry => "fentry",
+            Mode::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The mode in use and why it was chosen, for the start-up log, the summaries and
+/// `check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chosen {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// Whether a program runs at a function's entry (no result needed) or its exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Entry,
+    Exit,
+}
+
+/// The fentry/fexit programs: (program, kernel function, hook). One per syscall.
+pub const FENTRY_PROGRAMS: &[(&str, &str, Hook)] = &[
+    ("fexit_read", "__x64_sys_read", Hook::Exit),
+    ("fexit_write", "__x64_sys_write", Hook::Exit),
+    ("fexit_readv", "__x64_sys_readv", Hook::Exit),
+    ("fexit_writev", "__x64_sys_writev", Hook::Exit),
+    ("fexit_recvfrom", "__x64_sys_recvfrom", Hook::Exit),
+    ("fexit_sendto", "__x64_sys_sendto", Hook::Exit),
+    ("fexit_recvmsg", "__x64_sys_recvmsg", Hook::Exit),
+    ("fexit_sendmsg", "__x64_sys_sendmsg", Hook::Exit),
+    ("fexit_connect", "__x64_sys_connect", Hook::Exit),
+    ("fexit_accept", "__x64_sys_accept", Hook::Exit),
+    ("fexit_accept4", "__x64_sys_accept4", Hook::Exit),
+    ("fexit_socket", "__x64_sys_socket", Hook::Exit),
+    ("fexit_socketpair", "__x64_sys_socketpair", Hook::Exit),
+    ("fentry_close", "__x64_sys_close", Hook::Entry),
+    ("fexit_openat", "__x64_sys_openat", Hook::Exit),
+    ("fexit_openat2", "__x64_sys_openat2", Hook::Exit),
+];
+
+/// Why fentry mode cannot be used here, before anything is loaded: the architecture
+/// (the programs read x86_64's `pt_regs`) and the kernel's BTF. Returns the parsed BTF
+/// for loading; a function missing from it is found when its program is loaded.
+pub fn fentry_prerequisites() -> Result<Btf> {
+    if !cfg!(target_arch = "x86_64") {
+        bail!(
+            "fentry mode reads the syscall arguments of x86_64's __x64_sys_* functions; this agent is built for {}",
+            std::env::consts::ARCH
+        );
+    }
+    Btf::from_sys_fs().with_context(|| {
+        format!(
+            "reading the kernel's BTF ({}) failed; fentry needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            crate::preflight::BTF
+        )
+    })
+}
+
+/// Loads and attaches every fentry/fexit program. On an error the programs already
+/// attached stay so until `ebpf` drops them or the caller unloads them ([`unload`]).
+pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    for (prog, func, hook) in FENTRY_PROGRAMS {
+        let program = ebpf
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing from the kernel object"))?;
+        let what = match hook {
+            Hook::Entry => "fentry",
+            Hook::Exit => "fexit",
+        };
+        let loaded = match hook {
+            Hook::Entry => {
+                let p: &mut FEntry = program.try_into()?;
+                p.load(func, btf).and_then(|()| p.attach().map(drop))
+            }
+            Hook::Exit => {
+                let p: &mut FExit = program.try_into()?;
+                p.load(func, btf).and_then(|()| p.attach().map(drop))
+            }
+        };
+        loaded.map_err(|e| {
+            let text = super::with_causes(&e);
+            // EPERM with CAP_BPF and CAP_PERFMON held, before the verifier ran (its log
+            // is empty): the kernel refuses the program type itself, as this project's
+            // Firecracker development VM (6.18) does for every BPF_PROG_TYPE_TRACING.
+            let hint = if text.contains("os error 1)") {
+                " (this kernel refuses BPF tracing programs, the fentry/fexit type, although the agent holds CAP_BPF and CAP_PERFMON: `bpftool feature probe kernel` shows `program_type tracing is NOT available`)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{what} program {prog} on {func}: {text}{hint}")
+        })?;
+    }
+    Ok(())
+}
+
+/// Detaches and unloads the fentry/fexit programs (after a failed [`attach_fentry`],
+/// before falling back to tracepoints).
+pub fn unload(ebpf: &mut Ebpf) {
+    for (prog, _, hook) in FENTRY_PROGRAMS {
+        let Some(program) = ebpf.program_mut(prog) else {
+            continue;
+        };
+        let _ = match hook {
+            Hook::Entry => <&mut FEntry>::try_from(program).map(|p| p.unload()),
+            Hook::Exit => <&mut FExit>::try_from(program).map(|p| p.unload()),
+        };
+    }
+}
