@@ -124,7 +124,7 @@ fn try_openat_exit(ctx: &TracePointContext) -> Result<(), Loss> {
 /// recorded in PAUSED first, so no process is stopped that the agent (or, after a
 /// crash, the next agent) could not find again; without a record there is no stop.
 #[inline(always)]
-fn pause(tgid: u32) -> bool {
+pub(super) fn pause(tgid: u32) -> bool {
     let record = PausedProc {
         // SAFETY: a helper without arguments.
         paused_at_ns: unsafe { bpf_ktime_get_boot_ns() },
