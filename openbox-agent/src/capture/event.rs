@@ -122,7 +122,9 @@ pub enum Body {
     Connect(Conn),
     Accept(Conn),
     Socket(Conn),
-    Close { fd: i32 },
+    Close {
+        fd: i32,
+    },
     FileOpen(FileOpen),
     FileIo(FileIo),
     Exec(Proc),

@@ -9,7 +9,6 @@ pub mod tracefs;
 
 use std::{collections::HashSet, path::Path};
 
-
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},

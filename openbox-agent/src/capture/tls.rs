@@ -194,7 +194,9 @@ impl TlsProbes {
     }
 
     pub fn has(&self, pid: u32, id: FileId) -> bool {
-        self.by_pid.get(&pid).is_some_and(|libs| libs.contains_key(&id))
+        self.by_pid
+            .get(&pid)
+            .is_some_and(|libs| libs.contains_key(&id))
     }
 
     pub fn has_any(&self, pid: u32) -> bool {
@@ -294,7 +296,11 @@ impl TlsProbes {
         let Some(libs) = self.by_pid.get_mut(&pid) else {
             return;
         };
-        let gone: Vec<FileId> = libs.keys().filter(|id| !mapped.contains(id)).copied().collect();
+        let gone: Vec<FileId> = libs
+            .keys()
+            .filter(|id| !mapped.contains(id))
+            .copied()
+            .collect();
         let dropped: Vec<Vec<UProbeLink>> = gone.iter().filter_map(|id| libs.remove(id)).collect();
         if libs.is_empty() {
             self.by_pid.remove(&pid);

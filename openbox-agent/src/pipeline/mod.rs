@@ -263,8 +263,7 @@ impl<S: Sink> Session<S> {
                 continue;
             }
             let path = procfs::in_root(pid, &f.path);
-            if !tls::may_hold_libssl(&f.path, exe.as_deref()) && !self.cap.is_named_tls_lib(&path)
-            {
+            if !tls::may_hold_libssl(&f.path, exe.as_deref()) && !self.cap.is_named_tls_lib(&path) {
                 continue;
             }
             if f.deleted {
