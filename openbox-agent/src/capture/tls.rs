@@ -141,6 +141,9 @@ pub struct TlsProbeStats {
 pub struct TlsProbes {
     /// Function offsets, by file: each libssl is parsed once.
     symbols: HashMap<FileId, Vec<(&'static str, u64)>>,
+    /// Files that define none of the functions (a process's executable, mostly): not
+    /// parsed again at each fork or exec of a watched process.
+    not_ssl: HashSet<FileId>,
     /// Links by process and by library.
     by_pid: HashMap<u32, HashMap<FileId, Vec<UProbeLink>>>,
     /// Libraries named with `--tls-lib`: probed in a watched process that maps them,
@@ -167,6 +170,7 @@ impl Default for TlsProbes {
             .map(|_| tx);
         TlsProbes {
             symbols: HashMap::new(),
+            not_ssl: HashSet::new(),
             by_pid: HashMap::new(),
             named: HashSet::new(),
             count: 0,
@@ -230,13 +234,23 @@ impl TlsProbes {
         // Absolute, but with links unresolved: resolving /proc/PID/root would lead back
         // into the agent's own root.
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if self.not_ssl.contains(&id) {
+            return Err(AttachError::NoSymbols { path: path.clone() });
+        }
         let symbols = match self.symbols.get(&id) {
             Some(s) => s.clone(),
-            None => {
-                let s = ssl_symbols(path)?;
-                self.symbols.insert(id, s.clone());
-                s
-            }
+            None => match ssl_symbols(path) {
+                Ok(s) => {
+                    self.symbols.insert(id, s.clone());
+                    s
+                }
+                Err(e) => {
+                    if matches!(e, AttachError::NoSymbols { .. } | AttachError::NotElf { .. }) {
+                        self.not_ssl.insert(id);
+                    }
+                    return Err(e);
+                }
+            },
         };
         let wanted = 2 * symbols.len();
         if self.count + wanted > MAX_TLS_PROBES {
