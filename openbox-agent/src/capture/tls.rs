@@ -245,7 +245,10 @@ impl TlsProbes {
                     s
                 }
                 Err(e) => {
-                    if matches!(e, AttachError::NoSymbols { .. } | AttachError::NotElf { .. }) {
+                    if matches!(
+                        e,
+                        AttachError::NoSymbols { .. } | AttachError::NotElf { .. }
+                    ) {
                         self.not_ssl.insert(id);
                     }
                     return Err(e);
