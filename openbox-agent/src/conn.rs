@@ -53,8 +53,12 @@ pub enum Action {
     },
     /// The process replaced its image at `at`: re-read its descriptors and libraries.
     Resync { pid: Pid, at: u64 },
-    /// A new child process: seed the descriptors it inherited.
-    Seed(Pid),
+    /// A new child process: seed the descriptors it inherited (and, if its parent has
+    /// TLS probes, probe the libssl copies it maps).
+    Seed { child: Pid, parent: Pid },
+    /// A forked child stopped itself until it has TLS probes of its own: attach them,
+    /// then resume it.
+    ProbeTls(Pid),
     /// The process exited: remove it from the watched set.
     Unwatch(Pid),
 }
@@ -589,8 +593,12 @@ impl Tracker {
                     pid,
                     child: p.other,
                 });
-                actions.push(Action::Seed(p.other));
+                actions.push(Action::Seed {
+                    child: p.other,
+                    parent: pid,
+                });
             }
+            Body::TlsWait(_) => actions.push(Action::ProbeTls(pid)),
             Body::Exit(p) => {
                 self.flush_pending(pid, out);
                 let fds = self.fds_of(pid);

@@ -169,6 +169,9 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "paused": c.paused, "resumed": st.resumed,
                 "resume_failures": st.resume_failures,
                 "resumed_at_start": st.resumed_at_start,
+                "tls_watched_hits": c.tls_watched_hits,
+                "tls_unwatched_hits": c.tls_unwatched_hits,
+                "tls_probes": st.tls_probes,
             })
         );
     } else if p.json {
@@ -193,6 +196,9 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             "resumed": st.resumed,
             "resume_failures": st.resume_failures,
             "resumed_at_start": st.resumed_at_start,
+            "tls_watched_hits": c.tls_watched_hits,
+            "tls_unwatched_hits": c.tls_unwatched_hits,
+            "tls_probes": st.tls_probes,
         });
         let _ = writeln!(p.out, "{line}");
     } else {
@@ -215,6 +221,14 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 p.out,
                 "-- {} processes paused while TLS probes attached, {} resumed",
                 c.paused, st.resumed
+            );
+        }
+        let t = st.tls_probes;
+        if t.attached + t.not_attached > 0 {
+            let _ = writeln!(
+                p.out,
+                "-- TLS probes: {} attached for watched processes ({} released), {} not attached; libssl calls probed: {} watched, {} unwatched",
+                t.attached, t.released, t.not_attached, c.tls_watched_hits, c.tls_unwatched_hits
             );
         }
         if st.resumed_at_start > 0 {

@@ -167,6 +167,117 @@ fn tls_requests_from_httpx_async_are_captured_byte_exact() {
     assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
 }
 
+/// The libssl probes are attached per watched process: a process that is not watched
+/// runs the same libssl without trapping on them, and its TLS calls run no program.
+#[test]
+fn unwatched_https_client_runs_no_tls_probe_while_a_watched_one_is_traced() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let watched_out = TempDir::new("tls-watched");
+    let command = env.python_command(
+        "client_ssl_hold.py",
+        &[&server.port.to_string(), &watched_out.arg()],
+    );
+    let traced = {
+        let env = TestEnv::get();
+        thread::spawn(move || {
+            trace(
+                &env,
+                "unwatched_https_client_runs_no_tls_probe_while_a_watched_one_is_traced",
+                &command,
+            )
+        })
+    };
+    // The watched client has made its TLS calls (its probes are attached) and waits.
+    for _ in 0..1200 {
+        if watched_out.join("ok").exists() || traced.is_finished() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        watched_out.join("ok").exists(),
+        "the traced client did not finish its exchange"
+    );
+    // Same interpreter, same libssl, not under the agent.
+    let unwatched_out = TempDir::new("tls-unwatched");
+    let status = Command::new(&env.python)
+        .arg(env.script("client_ssl.py"))
+        .args([server.port.to_string(), unwatched_out.arg()])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .status()
+        .expect("running the unwatched client");
+    assert!(
+        status.success() && unwatched_out.join("ok").exists(),
+        "the unwatched client failed: {status}"
+    );
+    fs::write(watched_out.join("go"), b"").unwrap();
+    let trace = traced.join().expect("the trace thread panicked");
+    assert_client_ok(&watched_out, &trace);
+    assert_eq!(server.connections(), 2, "one connection from each client");
+
+    let summary = trace.summary();
+    assert!(
+        trace.summary_u64("tls_watched_hits") > 0,
+        "the watched client's libssl calls ran the probes: {summary}"
+    );
+    assert_eq!(
+        trace.summary_u64("tls_unwatched_hits"),
+        0,
+        "the unwatched client's libssl calls must run no probe program: {summary}"
+    );
+    let probes = &summary["tls_probes"];
+    assert!(
+        u64_of(probes, "attached") > 0 && u64_of(probes, "not_attached") == 0,
+        "probes attached for the watched client, none failed: {summary}"
+    );
+    // Only the watched client's connection is in the trace, byte for byte.
+    let sent = read(&watched_out.join("sent.bin"));
+    let received = read(&watched_out.join("received.bin"));
+    assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
+}
+
+/// A child forked (without exec) by a process with TLS probes runs its parent's libssl,
+/// where the parent's probes do not fire: it gets its own before its first TLS call.
+#[test]
+fn https_from_a_child_forked_by_a_watched_process_is_captured() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let out = TempDir::new("fork-ssl");
+    let trace = trace(
+        &env,
+        "https_from_a_child_forked_by_a_watched_process_is_captured",
+        &env.python_command(
+            "client_fork_ssl.py",
+            &[&server.port.to_string(), &out.arg()],
+        ),
+    );
+    assert_client_ok(&out, &trace);
+    let child: u64 = String::from_utf8_lossy(&read(&out.join("child.pid")))
+        .trim()
+        .parse()
+        .expect("child.pid holds a pid");
+    let conn = only_connection(&trace, &server.peer());
+    let connect = trace
+        .of_type("connect")
+        .find(|r| str_of(r, "conn") == conn)
+        .unwrap();
+    assert_eq!(
+        u64_of(connect, "pid"),
+        child,
+        "the connection is the forked child's: {connect}"
+    );
+    let sent = read(&out.join("sent.bin"));
+    let received = read(&out.join("received.bin"));
+    assert_tls_connection_exact(&trace, &server.peer(), &sent, &received);
+    let summary = trace.summary();
+    assert_eq!(
+        trace.summary_u64("resumed"),
+        trace.summary_u64("paused"),
+        "every process stopped for its probes was resumed: {summary}"
+    );
+}
+
 #[test]
 fn postgres_query_over_tls_from_psycopg2_binary_is_captured() {
     let env = TestEnv::get();

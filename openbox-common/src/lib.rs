@@ -45,6 +45,20 @@ pub const EV_FORK: u32 = 9;
 pub const EV_EXIT: u32 = 10;
 /// socket()/socketpair() created socket descriptors ([`ConnEvent`], family only).
 pub const EV_SOCKET: u32 = 11;
+/// A child forked by a process with TLS probes stopped itself (SIGSTOP, flag
+/// [`FLAG_PAUSED`]) at its first watched call, until the agent has attached the probes
+/// of its own ([`ProcEvent`]): the parent's uprobes do not fire in the child.
+pub const EV_TLS_WAIT: u32 = 12;
+
+// ---- WATCHED values (flags) ----
+/// The process is watched (every entry has it).
+pub const WATCH_ON: u32 = 1 << 0;
+/// The agent attached TLS probes for this process: its forked children need their own.
+pub const WATCH_TLS_PROBED: u32 = 1 << 1;
+/// Set at fork on a child of a [`WATCH_TLS_PROBED`] process that has a memory of its
+/// own (not CLONE_VM), when pausing is enabled: the child stops at its first watched
+/// call (see [`EV_TLS_WAIT`]) unless the agent attached its probes first.
+pub const WATCH_TLS_PENDING: u32 = 1 << 2;
 
 // ---- DataEvent::direction / FileIoEvent::direction ----
 /// Bytes leaving the process (write, send, SSL_write).
@@ -134,6 +148,12 @@ pub const CNT_PAUSE_FAILURES: u32 = 12;
 /// Watched processes stopped (SIGSTOP) while the agent attached TLS probes to a libssl
 /// they opened; each is recorded in `PAUSED` until the agent resumes it.
 pub const CNT_PAUSED: u32 = 13;
+/// Runs of the libssl entry programs for watched processes.
+pub const CNT_TLS_WATCHED: u32 = 14;
+/// Runs of the libssl entry programs for processes that are not watched. The probes
+/// are attached per watched process, so this stays 0 but for a process that stopped
+/// being watched while its probes were being released.
+pub const CNT_TLS_UNWATCHED: u32 = 15;
 pub const NUM_COUNTERS: u32 = 16;
 
 // ---- tracepoint record layouts the kernel programs assume ----

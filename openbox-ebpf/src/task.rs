@@ -16,19 +16,31 @@ use crate::{
     maps::{INHERIT, THREADS, WATCHED},
 };
 
-/// The current tgid when it is watched, counting the probe hit either way.
+/// The current tgid when it is watched, counting the probe hit either way. A forked
+/// child still waiting for TLS probes of its own stops here (see
+/// [`crate::probes::hold_forked_child`]), at its first watched call.
 #[inline(always)]
 pub fn watched() -> Option<(u64, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    // SAFETY: plain lookup; the value is not kept.
-    if unsafe { WATCHED.get(tgid) }.is_some() {
+    // SAFETY: plain lookup; the value is copied out at once.
+    if let Some(flags) = unsafe { WATCHED.get(tgid) }.copied() {
         count(CNT_WATCHED, 1);
+        if flags & WATCH_TLS_PENDING != 0 {
+            crate::probes::hold_forked_child(pid_tgid, flags);
+        }
         Some((pid_tgid, tgid))
     } else {
         count(CNT_UNWATCHED, 1);
         None
     }
+}
+
+/// The WATCHED flags of a process, None when it is not watched.
+#[inline(always)]
+pub fn watch_flags(tgid: u32) -> Option<u32> {
+    // SAFETY: plain lookup; the value is copied out at once.
+    unsafe { WATCHED.get(tgid) }.copied()
 }
 
 /// Whether the current process is watched, without counting a probe hit (the process

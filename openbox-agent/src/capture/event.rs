@@ -122,12 +122,16 @@ pub enum Body {
     Connect(Conn),
     Accept(Conn),
     Socket(Conn),
-    Close { fd: i32 },
+    Close {
+        fd: i32,
+    },
     FileOpen(FileOpen),
     FileIo(FileIo),
     Exec(Proc),
     Fork(Proc),
     Exit(Proc),
+    /// A forked child stopped itself until its TLS probes are attached.
+    TlsWait(Proc),
 }
 
 #[derive(Debug, Clone)]
@@ -207,7 +211,8 @@ fn proc_(bytes: &[u8]) -> Result<Proc, DecodeError> {
 /// alone: a record that does not decode must not leave its process stopped.
 pub fn paused_tgid(bytes: &[u8]) -> Option<u32> {
     let hdr: EventHeader = read(bytes).ok()?;
-    (hdr.kind == EV_FILE_OPEN && hdr.flags & FLAG_PAUSED != 0).then_some(hdr.tgid)
+    let stops = matches!(hdr.kind, EV_FILE_OPEN | EV_TLS_WAIT);
+    (stops && hdr.flags & FLAG_PAUSED != 0).then_some(hdr.tgid)
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -242,6 +247,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EV_EXEC => Body::Exec(proc_(bytes)?),
         EV_FORK => Body::Fork(proc_(bytes)?),
         EV_EXIT => Body::Exit(proc_(bytes)?),
+        EV_TLS_WAIT => Body::TlsWait(proc_(bytes)?),
         k => return Err(DecodeError::UnknownKind(k)),
     };
     Ok(Event { hdr, body })

@@ -76,7 +76,7 @@ pub const SSL_FUNCTIONS: &[(&str, &str)] = &[
     ("SSL_read", "ssl_read"),
     ("SSL_read_ex", "ssl_read_ex"),
 ];
-const SSL_RET_PROGRAM: &str = "ssl_ret";
+pub const SSL_RET_PROGRAM: &str = "ssl_ret";
 
 #[derive(Debug, Clone)]
 pub struct CaptureConfig {
@@ -119,6 +119,11 @@ pub struct Counters {
     pub pause_failures: u64,
     /// Processes stopped while their TLS probes were attached.
     pub paused: u64,
+    /// Runs of the libssl entry programs for watched processes.
+    pub tls_watched_hits: u64,
+    /// The same for processes not watched (0 unless a process's probes outlived its
+    /// watch for a moment: they are attached per watched process).
+    pub tls_unwatched_hits: u64,
 }
 
 /// Where this agent pins its record of paused processes, when processes that load a
@@ -167,11 +172,8 @@ pub struct Capture {
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
     counters: PerCpuArray<MapData, u64>,
-    /// Libraries whose libssl functions are probed, by file identity (device, inode):
-    /// one file reached through different paths (the host's view, a container's
-    /// /proc/PID/root) is probed once, and two files at the same path in different
-    /// roots are both probed.
-    tls_libs: HashSet<(u64, u64)>,
+    /// The libssl uprobes, per watched process.
+    tls: tls::TlsProbes,
     /// Last field, dropped after `ebpf` (fields drop in declaration order): the
     /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
     /// process can be stopped after it resumed them all.
@@ -298,7 +300,7 @@ impl Capture {
             inherit,
             next_seed_gen: 1,
             counters,
-            tls_libs: HashSet::new(),
+            tls: tls::TlsProbes::default(),
             pauses,
         })
     }
@@ -330,14 +332,21 @@ impl Capture {
     }
 
     pub fn watch(&mut self, tgid: u32) -> Result<()> {
+        let flags = if self.tls.has_any(tgid) {
+            WATCH_ON | WATCH_TLS_PROBED
+        } else {
+            WATCH_ON
+        };
         self.watched
-            .insert(tgid, 1, 0)
+            .insert(tgid, flags, 0)
             .with_context(|| format!("adding process {tgid} to the watched set"))
     }
 
+    /// Stops watching a process and releases its TLS probes (it exited).
     pub fn unwatch(&mut self, tgid: u32) {
         let _ = self.watched.remove(&tgid);
         let _ = self.inherit.remove(&tgid);
+        self.tls.release(tgid);
     }
 
     /// Ends capture and lets the programs detach after this process has exited (see
@@ -346,7 +355,9 @@ impl Capture {
     pub fn hand_off_detach(&mut self) {
         let watched: Vec<u32> = self.watched.keys().flatten().collect();
         for tgid in watched {
-            self.unwatch(tgid);
+            // The TLS probes stay attached: closing them is part of the detach.
+            let _ = self.watched.remove(&tgid);
+            let _ = self.inherit.remove(&tgid);
         }
         let threads: Vec<u32> = self.threads.keys().flatten().collect();
         for tid in threads {
@@ -450,58 +461,53 @@ impl Capture {
             kernel_read_failures: sum(CNT_KERNEL_READ_FAILURES),
             pause_failures: sum(CNT_PAUSE_FAILURES),
             paused: sum(CNT_PAUSED),
+            tls_watched_hits: sum(CNT_TLS_WATCHED),
+            tls_unwatched_hits: sum(CNT_TLS_UNWATCHED),
         }
     }
 
-    pub fn has_tls_lib(&self, path: &Path) -> bool {
-        file_id(path).is_ok_and(|id| self.tls_libs.contains(&id))
+    /// Whether `pid` has TLS probes on the file at `path`.
+    pub fn has_tls_lib(&self, pid: u32, path: &Path) -> bool {
+        tls::file_id(path).is_ok_and(|id| self.tls.has(pid, id))
     }
 
-    /// Attaches entry and return probes to the libssl functions of `path` (every
-    /// process that maps it; the kernel programs filter by the watched set). `path` is
-    /// opened as given: for a process in another root, pass its path under
-    /// /proc/PID/root ([`crate::procfs::in_root`]); the kernel resolves it the same way
-    /// and probes that file.
-    pub fn attach_tls(&mut self, path: &Path) -> Result<usize, tls::AttachError> {
-        let id = file_id(path).map_err(|e| tls::AttachError::NotFound {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        if self.tls_libs.contains(&id) {
-            return Ok(0);
+    /// Whether `pid` has TLS probes.
+    pub fn has_tls_probes(&self, pid: u32) -> bool {
+        self.tls.has_any(pid)
+    }
+
+    /// Whether the file at `path` was named with `--tls-lib`.
+    pub fn is_named_tls_lib(&self, path: &Path) -> bool {
+        tls::file_id(path).is_ok_and(|id| self.tls.is_named(id))
+    }
+
+    /// Checks a library named with `--tls-lib`: it is probed in every watched process
+    /// that maps it.
+    pub fn name_tls_lib(&mut self, path: &Path) -> Result<(), tls::AttachError> {
+        self.tls.name(path)
+    }
+
+    /// Attaches the libssl probes of `path` for process `pid` (see
+    /// [`tls::TlsProbes::attach`]), and marks it so that the children it forks wait for
+    /// their own.
+    pub fn attach_tls(&mut self, pid: u32, path: &Path) -> Result<usize, tls::AttachError> {
+        let result = self.tls.attach(&mut self.ebpf, pid, path);
+        if self.tls.has_any(pid) && self.watched.get(&pid, 0).is_ok() {
+            // Clears WATCH_TLS_PENDING too: with its probes attached, a forked child
+            // has no reason to stop.
+            let _ = self.watched.insert(pid, WATCH_ON | WATCH_TLS_PROBED, 0);
         }
-        // Absolute, but with links unresolved: resolving /proc/PID/root would lead back
-        // into the agent's own root.
-        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let symbols = tls::ssl_symbols(path)?;
-        let mut attached = 0;
-        for (func, prog) in SSL_FUNCTIONS {
-            if !symbols.iter().any(|s| s == func) {
-                continue;
-            }
-            for (program, what) in [(*prog, "entry"), (SSL_RET_PROGRAM, "return")] {
-                let p: &mut UProbe = self
-                    .ebpf
-                    .program_mut(program)
-                    .and_then(|p| p.try_into().ok())
-                    .ok_or_else(|| {
-                        tls::AttachError::Internal(format!("program {program} missing"))
-                    })?;
-                p.attach(
-                    *func,
-                    path,
-                    aya::programs::uprobe::UProbeScope::AllProcesses,
-                )
-                .map_err(|e| tls::AttachError::Attach {
-                    path: path.clone(),
-                    func: format!("{func} ({what})"),
-                    reason: with_causes(&e),
-                })?;
-                attached += 1;
-            }
-        }
-        self.tls_libs.insert(id);
-        Ok(attached)
+        result
+    }
+
+    /// Releases the probes of a process on the libraries it no longer maps (after an
+    /// exec).
+    pub fn retain_tls(&mut self, pid: u32, mapped: &HashSet<tls::FileId>) {
+        self.tls.retain(pid, mapped);
+    }
+
+    pub fn tls_stats(&self) -> tls::TlsProbeStats {
+        self.tls.stats()
     }
 }
 
@@ -550,11 +556,4 @@ fn with_causes(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
-}
-
-/// (device, inode) of the file `path` leads to.
-fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok((m.dev(), m.ino()))
 }

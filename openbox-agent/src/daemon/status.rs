@@ -78,6 +78,7 @@ impl Summary {
             "resumed": self.pipeline.resumed,
             "resume_failures": self.pipeline.resume_failures,
             "resumed_at_start": self.pipeline.resumed_at_start,
+            "tls_probes": self.pipeline.tls_probes,
             "governance": {
                 "spool_pending": g.spool_pending, "spool_bytes": g.spool_bytes,
                 "spool_dropped": g.spool_dropped, "delivered_from_spool": g.delivered_from_spool,
@@ -246,6 +247,24 @@ impl Collector for Metrics {
             "resumed",
             "Processes resumed once the TLS probes of the libssl they opened were attached.",
             p.resumed,
+        )?;
+        gauge(
+            e,
+            "tls_probes",
+            "libssl uprobes attached now (per watched process).",
+            p.tls_probes.probes,
+        )?;
+        counter(
+            e,
+            "tls_probes_not_attached",
+            "libssl uprobes that could not be attached (each also logged).",
+            p.tls_probes.not_attached,
+        )?;
+        counter(
+            e,
+            "tls_unwatched_hits",
+            "libssl probe runs in processes that are not watched (0 but at a process's exit).",
+            k.tls_unwatched_hits,
         )?;
         counter(
             e,

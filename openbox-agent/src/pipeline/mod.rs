@@ -64,6 +64,8 @@ pub struct Stats {
     /// Processes an earlier agent left stopped when it ended without resuming them (a
     /// crash), resumed at this one's start.
     pub resumed_at_start: u64,
+    /// The libssl probes, attached per watched process.
+    pub tls_probes: tls::TlsProbeStats,
 }
 
 pub struct Session<S: Sink> {
@@ -84,9 +86,9 @@ pub struct Session<S: Sink> {
     hold_paused: bool,
 }
 
-/// Loads the kernel programs, probes the libssl copies every process may use (the
-/// ones named on the command line, which must work, and the system's), and opens the
-/// ring buffer. The start of both `trace` and `run`.
+/// Loads the kernel programs, checks the libssl copies named on the command line (they
+/// are probed in each watched process that maps them, as the ones named libssl are),
+/// and opens the ring buffer. The start of both `trace` and `run`.
 pub fn start<S: Sink>(
     capture: &CaptureConfig,
     tls_libs: &[PathBuf],
@@ -96,12 +98,7 @@ pub fn start<S: Sink>(
 ) -> Result<(Session<S>, Ring)> {
     let mut cap = Capture::load(capture)?;
     for lib in tls_libs {
-        cap.attach_tls(lib).map_err(|e| anyhow!("{e}"))?;
-    }
-    for lib in tls::system_libssl() {
-        if let Err(e) = cap.attach_tls(&lib) {
-            tracing::warn!("{e}");
-        }
+        cap.name_tls_lib(lib).map_err(|e| anyhow!("{e}"))?;
     }
     let ring = Ring::new(cap.events()?);
     Ok((Session::new(cap, skip, output, sink), ring))
@@ -168,6 +165,7 @@ impl<S: Sink> Session<S> {
             resumed: self.resumed,
             resume_failures: self.resume_failures + self.cap.recovered().failures,
             resumed_at_start: self.cap.recovered().resumed,
+            tls_probes: self.cap.tls_stats(),
         }
     }
 
@@ -252,14 +250,20 @@ impl<S: Sink> Session<S> {
         self.sink.span(span);
     }
 
-    /// Attaches to libssl copies the process maps now (its executable included).
+    /// Attaches TLS probes for `pid` to the libssl copies it maps now (its executable
+    /// included, and the libraries named with `--tls-lib`).
     fn scan_tls(&mut self, pid: Pid) {
         let exe = procfs::exe(pid);
         let Ok(files) = procfs::mapped_files(pid) else {
             return;
         };
+        let mut seen = std::collections::HashSet::new();
         for f in files {
-            if !tls::may_hold_libssl(&f.path, exe.as_deref()) {
+            if !seen.insert(f.path.clone()) {
+                continue;
+            }
+            let path = procfs::in_root(pid, &f.path);
+            if !tls::may_hold_libssl(&f.path, exe.as_deref()) && !self.cap.is_named_tls_lib(&path) {
                 continue;
             }
             if f.deleted {
@@ -268,11 +272,10 @@ impl<S: Sink> Session<S> {
                 tracing::warn!(pid, lib = %f.path, "a libssl copy this process maps was replaced or deleted on disk since: its TLS plaintext is not captured");
                 continue;
             }
-            let path = procfs::in_root(pid, &f.path);
-            if self.cap.has_tls_lib(&path) {
+            if self.cap.has_tls_lib(pid, &path) {
                 continue;
             }
-            match self.cap.attach_tls(&path) {
+            match self.cap.attach_tls(pid, &path) {
                 Ok(n) if n > 0 => {
                     tracing::info!(pid, lib = %f.path, opened = %path.display(), probes = n, "attached TLS probes")
                 }
@@ -282,6 +285,22 @@ impl<S: Sink> Session<S> {
                 Err(e) => tracing::warn!(pid, "{e}"),
             }
         }
+    }
+
+    /// After an exec: releases the probes on libraries the new image does not map, and
+    /// attaches to those it does.
+    fn rescan_tls(&mut self, pid: Pid) {
+        let mapped = procfs::mapped_files(pid)
+            .map(|files| {
+                files
+                    .iter()
+                    .filter(|f| !f.deleted)
+                    .filter_map(|f| tls::file_id(&procfs::in_root(pid, &f.path)).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.cap.retain_tls(pid, &mapped);
+        self.scan_tls(pid);
     }
 
     /// Registers the descriptors a process has now, in the tracker and the kernel. After
@@ -335,7 +354,7 @@ impl<S: Sink> Session<S> {
             }
             Action::AttachTls { pid, path, paused } => {
                 let p = procfs::in_root(pid, &path);
-                match self.cap.attach_tls(&p) {
+                match self.cap.attach_tls(pid, &p) {
                     Ok(n) if n > 0 => {
                         tracing::info!(pid, lib = %path, opened = %p.display(), probes = n, "attached TLS probes")
                     }
@@ -349,9 +368,20 @@ impl<S: Sink> Session<S> {
             }
             Action::Resync { pid, at } => {
                 self.seed(pid, Some(at));
-                self.scan_tls(pid);
+                self.rescan_tls(pid);
             }
-            Action::Seed(pid) => self.seed(pid, None),
+            Action::Seed { child, parent } => {
+                self.seed(child, None);
+                // A forked child runs its parent's libssl, but the parent's probes do
+                // not fire in it.
+                if self.cap.has_tls_probes(parent) {
+                    self.scan_tls(child);
+                }
+            }
+            Action::ProbeTls(pid) => {
+                self.scan_tls(pid);
+                self.resume(pid);
+            }
             Action::Unwatch(pid) => self.cap.unwatch(pid),
         }
     }

@@ -169,7 +169,7 @@ fn open_done(pid_tgid: u64, dirfd: i32, path: u64, flags: u64, r: i64) -> Result
 /// recorded in PAUSED first, so no process is stopped that the agent (or, after a
 /// crash, the next agent) could not find again; without a record there is no stop.
 #[inline(always)]
-fn pause(tgid: u32) -> bool {
+pub(super) fn pause(tgid: u32) -> bool {
     let record = PausedProc {
         // SAFETY: a helper without arguments.
         paused_at_ns: unsafe { bpf_ktime_get_boot_ns() },

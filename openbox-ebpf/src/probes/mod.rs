@@ -5,6 +5,8 @@ mod process;
 mod sockets;
 mod tls;
 
+pub(crate) use self::tls::hold_forked_child;
+
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_current_pid_tgid};
 use openbox_common::*;
 

@@ -5,6 +5,8 @@
 //! `SCHED_PROCESS_*`); the agent checks each against tracefs at load and refuses a
 //! kernel whose layout differs, so a program never reads a field that is not there.
 
+use core::ptr;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
@@ -17,10 +19,11 @@ use openbox_common::*;
 use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
-    maps::{ARGS, EVENTS, INHERIT, PAUSED, SSL_ARGS, THREADS, WATCHED},
-    task::{attribution, field, header, is_watched, watched},
+    maps::{ARGS, EVENTS, INHERIT, PAUSED, PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED},
+    task::{attribution, field, header, is_watched, watch_flags},
 };
 
+const CLONE_VM: u64 = 0x100;
 const CLONE_THREAD: u64 = 0x10000;
 /// errno of an insertion with BPF_NOEXIST whose key is there (aya-ebpf has no errno
 /// values).
@@ -57,15 +60,25 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
     // Runs in the parent, before the child can run: the child is watched from its
     // first instruction. Threads (CLONE_THREAD) share the parent's tgid already.
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_watched((pid_tgid >> 32) as u32) {
+    let Some(parent) = watch_flags((pid_tgid >> 32) as u32) else {
         return Ok(());
-    }
+    };
     let clone_flags: u64 = field(ctx, TASK_NEWTASK_CLONE_FLAGS);
     if clone_flags & CLONE_THREAD != 0 {
         return Ok(());
     }
     let child: u32 = field(ctx, TASK_NEWTASK_PID);
-    match WATCHED.insert(child, 1, BPF_NOEXIST.into()) {
+    // The parent's uprobes fire only in the parent's memory: a child with a copy of its
+    // own waits for probes of its own (`probes::tls`). One that shares the parent's
+    // memory (vfork, posix_spawn) is covered by the parent's until it execs.
+    let mut flags = WATCH_ON;
+    if parent & WATCH_TLS_PROBED != 0
+        && clone_flags & CLONE_VM == 0
+        && unsafe { ptr::read_volatile(&PAUSE_ON_TLS_LIB) } != 0
+    {
+        flags |= WATCH_TLS_PENDING;
+    }
+    match WATCHED.insert(child, flags, BPF_NOEXIST.into()) {
         Ok(()) => {}
         // Watched already (the agent got there first): nothing lost.
         Err(e) if e == -EEXIST => {}
@@ -112,9 +125,23 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), Loss> {
-    let Some((pid_tgid, _)) = watched() else {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Counted as a probe hit, as the data calls are (not through `watched`: a child
+    // waiting for its TLS probes must not stop here, see below).
+    let Some(flags) = watch_flags(tgid) else {
+        count(CNT_UNWATCHED, 1);
         return Ok(());
     };
+    count(CNT_WATCHED, 1);
+    if flags & (WATCH_TLS_PROBED | WATCH_TLS_PENDING) != 0 {
+        // The new image maps its libraries afresh, and one that opens a libssl is
+        // stopped at that open (`files`): no need to stop it here. The agent marks it
+        // probed again once it has re-attached.
+        if WATCHED.insert(tgid, WATCH_ON, BPF_ANY.into()).is_err() {
+            Loss::MapFull.count();
+        }
+    }
     let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     ev.hdr = header(EV_EXEC, 0, pid_tgid);

@@ -11,20 +11,28 @@
 //! pid_tgid (`maps::TLS_SCRATCH`), which no other program touches, and deletes it
 //! before returning. The cost is one hash insert (copying the scratch size) and one
 //! delete per TLS call that moved bytes; a full map is counted as `Loss::Scratch`.
+//!
+//! Scope: the agent attaches these programs once per watched process (a perf event
+//! bound to the process, which the kernel filters by memory map before any program
+//! runs), so a process that is not watched never traps on them, even in the same
+//! libssl. A forked child has a copy of its parent's memory but not its probes: it
+//! stops itself at its first watched call until the agent has attached its own
+//! ([`hold_forked_child`]).
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    bindings::{BPF_ANY, BPF_RB_FORCE_WAKEUP},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use openbox_common::*;
 
+use super::files::pause;
 use crate::{
     emit::{emit_payload, thread_scratch, DataCall, Payload},
-    error::{finish, Loss},
-    maps::{SslArgs, SSL_ARGS, TLS_SCRATCH},
-    task::watched,
+    error::{count, finish, Loss},
+    maps::{SslArgs, EVENTS, SSL_ARGS, TLS_SCRATCH, WATCHED},
+    task::{header, watch_flags},
 };
 
 /// Argument `n` (0-based) of the probed function. `ProbeContext::arg` is None only for
@@ -37,9 +45,13 @@ fn reg(ctx: &ProbeContext, n: usize) -> u64 {
 
 #[inline(always)]
 fn try_ssl_enter(ctx: &ProbeContext, source: u32, ex: bool) -> Result<(), Loss> {
-    let Some((pid_tgid, _)) = watched() else {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if watch_flags((pid_tgid >> 32) as u32).is_none() {
+        // Probes still attached for a process that just exited or was unwatched.
+        count(CNT_TLS_UNWATCHED, 1);
         return Ok(());
-    };
+    }
+    count(CNT_TLS_WATCHED, 1);
     let args = SslArgs {
         ssl: reg(ctx, 0),
         buf: reg(ctx, 1),
@@ -123,4 +135,42 @@ fn try_ssl_ret(ctx: &RetProbeContext) -> Result<(), Loss> {
     // Whatever happened, the entry must not outlive this run (no entry: no harm).
     let _ = TLS_SCRATCH.remove(pid_tgid);
     result
+}
+
+/// Stops a forked child of a process with TLS probes at its first watched call, once,
+/// until the agent has attached probes of its own: the parent's do not fire in the
+/// child's copy of the memory, and the child may reach libssl before the agent has read
+/// the fork record. The agent attaches on the fork record already; when it got there
+/// first, the flag is gone and nobody stops. Otherwise the record sent here, flagged
+/// [`FLAG_PAUSED`], makes it attach (or find it done) and resume the child.
+///
+/// The stop takes effect when the call returns to user space, before the child's next
+/// instruction: a new connection needs a socket call, so its TLS calls come after.
+#[inline(always)]
+pub fn hold_forked_child(pid_tgid: u64, flags: u32) {
+    let tgid = (pid_tgid >> 32) as u32;
+    // Once: the other threads of the child, and this one after the stop, run on.
+    if WATCHED
+        .insert(tgid, flags & !WATCH_TLS_PENDING, BPF_ANY.into())
+        .is_err()
+    {
+        Loss::MapFull.count();
+        return;
+    }
+    // Reserved before the stop: a stop the agent is not told of would last.
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        Loss::RingFull.count();
+        return;
+    };
+    if !pause(tgid) {
+        entry.discard(0);
+        return;
+    }
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = header(EV_TLS_WAIT, FLAG_PAUSED, pid_tgid);
+    ev.other = 0;
+    ev.path_len = 0;
+    ev.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    entry.submit(BPF_RB_FORCE_WAKEUP.into());
+    count(CNT_EVENTS, 1);
 }
