@@ -4,7 +4,10 @@
 use std::{
     io::Read,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -23,8 +26,20 @@ pub struct Proc {
     child: Child,
     graceful: Option<libc::c_int>,
     last_line: Arc<Mutex<String>>,
+    /// Complete lines read from stdout (spans, when it is the agent's span output).
+    lines: Arc<AtomicU64>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
+    /// Set when [`Proc::wait_rusage`] reaped the child behind `Child`'s back.
+    reaped: bool,
+}
+
+/// What the kernel counted for a reaped child: CPU seconds and peak RSS.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub user_s: f64,
+    pub sys_s: f64,
+    pub max_rss_kib: u64,
 }
 
 impl Proc {
@@ -50,10 +65,12 @@ impl Proc {
             .spawn()
             .with_context(|| format!("could not start {name}: {cmd:?}"))?;
         let last_line = Arc::new(Mutex::new(String::new()));
+        let lines = Arc::new(AtomicU64::new(0));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
         if let Some(mut out) = child.stdout.take() {
             let last = last_line.clone();
+            let count = lines.clone();
             readers.push(std::thread::spawn(move || {
                 // Keeps only the last complete line; the rest (hundreds of MB of JSON
                 // when watched) is read and dropped, like /dev/null would.
@@ -65,6 +82,8 @@ impl Proc {
                         Ok(n) => n,
                     };
                     let chunk = &buf[..n];
+                    let newlines = chunk.iter().filter(|&&b| b == b'\n').count();
+                    count.fetch_add(newlines as u64, Ordering::Relaxed);
                     match chunk.iter().rposition(|&b| b == b'\n') {
                         Some(p) => {
                             let head = &chunk[..p];
@@ -98,13 +117,83 @@ impl Proc {
             child,
             graceful,
             last_line,
+            lines,
             stderr,
             readers,
+            reaped: false,
         })
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The last complete line it printed on stdout (measured processes only).
+    pub fn last_line(&self) -> String {
+        self.last_line.lock().unwrap().clone()
+    }
+
+    /// How many lines it printed on stdout so far (measured processes only).
+    pub fn lines(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the exit like [`Proc::wait`], and returns what the kernel counted for
+    /// the process: its CPU time (all its threads, kernel time such as the BPF verifier
+    /// included) and peak RSS. Its own children are not counted unless it waited for
+    /// them (the agent's detaching child is not).
+    pub fn wait_rusage(&mut self, limit: Duration) -> Result<(ExitStatus, Usage)> {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + limit;
+        let pid = self.child.id() as libc::pid_t;
+        loop {
+            let mut status = 0;
+            // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: non-blocking wait4 on our own child, not reaped yet.
+            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+            if r == pid {
+                self.reaped = true;
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+                let usage = Usage {
+                    user_s: secs(ru.ru_utime),
+                    sys_s: secs(ru.ru_stime),
+                    max_rss_kib: ru.ru_maxrss as u64,
+                };
+                return Ok((ExitStatus::from_raw(status), usage));
+            }
+            if r < 0 {
+                bail!(
+                    "waiting for {} failed: {}",
+                    self.name,
+                    std::io::Error::last_os_error()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it has exited, without reaping it (so `wait_rusage` can still).
+    pub fn has_exited(&self) -> bool {
+        // SAFETY: an all-zero siginfo_t is valid; waitid only fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with WNOWAIT on our own child leaves it unreaped.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state, 0 otherwise.
+        r == 0 && unsafe { info.si_pid() } != 0
     }
 
     /// Its exit status, if it has exited.
@@ -169,6 +258,9 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
         if let Ok(None) = self.child.try_wait() {
             if let Some(sig) = self.graceful {
                 if self.signal(sig).is_ok() {
