@@ -33,10 +33,19 @@ use crate::proc::Proc;
 const REQUEST: &[u8] = b"POST /v1/load HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"load\":\"bench\"}\n";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"ok\":true}\n";
 
-/// The load generator itself (`xtask load-gen`, run under the agent): writes one JSON
-/// line with the requests made and the seconds they took to `out` (stdout holds the
-/// agent's spans). Creates `marker` when the load begins.
-pub fn generate(clients: usize, seconds: f64, marker: &Path, out: &Path) -> Result<()> {
+/// The load generator itself (`xtask load-gen`, run under the agent): `rate` requests
+/// per second over all clients (0: as fast as they can). Creates `marker` when the load
+/// begins; at its end writes one JSON line (requests made, seconds) to `out` (stdout
+/// holds the agent's spans), then waits until `marker` is removed — so the bench can
+/// read the agent's own CPU time while it is still alive (once it has reaped this
+/// process, the kernel adds this process's CPU time to the agent's).
+pub fn generate(
+    clients: usize,
+    seconds: f64,
+    rate: f64,
+    marker: &Path,
+    out: &Path,
+) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the load server")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
@@ -61,7 +70,8 @@ pub fn generate(clients: usize, seconds: f64, marker: &Path, out: &Path) -> Resu
         .into_iter()
         .map(|c| {
             let (stop, total) = (stop.clone(), total.clone());
-            std::thread::spawn(move || client(c, &stop, &total))
+            let interval = (rate > 0.0).then(|| Duration::from_secs_f64(clients as f64 / rate));
+            std::thread::spawn(move || client(c, interval, &stop, &total))
         })
         .collect();
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -75,7 +85,12 @@ pub fn generate(clients: usize, seconds: f64, marker: &Path, out: &Path) -> Resu
         "{{\"requests\":{},\"seconds\":{secs:.3},\"clients\":{clients}}}\n",
         total.load(Ordering::Relaxed)
     );
-    std::fs::write(out, line).with_context(|| format!("writing {}", out.display()))
+    std::fs::write(out, line).with_context(|| format!("writing {}", out.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while marker.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Reads requests (each ends with its 17-byte body: count them by their header ends)
@@ -100,10 +115,25 @@ fn serve(mut conn: TcpStream) {
     }
 }
 
-fn client(mut conn: TcpStream, stop: &AtomicBool, total: &AtomicU64) -> Result<()> {
+/// Posts on one connection until `stop`, one request per `interval` when given, on a
+/// fixed schedule (a late request goes at once, so the rate holds on average).
+fn client(
+    mut conn: TcpStream,
+    interval: Option<Duration>,
+    stop: &AtomicBool,
+    total: &AtomicU64,
+) -> Result<()> {
     let mut buf = [0u8; 4096];
     let mut done = 0u64;
+    let start = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(every) = interval {
+            let due = start + every * done as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
         conn.write_all(REQUEST).context("load client write")?;
         let mut got = 0;
         while got < RESPONSE.len() {
@@ -125,7 +155,12 @@ pub struct Size {
     pub seconds: f64,
 }
 
+/// Watched socket calls per request: the client's write and read, the server's read and
+/// write.
+const EVENTS_PER_REQUEST: f64 = 4.0;
+
 pub struct LoadResult {
+    pub target_events_per_s: f64,
     pub requests_per_s: f64,
     pub events_per_s: f64,
     pub spans: u64,
@@ -134,10 +169,13 @@ pub struct LoadResult {
     pub agent_cpu_share: f64,
     pub peak_rss_mib: f64,
     pub drops: f64,
-    pub bpf_ns_per_event: Option<f64>,
+    /// Kernel programs' run time per load request (all their runs, the machine's other
+    /// processes' unwatched hits included).
+    pub bpf_ns_per_request: Option<f64>,
 }
 
-/// CPU seconds (user + system) a live process has used, from /proc/PID/stat.
+/// CPU seconds (user + system) a live process has used itself (its threads, not the
+/// children it reaped), from /proc/PID/stat.
 fn proc_cpu(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -145,6 +183,13 @@ fn proc_cpu(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
+}
+
+/// Peak RSS of a live process in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 /// Sum of `run_time_ns` and `run_cnt` over the BPF programs the process holds (0 unless
@@ -196,16 +241,24 @@ impl Drop for BpfStats {
     }
 }
 
-pub fn run(agent: &Path, size: Size) -> Result<LoadResult> {
+/// One run at `events_per_s` (0: as fast as the clients go).
+pub fn run(agent: &Path, size: Size, events_per_s: f64) -> Result<LoadResult> {
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
     let marker: PathBuf =
         std::env::temp_dir().join(format!("openbox-load-bench-{}.started", std::process::id()));
     let out = marker.with_extension("result");
     let _ = std::fs::remove_file(&marker);
     let _ = std::fs::remove_file(&out);
+    let rate = events_per_s / EVENTS_PER_REQUEST;
     println!(
-        "\nsustained load: `trace --json -- xtask load-gen`, {} keep-alive clients and their server in one watched process, {} s",
-        size.clients, size.seconds
+        "\nsustained load: `trace --json -- xtask load-gen`, {} keep-alive clients and their server in one watched process, {} s, {}",
+        size.clients,
+        size.seconds,
+        if rate > 0.0 {
+            format!("{rate:.0} requests/s ({events_per_s:.0} events/s)")
+        } else {
+            "as fast as they go".into()
+        }
     );
     let stats = BpfStats::enable();
     let mut proc = Proc::spawn(
@@ -216,6 +269,7 @@ pub fn run(agent: &Path, size: Size) -> Result<LoadResult> {
             .arg("load-gen")
             .args(["--clients", &size.clients.to_string()])
             .args(["--seconds", &size.seconds.to_string()])
+            .args(["--rate", &rate.to_string()])
             .arg("--marker")
             .arg(&marker)
             .arg("--out")
@@ -224,33 +278,48 @@ pub fn run(agent: &Path, size: Size) -> Result<LoadResult> {
         true,
     )?;
     let pid = proc.pid();
-    // The agent's CPU and its programs' run time when the load begins.
+    let failed = |proc: &Proc, what: &str| {
+        let _ = std::fs::remove_file(&marker);
+        anyhow::anyhow!("{what}: {}", proc.stderr_text())
+    };
+    // The agent's CPU and its programs' run time when the load begins (loading and
+    // verifying the programs is the agent's system time too).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (cpu0, bpf0) = loop {
         if marker.exists() {
             break (proc_cpu(pid).unwrap_or(0.0), bpf_run_stats(pid));
         }
         if proc.has_exited() || Instant::now() > deadline {
-            bail!(
-                "the load generator did not start under the agent: {}",
-                proc.stderr_text()
-            );
+            return Err(failed(&proc, "the load generator did not start under the agent"));
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    // The programs' totals just before the generator exits (the fds close with the agent).
-    let mut bpf1 = bpf0;
-    let limit = Instant::now() + Duration::from_secs_f64(size.seconds + 120.0);
-    while !proc.has_exited() && Instant::now() < limit {
-        let now = bpf_run_stats(pid);
-        if now.1 >= bpf1.1 {
-            bpf1 = now;
+    let deadline = Instant::now() + Duration::from_secs_f64(size.seconds + 60.0);
+    while !out.exists() {
+        if proc.has_exited() || Instant::now() > deadline {
+            return Err(failed(&proc, "the load generator did not finish"));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let (status, usage) = proc.wait_rusage(Duration::from_secs(60))?;
+    // The load is over; the agent drains what the ring still holds. Wait until its CPU
+    // time stops moving, then read it, while the generator (which the agent will reap,
+    // adding its CPU to the agent's rusage) is still alive.
+    let mut cpu1 = proc_cpu(pid).unwrap_or(0.0);
+    let settle = Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = proc_cpu(pid).unwrap_or(cpu1);
+        if now - cpu1 < 0.011 || Instant::now() > settle {
+            cpu1 = now;
+            break;
+        }
+        cpu1 = now;
+    }
+    let bpf1 = bpf_run_stats(pid);
+    let rss = peak_rss_mib(pid).unwrap_or(f64::NAN);
     drop(stats);
     let _ = std::fs::remove_file(&marker);
+    let status = proc.wait(Duration::from_secs(60))?;
     let gen = std::fs::read_to_string(&out).unwrap_or_default();
     let _ = std::fs::remove_file(&out);
     if !status.success() {
@@ -261,44 +330,41 @@ pub fn run(agent: &Path, size: Size) -> Result<LoadResult> {
     let requests = crate::bench::json_num(&gen, "requests")
         .with_context(|| format!("the load generator wrote no result ({gen:?})"))?;
     let seconds = crate::bench::json_num(&gen, "seconds").unwrap_or(size.seconds);
-    // Stdout holds only spans (the summary goes to stderr); the few before the load
-    // (none: its connections carry no request yet) are counted too.
+    // Stdout holds only spans (the summary goes to stderr).
     let spans = proc.lines();
-    let cpu = usage.user_s + usage.sys_s - cpu0;
+    let cpu = cpu1 - cpu0;
     let events = num("events");
     let (bpf_ns, bpf_cnt) = (bpf1.0 - bpf0.0, bpf1.1 - bpf0.1);
     let r = LoadResult {
+        target_events_per_s: events_per_s,
         requests_per_s: requests / seconds,
         events_per_s: events / seconds,
         spans,
         cpu_us_per_span: cpu * 1e6 / spans.max(1) as f64,
         cpu_us_per_event: cpu * 1e6 / events.max(1.0),
         agent_cpu_share: cpu / seconds,
-        peak_rss_mib: usage.max_rss_kib as f64 / 1024.0,
+        peak_rss_mib: rss,
         drops: num("ringbuf_drops"),
-        bpf_ns_per_event: (bpf_cnt > 0).then(|| bpf_ns as f64 / events.max(1.0)),
+        bpf_ns_per_request: (bpf_cnt > 0).then(|| bpf_ns as f64 / requests.max(1.0)),
     };
     println!(
         "  {:.0} requests/s, {:.0} events/s ({events:.0} events, {} spans in {seconds:.1} s), ring-buffer drops {:.0}",
         r.requests_per_s, r.events_per_s, r.spans, r.drops
     );
     println!(
-        "  agent CPU during the load {cpu:.2} s (user {:.2} s + system {:.2} s over its whole run): {:.2} µs per span, {:.2} µs per event, {:.0} % of a core; peak RSS {:.0} MiB",
-        usage.user_s,
-        usage.sys_s,
+        "  agent CPU from the load's start to the end of its drain: {cpu:.2} s = {:.2} µs per span, {:.2} µs per event, {:.0} % of a core; peak RSS {:.0} MiB",
         r.cpu_us_per_span,
         r.cpu_us_per_event,
         100.0 * r.agent_cpu_share,
         r.peak_rss_mib
     );
-    match r.bpf_ns_per_event {
+    match r.bpf_ns_per_request {
         Some(ns) => println!(
-            "  kernel programs (bpf_stats): {bpf_cnt} runs, {:.0} ms, {ns:.0} ns per event emitted, {:.0} ns per run (charged to the traced process)",
+            "  kernel programs (bpf_stats, every process's runs): {bpf_cnt} runs, {:.0} ms, {:.0} ns per run, {ns:.0} ns per request (charged to the traced process, not the agent)",
             bpf_ns as f64 / 1e6,
             bpf_ns as f64 / bpf_cnt as f64
         ),
         None => println!("  kernel programs: no run_time_ns (kernel.bpf_stats_enabled could not be set)"),
     }
-    println!("  targets: ≤ 5 µs agent CPU per span; 100 000 events/s with 0 drops on 2 cores");
     Ok(r)
 }

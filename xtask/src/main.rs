@@ -95,6 +95,9 @@ enum Task {
         clients: usize,
         #[arg(long)]
         seconds: f64,
+        /// Requests per second over all clients; 0: as fast as they go.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
         #[arg(long)]
         marker: PathBuf,
         #[arg(long)]
@@ -137,9 +140,10 @@ fn main() -> Result<()> {
         Task::LoadGen {
             clients,
             seconds,
+            rate,
             marker,
             out,
-        } => load_bench::generate(clients, seconds, &marker, &out),
+        } => load_bench::generate(clients, seconds, rate, &marker, &out),
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
     }
@@ -280,19 +284,33 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
             clients: 8,
             seconds: if quick { 5.0 } else { 15.0 },
         };
-        let r = load_bench::run(&agent_binary(), size)?;
-        summary.push(format!(
-            "load      {:.0} events/s ({:.0} req/s), drops {:.0}; agent {:.2} µs CPU/span ({:.0} % of a core), peak RSS {:.0} MiB{} (targets: ≤ 5 µs/span; 100 000 events/s, 0 drops)",
-            r.events_per_s,
-            r.requests_per_s,
-            r.drops,
-            r.cpu_us_per_span,
-            100.0 * r.agent_cpu_share,
-            r.peak_rss_mib,
-            r.bpf_ns_per_event
-                .map(|ns| format!("; kernel programs {ns:.0} ns/event"))
-                .unwrap_or_default()
-        ));
+        // The targets' rates, then as fast as the clients go (where drops begin).
+        let rates: &[f64] = if quick {
+            &[50_000.0, 100_000.0]
+        } else {
+            &[50_000.0, 100_000.0, 0.0]
+        };
+        for &rate in rates {
+            let r = load_bench::run(&agent_binary(), size, rate)?;
+            summary.push(format!(
+                "load      {:>7} {:.0} events/s ({:.0} req/s), drops {:.0}; agent {:.2} µs CPU/span, {:.0} % of a core, peak RSS {:.0} MiB{}",
+                if r.target_events_per_s > 0.0 {
+                    format!("@{:.0}k/s", r.target_events_per_s / 1e3)
+                } else {
+                    "@max".into()
+                },
+                r.events_per_s,
+                r.requests_per_s,
+                r.drops,
+                r.cpu_us_per_span,
+                100.0 * r.agent_cpu_share,
+                r.peak_rss_mib,
+                r.bpf_ns_per_request
+                    .map(|ns| format!("; kernel programs {ns:.0} ns/request"))
+                    .unwrap_or_default()
+            ));
+        }
+        summary.push("load      targets: ≤ 5 µs agent CPU per span; 100 000 events/s with 0 drops on 2 cores".into());
     }
     if part(BenchPart::Hook) && !quick {
         let env = test_env.as_ref().expect("set up above");

@@ -30,16 +30,6 @@ pub struct Proc {
     lines: Arc<AtomicU64>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
-    /// Set when [`Proc::wait_rusage`] reaped the child behind `Child`'s back.
-    reaped: bool,
-}
-
-/// What the kernel counted for a reaped child: CPU seconds and peak RSS.
-#[derive(Debug, Clone, Copy)]
-pub struct Usage {
-    pub user_s: f64,
-    pub sys_s: f64,
-    pub max_rss_kib: u64,
 }
 
 impl Proc {
@@ -120,7 +110,6 @@ impl Proc {
             lines,
             stderr,
             readers,
-            reaped: false,
         })
     }
 
@@ -138,48 +127,7 @@ impl Proc {
         self.lines.load(Ordering::Relaxed)
     }
 
-    /// Waits for the exit like [`Proc::wait`], and returns what the kernel counted for
-    /// the process: its CPU time (all its threads, kernel time such as the BPF verifier
-    /// included) and peak RSS. Its own children are not counted unless it waited for
-    /// them (the agent's detaching child is not).
-    pub fn wait_rusage(&mut self, limit: Duration) -> Result<(ExitStatus, Usage)> {
-        use std::os::unix::process::ExitStatusExt;
-        let deadline = Instant::now() + limit;
-        let pid = self.child.id() as libc::pid_t;
-        loop {
-            let mut status = 0;
-            // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: non-blocking wait4 on our own child, not reaped yet.
-            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
-            if r == pid {
-                self.reaped = true;
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
-                let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-                let usage = Usage {
-                    user_s: secs(ru.ru_utime),
-                    sys_s: secs(ru.ru_stime),
-                    max_rss_kib: ru.ru_maxrss as u64,
-                };
-                return Ok((ExitStatus::from_raw(status), usage));
-            }
-            if r < 0 {
-                bail!(
-                    "waiting for {} failed: {}",
-                    self.name,
-                    std::io::Error::last_os_error()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether it has exited, without reaping it (so `wait_rusage` can still).
+    /// Whether it has exited, without reaping it: its /proc entry stays readable.
     pub fn has_exited(&self) -> bool {
         // SAFETY: an all-zero siginfo_t is valid; waitid only fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -258,9 +206,6 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if self.reaped {
-            return;
-        }
         if let Ok(None) = self.child.try_wait() {
             if let Some(sig) = self.graceful {
                 if self.signal(sig).is_ok() {
