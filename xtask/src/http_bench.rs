@@ -13,6 +13,13 @@
 //! Each round runs every (scheme, variant) once, the variants' order rotating from
 //! round to round so drifts of the machine's load hit them all alike; the table shows
 //! the median over rounds of each run's median.
+//!
+//! Wall time per request is what the target is about, but on a busy machine it
+//! is mostly time spent waiting for a CPU. So the bench also reports CPU time per
+//! request, client and server processes together (the client's from the loop itself,
+//! the server's from /proc): the SDK's work, and the uprobe traps and kernel programs
+//! the agent's capture runs in those processes. The agent's own processing of each
+//! event is elsewhere (its process; `--only load` measures it per span).
 
 use std::{
     collections::BTreeMap,
@@ -42,19 +49,33 @@ enum Variant {
 const VARIANTS: [Variant; 3] = [Variant::Plain, Variant::Sdk, Variant::Agent];
 const SCHEMES: [&str; 2] = ["http", "https"];
 
-/// Per scheme: median µs per request of plain, SDK and agent; the added µs of both, and
-/// the agent's added µs as a fraction of the SDK's.
+/// Per scheme: median µs per request of plain, SDK and agent, in wall time and in CPU
+/// time (client + server).
 pub struct HttpResult {
     pub scheme: &'static str,
+    pub wall: Triple,
+    pub cpu: Triple,
+}
+
+#[derive(Clone, Copy)]
+pub struct Triple {
     pub plain: f64,
     pub sdk: f64,
     pub agent: f64,
 }
 
-impl HttpResult {
+impl Triple {
+    /// The agent's added µs as a fraction of the SDK's.
     pub fn ratio(&self) -> f64 {
         (self.agent - self.plain) / (self.sdk - self.plain)
     }
+}
+
+/// One run's figures.
+#[derive(Clone, Copy)]
+struct Run {
+    wall_us: f64,
+    cpu_us: f64,
 }
 
 pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
@@ -76,6 +97,7 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
     let python = var("OPENBOX_TEST_PYTHON")?;
     let mut servers = Vec::new();
     let mut urls = BTreeMap::new();
+    let mut server_pids = BTreeMap::new();
     for scheme in SCHEMES {
         let mut cmd = Command::new(&python);
         cmd.arg(&server_script).stdin(Stdio::null());
@@ -97,6 +119,7 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
             std::thread::sleep(Duration::from_millis(50));
         };
         urls.insert(scheme, format!("{scheme}://127.0.0.1:{port}/echo/bench"));
+        server_pids.insert(scheme, server.pid());
         servers.push(server);
     }
 
@@ -105,18 +128,23 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
         "\nhttpx POST loop: {} rounds × (http, https) × (plain, sdk, agent), {} timed requests after {} warm-up per run",
         size.rounds, size.requests, size.warmup
     );
-    let mut runs: BTreeMap<(&str, Variant), Vec<f64>> = BTreeMap::new();
+    let mut runs: BTreeMap<(&str, Variant), Vec<Run>> = BTreeMap::new();
     let mut drops = 0.0;
     for round in 0..size.rounds {
         for scheme in SCHEMES {
             for k in 0..VARIANTS.len() {
                 let variant = VARIANTS[(k + round) % VARIANTS.len()];
-                let (us, run_drops) = bench.one(&urls[scheme], variant)?;
+                let (run, run_drops) = bench.one(&urls[scheme], server_pids[scheme], variant)?;
                 drops += run_drops;
-                runs.entry((scheme, variant)).or_default().push(us);
+                runs.entry((scheme, variant)).or_default().push(run);
             }
         }
-        let last = |s, v| runs[&(s, v)].last().copied().unwrap_or(f64::NAN);
+        let last = |s, v| {
+            runs[&(s, v)]
+                .last()
+                .map(|r: &Run| r.wall_us)
+                .unwrap_or(f64::NAN)
+        };
         println!(
             "  round {}/{} ({:.0} s): µs/request plain/sdk/agent: http {:.0}/{:.0}/{:.0}, https {:.0}/{:.0}/{:.0}",
             round + 1,
@@ -133,44 +161,50 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
     drop(servers);
     let _ = std::fs::remove_file(&bench.out);
 
-    let med = |s, v| median(runs[&(s, v)].clone());
+    let med = |s, v, f: fn(&Run) -> f64| median(runs[&(s, v)].iter().map(f).collect());
+    let triple = |s, f: fn(&Run) -> f64| Triple {
+        plain: med(s, Variant::Plain, f),
+        sdk: med(s, Variant::Sdk, f),
+        agent: med(s, Variant::Agent, f),
+    };
     let results: Vec<HttpResult> = SCHEMES
         .iter()
         .map(|&scheme| HttpResult {
             scheme,
-            plain: med(scheme, Variant::Plain),
-            sdk: med(scheme, Variant::Sdk),
-            agent: med(scheme, Variant::Agent),
+            wall: triple(scheme, |r| r.wall_us),
+            cpu: triple(scheme, |r| r.cpu_us),
         })
         .collect();
     println!(
-        "\nµs per request (median over {} rounds of each run's median):",
+        "\nµs per request (median over {} rounds of each run's median; CPU: client + server processes):",
         size.rounds
     );
     println!(
-        "  {:<6} {:>8} | {:>20} | {:>20} | {:>14}",
+        "  {:<12} {:>8} | {:>20} | {:>20} | {:>15}",
         "", "plain", "sdk (+µs, ×)", "agent (+µs, ×)", "agent/sdk added"
     );
     for r in &results {
-        let cell = |v: f64| format!("{v:.0} ({:+.0}, ×{:.2})", v - r.plain, v / r.plain);
-        println!(
-            "  {:<6} {:>8.0} | {:>20} | {:>20} | {:>14.3}",
-            r.scheme,
-            r.plain,
-            cell(r.sdk),
-            cell(r.agent),
-            r.ratio()
-        );
+        for (what, t) in [("wall", r.wall), ("CPU", r.cpu)] {
+            let cell = |v: f64| format!("{v:.0} ({:+.0}, ×{:.2})", v - t.plain, v / t.plain);
+            println!(
+                "  {:<12} {:>8.0} | {:>20} | {:>20} | {:>15.3}",
+                format!("{} {what}", r.scheme),
+                t.plain,
+                cell(t.sdk),
+                cell(t.agent),
+                t.ratio()
+            );
+        }
     }
     let spread = |s, v| {
-        let r = &runs[&(s, v)];
+        let r: Vec<f64> = runs[&(s, v)].iter().map(|r| r.wall_us).collect();
         let lo = r.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = r.iter().cloned().fold(0.0, f64::max);
         format!("{lo:.0}-{hi:.0}")
     };
     for scheme in SCHEMES {
         println!(
-            "  spread over rounds, {scheme}: plain {}, sdk {}, agent {}",
+            "  wall spread over rounds, {scheme}: plain {}, sdk {}, agent {}",
             spread(scheme, Variant::Plain),
             spread(scheme, Variant::Sdk),
             spread(scheme, Variant::Agent)
@@ -191,9 +225,10 @@ struct Bench {
 }
 
 impl Bench {
-    /// One run: the median µs per request, and the agent's ring-buffer drops.
-    fn one(&self, url: &str, variant: Variant) -> Result<(f64, f64)> {
+    /// One run: its figures, and the agent's ring-buffer drops.
+    fn one(&self, url: &str, server: u32, variant: Variant) -> Result<(Run, f64)> {
         let _ = std::fs::remove_file(&self.out);
+        let server_cpu0 = crate::load_bench::proc_cpu(server).unwrap_or(f64::NAN);
         let mut cmd = match variant {
             Variant::Agent => {
                 let mut c = Command::new(&self.agent);
@@ -229,8 +264,15 @@ impl Bench {
         };
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("http_loop.py wrote no result to {}", self.out.display()))?;
-        let us = crate::bench::json_num(&text, "median_us")
-            .with_context(|| format!("no median_us in {text:?}"))?;
-        Ok((us, drops))
+        let num =
+            |k| crate::bench::json_num(&text, k).with_context(|| format!("no {k} in {text:?}"));
+        // The server's CPU over the whole run, warm-up requests included, shared out.
+        let server_cpu = crate::load_bench::proc_cpu(server).unwrap_or(f64::NAN) - server_cpu0;
+        let served = f64::from(self.size.requests + self.size.warmup);
+        let run = Run {
+            wall_us: num("median_us")?,
+            cpu_us: num("cpu_us")? + server_cpu * 1e6 / served,
+        };
+        Ok((run, drops))
     }
 }

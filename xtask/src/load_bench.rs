@@ -39,13 +39,7 @@ const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nC
 /// holds the agent's spans), then waits until `marker` is removed — so the bench can
 /// read the agent's own CPU time while it is still alive (once it has reaped this
 /// process, the kernel adds this process's CPU time to the agent's).
-pub fn generate(
-    clients: usize,
-    seconds: f64,
-    rate: f64,
-    marker: &Path,
-    out: &Path,
-) -> Result<()> {
+pub fn generate(clients: usize, seconds: f64, rate: f64, marker: &Path, out: &Path) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding the load server")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
@@ -176,7 +170,7 @@ pub struct LoadResult {
 
 /// CPU seconds (user + system) a live process has used itself (its threads, not the
 /// children it reaped), from /proc/PID/stat.
-fn proc_cpu(pid: u32) -> Option<f64> {
+pub fn proc_cpu(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
@@ -290,7 +284,10 @@ pub fn run(agent: &Path, size: Size, events_per_s: f64) -> Result<LoadResult> {
             break (proc_cpu(pid).unwrap_or(0.0), bpf_run_stats(pid));
         }
         if proc.has_exited() || Instant::now() > deadline {
-            return Err(failed(&proc, "the load generator did not start under the agent"));
+            return Err(failed(
+                &proc,
+                "the load generator did not start under the agent",
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     };

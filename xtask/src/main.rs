@@ -254,29 +254,31 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
     if part(BenchPart::Http) {
         let size = if quick {
             http_bench::Size {
-                rounds: 3,
-                requests: 400,
+                rounds: 5,
+                requests: 500,
                 warmup: 50,
             }
         } else {
             http_bench::Size {
-                rounds: 7,
-                requests: 2000,
-                warmup: 200,
+                rounds: 11,
+                requests: 1500,
+                warmup: 100,
             }
         };
         let env = test_env.as_ref().expect("set up above");
         for r in http_bench::run(&agent_binary(), env, size)? {
-            summary.push(format!(
-                "http      {:<6} plain {:.0} µs   sdk {:+.0} µs (×{:.2})   agent {:+.0} µs (×{:.2})   agent/sdk {:.3} (target ≤ 0.050)",
-                r.scheme,
-                r.plain,
-                r.sdk - r.plain,
-                r.sdk / r.plain,
-                r.agent - r.plain,
-                r.agent / r.plain,
-                r.ratio()
-            ));
+            for (what, t) in [("wall", r.wall), ("CPU ", r.cpu)] {
+                summary.push(format!(
+                    "http      {:<5} {what} plain {:.0} µs   sdk {:+.0} µs (×{:.2})   agent {:+.0} µs (×{:.2})   agent/sdk {:.3} (target ≤ 0.050)",
+                    r.scheme,
+                    t.plain,
+                    t.sdk - t.plain,
+                    t.sdk / t.plain,
+                    t.agent - t.plain,
+                    t.agent / t.plain,
+                    t.ratio()
+                ));
+            }
         }
     }
     if part(BenchPart::Load) {
