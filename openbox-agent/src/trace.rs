@@ -521,7 +521,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         drop(exit_tx);
     } else {
         let pid = spawn_stopped(&opts.command)?;
-        if let Err(e) = session.watch(pid) {
+        if let Err(e) = session.watch_before_exec(pid) {
             // The command never ran: it must not stay stopped behind us.
             // SAFETY: killing and reaping our own stopped child.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };

@@ -39,7 +39,18 @@ const ATTACH_WAIT: Duration = Duration::from_secs(2);
 /// leave half the payload uncaptured and the watched figure too low.
 const SETTLE_MS: &str = "300";
 
-pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<()> {
+/// One loop's medians in one capture mode, ns per iteration.
+pub struct Row {
+    /// The agent's capture mode ("auto": whatever the agent chooses on this kernel).
+    pub mode: &'static str,
+    pub label: &'static str,
+    pub syscalls: u64,
+    pub baseline: f64,
+    pub unwatched: f64,
+    pub watched: f64,
+}
+
+pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<Vec<Row>> {
     if iterations == 0 {
         bail!("--iterations must be at least 1");
     }
@@ -60,6 +71,7 @@ pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<()> 
         .output()
         .with_context(|| format!("could not run {}", agent.display()))?;
     let has_raw = String::from_utf8_lossy(&help.stdout).contains("--raw");
+    let mut rows = Vec::new();
     for &mode in modes {
         let bench = Bench {
             agent: agent.to_path_buf(),
@@ -71,9 +83,9 @@ pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<()> 
         };
         let result = bench.all();
         let _ = std::fs::remove_file(&bench.out);
-        result?;
+        rows.extend(result?);
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// One syscall_loop result: loop, median ns per iteration, iterations run (with warm-up).
@@ -102,7 +114,7 @@ struct Bench {
 }
 
 impl Bench {
-    fn all(&self) -> Result<()> {
+    fn all(&self) -> Result<Vec<Row>> {
         let started = Instant::now();
         println!(
             "bench: capture mode {}: {} iterations per loop, {ROUNDS} rounds of baseline / unwatched / watched",
@@ -145,9 +157,9 @@ impl Bench {
                 show(Cond::Watched)
             );
         }
-        self.report(&runs, &summaries, &unwatched_summaries);
+        let rows = self.report(&runs, &summaries, &unwatched_summaries);
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(rows)
     }
 
     /// `syscall_loop --iterations N --out FILE LOOPS...`, run by the agent when
@@ -257,8 +269,20 @@ impl Bench {
         Ok((ns, total, summary))
     }
 
-    fn report(&self, runs: &Runs, summaries: &Summaries, unwatched: &[String]) {
+    fn report(&self, runs: &Runs, summaries: &Summaries, unwatched: &[String]) -> Vec<Row> {
         let med = |kind, c| median(runs[&(kind, c)].clone());
+        // One row per (mode, loop): a capture mode measured is a set of rows more.
+        let rows: Vec<Row> = LOOPS
+            .iter()
+            .map(|&(kind, label, syscalls)| Row {
+                mode: self.mode,
+                label,
+                syscalls,
+                baseline: med(kind, Cond::Baseline),
+                unwatched: med(kind, Cond::Unwatched),
+                watched: med(kind, Cond::Watched),
+            })
+            .collect();
         let spread = |kind, c| {
             let v = &runs[&(kind, c)];
             let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -272,22 +296,19 @@ impl Bench {
             self.iterations
         );
         println!(
-            "{:<30} {:>9} | {:>24} | {:>24}",
-            "loop (syscalls/iter)", "baseline", "unwatched (+ns, ×)", "watched (+ns, ×)"
+            "{:<6} {:<30} {:>9} | {:>24} | {:>24}",
+            "mode", "loop (syscalls/iter)", "baseline", "unwatched (+ns, ×)", "watched (+ns, ×)"
         );
-        println!("{}", "-".repeat(30 + 1 + 9 + 3 + 24 + 3 + 24));
-        for (kind, label, n) in LOOPS {
-            let b = med(kind, Cond::Baseline);
-            let cell = |c| {
-                let v = med(kind, c);
-                format!("{v:.0} ({:+.0}, ×{:.2})", v - b, v / b)
-            };
+        println!("{}", "-".repeat(7 + 30 + 1 + 9 + 3 + 24 + 3 + 24));
+        for r in &rows {
+            let cell = |v: f64| format!("{v:.0} ({:+.0}, ×{:.2})", v - r.baseline, v / r.baseline);
             println!(
-                "{:<30} {:>9.0} | {:>24} | {:>24}",
-                format!("{label} ({n})"),
-                b,
-                cell(Cond::Unwatched),
-                cell(Cond::Watched)
+                "{:<6} {:<30} {:>9.0} | {:>24} | {:>24}",
+                r.mode,
+                format!("{} ({})", r.label, r.syscalls),
+                r.baseline,
+                cell(r.unwatched),
+                cell(r.watched)
             );
         }
         println!();
@@ -355,11 +376,12 @@ impl Bench {
                 LOOPS.iter().map(|(_, _, n)| n * self.iterations).sum::<u64>()
             );
         }
+        rows
     }
 }
 
 /// The number after `"key":` in a flat JSON line.
-fn json_num(line: &str, key: &str) -> Option<f64> {
+pub fn json_num(line: &str, key: &str) -> Option<f64> {
     let pat = format!("\"{key}\":");
     let start = line.find(&pat)? + pat.len();
     let rest = line[start..].trim_start();

@@ -8,9 +8,11 @@ mod bench;
 mod env;
 mod fuzz;
 mod hook_bench;
+mod http_bench;
 mod image;
 mod kernel_matrix;
 mod lint;
+mod load_bench;
 mod proc;
 mod startup_bench;
 mod toolchain;
@@ -34,8 +36,14 @@ enum BenchPart {
     /// The worker hook: per coroutine step, per activity, and a no-op activity's latency
     /// with and without the hook on a real Temporal dev server.
     Hook,
-    /// `trace -- CMD`: how long until CMD runs, and until `trace` returns after it ends.
+    /// `trace -- CMD`: how long until CMD runs, and until `trace` returns after it ends;
+    /// the daemon's stop and start (a restart in a rolling update).
     Startup,
+    /// An httpx POST loop over HTTP and HTTPS: plain, with the in-process SDK, watched by
+    /// the agent.
+    Http,
+    /// The agent's CPU per span, peak RSS and ring-buffer drops under a sustained load.
+    Load,
 }
 
 #[derive(Subcommand)]
@@ -69,14 +77,34 @@ enum Task {
     },
     /// Run the demo: the agent tracing a sample program doing HTTPS and file I/O.
     Demo,
-    /// Measure the per-syscall cost of the agent (watched, unwatched, no agent).
+    /// Measure what the agent costs, side by side with no agent and with the in-process
+    /// SDK: per syscall, per HTTP(S) request, per span under load, at start and exit.
     Bench {
-        /// Iterations per loop.
-        #[arg(long, default_value_t = 200_000)]
-        iterations: u64,
-        /// Run only one part: syscalls (the agent's cost per syscall), parsers, or hook.
+        /// Iterations per syscall loop (default 200 000; 50 000 with --quick).
+        #[arg(long)]
+        iterations: Option<u64>,
+        /// Run only one part.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
+        /// Fewer rounds and shorter runs (about 4 minutes instead of 15), and no hook
+        /// bench (it needs the Temporal dev server).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The load generator of `bench --only load` (run by the bench under the agent).
+    #[command(hide = true)]
+    LoadGen {
+        #[arg(long)]
+        clients: usize,
+        #[arg(long)]
+        seconds: f64,
+        /// Requests per second over all clients; 0: as fast as they go.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long)]
+        marker: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Boot Debian's 6.1 and 6.12 cloud kernels under qemu (TCG) with the agent and run
     /// `check` and, per capture mode, a `trace` of an HTTPS request and a file write in
@@ -121,7 +149,18 @@ fn main() -> Result<()> {
         Task::Lint => lint::lint(),
         Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
-        Task::Bench { iterations, only } => bench(iterations, only),
+        Task::Bench {
+            iterations,
+            only,
+            quick,
+        } => bench(iterations, only, quick),
+        Task::LoadGen {
+            clients,
+            seconds,
+            rate,
+            marker,
+            out,
+        } => load_bench::generate(clients, seconds, rate, &marker, &out),
         Task::KernelMatrix {
             quick,
             kernels,
@@ -301,9 +340,18 @@ fn demo() -> Result<()> {
         .envs(test_env.vars()))
 }
 
-fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
+fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Result<()> {
     build_agent()?;
+    let started = std::time::Instant::now();
+    let load_before = load_average();
+    println!(
+        "bench on {} CPUs ({}), load average {load_before}{}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        if quick { ", quick" } else { "" }
+    );
     let part = |p: BenchPart| only.is_none() || only == Some(p);
+    let mut summary = Vec::new();
     if part(BenchPart::Syscalls) {
         let modes = match other_capture_mode()? {
             OtherMode::Runs(_) => vec!["fentry", "tracepoint"],
@@ -312,19 +360,129 @@ fn bench(iterations: u64, only: Option<BenchPart>) -> Result<()> {
                 vec!["tracepoint"]
             }
         };
-        bench::run(&agent_binary(), iterations, &modes)?;
+        let iterations = iterations.unwrap_or(if quick { 50_000 } else { 200_000 });
+        for row in bench::run(&agent_binary(), iterations, &modes)? {
+            summary.push(format!(
+                "syscalls  {:<6} {:<30} unwatched ×{:.2} ({:+.0} ns/syscall)   watched ×{:.2} ({:+.0} ns/syscall)",
+                row.mode,
+                row.label,
+                row.unwatched / row.baseline,
+                (row.unwatched - row.baseline) / row.syscalls as f64,
+                row.watched / row.baseline,
+                (row.watched - row.baseline) / row.syscalls as f64,
+            ));
+        }
     }
-    if part(BenchPart::Parsers) {
+    if part(BenchPart::Parsers) && !quick {
         parser_bench()?;
     }
-    if part(BenchPart::Hook) {
-        let test_env = env::setup()?;
-        hook_bench::run(&agent_binary(), &test_env, 40)?;
+    let test_env = if part(BenchPart::Http) || (part(BenchPart::Hook) && !quick) {
+        Some(env::setup()?)
+    } else {
+        None
+    };
+    if part(BenchPart::Http) {
+        let size = if quick {
+            http_bench::Size {
+                rounds: 5,
+                requests: 500,
+                warmup: 50,
+            }
+        } else {
+            http_bench::Size {
+                rounds: 11,
+                requests: 1500,
+                warmup: 100,
+            }
+        };
+        let env = test_env.as_ref().expect("set up above");
+        for r in http_bench::run(&agent_binary(), env, size)? {
+            for (what, t) in [("wall", r.wall), ("CPU ", r.cpu)] {
+                summary.push(format!(
+                    "http      {:<5} {what} plain {:.0} µs   sdk {:+.0} µs (×{:.2})   agent {:+.0} µs (×{:.2})   agent/sdk {:.3} (target ≤ 0.050)",
+                    r.scheme,
+                    t.plain,
+                    t.sdk - t.plain,
+                    t.sdk / t.plain,
+                    t.agent - t.plain,
+                    t.agent / t.plain,
+                    t.ratio()
+                ));
+            }
+        }
+    }
+    if part(BenchPart::Load) {
+        let size = load_bench::Size {
+            clients: 8,
+            seconds: if quick { 5.0 } else { 15.0 },
+        };
+        // The targets' rates, then as fast as the clients go (where drops begin).
+        let rates: &[f64] = if quick {
+            &[50_000.0, 100_000.0]
+        } else {
+            &[50_000.0, 100_000.0, 0.0]
+        };
+        for &rate in rates {
+            let r = load_bench::run(&agent_binary(), size, rate)?;
+            summary.push(format!(
+                "load      {:>7} {:.0} events/s ({:.0} req/s), drops {:.0}; agent {:.2} µs CPU/span, {:.0} % of a core, peak RSS {:.0} MiB{}",
+                if r.target_events_per_s > 0.0 {
+                    format!("@{:.0}k/s", r.target_events_per_s / 1e3)
+                } else {
+                    "@max".into()
+                },
+                r.events_per_s,
+                r.requests_per_s,
+                r.drops,
+                r.cpu_us_per_span,
+                100.0 * r.agent_cpu_share,
+                r.peak_rss_mib,
+                r.bpf_ns_per_request
+                    .map(|ns| format!("; kernel programs {ns:.0} ns/request"))
+                    .unwrap_or_default()
+            ));
+        }
+        summary.push("load      targets: ≤ 5 µs agent CPU per span; 100 000 events/s with 0 drops on 2 cores".into());
+    }
+    if part(BenchPart::Hook) && !quick {
+        let env = test_env.as_ref().expect("set up above");
+        hook_bench::run(&agent_binary(), env, 40)?;
     }
     if part(BenchPart::Startup) {
-        startup_bench::run(&agent_binary())?;
+        let s = startup_bench::run(&agent_binary(), if quick { 3 } else { 7 })?;
+        summary.push(format!(
+            "startup   trace: command started after {:.0} ms (bare {:.0}), trace gone {:.0} ms after it (bare {:.0}) (targets ≤ 500, ≤ 200); daemon: stop {:.0} ms, start to ready {:.0} ms",
+            s.trace_start, s.bare_start, s.trace_exit, s.bare_exit, s.daemon_stop, s.daemon_ready
+        ));
+    }
+    println!(
+        "\n== bench summary ({:.0} s; load average before {load_before}, after {}) ==",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    for line in summary {
+        println!("{line}");
     }
     Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg has them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Parser throughput over the recorded traffic in openbox-agent/benches/traffic.

@@ -4,7 +4,10 @@
 use std::{
     io::Read,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -23,6 +26,8 @@ pub struct Proc {
     child: Child,
     graceful: Option<libc::c_int>,
     last_line: Arc<Mutex<String>>,
+    /// Complete lines read from stdout (spans, when it is the agent's span output).
+    lines: Arc<AtomicU64>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
 }
@@ -50,10 +55,12 @@ impl Proc {
             .spawn()
             .with_context(|| format!("could not start {name}: {cmd:?}"))?;
         let last_line = Arc::new(Mutex::new(String::new()));
+        let lines = Arc::new(AtomicU64::new(0));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
         if let Some(mut out) = child.stdout.take() {
             let last = last_line.clone();
+            let count = lines.clone();
             readers.push(std::thread::spawn(move || {
                 // Keeps only the last complete line; the rest (hundreds of MB of JSON
                 // when watched) is read and dropped, like /dev/null would.
@@ -65,6 +72,8 @@ impl Proc {
                         Ok(n) => n,
                     };
                     let chunk = &buf[..n];
+                    let newlines = chunk.iter().filter(|&&b| b == b'\n').count();
+                    count.fetch_add(newlines as u64, Ordering::Relaxed);
                     match chunk.iter().rposition(|&b| b == b'\n') {
                         Some(p) => {
                             let head = &chunk[..p];
@@ -98,6 +107,7 @@ impl Proc {
             child,
             graceful,
             last_line,
+            lines,
             stderr,
             readers,
         })
@@ -105,6 +115,33 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The last complete line it printed on stdout (measured processes only).
+    pub fn last_line(&self) -> String {
+        self.last_line.lock().unwrap().clone()
+    }
+
+    /// How many lines it printed on stdout so far (measured processes only).
+    pub fn lines(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
+    }
+
+    /// Whether it has exited, without reaping it: its /proc entry stays readable.
+    pub fn has_exited(&self) -> bool {
+        // SAFETY: an all-zero siginfo_t is valid; waitid only fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with WNOWAIT on our own child leaves it unreaped.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid when a child changed state, 0 otherwise.
+        r == 0 && unsafe { info.si_pid() } != 0
     }
 
     /// Its exit status, if it has exited.

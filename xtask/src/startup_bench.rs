@@ -10,22 +10,36 @@
 //! capture/detach.rs), and the kernel attaches and detaches tracepoints under one lock:
 //! a `trace` started while an earlier one's detach is still running waits for it. So
 //! start-up is measured twice: spaced (a pause before each run) and back to back.
+//!
+//! The daemon (`openbox-agent run`) is measured as a rolling update restarts it: SIGTERM
+//! to exit (stop), then a new daemon at once, spawn to its hook socket accepting
+//! connections (start: the socket is bound after the programs are attached).
 
 use std::{
     path::Path,
     process::{Command, Stdio},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context, Result};
 
-const RUNS: usize = 7;
+use crate::{bench::median, proc::Proc};
 
-pub fn run(agent: &Path) -> Result<()> {
-    println!("bench startup: `trace -- sh -c 'date +%s.%N'`, {RUNS} runs, medians");
-    let bare = measure(None, false)?;
-    let traced = measure(Some(agent), true)?;
-    let back_to_back = measure(Some(agent), false)?;
+/// Medians, in ms.
+pub struct Startup {
+    pub bare_start: f64,
+    pub bare_exit: f64,
+    pub trace_start: f64,
+    pub trace_exit: f64,
+    pub daemon_stop: f64,
+    pub daemon_ready: f64,
+}
+
+pub fn run(agent: &Path, runs: usize) -> Result<Startup> {
+    println!("\nbench startup: `trace -- sh -c 'date +%s.%N'`, {runs} runs, medians");
+    let bare = measure(None, false, runs)?;
+    let traced = measure(Some(agent), true, runs)?;
+    let back_to_back = measure(Some(agent), false, runs)?;
     println!("  {:<24} {:>10} {:>10}", "", "start (ms)", "exit (ms)");
     println!("  {:<24} {:>10.1} {:>10.1}", "bare sh", bare.0, bare.1);
     println!(
@@ -41,7 +55,65 @@ pub fn run(agent: &Path) -> Result<()> {
         traced.0 - bare.0,
         traced.1 - bare.1
     );
-    Ok(())
+    let (stop, ready) = daemon_restarts(agent, runs)?;
+    println!(
+        "  daemon restart (SIGTERM, then a new `run` at once): stop {stop:.0} ms, start to hook socket ready {ready:.0} ms"
+    );
+    Ok(Startup {
+        bare_start: bare.0,
+        bare_exit: bare.1,
+        trace_start: traced.0,
+        trace_exit: traced.1,
+        daemon_stop: stop,
+        daemon_ready: ready,
+    })
+}
+
+/// Median (stop, start-to-ready) in ms over `runs` restarts of `openbox-agent run`.
+fn daemon_restarts(agent: &Path, runs: usize) -> Result<(f64, f64)> {
+    let dir = std::env::temp_dir().join(format!("openbox-restart-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("agent.sock");
+    let start = || -> Result<(Proc, f64)> {
+        let _ = std::fs::remove_file(&socket);
+        let spawned = Instant::now();
+        let mut daemon = Proc::service(
+            "openbox-agent run",
+            Command::new(agent)
+                .arg("run")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--events")
+                .arg(dir.join("events.jsonl"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if daemon.try_wait()?.is_some() || spawned.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "`openbox-agent run` did not open its hook socket; run it by hand to see why"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok((daemon, spawned.elapsed().as_secs_f64() * 1e3))
+    };
+    let (mut daemon, _) = start()?;
+    let (mut stops, mut readies) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let asked = Instant::now();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
+        daemon.wait(Duration::from_secs(60))?;
+        stops.push(asked.elapsed().as_secs_f64() * 1e3);
+        let (next, ready) = start()?;
+        readies.push(ready);
+        daemon = next;
+    }
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((median(stops), median(readies)))
 }
 
 fn now() -> f64 {
@@ -52,9 +124,9 @@ fn now() -> f64 {
 }
 
 /// Median (start, exit) in ms.
-fn measure(agent: Option<&Path>, spaced: bool) -> Result<(f64, f64)> {
+fn measure(agent: Option<&Path>, spaced: bool, runs: usize) -> Result<(f64, f64)> {
     let (mut starts, mut exits) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         if spaced {
             // Longer than an earlier run's background detach (2–4 s).
             std::thread::sleep(std::time::Duration::from_secs(5));
@@ -91,5 +163,5 @@ fn measure(agent: Option<&Path>, spaced: bool) -> Result<(f64, f64)> {
         starts.push((started - spawned) * 1e3);
         exits.push((ended - started) * 1e3);
     }
-    Ok((crate::bench::median(starts), crate::bench::median(exits)))
+    Ok((median(starts), median(exits)))
 }

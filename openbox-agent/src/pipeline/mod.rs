@@ -182,6 +182,17 @@ impl<S: Sink> Session<S> {
         Ok(())
     }
 
+    /// Starts watching a process that has not run its command yet (`trace -- CMD`'s
+    /// child, stopped between fork and exec): its libraries are looked at after its exec,
+    /// as every exec's are. Scanning them now would read the agent's own executable,
+    /// which the child still maps: 80 MB with debug information, a quarter of a second
+    /// of `trace`'s start-up.
+    pub fn watch_before_exec(&mut self, pid: Pid) -> Result<()> {
+        self.cap.watch(pid)?;
+        self.seed(pid, None);
+        Ok(())
+    }
+
     /// One ring-buffer record through every stage.
     pub fn handle_bytes(&mut self, bytes: &[u8]) {
         self.records_received += 1;
