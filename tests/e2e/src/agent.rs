@@ -167,6 +167,11 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// What it has logged so far.
+    pub fn stderr_text(&self) -> String {
+        self.proc.stderr_text()
+    }
+
     /// SIGTERM, wait for the drain, and read everything it reported. The agent must exit
     /// 0 and end with the summary line on stderr.
     pub fn stop(mut self) -> AgentReport {
