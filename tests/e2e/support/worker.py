@@ -268,7 +268,7 @@ def retry_sync(p):
 
 # ---- one pooled keep-alive session shared with background traffic ----
 
-BACKGROUND_PATH = "/slow/150/background"
+BACKGROUND_PATH = "/slow/100/background"
 
 
 async def background_traffic(session, base, started):
@@ -280,6 +280,9 @@ async def background_traffic(session, base, started):
             async with session.get(base + BACKGROUND_PATH) as r:
                 await r.read()
             started.set()
+            # A breath between requests: the connection goes to a waiting activity
+            # rather than straight back to this loop.
+            await asyncio.sleep(0.02)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # keep going: the test counts activity spans, not these
