@@ -313,6 +313,14 @@ impl AgentReport {
                 format!("openbox_parser_unparsed_messages_total{{protocol=\"{protocol}\"}}"),
                 num(&s["unparsed_by_protocol"][protocol]),
             ));
+            for reason in ["malformed", "gap", "unpaired", "oversize"] {
+                grown.push((
+                    format!(
+                        "openbox_parser_lost_messages_total{{protocol=\"{protocol}\",reason=\"{reason}\"}}"
+                    ),
+                    num(&s["parser_losses"][protocol][reason]),
+                ));
+            }
         }
         for (name, at_exit) in &grown {
             assert!(
