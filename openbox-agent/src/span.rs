@@ -1138,6 +1138,41 @@ mod tests {
         assert_eq!(b.given_up, vec!["c3".to_string()]);
     }
 
+    /// A pooled connection seen from its middle (no connect record): the tail of a
+    /// response on its way, longer than detection looks at, then the next exchange.
+    /// The connection is not given up, the tail is dropped and counted, the exchange is
+    /// a span.
+    #[test]
+    fn a_connection_watched_mid_response_yields_its_next_exchange() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        let tail = [b'x'; 300];
+        b.handle(&data("m1", Direction::Ingress, 0, &tail, 5, false), &mut out);
+        // A capture gap before the protocol is known does not give it up either.
+        b.handle(&data("m1", Direction::Ingress, 400, &tail, 6, false), &mut out);
+        b.handle(
+            &data("m1", Direction::Egress, 0, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n", 7, false),
+            &mut out,
+        );
+        b.handle(
+            &data(
+                "m1",
+                Direction::Ingress,
+                700,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                8,
+                false,
+            ),
+            &mut out,
+        );
+        assert!(b.given_up.is_empty());
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].attributes["http.status_code"], 200);
+        assert_eq!(out[0].attributes["http.target"], "/next");
+        assert_eq!(b.lost.get(&("http", "malformed")), Some(&1));
+        assert_eq!(b.unparsed.get("http"), Some(&1));
+    }
+
     #[test]
     fn protocol_is_detected_by_content_not_port() {
         let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
