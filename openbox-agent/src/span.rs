@@ -1147,11 +1147,24 @@ mod tests {
         let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
         let mut out = Vec::new();
         let tail = [b'x'; 300];
-        b.handle(&data("m1", Direction::Ingress, 0, &tail, 5, false), &mut out);
-        // A capture gap before the protocol is known does not give it up either.
-        b.handle(&data("m1", Direction::Ingress, 400, &tail, 6, false), &mut out);
         b.handle(
-            &data("m1", Direction::Egress, 0, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n", 7, false),
+            &data("m1", Direction::Ingress, 0, &tail, 5, false),
+            &mut out,
+        );
+        // A capture gap before the protocol is known does not give it up either.
+        b.handle(
+            &data("m1", Direction::Ingress, 400, &tail, 6, false),
+            &mut out,
+        );
+        b.handle(
+            &data(
+                "m1",
+                Direction::Egress,
+                0,
+                b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n",
+                7,
+                false,
+            ),
             &mut out,
         );
         b.handle(

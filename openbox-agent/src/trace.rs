@@ -236,7 +236,10 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 st.unparsed_messages, st.unrecognised_connections
             );
             for (protocol, reasons) in &st.parser_losses {
-                let by: Vec<String> = reasons.iter().map(|(why, n)| format!("{n} {why}")).collect();
+                let by: Vec<String> = reasons
+                    .iter()
+                    .map(|(why, n)| format!("{n} {why}"))
+                    .collect();
                 let _ = writeln!(p.out, "-- {protocol} messages lost: {}", by.join(", "));
             }
         }

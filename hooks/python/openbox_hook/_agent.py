@@ -537,7 +537,9 @@ class _Presence(threading.Thread):
                 # Not warned about here: the first activity without an agent warns, as
                 # it always did, and says what it costs.
                 self._link.last_failure = exc
-                _log.debug("openbox hook: presence connection to %s: %s", self._link.socket_path, exc)
+                _log.debug(
+                    "openbox hook: presence connection to %s: %s", self._link.socket_path, exc
+                )
         finally:
             with self._lock:
                 self._sock = None
