@@ -13,7 +13,9 @@ use serde_json::{Map, Value};
 use crate::{
     capture::{clock::Clock, event::Addr},
     conn::{Attribution, Direction, Pid, Record},
-    protocol::{self, http::header, Op, Parser, ParserConfig, Protocol, Side, StatusCode},
+    protocol::{
+        self, http::header, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+    },
     redact::Redactor,
 };
 
@@ -87,7 +89,9 @@ struct ConnState {
     /// No known protocol: stop looking.
     unknown: bool,
     /// First bytes per direction [egress, ingress] kept for detection, with their ts.
-    held: [Vec<(u64, Vec<u8>)>; 2],
+    held: [Vec<Held>; 2],
+    /// The parser's losses already added to the builder's counts.
+    counted: Losses,
     /// Next expected stream offset per [plaintext-or-cleartext][direction].
     next_seq: [[u64; 2]; 2],
     /// Attribution changes of the bytes per direction: (ts of the first record with
@@ -171,9 +175,11 @@ pub struct SpanBuilder {
     trace_id: String,
     conns: HashMap<String, ConnState>,
     files: HashMap<(Pid, i32), FileState>,
-    /// Operations the parsers could not make sense of, over all closed connections, by
-    /// protocol.
+    /// Operations the parsers could not make sense of, by protocol (counted as they
+    /// happen, open connections included).
     pub unparsed: BTreeMap<&'static str, u64>,
+    /// The same, by protocol and reason ([`protocol::Loss`]).
+    pub lost: BTreeMap<(&'static str, &'static str), u64>,
     /// Connections whose protocol was not recognised.
     pub unknown_conns: u64,
     /// Connections found, since the caller last took them, to be of no known protocol:
@@ -193,6 +199,7 @@ impl SpanBuilder {
             conns: HashMap::new(),
             files: HashMap::new(),
             unparsed: BTreeMap::new(),
+            lost: BTreeMap::new(),
             unknown_conns: 0,
             given_up: Vec::new(),
         }
@@ -210,6 +217,7 @@ impl SpanBuilder {
                 parser: None,
                 unknown: false,
                 held: [Vec::new(), Vec::new()],
+                counted: Losses::default(),
                 next_seq: [[0; 2]; 2],
                 attrs: [VecDeque::new(), VecDeque::new()],
             })
@@ -255,9 +263,11 @@ impl SpanBuilder {
                 feed(
                     c, &cfg, direction, *ts, gap_before, data, *truncated, &mut ops,
                 );
+                let lost = new_losses(c);
                 if c.unknown && !was_unknown {
                     self.given_up.push(conn.clone());
                 }
+                self.count(lost);
                 let conn = conn.clone();
                 self.emit_ops(&conn, ops, out);
             }
@@ -266,10 +276,8 @@ impl SpanBuilder {
                     let mut ops = Vec::new();
                     if let Some(p) = c.parser.as_mut() {
                         p.close(*ts, &mut ops);
-                        let lost = p.unparsed();
-                        if lost > 0 {
-                            *self.unparsed.entry(p.protocol().as_str()).or_default() += lost;
-                        }
+                        let lost = new_losses(&mut c);
+                        self.count(lost);
                     } else if c.held.iter().any(|h| !h.is_empty()) {
                         self.unknown_conns += 1;
                     }
@@ -370,6 +378,13 @@ impl SpanBuilder {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn count(&mut self, lost: Vec<(Protocol, Loss, u64)>) {
+        for (p, why, n) in lost {
+            *self.unparsed.entry(p.as_str()).or_default() += n;
+            *self.lost.entry((p.as_str(), why.as_str())).or_default() += n;
         }
     }
 
@@ -607,6 +622,20 @@ impl SpanBuilder {
     }
 }
 
+/// The parser's losses since they were last counted.
+fn new_losses(c: &mut ConnState) -> Vec<(Protocol, Loss, u64)> {
+    let Some(p) = c.parser.as_ref() else {
+        return Vec::new();
+    };
+    let now = p.losses();
+    let new = now
+        .since(&c.counted)
+        .map(|(why, n)| (p.protocol(), why, n))
+        .collect();
+    c.counted = now;
+    new
+}
+
 fn direction_idx(d: &Direction) -> usize {
     match d {
         Direction::Egress => 0,
@@ -631,74 +660,7 @@ fn feed(
     }
     let d = direction_idx(dir);
     if c.parser.is_none() {
-        if gap_before > 0 || truncated > 0 && data.is_empty() {
-            // Watching began mid-stream, or bytes were lost before the protocol was known.
-            c.unknown = true;
-            return;
-        }
-        c.held[d].push((ts, data.to_vec()));
-        let mut detected = None;
-        for (hd, side_if_client) in [(0, Side::Client), (1, Side::Server)] {
-            let first: Vec<u8> = c.held[hd]
-                .iter()
-                .flat_map(|(_, b)| b.iter().copied())
-                .take(DETECT_BYTES)
-                .collect();
-            if first.is_empty() {
-                continue;
-            }
-            // Egress bytes are the client's when we are the client; try both readings
-            // while the role is unknown.
-            let sides: Vec<(Side, Role)> = match c.role {
-                Role::Client => vec![(side_if_client, Role::Client)],
-                Role::Server => vec![(side_if_client.opposite(), Role::Server)],
-                Role::Unknown => vec![
-                    (side_if_client, Role::Client),
-                    (side_if_client.opposite(), Role::Server),
-                ],
-            };
-            for (side, role) in sides {
-                if let Some(p) = protocol::detect(side, &first) {
-                    detected = Some((p, role));
-                    break;
-                }
-            }
-            if detected.is_some() {
-                break;
-            }
-        }
-        match detected {
-            Some((p, role)) => {
-                c.role = role;
-                let mut parser = protocol::new_parser(p, cfg);
-                // Replay what was held, in order of arrival.
-                let mut held: Vec<(u64, usize, Vec<u8>)> = Vec::new();
-                for (hd, items) in c.held.iter_mut().enumerate() {
-                    for (t, b) in items.drain(..) {
-                        held.push((t, hd, b));
-                    }
-                }
-                held.sort_by_key(|(t, _, _)| *t);
-                for (t, hd, b) in held {
-                    parser.feed(side_of(role, hd), &b, t, ops);
-                }
-                if truncated > 0 {
-                    parser.gap(side_of(role, d), truncated, ts, ops);
-                }
-                c.parser = Some(parser);
-            }
-            None => {
-                let held_bytes: usize = c.held.iter().flatten().map(|(_, b)| b.len()).sum();
-                if held_bytes >= 2 * DETECT_BYTES
-                    || c.held
-                        .iter()
-                        .all(|h| h.iter().map(|(_, b)| b.len()).sum::<usize>() >= DETECT_BYTES)
-                {
-                    c.unknown = true;
-                    c.held = [Vec::new(), Vec::new()];
-                }
-            }
-        }
+        detect_and_start(c, cfg, d, ts, gap_before, data, truncated, ops);
         return;
     }
     let role = c.role;
@@ -712,6 +674,122 @@ fn feed(
     }
     if truncated > 0 {
         p.gap(side, truncated, ts, ops);
+    }
+}
+
+/// Most bytes held while a connection's protocol is not recognised yet: a response
+/// already on its way when watching began is held (and dropped by the parser) until the
+/// client's next request shows the protocol.
+const HELD_LIMIT: usize = 64 * 1024;
+
+/// Holds one data segment of a connection whose protocol is not known yet, and starts
+/// its parser once the first bytes of a captured piece show which protocol it speaks.
+/// Watching may begin in the middle of a connection's traffic (a pooled connection with
+/// a response on its way), and bytes may be lost before the protocol is known: the
+/// protocol is looked for at the start of every held piece, not only at the first, and
+/// what was held before is replayed so the parser resynchronises on its own.
+#[expect(clippy::too_many_arguments, reason = "the fields of one data record")]
+fn detect_and_start(
+    c: &mut ConnState,
+    cfg: &ParserConfig,
+    d: usize,
+    ts: u64,
+    gap_before: u64,
+    data: &[u8],
+    truncated: u64,
+    ops: &mut Vec<Op>,
+) {
+    if gap_before > 0 {
+        c.held[d].push(Held::Gap(ts, gap_before));
+    }
+    if !data.is_empty() {
+        c.held[d].push(Held::Bytes(ts, data.to_vec()));
+    }
+    if truncated > 0 {
+        c.held[d].push(Held::Gap(ts, truncated));
+    }
+    let mut detected = None;
+    'found: for (hd, side_if_client) in [(0, Side::Client), (1, Side::Server)] {
+        // Egress bytes are the client's when we are the client; try both readings while
+        // the role is unknown.
+        let sides: Vec<(Side, Role)> = match c.role {
+            Role::Client => vec![(side_if_client, Role::Client)],
+            Role::Server => vec![(side_if_client.opposite(), Role::Server)],
+            Role::Unknown => vec![
+                (side_if_client, Role::Client),
+                (side_if_client.opposite(), Role::Server),
+            ],
+        };
+        for start in 0..c.held[hd].len() {
+            let first: Vec<u8> = c.held[hd][start..]
+                .iter()
+                .map_while(|h| match h {
+                    Held::Bytes(_, b) => Some(b.as_slice()),
+                    Held::Gap(..) => None,
+                })
+                .flatten()
+                .copied()
+                .take(DETECT_BYTES)
+                .collect();
+            if !matches!(c.held[hd][start], Held::Bytes(..)) || first.is_empty() {
+                continue;
+            }
+            for &(side, role) in &sides {
+                if let Some(p) = protocol::detect(side, &first) {
+                    detected = Some((p, role));
+                    break 'found;
+                }
+            }
+        }
+    }
+    let Some((p, role)) = detected else {
+        let held = |h: &Vec<Held>| -> usize {
+            h.iter()
+                .map(|h| match h {
+                    Held::Bytes(_, b) => b.len(),
+                    Held::Gap(..) => 0,
+                })
+                .sum()
+        };
+        // Both ends spoke and neither looks like a known protocol, or too much waited.
+        let (egress, ingress) = (held(&c.held[0]), held(&c.held[1]));
+        if egress.min(ingress) >= DETECT_BYTES || egress + ingress >= HELD_LIMIT {
+            c.unknown = true;
+            c.held = [Vec::new(), Vec::new()];
+        }
+        return;
+    };
+    c.role = role;
+    let mut parser = protocol::new_parser(p, cfg);
+    // Replay what was held, in order of arrival; the parser skips what it cannot frame.
+    let mut held: Vec<(u64, usize, Held)> = Vec::new();
+    for (hd, items) in c.held.iter_mut().enumerate() {
+        for h in items.drain(..) {
+            held.push((h.ts(), hd, h));
+        }
+    }
+    held.sort_by_key(|(t, _, _)| *t);
+    for (t, hd, h) in held {
+        match h {
+            Held::Bytes(_, b) => parser.feed(side_of(role, hd), &b, t, ops),
+            Held::Gap(_, n) => parser.gap(side_of(role, hd), n, t, ops),
+        }
+    }
+    c.parser = Some(parser);
+}
+
+/// What was captured of one direction before its connection's protocol was known.
+enum Held {
+    Bytes(u64, Vec<u8>),
+    /// Bytes not captured.
+    Gap(u64, u64),
+}
+
+impl Held {
+    fn ts(&self) -> u64 {
+        match self {
+            Held::Bytes(t, _) | Held::Gap(t, _) => *t,
+        }
     }
 }
 
@@ -1058,6 +1136,54 @@ mod tests {
         );
         assert!(out.is_empty());
         assert_eq!(b.given_up, vec!["c3".to_string()]);
+    }
+
+    /// A pooled connection seen from its middle (no connect record): the tail of a
+    /// response on its way, longer than detection looks at, then the next exchange.
+    /// The connection is not given up, the tail is dropped and counted, the exchange is
+    /// a span.
+    #[test]
+    fn a_connection_watched_mid_response_yields_its_next_exchange() {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        let tail = [b'x'; 300];
+        b.handle(
+            &data("m1", Direction::Ingress, 0, &tail, 5, false),
+            &mut out,
+        );
+        // A capture gap before the protocol is known does not give it up either.
+        b.handle(
+            &data("m1", Direction::Ingress, 400, &tail, 6, false),
+            &mut out,
+        );
+        b.handle(
+            &data(
+                "m1",
+                Direction::Egress,
+                0,
+                b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n",
+                7,
+                false,
+            ),
+            &mut out,
+        );
+        b.handle(
+            &data(
+                "m1",
+                Direction::Ingress,
+                700,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                8,
+                false,
+            ),
+            &mut out,
+        );
+        assert!(b.given_up.is_empty());
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].attributes["http.status_code"], 200);
+        assert_eq!(out[0].attributes["http.target"], "/next");
+        assert_eq!(b.lost.get(&("http", "malformed")), Some(&1));
+        assert_eq!(b.unparsed.get("http"), Some(&1));
     }
 
     #[test]

@@ -165,6 +165,7 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
                 "truncated_bytes": c.truncated_bytes, "unparsed_records": st.unparsed_records,
                 "unparsed_messages": st.unparsed_messages,
+                "parser_losses": st.parser_losses,
                 "unrecognised_connections": st.unrecognised_connections,
                 "paused": c.paused, "resumed": st.resumed,
                 "resume_failures": st.resume_failures,
@@ -251,6 +252,13 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "-- protocols: {} messages not understood, {} connections of no known protocol",
                 st.unparsed_messages, st.unrecognised_connections
             );
+            for (protocol, reasons) in &st.parser_losses {
+                let by: Vec<String> = reasons
+                    .iter()
+                    .map(|(why, n)| format!("{n} {why}"))
+                    .collect();
+                let _ = writeln!(p.out, "-- {protocol} messages lost: {}", by.join(", "));
+            }
         }
     }
     p.flush();

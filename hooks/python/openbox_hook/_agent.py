@@ -32,6 +32,14 @@ in the process logs one warning; reconnecting is tried again at most every
 Thread registrations are valid for one *epoch*: any lost connection starts a new one (the
 agent may have restarted and forgotten every thread), and threads register again before
 their next activity.
+
+A third, idle connection (``_Presence``, a daemon thread) says ``hello`` as soon as the
+hook is created — when the worker is built, before it opens its connection pools — and
+holds it: the agent watches a process from its hello on, and a connection already
+carrying traffic when watching begins is seen from its middle. When that connection
+breaks (the agent stopped or restarted), the thread connects again at once and then with
+a backoff of up to ``PRESENCE_MAX_BACKOFF`` seconds, so an idle worker is watched again
+by a restarted agent without waiting for its next activity.
 """
 
 from __future__ import annotations
@@ -60,6 +68,10 @@ GOVERNANCE_POLICIES = ("fail_open", "fail_closed")
 HOOK = f"openbox-hook/{__version__}"
 RETRY_INTERVAL = 5.0
 """Seconds between connection attempts once one failed."""
+PRESENCE_FIRST_BACKOFF = 0.05
+PRESENCE_MAX_BACKOFF = 2.0
+"""Seconds between the presence connection's attempts: doubling from the first to the
+most, so a restarted agent is found within about this long."""
 GOVERNED_TIMEOUT = 35.0
 """Seconds a governed call waits when the config has no ``governance_timeout``: the SDK's
 default governance timeout (30 s) plus the margin the agent needs to answer after it."""
@@ -153,6 +165,14 @@ class AgentLink:
         self._threads = _ThreadState()
         self._blocking = _BlockingConnection(self)
         self._channels: dict[asyncio.AbstractEventLoop, _Channel] = {}
+        # A forked child has none: it says hello when its first activity connects.
+        self._presence: _Presence | None = None
+
+    def start_presence(self) -> None:
+        """Say hello now, and again whenever the agent comes back (see the module's note)."""
+        if self._presence is None:
+            self._presence = _Presence(self)
+            self._presence.start()
 
     def hello(self) -> dict[str, Any]:
         # The pid is taken per connection: a forked child connects as itself.
@@ -165,7 +185,10 @@ class AgentLink:
         }
 
     def close(self) -> None:
-        """Close the blocking connection and the calling event loop's connection."""
+        """Close the presence and blocking connections and the calling event loop's."""
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
         self._blocking.close()
         try:
             channel = self._channels.pop(asyncio.get_running_loop(), None)
@@ -450,6 +473,87 @@ class _Channel:
         if connection is self._connection:
             self._connection = None
             self._link.lost()
+
+
+class _Presence(threading.Thread):
+    """The connection that keeps the worker registered: hello, then wait for the end."""
+
+    def __init__(self, link: AgentLink) -> None:
+        super().__init__(name="openbox-hook-presence", daemon=True)
+        self._link = link
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def run(self) -> None:
+        backoff = PRESENCE_FIRST_BACKOFF
+        while not self._closed.is_set():
+            said_hello, welcomed = self._hold()
+            if said_hello:
+                # An agent that may have registered us is gone: so are the threads it
+                # knew, which register again before their next activity.
+                self._link.lost()
+            if welcomed:
+                # It was up: the agent is probably restarting; look for it at once.
+                backoff = PRESENCE_FIRST_BACKOFF
+            if self._closed.wait(backoff):
+                return
+            backoff = min(backoff * 2, PRESENCE_MAX_BACKOFF)
+
+    def _hold(self) -> tuple[bool, bool]:
+        """Connects and says hello; returns once the connection ends: whether hello was
+        sent, and whether it was accepted."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            if self._closed.is_set():
+                sock.close()
+                return False, False
+            self._sock = sock
+        said_hello = welcomed = False
+        try:
+            sock.settimeout(self._link.timeout)
+            sock.connect(self._link.socket_path)
+            sock.sendall(_encode({"id": 1, "op": "hello", **self._link.hello()}))
+            said_hello = True
+            buffer = bytearray()
+            while (end := buffer.find(b"\n")) < 0:
+                if len(buffer) > MAX_LINE:
+                    raise ValueError("reply line too long")
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("openbox-agent closed the connection")
+                buffer += chunk
+            reply = _decode(bytes(buffer[:end]))
+            if not reply.get("ok"):
+                raise ConnectionRefusedError(f"hello refused: {reply.get('error')}")
+            _log.debug("openbox hook: registered with %s", reply.get("agent"))
+            welcomed = True
+            # Nothing more is said on it: it ends when the agent goes.
+            sock.settimeout(None)
+            while sock.recv(65536):
+                pass
+        except (OSError, ValueError) as exc:
+            if not welcomed and not self._closed.is_set():
+                # Not warned about here: the first activity without an agent warns, as
+                # it always did, and says what it costs.
+                self._link.last_failure = exc
+                _log.debug(
+                    "openbox hook: presence connection to %s: %s", self._link.socket_path, exc
+                )
+        finally:
+            with self._lock:
+                self._sock = None
+            sock.close()
+        return said_hello, welcomed
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
+                except OSError:
+                    pass
 
 
 class _BlockingConnection:

@@ -36,6 +36,10 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
             too).
 
+    Creating it says ``hello`` to the agent at once (from a background thread), so the
+    agent watches the worker from its start, and again as soon as a restarted agent is
+    back.
+
     Without a reachable agent, under fail_open (the default) the worker runs exactly as
     without the hook; under fail_closed each activity fails with ``GovernanceHalt``
     (non-retryable) naming the socket. Either way one warning is logged (logger
@@ -60,6 +64,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         _apply_policy_env(settings)
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(self._link)
+        # Hello now, as the worker is built: the agent must watch the process before it
+        # opens the connections its activities will use.
+        self._link.start_presence()
 
     @property
     def socket_path(self) -> str:

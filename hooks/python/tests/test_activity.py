@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from openbox_hook import OpenBoxHook, _slots
+from openbox_hook._agent import AgentLink
 
 
 @dataclasses.dataclass
@@ -53,11 +54,13 @@ class ActivityHookTest(unittest.TestCase):
         result = self.run_with_hook(
             support.run_activity(self.hook, order, Order("tea", 2), b"\xff", activity_type="order")
         )
-        [hello] = self.agent.wait_for("hello")
+        # The presence connection's and the event loop's: each connection starts with it.
+        hellos = self.agent.wait_for("hello", 2)
         [start] = self.agent.wait_for("activity_start")
         [end] = self.agent.wait_for("activity_end")
         self.assertEqual(result, {"ok": 2, "token_seen": 1})
-        self.assertEqual(hello["id"], 1)
+        self.assertEqual([hello["id"] for hello in hellos], [1, 1])
+        hello = hellos[0]
         self.assertEqual(hello["pid"], os.getpid())
         self.assertEqual(hello["hook"], "openbox-hook/0.1.0")
         self.assertEqual(hello["slots_addr"], _slots.address)
@@ -282,25 +285,33 @@ class ActivityHookTest(unittest.TestCase):
                 await support.run_activity(hook, work),
                 await support.run_activity(hook, work_sync, executor=self.executor),
             )
-            epoch = hook._link.epoch
+            channel = hook._link._channels[asyncio.get_running_loop()]
             first_agent.close()
-            while hook._link.epoch == epoch:  # until the loop has seen its connection go
+            while channel._connection is not None:  # until the loop has seen it go
                 await asyncio.sleep(0.01)
             second_agent = FakeAgent(path)
+            # The presence connection is back (so its new epoch is already counted).
+            await asyncio.to_thread(second_agent.wait_for, "hello")
             try:
                 after = (
                     await support.run_activity(hook, work),
                     await support.run_activity(hook, work_sync, executor=self.executor),
                 )
-                return before, after, second_agent.ops("hello"), second_agent.ops("thread")
+                return (
+                    before,
+                    after,
+                    second_agent.wait_for("hello", 3),
+                    second_agent.ops("thread"),
+                )
             finally:
                 second_agent.close()
 
         before, after, hellos, threads = support.run(scenario(), hook)
         self.assertEqual(before, (1, 2))
         self.assertEqual(after, (1, 2))  # the new agent's tokens, in re-registered slots
-        self.assertEqual(len(hellos), 2)  # the loop's connection and the blocking one
-        self.assertEqual([m["id"] for m in hellos], [1, 1])
+        # The presence connection's, the loop's and the blocking one's.
+        self.assertEqual(len(hellos), 3)
+        self.assertEqual([m["id"] for m in hellos], [1, 1, 1])
         self.assertEqual(len(threads), 2)  # the loop thread and an executor thread
         self.assertIn(threading.get_native_id(), [m["tid"] for m in threads])
 
@@ -320,8 +331,11 @@ class ActivityHookTest(unittest.TestCase):
                 os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), 0)
-        hellos = self.agent.wait_for("hello", 2)
-        self.assertEqual([m["pid"] for m in hellos], [os.getpid(), pid])
+        # The parent's presence and loop connections, then the child's own (a child
+        # has no presence connection: it was not built as a worker).
+        hellos = self.agent.wait_for("hello", 3)
+        self.assertEqual(sorted(m["pid"] for m in hellos), sorted([os.getpid(), os.getpid(), pid]))
+        self.assertEqual(hellos[-1]["pid"], pid)
         self.assertEqual([m["tid"] for m in self.agent.wait_for("thread", 2)][1], pid)
 
     def test_process_pool_style_executor_gets_the_original_function(self) -> None:
@@ -409,7 +423,10 @@ class NoAgentTest(unittest.TestCase):
 
         agent = Mute()
         self.addCleanup(agent.close)
-        hook = OpenBoxHook(agent.socket_path, timeout=0.05)
+        # The activity connections' retry interval is what is checked: no presence
+        # connection (it retries on its own backoff, see PresenceTest).
+        with mock.patch.object(AgentLink, "start_presence", lambda self: None):
+            hook = OpenBoxHook(agent.socket_path, timeout=0.05)
         with self.assertLogs("openbox.hook", "WARNING") as logs:
             results = self.run_many(hook, support.Terminal())
         self.assertEqual(results, self.expect())
@@ -539,3 +556,47 @@ class FailClosedNoAgentTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PresenceTest(unittest.TestCase):
+    """The hook registers the worker when it is built, not at its first activity, and
+    again by itself when the agent comes back."""
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.path = os.path.join(directory.name, "agent.sock")
+
+    def test_hello_when_built_and_again_when_a_restarted_agent_is_back(self) -> None:
+        first = FakeAgent(self.path)
+        hook = OpenBoxHook(self.path)
+        self.addCleanup(hook.close)
+        [hello] = first.wait_for("hello")  # no activity ran
+        self.assertEqual(hello["pid"], os.getpid())
+        self.assertEqual(first.ops("activity_start"), [])
+        epoch = hook._link.epoch
+        first.close()
+        second = FakeAgent(self.path)
+        self.addCleanup(second.close)
+        [hello] = second.wait_for("hello", timeout=10)
+        self.assertEqual(hello["pid"], os.getpid())
+        # Threads registered with the old agent register again before their next activity.
+        self.assertGreater(hook._link.epoch, epoch)
+
+    def test_a_hook_built_before_the_agent_starts_registers_when_it_does(self) -> None:
+        hook = OpenBoxHook(self.path)
+        self.addCleanup(hook.close)
+        agent = FakeAgent(self.path)
+        self.addCleanup(agent.close)
+        [hello] = agent.wait_for("hello", timeout=10)
+        self.assertEqual(hello["pid"], os.getpid())
+
+    def test_close_ends_the_presence_connection(self) -> None:
+        agent = FakeAgent(self.path)
+        self.addCleanup(agent.close)
+        hook = OpenBoxHook(self.path)
+        agent.wait_for("hello")
+        presence = hook._link._presence
+        hook.close()
+        presence.join(5)
+        self.assertFalse(presence.is_alive())

@@ -50,9 +50,12 @@ class SenderTest(unittest.TestCase):
                 [m["signal_args"][0] for m in messages if m["workflow_id"] == f"w{t}"],
                 list(range(100)),
             )
-        # One connection of its own, introduced by hello with the hook's config.
-        [hello] = agent.ops("hello")
-        self.assertEqual(hello["config"], {"governance_timeout": 1})
+        # One connection of its own (beside the hook's presence connection), introduced
+        # by hello with the hook's config.
+        hellos = agent.wait_for("hello", 2)
+        self.assertEqual(len(hellos), 2)
+        for hello in hellos:
+            self.assertEqual(hello["config"], {"governance_timeout": 1})
         self.assertEqual(len({m["id"] for m in messages}), 400)
 
     def test_a_refusal_is_logged_at_debug(self) -> None:

@@ -16,7 +16,12 @@ use super::{
     hook,
     registry::{self, Unattributed},
 };
-use crate::{capture::Counters, governance::GovernanceStats, pipeline, protocol::Protocol};
+use crate::{
+    capture::Counters,
+    governance::GovernanceStats,
+    pipeline,
+    protocol::{Loss, Protocol},
+};
 
 /// Counts from the hook socket.
 #[derive(Clone, Debug, Default)]
@@ -74,6 +79,7 @@ impl Summary {
             "unparsed_records": self.pipeline.unparsed_records,
             "unparsed_messages": self.pipeline.unparsed_messages,
             "unparsed_by_protocol": self.pipeline.unparsed_by_protocol,
+            "parser_losses": self.pipeline.parser_losses,
             "unrecognised_connections": self.pipeline.unrecognised_connections,
             "resumed": self.pipeline.resumed,
             "resume_failures": self.pipeline.resume_failures,
@@ -135,6 +141,23 @@ fn labelled(
     for (value, n) in series {
         let labels = [(label, value)];
         m.encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+    }
+    Ok(())
+}
+
+/// A counter family with two labels.
+fn labelled2(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: (&str, &str),
+    series: impl IntoIterator<Item = ((&'static str, &'static str), u64)>,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for ((a, b), n) in series {
+        let set = [(labels.0, a), (labels.1, b)];
+        m.encode_family(&set)?
             .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
     }
     Ok(())
@@ -285,6 +308,23 @@ impl Collector for Metrics {
                     .copied()
                     .unwrap_or(0);
                 (pr.as_str(), n)
+            }),
+        )?;
+        labelled2(
+            e,
+            "parser_lost_messages",
+            "Protocol messages a parser dropped, by protocol and reason (malformed: bytes it could not parse, or the middle of a message; gap: bytes not captured; unpaired: a response whose request was not seen, or a request whose response could not be told apart; oversize: over the buffer limits).",
+            ("protocol", "reason"),
+            Protocol::ALL.iter().flat_map(|pr| {
+                Loss::ALL.iter().map(move |why| {
+                    let n = p
+                        .parser_losses
+                        .get(pr.as_str())
+                        .and_then(|m| m.get(why.as_str()))
+                        .copied()
+                        .unwrap_or(0);
+                    ((pr.as_str(), why.as_str()), n)
+                })
             }),
         )?;
         counter(
@@ -478,6 +518,11 @@ mod tests {
         s.registry.spans_attributed = 7;
         s.registry.unattributed.insert("no_activity", 2);
         s.pipeline.unparsed_by_protocol.insert("postgres", 5);
+        s.pipeline
+            .parser_losses
+            .entry("http")
+            .or_default()
+            .insert("unpaired", 2);
         s.governance.requests.by_outcome = vec![("ok", 4), ("timeout", 1)];
         s.governance.requests.latency_buckets = vec![(0.001, 3), (1.0, 1)];
         s.governance.requests.latency_count = 5;
@@ -491,6 +536,8 @@ mod tests {
             "openbox_spans_unattributed_total{reason=\"unknown_activity\"} 0",
             "openbox_parser_unparsed_messages_total{protocol=\"postgres\"} 5",
             "openbox_parser_unparsed_messages_total{protocol=\"mongo\"} 0",
+            "openbox_parser_lost_messages_total{protocol=\"http\",reason=\"unpaired\"} 2",
+            "openbox_parser_lost_messages_total{protocol=\"redis\",reason=\"gap\"} 0",
             "openbox_governance_requests_total{outcome=\"timeout\"} 1",
             "openbox_governance_request_duration_seconds_bucket{le=\"0.001\"} 3",
             "openbox_governance_request_duration_seconds_bucket{le=\"1\"} 4",
@@ -511,6 +558,7 @@ mod tests {
         let j = s.to_json();
         assert_eq!(j["ringbuf_drops"], 3);
         assert_eq!(j["unparsed_by_protocol"]["postgres"], 5);
+        assert_eq!(j["parser_losses"]["http"]["unpaired"], 2);
         assert_eq!(j["governance"]["requests"]["ok"], 4);
     }
 }

@@ -55,6 +55,10 @@ pub struct Stats {
     pub unparsed_messages: u64,
     /// The same, by protocol (`http`, `postgres`, …; protocols without losses absent).
     pub unparsed_by_protocol: std::collections::BTreeMap<&'static str, u64>,
+    /// The same again, by protocol and then by reason (`malformed`, `gap`, `unpaired`,
+    /// `oversize`; see `protocol::Loss`).
+    pub parser_losses:
+        std::collections::BTreeMap<&'static str, std::collections::BTreeMap<&'static str, u64>>,
     /// Connections of no known protocol.
     pub unrecognised_connections: u64,
     /// Processes resumed once the TLS probes of the libssl they opened were attached.
@@ -156,11 +160,19 @@ impl<S: Sink> Session<S> {
             .as_ref()
             .map(|b| (b.unparsed.clone(), b.unknown_conns))
             .unwrap_or_default();
+        let mut parser_losses = std::collections::BTreeMap::new();
+        for ((protocol, why), n) in self.spans.iter().flat_map(|b| b.lost.iter()) {
+            parser_losses
+                .entry(*protocol)
+                .or_insert_with(std::collections::BTreeMap::new)
+                .insert(*why, *n);
+        }
         Stats {
             records_received: self.records_received,
             unparsed_records: self.unparsed_records,
             unparsed_messages: unparsed_by_protocol.values().sum(),
             unparsed_by_protocol,
+            parser_losses,
             unrecognised_connections,
             resumed: self.resumed,
             resume_failures: self.resume_failures + self.cap.recovered().failures,

@@ -2,10 +2,24 @@
 //! pipelined connections; Content-Length, chunked and close-delimited bodies; interim
 //! 1xx responses; HEAD, 204 and 304 without bodies; Upgrade/CONNECT turn the connection
 //! into an opaque stream.
+//!
+//! Resynchronisation. A side that meets bytes it cannot frame (watching began in the
+//! middle of a message, a capture gap outside a body of known length, a malformed head)
+//! drops them and waits for a captured piece that starts a message: a request line on
+//! the client side, a status line on the server side. Pairing by order is then no
+//! longer trusted (requests may have gone unseen, responses may have been lost), so the
+//! parser is *unsure* until it re-pairs: a response pairs with the one waiting request
+//! sent before the response began, when there is exactly one. None: it answers a
+//! request we never saw, and is framed (Content-Length, chunked) and dropped. Several:
+//! which one it answers cannot be known (pipelining across a loss), and all of them are
+//! dropped. This relies on time order only where order is ambiguous: a client that does
+//! not pipeline sends its next request after reading the previous response, so a
+//! response that began before a request cannot be that request's. Every drop is counted
+//! by reason ([`Loss`]).
 
 use std::collections::VecDeque;
 
-use super::{Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
 
 const METHODS: [&[u8]; 9] = [
     b"GET ",
@@ -26,6 +40,28 @@ const MAX_PENDING: usize = 1024;
 /// Whether these first bytes can start an HTTP/1.x request.
 pub fn looks_like_request(first: &[u8]) -> bool {
     METHODS.iter().any(|m| first.starts_with(m))
+}
+
+/// Whether these bytes can start a status line.
+fn looks_like_response(first: &[u8]) -> bool {
+    first.starts_with(b"HTTP/1.")
+}
+
+/// Whether a head in progress can still become a message of `side`: checked on its
+/// first bytes, so that bytes from the middle of a message are dropped at once instead
+/// of being buffered up to the next blank line (which would swallow the next head).
+fn plausible_start(side: Side, buf: &[u8]) -> bool {
+    match side {
+        Side::Server => {
+            let n = buf.len().min(7);
+            buf[..n] == b"HTTP/1."[..n]
+        }
+        Side::Client => match buf.iter().position(|b| !b.is_ascii_uppercase()) {
+            Some(k) => k > 0 && buf[k] == b' ',
+            // The longest method token registered is 17 characters.
+            None => buf.len() <= 20,
+        },
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,8 +92,10 @@ enum Chunk {
 enum State {
     Head,
     Body,
-    /// Out of sync, or an opaque (upgraded) stream: bytes are ignored.
+    /// Out of sync: bytes are dropped until a captured piece starts a message.
     Lost,
+    /// An upgraded (WebSocket …) or tunnelled (CONNECT) stream: not HTTP any more.
+    Opaque,
 }
 
 /// One direction's message in progress.
@@ -111,9 +149,17 @@ pub struct HttpParser {
     resp: Stream,
     /// Requests sent and not yet answered, oldest first.
     pending: VecDeque<Request>,
-    /// The request whose response is being read, and the response head.
+    /// The request whose response is being read, and the response head; `None` while
+    /// a response whose request was not seen is being skipped.
     answering: Option<(Request, Response)>,
-    unparsed: u64,
+    /// Sync was lost on a side since the last response paired by time: order alone no
+    /// longer says which request a response answers.
+    unsure: bool,
+    /// The client side starts a message for the first time, or again after a loss: only
+    /// a request line with a registered method ends it (a cut line such as `ET / …`
+    /// must not pass for a request).
+    req_fresh: bool,
+    losses: Losses,
 }
 
 impl HttpParser {
@@ -124,29 +170,86 @@ impl HttpParser {
             resp: Stream::new(),
             pending: VecDeque::new(),
             answering: None,
-            unparsed: 0,
+            unsure: false,
+            req_fresh: true,
+            losses: Losses::default(),
         }
     }
 
-    fn lose(&mut self, side: Side) {
-        self.unparsed += 1;
+    /// `side` is out of sync at `ts`: what it holds is dropped, counted under `why`,
+    /// and the side waits for the start of its next message.
+    fn lose(&mut self, side: Side, why: Loss, ts: u64) {
+        self.losses.add(why);
+        self.unsure = true;
         let s = match side {
-            Side::Client => &mut self.req,
-            Side::Server => &mut self.resp,
+            Side::Client => {
+                self.req_fresh = true;
+                &mut self.req
+            }
+            Side::Server => {
+                if self.resp.state == State::Head
+                    && self.answering.is_none()
+                    && self.pending.front().is_some_and(|r| r.start_ts <= ts)
+                {
+                    // The lost bytes began the oldest request's response: whatever
+                    // status line comes next is not its.
+                    self.pending.pop_front();
+                    self.losses.add(Loss::Unpaired);
+                }
+                // The response being read is lost with the stream.
+                self.answering = None;
+                &mut self.resp
+            }
         };
         s.state = State::Lost;
         s.buf = Vec::new();
+        s.body = Vec::new();
+        s.body_complete = true;
+        s.framing = Framing::None;
+        s.chunk = Chunk::Size;
     }
 
+    /// The response being read is complete: its op (unless it was being skipped), and
+    /// the server side waits for the next head.
     fn finish_response(&mut self, ts: u64, out: &mut Vec<Op>) {
-        let Some((req, resp)) = self.answering.take() else {
-            return;
-        };
         let body = std::mem::take(&mut self.resp.body);
         let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
-        out.push(self.op(req, Some((resp, body, body_complete)), ts));
         self.resp.state = State::Head;
         self.resp.framing = Framing::None;
+        if let Some((req, resp)) = self.answering.take() {
+            out.push(self.op(req, Some((resp, body, body_complete)), ts));
+        }
+    }
+
+    /// The request a final response that began at `ts` answers. In sync: the oldest
+    /// waiting. Unsure: the only request sent before the response began, if there is
+    /// exactly one; otherwise none (see the module's note), with the drop counted.
+    fn request_for_response(&mut self, ts: u64) -> Option<Request> {
+        if !self.unsure {
+            let req = self.pending.pop_front();
+            if req.is_none() {
+                self.losses.add(Loss::Unpaired);
+            }
+            return req;
+        }
+        let before = self.pending.iter().take_while(|r| r.start_ts <= ts).count();
+        match before {
+            0 => {
+                self.losses.add(Loss::Unpaired);
+                None
+            }
+            1 => {
+                self.unsure = false;
+                self.pending.pop_front()
+            }
+            n => {
+                for _ in 0..n {
+                    self.pending.pop_front();
+                    self.losses.add(Loss::Unpaired);
+                }
+                None
+            }
+        }
     }
 
     fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool)>, end_ts: u64) -> Op {
@@ -272,7 +375,7 @@ impl HttpParser {
     fn feed_client(&mut self, ts: u64) {
         loop {
             match self.req.state {
-                State::Lost => {
+                State::Lost | State::Opaque => {
                     self.req.buf.clear();
                     return;
                 }
@@ -284,28 +387,33 @@ impl HttpParser {
                     if self.req.buf.is_empty() {
                         return;
                     }
+                    if !plausible_start(Side::Client, &self.req.buf) {
+                        self.lose(Side::Client, Loss::Malformed, ts);
+                        return;
+                    }
                     let Some(end) = find(&self.req.buf, b"\r\n\r\n") else {
                         if self.req.buf.len() > MAX_HEAD {
-                            self.lose(Side::Client);
+                            self.lose(Side::Client, Loss::Oversize, ts);
                         }
                         return;
                     };
                     let head: Vec<u8> = self.req.buf.drain(..end + 4).collect();
                     let Some((start, headers)) = parse_head(&head[..end]) else {
-                        self.lose(Side::Client);
+                        self.lose(Side::Client, Loss::Malformed, ts);
                         return;
                     };
                     let mut parts = start.splitn(3, ' ');
                     let (Some(method), Some(target), Some(version)) =
                         (parts.next(), parts.next(), parts.next())
                     else {
-                        self.lose(Side::Client);
+                        self.lose(Side::Client, Loss::Malformed, ts);
                         return;
                     };
                     if !version.starts_with("HTTP/1.")
                         || !method.bytes().all(|b| b.is_ascii_uppercase())
+                        || self.req_fresh && !looks_like_request(start.as_bytes())
                     {
-                        self.lose(Side::Client);
+                        self.lose(Side::Client, Loss::Malformed, ts);
                         return;
                     }
                     let framing = if is_chunked(&headers) {
@@ -315,15 +423,18 @@ impl HttpParser {
                             Ok(Some(n)) => Framing::Length(n),
                             Ok(None) => Framing::None,
                             Err(()) => {
-                                self.lose(Side::Client);
+                                self.lose(Side::Client, Loss::Malformed, ts);
                                 return;
                             }
                         }
                     };
                     if self.pending.len() >= MAX_PENDING {
+                        // Its response can no longer be paired by order.
                         self.pending.pop_front();
-                        self.unparsed += 1;
+                        self.losses.add(Loss::Oversize);
+                        self.unsure = true;
                     }
+                    self.req_fresh = false;
                     self.pending.push_back(Request {
                         method: method.to_string(),
                         target: target.to_string(),
@@ -354,7 +465,7 @@ impl HttpParser {
                     }
                     Ok(false) => return,
                     Err(()) => {
-                        self.lose(Side::Client);
+                        self.lose(Side::Client, Loss::Malformed, ts);
                         return;
                     }
                 },
@@ -365,7 +476,7 @@ impl HttpParser {
     fn feed_server(&mut self, ts: u64, out: &mut Vec<Op>) {
         loop {
             match self.resp.state {
-                State::Lost => {
+                State::Lost | State::Opaque => {
                     self.resp.buf.clear();
                     return;
                 }
@@ -373,15 +484,19 @@ impl HttpParser {
                     if self.resp.buf.is_empty() {
                         return;
                     }
+                    if !plausible_start(Side::Server, &self.resp.buf) {
+                        self.lose(Side::Server, Loss::Malformed, ts);
+                        return;
+                    }
                     let Some(end) = find(&self.resp.buf, b"\r\n\r\n") else {
                         if self.resp.buf.len() > MAX_HEAD {
-                            self.lose(Side::Server);
+                            self.lose(Side::Server, Loss::Oversize, ts);
                         }
                         return;
                     };
                     let head: Vec<u8> = self.resp.buf.drain(..end + 4).collect();
                     let Some((start, headers)) = parse_head(&head[..end]) else {
-                        self.lose(Side::Server);
+                        self.lose(Side::Server, Loss::Malformed, ts);
                         return;
                     };
                     let mut parts = start.splitn(3, ' ');
@@ -389,16 +504,22 @@ impl HttpParser {
                     let code: Option<u16> = parts.next().and_then(|c| c.parse().ok());
                     let reason = parts.next().unwrap_or("").to_string();
                     let Some(code) = code.filter(|c| (100..1000).contains(c)) else {
-                        self.lose(Side::Server);
+                        self.lose(Side::Server, Loss::Malformed, ts);
                         return;
                     };
                     if !version.starts_with("HTTP/1.") {
-                        self.lose(Side::Server);
+                        self.lose(Side::Server, Loss::Malformed, ts);
                         return;
                     }
+                    if (100..200).contains(&code) && code != 101 {
+                        // Interim response (100 Continue, 103 Early Hints): the final one follows.
+                        self.resp.first_ts = ts;
+                        continue;
+                    }
+                    let req = self.request_for_response(self.resp.first_ts);
                     if code == 101 {
                         // Switching Protocols (WebSocket …): what follows is not HTTP.
-                        if let Some(req) = self.pending.pop_front() {
+                        if let Some(req) = req {
                             let resp = Response {
                                 code,
                                 reason,
@@ -406,23 +527,12 @@ impl HttpParser {
                             };
                             out.push(self.op(req, Some((resp, Vec::new(), true)), ts));
                         }
-                        self.req.state = State::Lost;
-                        self.resp.state = State::Lost;
-                        self.req.buf.clear();
-                        self.resp.buf.clear();
+                        self.opaque();
                         return;
                     }
-                    if (100..200).contains(&code) {
-                        // Interim response (100 Continue, 103 Early Hints): the final one follows.
-                        continue;
-                    }
-                    let Some(req) = self.pending.pop_front() else {
-                        // A response to a request we never saw (watching began mid-stream).
-                        self.lose(Side::Server);
-                        return;
-                    };
-                    let no_body = req.method == "HEAD" || code == 204 || code == 304;
-                    let connect_ok = req.method == "CONNECT" && (200..300).contains(&code);
+                    let method = req.as_ref().map(|r| r.method.as_str());
+                    let no_body = method == Some("HEAD") || code == 204 || code == 304;
+                    let connect_ok = method == Some("CONNECT") && (200..300).contains(&code);
                     let framing = if no_body || connect_ok {
                         Framing::None
                     } else if is_chunked(&headers) {
@@ -430,28 +540,37 @@ impl HttpParser {
                     } else {
                         match content_length(&headers) {
                             Ok(Some(n)) => Framing::Length(n),
+                            // A response being skipped that runs to the close: wait for
+                            // the next status line instead.
+                            Ok(None) if req.is_none() => {
+                                self.resp.state = State::Lost;
+                                self.resp.buf.clear();
+                                self.unsure = true;
+                                return;
+                            }
                             Ok(None) => Framing::Close,
                             Err(()) => {
-                                self.lose(Side::Server);
+                                self.lose(Side::Server, Loss::Malformed, ts);
                                 return;
                             }
                         }
                     };
-                    self.answering = Some((
-                        req,
-                        Response {
-                            code,
-                            reason,
-                            headers,
-                        },
-                    ));
+                    self.answering = req.map(|req| {
+                        (
+                            req,
+                            Response {
+                                code,
+                                reason,
+                                headers,
+                            },
+                        )
+                    });
                     self.resp.framing = framing;
                     self.resp.chunk = Chunk::Size;
                     self.resp.state = State::Body;
                     if connect_ok {
                         self.finish_response(ts, out);
-                        self.req.state = State::Lost;
-                        self.resp.state = State::Lost;
+                        self.opaque();
                         return;
                     }
                 }
@@ -465,13 +584,20 @@ impl HttpParser {
                     }
                     Ok(false) => return,
                     Err(()) => {
-                        self.answering = None;
-                        self.lose(Side::Server);
+                        self.lose(Side::Server, Loss::Malformed, ts);
                         return;
                     }
                 },
             }
         }
+    }
+
+    /// The connection was upgraded or tunnelled: neither side is HTTP any more.
+    fn opaque(&mut self) {
+        self.req.state = State::Opaque;
+        self.resp.state = State::Opaque;
+        self.req.buf.clear();
+        self.resp.buf.clear();
     }
 }
 
@@ -547,18 +673,57 @@ impl Parser for HttpParser {
 
     fn feed(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
         let max = self.cfg.max_buffer;
+        let state = match side {
+            Side::Client => self.req.state,
+            Side::Server => self.resp.state,
+        };
+        match state {
+            State::Opaque => return,
+            // A captured piece that starts a message ends the loss: a call starts at a
+            // message boundary when the peer does not pipeline, and a request or
+            // status line at the very start of a piece of body is not to be expected.
+            State::Lost => {
+                let starts = match side {
+                    Side::Client => looks_like_request(data),
+                    Side::Server => looks_like_response(data),
+                };
+                if !starts {
+                    return;
+                }
+                match side {
+                    Side::Client => self.req.state = State::Head,
+                    Side::Server => self.resp.state = State::Head,
+                }
+            }
+            // Skipping a response whose request was not seen: its framing is a guess (an
+            // answer to HEAD announces a length it does not send), so a status line
+            // after a request sent since it began ends it.
+            State::Body
+                if side == Side::Server
+                    && self.answering.is_none()
+                    && looks_like_response(data)
+                    && self
+                        .pending
+                        .iter()
+                        .any(|r| r.start_ts > self.resp.first_ts && r.start_ts <= ts) =>
+            {
+                self.resp.buf.clear();
+                self.resp.body = Vec::new();
+                self.resp.body_complete = true;
+                self.resp.framing = Framing::None;
+                self.resp.state = State::Head;
+            }
+            State::Head | State::Body => {}
+        }
         let s = match side {
             Side::Client => &mut self.req,
             Side::Server => &mut self.resp,
         };
-        if s.state == State::Lost {
-            return;
-        }
         if s.state == State::Head && s.buf.is_empty() {
             s.first_ts = ts;
         }
         if s.buf.len() + data.len() > max {
-            self.lose(side);
+            self.lose(side, Loss::Oversize, ts);
             return;
         }
         s.buf.extend_from_slice(data);
@@ -573,6 +738,9 @@ impl Parser for HttpParser {
             Side::Client => &mut self.req,
             Side::Server => &mut self.resp,
         };
+        if matches!(s.state, State::Lost | State::Opaque) {
+            return;
+        }
         // Only bytes inside a body of known length can be skipped; anything else loses
         // the message boundaries.
         let skippable = s.state == State::Body && s.buf.is_empty();
@@ -591,7 +759,7 @@ impl Parser for HttpParser {
             }
             (true, Framing::Close, _) => s.body_complete = false,
             _ => {
-                self.lose(side);
+                self.lose(side, Loss::Gap, ts);
                 return;
             }
         }
@@ -614,7 +782,11 @@ impl Parser for HttpParser {
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 

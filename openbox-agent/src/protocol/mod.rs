@@ -146,6 +146,65 @@ impl Default for ParserConfig {
     }
 }
 
+/// Why a parser lost messages. Every loss is counted under exactly one reason, per
+/// protocol, and shown in the summaries and `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Loss {
+    /// Bytes that do not parse as the protocol: malformed, or the middle of a message
+    /// (watching began mid-stream). The parser skips to the next message it can frame.
+    Malformed,
+    /// Bytes the capture did not deliver (the payload limit cut a call, the ring buffer
+    /// dropped a record) where the message boundaries were not known.
+    Gap,
+    /// A response whose request was not seen (it was sent before watching began, or lost),
+    /// or a request whose response could not be told apart from another's: dropped
+    /// rather than paired by a guess.
+    Unpaired,
+    /// A message over the parser's buffer limit, or more requests waiting than it keeps.
+    Oversize,
+}
+
+impl Loss {
+    pub const ALL: [Loss; 4] = [Loss::Malformed, Loss::Gap, Loss::Unpaired, Loss::Oversize];
+
+    /// Its name in counters and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loss::Malformed => "malformed",
+            Loss::Gap => "gap",
+            Loss::Unpaired => "unpaired",
+            Loss::Oversize => "oversize",
+        }
+    }
+}
+
+/// A parser's losses so far, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses([u64; 4]);
+
+impl Losses {
+    pub fn add(&mut self, why: Loss) {
+        self.0[why as usize] += 1;
+    }
+
+    pub fn get(&self, why: Loss) -> u64 {
+        self.0[why as usize]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Losses in `self` not yet in `before` (a parser's counts only grow).
+    pub fn since(&self, before: &Losses) -> impl Iterator<Item = (Loss, u64)> + '_ {
+        let before = *before;
+        Loss::ALL
+            .into_iter()
+            .map(move |l| (l, self.get(l).saturating_sub(before.get(l))))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
 pub trait Parser: Send {
     fn protocol(&self) -> Protocol;
     /// Bytes of one direction, in stream order. `ts` is the kernel timestamp of the call
@@ -159,6 +218,13 @@ pub trait Parser: Send {
     fn close(&mut self, ts: u64, out: &mut Vec<Op>);
     /// Messages that could not be parsed (malformed, truncated, out of sync).
     fn unparsed(&self) -> u64;
+    /// The same losses, by reason. Parsers that do not tell reasons apart report them
+    /// all as malformed.
+    fn losses(&self) -> Losses {
+        let mut l = Losses::default();
+        l.0[Loss::Malformed as usize] = self.unparsed();
+        l
+    }
 }
 
 pub fn new_parser(protocol: Protocol, cfg: &ParserConfig) -> Box<dyn Parser> {
@@ -298,6 +364,99 @@ pub(crate) mod scripts {
         );
         assert_eq!((unparsed, unparsed_bytes), (0, 0));
         whole
+    }
+
+    /// How a stream that began at a byte offset is fed: whole, from there on (watching
+    /// began mid-stream), or with the rest of that piece lost (a capture gap).
+    #[derive(Clone, Copy, Debug)]
+    pub enum Cut {
+        StartAt,
+        GapAt,
+    }
+
+    /// For every byte offset of `script` (its pieces laid end to end): the stream cut
+    /// there as `cut` says, fed whole-piece to a fresh parser. Every op of the clean run
+    /// whose request began in a later piece must come out the same (same request, same
+    /// response: nothing paired wrongly, nothing missing), and no op may come out that
+    /// the clean run does not have — except one whose request began in the piece that
+    /// was cut. Ops are told apart by their start timestamp, so every piece of the
+    /// script must have its own. Returns how many exchanges were checked in all.
+    pub fn every_offset(protocol: Protocol, script: &Script, cut: Cut) -> usize {
+        let (clean, _) = run_with(protocol, ParserConfig::default(), script, false);
+        let by_start: std::collections::HashMap<u64, &Op> =
+            clean.iter().map(|op| (op.start_ts, op)).collect();
+        assert_eq!(
+            by_start.len(),
+            clean.len(),
+            "ops must start in distinct pieces"
+        );
+        let total: usize = script.iter().map(|(_, b, _)| b.len()).sum();
+        let mut checked = 0;
+        for k in 0..total {
+            // The piece holding offset k, and where in it k falls.
+            let (mut i, mut at) = (0, k);
+            while at >= script[i].1.len() {
+                at -= script[i].1.len();
+                i += 1;
+            }
+            let cut_ts = script[i].2;
+            let mut p = new_parser(protocol, &ParserConfig::default());
+            let mut out = Vec::new();
+            match cut {
+                Cut::StartAt => {
+                    let (side, data, ts) = &script[i];
+                    p.feed(*side, &data[at..], *ts, &mut out);
+                }
+                Cut::GapAt => {
+                    for (side, data, ts) in &script[..i] {
+                        p.feed(*side, data, *ts, &mut out);
+                    }
+                    let (side, data, ts) = &script[i];
+                    p.feed(*side, &data[..at], *ts, &mut out);
+                    p.gap(*side, (data.len() - at) as u64, *ts, &mut out);
+                }
+            }
+            for (side, data, ts) in &script[i + 1..] {
+                p.feed(*side, data, *ts, &mut out);
+            }
+            p.close(1000, &mut out);
+            let clean_start = at == 0 && matches!(cut, Cut::StartAt);
+            let mut seen = std::collections::HashSet::new();
+            for op in &out {
+                let partial = op.start_ts == cut_ts && !clean_start
+                    || matches!(cut, Cut::GapAt) && op.start_ts <= cut_ts;
+                if partial {
+                    // Cut through, or answered across the hole: it may be partial, but
+                    // never another exchange's.
+                    if let Some(want) = by_start.get(&op.start_ts) {
+                        assert_eq!(
+                            (&op.name, op.status, op.end_ts <= want.end_ts),
+                            (&want.name, want.status, true),
+                            "offset {k} ({cut:?}): a cut op answered by another's response"
+                        );
+                    }
+                    continue;
+                }
+                let Some(want) = by_start.get(&op.start_ts) else {
+                    panic!("offset {k} ({cut:?}): an op the clean run does not have: {op:?}");
+                };
+                assert_eq!(
+                    op, *want,
+                    "offset {k} ({cut:?}): op differs from the clean run's (paired wrongly?)"
+                );
+                seen.insert(op.start_ts);
+            }
+            for op in &clean {
+                if op.start_ts > cut_ts || clean_start && op.start_ts == cut_ts {
+                    assert!(
+                        seen.contains(&op.start_ts),
+                        "offset {k} ({cut:?}): a later exchange is missing: {op:?}\ngot: {out:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        checked
     }
 
     /// A recorded session: one line per piece, `C <hex>` (client) or `S <hex>` (server),

@@ -12,6 +12,8 @@ Every response is deterministic (no Date header):
     HTTP/1.1 200 OK / Content-Type: text/plain / Content-Length: N
     body: "echo:<method> <path> <body length>"
 `GET /bytes/<n>` answers a body of n bytes (a repeating a-z pattern) instead.
+`/slow/<ms>/<rest>` answers the echo body in two writes <ms> milliseconds apart (the
+head and half the body, then the rest): a response that is on its way for a while.
 Other paths with their own answer (any method; `<rest>` is free text, e.g. a marker):
     /status/<code>/<rest>  status <code> (its standard reason phrase), text/plain body
                            "status:<code> <method> <path>"
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from http import HTTPStatus
 
 MAX_HEADER = 64 * 1024
@@ -235,6 +238,12 @@ def serve_connection(sock, context, record_dir, index):
                 # The headers a GET would get (Content-Length included), no body.
                 response = response_for("GET", path, body).split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
             rec.add("out", response)
+            if path.startswith("/slow/") and method != "HEAD":
+                delay = int(path.split("/")[2]) / 1000
+                half = len(response) - (len(response) - response.index(b"\r\n\r\n") - 4) // 2
+                sock.sendall(response[:half])
+                time.sleep(delay)
+                response = response[half:]
             sock.sendall(response)
             connection = headers.get("connection", "").lower()
             if connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive"):

@@ -167,6 +167,11 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// What it has logged so far.
+    pub fn stderr_text(&self) -> String {
+        self.proc.stderr_text()
+    }
+
     /// SIGTERM, wait for the drain, and read everything it reported. The agent must exit
     /// 0 and end with the summary line on stderr.
     pub fn stop(mut self) -> AgentReport {
@@ -308,6 +313,14 @@ impl AgentReport {
                 format!("openbox_parser_unparsed_messages_total{{protocol=\"{protocol}\"}}"),
                 num(&s["unparsed_by_protocol"][protocol]),
             ));
+            for reason in ["malformed", "gap", "unpaired", "oversize"] {
+                grown.push((
+                    format!(
+                        "openbox_parser_lost_messages_total{{protocol=\"{protocol}\",reason=\"{reason}\"}}"
+                    ),
+                    num(&s["parser_losses"][protocol][reason]),
+                ));
+            }
         }
         for (name, at_exit) in &grown {
             assert!(

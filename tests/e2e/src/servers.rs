@@ -88,6 +88,15 @@ pub fn start_https(env: &Env, logs: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
+/// tls_server.py --plain (HTTP; the same answers).
+pub fn start_http(env: &Env, logs: &Path) -> (Proc, u16) {
+    let mut cmd = fixtures::tls_server(&env.python, &env.fixtures, false, None, 0);
+    python_env(&mut cmd);
+    let mut proc = Proc::spawn("http-server", cmd, logs);
+    let port = proc.port();
+    (proc, port)
+}
+
 /// pg_server.py: PostgreSQL over TLS, user `openbox`, database `shop`.
 pub fn start_postgres(env: &Env, logs: &Path) -> (Proc, u16) {
     let mut cmd = fixtures::pg_server(&env.python, &env.fixtures, &env.pg_bin, false, 0);
@@ -103,6 +112,8 @@ pub struct Shared {
     /// The Temporal frontend, `127.0.0.1:PORT`.
     pub temporal: String,
     pub https_port: u16,
+    /// The same server in plain HTTP.
+    pub http_port: u16,
     pub pg_port: u16,
     pub logs: PathBuf,
 }
@@ -150,14 +161,16 @@ pub fn shared(env: &Env) -> Shared {
             _dir,
         } = TemporalServer::start(env, &logs);
         let (https, https_port) = start_https(env, &logs);
+        let (http, http_port) = start_http(env, &logs);
         let (pg, pg_port) = start_postgres(env, &logs);
         *SHARED_PROCS.lock().unwrap_or_else(|p| p.into_inner()) = Some(SharedProcs {
-            procs: vec![temporal, https, pg],
+            procs: vec![temporal, https, http, pg],
             _temporal_dir: Some(_dir),
         });
         Shared {
             temporal: address,
             https_port,
+            http_port,
             pg_port,
             logs,
         }

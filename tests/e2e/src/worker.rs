@@ -39,6 +39,9 @@ pub struct WorkerOpts {
     pub shared_pools: bool,
     /// Extra environment of the worker (e.g. `OPENBOX_GOVERNANCE_POLICY`).
     pub env: Vec<(String, String)>,
+    /// Base URLs the worker keeps a slow request on its way to, from before it starts,
+    /// on the one shared aiohttp session `pooled_http` activities use.
+    pub background: Vec<String>,
 }
 
 impl Default for WorkerOpts {
@@ -49,6 +52,7 @@ impl Default for WorkerOpts {
             unshare: false,
             shared_pools: false,
             env: Vec::new(),
+            background: Vec::new(),
         }
     }
 }
@@ -91,6 +95,9 @@ impl Worker {
                 .arg(format!("https://127.0.0.1:{}", shared.https_port))
                 .arg("--pg-port")
                 .arg(shared.pg_port.to_string());
+        }
+        for base in &opts.background {
+            cmd.arg("--background").arg(base);
         }
         let mut proc = Proc::spawn("worker", cmd, logs);
         proc.wait_for_line("`ready`", START_TIMEOUT, |l| l.starts_with("ready"));

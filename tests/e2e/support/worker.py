@@ -20,6 +20,10 @@ spans: URL path, SQL text, file name), `https_base` (tls_server.py), `pg_port`
 optionally `shared` (async: use the worker-wide httpx client and asyncpg pool) and
 `rendezvous` (`{"name", "count", "timeout"}`: wait until `count` activities of that name
 have started, or `timeout` seconds, so they really run at the same time).
+
+`--background BASE` (repeatable) opens one aiohttp session with one connection per server
+before the worker exists and keeps a slow request (`/slow/…`) on its way to each BASE for
+as long as the worker runs; `pooled_http` (item `base`) makes its request on that session.
 """
 
 import argparse
@@ -262,7 +266,43 @@ def retry_sync(p):
     return {"steps": steps, **info()}
 
 
-ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync]
+# ---- one pooled keep-alive session shared with background traffic ----
+
+BACKGROUND_PATH = "/slow/100/background"
+
+
+async def background_traffic(session, base, started):
+    """What a health check or token refresh does: requests on the worker's shared
+    session, one after the other, for as long as the worker runs. Each response takes
+    a while, so one is nearly always on its way on the pooled connection."""
+    while True:
+        try:
+            async with session.get(base + BACKGROUND_PATH) as r:
+                await r.read()
+            started.set()
+            # A breath between requests: the connection goes to a waiting activity
+            # rather than straight back to this loop.
+            await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # keep going: the test counts activity spans, not these
+            print(f"background request failed: {e!r}", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.1)
+
+
+@activity.defn
+async def pooled_http(p):
+    """One GET on the worker's shared aiohttp session (one connection per server), which
+    the background traffic keeps busy."""
+    marker = p["marker"]
+    async with SHARED["aiohttp"].get(f"{p['base']}/json/{marker}") as r:
+        text = await r.text()
+    if marker not in text:
+        raise ApplicationError(f"response without the marker: {text[:200]}")
+    return {"status": r.status, **info()}
+
+
+ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync, pooled_http]
 
 
 @workflow.defn
@@ -306,6 +346,9 @@ async def main():
     parser.add_argument("--max-concurrent", type=int, default=100)
     parser.add_argument("--https-base")
     parser.add_argument("--pg-port", type=int)
+    parser.add_argument("--background", action="append", default=[], metavar="BASE",
+                        help="keep a request on its way to BASE on the shared aiohttp "
+                             "session from before the worker (and its hook) starts")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -319,6 +362,20 @@ async def main():
         SHARED["pgpool"] = await asyncpg.create_pool(
             host="127.0.0.1", port=args.pg_port, user="openbox", database="shop", ssl=pg_ssl(),
             min_size=5, max_size=5, timeout=60)
+
+    background = []
+    if args.background:
+        import aiohttp
+
+        SHARED["aiohttp"] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit_per_host=1, ssl=False))
+        for base in args.background:
+            started = asyncio.Event()
+            background.append(asyncio.create_task(
+                background_traffic(SHARED["aiohttp"], base, started)))
+            # The pooled connection is open, and its next request on its way, before
+            # the worker and its hook exist.
+            await started.wait()
 
     client = await Client.connect(args.address)
     stop = asyncio.Event()
@@ -343,6 +400,10 @@ async def main():
         await SHARED["pgpool"].close()
     if "httpx" in SHARED:
         await SHARED["httpx"].aclose()
+    for task in background:
+        task.cancel()
+    if "aiohttp" in SHARED:
+        await SHARED["aiohttp"].close()
 
 
 if __name__ == "__main__":

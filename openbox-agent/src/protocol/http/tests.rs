@@ -1,4 +1,5 @@
 use super::*;
+use crate::protocol::scripts;
 
 fn run(pieces: &[(Side, &[u8])]) -> (Vec<Op>, u64) {
     let mut p = HttpParser::new(ParserConfig::default());
@@ -224,4 +225,150 @@ fn bodies_are_kept_up_to_the_limit() {
     );
     assert_eq!(out[0].request_body.as_deref(), Some(&b"0123"[..]));
     assert_eq!(out[0].attributes["http.request_body_truncated"], true);
+}
+
+/// A keep-alive session as a pooled client makes it (one request at a time): each
+/// exchange names itself in the request target and in the response, so a response
+/// paired with another's request shows. Content-Length, chunked over several reads, a
+/// body split over reads, HEAD, 204, 100-continue and an error status.
+fn keep_alive_session() -> scripts::Script {
+    let mut pieces: Vec<(Side, Vec<u8>)> = Vec::new();
+    let mut add = |side, b: &[u8]| pieces.push((side, b.to_vec()));
+    add(
+        Side::Client,
+        b"GET /item/1 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+    );
+    add(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nX-Id: 1\r\nContent-Length: 9\r\n\r\nitem-1-ok",
+    );
+    add(
+        Side::Client,
+        b"POST /item/2 HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n{\"n\":\"two\"}",
+    );
+    add(
+        Side::Server,
+        b"HTTP/1.1 201 Created\r\nX-Id: 2\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nitem-2\r\n",
+    );
+    add(Side::Server, b"4\r\n-mid\r\n");
+    add(Side::Server, b"3\r\n-ok\r\n0\r\n\r\n");
+    add(Side::Client, b"HEAD /item/3 HTTP/1.1\r\nHost: h\r\n\r\n");
+    add(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nX-Id: 3\r\nContent-Length: 500\r\n\r\n",
+    );
+    add(Side::Client, b"DELETE /item/4 HTTP/1.1\r\nHost: h\r\n\r\n");
+    add(Side::Server, b"HTTP/1.1 204 No Content\r\nX-Id: 4\r\n\r\n");
+    add(
+        Side::Client,
+        b"PUT /item/5 HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 6\r\n\r\n",
+    );
+    add(Side::Server, b"HTTP/1.1 100 Continue\r\n\r\n");
+    add(Side::Client, b"five!!");
+    add(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nX-Id: 5\r\nContent-Length: 19\r\n\r\nitem-5-",
+    );
+    add(Side::Server, b"in-two-reads");
+    add(Side::Client, b"GET /item/6 HTTP/1.1\r\nHost: h\r\n\r\n");
+    add(
+        Side::Server,
+        b"HTTP/1.1 404 Not Found\r\nX-Id: 6\r\nContent-Length: 6\r\n\r\nitem-6",
+    );
+    add(Side::Client, b"GET /item/7 HTTP/1.1\r\nHost: h\r\n\r\n");
+    add(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nX-Id: 7\r\nContent-Length: 6\r\n\r\nitem-7",
+    );
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, (side, b))| (side, b, i as u64 + 1))
+        .collect()
+}
+
+#[test]
+fn the_recorded_session_pairs_each_response_with_its_own_request() {
+    let ops = scripts::run(Protocol::Http, &keep_alive_session());
+    assert_eq!(ops.len(), 7);
+    for op in &ops {
+        let target = op.attributes["http.target"].as_str().unwrap();
+        let id = header(op.response_headers.as_ref().unwrap(), "x-id").unwrap();
+        assert_eq!(target, format!("/item/{id}"));
+    }
+}
+
+#[test]
+fn a_stream_watched_from_any_byte_offset_yields_every_later_exchange_paired_right() {
+    let s = keep_alive_session();
+    let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::StartAt);
+    assert!(checked > 0);
+}
+
+#[test]
+fn a_capture_gap_at_any_byte_offset_loses_only_the_exchange_it_cuts() {
+    let s = keep_alive_session();
+    let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::GapAt);
+    assert!(checked > 0);
+}
+
+#[test]
+fn a_response_to_a_request_never_seen_is_dropped_counted_and_skipped_by_its_length() {
+    let mut p = HttpParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    // The in-flight response of a request sent before watching began.
+    p.feed(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab",
+        1,
+        &mut out,
+    );
+    p.feed(Side::Server, b"cde", 2, &mut out);
+    p.feed(Side::Client, b"GET /next HTTP/1.1\r\n\r\n", 3, &mut out);
+    p.feed(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext",
+        4,
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].attributes["http.target"], "/next");
+    assert_eq!(out[0].response_body.as_deref(), Some(&b"next"[..]));
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
+}
+
+#[test]
+fn pipelined_requests_after_a_loss_are_dropped_rather_than_guessed() {
+    let mut p = HttpParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    // The middle of some body: the server side is lost.
+    p.feed(Side::Server, b"tail of a body", 1, &mut out);
+    // Two requests in flight at once: the next response could answer either (the
+    // first one's may have been lost), so neither is paired.
+    p.feed(
+        Side::Client,
+        b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+        2,
+        &mut out,
+    );
+    p.feed(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb",
+        3,
+        &mut out,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // Then one at a time again: paired.
+    p.feed(Side::Client, b"GET /c HTTP/1.1\r\n\r\n", 4, &mut out);
+    p.feed(
+        Side::Server,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nc",
+        5,
+        &mut out,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].attributes["http.target"], "/c");
+    assert_eq!(out[0].response_body.as_deref(), Some(&b"c"[..]));
+    let l = p.losses();
+    assert_eq!((l.get(Loss::Malformed), l.get(Loss::Unpaired)), (1, 2));
 }
