@@ -530,12 +530,17 @@ impl SpanBuilder {
                 .request_body
                 .as_ref()
                 .map(|b| redact.body(&text(b), content_type(&op.request_headers)));
+            let decoded = attributes.contains_key("http.response.body.decoded");
             span.response_body = match (&op.response_body, &op.response_headers) {
-                (Some(b), Some(h)) if textual(h) => {
+                (Some(b), Some(h)) if textual(h, decoded) => {
                     Some(redact.body(&text(b), content_type(&op.response_headers)))
                 }
                 _ => None,
             };
+            // The reassembled answer of a streamed LLM call is JSON, like the body.
+            if let Some(Value::String(m)) = attributes.get_mut("gen_ai.output.messages") {
+                *m = redact.json(m);
+            }
             // The span name is the method; a parser may one day put the target in it.
             span.name = redact.url(&span.name);
         } else {
@@ -764,10 +769,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).replace('\u{FFFD}', "")
 }
 
-/// The SDK keeps response bodies only for text content types (or none), and only when
-/// they are not content-encoded (we see the bytes on the wire).
-fn textual(headers: &[(String, String)]) -> bool {
-    if header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity")) {
+/// The SDK keeps response bodies only for text content types (or none); a
+/// content-coded body only once the parser has `decoded` it.
+fn textual(headers: &[(String, String)], decoded: bool) -> bool {
+    if !decoded
+        && header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+    {
         return false;
     }
     match header(headers, "content-type") {
@@ -977,12 +984,14 @@ mod tests {
             "Content-Type".to_string(),
             "application/octet-stream".to_string(),
         )];
-        assert!(!textual(&h));
-        assert!(textual(&[]));
-        assert!(!textual(&[
+        assert!(!textual(&h, false));
+        assert!(textual(&[], false));
+        let gzip_text = [
             ("Content-Encoding".into(), "gzip".into()),
-            ("Content-Type".into(), "text/plain".into())
-        ]));
+            ("Content-Type".into(), "text/plain".into()),
+        ];
+        assert!(!textual(&gzip_text, false));
+        assert!(textual(&gzip_text, true));
     }
 
     #[test]

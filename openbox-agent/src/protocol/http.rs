@@ -5,7 +5,10 @@
 
 use std::collections::VecDeque;
 
-use super::{Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{genai, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+
+pub mod coding;
+pub mod events;
 
 const METHODS: [&[u8]; 9] = [
     b"GET ",
@@ -69,6 +72,8 @@ struct Stream {
     chunk: Chunk,
     body: Vec<u8>,
     body_complete: bool,
+    /// Body bytes the message carried (kept or not), for a coded body's size.
+    body_len: u64,
     first_ts: u64,
 }
 
@@ -81,8 +86,19 @@ impl Stream {
             chunk: Chunk::Size,
             body: Vec::new(),
             body_complete: true,
+            body_len: 0,
             first_ts: 0,
         }
+    }
+
+    /// Appends body bytes (see [`keep`]); a streamed LLM answer reads every byte, kept
+    /// or not.
+    fn take_body(&mut self, data: &[u8], max: usize, llm: Option<&mut genai::Stream>) {
+        self.body_len += data.len() as u64;
+        if let Some(llm) = llm {
+            llm.feed(data);
+        }
+        keep(&mut self.body, data, max, &mut self.body_complete);
     }
 }
 
@@ -93,6 +109,8 @@ struct Request {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     body_complete: bool,
+    /// How a content-coded body was decoded (the body above is the decoded one).
+    body_coding: Option<coding::BodyCoding>,
     start_ts: u64,
     /// Still receiving its body when the response began (e.g. after 100 Continue).
     complete: bool,
@@ -103,6 +121,8 @@ struct Response {
     code: u16,
     reason: String,
     headers: Vec<(String, String)>,
+    /// A streamed LLM answer, reassembled as it arrives.
+    llm: Option<genai::Stream>,
 }
 
 pub struct HttpParser {
@@ -139,17 +159,25 @@ impl HttpParser {
     }
 
     fn finish_response(&mut self, ts: u64, out: &mut Vec<Op>) {
-        let Some((req, resp)) = self.answering.take() else {
-            return;
-        };
-        let body = std::mem::take(&mut self.resp.body);
-        let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
-        out.push(self.op(req, Some((resp, body, body_complete)), ts));
+        self.emit_response(ts, out);
         self.resp.state = State::Head;
         self.resp.framing = Framing::None;
     }
 
-    fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool)>, end_ts: u64) -> Op {
+    /// The response's op, leaving the framing to finish: an event stream that reached
+    /// its end event is whole before its chunked terminator, which a client that closes
+    /// right after `data: [DONE]` never reads.
+    fn emit_response(&mut self, ts: u64, out: &mut Vec<Op>) {
+        let body = std::mem::take(&mut self.resp.body);
+        let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
+        let body_len = std::mem::take(&mut self.resp.body_len);
+        let Some((req, resp)) = self.answering.take() else {
+            return;
+        };
+        out.push(self.op(req, Some((resp, body, body_complete, body_len)), ts));
+    }
+
+    fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool, u64)>, end_ts: u64) -> Op {
         let mut op = Op {
             name: req.method.clone(),
             start_ts: req.start_ts,
@@ -164,13 +192,44 @@ impl HttpParser {
         if !req.body_complete {
             op.attr("http.request_body_truncated", true);
         }
+        if let Some(c) = &req.body_coding {
+            c.attributes("http.request.body", &mut op.attributes);
+        }
+        let call = genai::recognise(
+            &req.method,
+            &req.target,
+            header(&req.headers, "host"),
+            &req.body,
+        );
+        if let Some(call) = &call {
+            call.request_attributes(&req.body, &mut op.attributes);
+        }
         op.request_headers = Some(req.headers);
         op.request_body = if req.body.is_empty() {
             None
         } else {
             Some(req.body)
         };
-        if let Some((resp, body, complete)) = resp {
+        if let Some((resp, body, complete, body_len)) = resp {
+            let max = self.cfg.max_body;
+            let (body, complete) =
+                match coding::decode_body(&resp.headers, body, complete, body_len, max) {
+                    (body, complete, Some(c)) => {
+                        c.attributes("http.response.body", &mut op.attributes);
+                        (body, complete)
+                    }
+                    (body, complete, None) => (body, complete),
+                };
+            match (&resp.llm, &call) {
+                (Some(stream), _) => stream.attributes(&mut op.attributes),
+                (None, Some(call)) => call.response_attributes(
+                    header(&resp.headers, "content-type"),
+                    &body,
+                    max,
+                    &mut op.attributes,
+                ),
+                (None, None) => {}
+            }
             op.attr("http.status_code", resp.code);
             if resp.code >= 400 {
                 op.status = StatusCode::Error;
@@ -193,9 +252,12 @@ impl HttpParser {
     /// body is complete.
     fn body(&mut self, side: Side) -> Result<bool, ()> {
         let max_body = self.cfg.max_body;
-        let s = match side {
-            Side::Client => &mut self.req,
-            Side::Server => &mut self.resp,
+        let (s, mut llm) = match side {
+            Side::Client => (&mut self.req, None),
+            Side::Server => (
+                &mut self.resp,
+                self.answering.as_mut().and_then(|(_, r)| r.llm.as_mut()),
+            ),
         };
         loop {
             match s.framing {
@@ -206,13 +268,13 @@ impl HttpParser {
                         return Ok(false);
                     }
                     let take = (n as usize).min(s.buf.len());
-                    keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
-                    s.buf.drain(..take);
+                    let data: Vec<u8> = s.buf.drain(..take).collect();
+                    s.take_body(&data, max_body, llm.as_deref_mut());
                     s.framing = Framing::Length(n - take as u64);
                 }
                 Framing::Close => {
                     let data = std::mem::take(&mut s.buf);
-                    keep(&mut s.body, &data, max_body, &mut s.body_complete);
+                    s.take_body(&data, max_body, llm.as_deref_mut());
                     return Ok(false);
                 }
                 Framing::Chunked => match s.chunk {
@@ -256,8 +318,8 @@ impl HttpParser {
                             return Ok(false);
                         }
                         let take = (n as usize).min(s.buf.len());
-                        keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
-                        s.buf.drain(..take);
+                        let data: Vec<u8> = s.buf.drain(..take).collect();
+                        s.take_body(&data, max_body, llm.as_deref_mut());
                         s.chunk = if n - take as u64 == 0 {
                             Chunk::DataEnd
                         } else {
@@ -330,6 +392,7 @@ impl HttpParser {
                         headers,
                         body: Vec::new(),
                         body_complete: true,
+                        body_coding: None,
                         start_ts: self.req.first_ts,
                         complete: false,
                     });
@@ -341,9 +404,18 @@ impl HttpParser {
                     Ok(true) => {
                         let body = std::mem::take(&mut self.req.body);
                         let complete = std::mem::replace(&mut self.req.body_complete, true);
+                        let body_len = std::mem::take(&mut self.req.body_len);
                         if let Some(r) = self.pending.back_mut() {
+                            let (body, complete, coding) = coding::decode_body(
+                                &r.headers,
+                                body,
+                                complete,
+                                body_len,
+                                self.cfg.max_body,
+                            );
                             r.body = body;
                             r.body_complete = complete;
+                            r.body_coding = coding;
                             r.complete = true;
                         }
                         self.req.state = State::Head;
@@ -403,8 +475,9 @@ impl HttpParser {
                                 code,
                                 reason,
                                 headers,
+                                llm: None,
                             };
-                            out.push(self.op(req, Some((resp, Vec::new(), true)), ts));
+                            out.push(self.op(req, Some((resp, Vec::new(), true, 0)), ts));
                         }
                         self.req.state = State::Lost;
                         self.resp.state = State::Lost;
@@ -437,12 +510,14 @@ impl HttpParser {
                             }
                         }
                     };
+                    let llm = llm_stream(&req, &headers, self.cfg.max_body);
                     self.answering = Some((
                         req,
                         Response {
                             code,
                             reason,
                             headers,
+                            llm,
                         },
                     ));
                     self.resp.framing = framing;
@@ -463,7 +538,17 @@ impl HttpParser {
                             return;
                         }
                     }
-                    Ok(false) => return,
+                    Ok(false) => {
+                        let llm_done = self
+                            .answering
+                            .as_ref()
+                            .and_then(|(_, r)| r.llm.as_ref())
+                            .is_some_and(genai::Stream::done);
+                        if llm_done {
+                            self.emit_response(ts, out);
+                        }
+                        return;
+                    }
                     Err(()) => {
                         self.answering = None;
                         self.lose(Side::Server);
@@ -473,6 +558,21 @@ impl HttpParser {
             }
         }
     }
+}
+
+/// The reassembler of a streamed LLM answer, when the request is an LLM call and the
+/// response an uncoded event stream (a coded one is decoded and replayed once whole).
+fn llm_stream(req: &Request, headers: &[(String, String)], max: usize) -> Option<genai::Stream> {
+    if coding::codings(header(headers, "content-encoding")).is_some() {
+        return None;
+    }
+    genai::recognise(
+        &req.method,
+        &req.target,
+        header(&req.headers, "host"),
+        &req.body,
+    )?
+    .stream(header(headers, "content-type"), max)
 }
 
 /// Appends to a body kept up to `max` bytes, noting when bytes are cut. Once bytes were
@@ -606,7 +706,8 @@ impl Parser for HttpParser {
             self.finish_response(ts, out);
         } else if let Some((req, resp)) = self.answering.take() {
             let body = std::mem::take(&mut self.resp.body);
-            out.push(self.op(req, Some((resp, body, false)), ts));
+            let body_len = std::mem::take(&mut self.resp.body_len);
+            out.push(self.op(req, Some((resp, body, false, body_len)), ts));
         }
         while let Some(req) = self.pending.pop_front() {
             out.push(self.op(req, None, ts));
