@@ -18,6 +18,11 @@ use serde_json::{json, Map, Value};
 
 use super::http::events::{self, Format};
 
+/// Longest stream event read: the responses API's `response.completed` repeats the whole
+/// answer, so an event can be longer than the body limit; as much as the parser may
+/// buffer of one message (`ParserConfig::max_buffer`'s default).
+const MAX_EVENT: usize = 1 << 20;
+
 /// The API a request speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -316,7 +321,7 @@ impl Call {
         let format = Format::of(content_type)?;
         Some(Stream {
             api: self.api,
-            reader: events::Reader::new(format, 1 << 20),
+            reader: events::Reader::new(format, MAX_EVENT),
             text: String::new(),
             max_text,
             text_cut: false,

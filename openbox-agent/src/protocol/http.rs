@@ -91,14 +91,16 @@ impl Stream {
         }
     }
 
-    /// Appends body bytes (see [`keep`]); a streamed LLM answer reads every byte, kept
-    /// or not.
-    fn take_body(&mut self, data: &[u8], max: usize, llm: Option<&mut genai::Stream>) {
-        self.body_len += data.len() as u64;
+    /// Moves the first `n` buffered bytes into the body (see [`keep`]); a streamed LLM
+    /// answer reads every byte, kept or not.
+    fn take_body(&mut self, n: usize, max: usize, llm: Option<&mut genai::Stream>) {
+        let data = &self.buf[..n];
+        self.body_len += n as u64;
         if let Some(llm) = llm {
             llm.feed(data);
         }
         keep(&mut self.body, data, max, &mut self.body_complete);
+        self.buf.drain(..n);
     }
 }
 
@@ -268,13 +270,11 @@ impl HttpParser {
                         return Ok(false);
                     }
                     let take = (n as usize).min(s.buf.len());
-                    let data: Vec<u8> = s.buf.drain(..take).collect();
-                    s.take_body(&data, max_body, llm.as_deref_mut());
+                    s.take_body(take, max_body, llm.as_deref_mut());
                     s.framing = Framing::Length(n - take as u64);
                 }
                 Framing::Close => {
-                    let data = std::mem::take(&mut s.buf);
-                    s.take_body(&data, max_body, llm.as_deref_mut());
+                    s.take_body(s.buf.len(), max_body, llm.as_deref_mut());
                     return Ok(false);
                 }
                 Framing::Chunked => match s.chunk {
@@ -318,8 +318,7 @@ impl HttpParser {
                             return Ok(false);
                         }
                         let take = (n as usize).min(s.buf.len());
-                        let data: Vec<u8> = s.buf.drain(..take).collect();
-                        s.take_body(&data, max_body, llm.as_deref_mut());
+                        s.take_body(take, max_body, llm.as_deref_mut());
                         s.chunk = if n - take as u64 == 0 {
                             Chunk::DataEnd
                         } else {
