@@ -73,11 +73,16 @@ fn llm_calls_reach_core_decoded_with_gen_ai_attributes() {
                     && r["body"]["workflow_id"] == json!(wf)
             })
         });
+    let env = w.env.clone();
+    let schema = w.core().validate_schema(&env);
     let reqs = w.core().requests();
     let record = w.core().record.clone();
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 
+    if let Err(out) = schema {
+        panic!("the requests Core got do not match the JSON Schema:\n{out}");
+    }
     let completed: Vec<&Value> = reqs
         .iter()
         .filter(|r| r["path"] == json!(EVALUATE))
