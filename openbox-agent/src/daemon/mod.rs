@@ -85,6 +85,10 @@ struct Daemon {
     /// workflow events on a connection of their own. Activities of one run stay parallel.
     run_tail: std::collections::HashMap<(String, String), tokio::sync::watch::Receiver<bool>>,
     unattributed: Option<Sink>,
+    /// Every governance call under way (a Core request and the reply to the worker), so
+    /// that shutdown waits for them: each ends delivered, spooled or answered by the
+    /// failure policy within the governance timeout.
+    calls: tokio_util::task::TaskTracker,
 }
 
 /// Runs remembered for ordering; past this the oldest are forgotten (their later events
@@ -169,6 +173,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         ready_tx,
         run_tail: Default::default(),
         unattributed,
+        calls: tokio_util::task::TaskTracker::new(),
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
     let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
@@ -212,6 +217,22 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     notify::stopping();
     server.abort();
     let _ = std::fs::remove_file(&opts.socket);
+    // Requests workers sent before the signal and still queued are handled too: their
+    // events are then finished with the calls under way.
+    while let Ok(msg) = rx.try_recv() {
+        ring.drain(&mut d.session);
+        d.route();
+        d.handle(msg);
+    }
+    let again = async {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            _ = sighup.recv() => {}
+        }
+    };
+    d.finish_calls(opts.governance.governance_timeout, again)
+        .await;
     ring.drain(&mut d.session);
     d.session.finish();
     d.route();
@@ -225,6 +246,38 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 }
 
 impl Daemon {
+    /// Waits for the governance calls under way — each is bounded by the governance
+    /// timeout, then delivered, spooled or answered by the failure policy — so that a
+    /// rolling update loses no event a worker sent before SIGTERM. Gives up after the
+    /// timeout and 5 s more (the DaemonSet's grace period is the timeout and 15 s), or at
+    /// a second signal, counting what it left.
+    async fn finish_calls(
+        &mut self,
+        timeout: Duration,
+        again: impl std::future::Future<Output = ()>,
+    ) {
+        self.calls.close();
+        let pending = self.calls.len();
+        if pending == 0 {
+            return;
+        }
+        let limit = timeout + Duration::from_secs(5);
+        tracing::warn!(
+            "shutting down: waiting up to {:.0} s for {pending} governance call(s) under way (a second signal stops at once)",
+            limit.as_secs_f64()
+        );
+        tokio::select! {
+            _ = self.calls.wait() => return,
+            _ = tokio::time::sleep(limit) => {}
+            _ = again => {}
+        }
+        let left = self.calls.len() as u64;
+        self.registry.stats.governance_calls_abandoned += left;
+        tracing::error!(
+            "exiting with {left} governance call(s) still under way: their events are neither delivered nor spooled, and their workers get no reply"
+        );
+    }
+
     /// Everything counted so far: the summary at exit and every `/metrics` scrape.
     fn summary(&self) -> status::Summary {
         status::Summary {
@@ -635,7 +688,7 @@ impl Daemon {
         let prev = self.run_latest(&req.activity.workflow_id, &req.activity.run_id);
         let token = self.registry.start(worker, req);
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_started(event).await,
@@ -690,7 +743,7 @@ impl Daemon {
         let event = events::activity_completed(&start.activity, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
         let prev = self.run_latest(&start.activity.workflow_id, &start.activity.run_id);
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_completed(event).await,
@@ -745,7 +798,7 @@ impl Daemon {
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
         let (tx, id) = (tx.clone(), id.clone());
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let disposition = match event {
                 Event::SignalReceived(signal) => gov.signal(signal).await,

@@ -89,6 +89,9 @@ pub struct Stats {
     /// Governors of workers' own settings freed with their last worker.
     pub worker_governors_freed: u64,
     pub activities_abandoned: u64,
+    /// Calls to Core (with their replies to workers) still under way when the agent's
+    /// shutdown stopped waiting for them: neither delivered nor spooled.
+    pub governance_calls_abandoned: u64,
 }
 
 pub struct Registry {
