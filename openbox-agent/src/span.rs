@@ -1100,4 +1100,39 @@ mod tests {
         assert_eq!(out[0].attributes["http.url"], "http://h:9000/x");
         assert_eq!(out[0].status.code, StatusCode::Error);
     }
+
+    /// Redaction reads the decoded text: a secret field inside a gzip'd JSON answer is
+    /// `[REDACTED]` in the span's (decoded) response body.
+    #[test]
+    fn a_gzip_response_body_is_decoded_before_redaction() {
+        use std::io::Write;
+        let json = br#"{"api_key":"sk-live-1","ok":true}"#;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(json).unwrap();
+        let coded = e.finish().unwrap();
+        let resp = [
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+                coded.len()
+            )
+            .into_bytes(),
+            coded,
+        ]
+        .concat();
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c4"), &mut out);
+        let req = b"GET /k HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n\r\n";
+        b.handle(&data("c4", Direction::Egress, 0, req, 5, false), &mut out);
+        b.handle(
+            &data("c4", Direction::Ingress, 0, &resp, 6, false),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].response_body.as_deref(),
+            Some(r#"{"api_key":"[REDACTED]","ok":true}"#)
+        );
+        assert_eq!(out[0].attributes["http.response.body.decoded"], "gzip");
+    }
 }
