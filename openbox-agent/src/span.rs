@@ -545,12 +545,17 @@ impl SpanBuilder {
                 .request_body
                 .as_ref()
                 .map(|b| redact.body(&text(b), content_type(&op.request_headers)));
+            let decoded = attributes.contains_key("http.response.body.decoded");
             span.response_body = match (&op.response_body, &op.response_headers) {
-                (Some(b), Some(h)) if textual(h) => {
+                (Some(b), Some(h)) if textual(h, decoded) => {
                     Some(redact.body(&text(b), content_type(&op.response_headers)))
                 }
                 _ => None,
             };
+            // The reassembled answer of a streamed LLM call is JSON, like the body.
+            if let Some(Value::String(m)) = attributes.get_mut("gen_ai.output.messages") {
+                *m = redact.json(m);
+            }
             // The span name is the method; a parser may one day put the target in it.
             span.name = redact.url(&span.name);
         } else {
@@ -842,10 +847,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).replace('\u{FFFD}', "")
 }
 
-/// The SDK keeps response bodies only for text content types (or none), and only when
-/// they are not content-encoded (we see the bytes on the wire).
-fn textual(headers: &[(String, String)]) -> bool {
-    if header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity")) {
+/// The SDK keeps response bodies only for text content types (or none); a
+/// content-coded body only once the parser has `decoded` it.
+fn textual(headers: &[(String, String)], decoded: bool) -> bool {
+    if !decoded
+        && header(headers, "content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
+    {
         return false;
     }
     match header(headers, "content-type") {
@@ -1055,12 +1062,14 @@ mod tests {
             "Content-Type".to_string(),
             "application/octet-stream".to_string(),
         )];
-        assert!(!textual(&h));
-        assert!(textual(&[]));
-        assert!(!textual(&[
+        assert!(!textual(&h, false));
+        assert!(textual(&[], false));
+        let gzip_text = [
             ("Content-Encoding".into(), "gzip".into()),
-            ("Content-Type".into(), "text/plain".into())
-        ]));
+            ("Content-Type".into(), "text/plain".into()),
+        ];
+        assert!(!textual(&gzip_text, false));
+        assert!(textual(&gzip_text, true));
     }
 
     #[test]
@@ -1216,5 +1225,40 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].attributes["http.url"], "http://h:9000/x");
         assert_eq!(out[0].status.code, StatusCode::Error);
+    }
+
+    /// Redaction reads the decoded text: a secret field inside a gzip'd JSON answer is
+    /// `[REDACTED]` in the span's (decoded) response body.
+    #[test]
+    fn a_gzip_response_body_is_decoded_before_redaction() {
+        use std::io::Write;
+        let json = br#"{"api_key":"sk-live-1","ok":true}"#;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(json).unwrap();
+        let coded = e.finish().unwrap();
+        let resp = [
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+                coded.len()
+            )
+            .into_bytes(),
+            coded,
+        ]
+        .concat();
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("c4"), &mut out);
+        let req = b"GET /k HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n\r\n";
+        b.handle(&data("c4", Direction::Egress, 0, req, 5, false), &mut out);
+        b.handle(
+            &data("c4", Direction::Ingress, 0, &resp, 6, false),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].response_body.as_deref(),
+            Some(r#"{"api_key":"[REDACTED]","ok":true}"#)
+        );
+        assert_eq!(out[0].attributes["http.response.body.decoded"], "gzip");
     }
 }

@@ -19,7 +19,10 @@
 
 use std::collections::VecDeque;
 
-use super::{Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{genai, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+
+pub mod coding;
+pub mod events;
 
 const METHODS: [&[u8]; 9] = [
     b"GET ",
@@ -107,6 +110,8 @@ struct Stream {
     chunk: Chunk,
     body: Vec<u8>,
     body_complete: bool,
+    /// Body bytes the message carried (kept or not), for a coded body's size.
+    body_len: u64,
     first_ts: u64,
 }
 
@@ -119,8 +124,21 @@ impl Stream {
             chunk: Chunk::Size,
             body: Vec::new(),
             body_complete: true,
+            body_len: 0,
             first_ts: 0,
         }
+    }
+
+    /// Moves the first `n` buffered bytes into the body (see [`keep`]); a streamed LLM
+    /// answer reads every byte, kept or not.
+    fn take_body(&mut self, n: usize, max: usize, llm: Option<&mut genai::Stream>) {
+        let data = &self.buf[..n];
+        self.body_len += n as u64;
+        if let Some(llm) = llm {
+            llm.feed(data);
+        }
+        keep(&mut self.body, data, max, &mut self.body_complete);
+        self.buf.drain(..n);
     }
 }
 
@@ -131,6 +149,8 @@ struct Request {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     body_complete: bool,
+    /// How a content-coded body was decoded (the body above is the decoded one).
+    body_coding: Option<coding::BodyCoding>,
     start_ts: u64,
     /// Still receiving its body when the response began (e.g. after 100 Continue).
     complete: bool,
@@ -141,6 +161,8 @@ struct Response {
     code: u16,
     reason: String,
     headers: Vec<(String, String)>,
+    /// A streamed LLM answer, reassembled as it arrives.
+    llm: Option<genai::Stream>,
 }
 
 pub struct HttpParser {
@@ -212,13 +234,9 @@ impl HttpParser {
     /// The response being read is complete: its op (unless it was being skipped), and
     /// the server side waits for the next head.
     fn finish_response(&mut self, ts: u64, out: &mut Vec<Op>) {
-        let body = std::mem::take(&mut self.resp.body);
-        let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
+        self.emit_response(ts, out);
         self.resp.state = State::Head;
         self.resp.framing = Framing::None;
-        if let Some((req, resp)) = self.answering.take() {
-            out.push(self.op(req, Some((resp, body, body_complete)), ts));
-        }
     }
 
     /// The request a final response that began at `ts` answers. In sync: the oldest
@@ -252,7 +270,20 @@ impl HttpParser {
         }
     }
 
-    fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool)>, end_ts: u64) -> Op {
+    /// The response's op, leaving the framing to finish: an event stream that reached
+    /// its end event is whole before its chunked terminator, which a client that closes
+    /// right after `data: [DONE]` never reads.
+    fn emit_response(&mut self, ts: u64, out: &mut Vec<Op>) {
+        let body = std::mem::take(&mut self.resp.body);
+        let body_complete = std::mem::replace(&mut self.resp.body_complete, true);
+        let body_len = std::mem::take(&mut self.resp.body_len);
+        let Some((req, resp)) = self.answering.take() else {
+            return;
+        };
+        out.push(self.op(req, Some((resp, body, body_complete, body_len)), ts));
+    }
+
+    fn op(&self, req: Request, resp: Option<(Response, Vec<u8>, bool, u64)>, end_ts: u64) -> Op {
         let mut op = Op {
             name: req.method.clone(),
             start_ts: req.start_ts,
@@ -267,13 +298,44 @@ impl HttpParser {
         if !req.body_complete {
             op.attr("http.request_body_truncated", true);
         }
+        if let Some(c) = &req.body_coding {
+            c.attributes("http.request.body", &mut op.attributes);
+        }
+        let call = genai::recognise(
+            &req.method,
+            &req.target,
+            header(&req.headers, "host"),
+            &req.body,
+        );
+        if let Some(call) = &call {
+            call.request_attributes(&req.body, &mut op.attributes);
+        }
         op.request_headers = Some(req.headers);
         op.request_body = if req.body.is_empty() {
             None
         } else {
             Some(req.body)
         };
-        if let Some((resp, body, complete)) = resp {
+        if let Some((resp, body, complete, body_len)) = resp {
+            let max = self.cfg.max_body;
+            let (body, complete) =
+                match coding::decode_body(&resp.headers, body, complete, body_len, max) {
+                    (body, complete, Some(c)) => {
+                        c.attributes("http.response.body", &mut op.attributes);
+                        (body, complete)
+                    }
+                    (body, complete, None) => (body, complete),
+                };
+            match (&resp.llm, &call) {
+                (Some(stream), _) => stream.attributes(&mut op.attributes),
+                (None, Some(call)) => call.response_attributes(
+                    header(&resp.headers, "content-type"),
+                    &body,
+                    max,
+                    &mut op.attributes,
+                ),
+                (None, None) => {}
+            }
             op.attr("http.status_code", resp.code);
             if resp.code >= 400 {
                 op.status = StatusCode::Error;
@@ -296,9 +358,12 @@ impl HttpParser {
     /// body is complete.
     fn body(&mut self, side: Side) -> Result<bool, ()> {
         let max_body = self.cfg.max_body;
-        let s = match side {
-            Side::Client => &mut self.req,
-            Side::Server => &mut self.resp,
+        let (s, mut llm) = match side {
+            Side::Client => (&mut self.req, None),
+            Side::Server => (
+                &mut self.resp,
+                self.answering.as_mut().and_then(|(_, r)| r.llm.as_mut()),
+            ),
         };
         loop {
             match s.framing {
@@ -309,13 +374,11 @@ impl HttpParser {
                         return Ok(false);
                     }
                     let take = (n as usize).min(s.buf.len());
-                    keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
-                    s.buf.drain(..take);
+                    s.take_body(take, max_body, llm.as_deref_mut());
                     s.framing = Framing::Length(n - take as u64);
                 }
                 Framing::Close => {
-                    let data = std::mem::take(&mut s.buf);
-                    keep(&mut s.body, &data, max_body, &mut s.body_complete);
+                    s.take_body(s.buf.len(), max_body, llm.as_deref_mut());
                     return Ok(false);
                 }
                 Framing::Chunked => match s.chunk {
@@ -359,8 +422,7 @@ impl HttpParser {
                             return Ok(false);
                         }
                         let take = (n as usize).min(s.buf.len());
-                        keep(&mut s.body, &s.buf[..take], max_body, &mut s.body_complete);
-                        s.buf.drain(..take);
+                        s.take_body(take, max_body, llm.as_deref_mut());
                         s.chunk = if n - take as u64 == 0 {
                             Chunk::DataEnd
                         } else {
@@ -441,6 +503,7 @@ impl HttpParser {
                         headers,
                         body: Vec::new(),
                         body_complete: true,
+                        body_coding: None,
                         start_ts: self.req.first_ts,
                         complete: false,
                     });
@@ -452,9 +515,18 @@ impl HttpParser {
                     Ok(true) => {
                         let body = std::mem::take(&mut self.req.body);
                         let complete = std::mem::replace(&mut self.req.body_complete, true);
+                        let body_len = std::mem::take(&mut self.req.body_len);
                         if let Some(r) = self.pending.back_mut() {
+                            let (body, complete, coding) = coding::decode_body(
+                                &r.headers,
+                                body,
+                                complete,
+                                body_len,
+                                self.cfg.max_body,
+                            );
                             r.body = body;
                             r.body_complete = complete;
+                            r.body_coding = coding;
                             r.complete = true;
                         }
                         self.req.state = State::Head;
@@ -524,8 +596,9 @@ impl HttpParser {
                                 code,
                                 reason,
                                 headers,
+                                llm: None,
                             };
-                            out.push(self.op(req, Some((resp, Vec::new(), true)), ts));
+                            out.push(self.op(req, Some((resp, Vec::new(), true, 0)), ts));
                         }
                         self.opaque();
                         return;
@@ -555,6 +628,9 @@ impl HttpParser {
                             }
                         }
                     };
+                    let llm = req
+                        .as_ref()
+                        .and_then(|r| llm_stream(r, &headers, self.cfg.max_body));
                     self.answering = req.map(|req| {
                         (
                             req,
@@ -562,6 +638,7 @@ impl HttpParser {
                                 code,
                                 reason,
                                 headers,
+                                llm,
                             },
                         )
                     });
@@ -582,7 +659,17 @@ impl HttpParser {
                             return;
                         }
                     }
-                    Ok(false) => return,
+                    Ok(false) => {
+                        let llm_done = self
+                            .answering
+                            .as_ref()
+                            .and_then(|(_, r)| r.llm.as_ref())
+                            .is_some_and(genai::Stream::done);
+                        if llm_done {
+                            self.emit_response(ts, out);
+                        }
+                        return;
+                    }
                     Err(()) => {
                         self.lose(Side::Server, Loss::Malformed, ts);
                         return;
@@ -599,6 +686,21 @@ impl HttpParser {
         self.req.buf.clear();
         self.resp.buf.clear();
     }
+}
+
+/// The reassembler of a streamed LLM answer, when the request is an LLM call and the
+/// response an uncoded event stream (a coded one is decoded and replayed once whole).
+fn llm_stream(req: &Request, headers: &[(String, String)], max: usize) -> Option<genai::Stream> {
+    if coding::codings(header(headers, "content-encoding")).is_some() {
+        return None;
+    }
+    genai::recognise(
+        &req.method,
+        &req.target,
+        header(&req.headers, "host"),
+        &req.body,
+    )?
+    .stream(header(headers, "content-type"), max)
 }
 
 /// Appends to a body kept up to `max` bytes, noting when bytes are cut. Once bytes were
@@ -774,7 +876,8 @@ impl Parser for HttpParser {
             self.finish_response(ts, out);
         } else if let Some((req, resp)) = self.answering.take() {
             let body = std::mem::take(&mut self.resp.body);
-            out.push(self.op(req, Some((resp, body, false)), ts));
+            let body_len = std::mem::take(&mut self.resp.body_len);
+            out.push(self.op(req, Some((resp, body, false, body_len)), ts));
         }
         while let Some(req) = self.pending.pop_front() {
             out.push(self.op(req, None, ts));

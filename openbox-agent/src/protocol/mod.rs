@@ -12,10 +12,13 @@
 //! PostgreSQL, MySQL, MongoDB), `bytes` (field readers: integers, C strings, MySQL's
 //! length-encoded integers) and `sql` (statement text, operation keyword by dialect, the
 //! database op's attributes). HTTP and Redis frame by lines and delimiters, not by a
-//! length header, and keep their own readers.
+//! length header, and keep their own readers. `http::coding` decodes compressed bodies,
+//! `http::events` splits streamed ones into events, and `genai` recognises LLM calls in
+//! HTTP exchanges (the `gen_ai.*` attributes).
 
 mod bytes;
 mod framing;
+pub mod genai;
 pub mod http;
 pub mod mongo;
 pub mod mysql;

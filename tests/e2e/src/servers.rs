@@ -97,6 +97,17 @@ pub fn start_http(env: &Env, logs: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
+/// llm_server.py (a fake LLM API: OpenAI chat completions and responses, Anthropic
+/// messages; gzip, br and streamed answers), plain HTTP.
+pub fn start_llm(env: &Env, logs: &Path) -> (Proc, u16) {
+    let mut cmd = Command::new(&env.python);
+    cmd.arg(env.fixture("llm_server.py")).arg("0");
+    python_env(&mut cmd);
+    let mut proc = Proc::spawn("llm-server", cmd, logs);
+    let port = proc.port();
+    (proc, port)
+}
+
 /// pg_server.py: PostgreSQL over TLS, user `openbox`, database `shop`.
 pub fn start_postgres(env: &Env, logs: &Path) -> (Proc, u16) {
     let mut cmd = fixtures::pg_server(&env.python, &env.fixtures, &env.pg_bin, false, 0);

@@ -18,6 +18,10 @@ Activities (each returns what it did, so the test sees what the activity really 
 - `echo_dc(req: Req)` (sync, on the thread pool): a dataclass argument; returns
   `{"got": asdict(req), "was_dataclass": true, "attempt": n}`.
 - `answer(p)` (async): returns `{"answer": "the secret is 42", "marker": ..., "attempt": n}`.
+- `gov_llm(p)` (async): two LLM calls to the fake LLM server at `p["llm_base"]`
+  (llm_server.py) with the real clients: an `openai` chat completion answered gzip'd,
+  then an `anthropic` message streamed (SSE); returns what each client got (`text`, `id`,
+  `model`, `finish`, `input_tokens`, `output_tokens`) under `chat` and `stream`.
 `echo`, `echo_dc` and `answer` first create the empty file
 `{dir}/ran-{activity_id}-{attempt}`, so the test can tell which attempts really ran
 their body (a refused activity must never get there).
@@ -135,7 +139,34 @@ async def answer(p: dict) -> dict:
     return {"answer": "the secret is 42", "marker": p["marker"], "attempt": attempt()}
 
 
-ACTIVITIES = [gov_http, gov_sql, gov_file, echo, echo_dc, answer]
+@activity.defn
+async def gov_llm(p: dict) -> dict:
+    # Imported here: only this activity needs the LLM clients, and they load slowly.
+    import anthropic
+    import openai
+
+    base, marker = p["llm_base"], p["marker"]
+    async with openai.AsyncOpenAI(base_url=f"{base}/gzip/v1", api_key="sk-e2e-secret",
+                                  max_retries=0) as c:
+        r = await c.chat.completions.create(
+            model="gpt-e2e", messages=[{"role": "user", "content": f"hello {marker}"}],
+            max_tokens=20, temperature=0.5)
+    chat = {"text": r.choices[0].message.content, "id": r.id, "model": r.model,
+            "finish": r.choices[0].finish_reason, "input_tokens": r.usage.prompt_tokens,
+            "output_tokens": r.usage.completion_tokens}
+    async with anthropic.AsyncAnthropic(base_url=f"{base}/identity",
+                                        api_key="sk-ant-e2e-secret", max_retries=0) as c:
+        async with c.messages.stream(
+                model="claude-e2e", max_tokens=30,
+                messages=[{"role": "user", "content": f"stream {marker}"}]) as s:
+            text = "".join([t async for t in s.text_stream])
+            m = await s.get_final_message()
+    stream = {"text": text, "id": m.id, "model": m.model, "finish": m.stop_reason,
+              "input_tokens": m.usage.input_tokens, "output_tokens": m.usage.output_tokens}
+    return {"chat": chat, "stream": stream}
+
+
+ACTIVITIES = [gov_http, gov_sql, gov_file, echo, echo_dc, answer, gov_llm]
 
 
 async def main():
