@@ -487,7 +487,7 @@ impl SpanBuilder {
             c.pid,
             c.tid,
         );
-        if protocol == Some(Protocol::Http) {
+        if matches!(protocol, Some(Protocol::Http | Protocol::Http2)) {
             let scheme = if c.tls { "https" } else { "http" };
             let default_port = if c.tls { 443 } else { 80 };
             let host_header = attributes
@@ -526,11 +526,15 @@ impl SpanBuilder {
             attributes.insert("net.transport".into(), "ip_tcp".into());
             span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
             span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
-            span.request_body = op
-                .request_body
-                .as_ref()
-                .map(|b| redact.body(&text(b), content_type(&op.request_headers)));
+            span.request_body = op.request_body.as_ref().map(|b| {
+                if binary_grpc(&op.request_headers) {
+                    grpc_body(b)
+                } else {
+                    redact.body(&text(b), content_type(&op.request_headers))
+                }
+            });
             span.response_body = match (&op.response_body, &op.response_headers) {
+                (Some(b), Some(_)) if binary_grpc(&op.response_headers) => Some(grpc_body(b)),
                 (Some(b), Some(h)) if textual(h) => {
                     Some(redact.body(&text(b), content_type(&op.response_headers)))
                 }
@@ -762,6 +766,30 @@ fn content_type(headers: &Option<Vec<(String, String)>>) -> Option<&str> {
 /// Request bodies: UTF-8 with invalid bytes dropped, as the SDK decodes them.
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).replace('\u{FFFD}', "")
+}
+
+/// gRPC with a binary codec (protobuf, the default): `application/grpc` or
+/// `application/grpc+proto`; `+json` bodies are text and are redacted as JSON.
+fn binary_grpc(headers: &Option<Vec<(String, String)>>) -> bool {
+    content_type(headers).is_some_and(|ct| {
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        ct == "application/grpc" || ct.starts_with("application/grpc+") && !ct.ends_with("json")
+    })
+}
+
+/// gRPC messages as sent (each a 5-byte prefix, then the message), base64: protobuf is
+/// binary, and text would drop its bytes. Body redaction rules do not apply to it.
+fn grpc_body(b: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "base64:{}",
+        base64::engine::general_purpose::STANDARD.encode(b)
+    )
 }
 
 /// The SDK keeps response bodies only for text content types (or none), and only when
