@@ -502,7 +502,7 @@ impl SpanBuilder {
             c.pid,
             c.tid,
         );
-        if protocol == Some(Protocol::Http) {
+        if matches!(protocol, Some(Protocol::Http | Protocol::Http2)) {
             let scheme = if c.tls { "https" } else { "http" };
             let default_port = if c.tls { 443 } else { 80 };
             let host_header = attributes
@@ -541,12 +541,16 @@ impl SpanBuilder {
             attributes.insert("net.transport".into(), "ip_tcp".into());
             span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
             span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
-            span.request_body = op
-                .request_body
-                .as_ref()
-                .map(|b| redact.body(&text(b), content_type(&op.request_headers)));
+            span.request_body = op.request_body.as_ref().map(|b| {
+                if binary_grpc(&op.request_headers) {
+                    grpc_body(b)
+                } else {
+                    redact.body(&text(b), content_type(&op.request_headers))
+                }
+            });
             let decoded = attributes.contains_key("http.response.body.decoded");
             span.response_body = match (&op.response_body, &op.response_headers) {
+                (Some(b), Some(_)) if binary_grpc(&op.response_headers) => Some(grpc_body(b)),
                 (Some(b), Some(h)) if textual(h, decoded) => {
                     Some(redact.body(&text(b), content_type(&op.response_headers)))
                 }
@@ -847,6 +851,30 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).replace('\u{FFFD}', "")
 }
 
+/// gRPC with a binary codec (protobuf, the default): `application/grpc` or
+/// `application/grpc+proto`; `+json` bodies are text and are redacted as JSON.
+fn binary_grpc(headers: &Option<Vec<(String, String)>>) -> bool {
+    content_type(headers).is_some_and(|ct| {
+        let ct = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        ct == "application/grpc" || ct.starts_with("application/grpc+") && !ct.ends_with("json")
+    })
+}
+
+/// gRPC messages as sent (each a 5-byte prefix, then the message), base64: protobuf is
+/// binary, and text would drop its bytes. Body redaction rules do not apply to it.
+fn grpc_body(b: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "base64:{}",
+        base64::engine::general_purpose::STANDARD.encode(b)
+    )
+}
+
 /// The SDK keeps response bodies only for text content types (or none); a
 /// content-coded body only once the parser has `decoded` it.
 fn textual(headers: &[(String, String)], decoded: bool) -> bool {
@@ -1054,6 +1082,106 @@ mod tests {
             serde_json::json!({"code": "UNSET", "description": null})
         );
         assert!(json.get("pid").is_none());
+    }
+
+    /// Feeds a recorded HTTP/2 session (`protocol/http2/*.rec`) as one connection.
+    fn http2_spans(rec: &str, tls: bool) -> Vec<Span> {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        b.handle(&connect("h2"), &mut out);
+        let mut seq = [0u64; 2];
+        for (i, line) in rec.lines().enumerate() {
+            let (side, hex) = line.split_once(' ').unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap())
+                .collect();
+            let (dir, d) = if side == "C" {
+                (Direction::Egress, 0)
+            } else {
+                (Direction::Ingress, 1)
+            };
+            b.handle(
+                &data("h2", dir, seq[d], &bytes, 10 + i as u64, tls),
+                &mut out,
+            );
+            seq[d] += bytes.len() as u64;
+        }
+        b.finish(100, &mut out);
+        assert!(b.unparsed.is_empty(), "{:?}", b.unparsed);
+        out
+    }
+
+    #[test]
+    fn http2_streams_become_the_same_http_spans_redacted() {
+        let spans = http2_spans(include_str!("protocol/http2/rest.rec"), true);
+        assert_eq!(spans.len(), 2);
+        let s = &spans[0];
+        assert_eq!(s.name, "POST");
+        assert_eq!(s.kind, "CLIENT");
+        assert_eq!(s.attributes["http.scheme"], "https");
+        assert_eq!(s.attributes["http.host"], "api.example");
+        assert_eq!(s.attributes["net.peer.name"], "api.example");
+        assert_eq!(s.attributes["net.peer.port"], 443);
+        assert_eq!(s.attributes["http.status_code"], 200);
+        let redact = &SpanConfig::default().redact;
+        assert_eq!(
+            s.attributes["http.url"],
+            redact.url("https://api.example/v1/chat?key=secret")
+        );
+        assert_ne!(
+            s.attributes["http.url"],
+            "https://api.example/v1/chat?key=secret"
+        );
+        assert_eq!(
+            s.request_headers.as_ref().unwrap()["authorization"],
+            "[REDACTED]"
+        );
+        assert_eq!(s.request_body.as_deref(), Some("{\"q\":\"hello\"}"));
+        assert_eq!(s.response_body.as_deref(), Some("{\"a\":\"hi\"}"));
+        // The attributes an HTTP/1.1 span has, and the version.
+        let mut keys: Vec<&str> = s.attributes.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "http.flavor",
+                "http.host",
+                "http.method",
+                "http.scheme",
+                "http.status_code",
+                "http.target",
+                "http.url",
+                "net.peer.name",
+                "net.peer.port",
+                "net.transport"
+            ]
+        );
+        assert_eq!(spans[1].status.code, StatusCode::Error);
+    }
+
+    #[test]
+    fn grpc_spans_carry_rpc_attributes_and_their_messages_in_base64() {
+        let spans = http2_spans(include_str!("protocol/http2/grpc.rec"), false);
+        assert_eq!(spans.len(), 3);
+        let s = &spans[0];
+        assert_eq!(s.name, "helloworld.Greeter/SayHello");
+        assert_eq!(s.attributes["rpc.system"], "grpc");
+        assert_eq!(s.attributes["rpc.grpc.status_code"], 0);
+        assert_eq!(
+            s.attributes["http.url"],
+            "http://localhost:50051/helloworld.Greeter/SayHello"
+        );
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| {
+            format!(
+                "base64:{}",
+                base64::engine::general_purpose::STANDARD.encode(b)
+            )
+        };
+        assert_eq!(s.request_body, Some(b64(b"\0\0\0\0\x07\n\x05world")));
+        assert_eq!(s.response_body, Some(b64(b"\0\0\0\0\x0d\n\x0bHello world")));
+        assert_eq!(spans[2].status.code, StatusCode::Error);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{run, workspace_root};
 
-pub const TARGETS: [&str; 5] = ["http", "postgres", "mysql", "redis", "mongo"];
+pub const TARGETS: [&str; 6] = ["http", "http2", "postgres", "mysql", "redis", "mongo"];
 
 fn ensure_cargo_fuzz() -> Result<()> {
     let ok = Command::new("cargo")

@@ -19,7 +19,9 @@
 mod bytes;
 mod framing;
 pub mod genai;
+mod grpc;
 pub mod http;
+pub mod http2;
 pub mod mongo;
 pub mod mysql;
 pub mod postgres;
@@ -32,6 +34,7 @@ use serde_json::{Map, Value};
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http,
+    Http2,
     Postgres,
     Mysql,
     Redis,
@@ -39,8 +42,9 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] = [
+    pub const ALL: [Protocol; 6] = [
         Protocol::Http,
+        Protocol::Http2,
         Protocol::Postgres,
         Protocol::Mysql,
         Protocol::Redis,
@@ -51,6 +55,7 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
             Protocol::Postgres => "postgres",
             Protocol::Mysql => "mysql",
             Protocol::Redis => "redis",
@@ -61,7 +66,7 @@ impl Protocol {
     /// `db.system` of the SDK's database spans.
     pub fn db_system(self) -> Option<&'static str> {
         match self {
-            Protocol::Http => None,
+            Protocol::Http | Protocol::Http2 => None,
             Protocol::Postgres => Some("postgresql"),
             Protocol::Mysql => Some("mysql"),
             Protocol::Redis => Some("redis"),
@@ -233,6 +238,7 @@ pub trait Parser: Send {
 pub fn new_parser(protocol: Protocol, cfg: &ParserConfig) -> Box<dyn Parser> {
     match protocol {
         Protocol::Http => Box::new(http::HttpParser::new(cfg.clone())),
+        Protocol::Http2 => Box::new(http2::Http2Parser::new(cfg.clone())),
         Protocol::Postgres => Box::new(postgres::PostgresParser::new(cfg.clone())),
         Protocol::Mysql => Box::new(mysql::MysqlParser::new(cfg.clone())),
         Protocol::Redis => Box::new(redis::RedisParser::new(cfg.clone())),
@@ -248,6 +254,8 @@ pub fn detect(side: Side, first: &[u8]) -> Option<Protocol> {
         Side::Client => {
             if http::looks_like_request(first) {
                 Some(Protocol::Http)
+            } else if http2::looks_like_preface(first) {
+                Some(Protocol::Http2)
             } else if postgres::looks_like_startup(first) {
                 Some(Protocol::Postgres)
             } else if redis::looks_like_command(first) {
@@ -506,6 +514,12 @@ mod tests {
             detect(Side::Server, b"\x50\x00\x00\x00\x0a10.11.6-MariaDB\x00"),
             Some(Protocol::Mysql)
         );
+        assert_eq!(
+            detect(Side::Client, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04"),
+            Some(Protocol::Http2)
+        );
+        // A preface still arriving: not yet recognisable, and not HTTP/1.1.
+        assert_eq!(detect(Side::Client, b"PRI * HTTP/2.0\r\n"), None);
         assert_eq!(detect(Side::Client, b"hello"), None);
     }
 
