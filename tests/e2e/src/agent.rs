@@ -94,6 +94,11 @@ pub(crate) fn json_lines(path: &Path, what: &str) -> Vec<Value> {
 impl Agent {
     /// Starts the daemon and waits until its socket accepts connections.
     pub fn start(env: &Env, logs: &Path, socket: &Path) -> Agent {
+        Agent::start_with(env, logs, socket, &[])
+    }
+
+    /// The same with more arguments to `run` (e.g. `--otlp-endpoint URL`).
+    pub fn start_with(env: &Env, logs: &Path, socket: &Path, extra: &[String]) -> Agent {
         let events = logs.join("events.jsonl");
         let unattributed = logs.join("unattributed.jsonl");
         let mut cmd = Command::new(&env.agent);
@@ -105,6 +110,7 @@ impl Agent {
             .arg("--unattributed")
             .arg(&unattributed)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
             .env(
                 "OPENBOX_LOG",
                 std::env::var("OPENBOX_LOG").unwrap_or_else(|_| "info".into()),

@@ -39,6 +39,9 @@ pub struct WorkerOpts {
     pub shared_pools: bool,
     /// Extra environment of the worker (e.g. `OPENBOX_GOVERNANCE_POLICY`).
     pub env: Vec<(String, String)>,
+    /// Trace the worker itself (Temporal's `TracingInterceptor` before the hook), its
+    /// spans sent to this OTLP/HTTP traces URL.
+    pub otel_traces_url: Option<String>,
 }
 
 impl Default for WorkerOpts {
@@ -49,6 +52,7 @@ impl Default for WorkerOpts {
             unshare: false,
             shared_pools: false,
             env: Vec::new(),
+            otel_traces_url: None,
         }
     }
 }
@@ -86,6 +90,9 @@ impl Worker {
             .arg(opts.max_concurrent.to_string())
             .env("OPENBOX_AGENT_SOCKET", socket)
             .envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(url) = &opts.otel_traces_url {
+            cmd.arg("--otel-traces-url").arg(url);
+        }
         if opts.shared_pools {
             cmd.arg("--https-base")
                 .arg(format!("https://127.0.0.1:{}", shared.https_port))
