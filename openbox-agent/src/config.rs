@@ -180,6 +180,10 @@ headers = ["x-api-key=k"]
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.agent.metrics_addr.as_deref(), Some("0.0.0.0:9464"));
         assert!(c.capture.ring_mib.is_some());
+        assert_eq!(
+            c.otlp.queue_size,
+            Some(crate::export::otlp::DEFAULT_QUEUE_SIZE)
+        );
         crate::governance::GovernanceConfig::from_toml_str(
             text,
             Path::new("/etc/openbox-agent/agent.toml"),

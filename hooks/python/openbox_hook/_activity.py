@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import inspect
 import logging
 import sys
@@ -334,10 +335,9 @@ def _trace_context() -> dict[str, str]:
     if "opentelemetry.trace" not in sys.modules:
         return {}
     try:
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
+        tracecontext = importlib.import_module("opentelemetry.trace.propagation.tracecontext")
         carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier)
+        tracecontext.TraceContextTextMapPropagator().inject(carrier)
         return {k: carrier[k] for k in ("traceparent", "tracestate") if carrier.get(k)}
     except Exception:
         return {}

@@ -364,6 +364,8 @@ impl Done {
             .is_err()
         {
             self.task.abort();
+            // Cancelled at its next poll: then its queue is gone, and later sends fail.
+            let _ = (&mut self.task).await;
             let left = self.counts.queued.swap(0, Ordering::Relaxed);
             self.counts.failed.fetch_add(left, Ordering::Relaxed);
             if left > 0 {
@@ -527,7 +529,62 @@ async fn export(
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+
+    /// A collector that takes connections and never answers: the worst a network can do.
+    #[tokio::test]
+    async fn an_unreachable_collector_never_holds_up_the_sender_and_every_drop_is_counted() {
+        let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = blackhole.local_addr().unwrap().port();
+        let cfg = OtlpConfig {
+            endpoint: format!("http://127.0.0.1:{port}/v1/traces"),
+            wire: Wire::HttpProtobuf,
+            headers: Vec::new(),
+            resource: vec![("service.name".into(), "test".into())],
+            ca_file: None,
+            queue_size: 16,
+        };
+        let (exporter, done) = Exporter::start(&cfg).unwrap();
+        let now = SystemTime::now();
+        // `send` never waits: on this single-threaded runtime the export task cannot
+        // even run until the loop is over.
+        for i in 0..1000u64 {
+            let span = crate::export::tree::command_span(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                &format!("{:016x}", i + 1),
+                "cmd",
+                1,
+                now,
+                now,
+                None,
+            );
+            exporter.send(Resource::default(), span);
+        }
+        let s = exporter.stats();
+        assert_eq!((s.spans_queued, s.spans_dropped_queue_full), (16, 984));
+        assert_eq!(s.spans_exported, 0);
+        let s = done.finish().await;
+        assert_eq!(s.spans_exported, 0);
+        assert_eq!(s.spans_queued, 0);
+        assert_eq!(s.spans_dropped(), 1000, "{s:?}");
+        // After the end, a span is dropped and counted too.
+        exporter.send(
+            Resource::default(),
+            crate::export::tree::command_span(
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                "00000000000003e9",
+                "cmd",
+                1,
+                now,
+                now,
+                None,
+            ),
+        );
+        assert_eq!(exporter.stats().spans_dropped(), 1001);
+        drop(blackhole);
+    }
 
     fn settings(endpoint: &str) -> OtlpSettings {
         OtlpSettings {

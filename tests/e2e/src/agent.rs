@@ -245,7 +245,8 @@ impl AgentReport {
     /// `/metrics`, scraped after the worker stopped, holds the values of the summary the
     /// agent printed at exit. Counters that the shutdown itself can still move (spans of
     /// connections still open when the agent stops are finished then: unattributed
-    /// reasons, parser losses, unrecognised connections) may only have grown by exit.
+    /// reasons, parser losses, unrecognised connections, OTLP export counts) may only have
+    /// grown by exit.
     pub fn assert_metrics_match_summary(&self) {
         let s = &self.summary;
         let num = |v: &Value| v.as_u64().unwrap_or(0);
@@ -314,6 +315,22 @@ impl AgentReport {
                 format!("openbox_parser_unparsed_messages_total{{protocol=\"{protocol}\"}}"),
                 num(&s["unparsed_by_protocol"][protocol]),
             ));
+        }
+        // OTLP export goes on while the agent drains and exits.
+        if let Some(o) = s.get("otlp") {
+            grown.push((
+                "openbox_otlp_spans_exported_total".into(),
+                num(&o["spans_exported"]),
+            ));
+            for (reason, key) in [
+                ("queue_full", "spans_dropped_queue_full"),
+                ("export_failed", "spans_dropped_export_failed"),
+            ] {
+                grown.push((
+                    format!("openbox_otlp_spans_dropped_total{{reason=\"{reason}\"}}"),
+                    num(&o[key]),
+                ));
+            }
         }
         for (name, at_exit) in &grown {
             assert!(
