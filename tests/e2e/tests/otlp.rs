@@ -8,12 +8,13 @@
 //!   span ids Core received in ActivityCompleted.
 //! - A worker that traces itself with Temporal's `TracingInterceptor`: one trace holds
 //!   the user's spans and ours, our activity span under the user's.
+//! - `trace` exports what it captured under a root span for the traced command.
 //! - A collector that never answers slows nothing: the workflow runs, governance gets
 //!   every event, and the dropped spans are counted in the summary and /metrics.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, process::Command};
 
-use openbox_e2e::{logs_dir, show, Jaeger, Scenario, ScenarioOpts, TraceSpan, WorkerOpts};
+use openbox_e2e::{logs_dir, show, Env, Jaeger, Scenario, ScenarioOpts, TraceSpan, WorkerOpts};
 use serde_json::{json, Value};
 
 /// The run id's 32 hex digits: the trace id of the run.
@@ -321,4 +322,63 @@ fn a_collector_that_never_answers_slows_nothing_and_the_dropped_spans_are_counte
         agent.metrics_text
     );
     drop(blackhole);
+}
+
+#[test]
+fn trace_exports_the_captured_spans_under_a_root_span_for_the_command() {
+    let name = "trace_exports_the_captured_spans_under_a_root_span_for_the_command";
+    let logs = logs_dir(name);
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let env = Env::get();
+    let file = logs.join("written-by-the-traced-command.txt");
+    let out = Command::new(&env.agent)
+        .args(["trace", "--json", "--otlp-endpoint"])
+        .arg(format!("http://127.0.0.1:{}", jaeger.otlp_http))
+        .arg("--")
+        .arg(&env.python)
+        .arg("-c")
+        .arg(format!(
+            "open({:?}, 'w').write('x')",
+            file.display().to_string()
+        ))
+        .output()
+        .expect("running openbox-agent trace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trace failed: {stderr}");
+    let spans: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let path = file.display().to_string();
+    let open = spans
+        .iter()
+        .find(|s| s["name"] == "file.open" && s["attributes"]["file.path"] == path.as_str())
+        .unwrap_or_else(|| panic!("no file.open of {path} in trace --json:\n{spans:?}"));
+    let trace_id = open["trace_id"].as_str().expect("a trace id").to_string();
+    let spans = jaeger.wait_trace(&trace_id, "the command's root and its file.open", |spans| {
+        spans.iter().any(|s| s.name.starts_with("trace "))
+            && spans.iter().any(|s| s.name == "file.write")
+    });
+    let root = one(&spans, "root span", |s| s.name.starts_with("trace "));
+    assert_eq!(root.parent, None);
+    assert_eq!(root.tag("process.exit.code"), Some(&json!(0)));
+    let exported = one(&spans, "file.open", |s| {
+        s.name == "file.open" && s.tag_str("file.path") == path
+    });
+    assert_eq!(
+        exported.span_id,
+        open["span_id"].as_str().unwrap_or_default(),
+        "the span keeps its id"
+    );
+    assert_eq!(exported.parent.as_deref(), Some(root.span_id.as_str()));
+    let summary: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary on stderr: {stderr}"));
+    assert!(
+        summary["otlp"]["spans_exported"].as_u64().unwrap_or(0) >= 3,
+        "{summary}"
+    );
+    assert_eq!(summary["otlp"]["spans_dropped_queue_full"], 0, "{summary}");
 }
