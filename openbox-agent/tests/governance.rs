@@ -37,11 +37,20 @@ struct FakeCore {
 
 impl FakeCore {
     fn start(env: &TestEnv, dir: &TempDir) -> FakeCore {
+        Self::start_with(env, dir, &json!({}))
+    }
+
+    /// With a script (fake_core.py's rules), kept in `dir` and re-read when rewritten.
+    fn start_with(env: &TestEnv, dir: &TempDir, script: &Value) -> FakeCore {
         let record = dir.join("core.requests.jsonl");
+        let script_file = dir.join("core.script.json");
+        fs::write(&script_file, script.to_string()).unwrap();
         let mut cmd = Command::new(&env.python);
         cmd.arg(workspace_root().join("tests/fake_core/fake_core.py"))
             .args(["--port", "0", "--api-key", KEY, "--record"])
-            .arg(&record);
+            .arg(&record)
+            .arg("--script")
+            .arg(&script_file);
         let mut process = Background::spawn("fake_core.py", &mut cmd);
         let line = process.line();
         let port = line
@@ -111,6 +120,16 @@ struct Agent {
 
 impl Agent {
     fn start(env: &TestEnv, dir: &TempDir, core: &FakeCore, name: &str) -> Agent {
+        Self::start_with_timeout(env, dir, core, name, 1)
+    }
+
+    fn start_with_timeout(
+        env: &TestEnv,
+        dir: &TempDir,
+        core: &FakeCore,
+        name: &str,
+        timeout_secs: u32,
+    ) -> Agent {
         let socket = dir.join("agent.sock");
         let stderr = dir.join(&format!("{name}.stderr"));
         let child = Command::new(&env.agent)
@@ -121,7 +140,7 @@ impl Agent {
             .arg("--spool-dir")
             .arg(dir.join("spool"))
             .args(["--governance-policy", "fail_open"])
-            .args(["--governance-timeout", "1"])
+            .args(["--governance-timeout", &timeout_secs.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).unwrap())
@@ -294,6 +313,92 @@ fn every_workflow_event_acknowledged_before_a_sigkill_reaches_core_exactly_once(
         missing.iter().take(5).collect::<Vec<_>>(),
         twice.iter().take(5).collect::<Vec<_>>(),
         core.record.display(),
+        agent.stderr.display()
+    );
+    let governance = agent.stop();
+    assert_eq!(governance["spool_pending"], 0, "{governance}");
+}
+
+/// SIGTERM (a rolling update) while workflow events are still with Core: Core holds each
+/// request 8 s and then closes it unanswered, the governance timeout is 5 s, so at the
+/// SIGTERM every event is either in a Core call or waiting for its run's previous one.
+/// The agent must finish those calls — each ends spooled — and answer the hook before it
+/// exits; the next agent on the same spool delivers every event to Core exactly once.
+#[test]
+fn workflow_events_under_way_at_sigterm_are_acknowledged_and_reach_core_after_the_restart() {
+    let env = TestEnv::get();
+    let dir = TempDir::new("gov-sigterm");
+    let stall = json!({"rules": [{"match": {"event_type": ["WorkflowStarted", "SignalReceived", "WorkflowCompleted"]},
+                                  "delay": 8, "close": true}]});
+    let core = FakeCore::start_with(&env, &dir, &stall);
+    let mut agent = Agent::start_with_timeout(&env, &dir, &core, "agent-1", 5);
+
+    let acked_file = dir.join("acked.txt");
+    let (runs, signals) = (20, 1);
+    let total = runs * (signals + 2);
+    let mut hook = Command::new(&env.python)
+        .arg(env.script("fake_hook.py"))
+        .arg(&agent.socket)
+        .args(["workflow-events", &runs.to_string(), &signals.to_string()])
+        .arg(&acked_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("hook.stderr")).unwrap())
+        .spawn()
+        .expect("starting fake_hook.py");
+    // The hook sends every event at once; the first Core calls take the 5 s timeout.
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        lines(&acked_file).len(),
+        0,
+        "events were answered before the SIGTERM: the test needs them under way"
+    );
+    assert!(hook.try_wait().unwrap().is_none(), "the hook exited early");
+    let governance = agent.stop();
+    let stderr = agent.stderr_text();
+    assert!(
+        stderr.contains("governance call(s) under way"),
+        "the agent did not say it waited for calls under way:\n{stderr}"
+    );
+    let summary: Value = serde_json::from_str(stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["governance_calls_abandoned"], 0, "{summary}");
+    let exited = Instant::now() + Duration::from_secs(30);
+    while hook.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < exited, "the hook did not see the agent go");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let acked = lines(&acked_file);
+    assert_eq!(
+        acked.len(),
+        total,
+        "{} of {total} events acknowledged before the agent exited; agent stderr:\n{stderr}",
+        acked.len()
+    );
+    assert!(
+        governance["spool_pending"].as_u64().unwrap_or(0) > 0,
+        "the events were spooled: {governance}"
+    );
+
+    fs::write(dir.join("core.script.json"), "{}").unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let mut agent = Agent::start(&env, &dir, &core, "agent-2");
+    let keys = |bodies: &[&Value]| -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for b in bodies {
+            *n.entry(event_key(b)).or_default() += 1;
+        }
+        n
+    };
+    delivered_when(&core, Duration::from_secs(60), |bodies| {
+        let got = keys(bodies);
+        acked.iter().all(|k| got.contains_key(k))
+    });
+    let got = keys(&evaluated(&core.requests(), 200));
+    let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
+    let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "never reached Core: {missing:?}; more than once: {twice:?} (agent stderr {})",
         agent.stderr.display()
     );
     let governance = agent.stop();

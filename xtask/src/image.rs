@@ -37,9 +37,16 @@ struct Base {
     packages: &'static [&'static str],
 }
 
-/// The build stage's base, also the test worker's: a minimal Debian with what stripping
-/// the agent and a Python worker need.
+/// The agent's build stage's base: a minimal Debian with the C toolchain Rust links with
+/// (the Rust toolchains themselves are mounted from the host, see deploy/Containerfile).
 const BUILD_BASE: Base = Base {
+    name: "localhost/openbox-builder-base",
+    variant: "minbase",
+    packages: &["binutils", "gcc", "libc6-dev", "ca-certificates"],
+};
+
+/// The test worker's base: a minimal Debian with its own Python and libssl.
+const WORKER_BASE: Base = Base {
     name: "localhost/openbox-build-base",
     variant: "minbase",
     packages: &[
@@ -190,22 +197,72 @@ fn context_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Builds the agent image from deploy/Containerfile with the release binary already
-/// built on the host (`cargo xtask build`); its name with tag.
+/// `HOST:HOST[:ro]`, a directory mounted into the build at the host's own path.
+fn same_path_volume(dir: &Path, read_only: bool) -> Result<String> {
+    if !dir.is_dir() {
+        bail!(
+            "{} is missing: the agent image's builder stage uses the host's Rust toolchains and caches (run `cargo xtask build` once first)",
+            dir.display()
+        );
+    }
+    let d = dir.display();
+    Ok(if read_only {
+        format!("{d}:{d}:ro")
+    } else {
+        format!("{d}:{d}")
+    })
+}
+
+/// Builds the agent image from deploy/Containerfile: its builder stage runs `cargo xtask
+/// build` in the container, offline, with the host's toolchains mounted read-only and
+/// the workspace (so target/ and the build stay incremental) at their host paths. Its
+/// name with tag.
 pub fn agent_image() -> Result<String> {
     ensure_podman()?;
     let build = ensure_base(&BUILD_BASE)?;
     let runtime = ensure_base(&RUNTIME_BASE)?;
     let root = workspace_root();
+    let home = PathBuf::from(std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?);
+    let cargo_home =
+        std::env::var_os("CARGO_HOME").map_or_else(|| home.join(".cargo"), PathBuf::from);
+    let rustup_home =
+        std::env::var_os("RUSTUP_HOME").map_or_else(|| home.join(".rustup"), PathBuf::from);
+    if cargo_home != home.join(".cargo") || rustup_home != home.join(".rustup") {
+        bail!(
+            "the agent image's builder stage expects the Rust toolchains in {0}/.cargo and {0}/.rustup (CARGO_HOME={1}, RUSTUP_HOME={2} here)",
+            home.display(),
+            cargo_home.display(),
+            rustup_home.display()
+        );
+    }
+    // An empty context: everything the build reads is mounted.
     let ctx = context_dir("agent")?;
-    let binary = root.join("target/release/openbox-agent");
-    fs::hard_link(&binary, ctx.join("openbox-agent"))
-        .or_else(|_| fs::copy(&binary, ctx.join("openbox-agent")).map(|_| ()))
-        .with_context(|| format!("copying {} into the build context", binary.display()))?;
     let tag = format!("{AGENT_IMAGE}:{}", env!("CARGO_PKG_VERSION"));
+    eprintln!("xtask: building {tag} (the builder stage runs `cargo xtask build` offline, in the container)");
     run(podman()?
-        .args(["build", "--quiet", "--file"])
+        // --no-cache: the builder's layer depends on the mounted sources, which podman
+        // cannot see; cargo itself keeps the build incremental.
+        .args([
+            "build",
+            "--quiet",
+            "--no-cache",
+            "--network",
+            "none",
+            "--file",
+        ])
         .arg(root.join("deploy/Containerfile"))
+        .arg("--volume")
+        .arg(same_path_volume(&root, false)?)
+        .arg("--volume")
+        .arg(same_path_volume(&cargo_home, true)?)
+        .arg("--volume")
+        .arg(same_path_volume(&rustup_home, true)?)
+        .arg("--volume")
+        .arg(same_path_volume(&cache_dir()?, true)?)
+        .arg("--build-arg")
+        .arg(format!("WORKSPACE={}", root.display()))
+        .arg("--build-arg")
+        .arg(format!("HOST_HOME={}", home.display()))
         .arg("--build-arg")
         .arg(format!("BUILD_BASE={build}"))
         .arg("--build-arg")
@@ -219,7 +276,7 @@ pub fn agent_image() -> Result<String> {
 /// The end-to-end tests' worker image (own Python, temporalio, libssl, and the hook).
 pub fn worker_image() -> Result<String> {
     ensure_podman()?;
-    let base = ensure_base(&BUILD_BASE)?;
+    let base = ensure_base(&WORKER_BASE)?;
     let root = workspace_root();
     let containerfile = root.join("tests/e2e/support/worker.Containerfile");
     let requirements = root.join("openbox-agent/tests/support/requirements.txt");

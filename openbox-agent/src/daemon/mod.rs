@@ -94,6 +94,10 @@ struct Daemon {
     /// workflow events on a connection of their own. Activities of one run stay parallel.
     run_tail: std::collections::HashMap<(String, String), tokio::sync::watch::Receiver<bool>>,
     unattributed: Option<Sink>,
+    /// Every governance call under way (a Core request and the reply to the worker), so
+    /// that shutdown waits for them: each ends delivered, spooled or answered by the
+    /// failure policy within the governance timeout.
+    calls: tokio_util::task::TaskTracker,
     otlp: Option<otlp::Exporter>,
     /// Runs whose WorkflowStarted this agent saw, for their span at the run's end.
     runs: BoundedMap<(String, String), RunStart>,
@@ -197,6 +201,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         unattributed,
         otlp,
         runs: BoundedMap::new(MAX_ORDERED_RUNS),
+        calls: tokio_util::task::TaskTracker::new(),
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
     let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
@@ -240,6 +245,22 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     notify::stopping();
     server.abort();
     let _ = std::fs::remove_file(&opts.socket);
+    // Requests workers sent before the signal and still queued are handled too: their
+    // events are then finished with the calls under way.
+    while let Ok(msg) = rx.try_recv() {
+        ring.drain(&mut d.session);
+        d.route();
+        d.handle(msg);
+    }
+    let again = async {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+            _ = sighup.recv() => {}
+        }
+    };
+    d.finish_calls(opts.governance.governance_timeout, again)
+        .await;
     ring.drain(&mut d.session);
     d.session.finish();
     d.route();
@@ -256,6 +277,38 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
 }
 
 impl Daemon {
+    /// Waits for the governance calls under way — each is bounded by the governance
+    /// timeout, then delivered, spooled or answered by the failure policy — so that a
+    /// rolling update loses no event a worker sent before SIGTERM. Gives up after the
+    /// timeout and 5 s more (the DaemonSet's grace period is the timeout and 15 s), or at
+    /// a second signal, counting what it left.
+    async fn finish_calls(
+        &mut self,
+        timeout: Duration,
+        again: impl std::future::Future<Output = ()>,
+    ) {
+        self.calls.close();
+        let pending = self.calls.len();
+        if pending == 0 {
+            return;
+        }
+        let limit = timeout + Duration::from_secs(5);
+        tracing::warn!(
+            "shutting down: waiting up to {:.0} s for {pending} governance call(s) under way (a second signal stops at once)",
+            limit.as_secs_f64()
+        );
+        tokio::select! {
+            _ = self.calls.wait() => return,
+            _ = tokio::time::sleep(limit) => {}
+            _ = again => {}
+        }
+        let left = self.calls.len() as u64;
+        self.registry.stats.governance_calls_abandoned += left;
+        tracing::error!(
+            "exiting with {left} governance call(s) still under way: their events are neither delivered nor spooled, and their workers get no reply"
+        );
+    }
+
     /// Everything counted so far: the summary at exit and every `/metrics` scrape.
     fn summary(&self) -> status::Summary {
         status::Summary {
@@ -684,7 +737,7 @@ impl Daemon {
             .map(|a| a.start_verdict.clone())
             .unwrap_or_default();
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_started(event).await,
@@ -755,7 +808,7 @@ impl Daemon {
         let event = events::activity_completed(&start.activity, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
         let prev = self.run_latest(&start.activity.workflow_id, &start.activity.run_id);
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
                 Ok(gov) => gov.activity_completed(event).await,
@@ -825,7 +878,7 @@ impl Daemon {
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
         let (tx, id) = (tx.clone(), id.clone());
-        tokio::spawn(async move {
+        self.calls.spawn(async move {
             after(prev).await;
             let disposition = match event {
                 Event::SignalReceived(signal) => gov.signal(signal).await,

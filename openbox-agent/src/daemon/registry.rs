@@ -105,6 +105,9 @@ pub struct Stats {
     pub activities_abandoned: u64,
     /// `traceparent` values from hooks that were not W3C trace contexts (ignored).
     pub bad_traceparents: u64,
+    /// Calls to Core (with their replies to workers) still under way when the agent's
+    /// shutdown stopped waiting for them: neither delivered nor spooled.
+    pub governance_calls_abandoned: u64,
 }
 
 pub struct Registry {

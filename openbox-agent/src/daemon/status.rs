@@ -58,6 +58,7 @@ impl Summary {
             "activities": r.activities,
             "activities_in_flight": self.activities_in_flight,
             "activities_abandoned": r.activities_abandoned,
+            "governance_calls_abandoned": r.governance_calls_abandoned,
             "spans_attributed": r.spans_attributed,
             "spans_unattributed": r.unattributed.values().sum::<u64>(),
             "unattributed_reasons": r.unattributed,
