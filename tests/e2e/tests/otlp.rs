@@ -255,13 +255,6 @@ fn with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours() 
         "our activity span hangs under the user's:\n{}",
         show(&spans)
     );
-    assert!(
-        spans
-            .iter()
-            .any(|s| s.name.starts_with("RunWorkflow:") || s.name.starts_with("StartActivity:")),
-        "the user's workflow-side spans are in the same trace:\n{}",
-        show(&spans)
-    );
     // Our run's own span stays reachable by a link.
     assert!(
         !ours.links.is_empty(),
