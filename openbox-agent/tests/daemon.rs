@@ -10,7 +10,7 @@ use std::{
     fs,
     os::unix::net::UnixStream,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +20,7 @@ use serde_json::Value;
 
 /// The daemon, with its events, unattributed spans and stderr in files.
 struct Daemon {
-    child: Option<Child>,
+    agent: RunningAgent,
     dir: TempDir,
     socket: PathBuf,
 }
@@ -34,42 +34,19 @@ impl Daemon {
     fn start_with(env: &TestEnv, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new("daemon");
         let socket = dir.join("agent.sock");
-        let stderr = fs::File::create(dir.join("agent.err")).unwrap();
-        let child = Command::new(&env.agent)
-            .arg("run")
-            .args(args)
-            .envs(vars.iter().copied())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--events")
-            .arg(dir.join("events.jsonl"))
-            .arg("--unattributed")
-            .arg(dir.join("unattributed.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting openbox-agent run");
-        let d = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&d.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not listen on {} within 30 s; its stderr:\n{}",
-                d.socket.display(),
-                d.stderr()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        d
+        let agent = RunningAgent::start(env, &socket, &dir.join("agent.err"), |cmd| {
+            cmd.args(args)
+                .envs(vars.iter().copied())
+                .arg("--events")
+                .arg(dir.join("events.jsonl"))
+                .arg("--unattributed")
+                .arg(dir.join("unattributed.jsonl"));
+        });
+        Daemon { agent, dir, socket }
     }
 
     fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.err")).unwrap_or_default()
+        self.agent.stderr_text()
     }
 
     fn lines(&self, name: &str) -> Vec<Value> {
@@ -82,19 +59,7 @@ impl Daemon {
 
     /// SIGTERM, wait, and return the summary it printed last on stderr.
     fn stop(&mut self) -> Value {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        assert!(
-            status.success(),
-            "the agent exited with {status}: {}",
-            self.stderr()
-        );
-        let err = self.stderr();
-        let last = err.lines().last().unwrap_or_default();
-        serde_json::from_str(last)
-            .unwrap_or_else(|_| panic!("no summary at the end of stderr:\n{err}"))
+        self.agent.stop()
     }
 
     fn hook(&self, env: &TestEnv, args: &[&str]) -> Vec<Value> {
@@ -110,15 +75,6 @@ impl Daemon {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

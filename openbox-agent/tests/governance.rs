@@ -15,9 +15,8 @@ use std::{
     fs,
     io::{Read, Write},
     net::TcpStream,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -113,7 +112,7 @@ fn text<'a>(v: &'a Value, k: &str) -> &'a str {
 /// `openbox-agent run` with a Core URL, its spool in the test directory (kept across
 /// restarts), fail_open and a 1 s governance timeout.
 struct Agent {
-    child: Option<Child>,
+    agent: RunningAgent,
     socket: PathBuf,
     stderr: PathBuf,
 }
@@ -132,72 +131,31 @@ impl Agent {
     ) -> Agent {
         let socket = dir.join("agent.sock");
         let stderr = dir.join(&format!("{name}.stderr"));
-        let child = Command::new(&env.agent)
-            .arg("run")
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--openbox-url", &core.url(), "--openbox-api-key", KEY])
-            .arg("--spool-dir")
-            .arg(dir.join("spool"))
-            .args(["--governance-policy", "fail_open"])
-            .args(["--governance-timeout", &timeout_secs.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("starting openbox-agent run");
-        let agent = Agent {
-            child: Some(child),
+        let agent = RunningAgent::start(env, &socket, &stderr, |cmd| {
+            cmd.args(["--openbox-url", &core.url(), "--openbox-api-key", KEY])
+                .arg("--spool-dir")
+                .arg(dir.join("spool"))
+                .args(["--governance-policy", "fail_open"])
+                .args(["--governance-timeout", &timeout_secs.to_string()]);
+        });
+        Agent {
+            agent,
             socket,
             stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // A socket file left by a killed agent refuses connections until this one binds.
-        while UnixStream::connect(&agent.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not listen on {} within 30 s; its stderr:\n{}",
-                agent.socket.display(),
-                agent.stderr_text()
-            );
-            thread::sleep(Duration::from_millis(50));
         }
-        agent
     }
 
     fn stderr_text(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.agent.stderr_text()
     }
 
     fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.agent.kill();
     }
 
     /// SIGTERM, wait, and the `governance` object of the summary it printed last.
     fn stop(&mut self) -> Value {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        let err = self.stderr_text();
-        assert!(status.success(), "the agent exited with {status}: {err}");
-        let summary: Value = err
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_else(|| panic!("no summary at the end of stderr:\n{err}"));
-        summary["governance"].clone()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.agent.stop()["governance"].clone()
     }
 }
 

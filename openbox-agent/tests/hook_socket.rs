@@ -34,7 +34,7 @@ const IDLE_CONNECTIONS: usize = 2000;
 const CAP: usize = 256;
 
 struct Agent {
-    child: Option<Child>,
+    agent: RunningAgent,
     dir: TempDir,
     socket: PathBuf,
 }
@@ -46,71 +46,40 @@ impl Agent {
         // Others must reach <tmp>/run: the test makes the helper an unprivileged user.
         fs::set_permissions(dir.join("."), fs::Permissions::from_mode(0o755)).unwrap();
         let socket = dir.join("run/agent.sock");
-        let stderr = fs::File::create(dir.join("agent.err")).unwrap();
-        let mut cmd = Command::new(&env.agent);
-        // SAFETY: between fork and exec, only getrlimit/setrlimit (async-signal-safe).
-        unsafe {
-            cmd.pre_exec(|| {
-                // The usual soft limit, whatever the test runner's: the agent must raise it.
-                let mut lim = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-                lim.rlim_cur = lim.rlim_max.min(1024);
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .arg("run")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--events")
-            .arg(dir.join("events.jsonl"))
-            .args(args)
-            .env("OPENBOX_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting openbox-agent run");
-        let a = Agent {
-            child: Some(child),
-            dir,
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(&a.socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not listen within 30 s; its stderr:\n{}",
-                a.stderr()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        a
+        let agent = RunningAgent::start(env, &socket, &dir.join("agent.err"), |cmd| {
+            // SAFETY: between fork and exec, only getrlimit/setrlimit (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(|| {
+                    // The usual soft limit, whatever the test runner's: the agent must raise it.
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                    lim.rlim_cur = lim.rlim_max.min(1024);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                    Ok(())
+                });
+            }
+            cmd.arg("--events")
+                .arg(dir.join("events.jsonl"))
+                .args(args)
+                .env("OPENBOX_LOG", "info");
+        });
+        Agent { agent, dir, socket }
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.agent.pid()
     }
 
     fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.err")).unwrap_or_default()
+        self.agent.stderr_text()
     }
 
     /// SIGTERM, wait, and return the summary it printed last on stderr.
     fn stop(&mut self) -> Value {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        let err = self.stderr();
-        assert!(status.success(), "the agent exited with {status}: {err}");
-        let last = err.lines().last().unwrap_or_default();
-        serde_json::from_str(last)
-            .unwrap_or_else(|_| panic!("no summary at the end of stderr:\n{err}"))
+        self.agent.stop()
     }
 
     /// A registration by the stand-in hook, as root: the hello's reply.
@@ -132,15 +101,6 @@ impl Agent {
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["reply"].clone())
             .collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

@@ -9,10 +9,8 @@ mod common;
 
 use std::{
     fs,
-    os::unix::net::UnixStream,
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -78,29 +76,13 @@ fn secrets_of_every_kind_never_reach_the_run_events_and_the_rest_is_byte_exact()
     let pg = Server::postgres(&env, 0);
     let dir = TempDir::new("redaction-run");
     let socket = dir.join("agent.sock");
-    let mut agent = Command::new(&env.agent)
-        .arg("run")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--events")
-        .arg(dir.join("events.jsonl"))
-        .arg("--unattributed")
-        .arg(dir.join("unattributed.jsonl"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("agent.err")).unwrap())
-        .spawn()
-        .expect("starting openbox-agent run");
-    let stderr = || fs::read_to_string(dir.join("agent.err")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not listen within 30 s:\n{}",
-            stderr()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let mut agent = RunningAgent::start(&env, &socket, &dir.join("agent.err"), |cmd| {
+        cmd.arg("--events")
+            .arg(dir.join("events.jsonl"))
+            .arg("--unattributed")
+            .arg(dir.join("unattributed.jsonl"));
+    });
+    let stderr = || agent.stderr_text();
     let mut hook = Command::new(&env.python);
     hook.arg(env.script("fake_hook.py"))
         .arg(&socket)
@@ -113,9 +95,7 @@ fn secrets_of_every_kind_never_reach_the_run_events_and_the_rest_is_byte_exact()
         .stderr(Stdio::piped());
     let (status, _, err) = run_bounded(&mut hook, Duration::from_secs(120));
     assert!(status.success(), "the hook failed: {err}\n{}", stderr());
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    assert!(agent.wait().unwrap().success(), "{}", stderr());
+    agent.stop();
 
     for file in ["events.jsonl", "unattributed.jsonl", "agent.err"] {
         let text = fs::read_to_string(dir.join(file)).unwrap_or_default();

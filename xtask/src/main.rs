@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench`.
+//! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench |
+//! kernel-matrix`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -8,6 +9,7 @@ mod env;
 mod fuzz;
 mod hook_bench;
 mod image;
+mod kernel_matrix;
 mod lint;
 mod proc;
 mod startup_bench;
@@ -55,7 +57,8 @@ enum Task {
     Lint,
     /// Run `lint`, then install the test environment (Debian packages, Python virtualenvs
     /// with the worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
-    /// checker) and run every test, end-to-end tests included.
+    /// checker) and run every test, end-to-end tests included; with no test arguments,
+    /// then `kernel-matrix --quick`.
     Test {
         /// Skip `lint` (when iterating on one test; CI never does).
         #[arg(long)]
@@ -74,6 +77,20 @@ enum Task {
         /// Run only one part: syscalls (the agent's cost per syscall), parsers, or hook.
         #[arg(long, value_enum)]
         only: Option<BenchPart>,
+    },
+    /// Boot Debian's 6.1 and 6.12 cloud kernels under qemu (TCG) with the agent and run
+    /// `check` and, per capture mode, a `trace` of an HTTPS request and a file write in
+    /// each, beside the host; prints the matrix and what differs.
+    KernelMatrix {
+        /// One `trace` per kernel in the default capture mode, and no helper probe.
+        #[arg(long)]
+        quick: bool,
+        /// Only this kernel (host, 6.1, 6.12); repeatable. All when none is given.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Run this agent binary instead of building the workspace's.
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
     /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
@@ -105,6 +122,28 @@ fn main() -> Result<()> {
         Task::Test { skip_lint, args } => test(skip_lint, &args),
         Task::Demo => demo(),
         Task::Bench { iterations, only } => bench(iterations, only),
+        Task::KernelMatrix {
+            quick,
+            kernels,
+            agent,
+        } => {
+            let agent = match agent {
+                Some(path) => path,
+                None => {
+                    build_agent()?;
+                    agent_binary()
+                }
+            };
+            let object = workspace_root().join("target/bpf/openbox-ebpf.o");
+            kernel_matrix::run(
+                &agent,
+                &kernel_matrix::Options {
+                    quick,
+                    kernels,
+                    object,
+                },
+            )
+        }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
     }
@@ -166,7 +205,21 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
         .env("CONTAINERS_CONF", image::containers_conf()?)
         .args(["test", "--release", "--workspace"])
         .args(args)
-        .args(["--", "--test-threads=1"]))
+        .args(["--", "--test-threads=1"]))?;
+    // The whole suite (CI) also boots the other kernels users have: check and one trace
+    // each, about a minute (the full matrix is `cargo xtask kernel-matrix`). Not when
+    // the run is narrowed to some tests.
+    if args.is_empty() {
+        kernel_matrix::run(
+            &agent_binary(),
+            &kernel_matrix::Options {
+                quick: true,
+                kernels: Vec::new(),
+                object: root.join("target/bpf/openbox-ebpf.o"),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

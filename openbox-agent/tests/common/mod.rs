@@ -816,3 +816,85 @@ impl SpanRun {
         format!("{out}(full output: {})", self.saved.display())
     }
 }
+
+/// `openbox-agent run`, started the one way every daemon test starts it: listening on
+/// `socket`, its stderr in a file, waited for until the socket takes connections.
+/// `configure` adds the test's own arguments, environment and pre-exec steps.
+pub struct RunningAgent {
+    child: Option<std::process::Child>,
+    pub socket: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl RunningAgent {
+    pub fn start(
+        env: &TestEnv,
+        socket: &Path,
+        stderr: &Path,
+        configure: impl FnOnce(&mut Command),
+    ) -> RunningAgent {
+        let mut cmd = Command::new(&env.agent);
+        cmd.arg("run").arg("--socket").arg(socket);
+        configure(&mut cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(stderr).expect("creating the agent's stderr file"))
+            .spawn()
+            .expect("starting openbox-agent run");
+        let agent = RunningAgent {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            stderr: stderr.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // A socket file left by a killed agent refuses connections until this one binds.
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not listen on {} within 30 s; its stderr:\n{}",
+                socket.display(),
+                agent.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, wait for a successful exit, and the summary it printed last on stderr.
+    pub fn stop(&mut self) -> Value {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let err = self.stderr_text();
+        assert!(status.success(), "the agent exited with {status}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        serde_json::from_str(last)
+            .unwrap_or_else(|_| panic!("no summary at the end of stderr:\n{err}"))
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
