@@ -10,6 +10,8 @@
 //!               # skip_paths, no_default_skips, no_tls_pause, ring_mib,
 //!               # capture_mode
 //! [governance]  # see governance::config (`--events` is `events_sink` there)
+//! [otlp]        # endpoint, traces_endpoint, protocol, headers, service_name,
+//!               # resource_attributes, ca_file, queue_size
 //! ```
 //!
 //! Precedence, for every setting: command-line flag > environment variable (where the
@@ -22,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::logging::LogFormat;
+use crate::{export::OtlpSettings, logging::LogFormat};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +36,9 @@ pub struct FileConfig {
     /// Read and checked by [`crate::governance::config`], with its own messages.
     #[serde(default)]
     pub governance: Option<toml::Table>,
+    /// OTLP export (`--otlp-*` flags, `OTEL_*` variables).
+    #[serde(default)]
+    pub otlp: OtlpSettings,
 }
 
 /// The daemon's own settings (`[agent]`).
@@ -96,6 +101,7 @@ impl FileConfig {
             .iter_mut()
             .chain(agent.unattributed.iter_mut())
             .chain(capture.tls_libs.iter_mut().flatten())
+            .chain(c.otlp.ca_file.iter_mut())
             .for_each(near);
         Ok(c)
     }
@@ -143,9 +149,14 @@ capture_mode = "tracepoint"
 tls_libs = ["/opt/ssl/libssl.so.3"]
 [governance]
 governance_policy = "fail_closed"
+[otlp]
+endpoint = "http://collector:4318"
+headers = ["x-api-key=k"]
 "#,
         )
         .unwrap();
+        assert_eq!(c.otlp.endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(c.otlp.headers, Some(vec!["x-api-key=k".to_string()]));
         assert_eq!(c.agent.socket, Some("/run/x.sock".into()));
         assert_eq!(c.agent.log_format, Some(LogFormat::Json));
         assert_eq!(c.capture.ring_mib, Some(32));
@@ -180,6 +191,10 @@ governance_policy = "fail_closed"
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.agent.metrics_addr.as_deref(), Some("0.0.0.0:9464"));
         assert!(c.capture.ring_mib.is_some());
+        assert_eq!(
+            c.otlp.queue_size,
+            Some(crate::export::otlp::DEFAULT_QUEUE_SIZE)
+        );
         crate::governance::GovernanceConfig::from_toml_str(
             text,
             Path::new("/etc/openbox-agent/agent.toml"),

@@ -4,7 +4,7 @@
 //! The data's path, top to bottom: [`capture`] (load, attach, read the ring buffer) →
 //! [`conn`] (descriptor tables, streams, TLS linking) → [`protocol`] (parsers) →
 //! [`span`] (SDK-compatible spans) → sinks ([`trace`]'s printer, [`daemon`]'s
-//! attribution and [`governance`]). [`pipeline`] drives those stages.
+//! attribution and [`governance`], [`export`] over OTLP). [`pipeline`] drives those stages.
 
 pub mod bounded;
 pub mod capture;
@@ -12,6 +12,7 @@ pub mod check;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+pub mod export;
 pub mod governance;
 pub mod logging;
 pub mod pipeline;

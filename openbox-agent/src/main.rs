@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use openbox_agent::{
     capture, check,
     config::{pick, pick_flag, pick_list, CaptureFile, FileConfig},
-    conn, daemon,
+    conn, daemon, export,
     logging::{self, LogFormat},
     preflight, redact, span, trace,
 };
@@ -242,6 +242,65 @@ struct GovArgs {
     allow_worker_core_url: Vec<String>,
 }
 
+/// OTLP trace export (`trace` and `run`; `run` also reads the `[otlp]` table of its
+/// config file). On when an endpoint is given. The standard OTEL_* variables set these;
+/// OTEL_EXPORTER_OTLP_HEADERS and OTEL_EXPORTER_OTLP_TIMEOUT are read by the exporter
+/// itself (their headers win over same-named --otlp-header ones).
+#[derive(Args, Clone)]
+struct OtlpArgs {
+    /// Send spans to this OTLP collector (base URL: HTTP/protobuf posts to
+    /// <URL>/v1/traces; https for TLS).
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The full URL for traces, used as it is (beats --otlp-endpoint).
+    #[arg(long, value_name = "URL", env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_traces_endpoint: Option<String>,
+    /// `http/protobuf` (default) or `grpc`.
+    #[arg(long, value_name = "PROTOCOL", env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    otlp_protocol: Option<String>,
+    /// A header sent with every export (e.g. `authorization=Bearer KEY`); repeatable.
+    #[arg(long = "otlp-header", value_name = "NAME=VALUE")]
+    otlp_headers: Vec<String>,
+    /// `service.name` of the exported spans [default: openbox-agent].
+    #[arg(long, value_name = "NAME", env = "OTEL_SERVICE_NAME")]
+    service_name: Option<String>,
+    /// A resource attribute of every exported span; repeatable (the variable takes a
+    /// comma-separated list).
+    #[arg(
+        long = "resource-attribute",
+        value_name = "KEY=VALUE",
+        env = "OTEL_RESOURCE_ATTRIBUTES",
+        value_delimiter = ','
+    )]
+    resource_attributes: Vec<String>,
+    /// An extra CA bundle (PEM) trusted for the collector's TLS certificate.
+    #[arg(long, value_name = "PEM", env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    otlp_ca_file: Option<PathBuf>,
+    /// Most spans waiting for export; more are dropped and counted [default: 4096].
+    #[arg(long, value_name = "N")]
+    otlp_queue_size: Option<usize>,
+}
+
+impl OtlpArgs {
+    fn settings(self) -> export::OtlpSettings {
+        let list = |v: Vec<String>| (!v.is_empty()).then_some(v);
+        export::OtlpSettings {
+            endpoint: self.otlp_endpoint,
+            traces_endpoint: self.otlp_traces_endpoint,
+            // The traces-only variable beats the general one, as the spec says.
+            protocol: std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .ok()
+                .filter(|_| self.otlp_protocol.is_none())
+                .or(self.otlp_protocol),
+            headers: list(self.otlp_headers),
+            service_name: self.service_name,
+            resource_attributes: list(self.resource_attributes),
+            ca_file: self.otlp_ca_file,
+            queue_size: self.otlp_queue_size,
+        }
+    }
+}
+
 /// How logs are written (`trace` and `run`).
 #[derive(Args, Clone)]
 struct LogArgs {
@@ -307,6 +366,8 @@ enum Command {
         capture: CaptureArgs,
         #[command(flatten)]
         log: LogArgs,
+        #[command(flatten)]
+        otlp: OtlpArgs,
         /// Payload bytes shown per record in readable output.
         #[arg(long, default_value_t = 160)]
         show_bytes: usize,
@@ -351,6 +412,8 @@ enum Command {
         capture: CaptureArgs,
         #[command(flatten)]
         log: LogArgs,
+        #[command(flatten)]
+        otlp: OtlpArgs,
     },
     /// Report what this kernel offers, the privileges held, and the mode the agent will use.
     Check {
@@ -396,6 +459,7 @@ fn real_main() -> Result<i32> {
             pid,
             capture,
             log,
+            otlp,
             show_bytes,
             command,
         } => {
@@ -412,6 +476,7 @@ fn real_main() -> Result<i32> {
                 tls_libs: capture.tls_libs.clone(),
                 skip: capture.skip(),
                 show_bytes,
+                otlp: otlp.settings().resolve()?,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -429,6 +494,7 @@ fn real_main() -> Result<i32> {
             metrics_addr,
             capture,
             log,
+            otlp,
         } => {
             let file = match &governance.config {
                 Some(path) => FileConfig::load(path)?,
@@ -469,6 +535,7 @@ fn real_main() -> Result<i32> {
                     ),
                     ..Default::default()
                 },
+                otlp: otlp.settings().or(file.otlp).resolve()?,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -10,6 +10,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     capture::{clock::Clock, event, CaptureConfig, Counters},
     conn::{Pid, Record, SkipPaths},
+    export::{otlp, CommandExport, OtlpConfig},
     pipeline::{self, Output, Session, Sink},
     procfs,
     span::{Span, SpanConfig},
@@ -28,7 +29,12 @@ pub struct TraceOpts {
     pub skip: SkipPaths,
     /// Most payload bytes shown per data record in the readable output.
     pub show_bytes: usize,
+    /// Also export the spans over OTLP, under a root span for the command.
+    pub otlp: Option<OtlpConfig>,
 }
+
+/// What `trace` writes to: the printer, and the OTLP export when configured.
+type Out = (Printer, Option<CommandExport>);
 
 /// Starts `command` stopped, so it can be watched before its first instruction.
 fn spawn_stopped(command: &[String]) -> Result<Pid> {
@@ -150,16 +156,14 @@ impl Sink for Printer {
 
 /// The kernel's and the pipeline's counters, at the end of tracing: on stderr in span
 /// JSON mode (stdout holds only spans), else after the output.
-fn summary(session: &mut Session<Printer>) -> Counters {
+fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counters {
     let c = session.counters();
     let st = session.stats();
     let mode = session.capture().mode().mode.as_str();
     let spans = session.spans_enabled();
-    let p = session.sink_mut();
+    let p = &mut session.sink_mut().0;
     if p.json && spans {
-        eprintln!(
-            "{}",
-            json!({
+        let mut line = json!({
                 "type": "summary", "capture_mode": mode, "events": c.events,
                 "records_received": st.records_received,
                 "ringbuf_drops": c.ringbuf_drops, "truncated_calls": c.truncated_calls,
@@ -173,8 +177,11 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                 "tls_watched_hits": c.tls_watched_hits,
                 "tls_unwatched_hits": c.tls_unwatched_hits,
                 "tls_probes": st.tls_probes,
-            })
-        );
+        });
+        if let Some(o) = otlp {
+            line["otlp"] = json!(o);
+        }
+        eprintln!("{line}");
     } else if p.json {
         let line = json!({
             "type": "summary",
@@ -202,6 +209,9 @@ fn summary(session: &mut Session<Printer>) -> Counters {
             "tls_probes": st.tls_probes,
         });
         let _ = writeln!(p.out, "{line}");
+        if let Some(o) = otlp {
+            let _ = writeln!(p.out, "{}", json!({"type": "otlp", "otlp": o}));
+        }
     } else {
         let _ = writeln!(
             p.out,
@@ -259,6 +269,16 @@ fn summary(session: &mut Session<Printer>) -> Counters {
                     .collect();
                 let _ = writeln!(p.out, "-- {protocol} messages lost: {}", by.join(", "));
             }
+        }
+        if let Some(o) = otlp {
+            let _ = writeln!(
+                p.out,
+                "-- OTLP: {} spans exported, {} dropped ({} queue full, {} export failed)",
+                o.spans_exported,
+                o.spans_dropped(),
+                o.spans_dropped_queue_full,
+                o.spans_dropped_export_failed
+            );
         }
     }
     p.flush();
@@ -506,12 +526,24 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
     } else {
         Output::Spans(opts.spans.clone())
     };
+    // Records mode makes no spans: nothing to export.
+    let (export, done) = match opts.otlp.as_ref().filter(|_| !opts.raw) {
+        Some(cfg) => {
+            let (exporter, done) = otlp::Exporter::start(cfg)?;
+            let what = match opts.pid {
+                Some(pid) => format!("pid {pid}"),
+                None => opts.command.join(" "),
+            };
+            (Some(CommandExport::new(exporter, what)), Some(done))
+        }
+        None => (None, None),
+    };
     let (mut session, mut ring) = pipeline::start(
         &opts.capture,
         &opts.tls_libs,
         opts.skip.clone(),
         output,
-        printer,
+        (printer, export),
     )?;
 
     let (exit_tx, mut exit_rx) = tokio::sync::oneshot::channel::<i32>();
@@ -525,10 +557,16 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
             let _ = session.watch(child);
         }
         tracing::info!(pid, "watching process {pid} and its children");
+        if let Some(e) = session.sink_mut().1.as_mut() {
+            e.set_pid(pid);
+        }
         pid_watch = Some(fd);
         drop(exit_tx);
     } else {
         let pid = spawn_stopped(&opts.command)?;
+        if let Some(e) = session.sink_mut().1.as_mut() {
+            e.set_pid(pid);
+        }
         if let Err(e) = session.watch_before_exec(pid) {
             // The command never ran: it must not stay stopped behind us.
             // SAFETY: killing and reaping our own stopped child.
@@ -578,7 +616,16 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
     // Everything the traced processes did is already in the ring: drain it.
     ring.drain(&mut session);
     session.finish();
-    summary(&mut session);
+    let code = if opts.pid.is_some() { 0 } else { code };
+    let otlp = match (session.sink_mut().1.take(), done) {
+        (Some(mut export), Some(done)) => {
+            export.end(opts.pid.is_none().then_some(code));
+            drop(export);
+            Some(done.finish().await)
+        }
+        _ => None,
+    };
+    summary(&mut session, otlp);
     session.capture_mut().hand_off_detach();
-    Ok(if opts.pid.is_some() { 0 } else { code })
+    Ok(code)
 }

@@ -3,8 +3,8 @@
 //!
 //! `setup()` checks before it installs, so a second run only looks: `dpkg-query` for the
 //! packages, a marker file in each virtualenv for its pip requirements, a stamp of the
-//! hook's sources, the versioned FerretDB binary and the `temporal` and `helm` binaries in
-//! `~/.cache/openbox/go/bin`.
+//! hook's sources, the versioned FerretDB binary and the `temporal`, `helm` and `jaeger`
+//! binaries in `~/.cache/openbox/go/bin`.
 
 use std::{
     fs,
@@ -79,6 +79,14 @@ const HELM_PACKAGE: &str = "helm.sh/helm/v3/cmd/helm";
 const HELM_MODULE: &str = "helm.sh/helm/v3";
 const HELM_VERSION: &str = "v3.22.0";
 
+/// Jaeger (v2, an OpenTelemetry Collector distribution with in-memory storage and the
+/// query API), the OTLP backend of the end-to-end export test. Its module's go.mod has
+/// `replace` directives, which `go install PKG@VERSION` refuses: it is built as a tool
+/// of a module of our own (`go get -tool`, then `go build`).
+const JAEGER_PACKAGE: &str = "github.com/jaegertracing/jaeger/cmd/jaeger";
+const JAEGER_MODULE: &str = "github.com/jaegertracing/jaeger";
+const JAEGER_VERSION: &str = "v1.76.0";
+
 /// The strict Kubernetes manifest checker (a Go module in the repository).
 const K8S_VALIDATE_DIR: &str = "tests/k8s-validate";
 
@@ -152,6 +160,7 @@ pub fn setup() -> Result<TestEnv> {
     let ferretdb = ensure_ferretdb()?;
     let temporal = ensure_temporal()?;
     let helm = ensure_helm()?;
+    let jaeger = ensure_jaeger()?;
     let k8s_validate = build_k8s_validate()?;
 
     let vars = vec![
@@ -189,6 +198,10 @@ pub fn setup() -> Result<TestEnv> {
             hook_dir.display().to_string(),
         ),
         ("OPENBOX_HELM_BIN".to_string(), helm.display().to_string()),
+        (
+            "OPENBOX_JAEGER_BIN".to_string(),
+            jaeger.display().to_string(),
+        ),
         (
             "OPENBOX_K8S_VALIDATE_BIN".to_string(),
             k8s_validate.display().to_string(),
@@ -366,7 +379,7 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
 /// Modules each virtualenv must import once built.
 const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, \
      requests, urllib3, aiohttp, temporalio.client, temporalio.worker, jsonschema, openai, \
-     anthropic, brotli";
+     anthropic, brotli, temporalio.contrib.opentelemetry, opentelemetry.sdk.trace";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \
@@ -664,6 +677,65 @@ fn ensure_helm() -> Result<PathBuf> {
     if !(runs() && built_from(&bin, HELM_MODULE, HELM_VERSION)) {
         bail!(
             "{} was built but does not run (`helm version --short`) or is not {HELM_MODULE} {HELM_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Jaeger in `~/.cache/openbox/go/bin/jaeger`, built once (a module of our own in
+/// `~/.cache/openbox/go/src/jaeger-<version>` requires it as a tool) and reused while it
+/// is the pinned version.
+fn ensure_jaeger() -> Result<PathBuf> {
+    let cache = go_cache()?;
+    let bin = cache.join("bin/jaeger");
+    let runs = || {
+        Command::new(&bin)
+            .arg("--help")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if runs() && built_from(&bin, JAEGER_MODULE, JAEGER_VERSION) {
+        return Ok(bin);
+    }
+    let go = find_go().ok_or_else(|| {
+        anyhow!("Go is needed to build Jaeger {JAEGER_VERSION} (the OTLP export test's backend) and is not installed: install Go 1.26 or newer (https://go.dev/dl/ tarball into /usr/local/go), then run this again")
+    })?;
+    let module = cache.join(format!("src/jaeger-{JAEGER_VERSION}"));
+    fs::create_dir_all(&module).with_context(|| format!("creating {}", module.display()))?;
+    fs::create_dir_all(cache.join("bin"))?;
+    eprintln!(
+        "xtask: building Jaeger {JAEGER_VERSION} into {} (once; takes several minutes)",
+        bin.display()
+    );
+    if !module.join("go.mod").is_file() {
+        run(go_command(&go)?
+            .args(["mod", "init", "openbox-test-tools/jaeger"])
+            .current_dir(&module))?;
+    }
+    let retry = format!(
+        "retry with `cd {} && go get -tool {JAEGER_PACKAGE}@{JAEGER_VERSION} && go build -o {} {JAEGER_PACKAGE}`",
+        module.display(),
+        bin.display()
+    );
+    run(go_command(&go)?
+        .args(["get", "-tool"])
+        .arg(format!("{JAEGER_PACKAGE}@{JAEGER_VERSION}"))
+        .current_dir(&module))
+    .map_err(|e| {
+        anyhow!("{e}\nfetching Jaeger failed (is the Go module proxy reachable?); {retry}")
+    })?;
+    run(go_command(&go)?
+        .arg("build")
+        .arg("-o")
+        .arg(&bin)
+        .arg(JAEGER_PACKAGE)
+        .current_dir(&module))
+    .map_err(|e| anyhow!("{e}\nbuilding Jaeger failed; {retry}"))?;
+    if !(runs() && built_from(&bin, JAEGER_MODULE, JAEGER_VERSION)) {
+        bail!(
+            "{} was built but does not run (`jaeger --help`) or is not {JAEGER_MODULE} {JAEGER_VERSION}",
             bin.display()
         );
     }

@@ -24,8 +24,10 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -178,6 +180,7 @@ class ActivityInbound(ActivityInboundInterceptor):
                 attempt=info.attempt,
                 start_time=time.time(),
                 input=input_json,
+                **_trace_context(),
             )
         except Exception:
             _internal_error()
@@ -321,6 +324,23 @@ class _Seen:
                 )
             except Exception:
                 _log.info("openbox governance: activity runs constrained")
+
+
+def _trace_context() -> dict[str, str]:
+    """The W3C ``traceparent`` (and ``tracestate``) of the span current now, when the
+    worker traces with OpenTelemetry (e.g. Temporal's ``TracingInterceptor``, placed
+    before this hook in ``interceptors``): the agent puts its activity and I/O spans
+    under it. Empty when the worker does not trace: OpenTelemetry is never imported
+    here, only used when the worker already did."""
+    if "opentelemetry.trace" not in sys.modules:
+        return {}
+    try:
+        tracecontext = importlib.import_module("opentelemetry.trace.propagation.tracecontext")
+        carrier: dict[str, str] = {}
+        tracecontext.TraceContextTextMapPropagator().inject(carrier)
+        return {k: carrier[k] for k in ("traceparent", "tracestate") if carrier.get(k)}
+    except Exception:
+        return {}
 
 
 def _is_cancellation(exc: BaseException) -> bool:

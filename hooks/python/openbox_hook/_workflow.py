@@ -56,7 +56,7 @@ def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
 
     class OpenBoxWorkflowInbound(WorkflowInboundInterceptor):
         async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
-            _report(link, "WorkflowStarted", True, dict)
+            _report(link, "WorkflowStarted", True, _continued)
             try:
                 result = await super().execute_workflow(input)
             except Exception as exc:
@@ -109,6 +109,13 @@ def _report(
             _events.post(link, "workflow_event", fields)
     except Exception:
         _internal_error(event_type)
+
+
+def _continued() -> dict[str, Any]:
+    """The run this one continues (continue-as-new, retry, cron): the agent links the
+    traces of the two runs."""
+    prev = temporalio.workflow.info().continued_run_id
+    return {"continued_run_id": prev} if prev else {}
 
 
 _internal_error_logged = False

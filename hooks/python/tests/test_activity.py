@@ -47,6 +47,39 @@ class ActivityHookTest(unittest.TestCase):
     def run_with_hook(self, main):
         return support.run(main, self.hook)
 
+    def test_activity_start_carries_the_w3c_trace_context_of_the_workers_current_span(
+        self,
+    ) -> None:
+        # What Temporal's TracingInterceptor, placed before the hook, makes current.
+        from opentelemetry.sdk.trace import TracerProvider
+
+        tracer = TracerProvider().get_tracer("test")
+
+        async def work() -> str:
+            return "ok"
+
+        async def main() -> tuple[str, object]:
+            with tracer.start_as_current_span("RunActivity:work") as span:
+                result = await support.run_activity(self.hook, work, activity_type="work")
+            return result, span
+
+        result, span = self.run_with_hook(main())
+        [start] = self.agent.wait_for("activity_start")
+        ctx = span.get_span_context()  # type: ignore[attr-defined]
+        self.assertEqual(result, "ok")
+        self.assertEqual(start["traceparent"], f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01")
+        self.assertNotIn("tracestate", start)
+
+    def test_without_a_current_span_activity_start_carries_no_trace_context(self) -> None:
+        import opentelemetry.trace  # noqa: F401 - imported, as a tracing worker would
+
+        async def work() -> str:
+            return "ok"
+
+        self.run_with_hook(support.run_activity(self.hook, work))
+        [start] = self.agent.wait_for("activity_start")
+        self.assertNotIn("traceparent", start)
+
     def test_async_activity_start_and_end_messages(self) -> None:
         async def order(o: Order, note: bytes) -> dict:
             return {"ok": o.quantity, "token_seen": slot_of_this_thread()}

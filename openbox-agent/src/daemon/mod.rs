@@ -28,8 +28,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::{
+    bounded::BoundedMap,
     capture::CaptureConfig,
     conn::{Pid, SkipPaths},
+    export::{
+        otlp::{self, Resource},
+        semconv::{self, Placement},
+        tree, OtlpConfig,
+    },
     governance::{
         events::{self, Event},
         sink::Sink,
@@ -39,6 +45,7 @@ use crate::{
     pipeline::{self, Collect, Output, Session},
     procfs,
     span::{Span, SpanConfig},
+    workload::Workload,
 };
 
 #[derive(Debug, Clone)]
@@ -59,6 +66,8 @@ pub struct RunOpts {
     /// Group of the socket and its directory (default: the agent's own).
     pub socket_group: Option<u32>,
     pub hook_limits: hook::Limits,
+    /// Export spans over OTLP (the workflow → activity → operation tree).
+    pub otlp: Option<OtlpConfig>,
 }
 
 /// Test-only: names a file the agent waits for before it loads and attaches its kernel
@@ -89,6 +98,16 @@ struct Daemon {
     /// that shutdown waits for them: each ends delivered, spooled or answered by the
     /// failure policy within the governance timeout.
     calls: tokio_util::task::TaskTracker,
+    otlp: Option<otlp::Exporter>,
+    /// Runs whose WorkflowStarted this agent saw, for their span at the run's end.
+    runs: BoundedMap<(String, String), RunStart>,
+}
+
+/// What a run's span needs from its WorkflowStarted.
+struct RunStart {
+    at: SystemTime,
+    task_queue: String,
+    continued_run_id: Option<String>,
 }
 
 /// Runs remembered for ordering; past this the oldest are forgotten (their later events
@@ -167,6 +186,13 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         .as_deref()
         .map(|path| Sink::open_path(path, "unattributed spans file"))
         .transpose()?;
+    let (otlp, otlp_done) = match &opts.otlp {
+        Some(cfg) => {
+            let (e, done) = otlp::Exporter::start(cfg)?;
+            (Some(e), Some(done))
+        }
+        None => (None, None),
+    };
     let listener = hook::bind(&opts.socket, opts.socket_group).await?;
     let mut d = Daemon {
         session,
@@ -178,6 +204,8 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         ready_tx,
         run_tail: Default::default(),
         unattributed,
+        otlp,
+        runs: BoundedMap::new(MAX_ORDERED_RUNS),
         calls: tokio_util::task::TaskTracker::new(),
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
@@ -241,6 +269,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     ring.drain(&mut d.session);
     d.session.finish();
     d.route();
+    if let Some(done) = otlp_done {
+        done.finish().await;
+    }
     eprintln!("{}", d.summary().to_json());
     d.session.capture_mut().hand_off_detach();
     drop(scrape_tx);
@@ -297,6 +328,7 @@ impl Daemon {
                 connections_registered: self.conns.len() as u64,
             },
             governance: self.governor.stats(),
+            otlp: self.otlp.as_ref().map(otlp::Exporter::stats),
         }
     }
 
@@ -305,7 +337,17 @@ impl Daemon {
         let Collect { spans, exits } = self.session.sink_mut().take();
         for span in spans {
             if let Err(refused) = self.registry.route(span) {
-                let (why, span) = *refused;
+                let (why, mut span) = *refused;
+                // Its own trace, a root (a file.open's children share its trace).
+                let root = span.parent_span_id.as_deref().unwrap_or(&span.span_id);
+                span.trace_id = tree::unattributed_trace_id(&span.trace_id, root);
+                if let Some(e) = &self.otlp {
+                    let at = Placement {
+                        trace_id: span.trace_id.clone(),
+                        parent: None,
+                    };
+                    e.send(semconv::resource_of(&span), semconv::span_data(&span, &at));
+                }
                 self.write_unattributed(why, &span);
             }
         }
@@ -438,6 +480,7 @@ impl Daemon {
                     threads: Default::default(),
                     config: req.config.clone(),
                     governor: None,
+                    workload: Workload::of(peer),
                 },
             );
             self.registry.stats.workers += 1;
@@ -693,6 +736,12 @@ impl Daemon {
         let event = events::activity_started(&req.activity, req.input.clone(), SystemTime::now());
         let prev = self.run_latest(&req.activity.workflow_id, &req.activity.run_id);
         let token = self.registry.start(worker, req);
+        let verdict = self
+            .registry
+            .activities
+            .get(&(worker, token))
+            .map(|a| a.start_verdict.clone())
+            .unwrap_or_default();
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         self.calls.spawn(async move {
             after(prev).await;
@@ -700,6 +749,7 @@ impl Daemon {
                 Ok(gov) => gov.activity_started(event).await,
                 Err(refused) => refused,
             };
+            let _ = verdict.set(tree::decision_attributes("started", &decision));
             reply(&tx, &id, Ok(Answer::ActivityStart { token, decision }));
         });
         Ok(())
@@ -734,6 +784,19 @@ impl Daemon {
             .collect();
         let span_count = spans.len();
         let gov = self.governor_of(worker);
+        // Its operations under its span now; its span once governance has answered.
+        let export = self.otlp.clone().map(|e| {
+            let at = Placement {
+                trace_id: a.place.trace_id.clone(),
+                parent: Some(a.place.span_id.clone()),
+            };
+            for s in &spans {
+                e.send(semconv::resource_of(s), semconv::span_data(s, &at));
+            }
+            (e, self.worker_resource(worker))
+        });
+        let (place, start_verdict) = (a.place, a.start_verdict);
+        let error = req.error.clone();
         let start = a.start;
         let completion = events::ActivityCompletion {
             status: req.status,
@@ -746,6 +809,8 @@ impl Daemon {
             error: req.error,
             spans,
         };
+        let (started_at, ended_at) = (completion.start_time, completion.end_time);
+        let (status, info) = (completion.status, start.activity.clone());
         let event = events::activity_completed(&start.activity, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
         let prev = self.run_latest(&start.activity.workflow_id, &start.activity.run_id);
@@ -755,6 +820,20 @@ impl Daemon {
                 Ok(gov) => gov.activity_completed(event).await,
                 Err(refused) => refused,
             };
+            if let Some((e, resource)) = export {
+                let mut governance = start_verdict.get().cloned().unwrap_or_default();
+                governance.extend(tree::decision_attributes("completed", &decision));
+                let span = tree::activity_span(tree::ActivityEnd {
+                    info: &info,
+                    place: &place,
+                    start: started_at,
+                    end: ended_at,
+                    status,
+                    error: error.as_ref(),
+                    governance,
+                });
+                e.send(resource, span);
+            }
             let answer = Answer::ActivityEnd {
                 span_count,
                 spans_dropped: dropped,
@@ -784,8 +863,9 @@ impl Daemon {
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
+        self.run_span(worker, &wf, &req.event, now);
         let event: Event = match req.event {
-            WorkflowEventKind::WorkflowStarted => events::workflow_started(&wf, now).into(),
+            WorkflowEventKind::WorkflowStarted { .. } => events::workflow_started(&wf, now).into(),
             WorkflowEventKind::WorkflowCompleted { workflow_output } => {
                 events::workflow_completed(&wf, workflow_output, now).into()
             }
@@ -823,6 +903,65 @@ impl Daemon {
             reply(&tx, &id, answer);
         });
         Ok(())
+    }
+}
+
+impl Daemon {
+    /// The resource of a worker's activity and workflow spans: the process and its
+    /// container.
+    fn worker_resource(&self, worker: Pid) -> Resource {
+        let mut attrs = vec![opentelemetry::KeyValue::new(
+            "process.pid",
+            i64::from(worker),
+        )];
+        if let Some(w) = self.registry.workers.get(&worker) {
+            for (k, v) in w.workload.attributes() {
+                attrs.push(opentelemetry::KeyValue::new(k, v.to_string()));
+            }
+        }
+        Resource::new(attrs)
+    }
+
+    /// A run's span: its start is remembered at WorkflowStarted, the span is exported at
+    /// WorkflowCompleted/Failed (with the end as its start when this agent did not see
+    /// the run start, e.g. it was restarted meanwhile).
+    fn run_span(
+        &mut self,
+        worker: Pid,
+        wf: &events::WorkflowInfo,
+        event: &WorkflowEventKind,
+        now: SystemTime,
+    ) {
+        if self.otlp.is_none() {
+            return;
+        }
+        let key = (wf.workflow_id.clone(), wf.run_id.clone());
+        let how = match event {
+            WorkflowEventKind::WorkflowStarted { continued_run_id } => {
+                self.runs.insert(
+                    key,
+                    RunStart {
+                        at: now,
+                        task_queue: wf.task_queue.clone(),
+                        continued_run_id: continued_run_id.clone(),
+                    },
+                );
+                return;
+            }
+            WorkflowEventKind::WorkflowCompleted { .. } => tree::RunEnd::Completed,
+            WorkflowEventKind::WorkflowFailed { error } => tree::RunEnd::Failed { error },
+            WorkflowEventKind::SignalReceived { .. } => return,
+        };
+        let started = self.runs.remove(&key);
+        let (at, task_queue, previous) = match &started {
+            Some(r) => (r.at, r.task_queue.as_str(), r.continued_run_id.as_deref()),
+            None => (now, "", None),
+        };
+        let span = tree::workflow_span(wf, task_queue, at, now, how, previous);
+        let resource = self.worker_resource(worker);
+        if let Some(e) = &self.otlp {
+            e.send(resource, span);
+        }
     }
 }
 

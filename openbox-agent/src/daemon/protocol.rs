@@ -74,6 +74,12 @@ pub struct ActivityStart {
     /// Unix seconds, from the worker; the agent's clock when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<f64>,
+    /// The W3C trace context current in the worker when the activity started (its own
+    /// tracing, e.g. Temporal's `TracingInterceptor`): the agent's spans join that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// An activity execution ended; answered with the span count once governed.
@@ -112,7 +118,11 @@ pub struct WorkflowEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event_type")]
 pub enum WorkflowEventKind {
-    WorkflowStarted,
+    WorkflowStarted {
+        /// The run this one continues (continue-as-new, retry, cron): its trace is linked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continued_run_id: Option<String>,
+    },
     WorkflowCompleted {
         #[serde(default)]
         workflow_output: Value,

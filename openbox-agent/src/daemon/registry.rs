@@ -7,15 +7,22 @@
 //! the kernel saw (`owner`), which is the exact evidence rule: anything else is counted
 //! as unattributed, with the reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
 
+use opentelemetry::KeyValue;
 use serde_json::Value;
 
 use super::protocol::ActivityStart;
 use crate::{
     bounded::BoundedMap,
     conn::{Attribution, Pid},
+    export::tree::{self, ActivityPlace},
     span::Span,
+    workload::Workload,
 };
 
 pub struct Worker {
@@ -31,6 +38,8 @@ pub struct Worker {
     pub config: Value,
     /// Which of the daemon's per-worker governors governs it (None: the agent's own).
     pub governor: Option<String>,
+    /// Its container and pod, for the resource of its activity and workflow spans.
+    pub workload: Workload,
 }
 
 pub struct Activity {
@@ -38,7 +47,12 @@ pub struct Activity {
     pub start: ActivityStart,
     pub owner: Pid,
     pub token: u64,
-    pub trace_id: String,
+    /// The attempt's span, its trace (which its spans take) and its parent: the run's
+    /// span, or the worker's own activity span when it sent its trace context.
+    pub place: ActivityPlace,
+    pub started: SystemTime,
+    /// Governance's answer to the start, as span attributes, once it is known.
+    pub start_verdict: Arc<OnceLock<Vec<KeyValue>>>,
     pub spans: Vec<Span>,
     /// Spans beyond the per-activity limit: counted, not kept.
     pub dropped: u64,
@@ -89,6 +103,8 @@ pub struct Stats {
     /// Governors of workers' own settings freed with their last worker.
     pub worker_governors_freed: u64,
     pub activities_abandoned: u64,
+    /// `traceparent` values from hooks that were not W3C trace contexts (ignored).
+    pub bad_traceparents: u64,
     /// Calls to Core (with their replies to workers) still under way when the agent's
     /// shutdown stopped waiting for them: neither delivered nor spooled.
     pub governance_calls_abandoned: u64,
@@ -120,14 +136,24 @@ impl Registry {
         let token = self.next_token;
         self.next_token += 1;
         self.stats.activities += 1;
-        let trace_id = format!("{:016x}{:016x}", random_u64(), token);
+        let remote = start
+            .traceparent
+            .as_deref()
+            .and_then(|tp| tree::parse_traceparent(tp, start.tracestate.as_deref()));
+        if start.traceparent.is_some() && remote.is_none() {
+            self.stats.bad_traceparents += 1;
+        }
+        let span_id = format!("{:016x}", random_u64().max(1));
+        let place = ActivityPlace::new(&start.activity, span_id, remote);
         self.activities.insert(
             (owner, token),
             Activity {
                 start,
                 owner,
                 token,
-                trace_id,
+                place,
+                started: SystemTime::now(),
+                start_verdict: Arc::default(),
                 spans: Vec::new(),
                 dropped: 0,
             },
@@ -169,7 +195,7 @@ impl Registry {
                     return Ok(());
                 }
                 span.activity_id = Some(a.start.activity.activity_id.clone());
-                span.trace_id = a.trace_id.clone();
+                span.trace_id = a.place.trace_id.clone();
                 a.spans.push(span);
                 self.stats.spans_attributed += 1;
                 Ok(())
@@ -242,6 +268,8 @@ mod tests {
             },
             input: Vec::new(),
             start_time: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -263,7 +291,7 @@ mod tests {
         let done = r.end(100, a).unwrap();
         assert_eq!(done.spans.len(), 1);
         assert_eq!(done.spans[0].activity_id.as_deref(), Some("a"));
-        assert_eq!(done.spans[0].trace_id, done.trace_id);
+        assert_eq!(done.spans[0].trace_id, done.place.trace_id);
         assert_eq!(
             r.route(span(100, a)).unwrap_err().0,
             Unattributed::AfterActivityEnd
@@ -296,6 +324,7 @@ mod tests {
                 threads: HashMap::new(),
                 config: Value::Null,
                 governor: None,
+                workload: Workload::default(),
             },
         );
         let a = r.start(7, info("a"));

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     capture::Counters,
+    export::OtlpStats,
     governance::GovernanceStats,
     pipeline,
     protocol::{Loss, Protocol},
@@ -42,6 +43,8 @@ pub struct Summary {
     pub activities_in_flight: u64,
     pub hook: HookStats,
     pub governance: GovernanceStats,
+    /// OTLP export, when configured.
+    pub otlp: Option<OtlpStats>,
 }
 
 impl Summary {
@@ -99,6 +102,12 @@ impl Summary {
             (&mut s, serde_json::to_value(self.kernel))
         {
             s.extend(k);
+        }
+        if let Some(o) = &self.otlp {
+            s["otlp"] = json!(o);
+        }
+        if r.bad_traceparents > 0 {
+            s["bad_traceparents"] = r.bad_traceparents.into();
         }
         s
     }
@@ -500,6 +509,36 @@ impl Collector for Metrics {
                 "core_reachable",
                 "1 when OpenBox Core answered the last call, 0 when it did not.",
                 up.into(),
+            )?;
+        }
+        if let Some(o) = &s.otlp {
+            counter(
+                e,
+                "otlp_spans_exported",
+                "Spans the OTLP collector accepted.",
+                o.spans_exported,
+            )?;
+            labelled(
+                e,
+                "otlp_spans_dropped",
+                "Spans not exported: the queue was full, or their export failed.",
+                "reason",
+                [
+                    ("queue_full", o.spans_dropped_queue_full),
+                    ("export_failed", o.spans_dropped_export_failed),
+                ],
+            )?;
+            counter(
+                e,
+                "otlp_export_failures",
+                "OTLP export requests that failed.",
+                o.export_failures,
+            )?;
+            gauge(
+                e,
+                "otlp_queue_spans",
+                "Spans waiting for OTLP export.",
+                o.spans_queued,
             )?;
         }
         Ok(())

@@ -1,5 +1,5 @@
 //! Where spans leave the pipeline: the `trace` printer, the daemon's collector for
-//! attribution, and (later) exporters. A session hands every sink the same spans, in
+//! attribution, and exporters (`export::CommandExport` for OTLP). A session hands every sink the same spans, in
 //! the order the parsers finished them.
 
 use crate::{
@@ -35,6 +35,27 @@ impl<A: Sink, B: Sink> Sink for (A, B) {
     fn flush(&mut self) {
         self.0.flush();
         self.1.flush();
+    }
+}
+
+/// A sink that may be absent (an exporter that is not configured).
+impl<S: Sink> Sink for Option<S> {
+    fn span(&mut self, span: Span) {
+        if let Some(s) = self {
+            s.span(span);
+        }
+    }
+
+    fn record(&mut self, record: &Record, clock: &Clock) {
+        if let Some(s) = self {
+            s.record(record, clock);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(s) = self {
+            s.flush();
+        }
     }
 }
 

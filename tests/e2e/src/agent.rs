@@ -94,6 +94,11 @@ pub(crate) fn json_lines(path: &Path, what: &str) -> Vec<Value> {
 impl Agent {
     /// Starts the daemon and waits until its socket accepts connections.
     pub fn start(env: &Env, logs: &Path, socket: &Path) -> Agent {
+        Agent::start_with(env, logs, socket, &[])
+    }
+
+    /// The same with more arguments to `run` (e.g. `--otlp-endpoint URL`).
+    pub fn start_with(env: &Env, logs: &Path, socket: &Path, extra: &[String]) -> Agent {
         let events = logs.join("events.jsonl");
         let unattributed = logs.join("unattributed.jsonl");
         let mut cmd = Command::new(&env.agent);
@@ -105,6 +110,7 @@ impl Agent {
             .arg("--unattributed")
             .arg(&unattributed)
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
             .env(
                 "OPENBOX_LOG",
                 std::env::var("OPENBOX_LOG").unwrap_or_else(|_| "info".into()),
@@ -244,7 +250,8 @@ impl AgentReport {
     /// `/metrics`, scraped after the worker stopped, holds the values of the summary the
     /// agent printed at exit. Counters that the shutdown itself can still move (spans of
     /// connections still open when the agent stops are finished then: unattributed
-    /// reasons, parser losses, unrecognised connections) may only have grown by exit.
+    /// reasons, parser losses, unrecognised connections, OTLP export counts) may only have
+    /// grown by exit.
     pub fn assert_metrics_match_summary(&self) {
         let s = &self.summary;
         let num = |v: &Value| v.as_u64().unwrap_or(0);
@@ -319,6 +326,22 @@ impl AgentReport {
                         "openbox_parser_lost_messages_total{{protocol=\"{protocol}\",reason=\"{reason}\"}}"
                     ),
                     num(&s["parser_losses"][protocol][reason]),
+                ));
+            }
+        }
+        // OTLP export goes on while the agent drains and exits.
+        if let Some(o) = s.get("otlp") {
+            grown.push((
+                "openbox_otlp_spans_exported_total".into(),
+                num(&o["spans_exported"]),
+            ));
+            for (reason, key) in [
+                ("queue_full", "spans_dropped_queue_full"),
+                ("export_failed", "spans_dropped_export_failed"),
+            ] {
+                grown.push((
+                    format!("openbox_otlp_spans_dropped_total{{reason=\"{reason}\"}}"),
+                    num(&o[key]),
                 ));
             }
         }

@@ -21,15 +21,17 @@
 //! One module per part, each readable alone: `env` (what `cargo xtask test` provides,
 //! the logs directories), `servers` (shared by a binary's tests), `agent` (the daemon),
 //! `worker` (the hooked worker and the client), `scenario` (a test's world),
-//! `attribution` (the check) and `governance` (the fake Core, the governing agent and
-//! its world). Process guards, temporary directories and free ports come from
-//! `openbox-testkit`, which the agent's integration tests use too.
+//! `attribution` (the check), `governance` (the fake Core, the governing agent and
+//! its world) and `jaeger` (the OTLP backend of the export tests). Process guards,
+//! temporary directories and free ports come from `openbox-testkit`, which the agent's
+//! integration tests use too.
 
 mod agent;
 mod attribution;
 mod containers;
 mod env;
 mod governance;
+mod jaeger;
 mod scenario;
 mod servers;
 mod worker;
@@ -39,8 +41,8 @@ use std::time::Duration;
 pub use openbox_testkit::{free_port, tail, workspace_root, Proc, TempDir};
 
 pub use crate::{
-    agent::*, attribution::*, containers::*, env::*, governance::*, scenario::*, servers::*,
-    worker::*,
+    agent::*, attribution::*, containers::*, env::*, governance::*, jaeger::*, scenario::*,
+    servers::*, worker::*,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);

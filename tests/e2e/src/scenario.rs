@@ -15,6 +15,8 @@ use crate::{
 pub struct ScenarioOpts {
     /// Start the agent daemon (otherwise the worker's socket path names no file).
     pub agent: bool,
+    /// More arguments to `openbox-agent run`.
+    pub agent_args: Vec<String>,
     pub worker: WorkerOpts,
 }
 
@@ -22,6 +24,7 @@ impl Default for ScenarioOpts {
     fn default() -> ScenarioOpts {
         ScenarioOpts {
             agent: true,
+            agent_args: Vec::new(),
             worker: WorkerOpts::default(),
         }
     }
@@ -63,7 +66,9 @@ impl Scenario {
         fs::create_dir_all(&files).expect("creating the activities' file directory");
         let socket = tmp.join("agent.sock");
         let id = unique();
-        let agent = opts.agent.then(|| Agent::start(&env, &logs, &socket));
+        let agent = opts
+            .agent
+            .then(|| Agent::start_with(&env, &logs, &socket, &opts.agent_args));
         let task_queue = format!("tq-{name}-{id}");
         let worker = Worker::start(&env, &logs, &shared, &task_queue, &socket, &opts.worker);
         Scenario {

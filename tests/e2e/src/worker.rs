@@ -42,6 +42,9 @@ pub struct WorkerOpts {
     /// Base URLs the worker keeps a slow request on its way to, from before it starts,
     /// on the one shared aiohttp session `pooled_http` activities use.
     pub background: Vec<String>,
+    /// Trace the worker itself (Temporal's `TracingInterceptor` before the hook), its
+    /// spans sent to this OTLP/HTTP traces URL.
+    pub otel_traces_url: Option<String>,
 }
 
 impl Default for WorkerOpts {
@@ -53,6 +56,7 @@ impl Default for WorkerOpts {
             shared_pools: false,
             env: Vec::new(),
             background: Vec::new(),
+            otel_traces_url: None,
         }
     }
 }
@@ -90,6 +94,9 @@ impl Worker {
             .arg(opts.max_concurrent.to_string())
             .env("OPENBOX_AGENT_SOCKET", socket)
             .envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(url) = &opts.otel_traces_url {
+            cmd.arg("--otel-traces-url").arg(url);
+        }
         if opts.shared_pools {
             cmd.arg("--https-base")
                 .arg(format!("https://127.0.0.1:{}", shared.https_port))

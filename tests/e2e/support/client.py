@@ -4,7 +4,7 @@ Usage: client.py --address HOST:PORT --task-queue QUEUE --plan FILE [--timeout S
 
 FILE holds `{"workflows": [{"id": ..., "arg": {...}}, ...]}`: each is a `Fanout`
 workflow (support/worker.py) started with that id and argument, all at once. Prints one
-JSON object on stdout: `{"workflows": [{"id", "ok", "result"|"error"}, ...]}`, in plan
+JSON object on stdout: `{"workflows": [{"id", "run_id", "ok", "result"|"error"}, ...]}`, in plan
 order. Exits 0 when it got an outcome for every workflow (a failed workflow is an
 outcome), 1 on the timeout.
 """
@@ -21,10 +21,12 @@ from temporalio.client import Client
 
 async def outcome(handle):
     try:
-        return {"id": handle.id, "ok": True, "result": await handle.result()}
+        return {"id": handle.id, "run_id": handle.result_run_id, "ok": True,
+                "result": await handle.result()}
     except Exception as e:  # noqa: BLE001 - every failure is an outcome to report
         cause = e.__cause__
-        return {"id": handle.id, "ok": False, "error": f"{e!r}: {cause!r}" if cause else repr(e)}
+        return {"id": handle.id, "run_id": handle.result_run_id, "ok": False,
+                "error": f"{e!r}: {cause!r}" if cause else repr(e)}
 
 
 async def main():

@@ -2,6 +2,7 @@
 
 Usage: worker.py --address HOST:PORT --task-queue QUEUE [--socket PATH] [--threads N]
                  [--max-concurrent N] [--https-base URL] [--pg-port PORT]
+                 [--otel-traces-url URL]
 
 Registers the `Fanout` workflow and the activities below, with
 `interceptors=[OpenBoxHook(PATH)]` (PATH also from $OPENBOX_AGENT_SOCKET), sync
@@ -24,6 +25,11 @@ have started, or `timeout` seconds, so they really run at the same time).
 `--background BASE` (repeatable) opens one aiohttp session with one connection per server
 before the worker exists and keeps a slow request (`/slow/…`) on its way to each BASE for
 as long as the worker runs; `pooled_http` (item `base`) makes its request on that session.
+
+With `--otel-traces-url`, the worker traces itself as a user's worker would: Temporal's
+OpenTelemetry `TracingInterceptor` before the hook, and its spans sent to that OTLP/HTTP
+URL (service `e2e-worker`, as OTLP JSON: the exporter packages' protobuf pin conflicts
+with temporalio's).
 """
 
 import argparse
@@ -337,6 +343,60 @@ class Fanout:
         return out
 
 
+def otel_tracing(url):
+    """A tracer provider exporting to `url`; the interceptor that uses it."""
+    import json
+    import urllib.request
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor, SpanExporter, SpanExportResult)
+    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    def value(v):
+        if isinstance(v, bool):
+            return {"boolValue": v}
+        if isinstance(v, int):
+            return {"intValue": str(v)}
+        if isinstance(v, float):
+            return {"doubleValue": v}
+        return {"stringValue": str(v)}
+
+    class OtlpJson(SpanExporter):
+        def export(self, spans):
+            body = {"resourceSpans": [{
+                "resource": {"attributes": [
+                    {"key": "service.name", "value": {"stringValue": "e2e-worker"}}]},
+                "scopeSpans": [{"scope": {"name": "e2e-worker"}, "spans": [{
+                    "traceId": f"{s.context.trace_id:032x}",
+                    "spanId": f"{s.context.span_id:016x}",
+                    "parentSpanId": f"{s.parent.span_id:016x}" if s.parent else "",
+                    "name": s.name,
+                    "kind": s.kind.value + 1,
+                    "startTimeUnixNano": str(s.start_time),
+                    "endTimeUnixNano": str(s.end_time),
+                    "attributes": [{"key": k, "value": value(v)}
+                                   for k, v in (s.attributes or {}).items()],
+                } for s in spans]}],
+            }]}
+            req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(req, timeout=10).read()
+                return SpanExportResult.SUCCESS
+            except Exception as e:  # noqa: BLE001 - reported, the worker goes on
+                print(f"otel export failed: {e}", file=sys.stderr)
+                return SpanExportResult.FAILURE
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "e2e-worker"}))
+    processor = BatchSpanProcessor(OtlpJson(), schedule_delay_millis=200)
+    provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+    return TracingInterceptor(), provider
+
+
 async def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
@@ -349,6 +409,7 @@ async def main():
     parser.add_argument("--background", action="append", default=[], metavar="BASE",
                         help="keep a request on its way to BASE on the shared aiohttp "
                              "session from before the worker (and its hook) starts")
+    parser.add_argument("--otel-traces-url")
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -377,6 +438,13 @@ async def main():
             # the worker and its hook exist.
             await started.wait()
 
+    interceptors = [OpenBoxHook(args.socket)]
+    provider = None
+    if args.otel_traces_url:
+        # The tracing interceptor comes first, so its activity span is current when the
+        # hook starts the activity.
+        tracing, provider = otel_tracing(args.otel_traces_url)
+        interceptors.insert(0, tracing)
     client = await Client.connect(args.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -391,7 +459,7 @@ async def main():
             activity_executor=executor,
             max_concurrent_activities=args.max_concurrent,
             workflow_runner=UnsandboxedWorkflowRunner(),
-            interceptors=[OpenBoxHook(args.socket)],
+            interceptors=interceptors,
         )
         async with worker:
             print("ready", os.getpid(), flush=True)
@@ -404,6 +472,8 @@ async def main():
         task.cancel()
     if "aiohttp" in SHARED:
         await SHARED["aiohttp"].close()
+    if provider is not None:
+        provider.shutdown()  # sends the spans still batched
 
 
 if __name__ == "__main__":

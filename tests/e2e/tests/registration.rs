@@ -86,6 +86,7 @@ fn worker_without_agent_under_fail_closed_fails_every_activity() {
                 env: vec![("OPENBOX_GOVERNANCE_POLICY".into(), "fail_closed".into())],
                 ..WorkerOpts::default()
             },
+            ..ScenarioOpts::default()
         },
     );
     assert!(!s.socket.exists(), "{} must not exist", s.socket.display());

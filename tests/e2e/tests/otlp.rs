@@ -1,0 +1,377 @@
+//! OTLP export, end to end: the agent sends its spans to a real OTLP backend (Jaeger
+//! with in-memory storage), and the tests read the traces back through Jaeger's query
+//! API — what a user looking at their tracing backend would see.
+//!
+//! - A workflow run is one trace: the run's span at the root, a span per activity
+//!   attempt under it, each captured operation (HTTPS call, SQL query, file write) under
+//!   its activity, with the stable semantic-convention attribute names, and the same
+//!   span ids Core received in ActivityCompleted.
+//! - A worker that traces itself with Temporal's `TracingInterceptor`: one trace holds
+//!   the user's spans and ours, our activity span under the user's.
+//! - `trace` exports what it captured under a root span for the traced command.
+//! - A collector that never answers slows nothing: the workflow runs, governance gets
+//!   every event, and the dropped spans are counted in the summary and /metrics.
+
+use std::{collections::BTreeSet, process::Command};
+
+use openbox_e2e::{logs_dir, show, Env, Jaeger, Scenario, ScenarioOpts, TraceSpan, WorkerOpts};
+use serde_json::{json, Value};
+
+/// The run id's 32 hex digits: the trace id of the run.
+fn trace_of_run(outcome: &Value) -> String {
+    let run = outcome["run_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the client reported no run_id: {outcome}"));
+    run.replace('-', "")
+}
+
+fn one<'a>(spans: &'a [TraceSpan], what: &str, f: impl Fn(&TraceSpan) -> bool) -> &'a TraceSpan {
+    let found: Vec<&TraceSpan> = spans.iter().filter(|s| f(s)).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {what} in the trace, found {}:\n{}",
+        found.len(),
+        show(spans)
+    );
+    found[0]
+}
+
+fn children<'a>(spans: &'a [TraceSpan], parent: &TraceSpan) -> Vec<&'a TraceSpan> {
+    spans
+        .iter()
+        .filter(|s| s.parent.as_deref() == Some(parent.span_id.as_str()))
+        .collect()
+}
+
+/// The captured operations of one activity: an HTTPS GET, a PostgreSQL query and a file
+/// written, each carrying the activity's marker, directly under the activity's span (the
+/// file's write under its file.open).
+fn assert_io_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
+    let kids = children(spans, activity);
+    let http = one(spans, &format!("GET of {marker}"), |s| {
+        s.tag_str("url.full").contains(marker)
+    });
+    assert!(
+        kids.iter().any(|k| k.span_id == http.span_id),
+        "the HTTPS span of {marker} is not a child of its activity span {}:\n{}",
+        activity.span_id,
+        show(spans)
+    );
+    assert_eq!(http.tag_str("http.request.method"), "GET");
+    assert_eq!(http.tag("http.response.status_code"), Some(&json!(200)));
+    assert_eq!(http.tag_str("server.address"), "127.0.0.1");
+    assert_eq!(http.tag_str("url.scheme"), "https");
+    assert_eq!(http.tag_str("url.path"), format!("/e2e/{marker}"));
+    let sql = one(spans, &format!("SQL of {marker}"), |s| {
+        s.tag_str("db.query.text").contains(marker)
+    });
+    assert!(
+        kids.iter().any(|k| k.span_id == sql.span_id),
+        "the SQL span of {marker} is not a child of its activity span:\n{}",
+        show(spans)
+    );
+    assert_eq!(sql.tag_str("db.system.name"), "postgresql");
+    assert_eq!(sql.tag_str("db.namespace"), "shop");
+    let open = one(spans, &format!("file.open of {marker}"), |s| {
+        s.name == "file.open" && s.tag_str("file.path").contains(marker)
+    });
+    assert!(
+        kids.iter().any(|k| k.span_id == open.span_id),
+        "the file.open span of {marker} is not a child of its activity span:\n{}",
+        show(spans)
+    );
+    let writes = children(spans, open);
+    assert!(
+        writes.iter().any(|w| w.name == "file.write"),
+        "no file.write under the file.open of {marker}:\n{}",
+        show(spans)
+    );
+    for s in [http, sql] {
+        for old in [
+            "http.method",
+            "http.url",
+            "http.status_code",
+            "db.statement",
+            "db.system",
+            "net.peer.name",
+        ] {
+            assert!(
+                s.tag(old).is_none(),
+                "span {} still carries the old name {old}",
+                s.name
+            );
+        }
+        assert_eq!(s.tag_str("temporal.activity.id"), marker);
+    }
+}
+
+#[test]
+fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents() {
+    let name =
+        "a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents";
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let s = Scenario::start(
+        name,
+        ScenarioOpts {
+            agent_args: vec![
+                "--otlp-endpoint".into(),
+                format!("http://127.0.0.1:{}", jaeger.otlp_http),
+                "--service-name".into(),
+                "openbox-e2e".into(),
+            ],
+            ..ScenarioOpts::default()
+        },
+    );
+    let wf = s.workflow_id(0);
+    let plan = json!({"activity": "async_io", "items": [s.item(0), s.item(1)]});
+    let out = s.run_ok(&[(wf.clone(), plan)]);
+    let trace_id = trace_of_run(&out[0]);
+    let markers = [s.marker(0), s.marker(1)];
+    let done = s.finish();
+    let agent = done.agent.expect("the scenario ran an agent");
+
+    let spans = jaeger.wait_trace(
+        &trace_id,
+        "the workflow span and both activities' I/O",
+        |spans| {
+            spans.iter().any(|s| s.name == "workflow Fanout")
+                && markers.iter().all(|m| {
+                    spans.iter().any(|s| {
+                        s.name == "file.write" && s.tag_str("file.path").contains(m.as_str())
+                    })
+                })
+        },
+    );
+    let run = one(&spans, "workflow span", |s| s.name == "workflow Fanout");
+    assert_eq!(run.parent, None, "the run's span is the trace's root");
+    assert_eq!(run.tag_str("temporal.workflow.id"), wf);
+    assert_eq!(run.tag_str("openbox.workflow.status"), "completed");
+    assert_eq!(run.service, "openbox-e2e");
+    for marker in &markers {
+        let act = one(&spans, &format!("activity span of {marker}"), |s| {
+            s.name == "activity async_io" && s.tag_str("temporal.activity.id") == marker
+        });
+        assert_eq!(
+            act.parent.as_deref(),
+            Some(run.span_id.as_str()),
+            "activity {marker} hangs under the run's span"
+        );
+        assert_eq!(act.tag("temporal.activity.attempt"), Some(&json!(1)));
+        assert_eq!(act.tag_str("openbox.activity.status"), "completed");
+        assert_eq!(act.tag_str("openbox.governance.started.action"), "continue");
+        assert_eq!(
+            act.tag_str("openbox.governance.completed.action"),
+            "continue"
+        );
+        assert!(
+            act.process.contains_key("process.pid"),
+            "the worker process is the resource: {:?}",
+            act.process
+        );
+        assert_io_under(&spans, act, marker);
+    }
+    // Core and the backend hold the same spans: every span of every ActivityCompleted is
+    // in the trace under its id.
+    let in_backend: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let completed = agent.events_of("ActivityCompleted");
+    assert_eq!(completed.len(), 2, "one ActivityCompleted per activity");
+    for ev in completed {
+        for sp in ev["spans"].as_array().into_iter().flatten() {
+            assert_eq!(
+                sp["trace_id"].as_str(),
+                Some(trace_id.as_str()),
+                "Core's span is in the run's trace: {sp}"
+            );
+            let id = sp["span_id"].as_str().unwrap_or_default();
+            assert!(
+                in_backend.contains(id),
+                "span {id} that Core got is not in the backend:\n{}",
+                show(&spans)
+            );
+        }
+    }
+    let otlp = &agent.summary["otlp"];
+    assert_eq!(otlp["spans_dropped_queue_full"], 0, "{otlp}");
+    assert_eq!(otlp["spans_dropped_export_failed"], 0, "{otlp}");
+    assert!(
+        otlp["spans_exported"].as_u64().unwrap_or(0) >= spans.len() as u64,
+        "{otlp}"
+    );
+}
+
+#[test]
+fn with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours() {
+    let name = "with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours";
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let s = Scenario::start(
+        name,
+        ScenarioOpts {
+            // gRPC this time: both wires are exercised.
+            agent_args: vec![
+                "--otlp-endpoint".into(),
+                format!("http://127.0.0.1:{}", jaeger.otlp_grpc),
+                "--otlp-protocol".into(),
+                "grpc".into(),
+            ],
+            worker: WorkerOpts {
+                otel_traces_url: Some(format!("http://127.0.0.1:{}/v1/traces", jaeger.otlp_http)),
+                ..WorkerOpts::default()
+            },
+            ..ScenarioOpts::default()
+        },
+    );
+    let wf = s.workflow_id(0);
+    let marker = s.marker(0);
+    s.run_ok(&[(wf, json!({"activity": "async_io", "items": [s.item(0)]}))]);
+    let done = s.finish();
+    let agent = done.agent.expect("the scenario ran an agent");
+    // The user's trace: the one Core's spans carry.
+    let completed = agent.events_of("ActivityCompleted");
+    assert_eq!(completed.len(), 1);
+    let trace_id = completed[0]["spans"][0]["trace_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("ActivityCompleted carries no span: {}", completed[0]))
+        .to_string();
+    let spans = jaeger.wait_trace(
+        &trace_id,
+        "the user's activity span and ours with its I/O",
+        |spans| {
+            spans.iter().any(|s| s.name.starts_with("RunActivity:"))
+                && spans.iter().any(|s| s.name == "activity async_io")
+                && spans.iter().any(|s| s.name == "file.write")
+        },
+    );
+    let users = one(&spans, "user's RunActivity span", |s| {
+        s.name == "RunActivity:async_io"
+    });
+    assert_eq!(users.service, "e2e-worker");
+    let ours = one(&spans, "our activity span", |s| {
+        s.name == "activity async_io"
+    });
+    assert_eq!(
+        ours.parent.as_deref(),
+        Some(users.span_id.as_str()),
+        "our activity span hangs under the user's:\n{}",
+        show(&spans)
+    );
+    // Our run's own span stays reachable by a link.
+    assert!(
+        !ours.links.is_empty(),
+        "our activity span links to the run's span"
+    );
+    assert_io_under(&spans, ours, &marker);
+}
+
+#[test]
+fn a_collector_that_never_answers_slows_nothing_and_the_dropped_spans_are_counted() {
+    let name = "a_collector_that_never_answers_slows_nothing_and_the_dropped_spans_are_counted";
+    // Takes connections, never reads or answers.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").expect("binding the black hole");
+    let port = blackhole.local_addr().expect("its port").port();
+    let s = Scenario::start(
+        name,
+        ScenarioOpts {
+            agent_args: vec![
+                "--otlp-endpoint".into(),
+                format!("http://127.0.0.1:{port}"),
+                "--otlp-queue-size".into(),
+                "8".into(),
+            ],
+            ..ScenarioOpts::default()
+        },
+    );
+    let wf = s.workflow_id(0);
+    let items: Vec<Value> = (0..10).map(|i| s.item(i)).collect();
+    s.run_ok(&[(wf, json!({"activity": "async_io", "items": items}))]);
+    let done = s.finish();
+    let agent = done.agent.expect("the scenario ran an agent");
+    // Governance got everything.
+    assert_eq!(agent.events_of("ActivityCompleted").len(), 10);
+    let otlp = &agent.summary["otlp"];
+    let n = |k: &str| {
+        otlp[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("summary otlp has no {k}: {otlp}"))
+    };
+    assert_eq!(n("spans_exported"), 0, "{otlp}");
+    // 10 activity spans, a workflow span and at least 4 I/O spans per activity (GET,
+    // SQL, file.open, file.write): none exported, every one counted.
+    let at_least = 10 + 1 + 10 * 4;
+    assert!(
+        n("spans_dropped_queue_full") + n("spans_dropped_export_failed") >= at_least,
+        "{otlp}"
+    );
+    assert!(
+        n("spans_dropped_queue_full") > 0,
+        "a queue of 8 overflows: {otlp}"
+    );
+    assert_eq!(n("spans_queued"), 0, "{otlp}");
+    agent.assert_metrics_match_summary();
+    let m = |k: &str| agent.metrics.get(k).copied().unwrap_or(-1.0);
+    assert!(
+        m("openbox_otlp_spans_dropped_total{reason=\"queue_full\"}") > 0.0,
+        "/metrics counts the drops:\n{}",
+        agent.metrics_text
+    );
+    drop(blackhole);
+}
+
+#[test]
+fn trace_exports_the_captured_spans_under_a_root_span_for_the_command() {
+    let name = "trace_exports_the_captured_spans_under_a_root_span_for_the_command";
+    let logs = logs_dir(name);
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let env = Env::get();
+    let file = logs.join("written-by-the-traced-command.txt");
+    let out = Command::new(&env.agent)
+        .args(["trace", "--json", "--otlp-endpoint"])
+        .arg(format!("http://127.0.0.1:{}", jaeger.otlp_http))
+        .arg("--")
+        .arg(&env.python)
+        .arg("-c")
+        .arg(format!(
+            "open({:?}, 'w').write('x')",
+            file.display().to_string()
+        ))
+        .output()
+        .expect("running openbox-agent trace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trace failed: {stderr}");
+    let spans: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let path = file.display().to_string();
+    let open = spans
+        .iter()
+        .find(|s| s["name"] == "file.open" && s["attributes"]["file.path"] == path.as_str())
+        .unwrap_or_else(|| panic!("no file.open of {path} in trace --json:\n{spans:?}"));
+    let trace_id = open["trace_id"].as_str().expect("a trace id").to_string();
+    let spans = jaeger.wait_trace(&trace_id, "the command's root and its file.open", |spans| {
+        spans.iter().any(|s| s.name.starts_with("trace "))
+            && spans.iter().any(|s| s.name == "file.write")
+    });
+    let root = one(&spans, "root span", |s| s.name.starts_with("trace "));
+    assert_eq!(root.parent, None);
+    assert_eq!(root.tag("process.exit.code"), Some(&json!(0)));
+    let exported = one(&spans, "file.open", |s| {
+        s.name == "file.open" && s.tag_str("file.path") == path
+    });
+    assert_eq!(
+        exported.span_id,
+        open["span_id"].as_str().unwrap_or_default(),
+        "the span keeps its id"
+    );
+    assert_eq!(exported.parent.as_deref(), Some(root.span_id.as_str()));
+    let summary: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary on stderr: {stderr}"));
+    assert!(
+        summary["otlp"]["spans_exported"].as_u64().unwrap_or(0) >= 3,
+        "{summary}"
+    );
+    assert_eq!(summary["otlp"]["spans_dropped_queue_full"], 0, "{summary}");
+}
