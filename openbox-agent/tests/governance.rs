@@ -193,6 +193,41 @@ fn delivered_when(core: &FakeCore, timeout: Duration, done: impl Fn(&[&Value]) -
     thread::sleep(Duration::from_millis(1500));
 }
 
+/// Waits (at most `timeout`) until every event in `acked` (keys as fake_hook.py's
+/// `event_key`) was answered 200 by Core, and asserts each arrived exactly once.
+fn every_acked_event_reaches_core_once(
+    core: &FakeCore,
+    acked: &[String],
+    agent: &Agent,
+    timeout: Duration,
+) {
+    let keys = |bodies: &[&Value]| -> BTreeMap<String, usize> {
+        let mut n = BTreeMap::new();
+        for b in bodies {
+            *n.entry(event_key(b)).or_default() += 1;
+        }
+        n
+    };
+    delivered_when(core, timeout, |bodies| {
+        let got = keys(bodies);
+        acked.iter().all(|k| got.contains_key(k))
+    });
+    let got = keys(&evaluated(&core.requests(), 200));
+    let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
+    let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "{} of the {} acknowledged events never reached Core (first: {:?}); delivered more than once: {:?}\n\
+         (recording {}, agent stderr {})",
+        missing.len(),
+        acked.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        twice.iter().take(5).collect::<Vec<_>>(),
+        core.record.display(),
+        agent.stderr.display()
+    );
+}
+
 /// The hook writes workflow events without waiting for replies (as the real hook's
 /// sender does) while Core takes none, so the agent spools them; the agent is SIGKILLed
 /// part-way. Every event the hook had been told was accepted must reach Core once the
@@ -248,31 +283,7 @@ fn every_workflow_event_acknowledged_before_a_sigkill_reaches_core_exactly_once(
 
     core.set_down(json!(false));
     let mut agent = Agent::start(&env, &dir, &core, "agent-2");
-    let keys = |bodies: &[&Value]| -> BTreeMap<String, usize> {
-        let mut n = BTreeMap::new();
-        for b in bodies {
-            *n.entry(event_key(b)).or_default() += 1;
-        }
-        n
-    };
-    delivered_when(&core, Duration::from_secs(90), |bodies| {
-        let got = keys(bodies);
-        acked.iter().all(|k| got.contains_key(k))
-    });
-    let got = keys(&evaluated(&core.requests(), 200));
-    let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
-    let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        missing.is_empty() && twice.is_empty(),
-        "{} of the {} acknowledged events never reached Core (first: {:?}); delivered more than once: {:?}\n\
-         (recording {}, agent stderr {})",
-        missing.len(),
-        acked.len(),
-        missing.iter().take(5).collect::<Vec<_>>(),
-        twice.iter().take(5).collect::<Vec<_>>(),
-        core.record.display(),
-        agent.stderr.display()
-    );
+    every_acked_event_reaches_core_once(&core, &acked, &agent, Duration::from_secs(90));
     let governance = agent.stop();
     assert_eq!(governance["spool_pending"], 0, "{governance}");
 }
@@ -340,25 +351,7 @@ fn workflow_events_under_way_at_sigterm_are_acknowledged_and_reach_core_after_th
     fs::write(dir.join("core.script.json"), "{}").unwrap();
     thread::sleep(Duration::from_millis(300));
     let mut agent = Agent::start(&env, &dir, &core, "agent-2");
-    let keys = |bodies: &[&Value]| -> BTreeMap<String, usize> {
-        let mut n = BTreeMap::new();
-        for b in bodies {
-            *n.entry(event_key(b)).or_default() += 1;
-        }
-        n
-    };
-    delivered_when(&core, Duration::from_secs(60), |bodies| {
-        let got = keys(bodies);
-        acked.iter().all(|k| got.contains_key(k))
-    });
-    let got = keys(&evaluated(&core.requests(), 200));
-    let missing: Vec<&String> = acked.iter().filter(|k| !got.contains_key(*k)).collect();
-    let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        missing.is_empty() && twice.is_empty(),
-        "never reached Core: {missing:?}; more than once: {twice:?} (agent stderr {})",
-        agent.stderr.display()
-    );
+    every_acked_event_reaches_core_once(&core, &acked, &agent, Duration::from_secs(60));
     let governance = agent.stop();
     assert_eq!(governance["spool_pending"], 0, "{governance}");
 }

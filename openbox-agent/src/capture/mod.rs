@@ -544,16 +544,3 @@ fn attach_tracepoints(ebpf: &mut Ebpf, which: &[(&str, &str, &str)]) -> Result<(
     }
     Ok(())
 }
-
-/// An error with its causes: aya's "`perf_event_open` failed" alone hides the errno that
-/// says which privilege is missing.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}

@@ -133,7 +133,7 @@ pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
             }
         };
         loaded.map_err(|e| {
-            let text = super::with_causes(&e);
+            let text = super::tls::with_causes(&e);
             // EPERM with CAP_BPF and CAP_PERFMON held, before the verifier ran (its log
             // is empty): the kernel refuses the program type itself, as this project's
             // Firecracker development VM (6.18) does for every BPF_PROG_TYPE_TRACING.

@@ -376,7 +376,7 @@ fn attach_one(
 
 /// An error with its causes: aya's "`perf_event_open` failed" alone hides the errno that
 /// says which privilege is missing.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub(super) fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
