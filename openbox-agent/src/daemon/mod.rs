@@ -137,6 +137,17 @@ enum GovernorState {
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
+    // Before anything is attached: a signal's default action would end the daemon with
+    // every program still attached, and the kernel then detaches them as the process
+    // exits, one RCU grace period each under a kernel-wide mutex — 2–4 s before the
+    // process is gone (the 3 s stop once measured by `cargo xtask bench --only startup`,
+    // whose SIGTERM came as soon as the hook socket was bound, before these were set).
+    // Caught, a signal during start-up ends the daemon through the exit path that hands
+    // the detaching to a child (`capture/detach.rs`) once start-up is done.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // The endpoints come first: /healthz answers (and /readyz says "not ready") while the
     // programs load, which can take seconds on a busy node.
     let readiness = Arc::new(ops::Readiness::default());
@@ -217,10 +228,6 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     readiness.set(true);
     notify::ready();
 
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             ready = ring.ready() => {
