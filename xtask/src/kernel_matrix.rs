@@ -61,7 +61,8 @@ struct Kernel {
     label: &'static str,
     meta: &'static str,
     /// Capture modes forced in the quick run besides the default, so that CI exercises
-    /// each mode on some kernel: this machine's kernel refuses fentry.
+    /// each mode on an older kernel too (this machine's kernel refuses fentry, so its
+    /// default is tracepoint; the Debian kernels' is fentry).
     quick_modes: &'static [&'static str],
 }
 
@@ -69,7 +70,8 @@ const KERNELS: &[Kernel] = &[
     Kernel {
         label: "6.1",
         meta: "linux-image-cloud-amd64",
-        quick_modes: &[],
+        // Its default is fentry: the syscall tracepoints' path on an older kernel.
+        quick_modes: &["tracepoint"],
     },
     Kernel {
         label: "6.12",
@@ -1393,6 +1395,26 @@ fn elf_code_sections(data: &[u8]) -> Option<Vec<(String, &[u8])>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quick_run_forces_a_mode_on_each_debian_kernel_beside_the_default() {
+        let expect = |quick| Expect {
+            modes: vec!["default".into()],
+            quick,
+            bpftool: false,
+            helpers: BTreeSet::new(),
+        };
+        assert_eq!(expect(true).modes_on("host"), ["default"]);
+        assert_eq!(expect(true).modes_on("6.1"), ["default", "tracepoint"]);
+        assert_eq!(expect(true).modes_on("6.12"), ["default", "fentry"]);
+        assert_eq!(expect(false).modes_on("6.12"), ["default"]);
+        // The full run has every mode already: none twice.
+        let full = Expect {
+            modes: vec!["fentry".into(), "tracepoint".into()],
+            ..expect(true)
+        };
+        assert_eq!(full.modes_on("6.12"), ["fentry", "tracepoint"]);
+    }
 
     #[test]
     fn capture_modes_are_read_from_the_help_without_auto() {

@@ -114,8 +114,8 @@ enum Task {
     /// `check` and, per capture mode, a `trace` of an HTTPS request and a file write in
     /// each, beside the host; prints the matrix and what differs.
     KernelMatrix {
-        /// One `trace` per kernel in the default capture mode (and in fentry mode on
-        /// 6.12, the one kernel of the matrix that runs it), and no helper probe.
+        /// One `trace` per kernel in the default capture mode (and a forced one on the
+        /// Debian kernels: tracepoint on 6.1, fentry on 6.12), and no helper probe.
         #[arg(long)]
         quick: bool,
         /// Only this kernel (host, 6.1, 6.12); repeatable. All when none is given.
