@@ -285,7 +285,9 @@ impl Capture {
                 .iter()
                 .any(|(p, _, _)| *p == o.program)
             {
-                fentry_refused.get_or_insert_with(|| mode::fentry_error(o.program, &e));
+                if fentry_refused.is_none() {
+                    fentry_refused = Some(mode::fentry_error(o.program, &e));
+                }
             } else {
                 return Err(load::rejected(o.program, e));
             }
