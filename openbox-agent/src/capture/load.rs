@@ -58,7 +58,7 @@ pub fn load_all<'j>(ebpf: &mut Ebpf, jobs: &[(&'j str, How<'_>)]) -> Result<Vec<
         .clamp(1, 8)
         .min(work.len());
     let queue = Mutex::new(work.into_iter());
-    let results: Mutex<Vec<(usize, Duration, Result<(), ProgramError>)>> = Mutex::default();
+    let results: Mutex<Vec<Done>> = Mutex::default();
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
@@ -111,6 +111,9 @@ pub fn load_or_fail(
     }
     Ok(())
 }
+
+/// A job's index, its load time and its result.
+type Done = (usize, Duration, Result<(), ProgramError>);
 
 fn load_one(program: &mut Program, how: &How<'_>) -> Result<(), ProgramError> {
     match (program, how) {
