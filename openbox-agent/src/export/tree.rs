@@ -242,7 +242,11 @@ pub fn activity_span(a: ActivityEnd<'_>) -> SpanData {
 /// How a run ended, for its span.
 pub enum RunEnd<'a> {
     Completed,
-    Failed { error: &'a serde_json::Value },
+    /// Continued as new: the next run's span links to this one.
+    ContinuedAsNew,
+    Failed {
+        error: &'a serde_json::Value,
+    },
 }
 
 /// The span of a workflow run, from WorkflowStarted to WorkflowCompleted/Failed.
@@ -266,6 +270,10 @@ pub fn workflow_span(
     let status = match how {
         RunEnd::Completed => {
             attributes.push(KeyValue::new("openbox.workflow.status", "completed"));
+            Status::Unset
+        }
+        RunEnd::ContinuedAsNew => {
+            attributes.push(KeyValue::new("openbox.workflow.status", "continued_as_new"));
             Status::Unset
         }
         RunEnd::Failed { error } => {
