@@ -244,14 +244,22 @@ class DevServerTest(unittest.TestCase):
         self.assertEqual(
             self.events(run["workflow_id"]),
             [
-                {"event_type": "WorkflowStarted", **base, "run_id": first,
-                 "task_queue": task_queue},
+                {
+                    "event_type": "WorkflowStarted",
+                    **base,
+                    "run_id": first,
+                    "task_queue": task_queue,
+                },
                 # Local to the agent (no Core event): the first run's span ends here.
                 {"event_type": "WorkflowContinuedAsNew", **base, "run_id": first},
-                {"event_type": "WorkflowStarted", **base, "run_id": last,
-                 "task_queue": task_queue, "continued_run_id": first},
-                {"event_type": "WorkflowCompleted", **base, "run_id": last,
-                 "workflow_output": 0},
+                {
+                    "event_type": "WorkflowStarted",
+                    **base,
+                    "run_id": last,
+                    "task_queue": task_queue,
+                    "continued_run_id": first,
+                },
+                {"event_type": "WorkflowCompleted", **base, "run_id": last, "workflow_output": 0},
             ],
         )
 
