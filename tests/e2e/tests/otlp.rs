@@ -156,23 +156,56 @@ fn assert_io_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
     assert_sql_and_file_under(spans, activity, marker);
 }
 
+/// How the agent sends its spans to Jaeger.
+enum Wire {
+    Http,
+    Grpc,
+}
+
+/// A real Jaeger, and a scenario whose agent exports to it over `wire` (plus
+/// `more_args`); with `user_traces`, the worker traces itself to the same Jaeger.
+fn exporting_to_jaeger(
+    name: &str,
+    wire: Wire,
+    more_args: &[&str],
+    user_traces: bool,
+) -> (Jaeger, Scenario) {
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let mut agent_args = match wire {
+        Wire::Http => vec![
+            "--otlp-endpoint".to_string(),
+            format!("http://127.0.0.1:{}", jaeger.otlp_http),
+        ],
+        Wire::Grpc => vec![
+            "--otlp-endpoint".to_string(),
+            format!("http://127.0.0.1:{}", jaeger.otlp_grpc),
+            "--otlp-protocol".to_string(),
+            "grpc".to_string(),
+        ],
+    };
+    agent_args.extend(more_args.iter().map(|a| a.to_string()));
+    let worker = WorkerOpts {
+        otel_traces_url: user_traces
+            .then(|| format!("http://127.0.0.1:{}/v1/traces", jaeger.otlp_http)),
+        ..WorkerOpts::default()
+    };
+    let s = Scenario::start(
+        name,
+        ScenarioOpts {
+            agent_args,
+            worker,
+            ..ScenarioOpts::default()
+        },
+    );
+    (jaeger, s)
+}
+
 #[test]
 fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents() {
     let name =
         "a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents";
-    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
-    let s = Scenario::start(
-        name,
-        ScenarioOpts {
-            agent_args: vec![
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{}", jaeger.otlp_http),
-                "--service-name".into(),
-                "openbox-e2e".into(),
-            ],
-            ..ScenarioOpts::default()
-        },
-    );
+    let (jaeger, s) =
+        exporting_to_jaeger(name, Wire::Http, &["--service-name", "openbox-e2e"], false);
     let (_llm, llm_port) = start_llm(&s.env, &s.logs);
     let wf = s.workflow_id(0);
     let items: Vec<Value> = (0..2)
@@ -287,17 +320,7 @@ fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_ri
 #[test]
 fn a_run_that_continues_as_new_ends_its_trace_and_the_next_run_links_to_it() {
     let name = "a_run_that_continues_as_new_ends_its_trace_and_the_next_run_links_to_it";
-    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
-    let s = Scenario::start(
-        name,
-        ScenarioOpts {
-            agent_args: vec![
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{}", jaeger.otlp_http),
-            ],
-            ..ScenarioOpts::default()
-        },
-    );
+    let (jaeger, s) = exporting_to_jaeger(name, Wire::Http, &[], false);
     let wf = s.workflow_id(0);
     let (first_marker, next_marker) = (s.marker(0), s.marker(1));
     let plan = json!({"activity": "async_io", "items": [s.item(0)],
@@ -387,24 +410,8 @@ fn a_run_that_continues_as_new_ends_its_trace_and_the_next_run_links_to_it() {
 #[test]
 fn with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours() {
     let name = "with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours";
-    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
-    let s = Scenario::start(
-        name,
-        ScenarioOpts {
-            // gRPC this time: both wires are exercised.
-            agent_args: vec![
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{}", jaeger.otlp_grpc),
-                "--otlp-protocol".into(),
-                "grpc".into(),
-            ],
-            worker: WorkerOpts {
-                otel_traces_url: Some(format!("http://127.0.0.1:{}/v1/traces", jaeger.otlp_http)),
-                ..WorkerOpts::default()
-            },
-            ..ScenarioOpts::default()
-        },
-    );
+    // gRPC this time: both wires are exercised.
+    let (jaeger, s) = exporting_to_jaeger(name, Wire::Grpc, &[], true);
     let wf = s.workflow_id(0);
     let marker = s.marker(0);
     s.run_ok(&[(wf, json!({"activity": "async_io", "items": [s.item(0)]}))]);
