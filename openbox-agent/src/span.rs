@@ -206,9 +206,17 @@ impl SpanBuilder {
     }
 
     fn conn(&mut self, id: &str, pid: Pid, tid: u32, peer: &Option<Addr>) -> &mut ConnState {
-        self.conns
-            .entry(id.to_string())
-            .or_insert_with(|| ConnState {
+        // Looked up first so a known connection (nearly every record) costs no key copy.
+        if !self.conns.contains_key(id) {
+            self.insert_conn(id, pid, tid, peer);
+        }
+        self.conns.get_mut(id).expect("inserted above")
+    }
+
+    fn insert_conn(&mut self, id: &str, pid: Pid, tid: u32, peer: &Option<Addr>) {
+        self.conns.insert(
+            id.to_string(),
+            ConnState {
                 role: Role::Unknown,
                 peer: peer.clone(),
                 pid,
@@ -220,7 +228,8 @@ impl SpanBuilder {
                 counted: Losses::default(),
                 next_seq: [[0; 2]; 2],
                 attrs: [VecDeque::new(), VecDeque::new()],
-            })
+            },
+        );
     }
 
     pub fn handle(&mut self, r: &Record, out: &mut Vec<Span>) {
@@ -268,8 +277,7 @@ impl SpanBuilder {
                     self.given_up.push(conn.clone());
                 }
                 self.count(lost);
-                let conn = conn.clone();
-                self.emit_ops(&conn, ops, out);
+                self.emit_ops(conn, ops, out);
             }
             Record::Close { ts, conn, .. } => {
                 if let Some(mut c) = self.conns.remove(conn) {
@@ -468,14 +476,16 @@ impl SpanBuilder {
         if ops.is_empty() {
             return;
         }
-        let Some(mut c) = self.conns.remove(conn) else {
+        // Taken out of the map (with its key, put back as it was) so `span` can use the
+        // builder's ids while it holds the connection.
+        let Some((key, mut c)) = self.conns.remove_entry(conn) else {
             return;
         };
         let protocol = c.parser.as_ref().map(|p| p.protocol());
         for op in ops {
             out.push(self.span(&mut c, protocol, op));
         }
-        self.conns.insert(conn.to_string(), c);
+        self.conns.insert(key, c);
     }
 
     fn span(&mut self, c: &mut ConnState, protocol: Option<Protocol>, op: Op) -> Span {
@@ -485,7 +495,7 @@ impl SpanBuilder {
         } else {
             "CLIENT"
         };
-        let mut attributes = op.attributes.clone();
+        let mut attributes = op.attributes;
         let (peer_host, peer_port) = match &c.peer {
             Some(Addr::Inet(a)) => (Some(a.ip().to_string()), Some(a.port())),
             _ => (None, None),
@@ -494,7 +504,7 @@ impl SpanBuilder {
         let mut span = self.base_span(
             id,
             None,
-            op.name.clone(),
+            op.name,
             kind,
             op.start_ts,
             op.end_ts,
