@@ -344,7 +344,11 @@ impl Redactor {
 /// and patterns are short: a plain window scan beats building a substring searcher.
 fn contains_ignore_ascii_case(haystack: &str, lower: &str) -> bool {
     let (h, p) = (haystack.as_bytes(), lower.as_bytes());
-    p.is_empty() || h.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p))
+    let Some(&first) = p.first() else {
+        return true;
+    };
+    h.windows(p.len())
+        .any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(p))
 }
 
 /// Byte ranges of a name's words: split at anything not alphanumeric and at camelCase
