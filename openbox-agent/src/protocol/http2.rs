@@ -143,6 +143,17 @@ pub struct Http2Parser {
     unparsed: u64,
 }
 
+/// The HTTP/1.1 request of an `Upgrade: h2c` exchange (RFC 7540 §3.2), which the server
+/// answers on stream 1 once it has switched.
+pub(super) struct Upgraded {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub body_complete: bool,
+    pub start_ts: u64,
+}
+
 impl Http2Parser {
     pub fn new(cfg: ParserConfig) -> Self {
         Self {
@@ -152,6 +163,22 @@ impl Http2Parser {
             streams: BTreeMap::new(),
             unparsed: 0,
         }
+    }
+
+    /// A connection switched from HTTP/1.1 by `101 Switching Protocols` to an
+    /// `Upgrade: h2c` request: that request is stream 1, sent whole (half-closed by the
+    /// client); the server's frames follow its 101 at once, and the client sends its
+    /// connection preface on receiving the 101.
+    pub(super) fn upgraded(cfg: ParserConfig, req: Upgraded) -> Self {
+        let mut p = Self::new(cfg);
+        let mut s = p.new_stream(req.start_ts);
+        s.req.pseudo = vec![("method".into(), req.method), ("path".into(), req.target)];
+        s.req.headers = Some(req.headers);
+        s.req.body = req.body;
+        s.req.body_complete = req.body_complete;
+        s.req.ended = true;
+        p.streams.insert(1, s);
+        p
     }
 
     fn dir(&mut self, side: Side) -> &mut Dir {

@@ -1,0 +1,68 @@
+"""gRPC test server on 127.0.0.1 (cleartext), with grpcio's generic handlers: no
+generated code. Messages are protobuf `google.protobuf.StringValue`s.
+
+Usage: grpc_server.py       (the chosen port is the first line on stdout)
+
+Service `openbox.test.Echo`:
+    Unary(StringValue) -> StringValue           "echo:<value>"
+    Fail(StringValue) -> error                  NOT_FOUND, details "no such thing: <value>"
+    Split(StringValue) -> stream StringValue    one message per space-separated word
+    Join(stream StringValue) -> StringValue     the values joined by "+"
+"""
+
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from google.protobuf.wrappers_pb2 import StringValue
+
+SERVICE = "openbox.test.Echo"
+
+
+def unary(request, context):
+    return StringValue(value="echo:" + request.value)
+
+
+def fail(request, context):
+    context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + request.value)
+
+
+def split(request, context):
+    for word in request.value.split(" "):
+        yield StringValue(value=word)
+
+
+def join(requests, context):
+    return StringValue(value="+".join(r.value for r in requests))
+
+
+def main():
+    codec = dict(
+        request_deserializer=StringValue.FromString,
+        response_serializer=StringValue.SerializeToString,
+    )
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, **codec),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail, **codec),
+            "Split": grpc.unary_stream_rpc_method_handler(split, **codec),
+            "Join": grpc.stream_unary_rpc_method_handler(join, **codec),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(port, flush=True)
+    stop.wait()
+    server.stop(grace=1).wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
