@@ -30,7 +30,11 @@ struct Problems(Vec<String>);
 impl Problems {
     fn eq(&mut self, what: &str, actual: &Value, expected: &Value) {
         if actual != expected {
-            self.0.push(format!("{what}: got {actual}, expected {expected}"));
+            self.0.push(format!(
+                "{what}: got {}, expected {}",
+                short(actual),
+                short(expected)
+            ));
         }
     }
 
@@ -42,6 +46,17 @@ impl Problems {
             self.0.join("\n"),
             run.show(spans)
         );
+    }
+}
+
+/// A value as JSON, its middle left out past 300 characters (bodies can be 64 KiB).
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    match (s.char_indices().nth(150), s.char_indices().nth_back(150)) {
+        (Some((head, _)), Some((tail, _))) if s.len() > 300 => {
+            format!("{}…[{} bytes]…{}", &s[..head], s.len(), &s[tail..])
+        }
+        _ => s,
     }
 }
 
@@ -63,7 +78,11 @@ fn header_map<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Value 
             })
             .or_insert_with(|| v.to_string());
     }
-    Value::Object(m.into_iter().map(|(k, v)| (k, v.into())).collect::<Map<_, _>>())
+    Value::Object(
+        m.into_iter()
+            .map(|(k, v)| (k, v.into()))
+            .collect::<Map<_, _>>(),
+    )
 }
 
 fn pairs(v: &Value) -> impl Iterator<Item = (&str, &str)> {
@@ -126,9 +145,10 @@ fn check_httpx_run(tls: bool) {
             attr(s, "http.status_code"),
             &r["status"],
         );
-        let sent = header_map(pairs(&r["request_headers"]).filter(|(n, _)| {
-            !NOT_ON_HTTP2.contains(&n.to_ascii_lowercase().as_str())
-        }));
+        let sent = header_map(
+            pairs(&r["request_headers"])
+                .filter(|(n, _)| !NOT_ON_HTTP2.contains(&n.to_ascii_lowercase().as_str())),
+        );
         p.eq(&what("request_headers"), &s["request_headers"], &sent);
         p.eq(
             &what("response_headers"),
@@ -144,11 +164,16 @@ fn check_httpx_run(tls: bool) {
         p.eq(&what("request_body"), &s["request_body"], &want_body);
         let got = r["response_body"].as_str().unwrap();
         if got.len() > MAX_BODY {
-            // Kept up to the limit, and marked as cut.
+            // Kept up to the body limit, and marked as cut. In cleartext the read that
+            // brings the body is larger than the capture limit (16 KiB a call): the
+            // rest of that read is a capture gap, past which the server's frames
+            // cannot be followed (HPACK has no resynchronisation point), so the body
+            // stops at the gap — counted as one HTTP/2 gap below.
+            let kept = if tls { MAX_BODY } else { cleartext_kept(s) };
             p.eq(
                 &what("response_body"),
                 &s["response_body"],
-                &json!(&got[..MAX_BODY]),
+                &json!(&got[..kept]),
             );
             p.eq(
                 &what("http.response_body_truncated"),
@@ -170,15 +195,32 @@ fn check_httpx_run(tls: bool) {
             &json!(if error { "ERROR" } else { "UNSET" }),
         );
     }
-    if run.stderr.contains("h2-secret-token") || run.spans.iter().any(|s| s.to_string().contains("h2-secret-token")) {
+    if run.stderr.contains("h2-secret-token")
+        || run
+            .spans
+            .iter()
+            .any(|s| s.to_string().contains("h2-secret-token"))
+    {
         p.0.push("the bearer token appears in the agent's output".into());
     }
-    p.eq(
-        "parser losses",
-        &run.summary["parser_losses"],
-        &json!({}),
-    );
+    let losses = if tls {
+        json!({})
+    } else {
+        json!({"http2": {"gap": 1}})
+    };
+    p.eq("parser losses", &run.summary["parser_losses"], &losses);
     p.check(&run, &spans);
+}
+
+/// How much of the big body a cleartext span keeps: what came before the capture gap,
+/// at least a DATA frame's worth, at most the capture limit.
+fn cleartext_kept(s: &Value) -> usize {
+    let n = s["response_body"].as_str().map_or(0, str::len);
+    assert!(
+        (1000..=DEFAULT_CAPTURE_LIMIT as usize).contains(&n),
+        "the big body's span keeps {n} bytes: expected what one capped read brings"
+    );
+    n
 }
 
 #[test]
@@ -262,10 +304,16 @@ fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
     );
     let mut p = Problems::default();
     for (i, s) in spans.iter().enumerate() {
-        let (status, headers) = curl_head(&String::from_utf8_lossy(&read(&out.join(format!("{}.head", i + 1)))));
-        let body = String::from_utf8(read(&out.join(format!("{}.body", i + 1)))).unwrap();
+        let (status, headers) = curl_head(&String::from_utf8_lossy(&read(
+            &out.join(&format!("{}.head", i + 1)),
+        )));
+        let body = String::from_utf8(read(&out.join(&format!("{}.body", i + 1)))).unwrap();
         let what = |f: &str| format!("request {}: {f}", i + 1);
-        p.eq(&what("http.status_code"), attr(s, "http.status_code"), &json!(status));
+        p.eq(
+            &what("http.status_code"),
+            attr(s, "http.status_code"),
+            &json!(status),
+        );
         p.eq(&what("http.flavor"), attr(s, "http.flavor"), &json!("2.0"));
         p.eq(
             &what("response_headers"),
@@ -275,7 +323,11 @@ fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
         p.eq(&what("response_body"), &s["response_body"], &json!(body));
         // The server's echo says which protocol it answered the request in.
         let echo: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        p.eq(&what("server's http_version"), &echo["http_version"], &json!("2"));
+        p.eq(
+            &what("server's http_version"),
+            &echo["http_version"],
+            &json!("2"),
+        );
     }
     let (first, second) = (spans[0], spans[1]);
     p.eq("first: name", &first["name"], &json!("GET"));
@@ -287,7 +339,11 @@ fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
     // The upgrading request's headers are the HTTP/1.1 ones curl sent.
     let h = &first["request_headers"];
     p.eq("first: upgrade", &h["upgrade"], &json!("h2c"));
-    p.eq("first: authorization", &h["authorization"], &json!("[REDACTED]"));
+    p.eq(
+        "first: authorization",
+        &h["authorization"],
+        &json!("[REDACTED]"),
+    );
     p.eq(
         "first: host",
         &h["host"],
@@ -312,14 +368,14 @@ fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
         &second["request_headers"]["content-type"],
         &json!("text/plain"),
     );
-    if run.spans.iter().any(|s| s.to_string().contains("h2c-secret")) {
+    if run
+        .spans
+        .iter()
+        .any(|s| s.to_string().contains("h2c-secret"))
+    {
         p.0.push("the bearer token appears in a span".into());
     }
-    p.eq(
-        "parser losses",
-        &run.summary["parser_losses"],
-        &json!({}),
-    );
+    p.eq("parser losses", &run.summary["parser_losses"], &json!({}));
     p.check(&run, &spans);
 }
 
@@ -353,9 +409,17 @@ fn grpcio_calls_give_rpc_spans_with_status_and_message_counts() {
         let path = r["method"].as_str().unwrap();
         let (service, method) = path.trim_start_matches('/').split_once('/').unwrap();
         let what = |f: &str| format!("{path}: {f}");
-        p.eq(&what("name"), &s["name"], &json!(format!("{service}/{method}")));
+        p.eq(
+            &what("name"),
+            &s["name"],
+            &json!(format!("{service}/{method}")),
+        );
         p.eq(&what("rpc.system"), attr(s, "rpc.system"), &json!("grpc"));
-        p.eq(&what("rpc.service"), attr(s, "rpc.service"), &json!(service));
+        p.eq(
+            &what("rpc.service"),
+            attr(s, "rpc.service"),
+            &json!(service),
+        );
         p.eq(&what("rpc.method"), attr(s, "rpc.method"), &json!(method));
         p.eq(
             &what("rpc.grpc.status_code"),
@@ -363,7 +427,11 @@ fn grpcio_calls_give_rpc_spans_with_status_and_message_counts() {
             &r["code"],
         );
         p.eq(&what("http.target"), attr(s, "http.target"), &json!(path));
-        p.eq(&what("http.status_code"), attr(s, "http.status_code"), &json!(200));
+        p.eq(
+            &what("http.status_code"),
+            attr(s, "http.status_code"),
+            &json!(200),
+        );
         for (dir, field) in [("request", "sent"), ("response", "received")] {
             let sizes: Vec<u64> = r[field]
                 .as_array()
@@ -403,16 +471,16 @@ fn grpcio_calls_give_rpc_spans_with_status_and_message_counts() {
         for v in r["values"].as_array().unwrap() {
             let v = v.as_str().unwrap();
             let encoded = grpc_message(v);
-            if !body.starts_with("base64:") || !decode(body).windows(encoded.len()).any(|w| w == encoded) {
-                p.0.push(format!("{path}: response_body {body:?} does not hold the message {v:?}"));
+            if !body.starts_with("base64:")
+                || !decode(body).windows(encoded.len()).any(|w| w == encoded)
+            {
+                p.0.push(format!(
+                    "{path}: response_body {body:?} does not hold the message {v:?}"
+                ));
             }
         }
     }
-    p.eq(
-        "parser losses",
-        &run.summary["parser_losses"],
-        &json!({}),
-    );
+    p.eq("parser losses", &run.summary["parser_losses"], &json!({}));
     p.check(&run, &spans);
 }
 

@@ -115,6 +115,7 @@ def main():
     config.include_server_header = False
     config.accesslog = None
     config.errorlog = "-"
+    config.loglevel = "WARNING"
     certdir = tempfile.mkdtemp(prefix="openbox-h2-server-")
     if args.tls:
         config.certfile, config.keyfile = make_cert(certdir)

@@ -216,6 +216,8 @@ fn a_gap_in_a_header_block_gives_the_direction_up() {
     }
     p.close(1000, &mut out);
     assert_eq!(p.unparsed(), 1);
+    // Counted as what it is: bytes the capture did not deliver.
+    assert_eq!(p.losses().get(Loss::Gap), 1);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].attributes["http.target"], "/v1/chat?key=secret");
 }
