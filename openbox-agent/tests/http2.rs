@@ -3,10 +3,11 @@
 //! (ALPN h2, the client's libssl seen by the agent's uprobes) and in cleartext with
 //! prior knowledge; curl (libcurl with nghttp2) switching a cleartext connection with
 //! `Upgrade: h2c`; grpcio client and server in cleartext (grpcio carries its own
-//! BoringSSL, whose plaintext the agent cannot see, so gRPC over TLS is not shown with
-//! grpcio). Each span must hold what the client itself sent and got.
+//! BoringSSL, whose plaintext the agent cannot see), and the same calls over TLS from
+//! grpclib, whose TLS is libssl. Each span must hold what the client itself sent and
+//! got.
 //!
-//! Run with `cargo xtask test` (it installs hypercorn, h2 and grpcio in the test
+//! Run with `cargo xtask test` (it installs hypercorn, h2, grpcio and grpclib in the test
 //! virtualenv).
 
 mod common;
@@ -385,18 +386,32 @@ fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
 /// each way, as the client sent and got them.
 #[test]
 fn grpcio_calls_give_rpc_spans_with_status_and_message_counts() {
+    check_grpc_run("client_grpc.py", false);
+}
+
+/// The same calls over TLS from grpclib, whose TLS is the standard ssl module (libssl):
+/// the agent reads the plaintext through its uprobes. The server is grpcio (its
+/// BoringSSL is on the side the agent does not watch).
+#[test]
+fn grpclib_calls_over_tls_give_the_same_rpc_spans() {
+    check_grpc_run("client_grpclib.py", true);
+}
+
+fn check_grpc_run(client: &str, tls: bool) {
     let env = TestEnv::get();
-    let server = Server::start(&env, "grpc_server.py", &[]);
+    let args: Vec<String> = if tls { vec!["--tls".into()] } else { vec![] };
+    let server = Server::start(&env, "grpc_server.py", &args);
     let out = TempDir::new("grpc");
-    let cmd = env.python_command("client_grpc.py", &[&server.port.to_string(), &out.arg()]);
-    let run = trace_spans(&env, "grpc", &cmd);
+    let cmd = env.python_command(client, &[&server.port.to_string(), &out.arg()]);
+    let run = trace_spans(&env, client.trim_end_matches(".py"), &cmd);
     let result: Value = serde_json::from_str(
-        &fs::read_to_string(out.join("result.json"))
-            .expect("client_grpc.py wrote no result.json: it failed (see the agent's stderr)"),
+        &fs::read_to_string(out.join("result.json")).unwrap_or_else(|_| {
+            panic!("{client} wrote no result.json: it failed (see the agent's stderr)")
+        }),
     )
     .expect("result.json is JSON");
     let calls = result.as_array().expect("a list of calls");
-    assert_eq!(calls.len(), 4, "client_grpc.py makes four calls");
+    assert_eq!(calls.len(), 4, "{client} makes four calls");
     let spans = run.on_port(server.port);
     assert_eq!(
         spans.len(),
@@ -431,6 +446,11 @@ fn grpcio_calls_give_rpc_spans_with_status_and_message_counts() {
             &what("http.status_code"),
             attr(s, "http.status_code"),
             &json!(200),
+        );
+        p.eq(
+            &what("http.scheme"),
+            attr(s, "http.scheme"),
+            &json!(if tls { "https" } else { "http" }),
         );
         for (dir, field) in [("request", "sent"), ("response", "received")] {
             let sizes: Vec<u64> = r[field]

@@ -380,7 +380,7 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
 const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, \
      requests, urllib3, aiohttp, temporalio.client, temporalio.worker, jsonschema, openai, \
      anthropic, brotli, temporalio.contrib.opentelemetry, opentelemetry.sdk.trace, hypercorn, h2, \
-     grpc";
+     grpc, grpclib";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \

@@ -597,11 +597,13 @@ impl HttpParser {
                         self.resp.first_ts = ts;
                         continue;
                     }
-                    let req = self.request_for_response(self.resp.first_ts);
-                    if code == 101 && req.as_ref().is_some_and(|r| is_h2c_upgrade(r, &headers)) {
-                        self.switch_to_h2(req, ts, out);
-                        return;
-                    }
+                    let req = match self.request_for_response(self.resp.first_ts) {
+                        Some(req) if code == 101 && is_h2c_upgrade(&req, &headers) => {
+                            self.switch_to_h2(req, ts, out);
+                            return;
+                        }
+                        req => req,
+                    };
                     if code == 101 {
                         // Switching Protocols (WebSocket …): what follows is not HTTP.
                         if let Some(req) = req {
@@ -694,10 +696,7 @@ impl HttpParser {
 
     /// The server accepted `Upgrade: h2c`: from the byte after its 101 on, both sides
     /// speak HTTP/2, and the upgrading request is answered on stream 1.
-    fn switch_to_h2(&mut self, req: Option<Request>, ts: u64, out: &mut Vec<Op>) {
-        let Some(req) = req else {
-            return;
-        };
+    fn switch_to_h2(&mut self, req: Request, ts: u64, out: &mut Vec<Op>) {
         let mut h2 = Http2Parser::upgraded(
             self.cfg.clone(),
             Upgraded {

@@ -1,7 +1,9 @@
-"""gRPC test server on 127.0.0.1 (cleartext), with grpcio's generic handlers: no
-generated code. Messages are protobuf `google.protobuf.StringValue`s.
+"""gRPC test server on 127.0.0.1, with grpcio's generic handlers: no generated code.
+Messages are protobuf `google.protobuf.StringValue`s.
 
-Usage: grpc_server.py       (the chosen port is the first line on stdout)
+Usage: grpc_server.py [--tls]    (the chosen port is the first line on stdout)
+
+Cleartext, or with --tls a self-signed certificate (ALPN h2, as gRPC requires).
 
 Service `openbox.test.Echo`:
     Unary(StringValue) -> StringValue           "echo:<value>"
@@ -10,8 +12,13 @@ Service `openbox.test.Echo`:
     Join(stream StringValue) -> StringValue     the values joined by "+"
 """
 
+import argparse
+import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from concurrent import futures
 
@@ -38,7 +45,26 @@ def join(requests, context):
     return StringValue(value="+".join(r.value for r in requests))
 
 
+def self_signed(directory):
+    cert = os.path.join(directory, "cert.pem")
+    key = os.path.join(directory, "key.pem")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    with open(key, "rb") as k, open(cert, "rb") as c:
+        return k.read(), c.read()
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tls", action="store_true")
+    args = ap.parse_args()
     codec = dict(
         request_deserializer=StringValue.FromString,
         response_serializer=StringValue.SerializeToString,
@@ -54,7 +80,15 @@ def main():
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if args.tls:
+        certdir = tempfile.mkdtemp(prefix="openbox-grpc-server-")
+        try:
+            creds = grpc.ssl_server_credentials([self_signed(certdir)])
+        finally:
+            shutil.rmtree(certdir, ignore_errors=True)
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
