@@ -1604,4 +1604,199 @@ mod tests {
         assert!(actions.contains(&Action::Unwatch(10)));
         assert!(t.conns.is_empty());
     }
+
+    fn dup(oldfd: i32, newfd: i32, replaced_kind: u32, ts: u64) -> Event {
+        let mut e = ev(
+            EV_DUP,
+            0,
+            11,
+            Body::Dup(crate::capture::event::Dup {
+                oldfd,
+                newfd,
+                fd_kind: FD_SOCKET,
+                replaced_kind,
+            }),
+        );
+        e.hdr.ts_ns = ts;
+        e
+    }
+
+    fn write(fd: i32, bytes: &[u8]) -> Event {
+        let n = bytes.len() as u64;
+        ev(
+            EV_SOCK_DATA,
+            FLAG_LAST,
+            11,
+            Body::SockData(data(fd, DIR_EGRESS, 0, n, 0, bytes)),
+        )
+    }
+
+    fn close(fd: i32) -> Event {
+        ev(EV_CLOSE, 0, 11, Body::Close { fd })
+    }
+
+    fn data_conns(out: &[Record]) -> Vec<(i32, String)> {
+        out.iter()
+            .filter_map(|r| match r {
+                Record::Data { fd, conn, .. } => Some((*fd, conn.clone().unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_through_a_copy_continue_the_stream_and_the_connection_closes_once() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                write(3, b"abc"),
+                dup(3, 7, 0, 5),
+                write(7, b"def"),
+                // The original closes first: the copy carries on.
+                close(3),
+                write(7, b"gh"),
+                close(7),
+            ],
+        );
+        assert_eq!(stream(&out, false, Direction::Egress), b"abcdefgh");
+        let conns = data_conns(&out);
+        assert_eq!(
+            conns.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+            [3, 7, 7]
+        );
+        assert!(conns.iter().all(|(_, c)| *c == conns[0].1), "{conns:?}");
+        let closes: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Close {
+                    fd,
+                    conn,
+                    bytes_sent,
+                    ..
+                } => Some((*fd, conn.clone(), *bytes_sent)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, [(7, conns[0].1.clone(), 8)]);
+        assert!(t.conns.is_empty() && t.aliases.is_empty());
+    }
+
+    #[test]
+    fn tls_seen_through_a_copy_stops_payload_on_every_number() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+        let (_, actions) = run(&mut t, vec![connect(3), dup(3, 7, 0, 5), write(7, &hello)]);
+        let mut flagged: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::NoPayload(pid, fd, gen) => Some((*pid, *fd, *gen)),
+                _ => None,
+            })
+            .collect();
+        flagged.sort_unstable();
+        assert_eq!(flagged, [(10, 3, 1), (10, 7, 5)]);
+        // Closing both numbers clears both incarnations' flags.
+        let (_, actions) = run(&mut t, vec![close(3), close(7)]);
+        let mut cleared: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ClearFlags(_, fd, gen) => Some((*fd, *gen)),
+                _ => None,
+            })
+            .collect();
+        cleared.sort_unstable();
+        assert_eq!(cleared, [(3, 1), (7, 5)]);
+    }
+
+    #[test]
+    fn dup2_over_a_tracked_connection_closes_that_connection() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                connect(4),
+                write(4, b"old"),
+                dup(3, 4, FD_SOCKET, 5),
+                write(4, b"new"),
+            ],
+        );
+        let closed: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Close { conn, .. } => Some(conn.clone()),
+                _ => None,
+            })
+            .collect();
+        let conns = data_conns(&out);
+        assert_eq!(closed, [conns[0].1.clone()], "the replaced connection");
+        assert_ne!(conns[1].1, conns[0].1, "4 now writes on 3's connection");
+        assert_eq!(conns[1].1, "10:3:1");
+    }
+
+    #[test]
+    fn sendfile_from_a_file_is_a_counted_gap_marked_with_the_file() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let open = ev(
+            EV_FILE_OPEN,
+            0,
+            11,
+            Body::FileOpen(FileOpen {
+                fd: 5,
+                open_flags: 0,
+                dirfd: -100,
+                path: "/data/body.bin".into(),
+            }),
+        );
+        let transfer = ev(
+            EV_TRANSFER,
+            0,
+            11,
+            Body::Transfer(Transfer {
+                source: SRC_SENDFILE,
+                in_fd: 5,
+                in_kind: FD_FILE,
+                out_fd: 3,
+                out_kind: FD_SOCKET,
+                bytes: 100,
+            }),
+        );
+        let (out, _) = run(
+            &mut t,
+            vec![open, connect(3), write(3, b"HEAD"), transfer, write(3, b"x")],
+        );
+        let data: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Data {
+                    seq,
+                    truncated,
+                    data,
+                    from_file,
+                    via,
+                    ..
+                } => Some((*seq, *truncated, data.len(), from_file.clone(), *via)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            data,
+            [
+                (0, 0, 4, None, "write"),
+                (4, 100, 0, Some("/data/body.bin".into()), "sendfile"),
+                (104, 0, 1, None, "write"),
+            ]
+        );
+        assert!(out.iter().any(|r| matches!(
+            r,
+            Record::FileIo {
+                fd: 5,
+                direction: Direction::Ingress,
+                bytes: 100,
+                ..
+            }
+        )));
+    }
 }

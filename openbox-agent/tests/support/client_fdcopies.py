@@ -27,6 +27,8 @@ import socket
 import sys
 
 TIMEOUT = 30
+# Host header: 127.0.0.1:PORT, set in main.
+HOST = b""
 
 
 def read_response(fd_read):
@@ -50,7 +52,7 @@ def read_response(fd_read):
 
 def request(path, body):
     return (
-        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (path, HOST, len(body))
         + body
     )
 
@@ -113,7 +115,7 @@ def sendfile(port, outdir):
         f.write(body)
     s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     s.settimeout(None)
-    head = b"POST /sendfile HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"POST /sendfile HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body))
     s.sendall(head)
     with open(path, "rb") as f:
         offset = 0
@@ -162,7 +164,9 @@ def pread(outdir):
 
 
 def main():
+    global HOST
     port, outdir = int(sys.argv[1]), sys.argv[2]
+    HOST = b"127.0.0.1:%d" % port
     dup(port, outdir)
     sendfile(port, outdir)
     pread(outdir)
