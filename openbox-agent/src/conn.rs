@@ -1765,7 +1765,13 @@ mod tests {
         );
         let (out, _) = run(
             &mut t,
-            vec![open, connect(3), write(3, b"HEAD"), transfer, write(3, b"x")],
+            vec![
+                open,
+                connect(3),
+                write(3, b"HEAD"),
+                transfer,
+                write(3, b"x"),
+            ],
         );
         let data: Vec<_> = out
             .iter()

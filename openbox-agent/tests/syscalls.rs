@@ -231,9 +231,10 @@ fn socket_inherited_at_fork_is_captured_from_the_childs_first_write() {
     for (pid, request) in children {
         let pid: u64 = pid.parse().unwrap();
         let mut sent = Vec::new();
-        for r in trace.of_type("data").filter(|r| {
-            u64_of(r, "pid") == pid && str_of(r, "direction") == "egress"
-        }) {
+        for r in trace
+            .of_type("data")
+            .filter(|r| u64_of(r, "pid") == pid && str_of(r, "direction") == "egress")
+        {
             sent.extend(
                 base64::Engine::decode(
                     &base64::engine::general_purpose::STANDARD,
@@ -280,7 +281,11 @@ fn each_message_of_sendmmsg_and_recvmmsg_batches_is_captured_in_order() {
         let copied = 5 + 16;
         let want: Vec<u8> = messages[..copied].concat();
         let got: Vec<u8> = segments.iter().flat_map(|s| s.bytes.clone()).collect();
-        assert_bytes_eq(&got, &want, &format!("{via}: the copied messages, in order"));
+        assert_bytes_eq(
+            &got,
+            &want,
+            &format!("{via}: the copied messages, in order"),
+        );
         let mut next = 0;
         for s in &segments {
             assert_eq!(s.seq, next, "{via}: the copied messages are contiguous");

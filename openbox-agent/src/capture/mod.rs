@@ -88,8 +88,16 @@ const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64"),
     ("sys_enter_splice", "syscalls", "sys_enter_splice"),
     ("sys_exit_splice", "syscalls", "sys_exit_splice"),
-    ("sys_enter_copy_file_range", "syscalls", "sys_enter_copy_file_range"),
-    ("sys_exit_copy_file_range", "syscalls", "sys_exit_copy_file_range"),
+    (
+        "sys_enter_copy_file_range",
+        "syscalls",
+        "sys_enter_copy_file_range",
+    ),
+    (
+        "sys_exit_copy_file_range",
+        "syscalls",
+        "sys_exit_copy_file_range",
+    ),
 ];
 
 /// Process lifecycle, in both modes: these tracepoints are not on the syscall path.

@@ -105,7 +105,11 @@ pub const FENTRY_PROGRAMS: &[(&str, &str, Hook)] = &[
     ("fexit_fcntl", "__x64_sys_fcntl", Hook::Exit),
     ("fexit_sendfile64", "__x64_sys_sendfile64", Hook::Exit),
     ("fexit_splice", "__x64_sys_splice", Hook::Exit),
-    ("fexit_copy_file_range", "__x64_sys_copy_file_range", Hook::Exit),
+    (
+        "fexit_copy_file_range",
+        "__x64_sys_copy_file_range",
+        Hook::Exit,
+    ),
 ];
 
 /// Why fentry mode cannot be used here, before anything is loaded: the architecture

@@ -321,10 +321,7 @@ pub fn io_uring_assumed() -> Assumed {
 /// program reads. Neither stops the agent: io_uring is then not counted, and says so.
 pub fn check_io_uring() -> Result<bool> {
     let a = io_uring_assumed();
-    let path = events_dir()
-        .join(a.category)
-        .join(&a.event)
-        .join("format");
+    let path = events_dir().join(a.category).join(&a.event).join("format");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(false);
     };

@@ -306,7 +306,12 @@ fn try_transfer_exit(ctx: &TracePointContext) -> Result<(), Loss> {
 }
 
 #[inline(always)]
-fn try_transfer_fexit(ctx: &FExitContext, source: u32, in_arg: usize, out_arg: usize) -> Result<(), Loss> {
+fn try_transfer_fexit(
+    ctx: &FExitContext,
+    source: u32,
+    in_arg: usize,
+    out_arg: usize,
+) -> Result<(), Loss> {
     let regs = SyscallRegs::of(ctx);
     match transfer_args(source, regs.arg(in_arg) as i32, regs.arg(out_arg) as i32) {
         Some((pid_tgid, args)) => transfer_done(pid_tgid, args, fexit_ret(ctx)),

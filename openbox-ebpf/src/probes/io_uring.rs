@@ -22,7 +22,9 @@
 //! Not a syscall tracepoint: attaching it puts no process on the syscall slow path,
 //! so it serves both capture modes.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
 use openbox_common::*;
 
 use crate::{

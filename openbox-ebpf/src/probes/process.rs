@@ -19,7 +19,9 @@ use openbox_common::*;
 use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
-    maps::{ARGS, EVENTS, FDS, FD_FLAGS, INHERIT, PAUSED, PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED},
+    maps::{
+        ARGS, EVENTS, FDS, FD_FLAGS, INHERIT, PAUSED, PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED,
+    },
     task::{attribution, field, header, is_watched, watch_flags},
 };
 
@@ -120,7 +122,10 @@ fn inherit_fds(parent: u32, child: u32) {
     while fd < INHERITED_FDS_COPIED {
         // SAFETY: plain lookups; the values are copied out at once.
         if let Some(state) = unsafe { FDS.get(fd_key(parent, fd)) }.copied() {
-            if FDS.insert(fd_key(child, fd), state, BPF_ANY.into()).is_err() {
+            if FDS
+                .insert(fd_key(child, fd), state, BPF_ANY.into())
+                .is_err()
+            {
                 Loss::MapFull.count();
             }
             let flags = unsafe {

@@ -361,7 +361,12 @@ fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
 /// Reports each message a sendmmsg/recvmmsg call moved as a data call of its own, in
 /// the batch's order. `messages`: the call's result, the number of messages moved.
 #[inline(always)]
-fn mmsg_done(pid_tgid: u64, args: SyscallArgs, messages: i64, preemptible: bool) -> Result<(), Loss> {
+fn mmsg_done(
+    pid_tgid: u64,
+    args: SyscallArgs,
+    messages: i64,
+    preemptible: bool,
+) -> Result<(), Loss> {
     let SyscallArgs::Data {
         source,
         fd,
@@ -433,7 +438,9 @@ fn emit_messages(
                 unsafe { bpf_probe_read_user((hdr + 16) as *const u64) },
                 unsafe { bpf_probe_read_user((hdr + 24) as *const u64) },
             ) {
-                (Ok(array), Ok(count)) => emit_payload(scratch, call, Payload::Iovecs { array, count }),
+                (Ok(array), Ok(count)) => {
+                    emit_payload(scratch, call, Payload::Iovecs { array, count })
+                }
                 _ => {
                     // The message goes out without its bytes: a gap the parsers see.
                     Loss::UserRead.count();
