@@ -138,6 +138,9 @@ pub enum WorkflowEventKind {
         #[serde(default, deserialize_with = "null_as_empty")]
         signal_args: Vec<Value>,
     },
+    /// `emit_handoff()` in a workflow (SDK 2.0, §2.4); the session is the workflow info's
+    /// `multi_agent_session_id`, required here.
+    Handoff { from_agent_did: String },
 }
 
 fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
@@ -194,6 +197,17 @@ impl Request {
         match &self {
             Request::ActivityStart(a) if a.activity.attempt < 1 => {
                 Err("activity_start needs `attempt` (an integer ≥ 1)".into())
+            }
+            Request::WorkflowEvent(WorkflowEvent {
+                workflow,
+                event: WorkflowEventKind::Handoff { from_agent_did },
+            }) if from_agent_did.trim().is_empty()
+                || workflow
+                    .multi_agent_session_id
+                    .as_deref()
+                    .is_none_or(|s| s.trim().is_empty()) =>
+            {
+                Err("Handoff needs a non-empty `from_agent_did` and `multi_agent_session_id`".into())
             }
             _ => Ok(self),
         }

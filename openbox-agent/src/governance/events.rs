@@ -18,6 +18,7 @@ pub const WORKFLOW_FAILED: &str = "WorkflowFailed";
 pub const SIGNAL_RECEIVED: &str = "SignalReceived";
 pub const ACTIVITY_STARTED: &str = "ActivityStarted";
 pub const ACTIVITY_COMPLETED: &str = "ActivityCompleted";
+pub const HANDOFF: &str = "Handoff";
 pub const SOURCE: &str = "workflow-telemetry";
 
 /// The workflow an event is about (what the hook's workflow interceptor knows).
@@ -30,6 +31,11 @@ pub struct WorkflowInfo {
     /// Sent on WorkflowStarted and SignalReceived only.
     #[serde(default)]
     pub task_queue: String,
+    /// The application's multi-agent session (SDK 2.0, §2.4: the workflow memo's
+    /// `openbox_multi_agent_session_id`, which the hook carries to activities in a
+    /// header). Sent on every event of the run when set, never as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// The activity an event is about: the fields of the hook's `activity_start` message.
@@ -43,6 +49,11 @@ pub struct ActivityInfo {
     pub task_queue: String,
     /// Temporal's attempt number, from 1.
     pub attempt: u32,
+    /// The application's multi-agent session (SDK 2.0, §2.4: the workflow memo's
+    /// `openbox_multi_agent_session_id`, which the hook carries to activities in a
+    /// header). Sent on every event of the run when set, never as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// `"completed"` or `"failed"`.
@@ -88,6 +99,7 @@ pub enum Event {
     SignalReceived(SignalReceived),
     ActivityStarted(ActivityStarted),
     ActivityCompleted(ActivityCompleted),
+    Handoff(Handoff),
 }
 
 /// The fields every event starts with.
@@ -118,6 +130,8 @@ pub struct WorkflowStarted {
     pub head: Head,
     pub task_queue: String,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// No `task_queue` (§2.2).
@@ -128,6 +142,8 @@ pub struct WorkflowCompleted {
     /// The serialized result (may be null).
     pub workflow_output: Value,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// No `task_queue` (§2.2).
@@ -138,6 +154,8 @@ pub struct WorkflowFailed {
     /// As built by [`workflow_error`].
     pub error: Value,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -148,6 +166,8 @@ pub struct SignalReceived {
     pub signal_name: String,
     pub signal_args: Vec<Value>,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// The activity fields after the head (activity events put `timestamp` after `attempt`).
@@ -160,6 +180,8 @@ pub struct ActivityHead {
     pub task_queue: String,
     pub attempt: u32,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 impl ActivityHead {
@@ -171,6 +193,7 @@ impl ActivityHead {
             task_queue: a.task_queue.clone(),
             attempt: a.attempt,
             timestamp: clock::rfc3339_millis(now),
+            multi_agent_session_id: a.multi_agent_session_id.clone(),
         }
     }
 }
@@ -200,6 +223,20 @@ pub struct ActivityCompleted {
     pub error: Option<ActivityError>,
 }
 
+/// A multi-agent handoff (SDK 2.0, §2.2/§2.4): only who hands off and in which session;
+/// Core derives the receiver from the signed identity. The run it was emitted in is kept
+/// (not sent) so the governor orders and routes it like the run's other events.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Handoff {
+    #[serde(skip)]
+    pub head: Head,
+    pub source: &'static str,
+    pub event_type: &'static str,
+    pub from_agent_did: String,
+    pub multi_agent_session_id: String,
+    pub timestamp: String,
+}
+
 macro_rules! event_kinds {
     ($($kind:ident),*) => {$(
         impl From<$kind> for Event {
@@ -216,7 +253,8 @@ event_kinds!(
     WorkflowFailed,
     SignalReceived,
     ActivityStarted,
-    ActivityCompleted
+    ActivityCompleted,
+    Handoff
 );
 
 impl Event {
@@ -228,6 +266,7 @@ impl Event {
             Event::SignalReceived(e) => &e.head,
             Event::ActivityStarted(e) => &e.activity.head,
             Event::ActivityCompleted(e) => &e.activity.head,
+            Event::Handoff(e) => &e.head,
         }
     }
 
@@ -297,6 +336,7 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
         ),
         task_queue: wf.task_queue.clone(),
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -315,6 +355,7 @@ pub fn workflow_completed(
         ),
         workflow_output,
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -329,6 +370,7 @@ pub fn workflow_failed(wf: &WorkflowInfo, error: Value, now: SystemTime) -> Work
         ),
         error,
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -348,6 +390,19 @@ pub fn signal_received(
         task_queue: wf.task_queue.clone(),
         signal_name: signal_name.to_owned(),
         signal_args,
+        timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
+    }
+}
+
+/// The Handoff of `from_agent_did` in `session`, emitted by a workflow of run `wf`.
+pub fn handoff(wf: &WorkflowInfo, from_agent_did: &str, session: &str, now: SystemTime) -> Handoff {
+    Handoff {
+        head: Head::new(HANDOFF, &wf.workflow_id, &wf.run_id, &wf.workflow_type),
+        source: SOURCE,
+        event_type: HANDOFF,
+        from_agent_did: from_agent_did.to_owned(),
+        multi_agent_session_id: session.to_owned(),
         timestamp: clock::rfc3339_millis(now),
     }
 }
