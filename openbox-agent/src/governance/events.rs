@@ -529,6 +529,7 @@ mod tests {
             activity_type: "call_llm".into(),
             task_queue: "q".into(),
             attempt: 1,
+            multi_agent_session_id: None,
         }
     }
 
@@ -603,6 +604,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         assert_eq!(
             text(&workflow_started(&wf, at(0))),
@@ -667,6 +669,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         let spooled: Spooled =
             serde_json::from_slice(&encode(&workflow_started(&wf, at(0)))).unwrap();
