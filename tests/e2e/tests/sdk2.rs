@@ -97,8 +97,8 @@ fn has_event(bodies: &[Value], wf: &str, event_type: &str) -> bool {
 }
 
 /// HALT under SDK 2.0 conventions: the activity never runs, and the workflow is
-/// terminated (not failed) with `Governance HALT: <reason>`, which is what the client
-/// sees.
+/// terminated (not failed) with the reason `Governance HALT: <reason>`, which is what the
+/// client sees.
 #[test]
 fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
     let w = world(
@@ -125,7 +125,8 @@ fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
     );
     let terminated = link(o, "TerminatedError")
         .unwrap_or_else(|| panic!("no TerminatedError in the failure chain: {o}"));
-    assert_eq!(terminated["message"], json!("Governance HALT: runaway agent"));
+    // The termination reason: the error's details as the client sees them.
+    assert_eq!(terminated["details"], json!(["Governance HALT: runaway agent"]), "{o}");
     assert_eq!(w.ran_attempts(&m0), Vec::<u64>::new(), "the halted activity ran");
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
