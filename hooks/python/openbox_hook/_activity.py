@@ -268,6 +268,8 @@ class ActivityInbound(ActivityInboundInterceptor):
         does. A failure is logged: the activity fails with GovernanceHalt all the same."""
         info = temporalio.activity.info()
         try:
+            if info.workflow_id is None:
+                raise RuntimeError("the activity belongs to no workflow")
             client = self._client() or temporalio.activity.client()
             await client.get_workflow_handle(info.workflow_id).terminate(reason)
             _log.info("openbox governance: workflow %s terminated: %s", info.workflow_id, reason)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 import temporalio.activity
 import temporalio.api.common.v1
@@ -88,9 +87,7 @@ async def emit_handoff(
     if not isinstance(from_agent_did, str) or not from_agent_did.strip():
         raise ValueError("emit_handoff: from_agent_did is required and must be non-empty")
     if not isinstance(multi_agent_session_id, str) or not multi_agent_session_id.strip():
-        raise ValueError(
-            "emit_handoff: multi_agent_session_id is required and must be non-empty"
-        )
+        raise ValueError("emit_handoff: multi_agent_session_id is required and must be non-empty")
     unsafe = temporalio.workflow.unsafe
     with unsafe.sandbox_unrestricted(), unsafe.imports_passed_through():
         info = temporalio.workflow.info()

@@ -62,9 +62,7 @@ def details(raw: Any) -> dict[str, Any] | None:
 
 def error(request: dict[str, Any]) -> temporalio.exceptions.ApplicationError:
     """The activity's error carrying a patch request to its workflow."""
-    return temporalio.exceptions.ApplicationError(
-        MESSAGE, request, type=PATCH, non_retryable=True
-    )
+    return temporalio.exceptions.ApplicationError(MESSAGE, request, type=PATCH, non_retryable=True)
 
 
 def requested(exc: BaseException) -> dict[str, Any] | None:
@@ -80,9 +78,7 @@ def requested(exc: BaseException) -> dict[str, Any] | None:
             if isinstance(entries, (list, tuple)) and len(entries) == 1:
                 return details(entries[0])
             return None
-        current = (
-            getattr(current, "cause", None) or current.__cause__ or current.__context__
-        )
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     return None
 
 

@@ -152,8 +152,11 @@ class OpenBoxPlugin(SimplePlugin):
 
         def workflow_runner(
             runner: temporalio.worker.WorkflowRunner | None,
-        ) -> temporalio.worker.WorkflowRunner | None:
-            if tracing and isinstance(runner, SandboxedWorkflowRunner):
+        ) -> temporalio.worker.WorkflowRunner:
+            # Temporal's TracingInterceptor runs in workflow code: opentelemetry must be
+            # the real module there, not the sandbox's fresh copy.
+            runner = runner or SandboxedWorkflowRunner()
+            if isinstance(runner, SandboxedWorkflowRunner):
                 return dataclasses.replace(
                     runner,
                     restrictions=runner.restrictions.with_passthrough_modules("opentelemetry"),
@@ -161,10 +164,14 @@ class OpenBoxPlugin(SimplePlugin):
             return runner
 
         super().__init__(
-            "openbox.OpenBoxPlugin", interceptors=interceptors, workflow_runner=workflow_runner
+            "openbox.OpenBoxPlugin",
+            interceptors=interceptors,
+            workflow_runner=workflow_runner if tracing else None,
         )
 
-    def configure_worker(self, config: temporalio.worker.WorkerConfig) -> temporalio.worker.WorkerConfig:
+    def configure_worker(
+        self, config: temporalio.worker.WorkerConfig
+    ) -> temporalio.worker.WorkerConfig:
         client = config.get("client")
         if client is not None:
             self.hook.set_client(client)

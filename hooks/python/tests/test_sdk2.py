@@ -69,7 +69,9 @@ class DecisionTest(unittest.TestCase):
             ("GovernanceHalt", "Governance HALT: runaway", True),
         )
         # Core gave no reason: SDK 2.0's default.
-        d = _decision.read(fail("GovernanceHalt", "Governance blocked: No reason provided"), "end", True)
+        d = _decision.read(
+            fail("GovernanceHalt", "Governance blocked: No reason provided"), "end", True
+        )
         self.assertEqual(d.error.message, "Governance HALT: Workflow halted by governance policy")
 
     def test_sdk1_halt_only_fails_the_activity_and_ignores_a_patch(self) -> None:
@@ -77,11 +79,15 @@ class DecisionTest(unittest.TestCase):
         self.assertFalse(d.halt)
         self.assertEqual(d.error.message, "Governance blocked: r")
         d = _decision.read(fail("GovernanceBlock", "Governance blocked: r", patch=PATCH), "start")
-        self.assertEqual((d.error.type, d.error.message), ("GovernanceBlock", "Governance blocked: r"))
+        self.assertEqual(
+            (d.error.type, d.error.message), ("GovernanceBlock", "Governance blocked: r")
+        )
         self.assertFalse(d.halt)
 
     def test_sdk2_block_with_patch_raises_governance_patch_with_the_details(self) -> None:
-        d = _decision.read(fail("GovernanceBlock", "Governance blocked: r", patch=PATCH), "end", True)
+        d = _decision.read(
+            fail("GovernanceBlock", "Governance blocked: r", patch=PATCH), "end", True
+        )
         self.assertFalse(d.halt)
         self.assertEqual(d.error.type, "GovernancePatch")
         self.assertEqual(d.error.message, "Governance requested workflow restart")
@@ -97,7 +103,9 @@ class DecisionTest(unittest.TestCase):
             {**PATCH, "reason": 3},
             "patch",
         ):
-            d = _decision.read(fail("GovernanceBlock", "Governance blocked: r", patch=bad), "start", True)
+            d = _decision.read(
+                fail("GovernanceBlock", "Governance blocked: r", patch=bad), "start", True
+            )
             self.assertEqual(d.error.type, "GovernanceBlock", bad)
 
 
