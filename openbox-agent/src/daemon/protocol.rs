@@ -303,6 +303,33 @@ mod tests {
     }
 
     #[test]
+    fn the_session_and_handoff_parse_and_a_handoff_needs_both_fields() {
+        let (_, req) = parse(br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","workflow_type":"T","from_agent_did":"did:example:a","multi_agent_session_id":"s-1"}"#);
+        let Request::WorkflowEvent(ev) = req.unwrap() else {
+            panic!("not workflow_event")
+        };
+        assert_eq!(
+            ev.event,
+            WorkflowEventKind::Handoff {
+                from_agent_did: "did:example:a".into()
+            }
+        );
+        assert_eq!(ev.workflow.multi_agent_session_id.as_deref(), Some("s-1"));
+        for bad in [
+            &br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","from_agent_did":"did:example:a"}"#[..],
+            br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","from_agent_did":" ","multi_agent_session_id":"s"}"#,
+        ] {
+            let err = parse(bad).1.unwrap_err().error;
+            assert!(err.contains("Handoff needs"), "{err}");
+        }
+        let (_, req) = parse(br#"{"id":2,"op":"activity_start","workflow_id":"w","run_id":"r","workflow_type":"T","activity_id":"1","activity_type":"a","task_queue":"q","attempt":1,"multi_agent_session_id":"s-1"}"#);
+        let Request::ActivityStart(start) = req.unwrap() else {
+            panic!("not activity_start")
+        };
+        assert_eq!(start.activity.multi_agent_session_id.as_deref(), Some("s-1"));
+    }
+
+    #[test]
     fn bad_requests_say_what_is_wrong_and_keep_their_op() {
         let (id, req) = parse(b"not json");
         assert_eq!(id, Value::Null);

@@ -570,6 +570,45 @@ mod tests {
     }
 
     #[test]
+    fn the_multi_agent_session_rides_on_every_event_only_when_set_and_handoff_has_no_run() {
+        let mut a = info();
+        a.multi_agent_session_id = Some("s-1".into());
+        let ev = activity_started(&a, vec![], at(0));
+        assert_eq!(
+            text(&ev),
+            r#"{"source":"workflow-telemetry","event_type":"ActivityStarted","workflow_id":"wf-1","run_id":"r-1","workflow_type":"MyWorkflow","activity_id":"1","activity_type":"call_llm","task_queue":"q","attempt":1,"timestamp":"1970-01-01T00:00:00.000Z","multi_agent_session_id":"s-1","activity_input":[]}"#
+        );
+        let wf = WorkflowInfo {
+            workflow_id: "wf-1".into(),
+            run_id: "r-1".into(),
+            workflow_type: "W".into(),
+            task_queue: "q".into(),
+            multi_agent_session_id: Some("s-1".into()),
+        };
+        let events: Vec<Event> = vec![
+            workflow_started(&wf, at(0)).into(),
+            workflow_completed(&wf, Value::Null, at(0)).into(),
+            workflow_failed(&wf, json!({"type": "E", "message": "m"}), at(0)).into(),
+            signal_received(&wf, "go", vec![], at(0)).into(),
+        ];
+        for ev in &events {
+            assert_eq!(value(ev)["multi_agent_session_id"], "s-1", "{}", text(ev));
+        }
+        let none = WorkflowInfo {
+            multi_agent_session_id: None,
+            ..wf.clone()
+        };
+        assert!(!text(&workflow_started(&none, at(0))).contains("multi_agent_session_id"));
+        let h = handoff(&wf, "did:example:a", "s-1", at(0));
+        assert_eq!(
+            text(&h),
+            r#"{"source":"workflow-telemetry","event_type":"Handoff","from_agent_did":"did:example:a","multi_agent_session_id":"s-1","timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
+        // Kept for ordering and routing with the run, not sent.
+        assert_eq!(Event::from(h).head().run_id, "r-1");
+    }
+
+    #[test]
     fn failed_activity_has_null_output_and_an_error_object() {
         let c = ActivityCompletion {
             status: ActivityStatus::Failed,
