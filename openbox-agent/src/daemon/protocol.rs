@@ -207,7 +207,10 @@ impl Request {
                     .as_deref()
                     .is_none_or(|s| s.trim().is_empty()) =>
             {
-                Err("Handoff needs a non-empty `from_agent_did` and `multi_agent_session_id`".into())
+                Err(
+                    "Handoff needs a non-empty `from_agent_did` and `multi_agent_session_id`"
+                        .into(),
+                )
             }
             _ => Ok(self),
         }
@@ -326,7 +329,10 @@ mod tests {
         let Request::ActivityStart(start) = req.unwrap() else {
             panic!("not activity_start")
         };
-        assert_eq!(start.activity.multi_agent_session_id.as_deref(), Some("s-1"));
+        assert_eq!(
+            start.activity.multi_agent_session_id.as_deref(),
+            Some("s-1")
+        );
     }
 
     #[test]

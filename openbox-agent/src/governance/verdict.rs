@@ -1163,7 +1163,9 @@ mod tests {
         // A null new_input is a valid patch (keep the original input).
         let d = decide(
             Stage::Completed,
-            Some(&resp(json!({"verdict": "block", "patch": {"new_input": null}}))),
+            Some(&resp(
+                json!({"verdict": "block", "patch": {"new_input": null}}),
+            )),
             true,
         );
         assert!(

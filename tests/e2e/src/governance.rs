@@ -469,7 +469,8 @@ impl GovWorker {
         extra: &[String],
     ) -> GovWorker {
         let mut cmd = env.python(&env.script("gov_worker.py"));
-        cmd.args(extra).arg("--address")
+        cmd.args(extra)
+            .arg("--address")
             .arg(&shared.temporal)
             .arg("--task-queue")
             .arg(task_queue)

@@ -126,8 +126,16 @@ fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
     let terminated = link(o, "TerminatedError")
         .unwrap_or_else(|| panic!("no TerminatedError in the failure chain: {o}"));
     // The termination reason: the error's details as the client sees them.
-    assert_eq!(terminated["details"], json!(["Governance HALT: runaway agent"]), "{o}");
-    assert_eq!(w.ran_attempts(&m0), Vec::<u64>::new(), "the halted activity ran");
+    assert_eq!(
+        terminated["details"],
+        json!(["Governance HALT: runaway agent"]),
+        "{o}"
+    );
+    assert_eq!(
+        w.ran_attempts(&m0),
+        Vec::<u64>::new(),
+        "the halted activity ran"
+    );
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 }
@@ -137,7 +145,11 @@ fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
 /// not terminated).
 #[test]
 fn hook_under_sdk1_conventions_halt_fails_the_activity_only() {
-    let w = world("hook_under_sdk1_conventions_halt_fails_the_activity_only", &json!({}), false);
+    let w = world(
+        "hook_under_sdk1_conventions_halt_fails_the_activity_only",
+        &json!({}),
+        false,
+    );
     let m0 = w.marker(0);
     w.core().set_script(
         &json!({"rules": [{"match": {"event_type": "ActivityStarted", "activity_id": m0},
@@ -152,9 +164,16 @@ fn hook_under_sdk1_conventions_halt_fails_the_activity_only() {
     assert_eq!(o["status"], json!("FAILED"), "{o}");
     let app = link(o, "ApplicationError").unwrap_or_else(|| panic!("no ApplicationError: {o}"));
     assert_eq!(app["type"], json!("GovernanceHalt"), "{o}");
-    assert_eq!(app["message"], json!("Governance blocked: runaway agent"), "{o}");
+    assert_eq!(
+        app["message"],
+        json!("Governance blocked: runaway agent"),
+        "{o}"
+    );
     assert_eq!(app["non_retryable"], json!(true), "{o}");
-    assert!(link(o, "TerminatedError").is_none(), "terminated under SDK 1.0: {o}");
+    assert!(
+        link(o, "TerminatedError").is_none(),
+        "terminated under SDK 1.0: {o}"
+    );
     assert_eq!(w.ran_attempts(&m0), Vec::<u64>::new());
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
@@ -190,19 +209,39 @@ fn block_with_patch_continues_as_new_with_the_new_input_up_to_the_restart_limit(
         RUN_TIMEOUT,
     );
     let (o0, o1) = (&o[0], &o[1]);
-    assert_eq!(o0["ok"], json!(true), "the patched workflow did not complete: {o0}");
+    assert_eq!(
+        o0["ok"],
+        json!(true),
+        "the patched workflow did not complete: {o0}"
+    );
     assert_eq!(o0["result"]["tag"], json!("patched"), "{o0}");
     assert_eq!(o0["result"]["restarts"], json!(1), "{o0}");
-    assert_eq!(o0["result"]["results"][0]["got"]["marker"], json!(m1), "{o0}");
-    assert_eq!(w.ran_attempts(&m0), Vec::<u64>::new(), "the blocked activity ran");
+    assert_eq!(
+        o0["result"]["results"][0]["got"]["marker"],
+        json!(m1),
+        "{o0}"
+    );
+    assert_eq!(
+        w.ran_attempts(&m0),
+        Vec::<u64>::new(),
+        "the blocked activity ran"
+    );
     assert_eq!(w.ran_attempts(&m1), vec![1]);
 
     assert_eq!(o1["status"], json!("FAILED"), "{o1}");
     let app = link(o1, "ApplicationError").unwrap_or_else(|| panic!("no ApplicationError: {o1}"));
     assert_eq!(app["type"], json!("GovernancePatchLimitExceeded"), "{o1}");
-    assert_eq!(app["message"], json!("Patch restart limit (3) exceeded"), "{o1}");
+    assert_eq!(
+        app["message"],
+        json!("Patch restart limit (3) exceeded"),
+        "{o1}"
+    );
     assert_eq!(app["non_retryable"], json!(true), "{o1}");
-    assert_eq!(w.ran_attempts(&m2), Vec::<u64>::new(), "a blocked activity ran");
+    assert_eq!(
+        w.ran_attempts(&m2),
+        Vec::<u64>::new(),
+        "a blocked activity ran"
+    );
 
     let bodies = evaluated_when(&w, "wf1's WorkflowFailed", |b| {
         has_event(b, &wf1, "WorkflowFailed") && has_event(b, &wf0, "WorkflowCompleted")
@@ -225,15 +264,31 @@ fn block_with_patch_continues_as_new_with_the_new_input_up_to_the_restart_limit(
         .collect();
     assert_eq!(
         wf1_events,
-        ["WorkflowStarted", "WorkflowStarted", "WorkflowStarted", "WorkflowStarted", "WorkflowFailed"]
+        [
+            "WorkflowStarted",
+            "WorkflowStarted",
+            "WorkflowStarted",
+            "WorkflowStarted",
+            "WorkflowFailed"
+        ]
     );
     let failed = bodies
         .iter()
         .find(|b| s(b, "workflow_id") == wf1 && s(b, "event_type") == "WorkflowFailed")
         .unwrap();
-    assert_eq!(failed["error"]["type"], json!("ApplicationError"), "{failed}");
-    assert_eq!(failed["error"]["cause"]["type"], json!("ActivityError"), "{failed}");
-    w.core().validate_schema(&w.env).unwrap_or_else(|e| panic!("schema: {e}"));
+    assert_eq!(
+        failed["error"]["type"],
+        json!("ApplicationError"),
+        "{failed}"
+    );
+    assert_eq!(
+        failed["error"]["cause"]["type"],
+        json!("ActivityError"),
+        "{failed}"
+    );
+    w.core()
+        .validate_schema(&w.env)
+        .unwrap_or_else(|e| panic!("schema: {e}"));
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 }
@@ -256,7 +311,11 @@ fn multi_agent_session_is_on_every_event_and_handoff_matches_the_schema() {
     plan0["handoff"] = json!({"session": session, "from": "did:example:planner"});
     let o = w.run(
         &[
-            session_workflow(&wf0, plan0, Some(json!({SESSION_MEMO: session, "app": "kept"}))),
+            session_workflow(
+                &wf0,
+                plan0,
+                Some(json!({SESSION_MEMO: session, "app": "kept"})),
+            ),
             session_workflow(&wf1, echo_plan(&w, "n", &[&m2]), None),
         ],
         RUN_TIMEOUT,
@@ -270,7 +329,10 @@ fn multi_agent_session_is_on_every_event_and_handoff_matches_the_schema() {
             && b.iter().any(|e| s(e, "event_type") == "Handoff")
     });
     let of = |wf: &str| -> Vec<&Value> {
-        bodies.iter().filter(|b| s(b, "workflow_id") == wf).collect()
+        bodies
+            .iter()
+            .filter(|b| s(b, "workflow_id") == wf)
+            .collect()
     };
     let events0 = of(&wf0);
     let types: Vec<&str> = events0.iter().map(|b| s(b, "event_type")).collect();
@@ -307,8 +369,13 @@ fn multi_agent_session_is_on_every_event_and_handoff_matches_the_schema() {
     assert_eq!(h["from_agent_did"], json!("did:example:planner"));
     assert_eq!(h["multi_agent_session_id"], json!(session));
     assert_eq!(h["source"], json!("workflow-telemetry"));
-    assert!(h.get("workflow_id").is_none(), "a Handoff carries no run fields: {h}");
-    w.core().validate_schema(&w.env).unwrap_or_else(|e| panic!("schema: {e}"));
+    assert!(
+        h.get("workflow_id").is_none(),
+        "a Handoff carries no run fields: {h}"
+    );
+    w.core()
+        .validate_schema(&w.env)
+        .unwrap_or_else(|e| panic!("schema: {e}"));
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 }
