@@ -11,7 +11,15 @@ import temporalio.worker
 
 from . import _events, _patch, _workflow
 from ._activity import ActivityInbound
-from ._agent import DEFAULT_SOCKET, GOVERNANCE_POLICIES, POLICY_ENV, SOCKET_ENV, AgentLink
+from ._agent import (
+    CONVENTIONS_ENV,
+    DEFAULT_SOCKET,
+    GOVERNANCE_POLICIES,
+    POLICY_ENV,
+    SDK_CONVENTIONS,
+    SOCKET_ENV,
+    AgentLink,
+)
 from .serialize import serialize_value
 
 
@@ -35,8 +43,11 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             and ``activity_end`` wait: the agent answers them after governing. Its
             ``governance_policy`` (alias ``on_api_error``) defaults to
             ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
-            too). Its ``sdk_conventions`` (``"1.0"``, the default, or ``"2.0"``) says
-            which SDK's behaviour this worker keeps: under ``"2.0"`` a HALT (and
+            too).
+        sdk_conventions: ``"1.0"`` or ``"2.0"``: which SDK's behaviour this worker
+            keeps. Default: the config's ``sdk_conventions``, else
+            ``$OPENBOX_SDK_CONVENTIONS``; none of them: 1.0 here, and not sent (the
+            agent's setting applies to its requests). Under ``"2.0"`` a HALT (and
             fail_closed without an answer) terminates the workflow before failing the
             activity with ``GovernanceHalt``, a BLOCK with patch continues the workflow
             as new with the patched input, and the memo's multi-agent session reaches
@@ -68,6 +79,7 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         *,
         timeout: float = 5.0,
         config: Mapping[str, Any] | None = None,
+        sdk_conventions: str | None = None,
         max_patch_restarts: int = _patch.DEFAULT_MAX_RESTARTS,
         client: temporalio.client.Client | None = None,
     ) -> None:
@@ -77,13 +89,8 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         settings = dict(config or {})
         _apply_policy_env(settings)
-        conventions = settings.get("sdk_conventions") or "1.0"
-        if conventions not in SDK_CONVENTIONS:
-            raise ValueError(
-                f"sdk_conventions must be '1.0' or '2.0' (which SDK's behaviour this "
-                f"worker keeps), got {conventions!r}"
-            )
-        self._sdk2 = conventions == "2.0"
+        _apply_conventions(settings, sdk_conventions)
+        self._sdk2 = settings.get("sdk_conventions") == "2.0"
         self._client = client
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(
@@ -134,12 +141,28 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         return self._workflow_class
 
 
-SDK_CONVENTIONS = ("1.0", "2.0")
-
-
 def check_max_patch_restarts(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"max_patch_restarts must be an integer >= 1, got {value!r}")
+
+
+def _apply_conventions(config: dict[str, Any], chosen: str | None) -> None:
+    """The worker's SDK conventions into the config sent in ``hello``: the argument, else
+    the config's own, else ``$OPENBOX_SDK_CONVENTIONS``; none of them: not sent (the
+    agent's setting applies). Checked here so a typo fails at worker start."""
+    if chosen is not None:
+        source, value = "sdk_conventions", chosen
+    elif config.get("sdk_conventions") is not None:
+        source, value = "config['sdk_conventions']", config["sdk_conventions"]
+    elif os.environ.get(CONVENTIONS_ENV):
+        source, value = f"${CONVENTIONS_ENV}", os.environ[CONVENTIONS_ENV]
+    else:
+        return
+    value = str(value).strip()
+    value = {"1": "1.0", "2": "2.0"}.get(value, value)
+    if value not in SDK_CONVENTIONS:
+        raise ValueError(f"{source} must be '1.0' or '2.0', got {value!r}")
+    config["sdk_conventions"] = value
 
 
 def _apply_policy_env(config: dict[str, Any]) -> None:

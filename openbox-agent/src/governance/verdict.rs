@@ -441,8 +441,9 @@ pub enum Decision {
         reason: Option<String>,
         /// A BLOCK with a valid patch (§8): the `GovernancePatch` details. A hook following
         /// SDK 1.0 ignores it and raises the plain BLOCK.
+        /// Boxed: rare, and large next to the other decisions.
         #[serde(skip_serializing_if = "Option::is_none")]
-        patch: Option<PatchRequest>,
+        patch: Option<Box<PatchRequest>>,
     },
     /// Raise the **retryable** `ApplicationError(message, type="ApprovalPending")`; the
     /// next attempt polls the approval (§5).
@@ -541,14 +542,16 @@ pub fn decide(stage: Stage, response: Option<&EvaluateResponse>, hitl: bool) -> 
             .patch
             .as_ref()
             .filter(|_| r.verdict == Verdict::Block)
-            .map(|new_input| PatchRequest {
-                schema_version: PATCH_SCHEMA_VERSION,
-                new_input: new_input.clone(),
-                governance_event_id: r.governance_event_id.clone(),
-                reason: r.reason.clone(),
-                event_type: stage.event_type(),
-                hook_trigger: false,
-                hook_stage: None,
+            .map(|new_input| {
+                Box::new(PatchRequest {
+                    schema_version: PATCH_SCHEMA_VERSION,
+                    new_input: new_input.clone(),
+                    governance_event_id: r.governance_event_id.clone(),
+                    reason: r.reason.clone(),
+                    event_type: stage.event_type(),
+                    hook_trigger: false,
+                    hook_stage: None,
+                })
             });
         return Decision::Fail {
             error_type: stop_error_type(r.verdict),

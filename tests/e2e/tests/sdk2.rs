@@ -25,6 +25,11 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 /// A world with Core (`script`), the agent, and a worker that adopted the hook with
 /// `OpenBoxPlugin` (`plugin`) or `OpenBoxHook` (SDK 1.0 conventions).
 fn world(name: &str, script: &Value, plugin: bool) -> GovWorld {
+    world_with(name, script, plugin, &[])
+}
+
+/// [`world`], with more arguments for the plugin worker (support/gov_worker.py).
+fn world_with(name: &str, script: &Value, plugin: bool, worker_args: &[&str]) -> GovWorld {
     let mut w = GovWorld::new(name);
     w.start_core(script);
     let mut args = w.core().agent_args();
@@ -32,14 +37,15 @@ fn world(name: &str, script: &Value, plugin: bool) -> GovWorld {
     args.push(w.spool_dir().display().to_string());
     w.start_agent(&args);
     if plugin {
-        let url = w.core().url();
-        w.start_worker_with(&[
+        let mut args = vec![
             "--plugin".into(),
             "--openbox-url".into(),
-            url,
+            w.core().url(),
             "--openbox-api-key".into(),
             FAKE_CORE_KEY.into(),
-        ]);
+        ];
+        args.extend(worker_args.iter().map(|a| a.to_string()));
+        w.start_worker_with(&args);
     } else {
         w.start_worker();
     }
@@ -136,6 +142,49 @@ fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
         Vec::<u64>::new(),
         "the halted activity ran"
     );
+    let (_, agent) = w.finish();
+    agent.expect("the agent ran").assert_clean_exit();
+}
+
+/// fail_closed under SDK 2.0 conventions with Core unreachable: the agent's synthetic HALT
+/// terminates the workflow too, with `Governance HALT: Governance API error: …` (SDK 1.0
+/// conventions only fail the activity: governance.rs,
+/// `core_down_under_fail_closed_halts_the_activity`).
+#[test]
+fn openbox_plugin_fail_closed_without_core_terminates_the_workflow() {
+    let w = world_with(
+        "openbox_plugin_fail_closed_without_core_terminates_the_workflow",
+        &json!({}),
+        true,
+        &[
+            "--governance-policy",
+            "fail_closed",
+            "--governance-timeout",
+            "2",
+        ],
+    );
+    let m0 = w.marker(0);
+    let wf0 = w.workflow_id(0);
+    w.core().down();
+    let o = w.run(
+        &[session_workflow(&wf0, echo_plan(&w, "t", &[&m0]), None)],
+        RUN_TIMEOUT,
+    );
+    let o = &o[0];
+    assert_eq!(o["status"], json!("TERMINATED"), "{o}");
+    let terminated = link(o, "TerminatedError")
+        .unwrap_or_else(|| panic!("no TerminatedError in the failure chain: {o}"));
+    let reason = terminated["details"][0].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("Governance HALT: Governance API error"),
+        "termination reason {reason:?}"
+    );
+    assert_eq!(
+        w.ran_attempts(&m0),
+        Vec::<u64>::new(),
+        "the halted activity ran"
+    );
+    w.core().up();
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 }
