@@ -1,4 +1,5 @@
-//! The six governance events with SDK 1.0 payloads (protocol §2.2), and their wire bytes.
+//! The six governance events with SDK 1.0 payloads (protocol §2.2), SDK 2.0's Handoff and
+//! `multi_agent_session_id` (§2.4), and their wire bytes.
 //!
 //! Each event is a struct whose fields serialize in the SDK's key order (the order its
 //! Python dicts are built in, as in the §2.2 example); the governor reads them typed and

@@ -8,8 +8,12 @@
 //! REQUIRE_APPROVAL, then redaction. Error type names are **SDK 2.0's**: `GovernanceBlock`
 //! for BLOCK and `GovernanceHalt` for HALT (SDK 1.0 used `GovernanceStop` for both), so a
 //! workflow can tell the two apart. The agent does not terminate the workflow on HALT (it
-//! holds no Temporal client): HALT fails the activity non-retryably, like SDK 1.0 did.
-//! Messages are SDK 1.0's texts (`Governance blocked: <reason>` for both).
+//! holds no Temporal client): a BLOCK/HALT decision carries the verdict's own `reason`,
+//! and a hook under SDK 2.0 conventions terminates the workflow with it; under SDK 1.0
+//! conventions HALT only fails the activity. Messages are SDK 1.0's texts
+//! (`Governance blocked: <reason>` for both). A BLOCK with a valid `patch` (§8) also
+//! carries the `GovernancePatch` details, which only a hook under SDK 2.0 conventions acts
+//! on.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
