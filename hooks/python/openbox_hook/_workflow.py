@@ -102,11 +102,19 @@ def interceptor_class(
             _report(link, "WorkflowStarted", True, _continued, session)
             try:
                 result = await super().execute_workflow(input)
+            except temporalio.workflow.ContinueAsNewError:
+                # Not a Core event (the SDK sends none either): the agent ends this
+                # run's trace span here, and the next run's span links to it.
+                _report(link, "WorkflowContinuedAsNew", False, dict)
+                raise
             except Exception as exc:
                 failure: BaseException = exc
                 if sdk2:
                     try:
                         _restart_if_patched(exc, input, max_patch_restarts)
+                    except temporalio.workflow.ContinueAsNewError:
+                        _report(link, "WorkflowContinuedAsNew", False, dict)
+                        raise
                     except temporalio.exceptions.ApplicationError as limit:
                         failure = limit
                 if _fails_workflow(failure):
