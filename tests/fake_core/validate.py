@@ -214,7 +214,27 @@ def _samples():
         ("wrong route", dict(records_good[0], path="/api/v2/governance/evaluate")),
         ("failed error type", dict(records_good[5], body=dict(good[5], error={"type": "E"}))),
     ]
-    return records_good, records_bad
+    sdk2_good, sdk2_bad = _sdk2_samples(good, hdr)
+    return records_good + sdk2_good, records_bad + sdk2_bad
+
+
+def _sdk2_samples(good, hdr):
+    """SDK 2.0's additions (sections 2.2, 2.4): Handoff, and multi_agent_session_id on the
+    other events (present only when set)."""
+    def rec(body):
+        return {"method": "POST", "path": "/api/v1/governance/evaluate", "headers": hdr, "body": body}
+
+    handoff = {"source": "workflow-telemetry", "event_type": "Handoff", "from_agent_did": "did:example:a",
+               "multi_agent_session_id": "s-1", "timestamp": "2026-01-15T10:30:45.123Z"}
+    sdk2_good = [rec(handoff)] + [rec(dict(b, multi_agent_session_id="s-1")) for b in good]
+    sdk2_bad = [
+        ("handoff without from_agent_did", rec({k: v for k, v in handoff.items() if k != "from_agent_did"})),
+        ("handoff with a blank session", rec(dict(handoff, multi_agent_session_id=" "))),
+        ("handoff naming the receiver", rec(dict(handoff, agent_did="did:example:b"))),
+        ("handoff with run fields", rec(dict(handoff, workflow_id="wf-1"))),
+        ("null session", rec(dict(good[4], multi_agent_session_id=None))),
+    ]
+    return sdk2_good, sdk2_bad
 
 
 def self_test(schema_path):

@@ -36,7 +36,7 @@ import temporalio.activity
 import temporalio.exceptions
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from . import _decision, _driver, _events, _slots
+from . import _decision, _driver, _events, _multi_agent, _slots
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
@@ -63,9 +63,19 @@ def _internal_error() -> None:
 
 
 class ActivityInbound(ActivityInboundInterceptor):
-    def __init__(self, next: ActivityInboundInterceptor, link: AgentLink) -> None:
+    def __init__(
+        self,
+        next: ActivityInboundInterceptor,
+        link: AgentLink,
+        sdk2: bool = False,
+        client: Callable[[], Any] | None = None,
+    ) -> None:
         super().__init__(next)
         self._link = link
+        self._sdk2 = sdk2
+        # The worker's Temporal client when the hook was given it (OpenBoxPlugin,
+        # create_openbox_worker); else the activity's own (temporalio.activity.client()).
+        self._client = client or (lambda: None)
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         started = await self._start(input)
@@ -80,6 +90,7 @@ class ActivityInbound(ActivityInboundInterceptor):
             # The agent's decision: the activity does not run. It still gets its
             # activity_end, so the agent can free what it holds for it.
             await self._end(token, "failed", None, refusal, input_json)
+            await self._terminate_if_halted(seen, refusal)
             raise
         except Exception:
             _internal_error()
@@ -95,12 +106,14 @@ class ActivityInbound(ActivityInboundInterceptor):
             # Not named `refusal`: that name is the except target above, unbound after it.
             verdict = None if _is_cancellation(exc) else self._on_failed_end_reply(end, seen)
             if verdict is not None:
+                await self._terminate_if_halted(seen, verdict)
                 raise verdict from exc
             raise
         end = await self._end(token, "completed", result, None, input_json)
         try:
             return self._on_end_reply(end, result, seen)
-        except temporalio.exceptions.ApplicationError:
+        except temporalio.exceptions.ApplicationError as verdict:
+            await self._terminate_if_halted(seen, verdict)
             raise
         except Exception:
             _internal_error()
@@ -117,7 +130,7 @@ class ActivityInbound(ActivityInboundInterceptor):
         exception is the hook's own failure: the caller logs it and runs the input as it
         came).
         """
-        decision = _decision.read(reply, "start")
+        decision = _decision.read(reply, "start", self._sdk2)
         (seen or _Seen()).note(decision)
         if decision.error is not None:
             raise decision.error
@@ -134,7 +147,7 @@ class ActivityInbound(ActivityInboundInterceptor):
         the decision's ``ApplicationError``, which replaces the result (the activity's
         work has happened).
         """
-        decision = _decision.read(reply, "end")
+        decision = _decision.read(reply, "end", self._sdk2)
         seen.note(decision)
         if decision.error is not None:
             raise decision.error
@@ -152,7 +165,7 @@ class ActivityInbound(ActivityInboundInterceptor):
         the activity's exception as its cause. There is no result to redact.
         """
         try:
-            decision = _decision.read(reply, "end")
+            decision = _decision.read(reply, "end", self._sdk2)
             seen.note(decision)
             return decision.error
         except Exception:
@@ -169,6 +182,7 @@ class ActivityInbound(ActivityInboundInterceptor):
             # The run's WorkflowStarted (posted by workflow code, sent by another thread)
             # goes out before this activity's ActivityStarted.
             await _events.written(WORKFLOW_EVENTS_WAIT)
+            session = _multi_agent.from_header(input.headers) if self._sdk2 else None
             reply = await self._link.call_governed(
                 "activity_start",
                 workflow_id=info.workflow_id,
@@ -181,13 +195,19 @@ class ActivityInbound(ActivityInboundInterceptor):
                 start_time=time.time(),
                 input=input_json,
                 **_trace_context(),
+                **({"multi_agent_session_id": session} if session else {}),
             )
         except Exception:
             _internal_error()
             return None
         if reply is None:
             if self._link.fail_closed:
-                raise self._link.unreachable_error("the activity does not run")
+                error = self._link.unreachable_error("the activity does not run")
+                if self._sdk2:
+                    # SDK 2.0's fail_closed is a HALT: the workflow is terminated too.
+                    error = _decision.halt_error(error.message)
+                    await self._terminate(error.message)
+                raise error
             return None
         token = reply.get("token")
         if not reply.get("ok") or type(token) is not int or not 0 < token < 1 << 64:
@@ -229,12 +249,38 @@ class ActivityInbound(ActivityInboundInterceptor):
                     "error_type": error.type,
                     "message": error.message,
                     "non_retryable": True,
+                    "reason": error.message,
                 },
             }
         if reply is not None and not reply.get("ok"):
             _log.debug("openbox-agent refused activity_end: %s", reply.get("error"))
             return None
         return reply
+
+    async def _terminate_if_halted(
+        self, seen: _Seen, error: temporalio.exceptions.ApplicationError
+    ) -> None:
+        if seen.halt:
+            await self._terminate(error.message)
+
+    async def _terminate(self, reason: str) -> None:
+        """Terminate the activity's workflow (SDK 2.0 HALT), by workflow id as the SDK
+        does. A failure is logged: the activity fails with GovernanceHalt all the same."""
+        info = temporalio.activity.info()
+        try:
+            if info.workflow_id is None:
+                raise RuntimeError("the activity belongs to no workflow")
+            client = self._client() or temporalio.activity.client()
+            await client.get_workflow_handle(info.workflow_id).terminate(reason)
+            _log.info("openbox governance: workflow %s terminated: %s", info.workflow_id, reason)
+        except Exception as exc:
+            _log.warning(
+                "openbox governance: could not terminate workflow %s on HALT (%s: %s); "
+                "the activity fails with GovernanceHalt, the workflow decides what follows",
+                info.workflow_id,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _attributed(self, input: ExecuteActivityInput, token: int) -> ExecuteActivityInput:
         """``input`` with its function wrapped to publish ``token``, or as it came."""
@@ -304,14 +350,18 @@ def _sync_wrapper(fn: Callable[..., Any], token: int, link: AgentLink) -> Callab
 
 
 class _Seen:
-    """What was already logged for one activity: CONSTRAIN is logged once per activity."""
+    """What was already seen of one activity: CONSTRAIN is logged once per activity, and
+    whether the last decision is a HALT that terminates the workflow."""
 
-    __slots__ = ("constrained",)
+    __slots__ = ("constrained", "halt")
 
     def __init__(self) -> None:
         self.constrained = False
+        self.halt = False
+        """The decision last read is an SDK 2.0 HALT: the workflow is terminated."""
 
     def note(self, decision: _decision.Decision) -> None:
+        self.halt = decision.halt
         if decision.constrained and not self.constrained:
             self.constrained = True
             try:

@@ -6,8 +6,14 @@ Replies to ``activity_start`` and ``activity_end`` may carry ``"decision"`` (the
 - ``{"action": "continue", "verdict": ..., "constrained": bool, "redaction": null |
   {"target": "input", "args": [{"index": i, "value": v}, ...]} |
   {"target": "output", "value": v}}``
-- ``{"action": "fail", "error_type": str, "message": str, "non_retryable": bool}``
+- ``{"action": "fail", "error_type": str, "message": str, "non_retryable": bool,
+  "reason"?: str, "patch"?: {GovernancePatch details}}``
 - ``{"action": "approval_pending", "message": str}``
+
+Under SDK 2.0 conventions (``sdk2``), a ``fail`` carrying a valid ``patch`` becomes the
+``GovernancePatch`` error (§8), and a ``GovernanceHalt`` is worded as SDK 2.0 words it
+(``Governance HALT: <reason>``) and marked ``halt``: the activity terminates its workflow
+before raising it. Under SDK 1.0 conventions both are the agent's plain error.
 
 A reply without a decision, and a decision this module cannot read, mean "continue
 unchanged": the hook only ever fails an activity because the agent explicitly said so.
@@ -25,9 +31,13 @@ from typing import Any
 
 import temporalio.exceptions
 
+from . import _patch
+
 _log = logging.getLogger("openbox.hook")
 
 APPROVAL_PENDING = "ApprovalPending"
+GOVERNANCE_HALT = "GovernanceHalt"
+HALT_DEFAULT_REASON = "Workflow halted by governance policy"
 _MISSING = object()
 
 
@@ -41,6 +51,8 @@ class Decision:
     """Input redaction: (argument index, value) pairs, in the agent's order."""
     output: Any = _MISSING
     """Output redaction: the value, or ``_MISSING`` for none."""
+    halt: bool = False
+    """SDK 2.0 HALT: terminate the workflow before raising ``error``."""
 
     @property
     def redacts_output(self) -> bool:
@@ -53,14 +65,16 @@ _malformed_lock = threading.Lock()
 _malformed_warned = False
 
 
-def read(reply: dict[str, Any] | None, stage: str) -> Decision:
+def read(reply: dict[str, Any] | None, stage: str, sdk2: bool = False) -> Decision:
     """The decision in an agent reply to ``activity_start``/``activity_end`` (``stage``
-    ``"start"``/``"end"``); CONTINUE when there is none or it is malformed."""
+    ``"start"``/``"end"``); CONTINUE when there is none or it is malformed. ``sdk2``:
+    the worker follows SDK 2.0 conventions."""
     if reply is None or "decision" not in reply:
         return CONTINUE
     raw = reply["decision"]
     try:
-        return _parse(raw, stage)
+        decision = _parse(raw, stage)
+        return _as_sdk2(decision, raw) if sdk2 else decision
     except _Malformed as exc:
         _warn_malformed(stage, raw, exc)
         return CONTINUE
@@ -68,6 +82,26 @@ def read(reply: dict[str, Any] | None, stage: str) -> Decision:
 
 class _Malformed(ValueError):
     pass
+
+
+def _as_sdk2(decision: Decision, raw: dict[str, Any]) -> Decision:
+    """``decision`` as SDK 2.0 acts on it: a valid patch first, then HALT (§4.2)."""
+    if decision.error is None or raw.get("action") != "fail":
+        return decision
+    request = _patch.details(raw.get("patch"))
+    if request is not None:
+        return Decision(error=_patch.error(request))
+    if decision.error.type != GOVERNANCE_HALT:
+        return decision
+    reason = raw.get("reason")
+    if not isinstance(reason, str) or not reason:
+        reason = HALT_DEFAULT_REASON
+    return Decision(error=halt_error(reason), halt=True)
+
+
+def halt_error(reason: str) -> temporalio.exceptions.ApplicationError:
+    """SDK 2.0's HALT error, raised once the workflow is terminated."""
+    return _application_error(f"Governance HALT: {reason}", GOVERNANCE_HALT, True)
 
 
 def _parse(raw: Any, stage: str) -> Decision:

@@ -17,6 +17,14 @@ worker that replays a history (after a cache eviction, a restart, or in a
 fails the workflow; any other exception fails the workflow *task*, which Temporal retries
 (replaying up to it), so it is not a workflow outcome.
 
+Under SDK 2.0 conventions (``sdk2``) the interceptor also does what SDK 2.0's does at the
+workflow boundary: the memo's multi-agent session goes on the workflow's events and, as
+a header, on every activity it schedules (``_multi_agent``); and a ``GovernancePatch``
+failure from an activity (BLOCK with patch) continues the workflow as new with the new
+input, within ``max_patch_restarts`` (``_patch``). Both read only the history (memo,
+activity failures), so replay takes the same path; continue-as-new is a command the
+workflow's own code would otherwise not issue, which is the patch's point.
+
 All of it runs on the workflow thread inside the sandbox. This module is imported
 outside the sandbox (with the hook), so its globals are the real modules; the sandbox's
 restrictions are lifted while a message is built, as user objects' serialisation
@@ -36,10 +44,13 @@ import temporalio.workflow
 from temporalio.worker import (
     ExecuteWorkflowInput,
     HandleSignalInput,
+    StartActivityInput,
+    StartLocalActivityInput,
     WorkflowInboundInterceptor,
+    WorkflowOutboundInterceptor,
 )
 
-from . import _events
+from . import _events, _multi_agent, _patch
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
@@ -51,12 +62,44 @@ TYPE_LIMIT = 200
 """``error_type`` is reported only when shorter than this (SDK 2.0)."""
 
 
-def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
-    """The workflow inbound interceptor class reporting to ``link``'s agent."""
+def interceptor_class(
+    link: AgentLink, sdk2: bool = False, max_patch_restarts: int = _patch.DEFAULT_MAX_RESTARTS
+) -> type[WorkflowInboundInterceptor]:
+    """The workflow inbound interceptor class reporting to ``link``'s agent; ``sdk2``
+    adds SDK 2.0's multi-agent session and BLOCK-with-patch restarts."""
+
+    class OpenBoxWorkflowOutbound(WorkflowOutboundInterceptor):
+        """Stamps the run's multi-agent session on every activity it schedules."""
+
+        def start_activity(self, input: StartActivityInput) -> Any:
+            session = _multi_agent.from_memo()
+            if session:
+                input.headers = _multi_agent.with_header(input.headers, session)
+            return super().start_activity(input)
+
+        def start_local_activity(self, input: StartLocalActivityInput) -> Any:
+            session = _multi_agent.from_memo()
+            if session:
+                input.headers = _multi_agent.with_header(input.headers, session)
+            return super().start_local_activity(input)
 
     class OpenBoxWorkflowInbound(WorkflowInboundInterceptor):
+        def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+            super().init(OpenBoxWorkflowOutbound(outbound) if sdk2 else outbound)
+
         async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
-            _report(link, "WorkflowStarted", True, _continued)
+            session = _session() if sdk2 else None
+            run_id = temporalio.workflow.info().run_id
+            if sdk2:
+                _multi_agent.bind(run_id, link)
+            try:
+                return await self._execute(input, session)
+            finally:
+                if sdk2:
+                    _multi_agent.unbind(run_id)
+
+        async def _execute(self, input: ExecuteWorkflowInput, session: str | None) -> Any:
+            _report(link, "WorkflowStarted", True, _continued, session)
             try:
                 result = await super().execute_workflow(input)
             except temporalio.workflow.ContinueAsNewError:
@@ -65,14 +108,28 @@ def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
                 _report(link, "WorkflowContinuedAsNew", False, dict)
                 raise
             except Exception as exc:
-                if _fails_workflow(exc):
-                    _report(link, "WorkflowFailed", False, functools.partial(_failed, exc))
-                raise
+                failure: BaseException = exc
+                if sdk2:
+                    try:
+                        _restart_if_patched(exc, input, max_patch_restarts)
+                    except temporalio.workflow.ContinueAsNewError:
+                        _report(link, "WorkflowContinuedAsNew", False, dict)
+                        raise
+                    except temporalio.exceptions.ApplicationError as limit:
+                        failure = limit
+                if _fails_workflow(failure):
+                    _report(
+                        link, "WorkflowFailed", False, functools.partial(_failed, failure), session
+                    )
+                if failure is exc:
+                    raise
+                raise failure from exc
             _report(
                 link,
                 "WorkflowCompleted",
                 False,
                 lambda: {"workflow_output": serialize_value(result)},
+                session,
             )
             return result
 
@@ -82,10 +139,28 @@ def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
                 "SignalReceived",
                 True,
                 lambda: {"signal_name": input.signal, "signal_args": serialize_args(input.args)},
+                _session() if sdk2 else None,
             )
             await super().handle_signal(input)
 
     return OpenBoxWorkflowInbound
+
+
+def _session() -> str | None:
+    try:
+        return _multi_agent.from_memo()
+    except Exception:
+        _internal_error("the multi-agent session")
+        return None
+
+
+def _restart_if_patched(exc: BaseException, input: ExecuteWorkflowInput, max_restarts: int) -> None:
+    """Continue as new when ``exc`` carries a patch request (raises Temporal's
+    ``ContinueAsNewError``, or ``GovernancePatchLimitExceeded``); returns otherwise."""
+    request = _patch.requested(exc)
+    if request is None:
+        return
+    _patch.continue_as_new(request, input.args, max_restarts)
 
 
 def _report(
@@ -93,6 +168,7 @@ def _report(
     event_type: str,
     with_task_queue: bool,
     build: Callable[[], dict[str, Any]],
+    session: str | None = None,
 ) -> None:
     """Post one event unless replaying (``build`` gives its own fields, and is called only
     when the event is sent). Never raises into the workflow, never blocks it."""
@@ -110,6 +186,8 @@ def _report(
             }
             if with_task_queue:
                 fields["task_queue"] = info.task_queue
+            if session:
+                fields["multi_agent_session_id"] = session
             fields.update(build())
             _events.post(link, "workflow_event", fields)
     except Exception:

@@ -6,11 +6,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import temporalio.client
 import temporalio.worker
 
-from . import _events, _workflow
+from . import _events, _patch, _workflow
 from ._activity import ActivityInbound
-from ._agent import DEFAULT_SOCKET, GOVERNANCE_POLICIES, POLICY_ENV, SOCKET_ENV, AgentLink
+from ._agent import (
+    CONVENTIONS_ENV,
+    DEFAULT_SOCKET,
+    GOVERNANCE_POLICIES,
+    POLICY_ENV,
+    SDK_CONVENTIONS,
+    SOCKET_ENV,
+    AgentLink,
+)
 from .serialize import serialize_value
 
 
@@ -35,6 +44,19 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             ``governance_policy`` (alias ``on_api_error``) defaults to
             ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
             too).
+        sdk_conventions: ``"1.0"`` or ``"2.0"``: which SDK's behaviour this worker
+            keeps. Default: the config's ``sdk_conventions``, else
+            ``$OPENBOX_SDK_CONVENTIONS``; none of them: 1.0 here, and not sent (the
+            agent's setting applies to its requests). Under ``"2.0"`` a HALT (and
+            fail_closed without an answer) terminates the workflow before failing the
+            activity with ``GovernanceHalt``, a BLOCK with patch continues the workflow
+            as new with the patched input, and the memo's multi-agent session reaches
+            every event; under ``"1.0"`` a HALT fails the activity only.
+        max_patch_restarts: how many times a workflow chain may continue as new for a
+            BLOCK with patch (``"2.0"`` conventions); one more fails the workflow with
+            ``GovernancePatchLimitExceeded``.
+        client: the worker's Temporal client, used to terminate workflows on HALT
+            (``"2.0"``); without it the activity's own client is used.
 
     Creating it says ``hello`` to the agent at once (from a background thread), so the
     agent watches the worker from its start, and again as soon as a restarted agent is
@@ -46,8 +68,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     ``openbox.hook``) and the connection is retried every 5 s.
 
     Raises:
-        ValueError: ``timeout`` is not positive, or ``$OPENBOX_GOVERNANCE_POLICY`` is
-            not ``fail_open``/``fail_closed``.
+        ValueError: ``timeout`` is not positive, ``$OPENBOX_GOVERNANCE_POLICY`` is
+            not ``fail_open``/``fail_closed``, ``sdk_conventions`` is not ``"1.0"`` or
+            ``"2.0"``, or ``max_patch_restarts`` is not an integer ≥ 1.
     """
 
     def __init__(
@@ -56,14 +79,23 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         *,
         timeout: float = 5.0,
         config: Mapping[str, Any] | None = None,
+        sdk_conventions: str | None = None,
+        max_patch_restarts: int = _patch.DEFAULT_MAX_RESTARTS,
+        client: temporalio.client.Client | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_max_patch_restarts(max_patch_restarts)
         path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         settings = dict(config or {})
         _apply_policy_env(settings)
+        _apply_conventions(settings, sdk_conventions)
+        self._sdk2 = settings.get("sdk_conventions") == "2.0"
+        self._client = client
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
-        self._workflow_class = _workflow.interceptor_class(self._link)
+        self._workflow_class = _workflow.interceptor_class(
+            self._link, self._sdk2, max_patch_restarts
+        )
         # Hello now, as the worker is built: the agent must watch the process before it
         # opens the connections its activities will use.
         self._link.start_presence()
@@ -71,6 +103,14 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     @property
     def socket_path(self) -> str:
         return self._link.socket_path
+
+    @property
+    def sdk_conventions(self) -> str:
+        return "2.0" if self._sdk2 else "1.0"
+
+    def set_client(self, client: temporalio.client.Client) -> None:
+        """The worker's Temporal client, for terminating workflows on HALT."""
+        self._client = client
 
     def close(self) -> None:
         """Close the hook's connections to the agent (exiting the process does too).
@@ -91,7 +131,7 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     def intercept_activity(
         self, next: temporalio.worker.ActivityInboundInterceptor
     ) -> temporalio.worker.ActivityInboundInterceptor:
-        return ActivityInbound(next, self._link)
+        return ActivityInbound(next, self._link, self._sdk2, lambda: self._client)
 
     def workflow_interceptor_class(
         self, input: temporalio.worker.WorkflowInterceptorClassInput
@@ -99,6 +139,30 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived), fire and
         # forget; workflows do no I/O of their own, so attribution needs nothing here.
         return self._workflow_class
+
+
+def check_max_patch_restarts(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_patch_restarts must be an integer >= 1, got {value!r}")
+
+
+def _apply_conventions(config: dict[str, Any], chosen: str | None) -> None:
+    """The worker's SDK conventions into the config sent in ``hello``: the argument, else
+    the config's own, else ``$OPENBOX_SDK_CONVENTIONS``; none of them: not sent (the
+    agent's setting applies). Checked here so a typo fails at worker start."""
+    if chosen is not None:
+        source, value = "sdk_conventions", chosen
+    elif config.get("sdk_conventions") is not None:
+        source, value = "config['sdk_conventions']", config["sdk_conventions"]
+    elif os.environ.get(CONVENTIONS_ENV):
+        source, value = f"${CONVENTIONS_ENV}", os.environ[CONVENTIONS_ENV]
+    else:
+        return
+    value = str(value).strip()
+    value = {"1": "1.0", "2": "2.0"}.get(value, value)
+    if value not in SDK_CONVENTIONS:
+        raise ValueError(f"{source} must be '1.0' or '2.0', got {value!r}")
+    config["sdk_conventions"] = value
 
 
 def _apply_policy_env(config: dict[str, Any]) -> None:

@@ -42,6 +42,8 @@ def create_openbox_worker(
     db_libraries: Iterable[str] | None = None,
     instrument_file_io: bool = False,
     agent_socket: str | None = None,
+    sdk_conventions: str | None = None,
+    max_patch_restarts: int = 3,
     **worker_kwargs: Any,
 ) -> temporalio.worker.Worker:
     """A ``temporalio.worker.Worker`` with an :class:`OpenBoxHook` installed.
@@ -61,6 +63,10 @@ def create_openbox_worker(
             compatibility and ignored: the agent sees all database and file I/O.
         agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else
             ``/run/openbox/agent.sock``).
+        sdk_conventions: ``"1.0"`` (the default: HALT fails the activity, as SDK 1.0
+            did) or ``"2.0"`` (HALT terminates the workflow, BLOCK with patch continues
+            it as new, multi-agent sessions; see :class:`OpenBoxHook`).
+        max_patch_restarts: SDK 2.0's limit on BLOCK-with-patch restarts (≥ 1).
         worker_kwargs: any other ``Worker`` parameter; an ``interceptors`` list gets
             the hook appended.
 
@@ -70,6 +76,49 @@ def create_openbox_worker(
             ``governance_timeout`` is not a positive number of seconds.
         TypeError: a skip list is a single string instead of a collection of names.
     """
+    config = governance_config(
+        openbox_url=openbox_url,
+        openbox_api_key=openbox_api_key,
+        governance_timeout=governance_timeout,
+        governance_policy=governance_policy,
+        send_start_event=send_start_event,
+        send_activity_start_event=send_activity_start_event,
+        skip_workflow_types=skip_workflow_types,
+        skip_activity_types=skip_activity_types,
+        skip_signals=skip_signals,
+        hitl_enabled=hitl_enabled,
+        sdk_conventions=sdk_conventions,
+    )
+    hook = OpenBoxHook(
+        agent_socket, config=config, max_patch_restarts=max_patch_restarts, client=client
+    )
+    interceptors = [*worker_kwargs.pop("interceptors", ()), hook]
+    return temporalio.worker.Worker(
+        client,
+        task_queue=task_queue,
+        workflows=workflows,
+        activities=activities,
+        interceptors=interceptors,
+        **worker_kwargs,
+    )
+
+
+def governance_config(
+    *,
+    openbox_url: str | None,
+    openbox_api_key: str | None,
+    governance_timeout: float,
+    governance_policy: str | None,
+    send_start_event: bool,
+    send_activity_start_event: bool,
+    skip_workflow_types: Iterable[str] | None,
+    skip_activity_types: Iterable[str] | None,
+    skip_signals: Iterable[str] | None,
+    hitl_enabled: bool,
+    sdk_conventions: str | None,
+) -> dict[str, Any]:
+    """The SDK's governance parameters, checked, as the ``config`` the hook sends the
+    agent (settings left as ``None`` are left out)."""
     source = "governance_policy"
     if governance_policy is None:
         governance_policy, source = os.environ.get(POLICY_ENV), f"${POLICY_ENV}"
@@ -97,18 +146,9 @@ def create_openbox_worker(
         "skip_activity_types": _names("skip_activity_types", skip_activity_types),
         "skip_signals": _names("skip_signals", skip_signals),
         "hitl_enabled": hitl_enabled,
+        "sdk_conventions": sdk_conventions,
     }
-    config = {key: value for key, value in settings.items() if value is not None}
-    hook = OpenBoxHook(agent_socket, config=config)
-    interceptors = [*worker_kwargs.pop("interceptors", ()), hook]
-    return temporalio.worker.Worker(
-        client,
-        task_queue=task_queue,
-        workflows=workflows,
-        activities=activities,
-        interceptors=interceptors,
-        **worker_kwargs,
-    )
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 def _names(parameter: str, names: Iterable[str] | None) -> list[str] | None:

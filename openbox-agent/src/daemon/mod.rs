@@ -898,6 +898,10 @@ impl Daemon {
                 signal_name,
                 signal_args,
             } => events::signal_received(&wf, &signal_name, signal_args, now).into(),
+            WorkflowEventKind::Handoff { from_agent_did } => {
+                let session = wf.multi_agent_session_id.as_deref().unwrap_or_default();
+                events::handoff(&wf, &from_agent_did, session, now).into()
+            }
         };
         // The run's final event: its ordering state goes.
         let last = matches!(
@@ -973,7 +977,7 @@ impl Daemon {
             WorkflowEventKind::WorkflowCompleted { .. } => tree::RunEnd::Completed,
             WorkflowEventKind::WorkflowContinuedAsNew {} => tree::RunEnd::ContinuedAsNew,
             WorkflowEventKind::WorkflowFailed { error } => tree::RunEnd::Failed { error },
-            WorkflowEventKind::SignalReceived { .. } => return,
+            WorkflowEventKind::SignalReceived { .. } | WorkflowEventKind::Handoff { .. } => return,
         };
         let started = self.runs.remove(&key);
         let (at, task_queue, previous) = match &started {

@@ -141,6 +141,9 @@ pub enum WorkflowEventKind {
         #[serde(default, deserialize_with = "null_as_empty")]
         signal_args: Vec<Value>,
     },
+    /// `emit_handoff()` in a workflow (SDK 2.0, §2.4); the session is the workflow info's
+    /// `multi_agent_session_id`, required here.
+    Handoff { from_agent_did: String },
 }
 
 fn null_as_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
@@ -197,6 +200,20 @@ impl Request {
         match &self {
             Request::ActivityStart(a) if a.activity.attempt < 1 => {
                 Err("activity_start needs `attempt` (an integer ≥ 1)".into())
+            }
+            Request::WorkflowEvent(WorkflowEvent {
+                workflow,
+                event: WorkflowEventKind::Handoff { from_agent_did },
+            }) if from_agent_did.trim().is_empty()
+                || workflow
+                    .multi_agent_session_id
+                    .as_deref()
+                    .is_none_or(|s| s.trim().is_empty()) =>
+            {
+                Err(
+                    "Handoff needs a non-empty `from_agent_did` and `multi_agent_session_id`"
+                        .into(),
+                )
             }
             _ => Ok(self),
         }
@@ -294,6 +311,36 @@ mod tests {
             panic!("not workflow_event")
         };
         assert_eq!(ev.event, WorkflowEventKind::WorkflowContinuedAsNew {});
+    }
+
+    #[test]
+    fn the_session_and_handoff_parse_and_a_handoff_needs_both_fields() {
+        let (_, req) = parse(br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","workflow_type":"T","from_agent_did":"did:example:a","multi_agent_session_id":"s-1"}"#);
+        let Request::WorkflowEvent(ev) = req.unwrap() else {
+            panic!("not workflow_event")
+        };
+        assert_eq!(
+            ev.event,
+            WorkflowEventKind::Handoff {
+                from_agent_did: "did:example:a".into()
+            }
+        );
+        assert_eq!(ev.workflow.multi_agent_session_id.as_deref(), Some("s-1"));
+        for bad in [
+            &br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","from_agent_did":"did:example:a"}"#[..],
+            br#"{"id":1,"op":"workflow_event","event_type":"Handoff","workflow_id":"w","run_id":"r","from_agent_did":" ","multi_agent_session_id":"s"}"#,
+        ] {
+            let err = parse(bad).1.unwrap_err().error;
+            assert!(err.contains("Handoff needs"), "{err}");
+        }
+        let (_, req) = parse(br#"{"id":2,"op":"activity_start","workflow_id":"w","run_id":"r","workflow_type":"T","activity_id":"1","activity_type":"a","task_queue":"q","attempt":1,"multi_agent_session_id":"s-1"}"#);
+        let Request::ActivityStart(start) = req.unwrap() else {
+            panic!("not activity_start")
+        };
+        assert_eq!(
+            start.activity.multi_agent_session_id.as_deref(),
+            Some("s-1")
+        );
     }
 
     #[test]

@@ -508,6 +508,7 @@ mod tests {
             run_id: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
             workflow_type: "Agent".into(),
             task_queue: String::new(),
+            multi_agent_session_id: None,
         };
         let prev = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
         let now = SystemTime::now();

@@ -404,6 +404,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         let event = crate::governance::events::workflow_started(&wf, std::time::UNIX_EPOCH);
         let out = client(&server, 2000)

@@ -699,10 +699,7 @@ impl GovernanceConfig {
                 }
                 (None, Some(theirs)) => {
                     // Each Core has a spool of its own (a spool directory is locked by one user).
-                    let tag: u64 = theirs.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-                    });
-                    cfg.spool_dir = self.spool_dir.join(format!("core-{tag:016x}"));
+                    cfg.spool_dir = self.spool_dir.join(format!("core-{:016x}", fnv1a(&theirs)));
                     cfg.openbox_url = Some(theirs);
                     cfg.openbox_api_key = match key {
                         Some(Val::Text(k)) => Some(k),
@@ -711,6 +708,14 @@ impl GovernanceConfig {
                 }
                 _ => {}
             }
+        }
+        if cfg.spool_dir == self.spool_dir {
+            // Governed with the agent's Core but other settings: a governor of its own,
+            // which cannot share the agent's spool (one user locks a spool directory), so
+            // one per distinct settings (the same settings come back to the same spool).
+            cfg.spool_dir = self
+                .spool_dir
+                .join(format!("worker-{:016x}", fnv1a(&settings.to_string())));
         }
         Ok(Some(cfg))
     }
@@ -803,6 +808,13 @@ fn parse_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// FNV-1a: a stable name for a spool directory derived from text.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -1146,6 +1158,19 @@ policy_file = "policy.toml"
             .unwrap()
             .unwrap();
         assert_eq!(cfg.openbox_url.as_deref(), Some("https://core.example.com"));
+        // Governed apart from the agent's own governor, which holds the agent's spool: a
+        // spool of its own, the same for the same settings.
+        assert_ne!(cfg.spool_dir, base.spool_dir);
+        assert!(cfg.spool_dir.starts_with(&base.spool_dir));
+        let hitl = |on: bool| {
+            base.with_worker_settings(&json!({"hitl_enabled": on}))
+                .unwrap()
+                .unwrap()
+                .spool_dir
+        };
+        assert_eq!(hitl(false), hitl(false));
+        assert_ne!(hitl(false), hitl(true));
+        assert_ne!(hitl(false), cfg.spool_dir);
         let err = base
             .with_worker_settings(&json!({"governance_policy": "sometimes"}))
             .unwrap_err()

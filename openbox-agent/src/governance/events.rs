@@ -1,4 +1,5 @@
-//! The six governance events with SDK 1.0 payloads (protocol §2.2), and their wire bytes.
+//! The six governance events with SDK 1.0 payloads (protocol §2.2), SDK 2.0's Handoff and
+//! `multi_agent_session_id` (§2.4), and their wire bytes.
 //!
 //! Each event is a struct whose fields serialize in the SDK's key order (the order its
 //! Python dicts are built in, as in the §2.2 example); the governor reads them typed and
@@ -18,6 +19,7 @@ pub const WORKFLOW_FAILED: &str = "WorkflowFailed";
 pub const SIGNAL_RECEIVED: &str = "SignalReceived";
 pub const ACTIVITY_STARTED: &str = "ActivityStarted";
 pub const ACTIVITY_COMPLETED: &str = "ActivityCompleted";
+pub const HANDOFF: &str = "Handoff";
 pub const SOURCE: &str = "workflow-telemetry";
 
 /// The workflow an event is about (what the hook's workflow interceptor knows).
@@ -30,6 +32,11 @@ pub struct WorkflowInfo {
     /// Sent on WorkflowStarted and SignalReceived only.
     #[serde(default)]
     pub task_queue: String,
+    /// The application's multi-agent session (SDK 2.0, §2.4: the workflow memo's
+    /// `openbox_multi_agent_session_id`, which the hook carries to activities in a
+    /// header). Sent on every event of the run when set, never as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// The activity an event is about: the fields of the hook's `activity_start` message.
@@ -43,6 +50,11 @@ pub struct ActivityInfo {
     pub task_queue: String,
     /// Temporal's attempt number, from 1.
     pub attempt: u32,
+    /// The application's multi-agent session (SDK 2.0, §2.4: the workflow memo's
+    /// `openbox_multi_agent_session_id`, which the hook carries to activities in a
+    /// header). Sent on every event of the run when set, never as null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// `"completed"` or `"failed"`.
@@ -88,6 +100,7 @@ pub enum Event {
     SignalReceived(SignalReceived),
     ActivityStarted(ActivityStarted),
     ActivityCompleted(ActivityCompleted),
+    Handoff(Handoff),
 }
 
 /// The fields every event starts with.
@@ -118,6 +131,8 @@ pub struct WorkflowStarted {
     pub head: Head,
     pub task_queue: String,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// No `task_queue` (§2.2).
@@ -128,6 +143,8 @@ pub struct WorkflowCompleted {
     /// The serialized result (may be null).
     pub workflow_output: Value,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// No `task_queue` (§2.2).
@@ -138,6 +155,8 @@ pub struct WorkflowFailed {
     /// As built by [`workflow_error`].
     pub error: Value,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -148,6 +167,8 @@ pub struct SignalReceived {
     pub signal_name: String,
     pub signal_args: Vec<Value>,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 /// The activity fields after the head (activity events put `timestamp` after `attempt`).
@@ -160,6 +181,8 @@ pub struct ActivityHead {
     pub task_queue: String,
     pub attempt: u32,
     pub timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_agent_session_id: Option<String>,
 }
 
 impl ActivityHead {
@@ -171,6 +194,7 @@ impl ActivityHead {
             task_queue: a.task_queue.clone(),
             attempt: a.attempt,
             timestamp: clock::rfc3339_millis(now),
+            multi_agent_session_id: a.multi_agent_session_id.clone(),
         }
     }
 }
@@ -200,6 +224,20 @@ pub struct ActivityCompleted {
     pub error: Option<ActivityError>,
 }
 
+/// A multi-agent handoff (SDK 2.0, §2.2/§2.4): only who hands off and in which session;
+/// Core derives the receiver from the signed identity. The run it was emitted in is kept
+/// (not sent) so the governor orders and routes it like the run's other events.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Handoff {
+    #[serde(skip)]
+    pub head: Head,
+    pub source: &'static str,
+    pub event_type: &'static str,
+    pub from_agent_did: String,
+    pub multi_agent_session_id: String,
+    pub timestamp: String,
+}
+
 macro_rules! event_kinds {
     ($($kind:ident),*) => {$(
         impl From<$kind> for Event {
@@ -216,7 +254,8 @@ event_kinds!(
     WorkflowFailed,
     SignalReceived,
     ActivityStarted,
-    ActivityCompleted
+    ActivityCompleted,
+    Handoff
 );
 
 impl Event {
@@ -228,6 +267,7 @@ impl Event {
             Event::SignalReceived(e) => &e.head,
             Event::ActivityStarted(e) => &e.activity.head,
             Event::ActivityCompleted(e) => &e.activity.head,
+            Event::Handoff(e) => &e.head,
         }
     }
 
@@ -297,6 +337,7 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
         ),
         task_queue: wf.task_queue.clone(),
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -315,6 +356,7 @@ pub fn workflow_completed(
         ),
         workflow_output,
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -329,6 +371,7 @@ pub fn workflow_failed(wf: &WorkflowInfo, error: Value, now: SystemTime) -> Work
         ),
         error,
         timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
 }
 
@@ -348,6 +391,19 @@ pub fn signal_received(
         task_queue: wf.task_queue.clone(),
         signal_name: signal_name.to_owned(),
         signal_args,
+        timestamp: clock::rfc3339_millis(now),
+        multi_agent_session_id: wf.multi_agent_session_id.clone(),
+    }
+}
+
+/// The Handoff of `from_agent_did` in `session`, emitted by a workflow of run `wf`.
+pub fn handoff(wf: &WorkflowInfo, from_agent_did: &str, session: &str, now: SystemTime) -> Handoff {
+    Handoff {
+        head: Head::new(HANDOFF, &wf.workflow_id, &wf.run_id, &wf.workflow_type),
+        source: SOURCE,
+        event_type: HANDOFF,
+        from_agent_did: from_agent_did.to_owned(),
+        multi_agent_session_id: session.to_owned(),
         timestamp: clock::rfc3339_millis(now),
     }
 }
@@ -474,6 +530,7 @@ mod tests {
             activity_type: "call_llm".into(),
             task_queue: "q".into(),
             attempt: 1,
+            multi_agent_session_id: None,
         }
     }
 
@@ -514,6 +571,45 @@ mod tests {
     }
 
     #[test]
+    fn the_multi_agent_session_rides_on_every_event_only_when_set_and_handoff_has_no_run() {
+        let mut a = info();
+        a.multi_agent_session_id = Some("s-1".into());
+        let ev = activity_started(&a, vec![], at(0));
+        assert_eq!(
+            text(&ev),
+            r#"{"source":"workflow-telemetry","event_type":"ActivityStarted","workflow_id":"wf-1","run_id":"r-1","workflow_type":"MyWorkflow","activity_id":"1","activity_type":"call_llm","task_queue":"q","attempt":1,"timestamp":"1970-01-01T00:00:00.000Z","multi_agent_session_id":"s-1","activity_input":[]}"#
+        );
+        let wf = WorkflowInfo {
+            workflow_id: "wf-1".into(),
+            run_id: "r-1".into(),
+            workflow_type: "W".into(),
+            task_queue: "q".into(),
+            multi_agent_session_id: Some("s-1".into()),
+        };
+        let events: Vec<Event> = vec![
+            workflow_started(&wf, at(0)).into(),
+            workflow_completed(&wf, Value::Null, at(0)).into(),
+            workflow_failed(&wf, json!({"type": "E", "message": "m"}), at(0)).into(),
+            signal_received(&wf, "go", vec![], at(0)).into(),
+        ];
+        for ev in &events {
+            assert_eq!(value(ev)["multi_agent_session_id"], "s-1", "{}", text(ev));
+        }
+        let none = WorkflowInfo {
+            multi_agent_session_id: None,
+            ..wf.clone()
+        };
+        assert!(!text(&workflow_started(&none, at(0))).contains("multi_agent_session_id"));
+        let h = handoff(&wf, "did:example:a", "s-1", at(0));
+        assert_eq!(
+            text(&h),
+            r#"{"source":"workflow-telemetry","event_type":"Handoff","from_agent_did":"did:example:a","multi_agent_session_id":"s-1","timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
+        // Kept for ordering and routing with the run, not sent.
+        assert_eq!(Event::from(h).head().run_id, "r-1");
+    }
+
+    #[test]
     fn failed_activity_has_null_output_and_an_error_object() {
         let c = ActivityCompletion {
             status: ActivityStatus::Failed,
@@ -548,6 +644,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         assert_eq!(
             text(&workflow_started(&wf, at(0))),
@@ -612,6 +709,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         let spooled: Spooled =
             serde_json::from_slice(&encode(&workflow_started(&wf, at(0)))).unwrap();

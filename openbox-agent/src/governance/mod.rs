@@ -652,9 +652,12 @@ impl Governor {
     pub async fn workflow_event(&self, event: impl Into<Event>) -> EventDisposition {
         let event = event.into();
         let cfg = &self.inner.config;
-        if cfg
-            .skip_workflow_types
-            .contains(&event.head().workflow_type)
+        // SDK 2.0 sends a Handoff whatever the skip list says (it is the application's
+        // explicit call, not an interceptor's event).
+        if event.event_type() != events::HANDOFF
+            && cfg
+                .skip_workflow_types
+                .contains(&event.head().workflow_type)
         {
             return EventDisposition::Skipped;
         }

@@ -696,12 +696,14 @@ mod tests {
             activity_type: s("activity_type"),
             task_queue: s("task_queue"),
             attempt: 1,
+            multi_agent_session_id: None,
         };
         let wf = WorkflowInfo {
             workflow_id: s("workflow_id"),
             run_id: s("run_id"),
             workflow_type: s("workflow_type"),
             task_queue: s("task_queue"),
+            multi_agent_session_id: None,
         };
         let at = UNIX_EPOCH;
         let output = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);

@@ -148,6 +148,7 @@ mod tests {
             run_id: "r\n1".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         sink.write(&events::encode(&events::workflow_started(&wf, UNIX_EPOCH)));
         sink.write_value(&json!({"reason": "no_activity"}));

@@ -25,6 +25,7 @@ fn activity(run: &str, id: &str, activity_type: &str) -> ActivityInfo {
         activity_type: activity_type.into(),
         task_queue: "q".into(),
         attempt: 1,
+        multi_agent_session_id: None,
     }
 }
 
@@ -34,6 +35,7 @@ fn workflow(run: &str) -> WorkflowInfo {
         run_id: run.into(),
         workflow_type: "OrderWorkflow".into(),
         task_queue: "q".into(),
+        multi_agent_session_id: None,
     }
 }
 

@@ -8,8 +8,12 @@
 //! REQUIRE_APPROVAL, then redaction. Error type names are **SDK 2.0's**: `GovernanceBlock`
 //! for BLOCK and `GovernanceHalt` for HALT (SDK 1.0 used `GovernanceStop` for both), so a
 //! workflow can tell the two apart. The agent does not terminate the workflow on HALT (it
-//! holds no Temporal client): HALT fails the activity non-retryably, like SDK 1.0 did.
-//! Messages are SDK 1.0's texts (`Governance blocked: <reason>` for both).
+//! holds no Temporal client): a BLOCK/HALT decision carries the verdict's own `reason`,
+//! and a hook under SDK 2.0 conventions terminates the workflow with it; under SDK 1.0
+//! conventions HALT only fails the activity. Messages are SDK 1.0's texts
+//! (`Governance blocked: <reason>` for both). A BLOCK with a valid `patch` (§8) also
+//! carries the `GovernancePatch` details, which only a hook under SDK 2.0 conventions acts
+//! on.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -205,7 +209,63 @@ pub struct EvaluateResponse {
     /// `guardrails_result`, or (SDK 2.0) `guardrails`.
     pub guardrails: Option<GuardrailsResult>,
     pub approval_expiration_time: Option<String>,
+    /// `patch.new_input` when the response carries a patch that keeps §8's rules
+    /// (`Some(Value::Null)` is the valid "keep the original input"); `None` when there is
+    /// no patch or it breaks a rule (then it is ignored, never an error, as in SDK 2.0).
+    pub patch: Option<Value>,
 }
+
+/// The largest integer a patch may carry: JavaScript's safe range (§8).
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+/// `patch.new_input` if `patch` is an object whose only key is `new_input`, which is not a
+/// bool and whose numbers (at any depth) are finite and, when integral, within ±(2^53−1).
+fn patch_new_input(obj: &Map<String, Value>) -> Option<Value> {
+    let patch = obj.get("patch")?.as_object()?;
+    if patch.len() != 1 {
+        return None;
+    }
+    let new_input = patch.get("new_input")?;
+    if new_input.is_boolean() || !numbers_are_safe(new_input) {
+        return None;
+    }
+    Some(new_input.clone())
+}
+
+fn numbers_are_safe(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.unsigned_abs() <= MAX_SAFE_INTEGER as u64
+            } else if let Some(u) = n.as_u64() {
+                u <= MAX_SAFE_INTEGER as u64
+            } else {
+                n.as_f64().is_some_and(|f| {
+                    f.is_finite() && (f.fract() != 0.0 || f.abs() <= MAX_SAFE_INTEGER)
+                })
+            }
+        }
+        Value::Array(items) => items.iter().all(numbers_are_safe),
+        Value::Object(fields) => fields.values().all(numbers_are_safe),
+        _ => true,
+    }
+}
+
+/// What a BLOCK with a valid patch sends to the workflow (§8): the single `details` entry
+/// of the `GovernancePatch` error, every field explicit.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PatchRequest {
+    pub schema_version: u32,
+    pub new_input: Value,
+    pub governance_event_id: Option<String>,
+    pub reason: Option<String>,
+    pub event_type: &'static str,
+    pub hook_trigger: bool,
+    pub hook_stage: Option<String>,
+}
+
+/// The envelope's version; SDK 2.0 refuses any other.
+pub const PATCH_SCHEMA_VERSION: u32 = 1;
 
 impl EvaluateResponse {
     /// `None` when the body is not a JSON object (the SDK then continues: its parse
@@ -238,6 +298,7 @@ impl EvaluateResponse {
             metadata: obj.get("metadata").and_then(Value::as_object).cloned(),
             guardrails,
             approval_expiration_time: opt_string(obj, "approval_expiration_time"),
+            patch: patch_new_input(obj),
         })
     }
 
@@ -257,6 +318,7 @@ impl EvaluateResponse {
             metadata: None,
             guardrails: None,
             approval_expiration_time: None,
+            patch: None,
         }
     }
 }
@@ -377,6 +439,15 @@ pub enum Decision {
         error_type: ErrorType,
         message: String,
         non_retryable: bool,
+        /// A BLOCK/HALT verdict's own reason: a hook that terminates the workflow on HALT
+        /// (SDK 2.0) words the termination and its error from it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        /// A BLOCK with a valid patch (§8): the `GovernancePatch` details. A hook following
+        /// SDK 1.0 ignores it and raises the plain BLOCK.
+        /// Boxed: rare, and large next to the other decisions.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch: Option<Box<PatchRequest>>,
     },
     /// Raise the **retryable** `ApplicationError(message, type="ApprovalPending")`; the
     /// next attempt polls the approval (§5).
@@ -397,6 +468,8 @@ impl Decision {
             error_type,
             message: message.into(),
             non_retryable: true,
+            reason: None,
+            patch: None,
         }
     }
 
@@ -409,6 +482,7 @@ impl Decision {
                 error_type,
                 message,
                 non_retryable,
+                ..
             } => Some((*error_type, message, *non_retryable)),
             Decision::ApprovalPending { message } => {
                 Some((ErrorType::ApprovalPending, message, false))
@@ -426,14 +500,32 @@ pub enum Stage {
     Completed,
 }
 
-/// The BLOCK/HALT failure (also used for a stored signal verdict).
-pub fn stop_decision(verdict: Verdict, reason: &str) -> Decision {
-    let error_type = if verdict == Verdict::Halt {
+impl Stage {
+    fn event_type(self) -> &'static str {
+        match self {
+            Stage::Started { .. } => super::events::ACTIVITY_STARTED,
+            Stage::Completed => super::events::ACTIVITY_COMPLETED,
+        }
+    }
+}
+
+fn stop_error_type(verdict: Verdict) -> ErrorType {
+    if verdict == Verdict::Halt {
         ErrorType::GovernanceHalt
     } else {
         ErrorType::GovernanceBlock
-    };
-    Decision::fail(error_type, format!("Governance blocked: {reason}"))
+    }
+}
+
+/// The BLOCK/HALT failure (also used for a stored signal verdict).
+pub fn stop_decision(verdict: Verdict, reason: &str) -> Decision {
+    Decision::Fail {
+        error_type: stop_error_type(verdict),
+        message: format!("Governance blocked: {reason}"),
+        non_retryable: true,
+        reason: Some(reason.to_owned()),
+        patch: None,
+    }
 }
 
 /// §4.2 in SDK 1.0 order for one activity stage. `response` is `None` when there is no
@@ -449,10 +541,33 @@ pub fn decide(stage: Stage, response: Option<&EvaluateResponse>, hitl: bool) -> 
     };
     let completed = stage == Stage::Completed;
     if r.verdict.should_stop() {
-        return stop_decision(
-            r.verdict,
-            r.reason.as_deref().unwrap_or("No reason provided"),
-        );
+        // Exactly BLOCK: HALT always drops the patch (§8).
+        let patch = r
+            .patch
+            .as_ref()
+            .filter(|_| r.verdict == Verdict::Block)
+            .map(|new_input| {
+                Box::new(PatchRequest {
+                    schema_version: PATCH_SCHEMA_VERSION,
+                    new_input: new_input.clone(),
+                    governance_event_id: r.governance_event_id.clone(),
+                    reason: r.reason.clone(),
+                    event_type: stage.event_type(),
+                    hook_trigger: false,
+                    hook_stage: None,
+                })
+            });
+        return Decision::Fail {
+            error_type: stop_error_type(r.verdict),
+            message: format!(
+                "Governance blocked: {}",
+                r.reason.as_deref().unwrap_or("No reason provided")
+            ),
+            non_retryable: true,
+            // Core's own text, None when it gave none: SDK 2.0 words a HALT's default itself.
+            reason: r.reason.clone(),
+            patch,
+        };
     }
     if let Some(g) = r.guardrails.as_ref().filter(|g| !g.validation_passed) {
         let default = if completed {
@@ -700,7 +815,9 @@ mod tests {
             Decision::Fail {
                 error_type: ErrorType::GovernanceBlock,
                 message: "Governance blocked: no".into(),
-                non_retryable: true
+                non_retryable: true,
+                reason: Some("no".into()),
+                patch: None,
             }
         );
         let d = decide(
@@ -1023,5 +1140,90 @@ mod tests {
         for (body, want) in table {
             assert_eq!(interpret_approval(&body, now), want, "{body}");
         }
+    }
+
+    #[test]
+    fn a_block_with_a_valid_patch_carries_the_governance_patch_details() {
+        let d = decide(
+            Stage::Started { arg_count: 1 },
+            Some(&resp(json!({"verdict": "block", "reason": "fix it",
+                "governance_event_id": "ge-1", "patch": {"new_input": {"amount": 5}}}))),
+            true,
+        );
+        let Decision::Fail {
+            error_type,
+            reason,
+            patch: Some(patch),
+            ..
+        } = &d
+        else {
+            panic!("no patch in {d:?}")
+        };
+        assert_eq!(*error_type, ErrorType::GovernanceBlock);
+        assert_eq!(reason.as_deref(), Some("fix it"));
+        assert_eq!(
+            serde_json::to_value(patch).unwrap(),
+            json!({"schema_version": 1, "new_input": {"amount": 5}, "governance_event_id": "ge-1",
+                   "reason": "fix it", "event_type": "ActivityStarted", "hook_trigger": false,
+                   "hook_stage": null})
+        );
+        // A null new_input is a valid patch (keep the original input).
+        let d = decide(
+            Stage::Completed,
+            Some(&resp(
+                json!({"verdict": "block", "patch": {"new_input": null}}),
+            )),
+            true,
+        );
+        assert!(
+            matches!(&d, Decision::Fail { patch: Some(p), .. }
+                if p.new_input.is_null() && p.event_type == "ActivityCompleted" && p.reason.is_none()),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_patch_breaking_the_rules_or_on_halt_is_ignored() {
+        let max = 9_007_199_254_740_991_i64;
+        let invalid = [
+            json!({"new_input": true}),
+            json!({"new_input": 1, "extra": 2}),
+            json!({}),
+            json!("text"),
+            json!({"new_input": max + 1}),
+            json!({"new_input": [-(max + 1)]}),
+            json!({"new_input": {"deep": [1e300]}}),
+            json!({"new_input": 18_446_744_073_709_551_615_u64}),
+        ];
+        for patch in invalid {
+            let r = resp(json!({"verdict": "block", "patch": patch}));
+            assert_eq!(r.patch, None, "{patch} accepted");
+            let d = decide(Stage::Completed, Some(&r), true);
+            assert!(matches!(d, Decision::Fail { patch: None, .. }), "{d:?}");
+        }
+        let valid = [
+            json!(max),
+            json!(-max),
+            json!(1.5),
+            json!("s"),
+            json!([1, {"a": [true, null]}]),
+        ];
+        for new_input in valid {
+            let r = resp(json!({"verdict": "block", "patch": {"new_input": new_input}}));
+            assert_eq!(r.patch.as_ref(), Some(&new_input));
+        }
+        for verdict in ["halt", "stop", "allow", "require_approval"] {
+            let r = resp(json!({"verdict": verdict, "patch": {"new_input": 1}}));
+            let d = decide(Stage::Started { arg_count: 1 }, Some(&r), false);
+            assert!(
+                !matches!(d, Decision::Fail { patch: Some(_), .. }),
+                "{verdict}: {d:?}"
+            );
+        }
+        // The hook reads no patch or reason when there is none: the fields are left out.
+        let d = stop_decision(Verdict::Block, "r");
+        let wire = serde_json::to_value(&d).unwrap();
+        assert_eq!(wire.get("patch"), None);
+        assert_eq!(wire["reason"], "r");
     }
 }

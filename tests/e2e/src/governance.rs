@@ -466,9 +466,11 @@ impl GovWorker {
         shared: &Shared,
         task_queue: &str,
         socket: &Path,
+        extra: &[String],
     ) -> GovWorker {
         let mut cmd = env.python(&env.script("gov_worker.py"));
-        cmd.arg("--address")
+        cmd.args(extra)
+            .arg("--address")
             .arg(&shared.temporal)
             .arg("--task-queue")
             .arg(task_queue)
@@ -589,6 +591,11 @@ impl GovWorld {
     }
 
     pub fn start_worker(&mut self) {
+        self.start_worker_with(&[]);
+    }
+
+    /// Starts the worker with more arguments for support/gov_worker.py (e.g. `--plugin`).
+    pub fn start_worker_with(&mut self, extra: &[String]) {
         assert!(self.worker.is_none(), "a worker already runs");
         self.worker = Some(GovWorker::start(
             &self.env,
@@ -596,6 +603,7 @@ impl GovWorld {
             &self.shared,
             &self.task_queue,
             &self.socket,
+            extra,
         ));
     }
 

@@ -2,13 +2,16 @@
 
 Usage: gov_client.py --address HOST:PORT --task-queue QUEUE --plan FILE [--timeout SECONDS]
 
-FILE holds `{"workflows": [{"id", "workflow", "arg", "signal"?}, ...]}`: each workflow
-(gov_workflows.py, by name) is started with that id and single argument, all at once.
+FILE holds `{"workflows": [{"id", "workflow", "arg", "signal"?, "memo"?}, ...]}`: each
+workflow (gov_workflows.py, by name) is started with that id, single argument and memo,
+all at once.
 `signal` is `{"name", "args", "query", "equals"}`: once the workflow's query `query`
 answers `equals` (polled every 50 ms), the signal `name` is sent with `args`.
 
 Prints one JSON object on stdout, `{"workflows": [...]}` in plan order, each
 `{"id", "run_id", "ok": true, "result"}` or `{"id", "run_id", "ok": false, "error"}`
+(`run_id` is the first run's; `status` is the last run's Temporal status, e.g.
+`COMPLETED`, `FAILED`, `TERMINATED`)
 where `error` is the failure as this client sees it: `{"chain": [link, ...]}`, the
 exception and its causes (`.cause`) from the outside in, each link
 `{"class", "message", "type", "non_retryable", "retry_state", "activity_type",
@@ -70,14 +73,17 @@ async def signal_when_ready(handle, sig, deadline):
     await handle.signal(sig["name"], args=sig.get("args", []))
 
 
-async def outcome(handle, wf, deadline):
+async def outcome(client, handle, wf, deadline):
     base = {"id": handle.id, "run_id": handle.result_run_id}
     try:
         if wf.get("signal"):
             await signal_when_ready(handle, wf["signal"], deadline)
-        return dict(base, ok=True, result=await handle.result())
+        done = dict(base, ok=True, result=await handle.result())
     except Exception as e:  # noqa: BLE001 - every failure is an outcome to report
-        return dict(base, ok=False, error={"chain": chain(e)})
+        done = dict(base, ok=False, error={"chain": chain(e)})
+    # The latest run of the id (after continue-as-new): how it ended.
+    status = (await client.get_workflow_handle(handle.id).describe()).status
+    return dict(done, status=status.name if status is not None else None)
 
 
 async def main():
@@ -96,10 +102,10 @@ async def main():
     for wf in plan["workflows"]:
         handles.append(await client.start_workflow(
             wf["workflow"], wf["arg"], id=wf["id"], task_queue=args.task_queue,
-            execution_timeout=timedelta(seconds=args.timeout)))
+            execution_timeout=timedelta(seconds=args.timeout), memo=wf.get("memo")))
     try:
         results = await asyncio.wait_for(
-            asyncio.gather(*(outcome(h, wf, deadline) for h, wf in zip(handles, plan["workflows"]))),
+            asyncio.gather(*(outcome(client, h, wf, deadline) for h, wf in zip(handles, plan["workflows"]))),
             timeout=args.timeout)
     except asyncio.TimeoutError:
         print(f"gov_client: no result within {args.timeout} s", file=sys.stderr)

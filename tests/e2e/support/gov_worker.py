@@ -1,10 +1,14 @@
 """The governance end-to-end tests' Temporal worker, with the OpenBox worker hook.
 
 Usage: gov_worker.py --address HOST:PORT --task-queue QUEUE --socket PATH [--threads N]
+                     [--plugin --openbox-url URL --openbox-api-key KEY
+                      [--governance-policy P] [--governance-timeout S]]
 
 Registers the workflows of gov_workflows.py (in Temporal's default workflow sandbox)
-and the activities below, with `interceptors=[OpenBoxHook(PATH)]` and sync activities
-on `ThreadPoolExecutor(N)`. Prints `ready <pid>` on stdout once the worker runs; SIGTERM
+and the activities below, with `interceptors=[OpenBoxHook(PATH)]` (SDK 1.0 conventions),
+or with `--plugin` as an SDK 2.0 user writes it,
+`plugins=[OpenBoxPlugin(openbox_url=URL, openbox_api_key=KEY)]` (the socket from
+`$OPENBOX_AGENT_SOCKET`; `governance_policy`/`governance_timeout` when given), and sync activities on `ThreadPoolExecutor(N)`. Prints `ready <pid>` on stdout once the worker runs; SIGTERM
 or SIGINT shuts it down (exit 0). Logs go to stderr as `LEVEL logger: message` lines.
 
 Activities (each returns what it did, so the test sees what the activity really got):
@@ -44,7 +48,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from gov_workflows import WORKFLOWS
-from openbox_hook import OpenBoxHook
+from openbox_hook import OpenBoxHook, OpenBoxPlugin
 
 
 def pg_ssl():
@@ -169,12 +173,28 @@ async def gov_llm(p: dict) -> dict:
 ACTIVITIES = [gov_http, gov_sql, gov_file, echo, echo_dc, answer, gov_llm]
 
 
+def governance(args):
+    if args.plugin:
+        # What an SDK 2.0 worker says, the import aside.
+        optional = {k: v for k, v in (("governance_policy", args.governance_policy),
+                                      ("governance_timeout", args.governance_timeout))
+                    if v is not None}
+        return {"plugins": [OpenBoxPlugin(openbox_url=args.openbox_url,
+                                          openbox_api_key=args.openbox_api_key, **optional)]}
+    return {"interceptors": [OpenBoxHook(args.socket)]}
+
+
 async def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--task-queue", required=True)
     parser.add_argument("--socket", default=os.environ.get("OPENBOX_AGENT_SOCKET"))
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--plugin", action="store_true")
+    parser.add_argument("--openbox-url")
+    parser.add_argument("--openbox-api-key")
+    parser.add_argument("--governance-policy")
+    parser.add_argument("--governance-timeout", type=float)
     args = parser.parse_args()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -192,7 +212,7 @@ async def main():
             activities=ACTIVITIES,
             activity_executor=executor,
             max_concurrent_activities=50,
-            interceptors=[OpenBoxHook(args.socket)],
+            **governance(args),
         )
         async with worker:
             print("ready", os.getpid(), flush=True)

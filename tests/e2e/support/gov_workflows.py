@@ -7,6 +7,12 @@ gov_client.py). A module of its own so Temporal's workflow sandbox can import it
 returns the list of the activities' results; an activity failure fails the workflow (the
 client then sees the failure's cause chain).
 
+`GovSession(plan)` (for SDK 2.0 conventions) first calls
+`emit_handoff(plan["handoff"]["session"], plan["handoff"]["from"])` when the plan has
+`handoff`, then runs `plan["steps"]` as `GovSteps` does, and returns
+`{"results", "tag": plan.get("tag"), "restarts"}` where `restarts` is the memo's
+BLOCK-with-patch restart counter (0 on a first run).
+
 `GovFlow(plan)` runs `gov_http(plan["http"])`, then waits for the `proceed(note, extra)`
 signal (the `stage` query says `"waiting"` by then), then `gov_sql(plan["sql"])` and
 `gov_file(plan["file"])`; each activity's id is its argument's `marker`. It returns
@@ -17,6 +23,9 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from openbox_hook import emit_handoff
 
 
 def _retry(plan):
@@ -48,6 +57,27 @@ class GovSteps:
                 )
             )
         return out
+
+
+@workflow.defn
+class GovSession:
+    @workflow.run
+    async def run(self, plan: dict) -> dict:
+        if plan.get("handoff"):
+            await emit_handoff(plan["handoff"]["session"], plan["handoff"]["from"])
+        results = []
+        for step in plan["steps"]:
+            results.append(
+                await workflow.execute_activity(
+                    step["activity"],
+                    args=step.get("args", []),
+                    activity_id=step["activity_id"],
+                    start_to_close_timeout=_timeout(plan),
+                    retry_policy=_retry(plan),
+                )
+            )
+        restarts = workflow.memo_value("openbox_retryable_block_restart_count", 0)
+        return {"results": results, "tag": plan.get("tag"), "restarts": restarts}
 
 
 @workflow.defn
@@ -85,4 +115,4 @@ class GovFlow:
         return {"http": http, "sql": sql, "file": file, "signal": self._signal}
 
 
-WORKFLOWS = [GovSteps, GovFlow]
+WORKFLOWS = [GovSteps, GovFlow, GovSession]
