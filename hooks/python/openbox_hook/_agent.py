@@ -65,6 +65,10 @@ POLICY_ENV = "OPENBOX_GOVERNANCE_POLICY"
 """The worker's failure policy when neither ``create_openbox_worker`` nor the hook's
 ``config`` sets ``governance_policy``."""
 GOVERNANCE_POLICIES = ("fail_open", "fail_closed")
+CONVENTIONS_ENV = "OPENBOX_SDK_CONVENTIONS"
+"""Which SDK's request conventions the agent follows for this worker when neither
+``OpenBoxHook(sdk_conventions=...)`` nor the config says: ``1.0`` or ``2.0``."""
+SDK_CONVENTIONS = ("1.0", "2.0")
 HOOK = f"openbox-hook/{__version__}"
 RETRY_INTERVAL = 5.0
 """Seconds between connection attempts once one failed."""

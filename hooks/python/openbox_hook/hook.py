@@ -10,7 +10,15 @@ import temporalio.worker
 
 from . import _events, _workflow
 from ._activity import ActivityInbound
-from ._agent import DEFAULT_SOCKET, GOVERNANCE_POLICIES, POLICY_ENV, SOCKET_ENV, AgentLink
+from ._agent import (
+    CONVENTIONS_ENV,
+    DEFAULT_SOCKET,
+    GOVERNANCE_POLICIES,
+    POLICY_ENV,
+    SDK_CONVENTIONS,
+    SOCKET_ENV,
+    AgentLink,
+)
 from .serialize import serialize_value
 
 
@@ -35,6 +43,11 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             ``governance_policy`` (alias ``on_api_error``) defaults to
             ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
             too).
+        sdk_conventions: ``"1.0"`` or ``"2.0"``: the SDK whose request conventions
+            (headers, body encoding, which ActivityCompleted events are sent) the agent
+            follows for this worker's calls to OpenBox Core. Default: the config's
+            ``sdk_conventions``, else ``$OPENBOX_SDK_CONVENTIONS``, else the agent's
+            setting (itself 1.0 by default).
 
     Creating it says ``hello`` to the agent at once (from a background thread), so the
     agent watches the worker from its start, and again as soon as a restarted agent is
@@ -46,8 +59,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
     ``openbox.hook``) and the connection is retried every 5 s.
 
     Raises:
-        ValueError: ``timeout`` is not positive, or ``$OPENBOX_GOVERNANCE_POLICY`` is
-            not ``fail_open``/``fail_closed``.
+        ValueError: ``timeout`` is not positive, ``$OPENBOX_GOVERNANCE_POLICY`` is
+            not ``fail_open``/``fail_closed``, or the SDK conventions are not
+            ``1.0``/``2.0``.
     """
 
     def __init__(
@@ -56,12 +70,14 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         *,
         timeout: float = 5.0,
         config: Mapping[str, Any] | None = None,
+        sdk_conventions: str | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         settings = dict(config or {})
         _apply_policy_env(settings)
+        _apply_conventions(settings, sdk_conventions)
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(self._link)
         # Hello now, as the worker is built: the agent must watch the process before it
@@ -99,6 +115,25 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         # Workflow events (WorkflowStarted/Completed/Failed, SignalReceived), fire and
         # forget; workflows do no I/O of their own, so attribution needs nothing here.
         return self._workflow_class
+
+
+def _apply_conventions(config: dict[str, Any], chosen: str | None) -> None:
+    """The worker's SDK conventions into the config sent in ``hello``: the argument, else
+    the config's own, else ``$OPENBOX_SDK_CONVENTIONS``; none of them: not sent (the
+    agent's setting applies). Checked here so a typo fails at worker start."""
+    if chosen is not None:
+        source, value = "sdk_conventions", chosen
+    elif config.get("sdk_conventions") is not None:
+        source, value = "config['sdk_conventions']", config["sdk_conventions"]
+    elif os.environ.get(CONVENTIONS_ENV):
+        source, value = f"${CONVENTIONS_ENV}", os.environ[CONVENTIONS_ENV]
+    else:
+        return
+    value = str(value).strip()
+    value = {"1": "1.0", "2": "2.0"}.get(value, value)
+    if value not in SDK_CONVENTIONS:
+        raise ValueError(f"{source} must be '1.0' or '2.0', got {value!r}")
+    config["sdk_conventions"] = value
 
 
 def _apply_policy_env(config: dict[str, Any]) -> None:

@@ -41,6 +41,8 @@ def create_openbox_worker(
     instrument_databases: bool = True,
     db_libraries: Iterable[str] | None = None,
     instrument_file_io: bool = False,
+    max_body_size: int | None = None,
+    sdk_conventions: str | None = None,
     agent_socket: str | None = None,
     **worker_kwargs: Any,
 ) -> temporalio.worker.Worker:
@@ -59,6 +61,9 @@ def create_openbox_worker(
             an unreachable agent fails every activity with ``GovernanceHalt``.
         instrument_databases, db_libraries, instrument_file_io: accepted for
             compatibility and ignored: the agent sees all database and file I/O.
+        max_body_size: under 2.0 conventions, characters kept of each captured body
+            (default: the agent's setting, else SDK 2.0's 65536).
+        sdk_conventions: ``"1.0"`` or ``"2.0"`` (see :class:`OpenBoxHook`).
         agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else
             ``/run/openbox/agent.sock``).
         worker_kwargs: any other ``Worker`` parameter; an ``interceptors`` list gets
@@ -97,9 +102,10 @@ def create_openbox_worker(
         "skip_activity_types": _names("skip_activity_types", skip_activity_types),
         "skip_signals": _names("skip_signals", skip_signals),
         "hitl_enabled": hitl_enabled,
+        "max_body_size": max_body_size,
     }
     config = {key: value for key, value in settings.items() if value is not None}
-    hook = OpenBoxHook(agent_socket, config=config)
+    hook = OpenBoxHook(agent_socket, config=config, sdk_conventions=sdk_conventions)
     interceptors = [*worker_kwargs.pop("interceptors", ()), hook]
     return temporalio.worker.Worker(
         client,
