@@ -337,9 +337,9 @@ class Handler(BaseHTTPRequestHandler):
             refused = check_signature(state, method, path, self.headers, raw)
             entry["signature"] = refused or "ok"
             if refused:
-                self.send(401, {"reason_code": refused, "detail": "signed request rejected"})
                 entry["status"] = 401
                 state.record(entry)
+                self.send(401, {"reason_code": refused, "detail": "signed request rejected"})
                 return
         status = self.route(method, path, body)
         entry["status"] = status
