@@ -18,7 +18,7 @@ and a control route, /_control (never recorded, never needs the key):
 CLI:
     fake_core.py [--host 127.0.0.1] [--port 0] [--api-key KEY | --any-key]
                  [--record FILE] [--script FILE] [--control-file FILE] [--port-file FILE]
-                 [--agent-did DID --agent-public-key BASE64]
+                 [--agent-did DID (--agent-public-key BASE64 | --agent-key-file FILE)]
 
     --agent-did/--agent-public-key register one OpenBox DID identity (protocol §1.3) and
     make every route require requests signed by it, as Core does for a signed agent: the
@@ -26,7 +26,8 @@ CLI:
     seen before and an Ed25519 signature over the canonical string. A request that fails
     any of these is answered 401 {"reason_code": ...} (signature_invalid,
     did_agent_mismatch, timestamp_outside_window, nonce_replayed); the record line says
-    why in "signature" ("ok" or the reason code).
+    why in "signature" ("ok" or the reason code). --agent-key-file registers the public
+    key of a test's private key file (base64 seed, as the agent reads it) instead.
 
     --port 0 picks a free port. When ready it prints "listening on PORT" (flushed) on stdout,
     and writes PORT to --port-file if given. --api-key defaults to obx_test_fakecore.
@@ -130,6 +131,18 @@ def _decode_point(raw):
     return (x, y, 1, x * y % _P)
 
 
+def ed25519_public_key(seed):
+    """The public key of a 32-byte seed (RFC 8032 section 5.1.5)."""
+    h = hashlib.sha512(seed).digest()
+    a = int.from_bytes(h[:32], "little")
+    a &= (1 << 254) - 8
+    a |= 1 << 254
+    x, y, z, _ = _mul(a, _BASE)
+    zi = pow(z, _P - 2, _P)
+    x, y = x * zi % _P, y * zi % _P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
 _BASE = _decode_point((4 * pow(5, _P - 2, _P) % _P).to_bytes(32, "little"))
 
 
@@ -198,6 +211,9 @@ class State:
         self.record_lock = threading.Lock()
         self.nonces = set()
         self.public_key = base64.b64decode(args.agent_public_key) if args.agent_public_key else None
+        if args.agent_key_file:
+            with open(args.agent_key_file, encoding="ascii") as f:
+                self.public_key = ed25519_public_key(base64.b64decode(f.read().strip()))
         self.load_script()
 
     def load_script(self):
@@ -427,9 +443,10 @@ def main():
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--agent-did", help="the registered OpenBox agent DID (requires signatures)")
     ap.add_argument("--agent-public-key", help="its Ed25519 public key, base64 of the raw 32 bytes")
+    ap.add_argument("--agent-key-file", help="register the public key of this seed file instead")
     args = ap.parse_args()
-    if bool(args.agent_did) != bool(args.agent_public_key):
-        ap.error("--agent-did and --agent-public-key go together")
+    if bool(args.agent_did) != bool(args.agent_public_key or args.agent_key_file):
+        ap.error("--agent-did and --agent-public-key (or --agent-key-file) go together")
 
     state = State(args)
     stop = threading.Event()
