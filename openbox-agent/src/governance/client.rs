@@ -438,8 +438,7 @@ impl CoreClient {
         body.extend_from_slice(b",\"activity_id\":");
         body.extend(conventions.encode(&activity_id));
         body.push(b'}');
-        self.post_json(APPROVAL_PATH, body, conventions)
-            .await
+        self.post_json(APPROVAL_PATH, body, conventions).await
     }
 
     async fn post_json(

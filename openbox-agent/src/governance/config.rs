@@ -232,7 +232,10 @@ const FILE_KEYS: &[&str] = &[
 /// SDK 2.0's signing modes this agent does not implement: named so that setting one
 /// stops the start instead of sending unsigned requests.
 const UNSUPPORTED_IDENTITY: &[(&str, &str)] = &[
-    ("okta_agent_private_key_file", "OPENBOX_OKTA_AGENT_PRIVATE_KEY"),
+    (
+        "okta_agent_private_key_file",
+        "OPENBOX_OKTA_AGENT_PRIVATE_KEY",
+    ),
     ("workload_private_key_file", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
 ];
 
@@ -525,12 +528,14 @@ impl Layer {
                         p.to_owned()
                     })
                 }
-                "governance_timeout" | "spool_max_bytes" | "spool_max_events" | "max_body_size" => match value {
-                    toml::Value::Integer(i) => Val::Text(i.to_string()),
-                    toml::Value::Float(f) => Val::Text(f.to_string()),
-                    toml::Value::String(s) => Val::Text(s.clone()),
-                    _ => return Err(wrong("a number")),
-                },
+                "governance_timeout" | "spool_max_bytes" | "spool_max_events" | "max_body_size" => {
+                    match value {
+                        toml::Value::Integer(i) => Val::Text(i.to_string()),
+                        toml::Value::Float(f) => Val::Text(f.to_string()),
+                        toml::Value::String(s) => Val::Text(s.clone()),
+                        _ => return Err(wrong("a number")),
+                    }
+                }
                 _ => Val::Text(value.as_str().ok_or_else(|| wrong("a string"))?.to_owned()),
             };
             l.values.push((canonical, origin, val));
@@ -769,7 +774,10 @@ impl GovernanceConfig {
             Some((origin, Val::Text(d))) => Some((origin.clone(), d.trim().to_owned())),
             _ => None,
         };
-        let key = match (layer.get("agent_private_key"), layer.get("agent_private_key_file")) {
+        let key = match (
+            layer.get("agent_private_key"),
+            layer.get("agent_private_key_file"),
+        ) {
             (Some((origin, Val::Text(k))), _) => Some((origin.clone(), k.clone())),
             (_, Some((origin, Val::Path(p)))) => {
                 let text = std::fs::read_to_string(p).map_err(|e| {

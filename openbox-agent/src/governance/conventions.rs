@@ -352,10 +352,17 @@ mod tests {
         let Some(Event::WorkflowFailed(e)) = Conventions::V2.shape(ev.clone(), None) else {
             panic!()
         };
-        assert_eq!(e.error["message"].as_str().unwrap().len(), 600, "top level kept");
+        assert_eq!(
+            e.error["message"].as_str().unwrap().len(),
+            600,
+            "top level kept"
+        );
         assert_eq!(e.error["cause"]["message"].as_str().unwrap().len(), 500);
         assert!(e.error["cause"].get("error_type").is_none());
-        assert_eq!(e.error["root_cause"]["message"].as_str().unwrap().len(), 500);
+        assert_eq!(
+            e.error["root_cause"]["message"].as_str().unwrap().len(),
+            500
+        );
         assert_eq!(e.error["root_cause"]["error_type"], "short");
         let Some(Event::WorkflowFailed(e)) = Conventions::V1.shape(ev, None) else {
             panic!()

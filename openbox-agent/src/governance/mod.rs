@@ -106,6 +106,10 @@
 //! spool_dir = "/var/lib/openbox-agent/spool"
 //! spool_max_bytes = "256MiB"
 //! spool_max_events = 100000
+//! sdk_conventions = "1.0"                   # 1.0 | 2.0: for workers whose hook does not choose
+//! max_body_size = 65536                     # 2.0 conventions: characters kept of each body
+//! # agent_did = "did:aip:…"                 # sign every request (OpenBox DID), with its key:
+//! # agent_private_key_file = "/etc/openbox/agent-key.b64"   # base64 Ed25519 seed, mode 0600
 //! ```
 //!
 //! # Local policy file (embedded mode; TOML, first matching rule wins)
@@ -1120,9 +1124,7 @@ async fn deliver_spool(inner: Arc<Inner>) {
         };
         let started = Instant::now();
         let (conventions, body) = Conventions::from_spool_line(&item.body);
-        let outcome = client
-            .evaluate_raw_with(conventions, body.to_vec())
-            .await;
+        let outcome = client.evaluate_raw_with(conventions, body.to_vec()).await;
         inner.counters.requests.record(&outcome, started.elapsed());
         if outcome.retryable() {
             inner.counters.spool_retries.fetch_add(1, Ordering::Relaxed);

@@ -57,7 +57,9 @@ impl DidSigner {
         check_did(did)?;
         let seed = base64::engine::general_purpose::STANDARD
             .decode(seed_b64.trim())
-            .map_err(|_| "the agent private key is not valid base64 (key bytes not shown)".to_owned())?;
+            .map_err(|_| {
+                "the agent private key is not valid base64 (key bytes not shown)".to_owned()
+            })?;
         if seed.len() != 32 {
             return Err(format!(
                 "the agent private key must be the base64 of a raw 32-byte Ed25519 seed, not {} bytes \
@@ -117,7 +119,13 @@ impl DidSigner {
 }
 
 /// The string Core verifies: the five parts joined with `\n`, no trailing newline.
-pub fn canonical_string(method: &str, path: &str, timestamp: &str, nonce: &str, sha: &str) -> String {
+pub fn canonical_string(
+    method: &str,
+    path: &str,
+    timestamp: &str,
+    nonce: &str,
+    sha: &str,
+) -> String {
     [&method.to_uppercase(), path, timestamp, nonce, sha].join("\n")
 }
 
@@ -197,8 +205,12 @@ mod tests {
     #[test]
     fn fresh_headers_have_a_new_32_character_nonce_each_time() {
         let s = DidSigner::new(DID, &seed_b64(1)).unwrap();
-        let nonce = |h: Vec<(&str, String)>| h.into_iter().find(|(k, _)| *k == HEADER_NONCE).unwrap().1;
-        let (a, b) = (nonce(s.headers("GET", "/p", b"")), nonce(s.headers("GET", "/p", b"")));
+        let nonce =
+            |h: Vec<(&str, String)>| h.into_iter().find(|(k, _)| *k == HEADER_NONCE).unwrap().1;
+        let (a, b) = (
+            nonce(s.headers("GET", "/p", b"")),
+            nonce(s.headers("GET", "/p", b"")),
+        );
         assert_eq!(a.len(), 32);
         assert!(!a.contains('=') && !a.contains('+') && !a.contains('/'));
         assert_ne!(a, b);

@@ -1302,7 +1302,11 @@ async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() 
         "unsigned: {err}"
     );
     let (other, _) = test_signer(22);
-    let err = client(Some(other)).validate().await.unwrap_err().to_string();
+    let err = client(Some(other))
+        .validate()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("refused this agent's signed identity (HTTP 401, signature_invalid")
             && err.contains(TEST_DID),
@@ -1330,7 +1334,11 @@ async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() 
     let mut tampered = body.clone();
     tampered.extend_from_slice(b" ");
     let out = answer(send(tampered).await.unwrap()).await;
-    assert_eq!(out, (401, Some("signature_invalid".into())), "tampered body");
+    assert_eq!(
+        out,
+        (401, Some("signature_invalid".into())),
+        "tampered body"
+    );
     let out = answer(send(body.clone()).await.unwrap()).await;
     assert_eq!(out.0, 200, "the genuine request");
     let out = answer(send(body).await.unwrap()).await;
@@ -1347,11 +1355,23 @@ async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() 
     let reasons: Vec<String> = std::fs::read_to_string(&record)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["signature"].as_str().unwrap_or("").to_owned())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["signature"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
         .collect();
     assert_eq!(
         reasons,
-        ["ok", "signature_invalid", "signature_invalid", "signature_invalid", "ok", "nonce_replayed"]
+        [
+            "ok",
+            "signature_invalid",
+            "signature_invalid",
+            "signature_invalid",
+            "ok",
+            "nonce_replayed"
+        ]
     );
 }
 
