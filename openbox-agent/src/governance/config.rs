@@ -978,6 +978,158 @@ mod tests {
         (dir, path)
     }
 
+    const DID: &str = "did:aip:0f8e2c1a-6b7d-4e3f-9a21-5c4d3b2a1f00";
+    /// base64 of 32 bytes of 7.
+    const SEED: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+    #[test]
+    fn sdk_conventions_and_max_body_size_come_from_flags_env_or_file() {
+        let load = |flags: &RawSettings, file: Option<&str>, e: &[(&str, &str)]| {
+            let f = file.map(write_file);
+            GovernanceConfig::load_with_env(flags, f.as_ref().map(|(_, p)| p.as_path()), &env(e))
+        };
+        let c = load(&RawSettings::default(), None, &[]).unwrap();
+        assert_eq!(
+            (c.sdk_conventions, c.max_body_size),
+            (Conventions::V1, None)
+        );
+        let c = load(
+            &RawSettings::default(),
+            Some("[governance]\nsdk_conventions = \"2.0\"\nmax_body_size = 100\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sdk_conventions, c.max_body_size),
+            (Conventions::V2, Some(100))
+        );
+        let c = load(
+            &RawSettings::default(),
+            None,
+            &[("OPENBOX_SDK_CONVENTIONS", "2.0")],
+        )
+        .unwrap();
+        assert_eq!(c.sdk_conventions, Conventions::V2);
+        let flags = RawSettings {
+            sdk_conventions: Some("1.0".into()),
+            ..RawSettings::default()
+        };
+        let c = load(&flags, None, &[("OPENBOX_SDK_CONVENTIONS", "2.0")]).unwrap();
+        assert_eq!(c.sdk_conventions, Conventions::V1, "the flag wins");
+        let e = load(
+            &RawSettings::default(),
+            None,
+            &[("OPENBOX_SDK_CONVENTIONS", "3")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "OPENBOX_SDK_CONVENTIONS=3: sdk_conventions must be 1.0 or 2.0"
+        );
+        let e = load(
+            &RawSettings::default(),
+            Some("[governance]\nmax_body_size = 0\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("max_body_size must be a positive whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_signing_identity_comes_from_the_operator_and_bad_keys_stop_the_start() {
+        let load = |flags: &RawSettings, e: &[(&str, &str)]| {
+            GovernanceConfig::load_with_env(flags, None, &env(e))
+        };
+        let c = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.signer.as_ref().map(|s| s.did()), Some(DID));
+
+        let dir = TempDir::new("key");
+        let key_file = dir.path().join("agent-key.b64");
+        std::fs::write(&key_file, format!("{SEED}\n")).unwrap();
+        let flags = RawSettings {
+            agent_did: Some(DID.into()),
+            agent_private_key_file: Some(key_file.clone()),
+            ..RawSettings::default()
+        };
+        let from_file = load(&flags, &[]).unwrap();
+        assert_eq!(from_file.signer, c.signer, "the same key from a file");
+
+        let only_did = load(&RawSettings::default(), &[("OPENBOX_AGENT_DID", DID)])
+            .unwrap_err()
+            .to_string();
+        assert!(only_did.contains("agent_did needs its key"), "{only_did}");
+        let only_key = load(
+            &RawSettings::default(),
+            &[("OPENBOX_AGENT_PRIVATE_KEY", SEED)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            only_key.contains("without agent_did") && !only_key.contains(SEED),
+            "{only_key}"
+        );
+        let bad_key = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_AGENT_PRIVATE_KEY", "AAAA"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad_key.contains("not 3 bytes"), "{bad_key}");
+        let bad_did = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", "did:web:x"),
+                ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_did.starts_with(
+                "OPENBOX_AGENT_DID=did:web:x: agent_did must look like did:aip:<uuid>"
+            ),
+            "{bad_did}"
+        );
+        let missing = RawSettings {
+            agent_did: Some(DID.into()),
+            agent_private_key_file: Some(dir.path().join("nope")),
+            ..RawSettings::default()
+        };
+        let e = load(&missing, &[]).unwrap_err().to_string();
+        assert!(e.contains("cannot read the agent private key file"), "{e}");
+        let okta = load(
+            &RawSettings::default(),
+            &[("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(okta.contains("does not support yet"), "{okta}");
+        // A worker cannot bring an identity: its settings never set the signer.
+        let worker = c
+            .with_worker_settings(
+                &json!({"agent_did": "did:aip:11111111-1111-1111-1111-111111111111",
+                "agent_private_key": SEED, "governance_policy": "fail_closed"}),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(worker.signer, c.signer);
+    }
+
     #[test]
     fn defaults_match_sdk_1_0_and_run_embedded() {
         let c = GovernanceConfig::load_with_env(&RawSettings::default(), None, &env(&[])).unwrap();
