@@ -240,6 +240,23 @@ struct GovArgs {
         value_delimiter = ','
     )]
     allow_worker_core_url: Vec<String>,
+    /// `1.0` (default) or `2.0`: the SDK whose request conventions (headers, body
+    /// encoding, ActivityCompleted rules) Core calls follow, for workers whose hook does
+    /// not choose. Env: OPENBOX_SDK_CONVENTIONS.
+    #[arg(long, value_name = "VERSION")]
+    sdk_conventions: Option<String>,
+    /// Characters kept of each captured body under 2.0 conventions (default 65536).
+    #[arg(long, value_name = "CHARS")]
+    max_body_size: Option<String>,
+    /// Sign every Core request as this OpenBox agent DID (did:aip:<uuid>), with the key of
+    /// --agent-private-key-file. Env: OPENBOX_AGENT_DID.
+    #[arg(long, value_name = "DID")]
+    agent_did: Option<String>,
+    /// A file holding the base64 of the DID's raw 32-byte Ed25519 seed (readable by the
+    /// agent only). Env: OPENBOX_AGENT_PRIVATE_KEY_FILE, or the key itself in
+    /// OPENBOX_AGENT_PRIVATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    agent_private_key_file: Option<PathBuf>,
 }
 
 /// OTLP trace export (`trace` and `run`; `run` also reads the `[otlp]` table of its
@@ -334,6 +351,10 @@ impl GovArgs {
             spool_dir: self.spool_dir.clone(),
             spool_max_bytes: self.spool_max_bytes.clone(),
             spool_max_events: self.spool_max_events.clone(),
+            sdk_conventions: self.sdk_conventions.clone(),
+            max_body_size: self.max_body_size.clone(),
+            agent_did: self.agent_did.clone(),
+            agent_private_key_file: self.agent_private_key_file.clone(),
         };
         let mut cfg =
             openbox_agent::governance::GovernanceConfig::load(&raw, self.config.as_deref())?;

@@ -18,6 +18,16 @@ and a control route, /_control (never recorded, never needs the key):
 CLI:
     fake_core.py [--host 127.0.0.1] [--port 0] [--api-key KEY | --any-key]
                  [--record FILE] [--script FILE] [--control-file FILE] [--port-file FILE]
+                 [--agent-did DID (--agent-public-key BASE64 | --agent-key-file FILE)]
+
+    --agent-did/--agent-public-key register one OpenBox DID identity (protocol §1.3) and
+    make every route require requests signed by it, as Core does for a signed agent: the
+    five X-OpenBox-* headers, the body's SHA-256, a timestamp within +-300 s, a nonce not
+    seen before and an Ed25519 signature over the canonical string. A request that fails
+    any of these is answered 401 {"reason_code": ...} (signature_invalid,
+    did_agent_mismatch, timestamp_outside_window, nonce_replayed); the record line says
+    why in "signature" ("ok" or the reason code). --agent-key-file registers the public
+    key of a test's private key file (base64 seed, as the agent reads it) instead.
 
     --port 0 picks a free port. When ready it prints "listening on PORT" (flushed) on stdout,
     and writes PORT to --port-file if given. --api-key defaults to obx_test_fakecore.
@@ -53,6 +63,8 @@ Script (JSON):
 """
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import re
@@ -68,6 +80,124 @@ EVALUATE = "/api/v1/governance/evaluate"
 APPROVAL = "/api/v1/governance/approval"
 
 
+# --- Ed25519 verification (RFC 8032 section 5.1.7), standard library only ----------------
+# Slow (a few ms per signature) and not constant time: a test server's needs only.
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _add(a, b):
+    """Sum of two points in extended coordinates (X, Y, Z, T); also doubles."""
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    pa = (y1 - x1) * (y2 - x2) % _P
+    pb = (y1 + x1) * (y2 + x2) % _P
+    pc = t1 * 2 * _D * t2 % _P
+    pd = z1 * 2 * z2 % _P
+    e, f, g, h = pb - pa, pd - pc, pd + pc, pb + pa
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _mul(k, point):
+    acc = (0, 1, 1, 0)
+    while k:
+        if k & 1:
+            acc = _add(acc, point)
+        point = _add(point, point)
+        k >>= 1
+    return acc
+
+
+def _decode_point(raw):
+    """The point encoded in 32 bytes, or None when it is not one."""
+    if len(raw) != 32:
+        return None
+    y = int.from_bytes(raw, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    if y >= _P:
+        return None
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return None
+    if x == 0 and sign:
+        return None
+    if x & 1 != sign:
+        x = _P - x
+    return (x, y, 1, x * y % _P)
+
+
+def ed25519_public_key(seed):
+    """The public key of a 32-byte seed (RFC 8032 section 5.1.5)."""
+    h = hashlib.sha512(seed).digest()
+    a = int.from_bytes(h[:32], "little")
+    a &= (1 << 254) - 8
+    a |= 1 << 254
+    x, y, z, _ = _mul(a, _BASE)
+    zi = pow(z, _P - 2, _P)
+    x, y = x * zi % _P, y * zi % _P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+_BASE = _decode_point((4 * pow(5, _P - 2, _P) % _P).to_bytes(32, "little"))
+
+
+def ed25519_verify(public, message, signature):
+    if len(signature) != 64:
+        return False
+    a, r = _decode_point(public), _decode_point(signature[:32])
+    s = int.from_bytes(signature[32:], "little")
+    if a is None or r is None or s >= _L:
+        return False
+    k = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    left = _mul(s, _BASE)
+    right = _add(r, _mul(k, a))
+    # Equal points: X1/Z1 == X2/Z2 and Y1/Z1 == Y2/Z2.
+    return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (
+        left[1] * right[2] - right[1] * left[2]
+    ) % _P == 0
+
+
+def check_signature(state, method, path, headers, raw):
+    """None when the request is signed by the registered identity, else the reason code."""
+    h = {k.lower(): v for k, v in headers.items()}
+    did = h.get("x-openbox-agent-did")
+    stamp = h.get("x-openbox-agent-timestamp")
+    nonce = h.get("x-openbox-agent-nonce")
+    sig = h.get("x-openbox-agent-signature")
+    sha = h.get("x-openbox-body-sha256")
+    if not (did and stamp and nonce and sig and sha):
+        return "signature_invalid"
+    if did != state.args.agent_did:
+        return "did_agent_mismatch"
+    if sha != hashlib.sha256(raw).hexdigest():
+        return "signature_invalid"
+    try:
+        from datetime import datetime
+
+        at = datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return "timestamp_outside_window"
+    if not stamp.endswith("+00:00") or abs(time.time() - at) > 300:
+        return "timestamp_outside_window"
+    canonical = "\n".join([method.upper(), path, stamp, nonce, sha]).encode("utf-8")
+    try:
+        signature = base64.b64decode(sig, validate=True)
+    except ValueError:
+        return "signature_invalid"
+    if not ed25519_verify(state.public_key, canonical, signature):
+        return "signature_invalid"
+    with state.lock:
+        if nonce in state.nonces:
+            return "nonce_replayed"
+        state.nonces.add(nonce)
+    return None
+
+
 class State:
     def __init__(self, args):
         self.lock = threading.Lock()
@@ -79,6 +209,11 @@ class State:
         self.approval_pos = {}
         self.up_at = None
         self.record_lock = threading.Lock()
+        self.nonces = set()
+        self.public_key = base64.b64decode(args.agent_public_key) if args.agent_public_key else None
+        if args.agent_key_file:
+            with open(args.agent_key_file, encoding="ascii") as f:
+                self.public_key = ed25519_public_key(base64.b64decode(f.read().strip()))
         self.load_script()
 
     def load_script(self):
@@ -214,6 +349,14 @@ class Handler(BaseHTTPRequestHandler):
             entry["status"] = 0
             state.record(entry)
             return self.close_now()
+        if state.public_key is not None:
+            refused = check_signature(state, method, path, self.headers, raw)
+            entry["signature"] = refused or "ok"
+            if refused:
+                entry["status"] = 401
+                state.record(entry)
+                self.send(401, {"reason_code": refused, "detail": "signed request rejected"})
+                return
         status = self.route(method, path, body)
         entry["status"] = status
         state.record(entry)
@@ -298,7 +441,12 @@ def main():
     ap.add_argument("--control-file")
     ap.add_argument("--port-file")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--agent-did", help="the registered OpenBox agent DID (requires signatures)")
+    ap.add_argument("--agent-public-key", help="its Ed25519 public key, base64 of the raw 32 bytes")
+    ap.add_argument("--agent-key-file", help="register the public key of this seed file instead")
     args = ap.parse_args()
+    if bool(args.agent_did) != bool(args.agent_public_key or args.agent_key_file):
+        ap.error("--agent-did and --agent-public-key (or --agent-key-file) go together")
 
     state = State(args)
     stop = threading.Event()

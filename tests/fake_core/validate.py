@@ -3,7 +3,8 @@
 
 Python 3.11 standard library only, so it implements the small JSON Schema subset the
 schema uses: type, const, enum, required, properties, additionalProperties (bool or
-schema), items, pattern, minimum, minLength, oneOf, anyOf, and local $ref ("#/$defs/x").
+schema), items, pattern, minimum, minLength, maxLength, oneOf, anyOf, not, and local $ref
+("#/$defs/x").
 Annotation keywords ($schema, $id, title, description, $defs) are ignored.
 
 Usage:
@@ -57,7 +58,7 @@ def _same(a, b):
 class Validator:
     SUPPORTED = {
         "type", "const", "enum", "required", "properties", "additionalProperties", "items",
-        "pattern", "minimum", "minLength", "oneOf", "anyOf", "$ref",
+        "pattern", "minimum", "minLength", "maxLength", "oneOf", "anyOf", "not", "$ref",
         "$schema", "$id", "title", "description", "$defs",
     }
 
@@ -111,6 +112,8 @@ class Validator:
                 out.append((path, f"{value[:80]!r} does not match {schema['pattern']}", False))
             if "minLength" in schema and len(value) < schema["minLength"]:
                 out.append((path, f"shorter than {schema['minLength']}", False))
+            if "maxLength" in schema and len(value) > schema["maxLength"]:
+                out.append((path, f"longer than {schema['maxLength']} characters", False))
         if _type_ok(value, "number") and "minimum" in schema and value < schema["minimum"]:
             out.append((path, f"{value} is less than {schema['minimum']}", False))
         if isinstance(value, dict):
@@ -131,6 +134,8 @@ class Validator:
         if isinstance(value, list) and "items" in schema:
             for i, item in enumerate(value):
                 out += self.errors(item, schema["items"], f"{path}[{i}]")
+        if "not" in schema and not self.errors(value, schema["not"], path):
+            out.append((path, f"must not match {json.dumps(schema['not'])[:80]}", False))
         for key in ("oneOf", "anyOf"):
             if key not in schema:
                 continue
@@ -213,6 +218,32 @@ def _samples():
         ("approval extra", dict(records_good[6], body={"workflow_id": "w", "run_id": "r", "activity_id": "1", "x": 1})),
         ("wrong route", dict(records_good[0], path="/api/v2/governance/evaluate")),
         ("failed error type", dict(records_good[5], body=dict(good[5], error={"type": "E"}))),
+    ]
+    # SDK 2.0 conventions (section 1.2, 2.2 notes), signed (section 1.3).
+    v2 = {"authorization": "Bearer obx_test_x", "user-agent": "OpenBox-SDK/openbox-temporal-python-v2.0.0",
+          "x-openbox-sdk-version": "openbox-temporal-python-v2.0.0",
+          "x-openbox-agent-did": "did:aip:0f8e2c1a-6b7d-4e3f-9a21-5c4d3b2a1f00",
+          "x-openbox-agent-timestamp": "2026-09-21T10:00:00.123456+00:00",
+          "x-openbox-agent-nonce": "A" * 32, "x-openbox-agent-signature": "B" * 86 + "==",
+          "x-openbox-body-sha256": "0" * 64}
+    good_v2 = [dict(good[0], activity_input=[1, "x"], multi_agent_session_id="s-1"),
+               dict(good[5], span_count=0, spans=[], multi_agent_session_id="s-1"),
+               dict(good[2]),
+               {"source": "workflow-telemetry", "event_type": "Handoff", "from_agent_did": "did:aip:x",
+                "multi_agent_session_id": "s-1", "timestamp": ts}]
+    ev2 = [{"method": "POST", "path": "/api/v1/governance/evaluate", "headers": v2, "body": b} for b in good_v2]
+    records_good += ev2
+    records_good.append({"method": "GET", "path": "/api/v1/auth/validate",
+                         "headers": dict(v2, **{"content-type": "application/json"}), "body": None})
+    records_bad += [
+        ("2.0 with content-type on a POST", dict(ev2[0], headers=dict(v2, **{"content-type": "application/json"}))),
+        ("2.0 failed ActivityCompleted", dict(ev2[1], body=dict(good_v2[1], status="failed"))),
+        ("2.0 event under 1.0 headers", dict(ev2[0], headers=hdr)),
+        ("1.0 headers naming 2.0", dict(records_good[0], headers=dict(hdr, **{"x-openbox-sdk-version": "x"}))),
+        ("2.0 long cause message", dict(ev2[2], body=dict(good[2], error=dict(good[2]["error"], cause={
+            "type": "ApplicationError", "message": "m" * 501})))),
+        ("bad signature header", dict(ev2[0], headers=dict(v2, **{"x-openbox-agent-nonce": "short"}))),
+        ("empty session id", dict(ev2[0], body=dict(good_v2[0], multi_agent_session_id=""))),
     ]
     sdk2_good, sdk2_bad = _sdk2_samples(good, hdr)
     return records_good + sdk2_good, records_bad + sdk2_bad

@@ -64,6 +64,8 @@ const FERRETDB_MODULE: &str = "github.com/FerretDB/FerretDB";
 const FERRETDB_VERSION: &str = "v1.24.0";
 
 /// The fixtures' pip requirements, one pinned package a line (dependencies pinned too).
+/// SDK 2.0 (openbox-temporal-sdk-python 2.0.0), for side-by-side checks of 2.0 requests.
+const SDK2_REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/sdk2-requirements.txt";
 const REQUIREMENTS_FILE: &str = "openbox-agent/tests/support/requirements.txt";
 
 /// The Temporal CLI, whose `temporal server start-dev` is the end-to-end tests' Temporal
@@ -155,6 +157,12 @@ pub fn setup() -> Result<TestEnv> {
         &root.join(SDK_REQUIREMENTS_FILE),
         SDK_IMPORTS,
     )?;
+    let sdk2_python = ensure_venv(
+        &python3,
+        &root.join("target/test-env/sdk2-venv"),
+        &root.join(SDK2_REQUIREMENTS_FILE),
+        SDK2_IMPORTS,
+    )?;
     let hook_dir = root.join(HOOK_DIR);
     install_hook(&venv_python, &venv, &hook_dir)?;
     let ferretdb = ensure_ferretdb()?;
@@ -184,6 +192,10 @@ pub fn setup() -> Result<TestEnv> {
         (
             "OPENBOX_SDK_PYTHON".to_string(),
             sdk_python.display().to_string(),
+        ),
+        (
+            "OPENBOX_SDK2_PYTHON".to_string(),
+            sdk2_python.display().to_string(),
         ),
         (
             "OPENBOX_TEST_SUPPORT".to_string(),
@@ -381,6 +393,8 @@ const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, 
      requests, urllib3, aiohttp, temporalio.client, temporalio.worker, jsonschema, openai, \
      anthropic, brotli, temporalio.contrib.opentelemetry, opentelemetry.sdk.trace, hypercorn, h2, \
      grpc, grpclib";
+const SDK2_IMPORTS: &str = "import openbox.plugin, openbox.client, openbox_core.identity, \
+     temporalio.worker, httpx, cryptography";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \

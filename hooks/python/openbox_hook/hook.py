@@ -45,7 +45,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             ``$OPENBOX_GOVERNANCE_POLICY`` when that is set (and is then sent to the agent
             too).
         sdk_conventions: ``"1.0"`` or ``"2.0"``: which SDK's behaviour this worker
-            keeps. Default: the config's ``sdk_conventions``, else
+            keeps, and whose request conventions (headers, body encoding, which
+            ActivityCompleted events are sent) the agent follows for its calls to
+            OpenBox Core. Default: the config's ``sdk_conventions``, else
             ``$OPENBOX_SDK_CONVENTIONS``; none of them: 1.0 here, and not sent (the
             agent's setting applies to its requests). Under ``"2.0"`` a HALT (and
             fail_closed without an answer) terminates the workflow before failing the

@@ -41,6 +41,7 @@ def create_openbox_worker(
     instrument_databases: bool = True,
     db_libraries: Iterable[str] | None = None,
     instrument_file_io: bool = False,
+    max_body_size: int | None = None,
     agent_socket: str | None = None,
     sdk_conventions: str | None = None,
     max_patch_restarts: int = 3,
@@ -61,6 +62,8 @@ def create_openbox_worker(
             an unreachable agent fails every activity with ``GovernanceHalt``.
         instrument_databases, db_libraries, instrument_file_io: accepted for
             compatibility and ignored: the agent sees all database and file I/O.
+        max_body_size: under 2.0 conventions, characters kept of each captured body
+            (default: the agent's setting, else SDK 2.0's 65536).
         agent_socket: the agent's Unix socket (default ``$OPENBOX_AGENT_SOCKET``, else
             ``/run/openbox/agent.sock``).
         sdk_conventions: ``"1.0"`` (the default: HALT fails the activity, as SDK 1.0
@@ -88,6 +91,7 @@ def create_openbox_worker(
         skip_signals=skip_signals,
         hitl_enabled=hitl_enabled,
         sdk_conventions=sdk_conventions,
+        max_body_size=max_body_size,
     )
     hook = OpenBoxHook(
         agent_socket, config=config, max_patch_restarts=max_patch_restarts, client=client
@@ -116,6 +120,7 @@ def governance_config(
     skip_signals: Iterable[str] | None,
     hitl_enabled: bool,
     sdk_conventions: str | None,
+    max_body_size: int | None = None,
 ) -> dict[str, Any]:
     """The SDK's governance parameters, checked, as the ``config`` the hook sends the
     agent (settings left as ``None`` are left out)."""
@@ -147,6 +152,7 @@ def governance_config(
         "skip_signals": _names("skip_signals", skip_signals),
         "hitl_enabled": hitl_enabled,
         "sdk_conventions": sdk_conventions,
+        "max_body_size": max_body_size,
     }
     return {key: value for key, value in settings.items() if value is not None}
 

@@ -157,6 +157,22 @@ class HookConstructionTest(unittest.TestCase):
         with mock.patch.dict("os.environ", clear=True):
             self.assertFalse(OpenBoxHook()._link.fail_closed)
 
+    def test_sdk_conventions_from_argument_config_else_environment(self) -> None:
+        with mock.patch.dict("os.environ", clear=True):
+            self.assertNotIn("sdk_conventions", OpenBoxHook()._link.config)
+            self.assertEqual(OpenBoxHook(sdk_conventions="2.0")._link.config["sdk_conventions"], "2.0")
+        with mock.patch.dict("os.environ", {"OPENBOX_SDK_CONVENTIONS": "2"}):
+            self.assertEqual(OpenBoxHook()._link.config["sdk_conventions"], "2.0")
+            hook = OpenBoxHook(config={"sdk_conventions": "1.0"})
+            self.assertEqual(hook._link.config["sdk_conventions"], "1.0")
+            hook = OpenBoxHook(sdk_conventions="1.0", config={"sdk_conventions": "2.0"})
+            self.assertEqual(hook._link.config["sdk_conventions"], "1.0")
+        with mock.patch.dict("os.environ", {"OPENBOX_SDK_CONVENTIONS": "3.0"}):
+            with self.assertRaisesRegex(ValueError, r"\$OPENBOX_SDK_CONVENTIONS .*'3.0'"):
+                OpenBoxHook()
+        with self.assertRaisesRegex(ValueError, "sdk_conventions"):
+            create_openbox_worker("client", "queue", sdk_conventions="2.1")
+
     def test_timeout_must_be_positive(self) -> None:
         with self.assertRaisesRegex(ValueError, "timeout"):
             OpenBoxHook(timeout=0)

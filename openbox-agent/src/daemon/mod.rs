@@ -37,6 +37,7 @@ use crate::{
         tree, OtlpConfig,
     },
     governance::{
+        conventions::WorkerStyle,
         events::{self, Event},
         sink::Sink,
         verdict::{Decision, ErrorType},
@@ -113,6 +114,16 @@ struct RunStart {
 /// Runs remembered for ordering; past this the oldest are forgotten (their later events
 /// are then ordered only by arrival).
 const MAX_ORDERED_RUNS: usize = 65536;
+
+/// SDK 2.0 identity parameters a worker's settings may carry; never used (the identity is
+/// the operator's), only reported.
+const IDENTITY_SETTINGS: &[&str] = &[
+    "agent_did",
+    "agent_private_key",
+    "okta_agent_private_key",
+    "okta_agent_id",
+    "workload_private_key",
+];
 
 /// Distinct worker settings governed at once; a worker with yet other settings is
 /// refused (each governor holds a Core client, a spool and a handle on the events file).
@@ -463,6 +474,20 @@ impl Daemon {
                 format!("process {peer}: the slot table {addr:#x} ({slots} slots) is not writable memory of that process"),
             );
         }
+        let style = match WorkerStyle::from_settings(&req.config) {
+            Ok(style) => style,
+            Err(why) => return self.refuse(peer, why),
+        };
+        if let Some(key) = IDENTITY_SETTINGS
+            .iter()
+            .find(|k| req.config.get(**k).is_some_and(|v| !v.is_null()))
+        {
+            tracing::warn!(
+                peer,
+                "ignored the worker's {key}: the agent signs requests with the identity its operator \
+                 configured (OPENBOX_AGENT_DID, OPENBOX_AGENT_PRIVATE_KEY_FILE), never with keys from a worker"
+            );
+        }
         if let Some(w) = self.registry.workers.get(&peer) {
             if (w.slots_addr, w.slots) != (addr, slots) {
                 return self.refuse(
@@ -487,6 +512,7 @@ impl Daemon {
                     threads: Default::default(),
                     config: req.config.clone(),
                     governor: None,
+                    style,
                     workload: Workload::of(peer),
                 },
             );
@@ -699,6 +725,15 @@ impl Daemon {
         }
     }
 
+    /// The request conventions the worker's hook chose (none: its governor's).
+    fn style_of(&self, worker: Pid) -> WorkerStyle {
+        self.registry
+            .workers
+            .get(&worker)
+            .map(|w| w.style)
+            .unwrap_or_default()
+    }
+
     /// Tells the kernel where a worker thread publishes its activity.
     fn thread(&mut self, worker: Pid, req: &Thread) -> Result<Answer, String> {
         let Thread { tid, slot } = *req;
@@ -750,10 +785,14 @@ impl Daemon {
             .map(|a| a.start_verdict.clone())
             .unwrap_or_default();
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
+        let style = self.style_of(worker);
         self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
-                Ok(gov) => gov.activity_started(event).await,
+                Ok(gov) => {
+                    gov.activity_started_as(event, style.over(gov.default_style()))
+                        .await
+                }
                 Err(refused) => refused,
             };
             let _ = verdict.set(tree::decision_attributes("started", &decision));
@@ -821,10 +860,14 @@ impl Daemon {
         let event = events::activity_completed(&start.activity, completion, SystemTime::now());
         let (tx, id, dropped) = (tx.clone(), id.clone(), a.dropped);
         let prev = self.run_latest(&start.activity.workflow_id, &start.activity.run_id);
+        let style = self.style_of(worker);
         self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
-                Ok(gov) => gov.activity_completed(event).await,
+                Ok(gov) => {
+                    gov.activity_completed_as(event, style.over(gov.default_style()))
+                        .await
+                }
                 Err(refused) => refused,
             };
             if let Some((e, resource)) = export {
@@ -910,11 +953,12 @@ impl Daemon {
         );
         let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, last);
         let (tx, id) = (tx.clone(), id.clone());
+        let style = self.style_of(worker).over(gov.default_style());
         self.calls.spawn(async move {
             after(prev).await;
             let disposition = match event {
-                Event::SignalReceived(signal) => gov.signal(signal).await,
-                other => gov.workflow_event(other).await,
+                Event::SignalReceived(signal) => gov.signal_as(signal, style).await,
+                other => gov.workflow_event_as(other, style).await,
             };
             let _ = done.send(true);
             let answer = match disposition {

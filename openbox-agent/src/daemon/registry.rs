@@ -38,6 +38,8 @@ pub struct Worker {
     pub config: Value,
     /// Which of the daemon's per-worker governors governs it (None: the agent's own).
     pub governor: Option<String>,
+    /// The request conventions its hook chose (`sdk_conventions`, `max_body_size`).
+    pub style: crate::governance::conventions::WorkerStyle,
     /// Its container and pod, for the resource of its activity and workflow spans.
     pub workload: Workload,
 }
@@ -324,6 +326,7 @@ mod tests {
                 threads: HashMap::new(),
                 config: Value::Null,
                 governor: None,
+                style: Default::default(),
                 workload: Workload::default(),
             },
         );

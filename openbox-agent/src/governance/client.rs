@@ -8,14 +8,19 @@
 //! Calls never fail: they return a [`CoreOutcome`] that says what happened, and
 //! [`apply_fail_policy`] turns an evaluate outcome into a verdict (or none) per §6.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{
     config::FailPolicy,
+    conventions::{Conventions, SDK_V2_IDENTIFIER},
+    signing::DidSigner,
     verdict::{EvaluateResponse, Verdict},
 };
+
+/// Our own product token, in every User-Agent.
+const AGENT_PRODUCT: &str = concat!("openbox-agent/", env!("CARGO_PKG_VERSION"));
 
 pub const VALIDATE_PATH: &str = "/api/v1/auth/validate";
 pub const EVALUATE_PATH: &str = "/api/v1/governance/evaluate";
@@ -170,6 +175,18 @@ pub enum ValidateError {
     )]
     KeyRefused { url: String, status: u16 },
     #[error(
+        "OpenBox Core at {url} refused this agent's signed identity (HTTP {status}, {reason}, from {VALIDATE_PATH}): \
+         check that agent_did {did} is registered in OpenBox with the public key of the agent's private key \
+         (OPENBOX_AGENT_PRIVATE_KEY_FILE / governance.agent_private_key_file), and that this host's clock is right \
+         (Core allows ±300 s)"
+    )]
+    SignatureRefused {
+        url: String,
+        status: u16,
+        reason: String,
+        did: String,
+    },
+    #[error(
         "cannot reach OpenBox Core at {url}: {reason} — check openbox_url and that Core is reachable from this \
          host, or unset the URL to run on the embedded local policy"
     )]
@@ -196,6 +213,11 @@ pub struct CoreClient {
     base_url: String,
     api_key: String,
     timeout: Duration,
+    /// Signs every request when the operator configured an identity (§1.3).
+    signer: Option<Arc<DidSigner>>,
+    /// The conventions of calls that belong to no worker (the start-up validate) and of
+    /// [`CoreClient::evaluate`]/[`CoreClient::approval`].
+    conventions: Conventions,
 }
 
 impl CoreClient {
@@ -211,7 +233,7 @@ impl CoreClient {
             .tls_built_in_native_certs(true)
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout)
-            .user_agent(concat!("openbox-agent/", env!("CARGO_PKG_VERSION")));
+            .user_agent(AGENT_PRODUCT);
         if let Some(path) = ca_file {
             let shown = path.display().to_string();
             let pem = std::fs::read(path).map_err(|source| ClientError::CaFileRead {
@@ -242,7 +264,65 @@ impl CoreClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: api_key.to_owned(),
             timeout,
+            signer: None,
+            conventions: Conventions::V1,
         })
+    }
+
+    /// Signs every request with `signer`; `conventions` for calls of no worker.
+    pub fn with_identity(
+        mut self,
+        signer: Option<Arc<DidSigner>>,
+        conventions: Conventions,
+    ) -> CoreClient {
+        self.signer = signer;
+        self.conventions = conventions;
+        self
+    }
+
+    /// A request with the headers of `conventions` (§1.2) and, with an identity, the
+    /// signature over exactly `body` (§1.3).
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        conventions: Conventions,
+    ) -> reqwest::RequestBuilder {
+        let is_get = method == reqwest::Method::GET;
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base_url))
+            .bearer_auth(&self.api_key)
+            .timeout(self.timeout);
+        match conventions {
+            Conventions::V1 => {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+            }
+            Conventions::V2 => {
+                // SDK 2.0 sends POST bodies as raw bytes without a Content-Type; only
+                // its validate GET names one.
+                if is_get {
+                    req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+                }
+                req = req
+                    .header(
+                        reqwest::header::USER_AGENT,
+                        format!("OpenBox-SDK/{SDK_V2_IDENTIFIER} ({AGENT_PRODUCT})"),
+                    )
+                    .header("X-OpenBox-SDK-Version", SDK_V2_IDENTIFIER);
+            }
+        }
+        if let Some(signer) = &self.signer {
+            for (name, value) in signer.headers(method.as_str(), path, &body) {
+                req = req.header(name, value);
+            }
+        }
+        if is_get {
+            req
+        } else {
+            req.body(body)
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -252,13 +332,13 @@ impl CoreClient {
     /// `GET /api/v1/auth/validate`: 200 → ok; 401/403 → the key was refused; anything else
     /// → Core unreachable, an outage for network errors, timeouts and 5xx.
     pub async fn validate(&self) -> Result<(), ValidateError> {
-        let url = format!("{}{VALIDATE_PATH}", self.base_url);
         let sent = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.api_key)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(self.timeout)
+            .request(
+                reqwest::Method::GET,
+                VALIDATE_PATH,
+                Vec::new(),
+                self.conventions,
+            )
             .send()
             .await;
         let unreachable = |reason: String, outage: bool| ValidateError::Unreachable {
@@ -269,10 +349,21 @@ impl CoreClient {
         match sent {
             Ok(resp) => match resp.status().as_u16() {
                 200 => Ok(()),
-                status @ (401 | 403) => Err(ValidateError::KeyRefused {
-                    url: self.base_url.clone(),
-                    status,
-                }),
+                status @ (401 | 403) => {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    match (reason_code(&body), &self.signer) {
+                        (Some(reason), Some(signer)) => Err(ValidateError::SignatureRefused {
+                            url: self.base_url.clone(),
+                            status,
+                            reason,
+                            did: signer.did().to_owned(),
+                        }),
+                        _ => Err(ValidateError::KeyRefused {
+                            url: self.base_url.clone(),
+                            status,
+                        }),
+                    }
+                }
                 status => Err(unreachable(
                     format!("HTTP {status} from {VALIDATE_PATH}"),
                     status >= 500,
@@ -291,7 +382,16 @@ impl CoreClient {
 
     /// `POST /api/v1/governance/evaluate` with the encoded event (see `events::encode`).
     pub async fn evaluate(&self, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
-        self.evaluate_raw(body).await.map(|v| {
+        self.evaluate_with(self.conventions, body).await
+    }
+
+    /// [`CoreClient::evaluate`] with a worker's conventions.
+    pub async fn evaluate_with(
+        &self,
+        conventions: Conventions,
+        body: Vec<u8>,
+    ) -> CoreOutcome<EvaluateResponse> {
+        self.evaluate_raw_with(conventions, body).await.map(|v| {
             // post_json only returns Ok for JSON objects, which always parse.
             EvaluateResponse::from_value(&v)
                 .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
@@ -300,7 +400,15 @@ impl CoreClient {
 
     /// `POST /api/v1/governance/evaluate` with an already encoded body (a spooled event).
     pub async fn evaluate_raw(&self, body: Vec<u8>) -> CoreOutcome<Value> {
-        self.post_json(EVALUATE_PATH, body).await
+        self.evaluate_raw_with(self.conventions, body).await
+    }
+
+    pub async fn evaluate_raw_with(
+        &self,
+        conventions: Conventions,
+        body: Vec<u8>,
+    ) -> CoreOutcome<Value> {
+        self.post_json(EVALUATE_PATH, body, conventions).await
     }
 
     /// `POST /api/v1/governance/approval` with `{workflow_id, run_id, activity_id}`.
@@ -310,25 +418,37 @@ impl CoreClient {
         run_id: &str,
         activity_id: &str,
     ) -> CoreOutcome<Value> {
-        let body =
-            json!({"workflow_id": workflow_id, "run_id": run_id, "activity_id": activity_id});
-        // Keys in the SDK's order (serde_json's map may sort them).
-        let body = format!(
-            "{{\"workflow_id\":{},\"run_id\":{},\"activity_id\":{}}}",
-            body["workflow_id"], body["run_id"], body["activity_id"]
-        );
-        self.post_json(APPROVAL_PATH, body.into_bytes()).await
+        self.approval_with(self.conventions, workflow_id, run_id, activity_id)
+            .await
     }
 
-    async fn post_json(&self, path: &str, body: Vec<u8>) -> CoreOutcome<Value> {
-        let url = format!("{}{path}", self.base_url);
+    /// [`CoreClient::approval`] with a worker's conventions.
+    pub async fn approval_with(
+        &self,
+        conventions: Conventions,
+        workflow_id: &str,
+        run_id: &str,
+        activity_id: &str,
+    ) -> CoreOutcome<Value> {
+        // Keys in the SDK's order, each value encoded as the conventions say.
+        let mut body = b"{\"workflow_id\":".to_vec();
+        body.extend(conventions.encode(&workflow_id));
+        body.extend_from_slice(b",\"run_id\":");
+        body.extend(conventions.encode(&run_id));
+        body.extend_from_slice(b",\"activity_id\":");
+        body.extend(conventions.encode(&activity_id));
+        body.push(b'}');
+        self.post_json(APPROVAL_PATH, body, conventions).await
+    }
+
+    async fn post_json(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        conventions: Conventions,
+    ) -> CoreOutcome<Value> {
         let sent = self
-            .http
-            .post(&url)
-            .bearer_auth(&self.api_key)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(self.timeout)
-            .body(body)
+            .request(reqwest::Method::POST, path, body, conventions)
             .send()
             .await;
         let resp = match sent {
@@ -354,6 +474,15 @@ impl CoreClient {
             _ => CoreOutcome::NonJson { status },
         }
     }
+}
+
+/// The machine reason Core gives for a 401/403 in a JSON body (§1.3): `reason_code`,
+/// `code` or `reason`.
+pub fn reason_code(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    ["reason_code", "code", "reason"]
+        .iter()
+        .find_map(|k| v.get(k).and_then(Value::as_str).map(str::to_owned))
 }
 
 /// An error with its causes, e.g. `error sending request: … : Connection refused (os error 111)`.

@@ -28,6 +28,27 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
     )
 }
 
+/// `2026-09-21T10:00:00.123456+00:00`: Python's `datetime.now(timezone.utc).isoformat()`
+/// (microseconds, dropped when zero; always `+00:00`), the signing timestamp of §1.3.
+pub fn python_isoformat_utc(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = d.as_secs() as i64;
+    let micros = d.subsec_micros();
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, day) = civil_from_days(days);
+    let fraction = if micros == 0 {
+        String::new()
+    } else {
+        format!(".{micros:06}")
+    };
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}{fraction}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Parses `YYYY-MM-DD[T| ]HH:MM[:SS[.frac]][Z|±HH:MM|±HHMM]` into Unix seconds. A value
 /// without a zone is UTC (§5: the SDK assumes UTC for naive times). `None` when the text
 /// is not such a time.
@@ -151,6 +172,16 @@ mod tests {
         assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc3339_millis(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn signing_timestamps_are_python_isoformat() {
+        let t = UNIX_EPOCH + Duration::from_micros(1_789_984_800_123_456);
+        assert_eq!(python_isoformat_utc(t), "2026-09-21T10:00:00.123456+00:00");
+        let whole = UNIX_EPOCH + Duration::from_secs(1_789_984_800);
+        assert_eq!(python_isoformat_utc(whole), "2026-09-21T10:00:00+00:00");
+        let nanos = whole + Duration::from_nanos(999);
+        assert_eq!(python_isoformat_utc(nanos), "2026-09-21T10:00:00+00:00");
     }
 
     #[test]

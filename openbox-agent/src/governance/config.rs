@@ -12,8 +12,11 @@
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
+
+use super::{conventions::Conventions, signing::DidSigner};
 
 /// Default spool directory (a DaemonSet mounts a hostPath here to keep it across pods).
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/openbox-agent/spool";
@@ -82,6 +85,14 @@ pub struct RawSettings {
     /// Bytes, with an optional K/M/G (or KiB/MiB/GiB) suffix.
     pub spool_max_bytes: Option<String>,
     pub spool_max_events: Option<String>,
+    /// `1.0` or `2.0`: the default request conventions (a worker's hook may choose).
+    pub sdk_conventions: Option<String>,
+    /// Characters of each captured body kept under 2.0 conventions.
+    pub max_body_size: Option<String>,
+    /// The OpenBox agent DID requests are signed as (§1.3).
+    pub agent_did: Option<String>,
+    /// A file holding the base64 Ed25519 seed of `agent_did`.
+    pub agent_private_key_file: Option<PathBuf>,
 }
 
 /// Where a value came from, for error messages.
@@ -149,6 +160,13 @@ pub struct GovernanceConfig {
     /// Core URL prefixes a worker may ask for when the agent has no Core URL of its own
     /// (`--allow-worker-core-url`, operator only: never from a worker). Empty: none.
     pub allow_worker_core_urls: Vec<String>,
+    /// The request conventions of workers that do not choose theirs.
+    pub sdk_conventions: Conventions,
+    /// Characters of each captured body kept under 2.0 conventions; `None`: SDK 2.0's
+    /// default (65 536).
+    pub max_body_size: Option<usize>,
+    /// Signs every Core request (§1.3, OpenBox DID); operator settings only.
+    pub signer: Option<Arc<DidSigner>>,
 }
 
 impl Default for GovernanceConfig {
@@ -176,6 +194,9 @@ impl Default for GovernanceConfig {
             spool_retry_max: Duration::from_secs(30),
             warnings: Vec::new(),
             allow_worker_core_urls: Vec::new(),
+            sdk_conventions: Conventions::V1,
+            max_body_size: None,
+            signer: None,
         }
     }
 }
@@ -200,6 +221,22 @@ const FILE_KEYS: &[&str] = &[
     "spool_dir",
     "spool_max_bytes",
     "spool_max_events",
+    "sdk_conventions",
+    "max_body_size",
+    "agent_did",
+    "agent_private_key_file",
+    "okta_agent_private_key_file",
+    "workload_private_key_file",
+];
+
+/// SDK 2.0's signing modes this agent does not implement: named so that setting one
+/// stops the start instead of sending unsigned requests.
+const UNSUPPORTED_IDENTITY: &[(&str, &str)] = &[
+    (
+        "okta_agent_private_key_file",
+        "OPENBOX_OKTA_AGENT_PRIVATE_KEY",
+    ),
+    ("workload_private_key_file", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
 ];
 
 /// The SDK parameters a worker may pass (`create_openbox_worker`).
@@ -323,6 +360,9 @@ impl Layer {
             "--spool-max-events",
             &raw.spool_max_events,
         );
+        text("sdk_conventions", "--sdk-conventions", &raw.sdk_conventions);
+        text("max_body_size", "--max-body-size", &raw.max_body_size);
+        text("agent_did", "--agent-did", &raw.agent_did);
         for (name, flag, v) in [
             (
                 "send_start_event",
@@ -367,6 +407,11 @@ impl Layer {
             ("policy_file", "--policy-file", &raw.policy_file),
             ("ca_file", "--ca-file", &raw.ca_file),
             ("spool_dir", "--spool-dir", &raw.spool_dir),
+            (
+                "agent_private_key_file",
+                "--agent-private-key-file",
+                &raw.agent_private_key_file,
+            ),
         ] {
             if let Some(p) = v {
                 l.values
@@ -383,11 +428,27 @@ impl Layer {
             ("openbox_api_key", "OPENBOX_API_KEY"),
             ("governance_timeout", "OPENBOX_GOVERNANCE_TIMEOUT"),
             ("governance_policy", "OPENBOX_GOVERNANCE_POLICY"),
+            ("sdk_conventions", "OPENBOX_SDK_CONVENTIONS"),
+            ("max_body_size", "OPENBOX_MAX_BODY_SIZE"),
+            ("agent_did", "OPENBOX_AGENT_DID"),
+            ("agent_private_key", "OPENBOX_AGENT_PRIVATE_KEY"),
+            (
+                "okta_agent_private_key_file",
+                "OPENBOX_OKTA_AGENT_PRIVATE_KEY",
+            ),
+            ("workload_private_key_file", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
         ] {
             // An empty variable counts as unset (a common shell idiom).
             if let Some(v) = getenv(var).filter(|v| !v.is_empty()) {
                 l.values.push((name, Origin::Env(var), Val::Text(v)));
             }
+        }
+        if let Some(v) = getenv("OPENBOX_AGENT_PRIVATE_KEY_FILE").filter(|v| !v.is_empty()) {
+            l.values.push((
+                "agent_private_key_file",
+                Origin::Env("OPENBOX_AGENT_PRIVATE_KEY_FILE"),
+                Val::Path(PathBuf::from(v)),
+            ));
         }
         l
     }
@@ -452,7 +513,12 @@ impl Layer {
                         .ok_or_else(|| wrong("an array of strings"))?;
                     Val::List(list)
                 }
-                "policy_file" | "ca_file" | "spool_dir" => {
+                "policy_file"
+                | "ca_file"
+                | "spool_dir"
+                | "agent_private_key_file"
+                | "okta_agent_private_key_file"
+                | "workload_private_key_file" => {
                     let s = value.as_str().ok_or_else(|| wrong("a path string"))?;
                     // Relative paths in a file are relative to the file.
                     let p = Path::new(s);
@@ -462,12 +528,14 @@ impl Layer {
                         p.to_owned()
                     })
                 }
-                "governance_timeout" | "spool_max_bytes" | "spool_max_events" => match value {
-                    toml::Value::Integer(i) => Val::Text(i.to_string()),
-                    toml::Value::Float(f) => Val::Text(f.to_string()),
-                    toml::Value::String(s) => Val::Text(s.clone()),
-                    _ => return Err(wrong("a number")),
-                },
+                "governance_timeout" | "spool_max_bytes" | "spool_max_events" | "max_body_size" => {
+                    match value {
+                        toml::Value::Integer(i) => Val::Text(i.to_string()),
+                        toml::Value::Float(f) => Val::Text(f.to_string()),
+                        toml::Value::String(s) => Val::Text(s.clone()),
+                        _ => return Err(wrong("a number")),
+                    }
+                }
                 _ => Val::Text(value.as_str().ok_or_else(|| wrong("a string"))?.to_owned()),
             };
             l.values.push((canonical, origin, val));
@@ -519,6 +587,7 @@ impl GovernanceConfig {
         let merged = Layer::merged(layers);
         let mut c = GovernanceConfig::default();
         c.apply(&merged)?;
+        c.load_identity(&merged)?;
         if merged.get("events_sink").is_none() && c.openbox_url.is_some() {
             c.events_sink = None;
         }
@@ -649,6 +718,25 @@ impl GovernanceConfig {
                 invalid(&origin, &v, "spool_max_bytes must be a size of at least 4096 bytes (e.g. 268435456, 256MiB, 1G)")
             })?;
         }
+        if let Some((origin, v)) = text("sdk_conventions") {
+            c.sdk_conventions = Conventions::parse(&v)
+                .ok_or_else(|| invalid(&origin, &v, "sdk_conventions must be 1.0 or 2.0"))?;
+        }
+        if let Some((origin, v)) = text("max_body_size") {
+            c.max_body_size = Some(
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            &origin,
+                            &v,
+                            "max_body_size must be a positive whole number of characters",
+                        )
+                    })?,
+            );
+        }
         if let Some((origin, v)) = text("spool_max_events") {
             c.spool_max_events =
                 v.trim()
@@ -663,6 +751,67 @@ impl GovernanceConfig {
                         )
                     })?;
         }
+        Ok(())
+    }
+
+    /// The signing identity (§1.3) from `agent_did` and its key (`agent_private_key_file`
+    /// or OPENBOX_AGENT_PRIVATE_KEY): both or neither; a bad DID or key stops the start.
+    fn load_identity(&mut self, layer: &Layer) -> Result<(), ConfigError> {
+        for (name, var) in UNSUPPORTED_IDENTITY {
+            if let Some((origin, _)) = layer.get(name) {
+                return Err(invalid(
+                    origin,
+                    "…",
+                    format!(
+                        "{name} ({var}) selects an SDK 2.0 signing mode this agent does not support yet; \
+                         use the OpenBox DID mode (agent_did with agent_private_key_file), or leave \
+                         requests unsigned"
+                    ),
+                ));
+            }
+        }
+        let did = match layer.get("agent_did") {
+            Some((origin, Val::Text(d))) => Some((origin.clone(), d.trim().to_owned())),
+            _ => None,
+        };
+        let key = match (
+            layer.get("agent_private_key"),
+            layer.get("agent_private_key_file"),
+        ) {
+            (Some((origin, Val::Text(k))), _) => Some((origin.clone(), k.clone())),
+            (_, Some((origin, Val::Path(p)))) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "{}: cannot read the agent private key file: {e}",
+                        origin.label(&p.display().to_string())
+                    ))
+                })?;
+                Some((origin.clone(), text))
+            }
+            _ => None,
+        };
+        self.signer = match (did, key) {
+            (None, None) => None,
+            (Some((origin, did)), None) => {
+                return Err(invalid(
+                    &origin,
+                    &did,
+                    "agent_did needs its key: set OPENBOX_AGENT_PRIVATE_KEY_FILE (or --agent-private-key-file, \
+                     governance.agent_private_key_file) to a file holding the base64 Ed25519 seed",
+                ))
+            }
+            (None, Some((origin, _))) => {
+                return Err(invalid(
+                    &origin,
+                    "(key not shown)",
+                    "an agent private key is set without agent_did: set OPENBOX_AGENT_DID (or --agent-did, \
+                     governance.agent_did) to the DID it belongs to",
+                ))
+            }
+            (Some((origin, did)), Some((_, key))) => Some(Arc::new(
+                DidSigner::new(&did, &key).map_err(|rule| invalid(&origin, &did, rule))?,
+            )),
+        };
         Ok(())
     }
 
@@ -839,6 +988,158 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    const DID: &str = "did:aip:0f8e2c1a-6b7d-4e3f-9a21-5c4d3b2a1f00";
+    /// base64 of 32 bytes of 7.
+    const SEED: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+    #[test]
+    fn sdk_conventions_and_max_body_size_come_from_flags_env_or_file() {
+        let load = |flags: &RawSettings, file: Option<&str>, e: &[(&str, &str)]| {
+            let f = file.map(write_file);
+            GovernanceConfig::load_with_env(flags, f.as_ref().map(|(_, p)| p.as_path()), &env(e))
+        };
+        let c = load(&RawSettings::default(), None, &[]).unwrap();
+        assert_eq!(
+            (c.sdk_conventions, c.max_body_size),
+            (Conventions::V1, None)
+        );
+        let c = load(
+            &RawSettings::default(),
+            Some("[governance]\nsdk_conventions = \"2.0\"\nmax_body_size = 100\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.sdk_conventions, c.max_body_size),
+            (Conventions::V2, Some(100))
+        );
+        let c = load(
+            &RawSettings::default(),
+            None,
+            &[("OPENBOX_SDK_CONVENTIONS", "2.0")],
+        )
+        .unwrap();
+        assert_eq!(c.sdk_conventions, Conventions::V2);
+        let flags = RawSettings {
+            sdk_conventions: Some("1.0".into()),
+            ..RawSettings::default()
+        };
+        let c = load(&flags, None, &[("OPENBOX_SDK_CONVENTIONS", "2.0")]).unwrap();
+        assert_eq!(c.sdk_conventions, Conventions::V1, "the flag wins");
+        let e = load(
+            &RawSettings::default(),
+            None,
+            &[("OPENBOX_SDK_CONVENTIONS", "3")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "OPENBOX_SDK_CONVENTIONS=3: sdk_conventions must be 1.0 or 2.0"
+        );
+        let e = load(
+            &RawSettings::default(),
+            Some("[governance]\nmax_body_size = 0\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("max_body_size must be a positive whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_signing_identity_comes_from_the_operator_and_bad_keys_stop_the_start() {
+        let load = |flags: &RawSettings, e: &[(&str, &str)]| {
+            GovernanceConfig::load_with_env(flags, None, &env(e))
+        };
+        let c = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.signer.as_ref().map(|s| s.did()), Some(DID));
+
+        let dir = TempDir::new("key");
+        let key_file = dir.path().join("agent-key.b64");
+        std::fs::write(&key_file, format!("{SEED}\n")).unwrap();
+        let flags = RawSettings {
+            agent_did: Some(DID.into()),
+            agent_private_key_file: Some(key_file.clone()),
+            ..RawSettings::default()
+        };
+        let from_file = load(&flags, &[]).unwrap();
+        assert_eq!(from_file.signer, c.signer, "the same key from a file");
+
+        let only_did = load(&RawSettings::default(), &[("OPENBOX_AGENT_DID", DID)])
+            .unwrap_err()
+            .to_string();
+        assert!(only_did.contains("agent_did needs its key"), "{only_did}");
+        let only_key = load(
+            &RawSettings::default(),
+            &[("OPENBOX_AGENT_PRIVATE_KEY", SEED)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            only_key.contains("without agent_did") && !only_key.contains(SEED),
+            "{only_key}"
+        );
+        let bad_key = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_AGENT_PRIVATE_KEY", "AAAA"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad_key.contains("not 3 bytes"), "{bad_key}");
+        let bad_did = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", "did:web:x"),
+                ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad_did.starts_with(
+                "OPENBOX_AGENT_DID=did:web:x: agent_did must look like did:aip:<uuid>"
+            ),
+            "{bad_did}"
+        );
+        let missing = RawSettings {
+            agent_did: Some(DID.into()),
+            agent_private_key_file: Some(dir.path().join("nope")),
+            ..RawSettings::default()
+        };
+        let e = load(&missing, &[]).unwrap_err().to_string();
+        assert!(e.contains("cannot read the agent private key file"), "{e}");
+        let okta = load(
+            &RawSettings::default(),
+            &[("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(okta.contains("does not support yet"), "{okta}");
+        // A worker cannot bring an identity: its settings never set the signer.
+        let worker = c
+            .with_worker_settings(
+                &json!({"agent_did": "did:aip:11111111-1111-1111-1111-111111111111",
+                "agent_private_key": SEED, "governance_policy": "fail_closed"}),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(worker.signer, c.signer);
     }
 
     #[test]

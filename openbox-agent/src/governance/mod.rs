@@ -106,6 +106,10 @@
 //! spool_dir = "/var/lib/openbox-agent/spool"
 //! spool_max_bytes = "256MiB"
 //! spool_max_events = 100000
+//! sdk_conventions = "1.0"                   # 1.0 | 2.0: for workers whose hook does not choose
+//! max_body_size = 65536                     # 2.0 conventions: characters kept of each body
+//! # agent_did = "did:aip:…"                 # sign every request (OpenBox DID), with its key:
+//! # agent_private_key_file = "/etc/openbox/agent-key.b64"   # base64 Ed25519 seed, mode 0600
 //! ```
 //!
 //! # Local policy file (embedded mode; TOML, first matching rule wins)
@@ -155,10 +159,12 @@
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod conventions;
 pub mod events;
 pub mod policy;
 pub mod private;
 pub mod requests;
+pub mod signing;
 pub mod sink;
 pub mod spool;
 pub mod verdict;
@@ -176,6 +182,7 @@ use std::{
 
 pub use client::{apply_fail_policy, Backoff, CoreClient, CoreOutcome};
 pub use config::{FailPolicy, GovernanceConfig, RawSettings, SinkTarget};
+pub use conventions::{Conventions, RequestStyle};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 pub use verdict::{
@@ -248,9 +255,14 @@ enum Backend {
 
 impl Backend {
     /// `body` is `event` encoded (Core gets the bytes, the local policy reads the event).
-    async fn evaluate(&self, event: &Event, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
+    async fn evaluate(
+        &self,
+        event: &Event,
+        body: Vec<u8>,
+        conventions: Conventions,
+    ) -> CoreOutcome<EvaluateResponse> {
         match self {
-            Backend::Core(c) => c.evaluate(body).await,
+            Backend::Core(c) => c.evaluate_with(conventions, body).await,
             Backend::Local(l) => match EvaluateResponse::from_value(&l.evaluate(event)) {
                 Some(r) => CoreOutcome::Ok(r),
                 None => CoreOutcome::NonJson { status: 200 },
@@ -258,9 +270,15 @@ impl Backend {
         }
     }
 
-    async fn approval(&self, wf: &str, run: &str, act: &str) -> CoreOutcome<Value> {
+    async fn approval(
+        &self,
+        wf: &str,
+        run: &str,
+        act: &str,
+        conventions: Conventions,
+    ) -> CoreOutcome<Value> {
         match self {
-            Backend::Core(c) => c.approval(wf, run, act).await,
+            Backend::Core(c) => c.approval_with(conventions, wf, run, act).await,
             Backend::Local(l) => CoreOutcome::Ok(l.approval(wf, run, act)),
         }
     }
@@ -289,7 +307,7 @@ struct Counters {
     requests: requests::Requests,
 }
 
-/// An event for the spool, and where to say whether it is on disk.
+/// A spool line (see [`Conventions::spool_line`]), and where to say whether it is on disk.
 type SpoolWrite = (Vec<u8>, oneshot::Sender<std::io::Result<Appended>>);
 
 /// Most events written with one fsync. Their acknowledgements reach the hook together, so
@@ -429,7 +447,8 @@ impl Governor {
                     key.as_deref().unwrap_or(""),
                     config.governance_timeout,
                     config.ca_file.as_deref(),
-                )?;
+                )?
+                .with_identity(config.signer.clone(), config.sdk_conventions);
                 match client.validate().await {
                     Ok(()) => tracing::info!(url = %url, "OpenBox Core API key validated"),
                     Err(e) if e.is_outage() => {
@@ -533,9 +552,27 @@ impl Governor {
             .is_some_and(|p| is_core_url(p, url))
     }
 
+    /// The request style of workers that do not choose theirs (the agent's settings).
+    pub fn default_style(&self) -> RequestStyle {
+        RequestStyle {
+            conventions: self.inner.config.sdk_conventions,
+            max_body_size: self.inner.config.max_body_size,
+        }
+    }
+
+    /// [`Governor::activity_started_as`] in the agent's default style.
+    pub async fn activity_started(&self, event: events::ActivityStarted) -> Decision {
+        self.activity_started_as(event, self.default_style()).await
+    }
+
     /// ActivityStarted (before the activity runs): skip list, stored run verdict, pending
     /// approval poll, then the evaluate call and §4.2.
-    pub async fn activity_started(&self, event: events::ActivityStarted) -> Decision {
+    pub async fn activity_started_as(
+        &self,
+        event: events::ActivityStarted,
+        style: RequestStyle,
+    ) -> Decision {
+        let conventions = style.conventions;
         let inner = &self.inner;
         let cfg = &inner.config;
         let activity_type = event.activity.activity_type.clone();
@@ -554,7 +591,10 @@ impl Governor {
         if hitl && inner.lock_runs().approvals.get(&key).is_some() {
             let now = clock::unix_seconds(SystemTime::now());
             let started = Instant::now();
-            let outcome = inner.backend.approval(&key.0, &key.1, &key.2).await;
+            let outcome = inner
+                .backend
+                .approval(&key.0, &key.1, &key.2, conventions)
+                .await;
             inner.counters.requests.record(&outcome, started.elapsed());
             let status = match outcome {
                 CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
@@ -603,10 +643,12 @@ impl Governor {
         }
         let arg_count = event.activity_input.len();
         let event = Event::ActivityStarted(event);
-        let body = events::encode(&event);
+        let body = conventions.encode(&event);
         inner.write_sink(&body);
         inner.drain_backlog_first().await;
-        let outcome = inner.evaluate_after_backlog(&event, body).await;
+        let outcome = inner
+            .evaluate_after_backlog(&event, body, conventions)
+            .await;
         inner.note_failure(&outcome, &event);
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
@@ -614,10 +656,23 @@ impl Governor {
         decision
     }
 
+    /// [`Governor::activity_completed_as`] in the agent's default style.
+    pub async fn activity_completed(&self, event: events::ActivityCompleted) -> Decision {
+        self.activity_completed_as(event, self.default_style())
+            .await
+    }
+
     /// ActivityCompleted (after the activity ran, with its spans): evaluate and §4.2 with
     /// output redaction. Under fail_open, when Core does not take it (or a backlog is
     /// being delivered) the event is spooled and the activity continues without a verdict.
-    pub async fn activity_completed(&self, event: events::ActivityCompleted) -> Decision {
+    /// Under 2.0 conventions a failed activity sends nothing (SDK 2.0 sends
+    /// ActivityCompleted only when the activity returned).
+    pub async fn activity_completed_as(
+        &self,
+        event: events::ActivityCompleted,
+        style: RequestStyle,
+    ) -> Decision {
+        let conventions = style.conventions;
         let inner = &self.inner;
         let cfg = &inner.config;
         let activity_type = event.activity.activity_type.clone();
@@ -625,19 +680,24 @@ impl Governor {
             return Decision::allow_without_verdict();
         }
         let key = activity_key(&event.activity);
-        let event = Event::ActivityCompleted(event);
-        let body = events::encode(&event);
+        let max_body = style.max_body_size.or(cfg.max_body_size);
+        let Some(event) = conventions.shape(Event::ActivityCompleted(event), max_body) else {
+            return Decision::allow_without_verdict();
+        };
+        let body = conventions.encode(&event);
         inner.write_sink(&body);
         let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
         inner.drain_backlog_first().await;
         if fail_open && inner.spool_backlog().await {
-            inner.spool_event(&event, body).await;
+            inner.spool_event(&event, body, conventions).await;
             return Decision::allow_without_verdict();
         }
-        let outcome = inner.evaluate_after_backlog(&event, body.clone()).await;
+        let outcome = inner
+            .evaluate_after_backlog(&event, body.clone(), conventions)
+            .await;
         inner.note_failure(&outcome, &event);
         if fail_open && outcome.retryable() {
-            inner.spool_event(&event, body).await;
+            inner.spool_event(&event, body, conventions).await;
         }
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let hitl = cfg.hitl_enabled && !cfg.skip_hitl_activity_types.contains(&activity_type);
@@ -650,6 +710,15 @@ impl Governor {
     /// and `send_start_event`; spooled when Core does not take it. A BLOCK/HALT answer to
     /// WorkflowStarted is stored for the run (see the module docs).
     pub async fn workflow_event(&self, event: impl Into<Event>) -> EventDisposition {
+        self.workflow_event_as(event, self.default_style()).await
+    }
+
+    /// [`Governor::workflow_event`] in a worker's style.
+    pub async fn workflow_event_as(
+        &self,
+        event: impl Into<Event>,
+        style: RequestStyle,
+    ) -> EventDisposition {
         let event = event.into();
         let cfg = &self.inner.config;
         // SDK 2.0 sends a Handoff whatever the skip list says (it is the application's
@@ -664,20 +733,31 @@ impl Governor {
         if event.event_type() == events::WORKFLOW_STARTED && !cfg.send_start_event {
             return EventDisposition::Skipped;
         }
-        self.inner.send_or_spool(event).await
+        self.inner.send_or_spool(event, style).await
     }
 
     /// SignalReceived. Honours `skip_workflow_types` and `skip_signals`. The signal itself
     /// never fails; a BLOCK/HALT answer is stored for the run and enforced at its next
     /// activity (§4.2).
     pub async fn signal(&self, event: events::SignalReceived) -> EventDisposition {
+        self.signal_as(event, self.default_style()).await
+    }
+
+    /// [`Governor::signal`] in a worker's style.
+    pub async fn signal_as(
+        &self,
+        event: events::SignalReceived,
+        style: RequestStyle,
+    ) -> EventDisposition {
         let cfg = &self.inner.config;
         if cfg.skip_workflow_types.contains(&event.head.workflow_type)
             || cfg.skip_signals.contains(&event.signal_name)
         {
             return EventDisposition::Skipped;
         }
-        self.inner.send_or_spool(Event::SignalReceived(event)).await
+        self.inner
+            .send_or_spool(Event::SignalReceived(event), style)
+            .await
     }
 
     pub fn stats(&self) -> GovernanceStats {
@@ -793,19 +873,25 @@ impl Inner {
         &self,
         event: &Event,
         body: Vec<u8>,
+        conventions: Conventions,
     ) -> CoreOutcome<EvaluateResponse> {
         if self.spool_backlog().await {
             return CoreOutcome::Network(
                 "earlier governance events are still waiting for OpenBox Core".into(),
             );
         }
-        self.evaluate(event, body).await
+        self.evaluate(event, body, conventions).await
     }
 
     /// One evaluate call, counted by outcome and timed.
-    async fn evaluate(&self, event: &Event, body: Vec<u8>) -> CoreOutcome<EvaluateResponse> {
+    async fn evaluate(
+        &self,
+        event: &Event,
+        body: Vec<u8>,
+        conventions: Conventions,
+    ) -> CoreOutcome<EvaluateResponse> {
         let started = Instant::now();
-        let outcome = self.backend.evaluate(event, body).await;
+        let outcome = self.backend.evaluate(event, body, conventions).await;
         self.counters.requests.record(&outcome, started.elapsed());
         outcome
     }
@@ -819,13 +905,19 @@ impl Inner {
 
     /// Returns once the event is fsync'd in the spool (or lost, counted and logged): only
     /// then may the event be acknowledged to the hook.
-    async fn spool_event(&self, event: &Event, body: Vec<u8>) -> EventDisposition {
+    async fn spool_event(
+        &self,
+        event: &Event,
+        body: Vec<u8>,
+        conventions: Conventions,
+    ) -> EventDisposition {
         let Some(writes) = &self.spool_writes else {
             return EventDisposition::Dropped;
         };
         let stopped = || std::io::Error::other("the spool writer has stopped (agent shutdown)");
         let (done, stored) = oneshot::channel();
-        let appended = match writes.send((body, done)).await {
+        let line = conventions.spool_line(&body);
+        let appended = match writes.send((line, done)).await {
             Ok(()) => stored.await.unwrap_or_else(|_| Err(stopped())),
             Err(_) => Err(stopped()),
         };
@@ -845,14 +937,18 @@ impl Inner {
     }
 
     /// A workflow event or signal: written to the sink, then to Core or the spool.
-    async fn send_or_spool(&self, event: Event) -> EventDisposition {
-        let body = events::encode(&event);
+    async fn send_or_spool(&self, event: Event, style: RequestStyle) -> EventDisposition {
+        let conventions = style.conventions;
+        let Some(event) = conventions.shape(event, style.max_body_size) else {
+            return EventDisposition::Skipped;
+        };
+        let body = conventions.encode(&event);
         self.write_sink(&body);
         if self.spool_backlog().await {
             // Queued behind the backlog; its answer is applied when it is delivered.
-            return self.spool_event(&event, body).await;
+            return self.spool_event(&event, body, conventions).await;
         }
-        let outcome = self.evaluate(&event, body.clone()).await;
+        let outcome = self.evaluate(&event, body.clone(), conventions).await;
         self.note_failure(&outcome, &event);
         let (event_type, run) = (event.event_type(), run_key(event.head()));
         match outcome {
@@ -871,7 +967,7 @@ impl Inner {
                 }
             }
             ref failed if failed.retryable() => {
-                let d = self.spool_event(&event, body).await;
+                let d = self.spool_event(&event, body, conventions).await;
                 self.fail_closed_store(event_type, run, &failed.error_text().unwrap_or_default());
                 d
             }
@@ -1030,7 +1126,8 @@ async fn deliver_spool(inner: Arc<Inner>) {
             }
         };
         let started = Instant::now();
-        let outcome = client.evaluate_raw(item.body.clone()).await;
+        let (conventions, body) = Conventions::from_spool_line(&item.body);
+        let outcome = client.evaluate_raw_with(conventions, body.to_vec()).await;
         inner.counters.requests.record(&outcome, started.elapsed());
         if outcome.retryable() {
             inner.counters.spool_retries.fetch_add(1, Ordering::Relaxed);
@@ -1041,7 +1138,7 @@ async fn deliver_spool(inner: Arc<Inner>) {
             continue;
         }
         backoff.reset();
-        let event: events::Spooled = serde_json::from_slice(&item.body).unwrap_or_default();
+        let event: events::Spooled = serde_json::from_slice(body).unwrap_or_default();
         let run = (event.workflow_id, event.run_id);
         match &outcome {
             CoreOutcome::Ok(v) => {

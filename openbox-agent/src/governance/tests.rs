@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{
     events::{self, ActivityCompletion, ActivityInfo, ActivityStatus, WorkflowInfo},
+    signing::DidSigner,
     testutil::{Canned, FakeHttp, Request, TempDir},
     *,
 };
@@ -987,6 +988,7 @@ fn start_fake_core(
     dir: &std::path::Path,
     record: &std::path::Path,
     script: &std::path::Path,
+    extra: &[String],
 ) -> Option<FakeCoreProcess> {
     use std::io::BufRead;
     let mut child = std::process::Command::new("python3")
@@ -995,6 +997,7 @@ fn start_fake_core(
         .arg(record)
         .arg("--script")
         .arg(script)
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .ok()?;
@@ -1006,8 +1009,42 @@ fn start_fake_core(
     Some(FakeCoreProcess { child, port })
 }
 
+const TEST_DID: &str = "did:aip:0f8e2c1a-6b7d-4e3f-9a21-5c4d3b2a1f00";
+
+/// A signer with a fixed test seed, and the fake Core flags that register its identity.
+fn test_signer(seed: u8) -> (Arc<DidSigner>, Vec<String>) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let signer = Arc::new(DidSigner::new(TEST_DID, &b64.encode([seed; 32])).unwrap());
+    let flags = vec![
+        "--agent-did".to_owned(),
+        TEST_DID.to_owned(),
+        "--agent-public-key".to_owned(),
+        b64.encode(signer.public_key()),
+    ];
+    (signer, flags)
+}
+
 #[tokio::test]
-async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
+async fn events_sent_to_the_python_fake_core_match_the_schema_under_sdk_1_0_conventions() {
+    events_reach_the_python_fake_core(Conventions::V1, false).await;
+}
+
+#[tokio::test]
+async fn events_sent_to_the_python_fake_core_match_the_schema_under_sdk_2_0_conventions() {
+    events_reach_the_python_fake_core(Conventions::V2, false).await;
+}
+
+#[tokio::test]
+async fn signed_events_are_verified_by_the_python_fake_core_under_both_conventions() {
+    events_reach_the_python_fake_core(Conventions::V1, true).await;
+    events_reach_the_python_fake_core(Conventions::V2, true).await;
+}
+
+/// The same workflow's events through a real Core client to fake_core.py, recorded and
+/// checked against the JSON Schema; `signed`: the fake Core requires (and verifies) the
+/// agent's DID signature on every request.
+async fn events_reach_the_python_fake_core(conventions: Conventions, signed: bool) {
     let Some(fc_dir) = fake_core_dir() else {
         eprintln!("skipped: tests/fake_core not found");
         return;
@@ -1027,7 +1064,9 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
         .to_string(),
     )
     .unwrap();
-    let Some(fc) = start_fake_core(&fc_dir, &record, &script) else {
+    let (signer, identity_flags) = test_signer(11);
+    let extra = if signed { identity_flags } else { vec![] };
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &extra) else {
         eprintln!("skipped: python3 could not start fake_core.py");
         return;
     };
@@ -1039,6 +1078,8 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
         spool_dir: dir.path().join("spool"),
         spool_retry_initial: Duration::from_millis(50),
         spool_retry_max: Duration::from_millis(200),
+        sdk_conventions: conventions,
+        signer: signed.then_some(signer),
         ..GovernanceConfig::default()
     };
     let g = Governor::new(config).await.unwrap();
@@ -1063,7 +1104,7 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
     span.end_time = 1_736_937_045_200_000_000;
     span.duration_ns = Some(100_000_000);
     span.activity_id = Some("1".into());
-    span.request_body = Some("{}".into());
+    span.request_body = Some("{\"prompt\":\"héllo\"}".into());
     let c = events::activity_completed(
         &a,
         ActivityCompletion {
@@ -1172,22 +1213,55 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
                 .map_or_else(|| l["path"].as_str().unwrap().to_owned(), str::to_owned)
         })
         .collect();
+    let mut expected = vec![
+        "/api/v1/auth/validate",
+        "WorkflowStarted",
+        "ActivityStarted",
+        "ActivityCompleted",
+        "SignalReceived",
+        "ActivityStarted",
+        "/api/v1/governance/approval",
+        "/api/v1/governance/approval",
+        "ActivityStarted",
+        "ActivityStarted",
+        "ActivityCompleted",
+        "WorkflowFailed",
+    ];
+    if conventions == Conventions::V2 {
+        // SDK 2.0 sends no ActivityCompleted for the failed (blocked) activity.
+        expected.remove(10);
+    }
+    assert_eq!(kinds, expected, "{conventions} signed={signed}");
+    for l in &answered {
+        let h = &l["headers"];
+        assert_eq!(l["status"], 200, "refused: {l}");
+        match conventions {
+            Conventions::V1 => {
+                assert_eq!(h["content-type"], "application/json", "{l}");
+                assert!(h.get("x-openbox-sdk-version").is_none(), "{l}");
+            }
+            Conventions::V2 => {
+                assert_eq!(h["x-openbox-sdk-version"], "openbox-temporal-python-v2.0.0");
+                let is_get = l["method"] == "GET";
+                assert_eq!(h.get("content-type").is_some(), is_get, "{l}");
+            }
+        }
+        if signed {
+            assert_eq!(l["signature"], "ok", "{l}");
+            assert_eq!(h["x-openbox-agent-did"], TEST_DID);
+        } else {
+            assert!(h.get("x-openbox-agent-signature").is_none(), "{l}");
+        }
+    }
+    // The span's non-ASCII body: escaped as Python does under 2.0, UTF-8 under 1.0 —
+    // the parsed body is the same either way.
+    let completed = answered
+        .iter()
+        .find(|l| l["body"]["event_type"] == "ActivityCompleted")
+        .unwrap();
     assert_eq!(
-        kinds,
-        [
-            "/api/v1/auth/validate",
-            "WorkflowStarted",
-            "ActivityStarted",
-            "ActivityCompleted",
-            "SignalReceived",
-            "ActivityStarted",
-            "/api/v1/governance/approval",
-            "/api/v1/governance/approval",
-            "ActivityStarted",
-            "ActivityStarted",
-            "ActivityCompleted",
-            "WorkflowFailed"
-        ]
+        completed["body"]["spans"][0]["request_body"],
+        "{\"prompt\":\"héllo\"}"
     );
     let out = std::process::Command::new("python3")
         .arg(fc_dir.join("validate.py"))
@@ -1196,6 +1270,111 @@ async fn events_sent_to_the_python_fake_core_match_the_v1_schema() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "schema validation failed:\n{report}");
+}
+
+/// What Core does with requests that are not signed by the registered identity: a
+/// missing signature, another key, a body changed after signing and a replayed nonce are
+/// each refused with 401 and the reason code; the agent's start-up says which.
+#[tokio::test]
+async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let dir = TempDir::new("gov-signed");
+    let record = dir.path().join("requests.jsonl");
+    let script = dir.path().join("script.json");
+    std::fs::write(&script, "{}").unwrap();
+    let (signer, flags) = test_signer(21);
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return;
+    };
+    let base = format!("http://127.0.0.1:{}", fc.port);
+    let client = |signer: Option<Arc<DidSigner>>| {
+        CoreClient::new(&base, KEY, Duration::from_secs(5), None)
+            .unwrap()
+            .with_identity(signer, Conventions::V2)
+    };
+    client(Some(signer.clone())).validate().await.unwrap();
+
+    let err = client(None).validate().await.unwrap_err();
+    assert!(
+        matches!(err, client::ValidateError::KeyRefused { status: 401, .. }),
+        "unsigned: {err}"
+    );
+    let (other, _) = test_signer(22);
+    let err = client(Some(other))
+        .validate()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("refused this agent's signed identity (HTTP 401, signature_invalid")
+            && err.contains(TEST_DID),
+        "another key: {err}"
+    );
+
+    // Signed for one body, sent with another; then the genuine request twice.
+    let path = client::EVALUATE_PATH;
+    let body = br#"{"source":"workflow-telemetry","event_type":"ActivityStarted"}"#.to_vec();
+    let headers = signer.headers("POST", path, &body);
+    let send = |body: Vec<u8>| {
+        let mut req = reqwest::Client::new()
+            .post(format!("{base}{path}"))
+            .bearer_auth(KEY)
+            .body(body);
+        for (k, v) in &headers {
+            req = req.header(*k, v);
+        }
+        req.send()
+    };
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (status, client::reason_code(&r.bytes().await.unwrap()))
+    };
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let out = answer(send(tampered).await.unwrap()).await;
+    assert_eq!(
+        out,
+        (401, Some("signature_invalid".into())),
+        "tampered body"
+    );
+    let out = answer(send(body.clone()).await.unwrap()).await;
+    assert_eq!(out.0, 200, "the genuine request");
+    let out = answer(send(body).await.unwrap()).await;
+    assert_eq!(out, (401, Some("nonce_replayed".into())), "replayed");
+    // fake_core.py records a request just after answering it.
+    for _ in 0..100 {
+        let lines = std::fs::read_to_string(&record).unwrap_or_default();
+        if lines.lines().count() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(fc);
+    let reasons: Vec<String> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["signature"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "ok",
+            "signature_invalid",
+            "signature_invalid",
+            "signature_invalid",
+            "ok",
+            "nonce_replayed"
+        ]
+    );
 }
 
 #[test]

@@ -72,6 +72,18 @@ pub struct FakeCore {
 impl FakeCore {
     /// Starts it with `script` (see fake_core.py) and waits until it listens.
     pub fn start(env: &Env, logs: &Path, name: &str, api_key: &str, script: &Value) -> FakeCore {
+        FakeCore::start_with(env, logs, name, api_key, script, &[])
+    }
+
+    /// [`FakeCore::start`] with more fake_core.py arguments (e.g. an identity to require).
+    pub fn start_with(
+        env: &Env,
+        logs: &Path,
+        name: &str,
+        api_key: &str,
+        script: &Value,
+        extra: &[String],
+    ) -> FakeCore {
         let record = logs.join(format!("{name}.requests.jsonl"));
         let script_file = logs.join(format!("{name}.script.json"));
         let control_file = logs.join(format!("{name}.control.json"));
@@ -84,7 +96,8 @@ impl FakeCore {
             .arg("--script")
             .arg(&script_file)
             .arg("--control-file")
-            .arg(&control_file);
+            .arg(&control_file)
+            .args(extra);
         let mut proc = Proc::spawn(name, cmd, logs);
         let line = proc.wait_for_line("`listening on PORT`", START_TIMEOUT, |l| {
             l.starts_with("listening on ")
@@ -467,8 +480,13 @@ impl GovWorker {
         task_queue: &str,
         socket: &Path,
         extra: &[String],
+        sdk_conventions: Option<&str>,
     ) -> GovWorker {
         let mut cmd = env.python(&env.script("gov_worker.py"));
+        if let Some(c) = sdk_conventions {
+            // The hook's own switch: the worker chooses its conventions in `hello`.
+            cmd.env("OPENBOX_SDK_CONVENTIONS", c);
+        }
         cmd.args(extra)
             .arg("--address")
             .arg(&shared.temporal)
@@ -521,7 +539,15 @@ pub struct GovWorld {
     agents_started: usize,
     clients_run: std::cell::Cell<usize>,
     pub tmp: TempDir,
+    /// The SDK conventions the worker's hook asks for (`None`: the agent's default).
+    pub sdk_conventions: Option<&'static str>,
+    /// The agent signs as [`TEST_AGENT_DID`] with this key file, and the fake Core
+    /// requires it (see [`GovWorld::sign_requests`]).
+    pub agent_key_file: Option<PathBuf>,
 }
+
+/// The OpenBox DID the signing tests register with the fake Core.
+pub const TEST_AGENT_DID: &str = "did:aip:6d1f3c2b-8a4e-4f5d-9b7c-0e1a2b3c4d5e";
 
 impl GovWorld {
     /// The shared servers and this test's directories; no process of its own yet.
@@ -548,12 +574,49 @@ impl GovWorld {
             agents_started: 0,
             clients_run: std::cell::Cell::new(0),
             tmp,
+            sdk_conventions: None,
+            agent_key_file: None,
+        }
+    }
+
+    /// Signed requests from here on: a fresh Ed25519 seed in a key file only the agent
+    /// reads; the fake Core started next requires signatures by it, and
+    /// [`GovWorld::signing_args`] gives the agent's flags.
+    pub fn sign_requests(&mut self) {
+        let seed: Vec<u8> = (0..32).map(|_| random_byte()).collect();
+        let file = self.tmp.join("agent-key.b64");
+        fs::write(&file, format!("{}\n", base64_std(&seed))).expect("writing the agent key file");
+        fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod the agent key file");
+        self.agent_key_file = Some(file);
+    }
+
+    /// `--agent-did … --agent-private-key-file …` when requests are signed.
+    pub fn signing_args(&self) -> Vec<String> {
+        match &self.agent_key_file {
+            Some(file) => vec![
+                "--agent-did".into(),
+                TEST_AGENT_DID.into(),
+                "--agent-private-key-file".into(),
+                file.display().to_string(),
+            ],
+            None => vec![],
         }
     }
 
     /// Starts the fake Core (key [`FAKE_CORE_KEY`]) with `script`.
     pub fn start_core(&mut self, script: &Value) -> &FakeCore {
-        let core = FakeCore::start(&self.env, &self.logs, "core", FAKE_CORE_KEY, script);
+        let extra = match &self.agent_key_file {
+            Some(file) => vec![
+                "--agent-did".into(),
+                TEST_AGENT_DID.into(),
+                "--agent-key-file".into(),
+                file.display().to_string(),
+            ],
+            None => vec![],
+        };
+        let core =
+            FakeCore::start_with(&self.env, &self.logs, "core", FAKE_CORE_KEY, script, &extra);
         self.core.insert(core)
     }
 
@@ -604,6 +667,7 @@ impl GovWorld {
             &self.task_queue,
             &self.socket,
             extra,
+            self.sdk_conventions,
         ));
     }
 
@@ -730,4 +794,32 @@ pub fn rfc3339_utc_seconds(text: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + h * 3600 + mi * 60) as f64 + s)
+}
+
+/// A random byte from the OS (the key of a test identity).
+fn random_byte() -> u8 {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    b[0]
+}
+
+/// Standard padded base64.
+fn base64_std(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

@@ -185,10 +185,35 @@ fn seq(items: &[(&str, &str)]) -> Vec<(String, String)> {
 /// hold its own activity's marker spans and nobody else's (and none to Core's URL).
 #[test]
 fn every_request_to_core_matches_the_protocol_field_by_field() {
+    requests_match_the_protocol(
+        "every_request_to_core_matches_the_protocol_field_by_field",
+        None,
+    );
+}
+
+/// The same workflow with the worker's hook asking for SDK 2.0 conventions and the
+/// agent signing every request (§1.2, §1.3): the fake Core verifies each signature.
+#[test]
+fn every_request_to_core_matches_the_protocol_under_sdk_2_0_conventions_signed() {
+    requests_match_the_protocol(
+        "every_request_to_core_matches_the_protocol_under_sdk_2_0_conventions_signed",
+        Some("2.0"),
+    );
+}
+
+/// `conventions`: what the worker's hook asks for (`None`: the agent's default, 1.0);
+/// with `Some("2.0")` the requests are signed too.
+fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
     let t0 = now_secs();
-    let mut w = GovWorld::new("every_request_to_core_matches_the_protocol_field_by_field");
+    let v2 = conventions == Some("2.0");
+    let mut w = GovWorld::new(name);
+    w.sdk_conventions = conventions;
+    if v2 {
+        w.sign_requests();
+    }
     w.start_core(&json!({"default": {"verdict": "allow"}}));
-    let args = core_args(&w, &["--governance-timeout", "5"]);
+    let mut args = core_args(&w, &["--governance-timeout", "5"]);
+    args.extend(w.signing_args());
     w.start_agent(&args);
     w.start_worker();
     let wf = w.workflow_id(0);
@@ -243,6 +268,25 @@ fn every_request_to_core_matches_the_protocol_field_by_field() {
         )),
     }
     for r in &reqs {
+        let h = &r["headers"];
+        let what = format!("{} {}", r["method"], r["path"]);
+        // The start-up validate follows the agent's own conventions (1.0 here).
+        let worker_call = r["path"] != json!(VALIDATE);
+        if v2 && worker_call {
+            if h["x-openbox-sdk-version"] != json!("openbox-temporal-python-v2.0.0")
+                || h.get("content-type").is_some()
+                || !s(h, "user-agent").starts_with("OpenBox-SDK/openbox-temporal-python-v2.0.0")
+            {
+                problems.push(format!("{what}: not SDK 2.0 headers: {h}"));
+            }
+        } else if h["content-type"] != json!("application/json")
+            || h.get("x-openbox-sdk-version").is_some()
+        {
+            problems.push(format!("{what}: not SDK 1.0 headers: {h}"));
+        }
+        if v2 && r["signature"] != json!("ok") {
+            problems.push(format!("{what}: signature {}", r["signature"]));
+        }
         if r["headers"]["authorization"] != json!(format!("Bearer {FAKE_CORE_KEY}")) {
             problems.push(format!(
                 "{} {} has authorization {}",
