@@ -13,8 +13,9 @@ import temporalio.workflow
 # hook's modules again in there (and fail: they map memory and start threads). Passed
 # through, the sandbox uses the modules already loaded outside it.
 with temporalio.workflow.unsafe.imports_passed_through():
+    from ._propagate import carry
     from ._version import __version__
     from .hook import OpenBoxHook
     from .worker import create_openbox_worker
 
-__all__ = ["OpenBoxHook", "__version__", "create_openbox_worker"]
+__all__ = ["OpenBoxHook", "__version__", "carry", "create_openbox_worker"]

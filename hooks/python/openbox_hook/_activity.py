@@ -248,7 +248,7 @@ class ActivityInbound(ActivityInboundInterceptor):
                 if slot is None:
                     return input
                 _driver.install_task_factory(asyncio.get_running_loop())
-                mark = _driver.Mark(token, self._link.current_slot)
+                mark = _driver.Mark(token, self._link.current_slot, self._link)
                 return dataclasses.replace(input, fn=_async_wrapper(fn, mark, slot))
             if isinstance(input.executor, concurrent.futures.ThreadPoolExecutor):
                 return dataclasses.replace(input, fn=_sync_wrapper(fn, token, self._link))
@@ -295,9 +295,15 @@ def _sync_wrapper(fn: Callable[..., Any], token: int, link: AgentLink) -> Callab
         table = _slots.table
         previous = table[slot]
         table[slot] = token
+        # What it hands to thread and process pools, and the threads it starts, work
+        # for it too (`_propagate`).
+        mark = _driver.Mark(token, link.current_slot, link)
+        scope = _driver.current.set(mark)
         try:
             return fn(*args)
         finally:
+            mark.token = 0
+            _driver.current.reset(scope)
             table[slot] = previous
 
     return attributed

@@ -141,8 +141,13 @@ class _ThreadState(threading.local):
 class AgentLink:
     """Everything one hook knows about its agent: connections, epoch, registered threads."""
 
-    def __init__(self, socket_path: str, timeout: float, config: dict[str, Any]) -> None:
+    def __init__(
+        self, socket_path: str, timeout: float, config: dict[str, Any], *, helper: bool = False
+    ) -> None:
         self.socket_path = socket_path
+        self.helper = helper
+        """A process pool's worker, not a worker: it only registers threads, which
+        publish the tokens of the worker it descends from (``_propagate.InProcess``)."""
         self.timeout = timeout
         self.config = config
         self.governed_timeout = max(timeout, _governed_timeout(config))
@@ -176,13 +181,16 @@ class AgentLink:
 
     def hello(self) -> dict[str, Any]:
         # The pid is taken per connection: a forked child connects as itself.
-        return {
+        hello = {
             "pid": os.getpid(),
             "hook": HOOK,
             "slots_addr": _slots.address,
             "slots": _slots.SLOTS,
             "config": self.config,
         }
+        if self.helper:
+            hello["helper"] = True
+        return hello
 
     def close(self) -> None:
         """Close the presence and blocking connections and the calling event loop's."""

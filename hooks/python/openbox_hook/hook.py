@@ -8,7 +8,7 @@ from typing import Any
 
 import temporalio.worker
 
-from . import _events, _workflow
+from . import _events, _propagate, _workflow
 from ._activity import ActivityInbound
 from ._agent import DEFAULT_SOCKET, GOVERNANCE_POLICIES, POLICY_ENV, SOCKET_ENV, AgentLink
 from .serialize import serialize_value
@@ -67,6 +67,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         # Hello now, as the worker is built: the agent must watch the process before it
         # opens the connections its activities will use.
         self._link.start_presence()
+        # Work activities hand to thread pools, process pools and their own threads is
+        # attributed to them (see `_propagate`).
+        _propagate.install()
 
     @property
     def socket_path(self) -> str:

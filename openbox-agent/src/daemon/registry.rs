@@ -40,6 +40,9 @@ pub struct Worker {
     pub governor: Option<String>,
     /// Its container and pod, for the resource of its activity and workflow spans.
     pub workload: Workload,
+    /// A helper (a process pool's worker) of this registered worker, its ancestor: its
+    /// threads publish that worker's tokens, so the kernel records them as its own.
+    pub helper_of: Option<Pid>,
 }
 
 pub struct Activity {
@@ -325,6 +328,7 @@ mod tests {
                 config: Value::Null,
                 governor: None,
                 workload: Workload::default(),
+                helper_of: None,
             },
         );
         let a = r.start(7, info("a"));
