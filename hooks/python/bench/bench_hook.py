@@ -226,10 +226,13 @@ async def submission_cost(submissions: int, rounds: int) -> dict[str, float]:
             _driver.current.reset(scope)
 
     figures: dict[str, list[float]] = {}
-    kinds = (("thread_pool", submissions), ("to_thread", submissions),
-             ("process_pool", max(submissions // 5, 1)))
+    kinds = (
+        ("thread_pool", submissions),
+        ("to_thread", submissions),
+        ("process_pool", max(submissions // 5, 1)),
+    )
     try:
-        for kind, n in kinds:
+        for kind, _ in kinds:
             for variant in ("stdlib", "outside", "activity"):
                 await timed(variant, kind, 50)  # warm up: registrations, pool start
         for _ in range(rounds):
@@ -243,9 +246,7 @@ async def submission_cost(submissions: int, rounds: int) -> dict[str, float]:
         processes.shutdown()
         hook.close()
         agent.close()
-    result: dict[str, float] = {
-        key: statistics.median(values) for key, values in figures.items()
-    }
+    result: dict[str, float] = {key: statistics.median(values) for key, values in figures.items()}
     result.update(parts(max(submissions * 20, 1000)))
     for kind, _ in kinds:
         for variant in ("outside", "activity"):

@@ -191,13 +191,13 @@ def unmarked(call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     _local.depth = depth + 1
     slot = _slots.allocated()
     table = _slots.table
-    previous = table[slot] if slot is not None else 0
-    if previous:
+    previous = 0
+    if slot is not None and (previous := table[slot]):
         table[slot] = 0
     try:
         return call(*args, **kwargs)
     finally:
-        if previous:
+        if slot is not None and previous:
             table[slot] = previous
         _local.depth = depth
 
@@ -233,9 +233,7 @@ def _in_process(fn: Callable[..., Any]) -> Callable[..., Any]:
     return InProcess(fn, mark.token, link.socket_path, link.timeout)
 
 
-def _submit_to_process_pool(
-    self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-) -> Any:
+def _submit_to_process_pool(self: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     return unmarked(_process_pool_submit, self, _in_process(fn), *args, **kwargs)
 
 
@@ -279,5 +277,8 @@ def install() -> None:
     # Its processes and handler threads start in the constructor; replacements (after
     # maxtasksperchild) from a handler thread, which never works for an activity.
     pool.__init__ = _unmarked_method(pool.__init__)  # type: ignore[method-assign]
-    for cls in (multiprocessing.forkserver.ForkServer, multiprocessing.resource_tracker.ResourceTracker):
+    for cls in (
+        multiprocessing.forkserver.ForkServer,
+        multiprocessing.resource_tracker.ResourceTracker,
+    ):
         cls.ensure_running = _unmarked_method(cls.ensure_running)  # type: ignore[method-assign]

@@ -40,9 +40,7 @@ class ThreadPropagationTest(unittest.TestCase):
         async def work() -> tuple[int, int]:
             await asyncio.sleep(0)
             inside = await asyncio.to_thread(slot_of_this_thread)
-            via_loop = await asyncio.get_running_loop().run_in_executor(
-                None, slot_of_this_thread
-            )
+            via_loop = await asyncio.get_running_loop().run_in_executor(None, slot_of_this_thread)
             return inside, via_loop
 
         async def main():
@@ -176,9 +174,7 @@ class ProcessPropagationTest(unittest.TestCase):
                 if "pool" in holder:
                     holder["pool"].shutdown()
         # Every task of activity i ran with activity i's token, in a pool process.
-        self.assertEqual(
-            [sorted({token for _, token in r}) for r in results], [[1], [2], [3]]
-        )
+        self.assertEqual([sorted({token for _, token in r}) for r in results], [[1], [2], [3]])
         pids = {pid for r in results for pid, _ in r}
         self.assertNotIn(os.getpid(), pids)
         self.assertEqual(idle[1], 0)  # a task submitted outside activities
