@@ -45,6 +45,7 @@ import threading
 from datetime import timedelta
 
 import asyncpg
+import httpcore  # noqa: F401  (see below)
 import httpx
 import psycopg2
 import requests
@@ -187,6 +188,16 @@ def s_http(p, marker):
 # share the server's connection limit with everything else: at most this many at once
 # per process (pool processes run one task at a time).
 _sync_pg = threading.BoundedSemaphore(8)
+
+
+def _fresh_sync_pg():
+    # A process forked while other threads held permits (or the semaphore's inner lock)
+    # would wait for them forever: they do not exist in the child.
+    global _sync_pg
+    _sync_pg = threading.BoundedSemaphore(8)
+
+
+os.register_at_fork(after_in_child=_fresh_sync_pg)
 
 
 def s_sql(p, marker):
@@ -341,6 +352,10 @@ async def own_thread_io(p):
     return {"steps": out["steps"], **info()}
 
 
+# The "fork" pool is forked while other activities' threads run. A module one of them is
+# importing at that instant stays locked for good in the child, so everything the pool's
+# tasks import is imported up front (httpx imports httpcore lazily, in Client()): the
+# hazard of forking a threaded process, which is why Python is moving away from fork.
 PROCESS_POOLS = {}
 
 
