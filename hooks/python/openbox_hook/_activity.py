@@ -36,7 +36,7 @@ import temporalio.activity
 import temporalio.exceptions
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from . import _decision, _driver, _events, _slots
+from . import _decision, _driver, _events, _propagate, _slots
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
@@ -252,8 +252,14 @@ class ActivityInbound(ActivityInboundInterceptor):
                 return dataclasses.replace(input, fn=_async_wrapper(fn, mark, slot))
             if isinstance(input.executor, concurrent.futures.ThreadPoolExecutor):
                 return dataclasses.replace(input, fn=_sync_wrapper(fn, token, self._link))
-            # Other executors (process pools) pickle the function: it must stay the
-            # original, and it runs in another process this hook cannot mark.
+            if isinstance(input.executor, concurrent.futures.ProcessPoolExecutor):
+                # Pickled with the task: the pool process registers as a helper of this
+                # worker and publishes the token while the activity runs there.
+                link = self._link
+                carried = _propagate.InProcess(fn, token, link.socket_path, link.timeout)
+                return dataclasses.replace(input, fn=carried)
+            # Other executors may run the function anywhere, or pickle it: it stays the
+            # original, unattributed.
             return input
         except Exception:
             _internal_error()

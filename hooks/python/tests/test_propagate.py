@@ -193,6 +193,27 @@ class ProcessPropagationTest(unittest.TestCase):
     def test_process_pool_through_a_fork_server(self) -> None:
         self.run_pool("forkserver")
 
+    def test_sync_activity_on_a_process_pool_activity_executor(self) -> None:
+        # activity_executor=ProcessPoolExecutor: the activity function itself runs in a
+        # pool process, which publishes the activity's token while it runs.
+        executor = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        )
+        self.addCleanup(executor.shutdown)
+
+        async def main():
+            return [
+                await support.run_activity(
+                    self.hook, pool_tasks.slot_now, executor=executor, activity_id=str(i)
+                )
+                for i in range(2)
+            ]
+
+        results = self.run_with_hook(main())
+        self.assertEqual([token for _, token in results], [1, 2])
+        self.assertNotEqual(results[0][0], os.getpid())
+        self.assertEqual(executor.submit(pool_tasks.slot_now).result()[1], 0)
+
     def test_multiprocessing_pool_map_and_apply(self) -> None:
         def work() -> tuple[list[tuple[int, int]], tuple[int, int]]:
             with multiprocessing.get_context("fork").Pool(2) as pool:
