@@ -595,6 +595,20 @@ class _BlockingConnection:
             if self._sock is not None:
                 self._close()
 
+    def broken(self) -> bool:
+        """Whether the agent closed this connection (it stopped or restarted), checked
+        without blocking: a process with no presence connection (a pool's helper) learns
+        it here, and registers again with the agent that is there now."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def _connect(self) -> bool:
         if time.monotonic() < self._retry_at:
             return False

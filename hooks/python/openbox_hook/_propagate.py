@@ -143,6 +143,10 @@ class InProcess:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             link = _helper_link(self.socket_path, self.timeout)
+            if link._blocking.broken():
+                # The agent restarted: it knows neither this process nor its thread.
+                link._blocking.close()
+                link.lost()
             slot = link.register_thread()
         except Exception:
             _log.debug("openbox hook: registering a pool process failed", exc_info=True)

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import os
+import tempfile
 import threading
 import unittest
 import warnings
@@ -213,6 +214,42 @@ class ProcessPropagationTest(unittest.TestCase):
         self.assertEqual([token for _, token in results], [1, 2])
         self.assertNotEqual(results[0][0], os.getpid())
         self.assertEqual(executor.submit(pool_tasks.slot_now).result()[1], 0)
+
+    def test_a_pool_process_registers_again_with_a_restarted_agent(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "agent.sock")
+        first_agent = FakeAgent(path)
+        hook = OpenBoxHook(path)
+        pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        )
+        self.addCleanup(pool.shutdown)
+
+        async def work() -> tuple[int, int]:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(pool, pool_tasks.slot_now)
+
+        async def scenario():
+            before = await support.run_activity(hook, work)
+            channel = hook._link._channels[asyncio.get_running_loop()]
+            first_agent.close()
+            while channel._connection is not None:
+                await asyncio.sleep(0.01)
+            second_agent = FakeAgent(path)
+            await asyncio.to_thread(second_agent.wait_for, "hello")
+            try:
+                after = await support.run_activity(hook, work)
+                helpers = [m for m in second_agent.ops("hello") if m.get("helper")]
+                return before, after, helpers, second_agent.ops("thread")
+            finally:
+                second_agent.close()
+
+        before, after, helpers, threads = support.run(scenario(), hook)
+        self.assertEqual(before[0], after[0])  # the same pool process
+        self.assertEqual((before[1], after[1]), (1, 1))  # each agent's first token
+        self.assertEqual([m["pid"] for m in helpers], [after[0]])
+        self.assertIn(after[0], [m["tid"] for m in threads])
 
     def test_multiprocessing_pool_map_and_apply(self) -> None:
         def work() -> tuple[list[tuple[int, int]], tuple[int, int]]:
