@@ -921,11 +921,26 @@ impl Daemon {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
         }
         let now = SystemTime::now();
+        if req.event == (WorkflowEventKind::WorkflowContinuedAsNew {}) {
+            // Nothing for Core (governed or not): the run's span ends, and its ordering
+            // state goes once its earlier events are answered.
+            self.run_span(worker, &wf, &req.event, now);
+            let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, true);
+            let (tx, id) = (tx.clone(), id.clone());
+            self.calls.spawn(async move {
+                after(prev).await;
+                let _ = done.send(true);
+                reply(&tx, &id, Ok(Answer::Accepted {}));
+            });
+            return Ok(());
+        }
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
         self.run_span(worker, &wf, &req.event, now);
         let event: Event = match req.event {
+            // Answered above, before the governor is looked up.
+            WorkflowEventKind::WorkflowContinuedAsNew {} => return Ok(()),
             WorkflowEventKind::WorkflowStarted { .. } => events::workflow_started(&wf, now).into(),
             WorkflowEventKind::WorkflowCompleted { workflow_output } => {
                 events::workflow_completed(&wf, workflow_output, now).into()
@@ -1010,6 +1025,7 @@ impl Daemon {
                 return;
             }
             WorkflowEventKind::WorkflowCompleted { .. } => tree::RunEnd::Completed,
+            WorkflowEventKind::WorkflowContinuedAsNew {} => tree::RunEnd::ContinuedAsNew,
             WorkflowEventKind::WorkflowFailed { error } => tree::RunEnd::Failed { error },
             WorkflowEventKind::SignalReceived { .. } => return,
         };
