@@ -126,6 +126,28 @@ pub fn descendants(root: Pid) -> Vec<Pid> {
     out
 }
 
+/// The ancestors of a process, nearest first (its parent, then the parent's parent …,
+/// up to but not including pid 1 or the first that is gone), from /proc/PID/stat.
+pub fn ancestors(pid: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let mut at = pid;
+    // A bound, not a depth anyone reaches: pid reuse cannot make the walk loop forever.
+    while out.len() < 4096 {
+        let Some(parent) = process(at)
+            .and_then(|p| p.stat().ok())
+            .and_then(|s| Pid::try_from(s.ppid).ok())
+        else {
+            break;
+        };
+        if parent <= 1 {
+            break;
+        }
+        out.push(parent);
+        at = parent;
+    }
+    out
+}
+
 pub fn exe(pid: Pid) -> Option<String> {
     process(pid)?
         .exe()

@@ -195,6 +195,58 @@ fn a_registration_claiming_another_process_or_thread_is_refused_and_logged() {
     );
 }
 
+/// A process pool's worker registers as a helper of the worker that started it: its
+/// thread publishes the worker's tokens and its spans land on the worker's activity; it
+/// may not start activities, and a helper no registered worker started is refused.
+#[test]
+fn a_helper_forked_by_a_worker_publishes_the_workers_activity_and_nothing_else() {
+    let env = TestEnv::get();
+    let work = TempDir::new("work-helper");
+    let mut daemon = Daemon::start(&env);
+    let orphan = daemon.hook(&env, &["helper-orphan"]);
+    assert_eq!(orphan[0]["reply"]["ok"], false, "{orphan:?}");
+    let replies = daemon.hook(&env, &["helper", &work.arg()]);
+    let of_helper = |op: &str| {
+        replies
+            .iter()
+            .find(|r| r["helper"] == op)
+            .unwrap_or_else(|| panic!("no {op} from the helper: {replies:?}"))["reply"]
+            .clone()
+    };
+    assert_eq!(of_helper("hello")["ok"], true, "{replies:?}");
+    assert_eq!(of_helper("thread")["ok"], true, "{replies:?}");
+    let own_start = of_helper("activity_start");
+    assert_eq!(own_start["ok"], false, "{replies:?}");
+    assert!(
+        own_start["error"]
+            .as_str()
+            .unwrap()
+            .contains("may only register threads"),
+        "{own_start}"
+    );
+    let summary = daemon.stop();
+    assert_eq!(summary["registrations_refused"], 1, "{summary}");
+    assert_eq!(summary["workers"], 1, "a helper is not a worker: {summary}");
+    assert!(
+        daemon
+            .stderr()
+            .contains("no registered worker is among its ancestors"),
+        "{}",
+        daemon.stderr()
+    );
+    let events = daemon.lines("events.jsonl");
+    let done = completed(&events);
+    assert_eq!(done.len(), 1, "{events:?}");
+    let written = format!("{}/p-helper.txt", work.arg());
+    let subjects: Vec<String> = done[0]["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(subject)
+        .collect();
+    assert!(subjects.contains(&written), "{subjects:?}");
+}
+
 #[test]
 fn a_worker_in_its_own_pid_namespace_registers_and_is_attributed() {
     let env = TestEnv::get();

@@ -1,6 +1,7 @@
 """What the worker hook costs: per coroutine step, per activity, and end to end.
 
-    python hooks/python/bench/bench_hook.py [--steps N] [--activities N] [--rounds N]
+    python hooks/python/bench/bench_hook.py [--steps N] [--activities N] [--submissions N]
+        [--rounds N]
         [--temporal HOST:PORT [--agent-socket PATH] [--runs N]]
 
 1. Per coroutine step: a coroutine doing N ``await asyncio.sleep(0)`` awaited plainly vs
@@ -8,7 +9,10 @@
 2. Per activity: a no-op activity through the interceptor chain with and without the
    hook, against the in-process fake agent (the start/end round trips, wrapping, slot
    writes): µs per activity and the difference, async and sync.
-3. With ``--temporal``: one-activity workflows on a real Temporal server, alternately on
+3. Per submission: no-op work handed to a one-thread pool, ``asyncio.to_thread`` and a
+   one-process pool (fork) by the standard library's ``submit``, by the hook's outside
+   activities, and inside an activity (µs per submission and the differences).
+4. With ``--temporal``: one-activity workflows on a real Temporal server, alternately on
    a worker without and with the hook (async and sync no-op activities), reporting the
    median schedule-to-close time of the activity from the workflow's history and the
    median client-side workflow time. The hook talks to ``--agent-socket``, else to the
@@ -25,6 +29,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -42,7 +47,7 @@ from temporalio import activity, workflow  # noqa: E402
 from temporalio.testing import ActivityEnvironment  # noqa: E402
 from temporalio.worker import ExecuteActivityInput  # noqa: E402
 
-from openbox_hook import OpenBoxHook, _driver, _slots  # noqa: E402
+from openbox_hook import OpenBoxHook, _driver, _propagate, _slots  # noqa: E402
 
 
 # -- 1. per coroutine step ------------------------------------------------------------
@@ -116,7 +121,142 @@ async def activity_cost(activities: int, rounds: int) -> dict[str, float]:
         agent.close()
 
 
-# -- 3. end to end on a Temporal server -------------------------------------------------
+# -- 3. per submission: work handed to thread and process pools ---------------------------
+
+
+def _noop_task(x: int = 0) -> int:
+    return x
+
+
+async def submission_cost(submissions: int, rounds: int) -> dict[str, float]:
+    """What marking each submission adds: batches of no-op submissions to a one-thread
+    pool, ``asyncio.to_thread`` and a one-process pool (fork), as the standard library
+    does them (the original ``submit``), through the hook's ``submit`` outside an
+    activity, and inside one (wrapped, the slot written around each call)."""
+    agent = FakeAgent()
+    hook = OpenBoxHook(agent.socket_path)
+    link = hook._link
+    slot = await link.register_loop_thread()
+    assert slot is not None
+    threads = concurrent.futures.ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+    processes = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=__import__("multiprocessing").get_context("fork")
+    )
+    mark = _driver.Mark(7, link.current_slot, link)
+
+    def thread_batch(submit: Any, n: int) -> None:
+        for f in [submit(threads, _noop_task) for _ in range(n)]:
+            f.result()
+
+    def process_batch(submit: Any, n: int) -> None:
+        for f in [submit(processes, _noop_task) for _ in range(n)]:
+            f.result()
+
+    async def to_thread_batch(n: int) -> None:
+        for _ in range(n):
+            await asyncio.to_thread(_noop_task)
+
+    original_thread_submit = _propagate._thread_pool_submit
+    original_process_submit = _propagate._process_pool_submit
+    patched_thread_submit = concurrent.futures.ThreadPoolExecutor.submit
+    patched_process_submit = concurrent.futures.ProcessPoolExecutor.submit
+
+    async def timed(variant: str, kind: str, n: int) -> float:
+        # Inside an activity: the activity's mark is the current context's.
+        scope = _driver.current.set(mark) if variant == "activity" else None
+        try:
+            # CPU time of this process (every thread: the pool's run the calls), so the
+            # figures hold on a loaded machine; a pool process's own CPU is not in it.
+            start = time.process_time_ns()
+            if kind == "thread_pool":
+                thread_batch(
+                    original_thread_submit if variant == "stdlib" else patched_thread_submit, n
+                )
+            elif kind == "process_pool":
+                process_batch(
+                    original_process_submit if variant == "stdlib" else patched_process_submit, n
+                )
+            else:
+                if variant == "stdlib":
+                    concurrent.futures.ThreadPoolExecutor.submit = original_thread_submit
+                try:
+                    await to_thread_batch(n)
+                finally:
+                    concurrent.futures.ThreadPoolExecutor.submit = patched_thread_submit
+            return (time.process_time_ns() - start) / n / 1000
+        finally:
+            if scope is not None:
+                _driver.current.reset(scope)
+
+    def parts(n: int) -> dict[str, float]:
+        """The hook's own work per submission, each part alone (CPU ns)."""
+
+        def per(call: Any) -> float:
+            start = time.process_time_ns()
+            for _ in range(n):
+                call()
+            return (time.process_time_ns() - start) / n
+
+        noop = per(_noop_task)
+        scope = _driver.current.set(mark)
+        try:
+            wrapped = _propagate.InThread(_noop_task, 7, mark)
+            wrapped()  # registers this thread
+            in_process = _propagate.InProcess(_noop_task, 7, link.socket_path, link.timeout)
+            in_process()  # registers this process as a helper, once
+            return {
+                # Submitting side: the mark read, the wrapper, the slot cleared around
+                # the standard library's submit.
+                "submit_side_ns": per(
+                    lambda: _propagate.unmarked(
+                        lambda: _propagate.InThread(_noop_task, mark.token, mark)
+                    )
+                )
+                - noop,
+                "outside_activity_ns": per(_propagate._mark) - noop,
+                # Running side: the thread's slot written and put back, the context set.
+                "thread_run_side_ns": per(wrapped) - noop,
+                "process_run_side_ns": per(in_process) - noop,
+                "process_pickle_added_bytes": len(pickle.dumps(in_process))
+                - len(pickle.dumps(_noop_task)),
+            }
+        finally:
+            _driver.current.reset(scope)
+
+    figures: dict[str, list[float]] = {}
+    kinds = (
+        ("thread_pool", submissions),
+        ("to_thread", submissions),
+        ("process_pool", max(submissions // 5, 1)),
+    )
+    try:
+        for kind, _ in kinds:
+            for variant in ("stdlib", "outside", "activity"):
+                await timed(variant, kind, 50)  # warm up: registrations, pool start
+        for _ in range(rounds):
+            for kind, n in kinds:
+                for variant in ("stdlib", "outside", "activity"):
+                    figures.setdefault(f"{kind}_{variant}_us", []).append(
+                        await timed(variant, kind, n)
+                    )
+    finally:
+        threads.shutdown()
+        processes.shutdown()
+        hook.close()
+        agent.close()
+    result: dict[str, float] = {key: statistics.median(values) for key, values in figures.items()}
+    result.update(parts(max(submissions * 20, 1000)))
+    for kind, _ in kinds:
+        for variant in ("outside", "activity"):
+            result[f"{kind}_{variant}_added_us"] = (
+                result[f"{kind}_{variant}_us"] - result[f"{kind}_stdlib_us"]
+            )
+    return result
+
+
+# -- 4. end to end on a Temporal server -------------------------------------------------
 
 
 @activity.defn(name="bench_noop_async")
@@ -233,6 +373,25 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             f"{per_activity[f'{kind}_hook_us']:.1f} µs (+{per_activity[f'{kind}_added_us']:.1f} µs)"
         )
 
+    per_submission = await submission_cost(args.submissions, args.rounds)
+    figures["submission"] = per_submission
+    print(
+        "hook work per submission (CPU): submitting side "
+        f"{per_submission['submit_side_ns']:.0f} ns (outside activities "
+        f"{per_submission['outside_activity_ns']:.0f} ns), running side: pool thread "
+        f"{per_submission['thread_run_side_ns']:.0f} ns, pool process "
+        f"{per_submission['process_run_side_ns']:.0f} ns; "
+        f"+{per_submission['process_pickle_added_bytes']} bytes pickled per process task"
+    )
+    for kind in ("thread_pool", "to_thread", "process_pool"):
+        print(
+            f"{kind} submission (CPU of this process): standard library "
+            f"{per_submission[f'{kind}_stdlib_us']:.1f} µs, "
+            f"hook outside activities "
+            f"{per_submission[f'{kind}_outside_added_us']:+.1f} µs, inside an activity "
+            f"{per_submission[f'{kind}_activity_added_us']:+.1f} µs"
+        )
+
     if args.temporal:
         latency = await temporal_latency(args.temporal, args.agent_socket, args.runs)
         figures["temporal"] = latency
@@ -254,6 +413,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20000, help="steps per coroutine run")
     parser.add_argument("--activities", type=int, default=500, help="activities per round")
+    parser.add_argument("--submissions", type=int, default=2000, help="pool submissions per round")
     parser.add_argument("--rounds", type=int, default=9, help="rounds (medians over these)")
     parser.add_argument("--temporal", metavar="HOST:PORT", help="a Temporal server's frontend")
     parser.add_argument("--agent-socket", metavar="PATH", help="a real agent (with --temporal)")

@@ -15,6 +15,7 @@ import temporalio.workflow
 # through, the sandbox uses the modules already loaded outside it.
 with temporalio.workflow.unsafe.imports_passed_through():
     from ._multi_agent import emit_handoff
+    from ._propagate import carry
     from ._version import __version__
     from .hook import OpenBoxHook
     from .worker import create_openbox_worker
@@ -39,6 +40,7 @@ __all__ = [
     "OpenBoxHook",
     "OpenBoxPlugin",
     "__version__",
+    "carry",
     "create_openbox_worker",
     "emit_handoff",
 ]

@@ -36,7 +36,7 @@ import temporalio.activity
 import temporalio.exceptions
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
-from . import _decision, _driver, _events, _multi_agent, _slots
+from . import _decision, _driver, _events, _multi_agent, _propagate, _slots
 from ._agent import AgentLink
 from .serialize import serialize_args, serialize_value
 
@@ -294,12 +294,18 @@ class ActivityInbound(ActivityInboundInterceptor):
                 if slot is None:
                     return input
                 _driver.install_task_factory(asyncio.get_running_loop())
-                mark = _driver.Mark(token, self._link.current_slot)
+                mark = _driver.Mark(token, self._link.current_slot, self._link)
                 return dataclasses.replace(input, fn=_async_wrapper(fn, mark, slot))
             if isinstance(input.executor, concurrent.futures.ThreadPoolExecutor):
                 return dataclasses.replace(input, fn=_sync_wrapper(fn, token, self._link))
-            # Other executors (process pools) pickle the function: it must stay the
-            # original, and it runs in another process this hook cannot mark.
+            if isinstance(input.executor, concurrent.futures.ProcessPoolExecutor):
+                # Pickled with the task: the pool process registers as a helper of this
+                # worker and publishes the token while the activity runs there.
+                link = self._link
+                carried = _propagate.InProcess(fn, token, link.socket_path, link.timeout)
+                return dataclasses.replace(input, fn=carried)
+            # Other executors may run the function anywhere, or pickle it: it stays the
+            # original, unattributed.
             return input
         except Exception:
             _internal_error()
@@ -341,9 +347,15 @@ def _sync_wrapper(fn: Callable[..., Any], token: int, link: AgentLink) -> Callab
         table = _slots.table
         previous = table[slot]
         table[slot] = token
+        # What it hands to thread and process pools, and the threads it starts, work
+        # for it too (`_propagate`).
+        mark = _driver.Mark(token, link.current_slot, link)
+        scope = _driver.current.set(mark)
         try:
             return fn(*args)
         finally:
+            mark.token = 0
+            _driver.current.reset(scope)
             table[slot] = previous
 
     return attributed

@@ -145,8 +145,13 @@ class _ThreadState(threading.local):
 class AgentLink:
     """Everything one hook knows about its agent: connections, epoch, registered threads."""
 
-    def __init__(self, socket_path: str, timeout: float, config: dict[str, Any]) -> None:
+    def __init__(
+        self, socket_path: str, timeout: float, config: dict[str, Any], *, helper: bool = False
+    ) -> None:
         self.socket_path = socket_path
+        self.helper = helper
+        """A process pool's worker, not a worker: it only registers threads, which
+        publish the tokens of the worker it descends from (``_propagate.InProcess``)."""
         self.timeout = timeout
         self.config = config
         self.governed_timeout = max(timeout, _governed_timeout(config))
@@ -180,13 +185,16 @@ class AgentLink:
 
     def hello(self) -> dict[str, Any]:
         # The pid is taken per connection: a forked child connects as itself.
-        return {
+        hello = {
             "pid": os.getpid(),
             "hook": HOOK,
             "slots_addr": _slots.address,
             "slots": _slots.SLOTS,
             "config": self.config,
         }
+        if self.helper:
+            hello["helper"] = True
+        return hello
 
     def close(self) -> None:
         """Close the presence and blocking connections and the calling event loop's."""
@@ -590,6 +598,20 @@ class _BlockingConnection:
         with self._lock:
             if self._sock is not None:
                 self._close()
+
+    def broken(self) -> bool:
+        """Whether the agent closed this connection (it stopped or restarted), checked
+        without blocking: a process with no presence connection (a pool's helper) learns
+        it here, and registers again with the agent that is there now."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _connect(self) -> bool:
         if time.monotonic() < self._retry_at:

@@ -31,12 +31,17 @@ class Mark:
     background reader, a fire-and-forget call) stops carrying its token.
     """
 
-    __slots__ = ("token", "slot_of_thread")
+    __slots__ = ("token", "slot_of_thread", "link")
 
-    def __init__(self, token: int, slot_of_thread: Callable[[], int | None]) -> None:
+    def __init__(
+        self, token: int, slot_of_thread: Callable[[], int | None], link: Any = None
+    ) -> None:
         self.token = token
         self.slot_of_thread = slot_of_thread
         """The registered slot of the calling thread, or None (for the task factory)."""
+        self.link = link
+        """The ``AgentLink`` the token came from: threads and processes the activity
+        hands work to register on it (``_propagate``)."""
 
 
 current: contextvars.ContextVar[Mark | None] = contextvars.ContextVar(

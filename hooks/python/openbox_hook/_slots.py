@@ -55,6 +55,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def allocated() -> int | None:
+    """Slot index of the calling thread if it has one; never allocates."""
+    return getattr(_local, "slot", None)
+
+
 def current() -> int | None:
     """Slot index of the calling thread, allocated on first use; None once all are taken.
 

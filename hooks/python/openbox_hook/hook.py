@@ -9,7 +9,7 @@ from typing import Any
 import temporalio.client
 import temporalio.worker
 
-from . import _events, _patch, _workflow
+from . import _events, _patch, _propagate, _workflow
 from ._activity import ActivityInbound
 from ._agent import (
     CONVENTIONS_ENV,
@@ -101,6 +101,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         # Hello now, as the worker is built: the agent must watch the process before it
         # opens the connections its activities will use.
         self._link.start_presence()
+        # Work activities hand to thread pools, process pools and their own threads is
+        # attributed to them (see `_propagate`).
+        _propagate.install()
 
     @property
     def socket_path(self) -> str:

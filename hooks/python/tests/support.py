@@ -38,8 +38,11 @@ class Terminal(ActivityInboundInterceptor):
             input.fn.__call__  # type: ignore[operator]
         ):
             return await input.fn(*input.args)
-        context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
+        if not isinstance(input.executor, concurrent.futures.ThreadPoolExecutor | None):
+            # Pickled to another process: no context to carry (temporalio does the same).
+            return await loop.run_in_executor(input.executor, input.fn, *input.args)
+        context = contextvars.copy_context()
         return await loop.run_in_executor(input.executor, context.run, input.fn, *input.args)
 
 

@@ -339,7 +339,12 @@ impl Daemon {
             kernel: self.session.counters(),
             pipeline: self.session.stats(),
             registry: self.registry.stats.clone(),
-            workers_now: self.registry.workers.len() as u64,
+            workers_now: self
+                .registry
+                .workers
+                .values()
+                .filter(|w| w.helper_of.is_none())
+                .count() as u64,
             activities_in_flight: self.registry.activities.len() as u64,
             hook: status::HookStats {
                 socket: hook::stats(),
@@ -419,6 +424,9 @@ impl Daemon {
                     (_, None) => Err("send `hello` first".to_string()),
                     (Err(bad), Some(_)) => Err(bad.error),
                     (Ok(Request::Thread(t)), Some(w)) => self.thread(w, &t),
+                    (Ok(_), Some(w)) if self.is_helper(w) => {
+                        Err("a helper process may only register threads".to_string())
+                    }
                     (Ok(Request::ActivityStart(start)), Some(w)) => {
                         match self.activity_start(w, start, &tx, &id) {
                             Ok(()) => return,
@@ -441,6 +449,13 @@ impl Daemon {
                 reply(&tx, &id, result);
             }
         }
+    }
+
+    fn is_helper(&self, pid: Pid) -> bool {
+        self.registry
+            .workers
+            .get(&pid)
+            .is_some_and(|w| w.helper_of.is_some())
     }
 
     fn refuse<T>(&mut self, peer: Pid, why: String) -> Result<T, String> {
@@ -467,6 +482,25 @@ impl Daemon {
                 ),
             );
         }
+        // A helper's threads are recorded as its worker's: only a descendant of that
+        // worker may publish the worker's tokens (the worker started it, or a pool or
+        // fork server the worker started did).
+        let helper_of = if req.helper {
+            let Some(root) = procfs::ancestors(peer).into_iter().find(|a| {
+                self.registry
+                    .workers
+                    .get(a)
+                    .is_some_and(|w| w.helper_of.is_none())
+            }) else {
+                return self.refuse(
+                    peer,
+                    format!("process {peer} says it is a helper, but no registered worker is among its ancestors"),
+                );
+            };
+            Some(root)
+        } else {
+            None
+        };
         let (addr, slots) = (req.slots_addr, req.slots);
         if !(1..=65536).contains(&slots) || !procfs::writable_range(peer, addr, slots * 8) {
             return self.refuse(
@@ -489,6 +523,19 @@ impl Daemon {
             );
         }
         if let Some(w) = self.registry.workers.get(&peer) {
+            if w.helper_of != helper_of {
+                return self.refuse(
+                    peer,
+                    format!(
+                        "process {peer} is registered already, as a {}",
+                        if w.helper_of.is_some() {
+                            "helper"
+                        } else {
+                            "worker"
+                        }
+                    ),
+                );
+            }
             if (w.slots_addr, w.slots) != (addr, slots) {
                 return self.refuse(
                     peer,
@@ -514,10 +561,15 @@ impl Daemon {
                     governor: None,
                     style,
                     workload: Workload::of(peer),
+                    helper_of,
                 },
             );
-            self.registry.stats.workers += 1;
-            tracing::info!(pid = peer, ns_pid, hook = ?req.hook, "worker registered");
+            if let Some(worker) = helper_of {
+                tracing::debug!(pid = peer, worker, "helper process registered");
+            } else {
+                self.registry.stats.workers += 1;
+                tracing::info!(pid = peer, ns_pid, hook = ?req.hook, "worker registered");
+            }
         }
         self.conns.insert(conn, peer);
         Ok(Answer::Hello {
@@ -531,7 +583,14 @@ impl Daemon {
     /// its hello is answered when that governor is ready. Returns false when the hello
     /// is answered later.
     fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Answer) -> bool {
-        let Some(config) = self.registry.workers.get(&worker).map(|w| w.config.clone()) else {
+        let Some(config) = self
+            .registry
+            .workers
+            .get(&worker)
+            .filter(|w| w.helper_of.is_none())
+            .map(|w| w.config.clone())
+        else {
+            // Gone, or a helper: helpers are governed as the worker they work for.
             return true;
         };
         let cfg = match self.base_config.with_worker_settings(&config) {
@@ -747,6 +806,8 @@ impl Daemon {
             ));
         }
         let addr = w.slots_addr + slot * 8;
+        // The slot is in this process's memory; the tokens in it are its worker's.
+        let owner = w.helper_of.unwrap_or(worker);
         let Some(host_tid) = u32::try_from(tid)
             .ok()
             .and_then(|t| procfs::host_tid(worker, t))
@@ -758,7 +819,7 @@ impl Daemon {
         };
         self.session
             .capture_mut()
-            .register_thread(host_tid, worker, addr)
+            .register_thread(host_tid, owner, addr)
             .map_err(|e| format!("{e:#}"))?;
         if let Some(w) = self.registry.workers.get_mut(&worker) {
             w.threads.insert(host_tid, slot);

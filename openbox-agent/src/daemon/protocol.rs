@@ -53,6 +53,11 @@ pub struct Hello {
     /// rather than refuse its registration).
     #[serde(default)]
     pub config: Value,
+    /// Not a worker but a process its activities hand work to (a process pool's worker):
+    /// its threads publish the tokens of the registered worker it descends from, and it
+    /// may only register threads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub helper: bool,
 }
 
 /// Tells the agent which slot a thread of the worker publishes its activity in.

@@ -42,6 +42,9 @@ pub struct Worker {
     pub style: crate::governance::conventions::WorkerStyle,
     /// Its container and pod, for the resource of its activity and workflow spans.
     pub workload: Workload,
+    /// A helper (a process pool's worker) of this registered worker, its ancestor: its
+    /// threads publish that worker's tokens, so the kernel records them as its own.
+    pub helper_of: Option<Pid>,
 }
 
 pub struct Activity {
@@ -328,6 +331,7 @@ mod tests {
                 governor: None,
                 style: Default::default(),
                 workload: Workload::default(),
+                helper_of: None,
             },
         );
         let a = r.start(7, info("a"));

@@ -29,6 +29,12 @@ Modes:
                       discarded; a failure fails the hook).
   settings JSON       hello with JSON as the worker's own governance settings
                       (create_openbox_worker's parameters), then one activity.
+  helper DIR          as a process pool does: the worker runs activity "p" and forks a
+                      child (its own slot cleared) that says hello as a helper, registers
+                      its thread, publishes p's token while it writes DIR/p-helper.txt,
+                      then tries an activity_start of its own. The child's replies are
+                      printed as {"helper": op, "reply": ...}.
+  helper-orphan       hello as a helper from a process no worker started.
 """
 
 import ctypes
@@ -73,9 +79,48 @@ def slot_table(n=64):
     return mm, slots, ctypes.addressof(ctypes.c_char.from_buffer(mm))
 
 
-def hello(agent, addr, n=64, pid=None, config=None):
+def hello(agent, addr, n=64, pid=None, config=None, helper=False):
+    extra = {"helper": True} if helper else {}
     return agent.call(op="hello", pid=os.getpid() if pid is None else pid,
-                      hook="fake-hook", slots_addr=addr, slots=n, config=config or {})
+                      hook="fake-hook", slots_addr=addr, slots=n, config=config or {}, **extra)
+
+
+def helper(path, agent, slots, addr, out_dir):
+    hello(agent, addr)
+    agent.call(op="thread", tid=threading.get_native_id(), slot=1)
+    start = agent.call(op="activity_start", workflow_id="wf-p", run_id="run-1",
+                       workflow_type="W", activity_id="p", activity_type="pool",
+                       task_queue="q", attempt=1, input=[])
+    token = start["token"]
+    pid = os.fork()  # slot 1 holds 0: the child inherits no activity from the kernel
+    if pid == 0:
+        code = 1
+        try:
+            own = Agent(path)
+            own.echo = False
+
+            def call(**msg):
+                reply = own.call(**msg)
+                print(json.dumps({"helper": msg["op"], "reply": reply}), flush=True)
+                return reply
+
+            call(op="hello", pid=os.getpid(), hook="fake-hook", slots_addr=addr, slots=64,
+                 config={}, helper=True)
+            call(op="thread", tid=threading.get_native_id(), slot=2)
+            slots[2] = token
+            with open(os.path.join(out_dir, "p-helper.txt"), "w") as f:
+                f.write("written by a helper of p")
+            slots[2] = 0
+            call(op="activity_start", workflow_id="wf-h", run_id="run-1", workflow_type="W",
+                 activity_id="h", activity_type="pool", task_queue="q", attempt=1, input=[])
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    agent.call(op="activity_end", token=token, status="completed", output={"done": "p"},
+               error=None)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit("the helper child failed")
 
 
 def activity(agent, slots, slot, name, url, out_dir, barrier):
@@ -218,6 +263,10 @@ def main():
                            input=[])
         agent.call(op="activity_end", token=start["token"], status="completed", output=None,
                    error=None)
+    elif mode == "helper":
+        helper(path, agent, slots, addr, args[0])
+    elif mode == "helper-orphan":
+        hello(agent, addr, helper=True)
     elif mode == "die":
         hello(agent, addr)
         agent.call(op="activity_start", workflow_id="wf", run_id="r", workflow_type="W",

@@ -49,6 +49,7 @@ import threading
 from datetime import timedelta
 
 import asyncpg
+import httpcore  # noqa: F401  (see below)
 import httpx
 import psycopg2
 import requests
@@ -187,7 +188,28 @@ def s_http(p, marker):
     return r.text
 
 
+# Sync database steps on threads and pool processes other than the activity executor's
+# share the server's connection limit with everything else: at most this many at once
+# per process (pool processes run one task at a time).
+_sync_pg = threading.BoundedSemaphore(8)
+
+
+def _fresh_sync_pg():
+    # A process forked while other threads held permits (or the semaphore's inner lock)
+    # would wait for them forever: they do not exist in the child.
+    global _sync_pg
+    _sync_pg = threading.BoundedSemaphore(8)
+
+
+os.register_at_fork(after_in_child=_fresh_sync_pg)
+
+
 def s_sql(p, marker):
+    with _sync_pg:
+        return _s_sql(p, marker)
+
+
+def _s_sql(p, marker):
     conn = psycopg2.connect(host="127.0.0.1", port=p["pg_port"], user="openbox", dbname="shop",
                             sslmode="require", gssencmode="disable", connect_timeout=60)
     try:
@@ -276,6 +298,94 @@ def retry_sync(p):
     return {"steps": steps, **info()}
 
 
+# ---- work handed to other threads and processes ----
+
+def s_http_sync_client(p, marker):
+    """What a sync LLM SDK does underneath: a blocking httpx.Client request."""
+    with httpx.Client(verify=False, timeout=60) as client:
+        r = client.get(url_of(p, marker))
+    expect_echo(r.text, marker)
+    return r.text
+
+
+def handed_off_steps(p, marker):
+    steps = [s_http_sync_client, s_sql, write_file]
+    k = sum(map(ord, marker)) % 3
+    steps = steps[k:] + steps[:k]
+    return {step.__name__: step(p, marker) for step in steps}
+
+
+@activity.defn
+async def to_thread_io(p):
+    """An async activity calling a sync client through asyncio.to_thread (the loop's
+    default executor: a few threads shared by every activity)."""
+    await arendezvous(p)
+    return {"steps": await asyncio.to_thread(handed_off_steps, p, p["marker"]), **info()}
+
+
+@activity.defn
+async def own_pool_io(p):
+    """An async activity fanning its three steps out on a ThreadPoolExecutor of its own."""
+    await arendezvous(p)
+    loop = asyncio.get_running_loop()
+    marker = p["marker"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        done = await asyncio.gather(*(
+            loop.run_in_executor(pool, step, p, marker)
+            for step in (s_http_sync_client, s_sql, write_file)))
+    return {"steps": done, **info()}
+
+
+@activity.defn
+async def own_thread_io(p):
+    """An async activity doing its steps on a threading.Thread it starts and joins."""
+    await arendezvous(p)
+    out = {}
+
+    def run():
+        try:
+            out["steps"] = handed_off_steps(p, p["marker"])
+        except Exception as e:  # handed back to the activity below
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    if "error" in out:
+        raise out["error"]
+    return {"steps": out["steps"], **info()}
+
+
+# The "fork" pool is forked while other activities' threads run. A module one of them is
+# importing at that instant stays locked for good in the child, so everything the pool's
+# tasks import is imported up front (httpx imports httpcore lazily, in Client()): the
+# hazard of forking a threaded process, which is why Python is moving away from fork.
+PROCESS_POOLS = {}
+
+
+def process_pool(method):
+    """One ProcessPoolExecutor per start method, shared by every activity: created, and
+    its processes started, inside the first activity that needs it."""
+    pool = PROCESS_POOLS.get(method)
+    if pool is None:
+        import multiprocessing
+
+        pool = PROCESS_POOLS[method] = concurrent.futures.ProcessPoolExecutor(
+            2, mp_context=multiprocessing.get_context(method))
+    return pool
+
+
+@activity.defn
+async def process_pool_io(p):
+    """An async activity running its steps in a shared ProcessPoolExecutor
+    (`p["start_method"]`: fork, spawn or forkserver)."""
+    await arendezvous(p)
+    loop = asyncio.get_running_loop()
+    pool = process_pool(p["start_method"])
+    steps = await loop.run_in_executor(pool, handed_off_steps, p, p["marker"])
+    return {"steps": steps, **info()}
+
+
 # ---- one pooled keep-alive session shared with background traffic ----
 
 BACKGROUND_PATH = "/slow/100/background"
@@ -333,7 +443,7 @@ async def llm_io(p):
 
 
 ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync, pooled_http,
-              llm_io]
+              llm_io, to_thread_io, own_pool_io, own_thread_io, process_pool_io]
 
 
 @workflow.defn
@@ -491,6 +601,8 @@ async def main():
         async with worker:
             print("ready", os.getpid(), flush=True)
             await stop.wait()
+    for pool in PROCESS_POOLS.values():
+        pool.shutdown()
     if "pgpool" in SHARED:
         await SHARED["pgpool"].close()
     if "httpx" in SHARED:

@@ -234,3 +234,45 @@ fn worker_in_its_own_pid_namespace_is_attributed() {
     expected.extend((4..8).map(|i| ExpectedActivity::new(&wf_sync, &s.marker(i), ALL)));
     finish_and_check(s, &expected);
 }
+
+/// Work handed off the activity's own thread, 20 activities of each kind at once: an
+/// async activity calling a sync client (httpx.Client, as sync LLM SDKs do; psycopg2;
+/// a file write) through `asyncio.to_thread` — the loop's default executor, a few
+/// threads every activity shares —, one fanning its steps out on a ThreadPoolExecutor
+/// of its own, one doing them on a `threading.Thread` it starts and joins, and one
+/// running them in a ProcessPoolExecutor shared by every activity, created (its
+/// processes forked or spawned) inside the first activity that used it: fork, spawn and
+/// forkserver in turn. Every span must be on its own activity, none on another (with
+/// lifelong inheritance, every task of a pool forked inside an activity would land on
+/// that one).
+#[test]
+fn work_handed_to_threads_pools_and_process_pools_is_attributed_to_its_activity() {
+    let s = Scenario::start(
+        "work_handed_to_threads_pools_and_process_pools_is_attributed_to_its_activity",
+        ScenarioOpts {
+            worker: WorkerOpts {
+                max_concurrent: 100,
+                ..WorkerOpts::default()
+            },
+            ..ScenarioOpts::default()
+        },
+    );
+    const EACH: usize = 20;
+    let kinds = ["to_thread_io", "own_pool_io", "own_thread_io", "process_pool_io"];
+    let rendezvous = s.workflow_id(0);
+    let together = json!({"rendezvous": {"name": rendezvous, "count": EACH * kinds.len(), "timeout": 60}});
+    let mut workflows = Vec::new();
+    let mut expected = Vec::new();
+    for (k, activity) in kinds.iter().enumerate() {
+        let wf = s.workflow_id(k);
+        let range = k * EACH..(k + 1) * EACH;
+        let mut plan_items = items(&s, range.clone(), &together);
+        for (j, item) in plan_items.iter_mut().enumerate() {
+            item["start_method"] = json!(["fork", "spawn", "forkserver"][j % 3]);
+        }
+        workflows.push((wf.clone(), json!({"activity": activity, "items": plan_items})));
+        expected.extend(range.map(|i| ExpectedActivity::new(&wf, &s.marker(i), ALL)));
+    }
+    s.run_ok(&workflows);
+    finish_and_check(s, &expected);
+}
