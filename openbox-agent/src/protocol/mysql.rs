@@ -316,9 +316,10 @@ impl MysqlParser {
         if std::mem::take(&mut self.client_fresh) && self.phase == Phase::Greeting {
             // No greeting seen: the connection was set up before watching began, unless
             // the greeting is still to come (the client speaks only after it).
+            // (A handshake response, sequence id 1, means the greeting is on its way.)
             if starts_command(data) {
                 self.midstream();
-            } else if data.len() >= 5 {
+            } else if data.len() >= 5 && data.get(3) != Some(&1) {
                 self.client_lost(Loss::Malformed);
             }
         }
@@ -377,6 +378,12 @@ impl MysqlParser {
         match self.phase {
             Phase::HandshakeResponse => self.on_handshake_response(&f.body),
             Phase::Command if f.seq == 0 => self.on_command(&f, out),
+            // The greeting was missed (lost, or sent before watching began): a packet
+            // starting a sequence is a command.
+            Phase::Greeting if f.seq == 0 && !self.stopped => {
+                self.midstream();
+                self.on_command(&f, out);
+            }
             // Before the greeting, during authentication, and packets continuing a
             // command (LOAD DATA LOCAL contents have sequence ids after 0): nothing to do.
             _ => {}
@@ -655,8 +662,7 @@ impl MysqlParser {
         if self.server_resync {
             self.server_resync = false;
             self.server.restart();
-        } else if !self.server_confirmed && self.pending.is_empty() && !self.server.at_boundary()
-        {
+        } else if !self.server_confirmed && self.pending.is_empty() && !self.server.at_boundary() {
             // Nothing was waiting, so the server had finished answering: a packet it is
             // still in the middle of was framed from bytes that are not one.
             self.losses.add(Loss::Malformed);

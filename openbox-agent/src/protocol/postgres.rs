@@ -208,9 +208,7 @@ fn message_frames(kind: u8, body: &[u8]) -> bool {
         // String portal, Int32 row limit.
         b'E' => named(0).is_some_and(|at| at + 4 == body.len()),
         // Byte1 'S' or 'P', String name.
-        b'D' | b'C' => {
-            matches!(body.first(), Some(b'S' | b'P')) && named(1) == Some(body.len())
-        }
+        b'D' | b'C' => matches!(body.first(), Some(b'S' | b'P')) && named(1) == Some(body.len()),
         b'S' | b'H' | b'X' | b'c' => body.is_empty(),
         other => client_type_known(other),
     }

@@ -848,7 +848,10 @@ fn old_response_bytes_after_the_next_request_end_it_when_they_do_not_frame() {
     );
     p.close(9, &mut out);
     let l = p.losses();
-    assert_eq!((l.get(Loss::Gap), l.get(Loss::Malformed), l.total()), (1, 1, 2));
+    assert_eq!(
+        (l.get(Loss::Gap), l.get(Loss::Malformed), l.total()),
+        (1, 1, 2)
+    );
     assert_eq!(out.len(), 3);
     assert_eq!((out[1].end_ts, out[1].status), (6, StatusCode::Unset));
     assert!(out[..2].iter().all(|o| attr(o, "db.rowcount").is_none()));
@@ -1319,7 +1322,14 @@ fn gap_where_the_client_does_not_wait_gives_up_but_copy_resynchronises() {
             cut_summary(&ops),
             [
                 ("SELECT", None, true, StatusCode::Unset, 3, 4),
-                ("SELECT", Some(1), false, StatusCode::Unset, later_ts, later_ts + 1)
+                (
+                    "SELECT",
+                    Some(1),
+                    false,
+                    StatusCode::Unset,
+                    later_ts,
+                    later_ts + 1
+                )
             ]
         );
         assert_eq!(unparsed, 2);
@@ -1377,7 +1387,10 @@ fn gap_between_client_messages_keeps_answering_earlier_requests() {
     // in between come before its own, so it is dropped rather than paired by a guess.
     assert_eq!(out.len(), 1);
     let l = p.losses();
-    assert_eq!((l.get(Loss::Gap), l.get(Loss::Unpaired), l.total()), (1, 1, 2));
+    assert_eq!(
+        (l.get(Loss::Gap), l.get(Loss::Unpaired), l.total()),
+        (1, 1, 2)
+    );
     // Once nothing waits, the next request pairs again.
     p.feed(Side::Client, &query("SELECT 3"), 6, &mut out);
     p.feed(
