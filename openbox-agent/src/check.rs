@@ -181,6 +181,25 @@ pub fn report() -> Report {
             },
             required: true,
         });
+        let live = crate::capture::live_threads();
+        items.push(Item {
+            name: "process exit",
+            ok: live.is_ok(),
+            detail: match &live {
+                Ok(l) if l.task_signal == 0 => "sched_process_exit's group_dead".into(),
+                Ok(l) => format!(
+                    "task->signal->live (no group_dead in sched_process_exit; BTF offsets: task_struct.signal {}, signal_struct.live {})",
+                    l.task_signal, l.signal_live
+                ),
+                Err(e) => format!("{e:#}"),
+            },
+            fix: if live.is_ok() {
+                String::new()
+            } else {
+                "a kernel built with CONFIG_DEBUG_INFO_BTF=y".into()
+            },
+            required: true,
+        });
     }
     // Syscall tracepoints are the data path only when fentry cannot be.
     if fentry.is_ok() {

@@ -101,6 +101,15 @@ impl Redactor {
 
     /// Whether a header, query parameter or body field of this name holds a secret.
     pub fn is_secret(&self, name: &str) -> bool {
+        // Most names (every header of a plain request) hold no pattern at all: answer
+        // those without allocating; only a name with an occurrence is split into words.
+        if !self
+            .patterns
+            .iter()
+            .any(|p| contains_ignore_ascii_case(name, p))
+        {
+            return false;
+        }
         let lower = name.to_ascii_lowercase();
         let words = words(name);
         if let Some(&(s, e)) = words.last() {
@@ -129,8 +138,10 @@ impl Redactor {
         if self.is_secret_header(name) {
             return REDACTED.to_string();
         }
-        let name = name.to_ascii_lowercase();
-        if matches!(name.as_str(), "location" | "referer" | "content-location") {
+        if ["location", "referer", "content-location"]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+        {
             return self.url(value);
         }
         value.to_string()
@@ -327,6 +338,17 @@ impl Redactor {
         out.push_str(&s[copied..]);
         out
     }
+}
+
+/// Whether `haystack` contains `lower` (a lowercase pattern), ASCII case ignored. Names
+/// and patterns are short: a plain window scan beats building a substring searcher.
+fn contains_ignore_ascii_case(haystack: &str, lower: &str) -> bool {
+    let (h, p) = (haystack.as_bytes(), lower.as_bytes());
+    let Some(&first) = p.first() else {
+        return true;
+    };
+    h.windows(p.len())
+        .any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(p))
 }
 
 /// Byte ranges of a name's words: split at anything not alphanumeric and at camelCase

@@ -206,9 +206,17 @@ impl SpanBuilder {
     }
 
     fn conn(&mut self, id: &str, pid: Pid, tid: u32, peer: &Option<Addr>) -> &mut ConnState {
-        self.conns
-            .entry(id.to_string())
-            .or_insert_with(|| ConnState {
+        // Looked up first so a known connection (nearly every record) costs no key copy.
+        if !self.conns.contains_key(id) {
+            self.insert_conn(id, pid, tid, peer);
+        }
+        self.conns.get_mut(id).expect("inserted above")
+    }
+
+    fn insert_conn(&mut self, id: &str, pid: Pid, tid: u32, peer: &Option<Addr>) {
+        self.conns.insert(
+            id.to_string(),
+            ConnState {
                 role: Role::Unknown,
                 peer: peer.clone(),
                 pid,
@@ -220,7 +228,8 @@ impl SpanBuilder {
                 counted: Losses::default(),
                 next_seq: [[0; 2]; 2],
                 attrs: [VecDeque::new(), VecDeque::new()],
-            })
+            },
+        );
     }
 
     pub fn handle(&mut self, r: &Record, out: &mut Vec<Span>) {
@@ -268,8 +277,7 @@ impl SpanBuilder {
                     self.given_up.push(conn.clone());
                 }
                 self.count(lost);
-                let conn = conn.clone();
-                self.emit_ops(&conn, ops, out);
+                self.emit_ops(conn, ops, out);
             }
             Record::Close { ts, conn, .. } => {
                 if let Some(mut c) = self.conns.remove(conn) {
@@ -468,14 +476,16 @@ impl SpanBuilder {
         if ops.is_empty() {
             return;
         }
-        let Some(mut c) = self.conns.remove(conn) else {
+        // Taken out of the map (with its key, put back as it was) so `span` can use the
+        // builder's ids while it holds the connection.
+        let Some((key, mut c)) = self.conns.remove_entry(conn) else {
             return;
         };
         let protocol = c.parser.as_ref().map(|p| p.protocol());
         for op in ops {
             out.push(self.span(&mut c, protocol, op));
         }
-        self.conns.insert(conn.to_string(), c);
+        self.conns.insert(key, c);
     }
 
     fn span(&mut self, c: &mut ConnState, protocol: Option<Protocol>, op: Op) -> Span {
@@ -485,7 +495,7 @@ impl SpanBuilder {
         } else {
             "CLIENT"
         };
-        let mut attributes = op.attributes.clone();
+        let mut attributes = op.attributes;
         let (peer_host, peer_port) = match &c.peer {
             Some(Addr::Inet(a)) => (Some(a.ip().to_string()), Some(a.port())),
             _ => (None, None),
@@ -494,7 +504,7 @@ impl SpanBuilder {
         let mut span = self.base_span(
             id,
             None,
-            op.name.clone(),
+            op.name,
             kind,
             op.start_ts,
             op.end_ts,
@@ -927,83 +937,71 @@ mod tests {
         }
     }
 
-    fn by(r: Record, activity: u64) -> Record {
-        match r {
-            Record::Data {
-                ts,
-                pid,
-                tid,
-                fd,
-                conn,
-                peer,
-                tls,
-                direction,
-                via,
-                seq,
-                truncated,
-                data,
-                ..
-            } => {
-                let attr = if activity == 0 {
-                    Attribution::default()
-                } else {
-                    Attribution {
-                        owner: 10,
-                        activity,
-                    }
-                };
-                Record::Data {
-                    ts,
-                    pid,
-                    tid,
-                    fd,
-                    conn,
-                    peer,
-                    tls,
-                    direction,
-                    via,
-                    seq,
-                    truncated,
-                    data,
-                    attr,
+    /// The record as sent in `activity`'s step (0: outside any activity).
+    fn by(mut r: Record, activity: u64) -> Record {
+        if let Record::Data { attr, .. } = &mut r {
+            *attr = if activity == 0 {
+                Attribution::default()
+            } else {
+                Attribution {
+                    owner: 10,
+                    activity,
                 }
-            }
-            other => other,
+            };
         }
+        r
     }
+
+    /// Data records of one connection, in order: each direction's stream offsets follow
+    /// its bytes, timestamps are 10, 20, 30 …
+    fn pieces(conn: &str, tls: bool, parts: &[(Direction, &[u8])]) -> Vec<Record> {
+        let mut seq = [0u64; 2];
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, (dir, bytes))| {
+                let d = direction_idx(dir);
+                let r = data(conn, dir.clone(), seq[d], bytes, 10 * (i as u64 + 1), tls);
+                seq[d] += bytes.len() as u64;
+                r
+            })
+            .collect()
+    }
+
+    /// A fresh builder fed `records`: its spans, and the builder for its counts.
+    fn build(records: impl IntoIterator<Item = Record>) -> (SpanBuilder, Vec<Span>) {
+        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
+        let mut out = Vec::new();
+        for r in records {
+            b.handle(&r, &mut out);
+        }
+        (b, out)
+    }
+
+    use Direction::{Egress, Ingress};
 
     #[test]
     fn pooled_connection_operations_belong_to_whoever_sent_the_request() {
         // Keep-alive connection shared by two activities: activity 1 sends a request,
         // the event loop (no activity) reads the reply, activity 2 sends the next one,
         // and its reply is read in activity 1's step.
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
-        b.handle(&connect("c"), &mut out);
         let req1 = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n";
         let req2 = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-        b.handle(
-            &by(data("c", Direction::Egress, 0, req1, 10, false), 1),
-            &mut out,
+        let parts = pieces(
+            "c",
+            false,
+            &[
+                (Egress, req1),
+                (Ingress, resp),
+                (Egress, req2),
+                (Ingress, resp),
+            ],
         );
-        b.handle(
-            &by(data("c", Direction::Ingress, 0, resp, 20, false), 0),
-            &mut out,
-        );
-        b.handle(
-            &by(
-                data("c", Direction::Egress, req1.len() as u64, req2, 30, false),
-                2,
-            ),
-            &mut out,
-        );
-        b.handle(
-            &by(
-                data("c", Direction::Ingress, resp.len() as u64, resp, 40, false),
-                1,
-            ),
-            &mut out,
+        let activities = [1, 0, 2, 1];
+        let (_, out) = build(
+            std::iter::once(connect("c"))
+                .chain(parts.into_iter().zip(activities).map(|(r, a)| by(r, a))),
         );
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].attributes["http.target"], "/one");
@@ -1014,18 +1012,12 @@ mod tests {
 
     #[test]
     fn request_sent_outside_any_activity_stays_unattributed() {
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
-        b.handle(&connect("c"), &mut out);
         let req = b"GET /bg HTTP/1.1\r\nHost: x\r\n\r\n";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        b.handle(
-            &by(data("c", Direction::Egress, 0, req, 10, false), 0),
-            &mut out,
-        );
-        b.handle(
-            &by(data("c", Direction::Ingress, 0, resp, 20, false), 7),
-            &mut out,
+        let parts = pieces("c", false, &[(Egress, req), (Ingress, resp)]);
+        let (_, out) = build(
+            std::iter::once(connect("c"))
+                .chain(parts.into_iter().zip([0, 7]).map(|(r, a)| by(r, a))),
         );
         assert_eq!(out.len(), 1);
         assert!(!out[0].attr.is_some());
@@ -1047,17 +1039,13 @@ mod tests {
 
     #[test]
     fn https_exchange_becomes_an_sdk_http_span() {
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
         let req = b"POST /v1/chat HTTP/1.1\r\nHost: api.local:8443\r\nAuthorization: Bearer sk-1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
         let resp = b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 4\r\n\r\n[1 ]";
-        for r in [
-            connect("c1"),
-            data("c1", Direction::Egress, 0, req, 10, true),
-            data("c1", Direction::Ingress, 0, resp, 20, true),
-        ] {
-            b.handle(&r, &mut out);
-        }
+        let (_, out) = build(std::iter::once(connect("c1")).chain(pieces(
+            "c1",
+            true,
+            &[(Egress, req), (Ingress, resp)],
+        )));
         assert_eq!(out.len(), 1);
         let s = &out[0];
         assert_eq!(s.name, "POST");
@@ -1255,22 +1243,12 @@ mod tests {
 
     #[test]
     fn a_connection_of_no_known_protocol_is_given_up_once() {
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
-        b.handle(&connect("c3"), &mut out);
-        let noise = [0x42u8; 100];
-        b.handle(
-            &data("c3", Direction::Egress, 0, &noise, 5, false),
-            &mut out,
-        );
-        b.handle(
-            &data("c3", Direction::Ingress, 0, &noise, 6, false),
-            &mut out,
-        );
-        b.handle(
-            &data("c3", Direction::Egress, 100, &noise, 7, false),
-            &mut out,
-        );
+        let noise: &[u8] = &[0x42; 100];
+        let (b, out) = build(std::iter::once(connect("c3")).chain(pieces(
+            "c3",
+            false,
+            &[(Egress, noise), (Ingress, noise), (Egress, noise)],
+        )));
         assert!(out.is_empty());
         assert_eq!(b.given_up, vec!["c3".to_string()]);
     }
@@ -1281,40 +1259,29 @@ mod tests {
     /// a span.
     #[test]
     fn a_connection_watched_mid_response_yields_its_next_exchange() {
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
         let tail = [b'x'; 300];
-        b.handle(
-            &data("m1", Direction::Ingress, 0, &tail, 5, false),
-            &mut out,
-        );
-        // A capture gap before the protocol is known does not give it up either.
-        b.handle(
-            &data("m1", Direction::Ingress, 400, &tail, 6, false),
-            &mut out,
-        );
-        b.handle(
-            &data(
+        // Offsets given by hand: 400 leaves a capture gap before the protocol is known,
+        // which does not give it up either.
+        let (b, out) = build([
+            data("m1", Ingress, 0, &tail, 5, false),
+            data("m1", Ingress, 400, &tail, 6, false),
+            data(
                 "m1",
-                Direction::Egress,
+                Egress,
                 0,
                 b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n",
                 7,
                 false,
             ),
-            &mut out,
-        );
-        b.handle(
-            &data(
+            data(
                 "m1",
-                Direction::Ingress,
+                Ingress,
                 700,
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
                 8,
                 false,
             ),
-            &mut out,
-        );
+        ]);
         assert!(b.given_up.is_empty());
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].attributes["http.status_code"], 200);
@@ -1325,31 +1292,14 @@ mod tests {
 
     #[test]
     fn protocol_is_detected_by_content_not_port() {
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
-        b.handle(&connect("c2"), &mut out);
-        b.handle(
-            &data(
-                "c2",
-                Direction::Egress,
-                0,
-                b"GET /x HTTP/1.1\r\nHost: h:9000\r\n\r\n",
-                5,
-                false,
-            ),
-            &mut out,
-        );
-        b.handle(
-            &data(
-                "c2",
-                Direction::Ingress,
-                0,
-                b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n",
-                6,
-                false,
-            ),
-            &mut out,
-        );
+        let (_, out) = build(std::iter::once(connect("c2")).chain(pieces(
+            "c2",
+            false,
+            &[
+                (Egress, b"GET /x HTTP/1.1\r\nHost: h:9000\r\n\r\n"),
+                (Ingress, b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"),
+            ],
+        )));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].attributes["http.url"], "http://h:9000/x");
         assert_eq!(out[0].status.code, StatusCode::Error);
@@ -1373,15 +1323,12 @@ mod tests {
             coded,
         ]
         .concat();
-        let mut b = SpanBuilder::new(SpanConfig::default(), Clock::new());
-        let mut out = Vec::new();
-        b.handle(&connect("c4"), &mut out);
         let req = b"GET /k HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip\r\n\r\n";
-        b.handle(&data("c4", Direction::Egress, 0, req, 5, false), &mut out);
-        b.handle(
-            &data("c4", Direction::Ingress, 0, &resp, 6, false),
-            &mut out,
-        );
+        let (_, out) = build(std::iter::once(connect("c4")).chain(pieces(
+            "c4",
+            false,
+            &[(Egress, req), (Ingress, &resp)],
+        )));
         assert_eq!(out.len(), 1);
         assert_eq!(
             out[0].response_body.as_deref(),

@@ -118,12 +118,15 @@ struct Printer {
 
 impl Sink for Printer {
     fn span(&mut self, span: Span) {
-        let line = if self.json {
-            serde_json::to_string(&span).unwrap_or_default()
+        if self.json {
+            // Straight into the buffer: no line string per span.
+            if serde_json::to_writer(&mut self.out, &span).is_err() {
+                return;
+            }
+            let _ = self.out.write_all(b"\n");
         } else {
-            span_text(&span, self.show_bytes)
-        };
-        let _ = writeln!(self.out, "{line}");
+            let _ = writeln!(self.out, "{}", span_text(&span, self.show_bytes));
+        }
     }
 
     fn record(&mut self, r: &Record, clock: &Clock) {
@@ -519,7 +522,9 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         json: opts.json,
         raw: opts.raw,
         show_bytes: opts.show_bytes,
-        out: std::io::BufWriter::new(std::io::stdout()),
+        // Spans come in bursts of a whole drain (flushed at its end): a larger buffer
+        // means fewer writes to the pipe.
+        out: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()),
     };
     let output = if opts.raw {
         Output::Records

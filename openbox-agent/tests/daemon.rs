@@ -603,6 +603,48 @@ fn readyz_says_not_ready_until_the_programs_are_attached_then_systemd_hears_read
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
 
+/// A SIGTERM that came before the daemon caught signals ended it by the default action,
+/// with every program attached: the kernel then detached them as the process exited,
+/// 2–4 s (a rolling update's stop measured at 2.3 s), with no summary. Sent here while
+/// the daemon waits before loading its programs.
+#[test]
+fn sigterm_during_start_up_stops_the_daemon_through_its_exit_path() {
+    let env = TestEnv::get();
+    let dir = TempDir::new("early-term");
+    let gate = dir.join("attach-now");
+    let stderr = fs::File::create(dir.join("agent.err")).unwrap();
+    let mut child = Command::new(&env.agent)
+        .args([
+            "run",
+            "--events",
+            "off",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--socket",
+        ])
+        .arg(dir.join("agent.sock"))
+        // Test-only: the agent waits for this file before it loads its programs.
+        .env("OPENBOX_TEST_HOLD_ATTACH", &gate)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let read_err = || fs::read_to_string(dir.join("agent.err")).unwrap_or_default();
+    let addr = metrics_addr(read_err);
+    assert_eq!(http_get(&addr, "/healthz").unwrap().0, 200);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    fs::write(&gate, b"").unwrap();
+    let status = child.wait().unwrap();
+    let err = read_err();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.lines().any(|l| l.contains("\"type\":\"summary\"")),
+        "no summary: {err}"
+    );
+}
+
 #[test]
 fn the_config_file_covers_run_settings_with_flag_over_env_over_file_and_rejects_unknown_keys() {
     let env = TestEnv::get();

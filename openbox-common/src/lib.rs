@@ -113,6 +113,13 @@ pub const GLOBAL_CAPTURE_LIMIT: &str = "CAPTURE_LIMIT";
 /// u32: when 1, stop a watched process with SIGSTOP when it opens a file whose name
 /// contains "libssl", so uprobes are attached before its first TLS call.
 pub const GLOBAL_PAUSE_ON_TLS_LIB: &str = "PAUSE_ON_TLS_LIB";
+/// u32: offset of `task_struct.signal` on this kernel, from its BTF, for kernels whose
+/// `sched_process_exit` record has no `group_dead`; 0: read `group_dead` from the
+/// record.
+pub const GLOBAL_EXIT_TASK_SIGNAL: &str = "EXIT_TASK_SIGNAL";
+/// u32: offset of `signal_struct.live` (atomic_t) on this kernel, with
+/// [`GLOBAL_EXIT_TASK_SIGNAL`].
+pub const GLOBAL_EXIT_SIGNAL_LIVE: &str = "EXIT_SIGNAL_LIVE";
 
 // ---- indices of the per-CPU COUNTERS array ----
 /// Records written to the ring buffer.

@@ -14,6 +14,10 @@ use crate::emit::LoopState;
 pub static CAPTURE_LIMIT: u32 = DEFAULT_CAPTURE_LIMIT;
 #[no_mangle]
 pub static PAUSE_ON_TLS_LIB: u32 = 0;
+#[no_mangle]
+pub static EXIT_TASK_SIGNAL: u32 = 0;
+#[no_mangle]
+pub static EXIT_SIGNAL_LIVE: u32 = 0;
 
 /// Watched processes: tgid → flags. Filled by the agent and by fork of a watched process.
 #[map]

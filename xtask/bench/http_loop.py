@@ -5,7 +5,8 @@ Usage: http_loop.py --url URL --requests N --warmup W --out FILE [--sdk]
 
 --sdk: openbox-temporal-sdk-python 1.0.0's instrumentation on, set up as
 `create_openbox_worker` does (a WorkflowSpanProcessor, then
-`setup_opentelemetry_for_governance` with its defaults), and the requests made inside an
+`setup_opentelemetry_for_governance` with its defaults; openbox-agent/tests/support/
+sdk_setup.py, shared with the spans test), and the requests made inside an
 `activity.*` span whose trace is registered with the processor, as its activity
 interceptor does — so every request's span is built, its bodies captured and buffered,
 exactly as in a worker. Without --sdk, the same loop with nothing added.
@@ -19,7 +20,9 @@ warm-up requests (connection set-up, TLS handshake, first-call imports) are not 
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
@@ -46,27 +49,13 @@ def loop(url, requests, warmup):
 
 
 def with_sdk(url, requests, warmup):
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
+    # The SDK's set-up is shared with the spans test (openbox-agent/tests/support).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "..", "..", "openbox-agent", "tests", "support"))
+    import sdk_setup
 
-    from openbox.otel_setup import setup_opentelemetry_for_governance
-    from openbox.span_processor import WorkflowSpanProcessor
-    from openbox.types import WorkflowSpanBuffer
-
-    core = "http://openbox-core.invalid"
-    trace.set_tracer_provider(TracerProvider())
-    processor = WorkflowSpanProcessor(ignored_url_prefixes=[core])
-    setup_opentelemetry_for_governance(processor, ignored_urls=[core])
-    workflow_id, activity_id = "wf-bench", "1"
-    buffer = WorkflowSpanBuffer(workflow_id=workflow_id, run_id="run-1",
-                                workflow_type="Bench", task_queue="q")
-    processor.register_workflow(workflow_id, buffer)
-    tracer = trace.get_tracer("openbox.activity_interceptor")
-    with tracer.start_as_current_span(
-        "activity.bench",
-        attributes={"temporal.workflow_id": workflow_id, "temporal.activity_id": activity_id},
-    ) as span:
-        processor.register_trace(span.get_span_context().trace_id, workflow_id, activity_id)
+    processor = sdk_setup.instrument()
+    with sdk_setup.activity(processor, "wf-bench", "Bench", "bench") as (buffer, _):
         times, cpu = loop(url, requests, warmup)
     spans = len(buffer.spans)
     if spans < requests:

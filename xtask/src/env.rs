@@ -379,7 +379,8 @@ fn marker_contents(python3: &Path, requirements: &str) -> Result<String> {
 /// Modules each virtualenv must import once built.
 const FIXTURE_IMPORTS: &str = "import httpx, psycopg2, asyncpg, pymysql, redis, pymongo, \
      requests, urllib3, aiohttp, temporalio.client, temporalio.worker, jsonschema, openai, \
-     anthropic, brotli, temporalio.contrib.opentelemetry, opentelemetry.sdk.trace";
+     anthropic, brotli, temporalio.contrib.opentelemetry, opentelemetry.sdk.trace, hypercorn, h2, \
+     grpc, grpclib";
 const SDK_IMPORTS: &str =
     "import openbox.otel_setup, openbox.span_processor, opentelemetry.sdk.trace, \
      opentelemetry.instrumentation.httpx, opentelemetry.instrumentation.psycopg2, \

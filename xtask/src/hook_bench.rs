@@ -57,7 +57,7 @@ pub fn run(agent: &Path, env: &TestEnv, runs: u32) -> Result<()> {
             .stderr(Stdio::null()),
     )?;
     let socket = dir.join("agent.sock");
-    let daemon = Proc::service(
+    let mut daemon = Proc::service(
         "openbox-agent run",
         Command::new(agent)
             .arg("run")
@@ -67,9 +67,7 @@ pub fn run(agent: &Path, env: &TestEnv, runs: u32) -> Result<()> {
             .arg(dir.join("events.jsonl"))
             .stdout(Stdio::null()),
     )?;
-    wait_until("openbox-agent run", Duration::from_secs(30), || {
-        std::os::unix::net::UnixStream::connect(&socket).is_ok()
-    })?;
+    daemon.wait_for_socket(&socket, Duration::from_secs(30))?;
     wait_until("the Temporal dev server", Duration::from_secs(90), || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     })?;

@@ -60,16 +60,23 @@ const BPF_HEADER: &str = "/usr/include/linux/bpf.h";
 struct Kernel {
     label: &'static str,
     meta: &'static str,
+    /// Capture modes forced in the quick run besides the default, so that CI exercises
+    /// each mode on an older kernel too (this machine's kernel refuses fentry, so its
+    /// default is tracepoint; the Debian kernels' is fentry).
+    quick_modes: &'static [&'static str],
 }
 
 const KERNELS: &[Kernel] = &[
     Kernel {
         label: "6.1",
         meta: "linux-image-cloud-amd64",
+        // Its default is fentry: the syscall tracepoints' path on an older kernel.
+        quick_modes: &["tracepoint"],
     },
     Kernel {
         label: "6.12",
         meta: "linux-image-6.12-cloud-amd64",
+        quick_modes: &["fentry"],
     },
 ];
 
@@ -85,18 +92,10 @@ const GUEST_LIMIT: Duration = Duration::from_secs(300);
 /// CI's quick run keeps checking the rest (the guests boot, `check` runs, the host
 /// captures) while the finding is open; once the error is gone the run says so.
 ///
-/// Debian's 6.1 and 6.12 have no `group_dead` in `sched:sched_process_exit` (their
-/// record ends at `prio`, offset 28), which the exit program reads at offset 32 to tell
-/// a process's end from a thread's, so the agent refuses to start there
-/// (capture/tracefs.rs). The kernel would refuse too: attaching a tracepoint program
-/// that reads past the record fails (`bpf_link_create`: EACCES). With that one program
-/// left out, every other program passes both verifiers and attaches, and HTTPS
-/// plaintext is captured (measured); file spans then never end, as a process's exit
-/// closes its files.
-const KNOWN: &[(&str, &str)] = &[
-    ("6.1", "has no field `group_dead`"),
-    ("6.12", "has no field `group_dead`"),
-];
+/// None now. The last one: Debian's 6.1 and 6.12 have no `group_dead` in
+/// `sched:sched_process_exit`, which the exit program read; it now reads
+/// `current->signal->live` there, at offsets from the kernel's BTF.
+const KNOWN: &[(&str, &str)] = &[];
 
 /// The lock the project's kernel tests share, so the host row does not load programs
 /// while another run's tests do.
@@ -106,7 +105,8 @@ pub struct Options {
     /// The kernel object the agent embeds: its helper calls are checked against what
     /// each kernel offers.
     pub object: PathBuf,
-    /// One `trace` per kernel in the agent's default mode, no bpftool probe.
+    /// One `trace` per kernel in the agent's default mode (and the kernel's
+    /// [`Kernel::quick_modes`]), no bpftool probe.
     pub quick: bool,
     /// Only these kernels (labels: 6.1, 6.12; "host"); all when empty.
     pub kernels: Vec<String>,
@@ -134,6 +134,7 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
     let tls = ensure_certificate(&dir)?;
     let expect = Expect {
         modes: modes.clone(),
+        quick: opts.quick,
         bpftool: !opts.quick,
         helpers: if opts.quick {
             BTreeSet::new()
@@ -159,7 +160,13 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
         for kernel in guest_kernels {
             let boot = fetch_kernel(kernel, &dir)?;
             let t = Instant::now();
-            let outcome = boot_guest(&boot, &initramfs, &expect, &dir.join(kernel.label));
+            let outcome = boot_guest(
+                &boot,
+                &initramfs,
+                &expect.modes_on(kernel.label),
+                &expect,
+                &dir.join(kernel.label),
+            );
             let elapsed = t.elapsed();
             match outcome {
                 Ok(results) => rows.push(Row::new(
@@ -207,9 +214,28 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
 struct Expect {
     /// `default` (no flag) or the values of `--capture-mode`.
     modes: Vec<String>,
+    quick: bool,
     bpftool: bool,
     /// `program type: helper` for each helper the kernel object calls.
     helpers: BTreeSet<String>,
+}
+
+impl Expect {
+    /// The modes run on kernel `label`: [`Expect::modes`], and in the quick run the
+    /// kernel's [`Kernel::quick_modes`] too.
+    fn modes_on(&self, label: &str) -> Vec<String> {
+        let mut modes = self.modes.clone();
+        let extra = KERNELS
+            .iter()
+            .filter(|k| self.quick && k.label == label)
+            .flat_map(|k| k.quick_modes);
+        for mode in extra {
+            if !modes.iter().any(|m| m == mode) {
+                modes.push(mode.to_string());
+            }
+        }
+        modes
+    }
 }
 
 /// The capture modes to run: the values `trace --capture-mode` offers except `auto`
@@ -672,7 +698,7 @@ fn run_on_host(agent: &Path, tls: &Tls, expect: &Expect) -> Result<Sections> {
         .env("KMX_CERT_DIR", &tls.dir)
         .env("KMX_WORK", tmp.join("work"))
         .env("KMX_PORT", port.to_string())
-        .env("KMX_MODES", expect.modes.join(","))
+        .env("KMX_MODES", expect.modes_on("host").join(","))
         .env("KMX_BPFTOOL", if expect.bpftool { "1" } else { "0" })
         .status()
         .context("running the kernel-matrix steps on the host")?;
@@ -688,7 +714,13 @@ fn run_on_host(agent: &Path, tls: &Tls, expect: &Expect) -> Result<Sections> {
     Ok(sections)
 }
 
-fn boot_guest(boot: &Boot, initramfs: &Path, expect: &Expect, dir: &Path) -> Result<Sections> {
+fn boot_guest(
+    boot: &Boot,
+    initramfs: &Path,
+    modes: &[String],
+    expect: &Expect,
+    dir: &Path,
+) -> Result<Sections> {
     fs::create_dir_all(dir)?;
     let console = dir.join("console.log");
     let results = dir.join("results.log");
@@ -696,7 +728,7 @@ fn boot_guest(boot: &Boot, initramfs: &Path, expect: &Expect, dir: &Path) -> Res
     let _ = fs::remove_file(&results);
     let append = format!(
         "console=ttyS0 panic=-1 quiet kmx_modes={} kmx_bpftool={}",
-        expect.modes.join(","),
+        modes.join(","),
         u8::from(expect.bpftool)
     );
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -820,7 +852,7 @@ struct ModeResult {
 impl Row {
     fn new(label: &str, sections: Sections, expect: &Expect, source: GuestOrHost) -> Row {
         let modes = expect
-            .modes
+            .modes_on(label)
             .iter()
             .map(|m| ModeResult::read(&sections, m, label))
             .collect();
@@ -1363,6 +1395,26 @@ fn elf_code_sections(data: &[u8]) -> Option<Vec<(String, &[u8])>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quick_run_forces_a_mode_on_each_debian_kernel_beside_the_default() {
+        let expect = |quick| Expect {
+            modes: vec!["default".into()],
+            quick,
+            bpftool: false,
+            helpers: BTreeSet::new(),
+        };
+        assert_eq!(expect(true).modes_on("host"), ["default"]);
+        assert_eq!(expect(true).modes_on("6.1"), ["default", "tracepoint"]);
+        assert_eq!(expect(true).modes_on("6.12"), ["default", "fentry"]);
+        assert_eq!(expect(false).modes_on("6.12"), ["default"]);
+        // The full run has every mode already: none twice.
+        let full = Expect {
+            modes: vec!["fentry".into(), "tracepoint".into()],
+            ..expect(true)
+        };
+        assert_eq!(full.modes_on("6.12"), ["fentry", "tracepoint"]);
+    }
 
     #[test]
     fn capture_modes_are_read_from_the_help_without_auto() {

@@ -90,6 +90,10 @@ enum Task {
         /// bench (it needs the Temporal dev server).
         #[arg(long)]
         quick: bool,
+        /// Measure this agent binary instead of building the workspace's (to compare
+        /// with another build).
+        #[arg(long)]
+        agent: Option<PathBuf>,
     },
     /// The load generator of `bench --only load` (run by the bench under the agent).
     #[command(hide = true)]
@@ -110,7 +114,8 @@ enum Task {
     /// `check` and, per capture mode, a `trace` of an HTTPS request and a file write in
     /// each, beside the host; prints the matrix and what differs.
     KernelMatrix {
-        /// One `trace` per kernel in the default capture mode, and no helper probe.
+        /// One `trace` per kernel in the default capture mode (and a forced one on the
+        /// Debian kernels: tracepoint on 6.1, fentry on 6.12), and no helper probe.
         #[arg(long)]
         quick: bool,
         /// Only this kernel (host, 6.1, 6.12); repeatable. All when none is given.
@@ -153,7 +158,8 @@ fn main() -> Result<()> {
             iterations,
             only,
             quick,
-        } => bench(iterations, only, quick),
+            agent,
+        } => bench(iterations, only, quick, agent),
         Task::LoadGen {
             clients,
             seconds,
@@ -340,8 +346,19 @@ fn demo() -> Result<()> {
         .envs(test_env.vars()))
 }
 
-fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Result<()> {
-    build_agent()?;
+fn bench(
+    iterations: Option<u64>,
+    only: Option<BenchPart>,
+    quick: bool,
+    agent: Option<PathBuf>,
+) -> Result<()> {
+    let agent = match agent {
+        Some(path) => path,
+        None => {
+            build_agent()?;
+            agent_binary()
+        }
+    };
     let started = std::time::Instant::now();
     let load_before = load_average();
     println!(
@@ -361,7 +378,7 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
             }
         };
         let iterations = iterations.unwrap_or(if quick { 50_000 } else { 200_000 });
-        for row in bench::run(&agent_binary(), iterations, &modes)? {
+        for row in bench::run(&agent, iterations, &modes)? {
             summary.push(format!(
                 "syscalls  {:<6} {:<30} unwatched ×{:.2} ({:+.0} ns/syscall)   watched ×{:.2} ({:+.0} ns/syscall)",
                 row.mode,
@@ -396,7 +413,7 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
             }
         };
         let env = test_env.as_ref().expect("set up above");
-        for r in http_bench::run(&agent_binary(), env, size)? {
+        for r in http_bench::run(&agent, env, size)? {
             for (what, t) in [("wall", r.wall), ("CPU ", r.cpu)] {
                 summary.push(format!(
                     "http      {:<5} {what} plain {:.0} µs   sdk {:+.0} µs (×{:.2})   agent {:+.0} µs (×{:.2})   agent/sdk {:.3} (target ≤ 0.050)",
@@ -423,7 +440,7 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
             &[50_000.0, 100_000.0, 0.0]
         };
         for &rate in rates {
-            let r = load_bench::run(&agent_binary(), size, rate)?;
+            let r = load_bench::run(&agent, size, rate)?;
             summary.push(format!(
                 "load      {:>7} {:.0} events/s ({:.0} req/s), drops {:.0}; agent {:.2} µs CPU/span, {:.0} % of a core, peak RSS {:.0} MiB{}",
                 if r.target_events_per_s > 0.0 {
@@ -446,10 +463,10 @@ fn bench(iterations: Option<u64>, only: Option<BenchPart>, quick: bool) -> Resul
     }
     if part(BenchPart::Hook) && !quick {
         let env = test_env.as_ref().expect("set up above");
-        hook_bench::run(&agent_binary(), env, 40)?;
+        hook_bench::run(&agent, env, 40)?;
     }
     if part(BenchPart::Startup) {
-        let s = startup_bench::run(&agent_binary(), if quick { 3 } else { 7 })?;
+        let s = startup_bench::run(&agent, if quick { 3 } else { 7 })?;
         summary.push(format!(
             "startup   trace: command started after {:.0} ms (bare {:.0}), trace gone {:.0} ms after it (bare {:.0}) (targets ≤ 500, ≤ 200); daemon: stop {:.0} ms, start to ready {:.0} ms",
             s.trace_start, s.bare_start, s.trace_exit, s.bare_exit, s.daemon_stop, s.daemon_ready

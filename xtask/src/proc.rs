@@ -3,6 +3,8 @@
 
 use std::{
     io::Read,
+    os::unix::net::UnixStream,
+    path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -161,6 +163,32 @@ impl Proc {
                 self.name,
                 std::io::Error::last_os_error()
             );
+        }
+        Ok(())
+    }
+
+    /// Waits until `socket` accepts a connection: a daemon's hook socket is bound once
+    /// its programs are attached. Polled every 2 ms, as start-up is measured with it.
+    /// Fails when the process exits first or `limit` passes.
+    pub fn wait_for_socket(&mut self, socket: &Path, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while UnixStream::connect(socket).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before {} accepted a connection: {}",
+                    self.name,
+                    socket.display(),
+                    self.stderr_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not open {} within {limit:?}; run it by hand to see why",
+                    self.name,
+                    socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
         Ok(())
     }

@@ -89,14 +89,7 @@ fn daemon_restarts(agent: &Path, runs: usize) -> Result<(f64, f64)> {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )?;
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if daemon.try_wait()?.is_some() || spawned.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "`openbox-agent run` did not open its hook socket; run it by hand to see why"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        daemon.wait_for_socket(&socket, Duration::from_secs(60))?;
         Ok((daemon, spawned.elapsed().as_secs_f64() * 1e3))
     };
     let (mut daemon, _) = start()?;

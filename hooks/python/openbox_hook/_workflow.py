@@ -59,6 +59,11 @@ def interceptor_class(link: AgentLink) -> type[WorkflowInboundInterceptor]:
             _report(link, "WorkflowStarted", True, _continued)
             try:
                 result = await super().execute_workflow(input)
+            except temporalio.workflow.ContinueAsNewError:
+                # Not a Core event (the SDK sends none either): the agent ends this
+                # run's trace span here, and the next run's span links to it.
+                _report(link, "WorkflowContinuedAsNew", False, dict)
+                raise
             except Exception as exc:
                 if _fails_workflow(exc):
                     _report(link, "WorkflowFailed", False, functools.partial(_failed, exc))

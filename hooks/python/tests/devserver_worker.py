@@ -89,6 +89,7 @@ async def run(client, agent_socket: str, replay_socket: str) -> dict:
             wf_defs.SignalTimerWorkflow,
             wf_defs.OneActivityWorkflow,
             wf_defs.RaisingWorkflow,
+            wf_defs.ContinuingWorkflow,
         ],
         activities=[greet, charge, pay],
         interceptors=[hook],
@@ -142,7 +143,19 @@ async def run(client, agent_socket: str, replay_socket: str) -> dict:
         except WorkflowFailureError as exc:
             results["raising"] = {"error": failure(exc), "workflow_id": raising.id}
 
-    # 5. The first workflow's whole history replayed (as after an eviction or a restart)
+        # 5. A workflow that continues as new once: two runs of one workflow id.
+        continuing = await client.start_workflow(
+            wf_defs.ContinuingWorkflow.run, 1, id=f"wf-{uuid.uuid4()}", task_queue=task_queue
+        )
+        await continuing.result()
+        last = await client.get_workflow_handle(continuing.id).describe()
+        results["continuing"] = {
+            "workflow_id": continuing.id,
+            "first_run_id": continuing.result_run_id,
+            "last_run_id": last.run_id,
+        }
+
+    # 6. The first workflow's whole history replayed (as after an eviction or a restart)
     # with the default sandboxed runner; its hook's agent must receive nothing.
     replay_hook = OpenBoxHook(replay_socket)
     replayed = await Replayer(

@@ -235,6 +235,34 @@ class DevServerTest(unittest.TestCase):
         self.assertEqual(start["input"], [{"name": "ann", "secret": "s3cret"}])
         self.assertEqual(end["input"], [{"name": "ann", "secret": "***"}])
 
+    def test_continue_as_new_ends_the_run_and_the_next_run_names_it(self) -> None:
+        run = self.results["continuing"]
+        first, last = run["first_run_id"], run["last_run_id"]
+        self.assertNotEqual(first, last)
+        base = {"workflow_id": run["workflow_id"], "workflow_type": "ContinuingWorkflow"}
+        task_queue = self.results["task_queue"]
+        self.assertEqual(
+            self.events(run["workflow_id"]),
+            [
+                {
+                    "event_type": "WorkflowStarted",
+                    **base,
+                    "run_id": first,
+                    "task_queue": task_queue,
+                },
+                # Local to the agent (no Core event): the first run's span ends here.
+                {"event_type": "WorkflowContinuedAsNew", **base, "run_id": first},
+                {
+                    "event_type": "WorkflowStarted",
+                    **base,
+                    "run_id": last,
+                    "task_queue": task_queue,
+                    "continued_run_id": first,
+                },
+                {"event_type": "WorkflowCompleted", **base, "run_id": last, "workflow_output": 0},
+            ],
+        )
+
     def test_replaying_the_history_reports_nothing(self) -> None:
         self.assertIsNone(self.results["replay"]["failure"])  # and it stayed deterministic
         self.assertEqual(self.replay_agent.workflow_events(), [])

@@ -78,3 +78,14 @@ class RaisingWorkflow:
             raise ValueError("inner problem")
         except ValueError as inner:
             raise ApplicationError("outer problem", type="Custom", non_retryable=True) from inner
+
+
+@workflow.defn
+class ContinuingWorkflow:
+    """Continues as new `runs_left` times, then returns how many runs there were."""
+
+    @workflow.run
+    async def run(self, runs_left: int) -> int:
+        if runs_left > 0:
+            workflow.continue_as_new(runs_left - 1)
+        return 0

@@ -1,8 +1,10 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
+pub mod btf;
 pub mod clock;
 pub mod detach;
 pub mod event;
+pub mod load;
 pub mod mode;
 pub mod pause;
 pub mod tls;
@@ -13,12 +15,13 @@ use std::{collections::HashSet, path::Path};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe},
+    programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use openbox_common::*;
 use tokio::io::unix::AsyncFd;
 
+use self::load::How;
 use crate::preflight;
 
 /// bpf_map_update_elem flag: fail when the key exists.
@@ -27,24 +30,32 @@ const BPF_NOEXIST: u64 = 1;
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OPENBOX_EBPF_OBJECT"));
 
+/// The exit program of the data syscalls (read, write, readv, writev, recvfrom, sendto,
+/// recvmsg, sendmsg). The kernel object has one copy per syscall (`sys_exit_*`, made by
+/// the same macro as their entries), all the same code: the call's kind comes from what
+/// its entry kept, not from the tracepoint. Each copy is ~740 instructions and costs the
+/// verifier 90–140 ms (the better part of start-up), so this one is loaded and attached
+/// to the eight tracepoints; the others are never loaded.
+const DATA_EXIT: &str = "sys_exit_read";
+
 /// The data path of tracepoint mode (see [`mode`]): (program, category, tracepoint).
 const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_read", "syscalls", "sys_enter_read"),
-    ("sys_exit_read", "syscalls", "sys_exit_read"),
+    (DATA_EXIT, "syscalls", "sys_exit_read"),
     ("sys_enter_write", "syscalls", "sys_enter_write"),
-    ("sys_exit_write", "syscalls", "sys_exit_write"),
+    (DATA_EXIT, "syscalls", "sys_exit_write"),
     ("sys_enter_readv", "syscalls", "sys_enter_readv"),
-    ("sys_exit_readv", "syscalls", "sys_exit_readv"),
+    (DATA_EXIT, "syscalls", "sys_exit_readv"),
     ("sys_enter_writev", "syscalls", "sys_enter_writev"),
-    ("sys_exit_writev", "syscalls", "sys_exit_writev"),
+    (DATA_EXIT, "syscalls", "sys_exit_writev"),
     ("sys_enter_recvfrom", "syscalls", "sys_enter_recvfrom"),
-    ("sys_exit_recvfrom", "syscalls", "sys_exit_recvfrom"),
+    (DATA_EXIT, "syscalls", "sys_exit_recvfrom"),
     ("sys_enter_sendto", "syscalls", "sys_enter_sendto"),
-    ("sys_exit_sendto", "syscalls", "sys_exit_sendto"),
+    (DATA_EXIT, "syscalls", "sys_exit_sendto"),
     ("sys_enter_recvmsg", "syscalls", "sys_enter_recvmsg"),
-    ("sys_exit_recvmsg", "syscalls", "sys_exit_recvmsg"),
+    (DATA_EXIT, "syscalls", "sys_exit_recvmsg"),
     ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    ("sys_exit_sendmsg", "syscalls", "sys_exit_sendmsg"),
+    (DATA_EXIT, "syscalls", "sys_exit_sendmsg"),
     ("sys_enter_connect", "syscalls", "sys_enter_connect"),
     ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sys_enter_accept", "syscalls", "sys_enter_accept"),
@@ -59,7 +70,8 @@ const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_openat", "syscalls", "sys_enter_openat"),
     ("sys_exit_openat", "syscalls", "sys_exit_openat"),
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
-    ("sys_exit_openat2", "syscalls", "sys_exit_openat2"),
+    // The same code as sys_exit_openat (~90 ms of verifier each): loaded once.
+    ("sys_exit_openat", "syscalls", "sys_exit_openat2"),
 ];
 
 /// Process lifecycle, in both modes: these tracepoints are not on the syscall path.
@@ -199,6 +211,7 @@ impl Capture {
         };
         // Before anything is loaded: a program must never read a field that moved.
         tracefs::check_kernel(btf.is_err())?;
+        let live = live_threads()?;
         preflight::raise_memlock();
         let bpffs = preflight::ensure_bpffs();
         // Processes an agent that crashed left stopped run again, whatever this one does.
@@ -215,6 +228,8 @@ impl Capture {
             .btf(None)
             .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
             .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
+            .override_global(GLOBAL_EXIT_TASK_SIGNAL, &live.task_signal, true)
+            .override_global(GLOBAL_EXIT_SIGNAL_LIVE, &live.signal_live, true)
             .map_max_entries("EVENTS", cfg.ring_bytes);
         if let Some(pin) = &pin {
             loader.map_pin_path(pause::MAP, pin.clone());
@@ -236,35 +251,89 @@ impl Capture {
             pin,
             recovered,
         );
-        attach_tracepoints(&mut ebpf, PROCESS_TRACEPOINTS)?;
-        let chosen = match btf {
-            Ok(btf) => match mode::attach_fentry(&mut ebpf, &btf) {
-                Ok(()) => mode::Chosen {
-                    mode: mode::Mode::Fentry,
-                    reason: match cfg.mode {
-                        mode::ModeChoice::Fentry => "--capture-mode fentry".into(),
-                        _ => "auto: BTF and fentry/fexit trampolines available".into(),
-                    },
-                },
-                Err(e) if cfg.mode == mode::ModeChoice::Auto => {
-                    mode::unload(&mut ebpf);
-                    tracing::warn!(
-                        error = %format!("{e:#}"),
-                        "fentry/fexit programs could not be attached; capturing with syscall tracepoints instead, which slow every syscall of every process on the node"
-                    );
-                    tracefs::check_kernel(true)?;
-                    mode::Chosen {
-                        mode: mode::Mode::Tracepoint,
-                        reason: format!("auto: fentry/fexit failed: {e:#}"),
-                    }
-                }
-                Err(e) => {
-                    return Err(e.context(
-                        "--capture-mode fentry: attaching the fentry/fexit programs failed; use --capture-mode auto or tracepoint",
-                    ))
-                }
+        // fentry/fexit when its first program loads: a kernel that refuses the type
+        // says so at once, before the verifier's time is spent on the others.
+        let mut fentry = match btf {
+            Err(e) => Fentry::Unavailable(e),
+            Ok(btf) => match mode::load_first(&mut ebpf, &btf) {
+                Ok(()) => Fentry::Usable(btf),
+                Err(e) => Fentry::Failed(e),
             },
-            Err(e) => mode::Chosen {
+        };
+        // Every program needed, loaded from several threads at once (the verifier is
+        // most of start-up, see `load`), then attached.
+        let started = std::time::Instant::now();
+        let mut jobs: Vec<(&str, How<'_>)> = PROCESS_TRACEPOINTS
+            .iter()
+            .map(|(p, _, _)| (*p, How::Plain))
+            .chain(SSL_FUNCTIONS.iter().map(|(_, p)| (*p, How::Plain)))
+            .chain([(SSL_RET_PROGRAM, How::Plain)])
+            .collect();
+        let syscalls_loaded = !matches!(fentry, Fentry::Usable(_));
+        match &fentry {
+            Fentry::Usable(btf) => jobs.extend(
+                mode::fentry_jobs(btf)
+                    .into_iter()
+                    .filter(|(p, _)| *p != mode::FIRST),
+            ),
+            _ => jobs.extend(syscall_programs()),
+        }
+        let mut fentry_refused = None;
+        for o in load::load_all(&mut ebpf, &jobs)? {
+            let Err(e) = o.result else { continue };
+            if mode::FENTRY_PROGRAMS
+                .iter()
+                .any(|(p, _, _)| *p == o.program)
+            {
+                if fentry_refused.is_none() {
+                    fentry_refused = Some(mode::fentry_error(o.program, &e));
+                }
+            } else {
+                return Err(load::rejected(o.program, e));
+            }
+        }
+        drop(jobs);
+        let loaded = started.elapsed();
+        attach_tracepoints(&mut ebpf, PROCESS_TRACEPOINTS)?;
+        if let Fentry::Usable(_) = fentry {
+            let attached = match fentry_refused {
+                Some(e) => Err(e),
+                None => mode::attach_loaded(&mut ebpf),
+            };
+            if let Err(e) = attached {
+                fentry = Fentry::Failed(e);
+            }
+        }
+        let chosen = match fentry {
+            Fentry::Usable(_) => mode::Chosen {
+                mode: mode::Mode::Fentry,
+                reason: match cfg.mode {
+                    mode::ModeChoice::Fentry => "--capture-mode fentry".into(),
+                    _ => "auto: BTF and fentry/fexit trampolines available".into(),
+                },
+            },
+            Fentry::Failed(e) if cfg.mode == mode::ModeChoice::Auto => {
+                mode::unload(&mut ebpf);
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "fentry/fexit programs could not be attached; capturing with syscall tracepoints instead, which slow every syscall of every process on the node"
+                );
+                tracefs::check_kernel(true)?;
+                if !syscalls_loaded {
+                    let syscalls: Vec<(&str, How<'_>)> = syscall_programs().collect();
+                    load::load_or_fail(&mut ebpf, &syscalls, load::rejected)?;
+                }
+                mode::Chosen {
+                    mode: mode::Mode::Tracepoint,
+                    reason: format!("auto: fentry/fexit failed: {e:#}"),
+                }
+            }
+            Fentry::Failed(e) => {
+                return Err(e.context(
+                    "--capture-mode fentry: attaching the fentry/fexit programs failed; use --capture-mode auto or tracepoint",
+                ))
+            }
+            Fentry::Unavailable(e) => mode::Chosen {
                 mode: mode::Mode::Tracepoint,
                 reason: match cfg.mode {
                     mode::ModeChoice::Tracepoint => "--capture-mode tracepoint".into(),
@@ -275,15 +344,13 @@ impl Capture {
         if chosen.mode == mode::Mode::Tracepoint {
             attach_tracepoints(&mut ebpf, SYSCALL_TRACEPOINTS)?;
         }
-        tracing::info!(mode = %chosen.mode, reason = %chosen.reason, "capture mode");
-        for (_, prog) in SSL_FUNCTIONS.iter().chain([&("", SSL_RET_PROGRAM)]) {
-            let p: &mut UProbe = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
-                .try_into()?;
-            p.load()
-                .with_context(|| format!("the kernel rejected program {prog}"))?;
-        }
+        tracing::info!(
+            mode = %chosen.mode,
+            reason = %chosen.reason,
+            load_ms = loaded.as_secs_f64() * 1e3,
+            attach_ms = (started.elapsed() - loaded).as_secs_f64() * 1e3,
+            "capture mode"
+        );
         let watched = BpfHashMap::try_from(ebpf.take_map("WATCHED").context("map WATCHED")?)?;
         let fds = BpfHashMap::try_from(ebpf.take_map("FDS").context("map FDS")?)?;
         let fd_flags = BpfHashMap::try_from(ebpf.take_map("FD_FLAGS").context("map FD_FLAGS")?)?;
@@ -529,15 +596,54 @@ pub fn probe_fentry() -> Result<()> {
     mode::attach_fentry(&mut ebpf, &btf)
 }
 
-/// Loads and attaches tracepoint programs: (program, category, tracepoint).
+/// Where the exit program learns that a process ended: zeros for the record's
+/// `group_dead`, else the offsets of `task_struct.signal` and `signal_struct.live`
+/// (kernels before `group_dead` was added to `sched_process_exit`, such as Debian's
+/// 6.1 and 6.12).
+pub fn live_threads() -> Result<btf::LiveThreads> {
+    if tracefs::exit_has_group_dead()? {
+        return Ok(btf::LiveThreads {
+            task_signal: 0,
+            signal_live: 0,
+        });
+    }
+    let live = btf::Btf::from_sys_fs()
+        .and_then(|btf| btf::LiveThreads::find(&btf))
+        .context("tracepoint sched:sched_process_exit has no group_dead field on this kernel, so openbox-agent reads the count of a process's live threads from the kernel's task structures instead, and could not find where they are; it needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF=y, /sys/kernel/btf/vmlinux)")?;
+    tracing::info!(
+        task_signal = live.task_signal,
+        signal_live = live.signal_live,
+        "sched_process_exit has no group_dead: process exits are told by task->signal->live"
+    );
+    Ok(live)
+}
+
+/// The programs of [`SYSCALL_TRACEPOINTS`], each once.
+fn syscall_programs<'a>() -> impl Iterator<Item = (&'static str, How<'a>)> {
+    SYSCALL_TRACEPOINTS
+        .iter()
+        .enumerate()
+        .filter(|(i, (p, _, _))| !SYSCALL_TRACEPOINTS[..*i].iter().any(|(q, _, _)| q == p))
+        .map(|(_, (p, _, _))| (*p, How::Plain))
+}
+
+/// Whether fentry mode can be used, as found while loading.
+enum Fentry {
+    /// Not tried: forced off, or no BTF.
+    Unavailable(anyhow::Error),
+    /// Its programs loaded so far.
+    Usable(aya::Btf),
+    /// A program was refused, or would not attach.
+    Failed(anyhow::Error),
+}
+
+/// Attaches loaded tracepoint programs: (program, category, tracepoint).
 fn attach_tracepoints(ebpf: &mut Ebpf, which: &[(&str, &str, &str)]) -> Result<()> {
     for (prog, category, name) in which {
         let tp: &mut TracePoint = ebpf
             .program_mut(prog)
             .ok_or_else(|| anyhow!("program {prog} missing from the kernel object"))?
             .try_into()?;
-        tp.load()
-            .with_context(|| format!("the kernel rejected program {prog}"))?;
         tp.attach(category, name).map_err(|e| {
             anyhow!("attaching to tracepoint {category}:{name} failed: {e}. The kernel needs CONFIG_FTRACE_SYSCALLS and tracefs mounted at /sys/kernel/tracing.")
         })?;

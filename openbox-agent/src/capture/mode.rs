@@ -22,6 +22,8 @@ use aya::{
     Btf, Ebpf,
 };
 
+use super::load::{self, How};
+
 /// `--capture-mode` / `capture_mode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,41 +113,84 @@ pub fn fentry_prerequisites() -> Result<Btf> {
     })
 }
 
-/// Loads and attaches every fentry/fexit program. On an error the programs already
-/// attached stay so until `ebpf` drops them or the caller unloads them ([`unload`]).
-pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
-    for (prog, func, hook) in FENTRY_PROGRAMS {
+/// The fentry/fexit programs as [`load::load_all`] jobs.
+pub fn fentry_jobs(btf: &Btf) -> Vec<(&'static str, How<'_>)> {
+    FENTRY_PROGRAMS
+        .iter()
+        .map(|&(prog, func, hook)| {
+            let how = match hook {
+                Hook::Entry => How::Fentry(func, btf),
+                Hook::Exit => How::Fexit(func, btf),
+            };
+            (prog, how)
+        })
+        .collect()
+}
+
+/// An fentry/fexit program's load or attach failure, named with its function.
+pub fn fentry_error(prog: &str, e: &dyn std::error::Error) -> anyhow::Error {
+    let (func, what) = FENTRY_PROGRAMS.iter().find(|(p, _, _)| *p == prog).map_or(
+        ("?", "fentry"),
+        |(_, func, hook)| {
+            (
+                *func,
+                match hook {
+                    Hook::Entry => "fentry",
+                    Hook::Exit => "fexit",
+                },
+            )
+        },
+    );
+    let text = super::tls::with_causes(e);
+    // EPERM with CAP_BPF and CAP_PERFMON held, before the verifier ran (its log
+    // is empty): the kernel refuses the program type itself, as this project's
+    // Firecracker development VM (6.18) does for every BPF_PROG_TYPE_TRACING.
+    let hint = if text.contains("os error 1)") {
+        " (this kernel refuses BPF tracing programs, the fentry/fexit type, although the agent holds CAP_BPF and CAP_PERFMON: `bpftool feature probe kernel` shows `program_type tracing is NOT available`)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{what} program {prog} on {func}: {text}{hint}")
+}
+
+/// The program [`load_first`] loads.
+pub const FIRST: &str = "fentry_close";
+
+/// Whether this kernel loads fentry programs at all, from one small program: a kernel
+/// that refuses the type (EPERM before the verifier runs) says so at once, before the
+/// agent spends the verifier's time on the others.
+pub fn load_first(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    let jobs = fentry_jobs(btf);
+    let first = jobs
+        .iter()
+        .find(|(p, _)| *p == FIRST)
+        .copied()
+        .context("program fentry_close missing")?;
+    load::load_or_fail(ebpf, &[first], |p, e| fentry_error(p, &e))
+}
+
+/// Attaches the fentry/fexit programs, loaded already. On an error the programs
+/// already attached stay so until `ebpf` drops them or the caller unloads them
+/// ([`unload`]).
+pub fn attach_loaded(ebpf: &mut Ebpf) -> Result<()> {
+    for (prog, _, hook) in FENTRY_PROGRAMS {
         let program = ebpf
             .program_mut(prog)
             .with_context(|| format!("program {prog} missing from the kernel object"))?;
-        let what = match hook {
-            Hook::Entry => "fentry",
-            Hook::Exit => "fexit",
+        let attached = match hook {
+            Hook::Entry => <&mut FEntry>::try_from(program).and_then(|p| p.attach().map(drop)),
+            Hook::Exit => <&mut FExit>::try_from(program).and_then(|p| p.attach().map(drop)),
         };
-        let loaded = match hook {
-            Hook::Entry => {
-                let p: &mut FEntry = program.try_into()?;
-                p.load(func, btf).and_then(|()| p.attach().map(drop))
-            }
-            Hook::Exit => {
-                let p: &mut FExit = program.try_into()?;
-                p.load(func, btf).and_then(|()| p.attach().map(drop))
-            }
-        };
-        loaded.map_err(|e| {
-            let text = super::tls::with_causes(&e);
-            // EPERM with CAP_BPF and CAP_PERFMON held, before the verifier ran (its log
-            // is empty): the kernel refuses the program type itself, as this project's
-            // Firecracker development VM (6.18) does for every BPF_PROG_TYPE_TRACING.
-            let hint = if text.contains("os error 1)") {
-                " (this kernel refuses BPF tracing programs, the fentry/fexit type, although the agent holds CAP_BPF and CAP_PERFMON: `bpftool feature probe kernel` shows `program_type tracing is NOT available`)"
-            } else {
-                ""
-            };
-            anyhow::anyhow!("{what} program {prog} on {func}: {text}{hint}")
-        })?;
+        attached.map_err(|e| fentry_error(prog, &e))?;
     }
     Ok(())
+}
+
+/// Loads (in parallel) and attaches every fentry/fexit program; see [`attach_loaded`]
+/// for what an error leaves.
+pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+    load::load_or_fail(ebpf, &fentry_jobs(btf), |p, e| fentry_error(p, &e))?;
+    attach_loaded(ebpf)
 }
 
 /// Detaches and unloads the fentry/fexit programs (after a failed [`attach_fentry`],

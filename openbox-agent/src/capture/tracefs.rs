@@ -4,10 +4,11 @@
 //! A tracepoint program reads its record at fixed offsets (`openbox_common::RawField`
 //! and the syscall argument slots). The verifier bounds those reads by the largest
 //! record, not by this tracepoint's, so a field that moved or does not exist would be
-//! read as garbage without any error: `sched_process_exit`'s `group_dead`, for one,
-//! exists only on recent kernels, and a misread would unwatch a whole process when one
-//! of its threads exits. So the agent refuses to start on a kernel whose layout
-//! differs, naming the tracepoint, the field, and both offsets.
+//! read as garbage without any error. So the agent refuses to start on a kernel whose
+//! layout differs, naming the tracepoint, the field, and both offsets. The one field
+//! allowed to be missing is `sched_process_exit`'s `group_dead`, which only recent
+//! kernels have: where it is missing, the exit program reads the count of the group's
+//! live threads from the task instead ([`has_group_dead`]).
 
 use std::path::{Path, PathBuf};
 
@@ -117,7 +118,36 @@ const SYSCALL_RETS_READ: &[&str] = &[
     "openat2",
 ];
 
-/// Every field the kernel programs read at a fixed offset.
+/// `sched:sched_process_exit`'s `group_dead`, read by the exit program where the kernel
+/// has it; older kernels (Debian's 6.1 and 6.12) do not, and the program reads
+/// `current->signal->live` instead ([`super::btf::LiveThreads`]).
+fn group_dead() -> Assumed {
+    Assumed {
+        category: "sched",
+        event: "sched_process_exit".into(),
+        field: FieldRef::Named("group_dead"),
+        at: SCHED_PROCESS_EXIT_GROUP_DEAD,
+    }
+}
+
+/// Whether the `sched_process_exit` record described by `format` has `group_dead`
+/// where the exit program reads it; an error when it is somewhere else.
+pub fn has_group_dead(format: &str) -> Result<bool, LayoutError> {
+    match check_field(&group_dead(), &parse_format(format)) {
+        Ok(()) => Ok(true),
+        Err(LayoutError::Missing { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`has_group_dead`] on this kernel.
+pub fn exit_has_group_dead() -> Result<bool> {
+    let text = read_format(&events_dir(), "sched", "sched_process_exit")?;
+    Ok(has_group_dead(&text)?)
+}
+
+/// Every field the kernel programs read at a fixed offset, but `group_dead`
+/// ([`has_group_dead`]).
 pub fn assumed() -> Vec<Assumed> {
     let mut out = vec![
         Assumed {
@@ -143,12 +173,6 @@ pub fn assumed() -> Vec<Assumed> {
             event: "sched_process_exec".into(),
             field: FieldRef::Named("old_pid"),
             at: SCHED_PROCESS_EXEC_OLD_PID,
-        },
-        Assumed {
-            category: "sched",
-            event: "sched_process_exit".into(),
-            field: FieldRef::Named("group_dead"),
-            at: SCHED_PROCESS_EXIT_GROUP_DEAD,
         },
     ];
     for (syscall, args) in SYSCALL_ARGS_READ {
@@ -282,13 +306,17 @@ fn check_in(events: &Path, syscalls: bool) -> Result<()> {
         .filter(|a| syscalls || a.category != "syscalls")
         .collect();
     check_all(&assumed, |category, event| {
-        let path = events.join(category).join(event).join("format");
-        std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "reading the layout of tracepoint {category}:{event} from {} failed. The kernel needs this tracepoint (syscall tracepoints need CONFIG_FTRACE_SYSCALLS) and tracefs mounted at {TRACEFS}.",
-                path.display()
-            )
-        })
+        read_format(events, category, event)
+    })
+}
+
+fn read_format(events: &Path, category: &str, event: &str) -> Result<String> {
+    let path = events.join(category).join(event).join("format");
+    std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the layout of tracepoint {category}:{event} from {} failed. The kernel needs this tracepoint (syscall tracepoints need CONFIG_FTRACE_SYSCALLS) and tracefs mounted at {TRACEFS}.",
+            path.display()
+        )
     })
 }
 
@@ -417,7 +445,6 @@ print fmt: \"0x%lx\", REC->ret
     fn every_assumption_holds_on_the_pasted_formats() {
         let all = assumed();
         for (text, event) in [
-            (SCHED_PROCESS_EXIT, "sched_process_exit"),
             (TASK_NEWTASK, "task_newtask"),
             (SCHED_PROCESS_EXEC, "sched_process_exec"),
             (SYS_ENTER_SOCKETPAIR, "sys_enter_socketpair"),
@@ -433,26 +460,25 @@ print fmt: \"0x%lx\", REC->ret
     }
 
     #[test]
-    fn a_kernel_without_group_dead_is_refused_by_name() {
-        // sched_process_exit as older kernels have it: no group_dead.
+    fn group_dead_may_be_missing_but_not_elsewhere() {
+        assert_eq!(has_group_dead(SCHED_PROCESS_EXIT), Ok(true));
+        // sched_process_exit as Debian's 6.1 and 6.12 have it: no group_dead.
         let old = SCHED_PROCESS_EXIT.replace(
             "\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n",
             "",
         );
-        let a = find(
-            &assumed(),
-            "sched_process_exit",
-            FieldRef::Named("group_dead"),
-        );
-        let err = check_field(&a, &parse_format(&old)).unwrap_err();
-        assert!(matches!(err, LayoutError::Missing { .. }), "{err:?}");
-        let msg = err.to_string();
+        assert_eq!(has_group_dead(&old), Ok(false));
+        let moved =
+            SCHED_PROCESS_EXIT.replace("group_dead;\toffset:32;", "group_dead;\toffset:36;");
+        let err = has_group_dead(&moved).unwrap_err();
+        assert!(matches!(err, LayoutError::Moved { .. }), "{err:?}");
         assert!(
-            msg.contains("sched:sched_process_exit has no field `group_dead`")
-                && msg.contains("offset 32 (size 1)")
-                && msg.contains("refuses to start"),
-            "{msg}"
+            err.to_string()
+                .contains("sched:sched_process_exit: field `group_dead` is at offset 36"),
+            "{err}"
         );
+        // The other checks do not look at it.
+        assert!(assumed().iter().all(|a| a.event != "sched_process_exit"));
     }
 
     #[test]
@@ -513,26 +539,18 @@ print fmt: \"0x%lx\", REC->ret
     fn check_all_reads_each_format_once_and_stops_at_the_first_difference() {
         let all = assumed();
         let mut reads = Vec::new();
-        let old_exit = SCHED_PROCESS_EXIT.replace("group_dead", "something_else");
+        let old_exec = SCHED_PROCESS_EXEC.replace("old_pid", "something_else");
         let err = check_all(&all, |category, event| {
             reads.push(format!("{category}:{event}"));
             Ok(match event {
-                "sched_process_exit" => old_exit.clone(),
                 "task_newtask" => TASK_NEWTASK.into(),
-                "sched_process_exec" => SCHED_PROCESS_EXEC.into(),
+                "sched_process_exec" => old_exec.clone(),
                 _ => unreachable!("syscalls come after the process tracepoints"),
             })
         })
         .unwrap_err();
-        assert!(err.to_string().contains("group_dead"), "{err}");
-        assert_eq!(
-            reads,
-            [
-                "task:task_newtask",
-                "sched:sched_process_exec",
-                "sched:sched_process_exit"
-            ]
-        );
+        assert!(err.to_string().contains("old_pid"), "{err}");
+        assert_eq!(reads, ["task:task_newtask", "sched:sched_process_exec"]);
     }
 
     #[test]

@@ -137,6 +137,17 @@ enum GovernorState {
 }
 
 pub async fn run(opts: RunOpts) -> Result<i32> {
+    // Before anything is attached: a signal's default action would end the daemon with
+    // every program still attached, and the kernel then detaches them as the process
+    // exits, one RCU grace period each under a kernel-wide mutex — 2–4 s before the
+    // process is gone (the 3 s stop once measured by `cargo xtask bench --only startup`,
+    // whose SIGTERM came as soon as the hook socket was bound, before these were set).
+    // Caught, a signal during start-up ends the daemon through the exit path that hands
+    // the detaching to a child (`capture/detach.rs`) once start-up is done.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // The endpoints come first: /healthz answers (and /readyz says "not ready") while the
     // programs load, which can take seconds on a busy node.
     let readiness = Arc::new(ops::Readiness::default());
@@ -217,10 +228,6 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     readiness.set(true);
     notify::ready();
 
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // Ends the daemon like SIGTERM, through the exit path that resumes paused processes.
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             ready = ring.ready() => {
@@ -860,11 +867,26 @@ impl Daemon {
             return Err("workflow_event needs `workflow_id` and `run_id`".into());
         }
         let now = SystemTime::now();
+        if req.event == (WorkflowEventKind::WorkflowContinuedAsNew {}) {
+            // Nothing for Core (governed or not): the run's span ends, and its ordering
+            // state goes once its earlier events are answered.
+            self.run_span(worker, &wf, &req.event, now);
+            let (prev, done) = self.run_turn(&wf.workflow_id, &wf.run_id, true);
+            let (tx, id) = (tx.clone(), id.clone());
+            self.calls.spawn(async move {
+                after(prev).await;
+                let _ = done.send(true);
+                reply(&tx, &id, Ok(Answer::Accepted {}));
+            });
+            return Ok(());
+        }
         let Ok(gov) = self.governor_of(worker) else {
             return Err("governance for this worker is not available".into());
         };
         self.run_span(worker, &wf, &req.event, now);
         let event: Event = match req.event {
+            // Answered above, before the governor is looked up.
+            WorkflowEventKind::WorkflowContinuedAsNew {} => return Ok(()),
             WorkflowEventKind::WorkflowStarted { .. } => events::workflow_started(&wf, now).into(),
             WorkflowEventKind::WorkflowCompleted { workflow_output } => {
                 events::workflow_completed(&wf, workflow_output, now).into()
@@ -949,6 +971,7 @@ impl Daemon {
                 return;
             }
             WorkflowEventKind::WorkflowCompleted { .. } => tree::RunEnd::Completed,
+            WorkflowEventKind::WorkflowContinuedAsNew {} => tree::RunEnd::ContinuedAsNew,
             WorkflowEventKind::WorkflowFailed { error } => tree::RunEnd::Failed { error },
             WorkflowEventKind::SignalReceived { .. } => return,
         };

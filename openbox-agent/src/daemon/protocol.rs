@@ -132,6 +132,9 @@ pub enum WorkflowEventKind {
         #[serde(default)]
         error: Value,
     },
+    /// The run continued as new: its trace span ends. Local to the agent — Core gets no
+    /// event for it, as with the SDK.
+    WorkflowContinuedAsNew {},
     SignalReceived {
         #[serde(default)]
         signal_name: String,
@@ -286,6 +289,11 @@ mod tests {
             }
         );
         assert_eq!(ev.workflow.task_queue, "");
+        let (_, req) = parse(br#"{"id":9,"op":"workflow_event","event_type":"WorkflowContinuedAsNew","workflow_id":"w","run_id":"r","workflow_type":"T"}"#);
+        let Request::WorkflowEvent(ev) = req.unwrap() else {
+            panic!("not workflow_event")
+        };
+        assert_eq!(ev.event, WorkflowEventKind::WorkflowContinuedAsNew {});
     }
 
     #[test]

@@ -223,26 +223,27 @@ pub fn activity_span(a: ActivityEnd<'_>) -> SpanData {
         .as_ref()
         .and_then(|r| r.tracestate.as_deref());
     SpanData {
-        span_context: context(&place.trace_id, &place.span_id, false, tracestate),
         parent_span_id: SpanId::from_hex(&place.parent_span_id).unwrap_or(SpanId::INVALID),
         parent_span_is_remote: place.remote_parent.is_some(),
-        span_kind: SpanKind::Internal,
-        name: Cow::Owned(format!("activity {}", info.activity_type)),
-        start_time: a.start,
-        end_time: a.end.max(a.start),
-        attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
         links,
-        status,
-        instrumentation_scope: scope(),
+        ..internal_span(
+            context(&place.trace_id, &place.span_id, false, tracestate),
+            format!("activity {}", info.activity_type),
+            (a.start, a.end),
+            attributes,
+            status,
+        )
     }
 }
 
 /// How a run ended, for its span.
 pub enum RunEnd<'a> {
     Completed,
-    Failed { error: &'a serde_json::Value },
+    /// Continued as new: the next run's span links to this one.
+    ContinuedAsNew,
+    Failed {
+        error: &'a serde_json::Value,
+    },
 }
 
 /// The span of a workflow run, from WorkflowStarted to WorkflowCompleted/Failed.
@@ -266,6 +267,10 @@ pub fn workflow_span(
     let status = match how {
         RunEnd::Completed => {
             attributes.push(KeyValue::new("openbox.workflow.status", "completed"));
+            Status::Unset
+        }
+        RunEnd::ContinuedAsNew => {
+            attributes.push(KeyValue::new("openbox.workflow.status", "continued_as_new"));
             Status::Unset
         }
         RunEnd::Failed { error } => {
@@ -299,25 +304,16 @@ pub fn workflow_span(
             0,
         ));
     }
+    let span_context = context(
+        &run_trace_id(&wf.workflow_id, &wf.run_id),
+        &workflow_span_id(&wf.workflow_id, &wf.run_id),
+        false,
+        None,
+    );
+    let name = format!("workflow {}", wf.workflow_type);
     SpanData {
-        span_context: context(
-            &run_trace_id(&wf.workflow_id, &wf.run_id),
-            &workflow_span_id(&wf.workflow_id, &wf.run_id),
-            false,
-            None,
-        ),
-        parent_span_id: SpanId::INVALID,
-        parent_span_is_remote: false,
-        span_kind: SpanKind::Internal,
-        name: Cow::Owned(format!("workflow {}", wf.workflow_type)),
-        start_time: start,
-        end_time: end.max(start),
-        attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
         links,
-        status,
-        instrumentation_scope: scope(),
+        ..internal_span(span_context, name, (start, end), attributes, status)
     }
 }
 
@@ -342,15 +338,34 @@ pub fn command_span(
         Some(c) if c != 0 => Status::error(format!("exited with status {c}")),
         _ => Status::Unset,
     };
+    let name = format!(
+        "trace {}",
+        command.split_whitespace().next().unwrap_or(command)
+    );
+    internal_span(
+        context(trace_id, span_id, false, None),
+        name,
+        (start, end),
+        attributes,
+        status,
+    )
+}
+
+/// A span of ours (workflow run, activity, traced command): internal, a root until the
+/// caller says otherwise, ending no earlier than it starts.
+fn internal_span(
+    span_context: SpanContext,
+    name: String,
+    (start, end): (SystemTime, SystemTime),
+    attributes: Vec<KeyValue>,
+    status: Status,
+) -> SpanData {
     SpanData {
-        span_context: context(trace_id, span_id, false, None),
+        span_context,
         parent_span_id: SpanId::INVALID,
         parent_span_is_remote: false,
         span_kind: SpanKind::Internal,
-        name: Cow::Owned(format!(
-            "trace {}",
-            command.split_whitespace().next().unwrap_or(command)
-        )),
+        name: Cow::Owned(name),
         start_time: start,
         end_time: end.max(start),
         attributes,

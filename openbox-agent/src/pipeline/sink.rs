@@ -18,13 +18,29 @@ pub trait Sink {
 
     /// The session has drained what the ring held: a good moment to write out.
     fn flush(&mut self) {}
+
+    /// Whether [`Sink::span`] does anything: an absent exporter does not, and a pair
+    /// need not copy each span for it.
+    fn takes_spans(&self) -> bool {
+        true
+    }
 }
 
 /// Two sinks fed the same spans and records (e.g. attribution and an exporter).
 impl<A: Sink, B: Sink> Sink for (A, B) {
     fn span(&mut self, span: Span) {
-        self.0.span(span.clone());
-        self.1.span(span);
+        match (self.0.takes_spans(), self.1.takes_spans()) {
+            (true, true) => {
+                self.0.span(span.clone());
+                self.1.span(span);
+            }
+            (true, false) => self.0.span(span),
+            (false, _) => self.1.span(span),
+        }
+    }
+
+    fn takes_spans(&self) -> bool {
+        self.0.takes_spans() || self.1.takes_spans()
     }
 
     fn record(&mut self, record: &Record, clock: &Clock) {
@@ -56,6 +72,10 @@ impl<S: Sink> Sink for Option<S> {
         if let Some(s) = self {
             s.flush();
         }
+    }
+
+    fn takes_spans(&self) -> bool {
+        self.as_ref().is_some_and(|s| s.takes_spans())
     }
 }
 

@@ -65,18 +65,25 @@ pub fn recognise(method: &str, target: &str, host: Option<&str>, body: &[u8]) ->
     }
     let path = path_of(target);
     let host = host.unwrap_or("").to_ascii_lowercase();
-    // A body cut at the limit does not parse: then the path alone decides.
-    let doc: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
-    let has = |k: &str| doc.as_ref().is_none_or(|d| d.contains_key(k));
+    // A body cut at the limit does not parse: then the path alone decides. Parsed only
+    // once a path is an LLM API's: every other POST would pay for a parse it never uses.
+    let parsed: std::cell::OnceCell<Option<Map<String, Value>>> = std::cell::OnceCell::new();
+    let doc = || parsed.get_or_init(|| serde_json::from_slice(body).ok());
+    let has = |k: &str| doc().as_ref().is_none_or(|d| d.contains_key(k));
     let openai = |api| Call {
         api,
         provider: openai_compatible_provider(&host),
         path_model: None,
     };
-    if let Some(i) = path
-        .find(":generateContent")
-        .or(path.find(":streamGenerateContent"))
-    {
+    // Both Gemini methods follow a colon, which other paths seldom hold: a byte scan
+    // spares them two substring searches.
+    let gemini = if path.as_bytes().contains(&b':') {
+        path.find(":generateContent")
+            .or(path.find(":streamGenerateContent"))
+    } else {
+        None
+    };
+    if let Some(i) = gemini {
         let model = path[..i].rsplit('/').next().unwrap_or("").to_string();
         let provider = if host.contains("aiplatform") || path.contains("/publishers/google/") {
             "gcp.vertex_ai"
@@ -118,7 +125,7 @@ pub fn recognise(method: &str, target: &str, host: Option<&str>, body: &[u8]) ->
     // Anthropic's `/v1/messages`; other `…/messages` paths (OpenAI's threads) carry no
     // model, so the body's shape tells them apart.
     if path.ends_with("/v1/messages")
-        || path.ends_with("/messages") && doc.is_some() && has("model") && has("messages")
+        || path.ends_with("/messages") && doc().is_some() && has("model") && has("messages")
     {
         return (has("messages") && has("model")).then_some(Call {
             api: Api::AnthropicMessages,

@@ -1,7 +1,9 @@
 //! HTTP/1.1 (RFC 9112) parser: requests paired with responses on keep-alive and
 //! pipelined connections; Content-Length, chunked and close-delimited bodies; interim
-//! 1xx responses; HEAD, 204 and 304 without bodies; Upgrade/CONNECT turn the connection
-//! into an opaque stream.
+//! 1xx responses; HEAD, 204 and 304 without bodies. An `Upgrade: h2c` answered by
+//! `101 Switching Protocols` hands the connection to the HTTP/2 parser, the upgrading
+//! request becoming its stream 1 (RFC 7540 §3.2); other upgrades (WebSocket …) and
+//! CONNECT tunnels turn the connection into an opaque stream.
 //!
 //! Resynchronisation. A side that meets bytes it cannot frame (watching began in the
 //! middle of a message, a capture gap outside a body of known length, a malformed head)
@@ -19,7 +21,11 @@
 
 use std::collections::VecDeque;
 
-use super::{genai, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{
+    genai,
+    http2::{Http2Parser, Upgraded},
+    Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+};
 
 pub mod coding;
 pub mod events;
@@ -182,6 +188,8 @@ pub struct HttpParser {
     /// must not pass for a request).
     req_fresh: bool,
     losses: Losses,
+    /// The connection switched to HTTP/2 (`Upgrade: h2c`): every byte goes there.
+    h2: Option<Box<Http2Parser>>,
 }
 
 impl HttpParser {
@@ -195,6 +203,7 @@ impl HttpParser {
             unsure: false,
             req_fresh: true,
             losses: Losses::default(),
+            h2: None,
         }
     }
 
@@ -588,7 +597,13 @@ impl HttpParser {
                         self.resp.first_ts = ts;
                         continue;
                     }
-                    let req = self.request_for_response(self.resp.first_ts);
+                    let req = match self.request_for_response(self.resp.first_ts) {
+                        Some(req) if code == 101 && is_h2c_upgrade(&req, &headers) => {
+                            self.switch_to_h2(req, ts, out);
+                            return;
+                        }
+                        req => req,
+                    };
                     if code == 101 {
                         // Switching Protocols (WebSocket …): what follows is not HTTP.
                         if let Some(req) = req {
@@ -679,6 +694,35 @@ impl HttpParser {
         }
     }
 
+    /// The server accepted `Upgrade: h2c`: from the byte after its 101 on, both sides
+    /// speak HTTP/2, and the upgrading request is answered on stream 1.
+    fn switch_to_h2(&mut self, req: Request, ts: u64, out: &mut Vec<Op>) {
+        let mut h2 = Http2Parser::upgraded(
+            self.cfg.clone(),
+            Upgraded {
+                method: req.method,
+                target: req.target,
+                headers: req.headers,
+                body: req.body,
+                // A body still on its way when the server switched is not recovered:
+                // it comes before the client's preface, which the HTTP/2 side then
+                // does not find (counted there).
+                body_complete: req.body_complete && req.complete,
+                start_ts: req.start_ts,
+            },
+        );
+        // Whatever came with the 101 in the same piece is HTTP/2 already.
+        let after = std::mem::take(&mut self.resp.buf);
+        if !after.is_empty() {
+            h2.feed(Side::Server, &after, ts, out);
+        }
+        let before = std::mem::take(&mut self.req.buf);
+        if !before.is_empty() {
+            h2.feed(Side::Client, &before, ts, out);
+        }
+        self.h2 = Some(Box::new(h2));
+    }
+
     /// The connection was upgraded or tunnelled: neither side is HTTP any more.
     fn opaque(&mut self) {
         self.req.state = State::Opaque;
@@ -715,6 +759,16 @@ fn keep(body: &mut Vec<u8>, data: &[u8], max: usize, complete: &mut bool) {
         *complete = false;
     }
     body.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+/// Whether a 101 switches the connection to HTTP/2 over cleartext: the request asked
+/// for `h2c` among its upgrade tokens and the server named it (RFC 7540 §3.2).
+fn is_h2c_upgrade(req: &Request, response: &[(String, String)]) -> bool {
+    let h2c = |headers: &[(String, String)]| {
+        header(headers, "upgrade")
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")))
+    };
+    h2c(&req.headers) && h2c(response)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -770,10 +824,18 @@ fn content_length(headers: &[(String, String)]) -> Result<Option<u64>, ()> {
 
 impl Parser for HttpParser {
     fn protocol(&self) -> Protocol {
-        Protocol::Http
+        if self.h2.is_some() {
+            Protocol::Http2
+        } else {
+            Protocol::Http
+        }
     }
 
     fn feed(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if let Some(h2) = self.h2.as_mut() {
+            h2.feed(side, data, ts, out);
+            return;
+        }
         let max = self.cfg.max_buffer;
         let state = match side {
             Side::Client => self.req.state,
@@ -836,6 +898,10 @@ impl Parser for HttpParser {
     }
 
     fn gap(&mut self, side: Side, n: u64, ts: u64, out: &mut Vec<Op>) {
+        if let Some(h2) = self.h2.as_mut() {
+            h2.gap(side, n, ts, out);
+            return;
+        }
         let s = match side {
             Side::Client => &mut self.req,
             Side::Server => &mut self.resp,
@@ -872,6 +938,9 @@ impl Parser for HttpParser {
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
+        if let Some(h2) = self.h2.as_mut() {
+            h2.close(ts, out);
+        }
         if self.resp.state == State::Body && self.resp.framing == Framing::Close {
             self.finish_response(ts, out);
         } else if let Some((req, resp)) = self.answering.take() {
@@ -885,11 +954,15 @@ impl Parser for HttpParser {
     }
 
     fn unparsed(&self) -> u64 {
-        self.losses.total()
+        self.losses().total()
     }
 
     fn losses(&self) -> Losses {
-        self.losses
+        let mut all = self.losses;
+        if let Some(h2) = &self.h2 {
+            all.add_all(&h2.losses());
+        }
+        all
     }
 }
 

@@ -8,7 +8,7 @@
 //! What cannot be recovered: HPACK has no resynchronisation point. A header block that
 //! does not decode, or bytes lost anywhere but inside a DATA payload (whose length the
 //! frame header gave), leave the dynamic table unknown and the frame boundaries too, so
-//! that direction is given up: counted once as unparsed, and the streams it leaves
+//! that direction is given up: counted once (as a gap, or as malformed), and the streams it leaves
 //! open are reported at close with what was seen. For the same reason a connection
 //! seen from its middle (no preface) is not recognised as HTTP/2 at all.
 
@@ -18,7 +18,7 @@ use loona_hpack::Decoder;
 
 use super::grpc::{self, Messages};
 use super::http::header;
-use super::{Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
 
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -140,7 +140,18 @@ pub struct Http2Parser {
     client: Dir,
     server: Dir,
     streams: BTreeMap<u32, Stream>,
-    unparsed: u64,
+    losses: Losses,
+}
+
+/// The HTTP/1.1 request of an `Upgrade: h2c` exchange (RFC 7540 §3.2), which the server
+/// answers on stream 1 once it has switched.
+pub(super) struct Upgraded {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub body_complete: bool,
+    pub start_ts: u64,
 }
 
 impl Http2Parser {
@@ -150,8 +161,24 @@ impl Http2Parser {
             client: Dir::new(PREFACE.len()),
             server: Dir::new(0),
             streams: BTreeMap::new(),
-            unparsed: 0,
+            losses: Losses::default(),
         }
+    }
+
+    /// A connection switched from HTTP/1.1 by `101 Switching Protocols` to an
+    /// `Upgrade: h2c` request: that request is stream 1, sent whole (half-closed by the
+    /// client); the server's frames follow its 101 at once, and the client sends its
+    /// connection preface on receiving the 101.
+    pub(super) fn upgraded(cfg: ParserConfig, req: Upgraded) -> Self {
+        let mut p = Self::new(cfg);
+        let mut s = p.new_stream(req.start_ts);
+        s.req.pseudo = vec![("method".into(), req.method), ("path".into(), req.target)];
+        s.req.headers = Some(req.headers);
+        s.req.body = req.body;
+        s.req.body_complete = req.body_complete;
+        s.req.ended = true;
+        p.streams.insert(1, s);
+        p
     }
 
     fn dir(&mut self, side: Side) -> &mut Dir {
@@ -161,14 +188,14 @@ impl Http2Parser {
         }
     }
 
-    /// Gives up a direction (see the module doc): counted once.
-    fn lose(&mut self, side: Side) {
+    /// Gives up a direction (see the module doc): counted once, under `why`.
+    fn lose(&mut self, side: Side, why: Loss) {
         let d = self.dir(side);
         if !d.dead {
             d.dead = true;
             d.payload = Vec::new();
             d.block = None;
-            self.unparsed += 1;
+            self.losses.add(why);
         }
     }
 
@@ -183,7 +210,7 @@ impl Http2Parser {
                 let at = PREFACE.len() - d.preface_left;
                 let take = d.preface_left.min(data.len());
                 if data.get(..take) != PREFACE.get(at..at + take) {
-                    self.lose(side);
+                    self.lose(side, Loss::Malformed);
                     return;
                 }
                 d.preface_left -= take;
@@ -217,7 +244,7 @@ impl Http2Parser {
                 if f.kind != DATA && f.len > max_buffer {
                     // A header block this large cannot be kept, and without it the
                     // HPACK table is lost; other control frames are never this large.
-                    self.lose(side);
+                    self.lose(side, Loss::Oversize);
                     return;
                 }
                 let d = self.dir(side);
@@ -238,7 +265,7 @@ impl Http2Parser {
                     d.left -= 1;
                     d.pad_known = true;
                     if pad > d.left {
-                        self.lose(side);
+                        self.lose(side, Loss::Malformed);
                         return;
                     }
                     d.data_left = d.left - pad;
@@ -310,7 +337,7 @@ impl Http2Parser {
         if d.block.as_ref().is_some_and(|b| b.stream != f.stream)
             || d.block.is_some() && f.kind != CONTINUATION
         {
-            self.lose(side);
+            self.lose(side, Loss::Malformed);
             return;
         }
         match f.kind {
@@ -325,11 +352,11 @@ impl Http2Parser {
                 let mut b: &[u8] = &payload;
                 if f.flags & PADDED != 0 {
                     let Some((&pad, rest)) = b.split_first() else {
-                        self.lose(side);
+                        self.lose(side, Loss::Malformed);
                         return;
                     };
                     let Some(cut) = rest.len().checked_sub(usize::from(pad)) else {
-                        self.lose(side);
+                        self.lose(side, Loss::Malformed);
                         return;
                     };
                     b = &rest[..cut];
@@ -337,13 +364,13 @@ impl Http2Parser {
                 let mut promised = None;
                 if f.kind == HEADERS && f.flags & PRIORITY != 0 {
                     let Some(rest) = b.get(5..) else {
-                        self.lose(side);
+                        self.lose(side, Loss::Malformed);
                         return;
                     };
                     b = rest;
                 } else if f.kind == PUSH_PROMISE {
                     let (Some(id), Some(rest)) = (super::bytes::be_u32(b, 0), b.get(4..)) else {
-                        self.lose(side);
+                        self.lose(side, Loss::Malformed);
                         return;
                     };
                     promised = Some(id & 0x7fff_ffff);
@@ -364,11 +391,11 @@ impl Http2Parser {
             CONTINUATION => {
                 let d = self.dir(side);
                 let Some(mut block) = d.block.take() else {
-                    self.lose(side);
+                    self.lose(side, Loss::Malformed);
                     return;
                 };
                 if block.bytes.len() + payload.len() > self.cfg.max_buffer {
-                    self.lose(side);
+                    self.lose(side, Loss::Oversize);
                     return;
                 }
                 block.bytes.extend_from_slice(&payload);
@@ -410,7 +437,7 @@ impl Http2Parser {
             ));
         });
         if decoded.is_err() {
-            self.lose(side);
+            self.lose(side, Loss::Malformed);
             return;
         }
         let (pseudo, regular): (Vec<_>, Vec<_>) =
@@ -449,7 +476,7 @@ impl Http2Parser {
                     // A response on a stream whose request we did not see; once the
                     // client's direction is given up that is expected, and counted.
                     if !self.client.dead {
-                        self.unparsed += 1;
+                        self.losses.add(Loss::Unpaired);
                     }
                     return;
                 };
@@ -484,7 +511,7 @@ impl Http2Parser {
         if self.streams.len() >= MAX_STREAMS {
             // Streams left open forever (a peer that never answers): drop the oldest.
             self.streams.pop_first();
-            self.unparsed += 1;
+            self.losses.add(Loss::Oversize);
         }
         self.streams.insert(id, s);
     }
@@ -606,15 +633,15 @@ impl Parser for Http2Parser {
         // Only DATA payload bytes can be skipped: the frame header gave their number,
         // and the HPACK table does not depend on them.
         let Some(f) = d.frame.filter(|f| f.kind == DATA && d.pad_known) else {
-            self.lose(side);
+            self.lose(side, Loss::Gap);
             return;
         };
         let Ok(n) = usize::try_from(n) else {
-            self.lose(side);
+            self.lose(side, Loss::Gap);
             return;
         };
         if n > d.left {
-            self.lose(side);
+            self.lose(side, Loss::Gap);
             return;
         }
         let lost_data = n.min(d.data_left);
@@ -641,7 +668,11 @@ impl Parser for Http2Parser {
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 

@@ -195,6 +195,13 @@ impl Losses {
         self.0[why as usize] += 1;
     }
 
+    /// Adds another parser's losses (a connection that changed protocol midway).
+    pub fn add_all(&mut self, other: &Losses) {
+        for (mine, theirs) in self.0.iter_mut().zip(other.0) {
+            *mine += theirs;
+        }
+    }
+
     pub fn get(&self, why: Loss) -> u64 {
         self.0[why as usize]
     }

@@ -6,8 +6,8 @@ Usage: sdk_ops.py --http BASE_URL --pg PORT --mysql PORT --redis PORT --mongo PO
                   --dir DIR [--sdk OUT.json]
 
 --sdk: set up openbox-temporal-sdk-python 1.0.0 exactly as `create_openbox_worker` does
-(a WorkflowSpanProcessor, then `setup_opentelemetry_for_governance` with databases and
-file I/O instrumented), and run the operations inside an `activity.<type>` span the way
+(sdk_setup.py: a WorkflowSpanProcessor, then `setup_opentelemetry_for_governance` with
+databases and file I/O instrumented), and run the operations inside an `activity.<type>` span the way
 its activity interceptor does (attributes temporal.workflow_id/activity_id, trace
 registered with the processor, pending bodies propagated to child spans at the end). No
 Temporal server is involved: the interceptor's span handling is mimicked, not the
@@ -97,30 +97,12 @@ def operations(a):
 
 
 def with_sdk(a):
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
+    import sdk_setup
 
-    from openbox.otel_setup import setup_opentelemetry_for_governance
-    from openbox.span_processor import WorkflowSpanProcessor
-    from openbox.types import WorkflowSpanBuffer
-
-    openbox_url = "http://openbox-core.invalid"
-    trace.set_tracer_provider(TracerProvider())
-    processor = WorkflowSpanProcessor(ignored_url_prefixes=[openbox_url])
-    setup_opentelemetry_for_governance(
-        processor, ignored_urls=[openbox_url], instrument_databases=True,
-        db_libraries=None, instrument_file_io=True,
-    )
-    workflow_id, activity_id = "wf-sdk-ops", "1"
-    buffer = WorkflowSpanBuffer(workflow_id=workflow_id, run_id="run-1",
-                                workflow_type="SdkOps", task_queue="q")
-    processor.register_workflow(workflow_id, buffer)
-    tracer = trace.get_tracer("openbox.activity_interceptor")
-    with tracer.start_as_current_span(
-        "activity.sdk_ops",
-        attributes={"temporal.workflow_id": workflow_id, "temporal.activity_id": activity_id},
-    ) as span:
-        processor.register_trace(span.get_span_context().trace_id, workflow_id, activity_id)
+    processor = sdk_setup.instrument(instrument_databases=True, db_libraries=None,
+                                     instrument_file_io=True)
+    activity_id = "1"
+    with sdk_setup.activity(processor, "wf-sdk-ops", "SdkOps", "sdk_ops", activity_id) as (buffer, span):
         operations(a)
         spans = [s for s in buffer.spans
                  if s.get("activity_id") == activity_id

@@ -9,7 +9,10 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+    },
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
@@ -19,7 +22,10 @@ use openbox_common::*;
 use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
-    maps::{ARGS, EVENTS, INHERIT, PAUSED, PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED},
+    maps::{
+        ARGS, EVENTS, EXIT_SIGNAL_LIVE, EXIT_TASK_SIGNAL, INHERIT, PAUSED, PAUSE_ON_TLS_LIB,
+        SSL_ARGS, THREADS, WATCHED,
+    },
     task::{attribution, field, header, is_watched, watch_flags},
 };
 
@@ -164,9 +170,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), Loss> {
     Ok(())
 }
 
-/// `group_dead` exists only on recent kernels; without it, offset 32 is past the
-/// record and a thread's exit could unwatch its whole process. The agent refuses to
-/// start on such a kernel (`capture/tracefs.rs`).
+/// `group_dead` exists only on recent kernels (6.1 and 6.12 do not have it); there the
+/// exit program reads `current->signal->live` instead (see [`group_dead`]).
 ///
 /// ```text
 /// name: sched_process_exit
@@ -195,12 +200,15 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     let _ = SSL_ARGS.remove(pid_tgid);
     // The tid may be reused by an unrelated thread: its slot registration dies here.
     let _ = THREADS.remove(pid_tgid as u32);
-    let group_dead: u8 = field(ctx, SCHED_PROCESS_EXIT_GROUP_DEAD);
-    if group_dead == 0 {
+    if !group_dead(ctx)? {
         // Another thread of the process lives on.
         return Ok(());
     }
-    let _ = WATCHED.remove(tgid);
+    if WATCHED.remove(tgid).is_err() {
+        // Another thread of the group saw it dead too and reported the exit (two
+        // threads exiting at once both read `live` as 0).
+        return Ok(());
+    }
     let _ = INHERIT.remove(tgid);
     // A process killed while paused is no longer stopped: its pid may be reused.
     let _ = PAUSED.remove(tgid);
@@ -213,4 +221,37 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), Loss> {
     entry.submit(wakeup());
     count(CNT_EVENTS, 1);
     Ok(())
+}
+
+/// Whether the exiting thread is the last of its group. From the record's `group_dead`
+/// where the kernel has it (the agent checked its place, `capture/tracefs.rs`), else
+/// from `current->signal->live` at the offsets the agent found in the kernel's BTF
+/// (`capture/btf.rs`): `do_exit` decrements `live` before this tracepoint, so 0 means
+/// no thread of the group is left. Both are read with bpf_probe_read_kernel: a direct
+/// load of the record at offset 32, even on a branch never taken, would make the
+/// kernel refuse to attach the program where the record is shorter.
+#[inline(always)]
+fn group_dead(ctx: &TracePointContext) -> Result<bool, Loss> {
+    // SAFETY: globals set at load time and never written by a program.
+    let (task_signal, signal_live) = unsafe {
+        (
+            ptr::read_volatile(&EXIT_TASK_SIGNAL),
+            ptr::read_volatile(&EXIT_SIGNAL_LIVE),
+        )
+    };
+    if task_signal == 0 {
+        // SAFETY: within the record, at a place checked against this kernel's format.
+        let at = unsafe { (ctx.as_ptr() as *const u8).add(SCHED_PROCESS_EXIT_GROUP_DEAD.offset) };
+        let dead: u8 = unsafe { bpf_probe_read_kernel(at) }.map_err(|_| Loss::KernelRead)?;
+        return Ok(dead != 0);
+    }
+    // SAFETY: the helper checks every address it reads.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let signal: *const u8 =
+        unsafe { bpf_probe_read_kernel(task.add(task_signal as usize) as *const *const u8) }
+            .map_err(|_| Loss::KernelRead)?;
+    let live: i32 =
+        unsafe { bpf_probe_read_kernel(signal.add(signal_live as usize) as *const i32) }
+            .map_err(|_| Loss::KernelRead)?;
+    Ok(live == 0)
 }

@@ -20,7 +20,11 @@ spans: URL path, SQL text, file name), `https_base` (tls_server.py), `pg_port`
 (pg_server.py, user `openbox`, database `shop`, TLS), `dir` (where files go), and
 optionally `shared` (async: use the worker-wide httpx client and asyncpg pool) and
 `rendezvous` (`{"name", "count", "timeout"}`: wait until `count` activities of that name
-have started, or `timeout` seconds, so they really run at the same time).
+have started, or `timeout` seconds, so they really run at the same time). `llm_io` also
+needs `llm_base` (llm_server.py).
+
+`plan["then"]`, when present, is the plan of the run the workflow continues as new with,
+once this run's activities are done.
 
 `--background BASE` (repeatable) opens one aiohttp session with one connection per server
 before the worker exists and keeps a slow request (`/slow/…`) on its way to each BASE for
@@ -308,7 +312,28 @@ async def pooled_http(p):
     return {"status": r.status, **info()}
 
 
-ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync, pooled_http]
+@activity.defn
+async def llm_io(p):
+    """What an AI agent's step does: an LLM call (the real `openai` 3.x client, on
+    httpx2, answered gzip'd), a SQL query and a file written. Returns what the client
+    got, for the test to compare with the span's gen_ai.* attributes."""
+    # Imported here: only this activity needs the LLM client, and it loads slowly.
+    import openai
+
+    marker = p["marker"]
+    async with openai.AsyncOpenAI(base_url=f"{p['llm_base']}/gzip/v1", api_key="sk-e2e-secret",
+                                  max_retries=0) as c:
+        r = await c.chat.completions.create(
+            model="gpt-e2e", messages=[{"role": "user", "content": f"hello {marker}"}],
+            max_tokens=20)
+    chat = {"id": r.id, "model": r.model, "finish": r.choices[0].finish_reason,
+            "input_tokens": r.usage.prompt_tokens, "output_tokens": r.usage.completion_tokens}
+    return {"chat": chat, "sql": await a_sql(p, marker), "file": write_file(p, marker),
+            **info()}
+
+
+ACTIVITIES = [async_io, sync_io, curl_sync, curl_async, retry_async, retry_sync, pooled_http,
+              llm_io]
 
 
 @workflow.defn
@@ -340,6 +365,8 @@ class Fanout:
                 })
             else:
                 out.append({"ok": True, "result": r})
+        if "then" in plan:
+            workflow.continue_as_new(plan["then"])
         return out
 
 

@@ -3,9 +3,11 @@
 //! API — what a user looking at their tracing backend would see.
 //!
 //! - A workflow run is one trace: the run's span at the root, a span per activity
-//!   attempt under it, each captured operation (HTTPS call, SQL query, file write) under
-//!   its activity, with the stable semantic-convention attribute names, and the same
-//!   span ids Core received in ActivityCompleted.
+//!   attempt under it, each captured operation (an LLM call with its gen_ai.*
+//!   attributes, a SQL query, a file write) under its activity, with the stable
+//!   semantic-convention attribute names, and the same span ids Core received in
+//!   ActivityCompleted.
+//! - A run that continues as new ends its span there; the next run's trace links to it.
 //! - A worker that traces itself with Temporal's `TracingInterceptor`: one trace holds
 //!   the user's spans and ours, our activity span under the user's.
 //! - `trace` exports what it captured under a root span for the traced command.
@@ -14,7 +16,9 @@
 
 use std::{collections::BTreeSet, process::Command};
 
-use openbox_e2e::{logs_dir, show, Env, Jaeger, Scenario, ScenarioOpts, TraceSpan, WorkerOpts};
+use openbox_e2e::{
+    logs_dir, show, start_llm, Env, Jaeger, Scenario, ScenarioOpts, TraceSpan, WorkerOpts,
+};
 use serde_json::{json, Value};
 
 /// The run id's 32 hex digits: the trace id of the run.
@@ -44,89 +48,189 @@ fn children<'a>(spans: &'a [TraceSpan], parent: &TraceSpan) -> Vec<&'a TraceSpan
         .collect()
 }
 
-/// The captured operations of one activity: an HTTPS GET, a PostgreSQL query and a file
-/// written, each carrying the activity's marker, directly under the activity's span (the
-/// file's write under its file.open).
-fn assert_io_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
-    let kids = children(spans, activity);
+/// Fails unless `span` hangs directly under `parent`.
+fn assert_child_of(spans: &[TraceSpan], span: &TraceSpan, parent: &TraceSpan, what: &str) {
+    assert_eq!(
+        span.parent.as_deref(),
+        Some(parent.span_id.as_str()),
+        "{what} is not a child of span {} ({}):\n{}",
+        parent.span_id,
+        parent.name,
+        show(spans)
+    );
+}
+
+/// Fails if the span carries a pre-stable attribute name.
+fn assert_stable_names(s: &TraceSpan, marker: &str) {
+    for old in [
+        "http.method",
+        "http.url",
+        "http.status_code",
+        "db.statement",
+        "db.system",
+        "net.peer.name",
+    ] {
+        assert!(
+            s.tag(old).is_none(),
+            "span {} still carries the old name {old}",
+            s.name
+        );
+    }
+    assert_eq!(s.tag_str("temporal.activity.id"), marker);
+}
+
+/// The HTTPS GET of one activity (support/worker.py's `async_io`), under its activity.
+fn assert_https_get_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
     let http = one(spans, &format!("GET of {marker}"), |s| {
         s.tag_str("url.full").contains(marker)
     });
-    assert!(
-        kids.iter().any(|k| k.span_id == http.span_id),
-        "the HTTPS span of {marker} is not a child of its activity span {}:\n{}",
-        activity.span_id,
-        show(spans)
+    assert_child_of(
+        spans,
+        http,
+        activity,
+        &format!("the HTTPS span of {marker}"),
     );
     assert_eq!(http.tag_str("http.request.method"), "GET");
     assert_eq!(http.tag("http.response.status_code"), Some(&json!(200)));
     assert_eq!(http.tag_str("server.address"), "127.0.0.1");
     assert_eq!(http.tag_str("url.scheme"), "https");
     assert_eq!(http.tag_str("url.path"), format!("/e2e/{marker}"));
+    assert_stable_names(http, marker);
+}
+
+/// The LLM call of one activity (support/worker.py's `llm_io`: the `openai` client, a
+/// gzip'd chat completion), under its activity, with the gen_ai.* attributes of what
+/// the client got (`got`).
+fn assert_llm_call_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str, got: &Value) {
+    let llm = one(spans, &format!("LLM call of {marker}"), |s| {
+        s.tag_str("gen_ai.response.id") == got["id"].as_str().unwrap_or("?")
+    });
+    assert_child_of(spans, llm, activity, &format!("the LLM call of {marker}"));
+    assert_eq!(llm.tag_str("http.request.method"), "POST");
+    assert!(
+        llm.tag_str("url.full")
+            .ends_with("/gzip/v1/chat/completions"),
+        "{}",
+        llm.tag_str("url.full")
+    );
+    assert_eq!(llm.tag("http.response.status_code"), Some(&json!(200)));
+    assert_eq!(llm.tag_str("gen_ai.operation.name"), "chat");
+    assert_eq!(llm.tag_str("gen_ai.provider.name"), "openai");
+    assert_eq!(llm.tag_str("gen_ai.request.model"), "gpt-e2e");
+    assert_eq!(llm.tag("gen_ai.response.model"), Some(&got["model"]));
+    assert_eq!(
+        llm.tag("gen_ai.usage.input_tokens"),
+        Some(&got["input_tokens"])
+    );
+    assert_eq!(
+        llm.tag("gen_ai.usage.output_tokens"),
+        Some(&got["output_tokens"])
+    );
+    assert_stable_names(llm, marker);
+}
+
+/// The PostgreSQL query and the file written by one activity, under its activity (the
+/// file's write under its file.open).
+fn assert_sql_and_file_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
     let sql = one(spans, &format!("SQL of {marker}"), |s| {
         s.tag_str("db.query.text").contains(marker)
     });
-    assert!(
-        kids.iter().any(|k| k.span_id == sql.span_id),
-        "the SQL span of {marker} is not a child of its activity span:\n{}",
-        show(spans)
-    );
+    assert_child_of(spans, sql, activity, &format!("the SQL span of {marker}"));
     assert_eq!(sql.tag_str("db.system.name"), "postgresql");
     assert_eq!(sql.tag_str("db.namespace"), "shop");
+    assert_stable_names(sql, marker);
     let open = one(spans, &format!("file.open of {marker}"), |s| {
         s.name == "file.open" && s.tag_str("file.path").contains(marker)
     });
+    assert_child_of(spans, open, activity, &format!("the file.open of {marker}"));
     assert!(
-        kids.iter().any(|k| k.span_id == open.span_id),
-        "the file.open span of {marker} is not a child of its activity span:\n{}",
-        show(spans)
-    );
-    let writes = children(spans, open);
-    assert!(
-        writes.iter().any(|w| w.name == "file.write"),
+        children(spans, open).iter().any(|w| w.name == "file.write"),
         "no file.write under the file.open of {marker}:\n{}",
         show(spans)
     );
-    for s in [http, sql] {
-        for old in [
-            "http.method",
-            "http.url",
-            "http.status_code",
-            "db.statement",
-            "db.system",
-            "net.peer.name",
-        ] {
-            assert!(
-                s.tag(old).is_none(),
-                "span {} still carries the old name {old}",
-                s.name
-            );
-        }
-        assert_eq!(s.tag_str("temporal.activity.id"), marker);
-    }
+}
+
+/// What `async_io` does, under its activity: HTTPS GET, SQL, file.
+fn assert_io_under(spans: &[TraceSpan], activity: &TraceSpan, marker: &str) {
+    assert_https_get_under(spans, activity, marker);
+    assert_sql_and_file_under(spans, activity, marker);
+}
+
+/// How the agent sends its spans to Jaeger.
+enum Wire {
+    Http,
+    Grpc,
+}
+
+/// A real Jaeger, and a scenario whose agent exports to it over `wire` (plus
+/// `more_args`); with `user_traces`, the worker traces itself to the same Jaeger.
+fn exporting_to_jaeger(
+    name: &str,
+    wire: Wire,
+    more_args: &[&str],
+    user_traces: bool,
+) -> (Jaeger, Scenario) {
+    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
+    let mut agent_args = match wire {
+        Wire::Http => vec![
+            "--otlp-endpoint".to_string(),
+            format!("http://127.0.0.1:{}", jaeger.otlp_http),
+        ],
+        Wire::Grpc => vec![
+            "--otlp-endpoint".to_string(),
+            format!("http://127.0.0.1:{}", jaeger.otlp_grpc),
+            "--otlp-protocol".to_string(),
+            "grpc".to_string(),
+        ],
+    };
+    agent_args.extend(more_args.iter().map(|a| a.to_string()));
+    let worker = WorkerOpts {
+        otel_traces_url: user_traces
+            .then(|| format!("http://127.0.0.1:{}/v1/traces", jaeger.otlp_http)),
+        ..WorkerOpts::default()
+    };
+    let s = Scenario::start(
+        name,
+        ScenarioOpts {
+            agent_args,
+            worker,
+            ..ScenarioOpts::default()
+        },
+    );
+    (jaeger, s)
 }
 
 #[test]
 fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents() {
     let name =
         "a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_right_parents";
-    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
-    let s = Scenario::start(
-        name,
-        ScenarioOpts {
-            agent_args: vec![
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{}", jaeger.otlp_http),
-                "--service-name".into(),
-                "openbox-e2e".into(),
-            ],
-            ..ScenarioOpts::default()
-        },
-    );
+    let (jaeger, s) =
+        exporting_to_jaeger(name, Wire::Http, &["--service-name", "openbox-e2e"], false);
+    let (_llm, llm_port) = start_llm(&s.env, &s.logs);
     let wf = s.workflow_id(0);
-    let plan = json!({"activity": "async_io", "items": [s.item(0), s.item(1)]});
+    let items: Vec<Value> = (0..2)
+        .map(|i| {
+            let mut item = s.item(i);
+            item["llm_base"] = json!(format!("http://127.0.0.1:{llm_port}"));
+            item
+        })
+        .collect();
+    let plan = json!({"activity": "llm_io", "items": items});
     let out = s.run_ok(&[(wf.clone(), plan)]);
     let trace_id = trace_of_run(&out[0]);
+    // What each activity's LLM client got, by marker.
+    let got: Vec<(String, Value)> = out[0]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let r = &r["result"];
+            (
+                r["activity_id"].as_str().unwrap_or_default().to_string(),
+                r["chat"].clone(),
+            )
+        })
+        .collect();
     let markers = [s.marker(0), s.marker(1)];
     let done = s.finish();
     let agent = done.agent.expect("the scenario ran an agent");
@@ -136,6 +240,11 @@ fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_ri
         "the workflow span and both activities' I/O",
         |spans| {
             spans.iter().any(|s| s.name == "workflow Fanout")
+                && spans
+                    .iter()
+                    .filter(|s| s.tag("gen_ai.response.id").is_some())
+                    .count()
+                    == 2
                 && markers.iter().all(|m| {
                     spans.iter().any(|s| {
                         s.name == "file.write" && s.tag_str("file.path").contains(m.as_str())
@@ -150,7 +259,7 @@ fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_ri
     assert_eq!(run.service, "openbox-e2e");
     for marker in &markers {
         let act = one(&spans, &format!("activity span of {marker}"), |s| {
-            s.name == "activity async_io" && s.tag_str("temporal.activity.id") == marker
+            s.name == "activity llm_io" && s.tag_str("temporal.activity.id") == marker
         });
         assert_eq!(
             act.parent.as_deref(),
@@ -169,7 +278,12 @@ fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_ri
             "the worker process is the resource: {:?}",
             act.process
         );
-        assert_io_under(&spans, act, marker);
+        let (_, chat) = got
+            .iter()
+            .find(|(m, _)| m == marker)
+            .unwrap_or_else(|| panic!("no result for {marker}: {}", out[0]));
+        assert_llm_call_under(&spans, act, marker, chat);
+        assert_sql_and_file_under(&spans, act, marker);
     }
     // Core and the backend hold the same spans: every span of every ActivityCompleted is
     // in the trace under its id.
@@ -200,27 +314,104 @@ fn a_runs_trace_holds_its_workflow_span_activity_spans_and_their_io_under_the_ri
     );
 }
 
+/// A workflow that continues as new: each run is its own trace; the first run's span
+/// ends at the continue-as-new (Core hears nothing of it, as with the SDK), and the
+/// second run's span names the first and links to its span.
+#[test]
+fn a_run_that_continues_as_new_ends_its_trace_and_the_next_run_links_to_it() {
+    let name = "a_run_that_continues_as_new_ends_its_trace_and_the_next_run_links_to_it";
+    let (jaeger, s) = exporting_to_jaeger(name, Wire::Http, &[], false);
+    let wf = s.workflow_id(0);
+    let (first_marker, next_marker) = (s.marker(0), s.marker(1));
+    let plan = json!({"activity": "async_io", "items": [s.item(0)],
+        "then": {"activity": "async_io", "items": [s.item(1)]}});
+    let out = s.run_ok(&[(wf.clone(), plan)]);
+    // The handle the client started names the first run.
+    let first_run = out[0]["run_id"].as_str().unwrap_or_default().to_string();
+    let done = s.finish();
+    let agent = done.agent.expect("the scenario ran an agent");
+    let started: Vec<String> = agent
+        .events_of("WorkflowStarted")
+        .iter()
+        .filter(|e| e["workflow_id"] == wf.as_str())
+        .filter_map(|e| e["run_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(started.len(), 2, "two runs started: {started:?}");
+    assert!(started.contains(&first_run), "{started:?} vs {first_run}");
+    let next_run = started
+        .iter()
+        .find(|r| **r != first_run)
+        .cloned()
+        .unwrap_or_default();
+    let completed = agent.events_of("WorkflowCompleted");
+    assert_eq!(
+        completed
+            .iter()
+            .map(|e| e["run_id"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        vec![next_run.as_str()],
+        "only the last run completes"
+    );
+    assert!(
+        agent
+            .events
+            .iter()
+            .all(|e| e["event_type"] != "WorkflowContinuedAsNew"),
+        "the continue-as-new is the agent's own: Core gets no event for it"
+    );
+
+    let first_trace = first_run.replace('-', "");
+    let first = jaeger.wait_trace(&first_trace, "the first run's span and activity", |sp| {
+        sp.iter().any(|s| s.name == "workflow Fanout") && sp.iter().any(|s| s.name == "file.write")
+    });
+    let first_span = one(&first, "first run's span", |s| s.name == "workflow Fanout");
+    assert_eq!(first_span.parent, None);
+    assert_eq!(
+        first_span.tag_str("openbox.workflow.status"),
+        "continued_as_new"
+    );
+    let act = one(&first, "first run's activity", |s| {
+        s.name == "activity async_io"
+    });
+    assert_child_of(&first, act, first_span, "the first run's activity");
+    assert_io_under(&first, act, &first_marker);
+
+    let next = jaeger.wait_trace(
+        &next_run.replace('-', ""),
+        "the next run's span and activity",
+        |sp| {
+            sp.iter().any(|s| s.name == "workflow Fanout")
+                && sp.iter().any(|s| s.name == "file.write")
+        },
+    );
+    let next_span = one(&next, "next run's span", |s| s.name == "workflow Fanout");
+    assert_eq!(next_span.tag_str("openbox.workflow.status"), "completed");
+    assert_eq!(
+        next_span.tag_str("temporal.workflow.continued_run_id"),
+        first_run
+    );
+    assert_eq!(
+        next_span.links,
+        vec![(first_trace.clone(), first_span.span_id.clone())],
+        "the next run's span links to the first run's span"
+    );
+    let act = one(&next, "next run's activity", |s| {
+        s.name == "activity async_io"
+    });
+    assert_child_of(&next, act, next_span, "the next run's activity");
+    assert_io_under(&next, act, &next_marker);
+    assert!(
+        next.iter()
+            .all(|s| s.tag_str("temporal.activity.id") != first_marker),
+        "the first run's activity is not in the next run's trace"
+    );
+}
+
 #[test]
 fn with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours() {
     let name = "with_a_tracing_interceptor_worker_one_trace_holds_the_users_spans_and_ours";
-    let jaeger = Jaeger::start(&logs_dir(&format!("{name}-jaeger")));
-    let s = Scenario::start(
-        name,
-        ScenarioOpts {
-            // gRPC this time: both wires are exercised.
-            agent_args: vec![
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{}", jaeger.otlp_grpc),
-                "--otlp-protocol".into(),
-                "grpc".into(),
-            ],
-            worker: WorkerOpts {
-                otel_traces_url: Some(format!("http://127.0.0.1:{}/v1/traces", jaeger.otlp_http)),
-                ..WorkerOpts::default()
-            },
-            ..ScenarioOpts::default()
-        },
-    );
+    // gRPC this time: both wires are exercised.
+    let (jaeger, s) = exporting_to_jaeger(name, Wire::Grpc, &[], true);
     let wf = s.workflow_id(0);
     let marker = s.marker(0);
     s.run_ok(&[(wf, json!({"activity": "async_io", "items": [s.item(0)]}))]);

@@ -117,3 +117,44 @@ session(
         },
     ],
 )
+
+
+def h2c_session(name):
+    """`Upgrade: h2c` (RFC 7540 §3.2): an HTTP/1.1 GET asking to switch, the server's 101
+    and then its HTTP/2 answer on stream 1, the client's preface, and a second request
+    on stream 3 over HTTP/2 proper."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    settings = client.initiate_upgrade_connection()
+    upgrade = (
+        "GET /first?x=1 HTTP/1.1\r\nHost: h2c.example:8080\r\nUser-Agent: curl/7.88.1\r\n"
+        "Accept: */*\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        f"HTTP2-Settings: {settings.decode()}\r\nAuthorization: Bearer up-secret\r\n\r\n"
+    ).encode()
+    lines = [f"C {upgrade.hex()}"]
+    server.initiate_upgrade_connection(settings)
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    server.send_headers(1, [(":status", "200"), ("content-type", "text/plain")])
+    server.send_data(1, b"first answer", end_stream=True)
+    lines.append(f"S {(switching + server.data_to_send()).hex()}")
+    client.receive_data(bytes.fromhex(lines[-1][2:])[len(switching):])
+    lines.append(f"C {client.data_to_send().hex()}")
+    server.receive_data(bytes.fromhex(lines[-1][2:]))
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                              (":authority", "h2c.example:8080"), (":path", "/second"),
+                              ("content-type", "text/plain")])
+    client.send_data(sid, b"second body", end_stream=True)
+    lines.append(f"C {client.data_to_send().hex()}")
+    server.receive_data(bytes.fromhex(lines[-1][2:]))
+    server.send_headers(sid, [(":status", "201"), ("content-type", "text/plain")])
+    server.send_data(sid, b"second answer", end_stream=True)
+    lines.append(f"S {server.data_to_send().hex()}")
+    client.receive_data(bytes.fromhex(lines[-1][2:]))
+    with open(name, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+h2c_session("h2c.rec")

@@ -8,6 +8,10 @@ const REST: &str = include_str!("rest.rec");
 /// gRPC on one connection (record.py): a unary call, a server-streaming call whose
 /// messages straddle DATA frames, and a call failing with grpc-status 5.
 const GRPC: &str = include_str!("grpc.rec");
+/// `Upgrade: h2c` (record.py): an HTTP/1.1 GET asking to switch, `101 Switching
+/// Protocols` followed in the same write by the server's SETTINGS and its HTTP/2 answer
+/// on stream 1, then the client's preface and a POST on stream 3.
+const H2C: &str = include_str!("h2c.rec");
 
 fn run(rec: &str) -> Vec<Op> {
     scripts::run(Protocol::Http2, &scripts::recording(rec))
@@ -212,6 +216,8 @@ fn a_gap_in_a_header_block_gives_the_direction_up() {
     }
     p.close(1000, &mut out);
     assert_eq!(p.unparsed(), 1);
+    // Counted as what it is: bytes the capture did not deliver.
+    assert_eq!(p.losses().get(Loss::Gap), 1);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].attributes["http.target"], "/v1/chat?key=secret");
 }
@@ -281,4 +287,68 @@ fn a_request_without_response_is_reported_at_close() {
     assert_eq!(ops[0].attributes["rpc.method"], "SayHello");
     assert!(!ops[0].attributes.contains_key("http.status_code"));
     assert!(!ops[0].attributes.contains_key("rpc.grpc.status_code"));
+}
+
+#[test]
+fn an_h2c_upgrade_hands_the_connection_to_http2_with_the_request_as_stream_1() {
+    // Fed to the HTTP/1.1 parser, as detection sees a request line first.
+    let script = scripts::recording(H2C);
+    let ops = scripts::run(Protocol::Http, &script);
+    assert_eq!(ops.len(), 2, "{ops:#?}");
+    let first = &ops[0];
+    assert_eq!(first.name, "GET");
+    assert_eq!(first.attributes["http.method"], "GET");
+    assert_eq!(first.attributes["http.target"], "/first?x=1");
+    assert_eq!(first.attributes["http.host"], "h2c.example:8080");
+    assert_eq!(first.attributes["http.flavor"], "2.0");
+    assert_eq!(first.attributes["http.status_code"], 200);
+    // The headers the client sent with its HTTP/1.1 request, the answer's from HTTP/2.
+    let sent = headers(&first.request_headers);
+    assert_eq!(sent.len(), 7);
+    assert_eq!(sent[0], ("Host", "h2c.example:8080"));
+    assert_eq!(sent[4], ("Upgrade", "h2c"));
+    assert_eq!(sent[6], ("Authorization", "Bearer up-secret"));
+    assert_eq!(
+        headers(&first.response_headers),
+        [("content-type", "text/plain")]
+    );
+    assert_eq!(first.response_body.as_deref(), Some(&b"first answer"[..]));
+    assert_eq!((first.start_ts, first.end_ts), (1, 2));
+
+    let second = &ops[1];
+    assert_eq!(second.attributes["http.method"], "POST");
+    assert_eq!(second.attributes["http.target"], "/second");
+    assert_eq!(second.attributes["http.status_code"], 201);
+    assert_eq!(second.request_body.as_deref(), Some(&b"second body"[..]));
+    assert_eq!(second.response_body.as_deref(), Some(&b"second answer"[..]));
+
+    // Every split of every piece (the 101 and the first frames apart, the preface cut)
+    // gives the same spans.
+    for i in 0..script.len() {
+        for at in 1..script[i].1.len() {
+            let mut split = script.clone();
+            let (side, data, ts) = split.remove(i);
+            split.insert(i, (side, data[at..].to_vec(), ts));
+            split.insert(i, (side, data[..at].to_vec(), ts));
+            assert_eq!(
+                scripts::run(Protocol::Http, &split),
+                ops,
+                "piece {i} split at {at}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_to_something_else_than_h2c_stays_opaque() {
+    let mut script = scripts::recording(H2C);
+    let (_, switching, _) = &mut script[1];
+    let at = switching.windows(3).position(|w| w == b"h2c").unwrap();
+    switching[at..at + 3].copy_from_slice(b"xyz");
+    let (ops, unparsed) =
+        scripts::run_with(Protocol::Http, ParserConfig::default(), &script, false);
+    // The 101 itself is the one span; what follows is not read as HTTP at all.
+    assert_eq!(ops.len(), 1, "{ops:#?}");
+    assert_eq!(ops[0].attributes["http.status_code"], 101);
+    assert_eq!(unparsed, 0);
 }
