@@ -270,8 +270,11 @@ pub fn detect(side: Side, first: &[u8]) -> Option<Protocol> {
             } else if mongo::looks_like_message(first) {
                 Some(Protocol::Mongo)
             } else if postgres::looks_like_request_midstream(first) {
-                // Last: only a connection seen from its middle starts with a typed message.
+                // Last: only a connection seen from its middle starts with a typed message
+                // (PostgreSQL) or a command packet (MySQL, whose greeting was missed).
                 Some(Protocol::Postgres)
+            } else if mysql::looks_like_command_midstream(first) {
+                Some(Protocol::Mysql)
             } else {
                 None
             }
@@ -397,17 +400,27 @@ pub(crate) mod scripts {
     /// whose request began in a later piece must come out the same (same request, same
     /// response: nothing paired wrongly, nothing missing), and no op may come out that
     /// the clean run does not have — except one whose request began in the piece that
-    /// was cut. Ops are told apart by their start timestamp, so every piece of the
-    /// script must have its own. Returns how many exchanges were checked in all.
+    /// was cut. Ops are told apart by their start timestamp (and, within one piece, by
+    /// their order). Returns how many exchanges were checked in all.
     pub fn every_offset(protocol: Protocol, script: &Script, cut: Cut) -> usize {
+        every_offset_with(protocol, script, cut, |_, _| {})
+    }
+
+    /// [`every_offset`], where a parser cut off from the stream's start cannot know
+    /// everything the clean run learnt there (the user and database named at login, the
+    /// text of a statement prepared before the cut): `unknowable(got, want)` erases from
+    /// the clean run's op what the cut run's op could not know, before they are compared.
+    /// What pairs the exchange (its timestamps, status, row count, error) must still be
+    /// the same.
+    pub fn every_offset_with(
+        protocol: Protocol,
+        script: &Script,
+        cut: Cut,
+        unknowable: fn(&Op, &mut Op),
+    ) -> usize {
         let (clean, _) = run_with(protocol, ParserConfig::default(), script, false);
-        let by_start: std::collections::HashMap<u64, &Op> =
-            clean.iter().map(|op| (op.start_ts, op)).collect();
-        assert_eq!(
-            by_start.len(),
-            clean.len(),
-            "ops must start in distinct pieces"
-        );
+        let by_start: std::collections::HashMap<(u64, usize), &Op> =
+            keyed(&clean).into_iter().zip(&clean).collect();
         let total: usize = script.iter().map(|(_, b, _)| b.len()).sum();
         let mut checked = 0;
         for k in 0..total {
@@ -440,34 +453,54 @@ pub(crate) mod scripts {
             p.close(1000, &mut out);
             let clean_start = at == 0 && matches!(cut, Cut::StartAt);
             let mut seen = std::collections::HashSet::new();
-            for op in &out {
+            for (key, op) in keyed(&out).into_iter().zip(&out) {
                 let partial = op.start_ts == cut_ts && !clean_start
                     || matches!(cut, Cut::GapAt) && op.start_ts <= cut_ts;
                 if partial {
                     // Cut through, or answered across the hole: it may be partial, but
                     // never another exchange's.
-                    if let Some(want) = by_start.get(&op.start_ts) {
-                        assert_eq!(
-                            (&op.name, op.status, op.end_ts <= want.end_ts),
-                            (&want.name, want.status, true),
-                            "offset {k} ({cut:?}): a cut op answered by another's response"
+                    if let Some(want) = by_start.get(&key) {
+                        let mut want = (*want).clone();
+                        unknowable(op, &mut want);
+                        // Its end may have been lost (status unknown, reported early),
+                        // but an error or an end after its own is another's.
+                        assert!(
+                            op.name == want.name
+                                && (op.status == want.status || op.status == StatusCode::Unset)
+                                && op.end_ts <= want.end_ts,
+                            "offset {k} ({cut:?}): a cut op answered by another's response: \
+                             {op:?}\nwant: {want:?}"
                         );
                     }
                     continue;
                 }
-                let Some(want) = by_start.get(&op.start_ts) else {
-                    panic!("offset {k} ({cut:?}): an op the clean run does not have: {op:?}");
+                let Some(want) = by_start.get(&key) else {
+                    // An exchange that began before the cut (an extended query's Parse)
+                    // seen from its later messages on: it must end as that one ended.
+                    let seen_from_its_middle = clean.iter().any(|w| {
+                        w.start_ts <= cut_ts
+                            && w.start_ts < op.start_ts
+                            && w.end_ts == op.end_ts
+                            && (w.status == op.status || op.status == StatusCode::Unset)
+                    });
+                    assert!(
+                        seen_from_its_middle,
+                        "offset {k} ({cut:?}): an op the clean run does not have: {op:?}"
+                    );
+                    continue;
                 };
+                let mut want = (*want).clone();
+                unknowable(op, &mut want);
                 assert_eq!(
-                    op, *want,
+                    *op, want,
                     "offset {k} ({cut:?}): op differs from the clean run's (paired wrongly?)"
                 );
-                seen.insert(op.start_ts);
+                seen.insert(key);
             }
-            for op in &clean {
+            for (key, op) in keyed(&clean).into_iter().zip(&clean) {
                 if op.start_ts > cut_ts || clean_start && op.start_ts == cut_ts {
                     assert!(
-                        seen.contains(&op.start_ts),
+                        seen.contains(&key),
                         "offset {k} ({cut:?}): a later exchange is missing: {op:?}\ngot: {out:?}"
                     );
                     checked += 1;
@@ -475,6 +508,51 @@ pub(crate) mod scripts {
             }
         }
         checked
+    }
+
+    /// Ops told apart by their start timestamp and, among ops that started in the same
+    /// piece (a pipeline), by their order.
+    fn keyed(ops: &[Op]) -> Vec<(u64, usize)> {
+        let mut n = std::collections::HashMap::new();
+        ops.iter()
+            .map(|op| {
+                let i = n.entry(op.start_ts).or_insert(0);
+                *i += 1;
+                (op.start_ts, *i - 1)
+            })
+            .collect()
+    }
+
+    /// What a SQL parser that began after the login, or after a statement was prepared,
+    /// cannot know: the user and database the login named, and the prepared statement's
+    /// text (its op is then named by the fallback, `EXECUTE`).
+    pub fn sql_unknowable(got: &Op, want: &mut Op) {
+        for key in ["db.user", "db.name"] {
+            if !got.attributes.contains_key(key) {
+                want.attributes.remove(key);
+            }
+        }
+        let statement = |op: &Op| {
+            op.attributes
+                .get("db.statement")
+                .and_then(|s| s.as_str())
+                .map(str::to_owned)
+        };
+        // A statement cut by a gap in its own message keeps what came before the gap.
+        let cut = match (statement(got), statement(want)) {
+            (None, _) => true,
+            (Some(g), Some(w)) => g.len() < w.len() && w.starts_with(&g),
+            (Some(_), None) => false,
+        };
+        if cut {
+            want.name.clone_from(&got.name);
+            for key in ["db.statement", "db.operation"] {
+                match got.attributes.get(key) {
+                    Some(v) => want.attributes.insert(key.to_string(), v.clone()),
+                    None => want.attributes.remove(key),
+                };
+            }
+        }
     }
 
     /// A recorded session: one line per piece, `C <hex>` (client) or `S <hex>` (server),
@@ -524,6 +602,11 @@ mod tests {
         assert_eq!(
             detect(Side::Client, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04"),
             Some(Protocol::Http2)
+        );
+        // A MySQL connection watched after its greeting: a query packet.
+        assert_eq!(
+            detect(Side::Client, b"\x09\x00\x00\x00\x03SELECT 1"),
+            Some(Protocol::Mysql)
         );
         // A preface still arriving: not yet recognisable, and not HTTP/1.1.
         assert_eq!(detect(Side::Client, b"PRI * HTTP/2.0\r\n"), None);

@@ -11,6 +11,19 @@
 //! packets make up an answer depends on the command and on the negotiated capability
 //! flags (CLIENT_DEPRECATE_EOF, CLIENT_OPTIONAL_RESULTSET_METADATA, …), so both are
 //! tracked here.
+//!
+//! Resynchronisation. A gap inside a packet is skipped (its length is known). Anywhere
+//! else a side loses its packet boundaries, and finds them again as PostgreSQL's parser
+//! does: the client side at the next captured piece that starts with a command packet
+//! checked strongly ([`starts_command`]: sequence id 0, a known command, a length that
+//! fits); the server side at the client's next command when the client was waiting for
+//! the lost answer (one command outstanding), its first packet required to carry
+//! sequence id 1 as every answer's first packet does. A command seen after a loss of the
+//! client's stream while earlier ones still wait is dropped (`unpaired`): the answers to
+//! the lost commands come before its own. A connection watched from its middle (no
+//! greeting) starts at the first command: the capability flags the handshake would
+//! have given are inferred from the answers (an EOF after the column definitions or
+//! not, a metadata flag after the column count or not).
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -18,7 +31,7 @@ use super::{
     bytes::{cstr, le_u16, le_u32, lenenc_int, lossy},
     framing::FrameReader,
     sql::{self, finish_op, new_op, Dialect, ServerError, Statement, MAX_PENDING, MAX_STATEMENTS},
-    truncate_statement, Op, Parser, ParserConfig, Protocol, Side,
+    truncate_statement, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side,
 };
 use crate::bounded::BoundedMap;
 
@@ -58,6 +71,7 @@ const COM_QUIT: u8 = 0x01;
 const COM_INIT_DB: u8 = 0x02;
 const COM_QUERY: u8 = 0x03;
 const COM_FIELD_LIST: u8 = 0x04;
+const COM_PING: u8 = 0x0e;
 const COM_STATISTICS: u8 = 0x09;
 const COM_CHANGE_USER: u8 = 0x11;
 const COM_BINLOG_DUMP: u8 = 0x12;
@@ -102,9 +116,51 @@ enum Phase {
     Command,
 }
 
+/// Whether these client bytes, seen on a connection already open when watching began,
+/// start a command: a packet with sequence id 0 holding COM_QUERY or COM_STMT_PREPARE and
+/// statement text (printable, with a letter in it), whole or cut by the end of `first`.
+pub fn looks_like_command_midstream(first: &[u8]) -> bool {
+    let Some(&[l0, l1, l2, seq, cmd]) = first.get(..5) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+    if seq != 0 || len < 2 || !matches!(cmd, COM_QUERY | COM_STMT_PREPARE) {
+        return false;
+    }
+    let text = first.get(5..first.len().min(4 + len)).unwrap_or_default();
+    text.iter()
+        .all(|&c| c >= 0x20 || c == b'\t' || c == b'\n' || c == b'\r')
+        && text.iter().any(u8::is_ascii_alphabetic)
+}
+
+/// Whether a captured client piece starts a command, checked strongly enough to resume
+/// a lost stream on: a query or prepare ([`looks_like_command_midstream`]), or a
+/// COM_STMT_EXECUTE with one iteration and known cursor flags, or a bare COM_PING; a
+/// packet held whole must be followed by nothing or by another command's header.
+fn starts_command(piece: &[u8]) -> bool {
+    let Some(&[l0, l1, l2, seq, cmd]) = piece.get(..5) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+    let fits = match piece.get(4 + len..) {
+        None => true,
+        Some(rest) => rest.is_empty() || rest.get(3) == Some(&0),
+    };
+    let shape = match cmd {
+        COM_QUERY | COM_STMT_PREPARE => looks_like_command_midstream(piece),
+        // Statement id (4), flags (1: cursor type), iteration count (4) = 1.
+        COM_STMT_EXECUTE => {
+            len >= 10 && piece.get(9).is_some_and(|&f| f <= 0x0f) && le_u32(piece, 10) == Some(1)
+        }
+        COM_PING => len == 1,
+        _ => false,
+    };
+    seq == 0 && fits && shape
+}
+
 pub struct MysqlParser {
     cfg: ParserConfig,
-    unparsed: u64,
+    losses: Losses,
     client: Reader,
     server: Reader,
     phase: Phase,
@@ -122,6 +178,23 @@ pub struct MysqlParser {
     resp: Resp,
     /// Nothing more can be parsed (compressed, replication stream, server side lost).
     stopped: bool,
+    /// The server's packet boundaries were lost while the client waited: its bytes are
+    /// the rest of that answer and are skipped until the client's next command.
+    server_resync: bool,
+    /// The next server packet starts the answer to a command sent with nothing else
+    /// waiting: its sequence id must be 1.
+    expect_answer_start: bool,
+    /// Nothing of the client's stream was seen yet.
+    client_fresh: bool,
+    /// The client's stream lost packets since: their answers come before the answers to
+    /// commands seen after.
+    client_gap: bool,
+    /// The capability flags came from a handshake we saw; otherwise (watched from the
+    /// middle) they are inferred from the answers.
+    caps_known: bool,
+    /// The server's framing was seen to be its own (a greeting, or an answer starting
+    /// with sequence id 1) since watching began or resumed.
+    server_confirmed: bool,
 }
 
 #[derive(Debug)]
@@ -182,7 +255,7 @@ impl MysqlParser {
     pub fn new(cfg: ParserConfig) -> Self {
         Self {
             cfg,
-            unparsed: 0,
+            losses: Losses::default(),
             client: Reader::default(),
             server: Reader::default(),
             phase: Phase::Greeting,
@@ -195,10 +268,72 @@ impl MysqlParser {
             pending: VecDeque::new(),
             resp: Resp::Start,
             stopped: false,
+            server_resync: false,
+            expect_answer_start: false,
+            client_fresh: true,
+            client_gap: false,
+            caps_known: true,
+            server_confirmed: false,
         }
     }
 
+    /// The connection was already set up when watching began: commands from here on,
+    /// with the layouts every current server and client use (protocol 4.1).
+    fn midstream(&mut self) {
+        self.phase = Phase::Command;
+        self.caps = CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION;
+        self.caps_known = false;
+    }
+
+    fn client_lost(&mut self, why: Loss) {
+        self.losses.add(why);
+        self.client.frames.dead = true;
+        self.client_gap = true;
+    }
+
+    /// The server's packet boundaries are lost (`why`). With one command waiting (the
+    /// client waits for its answer before it sends again), that command ends here
+    /// unanswered and the server side resumes at the client's next command; with more
+    /// (a pipeline), where the server is in their answers cannot be known: stop.
+    fn server_desync(&mut self, why: Loss, ts: u64, out: &mut Vec<Op>) {
+        self.losses.add(why);
+        self.server.frames.dead = true;
+        self.server_confirmed = false;
+        if self.pending.len() > 1 {
+            self.stop(ts, out);
+            return;
+        }
+        while !self.pending.is_empty() {
+            self.pop_front(ts, out, false);
+        }
+        self.server_resync = true;
+    }
+
     fn feed_client(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if self.stopped || data.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.client_fresh) && self.phase == Phase::Greeting {
+            // No greeting seen: the connection was set up before watching began, unless
+            // the greeting is still to come (the client speaks only after it).
+            // (A handshake response, sequence id 1, means the greeting is on its way.)
+            if starts_command(data) {
+                self.midstream();
+            } else if data.len() >= 5 && data.get(3) != Some(&1) {
+                self.client_lost(Loss::Malformed);
+            }
+        }
+        if self.client.frames.dead {
+            // A captured piece that starts a command ends the loss: a client writes a
+            // command packet in one call.
+            if !starts_command(data) {
+                return;
+            }
+            self.client.restart();
+            if self.phase == Phase::Greeting {
+                self.midstream();
+            }
+        }
         while !data.is_empty() && !self.client.frames.dead && !self.stopped {
             match self.client.pull(&mut data, ts, self.cfg.max_buffer) {
                 Some(frame) => self.on_client(frame, out),
@@ -208,6 +343,10 @@ impl MysqlParser {
     }
 
     fn feed_server(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if self.server_resync {
+            // The rest of an answer already reported; the client has not asked again.
+            return;
+        }
         while !data.is_empty() && !self.server.frames.dead && !self.stopped {
             // Rows are only counted: keep just enough of them to recognise a terminator.
             let keep = match self.resp {
@@ -215,7 +354,21 @@ impl MysqlParser {
                 _ => ROW_KEEP.min(self.cfg.max_buffer),
             };
             match self.server.pull(&mut data, ts, keep) {
-                Some(frame) => self.on_server(frame, ts, out),
+                Some(frame) => {
+                    if self.phase == Phase::Command
+                        && std::mem::take(&mut self.expect_answer_start)
+                        && frame.seq != 1
+                    {
+                        // Not the first packet of an answer: framed on bytes that are
+                        // not packets (the rest of an earlier answer, or noise).
+                        self.server_desync(Loss::Malformed, ts, out);
+                        break;
+                    }
+                    if self.phase == Phase::Command && frame.seq == 1 {
+                        self.server_confirmed = true;
+                    }
+                    self.on_server(frame, ts, out)
+                }
                 None => break,
             }
         }
@@ -225,6 +378,12 @@ impl MysqlParser {
         match self.phase {
             Phase::HandshakeResponse => self.on_handshake_response(&f.body),
             Phase::Command if f.seq == 0 => self.on_command(&f, out),
+            // The greeting was missed (lost, or sent before watching began): a packet
+            // starting a sequence is a command.
+            Phase::Greeting if f.seq == 0 && !self.stopped => {
+                self.midstream();
+                self.on_command(&f, out);
+            }
             // Before the greeting, during authentication, and packets continuing a
             // command (LOAD DATA LOCAL contents have sequence ids after 0): nothing to do.
             _ => {}
@@ -241,7 +400,7 @@ impl MysqlParser {
                     self.phase = Phase::Command;
                     if self.caps & (CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM) != 0 {
                         // Compression starts after the handshake's OK: not parsed.
-                        self.unparsed += 1;
+                        self.losses.add(Loss::Malformed);
                         self.stop(ts, out);
                     }
                 }
@@ -265,15 +424,25 @@ impl MysqlParser {
                 return;
             }
             _ => {
-                self.unparsed += 1;
-                self.stopped = true;
+                // Not a greeting: the connection was watched from its middle. The
+                // server side waits for the client's first command.
+                self.losses.add(Loss::Malformed);
+                self.server.frames.dead = true;
+                self.server_resync = true;
                 return;
             }
         }
         // Version string, connection id (4), auth-plugin-data part 1 (8), filler (1).
+        self.server_confirmed = true;
         let Some(pos) = cstr(b, 1).map(|(_, next)| next + 4 + 8 + 1) else {
-            self.unparsed += 1;
-            self.stopped = true;
+            // Cut by a gap: the flags are inferred from the answers.
+            self.server_caps = CLIENT_PROTOCOL_41
+                | CLIENT_TRANSACTIONS
+                | CLIENT_SECURE_CONNECTION
+                | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+                | CLIENT_CONNECT_WITH_DB;
+            self.caps_known = false;
+            self.phase = Phase::HandshakeResponse;
             return;
         };
         let lower = le_u16(b, pos).unwrap_or(0);
@@ -317,7 +486,7 @@ impl MysqlParser {
         self.caps = self.server_caps & client_caps;
         self.phase = Phase::Auth;
         let Some((user, mut pos)) = cstr(b, user_at) else {
-            self.unparsed += 1;
+            self.losses.add(Loss::Malformed);
             return;
         };
         self.user = Some(lossy(user));
@@ -362,7 +531,7 @@ impl MysqlParser {
     fn on_command(&mut self, f: &Frame, out: &mut Vec<Op>) {
         let b = f.body.as_slice();
         let Some((&cmd, args)) = b.split_first() else {
-            self.unparsed += 1;
+            self.losses.add(Loss::Malformed);
             return;
         };
         let kind = match cmd {
@@ -377,7 +546,7 @@ impl MysqlParser {
                 };
                 let run = self.start_op(stmt.as_ref(), "QUERY", f.start_ts);
                 if stmt.is_none() {
-                    self.unparsed += 1;
+                    self.losses.add(Loss::Malformed);
                 }
                 return self.push(
                     Pending {
@@ -454,7 +623,7 @@ impl MysqlParser {
             }
             COM_BINLOG_DUMP | COM_BINLOG_DUMP_GTID => {
                 // A replication stream: events until the connection ends.
-                self.unparsed += 1;
+                self.losses.add(Loss::Malformed);
                 self.stopped = true;
                 return;
             }
@@ -481,9 +650,30 @@ impl MysqlParser {
     }
 
     fn push(&mut self, p: Pending, ts: u64, out: &mut Vec<Op>) {
+        if self.client_gap {
+            if self.pending.is_empty() {
+                self.client_gap = false;
+            } else {
+                // Answers to the commands lost in between come before this one's.
+                self.losses.add(Loss::Unpaired);
+                return;
+            }
+        }
+        if self.server_resync {
+            self.server_resync = false;
+            self.server.restart();
+        } else if !self.server_confirmed && self.pending.is_empty() && !self.server.at_boundary() {
+            // Nothing was waiting, so the server had finished answering: a packet it is
+            // still in the middle of was framed from bytes that are not one.
+            self.losses.add(Loss::Malformed);
+            self.server.restart();
+        }
+        if self.pending.is_empty() && !self.server_confirmed {
+            self.expect_answer_start = true;
+        }
         if self.pending.len() >= MAX_PENDING {
             // Answers are not reaching us: give up the oldest request.
-            self.unparsed += 1;
+            self.losses.add(Loss::Oversize);
             self.pop_front(ts, out, false);
         }
         if self.pending.is_empty() {
@@ -569,7 +759,7 @@ impl MysqlParser {
                             let (Some(id), Some(cols), Some(params)) =
                                 (le_u32(b, 1), le_u16(b, 5), le_u16(b, 7))
                             else {
-                                self.unparsed += 1;
+                                self.losses.add(Loss::Malformed);
                                 return self.pop_front(ts, out, true);
                             };
                             self.statements.insert(id, Arc::clone(stmt));
@@ -612,6 +802,9 @@ impl MysqlParser {
                     }
                     if !eof {
                         // Not the expected EOF: take it as the first row.
+                        if !self.caps_known {
+                            self.caps |= CLIENT_DEPRECATE_EOF;
+                        }
                         self.resp = Resp::Rows;
                         continue;
                     }
@@ -636,7 +829,9 @@ impl MysqlParser {
                     // The terminator: EOF (payload under 9 bytes: a row starting 0xFE would
                     // hold an 8-byte length) or, with CLIENT_DEPRECATE_EOF, an OK packet with
                     // the 0xFE header, which always fits one packet.
-                    let deprecate = self.caps & CLIENT_DEPRECATE_EOF != 0;
+                    // Flags unknown: a row cannot start with 0xFE in a packet this short
+                    // (a length-encoded field that long would not fit).
+                    let deprecate = self.caps & CLIENT_DEPRECATE_EOF != 0 || !self.caps_known;
                     if first == Some(0xfe) && (eof || (deprecate && f.len < MAX_PACKET)) {
                         let status = if eof {
                             parse_eof(b, self.caps)
@@ -657,7 +852,7 @@ impl MysqlParser {
     /// whether the column definitions follow).
     fn on_column_count(&mut self, b: &[u8]) {
         let Some((count, next)) = lenenc_int(b, 0) else {
-            self.unparsed += 1;
+            self.losses.add(Loss::Malformed);
             return;
         };
         let binary = self
@@ -668,6 +863,13 @@ impl MysqlParser {
             self.caps & (CLIENT_OPTIONAL_RESULTSET_METADATA | MARIADB_CLIENT_CACHE_METADATA) != 0
         } else {
             self.caps & CLIENT_OPTIONAL_RESULTSET_METADATA != 0
+        };
+        // Flags unknown: the count is followed by the metadata flag exactly when the
+        // packet holds one more byte.
+        let optional = if self.caps_known {
+            optional
+        } else {
+            b.len() == next + 1
         };
         // "metadata_follows": RESULTSET_METADATA_NONE (0) skips the definitions.
         let metadata = !optional || b.get(next).is_none_or(|&m| m != 0);
@@ -770,16 +972,11 @@ impl Parser for MysqlParser {
             }
         }
         if lost {
-            // Bytes between packets are gone: no length to resynchronise on.
-            self.unparsed += 1;
+            // Bytes between packets are gone: no length to frame the rest on.
             match side {
                 // Commands already seen can still be answered.
-                Side::Client => self.client.frames.dead = true,
-                // Without the server's answers new ops would carry made-up end times.
-                Side::Server => {
-                    self.server.frames.dead = true;
-                    self.stop(ts, out);
-                }
+                Side::Client => self.client_lost(Loss::Gap),
+                Side::Server => self.server_desync(Loss::Gap, ts, out),
             }
         }
     }
@@ -791,7 +988,11 @@ impl Parser for MysqlParser {
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 
@@ -934,6 +1135,18 @@ struct Reader {
 impl Reader {
     fn recycle(&mut self, body: Vec<u8>) {
         self.frames.recycle(body);
+    }
+
+    /// Between payloads.
+    fn at_boundary(&self) -> bool {
+        self.frames.at_boundary() && !self.continued
+    }
+
+    /// Forgets the payload in progress (and a lost stream): the next byte starts one.
+    fn restart(&mut self) {
+        self.frames.restart();
+        self.continued = false;
+        self.len = 0;
     }
 
     fn pull(&mut self, data: &mut &[u8], ts: u64, keep: usize) -> Option<Frame> {

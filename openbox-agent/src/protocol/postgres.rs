@@ -13,15 +13,28 @@
 //! the server discards messages up to Sync, so everything queued before that Sync fails
 //! with the same error ("Extended Query", error handling).
 //!
-//! Lost server bytes: a gap inside a message of known length is skipped. A gap that runs
-//! past a message's end leaves no length to frame on; the requests waiting for that
-//! response end there (UNSET, `db.response_truncated`, no `db.rowcount`), and the server
-//! side is resynchronised at the client's next request: its bytes until then are the
-//! rest of that response and are discarded. This is exact for clients that wait for
-//! the response (ReadyForQuery, or the answer to a Flush) before they send again —
-//! libpq, psycopg2, asyncpg outside pipelines. Where the client evidently does not wait
-//! (several Syncs outstanding, requests queued after the one being answered, COPY), or
-//! the client's own stream is lost, the connection is given up instead.
+//! Resynchronisation. A gap inside a message of known length is skipped. Anywhere else
+//! (a gap between messages, bytes that do not frame, a connection watched from its
+//! middle) that side has lost its message boundaries, and finds them again as follows.
+//!
+//! - Server: the requests waiting for the lost response end there (UNSET,
+//!   `db.response_truncated`, no `db.rowcount`), and the server side resumes at the
+//!   client's next request: its bytes until then are the rest of that response and are
+//!   discarded. This is exact for clients that wait for the response (ReadyForQuery, or
+//!   the answer to a Flush) before they send again — libpq, psycopg2, asyncpg outside
+//!   pipelines; COPY too, whose client sends its next request after the copy's
+//!   ReadyForQuery. Where the client evidently does not wait (several Syncs
+//!   outstanding, requests queued after the one being answered), where the server is
+//!   in that response cannot be known: the connection is given up.
+//! - Client: its bytes are dropped until a captured piece starts with a request whose
+//!   every message frames exactly ([`starts_request`]: a simple Query, Parse or Bind,
+//!   then only well-formed messages). The requests lost meanwhile are answered by the
+//!   server all the same; those answers come after the answers to requests seen before
+//!   the loss, so a request seen after it is paired only when nothing seen before is
+//!   still waiting (a client that waits has had every earlier answer by then).
+//!   Otherwise it is dropped, counted `unpaired`, never given another's answer.
+//!
+//! Every loss is counted by reason ([`Loss`]).
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -29,7 +42,7 @@ use super::{
     bytes::{be_u32, cstr, cstr_or_rest, lossy},
     framing::FrameReader,
     sql::{finish_op, new_op, Dialect, ServerError, Statement, MAX_PENDING, MAX_STATEMENTS},
-    Op, Parser, ParserConfig, Protocol, Side,
+    Loss, Losses, Op, Parser, ParserConfig, Protocol, Side,
 };
 use crate::bounded::BoundedMap;
 
@@ -118,9 +131,92 @@ pub fn looks_like_request_midstream(first: &[u8]) -> bool {
     }
 }
 
+/// Whether a captured client piece starts a request, checked strongly enough to resume
+/// a lost stream on: it begins with a simple Query, a Parse or a Bind, and every message
+/// it holds whole frames exactly (each field where its length says, names and text
+/// where the message's layout puts them); a last message running past the piece must
+/// start like a request ([`looks_like_request_midstream`]).
+fn starts_request(piece: &[u8]) -> bool {
+    if !matches!(piece.first(), Some(b'Q' | b'P' | b'B')) {
+        return false;
+    }
+    let mut rest = piece;
+    let mut first = true;
+    while !rest.is_empty() {
+        let (Some(&kind), Some(len)) = (rest.first(), be_u32(rest, 1)) else {
+            // A header cut by the end of the piece: only the first message must be whole
+            // enough to judge.
+            return !first;
+        };
+        let Some(end) = (len as usize).checked_add(1).filter(|&e| e <= rest.len()) else {
+            return first && looks_like_request_midstream(rest)
+                || !first && client_type_known(kind) && (4..=i32::MAX as u32).contains(&len);
+        };
+        let Some(body) = rest.get(5..end) else {
+            return false;
+        };
+        if !message_frames(kind, body) {
+            return false;
+        }
+        if first && !looks_like_request_midstream(&rest[..end]) {
+            return false;
+        }
+        first = false;
+        rest = &rest[end..];
+    }
+    true
+}
+
+/// Whether a whole client message of type `kind` has exactly the layout its type gives
+/// ("Message Formats"); types whose bodies are free-form only need a known type.
+fn message_frames(kind: u8, body: &[u8]) -> bool {
+    let i16_at = |at: usize| {
+        body.get(at..at + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .filter(|&n| n >= 0)
+            .map(|n| n as usize)
+    };
+    let named = |at: usize| cstr(body, at).map(|(_, next)| next);
+    match kind {
+        // String query, exactly.
+        b'Q' => body.iter().position(|&c| c == 0) == Some(body.len().wrapping_sub(1)),
+        // String name, String query, Int16 n, Int32[n] type OIDs.
+        b'P' => (|| {
+            let at = named(named(0)?)?;
+            let n = i16_at(at)?;
+            Some(at + 2 + 4 * n == body.len())
+        })()
+        .unwrap_or(false),
+        // String portal, String statement, Int16 n formats (Int16 each), Int16 n values
+        // (Int32 length, -1 for NULL, then the bytes), Int16 n result formats.
+        b'B' => (|| {
+            let mut at = named(named(0)?)?;
+            at += 2 + 2 * i16_at(at)?;
+            let values = i16_at(at)?;
+            at += 2;
+            for _ in 0..values {
+                let len = be_u32(body, at)?;
+                at += 4;
+                if len != u32::MAX {
+                    at = at.checked_add(len as usize)?;
+                }
+            }
+            at += 2 + 2 * i16_at(at)?;
+            Some(at == body.len())
+        })()
+        .unwrap_or(false),
+        // String portal, Int32 row limit.
+        b'E' => named(0).is_some_and(|at| at + 4 == body.len()),
+        // Byte1 'S' or 'P', String name.
+        b'D' | b'C' => matches!(body.first(), Some(b'S' | b'P')) && named(1) == Some(body.len()),
+        b'S' | b'H' | b'X' | b'c' => body.is_empty(),
+        other => client_type_known(other),
+    }
+}
+
 pub struct PostgresParser {
     cfg: ParserConfig,
-    unparsed: u64,
+    losses: Losses,
     client: Reader,
     server: Reader,
     /// The client's next message is untyped (startup phase: before and between
@@ -150,6 +246,19 @@ pub struct PostgresParser {
     copy: bool,
     /// The client's last message was a Flush: it waits for the answers so far.
     client_flushed: bool,
+    /// Nothing of the client's stream was seen yet: its first piece must start a
+    /// connection (a startup-phase message) or a request, or it is from a message's
+    /// middle.
+    client_fresh: bool,
+    /// The client's stream lost messages since the last request seen: their answers
+    /// come after the answers to the requests still waiting from before the loss.
+    client_gap: bool,
+    /// No request has framed exactly since watching began or the client side was lost:
+    /// the message being read may be framed on bytes from another's middle.
+    client_unconfirmed: bool,
+    /// The server's stream reached a ReadyForQuery since watching began or resumed:
+    /// its framing is its own.
+    server_confirmed: bool,
 }
 
 /// A request on its way to becoming an op.
@@ -186,7 +295,7 @@ impl PostgresParser {
     pub fn new(cfg: ParserConfig) -> Self {
         Self {
             cfg,
-            unparsed: 0,
+            losses: Losses::default(),
             client: Reader::default(),
             server: Reader::default(),
             client_startup: true,
@@ -203,10 +312,46 @@ impl PostgresParser {
             server_resync: false,
             copy: false,
             client_flushed: false,
+            client_fresh: true,
+            client_gap: false,
+            client_unconfirmed: true,
+            server_confirmed: false,
         }
     }
 
     fn feed_client(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if self.stopped || data.is_empty() {
+            return;
+        }
+        // Watching may have begun after the connection was set up: its first bytes must
+        // then start a request, or they are the middle of one. (A first piece too short
+        // to tell is framed as it comes.)
+        if self.client_fresh
+            && data.len() >= 8
+            && !looks_like_startup(data)
+            && !starts_request(data)
+        {
+            self.client_lost(Loss::Malformed);
+        }
+        self.client_fresh = false;
+        if self.client.frames.dead {
+            // A captured piece that starts a request ends the loss: a client writes a
+            // request (a simple query, an extended batch) in one call when it can.
+            if !starts_request(data) {
+                return;
+            }
+            self.client.restart();
+            self.client_startup = false;
+        } else if (self.client_unconfirmed && !self.client.at_boundary()
+            || self.client.mid_header())
+            && starts_request(data)
+        {
+            // What is being framed began with bytes cut from a message's middle (too
+            // few to judge alone), and a request follows instead of the rest.
+            self.client_lost(Loss::Malformed);
+            self.client.restart();
+            self.client_startup = false;
+        }
         while !data.is_empty() && !self.client.frames.dead && !self.stopped {
             if self.client_startup && self.client.at_boundary() {
                 // A capture that starts mid-connection begins with a typed message; as a
@@ -227,10 +372,7 @@ impl PostgresParser {
             match self.client.pull(&mut data, ts, &rules, self.cfg.max_buffer) {
                 Pulled::More => break,
                 Pulled::Frame(frame) => self.on_client(frame, out),
-                Pulled::Bad => {
-                    self.unparsed += 1;
-                    self.client_lost();
-                }
+                Pulled::Bad => self.client_lost(Loss::Malformed),
             }
         }
     }
@@ -252,7 +394,7 @@ impl PostgresParser {
                     }
                     Some(b'G') => {
                         // GSSAPI encryption: the rest is wrapped tokens we cannot read.
-                        self.unparsed += 1;
+                        self.losses.add(Loss::Malformed);
                         self.stopped = true;
                         break;
                     }
@@ -266,15 +408,15 @@ impl PostgresParser {
             {
                 Pulled::More => break,
                 Pulled::Frame(frame) => self.on_server(frame, ts, out),
-                Pulled::Bad => {
-                    self.unparsed += 1;
-                    self.server_lost(ts, out);
-                }
+                Pulled::Bad => self.server_desync(Loss::Malformed, ts, out),
             }
         }
     }
 
     fn on_client(&mut self, f: Frame, out: &mut Vec<Op>) {
+        if f.untyped || !f.truncated && message_frames(f.typ, &f.body) {
+            self.client_unconfirmed = false;
+        }
         if f.untyped {
             self.on_startup(&f);
             self.client.recycle(f.body);
@@ -302,7 +444,7 @@ impl PostgresParser {
                         self.statements.insert(lossy(name), Arc::clone(&stmt));
                         self.push(Pending::Parse { stmt, start_ts }, f.start_ts, out);
                     }
-                    None => self.unparsed += 1,
+                    None => self.losses.add(Loss::Malformed),
                 }
             }
             b'B' => {
@@ -316,7 +458,7 @@ impl PostgresParser {
                             self.portals.remove(&lossy(portal));
                         }
                     },
-                    None => self.unparsed += 1,
+                    None => self.losses.add(Loss::Malformed),
                 }
                 self.push(Pending::Bind, f.start_ts, out);
             }
@@ -341,7 +483,7 @@ impl PostgresParser {
                         Some(b'P') => {
                             self.portals.remove(&lossy(name));
                         }
-                        _ => self.unparsed += 1,
+                        _ => self.losses.add(Loss::Malformed),
                     }
                 }
                 self.push(Pending::Close, f.start_ts, out);
@@ -367,7 +509,7 @@ impl PostgresParser {
             }
             Some(CANCEL_REQUEST) => {
                 // A cancel connection carries nothing else.
-                self.client.frames.dead = true;
+                self.stopped = true;
             }
             Some(code) if code >> 16 == PROTOCOL_MAJOR_3 => {
                 // StartupMessage: pairs of NUL-terminated name and value, then a NUL.
@@ -386,17 +528,15 @@ impl PostgresParser {
                     }
                     pos = after;
                 }
-                // "database: defaults to the user name."
-                if self.database.is_none() {
+                // "database: defaults to the user name." Unless the message was cut
+                // before its database parameter.
+                if self.database.is_none() && !f.truncated {
                     self.database = self.user.clone();
                 }
                 self.client_startup = false;
                 self.startup_ready_due = true;
             }
-            _ => {
-                self.unparsed += 1;
-                self.client.frames.dead = true;
-            }
+            _ => self.client_lost(Loss::Malformed),
         }
     }
 
@@ -409,7 +549,10 @@ impl PostgresParser {
             _ => {}
         }
         match f.typ {
-            b'Z' => self.ready(ts, out),
+            b'Z' => {
+                self.server_confirmed = true;
+                self.ready(ts, out)
+            }
             b'C' => {
                 // CommandComplete tag, e.g. "SELECT 5", "INSERT 0 3", "UPDATE 2". A tag whose
                 // tail was lost to a gap would give a wrong number.
@@ -567,12 +710,33 @@ impl PostgresParser {
     }
 
     fn push(&mut self, p: Pending, ts: u64, out: &mut Vec<Op>) {
+        if self.client_gap {
+            if self.pending.is_empty() {
+                // Every answer the client waited for has come: what the server sends
+                // next answers this request.
+                self.client_gap = false;
+            } else {
+                // Answers to the requests lost in between come before this one's.
+                self.losses.add(Loss::Unpaired);
+                return;
+            }
+        }
         if self.server_resync {
             self.resume_server();
+        } else if !self.server_confirmed
+            && self.pending.is_empty()
+            && !self.copy
+            && !self.server.at_boundary()
+        {
+            // Nothing was waiting, so the server had finished answering: a message it
+            // is still in the middle of, framed since watching began or resumed, was
+            // framed from bytes that are not one.
+            self.losses.add(Loss::Malformed);
+            self.server.restart();
         }
         if self.pending.len() >= MAX_PENDING {
             // The server's answers are not reaching us: give up the oldest request.
-            self.unparsed += 1;
+            self.losses.add(Loss::Oversize);
             if let Some(Pending::Query(run) | Pending::Execute(run)) = self.pending.pop_front() {
                 out.push(finish(run, ts));
             }
@@ -595,26 +759,22 @@ impl PostgresParser {
         })
     }
 
-    /// The server's stream can no longer be followed: requests still waiting are
-    /// reported now (UNSET), and the connection is not parsed further — without the
-    /// server's answers new ops would carry made-up end times.
-    fn server_lost(&mut self, ts: u64, out: &mut Vec<Op>) {
+    /// The server's stream lost its message boundaries (`why`). If the client waits for
+    /// this response before it asks again, the response ends here and the server side
+    /// resynchronises at the client's next request. Otherwise the requests waiting are
+    /// reported now (UNSET) and the connection is not parsed further: without the
+    /// server's answers new ops would carry made-up end times, or another's.
+    fn server_desync(&mut self, why: Loss, ts: u64, out: &mut Vec<Op>) {
+        self.losses.add(why);
+        let resync = self.can_resync();
+        self.server_confirmed = false;
         self.end_response(ts, out);
         self.server.frames.dead = true;
-        self.stopped = true;
-    }
-
-    /// A gap ran past the end of a server message. If the client waits for this
-    /// response before it asks again, the response ends here and the server side
-    /// resynchronises at the client's next request; otherwise the server is lost.
-    fn server_gap_lost(&mut self, ts: u64, out: &mut Vec<Op>) {
-        if !self.can_resync() {
-            self.server_lost(ts, out);
-            return;
+        if resync {
+            self.server_resync = true;
+        } else {
+            self.stopped = true;
         }
-        self.end_response(ts, out);
-        self.server.frames.dead = true;
-        self.server_resync = true;
     }
 
     /// Whether everything the client has sent belongs to the one request cycle being
@@ -632,12 +792,10 @@ impl PostgresParser {
             // A pipeline: the server's position in it is unknown.
             _ => false,
         };
-        waiting
-            && !self.client.frames.dead
-            && self.client.at_boundary()
-            && !self.client_startup
-            && self.ssl_answers == 0
-            && !self.copy
+        // A client in the middle of a message has not sent its next request yet; a
+        // client whose stream is lost sends it when it resynchronises; a client in COPY
+        // sends its next request after the copy's ReadyForQuery.
+        waiting && self.ssl_answers == 0
     }
 
     /// The client's next request after a resync: the server's next byte starts the
@@ -651,13 +809,15 @@ impl PostgresParser {
         self.copy = false;
     }
 
-    /// The client's stream can no longer be framed. The server may still answer what
-    /// was asked — unless it is waiting for the client's next request to resynchronise.
-    fn client_lost(&mut self) {
+    /// The client's stream can no longer be framed (`why`). The server still answers
+    /// what was asked; requests resume at the next piece that starts one.
+    fn client_lost(&mut self, why: Loss) {
+        self.losses.add(why);
         self.client.frames.dead = true;
-        if self.server_resync {
-            self.stopped = true;
-        }
+        self.client_gap = true;
+        self.client_unconfirmed = true;
+        // A batch cut short: the next Parse or Bind starts another.
+        self.batch_start = None;
     }
 
     /// The response to the requests waiting was not seen to its end: they are reported
@@ -715,7 +875,7 @@ impl Parser for PostgresParser {
             Side::Server => &mut self.server,
         };
         // A dead reader has no framing to lose; this includes the server side while it
-        // waits to resynchronise (one `unparsed` per resync, not per gap).
+        // waits to resynchronise (one loss per resync, not per gap).
         if reader.frames.dead {
             return;
         }
@@ -728,10 +888,9 @@ impl Parser for PostgresParser {
         }
         if lost {
             // Bytes between messages are gone: no length to frame the rest on.
-            self.unparsed += 1;
             match side {
-                Side::Client => self.client_lost(),
-                Side::Server => self.server_gap_lost(ts, out),
+                Side::Client => self.client_lost(Loss::Gap),
+                Side::Server => self.server_desync(Loss::Gap, ts, out),
             }
         }
     }
@@ -741,7 +900,11 @@ impl Parser for PostgresParser {
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 
@@ -917,6 +1080,11 @@ struct Reader {
 impl Reader {
     fn at_boundary(&self) -> bool {
         self.frames.at_boundary()
+    }
+
+    /// Some bytes of a header read, not all.
+    fn mid_header(&self) -> bool {
+        !self.frames.at_boundary() && !self.frames.in_body()
     }
 
     /// Forgets the message in progress (and a lost stream): the next byte starts one.

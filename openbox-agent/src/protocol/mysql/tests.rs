@@ -780,7 +780,7 @@ fn gap_inside_packet_skips_it() {
 }
 
 #[test]
-fn gap_between_packets_gives_up_cleanly() {
+fn gap_between_packets_ends_the_command_and_resynchronises_at_the_next() {
     let mut p = MysqlParser::new(ParserConfig::default());
     let mut out = Vec::new();
     for (side, data, ts) in connect(BASE, "u", Some("shop")) {
@@ -793,7 +793,13 @@ fn gap_between_packets_gives_up_cleanly() {
     p.feed(Side::Client, &query("SELECT 2"), 6, &mut out);
     p.feed(Side::Server, &result_set(1, BASE, 1, 1, 2), 7, &mut out);
     p.close(8, &mut out);
-    assert_eq!((p.unparsed(), out.len()), (1, 1));
+    assert_eq!(
+        (p.losses().get(Loss::Gap), p.unparsed(), out.len()),
+        (1, 1, 2)
+    );
+    assert_eq!(attr(&out[1], "db.statement"), Some(&json!("SELECT 2")));
+    assert_eq!(attr(&out[1], "db.rowcount"), Some(&json!(1)));
+    assert_eq!((out[1].start_ts, out[1].end_ts), (6, 7));
 }
 
 #[test]
@@ -1176,3 +1182,43 @@ C 010000000e\n\
 S 0700000100000002000000\n\
 C 0100000001\n\
 ";
+
+#[test]
+#[ignore = "open: cut inside the client's handshake response (offset 242 of the \
+            pymysql session) the SET after it is still lost"]
+fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_paired_right() {
+    for rec in [
+        PYMYSQL_SESSION,
+        DEPRECATE_EOF_SESSION,
+        MARIADB_CACHE_METADATA_SESSION,
+    ] {
+        let s = scripts::recording(rec);
+        let checked = scripts::every_offset_with(
+            Protocol::Mysql,
+            &s,
+            scripts::Cut::StartAt,
+            scripts::sql_unknowable,
+        );
+        assert!(checked > 0);
+    }
+}
+
+#[test]
+#[ignore = "open: a greeting cut by a gap leaves the flags to inference, which ends a \
+            multi-result answer at its first part (offset 38 of the pymysql session)"]
+fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cuts() {
+    for rec in [
+        PYMYSQL_SESSION,
+        DEPRECATE_EOF_SESSION,
+        MARIADB_CACHE_METADATA_SESSION,
+    ] {
+        let s = scripts::recording(rec);
+        let checked = scripts::every_offset_with(
+            Protocol::Mysql,
+            &s,
+            scripts::Cut::GapAt,
+            scripts::sql_unknowable,
+        );
+        assert!(checked > 0);
+    }
+}
