@@ -160,7 +160,9 @@ class HookConstructionTest(unittest.TestCase):
     def test_sdk_conventions_from_argument_config_else_environment(self) -> None:
         with mock.patch.dict("os.environ", clear=True):
             self.assertNotIn("sdk_conventions", OpenBoxHook()._link.config)
-            self.assertEqual(OpenBoxHook(sdk_conventions="2.0")._link.config["sdk_conventions"], "2.0")
+            self.assertEqual(
+                OpenBoxHook(sdk_conventions="2.0")._link.config["sdk_conventions"], "2.0"
+            )
         with mock.patch.dict("os.environ", {"OPENBOX_SDK_CONVENTIONS": "2"}):
             self.assertEqual(OpenBoxHook()._link.config["sdk_conventions"], "2.0")
             hook = OpenBoxHook(config={"sdk_conventions": "1.0"})

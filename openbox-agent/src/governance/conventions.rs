@@ -268,6 +268,7 @@ mod tests {
             activity_type: "a".into(),
             task_queue: "q".into(),
             attempt: 1,
+            multi_agent_session_id: None,
         }
     }
 
@@ -344,6 +345,7 @@ mod tests {
             run_id: "r".into(),
             workflow_type: "T".into(),
             task_queue: "q".into(),
+            multi_agent_session_id: None,
         };
         let error = json!({"type": "ActivityError", "message": "m".repeat(600),
             "cause": {"type": "ApplicationError", "message": "c".repeat(600), "error_type": "t".repeat(200)},

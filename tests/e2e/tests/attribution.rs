@@ -258,9 +258,15 @@ fn work_handed_to_threads_pools_and_process_pools_is_attributed_to_its_activity(
         },
     );
     const EACH: usize = 20;
-    let kinds = ["to_thread_io", "own_pool_io", "own_thread_io", "process_pool_io"];
+    let kinds = [
+        "to_thread_io",
+        "own_pool_io",
+        "own_thread_io",
+        "process_pool_io",
+    ];
     let rendezvous = s.workflow_id(0);
-    let together = json!({"rendezvous": {"name": rendezvous, "count": EACH * kinds.len(), "timeout": 60}});
+    let together =
+        json!({"rendezvous": {"name": rendezvous, "count": EACH * kinds.len(), "timeout": 60}});
     let mut workflows = Vec::new();
     let mut expected = Vec::new();
     for (k, activity) in kinds.iter().enumerate() {
@@ -270,7 +276,10 @@ fn work_handed_to_threads_pools_and_process_pools_is_attributed_to_its_activity(
         for (j, item) in plan_items.iter_mut().enumerate() {
             item["start_method"] = json!(["fork", "spawn", "forkserver"][j % 3]);
         }
-        workflows.push((wf.clone(), json!({"activity": activity, "items": plan_items})));
+        workflows.push((
+            wf.clone(),
+            json!({"activity": activity, "items": plan_items}),
+        ));
         expected.extend(range.map(|i| ExpectedActivity::new(&wf, &s.marker(i), ALL)));
     }
     s.run_ok(&workflows);
