@@ -79,8 +79,11 @@ const COM_STMT_PREPARE: u8 = 0x16;
 const COM_STMT_EXECUTE: u8 = 0x17;
 const COM_STMT_SEND_LONG_DATA: u8 = 0x18;
 const COM_STMT_CLOSE: u8 = 0x19;
+const COM_STMT_RESET: u8 = 0x1a;
+const COM_SET_OPTION: u8 = 0x1b;
 const COM_STMT_FETCH: u8 = 0x1c;
 const COM_BINLOG_DUMP_GTID: u8 = 0x1e;
+const COM_RESET_CONNECTION: u8 = 0x1f;
 /// MariaDB's COM_STMT_BULK_EXECUTE: a prepared statement run over many parameter rows.
 const COM_STMT_BULK_EXECUTE: u8 = 0xfa;
 
@@ -133,15 +136,29 @@ pub fn looks_like_command_midstream(first: &[u8]) -> bool {
         && text.iter().any(u8::is_ascii_alphabetic)
 }
 
+/// Whether a client's first captured piece is a handshake response (or SSLRequest): one
+/// packet with sequence id 1, held whole, long enough for the capability flags.
+fn looks_like_handshake_response(piece: &[u8]) -> bool {
+    let Some(&[l0, l1, l2, seq]) = piece.get(..4) else {
+        return false;
+    };
+    let len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+    seq == 1 && len >= 5 && piece.len() == 4 + len
+}
+
 /// Whether a captured client piece starts a command, checked strongly enough to resume
-/// a lost stream on: a query or prepare ([`looks_like_command_midstream`]), or a
-/// COM_STMT_EXECUTE with one iteration and known cursor flags, or a bare COM_PING; a
-/// packet held whole must be followed by nothing or by another command's header.
+/// a lost stream on: a query or prepare ([`looks_like_command_midstream`]), a
+/// COM_STMT_EXECUTE with one iteration and known cursor flags, or a command of fixed
+/// length held whole (COM_PING, COM_STMT_FETCH, COM_INIT_DB …); a packet held whole must
+/// be followed by nothing or by another command's header.
 fn starts_command(piece: &[u8]) -> bool {
     let Some(&[l0, l1, l2, seq, cmd]) = piece.get(..5) else {
         return false;
     };
     let len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+    // Held whole and alone: a short packet followed by more bytes is too easily found
+    // inside another packet.
+    let whole = piece.len() == 4 + len;
     let fits = match piece.get(4 + len..) {
         None => true,
         Some(rest) => rest.is_empty() || rest.get(3) == Some(&0),
@@ -152,7 +169,20 @@ fn starts_command(piece: &[u8]) -> bool {
         COM_STMT_EXECUTE => {
             len >= 10 && piece.get(9).is_some_and(|&f| f <= 0x0f) && le_u32(piece, 10) == Some(1)
         }
-        COM_PING => len == 1,
+        // Commands without arguments, or with fixed ones (statement id; statement id and
+        // row count; an option).
+        COM_PING | COM_QUIT | COM_STATISTICS | COM_RESET_CONNECTION => len == 1 && whole,
+        COM_STMT_CLOSE | COM_STMT_RESET => len == 5 && whole,
+        COM_STMT_FETCH => len == 9 && whole,
+        COM_SET_OPTION => len == 3 && whole && piece.get(6) == Some(&0) && piece[5] <= 1,
+        // A schema name: printable, no spaces.
+        COM_INIT_DB => {
+            (2..=257).contains(&len)
+                && whole
+                && piece
+                    .get(5..4 + len)
+                    .is_some_and(|name| name.iter().all(|&c| c > 0x20 && c != 0x7f))
+        }
         _ => false,
     };
     seq == 0 && fits && shape
@@ -210,11 +240,12 @@ struct Running {
 
 #[derive(Debug)]
 enum Kind {
-    /// COM_QUERY; `use_db` is the schema a `USE db` statement switches to.
+    /// COM_QUERY; `use_db` is the schema a `USE db` statement switches to (empty:
+    /// unknown).
     Query { use_db: Option<String> },
     /// COM_STMT_EXECUTE, COM_STMT_BULK_EXECUTE.
     Execute,
-    /// COM_INIT_DB: switches the schema when it succeeds.
+    /// COM_INIT_DB: switches the schema when it succeeds (empty: to one unknown).
     InitDb(String),
     /// COM_STMT_PREPARE: no op unless it fails; remembers the statement by id.
     Prepare(Arc<Statement>),
@@ -285,9 +316,20 @@ impl MysqlParser {
         self.caps_known = false;
     }
 
+    /// The client's packet boundaries are lost (`why`) until a piece starts a command.
     fn client_lost(&mut self, why: Loss) {
-        self.losses.add(why);
+        self.command_lost(why);
         self.client.frames.dead = true;
+    }
+
+    /// Commands were sent that we do not know: their answers come before those of the
+    /// commands seen next.
+    fn command_lost(&mut self, why: Loss) {
+        self.losses.add(why);
+        // A lost command may have switched them (COM_INIT_DB, USE, COM_CHANGE_USER):
+        // unknown rather than perhaps wrong.
+        self.user = None;
+        self.database = None;
         self.client_gap = true;
     }
 
@@ -316,10 +358,12 @@ impl MysqlParser {
         if std::mem::take(&mut self.client_fresh) && self.phase == Phase::Greeting {
             // No greeting seen: the connection was set up before watching began, unless
             // the greeting is still to come (the client speaks only after it).
-            // (A handshake response, sequence id 1, means the greeting is on its way.)
+            // (A handshake response, sequence id 1 and held whole, means the greeting is
+            // on its way.) Anything else is the rest of a packet: clients write a
+            // packet's header and payload in one call.
             if starts_command(data) {
                 self.midstream();
-            } else if data.len() >= 5 && data.get(3) != Some(&1) {
+            } else if !looks_like_handshake_response(data) {
                 self.client_lost(Loss::Malformed);
             }
         }
@@ -330,8 +374,19 @@ impl MysqlParser {
                 return;
             }
             self.client.restart();
-            if self.phase == Phase::Greeting {
-                self.midstream();
+            match self.phase {
+                Phase::Greeting => self.midstream(),
+                // The handshake response (or the rest of the authentication) was lost:
+                // a command means the server accepted the login.
+                Phase::HandshakeResponse | Phase::Auth => {
+                    if self.phase == Phase::HandshakeResponse {
+                        self.caps = self.server_caps
+                            & (CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION);
+                        self.caps_known = false;
+                    }
+                    self.phase = Phase::Command;
+                }
+                Phase::Command => {}
             }
         }
         while !data.is_empty() && !self.client.frames.dead && !self.stopped {
@@ -378,6 +433,12 @@ impl MysqlParser {
         match self.phase {
             Phase::HandshakeResponse => self.on_handshake_response(&f.body),
             Phase::Command if f.seq == 0 => self.on_command(&f, out),
+            // A command while authenticating: the server's OK was lost (authentication
+            // packets continue a sequence, never start one).
+            Phase::Auth if f.seq == 0 && !self.compressed() => {
+                self.phase = Phase::Command;
+                self.on_command(&f, out);
+            }
             // The greeting was missed (lost, or sent before watching began): a packet
             // starting a sequence is a command.
             Phase::Greeting if f.seq == 0 && !self.stopped => {
@@ -393,12 +454,12 @@ impl MysqlParser {
 
     fn on_server(&mut self, f: Frame, ts: u64, out: &mut Vec<Op>) {
         match self.phase {
-            Phase::Greeting => self.on_greeting(&f.body),
+            Phase::Greeting => self.on_greeting(f.seq, &f.body),
             Phase::HandshakeResponse => {}
             Phase::Auth => match f.body.first() {
                 Some(0x00) => {
                     self.phase = Phase::Command;
-                    if self.caps & (CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM) != 0 {
+                    if self.compressed() {
                         // Compression starts after the handshake's OK: not parsed.
                         self.losses.add(Loss::Malformed);
                         self.stop(ts, out);
@@ -409,17 +470,28 @@ impl MysqlParser {
                 // AuthSwitchRequest 0xFE, AuthMoreData 0x01: the exchange goes on.
                 _ => {}
             },
+            // A packet whose first byte a gap took: what it was (an OK, an ERR, a row
+            // or a result's start) is unknown, and so is what follows.
+            Phase::Command if f.body.is_empty() && f.len > 0 => {
+                self.server_desync(Loss::Gap, ts, out);
+            }
             Phase::Command => self.on_response(&f, ts, out),
         }
         self.server.recycle(f.body);
     }
 
+    /// Compression starts after the handshake's OK: not parsed.
+    fn compressed(&self) -> bool {
+        self.caps & (CLIENT_COMPRESS | CLIENT_ZSTD_COMPRESSION_ALGORITHM) != 0
+    }
+
     /// Protocol::HandshakeV10.
-    fn on_greeting(&mut self, b: &[u8]) {
+    fn on_greeting(&mut self, seq: u8, b: &[u8]) {
         match b.first() {
-            Some(0x0a) => {}
+            Some(0x0a) if seq == 0 => {}
             // The server refused the connection ("Host … is blocked"): nothing follows.
-            Some(0xff) => {
+            // (An ERR with another sequence id answers a command: watched mid-stream.)
+            Some(0xff) if seq == 0 => {
                 self.stopped = true;
                 return;
             }
@@ -434,31 +506,31 @@ impl MysqlParser {
         }
         // Version string, connection id (4), auth-plugin-data part 1 (8), filler (1).
         self.server_confirmed = true;
-        let Some(pos) = cstr(b, 1).map(|(_, next)| next + 4 + 8 + 1) else {
-            // Cut by a gap: the flags are inferred from the answers.
-            self.server_caps = CLIENT_PROTOCOL_41
-                | CLIENT_TRANSACTIONS
-                | CLIENT_SECURE_CONNECTION
-                | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
-                | CLIENT_CONNECT_WITH_DB;
-            self.caps_known = false;
-            self.phase = Phase::HandshakeResponse;
-            return;
-        };
-        let lower = le_u16(b, pos).unwrap_or(0);
-        // Then charset (1), status flags (2), upper capabilities (2), auth data length
-        // (1) and 10 reserved bytes, of which MariaDB uses the last 4 for its flags.
-        let upper = le_u16(b, pos + 2 + 1 + 2).unwrap_or(0);
-        let mut caps = u64::from(lower) | u64::from(upper) << 16;
-        if caps & CLIENT_MYSQL == 0 {
-            caps |= u64::from(le_u32(b, pos + 2 + 1 + 2 + 2 + 1 + 6).unwrap_or(0)) << 32;
+        match greeting_caps(b) {
+            Some(caps) => self.server_caps = caps,
+            None => {
+                // Cut by a gap before the flags end: they are inferred from the answers.
+                self.server_caps = CLIENT_PROTOCOL_41
+                    | CLIENT_TRANSACTIONS
+                    | CLIENT_SECURE_CONNECTION
+                    | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+                    | CLIENT_CONNECT_WITH_DB;
+                self.caps_known = false;
+            }
         }
-        self.server_caps = caps;
         self.phase = Phase::HandshakeResponse;
     }
 
     /// Protocol::HandshakeResponse41 (or 320), or an SSLRequest.
     fn on_handshake_response(&mut self, b: &[u8]) {
+        if b.len() < 4 {
+            // Cut by a gap before the client's flags: they are inferred from the answers.
+            self.caps = self.server_caps
+                & (CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION);
+            self.caps_known = false;
+            self.phase = Phase::Auth;
+            return;
+        }
         let lower = u64::from(le_u16(b, 0).unwrap_or(0));
         let user_at;
         let client_caps;
@@ -471,7 +543,11 @@ impl MysqlParser {
             // Capabilities (4), max packet (4), charset (1), 19 filler bytes and 4 bytes
             // that are MariaDB's extended capabilities when CLIENT_MYSQL is clear.
             if caps & CLIENT_MYSQL == 0 && self.server_caps & CLIENT_MYSQL == 0 {
-                caps |= u64::from(le_u32(b, 28).unwrap_or(0)) << 32;
+                match le_u32(b, 28) {
+                    Some(extended) => caps |= u64::from(extended) << 32,
+                    // Cut by a gap: MariaDB's metadata caching is inferred.
+                    None => self.caps_known = false,
+                }
             }
             client_caps = caps;
             user_at = 32;
@@ -531,7 +607,8 @@ impl MysqlParser {
     fn on_command(&mut self, f: &Frame, out: &mut Vec<Op>) {
         let b = f.body.as_slice();
         let Some((&cmd, args)) = b.split_first() else {
-            self.losses.add(Loss::Malformed);
+            // Its command byte was lost in a gap (a command is never empty).
+            self.command_lost(Loss::Gap);
             return;
         };
         let kind = match cmd {
@@ -540,9 +617,17 @@ impl MysqlParser {
                 let stmt = sql
                     .as_deref()
                     .map(|s| Statement::new(s, self.cfg.max_statement, Dialect::Mysql));
-                let use_db = match (&stmt, sql_operation_is_use(stmt.as_ref())) {
-                    (Some(_), true) => sql.as_deref().and_then(use_target),
-                    _ => None,
+                let operation = stmt.as_ref().and_then(|s| s.operation.as_deref());
+                let use_db = if f.truncated {
+                    // Cut by a gap: a USE whose name (or first word) was cut switches to
+                    // a schema we cannot know.
+                    operation
+                        .is_none_or(|op| "USE".starts_with(op))
+                        .then(String::new)
+                } else if operation == Some("USE") {
+                    sql.as_deref().and_then(use_target)
+                } else {
+                    None
                 };
                 let run = self.start_op(stmt.as_ref(), "QUERY", f.start_ts);
                 if stmt.is_none() {
@@ -559,6 +644,8 @@ impl MysqlParser {
             }
             COM_INIT_DB => {
                 let db = lossy(args);
+                // Cut by a gap: which schema is unknown.
+                let target = if f.truncated { String::new() } else { db.clone() };
                 let stmt = Statement {
                     text: truncate_statement(&format!("USE {db}"), self.cfg.max_statement),
                     operation: Some("INIT_DB".to_string()),
@@ -566,7 +653,7 @@ impl MysqlParser {
                 let run = self.start_op(Some(&stmt), "INIT_DB", f.start_ts);
                 return self.push(
                     Pending {
-                        kind: Kind::InitDb(db),
+                        kind: Kind::InitDb(target),
                         run,
                     },
                     f.start_ts,
@@ -695,8 +782,8 @@ impl MysqlParser {
         let ok = answered && run.error.is_none();
         match kind {
             Kind::Query { use_db } => {
-                if let (true, Some(db)) = (ok, use_db) {
-                    self.database = Some(db);
+                if let Some(db) = use_db {
+                    self.switch_database(answered, ok, db);
                 }
                 out.push(finish(run, ts));
             }
@@ -704,9 +791,7 @@ impl MysqlParser {
                 // Its OK's "affected rows" is always 0 and means nothing here.
                 let mut run = run;
                 run.rowcount = None;
-                if ok {
-                    self.database = (!db.is_empty()).then_some(db);
-                }
+                self.switch_database(answered, ok, db);
                 out.push(finish(run, ts));
             }
             Kind::Execute => out.push(finish(run, ts)),
@@ -785,7 +870,12 @@ impl MysqlParser {
                     }
                     // LOCAL INFILE request: the client sends the file, then OK or ERR.
                     Some(0xfb) => {}
-                    _ => self.on_column_count(b),
+                    _ => {
+                        if !self.on_column_count(b) {
+                            // Cut by a gap: the result's shape is unknown.
+                            self.server_desync(Loss::Gap, ts, out);
+                        }
+                    }
                 },
                 Resp::Columns { left } => {
                     if first == Some(0xff) {
@@ -800,8 +890,12 @@ impl MysqlParser {
                     if first == Some(0xff) {
                         return self.on_err(b, ts, out);
                     }
-                    if !eof {
-                        // Not the expected EOF: take it as the first row.
+                    // An EOF packet is 5 bytes under CLIENT_PROTOCOL_41; the OK packet
+                    // that ends rows under CLIENT_DEPRECATE_EOF (0xFE too) 7 or more.
+                    let columns_eof = eof && (self.caps_known || f.len == 5);
+                    if !columns_eof {
+                        // Not the expected EOF: take it as the first row, or as the end
+                        // of no rows.
                         if !self.caps_known {
                             self.caps |= CLIENT_DEPRECATE_EOF;
                         }
@@ -849,11 +943,10 @@ impl MysqlParser {
     }
 
     /// A result set's first packet: the column count (and, when metadata is optional,
-    /// whether the column definitions follow).
-    fn on_column_count(&mut self, b: &[u8]) {
+    /// whether the column definitions follow). False when it holds no count.
+    fn on_column_count(&mut self, b: &[u8]) -> bool {
         let Some((count, next)) = lenenc_int(b, 0) else {
-            self.losses.add(Loss::Malformed);
-            return;
+            return false;
         };
         let binary = self
             .pending
@@ -878,6 +971,7 @@ impl MysqlParser {
         } else {
             self.after_columns()
         };
+        true
     }
 
     fn after_columns(&self) -> Resp {
@@ -922,6 +1016,14 @@ impl MysqlParser {
             });
         }
         self.pop_front(ts, out, true);
+    }
+
+    /// A command switching the schema to `db` (empty: unknown) ended: `ok`, or failed,
+    /// or its answer was never seen (`answered` false: whether it switched is unknown).
+    fn switch_database(&mut self, answered: bool, ok: bool, db: String) {
+        if ok || !answered {
+            self.database = (ok && !db.is_empty()).then_some(db);
+        }
     }
 
     /// Reports what is still waiting and parses nothing more.
@@ -1006,10 +1108,6 @@ fn finish(run: Box<Running>, end_ts: u64) -> Op {
     finish_op(op, end_ts, rowcount, error)
 }
 
-fn sql_operation_is_use(stmt: Option<&Statement>) -> bool {
-    stmt.and_then(|s| s.operation.as_deref()) == Some("USE")
-}
-
 /// The schema named by `USE db` / "USE `db`".
 fn use_target(sql: &str) -> Option<String> {
     let at = sql.to_ascii_uppercase().find("USE")?;
@@ -1081,6 +1179,22 @@ fn skip_binary_value(b: &[u8], pos: usize, ty: u16) -> Option<usize> {
     (end <= b.len()).then_some(end)
 }
 
+/// The server's capability flags from its greeting, or None when the greeting was cut
+/// before they end: after the version string, connection id (4), auth-plugin-data part
+/// 1 (8) and a filler (1), the lower flags (2), then charset (1), status flags (2), upper
+/// flags (2), auth data length (1) and 10 reserved bytes, of which MariaDB uses the last
+/// 4 for its own flags.
+fn greeting_caps(b: &[u8]) -> Option<u64> {
+    let pos = cstr(b, 1)?.1 + 4 + 8 + 1;
+    let lower = le_u16(b, pos)?;
+    let upper = le_u16(b, pos + 2 + 1 + 2)?;
+    let mut caps = u64::from(lower) | u64::from(upper) << 16;
+    if caps & CLIENT_MYSQL == 0 {
+        caps |= u64::from(le_u32(b, pos + 2 + 1 + 2 + 2 + 1 + 6)?) << 32;
+    }
+    Some(caps)
+}
+
 /// OK_Packet: header, affected rows (lenenc), last insert id (lenenc), then status
 /// flags under CLIENT_PROTOCOL_41 or CLIENT_TRANSACTIONS.
 fn parse_ok(b: &[u8], caps: u64) -> (Option<u64>, u16) {
@@ -1114,6 +1228,8 @@ struct Frame {
     body: Vec<u8>,
     /// The payload's full length.
     len: usize,
+    /// Some of its bytes were not kept (over the keep limit, or lost to a gap).
+    truncated: bool,
     /// Timestamp of the piece that held the payload's first byte.
     start_ts: u64,
 }
@@ -1178,10 +1294,11 @@ impl Reader {
         if self.continued {
             return None;
         }
-        let (body, _) = self.frames.take_body();
+        let (body, truncated) = self.frames.take_body();
         Some(Frame {
             seq: self.seq,
             body,
+            truncated,
             len: self.len,
             start_ts: self.frames.start_ts,
         })

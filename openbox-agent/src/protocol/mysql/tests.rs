@@ -1184,8 +1184,6 @@ C 0100000001\n\
 ";
 
 #[test]
-#[ignore = "open: cut inside the client's handshake response (offset 242 of the \
-            pymysql session) the SET after it is still lost"]
 fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_paired_right() {
     for rec in [
         PYMYSQL_SESSION,
@@ -1204,8 +1202,6 @@ fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_pai
 }
 
 #[test]
-#[ignore = "open: a greeting cut by a gap leaves the flags to inference, which ends a \
-            multi-result answer at its first part (offset 38 of the pymysql session)"]
 fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cuts() {
     for rec in [
         PYMYSQL_SESSION,
