@@ -249,7 +249,7 @@ enum Kind {
     InitDb(String),
     /// COM_STMT_PREPARE: no op unless it fails; remembers the statement by id.
     Prepare(Arc<Statement>),
-    /// COM_STMT_FETCH: rows then EOF, no column count.
+    /// COM_STMT_FETCH: rows then EOF (or OK under CLIENT_DEPRECATE_EOF), no column count.
     Fetch,
     /// COM_FIELD_LIST: definitions then EOF.
     FieldList,
@@ -470,9 +470,16 @@ impl MysqlParser {
                 // AuthSwitchRequest 0xFE, AuthMoreData 0x01: the exchange goes on.
                 _ => {}
             },
-            // A packet whose first byte a gap took: what it was (an OK, an ERR, a row
-            // or a result's start) is unknown, and so is what follows.
-            Phase::Command if f.body.is_empty() && f.len > 0 => {
+            // A packet a gap cut into, where its kind or status decides what follows:
+            // its first byte lost (an OK, an ERR, a row or a result's start?), or an
+            // OK/EOF/ERR whose status flags (more results? a cursor?) or error may be
+            // gone, or a prepare's definition.
+            Phase::Command
+                if f.cut
+                    && (f.body.is_empty()
+                        || matches!(f.body.first(), Some(0xfe | 0xff))
+                        || matches!(self.resp, Resp::Start | Resp::PrepareDefs { .. })) =>
+            {
                 self.server_desync(Loss::Gap, ts, out);
             }
             Phase::Command => self.on_response(&f, ts, out),
@@ -645,7 +652,11 @@ impl MysqlParser {
             COM_INIT_DB => {
                 let db = lossy(args);
                 // Cut by a gap: which schema is unknown.
-                let target = if f.truncated { String::new() } else { db.clone() };
+                let target = if f.truncated {
+                    String::new()
+                } else {
+                    db.clone()
+                };
                 let stmt = Statement {
                     text: truncate_statement(&format!("USE {db}"), self.cfg.max_statement),
                     operation: Some("INIT_DB".to_string()),
@@ -689,7 +700,21 @@ impl MysqlParser {
                 return; // no response
             }
             COM_QUIT | COM_STMT_SEND_LONG_DATA => return, // no response
-            COM_STMT_FETCH => Kind::Fetch,
+            COM_STMT_FETCH => {
+                // Rows of the cursor an execute opened: an op of its own, named by the
+                // statement (as PostgreSQL's Execute of a suspended portal), counting
+                // the rows this fetch returned.
+                let stmt = le_u32(args, 0).and_then(|id| self.statements.get(&id).cloned());
+                let run = self.start_op(stmt.as_deref(), "FETCH", f.start_ts);
+                return self.push(
+                    Pending {
+                        kind: Kind::Fetch,
+                        run,
+                    },
+                    f.start_ts,
+                    out,
+                );
+            }
             COM_FIELD_LIST => Kind::FieldList,
             COM_STATISTICS => Kind::Statistics,
             COM_CHANGE_USER => {
@@ -794,7 +819,7 @@ impl MysqlParser {
                 self.switch_database(answered, ok, db);
                 out.push(finish(run, ts));
             }
-            Kind::Execute => out.push(finish(run, ts)),
+            Kind::Execute | Kind::Fetch => out.push(finish(run, ts)),
             Kind::Prepare(stmt) => {
                 // A failed prepare never gets executed: report it, or it leaves no trace.
                 if run.error.is_some() {
@@ -803,7 +828,7 @@ impl MysqlParser {
                     out.push(finish(failed, ts));
                 }
             }
-            Kind::Fetch | Kind::FieldList | Kind::Statistics | Kind::Other => {}
+            Kind::FieldList | Kind::Statistics | Kind::Other => {}
         }
     }
 
@@ -932,8 +957,12 @@ impl MysqlParser {
                         } else {
                             parse_ok(b, self.caps).1
                         };
-                        let rows = front.run.rows;
-                        return self.end_result(Some(rows), status, ts, out);
+                        // An execute that opened a cursor (its OK under DEPRECATE_EOF
+                        // stands where the columns' EOF would): its rows come by fetch.
+                        let cursor = status & SERVER_STATUS_CURSOR_EXISTS != 0
+                            && matches!(front.kind, Kind::Execute);
+                        let rows = (!cursor).then_some(front.run.rows);
+                        return self.end_result(rows, status, ts, out);
                     }
                     front.run.rows = front.run.rows.saturating_add(1);
                 }
@@ -1230,6 +1259,8 @@ struct Frame {
     len: usize,
     /// Some of its bytes were not kept (over the keep limit, or lost to a gap).
     truncated: bool,
+    /// A gap took some of its bytes.
+    cut: bool,
     /// Timestamp of the piece that held the payload's first byte.
     start_ts: u64,
 }
@@ -1246,6 +1277,8 @@ struct Reader {
     seq: u8,
     /// The payload's length so far.
     len: usize,
+    /// A gap took bytes of the payload in progress.
+    cut: bool,
 }
 
 impl Reader {
@@ -1263,6 +1296,7 @@ impl Reader {
         self.frames.restart();
         self.continued = false;
         self.len = 0;
+        self.cut = false;
     }
 
     fn pull(&mut self, data: &mut &[u8], ts: u64, keep: usize) -> Option<Frame> {
@@ -1299,6 +1333,7 @@ impl Reader {
             seq: self.seq,
             body,
             truncated,
+            cut: std::mem::take(&mut self.cut),
             len: self.len,
             start_ts: self.frames.start_ts,
         })
@@ -1308,6 +1343,7 @@ impl Reader {
     /// way is returned with what was kept); anywhere else the stream is `lost`.
     fn skip(&mut self, n: u64) -> (Option<Frame>, bool) {
         let (ended, lost) = self.frames.skip(n);
+        self.cut = !lost;
         let frame = if ended { self.end_packet() } else { None };
         (frame, lost)
     }

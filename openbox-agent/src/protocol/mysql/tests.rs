@@ -1183,12 +1183,122 @@ S 0700000100000002000000\n\
 C 0100000001\n\
 ";
 
+/// MariaDB Connector/C 3.3 (libmariadb, through tests/support/client_mysql_cursor.py) against
+/// MariaDB 10.11, recorded through a proxy: a server-side cursor (COM_STMT_EXECUTE with
+/// CURSOR_TYPE_READ_ONLY, then COM_STMT_FETCH of 2 rows at a time) with EOF packets and
+/// MariaDB's metadata caching.
+const CURSOR_CONNECTOR_C_SESSION: &str = "\
+S 640000000a352e352e352d31302e31312e31392d4d6172696144422d302b64656231327531000500000059516a43\
+     4f43405600fef7080200ff81150000000000001d000000725947382343675d7d21263c006d7973716c5f6e617469\
+     76655f70617373776f726400\n\
+C c40000018ca2be00000010002d000000000000000000000000000000000000001d0000006f70656e626f780014ce\
+     200e42f853e99bf47b77e65cd6980cecee8b0573686f70006d7973716c5f6e61746976655f70617373776f726400\
+     6b035f6f73054c696e75780c5f636c69656e745f6e616d650a6c69626d617269616462045f70696404383035310f\
+     5f636c69656e745f76657273696f6e06332e332e3230095f706c6174666f726d067838365f36340c5f7365727665\
+     725f686f7374093132372e302e302e31\n\
+S 1000000200000002400000000701050473686f70\n\
+C 270000001653454c4543542069642c206e616d652046524f4d206974656d73204f52444552204259206964\n\
+S 0c00000100010000000200000000000029000002036465660473686f70056974656d73056974656d730269640269\
+     64000c3f000b0000000303500000002d000003036465660473686f70056974656d73056974656d73046e616d6504\
+     6e616d65000c2d0000010000fd000000000005000004fe00000200\n\
+C 0a00000017010000000101000000\n\
+S 02000001020129000002036465660473686f70056974656d73056974656d73026964026964000c3f000b00000003\
+     01100000002d000003036465660473686f70056974656d73056974656d73046e616d65046e616d65000c2d000001\
+     0000fd000000000005000004fe00006200\n\
+C 090000001c0100000002000000\n\
+S 0c000001000001000000056170706c650d0000020000020000000662616e616e6105000003fe00004200\n\
+C 090000001c0100000002000000\n\
+S 0d0000010000030000000663686572727905000002fe00008200\n\
+C 050000001901000000\n\
+C 0100000001\n\
+";
+/// The same cursor from a client offering CLIENT_DEPRECATE_EOF (Connector/C refuses that
+/// flag; tests/support/client_mysql_raw_cursor.py speaks the protocol itself) against
+/// MariaDB 10.11, recorded through a proxy: the execute's OK (0xFE, with
+/// SERVER_STATUS_CURSOR_EXISTS) stands where the columns' EOF was, and each fetch's rows
+/// end in an OK packet.
+const CURSOR_DEPRECATE_EOF_SESSION: &str = "\
+S 640000000a352e352e352d31302e31312e31392d4d6172696144422d302b646562313275310006000000534e6d5b\
+     5e49325b00fef7080200ff81150000000000001d00000057224161447029773e6c287e006d7973716c5f6e617469\
+     76655f70617373776f726400\n\
+C 580000010da20801000000012d00000000000000000000000000000000000000000000006f70656e626f78001421\
+     a71f9016a788de9f278fc7a87d0e04291abadc73686f70006d7973716c5f6e61746976655f70617373776f726400\n\
+S 0700000200000002000000\n\
+C 270000001653454c4543542069642c206e616d652046524f4d206974656d73204f52444552204259206964\n\
+S 0c00000100020000000200000000000028000002036465660473686f70056974656d73056974656d730269640269\
+     640c3f000b0000000303500000002c000003036465660473686f70056974656d73056974656d73046e616d65046e\
+     616d650c2d0000010000fd0000000000\n\
+C 0a00000017020000000101000000\n\
+S 010000010228000002036465660473686f70056974656d73056974656d730269640269640c3f000b000000030110\
+     0000002c000003036465660473686f70056974656d73056974656d73046e616d65046e616d650c2d0000010000fd\
+     000000000007000004fe000062000000\n\
+C 090000001c0200000002000000\n\
+S 0c000001000001000000056170706c650d0000020000020000000662616e616e6107000003fe000042000000\n\
+C 090000001c0200000002000000\n\
+S 0d0000010000030000000663686572727907000002fe000082000000\n\
+C 050000001902000000\n\
+C 0100000001\n\
+";
+
+/// A cursor's rows as the client read them: the execute that opened it (no rows yet),
+/// then one op per COM_STMT_FETCH with the rows it returned, all named by the statement.
+fn assert_cursor_session(ops: &[Op], end_ts: [u64; 3]) {
+    use StatusCode::Unset;
+    assert_eq!(
+        names_and_counts(ops),
+        [
+            ("SELECT", None, Unset),
+            ("SELECT", Some(2), Unset),
+            ("SELECT", Some(1), Unset)
+        ]
+    );
+    for op in ops {
+        assert_eq!(
+            attr(op, "db.statement"),
+            Some(&json!("SELECT id, name FROM items ORDER BY id"))
+        );
+        assert_eq!(attr(op, "db.name"), Some(&json!("shop")));
+        assert_eq!(attr(op, "db.user"), Some(&json!("openbox")));
+    }
+    let spans: Vec<_> = ops.iter().map(|o| (o.start_ts, o.end_ts)).collect();
+    assert_eq!(spans, [(6, end_ts[0]), (8, end_ts[1]), (10, end_ts[2])]);
+}
+
+#[test]
+fn cursor_fetch_with_eof_packets() {
+    assert_cursor_session(&replay(CURSOR_CONNECTOR_C_SESSION), [7, 9, 11]);
+}
+
+#[test]
+fn cursor_fetch_with_deprecate_eof() {
+    assert_cursor_session(&replay(CURSOR_DEPRECATE_EOF_SESSION), [7, 9, 11]);
+}
+
+#[test]
+fn cursor_fetch_watched_mid_stream_infers_deprecate_eof() {
+    // Watched from the prepare on: the flags are inferred, the statement is known.
+    let s = scripts::recording(CURSOR_DEPRECATE_EOF_SESSION);
+    let (ops, unparsed) = run_with(ParserConfig::default(), &s[3..].to_vec(), false);
+    assert_eq!(unparsed, 0);
+    use StatusCode::Unset;
+    assert_eq!(
+        names_and_counts(&ops),
+        [
+            ("SELECT", None, Unset),
+            ("SELECT", Some(2), Unset),
+            ("SELECT", Some(1), Unset)
+        ]
+    );
+}
+
 #[test]
 fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_paired_right() {
     for rec in [
         PYMYSQL_SESSION,
         DEPRECATE_EOF_SESSION,
         MARIADB_CACHE_METADATA_SESSION,
+        CURSOR_CONNECTOR_C_SESSION,
+        CURSOR_DEPRECATE_EOF_SESSION,
     ] {
         let s = scripts::recording(rec);
         let checked = scripts::every_offset_with(
@@ -1207,6 +1317,8 @@ fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cut
         PYMYSQL_SESSION,
         DEPRECATE_EOF_SESSION,
         MARIADB_CACHE_METADATA_SESSION,
+        CURSOR_CONNECTOR_C_SESSION,
+        CURSOR_DEPRECATE_EOF_SESSION,
     ] {
         let s = scripts::recording(rec);
         let checked = scripts::every_offset_with(
