@@ -778,6 +778,65 @@ fn pymysql_statements_become_mysql_spans_with_rowcounts_and_errors() {
     );
 }
 
+/// A server-side cursor (COM_STMT_EXECUTE with CURSOR_TYPE_READ_ONLY, then COM_STMT_FETCH
+/// until the server reports the last row), through MariaDB Connector/C (EOF packets) and
+/// through a client offering CLIENT_DEPRECATE_EOF (the fetches' rows end in OK packets):
+/// the execute's span has no row count (the rows come later), then one span per fetch
+/// with the rows the client got from it.
+fn mysql_cursor_spans(client: &str) {
+    let env = TestEnv::get();
+    let server = Server::mariadb(&env);
+    let out = TempDir::new("mysql-cursor");
+    let run = trace_spans(
+        &env,
+        &format!("spans-{}", client.trim_end_matches(".py")),
+        &py(&env, client, &[server.port.to_string(), out.arg()]),
+    );
+    let result = result_json(&out);
+    let fetched = result["fetched"].as_array().unwrap();
+    assert_eq!(result["rows"], json!(3), "{result}");
+    let all = run.on_port(server.port);
+    let mut want = vec![None];
+    want.extend(fetched.iter().cloned().map(Some));
+    assert_eq!(
+        all.len(),
+        want.len(),
+        "the execute, then one span per fetch:\n{}",
+        run.show(&all)
+    );
+    for (s, rows) in all.iter().zip(&want) {
+        expect_eq(s, "name", &s["name"], &json!("SELECT"));
+        for (k, v) in [
+            ("db.system", json!("mysql")),
+            ("db.statement", result["statement"].clone()),
+            ("db.operation", json!("SELECT")),
+            ("db.name", json!("shop")),
+            ("db.user", json!("openbox")),
+            ("net.peer.port", json!(server.port)),
+        ] {
+            expect_eq(s, k, attr(s, k), &v);
+        }
+        let rowcount = rows.clone().unwrap_or(Value::Null);
+        expect_eq(s, "db.rowcount", attr(s, "db.rowcount"), &rowcount);
+        expect_eq(
+            s,
+            "status",
+            &s["status"],
+            &json!({"code": "UNSET", "description": null}),
+        );
+    }
+}
+
+#[test]
+fn mariadb_connector_c_cursor_fetches_become_spans() {
+    mysql_cursor_spans("client_mysql_cursor.py");
+}
+
+#[test]
+fn cursor_fetches_with_deprecate_eof_become_spans() {
+    mysql_cursor_spans("client_mysql_raw_cursor.py");
+}
+
 // ---------------------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------------------

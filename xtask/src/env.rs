@@ -29,6 +29,8 @@ const APT_PACKAGES: &[&str] = &[
     "postgresql",
     "mariadb-server",
     "mariadb-client",
+    // MariaDB Connector/C, loaded by tests/support/client_mysql_cursor.py through ctypes.
+    "libmariadb3",
     "redis-server",
     "ca-certificates",
     "util-linux",

@@ -5,10 +5,10 @@ COM_STMT_FETCH of PREFETCH rows at a time until the cursor is exhausted, as user
 
 Usage: client_mysql_cursor.py PORT OUTDIR
 
-Connector/C offers CLIENT_DEPRECATE_EOF, so each fetch's rows end in an OK packet.
-Writes OUTDIR/result.json: {"statement", "prefetch", "rows", "fetches"}: the rows the
-client read and the COM_STMT_FETCH round trips it made (the last one answered with the
-cursor's end only when the row count is a multiple of PREFETCH).
+Connector/C does not offer CLIENT_DEPRECATE_EOF (it refuses the flag), so each fetch's
+rows end in an EOF packet; client_mysql_raw_cursor.py is the same cursor with it.
+Writes OUTDIR/result.json: {"statement", "deprecate_eof", "fetched": [rows of each
+COM_STMT_FETCH], "rows"}.
 """
 
 import ctypes
@@ -23,7 +23,6 @@ STMT_ATTR_PREFETCH_ROWS = 2
 CURSOR_TYPE_READ_ONLY = 1
 MYSQL_NO_DATA = 100
 MYSQL_DATA_TRUNCATED = 101
-CLIENT_DEPRECATE_EOF = 1 << 24
 
 
 def main():
@@ -51,7 +50,7 @@ def main():
 
     conn = lib.mysql_init(None)
     if not lib.mysql_real_connect(conn, b"127.0.0.1", b"openbox", b"openbox-pw", b"shop",
-                                  port, None, CLIENT_DEPRECATE_EOF):
+                                  port, None, 0):
         sys.exit(f"client_mysql_cursor: connect failed: {lib.mysql_error(conn).decode()}")
     stmt = lib.mysql_stmt_init(conn)
 
@@ -77,13 +76,13 @@ def main():
         rows += 1
     lib.mysql_stmt_close(stmt)
     lib.mysql_close(conn)
-    # Connector/C asks for PREFETCH rows per COM_STMT_FETCH; the server says when the
-    # cursor is exhausted (SERVER_STATUS_LAST_ROW_SENT) with the last rows.
-    fetches = rows // PREFETCH + 1
+    # Connector/C asks for PREFETCH rows per COM_STMT_FETCH; the server sends that many
+    # until the cursor runs out, and says so (SERVER_STATUS_LAST_ROW_SENT) with the last
+    # ones (3 rows here, not a multiple of PREFETCH: no empty fetch at the end).
+    fetched = [min(PREFETCH, rows - i) for i in range(0, rows, PREFETCH)]
     with open(os.path.join(outdir, "result.json"), "w") as f:
-        json.dump({"statement": STATEMENT.decode(), "prefetch": PREFETCH, "rows": rows,
-                   "fetches": fetches}, f)
-
+        json.dump({"statement": STATEMENT.decode(), "deprecate_eof": False, "fetched": fetched,
+                   "rows": rows}, f)
 
 if __name__ == "__main__":
     main()
