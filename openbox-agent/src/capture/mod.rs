@@ -1,5 +1,6 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
+pub mod background;
 pub mod btf;
 pub mod clock;
 pub mod detach;
@@ -173,7 +174,9 @@ fn pause_pin(wanted: bool, bpffs: &Result<()>) -> Option<std::path::PathBuf> {
 
 /// The loaded programs and their maps.
 pub struct Capture {
-    ebpf: Ebpf,
+    programs: background::Programs,
+    /// The ring buffer's map, until [`Capture::events`] takes it.
+    ring: Option<aya::maps::Map>,
     chosen: mode::Chosen,
     watched: BpfHashMap<MapData, u32, u32>,
     fds: BpfHashMap<MapData, u64, FdState>,
@@ -201,16 +204,6 @@ impl Capture {
         }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
-        // The vmlinux BTF is parsed only when fentry may be used (it takes ~0.1 s).
-        let btf = match cfg.mode {
-            mode::ModeChoice::Tracepoint => Err(anyhow!("--capture-mode tracepoint")),
-            mode::ModeChoice::Fentry => Ok(mode::fentry_prerequisites().context(
-                "--capture-mode fentry: fentry/fexit cannot be used on this kernel; use --capture-mode auto or tracepoint",
-            )?),
-            mode::ModeChoice::Auto => mode::fentry_prerequisites(),
-        };
-        // Before anything is loaded: a program must never read a field that moved.
-        tracefs::check_kernel(btf.is_err())?;
         let live = live_threads()?;
         preflight::raise_memlock();
         let bpffs = preflight::ensure_bpffs();
@@ -220,21 +213,42 @@ impl Capture {
         } else {
             pause::Recovery::default()
         };
-        let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
         let pin = pause_pin(cfg.pause_on_tls_lib, &bpffs);
-        let pause: u32 = pin.is_some().into();
-        let mut loader = EbpfLoader::new();
-        loader
-            .btf(None)
-            .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
-            .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
-            .override_global(GLOBAL_EXIT_TASK_SIGNAL, &live.task_signal, true)
-            .override_global(GLOBAL_EXIT_SIGNAL_LIVE, &live.signal_live, true)
-            .map_max_entries("EVENTS", cfg.ring_bytes);
-        if let Some(pin) = &pin {
-            loader.map_pin_path(pause::MAP, pin.clone());
-        }
-        let loaded = loader.load(EBPF_OBJECT);
+        // The object (its maps) is made on another thread while this one reads the BTF
+        // and checks the tracepoints: see `background`. No program is loaded there.
+        let object = background::load_object(background::Object {
+            capture_limit: cfg.capture_limit.min(MAX_CAPTURE_LIMIT),
+            pause_on_tls_lib: pin.is_some().into(),
+            live,
+            ring_bytes: cfg.ring_bytes,
+            pin: pin.clone(),
+        });
+        let checked = (|| {
+            // The vmlinux BTF is parsed only when fentry may be used (it takes ~0.1 s).
+            let btf = match cfg.mode {
+                mode::ModeChoice::Tracepoint => Err(anyhow!("--capture-mode tracepoint")),
+                mode::ModeChoice::Fentry => Ok(mode::fentry_prerequisites().context(
+                    "--capture-mode fentry: fentry/fexit cannot be used on this kernel; use --capture-mode auto or tracepoint",
+                )?),
+                mode::ModeChoice::Auto => mode::fentry_prerequisites(),
+            };
+            // Before any program is loaded: a program must never read a field that moved.
+            tracefs::check_kernel(btf.is_err())?;
+            Ok(btf)
+        })();
+        let loaded = object
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let btf = match checked {
+            Ok(btf) => btf,
+            Err(e) => {
+                drop(loaded);
+                if let Some(pin) = &pin {
+                    let _ = std::fs::remove_file(pin);
+                }
+                return Err(e);
+            }
+        };
         let mut ebpf = match loaded {
             Ok(ebpf) => ebpf,
             Err(e) => {
@@ -263,12 +277,9 @@ impl Capture {
         // Every program needed, loaded from several threads at once (the verifier is
         // most of start-up, see `load`), then attached.
         let started = std::time::Instant::now();
-        let mut jobs: Vec<(&str, How<'_>)> = PROCESS_TRACEPOINTS
-            .iter()
-            .map(|(p, _, _)| (*p, How::Plain))
-            .chain(SSL_FUNCTIONS.iter().map(|(_, p)| (*p, How::Plain)))
-            .chain([(SSL_RET_PROGRAM, How::Plain)])
-            .collect();
+        // The data path first: its exit program is the longest to verify, and `load_all`
+        // starts the jobs in this order.
+        let mut jobs: Vec<(&str, How<'_>)> = Vec::new();
         let syscalls_loaded = !matches!(fentry, Fentry::Usable(_));
         match &fentry {
             Fentry::Usable(btf) => jobs.extend(
@@ -278,6 +289,7 @@ impl Capture {
             ),
             _ => jobs.extend(syscall_programs()),
         }
+        jobs.extend(PROCESS_TRACEPOINTS.iter().map(|(p, _, _)| (*p, How::Plain)));
         let mut fentry_refused = None;
         for o in load::load_all(&mut ebpf, &jobs)? {
             let Err(e) = o.result else { continue };
@@ -357,8 +369,21 @@ impl Capture {
         let threads = BpfHashMap::try_from(ebpf.take_map("THREADS").context("map THREADS")?)?;
         let inherit = BpfHashMap::try_from(ebpf.take_map("INHERIT").context("map INHERIT")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
-        Ok(Capture {
+        let ring = Some(ebpf.take_map("EVENTS").context("map EVENTS")?);
+        // The libssl programs: no watched process needs them before it maps a libssl,
+        // and its TLS attach waits for them, so the command need not.
+        let programs = background::Programs::load_later(
             ebpf,
+            SSL_FUNCTIONS
+                .iter()
+                .map(|(_, p)| *p)
+                .chain([SSL_RET_PROGRAM])
+                .collect(),
+            "TLS calls (libssl) are not captured",
+        )?;
+        Ok(Capture {
+            programs,
+            ring,
             chosen,
             watched,
             fds,
@@ -391,7 +416,7 @@ impl Capture {
 
     /// The ring buffer, readable from tokio.
     pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
-        let map = self.ebpf.take_map("EVENTS").context("map EVENTS")?;
+        let map = self.ring.take().context("map EVENTS, taken already")?;
         let ring = RingBuf::try_from(map)?;
         // SAFETY: the ring buffer owns its descriptor for as long as the AsyncFd lives.
         unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -430,6 +455,7 @@ impl Capture {
         for tid in threads {
             self.unregister_thread(tid);
         }
+        self.programs.abandon();
         detach::hand_off();
     }
 
@@ -558,7 +584,7 @@ impl Capture {
     /// [`tls::TlsProbes::attach`]), and marks it so that the children it forks wait for
     /// their own.
     pub fn attach_tls(&mut self, pid: u32, path: &Path) -> Result<usize, tls::AttachError> {
-        let result = self.tls.attach(&mut self.ebpf, pid, path);
+        let result = self.tls.attach(&mut self.programs, pid, path);
         if self.tls.has_any(pid) && self.watched.get(&pid, 0).is_ok() {
             // Clears WATCH_TLS_PENDING too: with its probes attached, a forked child
             // has no reason to stop.
