@@ -323,10 +323,10 @@ mod tests {
         let kept = unsafe { libc::dup(file.as_raw_fd()) };
         assert!(kept >= 0);
         let me = std::process::id();
-        let fds = fds_kept_across_exec(me);
-        let has = |fd: i32| fds.iter().any(|(f, _)| *f == fd);
-        assert!(has(kept), "{fds:?}");
-        assert!(!has(file.as_raw_fd()), "{fds:?}");
+        let kept_fds = fds_kept_across_exec(me);
+        let has = |fd: i32| kept_fds.iter().any(|(f, _)| *f == fd);
+        assert!(has(kept), "{kept_fds:?}");
+        assert!(!has(file.as_raw_fd()), "{kept_fds:?}");
         assert!(fds(me).iter().any(|(f, _)| *f == file.as_raw_fd()));
         unsafe { libc::close(kept) };
     }
