@@ -96,7 +96,10 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         self._client = client
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(
-            self._link, self._sdk2, max_patch_restarts
+            self._link,
+            self._sdk2,
+            max_patch_restarts,
+            workflow_input=settings.get("sdk_conventions") != "1.0",
         )
         # Hello now, as the worker is built: the agent must watch the process before it
         # opens the connections its activities will use.

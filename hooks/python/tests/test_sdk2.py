@@ -167,6 +167,17 @@ class ConventionsTest(unittest.TestCase):
             },
         )
 
+    def test_the_plugin_forwards_max_body_size_to_the_agent(self) -> None:
+        plugin = OpenBoxPlugin(
+            max_body_size=1024,
+            enable_trace_propagation=False,
+            agent_socket=self.agent.socket_path,
+        )
+        self.addCleanup(plugin.hook.close)
+        [hello] = self.agent.wait_for("hello")
+        self.assertEqual(hello["config"]["max_body_size"], 1024)
+        self.assertEqual(hello["config"]["sdk_conventions"], "2.0")
+
     def test_the_plugin_keeps_the_workers_client_and_installs_the_hook(self) -> None:
         plugin = OpenBoxPlugin(enable_trace_propagation=False, agent_socket=self.agent.socket_path)
         self.addCleanup(plugin.hook.close)
