@@ -58,7 +58,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             BLOCK with patch (``"2.0"`` conventions); one more fails the workflow with
             ``GovernancePatchLimitExceeded``.
         client: the worker's Temporal client, used to terminate workflows on HALT
-            (``"2.0"``); without it the activity's own client is used.
+            (``"2.0"``); without it the activity's own client is used, which only
+            ``async def`` activities have (a sync activity's HALT then fails the activity
+            without terminating, with a warning): give it, or :meth:`set_client`.
 
     Creating it says ``hello`` to the agent at once (from a background thread), so the
     agent watches the worker from its start, and again as soon as a restarted agent is

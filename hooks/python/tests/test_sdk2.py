@@ -233,6 +233,50 @@ class ConventionsTest(unittest.TestCase):
         self.assertEqual([h._client for h in hooks], ["client", "client"])
 
 
+class TerminateTest(unittest.TestCase):
+    """How the hook terminates a workflow on an SDK 2.0 HALT (the e2e tests run it)."""
+
+    def terminate(self, hook_client: object, activity_client: object) -> list[str]:
+        from unittest import mock
+
+        import temporalio.activity
+
+        from openbox_hook._activity import ActivityInbound
+
+        inbound = ActivityInbound(mock.Mock(), mock.Mock(), True, lambda: hook_client)
+        info = mock.Mock(workflow_id="wf-1")
+        with (
+            mock.patch.object(temporalio.activity, "info", return_value=info),
+            mock.patch.object(temporalio.activity, "client", side_effect=activity_client),
+            self.assertLogs("openbox.hook", logging.DEBUG) as logs,
+        ):
+            asyncio.run(inbound._terminate("Governance HALT: r"))
+        return logs.output
+
+    def test_a_workflow_another_activity_already_ended_is_no_failure(self) -> None:
+        from unittest import mock
+
+        import temporalio.service
+
+        client = mock.Mock()
+        client.get_workflow_handle.return_value.terminate = mock.AsyncMock(
+            side_effect=temporalio.service.RPCError(
+                "workflow execution already completed",
+                temporalio.service.RPCStatusCode.NOT_FOUND,
+                b"",
+            )
+        )
+        [line] = self.terminate(client, RuntimeError("unused"))
+        self.assertTrue(line.startswith("DEBUG:openbox.hook:"), line)
+        self.assertIn("already ended", line)
+
+    def test_a_sync_activity_without_the_workers_client_says_how_to_give_it(self) -> None:
+        [line] = self.terminate(None, RuntimeError("No client available"))
+        self.assertTrue(line.startswith("WARNING:openbox.hook:"), line)
+        self.assertIn("could not terminate workflow wf-1", line)
+        self.assertIn("OpenBoxHook(client=...)", line)
+
+
 class HandoffTest(unittest.TestCase):
     def test_empty_fields_are_refused_before_anything_is_sent(self) -> None:
         with self.assertRaisesRegex(ValueError, "from_agent_did"):

@@ -1042,20 +1042,19 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does(name: &str, sdk
 /// per such attempt; others (`failed`, for attempts that did not return) only under 1.0.
 fn completed_problems(completed: &[&Value], returned: usize, sdk: Sdk) -> Vec<String> {
     let mut p = Vec::new();
-    let status = |r: &&&Value| r["body"]["status"].as_str().unwrap_or("").to_string();
-    let ok = completed
+    let statuses: Vec<&str> = completed
         .iter()
-        .filter(|r| status(r) == "completed")
-        .count();
+        .map(|r| r["body"]["status"].as_str().unwrap_or(""))
+        .collect();
+    let ok = statuses.iter().filter(|st| **st == "completed").count();
     if ok != returned {
         p.push(format!(
             "Core got {ok} ActivityCompleted with status completed, expected {returned} (one per attempt that returned)"
         ));
     }
-    let others: Vec<String> = completed
-        .iter()
-        .filter(|r| status(r) != "completed")
-        .map(status)
+    let others: Vec<&str> = statuses
+        .into_iter()
+        .filter(|st| *st != "completed")
         .collect();
     if sdk.completed_only_when_returned() && !others.is_empty() {
         p.push(format!(
