@@ -288,7 +288,9 @@ class ActivityInbound(ActivityInboundInterceptor):
             _log.info("openbox governance: workflow %s terminated: %s", info.workflow_id, reason)
         except temporalio.service.RPCError as exc:
             if exc.status == temporalio.service.RPCStatusCode.NOT_FOUND:
-                _log.debug("openbox governance: workflow %s already ended: %s", info.workflow_id, exc)
+                _log.debug(
+                    "openbox governance: workflow %s already ended: %s", info.workflow_id, exc
+                )
             else:
                 self._terminate_failed(info.workflow_id, exc)
         except Exception as exc:

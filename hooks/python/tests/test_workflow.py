@@ -134,7 +134,9 @@ class WorkflowStartedTest(unittest.TestCase):
                     "activity_input": ["ann", {"item": "tea", "count": 2}, "/w=="],
                 },
             )
-            self.assertEqual(_workflow._started(()), {"continued_run_id": "r-0", "activity_input": []})
+            self.assertEqual(
+                _workflow._started(()), {"continued_run_id": "r-0", "activity_input": []}
+            )
             self.assertEqual(_workflow._started(None), {"continued_run_id": "r-0"})
 
     def test_a_worker_under_sdk1_conventions_sends_no_workflow_arguments(self) -> None:
