@@ -46,7 +46,10 @@ pub fn fds(pid: Pid) -> Vec<(i32, FdTarget)> {
 /// close-on-exec descriptors are the agent's own.
 pub fn fds_kept_across_exec(pid: Pid) -> Vec<(i32, FdTarget)> {
     let mut fds = fds(pid);
-    fds.retain(|(fd, _)| !close_on_exec(pid, *fd).unwrap_or(false));
+    // Other descriptors (the agent's BPF objects among them) are not seeded anyway.
+    fds.retain(|(fd, target)| {
+        *target != FdTarget::Other && !close_on_exec(pid, *fd).unwrap_or(false)
+    });
     fds
 }
 
