@@ -370,7 +370,9 @@ fn a_client_reset_after_the_whole_announced_body_leaves_the_response_whole() {
     assert_eq!(first.attributes["http.status_code"], 200);
     assert_eq!(first.status, StatusCode::Unset, "{first:#?}");
     assert_eq!(first.status_description, None);
-    assert!(!first.attributes.contains_key("http.response_body_truncated"));
+    assert!(!first
+        .attributes
+        .contains_key("http.response_body_truncated"));
     let body = first.response_body.as_deref().unwrap();
     assert_eq!(body.len(), 76);
     assert!(body.starts_with(br#"{"method": "GET""#));
@@ -380,7 +382,11 @@ fn a_client_reset_after_the_whole_announced_body_leaves_the_response_whole() {
     assert_eq!(second.attributes["http.target"], "/echo/second");
     assert_eq!(second.attributes["http.status_code"], 200);
     assert_eq!(second.request_body.as_deref(), Some(&b"second body"[..]));
-    assert!(second.response_body.as_deref().unwrap().ends_with(br#""body": "second body"}"#));
+    assert!(second
+        .response_body
+        .as_deref()
+        .unwrap()
+        .ends_with(br#""body": "second body"}"#));
 
     // However the reads and writes fell: every split of a piece, and the server's late
     // pieces coming in one read.
@@ -390,7 +396,11 @@ fn a_client_reset_after_the_whole_announced_body_leaves_the_response_whole() {
             let (side, data, ts) = split.remove(i);
             split.insert(i, (side, data[at..].to_vec(), ts));
             split.insert(i, (side, data[..at].to_vec(), ts));
-            assert_eq!(scripts::run(Protocol::Http, &split), ops, "piece {i} split at {at}");
+            assert_eq!(
+                scripts::run(Protocol::Http, &split),
+                ops,
+                "piece {i} split at {at}"
+            );
         }
     }
     let mut merged = script.clone();
