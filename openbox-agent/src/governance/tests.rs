@@ -1446,12 +1446,21 @@ fn fake_core_okta_ids() -> identity::OktaIds {
     }
 }
 
-fn recorded(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// fake_core.py's record lines, once there are at least `n` (it writes a line just after
+/// answering, so the last answer can come before its line).
+fn recorded_at_least(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn okta(pem: &str, ids: Option<identity::OktaIds>) -> Arc<Identity> {
@@ -1508,7 +1517,7 @@ async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
         bootstrap.approval("wf", "run", "1").await,
         CoreOutcome::Ok(_)
     ));
-    let seen: Vec<(String, String, String)> = recorded(&record)
+    let seen: Vec<(String, String, String)> = recorded_at_least(&record, 5)
         .iter()
         .map(|r| {
             (
@@ -1627,8 +1636,8 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
                 Conventions::V2,
             )
     };
-    let paths = || -> Vec<(String, u64)> {
-        recorded(&record)
+    let paths = |n: usize| -> Vec<(String, u64)> {
+        recorded_at_least(&record, n)
             .iter()
             .map(|r| {
                 (
@@ -1647,7 +1656,7 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
     let token_path = "/realms/openbox/protocol/openid-connect/token";
     let p = |s: &str, st: u64| (s.to_owned(), st);
     assert_eq!(
-        paths(),
+        paths(4),
         vec![
             p("/api/v3/auth/bootstrap", 200),
             p(token_path, 200),
@@ -1682,6 +1691,8 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
         Some("workload_token_invalid")
     );
 
+    // Lines so far: 4 above, bootstrap + token for each refused client, the forged one.
+    let mut before = 9;
     for unavailable in [json!(409), json!(404)] {
         reqwest::Client::new()
             .post(format!("{base}/_control"))
@@ -1689,13 +1700,12 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
             .send()
             .await
             .unwrap();
-        let before = paths().len();
         let legacy = client(&pem);
         legacy.validate().await.unwrap();
         assert!(matches!(legacy.evaluate(b"{}".to_vec()).await, CoreOutcome::Ok(_)));
         let expected = if unavailable == json!(409) { 409 } else { 404 };
         assert_eq!(
-            paths()[before..].to_vec(),
+            paths(before + 3)[before..].to_vec(),
             vec![
                 p("/api/v3/auth/bootstrap", expected),
                 p("/api/v1/auth/validate", 200),
@@ -1703,6 +1713,7 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
             ],
             "no v3 ({unavailable}): v1 routes, and no second bootstrap within 60 s"
         );
+        before += 3;
     }
 }
 
