@@ -99,7 +99,13 @@ def interceptor_class(
                     _multi_agent.unbind(run_id)
 
         async def _execute(self, input: ExecuteWorkflowInput, session: str | None) -> Any:
-            _report(link, "WorkflowStarted", True, _continued, session)
+            if sdk2:
+                # SDK 2.0 sends the workflow's arguments with WorkflowStarted.
+                args = list(input.args or [])
+                started = lambda: {**_continued(), "activity_input": serialize_value(args)}  # noqa: E731
+            else:
+                started = _continued
+            _report(link, "WorkflowStarted", True, started, session)
             try:
                 result = await super().execute_workflow(input)
             except temporalio.workflow.ContinueAsNewError:

@@ -130,6 +130,9 @@ pub struct WorkflowStarted {
     #[serde(flatten)]
     pub head: Head,
     pub task_queue: String,
+    /// SDK 2.0: the workflow's arguments as an array (§2.2), when the hook sent them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_input: Option<Vec<Value>>,
     pub timestamp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multi_agent_session_id: Option<String>,
@@ -336,6 +339,7 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
             &wf.workflow_type,
         ),
         task_queue: wf.task_queue.clone(),
+        activity_input: None,
         timestamp: clock::rfc3339_millis(now),
         multi_agent_session_id: wf.multi_agent_session_id.clone(),
     }
