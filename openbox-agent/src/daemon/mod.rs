@@ -1079,7 +1079,9 @@ impl Daemon {
         }
         let key = (wf.workflow_id.clone(), wf.run_id.clone());
         let how = match event {
-            WorkflowEventKind::WorkflowStarted { continued_run_id, .. } => {
+            WorkflowEventKind::WorkflowStarted {
+                continued_run_id, ..
+            } => {
                 self.runs.insert(
                     key,
                     RunStart {

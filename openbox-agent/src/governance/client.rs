@@ -403,7 +403,9 @@ impl CoreClient {
                     None => unreachable!("next_step refreshes only with a document"),
                 },
                 WorkloadStep::Bootstrap => {
-                    let (status, body) = self.bootstrap_get(identity::WORKLOAD_BOOTSTRAP_PATH).await?;
+                    let (status, body) = self
+                        .bootstrap_get(identity::WORKLOAD_BOOTSTRAP_PATH)
+                        .await?;
                     match identity::workload_doc(status, &body)? {
                         Some(doc) => doc,
                         None => {

@@ -805,7 +805,11 @@ impl GovernanceConfig {
             _ => None,
         };
         let key = key_text(layer, "agent_private_key", "the agent private key")?;
-        let okta_key = key_text(layer, "okta_agent_private_key", "the Okta agent private key")?;
+        let okta_key = key_text(
+            layer,
+            "okta_agent_private_key",
+            "the Okta agent private key",
+        )?;
         let workload_key = key_text(layer, "workload_private_key", "the workload private key")?;
         let okta_ids: Vec<(&str, Origin, String)> = OKTA_IDS
             .iter()
@@ -826,7 +830,8 @@ impl GovernanceConfig {
             }
         }
         let modes: Vec<&str> = [
-            (did.is_some() || key.is_some()).then_some("OpenBox DID (agent_did, agent_private_key)"),
+            (did.is_some() || key.is_some())
+                .then_some("OpenBox DID (agent_did, agent_private_key)"),
             (okta_key.is_some() || !okta_ids.is_empty())
                 .then_some("Okta AI agent (okta_agent_private_key and the Okta ids)"),
             workload_key
@@ -1068,7 +1073,11 @@ fn parse_size(text: &str) -> Option<u64> {
 
 /// A key given as text (`name`, from the environment) or in a file (`name_file`), with
 /// where it came from; `what` names it in errors.
-fn key_text(layer: &Layer, name: &str, what: &str) -> Result<Option<(Origin, String)>, ConfigError> {
+fn key_text(
+    layer: &Layer,
+    name: &str,
+    what: &str,
+) -> Result<Option<(Origin, String)>, ConfigError> {
     let file = format!("{name}_file");
     match (layer.get(name), layer.get(&file)) {
         (Some((origin, Val::Text(k))), _) => Ok(Some((origin.clone(), k.clone()))),
@@ -1265,18 +1274,30 @@ mod tests {
         );
         let partial = load(
             &RawSettings::default(),
-            &[("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x"), ("OPENBOX_OKTA_AGENT_ID", "wlp1")],
+            &[
+                ("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x"),
+                ("OPENBOX_OKTA_AGENT_ID", "wlp1"),
+            ],
         )
         .unwrap_err()
         .to_string();
-        assert!(partial.contains("partial Okta identity: openbox_agent_id, organization_id"), "{partial}");
+        assert!(
+            partial.contains("partial Okta identity: openbox_agent_id, organization_id"),
+            "{partial}"
+        );
         let two = load(
             &RawSettings::default(),
-            &[("OPENBOX_AGENT_DID", DID), ("OPENBOX_WORKLOAD_PRIVATE_KEY", "x")],
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_WORKLOAD_PRIVATE_KEY", "x"),
+            ],
         )
         .unwrap_err()
         .to_string();
-        assert!(two.contains("more than one identity is configured"), "{two}");
+        assert!(
+            two.contains("more than one identity is configured"),
+            "{two}"
+        );
         // A worker cannot bring an identity: its settings never set the signer.
         let worker = c
             .with_worker_settings(

@@ -97,7 +97,10 @@ impl Identity {
         match self {
             Identity::Did(s) => format!("agent_did {}", s.did()),
             Identity::Okta { ids: Some(ids), .. } => {
-                format!("Okta AI agent {} (key id {})", ids.okta_agent_id, ids.key_id)
+                format!(
+                    "Okta AI agent {} (key id {})",
+                    ids.okta_agent_id, ids.key_id
+                )
             }
             Identity::Okta { ids: None, .. } => "Okta AI agent (bootstrap mode)".to_owned(),
             Identity::Workload { .. } => "workload identity".to_owned(),
@@ -159,7 +162,10 @@ impl RsaKey {
     pub fn thumbprint(&self) -> String {
         let parts: PublicKeyComponents<Vec<u8>> = self.key.public().into();
         let unsigned = |v: &[u8]| {
-            let start = v.iter().position(|b| *b != 0).unwrap_or(v.len().saturating_sub(1));
+            let start = v
+                .iter()
+                .position(|b| *b != 0)
+                .unwrap_or(v.len().saturating_sub(1));
             b64url(&v[start..])
         };
         let canonical = format!(
@@ -454,7 +460,11 @@ impl WorkloadToken {
     }
 }
 
-pub fn workload_token(status: u16, body: &[u8], now: Instant) -> Result<WorkloadToken, BootstrapError> {
+pub fn workload_token(
+    status: u16,
+    body: &[u8],
+    now: Instant,
+) -> Result<WorkloadToken, BootstrapError> {
     const WHAT: &str = "the workload token endpoint's answer";
     match status {
         400 | 401 | 403 => {
@@ -541,7 +551,14 @@ mod tests {
         std::fs::create_dir_all(&dir).ok()?;
         let path = dir.join("key.pem");
         let ok = std::process::Command::new("openssl")
-            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
             .arg(&path)
             .stderr(std::process::Stdio::null())
             .status()
@@ -565,8 +582,12 @@ mod tests {
 
     fn segment(jws: &str, i: usize) -> Value {
         let part = jws.split('.').nth(i).unwrap();
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).unwrap())
-            .unwrap()
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -599,18 +620,31 @@ mod tests {
         assert_eq!(c["sub"], "wlp-okta-1");
         assert_eq!(c["aud"], "https://core.example/agents");
         assert_eq!(c["obx_api_key_sha256"], sha256_hex(b"obx_test_k"));
-        assert_eq!((c["iat"].as_u64(), c["exp"].as_u64()), (Some(1_700_000_000), Some(1_700_000_060)));
+        assert_eq!(
+            (c["iat"].as_u64(), c["exp"].as_u64()),
+            (Some(1_700_000_000), Some(1_700_000_060))
+        );
         assert_eq!(c["htm"], "POST");
         assert_eq!(c["htu"], "/api/v2/governance/evaluate");
         assert_eq!(c["body_sha256"], sha256_hex(body));
         let (input, sig) = jws.rsplit_once('.').unwrap();
-        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).unwrap();
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .unwrap();
         let parts: PublicKeyComponents<Vec<u8>> = key.key.public().into();
         parts
-            .verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, input.as_bytes(), &sig)
+            .verify(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                input.as_bytes(),
+                &sig,
+            )
             .unwrap();
         assert!(parts
-            .verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, b"tampered", &sig)
+            .verify(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                b"tampered",
+                &sig
+            )
             .is_err());
         // A fresh jti each time.
         let a = segment(&okta_assertion(&key, &ids(), "k", "GET", "/p", b""), 1);
@@ -632,18 +666,31 @@ mod tests {
                    "okta": {"external_agent_id": "wlp-okta-1", "credential_kid": "kid-1",
                             "algorithm": "RS256", "public_jwk_thumbprint": thumb}})
         };
-        assert_eq!(okta_ids_from_bootstrap(&doc(&key.thumbprint()), &key), Ok(ids()));
+        assert_eq!(
+            okta_ids_from_bootstrap(&doc(&key.thumbprint()), &key),
+            Ok(ids())
+        );
         let e = okta_ids_from_bootstrap(&doc("AAAA"), &key).unwrap_err();
-        assert!(e.contains("does not match the selected Okta credential"), "{e}");
+        assert!(
+            e.contains("does not match the selected Okta credential"),
+            "{e}"
+        );
         let mut v2 = doc(&key.thumbprint());
         v2["bootstrap_version"] = json!(2);
-        assert!(okta_ids_from_bootstrap(&v2, &key).unwrap_err().contains("upgrade"));
+        assert!(okta_ids_from_bootstrap(&v2, &key)
+            .unwrap_err()
+            .contains("upgrade"));
     }
 
     #[test]
     fn bad_keys_say_what_is_wrong_without_showing_the_key() {
-        let e = RsaKey::from_pem("not a key", "okta_agent_private_key").err().unwrap();
-        assert!(e.starts_with("okta_agent_private_key is not a PKCS8 PEM"), "{e}");
+        let e = RsaKey::from_pem("not a key", "okta_agent_private_key")
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with("okta_agent_private_key is not a PKCS8 PEM"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -653,29 +700,43 @@ mod tests {
             workload_doc(409, br#"{"reason_code":"workload_identity_unavailable"}"#),
             Ok(None)
         );
-        assert!(matches!(workload_doc(409, b"{}"), Err(BootstrapError::Unavailable(_))));
-        assert!(matches!(workload_doc(401, b"{}"), Err(BootstrapError::Refused(_))));
-        assert!(matches!(workload_doc(503, b""), Err(BootstrapError::Unavailable(_))));
+        assert!(matches!(
+            workload_doc(409, b"{}"),
+            Err(BootstrapError::Unavailable(_))
+        ));
+        assert!(matches!(
+            workload_doc(401, b"{}"),
+            Err(BootstrapError::Refused(_))
+        ));
+        assert!(matches!(
+            workload_doc(503, b""),
+            Err(BootstrapError::Unavailable(_))
+        ));
         let ok = json!({"bootstrap_version": 3, "contract_version": 3,
             "issuer": "http://127.0.0.1:9/realms/x",
             "token_endpoint": "http://127.0.0.1:9/realms/x/protocol/openid-connect/token",
             "audience": "a", "client_id": "c", "kid": "k"});
-        let doc = workload_doc(200, ok.to_string().as_bytes()).unwrap().unwrap();
+        let doc = workload_doc(200, ok.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(doc.client_id, "c");
         let mut elsewhere = ok.clone();
-        elsewhere["token_endpoint"] = json!("http://127.0.0.1:9/other/protocol/openid-connect/token");
+        elsewhere["token_endpoint"] =
+            json!("http://127.0.0.1:9/other/protocol/openid-connect/token");
         assert!(matches!(
             workload_doc(200, elsewhere.to_string().as_bytes()),
             Err(BootstrapError::Refused(_))
         ));
         let mut plain = ok;
         plain["issuer"] = json!("http://core.example/realms/x");
-        plain["token_endpoint"] = json!("http://core.example/realms/x/protocol/openid-connect/token");
+        plain["token_endpoint"] =
+            json!("http://core.example/realms/x/protocol/openid-connect/token");
         assert!(workload_doc(200, plain.to_string().as_bytes()).is_err());
     }
 
     #[test]
-    fn workload_tokens_are_kept_at_most_300_s_and_renewed_30_s_early_and_no_v3_is_asked_again_after_60_s() {
+    fn workload_tokens_are_kept_at_most_300_s_and_renewed_30_s_early_and_no_v3_is_asked_again_after_60_s(
+    ) {
         let t0 = Instant::now();
         let tok = workload_token(
             200,
@@ -687,16 +748,29 @@ mod tests {
         assert!(tok.is_fresh(t0 + Duration::from_secs(269)));
         assert!(!tok.is_fresh(t0 + Duration::from_secs(270)));
         assert!(matches!(
-            workload_token(200, br#"{"access_token":"t","token_type":"bearer","expires_in":30}"#, t0),
+            workload_token(
+                200,
+                br#"{"access_token":"t","token_type":"bearer","expires_in":30}"#,
+                t0
+            ),
             Err(BootstrapError::Refused(_))
         ));
-        assert!(matches!(workload_token(401, b"", t0), Err(BootstrapError::Refused(_))));
+        assert!(matches!(
+            workload_token(401, b"", t0),
+            Err(BootstrapError::Refused(_))
+        ));
 
         let mut s = WorkloadState::default();
         assert_eq!(s.next_step(t0), WorkloadStep::Bootstrap);
         s.unavailable_until = Some(t0 + WORKLOAD_RETRY_AFTER);
-        assert_eq!(s.next_step(t0 + Duration::from_secs(59)), WorkloadStep::Legacy);
-        assert_eq!(s.next_step(t0 + Duration::from_secs(60)), WorkloadStep::Bootstrap);
+        assert_eq!(
+            s.next_step(t0 + Duration::from_secs(59)),
+            WorkloadStep::Legacy
+        );
+        assert_eq!(
+            s.next_step(t0 + Duration::from_secs(60)),
+            WorkloadStep::Bootstrap
+        );
         s.doc = Some(WorkloadDoc {
             token_endpoint: "e".into(),
             client_id: "c".into(),
@@ -705,7 +779,10 @@ mod tests {
         s.unavailable_until = None;
         s.token = Some(tok);
         assert_eq!(s.next_step(t0), WorkloadStep::Use("tok".into()));
-        assert_eq!(s.next_step(t0 + Duration::from_secs(280)), WorkloadStep::Refresh);
+        assert_eq!(
+            s.next_step(t0 + Duration::from_secs(280)),
+            WorkloadStep::Refresh
+        );
     }
 
     #[test]

@@ -1424,7 +1424,14 @@ fn governor_futures_are_send(g: &'static Governor) {
 fn test_rsa_key(dir: &std::path::Path, name: &str) -> Option<(std::path::PathBuf, String)> {
     let path = dir.join(format!("{name}.pem"));
     let ok = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&path)
         .stderr(std::process::Stdio::null())
         .status()
@@ -1510,7 +1517,10 @@ async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
 
     let explicit = client(okta(&pem, Some(fake_core_okta_ids())));
     explicit.validate().await.unwrap();
-    assert!(matches!(explicit.evaluate(body(1)).await, CoreOutcome::Ok(_)));
+    assert!(matches!(
+        explicit.evaluate(body(1)).await,
+        CoreOutcome::Ok(_)
+    ));
     let bootstrap = client(okta(&pem, None));
     bootstrap.validate().await.unwrap();
     assert!(matches!(
@@ -1620,7 +1630,10 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
     let record = dir.path().join("requests.jsonl");
     let script = dir.path().join("script.json");
     std::fs::write(&script, "{}").unwrap();
-    let flags = vec!["--workload-key-file".to_owned(), key_file.display().to_string()];
+    let flags = vec![
+        "--workload-key-file".to_owned(),
+        key_file.display().to_string(),
+    ];
     let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
         eprintln!("skipped: python3 could not start fake_core.py");
         return;
@@ -1650,7 +1663,8 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
     let good = client(&pem);
     good.validate().await.unwrap();
     assert!(matches!(
-        good.evaluate(br#"{"event_type":"ActivityStarted"}"#.to_vec()).await,
+        good.evaluate(br#"{"event_type":"ActivityStarted"}"#.to_vec())
+            .await,
         CoreOutcome::Ok(_)
     ));
     let token_path = "/realms/openbox/protocol/openid-connect/token";
@@ -1702,7 +1716,10 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
             .unwrap();
         let legacy = client(&pem);
         legacy.validate().await.unwrap();
-        assert!(matches!(legacy.evaluate(b"{}".to_vec()).await, CoreOutcome::Ok(_)));
+        assert!(matches!(
+            legacy.evaluate(b"{}".to_vec()).await,
+            CoreOutcome::Ok(_)
+        ));
         let expected = if unavailable == json!(409) { 409 } else { 404 };
         assert_eq!(
             paths(before + 3)[before..].to_vec(),
@@ -1768,19 +1785,23 @@ async fn okta_refusals_fail_the_activity_in_every_policy() {
             let d = g
                 .activity_started(started(&activity(&run, id, kind), json!([])))
                 .await;
-            let (error_type, message, non_retryable) = d.error().unwrap_or_else(|| {
-                panic!("{}: a {reason} went through as {d:?}", policy.as_str())
-            });
+            let (error_type, message, non_retryable) = d
+                .error()
+                .unwrap_or_else(|| panic!("{}: a {reason} went through as {d:?}", policy.as_str()));
             assert_eq!(error_type, verdict::ErrorType::OpenBoxAuthError);
             assert!(message.contains(reason) && !non_retryable, "{message}");
         }
         // Approval: the first answer asks for it, the poll is refused.
         let a = activity(&run, "3", "needs_human");
         let first = g.activity_started(started(&a, json!([]))).await;
-        assert!(matches!(first, verdict::Decision::ApprovalPending { .. }), "{first:?}");
+        assert!(
+            matches!(first, verdict::Decision::ApprovalPending { .. }),
+            "{first:?}"
+        );
         let poll = g.activity_started(started(&a, json!([]))).await;
         assert_eq!(
-            poll.error().map(|e| (e.0, e.1.contains("verifier_not_configured"))),
+            poll.error()
+                .map(|e| (e.0, e.1.contains("verifier_not_configured"))),
             Some((verdict::ErrorType::OpenBoxAuthError, true)),
             "{}: a refused approval poll is not still pending: {poll:?}",
             policy.as_str()

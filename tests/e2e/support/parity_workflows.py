@@ -27,8 +27,10 @@ class ParityFlow:
 
     @workflow.run
     async def run(self, p: dict) -> dict:
-        opts = {"start_to_close_timeout": timedelta(seconds=60),
-                "retry_policy": RetryPolicy(maximum_attempts=1)}
+        opts = {
+            "start_to_close_timeout": timedelta(seconds=60),
+            "retry_policy": RetryPolicy(maximum_attempts=1),
+        }
         first = await workflow.execute_activity("parity_ok", p, **opts)
         self._stage = "waiting"
         await workflow.wait_condition(lambda: self._note is not None)

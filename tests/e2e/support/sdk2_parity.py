@@ -39,8 +39,9 @@ async def parity_ok(p: dict) -> dict:
 
 @activity.defn
 async def parity_raises(p: dict) -> dict:
-    raise ApplicationError(f"parity failure of {p['marker']}", type="ParityError",
-                           non_retryable=True)
+    raise ApplicationError(
+        f"parity failure of {p['marker']}", type="ParityError", non_retryable=True
+    )
 
 
 @activity.defn
@@ -66,28 +67,47 @@ async def main():
     ap.add_argument("--http-url", required=True)
     ap.add_argument("--dir", required=True)
     args = ap.parse_args()
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.sdk == "openbox":
         from openbox import OpenBoxPlugin
     else:
         from openbox_hook import OpenBoxPlugin
 
     client = await Client.connect(args.address)
-    plugin = OpenBoxPlugin(openbox_url=args.openbox_url, openbox_api_key=args.openbox_api_key)
+    plugin = OpenBoxPlugin(
+        openbox_url=args.openbox_url, openbox_api_key=args.openbox_api_key
+    )
     p = {"marker": args.workflow_id, "http_url": args.http_url, "dir": args.dir}
-    async with Worker(client, task_queue=args.task_queue, workflows=[ParityFlow],
-                      activities=[parity_ok, parity_raises, parity_io], plugins=[plugin]):
-        handle = await client.start_workflow(ParityFlow.run, p, id=args.workflow_id,
-                                             task_queue=args.task_queue)
+    async with Worker(
+        client,
+        task_queue=args.task_queue,
+        workflows=[ParityFlow],
+        activities=[parity_ok, parity_raises, parity_io],
+        plugins=[plugin],
+    ):
+        handle = await client.start_workflow(
+            ParityFlow.run, p, id=args.workflow_id, task_queue=args.task_queue
+        )
         # Signalled once the first activity is done, so that SignalReceived has one
         # place in the run's events under both (Core gets workflow events in order).
         while await handle.query(ParityFlow.stage) != "waiting":
             await asyncio.sleep(0.05)
         await handle.signal(ParityFlow.resume, "go on")
         result = await asyncio.wait_for(handle.result(), timeout=120)
-    print(json.dumps({"workflow_id": args.workflow_id, "run_id": handle.result_run_id,
-                      "result": result}), flush=True)
+    print(
+        json.dumps(
+            {
+                "workflow_id": args.workflow_id,
+                "run_id": handle.result_run_id,
+                "result": result,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 fn rsa_key(w: &GovWorld, name: &str) -> PathBuf {
     let path = w.tmp.join(&format!("{name}.pem"));
     let status = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&path)
         .stderr(std::process::Stdio::null())
         .status()
@@ -109,14 +116,27 @@ fn okta_bootstrap_identity_signs_every_request_and_a_refusal_fails_the_activity_
         ],
         RUN_TIMEOUT,
     );
-    assert_eq!(out[0]["ok"], json!(true), "the signed run failed: {}", out[0]);
-    assert_eq!(out[1]["ok"], json!(false), "a refused identity let the activity through: {}", out[1]);
+    assert_eq!(
+        out[0]["ok"],
+        json!(true),
+        "the signed run failed: {}",
+        out[0]
+    );
+    assert_eq!(
+        out[1]["ok"],
+        json!(false),
+        "a refused identity let the activity through: {}",
+        out[1]
+    );
     let text = out[1].to_string();
     assert!(
         text.contains("OpenBoxAuthError") && text.contains("HTTP 401, signature_invalid"),
         "the activity must fail with OpenBoxAuthError naming Core's reason: {text}"
     );
-    assert!(w.ran_attempts(&m1).is_empty(), "the refused activity's body ran");
+    assert!(
+        w.ran_attempts(&m1).is_empty(),
+        "the refused activity's body ran"
+    );
     assert_eq!(w.ran_attempts(&m0), vec![1]);
 
     let reqs = seen(&w);
@@ -126,10 +146,16 @@ fn okta_bootstrap_identity_signs_every_request_and_a_refusal_fails_the_activity_
         "bootstrap mode asks Core for the agent's ids first: {reqs:?}"
     );
     // The worker's governor (its plugin settings) bootstraps too.
-    let governed: Vec<_> = reqs.iter().filter(|r| !r.1.ends_with("/bootstrap")).collect();
+    let governed: Vec<_> = reqs
+        .iter()
+        .filter(|r| !r.1.ends_with("/bootstrap"))
+        .collect();
     assert!(governed.len() >= 5, "{reqs:?}");
     for r in &governed {
-        assert!(r.1.starts_with("/api/v2/"), "a request off the v2 routes: {r:?}");
+        assert!(
+            r.1.starts_with("/api/v2/"),
+            "a request off the v2 routes: {r:?}"
+        );
         assert_eq!(r.2, "ok", "a request whose assertion Core refused: {r:?}");
     }
     // Both attempts of the refused activity reached Core and were answered 401.
@@ -153,14 +179,23 @@ fn workload_identity_reaches_core_on_v3_with_a_token_from_the_token_endpoint() {
     let reqs = seen(&w);
     let token = "/realms/openbox/protocol/openid-connect/token";
     assert_eq!(
-        reqs.iter().take(2).map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        reqs.iter()
+            .take(2)
+            .map(|r| r.1.as_str())
+            .collect::<Vec<_>>(),
         vec!["/api/v3/auth/bootstrap", token],
         "{reqs:?}"
     );
-    let governed: Vec<_> = reqs.iter().filter(|r| r.1 != token && !r.1.ends_with("/bootstrap")).collect();
+    let governed: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.1 != token && !r.1.ends_with("/bootstrap"))
+        .collect();
     assert!(governed.len() >= 4, "{reqs:?}");
     for r in governed {
-        assert!(r.1.starts_with("/api/v3/") && r.2 == "ok" && r.3 == 200, "{r:?}");
+        assert!(
+            r.1.starts_with("/api/v3/") && r.2 == "ok" && r.3 == 200,
+            "{r:?}"
+        );
     }
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
