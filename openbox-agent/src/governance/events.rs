@@ -130,12 +130,13 @@ pub struct WorkflowStarted {
     #[serde(flatten)]
     pub head: Head,
     pub task_queue: String,
-    /// SDK 2.0: the workflow's arguments as an array (§2.2), when the hook sent them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub activity_input: Option<Vec<Value>>,
     pub timestamp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multi_agent_session_id: Option<String>,
+    /// The workflow's arguments as an array (SDK 2.0 sends them under this name, §2.2);
+    /// SDK 1.0 conventions leave them out (see [`super::Conventions::shape`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_input: Option<Vec<Value>>,
 }
 
 /// No `task_queue` (§2.2).
@@ -339,9 +340,9 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
             &wf.workflow_type,
         ),
         task_queue: wf.task_queue.clone(),
-        activity_input: None,
         timestamp: clock::rfc3339_millis(now),
         multi_agent_session_id: wf.multi_agent_session_id.clone(),
+        activity_input: None,
     }
 }
 

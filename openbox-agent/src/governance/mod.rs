@@ -598,7 +598,7 @@ impl Governor {
                 .await;
             inner.counters.requests.record(&outcome, started.elapsed());
             let status = match outcome {
-                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
+                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now, conventions)),
                 // Never read as "still pending": the poll would go on for ever (§5).
                 CoreOutcome::AuthRefused(message) => {
                     tracing::error!(workflow_id = %key.0, activity_id = %key.2, error = %message, "approval poll refused: the identity was not accepted");
