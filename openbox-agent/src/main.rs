@@ -257,6 +257,19 @@ struct GovArgs {
     /// OPENBOX_AGENT_PRIVATE_KEY.
     #[arg(long, value_name = "FILE")]
     agent_private_key_file: Option<PathBuf>,
+    /// Sign every Core request as an Okta AI agent (API v2 routes) with this PKCS8 PEM RSA
+    /// key; alone, Core names the agent's ids (bootstrap), or give them all with
+    /// OPENBOX_AGENT_ID, OPENBOX_ORGANIZATION_ID, OPENBOX_DEPLOYMENT_ID,
+    /// OPENBOX_OKTA_AGENT_ID, OPENBOX_OKTA_AGENT_KEY_ID, OPENBOX_AGENT_PROOF_AUDIENCE.
+    /// Env: OPENBOX_OKTA_AGENT_PRIVATE_KEY_FILE, or the key itself in
+    /// OPENBOX_OKTA_AGENT_PRIVATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    okta_agent_private_key_file: Option<PathBuf>,
+    /// Authenticate to Core as a workload (API v3 routes, OAuth2 token) with this PKCS8
+    /// PEM RSA key. Env: OPENBOX_WORKLOAD_PRIVATE_KEY_FILE, or the key itself in
+    /// OPENBOX_WORKLOAD_PRIVATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    workload_private_key_file: Option<PathBuf>,
 }
 
 /// OTLP trace export (`trace` and `run`; `run` also reads the `[otlp]` table of its
@@ -355,6 +368,8 @@ impl GovArgs {
             max_body_size: self.max_body_size.clone(),
             agent_did: self.agent_did.clone(),
             agent_private_key_file: self.agent_private_key_file.clone(),
+            okta_agent_private_key_file: self.okta_agent_private_key_file.clone(),
+            workload_private_key_file: self.workload_private_key_file.clone(),
         };
         let mut cfg =
             openbox_agent::governance::GovernanceConfig::load(&raw, self.config.as_deref())?;

@@ -583,19 +583,26 @@ impl Daemon {
     /// its hello is answered when that governor is ready. Returns false when the hello
     /// is answered later.
     fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Answer) -> bool {
-        let Some(config) = self
+        let Some((config, style)) = self
             .registry
             .workers
             .get(&worker)
             .filter(|w| w.helper_of.is_none())
-            .map(|w| w.config.clone())
+            .map(|w| (w.config.clone(), w.style))
         else {
             // Gone, or a helper: helpers are governed as the worker they work for.
             return true;
         };
         let cfg = match self.base_config.with_worker_settings(&config) {
             Ok(None) => return true,
-            Ok(Some(cfg)) => cfg,
+            // Its governor's own calls (the start-up validate) follow the worker's
+            // conventions too: an SDK 2.0 worker's validate carries 2.0's headers.
+            Ok(Some(mut cfg)) => {
+                if let Some(c) = style.conventions {
+                    cfg.sdk_conventions = c;
+                }
+                cfg
+            }
             Err(e) => {
                 let policy = self.base_config.worker_fail_policy(&config);
                 self.refuse_settings(worker, format!("invalid: {e}"), e.to_string(), policy);

@@ -161,6 +161,7 @@ pub mod clock;
 pub mod config;
 pub mod conventions;
 pub mod events;
+pub mod identity;
 pub mod policy;
 pub mod private;
 pub mod requests;
@@ -448,7 +449,7 @@ impl Governor {
                     config.governance_timeout,
                     config.ca_file.as_deref(),
                 )?
-                .with_identity(config.signer.clone(), config.sdk_conventions);
+                .with_identity(config.identity.clone(), config.sdk_conventions);
                 match client.validate().await {
                     Ok(()) => tracing::info!(url = %url, "OpenBox Core API key validated"),
                     Err(e) if e.is_outage() => {
@@ -598,6 +599,11 @@ impl Governor {
             inner.counters.requests.record(&outcome, started.elapsed());
             let status = match outcome {
                 CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now, conventions)),
+                // Never read as "still pending": the poll would go on for ever (§5).
+                CoreOutcome::AuthRefused(message) => {
+                    tracing::error!(workflow_id = %key.0, activity_id = %key.2, error = %message, "approval poll refused: the identity was not accepted");
+                    return Decision::auth_refused(message);
+                }
                 other => {
                     tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
                     None
@@ -650,6 +656,9 @@ impl Governor {
             .evaluate_after_backlog(&event, body, conventions)
             .await;
         inner.note_failure(&outcome, &event);
+        if let CoreOutcome::AuthRefused(message) = &outcome {
+            return inner.auth_refused(&key, &activity_type, "ActivityStarted", message);
+        }
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
         inner.after_activity_decision(&key, &activity_type, "ActivityStarted", &decision);
@@ -696,6 +705,9 @@ impl Governor {
             .evaluate_after_backlog(&event, body.clone(), conventions)
             .await;
         inner.note_failure(&outcome, &event);
+        if let CoreOutcome::AuthRefused(message) = &outcome {
+            return inner.auth_refused(&key, &activity_type, "ActivityCompleted", message);
+        }
         if fail_open && outcome.retryable() {
             inner.spool_event(&event, body, conventions).await;
         }
@@ -798,6 +810,21 @@ impl Governor {
 }
 
 impl Inner {
+    /// An Okta / workload identity refused (or impossible to set up) on an activity
+    /// event: the activity fails with the authentication error in every policy (§1.3,
+    /// §6), as SDK 2.0's interceptor raises it.
+    fn auth_refused(
+        &self,
+        key: &ActivityKey,
+        activity_type: &str,
+        event_type: &str,
+        message: &str,
+    ) -> Decision {
+        tracing::error!(workflow_id = %key.0, activity_id = %key.2, activity_type, event_type, error = %message,
+            "OpenBox Core did not accept the agent's identity: the activity fails whatever the failure policy");
+        Decision::auth_refused(message.to_owned())
+    }
+
     fn lock_runs(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }

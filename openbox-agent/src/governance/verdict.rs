@@ -334,6 +334,8 @@ pub enum ErrorType {
     ApprovalPending,
     ApprovalRejected,
     ApprovalExpired,
+    /// SDK 2.0's `OpenBoxAuthError`: Core refused an Okta / workload identity.
+    OpenBoxAuthError,
 }
 
 impl ErrorType {
@@ -345,6 +347,7 @@ impl ErrorType {
             ErrorType::ApprovalPending => "ApprovalPending",
             ErrorType::ApprovalRejected => "ApprovalRejected",
             ErrorType::ApprovalExpired => "ApprovalExpired",
+            ErrorType::OpenBoxAuthError => "OpenBoxAuthError",
         }
     }
 }
@@ -462,6 +465,19 @@ impl Decision {
             verdict: None,
             constrained: false,
             redaction: None,
+        }
+    }
+
+    /// Core refused the identity: the activity fails with `OpenBoxAuthError`, retryable
+    /// as SDK 2.0's exception is (Temporal retries it under the activity's policy, so a
+    /// corrected registration in Core lets the run go on), and never runs unchecked.
+    pub fn auth_refused(message: String) -> Decision {
+        Decision::Fail {
+            error_type: ErrorType::OpenBoxAuthError,
+            message,
+            non_retryable: false,
+            reason: None,
+            patch: None,
         }
     }
 
