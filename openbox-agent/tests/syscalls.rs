@@ -340,3 +340,64 @@ fn io_uring_requests_are_counted_as_not_captured() {
         "the writes and reads: {summary}"
     );
 }
+
+/// The exit program reports a process's exit only when its last thread ends, and the
+/// fork program copies the parent's tracked descriptors to each child: neither may take
+/// a thread's end or a child's for the process's. Threads that end together, children
+/// that exit at once or with threads of their own, all while the process keeps a TLS
+/// connection: every request it made is captured, and it exits once, last.
+#[test]
+fn threads_and_forked_children_that_come_and_go_leave_their_process_watched() {
+    let env = TestEnv::get();
+    let server = HttpServer::start(&env, true);
+    let out = TempDir::new("thread-churn");
+    let trace = trace(
+        &env,
+        "threads_and_forked_children_that_come_and_go_leave_their_process_watched",
+        &env.python_command(
+            "client_thread_churn.py",
+            &[&server.port.to_string(), &out.arg()],
+        ),
+    );
+    assert_client_ok(&out, &trace.stderr);
+    let churn = json_file(out.join("churn.json"));
+    let pid = churn["pid"].as_u64().unwrap();
+    let exits = |of: u64| -> Vec<u64> {
+        trace
+            .of_type("process")
+            .filter(|r| str_of(r, "event") == "exit" && u64_of(r, "pid") == of)
+            .map(|r| u64_of(r, "ts"))
+            .collect()
+    };
+    let own = exits(pid);
+    assert_eq!(
+        own.len(),
+        1,
+        "process {pid} exits once, at its end: exit records at {own:?}; {}",
+        trace.census()
+    );
+    let last_data = trace
+        .of_type("data")
+        .filter(|r| u64_of(r, "pid") == pid)
+        .map(|r| u64_of(r, "ts"))
+        .max()
+        .unwrap_or_else(|| panic!("no data record of process {pid}; {}", trace.census()));
+    assert!(
+        last_data <= own[0],
+        "process {pid} was reported exited ({}) before its last call ({last_data})",
+        own[0]
+    );
+    for child in churn["children"].as_array().unwrap() {
+        let child = child.as_u64().unwrap();
+        assert_eq!(exits(child).len(), 1, "child {child} exits once");
+    }
+    let sent = trace.all_bytes(&server.peer(), Dir::Egress, true);
+    for path in churn["requests"].as_array().unwrap() {
+        let line = format!("GET {} HTTP/1.1\r\n", path.as_str().unwrap());
+        assert!(
+            contains(&sent, line.as_bytes()),
+            "the TLS plaintext of process {pid} lacks {line:?}: it stopped being watched; {}",
+            trace.census()
+        );
+    }
+}
