@@ -362,6 +362,15 @@ fn threads_and_forked_children_that_come_and_go_leave_their_process_watched() {
     assert_client_ok(&out, &trace.stderr);
     let churn = json_file(out.join("churn.json"));
     let pid = churn["pid"].as_u64().unwrap();
+    let sent = trace.all_bytes(&server.peer(), Dir::Egress, true);
+    for path in churn["requests"].as_array().unwrap() {
+        let line = format!("GET {} HTTP/1.1\r\n", path.as_str().unwrap());
+        assert!(
+            contains(&sent, line.as_bytes()),
+            "the TLS plaintext of process {pid} lacks {line:?}: it stopped being watched; {}",
+            trace.census()
+        );
+    }
     let exits = |of: u64| -> Vec<u64> {
         trace
             .of_type("process")
@@ -390,14 +399,5 @@ fn threads_and_forked_children_that_come_and_go_leave_their_process_watched() {
     for child in churn["children"].as_array().unwrap() {
         let child = child.as_u64().unwrap();
         assert_eq!(exits(child).len(), 1, "child {child} exits once");
-    }
-    let sent = trace.all_bytes(&server.peer(), Dir::Egress, true);
-    for path in churn["requests"].as_array().unwrap() {
-        let line = format!("GET {} HTTP/1.1\r\n", path.as_str().unwrap());
-        assert!(
-            contains(&sent, line.as_bytes()),
-            "the TLS plaintext of process {pid} lacks {line:?}: it stopped being watched; {}",
-            trace.census()
-        );
     }
 }
