@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::{
     conn::Pid,
-    governance::{events, verdict::Decision},
+    governance::{events, hook_events::HookStage, verdict::Decision},
 };
 
 /// One request, by its `op`.
@@ -23,15 +23,17 @@ pub enum Request {
     ActivityStart(ActivityStart),
     ActivityEnd(ActivityEnd),
     WorkflowEvent(WorkflowEvent),
+    HookEvent(HookEvent),
 }
 
 /// The ops [`Request`] knows, for telling an unknown op from a malformed known one.
-pub const OPS: [&str; 5] = [
+pub const OPS: [&str; 6] = [
     "hello",
     "thread",
     "activity_start",
     "activity_end",
     "workflow_event",
+    "hook_event",
 ];
 
 /// Registers the connection's process as a worker.
@@ -109,6 +111,34 @@ pub struct ActivityEnd {
 
 fn completed() -> events::ActivityStatus {
     events::ActivityStatus::Completed
+}
+
+/// One stage of a `@traced` function call of a running activity (SDK 2.0's
+/// `function_call` hook type). The agent sends it to Core as a hook event when the
+/// worker's operations go out as hook events; `started` is answered with the verdict,
+/// `completed` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookEvent {
+    pub token: u64,
+    pub stage: HookStage,
+    /// Only `function_call`: the agent captures the other operations itself.
+    pub hook_type: String,
+    /// The span name's subject (`name=` of the decorator, else the function's qualified name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `completed`: the span id the `started` answer gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
+    #[serde(default)]
+    pub function: Value,
+    #[serde(default)]
+    pub module: Value,
+    #[serde(default)]
+    pub args: Value,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A workflow event from the hook's workflow interceptor.
@@ -206,6 +236,19 @@ impl Request {
             Request::ActivityStart(a) if a.activity.attempt < 1 => {
                 Err("activity_start needs `attempt` (an integer ≥ 1)".into())
             }
+            Request::HookEvent(h) if h.hook_type != "function_call" => Err(format!(
+                "hook_event: hook_type {:?} is not one a hook reports (only function_call; \
+                 the agent captures HTTP, database and file operations itself)",
+                h.hook_type
+            )),
+            Request::HookEvent(HookEvent {
+                stage: HookStage::Completed,
+                span_id: None,
+                ..
+            }) => Err(
+                "hook_event: a completed stage needs the `span_id` its started stage was given"
+                    .into(),
+            ),
             Request::WorkflowEvent(WorkflowEvent {
                 workflow,
                 event: WorkflowEventKind::Handoff { from_agent_did },
@@ -245,6 +288,12 @@ pub enum Answer {
     ActivityEnd {
         span_count: usize,
         spans_dropped: u64,
+        decision: Decision,
+    },
+    /// `hook_event`: the call's span (`None` when the worker's operations do not go out
+    /// as hook events: the decorator lets the call through) and, at `started`, what to do.
+    HookEvent {
+        span_id: Option<String>,
         decision: Decision,
     },
     /// `workflow_event`: nothing but `ok`, sent once the event is safe (delivered to Core
