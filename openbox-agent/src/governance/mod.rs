@@ -107,6 +107,7 @@
 //! spool_max_bytes = "256MiB"
 //! spool_max_events = 100000
 //! sdk_conventions = "1.0"                   # 1.0 | 2.0: for workers whose hook does not choose
+//! hook_events = false                       # every worker's operations as SDK 2.0 hook events
 //! max_body_size = 65536                     # 2.0 conventions: characters kept of each body
 //! # agent_did = "did:aip:…"                 # sign every request (OpenBox DID), with its key:
 //! # agent_private_key_file = "/etc/openbox/agent-key.b64"   # base64 Ed25519 seed, mode 0600
