@@ -106,7 +106,15 @@ fn expect(p: &mut Vec<String>, what: &str, sp: &Value, key: &str, want: Value) {
 /// Checks that hold for every hook span pair: same identity, the stage's nulls, the
 /// activity's trace, times in order.
 fn common_problems(what: &str, started: &Value, completed: &Value, p: &mut Vec<String>) {
-    for key in ["span_id", "trace_id", "parent_span_id", "name", "kind", "hook_type", "start_time"] {
+    for key in [
+        "span_id",
+        "trace_id",
+        "parent_span_id",
+        "name",
+        "kind",
+        "hook_type",
+        "start_time",
+    ] {
         if started[key] != completed[key] {
             p.push(format!(
                 "{what}: {key} differs between started ({}) and completed ({})",
@@ -144,16 +152,26 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
     let ops = operations(hooks, &mut p);
     let base = s(item, "https_base");
     let of_type = |t: &str| -> Vec<&(Value, Value)> {
-        ops.iter().filter(|(st, _)| st["hook_type"] == json!(t)).collect()
+        ops.iter()
+            .filter(|(st, _)| st["hook_type"] == json!(t))
+            .collect()
     };
     // One trace: the activity's; one parent for operations without their own.
     let traces: std::collections::BTreeSet<&str> =
         ops.iter().map(|(st, _)| s(st, "trace_id")).collect();
     if traces.len() != 1 {
-        p.push(format!("hook spans of {m} are in {} traces: {traces:?}", traces.len()));
+        p.push(format!(
+            "hook spans of {m} are in {} traces: {traces:?}",
+            traces.len()
+        ));
     }
     for (st, co) in &ops {
-        common_problems(&format!("{} {}", s(st, "hook_type"), s(st, "name")), st, co, &mut p);
+        common_problems(
+            &format!("{} {}", s(st, "hook_type"), s(st, "name")),
+            st,
+            co,
+            &mut p,
+        );
     }
 
     // HTTP: the four clients, by URL.
@@ -169,12 +187,31 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
     };
     let body_of = |k: &str| result[k]["body"].clone();
     let cases = [
-        ("requests", format!("json/{m}/requests"), "POST", 200, "application/json"),
-        ("httpx", format!("cookie/{m}/httpx"), "GET", 200, "text/plain"),
-        ("aiohttp", format!("status/503/{m}/aiohttp"), "GET", 503, "text/plain"),
+        (
+            "requests",
+            format!("json/{m}/requests"),
+            "POST",
+            200,
+            "application/json",
+        ),
+        (
+            "httpx",
+            format!("cookie/{m}/httpx"),
+            "GET",
+            200,
+            "text/plain",
+        ),
+        (
+            "aiohttp",
+            format!("status/503/{m}/aiohttp"),
+            "GET",
+            503,
+            "text/plain",
+        ),
         ("curl", format!("e2e/{m}/curl"), "GET", 200, "text/plain"),
     ];
-    for (client, path, method, status, content_type) in cases {
+    for (client, path, method, status, content_type) in &cases {
+        let (client, method, status, content_type) = (*client, *method, *status, *content_type);
         let what = format!("{client} {method} /{path}");
         let Some((st, co)) = by_url(&path) else {
             p.push(format!(
@@ -196,7 +233,11 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
             &w,
             co,
             "error",
-            if status >= 400 { json!(format!("HTTP {status}")) } else { Value::Null },
+            if status >= 400 {
+                json!(format!("HTTP {status}"))
+            } else {
+                Value::Null
+            },
         );
         let want_body = if client == "curl" {
             result["curl"]["body"].clone()
@@ -205,27 +246,51 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
         };
         expect(&mut p, &w, co, "response_body", want_body);
         if !s(&co["response_headers"], "content-type").starts_with(content_type) {
-            p.push(format!("{w}: response content-type {}", co["response_headers"]));
+            p.push(format!(
+                "{w}: response content-type {}",
+                co["response_headers"]
+            ));
         }
         for (stage, sp) in [("started", st), ("completed", co)] {
             if sp["request_headers"].as_object().is_none() {
-                p.push(format!("{what} {stage}: request_headers {}", sp["request_headers"]));
+                p.push(format!(
+                    "{what} {stage}: request_headers {}",
+                    sp["request_headers"]
+                ));
             }
             if client == "requests" {
                 let h = &sp["request_headers"];
                 for secret in ["authorization", "x-api-key"] {
                     if h[secret] != json!("[REDACTED]") {
-                        p.push(format!("{what} {stage}: {secret} is {}, expected [REDACTED]", h[secret]));
+                        p.push(format!(
+                            "{what} {stage}: {secret} is {}, expected [REDACTED]",
+                            h[secret]
+                        ));
                     }
                 }
                 let body = format!("{{\"m\": \"{m}\"}}");
-                expect(&mut p, &format!("{what} {stage}"), sp, "request_body", json!(body));
+                expect(
+                    &mut p,
+                    &format!("{what} {stage}"),
+                    sp,
+                    "request_body",
+                    json!(body),
+                );
             } else {
-                expect(&mut p, &format!("{what} {stage}"), sp, "request_body", Value::Null);
+                expect(
+                    &mut p,
+                    &format!("{what} {stage}"),
+                    sp,
+                    "request_body",
+                    Value::Null,
+                );
             }
         }
         if client == "httpx" && co["response_headers"]["set-cookie"] != json!("[REDACTED]") {
-            p.push(format!("{what}: set-cookie is {}, expected [REDACTED]", co["response_headers"]["set-cookie"]));
+            p.push(format!(
+                "{what}: set-cookie is {}, expected [REDACTED]",
+                co["response_headers"]["set-cookie"]
+            ));
         }
     }
     if http.len() != cases.len() {
@@ -233,7 +298,9 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
             "{} HTTP operations, expected {}: {:?}",
             http.len(),
             cases.len(),
-            http.iter().map(|(st, _)| s(st, "http_url")).collect::<Vec<_>>()
+            http.iter()
+                .map(|(st, _)| s(st, "http_url"))
+                .collect::<Vec<_>>()
         ));
     }
 
@@ -241,12 +308,17 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
     let db = of_type("db_query");
     for client in ["psycopg2", "asyncpg"] {
         let stmt = format!("SELECT '{m}-{client}'::text AS marker");
-        let hits: Vec<_> = db.iter().filter(|(st, _)| st["db_statement"] == json!(stmt)).collect();
+        let hits: Vec<_> = db
+            .iter()
+            .filter(|(st, _)| st["db_statement"] == json!(stmt))
+            .collect();
         let [(st, co)] = hits.as_slice() else {
             p.push(format!(
                 "{client}: {} query pairs with statement {stmt:?}, expected 1; statements: {:?}",
                 hits.len(),
-                db.iter().map(|(st, _)| s(st, "db_statement")).collect::<Vec<_>>()
+                db.iter()
+                    .map(|(st, _)| s(st, "db_statement"))
+                    .collect::<Vec<_>>()
             ));
             continue;
         };
@@ -262,12 +334,27 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
             expect(&mut p, &w, sp, "server_address", json!("127.0.0.1"));
             expect(&mut p, &w, sp, "server_port", item["pg_port"].clone());
         }
-        expect(&mut p, &format!("{what} started"), st, "rowcount", Value::Null);
-        expect(&mut p, &format!("{what} completed"), co, "rowcount", json!(1));
+        expect(
+            &mut p,
+            &format!("{what} started"),
+            st,
+            "rowcount",
+            Value::Null,
+        );
+        expect(
+            &mut p,
+            &format!("{what} completed"),
+            co,
+            "rowcount",
+            json!(1),
+        );
     }
     for (st, co) in &db {
         if st["db_system"] != json!("postgresql") || co["error"] != Value::Null {
-            p.push(format!("db query {}: {} error {}", st["db_statement"], st["db_system"], co["error"]));
+            p.push(format!(
+                "db query {}: {} error {}",
+                st["db_statement"], st["db_system"], co["error"]
+            ));
         }
     }
 
@@ -280,7 +367,9 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
         .collect();
     let modes: Vec<&str> = files.iter().map(|(st, _)| s(st, "file_mode")).collect();
     if modes != ["w", "r"] {
-        p.push(format!("opens of {path}: modes {modes:?}, expected [\"w\", \"r\"]"));
+        p.push(format!(
+            "opens of {path}: modes {modes:?}, expected [\"w\", \"r\"]"
+        ));
     } else {
         for ((st, co), (name, op, read, written)) in files.iter().zip([
             ("file.write", "write", Value::Null, json!(text_len)),
@@ -290,10 +379,28 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
             expect(&mut p, &what, st, "name", json!(name));
             expect(&mut p, &what, st, "kind", json!("INTERNAL"));
             expect(&mut p, &what, st, "file_operation", json!(op));
-            expect(&mut p, &format!("{what} started"), st, "bytes_read", Value::Null);
-            expect(&mut p, &format!("{what} started"), st, "bytes_written", Value::Null);
+            expect(
+                &mut p,
+                &format!("{what} started"),
+                st,
+                "bytes_read",
+                Value::Null,
+            );
+            expect(
+                &mut p,
+                &format!("{what} started"),
+                st,
+                "bytes_written",
+                Value::Null,
+            );
             expect(&mut p, &format!("{what} completed"), co, "bytes_read", read);
-            expect(&mut p, &format!("{what} completed"), co, "bytes_written", written);
+            expect(
+                &mut p,
+                &format!("{what} completed"),
+                co,
+                "bytes_written",
+                written,
+            );
         }
     }
 
@@ -307,10 +414,28 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
                 expect(&mut p, &w, sp, "name", json!("function score"));
                 expect(&mut p, &w, sp, "function", json!("score"));
                 expect(&mut p, &w, sp, "module", json!("hook_ops"));
-                expect(&mut p, &w, sp, "args", json!({"args": [m], "kwargs": {"weight": 3}}));
+                expect(
+                    &mut p,
+                    &w,
+                    sp,
+                    "args",
+                    json!({"args": [m], "kwargs": {"weight": 3}}),
+                );
             }
-            expect(&mut p, &format!("{what} started"), st, "result", Value::Null);
-            expect(&mut p, &format!("{what} completed"), co, "result", result["score"].clone());
+            expect(
+                &mut p,
+                &format!("{what} started"),
+                st,
+                "result",
+                Value::Null,
+            );
+            expect(
+                &mut p,
+                &format!("{what} completed"),
+                co,
+                "result",
+                result["score"].clone(),
+            );
         }
         other => p.push(format!("{} @traced calls, expected 1", other.len())),
     }
@@ -330,13 +455,19 @@ fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_eve
     let item = w.item(0);
     let outcomes = w.run(&[ops_workflow(&w, 0, 0)], RUN_TIMEOUT);
     let o = outcome(&outcomes, &wf);
-    assert!(o["ok"] == json!(true), "workflow {wf} failed: {}", o["error"]);
+    assert!(
+        o["ok"] == json!(true),
+        "workflow {wf} failed: {}",
+        o["error"]
+    );
     let result = o["result"][0].clone();
-    w.core().wait_for("ActivityCompleted", Duration::from_secs(30), |reqs| {
-        reqs.iter().any(|r| {
-            r["body"]["event_type"] == json!("ActivityCompleted") && r["body"]["activity_id"] == json!(m)
-        })
-    });
+    w.core()
+        .wait_for("ActivityCompleted", Duration::from_secs(30), |reqs| {
+            reqs.iter().any(|r| {
+                r["body"]["event_type"] == json!("ActivityCompleted")
+                    && r["body"]["activity_id"] == json!(m)
+            })
+        });
     let env = w.env.clone();
     let schema = w.core().validate_schema(&env);
     let bodies = bodies_of(&w, &m);
@@ -351,16 +482,27 @@ fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_eve
     // Lifecycle framing: ActivityStarted first, ActivityCompleted last, hooks between.
     let kinds: Vec<&str> = bodies
         .iter()
-        .map(|b| if is_hook(b) { "hook" } else { s(b, "event_type") })
+        .map(|b| {
+            if is_hook(b) {
+                "hook"
+            } else {
+                s(b, "event_type")
+            }
+        })
         .collect();
     let hooks: Vec<&Value> = bodies.iter().filter(|b| is_hook(b)).collect();
     let n = kinds.len();
-    if n < 2 || kinds[0] != "ActivityStarted" || kinds[n - 1] != "ActivityCompleted"
+    if n < 2
+        || kinds[0] != "ActivityStarted"
+        || kinds[n - 1] != "ActivityCompleted"
         || kinds[1..n - 1].iter().any(|k| *k != "hook")
     {
         p.push(format!("events of {m} in Core's order: {kinds:?}, expected ActivityStarted, hook events, ActivityCompleted"));
     }
-    if let Some(done) = bodies.iter().find(|b| s(b, "event_type") == "ActivityCompleted" && !is_hook(b)) {
+    if let Some(done) = bodies
+        .iter()
+        .find(|b| s(b, "event_type") == "ActivityCompleted" && !is_hook(b))
+    {
         if done["spans"] != json!([]) || done["span_count"] != json!(0) {
             p.push(format!(
                 "ActivityCompleted carries span_count {} and {} spans, expected 0 and [] (they went out as hook events)",
@@ -382,7 +524,11 @@ fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_eve
             ("span_count", json!(1)),
         ] {
             if b[k] != v {
-                p.push(format!("hook event {}: {k} is {}, expected {v}", span(b)["name"], b[k]));
+                p.push(format!(
+                    "hook event {}: {k} is {}, expected {v}",
+                    span(b)["name"],
+                    b[k]
+                ));
             }
         }
     }
@@ -414,7 +560,10 @@ fn a_block_on_one_hook_event_fails_that_activity_and_leaves_the_other_alone() {
                            "body": {"verdict": "block", "reason": "no curl to there"}}]}),
     );
     let (wf_block, wf_ok) = (w.workflow_id(0), w.workflow_id(1));
-    let outcomes = w.run(&[ops_workflow(&w, 0, 0), ops_workflow(&w, 1, 1)], RUN_TIMEOUT);
+    let outcomes = w.run(
+        &[ops_workflow(&w, 0, 0), ops_workflow(&w, 1, 1)],
+        RUN_TIMEOUT,
+    );
     let blocked = outcome(&outcomes, &wf_block).clone();
     let ok = outcome(&outcomes, &wf_ok).clone();
     let env = w.env.clone();
@@ -428,7 +577,10 @@ fn a_block_on_one_hook_event_fails_that_activity_and_leaves_the_other_alone() {
     if let Err(out) = schema {
         p.push(format!("requests do not match the JSON Schema:\n{out}"));
     }
-    let chain = blocked["error"]["chain"].as_array().cloned().unwrap_or_default();
+    let chain = blocked["error"]["chain"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     match chain.iter().find(|l| l["class"] == json!("ApplicationError")) {
         Some(app)
             if app["type"] == json!("GovernanceBlock")
@@ -443,24 +595,42 @@ fn a_block_on_one_hook_event_fails_that_activity_and_leaves_the_other_alone() {
         p.push(format!("{wf_ok} (not blocked) failed: {}", ok["error"]));
     }
     // The blocked activity: its curl hook events stop at started; nothing after it.
-    let curl = |b: &&Value| s(span(b), "http_url").contains(&format!("/e2e/{m_block}/curl"));
+    let curl_url = format!("/e2e/{m_block}/curl");
+    let curl = |b: &&Value| s(span(b), "http_url").contains(&curl_url);
     let hooks: Vec<&Value> = b_block.iter().filter(|b| is_hook(b)).collect();
-    let curl_stages: Vec<&str> = hooks.iter().filter(curl).map(|b| s(span(b), "stage")).collect();
+    let curl_stages: Vec<&str> = hooks
+        .iter()
+        .copied()
+        .filter(|b| curl(&b))
+        .map(|b| s(span(b), "stage"))
+        .collect();
     if curl_stages != ["started"] {
-        p.push(format!("{m_block}: curl hook event stages {curl_stages:?}, expected only started"));
+        p.push(format!(
+            "{m_block}: curl hook event stages {curl_stages:?}, expected only started"
+        ));
     }
-    if let Some(at) = hooks.iter().position(curl) {
+    if let Some(at) = hooks.iter().position(|b| curl(&b)) {
         let after: Vec<&str> = hooks[at + 1..].iter().map(|b| s(span(b), "name")).collect();
         if !after.is_empty() {
-            p.push(format!("{m_block}: hook events after the blocked one: {after:?}"));
+            p.push(format!(
+                "{m_block}: hook events after the blocked one: {after:?}"
+            ));
         }
     }
-    if b_block.iter().any(|b| s(b, "event_type") == "ActivityCompleted") {
-        p.push(format!("{m_block}: an ActivityCompleted was sent for the blocked activity"));
+    if b_block
+        .iter()
+        .any(|b| s(b, "event_type") == "ActivityCompleted")
+    {
+        p.push(format!(
+            "{m_block}: an ActivityCompleted was sent for the blocked activity"
+        ));
     }
     // The other activity: its every operation, started and completed, and its end.
     let ok_hooks = b_ok.iter().filter(|b| is_hook(b)).count();
-    let ok_completed = b_ok.iter().filter(|b| s(b, "event_type") == "ActivityCompleted").count();
+    let ok_completed = b_ok
+        .iter()
+        .filter(|b| s(b, "event_type") == "ActivityCompleted")
+        .count();
     // 4 HTTP, 2 SQL at least, 2 files, 1 function: 2 events each.
     if ok_hooks < 18 || ok_completed != 1 {
         p.push(format!("{m_ok}: {ok_hooks} hook events and {ok_completed} ActivityCompleted, expected ≥ 18 and 1"));
