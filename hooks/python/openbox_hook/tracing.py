@@ -63,27 +63,30 @@ def traced(
     del capture_exception, max_arg_length  # accepted for SDK compatibility, as SDK 2.0 does
 
     def decorate(target: F) -> F:
-        subject = name or getattr(target, "__qualname__", "function")
+        qualname = getattr(target, "__qualname__", getattr(target, "__name__", "function"))
+        subject = name or qualname
 
         def started_fields(args: tuple, kwargs: dict) -> dict[str, Any]:
             fields: dict[str, Any] = {
                 "hook_type": "function_call",
                 "stage": "started",
                 "name": subject,
-                "function": getattr(target, "__qualname__", getattr(target, "__name__", "function")),
+                "function": qualname,
                 "module": getattr(target, "__module__", None),
             }
             if capture_args:
                 fields["args"] = serialize_value({"args": list(args), "kwargs": kwargs})
             return fields
 
-        def completed_fields(token: int, span_id: str, result: Any, error: BaseException | None) -> dict[str, Any]:
+        def completed_fields(
+            token: int, span_id: str, result: Any, error: BaseException | None
+        ) -> dict[str, Any]:
             fields: dict[str, Any] = {
                 "token": token,
                 "hook_type": "function_call",
                 "stage": "completed",
                 "span_id": span_id,
-                "function": getattr(target, "__qualname__", getattr(target, "__name__", "function")),
+                "function": qualname,
                 "module": getattr(target, "__module__", None),
             }
             if error is not None:
@@ -100,7 +103,8 @@ def traced(
                 if mark is None or not mark.token or mark.link is None:
                     return await target(*args, **kwargs)
                 token, link = mark.token, mark.link
-                reply = await link.call_governed("hook_event", token=token, **started_fields(args, kwargs))
+                started = started_fields(args, kwargs)
+                reply = await link.call_governed("hook_event", token=token, **started)
                 span_id = _governed(reply)
                 if span_id is None:
                     return await target(*args, **kwargs)
@@ -120,7 +124,8 @@ def traced(
             if mark is None or not mark.token or mark.link is None:
                 return target(*args, **kwargs)
             token, link = mark.token, mark.link
-            reply = link.call_blocking("hook_event", token=token, **started_fields(args, kwargs))
+            started = started_fields(args, kwargs)
+            reply = link.call_blocking("hook_event", token=token, **started)
             span_id = _governed(reply)
             if span_id is None:
                 return target(*args, **kwargs)
