@@ -516,6 +516,34 @@ mod tests {
         );
     }
 
+    /// `@traced` stages as the hook sends them: valid, parsed; other hook types and a
+    /// completed stage without its span id are refused with the reason.
+    #[test]
+    fn hook_event_requests_follow_the_schema_and_only_function_calls_are_taken() {
+        let requests = schema("request");
+        for line in [
+            r#"{"id":3,"op":"hook_event","token":7,"stage":"started","hook_type":"function_call","name":"score","function":"score","module":"app","args":{"args":[1],"kwargs":{"w":2}}}"#,
+            r#"{"id":4,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","span_id":"00f067aa0ba902b7","function":"score","module":null,"result":{"ok":true}}"#,
+            r#"{"id":5,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","span_id":"00f067aa0ba902b7","function":"score","error":"boom"}"#,
+        ] {
+            let sent: Value = serde_json::from_str(line).unwrap();
+            assert_valid(&requests, "hook_event", &sent);
+            let (_, req) = parse(line.as_bytes());
+            let Ok(Request::HookEvent(h)) = req else {
+                panic!("{line}: {req:?}")
+            };
+            assert_eq!(h.token, 7);
+        }
+        let (_, req) = parse(
+            br#"{"id":6,"op":"hook_event","token":7,"stage":"started","hook_type":"http_request"}"#,
+        );
+        let e = req.unwrap_err().error;
+        assert!(e.contains("only function_call"), "{e}");
+        let (_, req) = parse(br#"{"id":7,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","function":"f"}"#);
+        let e = req.unwrap_err().error;
+        assert!(e.contains("span_id"), "{e}");
+    }
+
     #[test]
     fn every_reply_the_agent_writes_follows_the_schema() {
         use crate::governance::verdict::{ArgRedaction, ErrorType, Redaction, Verdict};
@@ -570,8 +598,22 @@ mod tests {
                         decision: d.clone(),
                     },
                 ),
+                (
+                    "hook_event",
+                    Answer::HookEvent {
+                        span_id: Some("00f067aa0ba902b7".into()),
+                        decision: d.clone(),
+                    },
+                ),
             ]
-        }));
+        }))
+        .chain([(
+            "hook_event",
+            Answer::HookEvent {
+                span_id: None,
+                decision: Decision::allow_without_verdict(),
+            },
+        )]);
         for (op, answer) in replies {
             let reply = serde_json::to_value(Reply::new(json!(9), Ok(answer))).unwrap();
             assert_valid(&schema(&format!("{op}_reply")), op, &reply);

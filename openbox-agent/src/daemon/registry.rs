@@ -74,6 +74,12 @@ pub struct Activity {
     pub functions: HashMap<String, (Span, FunctionCall)>,
 }
 
+/// An activity: its worker and its token.
+pub type ActivityKey = (Pid, u64);
+
+/// A span no activity claims, and why.
+pub type Refused = Box<(Unattributed, Span)>;
+
 /// What the hook events of one activity decided.
 #[derive(Debug, Default)]
 pub struct HookState {
@@ -222,13 +228,9 @@ impl Registry {
         self.ended.insert(key, ());
     }
 
-    /// Puts a span on its activity, or says why it cannot be.
-    /// Puts the span on its activity and returns the activity's key (`None`: over the
-    /// per-activity limit, counted, not kept).
-    pub fn route(
-        &mut self,
-        mut span: Span,
-    ) -> Result<Option<(Pid, u64)>, Box<(Unattributed, Span)>> {
+    /// Puts a span on its activity and returns the activity's key (`None`: over the
+    /// per-activity limit, counted, not kept), or says why it cannot be.
+    pub fn route(&mut self, mut span: Span) -> Result<Option<ActivityKey>, Refused> {
         let Attribution { owner, activity } = span.attr;
         if activity == 0 {
             return Err(self.unattributed(Unattributed::NoActivity, span));

@@ -429,9 +429,7 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
                     expect("activity_output", (*out).clone());
                     let b = span_bodies
                         .iter()
-                        .find(|c| {
-                            s(c, "event_type") == et && c["activity_id"] == b["activity_id"]
-                        })
+                        .find(|c| s(c, "event_type") == et && c["activity_id"] == b["activity_id"])
                         .unwrap_or(b);
                     problems.extend(
                         completed_span_problems(b, m, &all_markers, &token, &core_url)

@@ -213,7 +213,7 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
     for (client, path, method, status, content_type) in &cases {
         let (client, method, status, content_type) = (*client, *method, *status, *content_type);
         let what = format!("{client} {method} /{path}");
-        let Some((st, co)) = by_url(&path) else {
+        let Some((st, co)) = by_url(path) else {
             p.push(format!(
                 "{what}: expected exactly one started/completed pair with http_url {base}/{path}; http hook spans: {:?}",
                 http.iter().map(|(st, _)| s(st, "http_url")).collect::<Vec<_>>()
@@ -601,7 +601,7 @@ fn a_block_on_one_hook_event_fails_that_activity_and_leaves_the_other_alone() {
     let curl_stages: Vec<&str> = hooks
         .iter()
         .copied()
-        .filter(|b| curl(&b))
+        .filter(|b| curl(b))
         .map(|b| s(span(b), "stage"))
         .collect();
     if curl_stages != ["started"] {
@@ -609,7 +609,7 @@ fn a_block_on_one_hook_event_fails_that_activity_and_leaves_the_other_alone() {
             "{m_block}: curl hook event stages {curl_stages:?}, expected only started"
         ));
     }
-    if let Some(at) = hooks.iter().position(|b| curl(&b)) {
+    if let Some(at) = hooks.iter().position(curl) {
         let after: Vec<&str> = hooks[at + 1..].iter().map(|b| s(span(b), "name")).collect();
         if !after.is_empty() {
             p.push(format!(
