@@ -8,7 +8,8 @@
 //! those operations reaches Core as exactly one `started` and one `completed` hook event,
 //! field by field against what the activity itself saw (and the JSON Schema over every
 //! request); the activity's lifecycle events frame its hook events; ActivityCompleted
-//! carries no spans. A BLOCK on one hook event fails that activity with SDK 2.0's
+//! carries no spans. The same for a worker under SDK 1.0 conventions when the agent runs
+//! with `--hook-events`. A BLOCK on one hook event fails that activity with SDK 2.0's
 //! `GovernanceBlock` and leaves the other activity of the worker alone.
 
 use std::{collections::BTreeMap, time::Duration};
@@ -24,11 +25,22 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
 
 /// Core, an agent and a worker whose hook asks for SDK 2.0 conventions (hook events).
 fn world(name: &str, script: &Value) -> GovWorld {
+    world_with(name, script, Some("2.0"), &[])
+}
+
+/// [`world`] with the worker's conventions (`None`: the agent's) and more agent flags.
+fn world_with(
+    name: &str,
+    script: &Value,
+    conventions: Option<&'static str>,
+    agent_flags: &[&str],
+) -> GovWorld {
     let mut w = GovWorld::new(name);
-    w.sdk_conventions = Some("2.0");
+    w.sdk_conventions = conventions;
     w.start_core(script);
     let mut args = w.core().agent_args();
     args.extend(["--spool-dir".into(), w.spool_dir().display().to_string()]);
+    args.extend(agent_flags.iter().map(|f| f.to_string()));
     w.start_agent(&args);
     w.start_worker();
     w
@@ -447,9 +459,35 @@ fn ops_problems(m: &str, item: &Value, result: &Value, hooks: &[&Value]) -> Vec<
 /// carries no spans; every request matches the JSON Schema.
 #[test]
 fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_events() {
-    let w = world(
+    operations_reach_core_as_hook_events(
         "every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_events",
+        Some("2.0"),
+        &[],
+    );
+}
+
+/// The same with a worker under SDK 1.0 conventions and the agent run with
+/// `--hook-events`: the same hook events, with 1.0 headers, and ActivityCompleted
+/// without spans.
+#[test]
+fn the_agents_hook_events_flag_sends_them_for_a_worker_under_sdk_1_0_conventions() {
+    operations_reach_core_as_hook_events(
+        "the_agents_hook_events_flag_sends_them_for_a_worker_under_sdk_1_0_conventions",
+        None,
+        &["--hook-events"],
+    );
+}
+
+fn operations_reach_core_as_hook_events(
+    name: &str,
+    conventions: Option<&'static str>,
+    agent_flags: &[&str],
+) {
+    let w = world_with(
+        name,
         &json!({"default": {"verdict": "allow"}}),
+        conventions,
+        agent_flags,
     );
     let (wf, m) = (w.workflow_id(0), w.marker(0));
     let item = w.item(0);
@@ -471,6 +509,13 @@ fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_eve
     let env = w.env.clone();
     let schema = w.core().validate_schema(&env);
     let bodies = bodies_of(&w, &m);
+    let hook_headers: Vec<Value> = w
+        .core()
+        .requests()
+        .into_iter()
+        .filter(|r| r["body"]["hook_trigger"] == json!(true))
+        .map(|r| r["headers"].clone())
+        .collect();
     let record = w.core().record.clone();
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
@@ -478,6 +523,18 @@ fn every_operation_of_an_activity_reaches_core_as_started_and_completed_hook_eve
     let mut p = Vec::new();
     if let Err(out) = schema {
         p.push(format!("requests do not match the JSON Schema:\n{out}"));
+    }
+    // Hook events follow the worker's conventions' headers.
+    let v2 = conventions == Some("2.0");
+    for h in &hook_headers {
+        let is_v2 = h.get("x-openbox-sdk-version").is_some() && h.get("content-type").is_none();
+        let is_v1 = h["content-type"] == json!("application/json")
+            && h.get("x-openbox-sdk-version").is_none();
+        if (v2 && !is_v2) || (!v2 && !is_v1) {
+            p.push(format!(
+                "a hook event with the other conventions' headers: {h}"
+            ));
+        }
     }
     // Lifecycle framing: ActivityStarted first, ActivityCompleted last, hooks between.
     let kinds: Vec<&str> = bodies
