@@ -58,7 +58,9 @@ Script (JSON):
       "approval_default": {"verdict": "allow"}
     }
     A match maps top-level body fields to a value (equality), a list (any of), or a string
-    "re:REGEX" (regular-expression search on the value's text). Every response entry
+    "re:REGEX" (regular-expression search on the value's text). A match naming
+    "event_type" but not "hook_trigger" skips SDK 2.0 hook events (section 3.2: they say
+    "ActivityStarted" too), so a lifecycle rule and its "times" are not spent on them. Every response entry
     (rules, approval responses) accepts status, body, raw, delay and close.
 """
 
@@ -251,7 +253,13 @@ class State:
 def matches(match, body):
     if not isinstance(body, dict):
         return not match
-    for key, want in (match or {}).items():
+    match = match or {}
+    # A hook event (SDK 2.0, section 3.2) says event_type "ActivityStarted" at both of its
+    # stages: a rule naming an event type means the lifecycle event unless it names
+    # hook_trigger too.
+    if "event_type" in match and "hook_trigger" not in match and body.get("hook_trigger") is True:
+        return False
+    for key, want in match.items():
         have = body.get(key)
         text = have if isinstance(have, str) else json.dumps(have)
         if isinstance(want, list):

@@ -244,6 +244,9 @@ def _samples():
             "type": "ApplicationError", "message": "m" * 501})))),
         ("bad signature header", dict(ev2[0], headers=dict(v2, **{"x-openbox-agent-nonce": "short"}))),
         ("empty session id", dict(ev2[0], body=dict(good_v2[0], multi_agent_session_id=""))),
+        ("2.0 WorkflowStarted without the workflow arguments", dict(ev2[0], body=good[0])),
+        ("1.0 WorkflowStarted with the workflow arguments",
+         dict(records_good[0], body=dict(good[0], activity_input=[1]))),
     ]
     sdk2_good, sdk2_bad = _sdk2_samples(good, hdr)
     hook_good, hook_bad = _hook_samples(act, ev2[0])

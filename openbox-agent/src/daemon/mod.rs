@@ -1281,7 +1281,11 @@ impl Daemon {
         let event: Event = match req.event {
             // Answered above, before the governor is looked up.
             WorkflowEventKind::WorkflowContinuedAsNew {} => return Ok(()),
-            WorkflowEventKind::WorkflowStarted { .. } => events::workflow_started(&wf, now).into(),
+            WorkflowEventKind::WorkflowStarted { activity_input, .. } => {
+                let mut started = events::workflow_started(&wf, now);
+                started.activity_input = activity_input;
+                started.into()
+            }
             WorkflowEventKind::WorkflowCompleted { workflow_output } => {
                 events::workflow_completed(&wf, workflow_output, now).into()
             }
@@ -1358,7 +1362,9 @@ impl Daemon {
         }
         let key = (wf.workflow_id.clone(), wf.run_id.clone());
         let how = match event {
-            WorkflowEventKind::WorkflowStarted { continued_run_id } => {
+            WorkflowEventKind::WorkflowStarted {
+                continued_run_id, ..
+            } => {
                 self.runs.insert(
                     key,
                     RunStart {

@@ -157,6 +157,10 @@ pub enum WorkflowEventKind {
         /// The run this one continues (continue-as-new, retry, cron): its trace is linked.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         continued_run_id: Option<String>,
+        /// The workflow's arguments (serialised, as an array); sent to Core under SDK 2.0
+        /// conventions only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activity_input: Option<Vec<Value>>,
     },
     WorkflowCompleted {
         #[serde(default)]

@@ -9,6 +9,9 @@
 //! - the body is compact JSON with non-ASCII characters escaped `\uXXXX` (Python's
 //!   `json.dumps` default), the exact bytes that are hashed and signed;
 //! - ActivityCompleted is sent only when the activity returned normally;
+//! - WorkflowStarted carries the workflow's arguments (`activity_input`);
+//! - an approval poll answer is read `action` first, and one naming no decision is still
+//!   pending (1.0: approved; `verdict::interpret_approval`);
 //! - WorkflowFailed: `cause`/`root_cause` messages cut at 500 characters, an
 //!   `error_type` of 200 characters or more left out;
 //! - span bodies cut at `max_body_size` characters (default 65 536).
@@ -173,7 +176,14 @@ impl Conventions {
     /// ActivityCompleted of a failed activity).
     pub fn shape(self, event: Event, max_body_size: Option<usize>) -> Option<Event> {
         if self == Conventions::V1 {
-            return Some(event);
+            return Some(match event {
+                // SDK 1.0 sends no workflow arguments.
+                Event::WorkflowStarted(mut e) => {
+                    e.activity_input = None;
+                    Event::WorkflowStarted(e)
+                }
+                other => other,
+            });
         }
         match event {
             Event::ActivityCompleted(e) if e.status == ActivityStatus::Failed => None,
@@ -400,6 +410,30 @@ mod tests {
             panic!()
         };
         assert_eq!(e.error["cause"]["message"].as_str().unwrap().len(), 600);
+    }
+
+    #[test]
+    fn workflow_started_carries_the_workflow_arguments_under_v2_only() {
+        let wf = WorkflowInfo {
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            workflow_type: "T".into(),
+            task_queue: "q".into(),
+            multi_agent_session_id: None,
+        };
+        let mut started = events::workflow_started(&wf, UNIX_EPOCH);
+        started.activity_input = Some(vec![json!({"n": 1}), json!("é")]);
+        let ev: Event = started.into();
+        let v2 = Conventions::V2.shape(ev.clone(), None).unwrap();
+        assert_eq!(
+            String::from_utf8(Conventions::V2.encode(&v2)).unwrap(),
+            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z","activity_input":[{"n":1},"\u00e9"]}"#
+        );
+        let v1 = Conventions::V1.shape(ev, None).unwrap();
+        assert_eq!(
+            String::from_utf8(Conventions::V1.encode(&v1)).unwrap(),
+            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
     }
 
     #[test]

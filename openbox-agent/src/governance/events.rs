@@ -134,6 +134,10 @@ pub struct WorkflowStarted {
     pub timestamp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multi_agent_session_id: Option<String>,
+    /// The workflow's arguments as an array (SDK 2.0 sends them under this name, §2.2);
+    /// SDK 1.0 conventions leave them out (see [`super::Conventions::shape`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_input: Option<Vec<Value>>,
 }
 
 /// No `task_queue` (§2.2).
@@ -382,6 +386,7 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
         task_queue: wf.task_queue.clone(),
         timestamp: clock::rfc3339_millis(now),
         multi_agent_session_id: wf.multi_agent_session_id.clone(),
+        activity_input: None,
     }
 }
 

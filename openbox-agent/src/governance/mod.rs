@@ -600,7 +600,7 @@ impl Governor {
                 .await;
             inner.counters.requests.record(&outcome, started.elapsed());
             let status = match outcome {
-                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
+                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now, conventions)),
                 other => {
                     tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
                     None

@@ -1084,8 +1084,11 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
     };
     let g = Governor::new(config).await.unwrap();
     let wf = workflow("r-e2e");
-    g.workflow_event(events::workflow_started(&wf, SystemTime::now()))
-        .await;
+    let mut wf_started = events::workflow_started(&wf, SystemTime::now());
+    // The hook sends the workflow's arguments; 2.0 forwards them, 1.0 leaves them out
+    // (the schema requires the one and refuses the other).
+    wf_started.activity_input = Some(vec![json!({"order": "tea"})]);
+    g.workflow_event(wf_started).await;
     let a = activity("r-e2e", "1", "call_llm");
     assert_eq!(
         g.activity_started(started(&a, json!([{"prompt": "hi"}])))
