@@ -248,6 +248,12 @@ struct GovArgs {
     /// Characters kept of each captured body under 2.0 conventions (default 65536).
     #[arg(long, value_name = "CHARS")]
     max_body_size: Option<String>,
+    /// Send every captured operation of a governed activity (HTTP request, database
+    /// query, file operation) to Core as SDK 2.0 hook events (`started` and `completed`),
+    /// for every worker; workers under 2.0 conventions get them anyway.
+    /// Env: OPENBOX_HOOK_EVENTS.
+    #[arg(long, value_name = "BOOL", env = "OPENBOX_HOOK_EVENTS", num_args = 0..=1, default_missing_value = "true")]
+    hook_events: Option<bool>,
     /// Sign every Core request as this OpenBox agent DID (did:aip:<uuid>), with the key of
     /// --agent-private-key-file. Env: OPENBOX_AGENT_DID.
     #[arg(long, value_name = "DID")]
@@ -366,6 +372,7 @@ impl GovArgs {
             spool_max_events: self.spool_max_events.clone(),
             sdk_conventions: self.sdk_conventions.clone(),
             max_body_size: self.max_body_size.clone(),
+            hook_events: self.hook_events,
             agent_did: self.agent_did.clone(),
             agent_private_key_file: self.agent_private_key_file.clone(),
             okta_agent_private_key_file: self.okta_agent_private_key_file.clone(),

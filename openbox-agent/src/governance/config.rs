@@ -93,6 +93,8 @@ pub struct RawSettings {
     pub sdk_conventions: Option<String>,
     /// Characters of each captured body kept under 2.0 conventions.
     pub max_body_size: Option<String>,
+    /// Send SDK 2.0 hook events for every captured operation (whatever the conventions).
+    pub hook_events: Option<bool>,
     /// The OpenBox agent DID requests are signed as (§1.3).
     pub agent_did: Option<String>,
     /// A file holding the base64 Ed25519 seed of `agent_did`.
@@ -173,6 +175,9 @@ pub struct GovernanceConfig {
     /// Characters of each captured body kept under 2.0 conventions; `None`: SDK 2.0's
     /// default (65 536).
     pub max_body_size: Option<usize>,
+    /// Every captured operation of a governed activity is sent as SDK 2.0 hook events
+    /// (§3.2), for every worker; workers under 2.0 conventions get them anyway.
+    pub hook_events: bool,
     /// Signs every Core request (§1.3: OpenBox DID, Okta AI agent or workload);
     /// operator settings only.
     pub identity: Option<Arc<Identity>>,
@@ -205,6 +210,7 @@ impl Default for GovernanceConfig {
             allow_worker_core_urls: Vec::new(),
             sdk_conventions: Conventions::V1,
             max_body_size: None,
+            hook_events: false,
             identity: None,
         }
     }
@@ -232,6 +238,7 @@ const FILE_KEYS: &[&str] = &[
     "spool_max_events",
     "sdk_conventions",
     "max_body_size",
+    "hook_events",
     "agent_did",
     "agent_private_key_file",
     "okta_agent_private_key_file",
@@ -392,6 +399,7 @@ impl Layer {
                 raw.send_activity_start_event,
             ),
             ("hitl_enabled", "--hitl-enabled", raw.hitl_enabled),
+            ("hook_events", "--hook-events", raw.hook_events),
         ] {
             if let Some(b) = v {
                 l.values.push((name, Origin::Flag(flag), Val::Bool(b)));
@@ -535,7 +543,10 @@ impl Layer {
                 ))
             };
             let val = match canonical {
-                "send_start_event" | "send_activity_start_event" | "hitl_enabled" => {
+                "send_start_event"
+                | "send_activity_start_event"
+                | "hitl_enabled"
+                | "hook_events" => {
                     Val::Bool(value.as_bool().ok_or_else(|| wrong("true or false"))?)
                 }
                 "skip_workflow_types"
@@ -703,6 +714,7 @@ impl GovernanceConfig {
                 &mut c.send_activity_start_event,
             ),
             ("hitl_enabled", &mut c.hitl_enabled),
+            ("hook_events", &mut c.hook_events),
         ] {
             if let Some((_, Val::Bool(b))) = pick(name) {
                 *slot = *b;

@@ -107,6 +107,7 @@
 //! spool_max_bytes = "256MiB"
 //! spool_max_events = 100000
 //! sdk_conventions = "1.0"                   # 1.0 | 2.0: for workers whose hook does not choose
+//! hook_events = false                       # every worker's operations as SDK 2.0 hook events
 //! max_body_size = 65536                     # 2.0 conventions: characters kept of each body
 //! # agent_did = "did:aip:…"                 # sign every request (OpenBox DID), with its key:
 //! # agent_private_key_file = "/etc/openbox/agent-key.b64"   # base64 Ed25519 seed, mode 0600
@@ -161,6 +162,7 @@ pub mod clock;
 pub mod config;
 pub mod conventions;
 pub mod events;
+pub mod hook_events;
 pub mod identity;
 pub mod policy;
 pub mod private;
@@ -558,6 +560,7 @@ impl Governor {
         RequestStyle {
             conventions: self.inner.config.sdk_conventions,
             max_body_size: self.inner.config.max_body_size,
+            hook_events: self.inner.config.hook_events,
         }
     }
 
@@ -689,8 +692,11 @@ impl Governor {
             return Decision::allow_without_verdict();
         }
         let key = activity_key(&event.activity);
-        let max_body = style.max_body_size.or(cfg.max_body_size);
-        let Some(event) = conventions.shape(Event::ActivityCompleted(event), max_body) else {
+        let style = RequestStyle {
+            max_body_size: style.max_body_size.or(cfg.max_body_size),
+            ..style
+        };
+        let Some(event) = style.shape(Event::ActivityCompleted(event)) else {
             return Decision::allow_without_verdict();
         };
         let body = conventions.encode(&event);
@@ -716,6 +722,57 @@ impl Governor {
         let decision = verdict::decide(Stage::Completed, response.as_ref(), hitl);
         inner.after_activity_decision(&key, &activity_type, "ActivityCompleted", &decision);
         decision
+    }
+
+    /// One stage of an operation as an SDK 2.0 hook event (§3.2). Skipped for activity
+    /// types in `skip_activity_types`. Spooled like ActivityCompleted: under fail_open an
+    /// event Core does not take, or that would overtake spooled events, is spooled and
+    /// gets no verdict; under fail_closed it waits for the backlog (up to the governance
+    /// timeout) and meets the failure policy if it cannot be sent. Returns the BLOCK/HALT verdict
+    /// and its reason when the operation must stop (fail_closed without an answer: HALT).
+    pub async fn hook_event_as(
+        &self,
+        event: events::HookEvent,
+        style: RequestStyle,
+    ) -> Option<(Verdict, String)> {
+        let conventions = style.conventions;
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        if cfg
+            .skip_activity_types
+            .contains(&event.activity.activity_type)
+        {
+            return None;
+        }
+        let event = Event::HookEvent(event);
+        let body = conventions.encode(&event);
+        inner.write_sink(&body);
+        let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
+        if fail_open {
+            // Nothing waits for this verdict before the activity's end: behind a backlog
+            // it queues at once, in order, rather than waiting a timeout per operation.
+            if inner.spool_backlog().await {
+                inner.spool_event(&event, body, conventions).await;
+                return None;
+            }
+        } else {
+            inner.drain_backlog_first().await;
+        }
+        let outcome = inner
+            .evaluate_after_backlog(&event, body.clone(), conventions)
+            .await;
+        inner.note_failure(&outcome, &event);
+        if fail_open && outcome.retryable() {
+            inner.spool_event(&event, body, conventions).await;
+        }
+        let response = apply_fail_policy(&outcome, cfg.on_api_error)?;
+        response.verdict.should_stop().then(|| {
+            let reason = response
+                .reason
+                .clone()
+                .unwrap_or_else(|| "Operation blocked by governance".to_owned());
+            (response.verdict, reason)
+        })
     }
 
     /// WorkflowStarted / WorkflowCompleted / WorkflowFailed. Honours `skip_workflow_types`
@@ -966,7 +1023,7 @@ impl Inner {
     /// A workflow event or signal: written to the sink, then to Core or the spool.
     async fn send_or_spool(&self, event: Event, style: RequestStyle) -> EventDisposition {
         let conventions = style.conventions;
-        let Some(event) = conventions.shape(event, style.max_body_size) else {
+        let Some(event) = style.shape(event) else {
             return EventDisposition::Skipped;
         };
         let body = conventions.encode(&event);

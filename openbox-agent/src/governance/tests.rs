@@ -1109,6 +1109,14 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
     span.duration_ns = Some(100_000_000);
     span.activity_id = Some("1".into());
     span.request_body = Some("{\"prompt\":\"héllo\"}".into());
+    if conventions == Conventions::V2 {
+        // Under 2.0 the span goes out as its two hook events (§3.2), not in
+        // ActivityCompleted.
+        for stage in super::hook_events::stages(&span, "00f067aa0ba902b8", 65_536).unwrap() {
+            let hook = events::hook_event(&a, vec![json!({"prompt": "hi"})], stage, None, now);
+            assert_eq!(g.hook_event_as(hook, g.default_style()).await, None);
+        }
+    }
     let c = events::activity_completed(
         &a,
         ActivityCompletion {
@@ -1232,8 +1240,11 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
         "WorkflowFailed",
     ];
     if conventions == Conventions::V2 {
-        // SDK 2.0 sends no ActivityCompleted for the failed (blocked) activity.
+        // SDK 2.0 sends no ActivityCompleted for the failed (blocked) activity, and the
+        // first activity's span as its started and completed hook events.
         expected.remove(10);
+        expected.insert(3, "ActivityStarted");
+        expected.insert(3, "ActivityStarted");
     }
     assert_eq!(kinds, expected, "{conventions} signed={signed}");
     for l in &answered {
@@ -1263,10 +1274,26 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
         .iter()
         .find(|l| l["body"]["event_type"] == "ActivityCompleted")
         .unwrap();
-    assert_eq!(
-        completed["body"]["spans"][0]["request_body"],
-        "{\"prompt\":\"héllo\"}"
-    );
+    let span = match conventions {
+        Conventions::V1 => &completed["body"]["spans"][0],
+        Conventions::V2 => {
+            assert_eq!(
+                completed["body"]["spans"],
+                json!([]),
+                "2.0: spans went as hook events"
+            );
+            assert_eq!(completed["body"]["span_count"], 0);
+            let hook = answered
+                .iter()
+                .find(|l| {
+                    l["body"]["hook_trigger"] == true
+                        && l["body"]["spans"][0]["stage"] == "completed"
+                })
+                .expect("the completed hook event");
+            &hook["body"]["spans"][0]
+        }
+    };
+    assert_eq!(span["request_body"], "{\"prompt\":\"héllo\"}");
     let out = std::process::Command::new("python3")
         .arg(fc_dir.join("validate.py"))
         .arg(&record)

@@ -39,13 +39,11 @@ impl Sdk {
     }
 
     /// Whether ActivityCompleted carries the activity's captured spans. Under 1.0 it
-    /// always does. SDK 2.0 itself sends `spans: []` there, its spans going out as
-    /// per-operation hook events (§3.2); the agent keeps them in ActivityCompleted while
-    /// it sends no hook events (a difference by design, see the agent's
-    /// governance/conventions.rs). When it does, this is the one place to change: the
-    /// cases then expect `span_count: 0, spans: []` under 2.0.
+    /// does (unless the agent runs with `--hook-events`). Under 2.0 the agent sends them
+    /// as per-operation hook events (§3.2), as SDK 2.0 does, and ActivityCompleted
+    /// carries `span_count: 0, spans: []`.
     pub fn completed_carries_spans(self) -> bool {
-        true
+        self == Sdk::V1
     }
 
     /// Whether an ActivityCompleted of an activity that did not return normally is sent:
