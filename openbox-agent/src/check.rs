@@ -90,6 +90,93 @@ fn ringbuf_supported() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether this kernel loads BPF LSM programs, probed as `bpftool feature probe` does: a
+/// two-instruction LSM program for BTF id 1, which a kernel that knows the program type
+/// refuses with EINVAL and "attach_btf_id 1 is not a function" (id 1 is no LSM hook).
+fn lsm_programs() -> LsmPrograms {
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        _btf: [u8; 36],
+        attach_btf_id: u32,
+        _rest: [u8; 16],
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_LSM: u32 = 29;
+    const BPF_LSM_MAC: u32 = 27;
+    // mov r0, 0; exit
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    let mut log = vec![0u8; 4096];
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_LSM,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type: BPF_LSM_MAC,
+        _btf: [0; 36],
+        attach_btf_id: 1,
+        _rest: [0; 16],
+    };
+    // SAFETY: bpf(2) with a zero-padded attribute of the size we pass; the buffers it
+    // points at live until the call returns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: closing the fd we just got.
+        unsafe { libc::close(fd as i32) };
+        return LsmPrograms::Load;
+    }
+    let err = std::io::Error::last_os_error();
+    let text = String::from_utf8_lossy(&log);
+    match err.raw_os_error() {
+        Some(libc::EINVAL) if text.contains("attach_btf_id") => LsmPrograms::Load,
+        Some(libc::EINVAL) => LsmPrograms::Unknown,
+        _ => LsmPrograms::Refused(err),
+    }
+}
+
+enum LsmPrograms {
+    /// The kernel knows the program type and would load one for a real hook.
+    Load,
+    /// The program type is not built in (CONFIG_BPF_LSM).
+    Unknown,
+    /// Refused (EPERM: lockdown or a kernel that does not allow them; or no privilege).
+    Refused(std::io::Error),
+}
+
+/// What the agent cannot do without BPF LSM programs, and what it does instead.
+const NO_KERNEL_ENFORCEMENT: &str = "cannot be enforced in the kernel here: a BLOCK or HALT \
+    on a hook event cannot stop the operation before its bytes leave or the file opens, \
+    and a halted activity's threads and subprocesses cannot be denied further connects, \
+    sends and opens; verdicts are enforced at activity boundaries instead (the activity \
+    fails with GovernanceBlock or GovernanceHalt when it ends; HALT terminates the \
+    workflow under 2.0 conventions)";
+
 fn lsm_list() -> std::io::Result<String> {
     if !exists("/sys/kernel/security/lsm") {
         let t = std::ffi::CString::new("/sys/kernel/security").unwrap();
@@ -288,6 +375,33 @@ pub fn report() -> Report {
             String::new()
         } else {
             "boot with lsm=...,bpf (needed only for enforcement in the kernel)".into()
+        },
+        required: false,
+    });
+    let programs = lsm_programs();
+    let loads = matches!(programs, LsmPrograms::Load);
+    items.push(Item {
+        name: "BPF LSM programs",
+        ok: loads && bpf_lsm,
+        detail: match (&programs, bpf_lsm) {
+            (LsmPrograms::Load, true) => "LSM programs load and `bpf` is an active LSM; \
+                enforcement before an operation is not built yet: verdicts on hook events \
+                are enforced at activity boundaries"
+                .into(),
+            (LsmPrograms::Load, false) => {
+                format!("LSM programs load, but `bpf` is not an active LSM, so they would never run; {NO_KERNEL_ENFORCEMENT}")
+            }
+            (LsmPrograms::Unknown, _) => {
+                format!("this kernel has no BPF LSM program type (CONFIG_BPF_LSM); {NO_KERNEL_ENFORCEMENT}")
+            }
+            (LsmPrograms::Refused(e), _) => {
+                format!("the kernel refuses to load LSM programs ({e}; `bpftool feature probe kernel` shows `program_type lsm is NOT available`); {NO_KERNEL_ENFORCEMENT}")
+            }
+        },
+        fix: if loads && bpf_lsm {
+            String::new()
+        } else {
+            "a kernel with CONFIG_BPF_LSM=y that allows BPF LSM programs, booted with `bpf` in its LSM list (lsm=...,bpf); needed only for enforcement in the kernel".into()
         },
         required: false,
     });

@@ -248,6 +248,12 @@ struct GovArgs {
     /// Characters kept of each captured body under 2.0 conventions (default 65536).
     #[arg(long, value_name = "CHARS")]
     max_body_size: Option<String>,
+    /// Send every captured operation of a governed activity (HTTP request, database
+    /// query, file operation) to Core as SDK 2.0 hook events (`started` and `completed`),
+    /// for every worker; workers under 2.0 conventions get them anyway.
+    /// Env: OPENBOX_HOOK_EVENTS.
+    #[arg(long, value_name = "BOOL", env = "OPENBOX_HOOK_EVENTS", num_args = 0..=1, default_missing_value = "true")]
+    hook_events: Option<bool>,
     /// Sign every Core request as this OpenBox agent DID (did:aip:<uuid>), with the key of
     /// --agent-private-key-file. Env: OPENBOX_AGENT_DID.
     #[arg(long, value_name = "DID")]
@@ -257,6 +263,19 @@ struct GovArgs {
     /// OPENBOX_AGENT_PRIVATE_KEY.
     #[arg(long, value_name = "FILE")]
     agent_private_key_file: Option<PathBuf>,
+    /// Sign every Core request as an Okta AI agent (API v2 routes) with this PKCS8 PEM RSA
+    /// key; alone, Core names the agent's ids (bootstrap), or give them all with
+    /// OPENBOX_AGENT_ID, OPENBOX_ORGANIZATION_ID, OPENBOX_DEPLOYMENT_ID,
+    /// OPENBOX_OKTA_AGENT_ID, OPENBOX_OKTA_AGENT_KEY_ID, OPENBOX_AGENT_PROOF_AUDIENCE.
+    /// Env: OPENBOX_OKTA_AGENT_PRIVATE_KEY_FILE, or the key itself in
+    /// OPENBOX_OKTA_AGENT_PRIVATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    okta_agent_private_key_file: Option<PathBuf>,
+    /// Authenticate to Core as a workload (API v3 routes, OAuth2 token) with this PKCS8
+    /// PEM RSA key. Env: OPENBOX_WORKLOAD_PRIVATE_KEY_FILE, or the key itself in
+    /// OPENBOX_WORKLOAD_PRIVATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    workload_private_key_file: Option<PathBuf>,
 }
 
 /// OTLP trace export (`trace` and `run`; `run` also reads the `[otlp]` table of its
@@ -353,8 +372,11 @@ impl GovArgs {
             spool_max_events: self.spool_max_events.clone(),
             sdk_conventions: self.sdk_conventions.clone(),
             max_body_size: self.max_body_size.clone(),
+            hook_events: self.hook_events,
             agent_did: self.agent_did.clone(),
             agent_private_key_file: self.agent_private_key_file.clone(),
+            okta_agent_private_key_file: self.okta_agent_private_key_file.clone(),
+            workload_private_key_file: self.workload_private_key_file.clone(),
         };
         let mut cfg =
             openbox_agent::governance::GovernanceConfig::load(&raw, self.config.as_deref())?;

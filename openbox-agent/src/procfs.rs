@@ -41,6 +41,28 @@ pub fn fds(pid: Pid) -> Vec<(i32, FdTarget)> {
     out
 }
 
+/// The descriptors of a process that its next exec keeps: those without close-on-exec
+/// (`flags` in /proc/PID/fdinfo/FD). For a child between fork and exec, whose
+/// close-on-exec descriptors are the agent's own.
+pub fn fds_kept_across_exec(pid: Pid) -> Vec<(i32, FdTarget)> {
+    let mut fds = fds(pid);
+    // Other descriptors (the agent's BPF objects among them) are not seeded anyway.
+    fds.retain(|(fd, target)| {
+        *target != FdTarget::Other && !close_on_exec(pid, *fd).unwrap_or(false)
+    });
+    fds
+}
+
+/// Whether descriptor `fd` of `pid` is close-on-exec; `None`: unknown (gone).
+fn close_on_exec(pid: Pid, fd: i32) -> Option<bool> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())?;
+    Some(flags & libc::O_CLOEXEC as u32 != 0)
+}
+
 fn classify(target: FDTarget) -> FdTarget {
     match target {
         FDTarget::Socket(inode) => FdTarget::Socket(inode),
@@ -295,6 +317,22 @@ mod tests {
     use std::{io::Write, os::unix::net::UnixStream};
 
     use super::*;
+
+    #[test]
+    fn close_on_exec_descriptors_are_not_kept_across_exec() {
+        use std::os::fd::AsRawFd;
+        // std opens with O_CLOEXEC; dup(2) makes a copy without it.
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let kept = unsafe { libc::dup(file.as_raw_fd()) };
+        assert!(kept >= 0);
+        let me = std::process::id();
+        let kept_fds = fds_kept_across_exec(me);
+        let has = |fd: i32| kept_fds.iter().any(|(f, _)| *f == fd);
+        assert!(has(kept), "{kept_fds:?}");
+        assert!(!has(file.as_raw_fd()), "{kept_fds:?}");
+        assert!(fds(me).iter().any(|(f, _)| *f == file.as_raw_fd()));
+        unsafe { libc::close(kept) };
+    }
 
     #[test]
     fn paths_resolve_inside_the_given_root() {

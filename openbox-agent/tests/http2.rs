@@ -257,11 +257,13 @@ fn curl_head(text: &str) -> (u64, Vec<(String, String)>) {
 
 /// curl asks to switch with `Upgrade: h2c` on its first request; hypercorn answers 101
 /// and then the request on stream 1; curl's second request (a POST) goes on stream 3 of
-/// the same connection. Both spans hold what curl sent and got.
+/// the same connection. Both spans hold what curl sent and got. In about one run in three
+/// hypercorn's END_STREAM for stream 1 (an empty DATA frame after the body) reaches curl
+/// in a later read than the body; curl, already holding the content-length's bytes,
+/// resets stream 1 with STREAM_CLOSED before it arrives. The user saw a whole 200 all
+/// the same, and so must the span (the unit test with that run's bytes:
+/// protocol/http2/tests.rs `a_client_reset_after_the_whole_announced_body_…`).
 #[test]
-#[ignore = "flaky (about 1 run in 2 after the merge of the syscall and parser work): stream 1 \
-            ends as reset by the client with its body truncated and stream 3 has no response; \
-            under investigation, see the issue-13 note"]
 fn curl_h2c_upgrade_gives_the_upgraded_request_and_the_next_as_http2_spans() {
     let env = TestEnv::get();
     let server = Server::start(&env, "h2_server.py", &[]);

@@ -29,6 +29,27 @@ CLI:
     why in "signature" ("ok" or the reason code). --agent-key-file registers the public
     key of a test's private key file (base64 seed, as the agent reads it) instead.
 
+    --okta-key-file FILE registers an Okta AI agent (API v2, protocol §1.3) whose RS256 key
+    is the PKCS8 PEM private key in FILE (the test's own; its public half is what Core
+    keeps), with the ids of OKTA_IDS below. Then GET /api/v2/auth/bootstrap answers its
+    bootstrap document (with the key's RFC 7638 thumbprint), the /api/v2 routes require
+    X-OpenBox-Agent-Assertion (header, claims, audience, API-key hash, htm/htu, body hash,
+    exp window <= 60 s around now, jti not seen before, RS256 signature) and answer 401
+    {"reason_code": ...} when it fails (assertion_missing, assertion_invalid,
+    signature_invalid, audience_mismatch, claims_mismatch, body_hash_mismatch,
+    assertion_expired, proof_replayed); the v1 and v3 routes are refused with
+    identity_method_mismatch.
+    --workload-key-file FILE registers a workload service account (API v3) with that key:
+    GET /api/v3/auth/bootstrap answers its document, POST
+    /realms/openbox/protocol/openid-connect/token (this server is its own token endpoint)
+    checks the client_credentials form and its private_key_jwt assertion (RS256, iss/sub =
+    client id, aud = the token endpoint, exp window, jti replay; 401 {"error":
+    "invalid_client", "reason_code": ...} otherwise) and issues a 300 s token; the /api/v3
+    routes require X-OpenBox-Workload-Token to be one it issued (401 workload_token_invalid).
+    /_control {"workload_unavailable": 404 | 409 | false} makes the bootstrap answer "no v3"
+    (then the v1 routes are served unsigned, as Core does for such an agent).
+    The record line of a v2/v3 request says in "identity" "ok" or the reason code.
+
     --port 0 picks a free port. When ready it prints "listening on PORT" (flushed) on stdout,
     and writes PORT to --port-file if given. --api-key defaults to obx_test_fakecore.
     --record FILE appends one JSON line per request: {"time", "method", "path", "headers"
@@ -58,7 +79,9 @@ Script (JSON):
       "approval_default": {"verdict": "allow"}
     }
     A match maps top-level body fields to a value (equality), a list (any of), or a string
-    "re:REGEX" (regular-expression search on the value's text). Every response entry
+    "re:REGEX" (regular-expression search on the value's text). A match naming
+    "event_type" but not "hook_trigger" skips SDK 2.0 hook events (section 3.2: they say
+    "ActivityStarted" too), so a lifecycle rule and its "times" are not spent on them. Every response entry
     (rules, approval responses) accepts status, body, raw, delay and close.
 """
 
@@ -162,6 +185,224 @@ def ed25519_verify(public, message, signature):
     ) % _P == 0
 
 
+# --- Okta AI agent (API v2) and workload (API v3) identities ------------------------------
+# RS256 verification and key parsing in the standard library: a test server's needs only.
+
+OKTA_IDS = {
+    "openbox_agent_id": "obx-agent-e2e",
+    "organization_id": "obx-org-e2e",
+    "deployment_id": "obx-deployment-e2e",
+    "external_agent_id": "wlp-okta-e2e",
+    "credential_kid": "okta-kid-e2e",
+    "assertion_audience": "https://core.openbox.test/agent-proof",
+}
+WORKLOAD_CLIENT = {"client_id": "openbox-agent-e2e", "kid": "workload-kid-e2e",
+                   "service_account_id": "7d1f0e4a-3b2c-4d5e-8f60-718293a4b5c6",
+                   "activation_version": "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"}
+TOKEN_PATH = "/realms/openbox/protocol/openid-connect/token"
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _der(data, i):
+    """(tag, contents, next index) of the DER element at i."""
+    tag, length = data[i], data[i + 1]
+    i += 2
+    if length & 0x80:
+        n = length & 0x7F
+        length = int.from_bytes(data[i:i + n], "big")
+        i += n
+    return tag, data[i:i + length], i + length
+
+
+def rsa_public_of_pkcs8_pem(text):
+    """(n, e) of a PKCS8 PEM RSA private key."""
+    der = base64.b64decode("".join(l for l in text.splitlines() if l and not l.startswith("-----")))
+    _, info, _ = _der(der, 0)
+    _, _, i = _der(info, 0)  # version
+    _, _, i = _der(info, i)  # algorithm
+    _, octets, _ = _der(info, i)
+    _, rsa, _ = _der(octets, 0)
+    _, _, j = _der(rsa, 0)  # version
+    _, n, j = _der(rsa, j)
+    _, e, _ = _der(rsa, j)
+    return int.from_bytes(n, "big"), int.from_bytes(e, "big")
+
+
+def _b64url_decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _b64url(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def jwk_thumbprint(n, e):
+    """RFC 7638 SHA-256 thumbprint of an RSA public key."""
+    def uint(v):
+        return _b64url(v.to_bytes(max(1, (v.bit_length() + 7) // 8), "big"))
+    canonical = json.dumps({"e": uint(e), "kty": "RSA", "n": uint(n)}, sort_keys=True, separators=(",", ":"))
+    return _b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def rs256_verify(public, message, signature):
+    n, e = public
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:
+        return False
+    em = pow(int.from_bytes(signature, "big"), e, n).to_bytes(k, "big")
+    t = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    return em == b"\x00\x01" + b"\xff" * (k - 3 - len(t)) + b"\x00" + t
+
+
+def verify_jws(state, public, token, typ):
+    """(header, claims) of a valid compact RS256 JWS, or (None, reason code)."""
+    parts = token.split(".") if token else []
+    if len(parts) != 3:
+        return None, "assertion_invalid"
+    try:
+        header = json.loads(_b64url_decode(parts[0]))
+        claims = json.loads(_b64url_decode(parts[1]))
+        signature = _b64url_decode(parts[2])
+    except (ValueError, json.JSONDecodeError):
+        return None, "assertion_invalid"
+    if header.get("alg") != "RS256" or header.get("typ") != typ:
+        return None, "assertion_invalid"
+    if not rs256_verify(public, f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
+        return None, "signature_invalid"
+    iat, exp = claims.get("iat"), claims.get("exp")
+    now = time.time()
+    if not (isinstance(iat, int) and isinstance(exp, int)) or not (0 < exp - iat <= 60) \
+            or iat > now + 30 or exp < now - 5:
+        return None, "assertion_expired"
+    jti = claims.get("jti")
+    with state.lock:
+        if not jti or jti in state.jtis:
+            return None, "proof_replayed"
+        state.jtis.add(jti)
+    return (header, claims), None
+
+
+def check_okta_assertion(state, method, path, headers, raw):
+    """None when the v2 request carries a valid assertion of the registered agent."""
+    h = {k.lower(): v for k, v in headers.items()}
+    token = h.get("x-openbox-agent-assertion")
+    if not token:
+        return "assertion_missing"
+    ok, refused = verify_jws(state, state.okta_public, token, "openbox-agent-proof+jwt")
+    if refused:
+        return refused
+    header, claims = ok
+    if header.get("kid") != OKTA_IDS["credential_kid"]:
+        return "signature_invalid"
+    if claims.get("aud") != OKTA_IDS["assertion_audience"]:
+        return "audience_mismatch"
+    bearer = h.get("authorization", "").removeprefix("Bearer ")
+    want = {"iss": OKTA_IDS["external_agent_id"], "sub": OKTA_IDS["external_agent_id"],
+            "obx_agent_id": OKTA_IDS["openbox_agent_id"],
+            "obx_organization_id": OKTA_IDS["organization_id"],
+            "obx_deployment_id": OKTA_IDS["deployment_id"],
+            "obx_api_key_sha256": hashlib.sha256(bearer.encode()).hexdigest(),
+            "htm": method.upper(), "htu": path}
+    if any(claims.get(k) != v for k, v in want.items()):
+        return "claims_mismatch"
+    if claims.get("body_sha256") != hashlib.sha256(raw).hexdigest():
+        return "body_hash_mismatch"
+    return None
+
+
+def okta_bootstrap_document(state):
+    doc = {k: v for k, v in OKTA_IDS.items() if k not in ("external_agent_id", "credential_kid")}
+    doc.update({
+        "bootstrap_version": 1,
+        "identity_method": "okta_ai_agent",
+        "authority": {"assignment_id": "a-1", "provider_generation_id": "g-1", "generation_number": 1,
+                      "activation_version": "v-1", "identity_id": "i-1", "credential_id": "c-1",
+                      "projection_version": "p-1"},
+        "okta": {"external_agent_id": OKTA_IDS["external_agent_id"],
+                 "credential_kid": OKTA_IDS["credential_kid"], "algorithm": "RS256",
+                 "public_jwk_thumbprint": jwk_thumbprint(*state.okta_public)},
+    })
+    return doc
+
+
+def workload_bootstrap_document(state, base):
+    issuer = base + TOKEN_PATH.removesuffix("/protocol/openid-connect/token")
+    return dict(WORKLOAD_CLIENT, bootstrap_version=3, contract_version=3, issuer=issuer,
+                token_endpoint=issuer + "/protocol/openid-connect/token",
+                audience="openbox-core", identity_source="openbox")
+
+
+def workload_token_answer(state, base, raw):
+    """(status, body) of the token endpoint for this form."""
+    from urllib.parse import parse_qs
+
+    form = {k: v[0] for k, v in parse_qs(raw.decode("ascii", "replace")).items()}
+    refuse = lambda code: (401, {"error": "invalid_client", "reason_code": code})  # noqa: E731
+    if form.get("grant_type") != "client_credentials" \
+            or form.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" \
+            or form.get("client_id") != WORKLOAD_CLIENT["client_id"]:
+        return refuse("invalid_request")
+    ok, refused = verify_jws(state, state.workload_public, form.get("client_assertion"), "JWT")
+    if refused:
+        return refuse(refused)
+    header, claims = ok
+    client = WORKLOAD_CLIENT["client_id"]
+    if header.get("kid") != WORKLOAD_CLIENT["kid"] or claims.get("iss") != client \
+            or claims.get("sub") != client:
+        return refuse("claims_mismatch")
+    if claims.get("aud") != base + TOKEN_PATH:
+        return refuse("audience_mismatch")
+    token = _b64url(os.urandom(24))
+    with state.lock:
+        state.workload_tokens.add(token)
+    return 200, {"access_token": token, "token_type": "Bearer", "expires_in": 300}
+
+
+def identity_route(handler, method, path, raw):
+    """Handle the v2/v3 identity routes and checks. Returns (answered, v1 path, reason):
+    answered -> the request is done; otherwise route it as v1 `path`, or refuse `reason`."""
+    state = handler.server.state
+    base = f"http://{handler.headers.get('Host')}"
+    key_ok = state.args.any_key or handler.headers.get("Authorization", "") == f"Bearer {state.args.api_key}"
+    if path == "/api/v2/auth/bootstrap" and method == "GET" and state.okta_public:
+        if not key_ok:
+            handler.send(401, {"reason_code": "invalid_api_key"})
+            return 401, None, None
+        handler.send(200, okta_bootstrap_document(state))
+        return 200, None, None
+    if path == "/api/v3/auth/bootstrap" and method == "GET" and state.workload_public:
+        if state.workload_unavailable == 404:
+            handler.send(404, {"detail": "no route"})
+            return 404, None, None
+        if state.workload_unavailable:
+            handler.send(409, {"reason_code": "workload_identity_unavailable"})
+            return 409, None, None
+        if not key_ok:
+            handler.send(401, {"reason_code": "invalid_api_key"})
+            return 401, None, None
+        handler.send(200, workload_bootstrap_document(state, base))
+        return 200, None, None
+    if path == TOKEN_PATH and method == "POST" and state.workload_public:
+        status, body = workload_token_answer(state, base, raw)
+        handler.send(status, body)
+        return status, None, None
+    version = path[len("/api/"):len("/api/v1")] if path.startswith("/api/v") else None
+    if state.okta_public:
+        if version != "v2":
+            return None, path, "identity_method_mismatch"
+        return None, "/api/v1" + path[len("/api/v2"):], check_okta_assertion(state, method, path, handler.headers, raw)
+    if state.workload_public:
+        if version == "v3":
+            token = handler.headers.get("X-OpenBox-Workload-Token")
+            with state.lock:
+                valid = token in state.workload_tokens
+            return None, "/api/v1" + path[len("/api/v3"):], None if valid else "workload_token_invalid"
+        if version == "v1" and state.workload_unavailable:
+            return None, path, None
+        return None, path, "identity_method_mismatch"
+    return None, path, None
+
+
 def check_signature(state, method, path, headers, raw):
     """None when the request is signed by the registered identity, else the reason code."""
     h = {k.lower(): v for k, v in headers.items()}
@@ -210,6 +451,16 @@ class State:
         self.up_at = None
         self.record_lock = threading.Lock()
         self.nonces = set()
+        self.jtis = set()
+        self.workload_tokens = set()
+        self.workload_unavailable = False  # False | 404 | 409
+        self.okta_public = self.workload_public = None
+        if args.okta_key_file:
+            with open(args.okta_key_file, encoding="ascii") as f:
+                self.okta_public = rsa_public_of_pkcs8_pem(f.read())
+        if args.workload_key_file:
+            with open(args.workload_key_file, encoding="ascii") as f:
+                self.workload_public = rsa_public_of_pkcs8_pem(f.read())
         self.public_key = base64.b64decode(args.agent_public_key) if args.agent_public_key else None
         if args.agent_key_file:
             with open(args.agent_key_file, encoding="ascii") as f:
@@ -251,7 +502,13 @@ class State:
 def matches(match, body):
     if not isinstance(body, dict):
         return not match
-    for key, want in (match or {}).items():
+    match = match or {}
+    # A hook event (SDK 2.0, section 3.2) says event_type "ActivityStarted" at both of its
+    # stages: a rule naming an event type means the lifecycle event unless it names
+    # hook_trigger too.
+    if "event_type" in match and "hook_trigger" not in match and body.get("hook_trigger") is True:
+        return False
+    for key, want in match.items():
         have = body.get(key)
         text = have if isinstance(have, str) else json.dumps(have)
         if isinstance(want, list):
@@ -349,6 +606,18 @@ class Handler(BaseHTTPRequestHandler):
             entry["status"] = 0
             state.record(entry)
             return self.close_now()
+        if state.okta_public or state.workload_public:
+            answered, path, refused = identity_route(self, method, path, raw)
+            if answered is not None:
+                entry["status"] = answered
+                state.record(entry)
+                return
+            entry["identity"] = refused or "ok"
+            if refused:
+                entry["status"] = 401
+                state.record(entry)
+                self.send(401, {"reason_code": refused, "detail": "identity rejected"})
+                return
         if state.public_key is not None:
             refused = check_signature(state, method, path, self.headers, raw)
             entry["signature"] = refused or "ok"
@@ -413,6 +682,8 @@ class Handler(BaseHTTPRequestHandler):
                     state.script_mtime = None
                     state.rule_hits.clear()
                     state.approval_pos.clear()
+                if "workload_unavailable" in cmd:
+                    state.workload_unavailable = cmd["workload_unavailable"]
                 if cmd.get("reset"):
                     state.rule_hits.clear()
                     state.approval_pos.clear()
@@ -444,6 +715,8 @@ def main():
     ap.add_argument("--agent-did", help="the registered OpenBox agent DID (requires signatures)")
     ap.add_argument("--agent-public-key", help="its Ed25519 public key, base64 of the raw 32 bytes")
     ap.add_argument("--agent-key-file", help="register the public key of this seed file instead")
+    ap.add_argument("--okta-key-file", help="register an Okta AI agent with this PKCS8 PEM RSA key")
+    ap.add_argument("--workload-key-file", help="register a workload service account with this key")
     args = ap.parse_args()
     if bool(args.agent_did) != bool(args.agent_public_key or args.agent_key_file):
         ap.error("--agent-did and --agent-public-key (or --agent-key-file) go together")

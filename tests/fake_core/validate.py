@@ -244,9 +244,62 @@ def _samples():
             "type": "ApplicationError", "message": "m" * 501})))),
         ("bad signature header", dict(ev2[0], headers=dict(v2, **{"x-openbox-agent-nonce": "short"}))),
         ("empty session id", dict(ev2[0], body=dict(good_v2[0], multi_agent_session_id=""))),
+        ("2.0 WorkflowStarted without the workflow arguments", dict(ev2[0], body=good[0])),
+        ("1.0 WorkflowStarted with the workflow arguments",
+         dict(records_good[0], body=dict(good[0], activity_input=[1]))),
     ]
     sdk2_good, sdk2_bad = _sdk2_samples(good, hdr)
-    return records_good + sdk2_good, records_bad + sdk2_bad
+    hook_good, hook_bad = _hook_samples(act, ev2[0])
+    return records_good + sdk2_good + hook_good, records_bad + sdk2_bad + hook_bad
+
+
+def _hook_samples(act, v2_record):
+    """Section 3.2 hook events: one started and one completed span per hook type."""
+    common = {"span_id": "00f067aa0ba902b7", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+              "parent_span_id": "00f067aa0ba902b8", "kind": "CLIENT", "start_time": 1736937045100000000,
+              "attributes": {}, "events": []}
+    started = dict(common, stage="started", end_time=None, duration_ns=None,
+                   status={"code": "UNSET", "description": None}, error=None)
+    completed = dict(common, stage="completed", end_time=1736937045200000000, duration_ns=100000000,
+                     status={"code": "UNSET", "description": None}, error=None)
+    http = {"hook_type": "http_request", "name": "POST", "http_method": "POST", "http_url": "https://a.example/v1",
+            "request_headers": {"authorization": "[REDACTED]", "content-type": "application/json"},
+            "request_body": "{}"}
+    db = {"hook_type": "db_query", "name": "SELECT", "db_system": "postgresql", "db_name": "app",
+          "db_operation": "SELECT", "db_statement": "SELECT 1", "server_address": "127.0.0.1", "server_port": 5432}
+    file = {"hook_type": "file_operation", "name": "file.write", "kind": "INTERNAL", "file_path": "/tmp/x",
+            "file_mode": "w", "file_operation": "write"}
+    fn = {"hook_type": "function_call", "name": "function f", "kind": "INTERNAL", "function": "f", "module": "m",
+          "args": {"args": [1], "kwargs": {}}}
+    spans = [
+        dict(started, **http, http_status_code=None, response_headers=None, response_body=None),
+        dict(completed, **http, http_status_code=200, response_headers={"content-type": "application/json"},
+             response_body="{}"),
+        dict(started, **db, rowcount=None),
+        dict(completed, **db, rowcount=1),
+        dict(started, **file, bytes_read=None, bytes_written=None),
+        dict(completed, **file, bytes_read=None, bytes_written=5),
+        dict(started, **fn, result=None),
+        dict(completed, **fn, result={"ok": True}),
+    ]
+    hook = dict(act, event_type="ActivityStarted", hook_trigger=True, activity_input=[], span_count=1)
+    good = [dict(v2_record, body=dict(hook, spans=[s])) for s in spans]
+    bad = [
+        ("hook end_time at started", dict(good[0], body=dict(hook, spans=[dict(spans[0], end_time=1)]))),
+        ("hook field missing", dict(good[1], body=dict(hook, spans=[
+            {k: v for k, v in spans[1].items() if k != "response_body"}]))),
+        ("hook header not redacted", dict(good[0], body=dict(hook, spans=[
+            dict(spans[0], request_headers={"x-api-key": "k"})]))),
+        ("hook rowcount at started", dict(good[2], body=dict(hook, spans=[dict(spans[2], rowcount=1)]))),
+        ("hook of another type's fields", dict(good[4], body=dict(hook, spans=[dict(spans[4], db_system="x")]))),
+        ("hook without hook_trigger", dict(good[0], body=dict(
+            {k: v for k, v in hook.items() if k != "hook_trigger"}, spans=[spans[0]]))),
+        ("2.0 ActivityCompleted with spans", dict(v2_record, body=dict(
+            act, event_type="ActivityCompleted", status="completed", start_time=1.0, end_time=2.0,
+            duration_ms=1000.0, span_count=1, spans=[spans[1]], activity_input=[], activity_output=None,
+            error=None))),
+    ]
+    return good, bad
 
 
 def _sdk2_samples(good, hdr):

@@ -18,6 +18,7 @@ with temporalio.workflow.unsafe.imports_passed_through():
     from ._propagate import carry
     from ._version import __version__
     from .hook import OpenBoxHook
+    from .tracing import traced
     from .worker import create_openbox_worker
 
     try:
@@ -43,4 +44,5 @@ __all__ = [
     "carry",
     "create_openbox_worker",
     "emit_handoff",
+    "traced",
 ]

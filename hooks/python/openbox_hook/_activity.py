@@ -34,6 +34,7 @@ from typing import Any
 
 import temporalio.activity
 import temporalio.exceptions
+import temporalio.service
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput
 
 from . import _decision, _driver, _events, _multi_agent, _propagate, _slots
@@ -265,22 +266,45 @@ class ActivityInbound(ActivityInboundInterceptor):
 
     async def _terminate(self, reason: str) -> None:
         """Terminate the activity's workflow (SDK 2.0 HALT), by workflow id as the SDK
-        does. A failure is logged: the activity fails with GovernanceHalt all the same."""
+        does. A failure is logged: the activity fails with GovernanceHalt all the same.
+        A workflow that has already ended (another of its activities halted it first) is
+        no failure."""
         info = temporalio.activity.info()
         try:
             if info.workflow_id is None:
                 raise RuntimeError("the activity belongs to no workflow")
-            client = self._client() or temporalio.activity.client()
+            client = self._client()
+            if client is None:
+                try:
+                    client = temporalio.activity.client()
+                except RuntimeError:
+                    raise RuntimeError(
+                        "the hook has no Temporal client and a sync (`def`) activity has "
+                        "none of its own: give the hook the worker's client "
+                        "(OpenBoxHook(client=...) or hook.set_client(client); OpenBoxPlugin "
+                        "and create_openbox_worker do it)"
+                    ) from None
             await client.get_workflow_handle(info.workflow_id).terminate(reason)
             _log.info("openbox governance: workflow %s terminated: %s", info.workflow_id, reason)
+        except temporalio.service.RPCError as exc:
+            if exc.status == temporalio.service.RPCStatusCode.NOT_FOUND:
+                _log.debug(
+                    "openbox governance: workflow %s already ended: %s", info.workflow_id, exc
+                )
+            else:
+                self._terminate_failed(info.workflow_id, exc)
         except Exception as exc:
-            _log.warning(
-                "openbox governance: could not terminate workflow %s on HALT (%s: %s); "
-                "the activity fails with GovernanceHalt, the workflow decides what follows",
-                info.workflow_id,
-                type(exc).__name__,
-                exc,
-            )
+            self._terminate_failed(info.workflow_id, exc)
+
+    @staticmethod
+    def _terminate_failed(workflow_id: str | None, exc: Exception) -> None:
+        _log.warning(
+            "openbox governance: could not terminate workflow %s on HALT (%s: %s); "
+            "the activity fails with GovernanceHalt, the workflow decides what follows",
+            workflow_id,
+            type(exc).__name__,
+            exc,
+        )
 
     async def _attributed(self, input: ExecuteActivityInput, token: int) -> ExecuteActivityInput:
         """``input`` with its function wrapped to publish ``token``, or as it came."""

@@ -242,6 +242,12 @@ class AgentLink:
         """``call`` for a request the agent answers after governing it (longer timeout)."""
         return await self._channel().call(op, fields, self.governed_timeout)
 
+    def call_blocking(self, op: str, /, **fields: Any) -> dict[str, Any] | None:
+        """One request from a thread that is not running an event loop (a sync activity's
+        executor thread), on the blocking connection; None when there is no agent. Waits
+        up to the governed timeout (the agent may be asking Core)."""
+        return self._blocking.call(op, timeout=self.governed_timeout, **fields)
+
     async def post(self, op: str, fields: dict[str, Any]) -> asyncio.Future | None:
         """Write one request on this event loop's connection without waiting for its reply.
 
@@ -580,14 +586,14 @@ class _BlockingConnection:
         self._next_id = 1
         self._retry_at = 0.0
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any] | None:
+    def call(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any] | None:
         with self._lock:
             if self._sock is not None and self._epoch != self._link.epoch:
                 self._close()  # made before a connection was lost: the agent may be new
             if self._sock is None and not self._connect():
                 return None
             try:
-                return self._request(op, fields)
+                return self._request(op, fields, timeout)
             except (OSError, ValueError) as exc:
                 self._close()
                 self._link.lost()
@@ -638,12 +644,15 @@ class _BlockingConnection:
         self._sock = None
         self._buffer.clear()
 
-    def _request(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _request(
+        self, op: str, fields: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
         assert self._sock is not None
         request_id = self._next_id
         self._next_id += 1
-        deadline = time.monotonic() + self._link.timeout
-        self._sock.settimeout(self._link.timeout)
+        timeout = timeout or self._link.timeout
+        deadline = time.monotonic() + timeout
+        self._sock.settimeout(timeout)
         self._sock.sendall(_encode({"id": request_id, "op": op, **fields}))
         while True:
             reply = _decode(self._read_line(deadline))

@@ -3,7 +3,9 @@
 ``WorkflowStarted``, ``WorkflowCompleted``, ``WorkflowFailed`` and ``SignalReceived`` go to
 the agent as ``{"op": "workflow_event", "event_type": ..., ...}`` (the fields of
 openbox-core-protocol.md §2.2 without ``source`` and ``timestamp``, which the agent adds
-when it sends them). The skip lists and ``send_start_event`` are the agent's to apply.
+when it sends them; WorkflowStarted's ``activity_input``, the workflow's arguments, goes
+to Core under SDK 2.0 conventions only). The skip lists and ``send_start_event`` are the
+agent's to apply.
 
 Why determinism is untouched: the interceptor issues no command, awaits nothing, reads
 no clock, and changes no value the workflow sees. It hands a message to a background
@@ -36,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import temporalio.exceptions
@@ -63,10 +65,16 @@ TYPE_LIMIT = 200
 
 
 def interceptor_class(
-    link: AgentLink, sdk2: bool = False, max_patch_restarts: int = _patch.DEFAULT_MAX_RESTARTS
+    link: AgentLink,
+    sdk2: bool = False,
+    max_patch_restarts: int = _patch.DEFAULT_MAX_RESTARTS,
+    workflow_input: bool = True,
 ) -> type[WorkflowInboundInterceptor]:
     """The workflow inbound interceptor class reporting to ``link``'s agent; ``sdk2``
-    adds SDK 2.0's multi-agent session and BLOCK-with-patch restarts."""
+    adds SDK 2.0's multi-agent session and BLOCK-with-patch restarts. ``workflow_input``:
+    WorkflowStarted carries the workflow's arguments (``activity_input``), which Core gets
+    under SDK 2.0 conventions; off when the worker chose 1.0, whose requests never carry
+    them (the agent's default conventions decide for a worker that chose none)."""
 
     class OpenBoxWorkflowOutbound(WorkflowOutboundInterceptor):
         """Stamps the run's multi-agent session on every activity it schedules."""
@@ -99,7 +107,13 @@ def interceptor_class(
                     _multi_agent.unbind(run_id)
 
         async def _execute(self, input: ExecuteWorkflowInput, session: str | None) -> Any:
-            _report(link, "WorkflowStarted", True, _continued, session)
+            _report(
+                link,
+                "WorkflowStarted",
+                True,
+                functools.partial(_started, input.args if workflow_input else None),
+                session,
+            )
             try:
                 result = await super().execute_workflow(input)
             except temporalio.workflow.ContinueAsNewError:
@@ -194,11 +208,17 @@ def _report(
         _internal_error(event_type)
 
 
-def _continued() -> dict[str, Any]:
-    """The run this one continues (continue-as-new, retry, cron): the agent links the
-    traces of the two runs."""
+def _started(args: Sequence[Any] | None) -> dict[str, Any]:
+    """WorkflowStarted's own fields: the run this one continues (continue-as-new, retry,
+    cron), so the agent links the traces of the two runs; and the workflow's arguments
+    when ``args`` is given (``[]`` for none, as SDK 2.0 sends them)."""
+    fields: dict[str, Any] = {}
     prev = temporalio.workflow.info().continued_run_id
-    return {"continued_run_id": prev} if prev else {}
+    if prev:
+        fields["continued_run_id"] = prev
+    if args is not None:
+        fields["activity_input"] = serialize_args(args)
+    return fields
 
 
 _internal_error_logged = False

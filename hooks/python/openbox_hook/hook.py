@@ -58,7 +58,9 @@ class OpenBoxHook(temporalio.worker.Interceptor):
             BLOCK with patch (``"2.0"`` conventions); one more fails the workflow with
             ``GovernancePatchLimitExceeded``.
         client: the worker's Temporal client, used to terminate workflows on HALT
-            (``"2.0"``); without it the activity's own client is used.
+            (``"2.0"``); without it the activity's own client is used, which only
+            ``async def`` activities have (a sync activity's HALT then fails the activity
+            without terminating, with a warning): give it, or :meth:`set_client`.
 
     Creating it says ``hello`` to the agent at once (from a background thread), so the
     agent watches the worker from its start, and again as soon as a restarted agent is
@@ -96,7 +98,10 @@ class OpenBoxHook(temporalio.worker.Interceptor):
         self._client = client
         self._link = AgentLink(os.fspath(path), float(timeout), serialize_value(settings))
         self._workflow_class = _workflow.interceptor_class(
-            self._link, self._sdk2, max_patch_restarts
+            self._link,
+            self._sdk2,
+            max_patch_restarts,
+            workflow_input=settings.get("sdk_conventions") != "1.0",
         )
         # Hello now, as the worker is built: the agent must watch the process before it
         # opens the connections its activities will use.

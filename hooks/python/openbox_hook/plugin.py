@@ -55,6 +55,9 @@ class OpenBoxPlugin(SimplePlugin):
             as for :func:`create_openbox_worker`.
         max_patch_restarts: how many times a workflow chain may continue as new for a
             BLOCK with patch; one more fails it with ``GovernancePatchLimitExceeded``.
+        max_body_size: characters kept of each captured request and response body in
+            what Core gets (default: the agent's setting, else SDK 2.0's 65536); SDK 2.0
+            sets it in ``GovernanceConfig``, as :func:`create_openbox_worker` does here.
         enable_trace_propagation: as in SDK 2.0, adds Temporal's OpenTelemetry
             ``TracingInterceptor`` (before the hook, whose activity spans then join the
             worker's traces) and lets ``opentelemetry`` through the workflow sandbox.
@@ -100,6 +103,7 @@ class OpenBoxPlugin(SimplePlugin):
         skip_signals: Iterable[str] | None = None,
         hitl_enabled: bool = True,
         max_patch_restarts: int = 3,
+        max_body_size: int | None = None,
         instrument_databases: bool = True,
         db_libraries: Iterable[str] | None = None,
         sqlalchemy_engine: Any | None = None,
@@ -142,6 +146,7 @@ class OpenBoxPlugin(SimplePlugin):
             skip_signals=skip_signals,
             hitl_enabled=hitl_enabled,
             sdk_conventions="2.0",
+            max_body_size=max_body_size,
         )
         self.hook = OpenBoxHook(agent_socket, config=config, max_patch_restarts=max_patch_restarts)
         interceptors: list[Any] = []

@@ -167,6 +167,17 @@ class ConventionsTest(unittest.TestCase):
             },
         )
 
+    def test_the_plugin_forwards_max_body_size_to_the_agent(self) -> None:
+        plugin = OpenBoxPlugin(
+            max_body_size=1024,
+            enable_trace_propagation=False,
+            agent_socket=self.agent.socket_path,
+        )
+        self.addCleanup(plugin.hook.close)
+        [hello] = self.agent.wait_for("hello")
+        self.assertEqual(hello["config"]["max_body_size"], 1024)
+        self.assertEqual(hello["config"]["sdk_conventions"], "2.0")
+
     def test_the_plugin_keeps_the_workers_client_and_installs_the_hook(self) -> None:
         plugin = OpenBoxPlugin(enable_trace_propagation=False, agent_socket=self.agent.socket_path)
         self.addCleanup(plugin.hook.close)
@@ -220,6 +231,50 @@ class ConventionsTest(unittest.TestCase):
             self.addCleanup(hook.close)
         self.assertEqual([h.sdk_conventions for h in hooks], ["1.0", "2.0"])
         self.assertEqual([h._client for h in hooks], ["client", "client"])
+
+
+class TerminateTest(unittest.TestCase):
+    """How the hook terminates a workflow on an SDK 2.0 HALT (the e2e tests run it)."""
+
+    def terminate(self, hook_client: object, activity_client: object) -> list[str]:
+        from unittest import mock
+
+        import temporalio.activity
+
+        from openbox_hook._activity import ActivityInbound
+
+        inbound = ActivityInbound(mock.Mock(), mock.Mock(), True, lambda: hook_client)
+        info = mock.Mock(workflow_id="wf-1")
+        with (
+            mock.patch.object(temporalio.activity, "info", return_value=info),
+            mock.patch.object(temporalio.activity, "client", side_effect=activity_client),
+            self.assertLogs("openbox.hook", logging.DEBUG) as logs,
+        ):
+            asyncio.run(inbound._terminate("Governance HALT: r"))
+        return logs.output
+
+    def test_a_workflow_another_activity_already_ended_is_no_failure(self) -> None:
+        from unittest import mock
+
+        import temporalio.service
+
+        client = mock.Mock()
+        client.get_workflow_handle.return_value.terminate = mock.AsyncMock(
+            side_effect=temporalio.service.RPCError(
+                "workflow execution already completed",
+                temporalio.service.RPCStatusCode.NOT_FOUND,
+                b"",
+            )
+        )
+        [line] = self.terminate(client, RuntimeError("unused"))
+        self.assertTrue(line.startswith("DEBUG:openbox.hook:"), line)
+        self.assertIn("already ended", line)
+
+    def test_a_sync_activity_without_the_workers_client_says_how_to_give_it(self) -> None:
+        [line] = self.terminate(None, RuntimeError("No client available"))
+        self.assertTrue(line.startswith("WARNING:openbox.hook:"), line)
+        self.assertIn("could not terminate workflow wf-1", line)
+        self.assertIn("OpenBoxHook(client=...)", line)
 
 
 class HandoffTest(unittest.TestCase):

@@ -111,6 +111,54 @@ class ErrorObjectTest(unittest.TestCase):
             self.assertEqual(_workflow._error_object(outer)["cause"], expected)
 
 
+class WorkflowStartedTest(unittest.TestCase):
+    """WorkflowStarted's own fields."""
+
+    def test_the_workflow_arguments_unless_the_worker_chose_sdk1_conventions(self) -> None:
+        import dataclasses
+        from unittest import mock
+
+        import temporalio.workflow
+
+        @dataclasses.dataclass
+        class Order:
+            item: str
+            count: int
+
+        info = mock.Mock(continued_run_id="r-0")
+        with mock.patch.object(temporalio.workflow, "info", return_value=info):
+            self.assertEqual(
+                _workflow._started(("ann", Order("tea", 2), b"\xff")),
+                {
+                    "continued_run_id": "r-0",
+                    "activity_input": ["ann", {"item": "tea", "count": 2}, "/w=="],
+                },
+            )
+            self.assertEqual(
+                _workflow._started(()), {"continued_run_id": "r-0", "activity_input": []}
+            )
+            self.assertEqual(_workflow._started(None), {"continued_run_id": "r-0"})
+
+    def test_a_worker_under_sdk1_conventions_sends_no_workflow_arguments(self) -> None:
+        from openbox_hook import OpenBoxHook
+
+        agent = FakeAgent()
+        self.addCleanup(agent.close)
+        sent = {}
+        for conventions in ("1.0", "2.0", None):
+            with mock_interceptor_class() as factory:
+                hook = OpenBoxHook(agent.socket_path, sdk_conventions=conventions)
+                self.addCleanup(hook.close)
+            sent[conventions] = factory.call_args.kwargs["workflow_input"]
+        self.assertEqual(sent, {"1.0": False, "2.0": True, None: True})
+
+
+def mock_interceptor_class():
+    from unittest import mock
+
+    return mock.patch.object(_workflow, "interceptor_class", wraps=_workflow.interceptor_class)
+
+
 @unittest.skipUnless(
     TEMPORAL_BIN,
     "set OPENBOX_TEMPORAL_BIN to the temporal CLI binary to run the dev-server tests "
@@ -215,7 +263,14 @@ class DevServerTest(unittest.TestCase):
         self.assertEqual(
             self.events(run["workflow_id"]),
             [
-                {"event_type": "WorkflowStarted", **base, "task_queue": task_queue},
+                # The workflow's arguments: this hook chose no conventions, so the agent
+                # decides whether Core gets them (SDK 2.0 conventions do).
+                {
+                    "event_type": "WorkflowStarted",
+                    **base,
+                    "task_queue": task_queue,
+                    "activity_input": ["ann"],
+                },
                 {
                     "event_type": "SignalReceived",
                     **base,
@@ -249,6 +304,7 @@ class DevServerTest(unittest.TestCase):
                     **base,
                     "run_id": first,
                     "task_queue": task_queue,
+                    "activity_input": [1],
                 },
                 # Local to the agent (no Core event): the first run's span ends here.
                 {"event_type": "WorkflowContinuedAsNew", **base, "run_id": first},
@@ -258,6 +314,7 @@ class DevServerTest(unittest.TestCase):
                     "run_id": last,
                     "task_queue": task_queue,
                     "continued_run_id": first,
+                    "activity_input": [0],
                 },
                 {"event_type": "WorkflowCompleted", **base, "run_id": last, "workflow_output": 0},
             ],

@@ -53,6 +53,8 @@ pub fn load_all<'j>(ebpf: &mut Ebpf, jobs: &[(&'j str, How<'_>)]) -> Result<Vec<
     {
         return Err(anyhow!("program {missing} missing from the kernel object"));
     }
+    // Started in `jobs`' order, so the caller puts the longest to verify first.
+    work.sort_by_key(|(i, _)| *i);
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8)

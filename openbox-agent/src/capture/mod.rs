@@ -1,5 +1,6 @@
 //! Loading and attaching the kernel programs, and reading what they report.
 
+pub mod background;
 pub mod btf;
 pub mod clock;
 pub mod detach;
@@ -72,6 +73,44 @@ const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
     // The same code as sys_exit_openat (~90 ms of verifier each): loaded once.
     ("sys_exit_openat", "syscalls", "sys_exit_openat2"),
+    ("sys_enter_pread64", "syscalls", "sys_enter_pread64"),
+    (DATA_EXIT, "syscalls", "sys_exit_pread64"),
+    ("sys_enter_pwrite64", "syscalls", "sys_enter_pwrite64"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwrite64"),
+    ("sys_enter_preadv", "syscalls", "sys_enter_preadv"),
+    (DATA_EXIT, "syscalls", "sys_exit_preadv"),
+    ("sys_enter_pwritev", "syscalls", "sys_enter_pwritev"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwritev"),
+    ("sys_enter_preadv2", "syscalls", "sys_enter_preadv2"),
+    (DATA_EXIT, "syscalls", "sys_exit_preadv2"),
+    ("sys_enter_pwritev2", "syscalls", "sys_enter_pwritev2"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwritev2"),
+    ("sys_enter_sendmmsg", "syscalls", "sys_enter_sendmmsg"),
+    ("sys_exit_sendmmsg", "syscalls", "sys_exit_sendmmsg"),
+    ("sys_enter_recvmmsg", "syscalls", "sys_enter_recvmmsg"),
+    ("sys_exit_recvmmsg", "syscalls", "sys_exit_recvmmsg"),
+    ("sys_enter_dup", "syscalls", "sys_enter_dup"),
+    ("sys_exit_dup", "syscalls", "sys_exit_dup"),
+    ("sys_enter_dup2", "syscalls", "sys_enter_dup2"),
+    ("sys_exit_dup2", "syscalls", "sys_exit_dup2"),
+    ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
+    ("sys_exit_dup3", "syscalls", "sys_exit_dup3"),
+    ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
+    ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
+    ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64"),
+    ("sys_enter_splice", "syscalls", "sys_enter_splice"),
+    ("sys_exit_splice", "syscalls", "sys_exit_splice"),
+    (
+        "sys_enter_copy_file_range",
+        "syscalls",
+        "sys_enter_copy_file_range",
+    ),
+    (
+        "sys_exit_copy_file_range",
+        "syscalls",
+        "sys_exit_copy_file_range",
+    ),
 ];
 
 /// Process lifecycle, in both modes: these tracepoints are not on the syscall path.
@@ -133,6 +172,13 @@ pub struct Counters {
     pub paused: u64,
     /// Runs of the libssl entry programs for watched processes.
     pub tls_watched_hits: u64,
+    /// io_uring requests submitted by watched processes: not captured (see
+    /// `openbox-ebpf/src/probes/io_uring.rs`).
+    #[serde(rename = "io_uring_ops_not_captured")]
+    pub io_uring_ops: u64,
+    /// Of those, the requests that move bytes (read, write, send, recv…).
+    #[serde(rename = "io_uring_data_ops_not_captured")]
+    pub io_uring_data_ops: u64,
     /// The same for processes not watched (0 unless a process's probes outlived its
     /// watch for a moment: they are attached per watched process).
     pub tls_unwatched_hits: u64,
@@ -173,7 +219,9 @@ fn pause_pin(wanted: bool, bpffs: &Result<()>) -> Option<std::path::PathBuf> {
 
 /// The loaded programs and their maps.
 pub struct Capture {
-    ebpf: Ebpf,
+    programs: background::Programs,
+    /// The ring buffer's map, until [`Capture::events`] takes it.
+    ring: Option<aya::maps::Map>,
     chosen: mode::Chosen,
     watched: BpfHashMap<MapData, u32, u32>,
     fds: BpfHashMap<MapData, u64, FdState>,
@@ -186,6 +234,7 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     /// The libssl uprobes, per watched process.
     tls: tls::TlsProbes,
+    io_uring: IoUringCount,
     /// Last field, dropped after `ebpf` (fields drop in declaration order): the
     /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
     /// process can be stopped after it resumed them all.
@@ -201,16 +250,6 @@ impl Capture {
         }
         preflight::require_privileges()?;
         preflight::ensure_tracefs()?;
-        // The vmlinux BTF is parsed only when fentry may be used (it takes ~0.1 s).
-        let btf = match cfg.mode {
-            mode::ModeChoice::Tracepoint => Err(anyhow!("--capture-mode tracepoint")),
-            mode::ModeChoice::Fentry => Ok(mode::fentry_prerequisites().context(
-                "--capture-mode fentry: fentry/fexit cannot be used on this kernel; use --capture-mode auto or tracepoint",
-            )?),
-            mode::ModeChoice::Auto => mode::fentry_prerequisites(),
-        };
-        // Before anything is loaded: a program must never read a field that moved.
-        tracefs::check_kernel(btf.is_err())?;
         let live = live_threads()?;
         preflight::raise_memlock();
         let bpffs = preflight::ensure_bpffs();
@@ -220,21 +259,42 @@ impl Capture {
         } else {
             pause::Recovery::default()
         };
-        let limit = cfg.capture_limit.min(MAX_CAPTURE_LIMIT);
         let pin = pause_pin(cfg.pause_on_tls_lib, &bpffs);
-        let pause: u32 = pin.is_some().into();
-        let mut loader = EbpfLoader::new();
-        loader
-            .btf(None)
-            .override_global(GLOBAL_CAPTURE_LIMIT, &limit, true)
-            .override_global(GLOBAL_PAUSE_ON_TLS_LIB, &pause, true)
-            .override_global(GLOBAL_EXIT_TASK_SIGNAL, &live.task_signal, true)
-            .override_global(GLOBAL_EXIT_SIGNAL_LIVE, &live.signal_live, true)
-            .map_max_entries("EVENTS", cfg.ring_bytes);
-        if let Some(pin) = &pin {
-            loader.map_pin_path(pause::MAP, pin.clone());
-        }
-        let loaded = loader.load(EBPF_OBJECT);
+        // The object (its maps) is made on another thread while this one reads the BTF
+        // and checks the tracepoints: see `background`. No program is loaded there.
+        let object = background::load_object(background::Object {
+            capture_limit: cfg.capture_limit.min(MAX_CAPTURE_LIMIT),
+            pause_on_tls_lib: pin.is_some().into(),
+            live,
+            ring_bytes: cfg.ring_bytes,
+            pin: pin.clone(),
+        });
+        let checked = (|| {
+            // The vmlinux BTF is parsed only when fentry may be used (it takes ~0.1 s).
+            let btf = match cfg.mode {
+                mode::ModeChoice::Tracepoint => Err(anyhow!("--capture-mode tracepoint")),
+                mode::ModeChoice::Fentry => Ok(mode::fentry_prerequisites().context(
+                    "--capture-mode fentry: fentry/fexit cannot be used on this kernel; use --capture-mode auto or tracepoint",
+                )?),
+                mode::ModeChoice::Auto => mode::fentry_prerequisites(),
+            };
+            // Before any program is loaded: a program must never read a field that moved.
+            tracefs::check_kernel(btf.is_err())?;
+            Ok(btf)
+        })();
+        let loaded = object
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let btf = match checked {
+            Ok(btf) => btf,
+            Err(e) => {
+                drop(loaded);
+                if let Some(pin) = &pin {
+                    let _ = std::fs::remove_file(pin);
+                }
+                return Err(e);
+            }
+        };
         let mut ebpf = match loaded {
             Ok(ebpf) => ebpf,
             Err(e) => {
@@ -263,12 +323,9 @@ impl Capture {
         // Every program needed, loaded from several threads at once (the verifier is
         // most of start-up, see `load`), then attached.
         let started = std::time::Instant::now();
-        let mut jobs: Vec<(&str, How<'_>)> = PROCESS_TRACEPOINTS
-            .iter()
-            .map(|(p, _, _)| (*p, How::Plain))
-            .chain(SSL_FUNCTIONS.iter().map(|(_, p)| (*p, How::Plain)))
-            .chain([(SSL_RET_PROGRAM, How::Plain)])
-            .collect();
+        // The data path first: its exit program is the longest to verify, and `load_all`
+        // starts the jobs in this order.
+        let mut jobs: Vec<(&str, How<'_>)> = Vec::new();
         let syscalls_loaded = !matches!(fentry, Fentry::Usable(_));
         match &fentry {
             Fentry::Usable(btf) => jobs.extend(
@@ -278,6 +335,7 @@ impl Capture {
             ),
             _ => jobs.extend(syscall_programs()),
         }
+        jobs.extend(PROCESS_TRACEPOINTS.iter().map(|(p, _, _)| (*p, How::Plain)));
         let mut fentry_refused = None;
         for o in load::load_all(&mut ebpf, &jobs)? {
             let Err(e) = o.result else { continue };
@@ -295,6 +353,7 @@ impl Capture {
         drop(jobs);
         let loaded = started.elapsed();
         attach_tracepoints(&mut ebpf, PROCESS_TRACEPOINTS)?;
+        let io_uring = attach_io_uring(&mut ebpf);
         if let Fentry::Usable(_) = fentry {
             let attached = match fentry_refused {
                 Some(e) => Err(e),
@@ -357,8 +416,21 @@ impl Capture {
         let threads = BpfHashMap::try_from(ebpf.take_map("THREADS").context("map THREADS")?)?;
         let inherit = BpfHashMap::try_from(ebpf.take_map("INHERIT").context("map INHERIT")?)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
-        Ok(Capture {
+        let ring = Some(ebpf.take_map("EVENTS").context("map EVENTS")?);
+        // The libssl programs: no watched process needs them before it maps a libssl,
+        // and its TLS attach waits for them, so the command need not.
+        let programs = background::Programs::load_later(
             ebpf,
+            SSL_FUNCTIONS
+                .iter()
+                .map(|(_, p)| *p)
+                .chain([SSL_RET_PROGRAM])
+                .collect(),
+            "TLS calls (libssl) are not captured",
+        )?;
+        Ok(Capture {
+            programs,
+            ring,
             chosen,
             watched,
             fds,
@@ -368,8 +440,14 @@ impl Capture {
             next_seed_gen: 1,
             counters,
             tls: tls::TlsProbes::default(),
+            io_uring,
             pauses,
         })
+    }
+
+    /// Whether io_uring requests of watched processes are counted, and if not why.
+    pub fn io_uring(&self) -> &IoUringCount {
+        &self.io_uring
     }
 
     /// The capture mode in use, and why.
@@ -391,7 +469,7 @@ impl Capture {
 
     /// The ring buffer, readable from tokio.
     pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
-        let map = self.ebpf.take_map("EVENTS").context("map EVENTS")?;
+        let map = self.ring.take().context("map EVENTS, taken already")?;
         let ring = RingBuf::try_from(map)?;
         // SAFETY: the ring buffer owns its descriptor for as long as the AsyncFd lives.
         unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -430,6 +508,7 @@ impl Capture {
         for tid in threads {
             self.unregister_thread(tid);
         }
+        self.programs.abandon();
         detach::hand_off();
     }
 
@@ -530,6 +609,8 @@ impl Capture {
             paused: sum(CNT_PAUSED),
             tls_watched_hits: sum(CNT_TLS_WATCHED),
             tls_unwatched_hits: sum(CNT_TLS_UNWATCHED),
+            io_uring_ops: sum(CNT_IO_URING_OPS),
+            io_uring_data_ops: sum(CNT_IO_URING_DATA_OPS),
         }
     }
 
@@ -558,7 +639,7 @@ impl Capture {
     /// [`tls::TlsProbes::attach`]), and marks it so that the children it forks wait for
     /// their own.
     pub fn attach_tls(&mut self, pid: u32, path: &Path) -> Result<usize, tls::AttachError> {
-        let result = self.tls.attach(&mut self.ebpf, pid, path);
+        let result = self.tls.attach(&mut self.programs, pid, path);
         if self.tls.has_any(pid) && self.watched.get(&pid, 0).is_ok() {
             // Clears WATCH_TLS_PENDING too: with its probes attached, a forked child
             // has no reason to stop.
@@ -635,6 +716,53 @@ enum Fentry {
     Usable(aya::Btf),
     /// A program was refused, or would not attach.
     Failed(anyhow::Error),
+}
+
+/// Whether the io_uring requests of watched processes are counted (never captured:
+/// see `openbox-ebpf/src/probes/io_uring.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IoUringCount {
+    pub counted: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Attaches the io_uring counter when this kernel has its tracepoint with the layout
+/// the program reads. Its absence does not stop the agent (a kernel without io_uring
+/// has nothing to count); it is logged and shown in the summaries.
+fn attach_io_uring(ebpf: &mut Ebpf) -> IoUringCount {
+    let attached = tracefs::check_io_uring().and_then(|present| {
+        if !present {
+            bail!("this kernel has no io_uring:io_uring_submit_req tracepoint (built without io_uring, or older than 5.19)");
+        }
+        load::load_or_fail(
+            ebpf,
+            &[("io_uring_submit_req", How::Plain)],
+            load::rejected,
+        )?;
+        attach_tracepoints(
+            ebpf,
+            &[("io_uring_submit_req", "io_uring", "io_uring_submit_req")],
+        )
+    });
+    match attached {
+        Ok(()) => IoUringCount {
+            counted: true,
+            reason: None,
+        },
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::warn!(
+                error = %reason,
+                "io_uring requests of watched processes are not counted: I/O done through io_uring is neither captured nor visible in the summaries"
+            );
+            IoUringCount {
+                counted: false,
+                reason: Some(reason),
+            }
+        }
+    }
 }
 
 /// Attaches loaded tracepoint programs: (program, category, tracepoint).

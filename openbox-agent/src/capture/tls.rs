@@ -23,7 +23,7 @@ use aya::{
 };
 use object::{Object, ObjectSection, ObjectSymbol};
 
-use super::{SSL_FUNCTIONS, SSL_RET_PROGRAM};
+use super::{background::Programs, SSL_FUNCTIONS, SSL_RET_PROGRAM};
 
 /// Probes attached at one time, over every process. Each is a perf event and a BPF
 /// link (two descriptors); a process with one libssl has eight.
@@ -220,7 +220,15 @@ impl TlsProbes {
     /// path under /proc/PID/root ([`crate::procfs::in_root`]); the kernel resolves it
     /// the same way and probes that file. Returns the number of probes attached (0:
     /// they were already).
-    pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32, path: &Path) -> Result<usize, AttachError> {
+    ///
+    /// The libssl programs may still be loading (see [`super::background`]): they are
+    /// waited for only once `path` is known to be a libssl.
+    pub fn attach(
+        &mut self,
+        programs: &mut Programs,
+        pid: u32,
+        path: &Path,
+    ) -> Result<usize, AttachError> {
         let id = file_id(path).map_err(|e| AttachError::NotFound {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -266,6 +274,9 @@ impl TlsProbes {
                 path: path.clone(),
             });
         }
+        let ebpf = programs
+            .get()
+            .ok_or_else(|| AttachError::Internal("capture has ended".into()))?;
         let mut links = Vec::with_capacity(wanted);
         let mut failure = None;
         for (func, offset) in &symbols {

@@ -39,9 +39,10 @@ use crate::{
     governance::{
         conventions::WorkerStyle,
         events::{self, Event},
+        hook_events::{self, HookStage},
         sink::Sink,
         verdict::{Decision, ErrorType},
-        EventDisposition, FailPolicy, GovernanceConfig, Governor,
+        EventDisposition, FailPolicy, GovernanceConfig, Governor, Verdict,
     },
     pipeline::{self, Collect, Output, Session},
     procfs,
@@ -359,19 +360,10 @@ impl Daemon {
     fn route(&mut self) {
         let Collect { spans, exits } = self.session.sink_mut().take();
         for span in spans {
-            if let Err(refused) = self.registry.route(span) {
-                let (why, mut span) = *refused;
-                // Its own trace, a root (a file.open's children share its trace).
-                let root = span.parent_span_id.as_deref().unwrap_or(&span.span_id);
-                span.trace_id = tree::unattributed_trace_id(&span.trace_id, root);
-                if let Some(e) = &self.otlp {
-                    let at = Placement {
-                        trace_id: span.trace_id.clone(),
-                        parent: None,
-                    };
-                    e.send(semconv::resource_of(&span), semconv::span_data(&span, &at));
-                }
-                self.write_unattributed(why, &span);
+            match self.registry.route(span) {
+                Ok(Some(activity)) => self.hook_events(activity),
+                Ok(None) => {}
+                Err(refused) => self.unattributed_span(*refused),
             }
         }
         for pid in exits {
@@ -385,6 +377,284 @@ impl Daemon {
                 tracing::info!(pid, "worker exited");
             }
         }
+    }
+
+    /// A span no activity claims: exported in a trace of its own, and written to the
+    /// unattributed file with the reason.
+    fn unattributed_span(&mut self, (why, mut span): (Unattributed, Span)) {
+        // Its own trace, a root (a file.open's children share its trace).
+        let root = span.parent_span_id.as_deref().unwrap_or(&span.span_id);
+        span.trace_id = tree::unattributed_trace_id(&span.trace_id, root);
+        if let Some(e) = &self.otlp {
+            let at = Placement {
+                trace_id: span.trace_id.clone(),
+                parent: None,
+            };
+            e.send(semconv::resource_of(&span), semconv::span_data(&span, &at));
+        }
+        self.write_unattributed(why, &span);
+    }
+
+    /// The operation just put on `activity` goes to Core as its `started` and `completed`
+    /// hook events (§3.2), when its worker's operations go out that way. The agent sees
+    /// an operation whole once its answer is read, so both are sent then; nothing waits
+    /// for their verdicts but the activity's end, where a BLOCK or HALT is enforced.
+    fn hook_events(&mut self, activity: (Pid, u64)) {
+        let Ok(gov) = self.governor_of(activity.0) else {
+            return;
+        };
+        let style = self.style_of(activity.0).over(gov.default_style());
+        if !style.sends_hook_events() {
+            return;
+        }
+        let Some(a) = self.registry.activities.get_mut(&activity) else {
+            return;
+        };
+        let Some(span) = a.spans.last() else {
+            return;
+        };
+        // The agent's own calls to Core are never governed (§3.2).
+        let own_call = span
+            .attributes
+            .get("http.url")
+            .and_then(Value::as_str)
+            .is_some_and(|u| gov.is_core_url(u) || self.governor.is_core_url(u));
+        if own_call {
+            return;
+        }
+        let Some(stages) = hook_events::stages(span, &a.place.span_id, style.body_limit()) else {
+            return;
+        };
+        let operation = span.clone();
+        let (info, input) = (a.start.activity.clone(), a.start.input.clone());
+        let hooks = a.hooks.clone();
+        let (done, turn) = tokio::sync::watch::channel(false);
+        let prev = a.tail.replace(turn);
+        self.calls.spawn(async move {
+            after(prev).await;
+            for stage in stages {
+                if hooks.stopped().is_some() {
+                    hooks
+                        .skipped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                let at = stage.stage;
+                let event = events::hook_event(
+                    &info,
+                    input.clone(),
+                    stage,
+                    Some(operation.clone()),
+                    SystemTime::now(),
+                );
+                if let Some((verdict, reason)) = gov.hook_event_as(event, style).await {
+                    tracing::info!(workflow_id = %info.workflow_id, activity_id = %info.activity_id,
+                        span_id = %operation.span_id, %verdict, %reason,
+                        "a hook event stopped the activity; enforced when it ends");
+                    hooks.stop(registry::HookStop {
+                        stage: at,
+                        verdict,
+                        reason,
+                    });
+                }
+            }
+            let _ = done.send(true);
+        });
+    }
+
+    /// A `@traced` function of a running activity (`hook_event`, `function_call`): its
+    /// `started` stage is answered with the verdict, its `completed` at once; both go to
+    /// Core in the activity's order, and the call becomes a span of the activity.
+    fn function_call(
+        &mut self,
+        worker: Pid,
+        req: protocol::HookEvent,
+        tx: &ReplyTx,
+        id: &Value,
+    ) -> Result<(), String> {
+        let key = (worker, req.token);
+        if !self.registry.activities.contains_key(&key) {
+            return Err(format!(
+                "no activity {} of this worker is running",
+                req.token
+            ));
+        }
+        let gov = match self.governor_of(worker) {
+            Ok(gov) => gov,
+            Err(_) => {
+                reply(
+                    tx,
+                    id,
+                    Ok(Answer::HookEvent {
+                        span_id: None,
+                        decision: Decision::allow_without_verdict(),
+                    }),
+                );
+                return Ok(());
+            }
+        };
+        let style = self.style_of(worker).over(gov.default_style());
+        if !style.sends_hook_events() {
+            // SDK 2.0 without its hook runtime: the decorator lets the call through.
+            reply(
+                tx,
+                id,
+                Ok(Answer::HookEvent {
+                    span_id: None,
+                    decision: Decision::allow_without_verdict(),
+                }),
+            );
+            return Ok(());
+        }
+        let Some(a) = self.registry.activities.get_mut(&key) else {
+            return Err(format!(
+                "no activity {} of this worker is running",
+                req.token
+            ));
+        };
+        let now = SystemTime::now();
+        let call = hook_events::FunctionCall {
+            function: req.function,
+            module: req.module,
+            args: req.args,
+            result: req.result,
+            error: req.error,
+        };
+        let (span, stage) = match req.stage {
+            HookStage::Started => {
+                let span_id = registry::new_span_id();
+                let subject = req
+                    .name
+                    .clone()
+                    .or_else(|| call.function.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "function".to_owned());
+                let mut attributes = serde_json::Map::new();
+                attributes.insert("code.function".into(), call.function.clone());
+                attributes.insert("code.namespace".into(), call.module.clone());
+                let at = epoch_ns(now);
+                let span = Span {
+                    span_id: span_id.clone(),
+                    trace_id: a.place.trace_id.clone(),
+                    parent_span_id: None,
+                    name: format!("function {subject}"),
+                    kind: "INTERNAL",
+                    start_time: at,
+                    end_time: at,
+                    duration_ns: None,
+                    attributes,
+                    status: crate::span::Status {
+                        code: crate::protocol::StatusCode::Unset,
+                        description: None,
+                    },
+                    events: Vec::new(),
+                    activity_id: Some(a.start.activity.activity_id.clone()),
+                    request_body: None,
+                    response_body: None,
+                    request_headers: None,
+                    response_headers: None,
+                    pid: worker,
+                    tid: 0,
+                    attr: Default::default(),
+                };
+                a.functions.insert(span_id, (span.clone(), call.clone()));
+                let hook =
+                    hook_events::function_call(&span, &a.place.span_id, HookStage::Started, &call);
+                (span, hook)
+            }
+            HookStage::Completed => {
+                let span_id = req.span_id.unwrap_or_default();
+                let Some((mut span, started)) = a.functions.remove(&span_id) else {
+                    return Err(format!(
+                        "hook_event: no function call {span_id} of this activity was started"
+                    ));
+                };
+                span.end_time = epoch_ns(now).max(span.start_time);
+                span.duration_ns = Some(span.end_time - span.start_time);
+                if let Some(e) = &call.error {
+                    span.status = crate::span::Status {
+                        code: crate::protocol::StatusCode::Error,
+                        description: Some(e.clone()),
+                    };
+                }
+                let call = hook_events::FunctionCall {
+                    args: started.args,
+                    ..call
+                };
+                let hook = hook_events::function_call(
+                    &span,
+                    &a.place.span_id,
+                    HookStage::Completed,
+                    &call,
+                );
+                a.spans.push(span.clone());
+                (span, hook)
+            }
+        };
+        let (info, input) = (a.start.activity.clone(), a.start.input.clone());
+        let hooks = a.hooks.clone();
+        let (done, turn) = tokio::sync::watch::channel(false);
+        let prev = a.tail.replace(turn);
+        let started = req.stage == HookStage::Started;
+        let (tx, id) = (tx.clone(), id.clone());
+        let span_id = span.span_id.clone();
+        if !started {
+            // Nothing waits for a completed stage (SDK 2.0 does not act on it before the
+            // activity's end either).
+            reply(
+                &tx,
+                &id,
+                Ok(Answer::HookEvent {
+                    span_id: Some(span_id.clone()),
+                    decision: Decision::allow_without_verdict(),
+                }),
+            );
+        }
+        self.calls.spawn(async move {
+            after(prev).await;
+            let stop = match hooks.stopped() {
+                // SDK 2.0: once a hook stopped the activity, later hooks fail fast.
+                Some(stop) => {
+                    hooks
+                        .skipped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Some(stop)
+                }
+                None => {
+                    let event =
+                        events::hook_event(&info, input, stage.clone(), None, SystemTime::now());
+                    let at = stage.stage;
+                    gov.hook_event_as(event, style)
+                        .await
+                        .map(|(verdict, reason)| {
+                            let stop = registry::HookStop {
+                                stage: at,
+                                verdict,
+                                reason,
+                            };
+                            hooks.stop(stop.clone());
+                            stop
+                        })
+                }
+            };
+            if started {
+                let decision = match stop {
+                    Some(stop) => {
+                        hook_stop_decision(&stop).unwrap_or_else(Decision::allow_without_verdict)
+                    }
+                    None => Decision::allow_without_verdict(),
+                };
+                reply(
+                    &tx,
+                    &id,
+                    Ok(Answer::HookEvent {
+                        span_id: Some(span_id),
+                        decision,
+                    }),
+                );
+            }
+            let _ = done.send(true);
+        });
+        Ok(())
     }
 
     fn write_unattributed(&mut self, why: Unattributed, span: &Span) {
@@ -441,6 +711,12 @@ impl Daemon {
                     }
                     (Ok(Request::WorkflowEvent(ev)), Some(w)) => {
                         match self.workflow_event(w, ev, &tx, &id) {
+                            Ok(()) => return,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (Ok(Request::HookEvent(ev)), Some(w)) => {
+                        match self.function_call(w, ev, &tx, &id) {
                             Ok(()) => return,
                             Err(e) => Err(e),
                         }
@@ -583,19 +859,26 @@ impl Daemon {
     /// its hello is answered when that governor is ready. Returns false when the hello
     /// is answered later.
     fn worker_governor(&mut self, worker: Pid, tx: &ReplyTx, id: &Value, ok: &Answer) -> bool {
-        let Some(config) = self
+        let Some((config, style)) = self
             .registry
             .workers
             .get(&worker)
             .filter(|w| w.helper_of.is_none())
-            .map(|w| w.config.clone())
+            .map(|w| (w.config.clone(), w.style))
         else {
             // Gone, or a helper: helpers are governed as the worker they work for.
             return true;
         };
         let cfg = match self.base_config.with_worker_settings(&config) {
             Ok(None) => return true,
-            Ok(Some(cfg)) => cfg,
+            // Its governor's own calls (the start-up validate) follow the worker's
+            // conventions too: an SDK 2.0 worker's validate carries 2.0's headers.
+            Ok(Some(mut cfg)) => {
+                if let Some(c) = style.conventions {
+                    cfg.sdk_conventions = c;
+                }
+                cfg
+            }
             Err(e) => {
                 let policy = self.base_config.worker_fail_policy(&config);
                 self.refuse_settings(worker, format!("invalid: {e}"), e.to_string(), policy);
@@ -847,6 +1130,11 @@ impl Daemon {
             .unwrap_or_default();
         let (gov, tx, id) = (self.governor_of(worker), tx.clone(), id.clone());
         let style = self.style_of(worker);
+        // The activity's hook events go after its ActivityStarted.
+        let (done, turn) = tokio::sync::watch::channel(false);
+        if let Some(a) = self.registry.activities.get_mut(&(worker, token)) {
+            a.tail = Some(turn);
+        }
         self.calls.spawn(async move {
             after(prev).await;
             let decision = match gov {
@@ -856,6 +1144,7 @@ impl Daemon {
                 }
                 Err(refused) => refused,
             };
+            let _ = done.send(true);
             let _ = verdict.set(tree::decision_attributes("started", &decision));
             reply(&tx, &id, Ok(Answer::ActivityStart { token, decision }));
         });
@@ -903,6 +1192,8 @@ impl Daemon {
             (e, self.worker_resource(worker))
         });
         let (place, start_verdict) = (a.place, a.start_verdict);
+        // ActivityCompleted goes after the activity's hook events, whose verdicts it reads.
+        let (tail, hooks) = (a.tail, a.hooks);
         let error = req.error.clone();
         let start = a.start;
         let completion = events::ActivityCompletion {
@@ -924,12 +1215,18 @@ impl Daemon {
         let style = self.style_of(worker);
         self.calls.spawn(async move {
             after(prev).await;
-            let decision = match gov {
-                Ok(gov) => {
+            after(tail).await;
+            let decision = match (hooks.stopped(), gov) {
+                // SDK 2.0 sends no ActivityCompleted once a hook verdict stopped an
+                // operation of the activity.
+                (Some(stop), _) => {
+                    hook_stop_decision(&stop).unwrap_or_else(Decision::allow_without_verdict)
+                }
+                (None, Ok(gov)) => {
                     gov.activity_completed_as(event, style.over(gov.default_style()))
                         .await
                 }
-                Err(refused) => refused,
+                (None, Err(refused)) => refused,
             };
             if let Some((e, resource)) = export {
                 let mut governance = start_verdict.get().cloned().unwrap_or_default();
@@ -991,7 +1288,11 @@ impl Daemon {
         let event: Event = match req.event {
             // Answered above, before the governor is looked up.
             WorkflowEventKind::WorkflowContinuedAsNew {} => return Ok(()),
-            WorkflowEventKind::WorkflowStarted { .. } => events::workflow_started(&wf, now).into(),
+            WorkflowEventKind::WorkflowStarted { activity_input, .. } => {
+                let mut started = events::workflow_started(&wf, now);
+                started.activity_input = activity_input;
+                started.into()
+            }
             WorkflowEventKind::WorkflowCompleted { workflow_output } => {
                 events::workflow_completed(&wf, workflow_output, now).into()
             }
@@ -1068,7 +1369,9 @@ impl Daemon {
         }
         let key = (wf.workflow_id.clone(), wf.run_id.clone());
         let how = match event {
-            WorkflowEventKind::WorkflowStarted { continued_run_id } => {
+            WorkflowEventKind::WorkflowStarted {
+                continued_run_id, ..
+            } => {
                 self.runs.insert(
                     key,
                     RunStart {
@@ -1102,6 +1405,31 @@ async fn after(prev: Option<tokio::sync::watch::Receiver<bool>>) {
     if let Some(mut prev) = prev {
         let _ = prev.wait_for(|answered| *answered).await;
     }
+}
+
+/// What a BLOCK or HALT on a hook event does to its activity (§4.2, SDK 2.0 hooks):
+/// at `started` the operation should not have run, so the activity fails
+/// (`GovernanceBlock` / `GovernanceHalt`); a HALT at `completed` fails it too (the hook
+/// terminates the workflow under 2.0 conventions); a plain BLOCK at `completed` only
+/// suppresses ActivityCompleted and the activity's result is returned (`None`).
+fn hook_stop_decision(stop: &registry::HookStop) -> Option<Decision> {
+    let (error_type, word) = match (stop.verdict, stop.stage) {
+        (Verdict::Halt, _) => (ErrorType::GovernanceHalt, "halt"),
+        (_, HookStage::Started) => (ErrorType::GovernanceBlock, "block"),
+        (_, HookStage::Completed) => return None,
+    };
+    Some(Decision::Fail {
+        error_type,
+        message: format!("Governance {word}: {}", stop.reason),
+        non_retryable: true,
+        reason: Some(stop.reason.clone()),
+        patch: None,
+    })
+}
+
+fn epoch_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn system_time(secs: f64) -> SystemTime {

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::{
     conn::Pid,
-    governance::{events, verdict::Decision},
+    governance::{events, hook_events::HookStage, verdict::Decision},
 };
 
 /// One request, by its `op`.
@@ -23,15 +23,17 @@ pub enum Request {
     ActivityStart(ActivityStart),
     ActivityEnd(ActivityEnd),
     WorkflowEvent(WorkflowEvent),
+    HookEvent(HookEvent),
 }
 
 /// The ops [`Request`] knows, for telling an unknown op from a malformed known one.
-pub const OPS: [&str; 5] = [
+pub const OPS: [&str; 6] = [
     "hello",
     "thread",
     "activity_start",
     "activity_end",
     "workflow_event",
+    "hook_event",
 ];
 
 /// Registers the connection's process as a worker.
@@ -111,6 +113,34 @@ fn completed() -> events::ActivityStatus {
     events::ActivityStatus::Completed
 }
 
+/// One stage of a `@traced` function call of a running activity (SDK 2.0's
+/// `function_call` hook type). The agent sends it to Core as a hook event when the
+/// worker's operations go out as hook events; `started` is answered with the verdict,
+/// `completed` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookEvent {
+    pub token: u64,
+    pub stage: HookStage,
+    /// Only `function_call`: the agent captures the other operations itself.
+    pub hook_type: String,
+    /// The span name's subject (`name=` of the decorator, else the function's qualified name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `completed`: the span id the `started` answer gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
+    #[serde(default)]
+    pub function: Value,
+    #[serde(default)]
+    pub module: Value,
+    #[serde(default)]
+    pub args: Value,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// A workflow event from the hook's workflow interceptor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkflowEvent {
@@ -127,6 +157,10 @@ pub enum WorkflowEventKind {
         /// The run this one continues (continue-as-new, retry, cron): its trace is linked.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         continued_run_id: Option<String>,
+        /// The workflow's arguments (serialised, as an array); sent to Core under SDK 2.0
+        /// conventions only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        activity_input: Option<Vec<Value>>,
     },
     WorkflowCompleted {
         #[serde(default)]
@@ -206,6 +240,19 @@ impl Request {
             Request::ActivityStart(a) if a.activity.attempt < 1 => {
                 Err("activity_start needs `attempt` (an integer ≥ 1)".into())
             }
+            Request::HookEvent(h) if h.hook_type != "function_call" => Err(format!(
+                "hook_event: hook_type {:?} is not one a hook reports (only function_call; \
+                 the agent captures HTTP, database and file operations itself)",
+                h.hook_type
+            )),
+            Request::HookEvent(HookEvent {
+                stage: HookStage::Completed,
+                span_id: None,
+                ..
+            }) => Err(
+                "hook_event: a completed stage needs the `span_id` its started stage was given"
+                    .into(),
+            ),
             Request::WorkflowEvent(WorkflowEvent {
                 workflow,
                 event: WorkflowEventKind::Handoff { from_agent_did },
@@ -245,6 +292,12 @@ pub enum Answer {
     ActivityEnd {
         span_count: usize,
         spans_dropped: u64,
+        decision: Decision,
+    },
+    /// `hook_event`: the call's span (`None` when the worker's operations do not go out
+    /// as hook events: the decorator lets the call through) and, at `started`, what to do.
+    HookEvent {
+        span_id: Option<String>,
         decision: Decision,
     },
     /// `workflow_event`: nothing but `ok`, sent once the event is safe (delivered to Core
@@ -467,6 +520,34 @@ mod tests {
         );
     }
 
+    /// `@traced` stages as the hook sends them: valid, parsed; other hook types and a
+    /// completed stage without its span id are refused with the reason.
+    #[test]
+    fn hook_event_requests_follow_the_schema_and_only_function_calls_are_taken() {
+        let requests = schema("request");
+        for line in [
+            r#"{"id":3,"op":"hook_event","token":7,"stage":"started","hook_type":"function_call","name":"score","function":"score","module":"app","args":{"args":[1],"kwargs":{"w":2}}}"#,
+            r#"{"id":4,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","span_id":"00f067aa0ba902b7","function":"score","module":null,"result":{"ok":true}}"#,
+            r#"{"id":5,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","span_id":"00f067aa0ba902b7","function":"score","error":"boom"}"#,
+        ] {
+            let sent: Value = serde_json::from_str(line).unwrap();
+            assert_valid(&requests, "hook_event", &sent);
+            let (_, req) = parse(line.as_bytes());
+            let Ok(Request::HookEvent(h)) = req else {
+                panic!("{line}: {req:?}")
+            };
+            assert_eq!(h.token, 7);
+        }
+        let (_, req) = parse(
+            br#"{"id":6,"op":"hook_event","token":7,"stage":"started","hook_type":"http_request"}"#,
+        );
+        let e = req.unwrap_err().error;
+        assert!(e.contains("only function_call"), "{e}");
+        let (_, req) = parse(br#"{"id":7,"op":"hook_event","token":7,"stage":"completed","hook_type":"function_call","function":"f"}"#);
+        let e = req.unwrap_err().error;
+        assert!(e.contains("span_id"), "{e}");
+    }
+
     #[test]
     fn every_reply_the_agent_writes_follows_the_schema() {
         use crate::governance::verdict::{ArgRedaction, ErrorType, Redaction, Verdict};
@@ -521,8 +602,22 @@ mod tests {
                         decision: d.clone(),
                     },
                 ),
+                (
+                    "hook_event",
+                    Answer::HookEvent {
+                        span_id: Some("00f067aa0ba902b7".into()),
+                        decision: d.clone(),
+                    },
+                ),
             ]
-        }));
+        }))
+        .chain([(
+            "hook_event",
+            Answer::HookEvent {
+                span_id: None,
+                decision: Decision::allow_without_verdict(),
+            },
+        )]);
         for (op, answer) in replies {
             let reply = serde_json::to_value(Reply::new(json!(9), Ok(answer))).unwrap();
             assert_valid(&schema(&format!("{op}_reply")), op, &reply);

@@ -21,6 +21,10 @@ use crate::{
     bounded::BoundedMap,
     conn::{Attribution, Pid},
     export::tree::{self, ActivityPlace},
+    governance::{
+        hook_events::{FunctionCall, HookStage},
+        Verdict,
+    },
     span::Span,
     workload::Workload,
 };
@@ -61,6 +65,50 @@ pub struct Activity {
     pub spans: Vec<Span>,
     /// Spans beyond the per-activity limit: counted, not kept.
     pub dropped: u64,
+    /// Verdicts of its hook events (SDK 2.0, §3.2), read at its end.
+    pub hooks: Arc<HookState>,
+    /// Answered when its latest governance event is (ActivityStarted, then each hook
+    /// event): the next one waits for it, so Core gets them in the activity's order.
+    pub tail: Option<tokio::sync::watch::Receiver<bool>>,
+    /// `@traced` calls under way: their span and what `started` reported, by span id.
+    pub functions: HashMap<String, (Span, FunctionCall)>,
+}
+
+/// An activity: its worker and its token.
+pub type ActivityKey = (Pid, u64);
+
+/// A span no activity claims, and why.
+pub type Refused = Box<(Unattributed, Span)>;
+
+/// What the hook events of one activity decided.
+#[derive(Debug, Default)]
+pub struct HookState {
+    stop: std::sync::Mutex<Option<HookStop>>,
+    /// Hook events not sent because an earlier one stopped the activity (SDK 2.0's later
+    /// hooks fail fast).
+    pub skipped: std::sync::atomic::AtomicU64,
+}
+
+/// A BLOCK or HALT on one of an activity's hook events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookStop {
+    pub stage: HookStage,
+    pub verdict: Verdict,
+    pub reason: String,
+}
+
+impl HookState {
+    /// The first BLOCK/HALT is kept, unless a HALT follows a BLOCK.
+    pub fn stop(&self, stop: HookStop) {
+        let mut held = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        if held.as_ref().is_none_or(|h| stop.verdict > h.verdict) {
+            *held = Some(stop);
+        }
+    }
+
+    pub fn stopped(&self) -> Option<HookStop> {
+        self.stop.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Why a span could not be attributed.
@@ -148,7 +196,7 @@ impl Registry {
         if start.traceparent.is_some() && remote.is_none() {
             self.stats.bad_traceparents += 1;
         }
-        let span_id = format!("{:016x}", random_u64().max(1));
+        let span_id = new_span_id();
         let place = ActivityPlace::new(&start.activity, span_id, remote);
         self.activities.insert(
             (owner, token),
@@ -161,6 +209,9 @@ impl Registry {
                 start_verdict: Arc::default(),
                 spans: Vec::new(),
                 dropped: 0,
+                hooks: Arc::default(),
+                tail: None,
+                functions: HashMap::new(),
             },
         );
         token
@@ -177,8 +228,9 @@ impl Registry {
         self.ended.insert(key, ());
     }
 
-    /// Puts a span on its activity, or says why it cannot be.
-    pub fn route(&mut self, mut span: Span) -> Result<(), Box<(Unattributed, Span)>> {
+    /// Puts a span on its activity and returns the activity's key (`None`: over the
+    /// per-activity limit, counted, not kept), or says why it cannot be.
+    pub fn route(&mut self, mut span: Span) -> Result<Option<ActivityKey>, Refused> {
         let Attribution { owner, activity } = span.attr;
         if activity == 0 {
             return Err(self.unattributed(Unattributed::NoActivity, span));
@@ -197,13 +249,13 @@ impl Registry {
                     }
                     a.dropped += 1;
                     self.stats.spans_dropped += 1;
-                    return Ok(());
+                    return Ok(None);
                 }
                 span.activity_id = Some(a.start.activity.activity_id.clone());
                 span.trace_id = a.place.trace_id.clone();
                 a.spans.push(span);
                 self.stats.spans_attributed += 1;
-                Ok(())
+                Ok(Some(key))
             }
             None if self.ended.contains_key(&key) => {
                 Err(self.unattributed(Unattributed::AfterActivityEnd, span))
@@ -233,6 +285,11 @@ impl Registry {
         }
         Some(w)
     }
+}
+
+/// A fresh random span id (16 hex characters, never zero).
+pub fn new_span_id() -> String {
+    format!("{:016x}", random_u64().max(1))
 }
 
 pub fn now_secs() -> f64 {

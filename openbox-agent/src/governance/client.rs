@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::{
     config::FailPolicy,
     conventions::{Conventions, SDK_V2_IDENTIFIER},
-    signing::DidSigner,
+    identity::{self, BootstrapError, Identity, OktaIds, RsaKey, WorkloadState, WorkloadStep},
     verdict::{EvaluateResponse, Verdict},
 };
 
@@ -39,6 +39,10 @@ pub enum CoreOutcome<T> {
     Timeout,
     /// Connection refused, DNS, TLS or I/O failure.
     Network(String),
+    /// Okta or workload identity (§1.3): Core refused the identity (401/403), or it could
+    /// not be set up (bootstrap, token exchange). A hard error in every policy: never a
+    /// fallback ALLOW, never "still pending".
+    AuthRefused(String),
 }
 
 impl<T> CoreOutcome<T> {
@@ -49,6 +53,7 @@ impl<T> CoreOutcome<T> {
             CoreOutcome::HttpError { status, body } => CoreOutcome::HttpError { status, body },
             CoreOutcome::Timeout => CoreOutcome::Timeout,
             CoreOutcome::Network(e) => CoreOutcome::Network(e),
+            CoreOutcome::AuthRefused(e) => CoreOutcome::AuthRefused(e),
         }
     }
 
@@ -74,7 +79,7 @@ impl<T> CoreOutcome<T> {
         match self {
             CoreOutcome::HttpError { status, .. } => Some(format!("HTTP {status}")),
             CoreOutcome::Timeout => Some("timed out".to_owned()),
-            CoreOutcome::Network(e) => Some(e.clone()),
+            CoreOutcome::Network(e) | CoreOutcome::AuthRefused(e) => Some(e.clone()),
             _ => None,
         }
     }
@@ -91,6 +96,9 @@ pub fn apply_fail_policy(
     match outcome {
         CoreOutcome::Ok(r) => Some(r.clone()),
         CoreOutcome::NonJson { .. } => None,
+        // Callers turn this into an authentication error first; should one not, it stops
+        // the activity rather than letting it through.
+        CoreOutcome::AuthRefused(e) => Some(EvaluateResponse::synthetic(Verdict::Halt, e.clone())),
         failure => match policy {
             FailPolicy::FailOpen => None,
             FailPolicy::FailClosed => Some(EvaluateResponse::synthetic(
@@ -187,6 +195,12 @@ pub enum ValidateError {
         did: String,
     },
     #[error(
+        "OpenBox Core at {url} refused this agent's identity: {reason} — check the Okta or workload identity \
+         settings (okta_agent_private_key_file and the Okta ids, or workload_private_key_file) against the \
+         agent's registration in OpenBox, and that this host's clock is right"
+    )]
+    IdentityRefused { url: String, reason: String },
+    #[error(
         "cannot reach OpenBox Core at {url}: {reason} — check openbox_url and that Core is reachable from this \
          host, or unset the URL to run on the embedded local policy"
     )]
@@ -214,7 +228,10 @@ pub struct CoreClient {
     api_key: String,
     timeout: Duration,
     /// Signs every request when the operator configured an identity (§1.3).
-    signer: Option<Arc<DidSigner>>,
+    identity: Option<Arc<Identity>>,
+    /// What the identity learnt from Core (Okta bootstrap, workload token); shared by
+    /// clones, as the connection pool is.
+    auth: Arc<AuthState>,
     /// The conventions of calls that belong to no worker (the start-up validate) and of
     /// [`CoreClient::evaluate`]/[`CoreClient::approval`].
     conventions: Conventions,
@@ -264,32 +281,182 @@ impl CoreClient {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: api_key.to_owned(),
             timeout,
-            signer: None,
+            identity: None,
+            auth: Arc::default(),
             conventions: Conventions::V1,
         })
     }
 
-    /// Signs every request with `signer`; `conventions` for calls of no worker.
+    /// Signs every request as `identity`; `conventions` for calls of no worker.
     pub fn with_identity(
         mut self,
-        signer: Option<Arc<DidSigner>>,
+        identity: Option<Arc<Identity>>,
         conventions: Conventions,
     ) -> CoreClient {
-        self.signer = signer;
+        self.auth = Arc::default();
+        if let Some(Identity::Okta { ids: Some(ids), .. }) = identity.as_deref() {
+            let _ = self.auth.okta.set(ids.clone());
+        }
+        self.identity = identity;
         self.conventions = conventions;
         self
     }
 
-    /// A request with the headers of `conventions` (§1.2) and, with an identity, the
-    /// signature over exactly `body` (§1.3).
-    fn request(
+    /// The route version and identity headers of one request (§1.1: chosen by the
+    /// identity, never retried on another version). `v1_path` is the API v1 path.
+    async fn route(
+        &self,
+        method: &str,
+        v1_path: &str,
+        body: &[u8],
+    ) -> Result<(String, Vec<(&'static str, String)>), BootstrapError> {
+        match self.identity.as_deref() {
+            None => Ok((v1_path.to_owned(), Vec::new())),
+            Some(Identity::Did(signer)) => {
+                Ok((v1_path.to_owned(), signer.headers(method, v1_path, body)))
+            }
+            Some(Identity::Okta { key, .. }) => {
+                let ids = self
+                    .auth
+                    .okta
+                    .get_or_try_init(|| self.okta_bootstrap(key))
+                    .await?;
+                let path = v1_path.replacen("/api/v1/", "/api/v2/", 1);
+                let assertion =
+                    identity::okta_assertion(key, ids, &self.api_key, method, &path, body);
+                Ok((path, vec![(identity::HEADER_ASSERTION, assertion)]))
+            }
+            Some(Identity::Workload { key }) => Ok(match self.workload_token(key).await? {
+                Some(token) => (
+                    v1_path.replacen("/api/v1/", "/api/v3/", 1),
+                    vec![(identity::HEADER_WORKLOAD_TOKEN, token)],
+                ),
+                // Core has no v3 for this agent (yet): the v1 routes, as SDK 2.0 does.
+                None => (v1_path.to_owned(), Vec::new()),
+            }),
+        }
+    }
+
+    /// A GET of one of SDK 2.0's bootstrap routes, with its headers (API key only).
+    async fn bootstrap_get(&self, path: &str) -> Result<(u16, Vec<u8>), BootstrapError> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .bearer_auth(&self.api_key)
+            .timeout(self.timeout)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::USER_AGENT,
+                format!("OpenBox-SDK/{SDK_V2_IDENTIFIER} ({AGENT_PRODUCT})"),
+            )
+            .header("X-OpenBox-SDK-Version", SDK_V2_IDENTIFIER)
+            .send()
+            .await
+            .map_err(|e| {
+                BootstrapError::Unavailable(format!(
+                    "cannot reach OpenBox Core for {path}: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default().to_vec();
+        Ok((status, body))
+    }
+
+    /// Okta bootstrap mode: the identity's ids from Core, once the key is known to be
+    /// the credential Core selected.
+    async fn okta_bootstrap(&self, key: &RsaKey) -> Result<OktaIds, BootstrapError> {
+        let (status, body) = self.bootstrap_get(identity::OKTA_BOOTSTRAP_PATH).await?;
+        match status {
+            200 => {
+                let doc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let ids =
+                    identity::okta_ids_from_bootstrap(&doc, key).map_err(BootstrapError::Refused)?;
+                tracing::info!(agent = %ids.openbox_agent_id, kid = %ids.key_id, "Okta identity bootstrap: the key matches the agent's selected credential");
+                Ok(ids)
+            }
+            404 => Err(BootstrapError::Refused(
+                "this Core does not support Okta identity bootstrap (HTTP 404 from /api/v2/auth/bootstrap): \
+                 upgrade Core, or configure the complete explicit Okta identity (openbox_agent_id, \
+                 organization_id, deployment_id, okta_agent_id, okta_agent_key_id, agent_proof_audience)"
+                    .to_owned(),
+            )),
+            s if s >= 500 => Err(BootstrapError::Unavailable(format!(
+                "the Okta identity bootstrap failed (HTTP {s})"
+            ))),
+            s => Err(BootstrapError::Refused(format!(
+                "the Okta identity bootstrap was refused (HTTP {s}{})",
+                reason_code(&body).map(|r| format!(", {r}")).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Workload mode: a fresh access token, or `None` while Core has no v3 for the agent.
+    async fn workload_token(&self, key: &RsaKey) -> Result<Option<String>, BootstrapError> {
+        let mut state = self.auth.workload.lock().await;
+        loop {
+            let doc = match state.next_step(std::time::Instant::now()) {
+                WorkloadStep::Use(token) => return Ok(Some(token)),
+                WorkloadStep::Legacy => return Ok(None),
+                WorkloadStep::Refresh => match &state.doc {
+                    Some(doc) => doc.clone(),
+                    None => unreachable!("next_step refreshes only with a document"),
+                },
+                WorkloadStep::Bootstrap => {
+                    let (status, body) = self
+                        .bootstrap_get(identity::WORKLOAD_BOOTSTRAP_PATH)
+                        .await?;
+                    match identity::workload_doc(status, &body)? {
+                        Some(doc) => doc,
+                        None => {
+                            tracing::info!(status, "OpenBox Core has no workload identity (v3) for this agent: using the v1 routes, asking again in 60 s");
+                            state.unavailable_until =
+                                Some(std::time::Instant::now() + identity::WORKLOAD_RETRY_AFTER);
+                            return Ok(None);
+                        }
+                    }
+                }
+            };
+            let form = identity::workload_token_form(key, &doc);
+            let resp = self
+                .http
+                .post(&doc.token_endpoint)
+                .timeout(self.timeout)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(form)
+                .send()
+                .await
+                .map_err(|e| {
+                    BootstrapError::Unavailable(format!(
+                        "cannot reach the workload token endpoint {}: {}",
+                        doc.token_endpoint,
+                        error_chain(&e)
+                    ))
+                })?;
+            let status = resp.status().as_u16();
+            let body = resp.bytes().await.unwrap_or_default();
+            let token = identity::workload_token(status, &body, std::time::Instant::now())?;
+            state.doc = Some(doc);
+            state.token = Some(token);
+            state.unavailable_until = None;
+        }
+    }
+
+    /// A request with the headers of `conventions` (§1.2) and, with an identity, on its
+    /// route with its headers (§1.3), signed over exactly `body`.
+    async fn request(
         &self,
         method: reqwest::Method,
-        path: &str,
+        v1_path: &str,
         body: Vec<u8>,
         conventions: Conventions,
-    ) -> reqwest::RequestBuilder {
+    ) -> Result<reqwest::RequestBuilder, BootstrapError> {
         let is_get = method == reqwest::Method::GET;
+        let (path, identity_headers) = self.route(method.as_str(), v1_path, &body).await?;
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base_url))
@@ -313,16 +480,25 @@ impl CoreClient {
                     .header("X-OpenBox-SDK-Version", SDK_V2_IDENTIFIER);
             }
         }
-        if let Some(signer) = &self.signer {
-            for (name, value) in signer.headers(method.as_str(), path, &body) {
-                req = req.header(name, value);
-            }
+        for (name, value) in identity_headers {
+            req = req.header(name, value);
         }
-        if is_get {
-            req
-        } else {
-            req.body(body)
-        }
+        Ok(if is_get { req } else { req.body(body) })
+    }
+
+    /// Core's 401/403 to a request of an Okta or workload identity, as the hard error it
+    /// is; `None` in the other modes (there it is an HTTP error like any other).
+    fn hard_refusal(&self, status: u16, body: &[u8]) -> Option<String> {
+        let identity = self.identity.as_deref().filter(|i| i.refusal_is_hard())?;
+        matches!(status, 401 | 403).then(|| {
+            format!(
+                "OpenBox Core refused the {} (HTTP {status}{})",
+                identity.describe(),
+                reason_code(body)
+                    .map(|r| format!(", {r}"))
+                    .unwrap_or_default()
+            )
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -332,31 +508,47 @@ impl CoreClient {
     /// `GET /api/v1/auth/validate`: 200 → ok; 401/403 → the key was refused; anything else
     /// → Core unreachable, an outage for network errors, timeouts and 5xx.
     pub async fn validate(&self) -> Result<(), ValidateError> {
-        let sent = self
+        let unreachable = |reason: String, outage: bool| ValidateError::Unreachable {
+            url: self.base_url.clone(),
+            reason,
+            outage,
+        };
+        let req = match self
             .request(
                 reqwest::Method::GET,
                 VALIDATE_PATH,
                 Vec::new(),
                 self.conventions,
             )
-            .send()
-            .await;
-        let unreachable = |reason: String, outage: bool| ValidateError::Unreachable {
-            url: self.base_url.clone(),
-            reason,
-            outage,
+            .await
+        {
+            Ok(r) => r,
+            Err(BootstrapError::Unavailable(reason)) => return Err(unreachable(reason, true)),
+            Err(BootstrapError::Refused(reason)) => {
+                return Err(ValidateError::IdentityRefused {
+                    url: self.base_url.clone(),
+                    reason,
+                })
+            }
         };
-        match sent {
+        match req.send().await {
             Ok(resp) => match resp.status().as_u16() {
                 200 => Ok(()),
                 status @ (401 | 403) => {
                     let body = resp.bytes().await.unwrap_or_default();
-                    match (reason_code(&body), &self.signer) {
-                        (Some(reason), Some(signer)) => Err(ValidateError::SignatureRefused {
+                    if let Some(reason) = self.hard_refusal(status, &body) {
+                        return Err(ValidateError::IdentityRefused {
+                            url: self.base_url.clone(),
+                            reason,
+                        });
+                    }
+                    let did = self.identity.as_deref().and_then(Identity::did);
+                    match (reason_code(&body), did) {
+                        (Some(reason), Some(did)) => Err(ValidateError::SignatureRefused {
                             url: self.base_url.clone(),
                             status,
                             reason,
-                            did: signer.did().to_owned(),
+                            did: did.to_owned(),
                         }),
                         _ => Err(ValidateError::KeyRefused {
                             url: self.base_url.clone(),
@@ -447,10 +639,14 @@ impl CoreClient {
         body: Vec<u8>,
         conventions: Conventions,
     ) -> CoreOutcome<Value> {
-        let sent = self
+        let sent = match self
             .request(reqwest::Method::POST, path, body, conventions)
-            .send()
-            .await;
+            .await
+        {
+            Ok(req) => req.send().await,
+            Err(BootstrapError::Unavailable(e)) => return CoreOutcome::Network(e),
+            Err(BootstrapError::Refused(e)) => return CoreOutcome::AuthRefused(e),
+        };
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return CoreOutcome::Timeout,
@@ -462,6 +658,9 @@ impl CoreClient {
             Err(e) if e.is_timeout() => return CoreOutcome::Timeout,
             Err(e) => return CoreOutcome::Network(error_chain(&e)),
         };
+        if let Some(refused) = self.hard_refusal(status, &bytes) {
+            return CoreOutcome::AuthRefused(refused);
+        }
         if status >= 400 {
             let shown = &bytes[..bytes.len().min(512)];
             return CoreOutcome::HttpError {
@@ -483,6 +682,14 @@ pub fn reason_code(body: &[u8]) -> Option<String> {
     ["reason_code", "code", "reason"]
         .iter()
         .find_map(|k| v.get(k).and_then(Value::as_str).map(str::to_owned))
+}
+
+/// What an identity learnt from Core at run time.
+#[derive(Debug, Default)]
+struct AuthState {
+    /// Okta: the explicit ids, or the bootstrap's once it succeeded.
+    okta: tokio::sync::OnceCell<OktaIds>,
+    workload: tokio::sync::Mutex<WorkloadState>,
 }
 
 /// An error with its causes, e.g. `error sending request: … : Connection refused (os error 111)`.

@@ -16,7 +16,11 @@ use std::{
     time::Duration,
 };
 
-use super::{conventions::Conventions, signing::DidSigner};
+use super::{
+    conventions::Conventions,
+    identity::{Identity, OktaIds, RsaKey},
+    signing::DidSigner,
+};
 
 /// Default spool directory (a DaemonSet mounts a hostPath here to keep it across pods).
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/openbox-agent/spool";
@@ -89,10 +93,16 @@ pub struct RawSettings {
     pub sdk_conventions: Option<String>,
     /// Characters of each captured body kept under 2.0 conventions.
     pub max_body_size: Option<String>,
+    /// Send SDK 2.0 hook events for every captured operation (whatever the conventions).
+    pub hook_events: Option<bool>,
     /// The OpenBox agent DID requests are signed as (§1.3).
     pub agent_did: Option<String>,
     /// A file holding the base64 Ed25519 seed of `agent_did`.
     pub agent_private_key_file: Option<PathBuf>,
+    /// A file holding the Okta AI agent's PKCS8 PEM RSA key (API v2 identity).
+    pub okta_agent_private_key_file: Option<PathBuf>,
+    /// A file holding the workload service account's PKCS8 PEM RSA key (API v3 identity).
+    pub workload_private_key_file: Option<PathBuf>,
 }
 
 /// Where a value came from, for error messages.
@@ -165,8 +175,12 @@ pub struct GovernanceConfig {
     /// Characters of each captured body kept under 2.0 conventions; `None`: SDK 2.0's
     /// default (65 536).
     pub max_body_size: Option<usize>,
-    /// Signs every Core request (§1.3, OpenBox DID); operator settings only.
-    pub signer: Option<Arc<DidSigner>>,
+    /// Every captured operation of a governed activity is sent as SDK 2.0 hook events
+    /// (§3.2), for every worker; workers under 2.0 conventions get them anyway.
+    pub hook_events: bool,
+    /// Signs every Core request (§1.3: OpenBox DID, Okta AI agent or workload);
+    /// operator settings only.
+    pub identity: Option<Arc<Identity>>,
 }
 
 impl Default for GovernanceConfig {
@@ -196,7 +210,8 @@ impl Default for GovernanceConfig {
             allow_worker_core_urls: Vec::new(),
             sdk_conventions: Conventions::V1,
             max_body_size: None,
-            signer: None,
+            hook_events: false,
+            identity: None,
         }
     }
 }
@@ -223,20 +238,29 @@ const FILE_KEYS: &[&str] = &[
     "spool_max_events",
     "sdk_conventions",
     "max_body_size",
+    "hook_events",
     "agent_did",
     "agent_private_key_file",
     "okta_agent_private_key_file",
     "workload_private_key_file",
+    "openbox_agent_id",
+    "organization_id",
+    "deployment_id",
+    "okta_agent_id",
+    "okta_agent_key_id",
+    "agent_proof_audience",
+    "okta_agent_algorithm",
 ];
 
-/// SDK 2.0's signing modes this agent does not implement: named so that setting one
-/// stops the start instead of sending unsigned requests.
-const UNSUPPORTED_IDENTITY: &[(&str, &str)] = &[
-    (
-        "okta_agent_private_key_file",
-        "OPENBOX_OKTA_AGENT_PRIVATE_KEY",
-    ),
-    ("workload_private_key_file", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
+/// The explicit Okta identity set besides the key (SDK 2.0's parameter names): all of
+/// them, or none (bootstrap mode: Core names them).
+const OKTA_IDS: &[&str] = &[
+    "openbox_agent_id",
+    "organization_id",
+    "deployment_id",
+    "okta_agent_id",
+    "okta_agent_key_id",
+    "agent_proof_audience",
 ];
 
 /// The SDK parameters a worker may pass (`create_openbox_worker`).
@@ -375,6 +399,7 @@ impl Layer {
                 raw.send_activity_start_event,
             ),
             ("hitl_enabled", "--hitl-enabled", raw.hitl_enabled),
+            ("hook_events", "--hook-events", raw.hook_events),
         ] {
             if let Some(b) = v {
                 l.values.push((name, Origin::Flag(flag), Val::Bool(b)));
@@ -412,6 +437,16 @@ impl Layer {
                 "--agent-private-key-file",
                 &raw.agent_private_key_file,
             ),
+            (
+                "okta_agent_private_key_file",
+                "--okta-agent-private-key-file",
+                &raw.okta_agent_private_key_file,
+            ),
+            (
+                "workload_private_key_file",
+                "--workload-private-key-file",
+                &raw.workload_private_key_file,
+            ),
         ] {
             if let Some(p) = v {
                 l.values
@@ -432,11 +467,23 @@ impl Layer {
             ("max_body_size", "OPENBOX_MAX_BODY_SIZE"),
             ("agent_did", "OPENBOX_AGENT_DID"),
             ("agent_private_key", "OPENBOX_AGENT_PRIVATE_KEY"),
+            ("okta_agent_private_key", "OPENBOX_OKTA_AGENT_PRIVATE_KEY"),
             (
                 "okta_agent_private_key_file",
-                "OPENBOX_OKTA_AGENT_PRIVATE_KEY",
+                "OPENBOX_OKTA_AGENT_PRIVATE_KEY_FILE",
             ),
-            ("workload_private_key_file", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
+            ("workload_private_key", "OPENBOX_WORKLOAD_PRIVATE_KEY"),
+            (
+                "workload_private_key_file",
+                "OPENBOX_WORKLOAD_PRIVATE_KEY_FILE",
+            ),
+            ("openbox_agent_id", "OPENBOX_AGENT_ID"),
+            ("organization_id", "OPENBOX_ORGANIZATION_ID"),
+            ("deployment_id", "OPENBOX_DEPLOYMENT_ID"),
+            ("okta_agent_id", "OPENBOX_OKTA_AGENT_ID"),
+            ("okta_agent_key_id", "OPENBOX_OKTA_AGENT_KEY_ID"),
+            ("agent_proof_audience", "OPENBOX_AGENT_PROOF_AUDIENCE"),
+            ("okta_agent_algorithm", "OPENBOX_OKTA_AGENT_ALGORITHM"),
         ] {
             // An empty variable counts as unset (a common shell idiom).
             if let Some(v) = getenv(var).filter(|v| !v.is_empty()) {
@@ -496,7 +543,10 @@ impl Layer {
                 ))
             };
             let val = match canonical {
-                "send_start_event" | "send_activity_start_event" | "hitl_enabled" => {
+                "send_start_event"
+                | "send_activity_start_event"
+                | "hitl_enabled"
+                | "hook_events" => {
                     Val::Bool(value.as_bool().ok_or_else(|| wrong("true or false"))?)
                 }
                 "skip_workflow_types"
@@ -664,6 +714,7 @@ impl GovernanceConfig {
                 &mut c.send_activity_start_event,
             ),
             ("hitl_enabled", &mut c.hitl_enabled),
+            ("hook_events", &mut c.hook_events),
         ] {
             if let Some((_, Val::Bool(b))) = pick(name) {
                 *slot = *b;
@@ -754,43 +805,116 @@ impl GovernanceConfig {
         Ok(())
     }
 
-    /// The signing identity (§1.3) from `agent_did` and its key (`agent_private_key_file`
-    /// or OPENBOX_AGENT_PRIVATE_KEY): both or neither; a bad DID or key stops the start.
+    /// The signing identity (§1.3), at most one mode: OpenBox DID (`agent_did` and its
+    /// key, `agent_private_key_file` or OPENBOX_AGENT_PRIVATE_KEY: both or neither), Okta
+    /// AI agent (`okta_agent_private_key_file` or OPENBOX_OKTA_AGENT_PRIVATE_KEY, alone
+    /// for bootstrap mode or with the whole explicit id set), or workload
+    /// (`workload_private_key_file` or OPENBOX_WORKLOAD_PRIVATE_KEY). A bad DID or key
+    /// stops the start.
     fn load_identity(&mut self, layer: &Layer) -> Result<(), ConfigError> {
-        for (name, var) in UNSUPPORTED_IDENTITY {
-            if let Some((origin, _)) = layer.get(name) {
-                return Err(invalid(
-                    origin,
-                    "…",
-                    format!(
-                        "{name} ({var}) selects an SDK 2.0 signing mode this agent does not support yet; \
-                         use the OpenBox DID mode (agent_did with agent_private_key_file), or leave \
-                         requests unsigned"
-                    ),
-                ));
-            }
-        }
         let did = match layer.get("agent_did") {
             Some((origin, Val::Text(d))) => Some((origin.clone(), d.trim().to_owned())),
             _ => None,
         };
-        let key = match (
-            layer.get("agent_private_key"),
-            layer.get("agent_private_key_file"),
-        ) {
-            (Some((origin, Val::Text(k))), _) => Some((origin.clone(), k.clone())),
-            (_, Some((origin, Val::Path(p)))) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    ConfigError::Invalid(format!(
-                        "{}: cannot read the agent private key file: {e}",
-                        origin.label(&p.display().to_string())
-                    ))
-                })?;
-                Some((origin.clone(), text))
+        let key = key_text(layer, "agent_private_key", "the agent private key")?;
+        let okta_key = key_text(
+            layer,
+            "okta_agent_private_key",
+            "the Okta agent private key",
+        )?;
+        let workload_key = key_text(layer, "workload_private_key", "the workload private key")?;
+        let okta_ids: Vec<(&str, Origin, String)> = OKTA_IDS
+            .iter()
+            .filter_map(|name| match layer.get(name) {
+                Some((origin, Val::Text(v))) if !v.trim().is_empty() => {
+                    Some((*name, origin.clone(), v.trim().to_owned()))
+                }
+                _ => None,
+            })
+            .collect();
+        if let Some((origin, Val::Text(alg))) = layer.get("okta_agent_algorithm") {
+            if alg.trim() != "RS256" {
+                return Err(invalid(
+                    origin,
+                    alg,
+                    "okta_agent_algorithm must be RS256 (the only algorithm of SDK 2.0's Okta identity)",
+                ));
             }
-            _ => None,
-        };
-        self.signer = match (did, key) {
+        }
+        let modes: Vec<&str> = [
+            (did.is_some() || key.is_some())
+                .then_some("OpenBox DID (agent_did, agent_private_key)"),
+            (okta_key.is_some() || !okta_ids.is_empty())
+                .then_some("Okta AI agent (okta_agent_private_key and the Okta ids)"),
+            workload_key
+                .is_some()
+                .then_some("workload (workload_private_key)"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if modes.len() > 1 {
+            return Err(ConfigError::Invalid(format!(
+                "more than one identity is configured ({}): SDK 2.0 allows one; keep the settings of one mode",
+                modes.join("; ")
+            )));
+        }
+        if let Some((origin, pem)) = workload_key {
+            let key = RsaKey::from_pem(&pem, "workload_private_key")
+                .map_err(|rule| invalid(&origin, "(key not shown)", rule))?;
+            self.identity = Some(Arc::new(Identity::Workload { key }));
+            return Ok(());
+        }
+        if okta_key.is_some() || !okta_ids.is_empty() {
+            let Some((origin, pem)) = okta_key else {
+                let (_, origin, v) = &okta_ids[0];
+                return Err(invalid(
+                    origin,
+                    v,
+                    "the Okta identity needs its key: set OPENBOX_OKTA_AGENT_PRIVATE_KEY_FILE (or \
+                     --okta-agent-private-key-file, governance.okta_agent_private_key_file) to a file \
+                     holding the PKCS8 PEM RSA key",
+                ));
+            };
+            if !okta_ids.is_empty() && okta_ids.len() < OKTA_IDS.len() {
+                let missing: Vec<&str> = OKTA_IDS
+                    .iter()
+                    .filter(|n| !okta_ids.iter().any(|(m, _, _)| m == *n))
+                    .copied()
+                    .collect();
+                let (_, origin, v) = &okta_ids[0];
+                return Err(invalid(
+                    origin,
+                    v,
+                    format!(
+                        "partial Okta identity: {} missing; give only the key for bootstrap mode \
+                         (Core names the ids), or the complete explicit set ({})",
+                        missing.join(", "),
+                        OKTA_IDS.join(", ")
+                    ),
+                ));
+            }
+            let key = RsaKey::from_pem(&pem, "okta_agent_private_key")
+                .map_err(|rule| invalid(&origin, "(key not shown)", rule))?;
+            let id = |name: &str| {
+                okta_ids
+                    .iter()
+                    .find(|(n, _, _)| *n == name)
+                    .map(|(_, _, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let ids = (!okta_ids.is_empty()).then(|| OktaIds {
+                openbox_agent_id: id("openbox_agent_id"),
+                organization_id: id("organization_id"),
+                deployment_id: id("deployment_id"),
+                okta_agent_id: id("okta_agent_id"),
+                key_id: id("okta_agent_key_id"),
+                audience: id("agent_proof_audience"),
+            });
+            self.identity = Some(Arc::new(Identity::Okta { key, ids }));
+            return Ok(());
+        }
+        self.identity = match (did, key) {
             (None, None) => None,
             (Some((origin, did)), None) => {
                 return Err(invalid(
@@ -808,9 +932,9 @@ impl GovernanceConfig {
                      governance.agent_did) to the DID it belongs to",
                 ))
             }
-            (Some((origin, did)), Some((_, key))) => Some(Arc::new(
+            (Some((origin, did)), Some((_, key))) => Some(Arc::new(Identity::Did(
                 DidSigner::new(&did, &key).map_err(|rule| invalid(&origin, &did, rule))?,
-            )),
+            ))),
         };
         Ok(())
     }
@@ -959,6 +1083,32 @@ fn parse_size(text: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
+/// A key given as text (`name`, from the environment) or in a file (`name_file`), with
+/// where it came from; `what` names it in errors.
+fn key_text(
+    layer: &Layer,
+    name: &str,
+    what: &str,
+) -> Result<Option<(Origin, String)>, ConfigError> {
+    let file = format!("{name}_file");
+    match (layer.get(name), layer.get(&file)) {
+        (Some((origin, Val::Text(k))), _) => Ok(Some((origin.clone(), k.clone()))),
+        (_, Some((origin, Val::Path(p)))) => read_key(origin, p, what).map(Some),
+        (_, Some((origin, Val::Text(p)))) => read_key(origin, Path::new(p), what).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn read_key(origin: &Origin, path: &Path, what: &str) -> Result<(Origin, String), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "{}: cannot read {what} file: {e}",
+            origin.label(&path.display().to_string())
+        ))
+    })?;
+    Ok((origin.clone(), text))
+}
+
 /// FNV-1a: a stable name for a spool directory derived from text.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -1065,7 +1215,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.signer.as_ref().map(|s| s.did()), Some(DID));
+        assert_eq!(c.identity.as_ref().and_then(|s| s.did()), Some(DID));
 
         let dir = TempDir::new("key");
         let key_file = dir.path().join("agent-key.b64");
@@ -1076,7 +1226,7 @@ mod tests {
             ..RawSettings::default()
         };
         let from_file = load(&flags, &[]).unwrap();
-        assert_eq!(from_file.signer, c.signer, "the same key from a file");
+        assert_eq!(from_file.identity, c.identity, "the same key from a file");
 
         let only_did = load(&RawSettings::default(), &[("OPENBOX_AGENT_DID", DID)])
             .unwrap_err()
@@ -1130,7 +1280,36 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(okta.contains("does not support yet"), "{okta}");
+        assert!(
+            okta.contains("OPENBOX_OKTA_AGENT_PRIVATE_KEY=(key not shown): okta_agent_private_key is not a PKCS8 PEM"),
+            "{okta}"
+        );
+        let partial = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x"),
+                ("OPENBOX_OKTA_AGENT_ID", "wlp1"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            partial.contains("partial Okta identity: openbox_agent_id, organization_id"),
+            "{partial}"
+        );
+        let two = load(
+            &RawSettings::default(),
+            &[
+                ("OPENBOX_AGENT_DID", DID),
+                ("OPENBOX_WORKLOAD_PRIVATE_KEY", "x"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            two.contains("more than one identity is configured"),
+            "{two}"
+        );
         // A worker cannot bring an identity: its settings never set the signer.
         let worker = c
             .with_worker_settings(
@@ -1139,7 +1318,7 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-        assert_eq!(worker.signer, c.signer);
+        assert_eq!(worker.identity, c.identity);
     }
 
     #[test]

@@ -9,15 +9,18 @@
 //! - the body is compact JSON with non-ASCII characters escaped `\uXXXX` (Python's
 //!   `json.dumps` default), the exact bytes that are hashed and signed;
 //! - ActivityCompleted is sent only when the activity returned normally;
+//! - WorkflowStarted carries the workflow's arguments (`activity_input`);
+//! - an approval poll answer is read `action` first, and one naming no decision is still
+//!   pending (1.0: approved; `verdict::interpret_approval`);
 //! - WorkflowFailed: `cause`/`root_cause` messages cut at 500 characters, an
 //!   `error_type` of 200 characters or more left out;
 //! - span bodies cut at `max_body_size` characters (default 65 536).
 //!
-//! One difference is ours by design: under 2.0 the SDK sends ActivityCompleted with
-//! `spans: []`, because its spans travel in per-operation hook events. The agent does not
-//! send hook events (yet), so it keeps the captured spans in ActivityCompleted, where
-//! Core reads them from SDK 1.0 clients; without that a 2.0 worker's operations would
-//! never reach Core.
+//!
+//! Hook events (§3.2) go with 2.0 conventions, or with every worker when the agent runs
+//! with `hook_events`: each captured operation is then sent as its own `started` and
+//! `completed` evaluate requests, and ActivityCompleted carries `span_count: 0, spans: []`
+//! as SDK 2.0's does (see [`RequestStyle::hook_events`]).
 
 use std::io;
 
@@ -43,6 +46,9 @@ pub struct RequestStyle {
     pub conventions: Conventions,
     /// `None`: the agent's setting, else SDK 2.0's default.
     pub max_body_size: Option<usize>,
+    /// The agent's `hook_events` setting: hook events whatever the conventions (see
+    /// [`RequestStyle::sends_hook_events`]).
+    pub hook_events: bool,
 }
 
 impl RequestStyle {
@@ -50,6 +56,32 @@ impl RequestStyle {
         RequestStyle {
             conventions,
             max_body_size: None,
+            hook_events: false,
+        }
+    }
+
+    /// Operations go to Core as hook events, not inside ActivityCompleted: always under
+    /// 2.0 conventions, and for every worker with the agent's `hook_events`.
+    pub fn sends_hook_events(self) -> bool {
+        self.hook_events || self.conventions == Conventions::V2
+    }
+
+    /// The characters kept of each captured body (SDK 2.0's default when unset).
+    pub fn body_limit(self) -> usize {
+        self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
+    }
+
+    /// The event as this worker's requests send it, or `None` when nothing is sent (see
+    /// [`Conventions::shape`]). With hook events, ActivityCompleted carries no spans: they
+    /// went out one by one as hook events.
+    pub fn shape(self, event: Event) -> Option<Event> {
+        match self.conventions.shape(event, self.max_body_size)? {
+            Event::ActivityCompleted(mut e) if self.sends_hook_events() => {
+                e.spans.clear();
+                e.span_count = 0;
+                Some(Event::ActivityCompleted(e))
+            }
+            other => Some(other),
         }
     }
 }
@@ -94,6 +126,7 @@ impl WorkerStyle {
         RequestStyle {
             conventions: self.conventions.unwrap_or(default.conventions),
             max_body_size: self.max_body_size.or(default.max_body_size),
+            hook_events: default.hook_events,
         }
     }
 }
@@ -143,7 +176,14 @@ impl Conventions {
     /// ActivityCompleted of a failed activity).
     pub fn shape(self, event: Event, max_body_size: Option<usize>) -> Option<Event> {
         if self == Conventions::V1 {
-            return Some(event);
+            return Some(match event {
+                // SDK 1.0 sends no workflow arguments.
+                Event::WorkflowStarted(mut e) => {
+                    e.activity_input = None;
+                    Event::WorkflowStarted(e)
+                }
+                other => other,
+            });
         }
         match event {
             Event::ActivityCompleted(e) if e.status == ActivityStatus::Failed => None,
@@ -217,7 +257,7 @@ impl std::fmt::Display for Conventions {
 const SPOOL_V2_PREFIX: &[u8] = b"{\"openbox_spool_sdk_conventions\":\"2.0\",\"body\":";
 
 /// Cuts `text` to at most `limit` characters (Python's `s[:limit]`).
-fn truncate_chars(text: &mut String, limit: usize) {
+pub(crate) fn truncate_chars(text: &mut String, limit: usize) {
     if let Some((at, _)) = text.char_indices().nth(limit) {
         text.truncate(at);
     }
@@ -373,6 +413,30 @@ mod tests {
     }
 
     #[test]
+    fn workflow_started_carries_the_workflow_arguments_under_v2_only() {
+        let wf = WorkflowInfo {
+            workflow_id: "w".into(),
+            run_id: "r".into(),
+            workflow_type: "T".into(),
+            task_queue: "q".into(),
+            multi_agent_session_id: None,
+        };
+        let mut started = events::workflow_started(&wf, UNIX_EPOCH);
+        started.activity_input = Some(vec![json!({"n": 1}), json!("é")]);
+        let ev: Event = started.into();
+        let v2 = Conventions::V2.shape(ev.clone(), None).unwrap();
+        assert_eq!(
+            String::from_utf8(Conventions::V2.encode(&v2)).unwrap(),
+            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z","activity_input":[{"n":1},"\u00e9"]}"#
+        );
+        let v1 = Conventions::V1.shape(ev, None).unwrap();
+        assert_eq!(
+            String::from_utf8(Conventions::V1.encode(&v1)).unwrap(),
+            r#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+
+    #[test]
     fn spool_lines_carry_the_conventions_and_give_back_the_exact_body() {
         let body = br#"{"source":"workflow-telemetry","x":"\u00e9"}"#;
         let line = Conventions::V2.spool_line(body);
@@ -394,6 +458,7 @@ mod tests {
         let agent = RequestStyle {
             conventions: Conventions::V1,
             max_body_size: Some(100),
+            hook_events: false,
         };
         let none = WorkerStyle::from_settings(&json!({"governance_policy": "fail_open"})).unwrap();
         assert_eq!(none.over(agent), agent);
@@ -402,8 +467,31 @@ mod tests {
             two.over(agent),
             RequestStyle {
                 conventions: Conventions::V2,
-                max_body_size: Some(100)
+                max_body_size: Some(100),
+                hook_events: false,
             }
+        );
+        assert!(
+            two.over(agent).sends_hook_events(),
+            "2.0 brings hook events"
+        );
+        assert!(!none.over(agent).sends_hook_events());
+        let one = WorkerStyle::from_settings(&json!({"sdk_conventions": "1.0"})).unwrap();
+        let agent_v2 = RequestStyle {
+            conventions: Conventions::V2,
+            ..agent
+        };
+        assert!(
+            !one.over(agent_v2).sends_hook_events(),
+            "a worker that chose 1.0 keeps its spans in ActivityCompleted"
+        );
+        let every = RequestStyle {
+            hook_events: true,
+            ..agent
+        };
+        assert!(
+            one.over(every).sends_hook_events(),
+            "--hook-events: every worker"
         );
         let both =
             WorkerStyle::from_settings(&json!({"sdk_conventions": 2, "max_body_size": 5})).unwrap();

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::clock;
+use super::{clock, hook_events::HookSpan};
 use crate::span::Span;
 
 pub const WORKFLOW_STARTED: &str = "WorkflowStarted";
@@ -101,6 +101,7 @@ pub enum Event {
     ActivityStarted(ActivityStarted),
     ActivityCompleted(ActivityCompleted),
     Handoff(Handoff),
+    HookEvent(HookEvent),
 }
 
 /// The fields every event starts with.
@@ -133,6 +134,10 @@ pub struct WorkflowStarted {
     pub timestamp: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multi_agent_session_id: Option<String>,
+    /// The workflow's arguments as an array (SDK 2.0 sends them under this name, §2.2);
+    /// SDK 1.0 conventions leave them out (see [`super::Conventions::shape`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activity_input: Option<Vec<Value>>,
 }
 
 /// No `task_queue` (§2.2).
@@ -224,6 +229,39 @@ pub struct ActivityCompleted {
     pub error: Option<ActivityError>,
 }
 
+/// An SDK 2.0 hook event (§3.2): ActivityStarted with `hook_trigger: true` and the one
+/// operation's span at one stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct HookEvent {
+    #[serde(flatten)]
+    pub activity: ActivityHead,
+    pub hook_trigger: bool,
+    pub activity_input: Vec<Value>,
+    pub span_count: usize,
+    pub spans: Vec<HookSpan>,
+    /// The captured operation, for the embedded local policy's span conditions (not sent).
+    #[serde(skip)]
+    pub operation: Vec<Span>,
+}
+
+/// The hook event of one operation's stage.
+pub fn hook_event(
+    a: &ActivityInfo,
+    activity_input: Vec<Value>,
+    span: HookSpan,
+    operation: Option<Span>,
+    now: SystemTime,
+) -> HookEvent {
+    HookEvent {
+        activity: ActivityHead::new(a, ACTIVITY_STARTED, now),
+        hook_trigger: true,
+        activity_input,
+        span_count: 1,
+        spans: vec![span],
+        operation: operation.into_iter().collect(),
+    }
+}
+
 /// A multi-agent handoff (SDK 2.0, §2.2/§2.4): only who hands off and in which session;
 /// Core derives the receiver from the signed identity. The run it was emitted in is kept
 /// (not sent) so the governor orders and routes it like the run's other events.
@@ -255,7 +293,8 @@ event_kinds!(
     SignalReceived,
     ActivityStarted,
     ActivityCompleted,
-    Handoff
+    Handoff,
+    HookEvent
 );
 
 impl Event {
@@ -268,7 +307,13 @@ impl Event {
             Event::ActivityStarted(e) => &e.activity.head,
             Event::ActivityCompleted(e) => &e.activity.head,
             Event::Handoff(e) => &e.head,
+            Event::HookEvent(e) => &e.activity.head,
         }
+    }
+
+    /// A hook event (§3.2), not a lifecycle event.
+    pub fn is_hook(&self) -> bool {
+        matches!(self, Event::HookEvent(_))
     }
 
     pub fn event_type(&self) -> &'static str {
@@ -280,6 +325,7 @@ impl Event {
         match self {
             Event::ActivityStarted(e) => Some(&e.activity),
             Event::ActivityCompleted(e) => Some(&e.activity),
+            Event::HookEvent(e) => Some(&e.activity),
             _ => None,
         }
     }
@@ -304,6 +350,7 @@ impl Event {
         match self {
             Event::ActivityStarted(e) => Some(&e.activity_input),
             Event::ActivityCompleted(e) => Some(&e.activity_input),
+            Event::HookEvent(e) => Some(&e.activity_input),
             Event::SignalReceived(e) => Some(&e.signal_args),
             _ => None,
         }
@@ -318,10 +365,11 @@ impl Event {
         }
     }
 
-    /// The spans of ActivityCompleted; none for the others.
+    /// The spans of ActivityCompleted, the operation of a hook event; none for the others.
     pub fn spans(&self) -> &[Span] {
         match self {
             Event::ActivityCompleted(e) => &e.spans,
+            Event::HookEvent(e) => &e.operation,
             _ => &[],
         }
     }
@@ -338,6 +386,7 @@ pub fn workflow_started(wf: &WorkflowInfo, now: SystemTime) -> WorkflowStarted {
         task_queue: wf.task_queue.clone(),
         timestamp: clock::rfc3339_millis(now),
         multi_agent_session_id: wf.multi_agent_session_id.clone(),
+        activity_input: None,
     }
 }
 

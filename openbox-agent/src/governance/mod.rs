@@ -107,6 +107,7 @@
 //! spool_max_bytes = "256MiB"
 //! spool_max_events = 100000
 //! sdk_conventions = "1.0"                   # 1.0 | 2.0: for workers whose hook does not choose
+//! hook_events = false                       # every worker's operations as SDK 2.0 hook events
 //! max_body_size = 65536                     # 2.0 conventions: characters kept of each body
 //! # agent_did = "did:aip:…"                 # sign every request (OpenBox DID), with its key:
 //! # agent_private_key_file = "/etc/openbox/agent-key.b64"   # base64 Ed25519 seed, mode 0600
@@ -161,6 +162,8 @@ pub mod clock;
 pub mod config;
 pub mod conventions;
 pub mod events;
+pub mod hook_events;
+pub mod identity;
 pub mod policy;
 pub mod private;
 pub mod requests;
@@ -448,7 +451,7 @@ impl Governor {
                     config.governance_timeout,
                     config.ca_file.as_deref(),
                 )?
-                .with_identity(config.signer.clone(), config.sdk_conventions);
+                .with_identity(config.identity.clone(), config.sdk_conventions);
                 match client.validate().await {
                     Ok(()) => tracing::info!(url = %url, "OpenBox Core API key validated"),
                     Err(e) if e.is_outage() => {
@@ -557,6 +560,7 @@ impl Governor {
         RequestStyle {
             conventions: self.inner.config.sdk_conventions,
             max_body_size: self.inner.config.max_body_size,
+            hook_events: self.inner.config.hook_events,
         }
     }
 
@@ -597,7 +601,12 @@ impl Governor {
                 .await;
             inner.counters.requests.record(&outcome, started.elapsed());
             let status = match outcome {
-                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now)),
+                CoreOutcome::Ok(body) => Some(verdict::interpret_approval(&body, now, conventions)),
+                // Never read as "still pending": the poll would go on for ever (§5).
+                CoreOutcome::AuthRefused(message) => {
+                    tracing::error!(workflow_id = %key.0, activity_id = %key.2, error = %message, "approval poll refused: the identity was not accepted");
+                    return Decision::auth_refused(message);
+                }
                 other => {
                     tracing::warn!(workflow_id = %key.0, activity_id = %key.2, outcome = ?other, "approval poll failed; still pending");
                     None
@@ -650,6 +659,9 @@ impl Governor {
             .evaluate_after_backlog(&event, body, conventions)
             .await;
         inner.note_failure(&outcome, &event);
+        if let CoreOutcome::AuthRefused(message) = &outcome {
+            return inner.auth_refused(&key, &activity_type, "ActivityStarted", message);
+        }
         let response = apply_fail_policy(&outcome, cfg.on_api_error);
         let decision = verdict::decide(Stage::Started { arg_count }, response.as_ref(), hitl);
         inner.after_activity_decision(&key, &activity_type, "ActivityStarted", &decision);
@@ -680,8 +692,11 @@ impl Governor {
             return Decision::allow_without_verdict();
         }
         let key = activity_key(&event.activity);
-        let max_body = style.max_body_size.or(cfg.max_body_size);
-        let Some(event) = conventions.shape(Event::ActivityCompleted(event), max_body) else {
+        let style = RequestStyle {
+            max_body_size: style.max_body_size.or(cfg.max_body_size),
+            ..style
+        };
+        let Some(event) = style.shape(Event::ActivityCompleted(event)) else {
             return Decision::allow_without_verdict();
         };
         let body = conventions.encode(&event);
@@ -696,6 +711,9 @@ impl Governor {
             .evaluate_after_backlog(&event, body.clone(), conventions)
             .await;
         inner.note_failure(&outcome, &event);
+        if let CoreOutcome::AuthRefused(message) = &outcome {
+            return inner.auth_refused(&key, &activity_type, "ActivityCompleted", message);
+        }
         if fail_open && outcome.retryable() {
             inner.spool_event(&event, body, conventions).await;
         }
@@ -704,6 +722,57 @@ impl Governor {
         let decision = verdict::decide(Stage::Completed, response.as_ref(), hitl);
         inner.after_activity_decision(&key, &activity_type, "ActivityCompleted", &decision);
         decision
+    }
+
+    /// One stage of an operation as an SDK 2.0 hook event (§3.2). Skipped for activity
+    /// types in `skip_activity_types`. Spooled like ActivityCompleted: under fail_open an
+    /// event Core does not take, or that would overtake spooled events, is spooled and
+    /// gets no verdict; under fail_closed it waits for the backlog (up to the governance
+    /// timeout) and meets the failure policy if it cannot be sent. Returns the BLOCK/HALT verdict
+    /// and its reason when the operation must stop (fail_closed without an answer: HALT).
+    pub async fn hook_event_as(
+        &self,
+        event: events::HookEvent,
+        style: RequestStyle,
+    ) -> Option<(Verdict, String)> {
+        let conventions = style.conventions;
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        if cfg
+            .skip_activity_types
+            .contains(&event.activity.activity_type)
+        {
+            return None;
+        }
+        let event = Event::HookEvent(event);
+        let body = conventions.encode(&event);
+        inner.write_sink(&body);
+        let fail_open = cfg.on_api_error == FailPolicy::FailOpen;
+        if fail_open {
+            // Nothing waits for this verdict before the activity's end: behind a backlog
+            // it queues at once, in order, rather than waiting a timeout per operation.
+            if inner.spool_backlog().await {
+                inner.spool_event(&event, body, conventions).await;
+                return None;
+            }
+        } else {
+            inner.drain_backlog_first().await;
+        }
+        let outcome = inner
+            .evaluate_after_backlog(&event, body.clone(), conventions)
+            .await;
+        inner.note_failure(&outcome, &event);
+        if fail_open && outcome.retryable() {
+            inner.spool_event(&event, body, conventions).await;
+        }
+        let response = apply_fail_policy(&outcome, cfg.on_api_error)?;
+        response.verdict.should_stop().then(|| {
+            let reason = response
+                .reason
+                .clone()
+                .unwrap_or_else(|| "Operation blocked by governance".to_owned());
+            (response.verdict, reason)
+        })
     }
 
     /// WorkflowStarted / WorkflowCompleted / WorkflowFailed. Honours `skip_workflow_types`
@@ -798,6 +867,21 @@ impl Governor {
 }
 
 impl Inner {
+    /// An Okta / workload identity refused (or impossible to set up) on an activity
+    /// event: the activity fails with the authentication error in every policy (§1.3,
+    /// §6), as SDK 2.0's interceptor raises it.
+    fn auth_refused(
+        &self,
+        key: &ActivityKey,
+        activity_type: &str,
+        event_type: &str,
+        message: &str,
+    ) -> Decision {
+        tracing::error!(workflow_id = %key.0, activity_id = %key.2, activity_type, event_type, error = %message,
+            "OpenBox Core did not accept the agent's identity: the activity fails whatever the failure policy");
+        Decision::auth_refused(message.to_owned())
+    }
+
     fn lock_runs(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -939,7 +1023,7 @@ impl Inner {
     /// A workflow event or signal: written to the sink, then to Core or the spool.
     async fn send_or_spool(&self, event: Event, style: RequestStyle) -> EventDisposition {
         let conventions = style.conventions;
-        let Some(event) = conventions.shape(event, style.max_body_size) else {
+        let Some(event) = style.shape(event) else {
             return EventDisposition::Skipped;
         };
         let body = conventions.encode(&event);

@@ -53,7 +53,7 @@ impl Outcome {
         match outcome {
             CoreOutcome::Ok(_) => Outcome::Ok,
             CoreOutcome::NonJson { .. } => Outcome::NonJson,
-            CoreOutcome::HttpError { .. } => Outcome::HttpError,
+            CoreOutcome::HttpError { .. } | CoreOutcome::AuthRefused(_) => Outcome::HttpError,
             CoreOutcome::Timeout => Outcome::Timeout,
             CoreOutcome::Network(_) => Outcome::Network,
         }

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::{
     events::{self, ActivityCompletion, ActivityInfo, ActivityStatus, WorkflowInfo},
+    identity::{self, Identity},
     signing::DidSigner,
     testutil::{Canned, FakeHttp, Request, TempDir},
     *,
@@ -1012,17 +1013,17 @@ fn start_fake_core(
 const TEST_DID: &str = "did:aip:0f8e2c1a-6b7d-4e3f-9a21-5c4d3b2a1f00";
 
 /// A signer with a fixed test seed, and the fake Core flags that register its identity.
-fn test_signer(seed: u8) -> (Arc<DidSigner>, Vec<String>) {
+fn test_signer(seed: u8) -> (Arc<Identity>, Vec<String>) {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let signer = Arc::new(DidSigner::new(TEST_DID, &b64.encode([seed; 32])).unwrap());
+    let signer = DidSigner::new(TEST_DID, &b64.encode([seed; 32])).unwrap();
     let flags = vec![
         "--agent-did".to_owned(),
         TEST_DID.to_owned(),
         "--agent-public-key".to_owned(),
         b64.encode(signer.public_key()),
     ];
-    (signer, flags)
+    (Arc::new(Identity::Did(signer)), flags)
 }
 
 #[tokio::test]
@@ -1079,13 +1080,16 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
         spool_retry_initial: Duration::from_millis(50),
         spool_retry_max: Duration::from_millis(200),
         sdk_conventions: conventions,
-        signer: signed.then_some(signer),
+        identity: signed.then_some(signer),
         ..GovernanceConfig::default()
     };
     let g = Governor::new(config).await.unwrap();
     let wf = workflow("r-e2e");
-    g.workflow_event(events::workflow_started(&wf, SystemTime::now()))
-        .await;
+    let mut wf_started = events::workflow_started(&wf, SystemTime::now());
+    // The hook sends the workflow's arguments; 2.0 forwards them, 1.0 leaves them out
+    // (the schema requires the one and refuses the other).
+    wf_started.activity_input = Some(vec![json!({"order": "tea"})]);
+    g.workflow_event(wf_started).await;
     let a = activity("r-e2e", "1", "call_llm");
     assert_eq!(
         g.activity_started(started(&a, json!([{"prompt": "hi"}])))
@@ -1105,6 +1109,14 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
     span.duration_ns = Some(100_000_000);
     span.activity_id = Some("1".into());
     span.request_body = Some("{\"prompt\":\"héllo\"}".into());
+    if conventions == Conventions::V2 {
+        // Under 2.0 the span goes out as its two hook events (§3.2), not in
+        // ActivityCompleted.
+        for stage in super::hook_events::stages(&span, "00f067aa0ba902b8", 65_536).unwrap() {
+            let hook = events::hook_event(&a, vec![json!({"prompt": "hi"})], stage, None, now);
+            assert_eq!(g.hook_event_as(hook, g.default_style()).await, None);
+        }
+    }
     let c = events::activity_completed(
         &a,
         ActivityCompletion {
@@ -1228,8 +1240,11 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
         "WorkflowFailed",
     ];
     if conventions == Conventions::V2 {
-        // SDK 2.0 sends no ActivityCompleted for the failed (blocked) activity.
+        // SDK 2.0 sends no ActivityCompleted for the failed (blocked) activity, and the
+        // first activity's span as its started and completed hook events.
         expected.remove(10);
+        expected.insert(3, "ActivityStarted");
+        expected.insert(3, "ActivityStarted");
     }
     assert_eq!(kinds, expected, "{conventions} signed={signed}");
     for l in &answered {
@@ -1259,10 +1274,26 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
         .iter()
         .find(|l| l["body"]["event_type"] == "ActivityCompleted")
         .unwrap();
-    assert_eq!(
-        completed["body"]["spans"][0]["request_body"],
-        "{\"prompt\":\"héllo\"}"
-    );
+    let span = match conventions {
+        Conventions::V1 => &completed["body"]["spans"][0],
+        Conventions::V2 => {
+            assert_eq!(
+                completed["body"]["spans"],
+                json!([]),
+                "2.0: spans went as hook events"
+            );
+            assert_eq!(completed["body"]["span_count"], 0);
+            let hook = answered
+                .iter()
+                .find(|l| {
+                    l["body"]["hook_trigger"] == true
+                        && l["body"]["spans"][0]["stage"] == "completed"
+                })
+                .expect("the completed hook event");
+            &hook["body"]["spans"][0]
+        }
+    };
+    assert_eq!(span["request_body"], "{\"prompt\":\"héllo\"}");
     let out = std::process::Command::new("python3")
         .arg(fc_dir.join("validate.py"))
         .arg(&record)
@@ -1291,7 +1322,7 @@ async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() 
         return;
     };
     let base = format!("http://127.0.0.1:{}", fc.port);
-    let client = |signer: Option<Arc<DidSigner>>| {
+    let client = |signer: Option<Arc<Identity>>| {
         CoreClient::new(&base, KEY, Duration::from_secs(5), None)
             .unwrap()
             .with_identity(signer, Conventions::V2)
@@ -1318,7 +1349,10 @@ async fn the_python_fake_core_refuses_unsigned_tampered_and_replayed_requests() 
     // Signed for one body, sent with another; then the genuine request twice.
     let path = client::EVALUATE_PATH;
     let body = br#"{"source":"workflow-telemetry","event_type":"ActivityStarted"}"#.to_vec();
-    let headers = signer.headers("POST", path, &body);
+    let Identity::Did(did_signer) = &*signer else {
+        unreachable!("test_signer makes DID identities")
+    };
+    let headers = did_signer.headers("POST", path, &body);
     let send = |body: Vec<u8>| {
         let mut req = reqwest::Client::new()
             .post(format!("{base}{path}"))
@@ -1413,4 +1447,394 @@ fn governor_futures_are_send(g: &'static Governor) {
     is_send(g.workflow_event(events::workflow_started(&wf, now)));
     is_send(g.signal(events::signal_received(&wf, "s", vec![], now)));
     is_send(g.wait_spool_empty(Duration::ZERO));
+}
+
+/// A 2048-bit RSA key made for this test run by openssl (none is committed), as the PEM
+/// file `dir/name.pem` and its text.
+fn test_rsa_key(dir: &std::path::Path, name: &str) -> Option<(std::path::PathBuf, String)> {
+    let path = dir.join(format!("{name}.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    let pem = std::fs::read_to_string(&path).ok().filter(|_| ok)?;
+    Some((path, pem))
+}
+
+/// The ids fake_core.py registers its Okta agent with (OKTA_IDS there).
+fn fake_core_okta_ids() -> identity::OktaIds {
+    identity::OktaIds {
+        openbox_agent_id: "obx-agent-e2e".into(),
+        organization_id: "obx-org-e2e".into(),
+        deployment_id: "obx-deployment-e2e".into(),
+        okta_agent_id: "wlp-okta-e2e".into(),
+        key_id: "okta-kid-e2e".into(),
+        audience: "https://core.openbox.test/agent-proof".into(),
+    }
+}
+
+/// fake_core.py's record lines, once there are at least `n` (it writes a line just after
+/// answering, so the last answer can come before its line).
+fn recorded_at_least(path: &std::path::Path, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn okta(pem: &str, ids: Option<identity::OktaIds>) -> Arc<Identity> {
+    Arc::new(Identity::Okta {
+        key: identity::RsaKey::from_pem(pem, "okta_agent_private_key").unwrap(),
+        ids,
+    })
+}
+
+/// Okta AI agent mode against fake_core.py verifying RS256 assertions: the explicit set
+/// and bootstrap mode are accepted on the /api/v2 routes; another key is refused (at
+/// bootstrap by its thumbprint, with the explicit set by Core's signature check);
+/// a request whose body differs from the one signed, and an assertion sent twice, are
+/// refused with their reason codes; Core's 401 on evaluate is a hard error.
+#[tokio::test]
+async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let dir = TempDir::new("gov-okta");
+    let (Some((key_file, pem)), Some((_, other_pem))) = (
+        test_rsa_key(dir.path(), "okta"),
+        test_rsa_key(dir.path(), "other"),
+    ) else {
+        eprintln!("skipped: openssl cannot make test keys");
+        return;
+    };
+    let record = dir.path().join("requests.jsonl");
+    let script = dir.path().join("script.json");
+    std::fs::write(&script, "{}").unwrap();
+    let flags = vec!["--okta-key-file".to_owned(), key_file.display().to_string()];
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return;
+    };
+    let base = format!("http://127.0.0.1:{}", fc.port);
+    let client = |id: Arc<Identity>| {
+        CoreClient::new(&base, KEY, Duration::from_secs(5), None)
+            .unwrap()
+            .with_identity(Some(id), Conventions::V2)
+    };
+    let body = |n: u32| {
+        format!(r#"{{"source":"workflow-telemetry","event_type":"ActivityStarted","n":{n}}}"#)
+            .into_bytes()
+    };
+
+    let explicit = client(okta(&pem, Some(fake_core_okta_ids())));
+    explicit.validate().await.unwrap();
+    assert!(matches!(
+        explicit.evaluate(body(1)).await,
+        CoreOutcome::Ok(_)
+    ));
+    let bootstrap = client(okta(&pem, None));
+    bootstrap.validate().await.unwrap();
+    assert!(matches!(
+        bootstrap.approval("wf", "run", "1").await,
+        CoreOutcome::Ok(_)
+    ));
+    let seen: Vec<(String, String, String)> = recorded_at_least(&record, 5)
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap_or("").to_owned(),
+                r["path"].as_str().unwrap_or("").to_owned(),
+                r["identity"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    let want = |m: &str, p: &str, i: &str| (m.to_owned(), p.to_owned(), i.to_owned());
+    assert_eq!(
+        seen,
+        vec![
+            want("GET", "/api/v2/auth/validate", "ok"),
+            want("POST", "/api/v2/governance/evaluate", "ok"),
+            want("GET", "/api/v2/auth/bootstrap", "-"),
+            want("GET", "/api/v2/auth/validate", "ok"),
+            want("POST", "/api/v2/governance/approval", "ok"),
+        ]
+    );
+
+    let e = client(okta(&other_pem, None))
+        .validate()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not match the selected Okta credential"),
+        "bootstrap with another key: {e}"
+    );
+    let wrong = client(okta(&other_pem, Some(fake_core_okta_ids())));
+    let e = wrong.validate().await.unwrap_err().to_string();
+    assert!(
+        e.contains("refused this agent's identity: OpenBox Core refused the Okta AI agent wlp-okta-e2e (key id okta-kid-e2e) (HTTP 401, signature_invalid)"),
+        "explicit set with another key: {e}"
+    );
+    match wrong.evaluate(body(2)).await {
+        CoreOutcome::AuthRefused(m) => assert!(m.contains("signature_invalid"), "{m}"),
+        other => panic!("a 401 in Okta mode must be a hard error, got {other:?}"),
+    }
+
+    // Signed for one body, sent with another; then the genuine request twice.
+    let key = identity::RsaKey::from_pem(&pem, "k").unwrap();
+    let path = "/api/v2/governance/evaluate";
+    let assertion =
+        identity::okta_assertion(&key, &fake_core_okta_ids(), KEY, "POST", path, &body(3));
+    let send = |b: Vec<u8>| {
+        reqwest::Client::new()
+            .post(format!("{base}{path}"))
+            .bearer_auth(KEY)
+            .header(identity::HEADER_ASSERTION, &assertion)
+            .body(b)
+            .send()
+    };
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (status, client::reason_code(&r.bytes().await.unwrap()))
+    };
+    assert_eq!(
+        answer(send(body(4)).await.unwrap()).await,
+        (401, Some("body_hash_mismatch".into()))
+    );
+    // The tampered request used the jti up: the genuine one is now a replay too, so a
+    // fresh assertion shows replay on its second use.
+    let fresh = identity::okta_assertion(&key, &fake_core_okta_ids(), KEY, "POST", path, &body(5));
+    let again = || {
+        reqwest::Client::new()
+            .post(format!("{base}{path}"))
+            .bearer_auth(KEY)
+            .header(identity::HEADER_ASSERTION, &fresh)
+            .body(body(5))
+            .send()
+    };
+    assert_eq!(answer(again().await.unwrap()).await, (200, None));
+    assert_eq!(
+        answer(again().await.unwrap()).await,
+        (401, Some("proof_replayed".into()))
+    );
+}
+
+/// Workload mode against fake_core.py as Core and token endpoint: bootstrap, token
+/// exchange with a private_key_jwt Core verifies, then the /api/v3 routes with the
+/// token; a key Core does not know is refused at the token exchange (hard error); when
+/// Core has no v3 (409 workload_identity_unavailable, or 404) requests go to the v1
+/// routes unsigned, and the bootstrap is not asked again before 60 s.
+#[tokio::test]
+async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no_v3() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let dir = TempDir::new("gov-workload");
+    let (Some((key_file, pem)), Some((_, other_pem))) = (
+        test_rsa_key(dir.path(), "workload"),
+        test_rsa_key(dir.path(), "other"),
+    ) else {
+        eprintln!("skipped: openssl cannot make test keys");
+        return;
+    };
+    let record = dir.path().join("requests.jsonl");
+    let script = dir.path().join("script.json");
+    std::fs::write(&script, "{}").unwrap();
+    let flags = vec![
+        "--workload-key-file".to_owned(),
+        key_file.display().to_string(),
+    ];
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return;
+    };
+    let base = format!("http://127.0.0.1:{}", fc.port);
+    let client = |pem: &str| {
+        CoreClient::new(&base, KEY, Duration::from_secs(5), None)
+            .unwrap()
+            .with_identity(
+                Some(Arc::new(Identity::Workload {
+                    key: identity::RsaKey::from_pem(pem, "workload_private_key").unwrap(),
+                })),
+                Conventions::V2,
+            )
+    };
+    let paths = |n: usize| -> Vec<(String, u64)> {
+        recorded_at_least(&record, n)
+            .iter()
+            .map(|r| {
+                (
+                    r["path"].as_str().unwrap_or("").to_owned(),
+                    r["status"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let good = client(&pem);
+    good.validate().await.unwrap();
+    assert!(matches!(
+        good.evaluate(br#"{"event_type":"ActivityStarted"}"#.to_vec())
+            .await,
+        CoreOutcome::Ok(_)
+    ));
+    let token_path = "/realms/openbox/protocol/openid-connect/token";
+    let p = |s: &str, st: u64| (s.to_owned(), st);
+    assert_eq!(
+        paths(4),
+        vec![
+            p("/api/v3/auth/bootstrap", 200),
+            p(token_path, 200),
+            p("/api/v3/auth/validate", 200),
+            p("/api/v3/governance/evaluate", 200),
+        ],
+        "one token serves both requests"
+    );
+
+    let e = client(&other_pem).validate().await.unwrap_err().to_string();
+    assert!(
+        e.contains("the workload token exchange was refused (HTTP 401, signature_invalid)"),
+        "{e}"
+    );
+    match client(&other_pem).evaluate(b"{}".to_vec()).await {
+        CoreOutcome::AuthRefused(m) => assert!(m.contains("signature_invalid"), "{m}"),
+        other => panic!("a refused workload token must be a hard error, got {other:?}"),
+    }
+
+    // A token the fake Core never issued.
+    let forged = reqwest::Client::new()
+        .post(format!("{base}/api/v3/governance/evaluate"))
+        .bearer_auth(KEY)
+        .header(identity::HEADER_WORKLOAD_TOKEN, "made-up")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+    assert_eq!(
+        client::reason_code(&forged.bytes().await.unwrap()).as_deref(),
+        Some("workload_token_invalid")
+    );
+
+    // Lines so far: 4 above, bootstrap + token for each refused client, the forged one.
+    let mut before = 9;
+    for unavailable in [json!(409), json!(404)] {
+        reqwest::Client::new()
+            .post(format!("{base}/_control"))
+            .body(json!({"workload_unavailable": unavailable}).to_string())
+            .send()
+            .await
+            .unwrap();
+        let legacy = client(&pem);
+        legacy.validate().await.unwrap();
+        assert!(matches!(
+            legacy.evaluate(b"{}".to_vec()).await,
+            CoreOutcome::Ok(_)
+        ));
+        let expected = if unavailable == json!(409) { 409 } else { 404 };
+        assert_eq!(
+            paths(before + 3)[before..].to_vec(),
+            vec![
+                p("/api/v3/auth/bootstrap", expected),
+                p("/api/v1/auth/validate", 200),
+                p("/api/v1/governance/evaluate", 200),
+            ],
+            "no v3 ({unavailable}): v1 routes, and no second bootstrap within 60 s"
+        );
+        before += 3;
+    }
+}
+
+/// In Okta mode Core's 401/403 on evaluate or approval fails the activity with
+/// OpenBoxAuthError under fail_open and fail_closed alike: never a fallback ALLOW, never
+/// "still pending".
+#[tokio::test]
+async fn okta_refusals_fail_the_activity_in_every_policy() {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return;
+    };
+    let dir = TempDir::new("gov-okta-policy");
+    let Some((key_file, pem)) = test_rsa_key(dir.path(), "okta") else {
+        eprintln!("skipped: openssl cannot make test keys");
+        return;
+    };
+    let record = dir.path().join("requests.jsonl");
+    let script = dir.path().join("script.json");
+    std::fs::write(
+        &script,
+        json!({"rules": [
+                 {"match": {"activity_type": "refused"}, "status": 401, "body": {"reason_code": "signature_invalid"}},
+                 {"match": {"activity_type": "forbidden"}, "status": 403, "body": {"reason_code": "did_agent_mismatch"}},
+                 {"match": {"activity_type": "needs_human"}, "body": {"verdict": "require_approval"}}],
+               "approvals": [{"match": {}, "responses": [{"status": 403, "body": {"reason_code": "verifier_not_configured"}}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let flags = vec!["--okta-key-file".to_owned(), key_file.display().to_string()];
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return;
+    };
+    for policy in [FailPolicy::FailOpen, FailPolicy::FailClosed] {
+        let config = GovernanceConfig {
+            openbox_url: Some(format!("http://127.0.0.1:{}", fc.port)),
+            openbox_api_key: Some(KEY.into()),
+            on_api_error: policy,
+            events_sink: None,
+            spool_dir: dir.path().join(format!("spool-{}", policy.as_str())),
+            sdk_conventions: Conventions::V2,
+            identity: Some(okta(&pem, None)),
+            ..GovernanceConfig::default()
+        };
+        let g = Governor::new(config).await.unwrap();
+        let run = format!("r-{}", policy.as_str());
+        for (id, kind, reason) in [
+            ("1", "refused", "HTTP 401, signature_invalid"),
+            ("2", "forbidden", "HTTP 403, did_agent_mismatch"),
+        ] {
+            let d = g
+                .activity_started(started(&activity(&run, id, kind), json!([])))
+                .await;
+            let (error_type, message, non_retryable) = d
+                .error()
+                .unwrap_or_else(|| panic!("{}: a {reason} went through as {d:?}", policy.as_str()));
+            assert_eq!(error_type, verdict::ErrorType::OpenBoxAuthError);
+            assert!(message.contains(reason) && !non_retryable, "{message}");
+        }
+        // Approval: the first answer asks for it, the poll is refused.
+        let a = activity(&run, "3", "needs_human");
+        let first = g.activity_started(started(&a, json!([]))).await;
+        assert!(
+            matches!(first, verdict::Decision::ApprovalPending { .. }),
+            "{first:?}"
+        );
+        let poll = g.activity_started(started(&a, json!([]))).await;
+        assert_eq!(
+            poll.error()
+                .map(|e| (e.0, e.1.contains("verifier_not_configured"))),
+            Some((verdict::ErrorType::OpenBoxAuthError, true)),
+            "{}: a refused approval poll is not still pending: {poll:?}",
+            policy.as_str()
+        );
+    }
 }

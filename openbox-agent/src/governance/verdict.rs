@@ -18,6 +18,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::conventions::Conventions;
+
 /// The five verdicts, ordered by priority (§4.1): `Allow < Constrain < RequireApproval <
 /// Block < Halt`, so `max()` aggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -332,6 +334,8 @@ pub enum ErrorType {
     ApprovalPending,
     ApprovalRejected,
     ApprovalExpired,
+    /// SDK 2.0's `OpenBoxAuthError`: Core refused an Okta / workload identity.
+    OpenBoxAuthError,
 }
 
 impl ErrorType {
@@ -343,6 +347,7 @@ impl ErrorType {
             ErrorType::ApprovalPending => "ApprovalPending",
             ErrorType::ApprovalRejected => "ApprovalRejected",
             ErrorType::ApprovalExpired => "ApprovalExpired",
+            ErrorType::OpenBoxAuthError => "OpenBoxAuthError",
         }
     }
 }
@@ -460,6 +465,19 @@ impl Decision {
             verdict: None,
             constrained: false,
             redaction: None,
+        }
+    }
+
+    /// Core refused the identity: the activity fails with `OpenBoxAuthError`, retryable
+    /// as SDK 2.0's exception is (Temporal retries it under the activity's policy, so a
+    /// corrected registration in Core lets the run go on), and never runs unchecked.
+    pub fn auth_refused(message: String) -> Decision {
+        Decision::Fail {
+            error_type: ErrorType::OpenBoxAuthError,
+            message,
+            non_retryable: false,
+            reason: None,
+            patch: None,
         }
     }
 
@@ -649,12 +667,14 @@ pub enum ApprovalStatus {
     Pending,
 }
 
-/// Reads an approval poll answer, SDK 1.0 style: expiry first (`expired` truthy, or
+/// Reads an approval poll answer (§5): expiry first (`expired` truthy, or
 /// `approval_expiration_time` earlier than `now_unix`; an unparseable time is ignored),
-/// then `verdict`, then `action`; **both missing means approved**. ALLOW → approved;
-/// BLOCK/HALT → rejected; anything else → pending. A body that is not an object is
-/// pending (the SDK fails to read it and retries).
-pub fn interpret_approval(body: &Value, now_unix: f64) -> ApprovalStatus {
+/// then the decision. SDK 1.0 reads `verdict`, then `action`, and **both missing means
+/// approved**; SDK 2.0 reads `action`, then `verdict`, and a missing, empty or unknown
+/// decision is still pending, never approved. ALLOW → approved; BLOCK/HALT → rejected;
+/// anything else → pending. A body that is not an object is pending (the SDK fails to
+/// read it and retries).
+pub fn interpret_approval(body: &Value, now_unix: f64, conventions: Conventions) -> ApprovalStatus {
     let Some(obj) = body.as_object() else {
         return ApprovalStatus::Pending;
     };
@@ -675,7 +695,17 @@ pub fn interpret_approval(body: &Value, now_unix: f64) -> ApprovalStatus {
             ),
         }
     }
-    let verdict = verdict_text(obj, "verdict", "action").map_or(Verdict::Allow, Verdict::parse);
+    let verdict = match conventions {
+        Conventions::V1 => {
+            verdict_text(obj, "verdict", "action").map_or(Verdict::Allow, Verdict::parse)
+        }
+        Conventions::V2 => {
+            match verdict_text(obj, "action", "verdict").and_then(Verdict::parse_known) {
+                Some(v) => v,
+                None => return ApprovalStatus::Pending,
+            }
+        }
+    };
     match verdict {
         Verdict::Allow => ApprovalStatus::Approved,
         Verdict::Block | Verdict::Halt => ApprovalStatus::Rejected {
@@ -1138,7 +1168,61 @@ mod tests {
             (json!([]), ApprovalStatus::Pending),
         ];
         for (body, want) in table {
-            assert_eq!(interpret_approval(&body, now), want, "{body}");
+            assert_eq!(
+                interpret_approval(&body, now, Conventions::V1),
+                want,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn sdk2_approval_answers_read_action_first_and_never_approve_without_a_decision() {
+        let now = 1_768_153_419.0;
+        let table = [
+            (json!({}), ApprovalStatus::Approved, ApprovalStatus::Pending),
+            (
+                json!({"verdict": ""}),
+                ApprovalStatus::Approved,
+                ApprovalStatus::Pending,
+            ),
+            (
+                json!({"verdict": "maybe"}),
+                ApprovalStatus::Approved,
+                ApprovalStatus::Pending,
+            ),
+            (
+                json!({"verdict": "allow", "action": "require-approval"}),
+                ApprovalStatus::Approved,
+                ApprovalStatus::Pending,
+            ),
+            (
+                json!({"verdict": "require_approval", "action": "continue"}),
+                ApprovalStatus::Pending,
+                ApprovalStatus::Approved,
+            ),
+            (
+                json!({"verdict": "allow"}),
+                ApprovalStatus::Approved,
+                ApprovalStatus::Approved,
+            ),
+            (
+                json!({"expired": true}),
+                ApprovalStatus::Expired,
+                ApprovalStatus::Expired,
+            ),
+        ];
+        for (body, v1, v2) in table {
+            assert_eq!(
+                interpret_approval(&body, now, Conventions::V1),
+                v1,
+                "1.0 {body}"
+            );
+            assert_eq!(
+                interpret_approval(&body, now, Conventions::V2),
+                v2,
+                "2.0 {body}"
+            );
         }
     }
 

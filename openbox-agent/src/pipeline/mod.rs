@@ -201,7 +201,10 @@ impl<S: Sink> Session<S> {
     /// of `trace`'s start-up.
     pub fn watch_before_exec(&mut self, pid: Pid) -> Result<()> {
         self.cap.watch(pid)?;
-        self.seed(pid, None);
+        // Only what the exec keeps: the rest are the agent's own descriptors (its
+        // signal sockets among them, and looking a socket up reads /proc/net/tcp*,
+        // 25–75 ms on a busy node, between the programs' attach and the command's start).
+        self.seed_from(pid, None, procfs::fds_kept_across_exec(pid));
         Ok(())
     }
 
@@ -252,7 +255,7 @@ impl<S: Sink> Session<S> {
             }
             // Span mode only: records mode shows every byte, so it keeps copying them.
             for conn in given_up {
-                if let Some(action) = self.tracker.stop_payload(&conn) {
+                for action in self.tracker.stop_payload(&conn) {
                     self.act(action);
                 }
             }
@@ -329,7 +332,11 @@ impl<S: Sink> Session<S> {
     /// Registers the descriptors a process has now, in the tracker and the kernel. After
     /// an exec at `exec_ts`, descriptors that vanished (O_CLOEXEC) are closed.
     fn seed(&mut self, pid: Pid, exec_ts: Option<u64>) {
-        let now = procfs::fds(pid);
+        self.seed_from(pid, exec_ts, procfs::fds(pid));
+    }
+
+    /// [`Session::seed`] with `now`, the process's descriptors read from /proc.
+    fn seed_from(&mut self, pid: Pid, exec_ts: Option<u64>, now: Vec<(i32, FdTarget)>) {
         if let Some(at) = exec_ts {
             for fd in self.tracker.fds_of(pid) {
                 if !now.iter().any(|(f, _)| *f == fd) {
@@ -393,7 +400,16 @@ impl<S: Sink> Session<S> {
                 self.seed(pid, Some(at));
                 self.rescan_tls(pid);
             }
-            Action::Seed { child, parent } => {
+            Action::Seed { child, parent, at } => {
+                // The kernel gave the child copies of its parent's tracked descriptors
+                // at the fork; those it closed since without a close() (close_range,
+                // or an exec that closed O_CLOEXEC ones) are forgotten, newer ones kept.
+                let now = procfs::fds(child);
+                for fd in self.tracker.fds_of(parent) {
+                    if !now.iter().any(|(f, _)| *f == fd) {
+                        self.cap.forget_fd_before(child, fd, at);
+                    }
+                }
                 self.seed(child, None);
                 // A forked child runs its parent's libssl, but the parent's probes do
                 // not fire in it.

@@ -114,6 +114,8 @@ struct Half {
     body: Vec<u8>,
     /// False once body bytes were cut (over `max_body`) or lost.
     body_complete: bool,
+    /// DATA bytes received (kept, cut or lost).
+    body_len: u64,
     messages: Messages,
     ended: bool,
 }
@@ -121,6 +123,16 @@ struct Half {
 impl Half {
     fn pseudo(&self, name: &str) -> Option<&str> {
         header(&self.pseudo, name)
+    }
+
+    /// Every body byte its `content-length` announced has come: the message is whole
+    /// even if its END_STREAM never arrives.
+    fn has_announced_body(&self) -> bool {
+        self.headers
+            .as_deref()
+            .and_then(|h| header(h, "content-length"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n == self.body_len)
     }
 }
 
@@ -304,6 +316,7 @@ impl Http2Parser {
             Side::Client => &mut s.req,
             Side::Server => &mut s.resp,
         };
+        half.body_len += n;
         match chunk {
             Some(data) => {
                 if half.body_complete {
@@ -408,8 +421,17 @@ impl Http2Parser {
             RST_STREAM => {
                 let code = super::bytes::be_u32(&payload, 0).unwrap_or(0);
                 if let Some(mut s) = self.streams.remove(&f.stream) {
-                    s.reset = Some((side, code));
-                    s.end_ts = ts;
+                    // A client that has every byte the response's content-length
+                    // announced may close the stream before the server's END_STREAM
+                    // arrives (curl resets it with STREAM_CLOSED when the transfer is
+                    // done): the response is whole, as the client saw it.
+                    let whole = side == Side::Client && s.resp.has_announced_body();
+                    if whole {
+                        s.resp.ended = true;
+                    } else {
+                        s.reset = Some((side, code));
+                        s.end_ts = ts;
+                    }
                     out.push(self.op(s));
                 }
             }

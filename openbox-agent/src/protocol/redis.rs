@@ -6,13 +6,40 @@
 //! pub/sub `message` arrays are out-of-band (no request), `|` attributes precede a reply
 //! without being one, and (UN)SUBSCRIBE gets one acknowledgement per channel.
 //!
+//! Resynchronisation. A gap inside a bulk string (whose length is known) is skipped.
+//! Anywhere else — bytes that are not RESP, a gap between values, a connection watched
+//! from its middle — that side has lost its place, and finds it again as follows.
+//!
+//! - Client: its bytes are dropped until a captured piece starts with an array command
+//!   whose every element parses (`*<n>` then bulk strings, to the piece's end). Not at
+//!   an inline command: a piece of an array command cut anywhere can read as one
+//!   (`SUBSCRIBE\r\n` out of `…$11\r\nUNSUBSCRIBE\r\n`), so a connection seen from an
+//!   inline command on is followed from its next array command (every client library
+//!   and redis-cli send arrays; inline commands come from telnet-like tools).
+//! - Server: a reply stream has no marks saying which command it answers, so after a
+//!   loss on either side its bytes are dropped, and pairing is off, until the client
+//!   sends a command while every command seen before has had its reply: a client that
+//!   waits for its replies (redis-py, and pipelines, which send their batch whole) has
+//!   read the rest of the old replies by then, so the server's next byte starts this
+//!   command's reply. A command sent while earlier ones still wait is dropped, counted
+//!   `unpaired`, never paired with another's reply.
+//! - The first batch after that is held until the server's piece that answers its last
+//!   command ends: a reply more than the batch's commands means the batch's first
+//!   piece was not the start of what the client sent (the reply of a command we did
+//!   not see came first), and the batch's ops are dropped, counted `unpaired`, instead
+//!   of being paired one reply off.
+//!
+//! Every loss is counted by reason ([`Loss`]).
+//!
 //! Replies are never buffered whole: a streaming reader walks the RESP grammar keeping
 //! only a stack of aggregate counts (bounded depth) and the few leading bytes of each
 //! scalar that an op needs, so a 500 MB bulk string costs no memory.
 
 use std::collections::VecDeque;
 
-use super::{truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode};
+use super::{
+    truncate_statement, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+};
 
 /// Most nested aggregates we follow; deeper is treated as malformed.
 const MAX_DEPTH: usize = 32;
@@ -585,13 +612,46 @@ fn ack_kind(word: &[u8]) -> Option<&'static str> {
     .find(|k| k.as_bytes().eq_ignore_ascii_case(word))
 }
 
+/// Whether a captured piece starts a command the client side can resume at: an array
+/// whose elements (and whatever follows in the piece) parse as commands.
+fn starts_command(piece: &[u8]) -> bool {
+    if piece.first() != Some(&b'*') {
+        return false;
+    }
+    let mut r = Reader::new(true, 0, 0);
+    let mut pos = 0;
+    loop {
+        match r.step(piece, &mut pos, 0) {
+            Step::More => return true,
+            Step::Bad | Step::Inline { .. } => return false,
+            Step::End { ty, .. } if ty != b'*' && ty != b'_' => return false,
+            Step::Child { .. } | Step::End { .. } => {}
+        }
+    }
+}
+
 pub struct RedisParser {
     cfg: ParserConfig,
-    unparsed: u64,
+    losses: Losses,
     client: Reader,
     server: Reader,
-    client_dead: bool,
-    server_dead: bool,
+    /// The client's place in its stream is lost (or not yet found): its bytes are dropped
+    /// until a piece starts a command ([`starts_command`]).
+    client_lost: bool,
+    /// The server's bytes are dropped until a command re-arms pairing.
+    server_lost: bool,
+    /// Server bytes were dropped before any command was seen (counted once).
+    server_orphans_counted: bool,
+    /// Order alone does not say which command a reply answers (see the module doc).
+    unsure: bool,
+    /// Ops of the first batch after pairing was re-armed, held until the batch is known
+    /// to be answered reply for command.
+    probation: Option<Vec<Op>>,
+    /// The client lost commands since pairing was re-armed: replies that answer nothing
+    /// held are theirs, not a sign that the batch on probation is one reply off.
+    orphans_expected: bool,
+    /// The connection closed.
+    closed: bool,
     building: Building,
     pending: VecDeque<Pending>,
     /// Leading elements of the reply being read.
@@ -611,9 +671,14 @@ impl RedisParser {
             client: Reader::new(true, ARG_KEEP, inline_max),
             server: Reader::new(false, REPLY_KEEP, 0),
             cfg,
-            unparsed: 0,
-            client_dead: false,
-            server_dead: false,
+            losses: Losses::default(),
+            client_lost: true,
+            server_lost: true,
+            server_orphans_counted: false,
+            unsure: true,
+            probation: None,
+            orphans_expected: false,
+            closed: false,
             building: Building::default(),
             pending: VecDeque::new(),
             items: Vec::new(),
@@ -623,17 +688,69 @@ impl RedisParser {
         }
     }
 
+    /// A captured piece of `side`: where a lost side resumes (see the module doc).
+    fn piece(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if self.closed || data.is_empty() {
+            return;
+        }
+        match side {
+            Side::Client => {
+                if self.probation.is_some() && self.pending.is_empty() {
+                    // Every reply of the batch came, and no more: it was paired right.
+                    self.confirm(out);
+                }
+                if self.client_lost {
+                    if !starts_command(data) {
+                        return;
+                    }
+                    self.client_lost = false;
+                    self.client = Reader::new(true, ARG_KEEP, self.cfg.max_buffer.max(64));
+                    self.building = Building::default();
+                }
+            }
+            Side::Server => {
+                if self.server_lost {
+                    if !self.server_orphans_counted && self.losses.total() == 0 {
+                        // Replies to commands sent before watching began.
+                        self.server_orphans_counted = true;
+                        self.losses.add(Loss::Unpaired);
+                    }
+                    return;
+                }
+            }
+        }
+        self.drive(side, data, ts, out);
+        if side == Side::Server && self.probation.is_some() && self.pending.is_empty() {
+            self.confirm(out);
+        }
+    }
+
+    /// The batch on probation was answered reply for command: its ops go out.
+    fn confirm(&mut self, out: &mut Vec<Op>) {
+        if let Some(ops) = self.probation.take() {
+            out.extend(ops);
+        }
+    }
+
+    /// An op paired by order: held while its batch is on probation.
+    fn emit(&mut self, op: Op, out: &mut Vec<Op>) {
+        match self.probation.as_mut() {
+            Some(held) => held.push(op),
+            None => out.push(op),
+        }
+    }
+
     fn drive(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
         let mut pos = 0;
         loop {
             match side {
                 Side::Client => {
-                    if self.client_dead {
+                    if self.client_lost || self.closed {
                         return;
                     }
                     match self.client.step(data, &mut pos, ts) {
                         Step::More => return,
-                        Step::Bad => return self.give_up(Side::Client, ts, out),
+                        Step::Bad => return self.give_up(Side::Client, Loss::Malformed, ts, out),
                         Step::Child { len, .. } => {
                             let arg = std::mem::take(&mut self.client.scalar);
                             self.building.add_arg(&arg, len, self.cfg.max_statement);
@@ -646,9 +763,9 @@ impl RedisParser {
                             }
                             if scalar || ty != b'*' {
                                 // Only an array can be a command (the reader allows no other).
-                                return self.give_up(Side::Client, ts, out);
+                                return self.give_up(Side::Client, Loss::Malformed, ts, out);
                             }
-                            self.command_done(ts, out);
+                            self.command_done(ts);
                         }
                         Step::Inline { len } => {
                             let line = std::mem::take(&mut self.client.scalar);
@@ -672,17 +789,17 @@ impl RedisParser {
                                 self.building.add_arg(w, wlen, self.cfg.max_statement);
                             }
                             self.client.scalar = line;
-                            self.command_done(ts, out);
+                            self.command_done(ts);
                         }
                     }
                 }
                 Side::Server => {
-                    if self.server_dead {
+                    if self.server_lost || self.closed {
                         return;
                     }
                     match self.server.step(data, &mut pos, ts) {
                         Step::More => return,
-                        Step::Bad => return self.give_up(Side::Server, ts, out),
+                        Step::Bad => return self.give_up(Side::Server, Loss::Malformed, ts, out),
                         Step::Child { scalar, .. } => {
                             if self.items.len() < REPLY_ITEMS {
                                 let s = &self.server.scalar;
@@ -697,14 +814,16 @@ impl RedisParser {
                             }
                         }
                         Step::End { ty, scalar, .. } => self.reply_done(ty, scalar, ts, out),
-                        Step::Inline { .. } => return self.give_up(Side::Server, ts, out),
+                        Step::Inline { .. } => {
+                            return self.give_up(Side::Server, Loss::Malformed, ts, out)
+                        }
                     }
                 }
             }
         }
     }
 
-    fn command_done(&mut self, ts: u64, out: &mut Vec<Op>) {
+    fn command_done(&mut self, ts: u64) {
         let b = std::mem::take(&mut self.building);
         let arg1 = || parse_int(&b.arg1);
         let channels = b.argc.saturating_sub(1);
@@ -731,14 +850,23 @@ impl RedisParser {
             end_ts: ts,
             sub,
         };
-        if self.server_dead {
-            // Replies can no longer be read: report the command without one.
-            out.push(build_op(&cmd, None));
-            return;
+        if self.unsure {
+            if !self.pending.is_empty() || !self.server_lost && self.server.mid_value() {
+                // Replies to commands we did not see may come before this one's.
+                self.losses.add(Loss::Unpaired);
+                return;
+            }
+            // The server's next byte starts this command's reply (see the module doc).
+            self.unsure = false;
+            self.server_lost = false;
+            self.server = Reader::new(false, REPLY_KEEP, 0);
+            self.items.clear();
+            self.probation = Some(Vec::new());
+            self.orphans_expected = false;
         }
         if self.pending.len() >= MAX_PENDING - 1 {
             // Keep FIFO pairing exact: remember how many replies to pass over.
-            self.unparsed += 1;
+            self.losses.add(Loss::Oversize);
             match self.pending.back_mut() {
                 Some(Pending::Skip(n)) => *n += 1,
                 _ => self.pending.push_back(Pending::Skip(1)),
@@ -794,9 +922,18 @@ impl RedisParser {
         }
         self.finish_acked_sub(out);
         let Some(head) = self.pending.pop_front() else {
-            if !self.client_dead {
-                // A reply to nothing we saw: out of sync.
-                self.unparsed += 1;
+            // A reply to a command we did not see (lost on the client side), or, on
+            // probation, proof that the batch was paired one reply off.
+            self.losses.add(Loss::Unpaired);
+            if self.orphans_expected {
+                return;
+            }
+            if let Some(held) = self.probation.take() {
+                for _ in held {
+                    self.losses.add(Loss::Unpaired);
+                }
+                self.server_lost = true;
+                self.unsure = true;
             }
             return;
         };
@@ -830,7 +967,7 @@ impl RedisParser {
                 _ => {}
             }
         }
-        out.push(build_op(&cmd, error));
+        self.emit(build_op(&cmd, error), out);
     }
 
     /// The database index changed: it applies to every command sent after the one that
@@ -867,7 +1004,7 @@ impl RedisParser {
                 };
                 if done {
                     if let Some(Pending::Cmd(c)) = self.pending.pop_front() {
-                        out.push(build_op(&c, None));
+                        self.emit(build_op(&c, None), out);
                     }
                 }
                 return;
@@ -878,7 +1015,7 @@ impl RedisParser {
             }
             // A different kind while the head already had acks: the head is done.
             if let Some(Pending::Cmd(c)) = self.pending.pop_front() {
-                out.push(build_op(&c, None));
+                self.emit(build_op(&c, None), out);
             }
         }
     }
@@ -891,36 +1028,48 @@ impl RedisParser {
                 return;
             }
             if let Some(Pending::Cmd(c)) = self.pending.pop_front() {
-                out.push(build_op(&c, None));
+                self.emit(build_op(&c, None), out);
             }
         }
     }
 
-    /// This side's stream can no longer be followed (malformed, or bytes of unknown
-    /// meaning lost). Counted once; the other side carries on where that stays correct.
-    fn give_up(&mut self, side: Side, ts: u64, out: &mut Vec<Op>) {
-        self.unparsed += 1;
+    /// This side lost its place in the stream (see the module doc), counted under `why`.
+    fn give_up(&mut self, side: Side, why: Loss, ts: u64, out: &mut Vec<Op>) {
+        self.losses.add(why);
+        self.unsure = true;
         match side {
             Side::Client => {
-                // Commands already queued still get their replies (FIFO), later ones are
-                // unknown, so replies past the queue are dropped silently.
-                self.client_dead = true;
+                // Commands already queued still get their replies (sent before the lost
+                // bytes, answered before theirs); replies to the lost commands come
+                // after and answer nothing we hold.
+                self.client_lost = true;
+                self.orphans_expected = true;
                 self.building = Building::default();
             }
             Side::Server => {
-                // How many replies were lost is unknown: pairing is over. Report waiting
-                // commands without a reply; later commands are reported as they come.
-                self.server_dead = true;
-                self.flush(ts, out);
+                // How many replies were lost is unknown: the waiting commands end here
+                // without one, and the batch on probation cannot be vouched for.
+                self.server_lost = true;
+                if let Some(held) = self.probation.take() {
+                    for _ in held {
+                        self.losses.add(Loss::Unpaired);
+                    }
+                }
+                self.flush(ts, true, out);
             }
         }
     }
 
-    fn flush(&mut self, ts: u64, out: &mut Vec<Op>) {
+    /// Reports the waiting commands without a reply (`truncated`: it was lost).
+    fn flush(&mut self, ts: u64, truncated: bool, out: &mut Vec<Op>) {
         for p in self.pending.drain(..) {
             if let Pending::Cmd(mut c) = p {
                 c.end_ts = ts;
-                out.push(build_op(&c, None));
+                let mut op = build_op(&c, None);
+                if truncated {
+                    op.attr("db.response_truncated", true);
+                }
+                out.push(op);
             }
         }
     }
@@ -950,39 +1099,52 @@ impl Parser for RedisParser {
     }
 
     fn feed(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
-        self.drive(side, data, ts, out);
+        self.piece(side, data, ts, out);
     }
 
     fn gap(&mut self, side: Side, n: u64, ts: u64, out: &mut Vec<Op>) {
-        let (reader, dead) = match side {
-            Side::Client => (&mut self.client, self.client_dead),
-            Side::Server => (&mut self.server, self.server_dead),
-        };
-        if dead || n == 0 {
+        if self.closed || n == 0 {
             return;
         }
-        if reader.skip(n) {
+        let (reader, lost) = match side {
+            Side::Client => (&mut self.client, self.client_lost),
+            Side::Server => (&mut self.server, self.server_lost),
+        };
+        if lost {
+            return;
+        }
+        // A command whose name is cut cannot be told (nor how many replies it gets).
+        let name_cut = side == Side::Client && self.building.argc == 0;
+        if !name_cut && reader.skip(n) {
             // Inside a bulk string of known length: skip, then finish it if the gap ended it.
             self.drive(side, &[], ts, out);
         } else {
-            self.give_up(side, ts, out);
+            self.give_up(side, Loss::Gap, ts, out);
         }
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
-        if (!self.client_dead && self.client.mid_value())
-            || (!self.server_dead && self.server.mid_value())
+        if self.closed {
+            return;
+        }
+        if (!self.client_lost && self.client.mid_value())
+            || (!self.server_lost && self.server.mid_value())
         {
             // A message cut by the close.
-            self.unparsed += 1;
+            self.losses.add(Loss::Gap);
         }
-        self.flush(ts, out);
-        self.client_dead = true;
-        self.server_dead = true;
+        // Nothing contradicted the batch on probation.
+        self.confirm(out);
+        self.flush(ts, false, out);
+        self.closed = true;
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 

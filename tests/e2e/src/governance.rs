@@ -217,6 +217,15 @@ impl FakeCore {
             .collect()
     }
 
+    /// [`FakeCore::evaluated`] without per-operation hook events (`hook_trigger: true`,
+    /// SDK 2.0 §3.2): the workflow's and activities' lifecycle events only.
+    pub fn lifecycle(&self, status: u64) -> Vec<Value> {
+        self.evaluated(status)
+            .into_iter()
+            .filter(|b| !crate::is_hook_event(b))
+            .collect()
+    }
+
     /// Waits (up to `timeout`) until `pred` holds for the recorded requests.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + timeout;

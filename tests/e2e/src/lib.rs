@@ -22,13 +22,14 @@
 //! the logs directories), `servers` (shared by a binary's tests), `agent` (the daemon),
 //! `worker` (the hooked worker and the client), `scenario` (a test's world),
 //! `attribution` (the check), `governance` (the fake Core, the governing agent and
-//! its world) and `jaeger` (the OTLP backend of the export tests). Process guards,
+//! its world), `conventions` (SDK 1.0 and 2.0 cases) and `jaeger` (the OTLP backend of the export tests). Process guards,
 //! temporary directories and free ports come from `openbox-testkit`, which the agent's
 //! integration tests use too.
 
 mod agent;
 mod attribution;
 mod containers;
+mod conventions;
 mod env;
 mod governance;
 mod jaeger;
@@ -41,8 +42,8 @@ use std::time::Duration;
 pub use openbox_testkit::{free_port, tail, workspace_root, Proc, TempDir};
 
 pub use crate::{
-    agent::*, attribution::*, containers::*, env::*, governance::*, jaeger::*, scenario::*,
-    servers::*, worker::*,
+    agent::*, attribution::*, containers::*, conventions::*, env::*, governance::*, jaeger::*,
+    scenario::*, servers::*, worker::*,
 };
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);

@@ -25,8 +25,12 @@ async def outcome(handle):
                 "result": await handle.result()}
     except Exception as e:  # noqa: BLE001 - every failure is an outcome to report
         cause = e.__cause__
-        return {"id": handle.id, "run_id": handle.result_run_id, "ok": False,
-                "error": f"{e!r}: {cause!r}" if cause else repr(e)}
+        error = f"{e!r}: {cause!r}" if cause else repr(e)
+        # A termination's reason is in its details, which repr() leaves out.
+        details = getattr(cause, "details", None)
+        if details:
+            error += f" details={list(details)!r}"
+        return {"id": handle.id, "run_id": handle.result_run_id, "ok": False, "error": error}
 
 
 async def main():

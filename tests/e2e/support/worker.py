@@ -575,7 +575,8 @@ async def main():
             # the worker and its hook exist.
             await started.wait()
 
-    interceptors = [OpenBoxHook(args.socket)]
+    hook = OpenBoxHook(args.socket)
+    interceptors = [hook]
     provider = None
     if args.otel_traces_url:
         # The tracing interceptor comes first, so its activity span is current when the
@@ -583,6 +584,9 @@ async def main():
         tracing, provider = otel_tracing(args.otel_traces_url)
         interceptors.insert(0, tracing)
     client = await Client.connect(args.address)
+    # Under SDK 2.0 conventions a HALT terminates the workflow with this client: sync
+    # activities have none of their own.
+    hook.set_client(client)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

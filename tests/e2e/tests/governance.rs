@@ -9,6 +9,13 @@
 //! on the activity (§4, §5), the fail policies and the spool when Core is down, slow,
 //! failing or garbled (§6), the start-up key check (§1.4), and the embedded default.
 //!
+//! Each case runs under SDK 1.0 and SDK 2.0 conventions (`<case>::sdk_1_0`,
+//! `<case>::sdk_2_0`: the worker's hook asks for 2.0 in `hello`, the agent follows it),
+//! with the outcomes that differ computed from the conventions (HALT terminates the
+//! workflow under 2.0, ActivityCompleted only for activities that returned, headers,
+//! WorkflowStarted's arguments; see the harness's `conventions` module). Per-operation
+//! hook events (`hook_trigger: true`) are left out of every lifecycle assertion.
+//!
 //! Every test leaves its processes' output, the client plans, the Core recordings
 //! (`core.requests.jsonl`) and the agent's events in `target/e2e-runs/<test name>/`.
 
@@ -18,8 +25,9 @@ use std::{
 };
 
 use openbox_e2e::{
-    rfc3339_utc_seconds, span_kinds, span_markers, validate_with_schema, FakeCore, GovAgent,
-    GovWorld, Kind, FAKE_CORE_KEY,
+    halt_problems, is_hook_event, rfc3339_utc_seconds, span_kinds, span_markers,
+    under_both_conventions, validate_with_schema, FakeCore, GovAgent, GovWorld, Kind, Sdk,
+    FAKE_CORE_KEY,
 };
 use serde_json::{json, Value};
 
@@ -37,6 +45,16 @@ fn now_secs() -> f64 {
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// A world whose worker follows `sdk`'s conventions: under 1.0 its hook names none, so
+/// the agent's default (1.0) applies, as for a worker moved from SDK 1.0 as it is.
+fn world(name: &str, sdk: Sdk) -> GovWorld {
+    let mut w = GovWorld::new(name);
+    if sdk == Sdk::V2 {
+        w.sdk_conventions = Some("2.0");
+    }
+    w
 }
 
 /// The agent's arguments for `core`, plus `extra`, with the test's spool directory.
@@ -153,11 +171,12 @@ fn assert_ok(o: &Value) {
     );
 }
 
-/// `(event_type, activity_id)` of evaluate bodies of workflow `wf`, in order.
+/// `(event_type, activity_id)` of the lifecycle events among evaluate bodies of
+/// workflow `wf`, in order.
 fn sequence_of(bodies: &[Value], wf: &str) -> Vec<(String, String)> {
     bodies
         .iter()
-        .filter(|b| s(b, "workflow_id") == wf)
+        .filter(|b| s(b, "workflow_id") == wf && !is_hook_event(b))
         .map(|b| {
             (
                 s(b, "event_type").to_string(),
@@ -178,36 +197,20 @@ fn seq(items: &[(&str, &str)]) -> Vec<(String, String)> {
 // 1. The requests
 // ---------------------------------------------------------------------------------------
 
+under_both_conventions!(every_request_to_core_matches_the_protocol_field_by_field);
+
 /// A workflow with an HTTPS activity (which also calls a URL under Core's own base URL),
 /// a signal, a PostgreSQL activity and a file activity. Every request Core gets must
-/// match the JSON Schema, carry the Bearer key, come in the workflow's order, carry the
-/// workflow's and activities' real values field by field, and each ActivityCompleted must
-/// hold its own activity's marker spans and nobody else's (and none to Core's URL).
-#[test]
-fn every_request_to_core_matches_the_protocol_field_by_field() {
-    requests_match_the_protocol(
-        "every_request_to_core_matches_the_protocol_field_by_field",
-        None,
-    );
-}
-
-/// The same workflow with the worker's hook asking for SDK 2.0 conventions and the
-/// agent signing every request (§1.2, §1.3): the fake Core verifies each signature.
-#[test]
-fn every_request_to_core_matches_the_protocol_under_sdk_2_0_conventions_signed() {
-    requests_match_the_protocol(
-        "every_request_to_core_matches_the_protocol_under_sdk_2_0_conventions_signed",
-        Some("2.0"),
-    );
-}
-
-/// `conventions`: what the worker's hook asks for (`None`: the agent's default, 1.0);
-/// with `Some("2.0")` the requests are signed too.
-fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
+/// match the JSON Schema, carry the Bearer key and its conventions' headers, come in the
+/// workflow's order, carry the workflow's and activities' real values field by field
+/// (under 2.0 WorkflowStarted carries the workflow's arguments too), and each
+/// ActivityCompleted must hold its own activity's marker spans and nobody else's (and
+/// none to Core's URL). Under 2.0 the agent also signs every request (§1.3) and the fake
+/// Core verifies each signature.
+fn every_request_to_core_matches_the_protocol_field_by_field(name: &str, sdk: Sdk) {
     let t0 = now_secs();
-    let v2 = conventions == Some("2.0");
-    let mut w = GovWorld::new(name);
-    w.sdk_conventions = conventions;
+    let v2 = sdk == Sdk::V2;
+    let mut w = world(name, sdk);
     if v2 {
         w.sign_requests();
     }
@@ -226,6 +229,7 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
     let plan = json!({"id": wf, "workflow": "GovFlow",
         "arg": {"http": http_arg, "sql": sql_arg, "file": file_arg, "max_attempts": 1},
         "signal": {"name": "proceed", "args": ["go-ahead", {"n": 1}], "query": "stage", "equals": "waiting"}});
+    let workflow_arg = plan["arg"].clone();
     let outcomes = w.run(&[plan], RUN_TIMEOUT);
     let o = outcome(&outcomes, &wf).clone();
     assert_ok(&o);
@@ -268,21 +272,12 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
         )),
     }
     for r in &reqs {
-        let h = &r["headers"];
         let what = format!("{} {}", r["method"], r["path"]);
         // The start-up validate follows the agent's own conventions (1.0 here).
-        let worker_call = r["path"] != json!(VALIDATE);
-        if v2 && worker_call {
-            if h["x-openbox-sdk-version"] != json!("openbox-temporal-python-v2.0.0")
-                || h.get("content-type").is_some()
-                || !s(h, "user-agent").starts_with("OpenBox-SDK/openbox-temporal-python-v2.0.0")
-            {
-                problems.push(format!("{what}: not SDK 2.0 headers: {h}"));
-            }
-        } else if h["content-type"] != json!("application/json")
-            || h.get("x-openbox-sdk-version").is_some()
-        {
-            problems.push(format!("{what}: not SDK 1.0 headers: {h}"));
+        if r["path"] == json!(VALIDATE) {
+            problems.extend(Sdk::V1.header_problems(r));
+        } else {
+            problems.extend(sdk.header_problems(r));
         }
         if v2 && r["signature"] != json!("ok") {
             problems.push(format!("{what}: signature {}", r["signature"]));
@@ -305,9 +300,44 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
     }
     let bodies: Vec<Value> = reqs
         .iter()
-        .filter(|r| r["path"] == json!(EVALUATE))
+        .filter(|r| r["path"] == json!(EVALUATE) && !is_hook_event(&r["body"]))
         .map(|r| r["body"].clone())
         .collect();
+    // Where ActivityCompleted carries no spans (2.0: they went out as hook events, which
+    // tests/hook_events.rs checks field by field), each activity's spans are read from
+    // its `completed` hook events for the marker checks below.
+    let span_bodies: Vec<Value> = if sdk.completed_carries_spans() {
+        bodies.clone()
+    } else {
+        bodies
+            .iter()
+            .filter(|b| s(b, "event_type") == "ActivityCompleted")
+            .map(|b| {
+                let spans: Vec<Value> = reqs
+                    .iter()
+                    .map(|r| &r["body"])
+                    .filter(|h| {
+                        is_hook_event(h)
+                            && h["activity_id"] == b["activity_id"]
+                            && h["spans"][0]["stage"] == json!("completed")
+                    })
+                    .map(|h| {
+                        let mut sp = h["spans"][0].clone();
+                        sp["activity_id"] = b["activity_id"].clone();
+                        // A file's hook span stands for its open.
+                        if sp["hook_type"] == json!("file_operation") {
+                            sp["name"] = json!("file.open");
+                        }
+                        sp
+                    })
+                    .collect();
+                let mut b = b.clone();
+                b["span_count"] = json!(spans.len());
+                b["spans"] = json!(spans);
+                b
+            })
+            .collect()
+    };
     let got = sequence_of(&bodies, &wf);
     let want = seq(&[
         ("WorkflowStarted", ""),
@@ -358,7 +388,15 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
         expect("run_id", json!(run_id));
         expect("workflow_type", json!("GovFlow"));
         match et {
-            "WorkflowStarted" => expect("task_queue", json!(task_queue)),
+            "WorkflowStarted" => {
+                expect("task_queue", json!(task_queue));
+                // SDK 2.0 sends the workflow's arguments as an array (§2.2); 1.0 does not.
+                if v2 {
+                    expect("activity_input", json!([workflow_arg]));
+                } else if b.get("activity_input").is_some() {
+                    problems.push(format!("{who}: activity_input under SDK 1.0: {b}"));
+                }
+            }
             "SignalReceived" => {
                 expect("task_queue", json!(task_queue));
                 expect("signal_name", json!("proceed"));
@@ -380,6 +418,14 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
                     expect("status", json!("completed"));
                     expect("error", Value::Null);
                     expect("activity_output", (*out).clone());
+                    if !sdk.completed_carries_spans() {
+                        expect("span_count", json!(0));
+                        expect("spans", json!([]));
+                    }
+                    let b = span_bodies
+                        .iter()
+                        .find(|c| s(c, "event_type") == et && c["activity_id"] == b["activity_id"])
+                        .unwrap_or(b);
                     problems.extend(
                         completed_span_problems(b, m, &all_markers, &token, &core_url)
                             .into_iter()
@@ -403,7 +449,7 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
     }
     // The same server under another name than Core's URL is reported: so the call to
     // Core's URL was captured too, and left out on purpose.
-    let alias_spans = bodies
+    let alias_spans = span_bodies
         .iter()
         .filter(|b| s(b, "event_type") == "ActivityCompleted" && s(b, "activity_id") == m_http)
         .flat_map(|b| b["spans"].as_array().cloned().unwrap_or_default())
@@ -419,7 +465,7 @@ fn requests_match_the_protocol(name: &str, conventions: Option<&'static str>) {
     }
     // Each activity's own kind of marker span.
     for (m, _, _, _, kind) in &activities {
-        let has = bodies.iter().any(|b| {
+        let has = span_bodies.iter().any(|b| {
             s(b, "event_type") == "ActivityCompleted"
                 && s(b, "activity_id") == m.as_str()
                 && b["spans"]
@@ -513,6 +559,9 @@ enum Expect {
     Result(Value),
     /// It fails with ApplicationError(type, message — `~` = substring —, non_retryable).
     Fails(&'static str, String, bool),
+    /// A HALT with this reason (`~` = substring): the activity fails with GovernanceHalt
+    /// (1.0) or the workflow is terminated (2.0); see `halt_problems`.
+    Halted(&'static str),
 }
 
 struct Case {
@@ -546,12 +595,15 @@ fn on_completed(body: Value) -> Value {
     json!({"match": {"event_type": "ActivityCompleted"}, "body": body})
 }
 
+under_both_conventions!(each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does);
+
 /// One workflow per verdict, all at once on one worker, agent and Core: the outcome the
-/// client sees is the SDK's (error type, message, retryability), the activity body runs
-/// only when it may (and sees the redacted arguments), approvals are polled.
-#[test]
-fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
-    let mut w = GovWorld::new("each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does");
+/// client sees is the SDK's (error type, message, retryability; a HALT terminates the
+/// workflow under 2.0), the activity body runs only when it may (and sees the redacted
+/// arguments), approvals are polled, and Core gets an ActivityCompleted for every attempt
+/// that returned (under 2.0 for those only).
+fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does(name: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     let dir = w.files.display().to_string();
     let p = |w: &GovWorld, i: usize| json!({"marker": w.marker(i), "dir": dir, "text": "my SSN is 123-45-6789", "secret": "s3cr3t"});
     let echo = |w: &GovWorld, i: usize, attempt: u64| json!({"got": p(w, i), "attempt": attempt});
@@ -606,7 +658,7 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
         vec![on_started(
             json!({"verdict": "halt", "reason": "halted by e2e"}),
         )],
-        Expect::Fails("GovernanceHalt", "~halted by e2e".into(), true),
+        Expect::Halted("halted by e2e"),
         vec![],
     ));
     add(Case {
@@ -751,7 +803,7 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
         vec![on_started(
             json!({"action": "stop", "reason": "stopped by v1"}),
         )],
-        Expect::Fails("GovernanceHalt", "~stopped by v1".into(), true),
+        Expect::Halted("stopped by v1"),
         vec![],
     ));
     add(Case {
@@ -783,6 +835,25 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
         ),
         vec![1],
     ));
+    // An approval answer naming no decision (§5): SDK 1.0 reads it as granted, SDK 2.0 as
+    // still pending, so the activity runs one attempt later.
+    let v2 = sdk == Sdk::V2;
+    let runs_at = if v2 { 3 } else { 2 };
+    add(Case {
+        approvals: vec![json!({"body": {}}), json!({"body": {"verdict": "allow"}})],
+        max_attempts: 6,
+        started: 2,
+        polls: if v2 { 2 } else { 1 },
+        ..plain(
+            "approval_answer_without_a_decision",
+            16,
+            vec![on_started_once(
+                json!({"verdict": "require_approval", "reason": "needs a human"}),
+            )],
+            Expect::Result(echo(&w, 16, runs_at)),
+            vec![runs_at],
+        )
+    });
 
     // One script: each case's rules and approvals keyed by its activity id.
     let mut rules = Vec::new();
@@ -855,6 +926,7 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
                 }
             }
             Expect::Fails(ty, msg, nr) => failure_problems(o, ty, msg, *nr),
+            Expect::Halted(reason) => halt_problems(o, sdk, reason),
         };
         let ran = w.ran_attempts(&m);
         if ran != c.ran {
@@ -869,6 +941,7 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
                 r["path"] == json!(EVALUATE)
                     && r["body"]["event_type"] == json!("ActivityStarted")
                     && r["body"]["activity_id"] == json!(m)
+                    && !is_hook_event(&r["body"])
             })
             .collect();
         if started.len() != c.started {
@@ -902,13 +975,19 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
                 ));
             }
         }
+        let completed: Vec<&Value> = reqs
+            .iter()
+            .filter(|r| {
+                r["path"] == json!(EVALUATE)
+                    && r["body"]["event_type"] == json!("ActivityCompleted")
+                    && r["body"]["activity_id"] == json!(m)
+            })
+            .collect();
+        p.extend(completed_problems(&completed, c.ran.len(), sdk));
         if let Some(input) = &c.completed_input {
-            let completed: Vec<&Value> = reqs
-                .iter()
-                .filter(|r| {
-                    r["body"]["event_type"] == json!("ActivityCompleted")
-                        && r["body"]["activity_id"] == json!(m)
-                })
+            let completed: Vec<&Value> = completed
+                .into_iter()
+                .filter(|r| r["body"]["status"] == json!("completed"))
                 .collect();
             match completed.as_slice() {
                 [one] if one["body"]["activity_input"] == *input => {}
@@ -935,17 +1014,27 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
             "workflow_started_halt_fails_the_first_activity",
             &wf_start,
             "GovernanceHalt",
-            "~workflow refused",
+            "workflow refused",
             w.marker(103),
         ),
     ];
     for (name, wf, ty, msg, failing) in &run_level {
         let o = outcome(&outcomes, wf);
-        let mut p = failure_problems(o, ty, msg, true);
+        let halt = *ty == "GovernanceHalt";
+        let mut p = if halt {
+            halt_problems(o, sdk, msg)
+        } else {
+            failure_problems(o, ty, msg, true)
+        };
         let act = o["error"]["chain"]
             .as_array()
             .and_then(|c| c.iter().find(|l| l["class"] == json!("ActivityError")));
-        if o["ok"] == json!(false) && act.map(|a| &a["activity_id"]) != Some(&json!(failing)) {
+        // A terminated workflow's failure names no activity.
+        let names_activity = !(halt && sdk.halt_terminates());
+        if names_activity
+            && o["ok"] == json!(false)
+            && act.map(|a| &a["activity_id"]) != Some(&json!(failing))
+        {
             p.push(format!(
                 "the failed activity is {:?}, expected {failing}",
                 act.map(|a| &a["activity_id"])
@@ -978,13 +1067,41 @@ fn each_core_verdict_is_enforced_on_the_activity_as_the_sdk_does() {
     );
 }
 
+/// What is wrong with the ActivityCompleted requests Core got for one activity
+/// (`completed`) whose body ran and returned in `returned` attempts: one `completed` event
+/// per such attempt; others (`failed`, for attempts that did not return) only under 1.0.
+fn completed_problems(completed: &[&Value], returned: usize, sdk: Sdk) -> Vec<String> {
+    let mut p = Vec::new();
+    let statuses: Vec<&str> = completed
+        .iter()
+        .map(|r| r["body"]["status"].as_str().unwrap_or(""))
+        .collect();
+    let ok = statuses.iter().filter(|st| **st == "completed").count();
+    if ok != returned {
+        p.push(format!(
+            "Core got {ok} ActivityCompleted with status completed, expected {returned} (one per attempt that returned)"
+        ));
+    }
+    let others: Vec<&str> = statuses
+        .into_iter()
+        .filter(|st| *st != "completed")
+        .collect();
+    if sdk.completed_only_when_returned() && !others.is_empty() {
+        p.push(format!(
+            "Core got ActivityCompleted with status {others:?}: under SDK {sdk} it is sent only for an activity that returned"
+        ));
+    }
+    p
+}
+
+under_both_conventions!(governance_settings_skip_lists_start_event_and_hitl_are_honoured);
+
 /// The SDK's settings as agent flags: `--send-start-event false` (no WorkflowStarted),
 /// `--skip-signal` (no SignalReceived), `--skip-activity-type` (no event at all for that
 /// type, so Core's verdict cannot stop it), `--hitl-enabled false` (REQUIRE_APPROVAL
 /// continues without polling).
-#[test]
-fn governance_settings_skip_lists_start_event_and_hitl_are_honoured() {
-    let mut w = GovWorld::new("governance_settings_skip_lists_start_event_and_hitl_are_honoured");
+fn governance_settings_skip_lists_start_event_and_hitl_are_honoured(name: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     let (wf_flow, wf_hitl, wf_skip) = (w.workflow_id(0), w.workflow_id(1), w.workflow_id(2));
     let (m_hitl, m_skip) = (w.marker(3), w.marker(4));
     w.start_core(&json!({"rules": [
@@ -1040,7 +1157,7 @@ fn governance_settings_skip_lists_start_event_and_hitl_are_honoured() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let reqs = w.core().requests();
-    let bodies = w.core().evaluated(200);
+    let bodies = w.core().lifecycle(200);
     let record = w.core().record.clone();
     let mut problems = Vec::new();
     let got = sequence_of(&bodies, &wf_flow);
@@ -1091,7 +1208,7 @@ fn governance_settings_skip_lists_start_event_and_hitl_are_honoured() {
 /// Delivered (status 200) evaluate bodies of the workflows `wfs`, as `(workflow_id,
 /// event_type, activity_id)`, in the order Core answered them.
 fn delivered(core: &FakeCore, wfs: &[String]) -> Vec<(String, String, String)> {
-    core.evaluated(200)
+    core.lifecycle(200)
         .iter()
         .filter(|b| wfs.iter().any(|w| w == s(b, "workflow_id")))
         .map(|b| {
@@ -1109,6 +1226,26 @@ fn triples(items: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
         .iter()
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         .collect()
+}
+
+/// Every evaluate request Core got about the workflows `wfs` carries `sdk`'s headers
+/// (spooled events keep their worker's conventions, across agent restarts too).
+#[track_caller]
+fn assert_headers_of(core: &FakeCore, wfs: &[String], sdk: Sdk) {
+    let problems: Vec<String> = core
+        .requests()
+        .iter()
+        .filter(|r| {
+            r["path"] == json!(EVALUATE) && wfs.iter().any(|w| w == s(&r["body"], "workflow_id"))
+        })
+        .flat_map(|r| sdk.header_problems(r))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{}\n(recording {})",
+        problems.join("\n"),
+        core.record.display()
+    );
 }
 
 /// Waits until Core has the last of `want`, then a little longer (a duplicate would come
@@ -1134,15 +1271,19 @@ fn assert_delivered_once_in_order(
     );
 }
 
+under_both_conventions!(
+    core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_in_order
+);
+
 /// fail_open, Core refusing connections: the workflows complete, the workflow events and
 /// ActivityCompleted wait in the spool, and once Core is back each arrives exactly once,
 /// in the order it happened (ActivityStarted, which needs an answer at once, is not
 /// spooled); afterwards Core's verdicts apply again.
-#[test]
-fn core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_in_order() {
-    let mut w = GovWorld::new(
-        "core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_in_order",
-    );
+fn core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_in_order(
+    name: &str,
+    sdk: Sdk,
+) {
+    let mut w = world(name, sdk);
     w.start_core(
         &json!({"rules": [{"match": {"event_type": "ActivityStarted", "activity_id": w.marker(3)},
                                     "body": {"verdict": "block", "reason": "back in charge"}}]}),
@@ -1200,7 +1341,7 @@ fn core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_i
     wait_wc(&w, &wf1);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        w.core().evaluated(200).is_empty(),
+        w.core().lifecycle(200).is_empty(),
         "Core got events while it was down?"
     );
     w.core().up();
@@ -1216,10 +1357,11 @@ fn core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_i
         (&wf1, "WorkflowCompleted", ""),
     ]);
     assert_delivered_once_in_order(w.core(), &wfs, &want, Duration::from_secs(60));
+    assert_headers_of(w.core(), &wfs, sdk);
     // They carry the time they happened, not the time they were delivered.
     for b in w
         .core()
-        .evaluated(200)
+        .lifecycle(200)
         .iter()
         .filter(|b| wfs.iter().any(|x| x == s(b, "workflow_id")))
     {
@@ -1255,21 +1397,26 @@ fn core_down_under_fail_open_workflows_complete_and_spooled_events_arrive_once_i
         "summary: {:?}",
         agent.summary
     );
+    // Under 2.0 each activity's file operation (its `ran-` mark) is spooled too, as its
+    // started and completed hook events.
+    let hook_events = if sdk.completed_carries_spans() { 0 } else { 6 };
     assert_eq!(
         agent.governance_stat("delivered_from_spool"),
-        Some(7),
+        Some(7 + hook_events),
         "summary: {:?}",
         agent.summary
     );
     schema.unwrap_or_else(|out| panic!("requests do not match the JSON Schema:\n{out}"));
 }
 
+under_both_conventions!(spooled_events_survive_an_agent_restart_while_core_is_down);
+
 /// fail_open, Core answering nothing to evaluate (it still validates keys): events spooled
 /// by one agent are delivered by the next one started on the same `--spool-dir`, exactly
-/// once and in order, together with the events of a workflow run under the second agent.
-#[test]
-fn spooled_events_survive_an_agent_restart_while_core_is_down() {
-    let mut w = GovWorld::new("spooled_events_survive_an_agent_restart_while_core_is_down");
+/// once and in order, together with the events of a workflow run under the second agent,
+/// each with its worker's conventions.
+fn spooled_events_survive_an_agent_restart_while_core_is_down(name: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     let dead = json!({"rules": [{"match": {}, "close": true}]});
     w.start_core(&dead);
     let args = core_args(
@@ -1305,10 +1452,12 @@ fn spooled_events_survive_an_agent_restart_while_core_is_down() {
     std::thread::sleep(Duration::from_millis(500));
     let first = w.stop_agent();
     first.assert_clean_exit();
+    // Under 2.0 also the activity's file operation, as its two hook events.
+    let hook_events = if sdk.completed_carries_spans() { 0 } else { 2 };
     assert_eq!(
         first.governance_stat("spool_pending"),
-        Some(3),
-        "the first agent should stop with wf0's WorkflowStarted, ActivityCompleted and WorkflowCompleted spooled; summary {:?}",
+        Some(3 + hook_events),
+        "the first agent should stop with wf0's WorkflowStarted, ActivityCompleted and WorkflowCompleted (and under 2.0 the hook events of its file operation) spooled; summary {:?}",
         first.summary
     );
 
@@ -1336,7 +1485,7 @@ fn spooled_events_survive_an_agent_restart_while_core_is_down() {
         },
     );
     assert!(
-        w.core().evaluated(200).is_empty(),
+        w.core().lifecycle(200).is_empty(),
         "Core took events while it should not"
     );
     w.core()
@@ -1349,12 +1498,9 @@ fn spooled_events_survive_an_agent_restart_while_core_is_down() {
         (&wf1, "ActivityCompleted", &m1),
         (&wf1, "WorkflowCompleted", ""),
     ]);
-    assert_delivered_once_in_order(
-        w.core(),
-        &[wf0.clone(), wf1.clone()],
-        &want,
-        Duration::from_secs(60),
-    );
+    let wfs = [wf0.clone(), wf1.clone()];
+    assert_delivered_once_in_order(w.core(), &wfs, &want, Duration::from_secs(60));
+    assert_headers_of(w.core(), &wfs, sdk);
     let (_, agent) = w.finish();
     let agent = agent.expect("the second agent ran");
     agent.assert_clean_exit();
@@ -1366,16 +1512,16 @@ fn spooled_events_survive_an_agent_restart_while_core_is_down() {
     );
 }
 
+under_both_conventions!(a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order);
+
 /// Core is reachable again but still fails one old spooled event (HTTP 503, retryable),
 /// so the spool keeps a backlog while a new workflow runs: nothing may overtake the
 /// spooled events, so Core gets the new workflow's events in the workflow's own order,
 /// each once. Its ActivityStarted, which needs an answer at once and is never spooled,
 /// meets the failure policy instead (fail_open: the activity runs without a verdict)
 /// rather than reach Core before its WorkflowStarted.
-#[test]
-fn a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order() {
-    let mut w =
-        GovWorld::new("a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order");
+fn a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order(name: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     let (wf0, wf1) = (w.workflow_id(0), w.workflow_id(1));
     let (m0, m1) = (w.marker(0), w.marker(1));
     w.start_core(
@@ -1430,7 +1576,7 @@ fn a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let bodies = w.core().evaluated(200);
+    let bodies = w.core().lifecycle(200);
     let got = sequence_of(&bodies, &wf1);
     let record = w.core().record.clone();
     let (_, agent) = w.finish();
@@ -1449,12 +1595,13 @@ fn a_workflow_run_while_the_spool_drains_reaches_core_in_its_own_order() {
     );
 }
 
-/// fail_closed, Core refusing connections: the activity does not run and fails with the
-/// non-retryable GovernanceHalt "Governance API error: …"; once Core is back activities
-/// run again.
-#[test]
-fn core_down_under_fail_closed_halts_the_activity() {
-    let mut w = GovWorld::new("core_down_under_fail_closed_halts_the_activity");
+under_both_conventions!(core_down_under_fail_closed_halts_the_activity);
+
+/// fail_closed, Core refusing connections: the activity does not run and is halted with
+/// "Governance API error: …" (1.0: the non-retryable GovernanceHalt fails it; 2.0: the
+/// workflow is terminated); once Core is back activities run again.
+fn core_down_under_fail_closed_halts_the_activity(name: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     w.start_core(&json!({}));
     let args = core_args(
         &w,
@@ -1480,7 +1627,8 @@ fn core_down_under_fail_closed_halts_the_activity() {
         )],
         RUN_TIMEOUT,
     );
-    assert_failure(&o[0], "GovernanceHalt", "~Governance API error", true);
+    let p = halt_problems(&o[0], sdk, "~Governance API error");
+    assert!(p.is_empty(), "{}\noutcome: {}", p.join("; "), o[0]);
     assert_eq!(
         w.ran_attempts(&m0),
         Vec::<u64>::new(),
@@ -1489,10 +1637,16 @@ fn core_down_under_fail_closed_halts_the_activity() {
     w.core().up();
     // wf0's spooled events reach Core first, when the spool's backoff wait ends (new
     // events never cut it short); until then wf1's activity would meet fail_closed too.
+    // The last of them: a terminated workflow (2.0) reports no failure.
     let wfs = [wf0.clone()];
-    let failed = (wf0.clone(), "WorkflowFailed".to_string(), String::new());
+    let last = if sdk.halt_terminates() {
+        "WorkflowStarted"
+    } else {
+        "WorkflowFailed"
+    };
+    let last = (wf0.clone(), last.to_string(), String::new());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !delivered(w.core(), &wfs).contains(&failed) && Instant::now() < deadline {
+    while !delivered(w.core(), &wfs).contains(&last) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     let o = w.run(
@@ -1506,6 +1660,14 @@ fn core_down_under_fail_closed_halts_the_activity() {
     assert_ok(&o[0]);
     assert_eq!(w.ran_attempts(&m1), vec![1]);
     w.agent_mut().assert_running();
+    if sdk.halt_terminates() {
+        let got = sequence_of(&w.core().lifecycle(200), &wf0);
+        assert_eq!(
+            got,
+            seq(&[("WorkflowStarted", "")]),
+            "wf0 was terminated before its activity ran: no other event"
+        );
+    }
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
 }
@@ -1517,8 +1679,8 @@ fn core_down_under_fail_closed_halts_the_activity() {
 /// ActivityStarted answered after 4 s (timeout 2 s; the late answer would block), with
 /// HTTP 500, and with a non-JSON 200: the fail policy decides the first two, the third
 /// continues under both policies; the agent keeps running and governing.
-fn slow_failing_and_garbled_answers(name: &str, policy: &str) {
-    let mut w = GovWorld::new(name);
+fn slow_failing_and_garbled_answers(name: &str, policy: &str, sdk: Sdk) {
+    let mut w = world(name, sdk);
     let token = w.token.clone();
     let m = move |k: usize| format!("{token}-{k:03}");
     let rule = |k: usize, extra: Value| {
@@ -1578,7 +1740,7 @@ fn slow_failing_and_garbled_answers(name: &str, policy: &str) {
             }
             p
         } else {
-            let mut p = failure_problems(o, "GovernanceHalt", "~Governance API error", true);
+            let mut p = halt_problems(o, sdk, "~Governance API error");
             if !w.ran_attempts(&m(k)).is_empty() {
                 p.push(format!(
                     "the halted activity's body ran on attempts {:?}",
@@ -1635,20 +1797,20 @@ fn slow_failing_and_garbled_answers(name: &str, policy: &str) {
     );
 }
 
-#[test]
-fn slow_failing_or_garbled_core_under_fail_open_continues_and_the_agent_keeps_governing() {
-    slow_failing_and_garbled_answers(
-        "slow_failing_or_garbled_core_under_fail_open_continues_and_the_agent_keeps_governing",
-        "fail_open",
-    );
+under_both_conventions!(
+    slow_failing_or_garbled_core_under_fail_open_continues_and_the_agent_keeps_governing,
+    slow_or_failing_core_under_fail_closed_halts_but_non_json_continues,
+);
+
+fn slow_failing_or_garbled_core_under_fail_open_continues_and_the_agent_keeps_governing(
+    name: &str,
+    sdk: Sdk,
+) {
+    slow_failing_and_garbled_answers(name, "fail_open", sdk);
 }
 
-#[test]
-fn slow_or_failing_core_under_fail_closed_halts_but_non_json_continues() {
-    slow_failing_and_garbled_answers(
-        "slow_or_failing_core_under_fail_closed_halts_but_non_json_continues",
-        "fail_closed",
-    );
+fn slow_or_failing_core_under_fail_closed_halts_but_non_json_continues(name: &str, sdk: Sdk) {
+    slow_failing_and_garbled_answers(name, "fail_closed", sdk);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1658,11 +1820,14 @@ fn slow_or_failing_core_under_fail_closed_halts_but_non_json_continues() {
 /// (log name, agent arguments, extra environment)
 type KeyCase<'a> = (&'a str, &'a [String], &'a [(&'a str, &'a str)]);
 
+under_both_conventions!(agent_with_a_key_core_refuses_exits_non_zero_naming_the_key);
+
 /// Core refuses the key (401 to GET /api/v1/auth/validate): the agent does not start; it
 /// exits non-zero saying the key was refused, given by flag or by OPENBOX_* environment.
-#[test]
-fn agent_with_a_key_core_refuses_exits_non_zero_naming_the_key() {
-    let mut w = GovWorld::new("agent_with_a_key_core_refuses_exits_non_zero_naming_the_key");
+/// The check follows the agent's own conventions (`--sdk-conventions`, here `sdk`): its
+/// headers are theirs.
+fn agent_with_a_key_core_refuses_exits_non_zero_naming_the_key(name: &str, sdk: Sdk) {
+    let mut w = GovWorld::new(name);
     w.start_core(&json!({}));
     let url = w.core().url();
     let wrong = "obx_test_not_the_right_key";
@@ -1671,12 +1836,14 @@ fn agent_with_a_key_core_refuses_exits_non_zero_naming_the_key() {
         url.clone(),
         "--openbox-api-key".into(),
         wrong.into(),
+        "--sdk-conventions".into(),
+        sdk.as_str().into(),
     ];
     let cases: [KeyCase; 2] = [
         ("agent-flags", &flag_args, &[]),
         (
             "agent-env",
-            &[],
+            &flag_args[4..],
             &[("OPENBOX_URL", url.as_str()), ("OPENBOX_API_KEY", wrong)],
         ),
     ];
@@ -1719,6 +1886,8 @@ fn agent_with_a_key_core_refuses_exits_non_zero_naming_the_key() {
                 && validate[0]["headers"]["authorization"] == json!(format!("Bearer {wrong}")),
             "{name}: expected one GET {VALIDATE} with the wrong key, answered 401: {validate:?}"
         );
+        let headers = sdk.header_problems(validate[0]);
+        assert!(headers.is_empty(), "{name}: {}", headers.join("; "));
         assert!(
             reqs[before..].iter().all(|r| r["path"] == json!(VALIDATE)),
             "{name}: requests after the refused key: {:?}",
@@ -1731,14 +1900,19 @@ fn agent_with_a_key_core_refuses_exits_non_zero_naming_the_key() {
 // 6. Embedded default
 // ---------------------------------------------------------------------------------------
 
+under_both_conventions!(
+    embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events
+);
+
 /// No Core URL: the local policy file blocks one activity type; that activity fails with
 /// GovernanceBlock without running, the other runs, and the JSON-lines sink holds the
-/// workflow's events in order (valid against the schema's event definitions).
-#[test]
-fn embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events() {
-    let mut w = GovWorld::new(
-        "embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events",
-    );
+/// workflow's events in order (valid against the schema's event definitions of the
+/// worker's conventions).
+fn embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events(
+    name: &str,
+    sdk: Sdk,
+) {
+    let mut w = world(name, sdk);
     let policy = w.tmp.join("policy.toml");
     std::fs::write(
         &policy,
@@ -1820,16 +1994,21 @@ fn embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events()
         .unwrap();
     assert_eq!(done["status"], json!("completed"), "{done}");
     assert_eq!(done["activity_output"]["got"], arg(&m0), "{done}");
-    for e in events
+    let refused: Vec<&Value> = events
         .iter()
         .filter(|e| s(e, "event_type") == "ActivityCompleted" && s(e, "activity_id") == m1)
-    {
+        .collect();
+    for e in &refused {
         assert_eq!(
             e["status"],
             json!("failed"),
             "the blocked activity's ActivityCompleted: {e}"
         );
     }
+    assert!(
+        !sdk.completed_only_when_returned() || refused.is_empty(),
+        "an ActivityCompleted for the blocked activity under SDK {sdk}: {refused:?}"
+    );
     let failed = events
         .iter()
         .find(|e| s(e, "event_type") == "WorkflowFailed")
@@ -1855,7 +2034,7 @@ fn embedded_local_policy_blocks_an_activity_type_and_the_sink_holds_the_events()
             .collect::<String>(),
     )
     .unwrap();
-    validate_with_schema(&env, &wrapped, Some("evaluateRequest"))
+    validate_with_schema(&env, &wrapped, Some(sdk.evaluate_schema_def()))
         .unwrap_or_else(|out| panic!("the sink's events do not match the schema:\n{out}"));
 }
 

@@ -3,7 +3,9 @@
 
 use std::{fs, time::Duration};
 
-use openbox_e2e::{ExpectedActivity, Kind, Proc, Scenario, ScenarioOpts, WorkerOpts};
+use openbox_e2e::{
+    under_both_conventions, ExpectedActivity, Kind, Proc, Scenario, ScenarioOpts, Sdk, WorkerOpts,
+};
 use serde_json::{json, Value};
 
 const ALL: &[Kind] = &[Kind::Https, Kind::Sql, Kind::FileOpen];
@@ -72,18 +74,24 @@ fn worker_without_agent_runs_normally_and_warns_once() {
     );
 }
 
+under_both_conventions!(worker_without_agent_under_fail_closed_fails_every_activity);
+
 /// No agent, worker configured fail_closed (`OPENBOX_GOVERNANCE_POLICY`): nothing can
-/// govern the activities, so each one fails with the non-retryable `GovernanceHalt`
-/// naming the socket, without running, and the workflow sees that error (issue 10: they
-/// used to run ungoverned).
-#[test]
-fn worker_without_agent_under_fail_closed_fails_every_activity() {
+/// govern the activities, so none runs (issue 10: they used to run ungoverned). Under SDK
+/// 1.0 conventions each one fails with the non-retryable `GovernanceHalt` naming the
+/// socket and the workflow sees that error; under 2.0 that HALT terminates the workflow
+/// with `Governance HALT: <the same message>`.
+fn worker_without_agent_under_fail_closed_fails_every_activity(name: &str, sdk: Sdk) {
+    let mut env = vec![("OPENBOX_GOVERNANCE_POLICY".into(), "fail_closed".into())];
+    if sdk == Sdk::V2 {
+        env.push(("OPENBOX_SDK_CONVENTIONS".into(), "2.0".into()));
+    }
     let s = Scenario::start(
-        "worker_without_agent_under_fail_closed_fails_every_activity",
+        name,
         ScenarioOpts {
             agent: false,
             worker: WorkerOpts {
-                env: vec![("OPENBOX_GOVERNANCE_POLICY".into(), "fail_closed".into())],
+                env,
                 ..WorkerOpts::default()
             },
             ..ScenarioOpts::default()
@@ -102,7 +110,17 @@ fn worker_without_agent_under_fail_closed_fails_every_activity() {
         ),
     ]);
     let socket = s.socket.display().to_string();
-    for wf in &out {
+    for wf in out.iter().filter(|_| sdk == Sdk::V2) {
+        let error = wf["error"].as_str().unwrap_or("");
+        assert!(
+            wf["ok"] == json!(false)
+                && error.contains("TerminatedError")
+                && error.contains("Governance HALT: ")
+                && error.contains(&format!("openbox-agent unreachable at {socket}")),
+            "the workflow is terminated with the HALT naming the socket: {wf}"
+        );
+    }
+    for wf in out.iter().filter(|_| sdk == Sdk::V1) {
         assert_eq!(wf["ok"], json!(true), "the workflow itself completes: {wf}");
         let activities = wf["result"].as_array().expect("per-activity outcomes");
         assert_eq!(activities.len(), 5, "{wf}");

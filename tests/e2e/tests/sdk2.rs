@@ -12,7 +12,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use openbox_e2e::{GovWorld, FAKE_CORE_KEY};
+use openbox_e2e::{halt_problems, is_hook_event, GovWorld, Sdk, FAKE_CORE_KEY};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -83,17 +83,19 @@ fn link<'a>(o: &'a Value, class: &str) -> Option<&'a Value> {
         .find(|l| l["class"] == json!(class))
 }
 
-/// The evaluate bodies Core answered, once `done` holds for them.
+/// The lifecycle evaluate bodies Core answered (no hook events), once `done` holds for
+/// them.
 fn evaluated_when(w: &GovWorld, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     w.core().wait_for(what, Duration::from_secs(30), |reqs| {
         let bodies: Vec<Value> = reqs
             .iter()
             .filter(|r| r["path"] == json!("/api/v1/governance/evaluate"))
             .map(|r| r["body"].clone())
+            .filter(|b| !is_hook_event(b))
             .collect();
         done(&bodies)
     });
-    w.core().evaluated(200)
+    w.core().lifecycle(200)
 }
 
 fn has_event(bodies: &[Value], wf: &str, event_type: &str) -> bool {
@@ -102,48 +104,63 @@ fn has_event(bodies: &[Value], wf: &str, event_type: &str) -> bool {
         .any(|b| s(b, "workflow_id") == wf && s(b, "event_type") == event_type)
 }
 
-/// HALT under SDK 2.0 conventions: the activity never runs, and the workflow is
-/// terminated (not failed) with the reason `Governance HALT: <reason>`, which is what the
-/// client sees.
-#[test]
-fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
-    let w = world(
-        "openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason",
-        &json!({}),
-        true,
-    );
+/// What Core does with the activity of [`halted_run`]'s workflow.
+enum CoreDoes {
+    /// Answers its ActivityStarted with this verdict body.
+    Answer(Value),
+    /// Refuses connections while the workflow runs.
+    Down,
+}
+
+/// One `GovSession` workflow with one activity, Core treating it as `core` says, on a
+/// worker that adopted the hook with `OpenBoxPlugin` (2.0, `worker_args` more for it) or
+/// `OpenBoxHook` as it is (1.0): the activity never runs, and the outcome is a HALT with
+/// `reason` (`~`: a substring) as the conventions have it — terminated with
+/// `Governance HALT: <reason>` (2.0), failed with GovernanceHalt (1.0). Returns the
+/// outcome for the caller's own checks.
+fn halted_run(name: &str, sdk: Sdk, worker_args: &[&str], core: CoreDoes, reason: &str) -> Value {
+    let w = world_with(name, &json!({}), sdk == Sdk::V2, worker_args);
     let m0 = w.marker(0);
-    w.core().set_script(
-        &json!({"rules": [{"match": {"event_type": "ActivityStarted", "activity_id": m0},
-                           "body": {"verdict": "halt", "reason": "runaway agent"}}]}),
-    );
+    match &core {
+        CoreDoes::Answer(verdict) => w.core().set_script(
+            &json!({"rules": [{"match": {"event_type": "ActivityStarted", "activity_id": m0},
+                               "body": verdict}]}),
+        ),
+        CoreDoes::Down => w.core().down(),
+    }
     let wf0 = w.workflow_id(0);
     let o = w.run(
         &[session_workflow(&wf0, echo_plan(&w, "t", &[&m0]), None)],
         RUN_TIMEOUT,
     );
-    let o = &o[0];
-    assert_eq!(o["ok"], json!(false), "the halted workflow completed: {o}");
-    assert_eq!(
-        o["status"],
-        json!("TERMINATED"),
-        "HALT under SDK 2.0 conventions must terminate the workflow: {o}"
-    );
-    let terminated = link(o, "TerminatedError")
-        .unwrap_or_else(|| panic!("no TerminatedError in the failure chain: {o}"));
-    // The termination reason: the error's details as the client sees them.
-    assert_eq!(
-        terminated["details"],
-        json!(["Governance HALT: runaway agent"]),
-        "{o}"
-    );
+    let o = o[0].clone();
+    let p = halt_problems(&o, sdk, reason);
+    assert!(p.is_empty(), "{}\noutcome: {o}", p.join("; "));
     assert_eq!(
         w.ran_attempts(&m0),
         Vec::<u64>::new(),
         "the halted activity ran"
     );
+    if let CoreDoes::Down = core {
+        w.core().up();
+    }
     let (_, agent) = w.finish();
     agent.expect("the agent ran").assert_clean_exit();
+    o
+}
+
+/// HALT under SDK 2.0 conventions: the activity never runs, and the workflow is
+/// terminated (not failed) with the reason `Governance HALT: <reason>`, which is what the
+/// client sees (the termination reason: the error's details).
+#[test]
+fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
+    halted_run(
+        "openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason",
+        Sdk::V2,
+        &[],
+        CoreDoes::Answer(json!({"verdict": "halt", "reason": "runaway agent"})),
+        "runaway agent",
+    );
 }
 
 /// fail_closed under SDK 2.0 conventions with Core unreachable: the agent's synthetic HALT
@@ -152,41 +169,18 @@ fn openbox_plugin_halt_terminates_the_workflow_with_the_verdicts_reason() {
 /// `core_down_under_fail_closed_halts_the_activity`).
 #[test]
 fn openbox_plugin_fail_closed_without_core_terminates_the_workflow() {
-    let w = world_with(
+    halted_run(
         "openbox_plugin_fail_closed_without_core_terminates_the_workflow",
-        &json!({}),
-        true,
+        Sdk::V2,
         &[
             "--governance-policy",
             "fail_closed",
             "--governance-timeout",
             "2",
         ],
+        CoreDoes::Down,
+        "~Governance API error",
     );
-    let m0 = w.marker(0);
-    let wf0 = w.workflow_id(0);
-    w.core().down();
-    let o = w.run(
-        &[session_workflow(&wf0, echo_plan(&w, "t", &[&m0]), None)],
-        RUN_TIMEOUT,
-    );
-    let o = &o[0];
-    assert_eq!(o["status"], json!("TERMINATED"), "{o}");
-    let terminated = link(o, "TerminatedError")
-        .unwrap_or_else(|| panic!("no TerminatedError in the failure chain: {o}"));
-    let reason = terminated["details"][0].as_str().unwrap_or("");
-    assert!(
-        reason.starts_with("Governance HALT: Governance API error"),
-        "termination reason {reason:?}"
-    );
-    assert_eq!(
-        w.ran_attempts(&m0),
-        Vec::<u64>::new(),
-        "the halted activity ran"
-    );
-    w.core().up();
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
 }
 
 /// The same HALT with the hook under SDK 1.0 conventions (`OpenBoxHook` as is): the
@@ -194,38 +188,19 @@ fn openbox_plugin_fail_closed_without_core_terminates_the_workflow() {
 /// not terminated).
 #[test]
 fn hook_under_sdk1_conventions_halt_fails_the_activity_only() {
-    let w = world(
+    let o = halted_run(
         "hook_under_sdk1_conventions_halt_fails_the_activity_only",
-        &json!({}),
-        false,
+        Sdk::V1,
+        &[],
+        CoreDoes::Answer(json!({"verdict": "halt", "reason": "runaway agent"})),
+        "runaway agent",
     );
-    let m0 = w.marker(0);
-    w.core().set_script(
-        &json!({"rules": [{"match": {"event_type": "ActivityStarted", "activity_id": m0},
-                           "body": {"verdict": "halt", "reason": "runaway agent"}}]}),
-    );
-    let wf0 = w.workflow_id(0);
-    let o = w.run(
-        &[session_workflow(&wf0, echo_plan(&w, "t", &[&m0]), None)],
-        RUN_TIMEOUT,
-    );
-    let o = &o[0];
-    assert_eq!(o["status"], json!("FAILED"), "{o}");
-    let app = link(o, "ApplicationError").unwrap_or_else(|| panic!("no ApplicationError: {o}"));
-    assert_eq!(app["type"], json!("GovernanceHalt"), "{o}");
+    let app = link(&o, "ApplicationError").unwrap_or_else(|| panic!("no ApplicationError: {o}"));
     assert_eq!(
         app["message"],
         json!("Governance blocked: runaway agent"),
         "{o}"
     );
-    assert_eq!(app["non_retryable"], json!(true), "{o}");
-    assert!(
-        link(o, "TerminatedError").is_none(),
-        "terminated under SDK 1.0: {o}"
-    );
-    assert_eq!(w.ran_attempts(&m0), Vec::<u64>::new());
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
 }
 
 /// BLOCK with patch (§8): wf0's activity is blocked with a patch naming a new plan; the

@@ -352,3 +352,80 @@ fn an_upgrade_to_something_else_than_h2c_stays_opaque() {
     assert_eq!(ops[0].attributes["http.status_code"], 101);
     assert_eq!(unparsed, 0);
 }
+
+/// curl 7.88 (`--http2` against hypercorn, `Upgrade: h2c`), captured by `trace --raw`
+/// from a run where the server's END_STREAM for stream 1 (an empty DATA frame sent after
+/// the body) reached curl in a later read than the body: curl, having every byte the
+/// content-length announced, ends the transfer and resets stream 1 with STREAM_CLOSED
+/// (on the wire, in the same write as stream 3's HEADERS), then POSTs on stream 3.
+const H2C_CURL_RESET: &str = include_str!("h2c_curl_reset.rec");
+
+#[test]
+fn a_client_reset_after_the_whole_announced_body_leaves_the_response_whole() {
+    let script = scripts::recording(H2C_CURL_RESET);
+    let ops = scripts::run(Protocol::Http, &script);
+    assert_eq!(ops.len(), 2, "{ops:#?}");
+    let first = &ops[0];
+    assert_eq!(first.attributes["http.target"], "/echo/upgraded?x=1");
+    assert_eq!(first.attributes["http.status_code"], 200);
+    assert_eq!(first.status, StatusCode::Unset, "{first:#?}");
+    assert_eq!(first.status_description, None);
+    assert!(!first
+        .attributes
+        .contains_key("http.response_body_truncated"));
+    let body = first.response_body.as_deref().unwrap();
+    assert_eq!(body.len(), 76);
+    assert!(body.starts_with(br#"{"method": "GET""#));
+    // It ends with its last body byte, as curl saw it, not with the reset.
+    assert_eq!(first.end_ts, 6);
+    let second = &ops[1];
+    assert_eq!(second.attributes["http.target"], "/echo/second");
+    assert_eq!(second.attributes["http.status_code"], 200);
+    assert_eq!(second.request_body.as_deref(), Some(&b"second body"[..]));
+    assert!(second
+        .response_body
+        .as_deref()
+        .unwrap()
+        .ends_with(br#""body": "second body"}"#));
+
+    // However the reads and writes fell: every split of a piece, and the server's late
+    // pieces coming in one read.
+    for i in 0..script.len() {
+        for at in 1..script[i].1.len() {
+            let mut split = script.clone();
+            let (side, data, ts) = split.remove(i);
+            split.insert(i, (side, data[at..].to_vec(), ts));
+            split.insert(i, (side, data[..at].to_vec(), ts));
+            assert_eq!(
+                scripts::run(Protocol::Http, &split),
+                ops,
+                "piece {i} split at {at}"
+            );
+        }
+    }
+    let mut merged = script.clone();
+    let tail: Vec<u8> = merged.drain(8..).flat_map(|(_, d, _)| d).collect();
+    merged.push((Side::Server, tail, 9));
+    let got = scripts::run(Protocol::Http, &merged);
+    assert_eq!(got[0], ops[0]);
+    assert_eq!(got[1].attributes, ops[1].attributes);
+    assert_eq!(got[1].response_body, ops[1].response_body);
+}
+
+#[test]
+fn a_client_reset_before_the_whole_body_is_an_error_with_the_body_cut() {
+    // The same run without the read that brought stream 1's body.
+    let mut script = scripts::recording(H2C_CURL_RESET);
+    let (_, body, _) = script.remove(5);
+    assert_eq!(body.len(), 85, "the piece with stream 1's DATA");
+    let (ops, _) = scripts::run_with(Protocol::Http, ParserConfig::default(), &script, false);
+    let first = &ops[0];
+    assert_eq!(first.attributes["http.status_code"], 200);
+    assert_eq!(first.status, StatusCode::Error);
+    assert_eq!(
+        first.status_description.as_deref(),
+        Some("HTTP/2 stream reset by the client: STREAM_CLOSED")
+    );
+    assert_eq!(first.attributes["http.response_body_truncated"], true);
+    assert_eq!(ops[1].attributes["http.status_code"], 200);
+}

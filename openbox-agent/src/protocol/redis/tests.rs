@@ -47,6 +47,7 @@ fn stmt(op: &Op) -> &str {
     op.attributes["db.statement"].as_str().unwrap()
 }
 
+use crate::protocol::scripts;
 use Side::{Client as C, Server as S};
 
 #[test]
@@ -135,9 +136,7 @@ fn resp3_map_set_attribute_and_push_are_handled() {
 
 /// Traffic recorded from redis-py 8.1.0 against redis-server 7.0.15 through a proxy:
 /// a RESP2 pipeline and transaction, RESP2 pub/sub, RESP3 pub/sub (acks as pushes).
-#[test]
-fn recorded_redis_py_sessions_pair_correctly() {
-    let pipeline: &[(Side, &[u8])] = &[
+const PIPELINE: &[(Side, &[u8])] = &[
             (C, b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n"),
             (S, b"-ERR unknown subcommand 'SETINFO'. Try CLIENT HELP.\r\n"),
             (C, b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$7\r\nLIB-VER\r\n$5\r\n8.1.0\r\n"),
@@ -146,8 +145,8 @@ fn recorded_redis_py_sessions_pair_correctly() {
             (S, b"+OK\r\n-WRONGTYPE Operation against a key holding the wrong kind of value\r\n:2\r\n*2\r\n$1\r\n2\r\n$-1\r\n"),
             (C, b"*1\r\n$5\r\nMULTI\r\n*3\r\n$6\r\nINCRBY\r\n$1\r\nn\r\n$1\r\n1\r\n*2\r\n$3\r\nGET\r\n$1\r\nn\r\n*1\r\n$4\r\nEXEC\r\n"),
             (S, b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n$1\r\n1\r\n"),
-        ];
-    let resp2_pubsub: &[(Side, &[u8])] = &[
+];
+const RESP2_PUBSUB: &[(Side, &[u8])] = &[
             (C, b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n"),
             (S, b"-ERR unknown subcommand 'SETINFO'. Try CLIENT HELP.\r\n"),
             (C, b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$7\r\nLIB-VER\r\n$5\r\n8.1.0\r\n"),
@@ -159,8 +158,8 @@ fn recorded_redis_py_sessions_pair_correctly() {
             (S, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
             (C, b"*1\r\n$11\r\nUNSUBSCRIBE\r\n"),
             (S, b"*3\r\n$11\r\nunsubscribe\r\n$3\r\nch1\r\n:1\r\n*3\r\n$11\r\nunsubscribe\r\n$3\r\nch2\r\n:0\r\n"),
-        ];
-    let resp3_pubsub: &[(Side, &[u8])] = &[
+];
+const RESP3_PUBSUB: &[(Side, &[u8])] = &[
             (C, b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"),
             (S, b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:10\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"),
             (C, b"*5\r\n$6\r\nCLIENT\r\n$19\r\nMAINT_NOTIFICATIONS\r\n$2\r\nON\r\n$20\r\nmoving-endpoint-type\r\n$13\r\ninternal-fqdn\r\n"),
@@ -176,7 +175,11 @@ fn recorded_redis_py_sessions_pair_correctly() {
             (S, b"+PONG\r\n"),
             (C, b"*1\r\n$11\r\nUNSUBSCRIBE\r\n"),
             (S, b">3\r\n$11\r\nunsubscribe\r\n$3\r\nch1\r\n:1\r\n>3\r\n$11\r\nunsubscribe\r\n$3\r\nch2\r\n:0\r\n"),
-        ];
+];
+
+#[test]
+fn recorded_redis_py_sessions_pair_correctly() {
+    let (pipeline, resp2_pubsub, resp3_pubsub) = (PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB);
     let expect: [&[(&str, bool)]; 3] = [
         &[
             ("CLIENT", true),
@@ -266,17 +269,24 @@ fn select_changes_the_database_index_of_later_commands() {
 #[test]
 fn inline_command_is_parsed_and_detected() {
     let (ops, _) = run(&[
+        (C, &cmd(&["HELLO", "2"])),
+        (S, b"*0\r\n"),
         (C, b"PING\r\n"),
         (S, b"+PONG\r\n"),
         (C, b"set  k   v\r\n"),
         (S, b"+OK\r\n"),
     ]);
-    assert_eq!(ops.len(), 2);
-    assert_eq!(ops[0].name, "PING");
-    assert_eq!(stmt(&ops[0]), "PING");
-    assert_eq!(ops[1].name, "SET");
-    assert_eq!(stmt(&ops[1]), "set k v");
-    assert_eq!(ops[1].attributes["db.redis.args_length"], 3);
+    assert_eq!(ops.len(), 3);
+    assert_eq!(ops[1].name, "PING");
+    assert_eq!(stmt(&ops[1]), "PING");
+    assert_eq!(ops[2].name, "SET");
+    assert_eq!(stmt(&ops[2]), "set k v");
+    assert_eq!(ops[2].attributes["db.redis.args_length"], 3);
+    // As a connection's first bytes an inline line is not taken: a piece of an array
+    // command cut anywhere reads as one (`SUBSCRIBE\r\n` from `…$11\r\nUNSUBSCRIBE\r\n`).
+    let (ops, p) = run(&[(C, b"SUBSCRIBE\r\n"), (S, b"*3\r\n$11\r\nunsubscribe\r\n")]);
+    assert!(ops.is_empty());
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
     assert!(looks_like_command(b"PING\r\n"));
     assert!(looks_like_command(b"get k\r\n"));
     assert!(looks_like_command(b"*3\r\n$3\r\nSET\r\n"));
@@ -439,8 +449,9 @@ fn gap_inside_a_bulk_string_is_skipped() {
 }
 
 #[test]
-fn gap_outside_a_bulk_string_gives_up_cleanly() {
-    // Server side: waiting commands are reported without reply, pairing stops.
+fn gap_outside_a_bulk_string_loses_the_side_until_the_next_command() {
+    // Server side: waiting commands end without a reply; the rest of the lost reply is
+    // dropped; the client's next command pairs again.
     let mut p = RedisParser::new(cfg());
     let mut out = Vec::new();
     p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
@@ -448,11 +459,15 @@ fn gap_outside_a_bulk_string_gives_up_cleanly() {
     p.gap(S, 7, 3, &mut out);
     p.feed(S, b"$1\r\nx\r\n", 4, &mut out);
     assert_eq!(out.len(), 2);
-    assert!(out
-        .iter()
-        .all(|o| o.status == StatusCode::Unset && o.end_ts == 3));
+    assert!(out.iter().all(|o| o.status == StatusCode::Unset
+        && o.end_ts == 3
+        && o.attributes["db.response_truncated"] == true));
     p.feed(C, &cmd(&["GET", "c"]), 5, &mut out);
+    p.feed(S, b"$1\r\nc\r\n", 6, &mut out);
     assert_eq!(out.len(), 3);
+    assert_eq!((stmt(&out[2]), out[2].end_ts), ("GET c", 6));
+    assert!(!out[2].attributes.contains_key("db.response_truncated"));
+    assert_eq!(p.losses().get(Loss::Gap), 1);
     assert_eq!(p.unparsed(), 1);
     // Client side: queued commands still get their replies, nothing wrong after.
     let mut p = RedisParser::new(cfg());
@@ -463,17 +478,24 @@ fn gap_outside_a_bulk_string_gives_up_cleanly() {
     p.feed(S, b"$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n", 4, &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(stmt(&out[0]), "GET a");
-    assert_eq!(p.unparsed(), 1);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    // GET z came while GET a waited: dropped; replies 2 and 3 answer nothing held.
+    assert_eq!(p.losses().get(Loss::Unpaired), 3);
 }
 
 #[test]
-fn malformed_server_bytes_stop_pairing_once() {
+fn malformed_server_bytes_are_counted_once_and_pairing_resumes() {
     let (ops, p) = run(&[
         (C, &cmd(&["GET", "a"])),
         (S, b"?garbage\r\n"),
+        (S, b"more garbage\r\n"),
         (C, &cmd(&["GET", "b"])),
+        (S, b"$1\r\nb\r\n"),
     ]);
     assert_eq!(ops.len(), 2);
+    assert_eq!(ops[0].end_ts, 20);
+    assert_eq!((stmt(&ops[1]), ops[1].end_ts), ("GET b", 50));
+    assert_eq!(p.losses().get(Loss::Malformed), 1);
     assert_eq!(p.unparsed(), 1);
 }
 
@@ -537,4 +559,103 @@ fn random_garbage_never_panics() {
         p.gap(S, next() % 50, 3, &mut out);
         p.close(4, &mut out);
     }
+}
+
+/// A command whose name a gap cut shows the part that came (its args then are lost too).
+fn name_cut(got: &Op, want: &mut Op) {
+    if got.name != want.name && want.name.starts_with(&got.name) {
+        want.name.clone_from(&got.name);
+        for key in ["db.operation", "db.statement"] {
+            if let Some(v) = got.attributes.get(key) {
+                want.attributes.insert(key.to_string(), v.clone());
+            }
+        }
+    }
+}
+
+/// A recorded session as a script: piece i stamped i + 1.
+fn script(pieces: &[(Side, &[u8])]) -> scripts::Script {
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(i, (side, data))| (*side, data.to_vec(), i as u64 + 1))
+        .collect()
+}
+
+#[test]
+fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_paired_right() {
+    for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
+        let checked = scripts::every_offset_with(
+            Protocol::Redis,
+            &script(rec),
+            scripts::Cut::StartAt,
+            name_cut,
+        );
+        assert!(checked > 0);
+    }
+}
+
+#[test]
+fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cuts() {
+    for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
+        let checked = scripts::every_offset_with(
+            Protocol::Redis,
+            &script(rec),
+            scripts::Cut::GapAt,
+            name_cut,
+        );
+        assert!(checked > 0);
+    }
+}
+
+#[test]
+fn a_pipeline_seen_from_its_second_command_is_not_paired_one_reply_off() {
+    // Watching began inside the client's pipelined write, at LPUSH: the server answers
+    // SET first. Pairing LPUSH with SET's +OK would shift every reply by one.
+    let (c, s) = pipeline();
+    let at = cmd(&["SET", "a", "1"]).len();
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &c[at..], 1, &mut out);
+    p.feed(S, &s, 2, &mut out);
+    assert!(out.is_empty(), "{out:#?}");
+    assert_eq!(
+        p.losses().get(Loss::Unpaired),
+        4,
+        "three held ops and the extra reply"
+    );
+    // The next command pairs again.
+    p.feed(C, &cmd(&["PING"]), 3, &mut out);
+    p.feed(S, b"+PONG\r\n", 4, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].name.as_str(), out[0].end_ts), ("PING", 4));
+}
+
+#[test]
+fn a_command_sent_while_earlier_ones_wait_after_a_loss_is_dropped_not_paired() {
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
+    p.feed(S, b"$1\r\n1\r\n", 2, &mut out);
+    p.feed(C, &cmd(&["GET", "b"]), 3, &mut out);
+    // The client's next write is lost (two commands in it), then it sends another
+    // before their replies came: which reply is its cannot be known.
+    p.gap(C, 40, 4, &mut out);
+    p.feed(C, &cmd(&["GET", "e"]), 5, &mut out);
+    p.feed(
+        S,
+        b"$1\r\nb\r\n$1\r\nc\r\n$1\r\nd\r\n$1\r\ne\r\n",
+        6,
+        &mut out,
+    );
+    let got: Vec<_> = out.iter().map(|o| (stmt(o), o.end_ts)).collect();
+    assert_eq!(got, [("GET a", 2), ("GET b", 6)]);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    // GET e dropped, and the three replies that answer nothing we hold.
+    assert_eq!(p.losses().get(Loss::Unpaired), 4);
+    // Once every command seen has its reply, the next one pairs.
+    p.feed(C, &cmd(&["GET", "f"]), 7, &mut out);
+    p.feed(S, b"$1\r\nf\r\n", 8, &mut out);
+    p.feed(C, &cmd(&["PING"]), 9, &mut out);
+    assert_eq!(out.last().map(|o| (stmt(o), o.end_ts)), Some(("GET f", 8)));
 }
