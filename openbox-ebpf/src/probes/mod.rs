@@ -1,8 +1,6 @@
 //! The programs, one file per probe family.
 
-mod descriptors;
 mod files;
-mod io_uring;
 mod process;
 mod sockets;
 mod tls;
