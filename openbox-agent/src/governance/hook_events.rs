@@ -175,6 +175,8 @@ fn hook_span(
                 Value::Null => Value::String(span.name.clone()),
                 m => m,
             };
+            // SDK 2.0 names an HTTP hook span `HTTP <method>` (§3.2's example).
+            name = format!("HTTP {}", method.as_str().unwrap_or(&span.name));
             fields.insert("http_method".into(), method);
             fields.insert("http_url".into(), attr("http.url"));
             fields.insert(
