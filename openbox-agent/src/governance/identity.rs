@@ -549,23 +549,9 @@ mod tests {
     fn test_key() -> Option<(RsaKey, String)> {
         let dir = std::env::temp_dir().join(format!("obx-rsa-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let path = dir.join("key.pem");
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&path)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .ok()?
-            .success();
-        let pem = std::fs::read_to_string(&path).ok().filter(|_| ok)?;
+        let key = crate::governance::tests::test_rsa_key(&dir, "key");
         let _ = std::fs::remove_dir_all(&dir);
+        let (_, pem) = key?;
         Some((RsaKey::from_pem(&pem, "test key").unwrap(), pem))
     }
 

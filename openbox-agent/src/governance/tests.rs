@@ -1451,7 +1451,10 @@ fn governor_futures_are_send(g: &'static Governor) {
 
 /// A 2048-bit RSA key made for this test run by openssl (none is committed), as the PEM
 /// file `dir/name.pem` and its text.
-fn test_rsa_key(dir: &std::path::Path, name: &str) -> Option<(std::path::PathBuf, String)> {
+pub(crate) fn test_rsa_key(
+    dir: &std::path::Path,
+    name: &str,
+) -> Option<(std::path::PathBuf, String)> {
     let path = dir.join(format!("{name}.pem"));
     let ok = std::process::Command::new("openssl")
         .args([
