@@ -479,23 +479,9 @@ impl Daemon {
                 req.token
             ));
         }
-        let gov = match self.governor_of(worker) {
-            Ok(gov) => gov,
-            Err(_) => {
-                reply(
-                    tx,
-                    id,
-                    Ok(Answer::HookEvent {
-                        span_id: None,
-                        decision: Decision::allow_without_verdict(),
-                    }),
-                );
-                return Ok(());
-            }
-        };
-        let style = self.style_of(worker).over(gov.default_style());
-        if !style.sends_hook_events() {
-            // SDK 2.0 without its hook runtime: the decorator lets the call through.
+        // No governor, or a worker without hook events (SDK 2.0 without its hook
+        // runtime): the decorator lets the call through.
+        let let_through = || {
             reply(
                 tx,
                 id,
@@ -503,7 +489,15 @@ impl Daemon {
                     span_id: None,
                     decision: Decision::allow_without_verdict(),
                 }),
-            );
+            )
+        };
+        let Ok(gov) = self.governor_of(worker) else {
+            let_through();
+            return Ok(());
+        };
+        let style = self.style_of(worker).over(gov.default_style());
+        if !style.sends_hook_events() {
+            let_through();
             return Ok(());
         }
         let Some(a) = self.registry.activities.get_mut(&key) else {

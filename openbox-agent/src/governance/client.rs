@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{
     config::FailPolicy,
-    conventions::{Conventions, SDK_V2_IDENTIFIER},
+    conventions::{Conventions, SDK_V2_BASE_IDENTIFIER, SDK_V2_IDENTIFIER},
     identity::{self, BootstrapError, Identity, OktaIds, RsaKey, WorkloadState, WorkloadStep},
     verdict::{EvaluateResponse, Verdict},
 };
@@ -447,13 +447,15 @@ impl CoreClient {
     }
 
     /// A request with the headers of `conventions` (§1.2) and, with an identity, on its
-    /// route with its headers (§1.3), signed over exactly `body`.
+    /// route with its headers (§1.3), signed over exactly `body`. `sender` says which of
+    /// SDK 2.0's clients the request is SDK 2.0's from (its headers name it).
     async fn request(
         &self,
         method: reqwest::Method,
         v1_path: &str,
         body: Vec<u8>,
         conventions: Conventions,
+        sender: Sender,
     ) -> Result<reqwest::RequestBuilder, BootstrapError> {
         let is_get = method == reqwest::Method::GET;
         let (path, identity_headers) = self.route(method.as_str(), v1_path, &body).await?;
@@ -472,12 +474,18 @@ impl CoreClient {
                 if is_get {
                     req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
                 }
+                let sdk = match (sender, self.identity.as_deref()) {
+                    (Sender::HookRuntime, Some(Identity::Okta { .. })) | (Sender::Sdk, _) => {
+                        SDK_V2_IDENTIFIER
+                    }
+                    (Sender::HookRuntime, _) => SDK_V2_BASE_IDENTIFIER,
+                };
                 req = req
                     .header(
                         reqwest::header::USER_AGENT,
-                        format!("OpenBox-SDK/{SDK_V2_IDENTIFIER} ({AGENT_PRODUCT})"),
+                        format!("OpenBox-SDK/{sdk} ({AGENT_PRODUCT})"),
                     )
-                    .header("X-OpenBox-SDK-Version", SDK_V2_IDENTIFIER);
+                    .header("X-OpenBox-SDK-Version", sdk);
             }
         }
         for (name, value) in identity_headers {
@@ -519,6 +527,7 @@ impl CoreClient {
                 VALIDATE_PATH,
                 Vec::new(),
                 self.conventions,
+                Sender::Sdk,
             )
             .await
         {
@@ -600,7 +609,23 @@ impl CoreClient {
         conventions: Conventions,
         body: Vec<u8>,
     ) -> CoreOutcome<Value> {
-        self.post_json(EVALUATE_PATH, body, conventions).await
+        self.post_json(EVALUATE_PATH, body, conventions, Sender::Sdk)
+            .await
+    }
+
+    /// [`CoreClient::evaluate_with`] for a hook event (§3.2), which SDK 2.0 sends from
+    /// its hook runtime's client: under 2.0 its headers name that client.
+    pub async fn evaluate_hook_with(
+        &self,
+        conventions: Conventions,
+        body: Vec<u8>,
+    ) -> CoreOutcome<EvaluateResponse> {
+        self.post_json(EVALUATE_PATH, body, conventions, Sender::HookRuntime)
+            .await
+            .map(|v| {
+                EvaluateResponse::from_value(&v)
+                    .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
+            })
     }
 
     /// `POST /api/v1/governance/approval` with `{workflow_id, run_id, activity_id}`.
@@ -630,7 +655,8 @@ impl CoreClient {
         body.extend_from_slice(b",\"activity_id\":");
         body.extend(conventions.encode(&activity_id));
         body.push(b'}');
-        self.post_json(APPROVAL_PATH, body, conventions).await
+        self.post_json(APPROVAL_PATH, body, conventions, Sender::Sdk)
+            .await
     }
 
     async fn post_json(
@@ -638,9 +664,10 @@ impl CoreClient {
         path: &str,
         body: Vec<u8>,
         conventions: Conventions,
+        sender: Sender,
     ) -> CoreOutcome<Value> {
         let sent = match self
-            .request(reqwest::Method::POST, path, body, conventions)
+            .request(reqwest::Method::POST, path, body, conventions, sender)
             .await
         {
             Ok(req) => req.send().await,
@@ -673,6 +700,15 @@ impl CoreClient {
             _ => CoreOutcome::NonJson { status },
         }
     }
+}
+
+/// Which of SDK 2.0's two Core clients sends a request: the SDK's own (lifecycle events,
+/// approvals, validate), named `openbox-temporal-python-v2.0.0`, or its hook runtime's
+/// (hook events), which names the base library unless the worker has an Okta identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sender {
+    Sdk,
+    HookRuntime,
 }
 
 /// The machine reason Core gives for a 401/403 in a JSON body (§1.3): `reason_code`,

@@ -32,6 +32,10 @@ use super::events::{ActivityStatus, Event};
 /// The SDK release whose conventions [`Conventions::V2`] follows (§1.2 pattern
 /// `openbox-{engine}-{language}-v{semver}`).
 pub const SDK_V2_IDENTIFIER: &str = "openbox-temporal-python-v2.0.0";
+/// What SDK 2.0 names itself on its hook events (§3.2): it sends them through its base
+/// library's client (openbox-sdk-python 1.4.0), which it builds without its own version
+/// unless the worker has an Okta identity; that client names the base library.
+pub const SDK_V2_BASE_IDENTIFIER: &str = "openbox-base-python-v1.4.0";
 /// SDK 2.0's default `max_body_size` (characters).
 pub const DEFAULT_MAX_BODY_SIZE: usize = 65_536;
 /// SDK 2.0 cuts `cause.message` and `root_cause.message` of WorkflowFailed here.

@@ -265,6 +265,7 @@ impl Backend {
         conventions: Conventions,
     ) -> CoreOutcome<EvaluateResponse> {
         match self {
+            Backend::Core(c) if event.is_hook() => c.evaluate_hook_with(conventions, body).await,
             Backend::Core(c) => c.evaluate_with(conventions, body).await,
             Backend::Local(l) => match EvaluateResponse::from_value(&l.evaluate(event)) {
                 Some(r) => CoreOutcome::Ok(r),

@@ -1256,7 +1256,19 @@ async fn events_reach_the_python_fake_core(conventions: Conventions, signed: boo
                 assert!(h.get("x-openbox-sdk-version").is_none(), "{l}");
             }
             Conventions::V2 => {
-                assert_eq!(h["x-openbox-sdk-version"], "openbox-temporal-python-v2.0.0");
+                // SDK 2.0's hook events come from its hook runtime's client, which names
+                // the base library (no Okta identity here); the rest name SDK 2.0.
+                let sdk = if l["body"]["hook_trigger"] == true {
+                    "openbox-base-python-v1.4.0"
+                } else {
+                    "openbox-temporal-python-v2.0.0"
+                };
+                assert_eq!(h["x-openbox-sdk-version"], sdk, "{l}");
+                assert_eq!(
+                    h["user-agent"].as_str().unwrap_or("").split(' ').next(),
+                    Some(format!("OpenBox-SDK/{sdk}").as_str()),
+                    "{l}"
+                );
                 let is_get = l["method"] == "GET";
                 assert_eq!(h.get("content-type").is_some(), is_get, "{l}");
             }

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 
 /// The SDK release whose request conventions a worker follows under 2.0 (headers).
 pub const SDK_V2_IDENTIFIER: &str = "openbox-temporal-python-v2.0.0";
+/// What SDK 2.0's hook events name: its base library (openbox-sdk-python 1.4.0).
+pub const SDK_V2_BASE_IDENTIFIER: &str = "openbox-base-python-v1.4.0";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sdk {
@@ -68,8 +70,15 @@ impl Sdk {
         match self {
             Sdk::V2 => {
                 let get = request["method"] == json!("GET");
-                if h["x-openbox-sdk-version"] != json!(SDK_V2_IDENTIFIER)
-                    || !s(h, "user-agent").starts_with(&format!("OpenBox-SDK/{SDK_V2_IDENTIFIER}"))
+                // Hook events come from SDK 2.0's hook runtime client, which names the
+                // base library (but under an Okta identity, not used in these tests).
+                let sdk = if is_hook_event(&request["body"]) {
+                    SDK_V2_BASE_IDENTIFIER
+                } else {
+                    SDK_V2_IDENTIFIER
+                };
+                if h["x-openbox-sdk-version"] != json!(sdk)
+                    || !s(h, "user-agent").starts_with(&format!("OpenBox-SDK/{sdk}"))
                     // Only the validate GET names a Content-Type under 2.0.
                     || h.get("content-type").is_some() != get
                 {

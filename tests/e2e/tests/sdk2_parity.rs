@@ -48,13 +48,6 @@ const BY_DESIGN: &[(&str, &str, &str)] = &[
          agent null, as §3.2 says of empty fields (null when empty)",
     ),
     (
-        "headers",
-        "x-openbox-sdk-version",
-        "SDK 2.0 sends its hook events through its base library, which names itself \
-         (openbox-base-python-v1.4.0); the agent names SDK 2.0 on every request. Not matched \
-         yet (the version is per client, not per request, in the agent)",
-    ),
-    (
         "*",
         "activity_id",
         "SDK 2.0 schedules its workflow events as `send_governance_event` activities, which \
