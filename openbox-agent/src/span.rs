@@ -607,13 +607,16 @@ impl SpanBuilder {
             let name = name.to_ascii_lowercase();
             let value = self.cfg.redact.header_value(&name, value);
             // Repeated headers are joined as HTTP allows (RFC 9110 §5.3).
-            match m.get_mut(&name) {
-                Some(Value::String(prev)) => {
-                    prev.push_str(", ");
-                    prev.push_str(&value);
-                }
-                _ => {
-                    m.insert(name, value.into());
+            match m.entry(name) {
+                serde_json::map::Entry::Occupied(mut prev) => match prev.get_mut() {
+                    Value::String(prev) => {
+                        prev.push_str(", ");
+                        prev.push_str(&value);
+                    }
+                    other => *other = value.into(),
+                },
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value.into());
                 }
             }
         }
