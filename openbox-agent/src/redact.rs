@@ -54,14 +54,21 @@ const DESCRIPTIVE_LAST_WORDS: [&str; 6] = ["count", "counts", "type", "limit", "
 pub struct Redactor {
     /// Lowercase substrings that make a name secret.
     patterns: Vec<String>,
+    /// The patterns' first bytes, one bit per byte value: most names (every header of a
+    /// plain request) are cleared in one pass over their bytes, a pattern compared only
+    /// where one of these starts (one pass per pattern was ~4 % of the agent's CPU under
+    /// load).
+    firsts: [u64; 4],
     /// Lowercase header names redacted whatever the patterns say.
     headers: Vec<String>,
 }
 
 impl Default for Redactor {
     fn default() -> Self {
+        let patterns: Vec<String> = DEFAULT_PATTERNS.iter().map(|p| p.to_string()).collect();
         Self {
-            patterns: DEFAULT_PATTERNS.iter().map(|p| p.to_string()).collect(),
+            firsts: first_bytes(&patterns),
+            patterns,
             headers: Vec::new(),
         }
     }
@@ -72,6 +79,7 @@ impl Redactor {
     pub fn off() -> Self {
         Self {
             patterns: Vec::new(),
+            firsts: [0; 4],
             headers: Vec::new(),
         }
     }
@@ -81,6 +89,7 @@ impl Redactor {
         let p = pattern.to_ascii_lowercase();
         if !p.is_empty() && !self.patterns.contains(&p) {
             self.patterns.push(p);
+            self.firsts = first_bytes(&self.patterns);
         }
     }
 
@@ -88,6 +97,7 @@ impl Redactor {
     pub fn remove_pattern(&mut self, pattern: &str) {
         let p = pattern.to_ascii_lowercase();
         self.patterns.retain(|q| *q != p);
+        self.firsts = first_bytes(&self.patterns);
     }
 
     /// Always redact this header (exact name, case-insensitive).
@@ -103,11 +113,7 @@ impl Redactor {
     pub fn is_secret(&self, name: &str) -> bool {
         // Most names (every header of a plain request) hold no pattern at all: answer
         // those without allocating; only a name with an occurrence is split into words.
-        if !self
-            .patterns
-            .iter()
-            .any(|p| contains_ignore_ascii_case(name, p))
-        {
+        if !self.holds_pattern(name) {
             return false;
         }
         let lower = name.to_ascii_lowercase();
@@ -125,6 +131,19 @@ impl Redactor {
                     .iter()
                     .any(|&(s, e)| s <= at && end <= e && HARMLESS_WORDS.contains(&&lower[s..e]))
             })
+        })
+    }
+
+    /// Whether `name` contains one of the patterns, ASCII case ignored.
+    fn holds_pattern(&self, name: &str) -> bool {
+        let b = name.as_bytes();
+        (0..b.len()).any(|i| {
+            let c = b[i].to_ascii_lowercase();
+            self.firsts[usize::from(c >> 6)] & (1 << (c & 63)) != 0
+                && self.patterns.iter().any(|p| {
+                    let p = p.as_bytes();
+                    p[0] == c && b.len() - i >= p.len() && b[i..i + p.len()].eq_ignore_ascii_case(p)
+                })
         })
     }
 
@@ -150,7 +169,9 @@ impl Redactor {
     /// A URL or request target with the password of its userinfo and the values of its
     /// secret query parameters redacted.
     pub fn url(&self, url: &str) -> String {
-        if self.is_off() {
+        // Without a query or userinfo (most targets) nothing can be redacted: three URLs
+        // per HTTP span come through here.
+        if self.is_off() || !url.bytes().any(|b| b == b'?' || b == b'@') {
             return url.to_string();
         }
         let mut out = String::with_capacity(url.len());
@@ -172,9 +193,9 @@ impl Redactor {
     }
 
     /// `scheme://user:password@host/…` → `scheme://user:[REDACTED]@host/…`.
-    fn userinfo(&self, head: &str) -> String {
+    fn userinfo<'a>(&self, head: &'a str) -> std::borrow::Cow<'a, str> {
         let Some(scheme_end) = head.find("://") else {
-            return head.to_string();
+            return head.into();
         };
         let auth_start = scheme_end + 3;
         let auth_end = head[auth_start..]
@@ -190,8 +211,9 @@ impl Redactor {
                     &authority[..colon],
                     &head[auth_start + at..]
                 )
+                .into()
             }
-            _ => head.to_string(),
+            _ => head.into(),
         }
     }
 
@@ -340,15 +362,13 @@ impl Redactor {
     }
 }
 
-/// Whether `haystack` contains `lower` (a lowercase pattern), ASCII case ignored. Names
-/// and patterns are short: a plain window scan beats building a substring searcher.
-fn contains_ignore_ascii_case(haystack: &str, lower: &str) -> bool {
-    let (h, p) = (haystack.as_bytes(), lower.as_bytes());
-    let Some(&first) = p.first() else {
-        return true;
-    };
-    h.windows(p.len())
-        .any(|w| w[0].to_ascii_lowercase() == first && w.eq_ignore_ascii_case(p))
+/// The first byte of each (non-empty, lowercase) pattern, as a set of byte values.
+fn first_bytes(patterns: &[String]) -> [u64; 4] {
+    let mut set = [0u64; 4];
+    for c in patterns.iter().filter_map(|p| p.as_bytes().first()) {
+        set[usize::from(c >> 6)] |= 1 << (c & 63);
+    }
+    set
 }
 
 /// Byte ranges of a name's words: split at anything not alphanumeric and at camelCase
@@ -542,6 +562,49 @@ mod tests {
         ] {
             assert!(!r.is_secret(plain), "{plain} should not be secret");
         }
+    }
+
+    /// The one-pass prefilter finds exactly the names a per-pattern substring search
+    /// finds, whatever the case, position, non-ASCII bytes or patterns added and removed.
+    #[test]
+    fn pattern_prefilter_matches_a_substring_search() {
+        let names = [
+            "",
+            "k",
+            "ke",
+            "KEY",
+            "x-api-key",
+            "XApiKEY",
+            "tokenizer",
+            "sessionid",
+            "élan-key",
+            "clé",
+            "pinned",
+            "SPIN",
+            "café-pin",
+            "Authorization",
+            "content-length",
+            "zz-p",
+        ];
+        let naive = |r: &Redactor, n: &str| {
+            let n = n.to_ascii_lowercase();
+            r.patterns.iter().any(|p| n.contains(p.as_str()))
+        };
+        let mut r = Redactor::default();
+        for step in 0..3 {
+            match step {
+                1 => r.add_pattern("PIN"),
+                2 => {
+                    r.remove_pattern("key");
+                    r.add_pattern("é");
+                }
+                _ => {}
+            }
+            for n in names {
+                assert_eq!(r.holds_pattern(n), naive(&r, n), "{n:?} at step {step}");
+            }
+        }
+        assert!(!Redactor::off().holds_pattern("password"));
     }
 
     #[test]

@@ -496,10 +496,13 @@ impl SpanBuilder {
             "CLIENT"
         };
         let mut attributes = op.attributes;
-        let (peer_host, peer_port) = match &c.peer {
-            Some(Addr::Inet(a)) => (Some(a.ip().to_string()), Some(a.port())),
+        // The address is formatted only where a span shows it: an HTTP span with a Host
+        // header does not.
+        let (peer_ip, peer_port) = match &c.peer {
+            Some(Addr::Inet(a)) => (Some(a.ip()), Some(a.port())),
             _ => (None, None),
         };
+        let peer_host = || peer_ip.map(|ip| ip.to_string());
         let id = self.ids.span_id();
         let mut span = self.base_span(
             id,
@@ -522,7 +525,7 @@ impl SpanBuilder {
             let (name, port) = match &host_header {
                 Some(h) => split_host_port(h, default_port),
                 None => (
-                    peer_host.clone().unwrap_or_default(),
+                    peer_host().unwrap_or_default(),
                     peer_port.unwrap_or(default_port),
                 ),
             };
@@ -583,7 +586,7 @@ impl SpanBuilder {
                     *stmt = self.cfg.redact.sql(stmt);
                 }
             }
-            if let Some(h) = peer_host {
+            if let Some(h) = peer_host() {
                 attributes.insert("net.peer.name".into(), h.into());
             }
             if let Some(p) = peer_port {
@@ -607,13 +610,16 @@ impl SpanBuilder {
             let name = name.to_ascii_lowercase();
             let value = self.cfg.redact.header_value(&name, value);
             // Repeated headers are joined as HTTP allows (RFC 9110 §5.3).
-            match m.get_mut(&name) {
-                Some(Value::String(prev)) => {
-                    prev.push_str(", ");
-                    prev.push_str(&value);
-                }
-                _ => {
-                    m.insert(name, value.into());
+            match m.entry(name) {
+                serde_json::map::Entry::Occupied(mut prev) => match prev.get_mut() {
+                    Value::String(prev) => {
+                        prev.push_str(", ");
+                        prev.push_str(&value);
+                    }
+                    other => *other = value.into(),
+                },
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value.into());
                 }
             }
         }

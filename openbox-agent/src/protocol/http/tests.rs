@@ -431,3 +431,23 @@ fn a_capture_gap_at_any_byte_offset_loses_only_the_exchange_it_cuts() {
     let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::GapAt);
     assert!(checked > 0);
 }
+
+/// The head splitter cuts exactly where `split("\r\n")` does: lone `\r` and `\n` stay
+/// inside a line, empty lines and a trailing CRLF give empty pieces.
+#[test]
+fn head_lines_split_as_str_split_does() {
+    for text in [
+        "",
+        "GET / HTTP/1.1",
+        "GET / HTTP/1.1\r\nHost: a\r\nX: b",
+        "a\r\n",
+        "\r\n\r\n",
+        "a\rb\r\nc\nd\r",
+        "\r\r\n\r",
+        "é\r\nü: ß\r\n",
+    ] {
+        let ours: Vec<&str> = crlf_lines(text).collect();
+        let std: Vec<&str> = text.split("\r\n").collect();
+        assert_eq!(ours, std, "{text:?}");
+    }
+}
