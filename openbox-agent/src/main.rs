@@ -20,9 +20,15 @@ use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (include/mimalloc.h); the -sys
-/// crate names no constant for it.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (include/mimalloc.h): the -sys
+/// crate names no constant for it; it comes just before `mi_option_use_numa_nodes`, which
+/// the crate names (15 in the bundled mimalloc 3, checked below).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
+    libmimalloc_sys::mi_option_use_numa_nodes - 1;
+const _: () = assert!(
+    MI_OPTION_PURGE_DELAY == 15,
+    "mimalloc's option numbering changed: find mi_option_purge_delay in its mimalloc.h again"
+);
 
 /// Freed pages go back to the kernel at once (mimalloc 3 waits a second by default):
 /// start-up frees tens of MiB (BTF, the object file, verifier logs) that a steady agent
