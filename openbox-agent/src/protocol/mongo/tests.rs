@@ -961,6 +961,7 @@ fn random_garbage_never_panics() {
             }
         }
         super::super::fuzz_one(Protocol::Mongo, &bytes);
+        super::super::fuzz_resync(Protocol::Mongo, &bytes);
         let mut p = MongoParser::new(ParserConfig::default());
         let mut out = Vec::new();
         let (a, b) = bytes.split_at(bytes.len().min(req.len()));
