@@ -33,6 +33,9 @@
 //!   the loss, so a request seen after it is paired only when nothing seen before is
 //!   still waiting (a client that waits has had every earlier answer by then).
 //!   Otherwise it is dropped, counted `unpaired`, never given another's answer.
+//! - A response to a request never seen (sent before watching began: its CommandComplete,
+//!   ERROR or ReadyForQuery arrives with no Query or Execute waiting) is framed,
+//!   dropped and counted `unpaired`, once per response.
 //!
 //! Every loss is counted by reason ([`Loss`]).
 
