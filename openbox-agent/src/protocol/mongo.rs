@@ -733,13 +733,13 @@ impl Stream {
         (m, lost)
     }
 
-    /// Forgets the message in progress: framing is lost (`counted`: the loss was counted).
-    fn lose(&mut self, counted: bool) {
+    /// Forgets the message in progress: framing is lost, and the loss counted.
+    fn lose(&mut self) {
         self.frames.restart();
         self.header = None;
         self.held.clear();
         self.lost = true;
-        self.counted = counted;
+        self.counted = true;
     }
 
     /// The first bytes held from the piece at `i` on, at most [`JUDGE_BYTES`].
@@ -1339,7 +1339,7 @@ impl MongoParser {
     /// a message.
     fn lose(&mut self, side: Side, why: Loss, ts: u64) {
         self.losses.add(why);
-        self.stream(side).lose(true);
+        self.stream(side).lose();
         if side == Side::Server {
             self.server_lost_at(ts);
         }
