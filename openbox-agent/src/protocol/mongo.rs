@@ -7,6 +7,18 @@
 //! name the request they answer (`responseTo == requestID`), so pairing is by id, not
 //! order. The BSON reader below borrows from the message bytes and never recurses deeper
 //! than `MAX_DEPTH`.
+//!
+//! Resynchronisation. Watching may begin in a message's middle, a capture gap may fall
+//! between messages, and a header may not parse: that side's framing is then lost,
+//! counted once (`malformed` or `gap`), and found again at the next captured piece that
+//! starts a plausible message (see [`judge`]): drivers write a message in one call and
+//! read its header first, so pieces start messages. Nothing is paired by a guess: a
+//! reply pairs only with the request its `responseTo` names; one that names no request
+//! seen is counted `unpaired` (except an exhaust stream's later replies, which answer
+//! the reply before them). The server answers a connection's requests one at a time, in
+//! order, so when a request's reply pairs, earlier requests still waiting whose replies
+//! fell in bytes the server side lost are reported then, ending where the loss was, with
+//! `db.response_truncated`.
 
 use std::collections::VecDeque;
 
@@ -15,7 +27,7 @@ use base64::Engine as _;
 use super::{
     bytes::{cstr, le_i32, le_i64, le_u32, lossy},
     framing::FrameReader,
-    truncate_statement, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
+    truncate_statement, Loss, Losses, Op, Parser, ParserConfig, Protocol, Side, StatusCode,
 };
 
 const HEADER: usize = 16;
@@ -38,6 +50,19 @@ const LEGACY_OPS: [i32; 5] = [2001, 2002, 2005, 2006, 2007];
 /// follow this message.
 const CHECKSUM_PRESENT: u32 = 1;
 const MORE_TO_COME: u32 = 1 << 1;
+/// The client accepts an exhaust stream of replies (requests only).
+const EXHAUST_ALLOWED: u32 = 1 << 16;
+/// OP_REPLY responseFlags defined (CursorNotFound, QueryFailure, ShardConfigStale,
+/// AwaitCapable); OP_QUERY flags defined (bit 0 is reserved, must be 0).
+const REPLY_FLAGS: i32 = 0xf;
+const QUERY_FLAGS: i32 = 0xfe;
+/// Bytes from a piece's start enough to judge whether it starts a message (the longest
+/// need: an OP_QUERY's namespace, then its skip/return counts and query length).
+const JUDGE_BYTES: usize = HEADER + 4 + MAX_NAMESPACE + 1 + 12;
+/// A namespace (`db.collection`) is at most 255 bytes on current servers.
+const MAX_NAMESPACE: usize = 255;
+/// Exhaust streams followed at once (their last reply's id).
+const MAX_EXHAUST: usize = 16;
 /// OP_REPLY responseFlags.
 const CURSOR_NOT_FOUND: i32 = 1;
 const QUERY_FAILURE: i32 = 1 << 1;
@@ -636,16 +661,36 @@ impl Message {
 }
 
 /// One direction's message reader: the 16-byte header, then the body it announces.
-#[derive(Default)]
 struct Stream {
     frames: FrameReader<HEADER>,
     /// Header of the message whose body is being read.
     header: Option<Header>,
+    /// Message boundaries unknown: since watching began, or since bytes were lost or did
+    /// not parse. Framing resumes at a captured piece that starts a message.
+    lost: bool,
+    /// The current loss is counted (a stream begins lost but not counted: its first
+    /// piece may well start a message).
+    counted: bool,
+    /// Pieces held while the first of them might start a message but is too short to
+    /// tell (a header read on its own): timestamp and bytes.
+    held: Vec<(u64, Vec<u8>)>,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self {
+            frames: FrameReader::default(),
+            header: None,
+            lost: true,
+            counted: false,
+            held: Vec::new(),
+        }
+    }
 }
 
 impl Stream {
     fn mid_message(&self) -> bool {
-        !self.frames.at_boundary()
+        !self.lost && !self.frames.at_boundary()
     }
 
     /// The next complete message, `Ok(None)` when more bytes are needed, `Err` when the
@@ -680,15 +725,180 @@ impl Stream {
         })
     }
 
-    /// `n` bytes lost: skippable only inside a message whose length we know (the message
-    /// may end with them). `Err`: the stream is lost.
-    fn skip(&mut self, n: u64, ts: u64) -> Result<Option<Message>, ()> {
-        match self.frames.skip(n) {
-            (_, true) => Err(()),
-            (true, false) => Ok(self.take_message(ts)),
-            (false, false) => Ok(None),
-        }
+    /// `n` bytes lost: skipped inside a message whose length we know. Returns the message
+    /// they ended (cut), and whether bytes after its end, or between messages, were lost.
+    fn skip(&mut self, n: u64, ts: u64) -> (Option<Message>, bool) {
+        let (ended, lost) = self.frames.skip(n);
+        let m = if ended { self.take_message(ts) } else { None };
+        (m, lost)
     }
+
+    /// Forgets the message in progress: framing is lost, and the loss counted.
+    fn lose(&mut self) {
+        self.frames.restart();
+        self.header = None;
+        self.held.clear();
+        self.lost = true;
+        self.counted = true;
+    }
+
+    /// The first bytes held from the piece at `i` on, at most [`JUDGE_BYTES`].
+    fn held_prefix(&self, i: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (_, d) in self.held.get(i..).unwrap_or_default() {
+            let room = JUDGE_BYTES - b.len();
+            b.extend_from_slice(d.get(..room).unwrap_or(d));
+            if b.len() == JUDGE_BYTES {
+                break;
+            }
+        }
+        b
+    }
+}
+
+/// Whether a captured piece that begins with `b` begins a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Starts,
+    Not,
+    /// Too few bytes to tell.
+    More,
+}
+
+/// Judges whether the bytes at a captured piece's start begin a message this side sends:
+/// its length within the protocol's limits and at least its opcode's smallest, a current
+/// opcode this side sends (requests name no `responseTo`, replies do), flag bits that are
+/// defined, and the start of the body consistent with the length (OP_MSG: the first
+/// section's kind and its document's or sequence's size, and the document's first
+/// element type; OP_QUERY: a namespace and the query's size; OP_REPLY: the count and the
+/// first document's size; OP_COMPRESSED: the original opcode and compressor).
+fn judge(side: Side, b: &[u8]) -> Verdict {
+    use Verdict::{More, Not, Starts};
+    if b.len() < HEADER {
+        return More;
+    }
+    let Some(h) = Header::parse(b) else {
+        return Not;
+    };
+    let ok_op = match side {
+        Side::Client => matches!(h.op, OP_MSG | OP_QUERY | OP_COMPRESSED) && h.response_to == 0,
+        Side::Server => matches!(h.op, OP_MSG | OP_REPLY | OP_COMPRESSED) && h.response_to != 0,
+    };
+    let min = match h.op {
+        OP_MSG => HEADER + 4 + 1 + 5,
+        OP_REPLY => HEADER + 20,
+        OP_QUERY => HEADER + 4 + 4 + 8 + 5,
+        _ => HEADER + 9 + 1,
+    };
+    if !ok_op || !(min as u32..=MAX_MESSAGE).contains(&h.len) {
+        return Not;
+    }
+    let len = h.len as usize;
+    // Reads an i32 at `at` if the message holds it: `None` (need more) or the value.
+    let need = |at: usize| -> Result<i32, Verdict> {
+        if at + 4 > len {
+            return Err(Not);
+        }
+        le_i32(b, at).ok_or(More)
+    };
+    let size_fits =
+        |size: i32, at: usize| usize::try_from(size).is_ok_and(|s| s >= 5 && at + s <= len);
+    let verdict = (|| -> Result<Verdict, Verdict> {
+        match h.op {
+            OP_MSG => {
+                let flags = need(HEADER)? as u32;
+                let allowed = CHECKSUM_PRESENT
+                    | MORE_TO_COME
+                    | if side == Side::Client {
+                        EXHAUST_ALLOWED
+                    } else {
+                        0
+                    };
+                if flags & !allowed != 0 {
+                    return Ok(Not);
+                }
+                let end = if flags & CHECKSUM_PRESENT != 0 {
+                    len - 4
+                } else {
+                    len
+                };
+                let kind = *b.get(HEADER + 4).ok_or(More)?;
+                let size = need(HEADER + 5)?;
+                let at = HEADER + 5;
+                let fits = usize::try_from(size).is_ok_and(|s| s >= 5 && at + s <= end);
+                if !fits {
+                    return Ok(Not);
+                }
+                let next = *b.get(at + 4).ok_or(More)?;
+                let first_ok = match kind {
+                    // Body document: its first element's type, or its end when empty.
+                    0 => (size == 5) == (next == 0) && (next == 0 || bson_type(next)),
+                    // Document sequence: an identifier (a field name) after its size.
+                    1 => next.is_ascii_alphabetic(),
+                    _ => false,
+                };
+                Ok(if first_ok { Starts } else { Not })
+            }
+            OP_REPLY => {
+                let flags = need(HEADER)?;
+                let from = need(HEADER + 12)?;
+                let returned = need(HEADER + 16)?;
+                if flags & !REPLY_FLAGS != 0 || from < 0 || returned < 0 {
+                    return Ok(Not);
+                }
+                if returned == 0 {
+                    return Ok(if len == HEADER + 20 { Starts } else { Not });
+                }
+                let size = need(HEADER + 20)?;
+                Ok(if size_fits(size, HEADER + 20) {
+                    Starts
+                } else {
+                    Not
+                })
+            }
+            OP_QUERY => {
+                let flags = need(HEADER)?;
+                if flags & !QUERY_FLAGS != 0 {
+                    return Ok(Not);
+                }
+                let ns_at = HEADER + 4;
+                let ns_max = (len - ns_at).min(MAX_NAMESPACE + 1);
+                let window = b.get(ns_at..).unwrap_or_default();
+                let window = window.get(..ns_max).unwrap_or(window);
+                let Some(nul) = window.iter().position(|&c| c == 0) else {
+                    return Err(if window.len() < ns_max { More } else { Not });
+                };
+                let ns = &window[..nul];
+                let plausible = ns.iter().all(|c| c.is_ascii_graphic())
+                    && ns.iter().position(|&c| c == b'.').is_some_and(|i| i > 0);
+                if !plausible {
+                    return Ok(Not);
+                }
+                let at = ns_at + nul + 1 + 8;
+                let size = need(at)?;
+                Ok(if size_fits(size, at) { Starts } else { Not })
+            }
+            _ => {
+                // OP_COMPRESSED: originalOpcode, uncompressedSize, compressorId (noop,
+                // snappy, zlib, zstd).
+                let original = need(HEADER)?;
+                let size = need(HEADER + 4)?;
+                let compressor = *b.get(HEADER + 8).ok_or(More)?;
+                let ok = match side {
+                    Side::Client => matches!(original, OP_MSG | OP_QUERY),
+                    Side::Server => matches!(original, OP_MSG | OP_REPLY),
+                } && (0..=MAX_MESSAGE as i32).contains(&size)
+                    && compressor <= 3;
+                Ok(if ok { Starts } else { Not })
+            }
+        }
+    })();
+    verdict.unwrap_or_else(|v| v)
+}
+
+/// A BSON element type byte (bsonspec.org 1.1, deprecated types included).
+fn bson_type(t: u8) -> bool {
+    matches!(t, 0x01..=0x13 | 0x7F | 0xFF)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1018,42 +1228,128 @@ fn decode_reply(op: &mut Op, req_command: &str, legacy_query: bool, m: &Message)
 struct Pending {
     request_id: i32,
     req: Request,
+    /// The server side lost bytes (at this timestamp) while this request waited: its
+    /// reply may have been among them.
+    reply_lost_at: Option<u64>,
 }
 
 pub struct MongoParser {
     cfg: ParserConfig,
-    unparsed: u64,
+    losses: Losses,
     client: Stream,
     server: Stream,
     pending: VecDeque<Pending>,
+    /// Last reply of each exhaust stream followed (sent with moreToCome): the server's
+    /// next reply on it answers that reply, not a request.
+    exhaust: VecDeque<i32>,
+    closed: bool,
 }
 
 impl MongoParser {
     pub fn new(cfg: ParserConfig) -> Self {
         Self {
             cfg,
-            unparsed: 0,
+            losses: Losses::default(),
             client: Stream::default(),
             server: Stream::default(),
             pending: VecDeque::new(),
+            exhaust: VecDeque::new(),
+            closed: false,
         }
     }
 
-    fn drive(&mut self, side: Side, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
-        let keep = self.cfg.max_buffer.saturating_sub(HEADER);
-        loop {
-            let stream = match side {
-                Side::Client => &mut self.client,
-                Side::Server => &mut self.server,
-            };
-            if stream.frames.dead {
-                return;
+    fn stream(&mut self, side: Side) -> &mut Stream {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Server => &mut self.server,
+        }
+    }
+
+    /// A captured piece. While this side's framing is lost it resumes only at a piece
+    /// that starts a message; the pieces that do not are dropped.
+    fn drive(&mut self, side: Side, data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        if self.closed || data.is_empty() {
+            return;
+        }
+        let st = self.stream(side);
+        if st.lost {
+            if st.held.is_empty() {
+                match judge(side, data) {
+                    Verdict::Starts => st.lost = false,
+                    Verdict::Not => return self.dropped(side, ts),
+                    Verdict::More => return st.held.push((ts, data.to_vec())),
+                }
+            } else {
+                // Each held piece's start is judged in turn, with the bytes after it.
+                st.held.push((ts, data.to_vec()));
+                loop {
+                    let st = self.stream(side);
+                    match judge(side, &st.held_prefix(0)) {
+                        Verdict::More => return,
+                        Verdict::Not => {
+                            let (t, _) = st.held.remove(0);
+                            let empty = st.held.is_empty();
+                            self.dropped(side, t);
+                            if empty {
+                                return;
+                            }
+                        }
+                        Verdict::Starts => {
+                            let held = std::mem::take(&mut st.held);
+                            st.lost = false;
+                            for (t, d) in held {
+                                self.drive(side, &d, t, out);
+                            }
+                            return;
+                        }
+                    }
+                }
             }
-            match stream.step(&mut data, ts, keep) {
+        }
+        self.frame(side, data, ts, out);
+    }
+
+    /// Frames the messages of an in-sync stream.
+    fn frame(&mut self, side: Side, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
+        let keep = self.cfg.max_buffer.saturating_sub(HEADER);
+        while !data.is_empty() {
+            match self.stream(side).step(&mut data, ts, keep) {
                 Ok(None) => return,
-                Err(()) => return self.give_up(side, ts, out),
+                // Not a header: the rest of this piece is not framed.
+                Err(()) => return self.lose(side, Loss::Malformed, ts),
                 Ok(Some(m)) => self.dispatch(side, &m, out),
             }
+        }
+    }
+
+    /// A piece that does not start a message, on a side whose framing is lost: counted
+    /// once per loss (a stream watched from a message's middle is counted here).
+    fn dropped(&mut self, side: Side, ts: u64) {
+        let st = self.stream(side);
+        if !st.counted {
+            st.counted = true;
+            self.losses.add(Loss::Malformed);
+        }
+        if side == Side::Server {
+            self.server_lost_at(ts);
+        }
+    }
+
+    /// This side's framing is lost (`why`): counted, and resumed at a piece that starts
+    /// a message.
+    fn lose(&mut self, side: Side, why: Loss, ts: u64) {
+        self.losses.add(why);
+        self.stream(side).lose();
+        if side == Side::Server {
+            self.server_lost_at(ts);
+        }
+    }
+
+    /// The server's bytes at `ts` were not read: the replies of the requests waiting
+    /// since before them may have been among them.
+    fn server_lost_at(&mut self, ts: u64) {
+        for p in self.pending.iter_mut().filter(|p| p.req.op.start_ts <= ts) {
+            p.reply_lost_at.get_or_insert(ts);
         }
     }
 
@@ -1067,69 +1363,94 @@ impl MongoParser {
     fn request(&mut self, m: &Message, out: &mut Vec<Op>) {
         let Some(mut req) = decode_request(m, self.cfg.max_statement) else {
             // Undecodable, a legacy opcode, or a reply opcode from the client.
-            self.unparsed += 1;
+            self.losses.add(Loss::Malformed);
             return;
         };
         req.op.start_ts = m.start_ts;
         req.op.end_ts = m.end_ts;
-        if req.no_reply || self.server.frames.dead {
+        if req.no_reply {
             // moreToCome: the server sends nothing back (e.g. w:0 writes).
             out.push(req.op);
             return;
         }
         if self.pending.len() >= MAX_PENDING {
+            // Replies are not reaching us: the oldest request is reported without one.
+            self.losses.add(Loss::Oversize);
             if let Some(old) = self.pending.pop_front() {
-                out.push(old.req.op);
+                out.push(unanswered(old, m.start_ts));
             }
         }
         self.pending.push_back(Pending {
             request_id: m.header.request_id,
             req,
+            reply_lost_at: None,
         });
     }
 
     fn reply(&mut self, m: &Message, out: &mut Vec<Op>) {
-        // Replies answering no request we hold are normal for exhaust cursors and
-        // streaming hello (each later reply answers the previous reply), so not counted.
-        let Some(i) = self
-            .pending
-            .iter()
-            .position(|p| p.request_id == m.header.response_to)
-        else {
+        let more =
+            m.header.op == OP_MSG && le_u32(&m.body, 0).is_some_and(|f| f & MORE_TO_COME != 0);
+        let to = m.header.response_to;
+        let Some(i) = self.pending.iter().position(|p| p.request_id == to) else {
+            // A later reply of an exhaust stream (a cursor, a streaming hello) answers
+            // the reply before it; anything else answers a request not seen.
+            match self.exhaust.iter().position(|&id| id == to) {
+                Some(j) => {
+                    self.exhaust.remove(j);
+                }
+                None => self.losses.add(Loss::Unpaired),
+            }
+            if more {
+                self.follow_exhaust(m.header.request_id);
+            }
             return;
         };
+        // The server answers in order: requests asked before this one and still
+        // waiting had their replies in bytes the server side lost.
+        let mut j = 0;
+        let mut i = i;
+        while j < i {
+            if self.pending[j].reply_lost_at.is_some() {
+                if let Some(p) = self.pending.remove(j) {
+                    let end = p.reply_lost_at.unwrap_or(m.start_ts);
+                    out.push(unanswered(p, end));
+                }
+                i -= 1;
+            } else {
+                j += 1;
+            }
+        }
         let Some(p) = self.pending.remove(i) else {
             return;
         };
         let mut op = p.req.op;
         op.end_ts = m.end_ts;
         if !decode_reply(&mut op, &p.req.command, p.req.legacy_query, m) {
-            self.unparsed += 1;
+            self.losses.add(Loss::Malformed);
         }
         out.push(op);
-    }
-
-    /// This side's framing is lost. Counted once. Client side: requests already held still
-    /// get their replies (pairing is by id). Server side: waiting requests are reported
-    /// now without a reply, later ones as they come.
-    fn give_up(&mut self, side: Side, ts: u64, out: &mut Vec<Op>) {
-        self.unparsed += 1;
-        match side {
-            Side::Client => self.client.frames.dead = true,
-            Side::Server => {
-                self.server.frames.dead = true;
-                self.flush(ts, out);
-            }
+        if more {
+            self.follow_exhaust(m.header.request_id);
         }
     }
 
-    fn flush(&mut self, ts: u64, out: &mut Vec<Op>) {
-        for p in self.pending.drain(..) {
-            let mut op = p.req.op;
-            op.end_ts = ts;
-            out.push(op);
+    fn follow_exhaust(&mut self, reply_id: i32) {
+        if self.exhaust.len() >= MAX_EXHAUST {
+            self.exhaust.pop_front();
         }
+        self.exhaust.push_back(reply_id);
     }
+}
+
+/// A request whose reply was not seen, reported ending at `end_ts` (where the server's
+/// bytes were lost, or when it was given up): outcome unknown.
+fn unanswered(p: Pending, end_ts: u64) -> Op {
+    let mut op = p.req.op;
+    op.end_ts = end_ts;
+    if p.reply_lost_at.is_some() {
+        op.attr("db.response_truncated", true);
+    }
+    op
 }
 
 impl Parser for MongoParser {
@@ -1142,33 +1463,53 @@ impl Parser for MongoParser {
     }
 
     fn gap(&mut self, side: Side, n: u64, ts: u64, out: &mut Vec<Op>) {
-        let stream = match side {
-            Side::Client => &mut self.client,
-            Side::Server => &mut self.server,
-        };
-        if stream.frames.dead || n == 0 {
+        if self.closed || n == 0 {
             return;
         }
-        match stream.skip(n, ts) {
-            Ok(Some(m)) => self.dispatch(side, &m, out),
-            Ok(None) => {}
-            Err(()) => self.give_up(side, ts, out),
+        let st = self.stream(side);
+        if st.lost {
+            // Nothing framed to lose; a piece held to be judged is followed by a hole.
+            st.held.clear();
+            if !st.counted {
+                st.counted = true;
+                self.losses.add(Loss::Gap);
+            }
+            if side == Side::Server {
+                self.server_lost_at(ts);
+            }
+            return;
+        }
+        let (m, lost) = st.skip(n, ts);
+        if let Some(m) = m {
+            self.dispatch(side, &m, out);
+        }
+        if lost {
+            // Bytes between messages are gone: no length to frame the rest on.
+            self.lose(side, Loss::Gap, ts);
         }
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
-        if (!self.client.frames.dead && self.client.mid_message())
-            || (!self.server.frames.dead && self.server.mid_message())
-        {
-            self.unparsed += 1;
+        if self.closed {
+            return;
         }
-        self.flush(ts, out);
-        self.client.frames.dead = true;
-        self.server.frames.dead = true;
+        if self.client.mid_message() || self.server.mid_message() {
+            // Cut by the close: never completed.
+            self.losses.add(Loss::Malformed);
+        }
+        for p in std::mem::take(&mut self.pending) {
+            let end = p.reply_lost_at.unwrap_or(ts);
+            out.push(unanswered(p, end));
+        }
+        self.closed = true;
     }
 
     fn unparsed(&self) -> u64 {
-        self.unparsed
+        self.losses.total()
+    }
+
+    fn losses(&self) -> Losses {
+        self.losses
     }
 }
 

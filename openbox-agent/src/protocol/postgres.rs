@@ -33,6 +33,9 @@
 //!   the loss, so a request seen after it is paired only when nothing seen before is
 //!   still waiting (a client that waits has had every earlier answer by then).
 //!   Otherwise it is dropped, counted `unpaired`, never given another's answer.
+//! - A response to a request never seen (sent before watching began: its CommandComplete,
+//!   ERROR or ReadyForQuery arrives with no Query or Execute waiting) is framed,
+//!   dropped and counted `unpaired`, once per response.
 //!
 //! Every loss is counted by reason ([`Loss`]).
 
@@ -259,6 +262,8 @@ pub struct PostgresParser {
     /// The server's stream reached a ReadyForQuery since watching began or resumed:
     /// its framing is its own.
     server_confirmed: bool,
+    /// The response being read answers no request seen, and was counted `unpaired`.
+    orphan_counted: bool,
 }
 
 /// A request on its way to becoming an op.
@@ -316,6 +321,7 @@ impl PostgresParser {
             client_gap: false,
             client_unconfirmed: true,
             server_confirmed: false,
+            orphan_counted: false,
         }
     }
 
@@ -567,6 +573,11 @@ impl PostgresParser {
             b's' => self.complete(Completion::Suspended, ts, out),
             b'E' => {
                 let err = parse_error(&f.body);
+                if self.pending.is_empty() && severity_is_error(&f.body) {
+                    // An ERROR (not a FATAL: those end the connection, asked or not)
+                    // answers a request, here one never seen.
+                    self.orphan_answer();
+                }
                 self.error(err, ts, out);
             }
             b'D' => {
@@ -615,8 +626,22 @@ impl PostgresParser {
         }
     }
 
+    /// The server answers a request never seen (sent before watching began, or a lone
+    /// Sync seen after the Execute it ends): its messages are framed and dropped,
+    /// counted once per response. A loss of the client's stream, counted already,
+    /// accounts for the answers to what it lost.
+    fn orphan_answer(&mut self) {
+        if !self.client_gap && !self.orphan_counted {
+            self.losses.add(Loss::Unpaired);
+            self.orphan_counted = true;
+        }
+    }
+
     fn complete(&mut self, how: Completion, ts: u64, out: &mut Vec<Op>) {
-        let Some(i) = self.front_index() else { return };
+        let Some(i) = self.front_index() else {
+            // A command completed that no Query or Execute seen asked for.
+            return self.orphan_answer();
+        };
         let Some(run) = (match self.pending.get_mut(i) {
             Some(Pending::Query(run) | Pending::Execute(run)) => Some(run),
             _ => None,
@@ -679,10 +704,16 @@ impl PostgresParser {
         }
         // A Parse that fails with no Execute after it (asyncpg prepares with
         // Parse/Describe/Sync) would otherwise leave no trace of the failed statement.
-        if let (false, Some((stmt, start_ts))) = (failed_execute, failed_parse) {
-            let mut run = self.start_op(Some(&stmt), "PARSE", start_ts);
-            run.error = Some(err.clone());
-            out.push(finish(run, ts));
+        match (failed_execute, failed_parse) {
+            (false, Some((stmt, start_ts))) => {
+                let mut run = self.start_op(Some(&stmt), "PARSE", start_ts);
+                run.error = Some(err.clone());
+                out.push(finish(run, ts));
+            }
+            // No op seen failed: the failed message was sent before watching began (a
+            // Describe or Sync seen alone).
+            (false, None) => self.orphan_answer(),
+            _ => {}
         }
         self.batch_error = Some(err);
     }
@@ -691,6 +722,11 @@ impl PostgresParser {
         if std::mem::take(&mut self.startup_ready_due) {
             return;
         }
+        if self.pending.is_empty() {
+            // The end of a response to a request never seen.
+            self.orphan_answer();
+        }
+        self.orphan_counted = false;
         while let Some(p) = self.pending.pop_front() {
             match p {
                 Pending::Query(run) => {
@@ -939,6 +975,26 @@ fn parse_error(body: &[u8]) -> ServerError {
         pos = pos.saturating_add(value.len()).saturating_add(2);
     }
     err
+}
+
+/// Whether an ErrorResponse's severity ('V', not localized; 'S' from servers before
+/// 9.6) is ERROR, the severity of a failed request.
+fn severity_is_error(body: &[u8]) -> bool {
+    let mut severity = None;
+    let mut pos = 0;
+    while let Some(&field) = body.get(pos) {
+        if field == 0 {
+            break;
+        }
+        let value = cstr_or_rest(body, pos + 1);
+        match field {
+            b'V' => return value == b"ERROR",
+            b'S' => severity = Some(value),
+            _ => {}
+        }
+        pos = pos.saturating_add(value.len()).saturating_add(2);
+    }
+    severity == Some(&b"ERROR"[..])
 }
 
 /// The row count at the end of a CommandComplete tag: "SELECT 5", "INSERT 0 3",

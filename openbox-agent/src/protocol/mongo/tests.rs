@@ -1,6 +1,7 @@
 use Side::{Client as C, Server as S};
 
 use super::*;
+use crate::protocol::{scripts, Loss};
 
 /// BSON document builder for tests.
 #[derive(Default, Clone)]
@@ -528,19 +529,96 @@ fn gap_inside_a_message_skips_it() {
 }
 
 #[test]
-fn gap_between_messages_gives_up_on_that_side() {
+fn gap_between_messages_resynchronises_at_the_next_piece() {
     let (req, rep) = find_pair();
+    let (req2, rep2) = {
+        let (mut q, mut r) = find_pair();
+        q[4] = 8; // requestID 8
+        r[8] = 8; // responseTo 8
+        (q, r)
+    };
     let mut p = MongoParser::new(ParserConfig::default());
     let mut out = Vec::new();
     p.feed(C, &req, 1, &mut out);
     p.gap(C, 40, 2, &mut out);
-    p.feed(C, &req, 3, &mut out);
-    // The request held before the gap still gets its reply.
+    p.feed(C, &req2, 3, &mut out);
+    // The request held before the gap still gets its reply, and the one after it too.
     p.feed(S, &rep, 4, &mut out);
+    p.feed(S, &rep2, 5, &mut out);
+    let got: Vec<_> = out.iter().map(|o| (o.start_ts, o.end_ts)).collect();
+    assert_eq!(got, [(1, 4), (3, 5)]);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    // A gap between the server's messages: the next reply resynchronises.
+    p.feed(C, &req, 6, &mut out);
+    p.gap(S, 10, 7, &mut out);
+    p.feed(S, &rep[..20], 8, &mut out);
+    p.feed(C, &req2, 9, &mut out);
+    p.feed(S, &rep2, 10, &mut out);
+    // The reply to the request before the gap was lost in it: that request ends at the
+    // gap, marked, once a later request's reply shows the server answered past it.
+    let got: Vec<_> = out[2..]
+        .iter()
+        .map(|o| {
+            (
+                o.start_ts,
+                o.end_ts,
+                o.attributes.contains_key("db.response_truncated"),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(6, 7, true), (9, 10, false)]);
+    assert_eq!(p.losses().get(Loss::Gap), 2);
+    assert_eq!(p.losses().total(), 2);
+}
+
+#[test]
+fn a_stream_watched_from_a_message_middle_resynchronises_and_counts_what_it_dropped() {
+    let (req, rep) = find_pair();
+    let mut p = MongoParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    // The tail of a request, then of a reply: neither starts a message.
+    p.feed(C, &req[30..], 1, &mut out);
+    p.feed(S, &rep[30..], 2, &mut out);
+    assert_eq!(p.losses().get(Loss::Malformed), 2);
+    // A reply whose request came before watching began: unpaired, counted.
+    p.feed(S, &rep, 3, &mut out);
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
+    // The next exchange is whole, its reply read as PyMongo reads it: header first.
+    p.feed(C, &req, 4, &mut out);
+    p.feed(S, &rep[..16], 5, &mut out);
+    p.feed(S, &rep[16..], 6, &mut out);
     assert_eq!(out.len(), 1);
-    assert_eq!(p.unparsed(), 1);
-    p.gap(S, 10, 5, &mut out);
-    assert_eq!(p.unparsed(), 2);
+    assert_eq!(
+        (out[0].name.as_str(), out[0].start_ts, out[0].end_ts),
+        ("find", 4, 6)
+    );
+    assert_eq!(attr(&out[0], "db.rowcount"), 2);
+    assert_eq!(p.losses().total(), 3);
+}
+
+#[test]
+fn pieces_that_merely_look_like_headers_are_not_taken_for_messages() {
+    let (req, _) = find_pair();
+    // A known opcode and a sane length, but flag bits no driver sets, a section kind
+    // that does not exist, or a body document longer than the message.
+    let mut bad_flags = req.clone();
+    bad_flags[17] = 0x10;
+    let mut bad_kind = req.clone();
+    bad_kind[20] = 7;
+    let mut bad_doc = req.clone();
+    bad_doc[21..25].copy_from_slice(&1000i32.to_le_bytes());
+    let mut reply_op = req.clone();
+    reply_op[12..16].copy_from_slice(&OP_REPLY.to_le_bytes());
+    for bad in [&bad_flags, &bad_kind, &bad_doc, &reply_op] {
+        assert_eq!(judge(C, bad), Verdict::Not);
+    }
+    assert_eq!(judge(C, &req), Verdict::Starts);
+    assert_eq!(judge(C, &req[..20]), Verdict::More);
+    // A reply is not a request, and a request not a reply.
+    assert_eq!(judge(S, &req), Verdict::Not);
+    let (_, rep) = find_pair();
+    assert_eq!(judge(S, &rep), Verdict::Starts);
+    assert_eq!(judge(C, &rep), Verdict::Not);
 }
 
 #[test]
@@ -575,10 +653,92 @@ fn oversized_message_is_cut_but_still_paired() {
 }
 
 #[test]
-fn malformed_header_stops_that_side_once() {
-    let (ops, p) = run(&[(C, &[0xff; 40]), (C, &[0x00; 40])]);
+fn bytes_that_do_not_frame_are_counted_once_until_a_message_starts() {
+    let (req, rep) = find_pair();
+    let (ops, p) = run(&[(C, &[0xff; 40]), (C, &[0x00; 40]), (C, &req), (S, &rep)]);
+    assert_eq!(ops.len(), 1);
+    assert_eq!(p.losses().get(Loss::Malformed), 1);
+    assert_eq!(p.losses().total(), 1);
+    // In sync, a header that is not one: counted, and framing resumes at the next piece.
+    let (ops, p) = run(&[
+        (C, &[&req[..], &[0xff; 20]].concat()),
+        (S, &rep),
+        (C, &req),
+        (S, &rep),
+    ]);
+    assert_eq!(ops.len(), 2);
+    assert_eq!(p.losses().get(Loss::Malformed), 1);
+}
+
+#[test]
+fn exhaust_streams_are_followed_and_stray_replies_counted() {
+    let req = op_msg(
+        41,
+        0,
+        EXHAUST_ALLOWED,
+        &Bson::default().i32("hello", 1).s("$db", "admin"),
+        None,
+    );
+    let r1 = op_msg(42, 41, MORE_TO_COME, &ok(), None);
+    let r2 = op_msg(43, 42, MORE_TO_COME, &ok(), None);
+    let r3 = op_msg(44, 43, 0, &ok(), None);
+    let stray = op_msg(45, 999, 0, &ok(), None);
+    let (ops, p) = run(&[(C, &req), (S, &r1), (S, &r2), (S, &r3), (S, &stray)]);
+    assert_eq!(ops.len(), 1);
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
+    assert_eq!(p.losses().total(), 1);
+    // Watched from the middle of an exhaust stream: its first reply seen is counted, not
+    // the ones after it.
+    let (ops, p) = run(&[(S, &r2), (S, &r3)]);
     assert!(ops.is_empty());
-    assert_eq!(p.unparsed(), 1);
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
+}
+
+/// The PyMongo recording (see `recorded_pymongo_session_gives_expected_ops`) as a script,
+/// one message a piece; `split`: each reply read as PyMongo reads it (its 16-byte header,
+/// then the body, the larger bodies over two reads) and each request of more than 100
+/// bytes written in two.
+fn pymongo_script(split: bool) -> scripts::Script {
+    let seed = include_bytes!("../../../fuzz/seeds/mongo/pymongo_session");
+    let mut rest = &seed[1..];
+    let mut s = scripts::Script::new();
+    while let Some(h) = Header::parse(rest) {
+        let (msg, next) = rest.split_at(h.len as usize);
+        let side = if h.response_to == 0 { C } else { S };
+        let cuts: Vec<usize> = match (split, side) {
+            (false, _) => vec![],
+            (true, S) if msg.len() > 100 => vec![16, 16 + (msg.len() - 16) / 2],
+            (true, S) => vec![16],
+            (true, C) if msg.len() > 100 => vec![msg.len() / 3],
+            (true, C) => vec![],
+        };
+        let mut at = 0;
+        for cut in cuts.into_iter().chain([msg.len()]) {
+            let ts = s.len() as u64 + 1;
+            s.push((side, msg[at..cut].to_vec(), ts));
+            at = cut;
+        }
+        rest = next;
+    }
+    s
+}
+
+#[test]
+fn a_recorded_session_watched_from_any_byte_offset_yields_every_later_exchange_paired_right() {
+    for split in [false, true] {
+        let s = pymongo_script(split);
+        let checked = scripts::every_offset(Protocol::Mongo, &s, scripts::Cut::StartAt);
+        assert!(checked > 0);
+    }
+}
+
+#[test]
+fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cuts() {
+    for split in [false, true] {
+        let s = pymongo_script(split);
+        let checked = scripts::every_offset(Protocol::Mongo, &s, scripts::Cut::GapAt);
+        assert!(checked > 0);
+    }
 }
 
 #[test]
@@ -801,6 +961,7 @@ fn random_garbage_never_panics() {
             }
         }
         super::super::fuzz_one(Protocol::Mongo, &bytes);
+        super::super::fuzz_resync(Protocol::Mongo, &bytes);
         let mut p = MongoParser::new(ParserConfig::default());
         let mut out = Vec::new();
         let (a, b) = bytes.split_at(bytes.len().min(req.len()));
