@@ -354,11 +354,7 @@ pub fn emit_payload(scratch: *mut Scratch, call: DataCall, payload: Payload) -> 
         // 1 when rest >= MAX_CHUNK: rest >> CHUNK_SHIFT is below 2^52, so adding
         // 2^52 - 1 carries into bit 52 exactly when it is not zero.
         let big = ((rest >> CHUNK_SHIFT) + ((1 << 52) - 1)) >> 52;
-        vset!(
-            st,
-            n,
-            rest.wrapping_mul(1 - big) + MAX_CHUNK as u64 * big
-        );
+        vset!(st, n, rest.wrapping_mul(1 - big) + MAX_CHUNK as u64 * big);
         // Both below 2^19 now, so their difference's sign bit says which is smaller.
         let a = vget!(st, n);
         let b = wanted - done;
