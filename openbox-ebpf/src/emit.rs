@@ -18,19 +18,25 @@ use crate::{
     task::header,
 };
 
-/// Wake the agent only once this much is waiting; it also drains the ring on a short
+/// Wake the agent only once 2^WAKEUP_SHIFT bytes (64 KiB) are waiting; it also drains the ring on a short
 /// timer. Waking it for every record cost the traced process a context switch per
 /// syscall (measured: 6.3 µs instead of 2.5 µs per 1-byte write+read).
-const WAKEUP_BYTES: u64 = 64 * 1024;
+const WAKEUP_SHIFT: u32 = 16;
+const _: () = assert!(BPF_RB_NO_WAKEUP == 1 && BPF_RB_FORCE_WAKEUP == 2);
 
-/// The wake-up flag for a record submitted now.
+/// log2 of `MAX_CHUNK`, for [`emit_payload`]'s arithmetic.
+const CHUNK_SHIFT: u32 = MAX_CHUNK.trailing_zeros();
+const _: () = assert!(1 << CHUNK_SHIFT == MAX_CHUNK);
+
+/// The wake-up flag for a record submitted now: `BPF_RB_FORCE_WAKEUP` from 64 KiB
+/// waiting, `BPF_RB_NO_WAKEUP` below. Without a branch: each branch of a
+/// program is a path the verifier walks, and [`emit_payload`] calls this in its loop.
 #[inline(always)]
 pub fn wakeup() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP.into()
-    } else {
-        BPF_RB_NO_WAKEUP.into()
-    }
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA.into());
+    // waiting >> WAKEUP_SHIFT is below 2^48: adding 2^48 - 1 carries into bit 48
+    // exactly when it is not zero.
+    BPF_RB_NO_WAKEUP as u64 + (((waiting >> WAKEUP_SHIFT) + ((1 << 48) - 1)) >> 48)
 }
 
 /// Sends a fixed-size record to the ring buffer.
@@ -185,6 +191,18 @@ pub struct LoopState {
     /// Bytes copied for this call so far, and the most that will be.
     done: u64,
     wanted: u64,
+    /// Bytes of the chunk being copied.
+    n: u64,
+    /// The iovec array and its length (0 for a plain buffer), and the call's length.
+    array: u64,
+    iovcnt: u64,
+    call_len: u64,
+    /// Records sent and their payload bytes, records the ring buffer had no room for,
+    /// and copies that failed: counted once the loop is done.
+    sent: u64,
+    captured: u64,
+    dropped: u64,
+    read_failed: u64,
 }
 
 macro_rules! vget {
@@ -196,6 +214,21 @@ macro_rules! vset {
     ($st:expr, $f:ident, $v:expr) => {
         unsafe { ptr::write_volatile(ptr::addr_of_mut!((*$st).$f), $v) }
     };
+}
+
+/// Sends the first `size` bytes of the scratch record: 0, or a negative errno when the
+/// ring buffer had no room. Counts nothing (see [`output_scratch`]).
+#[inline(always)]
+fn output_raw(ev: *mut DataEvent, size: u64) -> i64 {
+    // SAFETY: `ev` is a map value of at least `size` bytes (size <= size_of DataEvent).
+    unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut c_void,
+            ev as *mut c_void,
+            size,
+            wakeup(),
+        )
+    }
 }
 
 /// Sends the first `size` bytes of the scratch record.
@@ -267,12 +300,24 @@ pub fn emit_payload(scratch: *mut Scratch, call: DataCall, payload: Payload) -> 
             len: call_len,
         }
     };
+    // Everything the loop needs is in `st` from here, read back where used: so the loop
+    // is verified once whatever the caller (a buffer or iovecs, a call cut at the limit
+    // or not), where values kept in registers would make each caller's state a walk of
+    // every iteration of its own.
+    vset!(st, array, ptr);
+    // A plain buffer has no next iovec.
+    vset!(st, iovcnt, if iov { iovcnt } else { 0 });
+    vset!(st, call_len, call_len);
     vset!(st, base, first.base);
     vset!(st, len, first.len);
     vset!(st, off, 0);
     vset!(st, idx, 0);
     vset!(st, done, 0);
     vset!(st, wanted, wanted);
+    vset!(st, sent, 0);
+    vset!(st, captured, 0);
+    vset!(st, dropped, 0);
+    vset!(st, read_failed, 0);
 
     for _ in 0..MAX_RECORDS_PER_CALL {
         let done = vget!(st, done);
@@ -283,15 +328,13 @@ pub fn emit_payload(scratch: *mut Scratch, call: DataCall, payload: Payload) -> 
         let off = vget!(st, off);
         let len = vget!(st, len);
         if off >= len {
-            // This iovec is exhausted (or empty): move to the next.
-            if !iov {
-                break;
-            }
+            // This buffer is exhausted (or empty): move to the next iovec, if any.
             let idx = vget!(st, idx) + 1;
-            if idx >= iovcnt {
+            if idx >= vget!(st, iovcnt) {
                 break;
             }
-            let next = match unsafe { bpf_probe_read_user((ptr + idx * 16) as *const Iovec) } {
+            let at = vget!(st, array) + idx * 16;
+            let next = match unsafe { bpf_probe_read_user(at as *const Iovec) } {
                 Ok(v) => v,
                 Err(_) => {
                     // The rest of the call is reported as truncated below.
@@ -305,51 +348,74 @@ pub fn emit_payload(scratch: *mut Scratch, call: DataCall, payload: Payload) -> 
             vset!(st, off, 0);
             continue;
         }
-        let mut n = len - off;
-        if n > wanted - done {
-            n = wanted - done;
-        }
+        // The chunk: min(len - off, wanted - done, MAX_CHUNK), computed without a branch
+        // (see `LoopState`). `len` is the caller's: any u64.
+        let rest = len - off;
+        // 1 when rest >= MAX_CHUNK: rest >> CHUNK_SHIFT is below 2^52, so adding
+        // 2^52 - 1 carries into bit 52 exactly when it is not zero.
+        let big = ((rest >> CHUNK_SHIFT) + ((1 << 52) - 1)) >> 52;
+        vset!(st, n, rest.wrapping_mul(1 - big) + MAX_CHUNK as u64 * big);
+        // Both below 2^19 now, so their difference's sign bit says which is smaller.
+        let a = vget!(st, n);
+        let b = wanted - done;
+        let d = a.wrapping_sub(b) as i64;
+        vset!(st, n, (b as i64 + (d & (d >> 63))) as u64);
+        // Read back: one unknown value on every path, bounded once for the copy.
+        let n = vget!(st, n);
         if n > MAX_CHUNK as u64 {
-            n = MAX_CHUNK as u64;
-        }
-        let n = n as u32;
-        // Bound for the verifier: the copy must fit the scratch record.
-        if n > MAX_CHUNK as u32 {
             break;
         }
-        let mut flags = 0;
-        let src = vget!(st, base) + off;
+        let src = vget!(st, base) + vget!(st, off);
         let rc = unsafe {
             raw_probe_read_user(
                 (*ev).data.as_mut_ptr() as *mut c_void,
-                n,
+                n as u32,
                 src as *const c_void,
             )
         };
-        if rc != 0 {
-            // The record goes out flagged: the agent knows its bytes are not the call's.
-            flags |= FLAG_READ_FAILED;
-            Loss::UserRead.count();
-        }
-        let done = done + n as u64;
+        // 1 when the copy failed (0 or a negative errno): the record goes out flagged,
+        // so the agent knows its bytes are not the call's.
+        let failed = (rc as u64) >> 63;
+        let done = vget!(st, done) + n;
         vset!(st, done, done);
-        vset!(st, off, off + n as u64);
-        if done >= wanted {
-            flags |= FLAG_LAST;
-            if wanted < call_len {
-                flags |= FLAG_TRUNCATED;
-            }
-        }
+        let off = vget!(st, off) + n;
+        vset!(st, off, off);
+        let wanted = vget!(st, wanted);
+        // done <= wanted: 1 when this chunk is the last.
+        let last = (wanted - done).wrapping_sub(1) >> 63;
+        // wanted <= call_len: 1 when the call is cut at the limit.
+        let cut = wanted.wrapping_sub(vget!(st, call_len)) >> 63;
+        let flags = failed * FLAG_READ_FAILED as u64
+            + last * FLAG_LAST as u64
+            + (last & cut) * FLAG_TRUNCATED as u64;
         unsafe {
-            (*ev).hdr.flags = flags;
-            (*ev).offset = done - n as u64;
-            (*ev).len = n;
+            (*ev).hdr.flags = flags as u32;
+            (*ev).offset = done - n;
+            (*ev).len = n as u32;
         }
-        match output_scratch(ev, DATA_HEADER_LEN as u64 + n as u64) {
-            Ok(()) => count(CNT_CAPTURED_BYTES, n as u64),
-            Err(loss) => loss.count(),
-        }
+        // 1 when the ring buffer had no room (0 or a negative errno).
+        let lost = (output_raw(ev, DATA_HEADER_LEN as u64 + n) as u64) >> 63;
+        let (sent, captured) = (vget!(st, sent), vget!(st, captured));
+        let (dropped, read_failed) = (vget!(st, dropped), vget!(st, read_failed));
+        vset!(st, sent, sent + 1 - lost);
+        vset!(st, captured, captured + n * (1 - lost));
+        vset!(st, dropped, dropped + lost);
+        vset!(st, read_failed, read_failed + failed);
     }
+    let sent = vget!(st, sent);
+    if sent != 0 {
+        count(CNT_EVENTS, sent);
+        count(CNT_CAPTURED_BYTES, vget!(st, captured));
+    }
+    let dropped = vget!(st, dropped);
+    if dropped != 0 {
+        Loss::RingFull.count_n(dropped);
+    }
+    let read_failed = vget!(st, read_failed);
+    if read_failed != 0 {
+        Loss::UserRead.count_n(read_failed);
+    }
+    let call_len = vget!(st, call_len);
     let done = vget!(st, done);
     if done < call_len {
         count(CNT_TRUNCATED_CALLS, 1);

@@ -45,6 +45,12 @@ impl Loss {
     pub fn count(self) {
         count(self.counter(), 1);
     }
+
+    /// Counts `n` such failures at once (a loop's, counted once after it).
+    #[inline(always)]
+    pub fn count_n(self, n: u64) {
+        count(self.counter(), n);
+    }
 }
 
 /// The return value of every program: counts the loss, if any. The value is ignored

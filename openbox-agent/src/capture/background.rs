@@ -4,9 +4,10 @@
 //! programs load, aya's `EbpfLoader::new` parses the kernel's BTF (55–90 ms), which this
 //! agent then discards (`.btf(None)`: its programs need no CO-RE relocations), and
 //! aya has no constructor without that parse; fentry mode parses it again for its own
-//! use. Then the verifier: the socket data-exit program is the longest (130–400 ms),
-//! and the libssl return program is next (80–100 ms), although no libssl program is
-//! used before a watched process maps a libssl. So:
+//! use. Then the verifier: the socket data-exit program was the longest (130–400 ms; 10–60
+//! ms since its payload loop is branch-free), and the libssl return program next
+//! (80–100 ms), although no libssl program is used before a watched process maps a
+//! libssl. So:
 //!
 //! - [`load_object`] makes the loader and loads the object (its maps: ~45 ms more) on a
 //!   thread of its own, while the caller does its checks and its own BTF parse;

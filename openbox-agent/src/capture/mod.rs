@@ -34,9 +34,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("OPENBOX_EBPF_OBJEC
 /// The exit program of the data syscalls (read, write, readv, writev, recvfrom, sendto,
 /// recvmsg, sendmsg). The kernel object has one copy per syscall (`sys_exit_*`, made by
 /// the same macro as their entries), all the same code: the call's kind comes from what
-/// its entry kept, not from the tracepoint. Each copy is ~740 instructions and costs the
-/// verifier 90–140 ms (the better part of start-up), so this one is loaded and attached
-/// to the eight tracepoints; the others are never loaded.
+/// its entry kept, not from the tracepoint. Each copy is ~740 instructions and is the
+/// longest for the verifier (27 000 instructions verified, 10–60 ms; 76 000 and 90–250
+/// ms before its payload loop was made branch-free, see `openbox-ebpf/src/emit.rs`), so
+/// this one is loaded and attached to the eight tracepoints; the others are never loaded.
 const DATA_EXIT: &str = "sys_exit_read";
 
 /// The data path of tracepoint mode (see [`mode`]): (program, category, tracepoint).

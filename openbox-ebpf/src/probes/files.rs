@@ -188,18 +188,21 @@ pub(super) fn pause(tgid: u32) -> bool {
     true
 }
 
+/// Whether the path names a libssl. The last six bytes read are kept in one register
+/// and compared at once: the verifier walks each of the loop's 256 iterations, and a
+/// byte-by-byte comparison made six branches of each (15 500 instructions verified,
+/// 50–80 ms of the start-up on the 2-core VM, against ~2 000 now).
 #[inline(always)]
 fn contains_libssl(path: &[u8; MAX_PATH], len: usize) -> bool {
-    let needle = *b"libssl";
+    // "libssl", first byte highest: as the window below holds it.
+    const NEEDLE: u64 = u64::from_be_bytes(*b"\0\0libssl");
+    const WINDOW: u64 = (1 << 48) - 1;
+    let mut window = 0u64;
     let mut i = 0;
-    while i + needle.len() <= MAX_PATH && i + needle.len() <= len {
-        if path[i] == b'l'
-            && path[i + 1] == b'i'
-            && path[i + 2] == b'b'
-            && path[i + 3] == b's'
-            && path[i + 4] == b's'
-            && path[i + 5] == b'l'
-        {
+    // A window of fewer than six bytes read holds zero bytes, which "libssl" has not.
+    while i < MAX_PATH && i < len {
+        window = ((window << 8) | path[i] as u64) & WINDOW;
+        if window == NEEDLE {
             return true;
         }
         i += 1;
