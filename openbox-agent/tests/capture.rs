@@ -683,8 +683,8 @@ fn streams_reassemble_exactly_from_short_vectored_and_concurrent_io() {
     }
     assert_eq!(
         expected.len(),
-        19,
-        "short-writes, writev, sendmsg and 16 threads: {:?}",
+        20,
+        "short-writes, writev, sendmsg, peek and 16 threads: {:?}",
         expected.keys()
     );
 

@@ -11,6 +11,8 @@ echoes every byte back as it reads it, the sender then reads the echo to EOF):
                 os.readv into 3/5/64-byte buffers and echoes with os.writev
   sendmsg       socket.sendmsg with 3 iovecs per call; the echo side reads with
                 recvmsg_into into 7/11/50-byte buffers and echoes with sendmsg
+  peek          every read on both sides preceded by a MSG_PEEK recv or recvmsg, whose
+                bytes are read again (seen once)
   thread-00..15 16 threads at once, each with its own connection, 40 numbered messages
                 sent with sendall; the echo side uses recv(4096)/sendall
 
@@ -86,6 +88,34 @@ def echo_recvmsg(conn):
         assert sent == n, (sent, n)
 
 
+def echo_peeking(conn):
+    # Peeks before every read, as curl checks a connection's liveness (recv with
+    # MSG_PEEK) and as parsers sniff a protocol (recvmsg with MSG_PEEK): peeked bytes stay
+    # in the socket and are read again, so they must be seen once.
+    i = 0
+    while True:
+        if i % 2:
+            peeked, _, _, _ = conn.recvmsg(1 + i % 5, 0, socket.MSG_PEEK)
+        else:
+            peeked = conn.recv(1 + i % 3, socket.MSG_PEEK)
+        data = conn.recv(4096)
+        if not data:
+            return
+        assert data.startswith(peeked), (peeked, data)
+        conn.sendall(data)
+        i += 1
+
+
+def peeking(s):
+    sent = bytearray(b"peek\n")
+    s.sendall(b"peek\n")
+    for i in range(60):
+        piece = b"pk%03d-" % i + b"q" * (1 + i % 11) + b"\n"
+        s.sendall(piece)
+        sent += piece
+    return bytes(sent), "peek"
+
+
 def echo_plain(conn):
     while True:
         data = conn.recv(4096)
@@ -124,6 +154,9 @@ def read_echo(sock, how, expected_len):
             data = (bytes(bufs[0]) + bytes(bufs[1]))[:n]
         elif how == "recvmsg":
             data, _, _, _ = sock.recvmsg(13)
+        elif how == "peek":
+            sock.recv(2, socket.MSG_PEEK)
+            data = sock.recv(7)
         else:
             data = sock.recv(65536)
         if not data:
@@ -238,6 +271,7 @@ def main():
     run_single(outdir, "short-writes", echo_bytewise, short_writes)
     run_single(outdir, "writev", echo_readv, writev)
     run_single(outdir, "sendmsg", echo_recvmsg, sendmsg)
+    run_single(outdir, "peek", echo_peeking, peeking)
     run_threads(outdir)
     open(os.path.join(outdir, "ok"), "w").close()
 

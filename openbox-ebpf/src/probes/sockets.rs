@@ -54,6 +54,8 @@ use crate::{
 const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+/// recv's flag for reading without consuming (linux/socket.h).
+const MSG_PEEK: u64 = 2;
 /// errno of a non-blocking connect still under way (aya-ebpf has no errno values).
 const EINPROGRESS: i64 = 115;
 
@@ -65,6 +67,17 @@ const EINPROGRESS: i64 = 115;
 #[inline(always)]
 fn data_args(source: u32, args: impl Fn(usize) -> u64) -> Option<(u64, SyscallArgs)> {
     let (pid_tgid, tgid) = watched()?;
+    // A peek (curl's liveness check, `recv(fd, buf, 1, MSG_PEEK)`) leaves the bytes in the
+    // socket for the next read: reporting them would report them twice and cut the
+    // stream's framing (recvfrom's flags are argument 3, recvmsg's argument 2).
+    let peek = match source {
+        SRC_RECVFROM => args(3) & MSG_PEEK != 0,
+        SRC_RECVMSG => args(2) & MSG_PEEK != 0,
+        _ => false,
+    };
+    if peek {
+        return None;
+    }
     let fd = args(0) as i32;
     let key = fd_key(tgid, fd);
     // Not a loss: an untracked descriptor is one this process had no socket or file
