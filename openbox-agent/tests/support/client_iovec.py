@@ -191,7 +191,12 @@ def writev(s):
     s.sendall(b"writev\n")
     fd = s.fileno()
     for i in range(60):
-        iov = [b"wv%03d-a|" % i, b"", b"b" * (1 + i % 17) + b"|", b"c" * (3 + (i * 7) % 40) + b"\n"]
+        iov = [
+            b"wv%03d-a|" % i,
+            b"",
+            b"b" * (1 + i % 17) + b"|",
+            b"c" * (3 + (i * 7) % 40) + b"\n",
+        ]
         n = os.writev(fd, iov)
         assert n == sum(map(len, iov)), n
         sent += b"".join(iov)
@@ -243,7 +248,11 @@ def run_threads(outdir):
                 start.wait(TIMEOUT)
                 s.sendall(bytes(sent))
                 for m in range(40):
-                    msg = b"%s msg-%02d %s\n" % (name.encode(), m, b"p" * ((k * 13 + m * 7) % 50))
+                    msg = b"%s msg-%02d %s\n" % (
+                        name.encode(),
+                        m,
+                        b"p" * ((k * 13 + m * 7) % 50),
+                    )
                     s.sendall(msg)
                     sent += msg
                 s.shutdown(socket.SHUT_WR)
