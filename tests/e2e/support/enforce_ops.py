@@ -1,0 +1,60 @@
+"""The enforcement end-to-end test's activities (registered by gov_worker.py): sync
+activities, so each runs on an executor thread, where the hook holds its operations
+(`openbox-agent run --enforce`).
+
+- `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
+- `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
+- `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
+  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), writes
+  `{dir}/{marker}-halt.txt` after `p["halt_after"]` seconds (Core halts on that path),
+  waits for the loop and returns its log lines and what the write gave.
+"""
+
+import http.client
+import os
+import subprocess
+import time
+import urllib.parse
+
+from temporalio import activity
+
+
+@activity.defn
+def enf_write(p: dict) -> dict:
+    path = os.path.join(p["dir"], f"{p['marker']}.txt")
+    with open(path, "w") as f:
+        f.write(f"written by {p['marker']}\n")
+    return {"written": path}
+
+
+@activity.defn
+def enf_http(p: dict) -> dict:
+    url = urllib.parse.urlsplit(p["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("GET", url.path)
+        r = conn.getresponse()
+        return {"status": r.status, "body": r.read().decode()}
+    finally:
+        conn.close()
+
+
+@activity.defn
+def enf_curl_loop(p: dict) -> dict:
+    script = (
+        'for i in $(seq 1 "$N"); do '
+        'code=$(curl -s -o /dev/null --max-time 5 -w "%{http_code}" "$URL/$i"); '
+        'echo "$i $code $?"; sleep 0.1; done'
+    )
+    env = dict(os.environ, N=str(p["n"]), URL=p["url"])
+    loop = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    time.sleep(p["halt_after"])
+    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
+    try:
+        with open(path, "w") as f:
+            f.write("halt here\n")
+        wrote = "ok"
+    except OSError as e:
+        wrote = f"{type(e).__name__}: {e.strerror}"
+    out, _ = loop.communicate(timeout=120)
+    return {"loop": out.splitlines(), "halt_write": wrote}
