@@ -7,12 +7,15 @@ activities, so each runs on an executor thread, where the hook holds its operati
 - `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
   `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), writes
   `{dir}/{marker}-halt.txt` after `p["halt_after"]` seconds (Core halts on that path),
-  waits for the loop and returns its log lines and what the write gave.
+  waits for the loop and returns its log lines and what the write gave; each line also
+  goes to stderr as `enf_curl_loop <marker>: <line>` (descriptor 2 is never held, so the
+  test sees them even when the activity fails).
 """
 
 import http.client
 import os
 import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -57,4 +60,6 @@ def enf_curl_loop(p: dict) -> dict:
     except OSError as e:
         wrote = f"{type(e).__name__}: {e.strerror}"
     out, _ = loop.communicate(timeout=120)
+    for line in out.splitlines():
+        print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
     return {"loop": out.splitlines(), "halt_write": wrote}

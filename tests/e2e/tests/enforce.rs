@@ -348,6 +348,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     let record = w.core().record.clone();
     let halt_path = w.files.join(&halt_file);
     let halt_exists = halt_path.exists();
+    let worker_log = std::fs::read_to_string(w.worker().stderr_path()).unwrap_or_default();
     let (_, agent) = w.finish();
     let agent = agent.expect("the agent ran");
     agent.assert_clean_exit();
@@ -372,8 +373,38 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     if loop_seen.is_empty() || loop_seen.len() >= 30 {
         p.push(format!("the server received {} of the loop's 30 requests, expected some before the HALT and none after: {loop_seen:?}", loop_seen.len()));
     }
-    // The loop's own account, from the activity's failure details when it has them:
-    // the server's record is the proof; every request it did not get failed in curl.
+    // The loop's own account: every request the server did not get failed in curl
+    // (HTTP code 000, a non-zero exit), and there were such requests.
+    let prefix = format!("enf_curl_loop {m0}: ");
+    let lines: Vec<Vec<String>> = worker_log
+        .lines()
+        .filter_map(|l| l.split_once(&prefix).map(|(_, rest)| rest))
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .collect();
+    if lines.len() != 30 {
+        p.push(format!(
+            "the curl loop logged {} lines, expected 30",
+            lines.len()
+        ));
+    }
+    let mut refused = 0;
+    for l in &lines {
+        let got = loop_seen
+            .iter()
+            .any(|s| s.contains(&format!("/loop/{m0}/{} ", l[0])));
+        match (
+            got,
+            l.get(1).map(String::as_str),
+            l.get(2).map(String::as_str),
+        ) {
+            (true, Some("200"), Some("0")) => {}
+            (false, Some("000"), Some(exit)) if exit != "0" => refused += 1,
+            _ => p.push(format!("curl loop line {l:?} (the server got it: {got})")),
+        }
+    }
+    if refused == 0 {
+        p.push("no request of the curl loop failed after the HALT".to_string());
+    }
     if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
         p.push(format!("the activity after the HALT: {good}"));
     }
