@@ -63,3 +63,40 @@ def enf_curl_loop(p: dict) -> dict:
     for line in out.splitlines():
         print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
     return {"loop": out.splitlines(), "halt_write": wrote}
+
+
+def _median_ns(fn, n: int) -> int:
+    times = []
+    for i in range(n):
+        t = time.perf_counter_ns()
+        fn(i)
+        times.append(time.perf_counter_ns() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@activity.defn
+def enf_bench(p: dict) -> dict:
+    """Median nanoseconds of allowed operations, for `allowed_operation_cost`:
+    `write` of 1 byte to a file (held, let through at once: no operation to govern),
+    `open` for appending of one path again and again (held, verdict remembered), and
+    `open` for writing of a new path each time (held, a Core round trip each)."""
+    base = os.path.join(p["dir"], p["marker"])
+    n = p["n"]
+    out = {}
+    with open(f"{base}-w.txt", "w") as f:
+        fd = f.fileno()
+        out["write_1_byte"] = _median_ns(lambda i: os.write(fd, b"x"), n)
+
+    def append(i):
+        with open(f"{base}-a.txt", "a"):
+            pass
+
+    out["open_same_path"] = _median_ns(append, n)
+
+    def fresh(i):
+        with open(f"{base}-new-{i}.txt", "w"):
+            pass
+
+    out["open_new_path"] = _median_ns(fresh, p["n_new"])
+    return out
