@@ -100,6 +100,36 @@ pub struct Listener {
     fd: OwnedFd,
 }
 
+/// A copy of descriptor `fd` of process `pid` (`pidfd_getfd`).
+fn take_fd(pid: Pid, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; each result is checked before use.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as RawFd))
+    }
+}
+
+/// A denied query leaves its client waiting for an answer the server never gets to
+/// give: libpq (PostgreSQL 12+) keeps reading after a failed send, for the server's error
+/// message. The connection is shut down (both ways) so the client sees it end.
+fn end_connection(pid: Pid, fd: RawFd) {
+    match take_fd(pid, fd) {
+        // SAFETY: a descriptor we own.
+        Ok(sock) => unsafe {
+            libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR);
+        },
+        Err(e) => tracing::warn!(pid, fd, "ending the connection of a denied query: {e}"),
+    }
+}
+
 enum Ready {
     Notification,
     Idle,
@@ -111,21 +141,9 @@ impl Listener {
     /// Takes descriptor `fd` of process `pid` (`pidfd_getfd`: the caller needs ptrace
     /// rights over it, which a root agent has).
     pub fn take(pid: Pid, fd: RawFd) -> io::Result<Listener> {
-        // SAFETY: plain syscalls; each result is checked before use.
-        unsafe {
-            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
-            if pidfd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
-            let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-            if got < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(Listener {
-                fd: OwnedFd::from_raw_fd(got as RawFd),
-            })
-        }
+        Ok(Listener {
+            fd: take_fd(pid, fd)?,
+        })
     }
 
     fn wait(&self, timeout_ms: i32) -> io::Result<Ready> {
@@ -210,6 +228,8 @@ pub enum Operation {
         host: String,
         headers: Map<String, Value>,
     },
+    /// A PostgreSQL simple query (`Q` message) on a plain connection.
+    Sql { statement: String },
 }
 
 impl Operation {
@@ -218,6 +238,7 @@ impl Operation {
         match self {
             Operation::File { path, flags } => format!("file {} {path}", open_mode(*flags)),
             Operation::Http { method, url, .. } => format!("http {method} {url}"),
+            Operation::Sql { statement } => format!("sql {statement}"),
         }
     }
 }
@@ -227,6 +248,9 @@ pub fn span_key(span: &crate::span::Span) -> Option<String> {
     let a = |k: &str| span.attributes.get(k).and_then(Value::as_str);
     if span.name == "file.open" {
         return Some(format!("file {} {}", a("file.mode")?, a("file.path")?));
+    }
+    if a("db.system") == Some("postgresql") {
+        return Some(format!("sql {}", a("db.statement")?));
     }
     Some(format!("http {} {}", a("http.method")?, a("http.url")?))
 }
@@ -306,6 +330,8 @@ pub struct Decide {
     pub tid: u32,
     /// The syscall, for the errno of a denial.
     pub nr: i64,
+    /// Its descriptor (the socket, for a denied query).
+    pub fd: RawFd,
 }
 
 impl Decide {
@@ -314,6 +340,9 @@ impl Decide {
             Answer::Continue
         } else {
             self.gate.denied.fetch_add(1, Relaxed);
+            if matches!(self.operation, Operation::Sql { .. }) {
+                end_connection(self.pid, self.fd);
+            }
             Answer::Deny(deny_errno(self.nr))
         };
         let _ = self.listener.answer(self.id, answer);
@@ -489,6 +518,9 @@ impl Enforcer {
             Some(false) => {
                 gate.denied.fetch_add(1, Relaxed);
                 self.stats.denied.fetch_add(1, Relaxed);
+                if matches!(operation, Operation::Sql { .. }) {
+                    end_connection(pid, n.data.args[0] as RawFd);
+                }
                 answer(Answer::Deny(deny_errno(nr)))
             }
             None => {
@@ -502,6 +534,7 @@ impl Enforcer {
                     pid,
                     tid: n.pid,
                     nr,
+                    fd: n.data.args[0] as RawFd,
                 };
                 if let Err(e) = self.decide.send(d) {
                     // The daemon is stopping: nothing can ask Core any more.
@@ -580,13 +613,13 @@ fn read_operation(tid: u32, d: &SeccompData, skip: &SkipPaths) -> Option<Operati
         libc::SYS_write | libc::SYS_sendto => {
             let mut buf = vec![0u8; (a[2] as usize).min(HEAD_BYTES)];
             let n = read_memory(tid, a[1], &mut buf).ok()?;
-            return http_head(&buf[..n]);
+            return request(&buf[..n]);
         }
-        libc::SYS_writev => return http_head(&first_iovec(tid, a[1], a[2])?),
-        libc::SYS_sendmsg => return http_head(&first_msg_iovec(tid, a[1])?),
+        libc::SYS_writev => return request(&first_iovec(tid, a[1], a[2])?),
+        libc::SYS_sendmsg => return request(&first_msg_iovec(tid, a[1])?),
         libc::SYS_sendmmsg if a[2] > 0 => {
             // struct mmsghdr starts with its struct msghdr.
-            return http_head(&first_msg_iovec(tid, a[1])?);
+            return request(&first_msg_iovec(tid, a[1])?);
         }
         _ => return None,
     };
@@ -648,6 +681,32 @@ fn resolve(tid: u32, dirfd: i32, path: &str) -> Option<String> {
         std::fs::read_link(format!("/proc/{tid}/fd/{dirfd}")).ok()?
     };
     Some(base.join(path).to_string_lossy().into_owned())
+}
+
+/// The request at the start of a buffer being sent: a plain-HTTP head or a PostgreSQL
+/// simple query.
+fn request(buf: &[u8]) -> Option<Operation> {
+    http_head(buf).or_else(|| pg_query(buf))
+}
+
+/// A PostgreSQL simple query message (`Q`, length, statement, NUL) at the start of
+/// `buf`, whole within it (a longer statement than the bytes read is not held).
+pub fn pg_query(buf: &[u8]) -> Option<Operation> {
+    if buf.first() != Some(&b'Q') || buf.len() < 6 {
+        return None;
+    }
+    let len = u32::from_be_bytes(buf[1..5].try_into().ok()?) as usize;
+    // The length counts itself and the NUL; the message must be in the buffer whole.
+    if len < 5 || buf.len() < 1 + len || buf[len] != 0 {
+        return None;
+    }
+    let statement = std::str::from_utf8(&buf[5..len]).ok()?;
+    if statement.contains('\0') {
+        return None;
+    }
+    Some(Operation::Sql {
+        statement: statement.to_owned(),
+    })
 }
 
 /// A plain-HTTP/1.x request head at the start of `buf`: method, URL (`http://` + Host +
@@ -735,6 +794,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(op.key(), "http POST http://127.0.0.1:8080/e2e/x?q=1");
+    }
+
+    #[test]
+    fn a_postgres_simple_query_is_read_whole() {
+        let mut m = b"Q\0\0\0\x0dSELECT 1;\0".to_vec();
+        assert_eq!(
+            pg_query(&m),
+            Some(Operation::Sql {
+                statement: "SELECT 1;".into()
+            })
+        );
+        m.extend_from_slice(b"X\0\0\0\x04");
+        assert!(pg_query(&m).is_some(), "followed by another message");
+        assert_eq!(pg_query(&m[..8]), None, "cut short");
+        assert_eq!(
+            pg_query(b"Q\0\0\0\x02\0"),
+            None,
+            "a length below its own size"
+        );
     }
 
     #[test]

@@ -1643,6 +1643,17 @@ fn enforce_span(held: &enforce::Decide, trace_id: &str, activity_id: &str) -> Sp
             attributes.insert("http.scheme".into(), "http".into());
             (method.clone(), "CLIENT", Some(headers.clone()))
         }
+        enforce::Operation::Sql { statement } => {
+            let operation = statement
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            attributes.insert("db.system".into(), "postgresql".into());
+            attributes.insert("db.statement".into(), statement.clone().into());
+            attributes.insert("db.operation".into(), operation.clone().into());
+            (operation, "CLIENT", None)
+        }
     };
     Span {
         span_id: registry::new_span_id(),

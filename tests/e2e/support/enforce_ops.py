@@ -100,3 +100,22 @@ def enf_bench(p: dict) -> dict:
 
     out["open_new_path"] = _median_ns(fresh, p["n_new"])
     return out
+
+
+@activity.defn
+def enf_sql(p: dict) -> dict:
+    """Runs `p["sql"]` with psycopg2 on a plain (non-TLS) connection to `p["pg_plain_port"]`
+    (autocommit); returns the first row's first column when there is one."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_plain_port"], user="openbox",
+                            dbname="shop", sslmode="disable", gssencmode="disable",
+                            connect_timeout=30)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(p["sql"])
+            row = cur.fetchone() if cur.description else None
+        return {"value": row[0] if row else None}
+    finally:
+        conn.close()

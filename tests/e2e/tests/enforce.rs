@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use openbox_e2e::GovWorld;
+use openbox_e2e::{GovWorld, Proc};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -463,4 +463,83 @@ fn allowed_operation_cost() {
             r["write_1_byte"], r["open_same_path"], r["open_new_path"]
         );
     }
+}
+
+/// Core blocks a SQL statement (a psycopg2 query on a plain PostgreSQL connection) at its
+/// `started` hook event: the server never runs it — the table it would create does not
+/// exist afterwards, as another activity asks the same server — and the activity fails
+/// with `GovernanceBlock`.
+#[test]
+fn a_blocked_sql_statement_never_reaches_the_server() {
+    let w = world(
+        "a_blocked_sql_statement_never_reaches_the_server",
+        &json!({"default": {"verdict": "allow"}}),
+        Some("2.0"),
+        &[],
+    );
+    let mut cmd = openbox_testkit::fixtures::pg_server(
+        &w.env.python,
+        &w.env.fixtures,
+        &w.env.pg_bin,
+        true,
+        0,
+    );
+    cmd.env("PYTHONUNBUFFERED", "1");
+    let mut pg = Proc::spawn("postgres-plain", cmd, &w.logs);
+    let port = pg.port();
+    let table = format!("blocked_{}", &w.token[2..]);
+    w.core().set_script(&json!({"default": {"verdict": "allow"},
+        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:CREATE TABLE {table}")},
+                   "body": {"verdict": "block", "reason": "no new tables"}}]}));
+    let blocked = w.run(
+        &[step(
+            &w,
+            0,
+            0,
+            "enf_sql",
+            item(
+                &w,
+                0,
+                json!({"pg_plain_port": port, "sql": format!("CREATE TABLE {table} (x int)")}),
+            ),
+        )],
+        RUN_TIMEOUT,
+    );
+    let check = w.run(
+        &[step(&w, 1, 1, "enf_sql", item(&w, 1, json!({"pg_plain_port": port, "sql": format!("SELECT to_regclass('{table}')::text")})))],
+        RUN_TIMEOUT,
+    );
+    let (bad, good) = (
+        outcome(&blocked, &w.workflow_id(0)).clone(),
+        outcome(&check, &w.workflow_id(1)).clone(),
+    );
+    let hooks = started_hooks(&w, &format!("CREATE TABLE {table}"));
+    let record = w.core().record.clone();
+    let (_, agent) = w.finish();
+    pg.stop(libc::SIGTERM, Duration::from_secs(10));
+    agent.expect("the agent ran").assert_clean_exit();
+
+    let mut p = Vec::new();
+    match app_error(&bad) {
+        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: no new tables" => {}
+        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: no new tables\", got {other:?} ({bad})")),
+    }
+    if good["ok"] != json!(true) || good["result"][0]["value"] != Value::Null {
+        p.push(format!("the server has the table the blocked statement would create (or the check failed): {good}"));
+    }
+    if hooks.len() != 1
+        || hooks[0]["spans"][0]["db_statement"] != json!(format!("CREATE TABLE {table} (x int)"))
+        || hooks[0]["spans"][0]["hook_type"] != json!("db_query")
+    {
+        p.push(format!(
+            "expected one started db_query hook event for the CREATE TABLE, got {hooks:?}"
+        ));
+    }
+    assert!(
+        p.is_empty(),
+        "{} problem(s) (Core's record: {}):\n{}",
+        p.len(),
+        record.display(),
+        p.join("\n")
+    );
 }
