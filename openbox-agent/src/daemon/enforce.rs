@@ -18,11 +18,12 @@
 //! - no governed activity, or nothing the agent can name (TLS ciphertext, a pipe, a file
 //!   the SDK's skip list ignores): `CONTINUE` at once;
 //! - the activity was halted: denied (`EPERM`, `ECONNREFUSED` for `connect`), counted;
-//! - a plain-HTTP request head, or an open for writing: its `started` hook event goes to
-//!   Core ([`Decide`], answered by the daemon) and the call waits for the verdict (the
-//!   governance timeout and the failure policy bound the wait); BLOCK/HALT deny it.
-//!   Verdicts are remembered per activity and operation (method and URL, path and mode),
-//!   so the same operation again costs no Core round trip.
+//! - a plain-HTTP request head, a PostgreSQL simple query, or an open for writing: its
+//!   `started` hook event goes to Core ([`Decide`], answered by the daemon) and the call
+//!   waits for the verdict (the governance timeout and the failure policy bound the
+//!   wait); BLOCK/HALT deny it. Verdicts are remembered per activity and operation
+//!   (method and URL, statement, path and mode), so the same operation again costs no
+//!   Core round trip.
 //!
 //! Arguments are read from the caller's memory with `process_vm_readv`, then the
 //! notification is checked still valid (`SECCOMP_IOCTL_NOTIF_ID_VALID`): a caller that

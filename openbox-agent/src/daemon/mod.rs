@@ -234,7 +234,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             .ok();
         let (e, rx) = enforce::Enforcer::new(inherit, opts.skip.clone());
         crate::logging::announce(format_args!(
-            "enforcing before the operation (seccomp user notification): plain-HTTP requests, opens for writing, and, after a HALT, every connect/send/write/open-for-write of the activity's threads and processes wait for Core's verdict on their started hook event; TLS requests and SQL are governed after they happen"
+            "enforcing before the operation (seccomp user notification): plain-HTTP requests, PostgreSQL simple queries on plain connections and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied; TLS requests and queries are governed after they happen"
         ));
         (Some(e), Some(rx))
     } else {
