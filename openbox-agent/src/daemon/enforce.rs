@@ -799,7 +799,7 @@ mod tests {
 
     #[test]
     fn a_postgres_simple_query_is_read_whole() {
-        let mut m = b"Q\0\0\0\x0dSELECT 1;\0".to_vec();
+        let mut m = b"Q\0\0\0\x0eSELECT 1;\0".to_vec();
         assert_eq!(
             pg_query(&m),
             Some(Operation::Sql {
