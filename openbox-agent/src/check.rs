@@ -170,12 +170,11 @@ enum LsmPrograms {
 }
 
 /// What the agent cannot do without BPF LSM programs, and what it does instead.
-const NO_KERNEL_ENFORCEMENT: &str = "cannot be enforced in the kernel here: a BLOCK or HALT \
-    on a hook event cannot stop the operation before its bytes leave or the file opens, \
-    and a halted activity's threads and subprocesses cannot be denied further connects, \
-    sends and opens; verdicts are enforced at activity boundaries instead (the activity \
-    fails with GovernanceBlock or GovernanceHalt when it ends; HALT terminates the \
-    workflow under 2.0 conventions)";
+const NO_KERNEL_ENFORCEMENT: &str = "no BPF LSM enforcement here; `run --enforce` holds \
+    operations with seccomp user notification instead (see the next line); without it, \
+    verdicts on hook events are enforced at activity boundaries (the activity fails with \
+    GovernanceBlock or GovernanceHalt when it ends; HALT terminates the workflow under 2.0 \
+    conventions)";
 
 fn lsm_list() -> std::io::Result<String> {
     if !exists("/sys/kernel/security/lsm") {
@@ -385,8 +384,8 @@ pub fn report() -> Report {
         ok: loads && bpf_lsm,
         detail: match (&programs, bpf_lsm) {
             (LsmPrograms::Load, true) => "LSM programs load and `bpf` is an active LSM; \
-                enforcement before an operation is not built yet: verdicts on hook events \
-                are enforced at activity boundaries"
+                the agent does not use them yet: `run --enforce` holds operations with \
+                seccomp user notification (see the next line)"
                 .into(),
             (LsmPrograms::Load, false) => {
                 format!("LSM programs load, but `bpf` is not an active LSM, so they would never run; {NO_KERNEL_ENFORCEMENT}")
@@ -402,6 +401,26 @@ pub fn report() -> Report {
             String::new()
         } else {
             "a kernel with CONFIG_BPF_LSM=y that allows BPF LSM programs, booted with `bpf` in its LSM list (lsm=...,bpf); needed only for enforcement in the kernel".into()
+        },
+        required: false,
+    });
+    let notif = crate::daemon::enforce::user_notification_available();
+    items.push(Item {
+        name: "seccomp user notification",
+        ok: notif,
+        detail: if notif {
+            "available: `run --enforce` holds each plain-HTTP request, open for writing \
+             and (after a HALT) every connect/send/write/open-for-write of a governed \
+             activity's executor threads and the processes they start, until Core answers \
+             its started hook event"
+                .into()
+        } else {
+            "SECCOMP_RET_USER_NOTIF is not available: `run --enforce` refuses to start; verdicts on hook events are enforced at activity boundaries".into()
+        },
+        fix: if notif {
+            String::new()
+        } else {
+            "a kernel with CONFIG_SECCOMP_FILTER (Linux 5.0+); needed only for `run --enforce`".into()
         },
         required: false,
     });

@@ -4,7 +4,8 @@
 //!
 //! ```toml
 //! [agent]       # socket, socket_group, max_connections_per_uid, unattributed,
-//!               # span_limit, metrics_addr, log_format, allow_worker_core_url
+//!               # span_limit, metrics_addr, log_format, allow_worker_core_url,
+//!               # enforce
 //! [capture]     # max_body, max_statement, no_redact, redact_headers, redact_patterns,
 //!               # no_redact_patterns, every_file_call, capture_limit, tls_libs,
 //!               # skip_paths, no_default_skips, no_tls_pause, ring_mib,
@@ -54,6 +55,7 @@ pub struct AgentFile {
     pub metrics_addr: Option<String>,
     pub log_format: Option<LogFormat>,
     pub allow_worker_core_url: Option<Vec<String>>,
+    pub enforce: Option<bool>,
 }
 
 /// Capture and span settings (`[capture]`), as the flags shared with `trace`.

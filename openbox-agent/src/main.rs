@@ -476,6 +476,12 @@ enum Command {
         /// Env: OPENBOX_METRICS_ADDR.
         #[arg(long, value_name = "HOST:PORT", env = "OPENBOX_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Hold each operation of a governed activity whose operations go out as hook
+        /// events until Core answers its `started` stage (seccomp user notification on
+        /// the worker threads that run activities; BLOCK/HALT deny the call, HALT stays
+        /// for the activity's threads and processes). Env: OPENBOX_ENFORCE.
+        #[arg(long, value_name = "BOOL", env = "OPENBOX_ENFORCE", num_args = 0..=1, default_missing_value = "true")]
+        enforce: Option<bool>,
         #[command(flatten)]
         capture: CaptureArgs,
         #[command(flatten)]
@@ -561,6 +567,7 @@ fn real_main() -> Result<i32> {
             unattributed,
             span_limit,
             metrics_addr,
+            enforce,
             capture,
             log,
             otlp,
@@ -591,6 +598,7 @@ fn real_main() -> Result<i32> {
                 skip: capture.skip(),
                 span_limit: pick(span_limit, agent.span_limit, 2000),
                 metrics_addr: metrics_addr.or(agent.metrics_addr),
+                enforce: pick(enforce, agent.enforce, false),
                 socket_group: socket_group
                     .or(agent.socket_group)
                     .as_deref()

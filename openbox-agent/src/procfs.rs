@@ -539,3 +539,15 @@ mod nspid_tests {
         assert!(!writable_range(pid, u64::MAX - 4, 8));
     }
 }
+
+/// The process (thread group) host thread `tid` belongs to: the `Tgid` line of
+/// /proc/TID/status.
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -368,6 +368,10 @@ def _sync_wrapper(fn: Callable[..., Any], token: int, link: AgentLink) -> Callab
             slot = None
         if slot is None:
             return fn(*args)
+        try:
+            link.enforce_thread(slot)
+        except Exception:
+            _internal_error()
         table = _slots.table
         previous = table[slot]
         table[slot] = token

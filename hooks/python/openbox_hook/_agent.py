@@ -56,7 +56,7 @@ from typing import Any
 
 import temporalio.exceptions
 
-from . import _slots
+from . import _enforce, _slots
 from ._version import __version__
 
 DEFAULT_SOCKET = "/run/openbox/agent.sock"
@@ -140,6 +140,10 @@ class _ThreadState(threading.local):
     """The agent said no, or no slot was left: this thread never writes its slot."""
     pending: asyncio.Future | None = None
     """Loop threads: the registration in flight, so concurrent activities send one."""
+    enforce = False
+    """The agent holds this thread's operations until Core answers (``_enforce``)."""
+    filtered = False
+    """The thread's seccomp filter is installed (for the thread's life, across agents)."""
 
 
 class AgentLink:
@@ -176,6 +180,7 @@ class AgentLink:
         self._channels: dict[asyncio.AbstractEventLoop, _Channel] = {}
         # A forked child has none: it says hello when its first activity connects.
         self._presence: _Presence | None = None
+        self._enforcement: _enforce.Enforcement | None = None
 
     def start_presence(self) -> None:
         """Say hello now, and again whenever the agent comes back (see the module's note)."""
@@ -328,7 +333,34 @@ class AgentLink:
             )
             return None
         state.slot, state.epoch = slot, epoch
+        state.enforce = reply.get("enforce") is True
         return slot
+
+    def enforce_thread(self, slot: int) -> None:
+        """Installs the calling (executor) thread's seccomp filter and hands its listener
+        to the agent, once per thread, when the agent asked for it (``_enforce``)."""
+        state = self._threads
+        if not state.enforce or state.filtered:
+            return
+        state.filtered = True  # one filter per thread, whatever happens next
+        if not _enforce.available():
+            _log.warning("openbox hook: --enforce needs x86_64 Linux; operations are not held")
+            return
+        with self._epoch_lock:
+            if self._enforcement is None:
+                self._enforcement = _enforce.Enforcement(self)
+                self._enforcement.start()
+            enforcement = self._enforcement
+        try:
+            listener = _enforce.install()
+        except OSError as exc:
+            _log.warning(
+                "openbox hook: cannot hold thread %d's operations: %s",
+                threading.get_native_id(),
+                exc,
+            )
+            return
+        enforcement.hand_over(threading.get_native_id(), slot, listener, self.governed_timeout)
 
 
 class _Connection(asyncio.Protocol):

@@ -184,6 +184,8 @@ pub struct Capture {
     fd_flags: BpfHashMap<MapData, FdFlagKey, u32>,
     threads: BpfHashMap<MapData, u32, ThreadSlot>,
     inherit: BpfHashMap<MapData, u32, Inherited>,
+    /// The INHERIT map's kernel id, for a second handle (enforcement's supervisors).
+    inherit_id: Option<u32>,
     /// Generations for descriptors the agent seeds: small numbers, below any kernel
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
@@ -368,7 +370,12 @@ impl Capture {
         let fds = BpfHashMap::try_from(ebpf.take_map("FDS").context("map FDS")?)?;
         let fd_flags = BpfHashMap::try_from(ebpf.take_map("FD_FLAGS").context("map FD_FLAGS")?)?;
         let threads = BpfHashMap::try_from(ebpf.take_map("THREADS").context("map THREADS")?)?;
-        let inherit = BpfHashMap::try_from(ebpf.take_map("INHERIT").context("map INHERIT")?)?;
+        let inherit_map = ebpf.take_map("INHERIT").context("map INHERIT")?;
+        let inherit_id = match &inherit_map {
+            aya::maps::Map::HashMap(data) => data.info().ok().map(|i| i.id()),
+            _ => None,
+        };
+        let inherit = BpfHashMap::try_from(inherit_map)?;
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         let ring = Some(ebpf.take_map("EVENTS").context("map EVENTS")?);
         // The libssl programs: no watched process needs them before it maps a libssl,
@@ -391,6 +398,7 @@ impl Capture {
             fd_flags,
             threads,
             inherit,
+            inherit_id,
             next_seed_gen: 1,
             counters,
             tls: tls::TlsProbes::default(),
@@ -474,6 +482,14 @@ impl Capture {
                 0,
             )
             .with_context(|| format!("registering thread {tid} of worker {owner}"))
+    }
+
+    /// A read handle on the kernel's record of which activity started each process
+    /// (`INHERIT`), for threads other than the one that owns this capture.
+    pub fn inherit_reader(&self) -> Result<BpfHashMap<MapData, u32, Inherited>> {
+        let id = self.inherit_id.context("the INHERIT map has no id")?;
+        let data = MapData::from_id(id).context("opening the INHERIT map by id")?;
+        Ok(BpfHashMap::try_from(aya::maps::Map::HashMap(data))?)
     }
 
     pub fn unregister_thread(&mut self, tid: u32) {

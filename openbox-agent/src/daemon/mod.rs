@@ -7,6 +7,7 @@
 //! `activity_end` is answered only after every record the activity's syscalls produced
 //! has been read (they are in the ring before the hook can even send the request).
 
+pub mod enforce;
 pub mod hook;
 pub mod notify;
 pub mod ops;
@@ -70,6 +71,8 @@ pub struct RunOpts {
     pub hook_limits: hook::Limits,
     /// Export spans over OTLP (the workflow → activity → operation tree).
     pub otlp: Option<OtlpConfig>,
+    /// Hold operations until Core answers their `started` hook event ([`enforce`]).
+    pub enforce: bool,
 }
 
 /// Test-only: names a file the agent waits for before it loads and attaches its kernel
@@ -103,6 +106,8 @@ struct Daemon {
     otlp: Option<otlp::Exporter>,
     /// Runs whose WorkflowStarted this agent saw, for their span at the run's end.
     runs: BoundedMap<(String, String), RunStart>,
+    /// Operations held until Core answers (`--enforce`).
+    enforcer: Option<Arc<enforce::Enforcer>>,
 }
 
 /// What a run's span needs from its WorkflowStarted.
@@ -216,6 +221,25 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         }
         None => (None, None),
     };
+    let (enforcer, mut decide_rx) = if opts.enforce {
+        if !enforce::user_notification_available() {
+            anyhow::bail!("--enforce: this kernel has no seccomp user notification (SECCOMP_RET_USER_NOTIF, Linux 5.0+ with CONFIG_SECCOMP_FILTER); run without --enforce, and verdicts act at activity boundaries");
+        }
+        let inherit = session
+            .capture()
+            .inherit_reader()
+            .map_err(|e| {
+                tracing::warn!("--enforce: processes started by activities are not held: {e:#}")
+            })
+            .ok();
+        let (e, rx) = enforce::Enforcer::new(inherit, opts.skip.clone());
+        crate::logging::announce(format_args!(
+            "enforcing before the operation (seccomp user notification): plain-HTTP requests, PostgreSQL simple queries on plain connections and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied; TLS requests and queries are governed after they happen"
+        ));
+        (Some(e), Some(rx))
+    } else {
+        (None, None)
+    };
     let listener = hook::bind(&opts.socket, opts.socket_group).await?;
     let mut d = Daemon {
         session,
@@ -230,6 +254,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         otlp,
         runs: BoundedMap::new(MAX_ORDERED_RUNS),
         calls: tokio_util::task::TaskTracker::new(),
+        enforcer,
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
     let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
@@ -254,6 +279,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 d.handle(msg);
             }
             Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
+            Some(held) = async { match decide_rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                d.decide(held);
+            }
             Some(reply) = scrape_rx.recv() => {
                 // A scrape sees everything read so far, as the summary at exit does.
                 ring.drain(&mut d.session);
@@ -422,9 +450,32 @@ impl Daemon {
         if own_call {
             return;
         }
+        // A call held until Core answered: its `started` went out then, with this id.
+        let preflight = self
+            .enforcer
+            .as_ref()
+            .and_then(|e| e.gate(&activity))
+            .zip(enforce::span_key(span))
+            .and_then(|(gate, key)| gate.take_preflight(&key));
+        if let Some(id) = &preflight {
+            let old =
+                std::mem::replace(&mut a.spans.last_mut().expect("a span").span_id, id.clone());
+            for s in &mut a.spans {
+                if s.parent_span_id.as_deref() == Some(old.as_str()) {
+                    s.parent_span_id = Some(id.clone());
+                }
+            }
+        }
+        let Some(span) = a.spans.last() else {
+            return;
+        };
         let Some(stages) = hook_events::stages(span, &a.place.span_id, style.body_limit()) else {
             return;
         };
+        let stages: Vec<_> = stages
+            .into_iter()
+            .filter(|s| preflight.is_none() || s.stage == HookStage::Completed)
+            .collect();
         let operation = span.clone();
         let (info, input) = (a.start.activity.clone(), a.start.input.clone());
         let hooks = a.hooks.clone();
@@ -709,6 +760,7 @@ impl Daemon {
                             Err(e) => Err(e),
                         }
                     }
+                    (Ok(Request::Enforce(req)), Some(w)) => self.enforce(w, &req),
                     (Ok(Request::HookEvent(ev)), Some(w)) => {
                         match self.function_call(w, ev, &tx, &id) {
                             Ok(()) => return,
@@ -1101,7 +1153,110 @@ impl Daemon {
         if let Some(w) = self.registry.workers.get_mut(&worker) {
             w.threads.insert(host_tid, slot);
         }
-        Ok(Answer::Thread { host_tid })
+        Ok(Answer::Thread {
+            host_tid,
+            enforce: self.enforces(worker),
+        })
+    }
+
+    /// Whether the agent holds this worker's operations until Core answers: `--enforce`,
+    /// and its operations go out as hook events.
+    fn enforces(&self, worker: Pid) -> bool {
+        self.enforcer.is_some()
+            && self.governor_of(worker).is_ok_and(|gov| {
+                self.style_of(worker)
+                    .over(gov.default_style())
+                    .sends_hook_events()
+            })
+    }
+
+    /// `enforce`: takes a thread's seccomp listener and serves it.
+    fn enforce(&mut self, worker: Pid, req: &protocol::Enforce) -> Result<Answer, String> {
+        let Some(enforcer) = self.enforcer.clone().filter(|_| self.enforces(worker)) else {
+            return Err(
+                "this agent does not enforce for this worker (run --enforce, and hook events)"
+                    .into(),
+            );
+        };
+        let Some(w) = self.registry.workers.get(&worker) else {
+            return Err("the worker is gone".into());
+        };
+        if req.slot >= w.slots {
+            return Err(format!(
+                "slot {} is outside the table of {} slots",
+                req.slot, w.slots
+            ));
+        }
+        let addr = w.slots_addr + req.slot * 8;
+        let Some(host_tid) = u32::try_from(req.tid)
+            .ok()
+            .and_then(|t| procfs::host_tid(worker, t))
+        else {
+            return Err(format!(
+                "thread {} is not a thread of process {worker}",
+                req.tid
+            ));
+        };
+        let listener = enforce::Listener::take(worker, req.fd)
+            .map_err(|e| format!("taking descriptor {} of process {worker}: {e}", req.fd))?;
+        enforcer.thread(host_tid, worker, addr);
+        enforcer
+            .supervise(listener, worker, host_tid)
+            .map_err(|e| format!("starting its supervisor: {e}"))?;
+        tracing::debug!(
+            worker,
+            host_tid,
+            "holding a thread's operations until Core answers"
+        );
+        Ok(Answer::Thread {
+            host_tid,
+            enforce: true,
+        })
+    }
+
+    /// A held call waits for Core: its `started` hook event goes out now, and the call
+    /// is let through or denied by the verdict (the governance timeout and the failure
+    /// policy bound the wait).
+    fn decide(&mut self, held: enforce::Decide) {
+        let worker = held.activity.0;
+        let Ok(gov) = self.governor_of(worker) else {
+            return held.answer(true);
+        };
+        let style = self.style_of(worker).over(gov.default_style());
+        let Some(a) = self.registry.activities.get(&held.activity) else {
+            // Ended meanwhile: nothing governs the call any more.
+            return held.answer(true);
+        };
+        let span = enforce_span(&held, &a.place.trace_id, &a.start.activity.activity_id);
+        let Some([started, _]) = hook_events::stages(&span, &a.place.span_id, style.body_limit())
+        else {
+            return held.answer(true);
+        };
+        let (info, input) = (a.start.activity.clone(), a.start.input.clone());
+        let key = held.operation.key();
+        self.calls.spawn(async move {
+            let event =
+                events::hook_event(&info, input, started, Some(span.clone()), SystemTime::now());
+            match gov.hook_event_as(event, style).await {
+                Some((verdict, reason)) => {
+                    tracing::info!(workflow_id = %info.workflow_id, activity_id = %info.activity_id,
+                        span_id = %span.span_id, %verdict, %reason, operation = %key,
+                        "a hook event stopped the operation before it ran");
+                    held.gate.hooks.stop(registry::HookStop {
+                        stage: HookStage::Started,
+                        verdict,
+                        reason,
+                    });
+                    held.gate.remember(key, false);
+                    held.answer(false);
+                }
+                None => {
+                    held.gate.remember(key.clone(), true);
+                    held.gate.add_preflight(key, span.span_id);
+                    held.answer(true);
+                }
+            }
+        });
     }
 
     fn activity_start(
@@ -1128,6 +1283,17 @@ impl Daemon {
         let (done, turn) = tokio::sync::watch::channel(false);
         if let Some(a) = self.registry.activities.get_mut(&(worker, token)) {
             a.tail = Some(turn);
+        }
+        if self.enforces(worker) {
+            if let (Some(e), Some(a)) = (
+                &self.enforcer,
+                self.registry.activities.get(&(worker, token)),
+            ) {
+                e.open_gate(
+                    (worker, token),
+                    Arc::new(enforce::Gate::new(a.hooks.clone())),
+                );
+            }
         }
         self.calls.spawn(async move {
             after(prev).await;
@@ -1156,6 +1322,16 @@ impl Daemon {
         let Some(a) = self.registry.end(worker, token) else {
             return Err(format!("no activity {token} of this worker is running"));
         };
+        let operations_denied = self
+            .enforcer
+            .as_ref()
+            .and_then(|e| e.close_gate(&(worker, token)))
+            .map_or(0, |g| g.denied.load(std::sync::atomic::Ordering::Relaxed));
+        if operations_denied > 0 {
+            tracing::warn!(workflow_id = %a.start.activity.workflow_id,
+                activity_id = %a.start.activity.activity_id, operations_denied,
+                "calls of the activity were denied in the kernel");
+        }
         let end_time = req.end_time.unwrap_or_else(registry::now_secs);
         let failed = req.status == events::ActivityStatus::Failed;
         // The agent's own calls to Core are never governed (protocol §3.2).
@@ -1240,6 +1416,7 @@ impl Daemon {
                 span_count,
                 spans_dropped: dropped,
                 decision,
+                operations_denied,
             };
             reply(&tx, &id, Ok(answer));
         });
@@ -1431,5 +1608,69 @@ fn system_time(secs: f64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs_f64(secs)
     } else {
         SystemTime::now()
+    }
+}
+
+/// The span of a held call, as the capture will name the operation once it happened:
+/// `file.open` with its path and mode, or an HTTP client span with method, URL and
+/// request headers. Times are now; the outcome is unknown (its `started` stage).
+fn enforce_span(held: &enforce::Decide, trace_id: &str, activity_id: &str) -> Span {
+    let now = epoch_ns(SystemTime::now());
+    let mut attributes = serde_json::Map::new();
+    let (name, kind, headers) = match &held.operation {
+        enforce::Operation::File { path, flags } => {
+            attributes.insert("file.path".into(), path.clone().into());
+            attributes.insert("file.mode".into(), crate::conn::open_mode(*flags).into());
+            ("file.open".to_owned(), "INTERNAL", None)
+        }
+        enforce::Operation::Http {
+            method,
+            url,
+            target,
+            host,
+            headers,
+        } => {
+            attributes.insert("http.method".into(), method.clone().into());
+            attributes.insert("http.url".into(), url.clone().into());
+            attributes.insert("http.target".into(), target.clone().into());
+            attributes.insert("http.host".into(), host.clone().into());
+            attributes.insert("http.scheme".into(), "http".into());
+            (method.clone(), "CLIENT", Some(headers.clone()))
+        }
+        enforce::Operation::Sql { statement } => {
+            let operation = statement
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            attributes.insert("db.system".into(), "postgresql".into());
+            attributes.insert("db.statement".into(), statement.clone().into());
+            attributes.insert("db.operation".into(), operation.clone().into());
+            (operation, "CLIENT", None)
+        }
+    };
+    Span {
+        span_id: registry::new_span_id(),
+        trace_id: trace_id.to_owned(),
+        parent_span_id: None,
+        name,
+        kind,
+        start_time: now,
+        end_time: now,
+        duration_ns: None,
+        attributes,
+        status: crate::span::Status {
+            code: Default::default(),
+            description: None,
+        },
+        events: Vec::new(),
+        activity_id: Some(activity_id.to_owned()),
+        request_body: None,
+        response_body: None,
+        request_headers: headers,
+        response_headers: None,
+        pid: held.pid,
+        tid: held.tid,
+        attr: Default::default(),
     }
 }

@@ -24,16 +24,18 @@ pub enum Request {
     ActivityEnd(ActivityEnd),
     WorkflowEvent(WorkflowEvent),
     HookEvent(HookEvent),
+    Enforce(Enforce),
 }
 
 /// The ops [`Request`] knows, for telling an unknown op from a malformed known one.
-pub const OPS: [&str; 6] = [
+pub const OPS: [&str; 7] = [
     "hello",
     "thread",
     "activity_start",
     "activity_end",
     "workflow_event",
     "hook_event",
+    "enforce",
 ];
 
 /// Registers the connection's process as a worker.
@@ -68,6 +70,19 @@ pub struct Thread {
     /// The thread's id in the worker's PID namespace.
     pub tid: u64,
     pub slot: u64,
+}
+
+/// Hands the agent the seccomp listener of a thread's filter (`run --enforce`, see
+/// `daemon::enforce`): the agent takes descriptor `fd` of the worker with `pidfd_getfd`
+/// and answers the thread's held calls from then on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Enforce {
+    /// The thread's id in the worker's PID namespace.
+    pub tid: u64,
+    /// Its slot (as in `thread`).
+    pub slot: u64,
+    /// The listener's descriptor number in the worker.
+    pub fd: i32,
 }
 
 /// An activity execution begins; answered with its token once governed.
@@ -284,6 +299,10 @@ pub enum Answer {
     },
     Thread {
         host_tid: u32,
+        /// The agent holds this worker's operations until Core answers (`run --enforce`):
+        /// the thread installs its seccomp filter and sends `enforce`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        enforce: bool,
     },
     ActivityStart {
         token: u64,
@@ -293,6 +312,9 @@ pub enum Answer {
         span_count: usize,
         spans_dropped: u64,
         decision: Decision,
+        /// Calls of the activity the agent denied in the kernel (`run --enforce`).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        operations_denied: u64,
     },
     /// `hook_event`: the call's span (`None` when the worker's operations do not go out
     /// as hook events: the decorator lets the call through) and, at `started`, what to do.
@@ -303,6 +325,10 @@ pub enum Answer {
     /// `workflow_event`: nothing but `ok`, sent once the event is safe (delivered to Core
     /// or fsync'd in the spool).
     Accepted {},
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One reply line: `{"id", "ok": true, ...answer}` or `{"id", "ok": false, "error"}`.
@@ -439,7 +465,13 @@ mod tests {
 
     #[test]
     fn replies_put_the_answer_beside_id_and_ok() {
-        let r = Reply::new(json!(4), Ok(Answer::Thread { host_tid: 9 }));
+        let r = Reply::new(
+            json!(4),
+            Ok(Answer::Thread {
+                host_tid: 9,
+                enforce: false,
+            }),
+        );
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             json!({"id": 4, "ok": true, "host_tid": 9})
@@ -581,7 +613,20 @@ mod tests {
                     worker: 42,
                 },
             ),
-            ("thread", Answer::Thread { host_tid: 43 }),
+            (
+                "thread",
+                Answer::Thread {
+                    host_tid: 43,
+                    enforce: true,
+                },
+            ),
+            (
+                "enforce",
+                Answer::Thread {
+                    host_tid: 43,
+                    enforce: true,
+                },
+            ),
             ("workflow_event", Answer::Accepted {}),
         ]
         .into_iter()
@@ -600,6 +645,7 @@ mod tests {
                         span_count: 2,
                         spans_dropped: 0,
                         decision: d.clone(),
+                        operations_denied: 1,
                     },
                 ),
                 (

@@ -1,0 +1,74 @@
+"""The enforcement filter (``_enforce``) on a real kernel: the filter holds a thread's
+writes, and without an agent the hook answers them itself by the failure policy —
+never an endless wait, never ENOSYS."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openbox_hook import _enforce
+
+pytestmark = pytest.mark.skipif(not _enforce.available(), reason="x86_64 Linux only")
+
+
+class _NoAgent:
+    """What Enforcement reads of its AgentLink, with a socket nobody listens on."""
+
+    def __init__(self, tmp: Path, fail_closed: bool) -> None:
+        self.socket_path = str(tmp / "no-agent.sock")
+        self.timeout = 0.2
+        self.governed_timeout = 5.0
+        self.fail_closed = fail_closed
+
+    def hello(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+
+def _write_in_filtered_thread(link: _NoAgent, path: Path) -> dict[str, Any]:
+    enforcement = _enforce.Enforcement(link)  # type: ignore[arg-type]
+    enforcement.start()
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        listener = _enforce.install()
+        enforcement.hand_over(threading.get_native_id(), 0, listener, 5.0)
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            out["written"] = True
+        except OSError as exc:
+            out["errno"] = exc.errno
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "a held call was never answered"
+    return out
+
+
+def test_without_an_agent_fail_open_lets_held_calls_through(tmp_path: Path) -> None:
+    path = tmp_path / "open.txt"
+    assert _write_in_filtered_thread(_NoAgent(tmp_path, False), path) == {"written": True}
+    assert path.read_text() == "x"
+
+
+def test_without_an_agent_fail_closed_denies_held_calls(tmp_path: Path) -> None:
+    path = tmp_path / "closed.txt"
+    out = _write_in_filtered_thread(_NoAgent(tmp_path, True), path)
+    assert out == {"errno": errno.EPERM}
+    assert not path.exists()
+
+
+def test_the_filter_leaves_other_threads_alone(tmp_path: Path) -> None:
+    # A filtered thread exists (from the tests above or this one); this thread is not
+    # filtered: its writes are never held, whoever answers.
+    path = tmp_path / "free.txt"
+    _write_in_filtered_thread(_NoAgent(tmp_path, True), tmp_path / "held.txt")
+    path.write_text("free")
+    assert path.read_text() == "free"

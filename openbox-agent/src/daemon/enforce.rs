@@ -1,0 +1,844 @@
+//! Enforcement before the operation (`run --enforce`): a BLOCK or HALT at a hook event's
+//! `started` stops the operation before its first byte leaves or its file is opened.
+//!
+//! This kernel has neither BPF LSM nor kprobes (see `check`), so the agent holds an
+//! operation with **seccomp user notification**: the worker hook installs, on each thread
+//! the first time it runs a governed activity, a seccomp filter (no TSYNC: Temporal's own
+//! threads are untouched) that turns `connect`, `sendto`, `sendmsg`, `sendmmsg`, `write`
+//! and `writev` on descriptors above 2, and opens that may write or create (`open`,
+//! `openat` with a write flag, `openat2`, `creat`) into notifications, and hands the
+//! listener descriptor to the agent (`enforce` request). The kernel parks the calling
+//! thread until the agent answers `CONTINUE` or an error. The filter is inherited by the
+//! threads and processes the thread starts afterwards and survives `exec`, so a `curl`
+//! the activity started is held by the same listener: this is what makes HALT sticky.
+//!
+//! For each notification a supervisor thread (one per listener) finds the activity the
+//! caller works for — the slot of a registered worker thread, read from the worker's
+//! memory, else the kernel's `INHERIT` record of a process an activity started — and:
+//! - no governed activity, or nothing the agent can name (TLS ciphertext, a pipe, a file
+//!   the SDK's skip list ignores): `CONTINUE` at once;
+//! - the activity was halted: denied (`EPERM`, `ECONNREFUSED` for `connect`), counted;
+//! - a plain-HTTP request head, a PostgreSQL simple query, or an open for writing: its
+//!   `started` hook event goes to Core ([`Decide`], answered by the daemon) and the call
+//!   waits for the verdict (the governance timeout and the failure policy bound the
+//!   wait); BLOCK/HALT deny it. Verdicts are remembered per activity and operation
+//!   (method and URL, statement, path and mode), so the same operation again costs no
+//!   Core round trip.
+//!
+//! Arguments are read from the caller's memory with `process_vm_readv`, then the
+//! notification is checked still valid (`SECCOMP_IOCTL_NOTIF_ID_VALID`): a caller that
+//! died or was interrupted meanwhile could otherwise have its id reused.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::registry::{ActivityKey, HookState};
+use crate::{
+    conn::{open_mode, Pid, SkipPaths},
+    governance::Verdict,
+};
+
+// struct seccomp_data / seccomp_notif / seccomp_notif_resp (linux/seccomp.h).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeccompData {
+    pub nr: i32,
+    pub arch: u32,
+    pub instruction_pointer: u64,
+    pub args: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Notif {
+    pub id: u64,
+    /// The caller's host tid.
+    pub pid: u32,
+    pub flags: u32,
+    pub data: SeccompData,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct NotifResp {
+    id: u64,
+    val: i64,
+    error: i32,
+    flags: u32,
+}
+
+// _IOWR('!', 0, struct seccomp_notif), _IOWR('!', 1, struct seccomp_notif_resp),
+// _IOW('!', 2, __u64).
+const NOTIF_RECV: libc::c_ulong = 0xc050_2100;
+const NOTIF_SEND: libc::c_ulong = 0xc018_2101;
+const NOTIF_ID_VALID: libc::c_ulong = 0x4008_2102;
+const USER_NOTIF_FLAG_CONTINUE: u32 = 1;
+
+const _: () = assert!(std::mem::size_of::<Notif>() == 0x50);
+const _: () = assert!(std::mem::size_of::<NotifResp>() == 0x18);
+
+/// What a held call is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Continue,
+    /// Fails with this errno.
+    Deny(i32),
+}
+
+/// A seccomp listener descriptor taken from a worker.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+/// A copy of descriptor `fd` of process `pid` (`pidfd_getfd`).
+fn take_fd(pid: Pid, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; each result is checked before use.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0);
+        if pidfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as RawFd);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as RawFd))
+    }
+}
+
+/// A denied query leaves its client waiting for an answer the server never gets to
+/// give: libpq (PostgreSQL 12+) keeps reading after a failed send, for the server's error
+/// message. The connection is shut down (both ways) so the client sees it end.
+fn end_connection(pid: Pid, fd: RawFd) {
+    match take_fd(pid, fd) {
+        // SAFETY: a descriptor we own.
+        Ok(sock) => unsafe {
+            libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR);
+        },
+        Err(e) => tracing::warn!(pid, fd, "ending the connection of a denied query: {e}"),
+    }
+}
+
+enum Ready {
+    Notification,
+    Idle,
+    /// Every task the filter applies to has exited.
+    Gone,
+}
+
+impl Listener {
+    /// Takes descriptor `fd` of process `pid` (`pidfd_getfd`: the caller needs ptrace
+    /// rights over it, which a root agent has).
+    pub fn take(pid: Pid, fd: RawFd) -> io::Result<Listener> {
+        Ok(Listener {
+            fd: take_fd(pid, fd)?,
+        })
+    }
+
+    fn wait(&self, timeout_ms: i32) -> io::Result<Ready> {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(Ready::Idle)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(if p.revents & libc::POLLIN != 0 {
+            Ready::Notification
+        } else if p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+            Ready::Gone
+        } else {
+            Ready::Idle
+        })
+    }
+
+    /// The next notification (the kernel wants the buffer zeroed).
+    fn recv(&self) -> io::Result<Notif> {
+        let mut n = Notif::default();
+        // SAFETY: the buffer has the kernel's struct seccomp_notif layout.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), NOTIF_RECV, &mut n) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n)
+    }
+
+    /// Whether the held call `id` still waits (its caller neither died nor was
+    /// interrupted): checked after reading its arguments.
+    pub fn valid(&self, id: u64) -> bool {
+        // SAFETY: a u64 argument, as the ioctl expects.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), NOTIF_ID_VALID, &id) == 0 }
+    }
+
+    /// Answers the held call `id`. An id no longer valid fails with ENOENT: its caller is
+    /// gone and nothing is lost.
+    pub fn answer(&self, id: u64, answer: Answer) -> io::Result<()> {
+        let resp = match answer {
+            Answer::Continue => NotifResp {
+                id,
+                val: 0,
+                error: 0,
+                flags: USER_NOTIF_FLAG_CONTINUE,
+            },
+            Answer::Deny(errno) => NotifResp {
+                id,
+                val: 0,
+                error: -errno,
+                flags: 0,
+            },
+        };
+        // SAFETY: the buffer has the kernel's struct seccomp_notif_resp layout.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), NOTIF_SEND, &resp) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// What a held call is about to do, as far as governance cares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operation {
+    /// An open that may write or create.
+    File { path: String, flags: u32 },
+    /// A plain-HTTP request head in the buffer being sent.
+    Http {
+        method: String,
+        url: String,
+        target: String,
+        host: String,
+        headers: Map<String, Value>,
+    },
+    /// A PostgreSQL simple query (`Q` message) on a plain connection.
+    Sql { statement: String },
+}
+
+impl Operation {
+    /// What its verdict is remembered by, within one activity.
+    pub fn key(&self) -> String {
+        match self {
+            Operation::File { path, flags } => format!("file {} {path}", open_mode(*flags)),
+            Operation::Http { method, url, .. } => format!("http {method} {url}"),
+            Operation::Sql { statement } => format!("sql {statement}"),
+        }
+    }
+}
+
+/// The same key for an operation the capture saw (a `file.open` or HTTP client span).
+pub fn span_key(span: &crate::span::Span) -> Option<String> {
+    let a = |k: &str| span.attributes.get(k).and_then(Value::as_str);
+    if span.name == "file.open" {
+        return Some(format!("file {} {}", a("file.mode")?, a("file.path")?));
+    }
+    if a("db.system") == Some("postgresql") {
+        return Some(format!("sql {}", a("db.statement")?));
+    }
+    Some(format!("http {} {}", a("http.method")?, a("http.url")?))
+}
+
+/// One governed activity as the supervisors see it.
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub hooks: Arc<HookState>,
+    /// Calls denied in the kernel.
+    pub denied: AtomicU64,
+    /// Verdicts by [`Operation::key`]: true = allowed.
+    cache: Mutex<HashMap<String, bool>>,
+    /// Span ids of `started` hook events sent while the call was held, by key: the
+    /// captured operation then sends only its `completed`, with that span id.
+    preflight: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl Gate {
+    pub fn new(hooks: Arc<HookState>) -> Gate {
+        Gate {
+            hooks,
+            ..Gate::default()
+        }
+    }
+
+    fn halted(&self) -> bool {
+        self.hooks
+            .stopped()
+            .is_some_and(|s| s.verdict == Verdict::Halt)
+    }
+
+    pub fn remember(&self, key: String, allowed: bool) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, allowed);
+    }
+
+    fn cached(&self, key: &str) -> Option<bool> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    pub fn add_preflight(&self, key: String, span_id: String) {
+        self.preflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .push(span_id);
+    }
+
+    /// The span id a held call's `started` went out with, for the captured operation.
+    pub fn take_preflight(&self, key: &str) -> Option<String> {
+        let mut p = self.preflight.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = p.get_mut(key)?;
+        if ids.is_empty() {
+            return None;
+        }
+        Some(ids.remove(0))
+    }
+}
+
+/// A held call that waits for Core: the daemon sends its `started` hook event and
+/// answers it.
+#[derive(Debug)]
+pub struct Decide {
+    pub listener: Arc<Listener>,
+    pub id: u64,
+    pub activity: ActivityKey,
+    pub gate: Arc<Gate>,
+    pub operation: Operation,
+    pub pid: Pid,
+    pub tid: u32,
+    /// The syscall, for the errno of a denial.
+    pub nr: i64,
+    /// Its descriptor (the socket, for a denied query).
+    pub fd: RawFd,
+}
+
+impl Decide {
+    pub fn answer(&self, allowed: bool) {
+        let answer = if allowed {
+            Answer::Continue
+        } else {
+            self.gate.denied.fetch_add(1, Relaxed);
+            if matches!(self.operation, Operation::Sql { .. }) {
+                end_connection(self.pid, self.fd);
+            }
+            Answer::Deny(deny_errno(self.nr))
+        };
+        let _ = self.listener.answer(self.id, answer);
+    }
+}
+
+fn deny_errno(nr: i64) -> i32 {
+    if nr == libc::SYS_connect {
+        libc::ECONNREFUSED
+    } else {
+        libc::EPERM
+    }
+}
+
+/// Counters of `/metrics` and the summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub listeners: AtomicU64,
+    pub held: AtomicU64,
+    pub continued: AtomicU64,
+    pub asked: AtomicU64,
+    pub cached: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// Where a registered thread publishes its activity.
+#[derive(Debug, Clone, Copy)]
+struct ThreadPlace {
+    worker: Pid,
+    slot_addr: u64,
+}
+
+type InheritMap = aya::maps::HashMap<aya::maps::MapData, u32, openbox_common::Inherited>;
+
+/// The state the supervisors share with the daemon.
+pub struct Enforcer {
+    threads: Mutex<HashMap<u32, ThreadPlace>>,
+    gates: Mutex<HashMap<ActivityKey, Arc<Gate>>>,
+    inherit: Option<Mutex<InheritMap>>,
+    decide: mpsc::UnboundedSender<Decide>,
+    skip: SkipPaths,
+    pub stats: Stats,
+}
+
+impl Enforcer {
+    pub fn new(
+        inherit: Option<InheritMap>,
+        skip: SkipPaths,
+    ) -> (Arc<Enforcer>, mpsc::UnboundedReceiver<Decide>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Enforcer {
+                threads: Mutex::default(),
+                gates: Mutex::default(),
+                inherit: inherit.map(Mutex::new),
+                decide: tx,
+                skip,
+                stats: Stats::default(),
+            }),
+            rx,
+        )
+    }
+
+    pub fn thread(&self, tid: u32, worker: Pid, slot_addr: u64) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tid, ThreadPlace { worker, slot_addr });
+    }
+
+    pub fn forget_thread(&self, tid: u32) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tid);
+    }
+
+    pub fn open_gate(&self, key: ActivityKey, gate: Arc<Gate>) {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, gate);
+    }
+
+    pub fn gate(&self, key: &ActivityKey) -> Option<Arc<Gate>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    pub fn close_gate(&self, key: &ActivityKey) -> Option<Arc<Gate>> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+    }
+
+    /// Serves `listener` on a thread of its own until every task its filter applies to
+    /// has exited.
+    pub fn supervise(
+        self: &Arc<Self>,
+        listener: Listener,
+        worker: Pid,
+        tid: u32,
+    ) -> io::Result<()> {
+        let me = self.clone();
+        let listener = Arc::new(listener);
+        self.stats.listeners.fetch_add(1, Relaxed);
+        std::thread::Builder::new()
+            .name(format!("enforce-{tid}"))
+            .spawn(move || {
+                loop {
+                    match listener.wait(1000) {
+                        Ok(Ready::Notification) => {}
+                        Ok(Ready::Idle) => continue,
+                        Ok(Ready::Gone) | Err(_) => break,
+                    }
+                    let n = match listener.recv() {
+                        Ok(n) => n,
+                        // The caller went away between poll and receive.
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => {
+                            continue
+                        }
+                        Err(e) => {
+                            tracing::error!(worker, tid, "seccomp listener: {e}");
+                            break;
+                        }
+                    };
+                    me.stats.held.fetch_add(1, Relaxed);
+                    me.first_look(&listener, n);
+                }
+                me.stats.listeners.fetch_sub(1, Relaxed);
+                tracing::debug!(worker, tid, "seccomp listener closed: its threads exited");
+            })?;
+        Ok(())
+    }
+
+    /// Answers a held call at once, or hands it to the daemon to ask Core.
+    fn first_look(&self, listener: &Arc<Listener>, n: Notif) {
+        let answer = |a: Answer| {
+            let _ = listener.answer(n.id, a);
+        };
+        let Some((activity, pid)) = self.activity_of(n.pid) else {
+            self.stats.continued.fetch_add(1, Relaxed);
+            return answer(Answer::Continue);
+        };
+        let Some(gate) = self.gate(&activity) else {
+            self.stats.continued.fetch_add(1, Relaxed);
+            return answer(Answer::Continue);
+        };
+        let nr = i64::from(n.data.nr);
+        if gate.halted() {
+            gate.denied.fetch_add(1, Relaxed);
+            self.stats.denied.fetch_add(1, Relaxed);
+            return answer(Answer::Deny(deny_errno(nr)));
+        }
+        let operation = read_operation(n.pid, &n.data, &self.skip);
+        // Read from the caller's memory: still the same call? (TOCTOU)
+        if !listener.valid(n.id) {
+            return;
+        }
+        let Some(operation) = operation else {
+            self.stats.continued.fetch_add(1, Relaxed);
+            return answer(Answer::Continue);
+        };
+        match gate.cached(&operation.key()) {
+            Some(true) => {
+                self.stats.cached.fetch_add(1, Relaxed);
+                answer(Answer::Continue)
+            }
+            Some(false) => {
+                gate.denied.fetch_add(1, Relaxed);
+                self.stats.denied.fetch_add(1, Relaxed);
+                if matches!(operation, Operation::Sql { .. }) {
+                    end_connection(pid, n.data.args[0] as RawFd);
+                }
+                answer(Answer::Deny(deny_errno(nr)))
+            }
+            None => {
+                self.stats.asked.fetch_add(1, Relaxed);
+                let d = Decide {
+                    listener: listener.clone(),
+                    id: n.id,
+                    activity,
+                    gate,
+                    operation,
+                    pid,
+                    tid: n.pid,
+                    nr,
+                    fd: n.data.args[0] as RawFd,
+                };
+                if let Err(e) = self.decide.send(d) {
+                    // The daemon is stopping: nothing can ask Core any more.
+                    e.0.answer(true);
+                }
+            }
+        }
+    }
+
+    /// The activity host thread `tid` works for, and its process: a registered thread's
+    /// slot, else what the kernel recorded when an activity started its process.
+    fn activity_of(&self, tid: u32) -> Option<(ActivityKey, Pid)> {
+        let place = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tid)
+            .copied();
+        if let Some(ThreadPlace { worker, slot_addr }) = place {
+            let mut token = [0u8; 8];
+            read_memory(worker, slot_addr, &mut token).ok()?;
+            let token = u64::from_ne_bytes(token);
+            return (token != 0).then_some(((worker, token), worker));
+        }
+        let tgid = crate::procfs::tgid_of(tid)?;
+        let inherit = self.inherit.as_ref()?;
+        let got = inherit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tgid, 0)
+            .ok()?;
+        (got.activity != 0).then_some(((got.owner, got.activity), tgid))
+    }
+}
+
+/// Reads `buf.len()` bytes at `addr` in process (or thread) `pid`; returns how many.
+fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one local iovec over `buf`; the remote one is only read by the kernel.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Most bytes of a buffer read to recognise a request head.
+const HEAD_BYTES: usize = 4096;
+
+/// What the held call `d` of thread `tid` is about to do, when it is an operation the
+/// agent governs before it happens.
+fn read_operation(tid: u32, d: &SeccompData, skip: &SkipPaths) -> Option<Operation> {
+    let nr = i64::from(d.nr);
+    let a = d.args;
+    let (dirfd, path_addr, flags) = match nr {
+        libc::SYS_open => (libc::AT_FDCWD, a[0], a[1] as u32),
+        libc::SYS_creat => (
+            libc::AT_FDCWD,
+            a[0],
+            (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32,
+        ),
+        libc::SYS_openat => (a[0] as i32, a[1], a[2] as u32),
+        libc::SYS_openat2 => {
+            // struct open_how { u64 flags; u64 mode; u64 resolve; }
+            let mut how = [0u8; 8];
+            read_memory(tid, a[2], &mut how).ok()?;
+            (a[0] as i32, a[1], u64::from_ne_bytes(how) as u32)
+        }
+        libc::SYS_write | libc::SYS_sendto => {
+            let mut buf = vec![0u8; (a[2] as usize).min(HEAD_BYTES)];
+            let n = read_memory(tid, a[1], &mut buf).ok()?;
+            return request(&buf[..n]);
+        }
+        libc::SYS_writev => return request(&first_iovec(tid, a[1], a[2])?),
+        libc::SYS_sendmsg => return request(&first_msg_iovec(tid, a[1])?),
+        libc::SYS_sendmmsg if a[2] > 0 => {
+            // struct mmsghdr starts with its struct msghdr.
+            return request(&first_msg_iovec(tid, a[1])?);
+        }
+        _ => return None,
+    };
+    let writes = flags
+        & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u32;
+    if writes == 0 {
+        return None;
+    }
+    let path = read_c_string(tid, path_addr)?;
+    let path = resolve(tid, dirfd, &path)?;
+    if skip.skips(&path) {
+        return None;
+    }
+    Some(Operation::File { path, flags })
+}
+
+fn first_iovec(tid: u32, iov: u64, count: u64) -> Option<Vec<u8>> {
+    if count == 0 {
+        return None;
+    }
+    let mut raw = [0u8; 16];
+    read_memory(tid, iov, &mut raw).ok()?;
+    let base = u64::from_ne_bytes(raw[..8].try_into().ok()?);
+    let len = u64::from_ne_bytes(raw[8..].try_into().ok()?);
+    let mut buf = vec![0u8; (len as usize).min(HEAD_BYTES)];
+    let n = read_memory(tid, base, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+fn first_msg_iovec(tid: u32, msg: u64) -> Option<Vec<u8>> {
+    // struct msghdr: name (8), namelen (4 + 4 padding), iov (8), iovlen (8), ...
+    let mut raw = [0u8; 32];
+    read_memory(tid, msg, &mut raw).ok()?;
+    let iov = u64::from_ne_bytes(raw[16..24].try_into().ok()?);
+    let count = u64::from_ne_bytes(raw[24..32].try_into().ok()?);
+    first_iovec(tid, iov, count)
+}
+
+fn read_c_string(tid: u32, addr: u64) -> Option<String> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // A path can end near the end of a mapping: read what is readable.
+    let n = read_memory(tid, addr, &mut buf)
+        .or_else(|_| read_memory(tid, addr, &mut buf[..256]))
+        .ok()?;
+    let end = buf[..n].iter().position(|b| *b == 0)?;
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+/// `path` as the kernel will see it: relative to the caller's working directory or to
+/// `dirfd`.
+fn resolve(tid: u32, dirfd: i32, path: &str) -> Option<String> {
+    if path.starts_with('/') {
+        return Some(path.to_owned());
+    }
+    let base = if dirfd == libc::AT_FDCWD {
+        std::fs::read_link(format!("/proc/{tid}/cwd")).ok()?
+    } else {
+        std::fs::read_link(format!("/proc/{tid}/fd/{dirfd}")).ok()?
+    };
+    Some(base.join(path).to_string_lossy().into_owned())
+}
+
+/// The request at the start of a buffer being sent: a plain-HTTP head or a PostgreSQL
+/// simple query.
+fn request(buf: &[u8]) -> Option<Operation> {
+    http_head(buf).or_else(|| pg_query(buf))
+}
+
+/// A PostgreSQL simple query message (`Q`, length, statement, NUL) at the start of
+/// `buf`, whole within it (a longer statement than the bytes read is not held).
+pub fn pg_query(buf: &[u8]) -> Option<Operation> {
+    if buf.first() != Some(&b'Q') || buf.len() < 6 {
+        return None;
+    }
+    let len = u32::from_be_bytes(buf[1..5].try_into().ok()?) as usize;
+    // The length counts itself and the NUL; the message must be in the buffer whole.
+    if len < 5 || buf.len() < 1 + len || buf[len] != 0 {
+        return None;
+    }
+    let statement = std::str::from_utf8(&buf[5..len]).ok()?;
+    if statement.contains('\0') {
+        return None;
+    }
+    Some(Operation::Sql {
+        statement: statement.to_owned(),
+    })
+}
+
+/// A plain-HTTP/1.x request head at the start of `buf`: method, URL (`http://` + Host +
+/// target, as the capture names it) and headers. `None` for anything else (TLS records,
+/// a body, another protocol).
+pub fn http_head(buf: &[u8]) -> Option<Operation> {
+    const METHODS: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[..line_end]).ok()?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if !METHODS.contains(&method) || !version.starts_with("HTTP/1.") || parts.next().is_some() {
+        return None;
+    }
+    let mut headers = Map::new();
+    let rest = &buf[line_end + 2..];
+    let head_end = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(rest.len(), |p| p + 2);
+    for h in String::from_utf8_lossy(&rest[..head_end]).split("\r\n") {
+        if let Some((name, value)) = h.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().into());
+        }
+    }
+    let host = headers
+        .get("host")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let url = if target.starts_with("http://") {
+        target.to_owned()
+    } else {
+        format!("http://{host}{target}")
+    };
+    Some(Operation::Http {
+        method: method.to_owned(),
+        url,
+        target: target.to_owned(),
+        host,
+        headers,
+    })
+}
+
+/// Whether this kernel gives seccomp user notification (`check`): a listener flag the
+/// kernel knows, asked without installing anything (`SECCOMP_GET_ACTION_AVAIL`).
+pub fn user_notification_available() -> bool {
+    const SECCOMP_GET_ACTION_AVAIL: libc::c_ulong = 2;
+    const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
+    let action = SECCOMP_RET_USER_NOTIF;
+    // SAFETY: reads one u32 from our memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            SECCOMP_GET_ACTION_AVAIL,
+            0,
+            &action as *const u32,
+        ) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_http_request_head_is_named_as_the_capture_names_it() {
+        let op = http_head(
+            b"POST /e2e/x?q=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: b\r\n\r\n{}",
+        )
+        .unwrap();
+        match &op {
+            Operation::Http {
+                method,
+                url,
+                headers,
+                ..
+            } => {
+                assert_eq!(method, "POST");
+                assert_eq!(url, "http://127.0.0.1:8080/e2e/x?q=1");
+                assert_eq!(headers["authorization"], "b");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(op.key(), "http POST http://127.0.0.1:8080/e2e/x?q=1");
+    }
+
+    #[test]
+    fn a_postgres_simple_query_is_read_whole() {
+        let mut m = b"Q\0\0\0\x0eSELECT 1;\0".to_vec();
+        assert_eq!(
+            pg_query(&m),
+            Some(Operation::Sql {
+                statement: "SELECT 1;".into()
+            })
+        );
+        m.extend_from_slice(b"X\0\0\0\x04");
+        assert!(pg_query(&m).is_some(), "followed by another message");
+        assert_eq!(pg_query(&m[..8]), None, "cut short");
+        assert_eq!(
+            pg_query(b"Q\0\0\0\x02\0"),
+            None,
+            "a length below its own size"
+        );
+    }
+
+    #[test]
+    fn other_bytes_are_no_request() {
+        for b in [
+            &b"\x16\x03\x01\x02\x00\x01"[..],
+            b"GET / HTTP/2\r\n",
+            b"{\"id\":1,\"op\":\"thread\"}\n",
+            b"GET /",
+            b"",
+        ] {
+            assert_eq!(http_head(b), None, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn a_held_file_and_its_captured_span_share_a_key() {
+        let op = Operation::File {
+            path: "/tmp/a.txt".into(),
+            flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u32,
+        };
+        let span = crate::governance::testutil::span(
+            "file.open",
+            serde_json::json!({"file.path": "/tmp/a.txt", "file.mode": "w"}),
+        );
+        assert_eq!(span_key(&span).as_deref(), Some(op.key().as_str()));
+    }
+}

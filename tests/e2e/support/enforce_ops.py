@@ -1,0 +1,121 @@
+"""The enforcement end-to-end test's activities (registered by gov_worker.py): sync
+activities, so each runs on an executor thread, where the hook holds its operations
+(`openbox-agent run --enforce`).
+
+- `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
+- `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
+- `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
+  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), writes
+  `{dir}/{marker}-halt.txt` after `p["halt_after"]` seconds (Core halts on that path),
+  waits for the loop and returns its log lines and what the write gave; each line also
+  goes to stderr as `enf_curl_loop <marker>: <line>` (descriptor 2 is never held, so the
+  test sees them even when the activity fails).
+"""
+
+import http.client
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+
+from temporalio import activity
+
+
+@activity.defn
+def enf_write(p: dict) -> dict:
+    path = os.path.join(p["dir"], f"{p['marker']}.txt")
+    with open(path, "w") as f:
+        f.write(f"written by {p['marker']}\n")
+    return {"written": path}
+
+
+@activity.defn
+def enf_http(p: dict) -> dict:
+    url = urllib.parse.urlsplit(p["url"])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("GET", url.path)
+        r = conn.getresponse()
+        return {"status": r.status, "body": r.read().decode()}
+    finally:
+        conn.close()
+
+
+@activity.defn
+def enf_curl_loop(p: dict) -> dict:
+    script = (
+        'for i in $(seq 1 "$N"); do '
+        'code=$(curl -s -o /dev/null --max-time 5 -w "%{http_code}" "$URL/$i"); '
+        'echo "$i $code $?"; sleep 0.1; done'
+    )
+    env = dict(os.environ, N=str(p["n"]), URL=p["url"])
+    loop = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    time.sleep(p["halt_after"])
+    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
+    try:
+        with open(path, "w") as f:
+            f.write("halt here\n")
+        wrote = "ok"
+    except OSError as e:
+        wrote = f"{type(e).__name__}: {e.strerror}"
+    out, _ = loop.communicate(timeout=120)
+    for line in out.splitlines():
+        print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
+    return {"loop": out.splitlines(), "halt_write": wrote}
+
+
+def _median_ns(fn, n: int) -> int:
+    times = []
+    for i in range(n):
+        t = time.perf_counter_ns()
+        fn(i)
+        times.append(time.perf_counter_ns() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@activity.defn
+def enf_bench(p: dict) -> dict:
+    """Median nanoseconds of allowed operations, for `allowed_operation_cost`:
+    `write` of 1 byte to a file (held, let through at once: no operation to govern),
+    `open` for appending of one path again and again (held, verdict remembered), and
+    `open` for writing of a new path each time (held, a Core round trip each)."""
+    base = os.path.join(p["dir"], p["marker"])
+    n = p["n"]
+    out = {}
+    with open(f"{base}-w.txt", "w") as f:
+        fd = f.fileno()
+        out["write_1_byte"] = _median_ns(lambda i: os.write(fd, b"x"), n)
+
+    def append(i):
+        with open(f"{base}-a.txt", "a"):
+            pass
+
+    out["open_same_path"] = _median_ns(append, n)
+
+    def fresh(i):
+        with open(f"{base}-new-{i}.txt", "w"):
+            pass
+
+    out["open_new_path"] = _median_ns(fresh, p["n_new"])
+    return out
+
+
+@activity.defn
+def enf_sql(p: dict) -> dict:
+    """Runs `p["sql"]` with psycopg2 on a plain (non-TLS) connection to `p["pg_plain_port"]`
+    (autocommit); returns the first row's first column when there is one."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_plain_port"], user="openbox",
+                            dbname="shop", sslmode="disable", gssencmode="disable",
+                            connect_timeout=30)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(p["sql"])
+            row = cur.fetchone() if cur.description else None
+        return {"value": row[0] if row else None}
+    finally:
+        conn.close()
