@@ -66,6 +66,7 @@ fn load(path: &str) -> Vec<Record> {
                     .decode(v["data_b64"].as_str().unwrap_or(""))
                     .unwrap_or_default(),
                 attr: Default::default(),
+                from_file: v["from_file"].as_str().map(str::to_string),
             }),
             Some("close") => out.push(Record::Close {
                 ts: u("ts"),

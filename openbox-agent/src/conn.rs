@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use openbox_common::*;
 
 use crate::{
-    capture::event::{Addr, Body, Data, Event},
+    capture::event::{Addr, Body, Data, Event, Transfer},
     protocol,
 };
 
@@ -53,9 +53,9 @@ pub enum Action {
     },
     /// The process replaced its image at `at`: re-read its descriptors and libraries.
     Resync { pid: Pid, at: u64 },
-    /// A new child process: seed the descriptors it inherited (and, if its parent has
-    /// TLS probes, probe the libssl copies it maps).
-    Seed { child: Pid, parent: Pid },
+    /// A new child process, forked at `at`: seed the descriptors it inherited (and, if
+    /// its parent has TLS probes, probe the libssl copies it maps).
+    Seed { child: Pid, parent: Pid, at: u64 },
     /// A forked child stopped itself until it has TLS probes of its own: attach them,
     /// then resume it.
     ProbeTls(Pid),
@@ -155,6 +155,10 @@ pub enum Record {
         truncated: u64,
         data: Vec<u8>,
         attr: Attribution,
+        /// The bytes were moved by the kernel from this file (sendfile, splice): none
+        /// were copied, `truncated` says how many. "pipe" when the source is not a file
+        /// the agent follows.
+        from_file: Option<String>,
     },
     Close {
         ts: u64,
@@ -236,6 +240,18 @@ struct File {
     gen: Option<u64>,
 }
 
+/// A second number for an open connection or file (dup, dup2, dup3, fcntl F_DUPFD):
+/// its bytes go to the stream of the descriptor it copies.
+#[derive(Debug, Clone, Copy)]
+struct Alias {
+    /// The descriptor whose entry in `conns` or `files` holds the state.
+    primary: FdKey,
+    /// Generation of the copy in the kernel's table.
+    gen: Option<u64>,
+    /// Flags were set on that generation (the kernel copies the original's at the dup).
+    flagged: bool,
+}
+
 #[derive(Debug, Default)]
 struct Thread {
     /// The TLS socket this thread last read ciphertext from (memory-BIO TLS reads it,
@@ -253,6 +269,8 @@ const PENDING_LIMIT: usize = 256 * 1024;
 pub struct Tracker {
     conns: HashMap<FdKey, Conn>,
     files: HashMap<FdKey, File>,
+    /// Copies of descriptors in `conns` and `files`.
+    aliases: HashMap<FdKey, Alias>,
     ssl_links: HashMap<(Pid, u64), FdKey>,
     threads: HashMap<(Pid, u32), Thread>,
     pending: HashMap<(Pid, u64), VecDeque<(Event, Data)>>,
@@ -363,6 +381,17 @@ pub fn source_name(source: u32) -> &'static str {
         SRC_SSL_READ_EX => "SSL_read_ex",
         SRC_SSL_WRITE => "SSL_write",
         SRC_SSL_WRITE_EX => "SSL_write_ex",
+        SRC_PREAD64 => "pread64",
+        SRC_PWRITE64 => "pwrite64",
+        SRC_PREADV => "preadv",
+        SRC_PWRITEV => "pwritev",
+        SRC_PREADV2 => "preadv2",
+        SRC_PWRITEV2 => "pwritev2",
+        SRC_RECVMMSG => "recvmmsg",
+        SRC_SENDMMSG => "sendmmsg",
+        SRC_SENDFILE => "sendfile",
+        SRC_SPLICE => "splice",
+        SRC_COPY_FILE_RANGE => "copy_file_range",
         _ => "unknown",
     }
 }
@@ -392,7 +421,48 @@ impl Tracker {
         }
     }
 
+    /// The descriptor holding the state of `key`: itself, or the one it is a copy of.
+    fn primary(&self, key: FdKey) -> FdKey {
+        self.aliases.get(&key).map_or(key, |a| a.primary)
+    }
+
+    /// Every number of a descriptor in the kernel's table, with its generation:
+    /// `primary` and its copies.
+    fn numbers_of(&self, primary: FdKey) -> Vec<(FdKey, Option<u64>)> {
+        let own = self
+            .conns
+            .get(&primary)
+            .map(|c| c.gen)
+            .or_else(|| self.files.get(&primary).map(|f| f.gen))
+            .flatten();
+        let mut v = vec![(primary, own)];
+        v.extend(
+            self.aliases
+                .iter()
+                .filter(|(_, a)| a.primary == primary)
+                .map(|(k, a)| (*k, a.gen)),
+        );
+        v
+    }
+
+    /// Stops payload copies on every number of a connection (TLS ciphertext).
+    fn no_payload_everywhere(&mut self, primary: FdKey, actions: &mut Vec<Action>) {
+        for (key, gen) in self.numbers_of(primary) {
+            let Some(gen) = gen else { continue };
+            if key == primary {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.flagged = true;
+                }
+            } else if let Some(a) = self.aliases.get_mut(&key) {
+                a.flagged = true;
+            }
+            actions.push(Action::NoPayload(key.0, key.1, gen));
+        }
+    }
+
     fn new_conn(&mut self, key: FdKey, peer: Option<Addr>, gen: Option<u64>) -> &mut Conn {
+        // A number reused for a new connection is no longer a copy of another.
+        self.aliases.remove(&key);
         self.next_conn += 1;
         let id = format!("{}:{}:{}", key.0, key.1, self.next_conn);
         self.conns.insert(
@@ -415,14 +485,14 @@ impl Tracker {
 
     /// Registers a descriptor that existed before watching began (from /proc).
     pub fn seed_socket(&mut self, pid: Pid, fd: i32, peer: Option<Addr>, gen: u64) {
-        if !self.conns.contains_key(&(pid, fd)) {
+        if !self.conns.contains_key(&(pid, fd)) && !self.aliases.contains_key(&(pid, fd)) {
             self.new_conn((pid, fd), peer, Some(gen)).midstream = true;
         }
     }
 
     /// Registers a file open before watching began; false when it is a noise path.
     pub fn seed_file(&mut self, pid: Pid, fd: i32, path: String, gen: u64) -> bool {
-        if let Some(f) = self.files.get(&(pid, fd)) {
+        if let Some(f) = self.files.get(&self.primary((pid, fd))) {
             return !f.ignored;
         }
         let ignored = self.skip.skips(&path);
@@ -442,11 +512,18 @@ impl Tracker {
 
     /// No parser can use this connection's bytes: stop the kernel copying them (when the
     /// descriptor's generation is known, so the flag can only hit this connection).
-    pub fn stop_payload(&mut self, conn_id: &str) -> Option<Action> {
-        let (key, c) = self.conns.iter_mut().find(|(_, c)| c.id == conn_id)?;
-        let gen = c.gen?;
-        c.flagged = true;
-        Some(Action::NoPayload(key.0, key.1, gen))
+    pub fn stop_payload(&mut self, conn_id: &str) -> Vec<Action> {
+        let Some(key) = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.id == conn_id)
+            .map(|(k, _)| *k)
+        else {
+            return Vec::new();
+        };
+        let mut actions = Vec::new();
+        self.no_payload_everywhere(key, &mut actions);
+        actions
     }
 
     /// A descriptor that vanished without close() (exec closed it): report it closed.
@@ -467,6 +544,7 @@ impl Tracker {
             .conns
             .keys()
             .chain(self.files.keys())
+            .chain(self.aliases.keys())
             .filter(|(p, _)| *p == pid)
             .map(|(_, fd)| *fd)
             .collect();
@@ -547,6 +625,7 @@ impl Tracker {
                         attr: Attribution::of(&h),
                     });
                 }
+                self.aliases.remove(&(pid, f.fd));
                 self.files.insert(
                     (pid, f.fd),
                     File {
@@ -560,7 +639,8 @@ impl Tracker {
                 );
             }
             Body::FileIo(io) => {
-                if let Some(file) = self.files.get_mut(&(pid, io.fd)) {
+                let key = self.primary((pid, io.fd));
+                if let Some(file) = self.files.get_mut(&key) {
                     let dir = Direction::from_raw(io.direction);
                     // bytes[0] = written, bytes[1] = read (egress, ingress).
                     file.bytes[dir.idx()] += io.bytes;
@@ -577,6 +657,8 @@ impl Tracker {
                     }
                 }
             }
+            Body::Dup(d) => self.dup(&ev, d.oldfd, d.newfd, d.fd_kind, env, out, actions),
+            Body::Transfer(t) => self.transfer(&ev, t, out),
             Body::Exec(p) => {
                 out.push(Record::Exec {
                     ts,
@@ -596,6 +678,7 @@ impl Tracker {
                 actions.push(Action::Seed {
                     child: p.other,
                     parent: pid,
+                    at: ts,
                 });
             }
             Body::TlsWait(_) => actions.push(Action::ProbeTls(pid)),
@@ -650,7 +733,7 @@ impl Tracker {
         actions: &mut Vec<Action>,
     ) {
         let h = ev.hdr;
-        let key = (h.tgid, d.fd);
+        let key = self.primary((h.tgid, d.fd));
         if !self.conns.contains_key(&key) {
             let (_, remote) = env.socket_addrs(h.tgid, d.fd);
             // Its generation is unknown: no kernel flags will be set on it.
@@ -661,6 +744,7 @@ impl Tracker {
         let in_ssl = h.flags & FLAG_IN_SSL != 0;
         let thread = self.threads.entry((h.tgid, h.tid)).or_default();
         let conn = self.conns.get_mut(&key).unwrap();
+        let mut became_tls = false;
         let first = d.offset == 0;
         if first {
             conn.sock_bytes[i] += d.call_len;
@@ -675,10 +759,7 @@ impl Tracker {
                     || conn.midstream && looks_like_tls_record(&d.payload)
                 {
                     conn.tls = true;
-                    if let Some(gen) = conn.gen {
-                        conn.flagged = true;
-                        actions.push(Action::NoPayload(h.tgid, d.fd, gen));
-                    }
+                    became_tls = true;
                 } else if at_start
                     && dir == Direction::Egress
                     && protocol::asks_for_tls_upgrade(&d.payload)
@@ -691,10 +772,7 @@ impl Tracker {
         if in_ssl {
             if !conn.tls {
                 conn.tls = true;
-                if let Some(gen) = conn.gen {
-                    conn.flagged = true;
-                    actions.push(Action::NoPayload(h.tgid, d.fd, gen));
-                }
+                became_tls = true;
             }
             newly_linked = Some(d.ssl);
         } else if conn.tls {
@@ -732,12 +810,191 @@ impl Tracker {
                 truncated,
                 data: d.payload.clone(),
                 attr: Attribution::of(&h),
+                from_file: None,
             });
+        }
+        if became_tls {
+            self.no_payload_everywhere(key, actions);
         }
         if let Some(ssl) = newly_linked {
             if ssl != 0 && self.ssl_links.insert((h.tgid, ssl), key) != Some(key) {
                 self.flush_ssl(h.tgid, ssl, out);
             }
+        }
+    }
+
+    /// `newfd` is now a copy of `oldfd` (dup, dup2, dup3, fcntl F_DUPFD*).
+    #[expect(clippy::too_many_arguments, reason = "one event's fields")]
+    fn dup(
+        &mut self,
+        ev: &Event,
+        oldfd: i32,
+        newfd: i32,
+        kind: u32,
+        env: &dyn ProcEnv,
+        out: &mut Vec<Record>,
+        actions: &mut Vec<Action>,
+    ) {
+        let (pid, ts) = (ev.hdr.tgid, ev.hdr.ts_ns);
+        // dup2/dup3 closed whatever `newfd` was (the kernel reported it only when it
+        // tracked it; the tracker may know it from seeding).
+        self.close(pid, newfd, ts, out, actions);
+        let mut primary = self.primary((pid, oldfd));
+        if !self.conns.contains_key(&primary) && !self.files.contains_key(&primary) {
+            // The kernel tracks the original but the tracker missed its start (it was
+            // seeded after this copy was made): follow it from here.
+            primary = (pid, oldfd);
+            match kind {
+                FD_SOCKET => {
+                    let (_, remote) = env.socket_addrs(pid, oldfd);
+                    self.new_conn(primary, remote, None).midstream = true;
+                }
+                FD_FILE => {
+                    let Some(path) = env.fd_path(pid, oldfd) else {
+                        return;
+                    };
+                    let ignored = self.skip.skips(&path);
+                    self.files.insert(
+                        primary,
+                        File {
+                            path,
+                            mode: "r",
+                            ignored,
+                            bytes: [0; 2],
+                            calls: [0; 2],
+                            gen: None,
+                        },
+                    );
+                }
+                _ => return,
+            }
+        }
+        // The kernel copied the original's flags to the copy at the dup.
+        let flagged = self
+            .conns
+            .get(&primary)
+            .map(|c| c.flagged)
+            .or_else(|| self.files.get(&primary).map(|f| f.ignored))
+            .unwrap_or(false);
+        self.aliases.insert(
+            (pid, newfd),
+            Alias {
+                primary,
+                gen: Some(ts),
+                flagged,
+            },
+        );
+    }
+
+    /// The original of copied descriptors closed: one copy takes its place, so the
+    /// connection or file stays open under its other numbers. Returns false when
+    /// `key` has no copies.
+    fn promote_copy(&mut self, key: FdKey, actions: &mut Vec<Action>) -> bool {
+        let Some(heir) = self
+            .aliases
+            .iter()
+            .filter(|(_, a)| a.primary == key)
+            .map(|(k, _)| *k)
+            .min()
+        else {
+            return false;
+        };
+        let a = self.aliases.remove(&heir).expect("found above");
+        for other in self.aliases.values_mut() {
+            if other.primary == key {
+                other.primary = heir;
+            }
+        }
+        if let Some(mut c) = self.conns.remove(&key) {
+            if let (true, Some(gen)) = (c.flagged, c.gen) {
+                actions.push(Action::ClearFlags(key.0, key.1, gen));
+            }
+            c.gen = a.gen;
+            c.flagged = a.flagged;
+            self.conns.insert(heir, c);
+            for k in self.ssl_links.values_mut() {
+                if *k == key {
+                    *k = heir;
+                }
+            }
+            for t in self.threads.values_mut() {
+                if t.last_tls_ingress == Some(key) {
+                    t.last_tls_ingress = Some(heir);
+                }
+            }
+        }
+        if let Some(mut f) = self.files.remove(&key) {
+            if let (true, Some(gen)) = (f.ignored, f.gen) {
+                actions.push(Action::ClearFlags(key.0, key.1, gen));
+            }
+            f.gen = a.gen;
+            self.files.insert(heir, f);
+        }
+        true
+    }
+
+    /// Bytes the kernel moved between two descriptors (sendfile, splice,
+    /// copy_file_range): counted on a file, and a gap of that length on a connection's
+    /// stream, marked with where the bytes came from.
+    fn transfer(&mut self, ev: &Event, t: &Transfer, out: &mut Vec<Record>) {
+        let h = ev.hdr;
+        let pid = h.tgid;
+        let in_key = self.primary((pid, t.in_fd));
+        let out_key = self.primary((pid, t.out_fd));
+        let source_path = self
+            .files
+            .get(&in_key)
+            .map(|f| f.path.clone())
+            .unwrap_or_else(|| "pipe".into());
+        for (key, fd, dir) in [
+            (in_key, t.in_fd, Direction::Ingress),
+            (out_key, t.out_fd, Direction::Egress),
+        ] {
+            if let Some(file) = self.files.get_mut(&key) {
+                file.bytes[dir.idx()] += t.bytes;
+                file.calls[dir.idx()] += 1;
+                if !file.ignored {
+                    out.push(Record::FileIo {
+                        ts: h.ts_ns,
+                        pid,
+                        fd,
+                        direction: dir,
+                        bytes: t.bytes,
+                        attr: Attribution::of(&h),
+                    });
+                }
+                continue;
+            }
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let i = dir.idx();
+            let egress = dir == Direction::Egress;
+            conn.sock_bytes[i] += t.bytes;
+            let s = &mut conn.streams[0][i];
+            s.call_base = s.next_seq;
+            s.next_seq += t.bytes;
+            if conn.tls {
+                // kTLS: the file's bytes are encrypted by the kernel; nothing to say
+                // about the plaintext stream.
+                continue;
+            }
+            out.push(Record::Data {
+                ts: h.ts_ns,
+                pid,
+                tid: h.tid,
+                fd,
+                conn: Some(conn.id.clone()),
+                peer: conn.peer.clone(),
+                tls: false,
+                direction: dir,
+                via: source_name(t.source),
+                seq: s.call_base,
+                truncated: t.bytes,
+                data: Vec::new(),
+                attr: Attribution::of(&h),
+                from_file: egress.then(|| source_path.clone()),
+            });
         }
     }
 
@@ -846,6 +1103,7 @@ impl Tracker {
             truncated,
             data: d.payload.clone(),
             attr: Attribution::of(&h),
+            from_file: None,
         });
     }
 
@@ -858,6 +1116,16 @@ impl Tracker {
         actions: &mut Vec<Action>,
     ) {
         let key = (pid, fd);
+        if let Some(a) = self.aliases.remove(&key) {
+            // One number of several closed: the connection or file lives on.
+            if let (true, Some(gen)) = (a.flagged, a.gen) {
+                actions.push(Action::ClearFlags(pid, fd, gen));
+            }
+            return;
+        }
+        if self.promote_copy(key, actions) {
+            return;
+        }
         if self.conns.contains_key(&key) {
             // Plaintext still waiting for this socket goes out before it closes.
             let ssls: Vec<u64> = self
@@ -1335,5 +1603,206 @@ mod tests {
         assert!(out.iter().any(|r| matches!(r, Record::Close { fd: 3, .. })));
         assert!(actions.contains(&Action::Unwatch(10)));
         assert!(t.conns.is_empty());
+    }
+
+    fn dup(oldfd: i32, newfd: i32, replaced_kind: u32, ts: u64) -> Event {
+        let mut e = ev(
+            EV_DUP,
+            0,
+            11,
+            Body::Dup(crate::capture::event::Dup {
+                oldfd,
+                newfd,
+                fd_kind: FD_SOCKET,
+                replaced_kind,
+            }),
+        );
+        e.hdr.ts_ns = ts;
+        e
+    }
+
+    fn write(fd: i32, bytes: &[u8]) -> Event {
+        let n = bytes.len() as u64;
+        ev(
+            EV_SOCK_DATA,
+            FLAG_LAST,
+            11,
+            Body::SockData(data(fd, DIR_EGRESS, 0, n, 0, bytes)),
+        )
+    }
+
+    fn close(fd: i32) -> Event {
+        ev(EV_CLOSE, 0, 11, Body::Close { fd })
+    }
+
+    fn data_conns(out: &[Record]) -> Vec<(i32, String)> {
+        out.iter()
+            .filter_map(|r| match r {
+                Record::Data { fd, conn, .. } => Some((*fd, conn.clone().unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_through_a_copy_continue_the_stream_and_the_connection_closes_once() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                write(3, b"abc"),
+                dup(3, 7, 0, 5),
+                write(7, b"def"),
+                // The original closes first: the copy carries on.
+                close(3),
+                write(7, b"gh"),
+                close(7),
+            ],
+        );
+        assert_eq!(stream(&out, false, Direction::Egress), b"abcdefgh");
+        let conns = data_conns(&out);
+        assert_eq!(
+            conns.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+            [3, 7, 7]
+        );
+        assert!(conns.iter().all(|(_, c)| *c == conns[0].1), "{conns:?}");
+        let closes: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Close {
+                    fd,
+                    conn,
+                    bytes_sent,
+                    ..
+                } => Some((*fd, conn.clone(), *bytes_sent)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, [(7, conns[0].1.clone(), 8)]);
+        assert!(t.conns.is_empty() && t.aliases.is_empty());
+    }
+
+    #[test]
+    fn tls_seen_through_a_copy_stops_payload_on_every_number() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+        let (_, actions) = run(&mut t, vec![connect(3), dup(3, 7, 0, 5), write(7, &hello)]);
+        let mut flagged: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::NoPayload(pid, fd, gen) => Some((*pid, *fd, *gen)),
+                _ => None,
+            })
+            .collect();
+        flagged.sort_unstable();
+        assert_eq!(flagged, [(10, 3, 1), (10, 7, 5)]);
+        // Closing both numbers clears both incarnations' flags.
+        let (_, actions) = run(&mut t, vec![close(3), close(7)]);
+        let mut cleared: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ClearFlags(_, fd, gen) => Some((*fd, *gen)),
+                _ => None,
+            })
+            .collect();
+        cleared.sort_unstable();
+        assert_eq!(cleared, [(3, 1), (7, 5)]);
+    }
+
+    #[test]
+    fn dup2_over_a_tracked_connection_closes_that_connection() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let (out, _) = run(
+            &mut t,
+            vec![
+                connect(3),
+                connect(4),
+                write(4, b"old"),
+                dup(3, 4, FD_SOCKET, 5),
+                write(4, b"new"),
+            ],
+        );
+        let closed: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Close { conn, .. } => Some(conn.clone()),
+                _ => None,
+            })
+            .collect();
+        let conns = data_conns(&out);
+        assert_eq!(closed, [conns[0].1.clone()], "the replaced connection");
+        assert_ne!(conns[1].1, conns[0].1, "4 now writes on 3's connection");
+        assert_eq!(conns[1].1, "10:3:1");
+    }
+
+    #[test]
+    fn sendfile_from_a_file_is_a_counted_gap_marked_with_the_file() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let open = ev(
+            EV_FILE_OPEN,
+            0,
+            11,
+            Body::FileOpen(FileOpen {
+                fd: 5,
+                open_flags: 0,
+                dirfd: -100,
+                path: "/data/body.bin".into(),
+            }),
+        );
+        let transfer = ev(
+            EV_TRANSFER,
+            0,
+            11,
+            Body::Transfer(Transfer {
+                source: SRC_SENDFILE,
+                in_fd: 5,
+                in_kind: FD_FILE,
+                out_fd: 3,
+                out_kind: FD_SOCKET,
+                bytes: 100,
+            }),
+        );
+        let (out, _) = run(
+            &mut t,
+            vec![
+                open,
+                connect(3),
+                write(3, b"HEAD"),
+                transfer,
+                write(3, b"x"),
+            ],
+        );
+        let data: Vec<_> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Data {
+                    seq,
+                    truncated,
+                    data,
+                    from_file,
+                    via,
+                    ..
+                } => Some((*seq, *truncated, data.len(), from_file.clone(), *via)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            data,
+            [
+                (0, 0, 4, None, "write"),
+                (4, 100, 0, Some("/data/body.bin".into()), "sendfile"),
+                (104, 0, 1, None, "write"),
+            ]
+        );
+        assert!(out.iter().any(|r| matches!(
+            r,
+            Record::FileIo {
+                fd: 5,
+                direction: Direction::Ingress,
+                bytes: 100,
+                ..
+            }
+        )));
     }
 }

@@ -99,13 +99,41 @@ struct ConnState {
     /// byte of its request, whoever reads the response (a pooled connection's reply is
     /// often read by the event loop's callback, outside any activity).
     attrs: [VecDeque<(u64, Attribution)>; 2],
+    /// Bytes the kernel sent from a file (sendfile, splice) per direction, not yet
+    /// told on a span: (ts, file, bytes).
+    from_files: [VecDeque<(u64, String, u64)>; 2],
 }
+
+/// File transfers kept per connection direction until a span claims them.
+const FROM_FILES_KEPT: usize = 64;
 
 /// Attribution changes kept per connection direction: enough for deep pipelining; an
 /// operation whose request began before the oldest kept change is left unattributed.
 const ATTR_HISTORY: usize = 256;
 
 impl ConnState {
+    /// The file bytes the kernel sent on direction `d` between `start` and `end` (an
+    /// operation's time), summed, with the file they came from (the first, if
+    /// several); forgets older ones.
+    fn take_from_files(&mut self, d: usize, start: u64, end: u64) -> Option<(String, u64)> {
+        let kept = &mut self.from_files[d];
+        while kept.front().is_some_and(|(ts, _, _)| *ts < start) {
+            kept.pop_front();
+        }
+        let mut found: Option<(String, u64)> = None;
+        while let Some((ts, path, bytes)) = kept.front() {
+            if *ts > end {
+                break;
+            }
+            match &mut found {
+                Some((_, total)) => *total += bytes,
+                None => found = Some((path.clone(), *bytes)),
+            }
+            kept.pop_front();
+        }
+        found
+    }
+
     fn note_attr(&mut self, d: usize, ts: u64, attr: Attribution) {
         let h = &mut self.attrs[d];
         if h.back().map(|(_, a)| *a) != Some(attr) {
@@ -228,6 +256,7 @@ impl SpanBuilder {
                 counted: Losses::default(),
                 next_seq: [[0; 2]; 2],
                 attrs: [VecDeque::new(), VecDeque::new()],
+                from_files: [VecDeque::new(), VecDeque::new()],
             },
         );
     }
@@ -257,6 +286,7 @@ impl SpanBuilder {
                 truncated,
                 data,
                 attr,
+                from_file,
                 ..
             } => {
                 let cfg = self.cfg.parser.clone();
@@ -265,6 +295,13 @@ impl SpanBuilder {
                 c.tls |= *tls;
                 let (t, d) = (*tls as usize, direction_idx(direction));
                 c.note_attr(d, *ts, *attr);
+                if let Some(path) = from_file {
+                    let kept = &mut c.from_files[d];
+                    if kept.len() == FROM_FILES_KEPT {
+                        kept.pop_front();
+                    }
+                    kept.push_back((*ts, path.clone(), *truncated));
+                }
                 let gap_before = seq.saturating_sub(c.next_seq[t][d]);
                 c.next_seq[t][d] = seq + data.len() as u64 + truncated;
                 let mut ops = Vec::new();
@@ -496,6 +533,18 @@ impl SpanBuilder {
             "CLIENT"
         };
         let mut attributes = op.attributes;
+        for (side, d) in [("request", 0), ("response", 1)] {
+            // Which direction carries this side: a client sends the request.
+            let d = if c.role == Role::Server { 1 - d } else { d };
+            if let Some((path, bytes)) = c.take_from_files(d, op.start_ts, op.end_ts) {
+                let prefix = match protocol {
+                    Some(Protocol::Http | Protocol::Http2) => "http",
+                    _ => "io",
+                };
+                attributes.insert(format!("{prefix}.{side}.body.file"), path.into());
+                attributes.insert(format!("{prefix}.{side}.body.file_bytes"), bytes.into());
+            }
+        }
         // The address is formatted only where a span shows it: an HTTP span with a Host
         // header does not.
         let (peer_ip, peer_port) = match &c.peer {
@@ -940,6 +989,7 @@ mod tests {
             truncated: 0,
             data: bytes.to_vec(),
             attr: Attribution::default(),
+            from_file: None,
         }
     }
 

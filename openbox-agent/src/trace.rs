@@ -164,6 +164,7 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
     let st = session.stats();
     let mode = session.capture().mode().mode.as_str();
     let spans = session.spans_enabled();
+    let io_uring = session.capture().io_uring().clone();
     let p = &mut session.sink_mut().0;
     if p.json && spans {
         let mut line = json!({
@@ -180,6 +181,9 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
                 "tls_watched_hits": c.tls_watched_hits,
                 "tls_unwatched_hits": c.tls_unwatched_hits,
                 "tls_probes": st.tls_probes,
+                "io_uring_ops_not_captured": c.io_uring_ops,
+                "io_uring_data_ops_not_captured": c.io_uring_data_ops,
+                "io_uring": io_uring,
         });
         if let Some(o) = otlp {
             line["otlp"] = json!(o);
@@ -210,6 +214,9 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
             "tls_watched_hits": c.tls_watched_hits,
             "tls_unwatched_hits": c.tls_unwatched_hits,
             "tls_probes": st.tls_probes,
+            "io_uring_ops_not_captured": c.io_uring_ops,
+            "io_uring_data_ops_not_captured": c.io_uring_data_ops,
+            "io_uring": io_uring,
         });
         let _ = writeln!(p.out, "{line}");
         if let Some(o) = otlp {
@@ -244,6 +251,15 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
                 "-- TLS probes: {} attached for watched processes ({} released), {} not attached; libssl calls probed: {} watched, {} unwatched",
                 t.attached, t.released, t.not_attached, c.tls_watched_hits, c.tls_unwatched_hits
             );
+        }
+        if c.io_uring_ops > 0 {
+            let _ = writeln!(
+                p.out,
+                "-- io_uring: {} requests submitted by watched processes were not captured ({} of them move bytes: read, write, send, recv)",
+                c.io_uring_ops, c.io_uring_data_ops
+            );
+        } else if let Some(why) = &io_uring.reason {
+            let _ = writeln!(p.out, "-- io_uring requests are not counted: {why}");
         }
         if st.resumed_at_start > 0 {
             let _ = writeln!(
@@ -389,12 +405,19 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             truncated,
             data,
             attr,
-        } => json!({
-            "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
-            "peer": s(peer), "tls": tls, "direction": direction, "via": via, "seq": seq, "len": data.len(),
-            "truncated": truncated, "worker": attr.owner, "activity": attr.activity,
-            "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
-        }),
+            from_file,
+        } => {
+            let mut line = json!({
+                "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
+                "peer": s(peer), "tls": tls, "direction": direction, "via": via, "seq": seq, "len": data.len(),
+                "truncated": truncated, "worker": attr.owner, "activity": attr.activity,
+                "data_b64": base64::engine::general_purpose::STANDARD.encode(data),
+            });
+            if let Some(path) = from_file {
+                line["from_file"] = path.as_str().into();
+            }
+            line
+        }
         Record::Close {
             ts,
             pid,

@@ -962,3 +962,103 @@ fn fixtures_work_without_the_agent() {
             && received.ends_with(b"echo:POST /stdlib/post 5000")
     );
 }
+
+/// The agent starts watching a running process whose one thread makes TLS calls
+/// (memory-BIO, as asyncio does) and plain socket calls in turn: while its libssl probes
+/// are being attached, a TLS call may run its entry probe without its return probe, and
+/// the plain connection the thread uses next must not be taken for that call's
+/// ciphertext. The test widens the gap between two probes' attaches to a second, as a
+/// restarted agent waiting on the last one's detach does (OPENBOX_TEST_TLS_PROBE_GAP_MS).
+#[test]
+fn a_plain_connection_stays_plain_while_tls_probes_attach_to_a_running_process() {
+    let env = TestEnv::get();
+    let https = HttpServer::start(&env, true);
+    let http = HttpServer::start(&env, false);
+    let out = TempDir::new("tls-and-plain");
+    let mut client = Command::new(&env.python)
+        .arg(env.script("client_tls_and_plain.py"))
+        .args([https.port.to_string(), http.port.to_string(), out.arg()])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .spawn()
+        .expect("starting the client");
+    let rounds = || -> usize {
+        fs::read_to_string(out.join("rounds"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for _ in 0..600 {
+        if rounds() > 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(rounds() > 0, "the client made no request");
+    let logs = TempDir::new("tls-and-plain-agent");
+    let mut agent = Command::new(&env.agent)
+        .args(["trace", "--json", "--pid", &client.id().to_string()])
+        .env("OPENBOX_LOG", "info")
+        .env("OPENBOX_TEST_TLS_PROBE_GAP_MS", "1000")
+        .stdout(fs::File::create(logs.join("stdout")).unwrap())
+        .stderr(fs::File::create(logs.join("stderr")).unwrap())
+        .spawn()
+        .expect("starting the agent");
+    let stderr = || fs::read_to_string(logs.join("stderr")).unwrap_or_default();
+    for _ in 0..1200 {
+        if stderr().contains("watching process") {
+            break;
+        }
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "the agent ended: {}",
+            stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stderr().contains("attached TLS probes"), "{}", stderr());
+    // Requests from the next round on are made with every probe in place.
+    let first = rounds() + 1;
+    thread::sleep(Duration::from_secs(2));
+    let last = rounds().saturating_sub(1);
+    let _ = Command::new("kill")
+        .args(["-INT", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    fs::write(out.join("stop"), b"").unwrap();
+    let _ = client.wait();
+    assert!(last > first + 10, "too few rounds: {first}..{last}");
+    let spans: Vec<serde_json::Value> = fs::read_to_string(logs.join("stdout"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["attributes"]["http.target"].is_string())
+        .collect();
+    // (The spans' peer port comes from the Host header, which names no port here.)
+    let seen = |kind: &str, scheme: &str| -> BTreeSet<usize> {
+        spans
+            .iter()
+            .filter(|s| s["attributes"]["http.scheme"] == scheme)
+            .filter_map(|s| {
+                s["attributes"]["http.target"]
+                    .as_str()?
+                    .strip_prefix(&format!("/json/{kind}-"))?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let wanted: BTreeSet<usize> = (first..=last).collect();
+    let plain = seen("plain", "http");
+    let tls = seen("tls", "https");
+    assert!(
+        wanted.is_subset(&plain),
+        "plain requests {first}..={last} missing from the plain connection's spans: {:?}; plain requests taken for TLS (scheme https): {:?}",
+        wanted.difference(&plain).collect::<Vec<_>>(),
+        seen("plain", "https")
+    );
+    assert!(
+        wanted.is_subset(&tls),
+        "TLS requests {first}..={last} missing: {:?}",
+        wanted.difference(&tls).collect::<Vec<_>>()
+    );
+}

@@ -17,6 +17,9 @@ pub const MAX_CAPTURE_LIMIT: u32 = MAX_RECORDS_PER_CALL * MAX_CHUNK as u32;
 pub const DEFAULT_CAPTURE_LIMIT: u32 = 16 * 1024;
 /// Most iovec entries walked per readv/writev/sendmsg/recvmsg call.
 pub const MAX_IOVECS: u32 = 64;
+/// Descriptor numbers below this a forked child gets tracked from its parent by the
+/// kernel at the fork; higher ones are seeded by the agent from /proc a little later.
+pub const INHERITED_FDS_COPIED: i32 = 1024;
 /// Bytes of a path kept from openat/openat2 and exec.
 pub const MAX_PATH: usize = 256;
 /// Bytes of a task name (TASK_COMM_LEN).
@@ -49,6 +52,13 @@ pub const EV_SOCKET: u32 = 11;
 /// [`FLAG_PAUSED`]) at its first watched call, until the agent has attached the probes
 /// of its own ([`ProcEvent`]): the parent's uprobes do not fire in the child.
 pub const EV_TLS_WAIT: u32 = 12;
+/// dup/dup2/dup3/fcntl(F_DUPFD*) copied a tracked descriptor ([`DupEvent`]): the new
+/// number refers to the same connection or file.
+pub const EV_DUP: u32 = 13;
+/// sendfile/splice/copy_file_range moved bytes between two descriptors inside the
+/// kernel, at least one of them tracked ([`TransferEvent`]): no user buffer holds them,
+/// so they are counted, not copied.
+pub const EV_TRANSFER: u32 = 14;
 
 // ---- WATCHED values (flags) ----
 /// The process is watched (every entry has it).
@@ -95,6 +105,26 @@ pub const SRC_SSL_READ: u32 = 9;
 pub const SRC_SSL_READ_EX: u32 = 10;
 pub const SRC_SSL_WRITE: u32 = 11;
 pub const SRC_SSL_WRITE_EX: u32 = 12;
+pub const SRC_PREAD64: u32 = 13;
+pub const SRC_PWRITE64: u32 = 14;
+pub const SRC_PREADV: u32 = 15;
+pub const SRC_PWRITEV: u32 = 16;
+pub const SRC_PREADV2: u32 = 17;
+pub const SRC_PWRITEV2: u32 = 18;
+/// One message of a recvmmsg/sendmmsg batch: one data call per message, in order.
+pub const SRC_RECVMMSG: u32 = 19;
+pub const SRC_SENDMMSG: u32 = 20;
+/// [`TransferEvent::source`].
+pub const SRC_SENDFILE: u32 = 21;
+pub const SRC_SPLICE: u32 = 22;
+pub const SRC_COPY_FILE_RANGE: u32 = 23;
+
+/// Most messages of one sendmmsg/recvmmsg call copied; the rest of the batch goes out
+/// as one record without payload, so the stream's offsets stay exact.
+pub const MAX_MMSG: u32 = 16;
+/// Most messages of one sendmmsg/recvmmsg call whose lengths are summed (the kernel's
+/// own limit, UIO_MAXIOV).
+pub const MAX_MMSG_LENS: u32 = 1024;
 
 // ---- FdState::kind ----
 pub const FD_SOCKET: u32 = 1;
@@ -161,7 +191,14 @@ pub const CNT_TLS_WATCHED: u32 = 14;
 /// are attached per watched process, so this stays 0 but for a process that stopped
 /// being watched while its probes were being released.
 pub const CNT_TLS_UNWATCHED: u32 = 15;
-pub const NUM_COUNTERS: u32 = 16;
+/// io_uring requests submitted by watched processes (`io_uring:io_uring_submit_req`):
+/// their I/O is done by the kernel on the ring's behalf, without the syscalls the
+/// programs see, so none of it is captured.
+pub const CNT_IO_URING_OPS: u32 = 16;
+/// Of those, requests that move bytes (read, write, send, recv and their vectored,
+/// fixed-buffer and zero-copy forms): what is missing from the capture.
+pub const CNT_IO_URING_DATA_OPS: u32 = 17;
+pub const NUM_COUNTERS: u32 = 18;
 
 // ---- tracepoint record layouts the kernel programs assume ----
 // Each is read at a fixed offset of the raw record; the agent checks every one against
@@ -203,6 +240,12 @@ pub const SCHED_PROCESS_EXEC_OLD_PID: RawField = RawField {
 };
 /// `sched:sched_process_exit`: whether the exiting thread is the last of its group.
 pub const SCHED_PROCESS_EXIT_GROUP_DEAD: RawField = RawField {
+    offset: 32,
+    size: 1,
+};
+
+/// `io_uring:io_uring_submit_req`: the request's opcode (`IORING_OP_*`).
+pub const IO_URING_SUBMIT_REQ_OPCODE: RawField = RawField {
     offset: 32,
     size: 1,
 };
@@ -304,6 +347,38 @@ pub struct FileOpenEvent {
     /// Bytes of `path` used, without the NUL.
     pub path_len: u32,
     pub path: [u8; MAX_PATH],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DupEvent {
+    pub hdr: EventHeader,
+    /// The descriptor copied.
+    pub oldfd: i32,
+    /// The copy.
+    pub newfd: i32,
+    /// `FD_*` kind of the descriptor copied.
+    pub fd_kind: u32,
+    /// `FD_*` kind of a tracked descriptor that `newfd` named before dup2/dup3 closed
+    /// it, 0 when none.
+    pub replaced_kind: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TransferEvent {
+    pub hdr: EventHeader,
+    /// Where the bytes came from, and its `FD_*` kind (0: not tracked, e.g. a pipe).
+    pub in_fd: i32,
+    pub in_kind: u32,
+    /// Where they went, and its kind.
+    pub out_fd: i32,
+    pub out_kind: u32,
+    /// `SRC_SENDFILE`, `SRC_SPLICE` or `SRC_COPY_FILE_RANGE`.
+    pub source: u32,
+    pub _pad: u32,
+    /// Bytes moved (the call's result).
+    pub bytes: u64,
 }
 
 #[repr(C)]

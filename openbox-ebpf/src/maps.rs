@@ -73,7 +73,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 #[repr(C, u32)]
 #[derive(Clone, Copy)]
 pub enum SyscallArgs {
-    /// read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg on a tracked descriptor.
+    /// read/write/readv/writev/recvfrom/sendto/recvmsg/sendmsg, their positional
+    /// forms and sendmmsg/recvmmsg, on a tracked descriptor.
     Data {
         /// `SRC_*`.
         source: u32,
@@ -109,6 +110,17 @@ pub enum SyscallArgs {
         /// The int[2] the kernel writes the two descriptors into.
         fds: u64,
     },
+    /// dup/dup2/dup3/fcntl(F_DUPFD*): the descriptor copied (the copy's number is the
+    /// call's result).
+    Dup { oldfd: i32 },
+    /// sendfile/splice/copy_file_range between two descriptors, one of them tracked.
+    Transfer {
+        source: u32,
+        in_fd: i32,
+        in_kind: u32,
+        out_fd: i32,
+        out_kind: u32,
+    },
     /// openat and openat2.
     Open {
         dirfd: i32,
@@ -141,4 +153,6 @@ pub struct Scratch {
     /// Non-zero while an fentry/fexit program uses this CPU's slot (see
     /// `emit::claim_scratch`).
     pub busy: u64,
+    /// Index of the sendmmsg/recvmmsg message being reported (`probes::sockets`).
+    pub message: u64,
 }

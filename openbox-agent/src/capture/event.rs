@@ -108,6 +108,30 @@ pub struct FileIo {
     pub bytes: u64,
 }
 
+/// A descriptor copy (dup, dup2, dup3, fcntl F_DUPFD*).
+#[derive(Debug, Clone)]
+pub struct Dup {
+    pub oldfd: i32,
+    pub newfd: i32,
+    /// `FD_*` kind of the copied descriptor.
+    pub fd_kind: u32,
+    /// `FD_*` kind of a tracked descriptor the copy replaced (dup2/dup3), 0 when none.
+    pub replaced_kind: u32,
+}
+
+/// Bytes moved between two descriptors by the kernel (sendfile, splice,
+/// copy_file_range): counted, not copied.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    pub source: u32,
+    pub in_fd: i32,
+    /// `FD_*` kind, 0 when not tracked (a pipe).
+    pub in_kind: u32,
+    pub out_fd: i32,
+    pub out_kind: u32,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Proc {
     pub other: u32,
@@ -127,6 +151,8 @@ pub enum Body {
     },
     FileOpen(FileOpen),
     FileIo(FileIo),
+    Dup(Dup),
+    Transfer(Transfer),
     Exec(Proc),
     Fork(Proc),
     Exit(Proc),
@@ -242,6 +268,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 fd: f.fd,
                 direction: f.direction,
                 bytes: f.bytes,
+            })
+        }
+        EV_DUP => {
+            let d: DupEvent = read(bytes)?;
+            Body::Dup(Dup {
+                oldfd: d.oldfd,
+                newfd: d.newfd,
+                fd_kind: d.fd_kind,
+                replaced_kind: d.replaced_kind,
+            })
+        }
+        EV_TRANSFER => {
+            let t: TransferEvent = read(bytes)?;
+            Body::Transfer(Transfer {
+                source: t.source,
+                in_fd: t.in_fd,
+                in_kind: t.in_kind,
+                out_fd: t.out_fd,
+                out_kind: t.out_kind,
+                bytes: t.bytes,
             })
         }
         EV_EXEC => Body::Exec(proc_(bytes)?),

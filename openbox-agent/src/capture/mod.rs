@@ -74,6 +74,44 @@ const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
     // The same code as sys_exit_openat (~90 ms of verifier each): loaded once.
     ("sys_exit_openat", "syscalls", "sys_exit_openat2"),
+    ("sys_enter_pread64", "syscalls", "sys_enter_pread64"),
+    (DATA_EXIT, "syscalls", "sys_exit_pread64"),
+    ("sys_enter_pwrite64", "syscalls", "sys_enter_pwrite64"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwrite64"),
+    ("sys_enter_preadv", "syscalls", "sys_enter_preadv"),
+    (DATA_EXIT, "syscalls", "sys_exit_preadv"),
+    ("sys_enter_pwritev", "syscalls", "sys_enter_pwritev"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwritev"),
+    ("sys_enter_preadv2", "syscalls", "sys_enter_preadv2"),
+    (DATA_EXIT, "syscalls", "sys_exit_preadv2"),
+    ("sys_enter_pwritev2", "syscalls", "sys_enter_pwritev2"),
+    (DATA_EXIT, "syscalls", "sys_exit_pwritev2"),
+    ("sys_enter_sendmmsg", "syscalls", "sys_enter_sendmmsg"),
+    ("sys_exit_sendmmsg", "syscalls", "sys_exit_sendmmsg"),
+    ("sys_enter_recvmmsg", "syscalls", "sys_enter_recvmmsg"),
+    ("sys_exit_recvmmsg", "syscalls", "sys_exit_recvmmsg"),
+    ("sys_enter_dup", "syscalls", "sys_enter_dup"),
+    ("sys_exit_dup", "syscalls", "sys_exit_dup"),
+    ("sys_enter_dup2", "syscalls", "sys_enter_dup2"),
+    ("sys_exit_dup2", "syscalls", "sys_exit_dup2"),
+    ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
+    ("sys_exit_dup3", "syscalls", "sys_exit_dup3"),
+    ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
+    ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
+    ("sys_enter_sendfile64", "syscalls", "sys_enter_sendfile64"),
+    ("sys_exit_sendfile64", "syscalls", "sys_exit_sendfile64"),
+    ("sys_enter_splice", "syscalls", "sys_enter_splice"),
+    ("sys_exit_splice", "syscalls", "sys_exit_splice"),
+    (
+        "sys_enter_copy_file_range",
+        "syscalls",
+        "sys_enter_copy_file_range",
+    ),
+    (
+        "sys_exit_copy_file_range",
+        "syscalls",
+        "sys_exit_copy_file_range",
+    ),
 ];
 
 /// Process lifecycle, in both modes: these tracepoints are not on the syscall path.
@@ -135,6 +173,13 @@ pub struct Counters {
     pub paused: u64,
     /// Runs of the libssl entry programs for watched processes.
     pub tls_watched_hits: u64,
+    /// io_uring requests submitted by watched processes: not captured (see
+    /// `openbox-ebpf/src/probes/io_uring.rs`).
+    #[serde(rename = "io_uring_ops_not_captured")]
+    pub io_uring_ops: u64,
+    /// Of those, the requests that move bytes (read, write, send, recv…).
+    #[serde(rename = "io_uring_data_ops_not_captured")]
+    pub io_uring_data_ops: u64,
     /// The same for processes not watched (0 unless a process's probes outlived its
     /// watch for a moment: they are attached per watched process).
     pub tls_unwatched_hits: u64,
@@ -192,6 +237,7 @@ pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     /// The libssl uprobes, per watched process.
     tls: tls::TlsProbes,
+    io_uring: IoUringCount,
     /// Last field, dropped after `ebpf` (fields drop in declaration order): the
     /// programs are detached, or (`hand_off_detach`) watch nobody any more, so no
     /// process can be stopped after it resumed them all.
@@ -310,6 +356,7 @@ impl Capture {
         drop(jobs);
         let loaded = started.elapsed();
         attach_tracepoints(&mut ebpf, PROCESS_TRACEPOINTS)?;
+        let io_uring = attach_io_uring(&mut ebpf);
         if let Fentry::Usable(_) = fentry {
             let attached = match fentry_refused {
                 Some(e) => Err(e),
@@ -402,8 +449,14 @@ impl Capture {
             next_seed_gen: 1,
             counters,
             tls: tls::TlsProbes::default(),
+            io_uring,
             pauses,
         })
+    }
+
+    /// Whether io_uring requests of watched processes are counted, and if not why.
+    pub fn io_uring(&self) -> &IoUringCount {
+        &self.io_uring
     }
 
     /// The capture mode in use, and why.
@@ -573,6 +626,8 @@ impl Capture {
             paused: sum(CNT_PAUSED),
             tls_watched_hits: sum(CNT_TLS_WATCHED),
             tls_unwatched_hits: sum(CNT_TLS_UNWATCHED),
+            io_uring_ops: sum(CNT_IO_URING_OPS),
+            io_uring_data_ops: sum(CNT_IO_URING_DATA_OPS),
         }
     }
 
@@ -678,6 +733,53 @@ enum Fentry {
     Usable(aya::Btf),
     /// A program was refused, or would not attach.
     Failed(anyhow::Error),
+}
+
+/// Whether the io_uring requests of watched processes are counted (never captured:
+/// see `openbox-ebpf/src/probes/io_uring.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IoUringCount {
+    pub counted: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Attaches the io_uring counter when this kernel has its tracepoint with the layout
+/// the program reads. Its absence does not stop the agent (a kernel without io_uring
+/// has nothing to count); it is logged and shown in the summaries.
+fn attach_io_uring(ebpf: &mut Ebpf) -> IoUringCount {
+    let attached = tracefs::check_io_uring().and_then(|present| {
+        if !present {
+            bail!("this kernel has no io_uring:io_uring_submit_req tracepoint (built without io_uring, or older than 5.19)");
+        }
+        load::load_or_fail(
+            ebpf,
+            &[("io_uring_submit_req", How::Plain)],
+            load::rejected,
+        )?;
+        attach_tracepoints(
+            ebpf,
+            &[("io_uring_submit_req", "io_uring", "io_uring_submit_req")],
+        )
+    });
+    match attached {
+        Ok(()) => IoUringCount {
+            counted: true,
+            reason: None,
+        },
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::warn!(
+                error = %reason,
+                "io_uring requests of watched processes are not counted: I/O done through io_uring is neither captured nor visible in the summaries"
+            );
+            IoUringCount {
+                counted: false,
+                reason: Some(reason),
+            }
+        }
+    }
 }
 
 /// Attaches loaded tracepoint programs: (program, category, tracepoint).

@@ -93,6 +93,25 @@ pub const FENTRY_PROGRAMS: &[(&str, &str, Hook)] = &[
     ("fentry_close", "__x64_sys_close", Hook::Entry),
     ("fexit_openat", "__x64_sys_openat", Hook::Exit),
     ("fexit_openat2", "__x64_sys_openat2", Hook::Exit),
+    ("fexit_pread64", "__x64_sys_pread64", Hook::Exit),
+    ("fexit_pwrite64", "__x64_sys_pwrite64", Hook::Exit),
+    ("fexit_preadv", "__x64_sys_preadv", Hook::Exit),
+    ("fexit_pwritev", "__x64_sys_pwritev", Hook::Exit),
+    ("fexit_preadv2", "__x64_sys_preadv2", Hook::Exit),
+    ("fexit_pwritev2", "__x64_sys_pwritev2", Hook::Exit),
+    ("fexit_sendmmsg", "__x64_sys_sendmmsg", Hook::Exit),
+    ("fexit_recvmmsg", "__x64_sys_recvmmsg", Hook::Exit),
+    ("fexit_dup", "__x64_sys_dup", Hook::Exit),
+    ("fexit_dup2", "__x64_sys_dup2", Hook::Exit),
+    ("fexit_dup3", "__x64_sys_dup3", Hook::Exit),
+    ("fexit_fcntl", "__x64_sys_fcntl", Hook::Exit),
+    ("fexit_sendfile64", "__x64_sys_sendfile64", Hook::Exit),
+    ("fexit_splice", "__x64_sys_splice", Hook::Exit),
+    (
+        "fexit_copy_file_range",
+        "__x64_sys_copy_file_range",
+        Hook::Exit,
+    ),
 ];
 
 /// Why fentry mode cannot be used here, before anything is loaded: the architecture

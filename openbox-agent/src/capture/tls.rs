@@ -277,26 +277,45 @@ impl TlsProbes {
         let ebpf = programs
             .get()
             .ok_or_else(|| AttachError::Internal("capture has ended".into()))?;
-        let mut links = Vec::with_capacity(wanted);
+        // The entry program keeps the call's arguments for this thread until the return
+        // program takes them, and while they are kept every socket call of the thread is
+        // taken for this TLS call's ciphertext (`FLAG_IN_SSL`): an entry that runs without
+        // its return marks the thread's next plain connection TLS for good, and links
+        // this SSL object to it. So each function's return probe is attached first (a
+        // call entered after it returns through it; one entered before is not seen at
+        // all), its entry probe only when that worked, and the entries are released
+        // first (`links`: entries, then returns; a Vec drops in order). A restarted
+        // agent attaches while the last one's detach holds the kernel's trace-event lock,
+        // which can stretch the gap between two attaches to seconds.
+        let (mut entries, mut returns) = (Vec::new(), Vec::new());
         let mut failure = None;
         for (func, offset) in &symbols {
             let Some((_, entry)) = SSL_FUNCTIONS.iter().find(|(f, _)| f == func) else {
                 continue;
             };
-            for (program, what) in [(*entry, "entry"), (SSL_RET_PROGRAM, "return")] {
-                match attach_one(ebpf, program, path, *offset, scope) {
-                    Ok(link) => links.push(link),
-                    Err(reason) => {
-                        self.stats.not_attached += 1;
-                        failure.get_or_insert(AttachError::Attach {
-                            path: path.clone(),
-                            func: format!("{func} ({what})"),
-                            reason,
-                        });
-                    }
+            let attached = attach_one(ebpf, SSL_RET_PROGRAM, path, *offset, scope)
+                .map_err(|reason| (reason, "return"))
+                .and_then(|ret| {
+                    returns.push(ret);
+                    test_hold_between_probes();
+                    attach_one(ebpf, entry, path, *offset, scope)
+                        .map_err(|reason| (reason, "entry"))
+                });
+            match attached {
+                Ok(link) => entries.push(link),
+                Err((reason, what)) => {
+                    // A return probe that failed leaves its entry unattached too.
+                    self.stats.not_attached += if what == "return" { 2 } else { 1 };
+                    failure.get_or_insert(AttachError::Attach {
+                        path: path.clone(),
+                        func: format!("{func} ({what})"),
+                        reason,
+                    });
                 }
             }
         }
+        let mut links = entries;
+        links.append(&mut returns);
         let attached = links.len();
         if attached > 0 {
             self.count += attached;
@@ -364,6 +383,18 @@ impl TlsProbes {
             }
             None => drop(links),
         }
+    }
+}
+
+/// Tests only: `OPENBOX_TEST_TLS_PROBE_GAP_MS` milliseconds between a function's
+/// return and entry probes, to widen the window a loaded kernel opens there (see
+/// [`TlsProbes::attach`]).
+fn test_hold_between_probes() {
+    if let Some(ms) = std::env::var("OPENBOX_TEST_TLS_PROBE_GAP_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 

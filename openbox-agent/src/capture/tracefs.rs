@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use openbox_common::{
-    RawField, SCHED_PROCESS_EXEC_FILENAME, SCHED_PROCESS_EXEC_OLD_PID,
+    RawField, IO_URING_SUBMIT_REQ_OPCODE, SCHED_PROCESS_EXEC_FILENAME, SCHED_PROCESS_EXEC_OLD_PID,
     SCHED_PROCESS_EXIT_GROUP_DEAD, SYSCALL_ARGS_OFFSET, SYSCALL_ARG_SIZE, SYSCALL_RET,
     TASK_NEWTASK_CLONE_FLAGS, TASK_NEWTASK_PID,
 };
@@ -97,6 +97,21 @@ const SYSCALL_ARGS_READ: &[(&str, &[usize])] = &[
     ("close", &[0]),
     ("openat", &[0, 1, 2]),
     ("openat2", &[0, 1, 2]),
+    ("pread64", &[0, 1, 2]),
+    ("pwrite64", &[0, 1, 2]),
+    ("preadv", &[0, 1, 2]),
+    ("pwritev", &[0, 1, 2]),
+    ("preadv2", &[0, 1, 2]),
+    ("pwritev2", &[0, 1, 2]),
+    ("sendmmsg", &[0, 1, 2]),
+    ("recvmmsg", &[0, 1, 2]),
+    ("dup", &[0]),
+    ("dup2", &[0, 1]),
+    ("dup3", &[0, 1]),
+    ("fcntl", &[0, 1]),
+    ("sendfile64", &[0, 1]),
+    ("splice", &[0, 2]),
+    ("copy_file_range", &[0, 2]),
 ];
 
 /// The `syscalls:sys_exit_*` tracepoints whose programs read `ret`.
@@ -116,6 +131,21 @@ const SYSCALL_RETS_READ: &[&str] = &[
     "socketpair",
     "openat",
     "openat2",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "pwritev",
+    "preadv2",
+    "pwritev2",
+    "sendmmsg",
+    "recvmmsg",
+    "dup",
+    "dup2",
+    "dup3",
+    "fcntl",
+    "sendfile64",
+    "splice",
+    "copy_file_range",
 ];
 
 /// `sched:sched_process_exit`'s `group_dead`, read by the exit program where the kernel
@@ -297,6 +327,30 @@ fn events_dir() -> PathBuf {
 /// read in fentry mode). Call after tracefs is mounted, before loading.
 pub fn check_kernel(syscalls: bool) -> Result<()> {
     check_in(&events_dir(), syscalls)
+}
+
+/// The field the io_uring program reads (`probes/io_uring.rs`).
+pub fn io_uring_assumed() -> Assumed {
+    Assumed {
+        category: "io_uring",
+        event: "io_uring_submit_req".into(),
+        field: FieldRef::Named("opcode"),
+        at: IO_URING_SUBMIT_REQ_OPCODE,
+    }
+}
+
+/// Whether io_uring requests can be counted here: `Ok(false)` when the kernel has no
+/// `io_uring:io_uring_submit_req` (built without io_uring, or older than 5.19, where
+/// it was `io_uring_submit_sqe`), an error when its layout differs from the one the
+/// program reads. Neither stops the agent: io_uring is then not counted, and says so.
+pub fn check_io_uring() -> Result<bool> {
+    let a = io_uring_assumed();
+    let path = events_dir().join(a.category).join(&a.event).join("format");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(false);
+    };
+    check_field(&a, &parse_format(&text))?;
+    Ok(true)
 }
 
 /// Checks the layouts of the tracepoints under `events` (tracefs's `events/`).

@@ -300,6 +300,18 @@ impl Collector for Metrics {
         )?;
         counter(
             e,
+            "io_uring_ops_not_captured",
+            "io_uring requests submitted by watched processes: their I/O is not captured.",
+            k.io_uring_ops,
+        )?;
+        counter(
+            e,
+            "io_uring_data_ops_not_captured",
+            "Of the io_uring requests, those that move bytes (read, write, send, recv and their variants).",
+            k.io_uring_data_ops,
+        )?;
+        counter(
+            e,
             "resumed_at_start",
             "Processes an earlier agent left stopped (a crash), resumed at this one's start.",
             p.resumed_at_start,

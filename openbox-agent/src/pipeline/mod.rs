@@ -255,7 +255,7 @@ impl<S: Sink> Session<S> {
             }
             // Span mode only: records mode shows every byte, so it keeps copying them.
             for conn in given_up {
-                if let Some(action) = self.tracker.stop_payload(&conn) {
+                for action in self.tracker.stop_payload(&conn) {
                     self.act(action);
                 }
             }
@@ -400,7 +400,16 @@ impl<S: Sink> Session<S> {
                 self.seed(pid, Some(at));
                 self.rescan_tls(pid);
             }
-            Action::Seed { child, parent } => {
+            Action::Seed { child, parent, at } => {
+                // The kernel gave the child copies of its parent's tracked descriptors
+                // at the fork; those it closed since without a close() (close_range,
+                // or an exec that closed O_CLOEXEC ones) are forgotten, newer ones kept.
+                let now = procfs::fds(child);
+                for fd in self.tracker.fds_of(parent) {
+                    if !now.iter().any(|(f, _)| *f == fd) {
+                        self.cap.forget_fd_before(child, fd, at);
+                    }
+                }
                 self.seed(child, None);
                 // A forked child runs its parent's libssl, but the parent's probes do
                 // not fire in it.

@@ -1,6 +1,8 @@
 //! The programs, one file per probe family.
 
+mod descriptors;
 mod files;
+mod io_uring;
 mod process;
 mod sockets;
 mod tls;

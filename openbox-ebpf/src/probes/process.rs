@@ -23,8 +23,8 @@ use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
     maps::{
-        ARGS, EVENTS, EXIT_SIGNAL_LIVE, EXIT_TASK_SIGNAL, INHERIT, PAUSED, PAUSE_ON_TLS_LIB,
-        SSL_ARGS, THREADS, WATCHED,
+        ARGS, EVENTS, EXIT_SIGNAL_LIVE, EXIT_TASK_SIGNAL, FDS, FD_FLAGS, INHERIT, PAUSED,
+        PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED,
     },
     task::{attribution, field, header, is_watched, watch_flags},
 };
@@ -90,6 +90,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
         Err(e) if e == -EEXIST => {}
         Err(_) => Loss::MapFull.count(),
     }
+    inherit_fds((pid_tgid >> 32) as u32, child);
     // A process started while an activity ran on this thread (subprocess.run, a shell)
     // works for that activity for its whole life, and so do its own children.
     let (owner, activity) = attribution(pid_tgid);
@@ -112,6 +113,44 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
     entry.submit(wakeup());
     count(CNT_EVENTS, 1);
     Ok(())
+}
+
+/// Copies the parent's tracked descriptors (and their flags) to a new child process,
+/// before the child can run: it uses them from its first instruction, long before the
+/// agent could read its /proc. The copy keeps each descriptor's generation (the same
+/// incarnation), so the agent's seeding finds the entry and keeps it. Numbers above
+/// [`INHERITED_FDS_COPIED`] are left to that seeding.
+#[inline(always)]
+fn inherit_fds(parent: u32, child: u32) {
+    let mut fd: i32 = 0;
+    while fd < INHERITED_FDS_COPIED {
+        // SAFETY: plain lookups; the values are copied out at once.
+        if let Some(state) = unsafe { FDS.get(fd_key(parent, fd)) }.copied() {
+            if FDS
+                .insert(fd_key(child, fd), state, BPF_ANY.into())
+                .is_err()
+            {
+                Loss::MapFull.count();
+            }
+            let flags = unsafe {
+                FD_FLAGS.get(FdFlagKey {
+                    fd_key: fd_key(parent, fd),
+                    gen: state.gen,
+                })
+            }
+            .copied();
+            if let Some(flags) = flags {
+                let key = FdFlagKey {
+                    fd_key: fd_key(child, fd),
+                    gen: state.gen,
+                };
+                if FD_FLAGS.insert(key, flags, BPF_ANY.into()).is_err() {
+                    Loss::MapFull.count();
+                }
+            }
+        }
+        fd += 1;
+    }
 }
 
 /// ```text

@@ -36,6 +36,8 @@
 //! BPF trampoline and one hash lookup per call instead of the syscall slow path that
 //! any enabled syscall tracepoint forces on every process.
 
+use core::ptr;
+
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{fentry, fexit, tracepoint},
@@ -46,8 +48,8 @@ use openbox_common::*;
 use super::{stash, take_args, track_fd};
 use crate::{
     emit::{emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
-    error::{finish, Loss},
-    maps::{SyscallArgs, ARGS, FDS, FD_FLAGS, SSL_ARGS},
+    error::{count, finish, Loss},
+    maps::{Scratch, SyscallArgs, ARGS, FDS, FD_FLAGS, SSL_ARGS},
     task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
@@ -139,6 +141,16 @@ fn try_data_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
     }
 }
 
+/// Which way a data call moves bytes.
+#[inline(always)]
+fn direction_of(source: u32) -> u32 {
+    match source {
+        SRC_WRITE | SRC_WRITEV | SRC_SENDTO | SRC_SENDMSG | SRC_PWRITE64 | SRC_PWRITEV
+        | SRC_PWRITEV2 | SRC_SENDMMSG => DIR_EGRESS,
+        _ => DIR_INGRESS,
+    }
+}
+
 /// Reports what a data call moved. `preemptible`: the caller is an fexit program.
 #[inline(always)]
 fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Result<(), Loss> {
@@ -159,10 +171,7 @@ fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Res
         return Ok(());
     }
     let n = n as u64;
-    let direction = match source {
-        SRC_WRITE | SRC_WRITEV | SRC_SENDTO | SRC_SENDMSG => DIR_EGRESS,
-        _ => DIR_INGRESS,
-    };
+    let direction = direction_of(source);
     if fd_kind == FD_FILE {
         return submit(FileIoEvent {
             hdr: header(EV_FILE_IO, 0, pid_tgid),
@@ -196,7 +205,9 @@ fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Res
         return with_scratch(preemptible, pid_tgid, |s| emit_no_payload(s, call, 0));
     }
     let payload = match source {
-        SRC_READV | SRC_WRITEV => Payload::Iovecs { array: buf, count },
+        SRC_READV | SRC_WRITEV | SRC_PREADV | SRC_PWRITEV | SRC_PREADV2 | SRC_PWRITEV2 => {
+            Payload::Iovecs { array: buf, count }
+        }
         SRC_RECVMSG | SRC_SENDMSG => {
             // struct user_msghdr: msg_iov at offset 16, msg_iovlen at 24.
             let array = unsafe { bpf_probe_read_user((buf + 16) as *const u64) }
@@ -283,6 +294,231 @@ data_syscall!(
     "__x64_sys_sendmsg",
     SRC_SENDMSG
 );
+
+// The positional calls take the descriptor, the buffer (or iovec array) and the
+// length (or iovec count) in the same first three arguments as read/readv; the file
+// offset that follows does not change which stream bytes they are (a socket has none,
+// and a file's reads and writes are counted, not reassembled).
+data_syscall!(
+    sys_enter_pread64,
+    sys_exit_pread64,
+    fexit_pread64,
+    "__x64_sys_pread64",
+    SRC_PREAD64
+);
+data_syscall!(
+    sys_enter_pwrite64,
+    sys_exit_pwrite64,
+    fexit_pwrite64,
+    "__x64_sys_pwrite64",
+    SRC_PWRITE64
+);
+data_syscall!(
+    sys_enter_preadv,
+    sys_exit_preadv,
+    fexit_preadv,
+    "__x64_sys_preadv",
+    SRC_PREADV
+);
+data_syscall!(
+    sys_enter_pwritev,
+    sys_exit_pwritev,
+    fexit_pwritev,
+    "__x64_sys_pwritev",
+    SRC_PWRITEV
+);
+data_syscall!(
+    sys_enter_preadv2,
+    sys_exit_preadv2,
+    fexit_preadv2,
+    "__x64_sys_preadv2",
+    SRC_PREADV2
+);
+data_syscall!(
+    sys_enter_pwritev2,
+    sys_exit_pwritev2,
+    fexit_pwritev2,
+    "__x64_sys_pwritev2",
+    SRC_PWRITEV2
+);
+
+// ---- message batches: sendmmsg, recvmmsg ----
+
+/// `struct mmsghdr`: a `struct user_msghdr` (56 bytes: msg_iov at 16, msg_iovlen at
+/// 24) followed by the u32 `msg_len` the kernel sets, padded to 64.
+const MMSGHDR_SIZE: u64 = 64;
+const MMSG_LEN_OFFSET: u64 = 56;
+
+/// Entry tracepoint of sendmmsg/recvmmsg: the descriptor, the mmsghdr array and its
+/// length are its first three arguments, as for the other data calls.
+#[inline(always)]
+fn try_mmsg_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Nothing kept: not watched or not tracked at entry.
+    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
+        return Ok(());
+    };
+    let _ = ARGS.remove(pid_tgid);
+    mmsg_done(pid_tgid, args, ret(ctx), false)
+}
+
+#[inline(always)]
+fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
+    let regs = SyscallRegs::of(ctx);
+    match data_args(source, |n| regs.arg(n)) {
+        Some((pid_tgid, args)) => mmsg_done(pid_tgid, args, fexit_ret(ctx), true),
+        None => Ok(()),
+    }
+}
+
+/// Reports each message a sendmmsg/recvmmsg call moved as a data call of its own, in
+/// the batch's order. `messages`: the call's result, the number of messages moved.
+#[inline(always)]
+fn mmsg_done(
+    pid_tgid: u64,
+    args: SyscallArgs,
+    messages: i64,
+    preemptible: bool,
+) -> Result<(), Loss> {
+    let SyscallArgs::Data {
+        source,
+        fd,
+        fd_kind,
+        fd_flags,
+        buf,
+        ..
+    } = args
+    else {
+        return Ok(());
+    };
+    if messages <= 0 || fd_kind != FD_SOCKET {
+        // Nothing moved, or not a socket (the call fails on anything else).
+        return Ok(());
+    }
+    let call = DataCall {
+        kind: EV_SOCK_DATA,
+        pid_tgid,
+        fd,
+        source,
+        direction: direction_of(source),
+        ssl: 0,
+        len: 0,
+    };
+    let in_ssl = unsafe { SSL_ARGS.get(pid_tgid) }.is_some();
+    let no_payload = in_ssl || fd_flags & FD_NO_PAYLOAD != 0;
+    with_scratch(preemptible, pid_tgid, |s| {
+        emit_messages(s, call, buf, messages as u64, no_payload)
+    })
+}
+
+/// The messages of one batch, one data call each. The message index lives in map
+/// memory for the reason given on `emit::LoopState`: the verifier then sees every
+/// iteration in the same abstract state instead of walking each.
+#[inline(always)]
+fn emit_messages(
+    scratch: *mut Scratch,
+    call: DataCall,
+    array: u64,
+    messages: u64,
+    no_payload: bool,
+) -> Result<(), Loss> {
+    let idx = unsafe { ptr::addr_of_mut!((*scratch).message) };
+    unsafe { ptr::write_volatile(idx, 0) };
+    for _ in 0..MAX_MMSG {
+        let i = unsafe { ptr::read_volatile(idx) };
+        if i >= messages || i >= MAX_MMSG as u64 {
+            break;
+        }
+        unsafe { ptr::write_volatile(idx, i + 1) };
+        let hdr = array + i * MMSGHDR_SIZE;
+        let len = match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
+            Ok(len) => len as u64,
+            Err(_) => {
+                // Without its length the stream's offsets are lost from here on.
+                Loss::UserRead.count();
+                return Ok(());
+            }
+        };
+        if len == 0 {
+            // An empty message moves nothing.
+            continue;
+        }
+        let call = DataCall { len, ..call };
+        let sent = if no_payload {
+            emit_no_payload(scratch, call, 0)
+        } else {
+            match (
+                unsafe { bpf_probe_read_user((hdr + 16) as *const u64) },
+                unsafe { bpf_probe_read_user((hdr + 24) as *const u64) },
+            ) {
+                (Ok(array), Ok(count)) => {
+                    emit_payload(scratch, call, Payload::Iovecs { array, count })
+                }
+                _ => {
+                    // The message goes out without its bytes: a gap the parsers see.
+                    Loss::UserRead.count();
+                    emit_no_payload(scratch, call, FLAG_TRUNCATED)
+                }
+            }
+        };
+        if let Err(loss) = sent {
+            // The next message is still tried; the agent sees the gap in the offsets.
+            loss.count();
+        }
+    }
+    if messages > MAX_MMSG as u64 {
+        // The rest of the batch, by length only, so later offsets stay exact.
+        let mut rest = 0u64;
+        let last = if messages > MAX_MMSG_LENS as u64 {
+            MAX_MMSG_LENS as u64
+        } else {
+            messages
+        };
+        let mut i = MAX_MMSG as u64;
+        while i < last && i < MAX_MMSG_LENS as u64 {
+            let hdr = array + i * MMSGHDR_SIZE;
+            match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
+                Ok(len) => rest += len as u64,
+                Err(_) => {
+                    Loss::UserRead.count();
+                    break;
+                }
+            }
+            i += 1;
+        }
+        if rest > 0 {
+            count(CNT_TRUNCATED_CALLS, 1);
+            count(CNT_TRUNCATED_BYTES, rest);
+            emit_no_payload(scratch, DataCall { len: rest, ..call }, FLAG_TRUNCATED)?;
+        }
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
+    finish(try_data_enter(&ctx, SRC_SENDMMSG))
+}
+#[tracepoint]
+pub fn sys_exit_sendmmsg(ctx: TracePointContext) -> u32 {
+    finish(try_mmsg_exit(&ctx))
+}
+#[fexit(function = "__x64_sys_sendmmsg")]
+pub fn fexit_sendmmsg(ctx: FExitContext) -> u32 {
+    finish(try_mmsg_fexit(&ctx, SRC_SENDMMSG))
+}
+#[tracepoint]
+pub fn sys_enter_recvmmsg(ctx: TracePointContext) -> u32 {
+    finish(try_data_enter(&ctx, SRC_RECVMMSG))
+}
+#[tracepoint]
+pub fn sys_exit_recvmmsg(ctx: TracePointContext) -> u32 {
+    finish(try_mmsg_exit(&ctx))
+}
+#[fexit(function = "__x64_sys_recvmmsg")]
+pub fn fexit_recvmmsg(ctx: FExitContext) -> u32 {
+    finish(try_mmsg_fexit(&ctx, SRC_RECVMMSG))
+}
 
 // ---- connections ----
 
