@@ -369,6 +369,37 @@ pub struct Stats {
     pub denied: AtomicU64,
 }
 
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            listeners: self.listeners.load(Relaxed),
+            held: self.held.load(Relaxed),
+            continued: self.continued.load(Relaxed),
+            asked: self.asked.load(Relaxed),
+            cached: self.cached.load(Relaxed),
+            denied: self.denied.load(Relaxed),
+        }
+    }
+}
+
+/// [`Stats`] at one moment: the `enforcement` object of the summary and the
+/// `openbox_enforce_*` metrics.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Seccomp listeners the agent holds (one per filtered thread).
+    pub listeners: u64,
+    /// Calls the kernel held for the agent.
+    pub held: u64,
+    /// Held calls let through at once (no governed activity, nothing to name).
+    pub continued: u64,
+    /// Held calls that waited for Core's answer to their `started` hook event.
+    pub asked: u64,
+    /// Held calls answered by a verdict remembered for their activity and operation.
+    pub cached: u64,
+    /// Held calls denied (BLOCK, HALT, or the failure policy).
+    pub denied: u64,
+}
+
 /// Where a registered thread publishes its activity.
 #[derive(Debug, Clone, Copy)]
 struct ThreadPlace {

@@ -381,6 +381,7 @@ impl Daemon {
             },
             governance: self.governor.stats(),
             otlp: self.otlp.as_ref().map(otlp::Exporter::stats),
+            enforcement: self.enforcer.as_ref().map(|e| e.stats.snapshot()),
         }
     }
 

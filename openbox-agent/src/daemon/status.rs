@@ -45,6 +45,8 @@ pub struct Summary {
     pub governance: GovernanceStats,
     /// OTLP export, when configured.
     pub otlp: Option<OtlpStats>,
+    /// Enforcement before the operation (`--enforce`), when on.
+    pub enforcement: Option<super::enforce::StatsSnapshot>,
 }
 
 impl Summary {
@@ -105,6 +107,9 @@ impl Summary {
         }
         if let Some(o) = &self.otlp {
             s["otlp"] = json!(o);
+        }
+        if let Some(e) = &self.enforcement {
+            s["enforcement"] = json!(e);
         }
         if r.bad_traceparents > 0 {
             s["bad_traceparents"] = r.bad_traceparents.into();
@@ -523,6 +528,32 @@ impl Collector for Metrics {
                 up.into(),
             )?;
         }
+        if let Some(f) = &s.enforcement {
+            gauge(
+                e,
+                "enforce_listeners",
+                "Seccomp listeners held for enforcement (one per filtered worker thread).",
+                f.listeners,
+            )?;
+            labelled(
+                e,
+                "enforce_calls",
+                "Calls the kernel held for enforcement, by how they were answered.",
+                "outcome",
+                [
+                    ("continued", f.continued),
+                    ("asked", f.asked),
+                    ("cached", f.cached),
+                    ("denied", f.denied),
+                ],
+            )?;
+            counter(
+                e,
+                "enforce_held_calls",
+                "Calls the kernel held for enforcement.",
+                f.held,
+            )?;
+        }
         if let Some(o) = &s.otlp {
             counter(
                 e,
@@ -606,7 +637,29 @@ mod tests {
             .to_prometheus()
             .lines()
             .any(|l| l == "openbox_core_reachable 0"));
+        // Enforcement figures only when `--enforce` is on.
+        assert!(!text.contains("enforce"), "{text}");
+        assert!(s.to_json().get("enforcement").is_none());
+        s.enforcement = Some(crate::daemon::enforce::StatsSnapshot {
+            listeners: 2,
+            held: 9,
+            continued: 5,
+            asked: 2,
+            cached: 1,
+            denied: 1,
+        });
+        let text = s.to_prometheus();
+        for line in [
+            "openbox_enforce_listeners 2",
+            "openbox_enforce_calls_total{outcome=\"continued\"} 5",
+            "openbox_enforce_calls_total{outcome=\"denied\"} 1",
+            "openbox_enforce_held_calls_total 9",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
         let j = s.to_json();
+        assert_eq!(j["enforcement"]["denied"], 1);
+        assert_eq!(j["enforcement"]["asked"], 2);
         assert_eq!(j["ringbuf_drops"], 3);
         assert_eq!(j["unparsed_by_protocol"]["postgres"], 5);
         assert_eq!(j["parser_losses"]["http"]["unpaired"], 2);
