@@ -613,6 +613,28 @@ impl CoreClient {
             .await
     }
 
+    /// A spooled event, sent as it was first meant to be: a hook event (its body says
+    /// `hook_trigger: true`) from SDK 2.0's hook runtime client, the rest from the SDK's.
+    pub async fn evaluate_spooled(
+        &self,
+        conventions: Conventions,
+        body: Vec<u8>,
+    ) -> CoreOutcome<Value> {
+        #[derive(serde::Deserialize)]
+        struct HookFlag {
+            #[serde(default)]
+            hook_trigger: bool,
+        }
+        let hook = serde_json::from_slice::<HookFlag>(&body).is_ok_and(|f| f.hook_trigger);
+        let sender = if hook {
+            Sender::HookRuntime
+        } else {
+            Sender::Sdk
+        };
+        self.post_json(EVALUATE_PATH, body, conventions, sender)
+            .await
+    }
+
     /// [`CoreClient::evaluate_with`] for a hook event (§3.2), which SDK 2.0 sends from
     /// its hook runtime's client: under 2.0 its headers name that client.
     pub async fn evaluate_hook_with(
@@ -794,6 +816,55 @@ mod tests {
         assert_eq!(
             req.body,
             br#"{"source":"workflow-telemetry","event_type":"WorkflowStarted","workflow_id":"w","run_id":"r","workflow_type":"T","task_queue":"q","timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+
+    /// Under 2.0 a hook event names SDK 2.0's base library, sent at once or from the
+    /// spool; other events name SDK 2.0 (§1.2).
+    #[tokio::test]
+    async fn hook_events_name_the_base_library_under_2_0_also_from_the_spool() {
+        let server = FakeHttp::start(|_| Canned::json(200, json!({"verdict": "allow"}))).await;
+        let c = client(&server, 2000);
+        let hook = body(json!({"event_type": "ActivityStarted", "hook_trigger": true}));
+        let lifecycle = body(json!({"event_type": "ActivityStarted"}));
+        let v2 = Conventions::V2;
+        assert!(matches!(
+            c.evaluate_hook_with(v2, hook.clone()).await,
+            CoreOutcome::Ok(_)
+        ));
+        assert!(matches!(
+            c.evaluate_spooled(v2, hook).await,
+            CoreOutcome::Ok(_)
+        ));
+        assert!(matches!(
+            c.evaluate_spooled(v2, lifecycle.clone()).await,
+            CoreOutcome::Ok(_)
+        ));
+        assert!(matches!(
+            c.evaluate_with(v2, lifecycle).await,
+            CoreOutcome::Ok(_)
+        ));
+        let versions: Vec<String> = server
+            .requests()
+            .iter()
+            .map(|r| {
+                let v = r.header("x-openbox-sdk-version").unwrap_or_default();
+                let ua = r.header("user-agent").unwrap_or_default();
+                assert!(
+                    ua.starts_with(&format!("OpenBox-SDK/{v} (")),
+                    "{ua} for {v}"
+                );
+                v.to_owned()
+            })
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                SDK_V2_BASE_IDENTIFIER,
+                SDK_V2_BASE_IDENTIFIER,
+                SDK_V2_IDENTIFIER,
+                SDK_V2_IDENTIFIER
+            ]
         );
     }
 

@@ -1212,7 +1212,7 @@ async fn deliver_spool(inner: Arc<Inner>) {
         };
         let started = Instant::now();
         let (conventions, body) = Conventions::from_spool_line(&item.body);
-        let outcome = client.evaluate_raw_with(conventions, body.to_vec()).await;
+        let outcome = client.evaluate_spooled(conventions, body.to_vec()).await;
         inner.counters.requests.record(&outcome, started.elapsed());
         if outcome.retryable() {
             inner.counters.spool_retries.fetch_add(1, Ordering::Relaxed);
