@@ -592,11 +592,9 @@ impl CoreClient {
         conventions: Conventions,
         body: Vec<u8>,
     ) -> CoreOutcome<EvaluateResponse> {
-        self.evaluate_raw_with(conventions, body).await.map(|v| {
-            // post_json only returns Ok for JSON objects, which always parse.
-            EvaluateResponse::from_value(&v)
-                .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
-        })
+        self.evaluate_raw_with(conventions, body)
+            .await
+            .map(verdict_of)
     }
 
     /// `POST /api/v1/governance/evaluate` with an already encoded body (a spooled event).
@@ -644,10 +642,7 @@ impl CoreClient {
     ) -> CoreOutcome<EvaluateResponse> {
         self.post_json(EVALUATE_PATH, body, conventions, Sender::HookRuntime)
             .await
-            .map(|v| {
-                EvaluateResponse::from_value(&v)
-                    .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
-            })
+            .map(verdict_of)
     }
 
     /// `POST /api/v1/governance/approval` with `{workflow_id, run_id, activity_id}`.
@@ -722,6 +717,12 @@ impl CoreClient {
             _ => CoreOutcome::NonJson { status },
         }
     }
+}
+
+/// An evaluate answer: `post_json` only returns Ok for JSON objects, which always parse.
+fn verdict_of(v: Value) -> EvaluateResponse {
+    EvaluateResponse::from_value(&v)
+        .unwrap_or_else(|| EvaluateResponse::synthetic(Verdict::Allow, ""))
 }
 
 /// Which of SDK 2.0's two Core clients sends a request: the SDK's own (lifecycle events,
