@@ -71,9 +71,9 @@ fn data_args(source: u32, args: impl Fn(usize) -> u64) -> Option<(u64, SyscallAr
     let (pid_tgid, tgid) = watched()?;
     // A peek (curl's liveness check, `recv(fd, buf, 1, MSG_PEEK)`) leaves the bytes in the
     // socket for the next read: reporting them would report them twice and cut the
-    // stream's framing (recvfrom's flags are argument 3, recvmsg's argument 2).
+    // stream's framing (recvfrom's and recvmmsg's flags are argument 3, recvmsg's 2).
     let peek = match source {
-        SRC_RECVFROM => args(3) & MSG_PEEK != 0,
+        SRC_RECVFROM | SRC_RECVMMSG => args(3) & MSG_PEEK != 0,
         SRC_RECVMSG => args(2) & MSG_PEEK != 0,
         _ => false,
     };
