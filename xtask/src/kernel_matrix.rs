@@ -732,7 +732,12 @@ fn boot_guest(
         u8::from(expect.bpftool)
     );
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024"])
+    // One vCPU: with two, TCG sometimes runs a stale `int3` left by the guest's
+    // cross-CPU code patching (a static key flipped by perf_event_open while the agent
+    // attaches), and the 6.12 guest panics with "Oops: int3" in __schedule (seen in
+    // a full suite run); no real CPU does that. The agent's parallel loading is
+    // exercised on the host.
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024"])
         .args(["-nodefaults", "-no-reboot", "-display", "none"])
         .arg("-kernel")
         .arg(&boot.vmlinuz)
