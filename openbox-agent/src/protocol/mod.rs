@@ -304,6 +304,45 @@ pub fn truncate_statement(s: &str, max: usize) -> String {
     }
 }
 
+/// The parser the fuzz drivers feed: small limits, so inputs reach them.
+fn fuzz_parser(protocol: Protocol) -> Box<dyn Parser> {
+    new_parser(
+        protocol,
+        &ParserConfig {
+            max_body: 4096,
+            max_statement: 256,
+            max_buffer: 64 * 1024,
+        },
+    )
+}
+
+/// How the fuzz drivers lay out `rest`: pieces `(i, start, end, side, size)` whose sizes
+/// and sides the seed byte chooses (`end` is cut at `len`, `size` is not).
+fn fuzz_pieces(seed: u8, len: usize) -> impl Iterator<Item = (u64, usize, usize, Side, usize)> {
+    let mut pos = 0;
+    let mut i = 0u64;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let size = 1
+            + ((seed as usize)
+                .wrapping_mul(31)
+                .wrapping_add(i as usize * 7)
+                % 97);
+        let end = (pos + size).min(len);
+        let side = if (seed >> (i % 8)) & 1 == 0 {
+            Side::Client
+        } else {
+            Side::Server
+        };
+        let piece = (i, pos, end, side, size);
+        pos = end;
+        i += 1;
+        Some(piece)
+    })
+}
+
 /// Fuzzing driver shared by the cargo-fuzz targets: the input's first byte chooses
 /// piece sizes, the rest is split into alternating client and server pieces (with an
 /// occasional gap) and fed to a fresh parser. Must never panic.
@@ -311,36 +350,18 @@ pub fn fuzz_one(protocol: Protocol, input: &[u8]) -> usize {
     let Some((&seed, rest)) = input.split_first() else {
         return 0;
     };
-    let cfg = ParserConfig {
-        max_body: 4096,
-        max_statement: 256,
-        max_buffer: 64 * 1024,
-    };
-    let mut p = new_parser(protocol, &cfg);
+    let mut p = fuzz_parser(protocol);
     let mut out = Vec::new();
-    let mut pos = 0;
-    let mut i = 0u64;
-    while pos < rest.len() {
-        let size = 1
-            + ((seed as usize)
-                .wrapping_mul(31)
-                .wrapping_add(i as usize * 7)
-                % 97);
-        let end = (pos + size).min(rest.len());
-        let side = if (seed >> (i % 8)) & 1 == 0 {
-            Side::Client
-        } else {
-            Side::Server
-        };
+    let mut pieces = 0;
+    for (i, pos, end, side, size) in fuzz_pieces(seed, rest.len()) {
         if seed % 13 == 0 && i % 5 == 4 {
             p.gap(side, size as u64, i, &mut out);
         } else {
             p.feed(side, &rest[pos..end], i, &mut out);
         }
-        pos = end;
-        i += 1;
+        pieces = i + 1;
     }
-    p.close(i, &mut out);
+    p.close(pieces, &mut out);
     let _ = p.unparsed();
     out.len()
 }
@@ -360,27 +381,10 @@ pub fn fuzz_resync(protocol: Protocol, input: &[u8]) -> usize {
     });
     let start = (h % (rest.len() as u64 + 1)) as usize;
     let gap_every = 2 + (h >> 32) % 7;
-    let cfg = ParserConfig {
-        max_body: 4096,
-        max_statement: 256,
-        max_buffer: 64 * 1024,
-    };
-    let mut p = new_parser(protocol, &cfg);
+    let mut p = fuzz_parser(protocol);
     let mut out = Vec::new();
-    let mut pos = 0;
-    let mut i = 0u64;
-    while pos < rest.len() {
-        let size = 1
-            + ((seed as usize)
-                .wrapping_mul(31)
-                .wrapping_add(i as usize * 7)
-                % 97);
-        let end = (pos + size).min(rest.len());
-        let side = if (seed >> (i % 8)) & 1 == 0 {
-            Side::Client
-        } else {
-            Side::Server
-        };
+    let mut pieces = 0;
+    for (i, pos, end, side, _) in fuzz_pieces(seed, rest.len()) {
         let from = pos.max(start);
         if from < end {
             if i % gap_every == gap_every - 1 {
@@ -391,10 +395,9 @@ pub fn fuzz_resync(protocol: Protocol, input: &[u8]) -> usize {
                 p.feed(side, &rest[from..end], i, &mut out);
             }
         }
-        pos = end;
-        i += 1;
+        pieces = i + 1;
     }
-    p.close(i, &mut out);
+    p.close(pieces, &mut out);
     let _ = p.losses();
     out.len()
 }
