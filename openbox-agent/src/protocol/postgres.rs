@@ -954,25 +954,29 @@ fn finish(run: Box<Running>, end_ts: u64) -> Op {
     finish_op(op, end_ts, rowcount, error)
 }
 
-/// ErrorResponse: fields of Byte1 code + String value, ended by a zero byte.
-/// 'C' is the SQLSTATE, 'M' the primary message.
+/// ErrorResponse's fields: Byte1 code + String value, ended by a zero byte.
+fn error_fields(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        let field = *body.get(pos).filter(|&&f| f != 0)?;
+        let value = cstr_or_rest(body, pos + 1);
+        pos = pos.saturating_add(value.len()).saturating_add(2);
+        Some((field, value))
+    })
+}
+
+/// ErrorResponse: 'C' is the SQLSTATE, 'M' the primary message.
 fn parse_error(body: &[u8]) -> ServerError {
     let mut err = ServerError {
         code: None,
         message: String::new(),
     };
-    let mut pos = 0;
-    while let Some(&field) = body.get(pos) {
-        if field == 0 {
-            break;
-        }
-        let value = cstr_or_rest(body, pos + 1);
+    for (field, value) in error_fields(body) {
         match field {
             b'C' => err.code = Some(lossy(value).into()),
             b'M' => err.message = lossy(value),
             _ => {}
         }
-        pos = pos.saturating_add(value.len()).saturating_add(2);
     }
     err
 }
@@ -981,18 +985,12 @@ fn parse_error(body: &[u8]) -> ServerError {
 /// 9.6) is ERROR, the severity of a failed request.
 fn severity_is_error(body: &[u8]) -> bool {
     let mut severity = None;
-    let mut pos = 0;
-    while let Some(&field) = body.get(pos) {
-        if field == 0 {
-            break;
-        }
-        let value = cstr_or_rest(body, pos + 1);
+    for (field, value) in error_fields(body) {
         match field {
             b'V' => return value == b"ERROR",
             b'S' => severity = Some(value),
             _ => {}
         }
-        pos = pos.saturating_add(value.len()).saturating_add(2);
     }
     severity == Some(&b"ERROR"[..])
 }
