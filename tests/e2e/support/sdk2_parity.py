@@ -112,3 +112,10 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
+    # Skip interpreter finalization, which temporalio's runtime threads can abort
+    # ("PyGILState_Release: thread state … must be current", SIGABRT) after everything
+    # is done and printed (see worker.py).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
