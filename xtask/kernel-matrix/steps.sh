@@ -5,7 +5,8 @@
 #   @@kmx begin NAME
 #   ...
 #   @@kmx end NAME rc=N
-# Variables: KMX_OUT KMX_AGENT KMX_CERT_DIR KMX_WORK KMX_PORT KMX_MODES KMX_BPFTOOL.
+# Variables: KMX_OUT KMX_AGENT KMX_CERT_DIR KMX_WORK KMX_PORT KMX_MODES KMX_BPFTOOL,
+# and for the syscall-loop bench KMX_BENCH KMX_BENCH_ROUNDS KMX_BENCH_MODES.
 set -u
 out=$KMX_OUT
 work=$KMX_WORK
@@ -68,4 +69,72 @@ echo kmatrix-$mode | busybox tee $work/file-$mode.txt >/dev/null"
 done
 kill "$server" 2>/dev/null
 section server-log cat "$work/server.log"
+
+# The syscall loops of `cargo xtask bench` (KMX_BENCH iterations per loop; none when
+# 0), for the capture modes the host cannot run: per round, the loops with no agent
+# (baseline), then per mode in KMX_BENCH_MODES the loops while the agent is attached
+# but watches only an idle sleep (unwatched), and the loops run under `trace`
+# (watched). Each run's syscall_loop results are a section.
+if [ "${KMX_BENCH:-0}" != 0 ]; then
+    results="$work/loops.json"
+    loops="/usr/bin/syscall_loop --iterations $KMX_BENCH --out $results"
+    round=1
+    while [ "$round" -le "$KMX_BENCH_ROUNDS" ]; do
+        rm -f "$results"
+        $loops >/dev/null 2>&1
+        section "bench $round baseline" cat "$results"
+        for mode in $(echo "$KMX_BENCH_MODES" | tr , ' '); do
+            sleep 600 &
+            idle=$!
+            OPENBOX_LOG=info "$KMX_AGENT" trace --json --capture-mode "$mode" --pid "$idle" \
+                >/dev/null 2>"$work/bench-agent.err" &
+            agent=$!
+            # Attached once it says it watches the sleep (programs loaded under TCG
+            # take seconds).
+            tries=0
+            while ! grep -q "watching process" "$work/bench-agent.err" &&
+                kill -0 "$agent" 2>/dev/null && [ $tries -lt 1800 ]; do
+                sleep 0.1
+                tries=$((tries + 1))
+            done
+            section "bench $round attached $mode" grep "watching process" "$work/bench-agent.err"
+            # Then idle: on the one vCPU, the agent's work after attaching (TLS probes,
+            # maps) would otherwise run inside the loops. Idle: at most one clock tick
+            # of CPU time in a second.
+            ticks() { awk '{ print $14 + $15 }' "/proc/$agent/stat" 2>/dev/null || echo 0; }
+            before=$(ticks)
+            tries=0
+            while [ $tries -lt 60 ]; do
+                sleep 1
+                now=$(ticks)
+                [ $((now - before)) -le 1 ] && break
+                before=$now
+                tries=$((tries + 1))
+            done
+            section "bench $round idle-after $mode" echo "$tries s"
+            rm -f "$results"
+            $loops >/dev/null 2>&1
+            section "bench $round unwatched $mode" cat "$results"
+            # Stopped like a service; killed if it has not exited within 60 s.
+            kill -TERM "$agent" 2>/dev/null
+            tries=0
+            while kill -0 "$agent" 2>/dev/null && [ $tries -lt 600 ]; do
+                sleep 0.1
+                tries=$((tries + 1))
+            done
+            kill -KILL "$agent" 2>/dev/null
+            wait "$agent"
+            section "bench $round stopped $mode" echo "agent exit $?, after $tries tenths of a second"
+            kill "$idle" 2>/dev/null
+            wait "$idle" 2>/dev/null
+            rm -f "$results"
+            # shellcheck disable=SC2086
+            "$KMX_AGENT" trace --json --capture-mode "$mode" -- $loops --settle-ms 300 \
+                >/dev/null 2>"$work/bench-agent.err"
+            section "bench $round watched $mode" cat "$results"
+            section "bench $round watched-summary $mode" tail -n 1 "$work/bench-agent.err"
+        done
+        round=$((round + 1))
+    done
+fi
 echo "@@kmx done" >>"$out"

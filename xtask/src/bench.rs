@@ -26,7 +26,8 @@ use anyhow::{bail, Context, Result};
 use crate::proc::Proc;
 
 const ROUNDS: usize = 5;
-const LOOPS: [(&str, &str, u64); 3] = [
+/// (name, label, syscalls per iteration) of each syscall_loop loop.
+pub const LOOPS: [(&str, &str, u64); 3] = [
     ("sock1", "socketpair 1 B write+read", 2),
     ("sock4k", "socketpair 4 KiB write+read", 2),
     ("file", "open+read 100 B+close /tmp", 3),
@@ -54,15 +55,7 @@ pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<Vec<
     if iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let root = crate::workspace_root();
-    crate::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "openbox-agent",
-        "--example",
-        "syscall_loop",
-    ]))?;
+    let loop_bin = build_syscall_loop()?;
     // `trace --json` prints spans when the agent has a span mode (the summary then goes
     // to stderr, without the probe-hit counters); `--raw` brings back the records and
     // the full summary, which the unwatched run uses to check the agent was attached.
@@ -76,7 +69,7 @@ pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<Vec<
         let bench = Bench {
             agent: agent.to_path_buf(),
             has_raw,
-            loop_bin: root.join("target/release/examples/syscall_loop"),
+            loop_bin: loop_bin.clone(),
             iterations,
             out: std::env::temp_dir().join(format!("openbox-bench-{}.json", std::process::id())),
             mode,
@@ -86,6 +79,20 @@ pub fn run(agent: &Path, iterations: u64, modes: &[&'static str]) -> Result<Vec<
         rows.extend(result?);
     }
     Ok(rows)
+}
+
+/// Builds `openbox-agent/examples/syscall_loop` (release) and returns its path.
+pub fn build_syscall_loop() -> Result<PathBuf> {
+    let root = crate::workspace_root();
+    crate::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "openbox-agent",
+        "--example",
+        "syscall_loop",
+    ]))?;
+    Ok(root.join("target/release/examples/syscall_loop"))
 }
 
 /// One syscall_loop result: loop, median ns per iteration, iterations run (with warm-up).

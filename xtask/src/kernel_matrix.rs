@@ -87,6 +87,10 @@ const GUEST_WORK: &str = "/tmp/kmx";
 /// loading the programs ~10 s per mode.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
+/// The guest's time for one round of the syscall-loop bench in one capture mode: two
+/// agent starts and stops and two runs of the loops under TCG, on a loaded host.
+const GUEST_BENCH_RUN: Duration = Duration::from_secs(240);
+
 /// Findings on a kernel that stand until the agent changes: (kernel, text of the
 /// agent's error). A mode that fails with it is reported as known, not as a failure, so
 /// CI's quick run keeps checking the rest (the guests boot, `check` runs, the host
@@ -110,12 +114,45 @@ pub struct Options {
     pub quick: bool,
     /// Only these kernels (labels: 6.1, 6.12; "host"); all when empty.
     pub kernels: Vec<String>,
+    /// Run `cargo xtask bench`'s syscall loops in each guest too, in every capture mode
+    /// (the host's own loops are `cargo xtask bench --only syscalls`).
+    pub bench: Option<GuestBench>,
 }
 
-pub fn run(agent: &Path, opts: &Options) -> Result<()> {
+/// The syscall-loop bench in the guests: `iterations` per loop and run, `rounds`
+/// rounds of baseline, then per capture mode unwatched and watched.
+#[derive(Clone, Copy)]
+pub struct GuestBench {
+    pub iterations: u64,
+    pub rounds: usize,
+}
+
+/// One loop's medians over the rounds in one guest and capture mode, ns per iteration
+/// (under TCG: instruction emulation, so compare within a row, not with the host).
+pub struct GuestBenchRow {
+    pub kernel: String,
+    pub mode: String,
+    pub label: &'static str,
+    pub syscalls: u64,
+    pub baseline: f64,
+    pub unwatched: f64,
+    pub watched: f64,
+}
+
+pub fn run(agent: &Path, opts: &Options) -> Result<Vec<GuestBenchRow>> {
     let started = Instant::now();
     env::install_debian_packages(PACKAGES)?;
     let modes = capture_modes(agent, opts.quick)?;
+    let bench_modes = match opts.bench {
+        Some(_) => capture_modes(agent, false)?
+            .into_iter()
+            .filter(|m| m != "default")
+            .collect(),
+        None => Vec::new(),
+    };
+    if opts.bench.is_some() && bench_modes.is_empty() {
+        bail!("the agent has no --capture-mode: the guest bench runs the loops per capture mode");
+    }
     let wanted = |label: &str| opts.kernels.is_empty() || opts.kernels.iter().any(|k| k == label);
     for k in &opts.kernels {
         if k != "host" && !KERNELS.iter().any(|kernel| kernel.label == k) {
@@ -155,19 +192,29 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
         ));
     }
     let guest_kernels: Vec<&Kernel> = KERNELS.iter().filter(|k| wanted(k.label)).collect();
+    let mut bench_rows = Vec::new();
     if !guest_kernels.is_empty() {
-        let initramfs = build_initramfs(agent, &tls, &dir)?;
+        let loop_bin = match opts.bench {
+            Some(_) => Some(crate::bench::build_syscall_loop()?),
+            None => None,
+        };
+        let initramfs = build_initramfs(agent, loop_bin.as_deref(), &tls, &dir)?;
         for kernel in guest_kernels {
             let boot = fetch_kernel(kernel, &dir)?;
             let t = Instant::now();
+            let bench = opts.bench.map(|b| (b, bench_modes.as_slice()));
             let outcome = boot_guest(
                 &boot,
                 &initramfs,
                 &expect.modes_on(kernel.label),
                 &expect,
+                bench,
                 &dir.join(kernel.label),
             );
             let elapsed = t.elapsed();
+            if let (Ok(results), Some(b)) = (&outcome, opts.bench) {
+                bench_rows.extend(guest_bench_rows(kernel.label, results, b, &bench_modes));
+            }
             match outcome {
                 Ok(results) => rows.push(Row::new(
                     kernel.label,
@@ -180,6 +227,9 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
         }
     }
     print!("{}", report(&rows, &expect));
+    if let Some(b) = opts.bench {
+        print!("{}", bench_report(&bench_rows, b));
+    }
     println!(
         "kernel-matrix: {} kernels, modes {}, {:.0} s in all",
         rows.len(),
@@ -207,7 +257,7 @@ pub fn run(agent: &Path, opts: &Options) -> Result<()> {
             failed.join("\n  ")
         );
     }
-    Ok(())
+    Ok(bench_rows)
 }
 
 /// What each run is asked to do, and so what its results must hold.
@@ -429,7 +479,12 @@ fn cached_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
 
 /// Builds the guest's root filesystem as an uncompressed newc cpio (no decompression
 /// under TCG), reusing the cached one with the same bytes.
-fn build_initramfs(agent: &Path, tls: &Tls, cache: &Path) -> Result<PathBuf> {
+fn build_initramfs(
+    agent: &Path,
+    loop_bin: Option<&Path>,
+    tls: &Tls,
+    cache: &Path,
+) -> Result<PathBuf> {
     let mut fs_ = Cpio::default();
     for dir in ["proc", "sys", "dev", "tmp", "run", "etc", "root", "kmx"] {
         fs_.dir(&format!("/{dir}"));
@@ -463,8 +518,12 @@ fn build_initramfs(agent: &Path, tls: &Tls, cache: &Path) -> Result<PathBuf> {
     ];
     binaries.push(on_path("bpftool")?);
     binaries.push(stripped.clone());
+    if let Some(bin) = loop_bin {
+        fs_.file("/usr/bin/syscall_loop", fs::read(bin)?, 0o755);
+        binaries.push(bin.to_path_buf());
+    }
     for bin in &binaries {
-        if bin != &stripped {
+        if bin != &stripped && Some(bin.as_path()) != loop_bin {
             fs_.host_path(bin)?;
         }
         for lib in shared_libraries(bin)? {
@@ -719,6 +778,7 @@ fn boot_guest(
     initramfs: &Path,
     modes: &[String],
     expect: &Expect,
+    bench: Option<(GuestBench, &[String])>,
     dir: &Path,
 ) -> Result<Sections> {
     fs::create_dir_all(dir)?;
@@ -726,11 +786,23 @@ fn boot_guest(
     let results = dir.join("results.log");
     let _ = fs::remove_file(&console);
     let _ = fs::remove_file(&results);
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 panic=-1 quiet kmx_modes={} kmx_bpftool={}",
         modes.join(","),
         u8::from(expect.bpftool)
     );
+    let mut limit = GUEST_LIMIT;
+    if let Some((b, bench_modes)) = bench {
+        let _ = write!(
+            append,
+            " kmx_bench={} kmx_bench_rounds={} kmx_bench_modes={}",
+            b.iterations,
+            b.rounds,
+            bench_modes.join(",")
+        );
+        // Per round and mode, two agent starts under TCG and the loops.
+        limit += GUEST_BENCH_RUN * (b.rounds * bench_modes.len()) as u32;
+    }
     let mut cmd = Command::new("qemu-system-x86_64");
     // One vCPU: with two, TCG sometimes runs a stale `int3` left by the guest's
     // cross-CPU code patching (a static key flipped by perf_event_open while the agent
@@ -751,13 +823,13 @@ fn boot_guest(
         .stdin(std::process::Stdio::null());
     eprintln!("xtask: booting {} under qemu (TCG)", boot.package);
     let mut qemu = Proc::service("qemu", &mut cmd)?;
-    let status = qemu.wait(GUEST_LIMIT);
+    let status = qemu.wait(limit);
     let text = fs::read_to_string(&results).unwrap_or_default();
     let sections = Sections::parse(&text, PathBuf::from(GUEST_WORK));
     let failure = match status {
         Ok(_) if sections.done => return Ok(sections),
         Ok(status) => format!("qemu exited ({status}) before the steps ended"),
-        Err(_) => format!("the guest did not power off within {GUEST_LIMIT:?}"),
+        Err(_) => format!("the guest did not power off within {limit:?}"),
     };
     drop(qemu);
     let console_text = fs::read_to_string(&console).unwrap_or_default();
@@ -1088,6 +1160,80 @@ fn report(rows: &[Row], expect: &Expect) -> String {
                 );
             }
         }
+    }
+    o
+}
+
+/// The guest's syscall-loop results: per capture mode and loop, the medians over the
+/// rounds of each run's ns per iteration (a round whose run left no result is skipped).
+fn guest_bench_rows(
+    kernel: &str,
+    s: &Sections,
+    b: GuestBench,
+    modes: &[String],
+) -> Vec<GuestBenchRow> {
+    let ns = |section: String, kind: &str| -> Option<f64> {
+        s.text(&section)
+            .lines()
+            .find(|l| l.contains(&format!("\"loop\":\"{kind}\"")))
+            .and_then(|l| crate::bench::json_num(l, "ns_per_iter"))
+    };
+    let over_rounds = |name: &dyn Fn(usize) -> String, kind: &str| {
+        crate::bench::median((1..=b.rounds).filter_map(|r| ns(name(r), kind)).collect())
+    };
+    let mut rows = Vec::new();
+    for mode in modes {
+        for (kind, label, syscalls) in crate::bench::LOOPS {
+            rows.push(GuestBenchRow {
+                kernel: kernel.to_string(),
+                mode: mode.clone(),
+                label,
+                syscalls,
+                baseline: over_rounds(&|r| format!("bench {r} baseline"), kind),
+                unwatched: over_rounds(&|r| format!("bench {r} unwatched {mode}"), kind),
+                watched: over_rounds(&|r| format!("bench {r} watched {mode}"), kind),
+            });
+        }
+    }
+    rows
+}
+
+fn bench_report(rows: &[GuestBenchRow], b: GuestBench) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\nsyscall loops in the guests (qemu TCG, one vCPU; {} iterations per run, medians over {} rounds; \
+         TCG emulates every instruction, so compare within a row, not with the host):",
+        b.iterations, b.rounds
+    );
+    let _ = writeln!(
+        o,
+        "{:<6} {:<11} {:<30} {:>9} | {:>30} | {:>30}",
+        "kernel",
+        "mode",
+        "loop (syscalls/iter)",
+        "baseline",
+        "unwatched (+ns/syscall, ×)",
+        "watched (+ns/syscall, ×)"
+    );
+    for r in rows {
+        let cell = |v: f64| {
+            format!(
+                "{v:.0} ({:+.0}, ×{:.3})",
+                (v - r.baseline) / r.syscalls as f64,
+                v / r.baseline
+            )
+        };
+        let _ = writeln!(
+            o,
+            "{:<6} {:<11} {:<30} {:>9.0} | {:>30} | {:>30}",
+            r.kernel,
+            r.mode,
+            format!("{} ({})", r.label, r.syscalls),
+            r.baseline,
+            cell(r.unwatched),
+            cell(r.watched)
+        );
     }
     o
 }

@@ -44,6 +44,9 @@ enum BenchPart {
     Http,
     /// The agent's CPU per span, peak RSS and ring-buffer drops under a sustained load.
     Load,
+    /// The syscall loops in Debian's 6.1 and 6.12 kernels under qemu (TCG), in each
+    /// capture mode: the fentry data path's cost where this machine's kernel refuses it.
+    Kernels,
 }
 
 #[derive(Subcommand)]
@@ -124,6 +127,14 @@ enum Task {
         /// Run this agent binary instead of building the workspace's.
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// Also run `bench`'s syscall loops in each guest, in every capture mode: this
+        /// many iterations per loop and run (the fentry mode's cost where the host
+        /// refuses fentry).
+        #[arg(long, value_name = "ITERATIONS")]
+        bench: Option<u64>,
+        /// Rounds of the guest bench (baseline, then per mode unwatched and watched).
+        #[arg(long, default_value_t = 3)]
+        bench_rounds: usize,
     },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
     /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
@@ -171,6 +182,8 @@ fn main() -> Result<()> {
             quick,
             kernels,
             agent,
+            bench,
+            bench_rounds,
         } => {
             let agent = match agent {
                 Some(path) => path,
@@ -186,8 +199,13 @@ fn main() -> Result<()> {
                     quick,
                     kernels,
                     object,
+                    bench: bench.map(|iterations| kernel_matrix::GuestBench {
+                        iterations,
+                        rounds: bench_rounds,
+                    }),
                 },
             )
+            .map(|_| ())
         }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
@@ -269,6 +287,7 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
             quick: true,
             kernels: Vec::new(),
             object: root.join("target/bpf/openbox-ebpf.o"),
+            bench: None,
         },
     )?;
     if std::env::var_os(CAPTURE_MODE_ENV).is_some() {
@@ -387,6 +406,38 @@ fn bench(
                 (row.unwatched - row.baseline) / row.syscalls as f64,
                 row.watched / row.baseline,
                 (row.watched - row.baseline) / row.syscalls as f64,
+            ));
+        }
+    }
+    if part(BenchPart::Kernels) {
+        let object = workspace_root().join("target/bpf/openbox-ebpf.o");
+        let rows = kernel_matrix::run(
+            &agent,
+            &kernel_matrix::Options {
+                quick: true,
+                // One kernel in the quick form: the newer, where fentry is the default.
+                kernels: if quick {
+                    vec!["6.12".into()]
+                } else {
+                    vec!["6.1".into(), "6.12".into()]
+                },
+                object,
+                bench: Some(kernel_matrix::GuestBench {
+                    iterations: if quick { 10_000 } else { 30_000 },
+                    rounds: if quick { 2 } else { 3 },
+                }),
+            },
+        )?;
+        for r in rows {
+            summary.push(format!(
+                "kernels   {:<5} {:<10} {:<30} unwatched ×{:.3} ({:+.0} ns/syscall)   watched ×{:.2} ({:+.0} ns/syscall)   (TCG)",
+                r.kernel,
+                r.mode,
+                r.label,
+                r.unwatched / r.baseline,
+                (r.unwatched - r.baseline) / r.syscalls as f64,
+                r.watched / r.baseline,
+                (r.watched - r.baseline) / r.syscalls as f64,
             ));
         }
     }
