@@ -549,7 +549,7 @@ mod tests {
     fn test_key() -> Option<(RsaKey, String)> {
         let dir = std::env::temp_dir().join(format!("obx-rsa-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let key = crate::governance::tests::test_rsa_key(&dir, "key");
+        let key = openbox_testkit::rsa_key(&dir, "key").ok();
         let _ = std::fs::remove_dir_all(&dir);
         let (_, pem) = key?;
         Some((RsaKey::from_pem(&pem, "test key").unwrap(), pem))

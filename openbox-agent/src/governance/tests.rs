@@ -1466,31 +1466,6 @@ fn governor_futures_are_send(g: &'static Governor) {
     is_send(g.wait_spool_empty(Duration::ZERO));
 }
 
-/// A 2048-bit RSA key made for this test run by openssl (none is committed), as the PEM
-/// file `dir/name.pem` and its text.
-pub(crate) fn test_rsa_key(
-    dir: &std::path::Path,
-    name: &str,
-) -> Option<(std::path::PathBuf, String)> {
-    let path = dir.join(format!("{name}.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?
-        .success();
-    let pem = std::fs::read_to_string(&path).ok().filter(|_| ok)?;
-    Some((path, pem))
-}
-
 /// The ids fake_core.py registers its Okta agent with (OKTA_IDS there).
 fn fake_core_okta_ids() -> identity::OktaIds {
     identity::OktaIds {
@@ -1540,8 +1515,8 @@ async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
     };
     let dir = TempDir::new("gov-okta");
     let (Some((key_file, pem)), Some((_, other_pem))) = (
-        test_rsa_key(dir.path(), "okta"),
-        test_rsa_key(dir.path(), "other"),
+        openbox_testkit::rsa_key(dir.path(), "okta").ok(),
+        openbox_testkit::rsa_key(dir.path(), "other").ok(),
     ) else {
         eprintln!("skipped: openssl cannot make test keys");
         return;
@@ -1671,8 +1646,8 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
     };
     let dir = TempDir::new("gov-workload");
     let (Some((key_file, pem)), Some((_, other_pem))) = (
-        test_rsa_key(dir.path(), "workload"),
-        test_rsa_key(dir.path(), "other"),
+        openbox_testkit::rsa_key(dir.path(), "workload").ok(),
+        openbox_testkit::rsa_key(dir.path(), "other").ok(),
     ) else {
         eprintln!("skipped: openssl cannot make test keys");
         return;
@@ -1794,7 +1769,7 @@ async fn okta_refusals_fail_the_activity_in_every_policy() {
         return;
     };
     let dir = TempDir::new("gov-okta-policy");
-    let Some((key_file, pem)) = test_rsa_key(dir.path(), "okta") else {
+    let Some((key_file, pem)) = openbox_testkit::rsa_key(dir.path(), "okta").ok() else {
         eprintln!("skipped: openssl cannot make test keys");
         return;
     };
