@@ -140,23 +140,23 @@ fn assert_redacted(spans: &[Value], base: &str) {
         );
         expect(s, "x-marker", &h["x-marker"], json!("visible-resp"));
     };
+    // The span's target, and its URL on the server's base, as `target` (redacted).
+    let expect_target = |s: &Value, target: &str| {
+        let at = &s["attributes"];
+        expect(s, "http.target", &at["http.target"], json!(target));
+        expect(
+            s,
+            "http.url",
+            &at["http.url"],
+            json!(format!("{base}{target}")),
+        );
+    };
     let response_json = r#"{"access_token": "[REDACTED]", "token_type": "Bearer", "usage": {"prompt_tokens": 3, "max_tokens": 5}, "note": "visible-resp-body"}"#;
 
     // Headers (X-Goog-Api-Key, Private-Token, Authorization, Cookie) and ?access_token=.
     let s = span_for(spans, "/query?");
     let target = "/query?access_token=[REDACTED]&page=2";
-    expect(
-        s,
-        "http.target",
-        &s["attributes"]["http.target"],
-        json!(target),
-    );
-    expect(
-        s,
-        "http.url",
-        &s["attributes"]["http.url"],
-        json!(format!("{base}{target}")),
-    );
+    expect_target(s, target);
     let h = &s["request_headers"];
     for name in ["x-goog-api-key", "private-token", "authorization", "cookie"] {
         expect(s, name, &h[name], json!("[REDACTED]"));
@@ -173,18 +173,7 @@ fn assert_redacted(spans: &[Value], base: &str) {
     // ?api_key=
     let s = span_for(spans, "/query2?");
     let target = "/query2?api_key=[REDACTED]&q=plain";
-    expect(
-        s,
-        "http.target",
-        &s["attributes"]["http.target"],
-        json!(target),
-    );
-    expect(
-        s,
-        "http.url",
-        &s["attributes"]["http.url"],
-        json!(format!("{base}{target}")),
-    );
+    expect_target(s, target);
 
     // password= in a form body, both ways (the server echoes it).
     let s = span_for(spans, "/form");

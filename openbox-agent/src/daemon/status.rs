@@ -177,6 +177,29 @@ fn labelled2(
     Ok(())
 }
 
+/// One metric of a [`group`]: its kind and value.
+enum Metric<'a> {
+    Counter(u64),
+    Gauge(u64),
+    /// A counter with one label (named first), a series per `(value, count)`.
+    Labelled(&'static str, &'a [(&'static str, u64)]),
+}
+
+/// The metrics of an optional part of the daemon (enforcement, OTLP export), each
+/// `(name, help, metric)`, in order.
+fn group(e: &mut DescriptorEncoder, metrics: &[(&str, &str, Metric)]) -> std::fmt::Result {
+    for (name, help, metric) in metrics {
+        match metric {
+            Metric::Counter(v) => counter(e, name, help, *v)?,
+            Metric::Gauge(v) => gauge(e, name, help, *v)?,
+            Metric::Labelled(label, series) => {
+                labelled(e, name, help, label, series.iter().copied())?
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Collector for Metrics {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let s = &self.0;
@@ -529,59 +552,66 @@ impl Collector for Metrics {
             )?;
         }
         if let Some(f) = &s.enforcement {
-            gauge(
+            group(
                 e,
-                "enforce_listeners",
-                "Seccomp listeners held for enforcement (one per filtered worker thread).",
-                f.listeners,
-            )?;
-            labelled(
-                e,
-                "enforce_calls",
-                "Calls the kernel held for enforcement, by how they were answered.",
-                "outcome",
-                [
-                    ("continued", f.continued),
-                    ("asked", f.asked),
-                    ("cached", f.cached),
-                    ("denied", f.denied),
+                &[
+                    (
+                        "enforce_listeners",
+                        "Seccomp listeners held for enforcement (one per filtered worker thread).",
+                        Metric::Gauge(f.listeners),
+                    ),
+                    (
+                        "enforce_calls",
+                        "Calls the kernel held for enforcement, by how they were answered.",
+                        Metric::Labelled(
+                            "outcome",
+                            &[
+                                ("continued", f.continued),
+                                ("asked", f.asked),
+                                ("cached", f.cached),
+                                ("denied", f.denied),
+                            ],
+                        ),
+                    ),
+                    (
+                        "enforce_held_calls",
+                        "Calls the kernel held for enforcement.",
+                        Metric::Counter(f.held),
+                    ),
                 ],
-            )?;
-            counter(
-                e,
-                "enforce_held_calls",
-                "Calls the kernel held for enforcement.",
-                f.held,
             )?;
         }
         if let Some(o) = &s.otlp {
-            counter(
+            group(
                 e,
-                "otlp_spans_exported",
-                "Spans the OTLP collector accepted.",
-                o.spans_exported,
-            )?;
-            labelled(
-                e,
-                "otlp_spans_dropped",
-                "Spans not exported: the queue was full, or their export failed.",
-                "reason",
-                [
-                    ("queue_full", o.spans_dropped_queue_full),
-                    ("export_failed", o.spans_dropped_export_failed),
+                &[
+                    (
+                        "otlp_spans_exported",
+                        "Spans the OTLP collector accepted.",
+                        Metric::Counter(o.spans_exported),
+                    ),
+                    (
+                        "otlp_spans_dropped",
+                        "Spans not exported: the queue was full, or their export failed.",
+                        Metric::Labelled(
+                            "reason",
+                            &[
+                                ("queue_full", o.spans_dropped_queue_full),
+                                ("export_failed", o.spans_dropped_export_failed),
+                            ],
+                        ),
+                    ),
+                    (
+                        "otlp_export_failures",
+                        "OTLP export requests that failed.",
+                        Metric::Counter(o.export_failures),
+                    ),
+                    (
+                        "otlp_queue_spans",
+                        "Spans waiting for OTLP export.",
+                        Metric::Gauge(o.spans_queued),
+                    ),
                 ],
-            )?;
-            counter(
-                e,
-                "otlp_export_failures",
-                "OTLP export requests that failed.",
-                o.export_failures,
-            )?;
-            gauge(
-                e,
-                "otlp_queue_spans",
-                "Spans waiting for OTLP export.",
-                o.spans_queued,
             )?;
         }
         Ok(())

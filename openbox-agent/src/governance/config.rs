@@ -1228,45 +1228,6 @@ mod tests {
         let from_file = load(&flags, &[]).unwrap();
         assert_eq!(from_file.identity, c.identity, "the same key from a file");
 
-        let only_did = load(&RawSettings::default(), &[("OPENBOX_AGENT_DID", DID)])
-            .unwrap_err()
-            .to_string();
-        assert!(only_did.contains("agent_did needs its key"), "{only_did}");
-        let only_key = load(
-            &RawSettings::default(),
-            &[("OPENBOX_AGENT_PRIVATE_KEY", SEED)],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            only_key.contains("without agent_did") && !only_key.contains(SEED),
-            "{only_key}"
-        );
-        let bad_key = load(
-            &RawSettings::default(),
-            &[
-                ("OPENBOX_AGENT_DID", DID),
-                ("OPENBOX_AGENT_PRIVATE_KEY", "AAAA"),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(bad_key.contains("not 3 bytes"), "{bad_key}");
-        let bad_did = load(
-            &RawSettings::default(),
-            &[
-                ("OPENBOX_AGENT_DID", "did:web:x"),
-                ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            bad_did.starts_with(
-                "OPENBOX_AGENT_DID=did:web:x: agent_did must look like did:aip:<uuid>"
-            ),
-            "{bad_did}"
-        );
         let missing = RawSettings {
             agent_did: Some(DID.into()),
             agent_private_key_file: Some(dir.path().join("nope")),
@@ -1274,42 +1235,48 @@ mod tests {
         };
         let e = load(&missing, &[]).unwrap_err().to_string();
         assert!(e.contains("cannot read the agent private key file"), "{e}");
-        let okta = load(
-            &RawSettings::default(),
-            &[("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x")],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            okta.contains("OPENBOX_OKTA_AGENT_PRIVATE_KEY=(key not shown): okta_agent_private_key is not a PKCS8 PEM"),
-            "{okta}"
-        );
-        let partial = load(
-            &RawSettings::default(),
-            &[
-                ("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x"),
-                ("OPENBOX_OKTA_AGENT_ID", "wlp1"),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            partial.contains("partial Okta identity: openbox_agent_id, organization_id"),
-            "{partial}"
-        );
-        let two = load(
-            &RawSettings::default(),
-            &[
-                ("OPENBOX_AGENT_DID", DID),
-                ("OPENBOX_WORKLOAD_PRIVATE_KEY", "x"),
-            ],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            two.contains("more than one identity is configured"),
-            "{two}"
-        );
+        // Identity settings (as environment variables) that stop the start, and what the
+        // error says; it never shows the key.
+        let refused: [(&[(&str, &str)], &str); 7] = [
+            (&[("OPENBOX_AGENT_DID", DID)], "agent_did needs its key"),
+            (&[("OPENBOX_AGENT_PRIVATE_KEY", SEED)], "without agent_did"),
+            (
+                &[
+                    ("OPENBOX_AGENT_DID", DID),
+                    ("OPENBOX_AGENT_PRIVATE_KEY", "AAAA"),
+                ],
+                "not 3 bytes",
+            ),
+            (
+                &[
+                    ("OPENBOX_AGENT_DID", "did:web:x"),
+                    ("OPENBOX_AGENT_PRIVATE_KEY", SEED),
+                ],
+                "OPENBOX_AGENT_DID=did:web:x: agent_did must look like did:aip:<uuid>",
+            ),
+            (
+                &[("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x")],
+                "OPENBOX_OKTA_AGENT_PRIVATE_KEY=(key not shown): okta_agent_private_key is not a PKCS8 PEM",
+            ),
+            (
+                &[
+                    ("OPENBOX_OKTA_AGENT_PRIVATE_KEY", "x"),
+                    ("OPENBOX_OKTA_AGENT_ID", "wlp1"),
+                ],
+                "partial Okta identity: openbox_agent_id, organization_id",
+            ),
+            (
+                &[
+                    ("OPENBOX_AGENT_DID", DID),
+                    ("OPENBOX_WORKLOAD_PRIVATE_KEY", "x"),
+                ],
+                "more than one identity is configured",
+            ),
+        ];
+        for (vars, says) in refused {
+            let e = load(&RawSettings::default(), vars).unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains(SEED), "{vars:?}: {e}");
+        }
         // A worker cannot bring an identity: its settings never set the signer.
         let worker = c
             .with_worker_settings(

@@ -545,13 +545,12 @@ impl WorkloadState {
 mod tests {
     use super::*;
 
-    /// A 2048-bit test key made for this test run by openssl (none is committed).
+    /// A 2048-bit test key made for this test run by openssl (none is committed). A
+    /// directory of its own: two tests sharing one (named for the process) removed it
+    /// under each other, and one of them was skipped.
     fn test_key() -> Option<(RsaKey, String)> {
-        let dir = std::env::temp_dir().join(format!("obx-rsa-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        let key = crate::governance::tests::test_rsa_key(&dir, "key");
-        let _ = std::fs::remove_dir_all(&dir);
-        let (_, pem) = key?;
+        let dir = openbox_testkit::TempDir::new("rsa");
+        let (_, pem) = openbox_testkit::rsa_key(dir.path(), "key").ok()?;
         Some((RsaKey::from_pem(&pem, "test key").unwrap(), pem))
     }
 

@@ -1466,31 +1466,6 @@ fn governor_futures_are_send(g: &'static Governor) {
     is_send(g.wait_spool_empty(Duration::ZERO));
 }
 
-/// A 2048-bit RSA key made for this test run by openssl (none is committed), as the PEM
-/// file `dir/name.pem` and its text.
-pub(crate) fn test_rsa_key(
-    dir: &std::path::Path,
-    name: &str,
-) -> Option<(std::path::PathBuf, String)> {
-    let path = dir.join(format!("{name}.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?
-        .success();
-    let pem = std::fs::read_to_string(&path).ok().filter(|_| ok)?;
-    Some((path, pem))
-}
-
 /// The ids fake_core.py registers its Okta agent with (OKTA_IDS there).
 fn fake_core_okta_ids() -> identity::OktaIds {
     identity::OktaIds {
@@ -1527,6 +1502,54 @@ fn okta(pem: &str, ids: Option<identity::OktaIds>) -> Arc<Identity> {
     })
 }
 
+/// fake_core.py for an identity test: a test directory, the RSA keys named made in it
+/// (their PEM text in that order), the first given to Core with `key_flag`, and what
+/// Core records of each request.
+struct IdentityCore<const N: usize> {
+    dir: TempDir,
+    pems: [String; N],
+    record: std::path::PathBuf,
+    fc: FakeCoreProcess,
+}
+
+/// The set-up of [`IdentityCore`]; None, the reason printed, when the test cannot run
+/// here.
+fn identity_core<const N: usize>(
+    label: &str,
+    key_flag: &str,
+    keys: [&str; N],
+    script: &str,
+) -> Option<IdentityCore<N>> {
+    let Some(fc_dir) = fake_core_dir() else {
+        eprintln!("skipped: tests/fake_core not found");
+        return None;
+    };
+    let dir = TempDir::new(label);
+    let made: Option<Vec<_>> = keys
+        .iter()
+        .map(|name| openbox_testkit::rsa_key(dir.path(), name).ok())
+        .collect();
+    let Some(made) = made else {
+        eprintln!("skipped: openssl cannot make test keys");
+        return None;
+    };
+    let record = dir.path().join("requests.jsonl");
+    let script_file = dir.path().join("script.json");
+    std::fs::write(&script_file, script).unwrap();
+    let flags = vec![key_flag.to_owned(), made[0].0.display().to_string()];
+    let Some(fc) = start_fake_core(&fc_dir, &record, &script_file, &flags) else {
+        eprintln!("skipped: python3 could not start fake_core.py");
+        return None;
+    };
+    let pems = made.into_iter().map(|(_, pem)| pem).collect::<Vec<_>>();
+    Some(IdentityCore {
+        dir,
+        pems: pems.try_into().ok()?,
+        record,
+        fc,
+    })
+}
+
 /// Okta AI agent mode against fake_core.py verifying RS256 assertions: the explicit set
 /// and bootstrap mode are accepted on the /api/v2 routes; another key is refused (at
 /// bootstrap by its thumbprint, with the explicit set by Core's signature check);
@@ -1534,24 +1557,14 @@ fn okta(pem: &str, ids: Option<identity::OktaIds>) -> Arc<Identity> {
 /// refused with their reason codes; Core's 401 on evaluate is a hard error.
 #[tokio::test]
 async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
-    let Some(fc_dir) = fake_core_dir() else {
-        eprintln!("skipped: tests/fake_core not found");
-        return;
-    };
-    let dir = TempDir::new("gov-okta");
-    let (Some((key_file, pem)), Some((_, other_pem))) = (
-        test_rsa_key(dir.path(), "okta"),
-        test_rsa_key(dir.path(), "other"),
-    ) else {
-        eprintln!("skipped: openssl cannot make test keys");
-        return;
-    };
-    let record = dir.path().join("requests.jsonl");
-    let script = dir.path().join("script.json");
-    std::fs::write(&script, "{}").unwrap();
-    let flags = vec!["--okta-key-file".to_owned(), key_file.display().to_string()];
-    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
-        eprintln!("skipped: python3 could not start fake_core.py");
+    let Some(IdentityCore {
+        // Bound: the directory (with the record) lives until the test ends.
+        dir: _dir,
+        pems: [pem, other_pem],
+        record,
+        fc,
+    }) = identity_core("gov-okta", "--okta-key-file", ["okta", "other"], "{}")
+    else {
         return;
     };
     let base = format!("http://127.0.0.1:{}", fc.port);
@@ -1665,27 +1678,19 @@ async fn okta_identity_signs_v2_requests_that_the_python_fake_core_verifies() {
 /// routes unsigned, and the bootstrap is not asked again before 60 s.
 #[tokio::test]
 async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no_v3() {
-    let Some(fc_dir) = fake_core_dir() else {
-        eprintln!("skipped: tests/fake_core not found");
-        return;
-    };
-    let dir = TempDir::new("gov-workload");
-    let (Some((key_file, pem)), Some((_, other_pem))) = (
-        test_rsa_key(dir.path(), "workload"),
-        test_rsa_key(dir.path(), "other"),
-    ) else {
-        eprintln!("skipped: openssl cannot make test keys");
-        return;
-    };
-    let record = dir.path().join("requests.jsonl");
-    let script = dir.path().join("script.json");
-    std::fs::write(&script, "{}").unwrap();
-    let flags = vec![
-        "--workload-key-file".to_owned(),
-        key_file.display().to_string(),
-    ];
-    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
-        eprintln!("skipped: python3 could not start fake_core.py");
+    let Some(IdentityCore {
+        // Bound: the directory (with the record) lives until the test ends.
+        dir: _dir,
+        pems: [pem, other_pem],
+        record,
+        fc,
+    }) = identity_core(
+        "gov-workload",
+        "--workload-key-file",
+        ["workload", "other"],
+        "{}",
+    )
+    else {
         return;
     };
     let base = format!("http://127.0.0.1:{}", fc.port);
@@ -1789,30 +1794,19 @@ async fn workload_identity_uses_a_token_on_v3_and_the_v1_routes_when_core_has_no
 /// "still pending".
 #[tokio::test]
 async fn okta_refusals_fail_the_activity_in_every_policy() {
-    let Some(fc_dir) = fake_core_dir() else {
-        eprintln!("skipped: tests/fake_core not found");
-        return;
-    };
-    let dir = TempDir::new("gov-okta-policy");
-    let Some((key_file, pem)) = test_rsa_key(dir.path(), "okta") else {
-        eprintln!("skipped: openssl cannot make test keys");
-        return;
-    };
-    let record = dir.path().join("requests.jsonl");
-    let script = dir.path().join("script.json");
-    std::fs::write(
-        &script,
-        json!({"rules": [
+    let script = json!({"rules": [
                  {"match": {"activity_type": "refused"}, "status": 401, "body": {"reason_code": "signature_invalid"}},
                  {"match": {"activity_type": "forbidden"}, "status": 403, "body": {"reason_code": "did_agent_mismatch"}},
                  {"match": {"activity_type": "needs_human"}, "body": {"verdict": "require_approval"}}],
                "approvals": [{"match": {}, "responses": [{"status": 403, "body": {"reason_code": "verifier_not_configured"}}]}]})
-        .to_string(),
-    )
-    .unwrap();
-    let flags = vec!["--okta-key-file".to_owned(), key_file.display().to_string()];
-    let Some(fc) = start_fake_core(&fc_dir, &record, &script, &flags) else {
-        eprintln!("skipped: python3 could not start fake_core.py");
+        .to_string();
+    let Some(IdentityCore {
+        dir,
+        pems: [pem],
+        fc,
+        ..
+    }) = identity_core("gov-okta-policy", "--okta-key-file", ["okta"], &script)
+    else {
         return;
     };
     for policy in [FailPolicy::FailOpen, FailPolicy::FailClosed] {

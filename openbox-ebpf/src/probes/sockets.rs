@@ -120,23 +120,44 @@ fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
     }
 }
 
+/// How a data call's result is reported: as one call (`data_done`), or as one call per
+/// message of a sendmmsg/recvmmsg batch (`mmsg_done`). Always a constant at the call
+/// site, so each program holds only the one it uses (a function passed in instead was
+/// emitted as a BPF-to-BPF call, a different program for the verifier).
+#[derive(Clone, Copy)]
+enum Report {
+    Call,
+    Batch,
+}
+
+impl Report {
+    #[inline(always)]
+    fn done(self, pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Result<(), Loss> {
+        match self {
+            Report::Call => data_done(pid_tgid, args, n, preemptible),
+            Report::Batch => mmsg_done(pid_tgid, args, n, preemptible),
+        }
+    }
+}
+
+/// Exit tracepoint of a data call: its stashed arguments and its result.
 #[inline(always)]
-fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+fn try_data_exit(ctx: &TracePointContext, report: Report) -> Result<(), Loss> {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Nothing kept: not watched or not tracked at entry (see `take_args`).
     let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
         return Ok(());
     };
     let _ = ARGS.remove(pid_tgid);
-    data_done(pid_tgid, args, ret(ctx), false)
+    report.done(pid_tgid, args, ret(ctx), false)
 }
 
 /// fexit of a data call: the arguments and the result at once.
 #[inline(always)]
-fn try_data_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
+fn try_data_fexit(ctx: &FExitContext, source: u32, report: Report) -> Result<(), Loss> {
     let regs = SyscallRegs::of(ctx);
     match data_args(source, |n| regs.arg(n)) {
-        Some((pid_tgid, args)) => data_done(pid_tgid, args, fexit_ret(ctx), true),
+        Some((pid_tgid, args)) => report.done(pid_tgid, args, fexit_ret(ctx), true),
         None => Ok(()),
     }
 }
@@ -229,11 +250,11 @@ macro_rules! data_syscall {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            finish(try_data_exit(&ctx))
+            finish(try_data_exit(&ctx, Report::Call))
         }
         #[fexit(function = $func)]
         pub fn $fexit(ctx: FExitContext) -> u32 {
-            finish(try_data_fexit(&ctx, $src))
+            finish(try_data_fexit(&ctx, $src, Report::Call))
         }
     };
 }
@@ -348,28 +369,6 @@ data_syscall!(
 /// 24) followed by the u32 `msg_len` the kernel sets, padded to 64.
 const MMSGHDR_SIZE: u64 = 64;
 const MMSG_LEN_OFFSET: u64 = 56;
-
-/// Entry tracepoint of sendmmsg/recvmmsg: the descriptor, the mmsghdr array and its
-/// length are its first three arguments, as for the other data calls.
-#[inline(always)]
-fn try_mmsg_exit(ctx: &TracePointContext) -> Result<(), Loss> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Nothing kept: not watched or not tracked at entry.
-    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
-        return Ok(());
-    };
-    let _ = ARGS.remove(pid_tgid);
-    mmsg_done(pid_tgid, args, ret(ctx), false)
-}
-
-#[inline(always)]
-fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
-    let regs = SyscallRegs::of(ctx);
-    match data_args(source, |n| regs.arg(n)) {
-        Some((pid_tgid, args)) => mmsg_done(pid_tgid, args, fexit_ret(ctx), true),
-        None => Ok(()),
-    }
-}
 
 /// Reports each message a sendmmsg/recvmmsg call moved as a data call of its own, in
 /// the batch's order. `messages`: the call's result, the number of messages moved.
@@ -495,17 +494,19 @@ fn emit_messages(
     Ok(())
 }
 
+// The descriptor, the mmsghdr array and its length are sendmmsg's and recvmmsg's first
+// three arguments, as for the other data calls: only the report differs (`mmsg_done`).
 #[tracepoint]
 pub fn sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     finish(try_data_enter(&ctx, SRC_SENDMMSG))
 }
 #[tracepoint]
 pub fn sys_exit_sendmmsg(ctx: TracePointContext) -> u32 {
-    finish(try_mmsg_exit(&ctx))
+    finish(try_data_exit(&ctx, Report::Batch))
 }
 #[fexit(function = "__x64_sys_sendmmsg")]
 pub fn fexit_sendmmsg(ctx: FExitContext) -> u32 {
-    finish(try_mmsg_fexit(&ctx, SRC_SENDMMSG))
+    finish(try_data_fexit(&ctx, SRC_SENDMMSG, Report::Batch))
 }
 #[tracepoint]
 pub fn sys_enter_recvmmsg(ctx: TracePointContext) -> u32 {
@@ -513,11 +514,11 @@ pub fn sys_enter_recvmmsg(ctx: TracePointContext) -> u32 {
 }
 #[tracepoint]
 pub fn sys_exit_recvmmsg(ctx: TracePointContext) -> u32 {
-    finish(try_mmsg_exit(&ctx))
+    finish(try_data_exit(&ctx, Report::Batch))
 }
 #[fexit(function = "__x64_sys_recvmmsg")]
 pub fn fexit_recvmmsg(ctx: FExitContext) -> u32 {
-    finish(try_mmsg_fexit(&ctx, SRC_RECVMMSG))
+    finish(try_data_fexit(&ctx, SRC_RECVMMSG, Report::Batch))
 }
 
 // ---- connections ----

@@ -12,33 +12,18 @@
 //! 403s, approval polls and fail_closed: governance::tests in the agent's unit tests,
 //! against the same fake Core.)
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use openbox_e2e::{FakeCore, GovWorld, FAKE_CORE_KEY};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A fresh 2048-bit RSA key (PKCS8 PEM) in the test's directory, readable by root only.
+/// A fresh RSA key in the test's directory, readable by root only.
 fn rsa_key(w: &GovWorld, name: &str) -> PathBuf {
-    let path = w.tmp.join(&format!("{name}.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&path)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("running openssl to make a test key: {e}"));
-    assert!(status.success(), "openssl genpkey failed: {status}");
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod the key file");
-    path
+    openbox_testkit::rsa_key(w.tmp.path(), name)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .0
 }
 
 /// Core registered with `core_flag key`, the agent with `agent_flag key`, and a worker

@@ -1,7 +1,7 @@
 //! Test support shared by `openbox-agent/tests` and `tests/e2e`: the workspace's paths and
 //! the environment `cargo xtask test` exports, temporary directories, free ports, guards
-//! that stop a test's processes when they drop (also on panic), and the command lines of
-//! the fixture servers in `openbox-agent/tests/support`.
+//! that stop a test's processes when they drop (also on panic), the command lines of
+//! the fixture servers in `openbox-agent/tests/support`, and test keys.
 //!
 //! Only what both test crates need lives here; each crate keeps its own view of the test
 //! environment and its own assertions.
@@ -12,7 +12,9 @@ mod process;
 
 use std::{
     net::TcpListener,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::{Command, Stdio},
 };
 
 pub use dir::{unique, TempDir};
@@ -47,4 +49,32 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding a free port on 127.0.0.1")
+}
+
+/// A fresh 2048-bit RSA key (PKCS8 PEM) made by openssl for this test run (none is
+/// committed), written to `dir/name.pem` readable by its owner only: the file and its
+/// text. Err says what failed.
+pub fn rsa_key(dir: &Path, name: &str) -> Result<(PathBuf, String), String> {
+    let path = dir.join(format!("{name}.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("running openssl to make a test key: {e}"))?;
+    if !status.success() {
+        return Err(format!("openssl genpkey failed: {status}"));
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod the key file {}: {e}", path.display()))?;
+    let pem = std::fs::read_to_string(&path)
+        .map_err(|e| format!("reading the key file {}: {e}", path.display()))?;
+    Ok((path, pem))
 }
