@@ -1545,7 +1545,9 @@ mod tests {
             code: StatusCode::Error,
             description: Some("bad \"gateway\"".into()),
         };
-        extra.events = vec![serde_json::json!({"name": "e", "attributes": {"n": 1.5, "b": true, "z": null, "l": [1, "x"]}})];
+        extra.events = vec![
+            serde_json::json!({"name": "e", "attributes": {"n": 1.5, "b": true, "z": null, "l": [1, "x"]}}),
+        ];
         extra.attributes.insert("f".into(), (-0.1f64).into());
         extra.attributes.insert("neg".into(), (-3i64).into());
         extra.request_headers = Some(Map::new());
