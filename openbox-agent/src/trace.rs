@@ -114,16 +114,18 @@ struct Printer {
     raw: bool,
     show_bytes: usize,
     out: std::io::BufWriter<std::io::Stdout>,
+    /// One span's JSON line (`--json`), reused.
+    line: Vec<u8>,
 }
 
 impl Sink for Printer {
     fn span(&mut self, span: Span) {
         if self.json {
-            // Straight into the buffer: no line string per span.
-            if serde_json::to_writer(&mut self.out, &span).is_err() {
-                return;
-            }
-            let _ = self.out.write_all(b"\n");
+            // Written by hand into a line buffer kept across spans (no allocation).
+            self.line.clear();
+            span.write_json(&mut self.line);
+            self.line.push(b'\n');
+            let _ = self.out.write_all(&self.line);
         } else {
             let _ = writeln!(self.out, "{}", span_text(&span, self.show_bytes));
         }
@@ -548,6 +550,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         // Spans come in bursts of a whole drain (flushed at its end): a larger buffer
         // means fewer writes to the pipe.
         out: std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()),
+        line: Vec::new(),
     };
     let output = if opts.raw {
         Output::Records
