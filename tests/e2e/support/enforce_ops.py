@@ -5,11 +5,15 @@ activities, so each runs on an executor thread, where the hook holds its operati
 - `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
 - `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
 - `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
-  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), writes
-  `{dir}/{marker}-halt.txt` after `p["halt_after"]` seconds (Core halts on that path),
-  waits for the loop and returns its log lines and what the write gave; each line also
-  goes to stderr as `enf_curl_loop <marker>: <line>` (descriptor 2 is never held, so the
-  test sees them even when the activity fails).
+  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), reads its log
+  as it comes and, right after the first request that succeeded (`200`, exit 0), writes
+  `{dir}/{marker}-halt.txt` (Core halts on that path): the HALT provably comes after some
+  of the loop's requests went through, however slowly the machine starts `curl`. Waits
+  for the loop and returns its log lines, what the write gave and the seconds from the
+  loop's start to the write; each line also goes to stderr as
+  `enf_curl_loop <marker>: <line>`, and the write's outcome as
+  `enf_curl_loop_halt <marker>: after <s> s: <outcome>` (descriptor 2 is never held, so
+  the test sees them even when the activity fails).
 """
 
 import http.client
@@ -50,19 +54,32 @@ def enf_curl_loop(p: dict) -> dict:
         'echo "$i $code $?"; sleep 0.1; done'
     )
     env = dict(os.environ, N=str(p["n"]), URL=p["url"])
-    loop = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-    time.sleep(p["halt_after"])
-    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
-    try:
-        with open(path, "w") as f:
-            f.write("halt here\n")
-        wrote = "ok"
-    except OSError as e:
-        wrote = f"{type(e).__name__}: {e.strerror}"
-    out, _ = loop.communicate(timeout=120)
-    for line in out.splitlines():
+    started = time.monotonic()
+    loop = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.PIPE, text=True, bufsize=1, env=env
+    )
+    lines = []
+    wrote, halt_at = "never: no request of the loop succeeded", None
+    for line in loop.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
         print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
-    return {"loop": out.splitlines(), "halt_write": wrote}
+        if halt_at is None and line.split(" ")[1:] == ["200", "0"]:
+            halt_at = round(time.monotonic() - started, 3)
+            path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
+            try:
+                with open(path, "w") as f:
+                    f.write("halt here\n")
+                wrote = "ok"
+            except OSError as e:
+                wrote = f"{type(e).__name__}: {e.strerror}"
+            print(
+                f"enf_curl_loop_halt {p['marker']}: after {halt_at} s: {wrote}",
+                file=sys.stderr,
+                flush=True,
+            )
+    loop.wait(timeout=120)
+    return {"loop": lines, "halt_write": wrote, "halt_after_s": halt_at}
 
 
 def _median_ns(fn, n: int) -> int:
@@ -108,9 +125,15 @@ def enf_sql(p: dict) -> dict:
     (autocommit); returns the first row's first column when there is one."""
     import psycopg2
 
-    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_plain_port"], user="openbox",
-                            dbname="shop", sslmode="disable", gssencmode="disable",
-                            connect_timeout=30)
+    conn = psycopg2.connect(
+        host="127.0.0.1",
+        port=p["pg_plain_port"],
+        user="openbox",
+        dbname="shop",
+        sslmode="disable",
+        gssencmode="disable",
+        connect_timeout=30,
+    )
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
