@@ -5,6 +5,7 @@
 //! commands of the README work on a fresh machine.
 
 mod bench;
+mod enforce_bench;
 mod env;
 mod fuzz;
 mod hook_bench;
@@ -44,6 +45,9 @@ enum BenchPart {
     Http,
     /// The agent's CPU per span, peak RSS and ring-buffer drops under a sustained load.
     Load,
+    /// An allowed operation in a sync activity: no governance, the agent with
+    /// `--hook-events`, and with `--enforce` (remembered verdict, fake-Core round trip).
+    Enforce,
 }
 
 #[derive(Subcommand)]
@@ -393,11 +397,12 @@ fn bench(
     if part(BenchPart::Parsers) && !quick {
         parser_bench()?;
     }
-    let test_env = if part(BenchPart::Http) || (part(BenchPart::Hook) && !quick) {
-        Some(env::setup()?)
-    } else {
-        None
-    };
+    let test_env =
+        if part(BenchPart::Http) || part(BenchPart::Enforce) || (part(BenchPart::Hook) && !quick) {
+            Some(env::setup()?)
+        } else {
+            None
+        };
     if part(BenchPart::Http) {
         let size = if quick {
             http_bench::Size {
@@ -464,6 +469,23 @@ fn bench(
     if part(BenchPart::Hook) && !quick {
         let env = test_env.as_ref().expect("set up above");
         hook_bench::run(&agent, env, 40)?;
+    }
+    if part(BenchPart::Enforce) {
+        let env = test_env.as_ref().expect("set up above");
+        let size = if quick {
+            enforce_bench::Size {
+                rounds: 1,
+                n: 300,
+                n_new: 30,
+            }
+        } else {
+            enforce_bench::Size {
+                rounds: 3,
+                n: 2000,
+                n_new: 100,
+            }
+        };
+        enforce_bench::run(&agent, env, size)?;
     }
     if part(BenchPart::Startup) {
         let s = startup_bench::run(&agent, if quick { 3 } else { 7 })?;

@@ -94,10 +94,15 @@ def _median_ns(fn, n: int) -> int:
 
 @activity.defn
 def enf_bench(p: dict) -> dict:
-    """Median nanoseconds of allowed operations, for `allowed_operation_cost`:
-    `write` of 1 byte to a file (held, let through at once: no operation to govern),
-    `open` for appending of one path again and again (held, verdict remembered), and
-    `open` for writing of a new path each time (held, a Core round trip each)."""
+    """Median nanoseconds of allowed operations, for `cargo xtask bench --only enforce`
+    (xtask/src/enforce_bench.rs): `write` of 1 byte to an open file (held under
+    `--enforce`, let through at once: no operation to govern); `open` for appending of
+    one path again and again (held, verdict remembered) and `open` for writing of a new
+    path each time (held, a Core round trip each); with `p["url"]`, a plain-HTTP GET
+    (urllib.request, a new connection each) of one URL again and again (verdict remembered)
+    and of a new URL each time (a Core round trip each). `p["n"]` iterations of the
+    remembered cases, `p["n_new"]` of the others. Runs without Temporal too (called
+    directly: the same code with no governance at all)."""
     base = os.path.join(p["dir"], p["marker"])
     n = p["n"]
     out = {}
@@ -116,6 +121,18 @@ def enf_bench(p: dict) -> dict:
             pass
 
     out["open_new_path"] = _median_ns(fresh, p["n_new"])
+    if p.get("url"):
+        # urllib.request: SDK 2.0 instruments it (not http.client), for the side by side.
+        import urllib.request
+
+        def get(url):
+            with urllib.request.urlopen(url, timeout=30) as r:
+                r.read()
+
+        out["http_same_url"] = _median_ns(lambda i: get(f"{p['url']}/same"), n)
+        out["http_new_url"] = _median_ns(
+            lambda i: get(f"{p['url']}/new/{i}"), p["n_new"]
+        )
     return out
 
 

@@ -422,51 +422,6 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     );
 }
 
-/// Not a test of behaviour: prints what an allowed operation costs with and without
-/// `--enforce` (median of a loop in one sync activity; hook events on in both). Run on
-/// demand: `enforce -- --ignored allowed_operation_cost --nocapture`.
-#[test]
-#[ignore = "a measurement, not a check: run it on demand"]
-fn allowed_operation_cost() {
-    let mut rows = Vec::new();
-    for enforce in [false, true] {
-        let name = format!(
-            "allowed_operation_cost_{}",
-            if enforce { "enforced" } else { "plain" }
-        );
-        let mut w = GovWorld::new(&name);
-        w.sdk_conventions = Some("2.0");
-        w.start_core(&json!({"default": {"verdict": "allow"}}));
-        let mut args = w.core().agent_args();
-        args.extend(["--spool-dir".into(), w.spool_dir().display().to_string()]);
-        if enforce {
-            args.push("--enforce".into());
-        }
-        w.start_agent(&args);
-        w.start_worker();
-        let out = w.run(
-            &[step(
-                &w,
-                0,
-                0,
-                "enf_bench",
-                item(&w, 0, json!({"n": 2000, "n_new": 100})),
-            )],
-            RUN_TIMEOUT,
-        );
-        let o = outcome(&out, &w.workflow_id(0)).clone();
-        assert!(o["ok"] == json!(true), "{o}");
-        rows.push((enforce, o["result"][0].clone()));
-        w.finish();
-    }
-    for (enforce, r) in &rows {
-        eprintln!(
-            "allowed_operation_cost enforce={enforce}: write 1 byte {} ns, open same path (remembered verdict) {} ns, open new path (Core round trip) {} ns",
-            r["write_1_byte"], r["open_same_path"], r["open_new_path"]
-        );
-    }
-}
-
 /// Core blocks a SQL statement (a psycopg2 query on a plain PostgreSQL connection) at its
 /// `started` hook event: the server never runs it — the table it would create does not
 /// exist afterwards, as another activity asks the same server — and the activity fails
