@@ -17,16 +17,10 @@
 //! The worlds are the end-to-end tests' (openbox-e2e's `GovWorld`: Temporal dev server,
 //! fake Core, worker, agent), so their logs go to target/e2e-runs/enforce_bench_*.
 
-use std::{
-    io::{Read, Write},
-    net::TcpListener,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{io::Write, net::TcpListener, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use openbox_e2e::GovWorld;
+use openbox_e2e::{read_request_head, GovWorld};
 use serde_json::{json, Value};
 
 use crate::{bench::median, env::TestEnv};
@@ -58,14 +52,7 @@ fn http_server() -> Result<u16> {
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
             let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
+            read_request_head(&mut conn);
             let _ = conn
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }

@@ -11,13 +11,13 @@
 //! denials are counted.
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::TcpListener,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use openbox_e2e::{GovWorld, Proc};
+use openbox_e2e::{read_request_head, GovWorld, Proc};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,14 +41,7 @@ impl Recorder {
                 std::thread::spawn(move || {
                     let mut conn = conn;
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
+                    let buf = read_request_head(&mut conn);
                     if buf.is_empty() {
                         return;
                     }
