@@ -83,13 +83,21 @@ fn run_plain(python: &str, arg: &Value) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("enf_bench's output")
 }
 
-/// Hook events (requests with `hook_trigger`) the fake Core of `w` answered.
-fn hook_events(w: &GovWorld) -> usize {
-    w.core()
-        .evaluated(200)
-        .iter()
-        .filter(|b| b["hook_trigger"] == json!(true))
-        .count()
+/// Hook events (requests with `hook_trigger`) a fake Core answered, from its record
+/// (read after the world finished: the agent sends what happened after the fact
+/// asynchronously, and delivers the rest before it exits).
+fn hook_events(record: &Path) -> Result<usize> {
+    let text = std::fs::read_to_string(record)
+        .with_context(|| format!("reading Core's record {}", record.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| {
+            r["path"] == json!("/api/v1/governance/evaluate")
+                && r["status"] == json!(200)
+                && r["body"]["hook_trigger"] == json!(true)
+        })
+        .count())
 }
 
 /// One `enf_bench` run in a sync activity of a real worker, the agent with `flags`; its
@@ -113,11 +121,12 @@ fn run_governed(name: &str, flags: &[&str], arg: &Value) -> Result<(Value, usize
     let out = w.run(&[wf], Duration::from_secs(600));
     let o = out.first().cloned().unwrap_or_default();
     let logs = w.logs.display().to_string();
-    let hooks = hook_events(&w);
+    let record = w.core().record.clone();
     let (_, agent) = w.finish();
     if let Some(agent) = agent {
         agent.assert_clean_exit();
     }
+    let hooks = hook_events(&record)?;
     if o["ok"] != json!(true) {
         bail!("the enf_bench activity ({name}) failed: {o} (logs in {logs})");
     }
@@ -145,8 +154,9 @@ fn run_sdk2(name: &str, arg: &Value) -> Result<(Value, usize)> {
         .args(["--arg", &item.to_string()])
         .output()
         .with_context(|| format!("running {python}"))?;
-    let hooks = hook_events(&w);
+    let record = w.core().record.clone();
     w.finish();
+    let hooks = hook_events(&record)?;
     if !out.status.success() {
         bail!(
             "enf_bench under SDK 2.0 failed: {}",

@@ -13,11 +13,12 @@
 use std::{
     io::Write,
     net::TcpListener,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use openbox_e2e::{read_request_head, GovWorld, Proc};
+use openbox_e2e::{read_request_head, GovAgentReport, GovWorld, Proc};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -137,6 +138,44 @@ fn started_hooks(w: &GovWorld, needle: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Core answers `verdict` (with `reason`) to the hook events whose spans match the
+/// regular expression `spans`, and allows everything else.
+fn decide_on(w: &GovWorld, spans: &str, verdict: &str, reason: &str) {
+    w.core().set_script(&json!({"default": {"verdict": "allow"},
+        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{spans}")},
+                   "body": {"verdict": verdict, "reason": reason}}]}));
+}
+
+/// Stops the worker and the agent, which must exit cleanly; its report.
+fn finish_clean(w: GovWorld) -> GovAgentReport {
+    let (_, agent) = w.finish();
+    let agent = agent.expect("the agent ran");
+    agent.assert_clean_exit();
+    agent
+}
+
+/// A problem unless the workflow `o` failed with a non-retryable ApplicationError of
+/// type `ty` whose message holds `msg`.
+fn check_failure(p: &mut Vec<String>, what: &str, o: &Value, ty: &str, msg: &str) {
+    match app_error(o) {
+        Some((t, m, true)) if t == ty && m.contains(msg) => {}
+        other => p.push(format!(
+            "{what}: expected {ty} with \"{msg}\", got {other:?} ({o})"
+        )),
+    }
+}
+
+/// Fails with every problem found, pointing at Core's record.
+fn assert_no_problems(p: &[String], record: &Path) {
+    assert!(
+        p.is_empty(),
+        "{} problem(s) (Core's record: {}):\n{}",
+        p.len(),
+        record.display(),
+        p.join("\n")
+    );
+}
+
 /// Core blocks a file write at its `started` hook event: the file is never created,
 /// the activity fails with `GovernanceBlock`; the worker's next activity (on the same
 /// executor threads) writes its own file normally.
@@ -149,9 +188,7 @@ fn a_blocked_file_write_never_creates_the_file() {
         &[],
     );
     let blocked = format!("{}.txt", w.marker(0));
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{blocked}")},
-                   "body": {"verdict": "block", "reason": "no writing there"}}]}));
+    decide_on(&w, &blocked, "block", "no writing there");
     let outcomes = w.run(
         &[
             step(&w, 0, 0, "enf_write", w.item(0)),
@@ -169,9 +206,7 @@ fn a_blocked_file_write_never_creates_the_file() {
     let (blocked_exists, allowed_exists) = (blocked_path.exists(), allowed_path.exists());
     let hooks = started_hooks(&w, &blocked);
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    let agent = agent.expect("the agent ran");
-    agent.assert_clean_exit();
+    finish_clean(w);
 
     let mut p = Vec::new();
     if blocked_exists {
@@ -180,10 +215,13 @@ fn a_blocked_file_write_never_creates_the_file() {
             blocked_path.display()
         ));
     }
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: no writing there" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: no writing there\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: no writing there",
+    );
     if good["ok"] != json!(true) || !allowed_exists {
         p.push(format!(
             "the other activity: {good}, file {} exists: {allowed_exists}",
@@ -198,13 +236,7 @@ fn a_blocked_file_write_never_creates_the_file() {
             blocked_path.display()
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
 
 /// Core blocks a plain-HTTP request by URL at its `started` hook event: the server never
@@ -220,9 +252,7 @@ fn a_blocked_http_request_never_reaches_the_server() {
         &[],
     );
     let (m0, m1) = (w.marker(0), w.marker(1));
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:/blocked/{m0}")},
-                   "body": {"verdict": "block", "reason": "not that URL"}}]}));
+    decide_on(&w, &format!("/blocked/{m0}"), "block", "not that URL");
     let outcomes = w.run(
         &[
             step(
@@ -252,8 +282,7 @@ fn a_blocked_http_request_never_reaches_the_server() {
     );
     let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
+    finish_clean(w);
 
     let seen = server.lines();
     let mut p = Vec::new();
@@ -268,10 +297,13 @@ fn a_blocked_http_request_never_reaches_the_server() {
             "the server did not receive the allowed request: {seen:?}"
         ));
     }
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: not that URL" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: not that URL\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: not that URL",
+    );
     if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
         p.push(format!("the other activity: {good}"));
     }
@@ -284,13 +316,7 @@ fn a_blocked_http_request_never_reaches_the_server() {
             "expected one started http_request hook event for GET {url}, got {hooks:?}"
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
 
 /// A HALT mid-activity, triggered by the activity right after the first request of its
@@ -310,9 +336,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     );
     let (m0, m1) = (w.marker(0), w.marker(1));
     let halt_file = format!("{m0}-halt.txt");
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{halt_file}")},
-                   "body": {"verdict": "halt", "reason": "stop everything"}}]}));
+    decide_on(&w, &halt_file, "halt", "stop everything");
     let loop_url = format!("{}/loop/{m0}", server.url());
     let outcomes = w.run(
         &[step(
@@ -344,9 +368,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     let halt_path = w.files.join(&halt_file);
     let halt_exists = halt_path.exists();
     let worker_log = std::fs::read_to_string(w.worker().stderr_path()).unwrap_or_default();
-    let (_, agent) = w.finish();
-    let agent = agent.expect("the agent ran");
-    agent.assert_clean_exit();
+    let agent = finish_clean(w);
 
     let seen = server.lines();
     let loop_seen: Vec<&String> = seen
@@ -355,10 +377,13 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
         .collect();
     let log_text = agent.stderr.clone();
     let mut p = Vec::new();
-    match app_error(&halted) {
-        Some((t, m, true)) if t == "GovernanceHalt" && m.contains("stop everything") => {}
-        other => p.push(format!("the halted activity: expected GovernanceHalt with \"stop everything\", got {other:?} ({halted})")),
-    }
+    check_failure(
+        &mut p,
+        "the halted activity",
+        &halted,
+        "GovernanceHalt",
+        "stop everything",
+    );
     if halt_exists {
         p.push(format!(
             "{} exists: the halting write happened",
@@ -406,13 +431,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     if !log_text.contains("operations_denied") {
         p.push("the agent's log does not report the denied calls (operations_denied)".to_string());
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
 
 /// Core blocks a SQL statement (a psycopg2 query on a plain PostgreSQL connection) at its
@@ -438,9 +457,12 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
     let mut pg = Proc::spawn("postgres-plain", cmd, &w.logs);
     let port = pg.port();
     let table = format!("blocked_{}", &w.token[2..]);
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:CREATE TABLE {table}")},
-                   "body": {"verdict": "block", "reason": "no new tables"}}]}));
+    decide_on(
+        &w,
+        &format!("CREATE TABLE {table}"),
+        "block",
+        "no new tables",
+    );
     let blocked = w.run(
         &[step(
             &w,
@@ -465,15 +487,17 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
     );
     let hooks = started_hooks(&w, &format!("CREATE TABLE {table}"));
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
+    finish_clean(w);
     pg.stop(libc::SIGTERM, Duration::from_secs(10));
-    agent.expect("the agent ran").assert_clean_exit();
 
     let mut p = Vec::new();
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: no new tables" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: no new tables\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: no new tables",
+    );
     if good["ok"] != json!(true) || good["result"][0]["value"] != Value::Null {
         p.push(format!("the server has the table the blocked statement would create (or the check failed): {good}"));
     }
@@ -485,11 +509,5 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
             "expected one started db_query hook event for the CREATE TABLE, got {hooks:?}"
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
