@@ -5,6 +5,7 @@
 //! commands of the README work on a fresh machine.
 
 mod bench;
+mod enforce_bench;
 mod env;
 mod fuzz;
 mod hook_bench;
@@ -47,6 +48,9 @@ enum BenchPart {
     /// The syscall loops in Debian's 6.1 and 6.12 kernels under qemu (TCG), in each
     /// capture mode: the fentry data path's cost where this machine's kernel refuses it.
     Kernels,
+    /// An allowed operation in a sync activity: no governance, the agent with
+    /// `--hook-events`, and with `--enforce` (remembered verdict, fake-Core round trip).
+    Enforce,
 }
 
 #[derive(Subcommand)]
@@ -444,11 +448,12 @@ fn bench(
     if part(BenchPart::Parsers) && !quick {
         parser_bench()?;
     }
-    let test_env = if part(BenchPart::Http) || (part(BenchPart::Hook) && !quick) {
-        Some(env::setup()?)
-    } else {
-        None
-    };
+    let test_env =
+        if part(BenchPart::Http) || part(BenchPart::Enforce) || (part(BenchPart::Hook) && !quick) {
+            Some(env::setup()?)
+        } else {
+            None
+        };
     if part(BenchPart::Http) {
         let size = if quick {
             http_bench::Size {
@@ -515,6 +520,26 @@ fn bench(
     if part(BenchPart::Hook) && !quick {
         let env = test_env.as_ref().expect("set up above");
         hook_bench::run(&agent, env, 40)?;
+    }
+    if part(BenchPart::Enforce) {
+        let env = test_env.as_ref().expect("set up above");
+        let size = if quick {
+            enforce_bench::Size {
+                rounds: 1,
+                n: 300,
+                n_new: 30,
+            }
+        } else {
+            // 1 801 operations per activity: under the agent's 2 000 spans per activity,
+            // past which it reports no more (`spans_dropped_over_limit`) and would look
+            // cheaper than SDK 2.0, which reports every one.
+            enforce_bench::Size {
+                rounds: 3,
+                n: 800,
+                n_new: 100,
+            }
+        };
+        enforce_bench::run(&agent, env, size)?;
     }
     if part(BenchPart::Startup) {
         let s = startup_bench::run(&agent, if quick { 3 } else { 7 })?;

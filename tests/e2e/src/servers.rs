@@ -200,3 +200,17 @@ pub fn shared(env: &Env) -> Shared {
     }
     shared.clone()
 }
+
+/// Reads from `conn` until the end of an HTTP request head (or the connection's end or
+/// error); returns what was read (empty: nothing came).
+pub fn read_request_head(conn: &mut impl std::io::Read) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf
+}

@@ -5,11 +5,15 @@ activities, so each runs on an executor thread, where the hook holds its operati
 - `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
 - `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
 - `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
-  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), writes
-  `{dir}/{marker}-halt.txt` after `p["halt_after"]` seconds (Core halts on that path),
-  waits for the loop and returns its log lines and what the write gave; each line also
-  goes to stderr as `enf_curl_loop <marker>: <line>` (descriptor 2 is never held, so the
-  test sees them even when the activity fails).
+  `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), reads its log
+  as it comes and, right after the first request that succeeded (`200`, exit 0), writes
+  `{dir}/{marker}-halt.txt` (Core halts on that path): the HALT provably comes after some
+  of the loop's requests went through, however slowly the machine starts `curl`. Waits
+  for the loop and returns its log lines, what the write gave and the seconds from the
+  loop's start to the write; each line also goes to stderr as
+  `enf_curl_loop <marker>: <line>`, and the write's outcome as
+  `enf_curl_loop_halt <marker>: after <s> s: <outcome>` (descriptor 2 is never held, so
+  the test sees them even when the activity fails).
 """
 
 import http.client
@@ -50,19 +54,32 @@ def enf_curl_loop(p: dict) -> dict:
         'echo "$i $code $?"; sleep 0.1; done'
     )
     env = dict(os.environ, N=str(p["n"]), URL=p["url"])
-    loop = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-    time.sleep(p["halt_after"])
-    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
-    try:
-        with open(path, "w") as f:
-            f.write("halt here\n")
-        wrote = "ok"
-    except OSError as e:
-        wrote = f"{type(e).__name__}: {e.strerror}"
-    out, _ = loop.communicate(timeout=120)
-    for line in out.splitlines():
+    started = time.monotonic()
+    loop = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.PIPE, text=True, bufsize=1, env=env
+    )
+    lines = []
+    wrote, halt_at = "never: no request of the loop succeeded", None
+    for line in loop.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
         print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
-    return {"loop": out.splitlines(), "halt_write": wrote}
+        if halt_at is None and line.split(" ")[1:] == ["200", "0"]:
+            halt_at = round(time.monotonic() - started, 3)
+            path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
+            try:
+                with open(path, "w") as f:
+                    f.write("halt here\n")
+                wrote = "ok"
+            except OSError as e:
+                wrote = f"{type(e).__name__}: {e.strerror}"
+            print(
+                f"enf_curl_loop_halt {p['marker']}: after {halt_at} s: {wrote}",
+                file=sys.stderr,
+                flush=True,
+            )
+    loop.wait(timeout=120)
+    return {"loop": lines, "halt_write": wrote, "halt_after_s": halt_at}
 
 
 def _median_ns(fn, n: int) -> int:
@@ -77,10 +94,15 @@ def _median_ns(fn, n: int) -> int:
 
 @activity.defn
 def enf_bench(p: dict) -> dict:
-    """Median nanoseconds of allowed operations, for `allowed_operation_cost`:
-    `write` of 1 byte to a file (held, let through at once: no operation to govern),
-    `open` for appending of one path again and again (held, verdict remembered), and
-    `open` for writing of a new path each time (held, a Core round trip each)."""
+    """Median nanoseconds of allowed operations, for `cargo xtask bench --only enforce`
+    (xtask/src/enforce_bench.rs): `write` of 1 byte to an open file (held under
+    `--enforce`, let through at once: no operation to govern); `open` for appending of
+    one path again and again (held, verdict remembered) and `open` for writing of a new
+    path each time (held, a Core round trip each); with `p["url"]`, a plain-HTTP GET
+    (urllib.request, a new connection each) of one URL again and again (verdict remembered)
+    and of a new URL each time (a Core round trip each). `p["n"]` iterations of the
+    remembered cases, `p["n_new"]` of the others. Runs without Temporal too (called
+    directly: the same code with no governance at all)."""
     base = os.path.join(p["dir"], p["marker"])
     n = p["n"]
     out = {}
@@ -99,6 +121,18 @@ def enf_bench(p: dict) -> dict:
             pass
 
     out["open_new_path"] = _median_ns(fresh, p["n_new"])
+    if p.get("url"):
+        # urllib.request: SDK 2.0 instruments it (not http.client), for the side by side.
+        import urllib.request
+
+        def get(url):
+            with urllib.request.urlopen(url, timeout=30) as r:
+                r.read()
+
+        out["http_same_url"] = _median_ns(lambda i: get(f"{p['url']}/same"), n)
+        out["http_new_url"] = _median_ns(
+            lambda i: get(f"{p['url']}/new/{i}"), p["n_new"]
+        )
     return out
 
 
@@ -108,9 +142,15 @@ def enf_sql(p: dict) -> dict:
     (autocommit); returns the first row's first column when there is one."""
     import psycopg2
 
-    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_plain_port"], user="openbox",
-                            dbname="shop", sslmode="disable", gssencmode="disable",
-                            connect_timeout=30)
+    conn = psycopg2.connect(
+        host="127.0.0.1",
+        port=p["pg_plain_port"],
+        user="openbox",
+        dbname="shop",
+        sslmode="disable",
+        gssencmode="disable",
+        connect_timeout=30,
+    )
     try:
         conn.autocommit = True
         with conn.cursor() as cur:

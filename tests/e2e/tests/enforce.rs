@@ -11,13 +11,14 @@
 //! denials are counted.
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::TcpListener,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use openbox_e2e::{GovWorld, Proc};
+use openbox_e2e::{read_request_head, GovAgentReport, GovWorld, Proc};
 use serde_json::{json, Value};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,14 +42,7 @@ impl Recorder {
                 std::thread::spawn(move || {
                     let mut conn = conn;
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
+                    let buf = read_request_head(&mut conn);
                     if buf.is_empty() {
                         return;
                     }
@@ -144,6 +138,44 @@ fn started_hooks(w: &GovWorld, needle: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Core answers `verdict` (with `reason`) to the hook events whose spans match the
+/// regular expression `spans`, and allows everything else.
+fn decide_on(w: &GovWorld, spans: &str, verdict: &str, reason: &str) {
+    w.core().set_script(&json!({"default": {"verdict": "allow"},
+        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{spans}")},
+                   "body": {"verdict": verdict, "reason": reason}}]}));
+}
+
+/// Stops the worker and the agent, which must exit cleanly; its report.
+fn finish_clean(w: GovWorld) -> GovAgentReport {
+    let (_, agent) = w.finish();
+    let agent = agent.expect("the agent ran");
+    agent.assert_clean_exit();
+    agent
+}
+
+/// A problem unless the workflow `o` failed with a non-retryable ApplicationError of
+/// type `ty` whose message holds `msg`.
+fn check_failure(p: &mut Vec<String>, what: &str, o: &Value, ty: &str, msg: &str) {
+    match app_error(o) {
+        Some((t, m, true)) if t == ty && m.contains(msg) => {}
+        other => p.push(format!(
+            "{what}: expected {ty} with \"{msg}\", got {other:?} ({o})"
+        )),
+    }
+}
+
+/// Fails with every problem found, pointing at Core's record.
+fn assert_no_problems(p: &[String], record: &Path) {
+    assert!(
+        p.is_empty(),
+        "{} problem(s) (Core's record: {}):\n{}",
+        p.len(),
+        record.display(),
+        p.join("\n")
+    );
+}
+
 /// Core blocks a file write at its `started` hook event: the file is never created,
 /// the activity fails with `GovernanceBlock`; the worker's next activity (on the same
 /// executor threads) writes its own file normally.
@@ -156,9 +188,7 @@ fn a_blocked_file_write_never_creates_the_file() {
         &[],
     );
     let blocked = format!("{}.txt", w.marker(0));
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{blocked}")},
-                   "body": {"verdict": "block", "reason": "no writing there"}}]}));
+    decide_on(&w, &blocked, "block", "no writing there");
     let outcomes = w.run(
         &[
             step(&w, 0, 0, "enf_write", w.item(0)),
@@ -176,9 +206,7 @@ fn a_blocked_file_write_never_creates_the_file() {
     let (blocked_exists, allowed_exists) = (blocked_path.exists(), allowed_path.exists());
     let hooks = started_hooks(&w, &blocked);
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    let agent = agent.expect("the agent ran");
-    agent.assert_clean_exit();
+    finish_clean(w);
 
     let mut p = Vec::new();
     if blocked_exists {
@@ -187,10 +215,13 @@ fn a_blocked_file_write_never_creates_the_file() {
             blocked_path.display()
         ));
     }
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: no writing there" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: no writing there\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: no writing there",
+    );
     if good["ok"] != json!(true) || !allowed_exists {
         p.push(format!(
             "the other activity: {good}, file {} exists: {allowed_exists}",
@@ -205,13 +236,7 @@ fn a_blocked_file_write_never_creates_the_file() {
             blocked_path.display()
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
 
 /// Core blocks a plain-HTTP request by URL at its `started` hook event: the server never
@@ -227,9 +252,7 @@ fn a_blocked_http_request_never_reaches_the_server() {
         &[],
     );
     let (m0, m1) = (w.marker(0), w.marker(1));
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:/blocked/{m0}")},
-                   "body": {"verdict": "block", "reason": "not that URL"}}]}));
+    decide_on(&w, &format!("/blocked/{m0}"), "block", "not that URL");
     let outcomes = w.run(
         &[
             step(
@@ -259,8 +282,7 @@ fn a_blocked_http_request_never_reaches_the_server() {
     );
     let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
+    finish_clean(w);
 
     let seen = server.lines();
     let mut p = Vec::new();
@@ -275,10 +297,13 @@ fn a_blocked_http_request_never_reaches_the_server() {
             "the server did not receive the allowed request: {seen:?}"
         ));
     }
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: not that URL" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: not that URL\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: not that URL",
+    );
     if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
         p.push(format!("the other activity: {good}"));
     }
@@ -291,24 +316,16 @@ fn a_blocked_http_request_never_reaches_the_server() {
             "expected one started http_request hook event for GET {url}, got {hooks:?}"
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
 
-/// A HALT mid-activity: the activity's `curl` loop (a subprocess started before the
-/// HALT) gets connection errors from then on and the server receives none of its later
+/// A HALT mid-activity, triggered by the activity right after the first request of its
+/// `curl` loop succeeded (not after a fixed time: on a loaded machine starting `curl`
+/// alone can take longer): the loop (a subprocess started before the HALT) gets
+/// connection errors from then on and the server receives none of its later
 /// requests; the activity fails with `GovernanceHalt`; another activity of the worker
 /// runs normally afterwards.
 #[test]
-#[ignore = "flaky under load (1 of 2 full-suite runs here): every call of the curl loop \
-            reached the agent after the HALT (held 95, asked 2, denied 90), so the server got \
-            none of its requests, not even those of the second before the HALT; cause not \
-            found yet (issue 15 note)"]
 fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     let server = Recorder::start();
     let w = world(
@@ -319,9 +336,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     );
     let (m0, m1) = (w.marker(0), w.marker(1));
     let halt_file = format!("{m0}-halt.txt");
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:{halt_file}")},
-                   "body": {"verdict": "halt", "reason": "stop everything"}}]}));
+    decide_on(&w, &halt_file, "halt", "stop everything");
     let loop_url = format!("{}/loop/{m0}", server.url());
     let outcomes = w.run(
         &[step(
@@ -329,7 +344,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
             0,
             0,
             "enf_curl_loop",
-            item(&w, 0, json!({"url": loop_url, "n": 30, "halt_after": 1.0})),
+            item(&w, 0, json!({"url": loop_url, "n": 30})),
         )],
         RUN_TIMEOUT,
     );
@@ -353,9 +368,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     let halt_path = w.files.join(&halt_file);
     let halt_exists = halt_path.exists();
     let worker_log = std::fs::read_to_string(w.worker().stderr_path()).unwrap_or_default();
-    let (_, agent) = w.finish();
-    let agent = agent.expect("the agent ran");
-    agent.assert_clean_exit();
+    let agent = finish_clean(w);
 
     let seen = server.lines();
     let loop_seen: Vec<&String> = seen
@@ -364,10 +377,13 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
         .collect();
     let log_text = agent.stderr.clone();
     let mut p = Vec::new();
-    match app_error(&halted) {
-        Some((t, m, true)) if t == "GovernanceHalt" && m.contains("stop everything") => {}
-        other => p.push(format!("the halted activity: expected GovernanceHalt with \"stop everything\", got {other:?} ({halted})")),
-    }
+    check_failure(
+        &mut p,
+        "the halted activity",
+        &halted,
+        "GovernanceHalt",
+        "stop everything",
+    );
     if halt_exists {
         p.push(format!(
             "{} exists: the halting write happened",
@@ -415,58 +431,7 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     if !log_text.contains("operations_denied") {
         p.push("the agent's log does not report the denied calls (operations_denied)".to_string());
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
-}
-
-/// Not a test of behaviour: prints what an allowed operation costs with and without
-/// `--enforce` (median of a loop in one sync activity; hook events on in both). Run on
-/// demand: `enforce -- --ignored allowed_operation_cost --nocapture`.
-#[test]
-#[ignore = "a measurement, not a check: run it on demand"]
-fn allowed_operation_cost() {
-    let mut rows = Vec::new();
-    for enforce in [false, true] {
-        let name = format!(
-            "allowed_operation_cost_{}",
-            if enforce { "enforced" } else { "plain" }
-        );
-        let mut w = GovWorld::new(&name);
-        w.sdk_conventions = Some("2.0");
-        w.start_core(&json!({"default": {"verdict": "allow"}}));
-        let mut args = w.core().agent_args();
-        args.extend(["--spool-dir".into(), w.spool_dir().display().to_string()]);
-        if enforce {
-            args.push("--enforce".into());
-        }
-        w.start_agent(&args);
-        w.start_worker();
-        let out = w.run(
-            &[step(
-                &w,
-                0,
-                0,
-                "enf_bench",
-                item(&w, 0, json!({"n": 2000, "n_new": 100})),
-            )],
-            RUN_TIMEOUT,
-        );
-        let o = outcome(&out, &w.workflow_id(0)).clone();
-        assert!(o["ok"] == json!(true), "{o}");
-        rows.push((enforce, o["result"][0].clone()));
-        w.finish();
-    }
-    for (enforce, r) in &rows {
-        eprintln!(
-            "allowed_operation_cost enforce={enforce}: write 1 byte {} ns, open same path (remembered verdict) {} ns, open new path (Core round trip) {} ns",
-            r["write_1_byte"], r["open_same_path"], r["open_new_path"]
-        );
-    }
+    assert_no_problems(&p, &record);
 }
 
 /// Core blocks a SQL statement (a psycopg2 query on a plain PostgreSQL connection) at its
@@ -492,9 +457,12 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
     let mut pg = Proc::spawn("postgres-plain", cmd, &w.logs);
     let port = pg.port();
     let table = format!("blocked_{}", &w.token[2..]);
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:CREATE TABLE {table}")},
-                   "body": {"verdict": "block", "reason": "no new tables"}}]}));
+    decide_on(
+        &w,
+        &format!("CREATE TABLE {table}"),
+        "block",
+        "no new tables",
+    );
     let blocked = w.run(
         &[step(
             &w,
@@ -519,15 +487,17 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
     );
     let hooks = started_hooks(&w, &format!("CREATE TABLE {table}"));
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
+    finish_clean(w);
     pg.stop(libc::SIGTERM, Duration::from_secs(10));
-    agent.expect("the agent ran").assert_clean_exit();
 
     let mut p = Vec::new();
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: no new tables" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: no new tables\", got {other:?} ({bad})")),
-    }
+    check_failure(
+        &mut p,
+        "the blocked activity",
+        &bad,
+        "GovernanceBlock",
+        "Governance block: no new tables",
+    );
     if good["ok"] != json!(true) || good["result"][0]["value"] != Value::Null {
         p.push(format!("the server has the table the blocked statement would create (or the check failed): {good}"));
     }
@@ -539,11 +509,5 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
             "expected one started db_query hook event for the CREATE TABLE, got {hooks:?}"
         ));
     }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
-    );
+    assert_no_problems(&p, &record);
 }
