@@ -79,9 +79,7 @@ def enf_curl_loop(p: dict) -> dict:
         'echo "$i $code $?"; sleep 0.1; done'
     )
     env = dict(os.environ, N=str(p["n"]), URL=p["url"])
-    loop = subprocess.Popen(
-        ["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env
-    )
+    loop = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     time.sleep(p["halt_after"])
     path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
     try:
@@ -140,15 +138,9 @@ def enf_sql(p: dict) -> dict:
     there is one."""
     import psycopg2
 
-    conn = psycopg2.connect(
-        host="127.0.0.1",
-        port=p["pg_plain_port"],
-        user="openbox",
-        dbname="shop",
-        sslmode=p.get("sslmode", "disable"),
-        gssencmode="disable",
-        connect_timeout=30,
-    )
+    conn = psycopg2.connect(host="127.0.0.1", port=p["pg_plain_port"], user="openbox",
+                            dbname="shop", sslmode=p.get("sslmode", "disable"), gssencmode="disable",
+                            connect_timeout=30)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
