@@ -3,7 +3,9 @@
 //!
 //! This kernel has neither BPF LSM nor kprobes (see `check`), so the agent holds an
 //! operation with **seccomp user notification**: the worker hook installs, on each thread
-//! the first time it runs a governed activity, a seccomp filter (no TSYNC: Temporal's own
+//! the first time it runs a governed activity (an executor thread for a sync activity,
+//! the event-loop thread for an async one: its slot shows the activity of the running
+//! step, so the attribution is exact), a seccomp filter (no TSYNC: Temporal's own
 //! threads are untouched) that turns `connect`, `sendto`, `sendmsg`, `sendmmsg`, `write`
 //! and `writev` on descriptors above 2, and opens that may write or create (`open`,
 //! `openat` with a write flag, `openat2`, `creat`) into notifications, and hands the
@@ -15,10 +17,12 @@
 //! For each notification a supervisor thread (one per listener) finds the activity the
 //! caller works for — the slot of a registered worker thread, read from the worker's
 //! memory, else the kernel's `INHERIT` record of a process an activity started — and:
-//! - no governed activity, or nothing the agent can name (TLS ciphertext, a pipe, a file
-//!   the SDK's skip list ignores): `CONTINUE` at once;
+//! - no governed activity, or nothing the agent can name (a pipe, a file the SDK's skip
+//!   list ignores, TLS bytes not sent from inside an `SSL_write`): `CONTINUE` at once;
 //! - the activity was halted: denied (`EPERM`, `ECONNREFUSED` for `connect`), counted;
-//! - a plain-HTTP request head, a PostgreSQL simple query, or an open for writing: its
+//! - a plain-HTTP request head, a PostgreSQL simple query (either also as the plaintext
+//!   of the `SSL_write` a held socket write is part of: [`Enforcer::read_tls_calls`]),
+//!   or an open for writing: its
 //!   `started` hook event goes to Core ([`Decide`], answered by the daemon) and the call
 //!   waits for the verdict (the governance timeout and the failure policy bound the
 //!   wait); BLOCK/HALT deny it. Verdicts are remembered per activity and operation

@@ -1,7 +1,8 @@
 //! Enforcement before the operation (`openbox-agent run --enforce`), end to end: a real
 //! Temporal dev server, a real Python worker with the hook, the agent and the fake
 //! OpenBox Core. The activities (support/enforce_ops.py) are sync, so each runs on an
-//! executor thread whose seccomp filter holds its calls until the agent answers.
+//! executor thread whose seccomp filter holds its calls until the agent answers, but
+//! one, async, held on the event-loop thread.
 //!
 //! Checked: Core's BLOCK at a file's `started` hook event means the file is never
 //! created; a BLOCK on a plain-HTTP request by URL means the server never receives it;
