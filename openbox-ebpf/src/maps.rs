@@ -131,7 +131,6 @@ pub enum SyscallArgs {
     },
 }
 
-
 /// Room to build a data record and the state of the loop that fills it.
 #[repr(C)]
 #[derive(Clone, Copy)]
