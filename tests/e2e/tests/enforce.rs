@@ -220,84 +220,10 @@ fn a_blocked_file_write_never_creates_the_file() {
 /// requests another URL of the same server normally.
 #[test]
 fn a_blocked_http_request_never_reaches_the_server() {
-    let server = Recorder::start();
-    let w = world(
+    blocked_plain_http(
         "a_blocked_http_request_never_reaches_the_server",
-        &json!({"default": {"verdict": "allow"}}),
-        Some("2.0"),
-        &[],
-    );
-    let (m0, m1) = (w.marker(0), w.marker(1));
-    w.core().set_script(&json!({"default": {"verdict": "allow"},
-        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:/blocked/{m0}")},
-                   "body": {"verdict": "block", "reason": "not that URL"}}]}));
-    let outcomes = w.run(
-        &[
-            step(
-                &w,
-                0,
-                0,
-                "enf_http",
-                item(
-                    &w,
-                    0,
-                    json!({"url": format!("{}/blocked/{m0}", server.url())}),
-                ),
-            ),
-            step(
-                &w,
-                1,
-                1,
-                "enf_http",
-                item(&w, 1, json!({"url": format!("{}/fine/{m1}", server.url())})),
-            ),
-        ],
-        RUN_TIMEOUT,
-    );
-    let (bad, good) = (
-        outcome(&outcomes, &w.workflow_id(0)).clone(),
-        outcome(&outcomes, &w.workflow_id(1)).clone(),
-    );
-    let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
-    let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
-
-    let seen = server.lines();
-    let mut p = Vec::new();
-    if seen.iter().any(|l| l.contains(&m0)) {
-        p.push(format!("the server received the blocked request: {seen:?}"));
-    }
-    if !seen
-        .iter()
-        .any(|l| l == &format!("GET /fine/{m1} HTTP/1.1"))
-    {
-        p.push(format!(
-            "the server did not receive the allowed request: {seen:?}"
-        ));
-    }
-    match app_error(&bad) {
-        Some((t, m, true)) if t == "GovernanceBlock" && m == "Governance block: not that URL" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: not that URL\", got {other:?} ({bad})")),
-    }
-    if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
-        p.push(format!("the other activity: {good}"));
-    }
-    let url = format!("{}/blocked/{m0}", server.url());
-    if hooks.len() != 1
-        || hooks[0]["spans"][0]["http_url"] != json!(url)
-        || hooks[0]["spans"][0]["http_method"] != json!("GET")
-    {
-        p.push(format!(
-            "expected one started http_request hook event for GET {url}, got {hooks:?}"
-        ));
-    }
-    assert!(
-        p.is_empty(),
-        "{} problem(s) (Core's record: {}):\n{}",
-        p.len(),
-        record.display(),
-        p.join("\n")
+        "enf_http",
+        "not that URL",
     );
 }
 
@@ -680,9 +606,21 @@ fn a_blocked_https_request_never_reaches_the_server() {
 /// async activity requesting another URL, on the same loop, goes through.
 #[test]
 fn an_async_activitys_blocked_request_never_reaches_the_server() {
+    blocked_plain_http(
+        "an_async_activitys_blocked_request_never_reaches_the_server",
+        "enf_aiohttp",
+        "not from the loop either",
+    );
+}
+
+/// Core blocks `GET {server}/blocked/<marker 0>` at its `started` hook event, made by
+/// `activity` (a plain-HTTP client): the server never receives it, the activity fails with
+/// `GovernanceBlock` and Core's `reason`; the same activity requesting another URL of the
+/// server goes through.
+fn blocked_plain_http(name: &str, activity: &str, reason: &str) {
     let server = Recorder::start();
     let w = world(
-        "an_async_activitys_blocked_request_never_reaches_the_server",
+        name,
         &json!({"default": {"verdict": "allow"}}),
         Some("2.0"),
         &[],
@@ -690,22 +628,25 @@ fn an_async_activitys_blocked_request_never_reaches_the_server() {
     let (m0, m1) = (w.marker(0), w.marker(1));
     w.core().set_script(&json!({"default": {"verdict": "allow"},
         "rules": [{"match": {"hook_trigger": true, "spans": format!("re:/blocked/{m0}")},
-                   "body": {"verdict": "block", "reason": "not from the loop either"}}]}));
-    let blocked_url = format!("{}/blocked/{m0}", server.url());
+                   "body": {"verdict": "block", "reason": reason}}]}));
     let outcomes = w.run(
         &[
             step(
                 &w,
                 0,
                 0,
-                "enf_aiohttp",
-                item(&w, 0, json!({"url": blocked_url})),
+                activity,
+                item(
+                    &w,
+                    0,
+                    json!({"url": format!("{}/blocked/{m0}", server.url())}),
+                ),
             ),
             step(
                 &w,
                 1,
                 1,
-                "enf_aiohttp",
+                activity,
                 item(&w, 1, json!({"url": format!("{}/fine/{m1}", server.url())})),
             ),
         ],
@@ -734,19 +675,19 @@ fn an_async_activitys_blocked_request_never_reaches_the_server() {
         ));
     }
     match app_error(&bad) {
-        Some((t, m, true))
-            if t == "GovernanceBlock" && m == "Governance block: not from the loop either" => {}
-        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: not from the loop either\", got {other:?} ({bad})")),
+        Some((t, m, true)) if t == "GovernanceBlock" && m == format!("Governance block: {reason}") => {}
+        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: {reason}\", got {other:?} ({bad})")),
     }
     if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
         p.push(format!("the other activity: {good}"));
     }
+    let url = format!("{}/blocked/{m0}", server.url());
     if hooks.len() != 1
-        || hooks[0]["spans"][0]["http_url"] != json!(blocked_url)
+        || hooks[0]["spans"][0]["http_url"] != json!(url)
         || hooks[0]["spans"][0]["http_method"] != json!("GET")
     {
         p.push(format!(
-            "expected one started http_request hook event for GET {blocked_url}, got {hooks:?}"
+            "expected one started http_request hook event for GET {url}, got {hooks:?}"
         ));
     }
     assert!(
