@@ -7,7 +7,8 @@ threads are untouched) that turns these calls into user notifications: ``connect
 ``sendto``, ``sendmsg``, ``sendmmsg``; ``write`` and ``writev`` on descriptors above 2;
 ``open``/``openat`` with a flag that may write or create, ``openat2`` and ``creat``. The
 kernel parks the calling thread until the listener's holder answers. Threads and
-processes the thread starts afterwards inherit the filter (a ``curl`` subprocess too, across ``exec``).
+processes the thread starts afterwards inherit the filter (a ``curl`` subprocess too,
+across ``exec``).
 
 On the event-loop thread the agent attributes a held call by the thread's slot, which the
 step driver (``_driver``) sets for exactly the duration of each step of an activity's
