@@ -455,6 +455,23 @@ pub struct Inherited {
     pub activity: u64,
 }
 
+/// Value of the `SSL_ARGS` map (key: pid_tgid): a libssl call in flight on a thread,
+/// as its entry probe saw it; removed by its return probe. The agent reads it too, under
+/// `--enforce`: a thread held in a socket write while this says `SSL_write` is sending
+/// the ciphertext of the plaintext at `buf`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SslArgs {
+    pub ssl: u64,
+    pub buf: u64,
+    pub num: u64,
+    /// SSL_*_ex: where the byte count is written.
+    pub out_len: u64,
+    /// `SRC_SSL_*`.
+    pub source: u32,
+    pub _pad: u32,
+}
+
 /// Value of the `PAUSED` map (key: host tgid): a process the kernel stopped when it
 /// opened a libssl, until the agent resumes it. The map is pinned in bpffs, so a record
 /// outlives an agent that crashed meanwhile and the next agent resumes the process.
@@ -481,4 +498,5 @@ mod pod {
     unsafe impl aya::Pod for super::ThreadSlot {}
     unsafe impl aya::Pod for super::Inherited {}
     unsafe impl aya::Pod for super::PausedProc {}
+    unsafe impl aya::Pod for super::SslArgs {}
 }

@@ -131,19 +131,6 @@ pub enum SyscallArgs {
     },
 }
 
-/// What a libssl entry probe keeps for the return probe.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SslArgs {
-    pub ssl: u64,
-    pub buf: u64,
-    pub num: u64,
-    /// SSL_*_ex: where the byte count is written.
-    pub out_len: u64,
-    pub source: u32,
-    pub _pad: u32,
-}
-
 /// Room to build a data record and the state of the loop that fills it.
 #[repr(C)]
 #[derive(Clone, Copy)]

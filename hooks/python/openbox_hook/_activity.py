@@ -317,6 +317,9 @@ class ActivityInbound(ActivityInboundInterceptor):
                 slot = await self._link.register_loop_thread()
                 if slot is None:
                     return input
+                # Each step publishes the activity in the loop thread's slot, so a call the
+                # filter holds is the running step's: exact (`_enforce`).
+                self._link.enforce_thread(slot)
                 _driver.install_task_factory(asyncio.get_running_loop())
                 mark = _driver.Mark(token, self._link.current_slot, self._link)
                 return dataclasses.replace(input, fn=_async_wrapper(fn, mark, slot))

@@ -337,8 +337,9 @@ class AgentLink:
         return slot
 
     def enforce_thread(self, slot: int) -> None:
-        """Installs the calling (executor) thread's seccomp filter and hands its listener
-        to the agent, once per thread, when the agent asked for it (``_enforce``)."""
+        """Installs the calling thread's seccomp filter (an executor thread's, or the
+        event-loop thread's for async activities) and hands its listener to the agent,
+        once per thread, when the agent asked for it (``_enforce``)."""
         state = self._threads
         if not state.enforce or state.filtered:
             return

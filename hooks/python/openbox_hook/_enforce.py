@@ -1,13 +1,20 @@
 """Holding a thread's operations until the agent answers (``openbox-agent run --enforce``).
 
-When the agent says so (the ``thread`` reply's ``enforce``), an executor thread about to
-run its first governed activity installs a seccomp filter on itself only (no TSYNC:
-Temporal's threads and the event loop are untouched) that turns these calls into user
-notifications: ``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``; ``write`` and
-``writev`` on descriptors above 2; ``open``/``openat`` with a flag that may write or
-create, ``openat2`` and ``creat``. The kernel parks the calling thread until the
-listener's holder answers. Threads and processes the thread starts afterwards inherit
-the filter (a ``curl`` subprocess too, across ``exec``).
+When the agent says so (the ``thread`` reply's ``enforce``), a thread about to run its
+first governed activity — an executor thread for a sync activity, the event-loop thread
+for an async one — installs a seccomp filter on itself only (no TSYNC: Temporal's own
+threads are untouched) that turns these calls into user notifications: ``connect``,
+``sendto``, ``sendmsg``, ``sendmmsg``; ``write`` and ``writev`` on descriptors above 2;
+``open``/``openat`` with a flag that may write or create, ``openat2`` and ``creat``. The
+kernel parks the calling thread until the listener's holder answers. Threads and
+processes the thread starts afterwards inherit the filter (a ``curl`` subprocess too,
+across ``exec``).
+
+On the event-loop thread the agent attributes a held call by the thread's slot, which the
+step driver (``_driver``) sets for exactly the duration of each step of an activity's
+task: the call is that step's. A held call stops the whole loop until the agent answers
+(a Core round trip for a new operation); calls made between steps (slot 0) are let
+through at once.
 
 The thread cannot hand the listener over itself (its own send would wait for an answer
 nobody gives yet), so it gives it to the ``openbox-hook-enforce`` thread and waits: that

@@ -231,6 +231,8 @@ pub struct Capture {
     inherit: BpfHashMap<MapData, u32, Inherited>,
     /// The INHERIT map's kernel id, for a second handle (enforcement's supervisors).
     inherit_id: Option<u32>,
+    /// The id of the `SSL_ARGS` map (the libssl calls in flight), for `--enforce`.
+    ssl_args_id: Option<u32>,
     /// Generations for descriptors the agent seeds: small numbers, below any kernel
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
@@ -423,6 +425,10 @@ impl Capture {
             _ => None,
         };
         let inherit = BpfHashMap::try_from(inherit_map)?;
+        let ssl_args_id = match ebpf.map("SSL_ARGS") {
+            Some(aya::maps::Map::HashMap(data)) => data.info().ok().map(|i| i.id()),
+            _ => None,
+        };
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         let ring = Some(ebpf.take_map("EVENTS").context("map EVENTS")?);
         // The libssl programs: no watched process needs them before it maps a libssl,
@@ -446,6 +452,7 @@ impl Capture {
             threads,
             inherit,
             inherit_id,
+            ssl_args_id,
             next_seed_gen: 1,
             counters,
             tls: tls::TlsProbes::default(),
@@ -540,9 +547,13 @@ impl Capture {
     /// A read handle on the kernel's record of which activity started each process
     /// (`INHERIT`), for threads other than the one that owns this capture.
     pub fn inherit_reader(&self) -> Result<BpfHashMap<MapData, u32, Inherited>> {
-        let id = self.inherit_id.context("the INHERIT map has no id")?;
-        let data = MapData::from_id(id).context("opening the INHERIT map by id")?;
-        Ok(BpfHashMap::try_from(aya::maps::Map::HashMap(data))?)
+        second_handle(self.inherit_id, "INHERIT")
+    }
+
+    /// A reader of the libssl calls in flight, by pid_tgid (the programs keep writing
+    /// the map: this is a second handle on it).
+    pub fn ssl_args_reader(&self) -> Result<BpfHashMap<MapData, u64, SslArgs>> {
+        second_handle(self.ssl_args_id, "SSL_ARGS")
     }
 
     pub fn unregister_thread(&mut self, tid: u32) {
@@ -794,4 +805,14 @@ fn attach_tracepoints(ebpf: &mut Ebpf, which: &[(&str, &str, &str)]) -> Result<(
         })?;
     }
     Ok(())
+}
+
+/// Another handle on the hash map with kernel id `id` (`name` for errors).
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    id: Option<u32>,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>> {
+    let id = id.with_context(|| format!("the {name} map has no id"))?;
+    let data = MapData::from_id(id).with_context(|| format!("opening the {name} map by id"))?;
+    Ok(BpfHashMap::try_from(aya::maps::Map::HashMap(data))?)
 }

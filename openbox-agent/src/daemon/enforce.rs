@@ -3,7 +3,9 @@
 //!
 //! This kernel has neither BPF LSM nor kprobes (see `check`), so the agent holds an
 //! operation with **seccomp user notification**: the worker hook installs, on each thread
-//! the first time it runs a governed activity, a seccomp filter (no TSYNC: Temporal's own
+//! the first time it runs a governed activity (an executor thread for a sync activity,
+//! the event-loop thread for an async one: its slot shows the activity of the running
+//! step, so the attribution is exact), a seccomp filter (no TSYNC: Temporal's own
 //! threads are untouched) that turns `connect`, `sendto`, `sendmsg`, `sendmmsg`, `write`
 //! and `writev` on descriptors above 2, and opens that may write or create (`open`,
 //! `openat` with a write flag, `openat2`, `creat`) into notifications, and hands the
@@ -15,10 +17,12 @@
 //! For each notification a supervisor thread (one per listener) finds the activity the
 //! caller works for — the slot of a registered worker thread, read from the worker's
 //! memory, else the kernel's `INHERIT` record of a process an activity started — and:
-//! - no governed activity, or nothing the agent can name (TLS ciphertext, a pipe, a file
-//!   the SDK's skip list ignores): `CONTINUE` at once;
+//! - no governed activity, or nothing the agent can name (a pipe, a file the SDK's skip
+//!   list ignores, TLS bytes not sent from inside an `SSL_write`): `CONTINUE` at once;
 //! - the activity was halted: denied (`EPERM`, `ECONNREFUSED` for `connect`), counted;
-//! - a plain-HTTP request head, a PostgreSQL simple query, or an open for writing: its
+//! - a plain-HTTP request head, a PostgreSQL simple query (either also as the plaintext
+//!   of the `SSL_write` a held socket write is part of: [`Enforcer::read_tls_calls`]),
+//!   or an open for writing: its
 //!   `started` hook event goes to Core ([`Decide`], answered by the daemon) and the call
 //!   waits for the verdict (the governance timeout and the failure policy bound the
 //!   wait); BLOCK/HALT deny it. Verdicts are remembered per activity and operation
@@ -408,12 +412,16 @@ struct ThreadPlace {
 }
 
 type InheritMap = aya::maps::HashMap<aya::maps::MapData, u32, openbox_common::Inherited>;
+type SslArgsMap = aya::maps::HashMap<aya::maps::MapData, u64, openbox_common::SslArgs>;
 
 /// The state the supervisors share with the daemon.
 pub struct Enforcer {
     threads: Mutex<HashMap<u32, ThreadPlace>>,
     gates: Mutex<HashMap<ActivityKey, Arc<Gate>>>,
     inherit: Option<Mutex<InheritMap>>,
+    /// The libssl calls in flight (`SSL_ARGS`): what a thread held in a socket write
+    /// inside `SSL_write` is encrypting ([`Enforcer::read_tls_calls`]).
+    ssl_calls: std::sync::OnceLock<Mutex<SslArgsMap>>,
     decide: mpsc::UnboundedSender<Decide>,
     skip: SkipPaths,
     pub stats: Stats,
@@ -430,6 +438,7 @@ impl Enforcer {
                 threads: Mutex::default(),
                 gates: Mutex::default(),
                 inherit: inherit.map(Mutex::new),
+                ssl_calls: std::sync::OnceLock::new(),
                 decide: tx,
                 skip,
                 stats: Stats::default(),
@@ -533,7 +542,7 @@ impl Enforcer {
             self.stats.denied.fetch_add(1, Relaxed);
             return answer(Answer::Deny(deny_errno(nr)));
         }
-        let operation = read_operation(n.pid, &n.data, &self.skip);
+        let operation = self.operation(pid, n.pid, &n.data);
         // Read from the caller's memory: still the same call? (TOCTOU)
         if !listener.valid(n.id) {
             return;
@@ -574,6 +583,33 @@ impl Enforcer {
                 }
             }
         }
+    }
+
+    /// Governs TLS requests too: a socket write of a thread inside `SSL_write` is read as
+    /// the plaintext that call encrypts (`SSL_ARGS`, kept by the libssl entry probe).
+    pub fn read_tls_calls(&self, ssl_args: SslArgsMap) {
+        let _ = self.ssl_calls.set(Mutex::new(ssl_args));
+    }
+
+    /// What held call `d` of thread `tid` (of process `tgid`) is about to do. A send
+    /// while the thread is inside a libssl call carries ciphertext: the operation is then
+    /// the plaintext `SSL_write` is encrypting, never the bytes on the socket.
+    fn operation(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<Operation> {
+        match self.tls_call(tgid, tid, d) {
+            Some(call) => tls_operation(tid, d, &call),
+            None => read_operation(tid, d, &self.skip),
+        }
+    }
+
+    /// The libssl call thread `tid` is inside, when `d` is a send on a socket.
+    fn tls_call(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<openbox_common::SslArgs> {
+        sent_buffer(d)?;
+        let map = self.ssl_calls.get()?;
+        let key = (u64::from(tgid) << 32) | u64::from(tid);
+        map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key, 0)
+            .ok()
     }
 
     /// The activity host thread `tid` works for, and its process: a registered thread's
@@ -642,18 +678,7 @@ fn read_operation(tid: u32, d: &SeccompData, skip: &SkipPaths) -> Option<Operati
             read_memory(tid, a[2], &mut how).ok()?;
             (a[0] as i32, a[1], u64::from_ne_bytes(how) as u32)
         }
-        libc::SYS_write | libc::SYS_sendto => {
-            let mut buf = vec![0u8; (a[2] as usize).min(HEAD_BYTES)];
-            let n = read_memory(tid, a[1], &mut buf).ok()?;
-            return request(&buf[..n]);
-        }
-        libc::SYS_writev => return request(&first_iovec(tid, a[1], a[2])?),
-        libc::SYS_sendmsg => return request(&first_msg_iovec(tid, a[1])?),
-        libc::SYS_sendmmsg if a[2] > 0 => {
-            // struct mmsghdr starts with its struct msghdr.
-            return request(&first_msg_iovec(tid, a[1])?);
-        }
-        _ => return None,
+        _ => return request(&sent_bytes(tid, d, HEAD_BYTES)?),
     };
     let writes = flags
         & (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u32;
@@ -668,7 +693,97 @@ fn read_operation(tid: u32, d: &SeccompData, skip: &SkipPaths) -> Option<Operati
     Some(Operation::File { path, flags })
 }
 
-fn first_iovec(tid: u32, iov: u64, count: u64) -> Option<Vec<u8>> {
+/// Where a send's bytes are, by syscall: the buffer itself, the first iovec, or the
+/// first iovec of the (first) message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Sent {
+    Buffer { addr: u64, len: u64 },
+    Iovec { iov: u64, count: u64 },
+    Message { msg: u64 },
+}
+
+/// Where held call `d` takes the bytes it sends; `None` for a call that sends nothing.
+fn sent_buffer(d: &SeccompData) -> Option<Sent> {
+    let a = d.args;
+    match i64::from(d.nr) {
+        libc::SYS_write | libc::SYS_sendto => Some(Sent::Buffer {
+            addr: a[1],
+            len: a[2],
+        }),
+        libc::SYS_writev => Some(Sent::Iovec {
+            iov: a[1],
+            count: a[2],
+        }),
+        libc::SYS_sendmsg => Some(Sent::Message { msg: a[1] }),
+        // struct mmsghdr starts with its struct msghdr.
+        libc::SYS_sendmmsg if a[2] > 0 => Some(Sent::Message { msg: a[1] }),
+        _ => None,
+    }
+}
+
+/// The first (at most `max`) bytes held call `d` of thread `tid` sends.
+fn sent_bytes(tid: u32, d: &SeccompData, max: usize) -> Option<Vec<u8>> {
+    match sent_buffer(d)? {
+        Sent::Buffer { addr, len } => read_bytes(tid, addr, len, max),
+        Sent::Iovec { iov, count } => first_iovec(tid, iov, count, max),
+        Sent::Message { msg } => first_msg_iovec(tid, msg, max),
+    }
+}
+
+fn read_bytes(tid: u32, addr: u64, len: u64, max: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(max)];
+    let n = read_memory(tid, addr, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// The operation of a send made inside libssl call `call`: the request at the start of
+/// the plaintext an `SSL_write` encrypts, when the bytes on the socket are that
+/// plaintext's first record (TLS application data). Anything else — a send inside
+/// `SSL_read` (a key update, an alert), a handshake record — is not an operation.
+fn tls_operation(tid: u32, d: &SeccompData, call: &openbox_common::SslArgs) -> Option<Operation> {
+    use openbox_common::{SRC_SSL_WRITE, SRC_SSL_WRITE_EX};
+    if !matches!(call.source, SRC_SSL_WRITE | SRC_SSL_WRITE_EX) {
+        return None;
+    }
+    let record = sent_bytes(tid, d, 3)?;
+    if !is_application_data(&record) {
+        return None;
+    }
+    let plaintext = read_bytes(tid, call.buf, call.num, HEAD_BYTES)?;
+    tls_request(&plaintext)
+}
+
+/// Whether `buf` starts a TLS application-data record (content type 23, version 3.x).
+fn is_application_data(buf: &[u8]) -> bool {
+    matches!(buf, [23, 3, _, ..])
+}
+
+/// The request at the start of an `SSL_write`'s plaintext, named as the capture names a
+/// TLS stream's: an HTTP URL with scheme `https`.
+pub fn tls_request(plaintext: &[u8]) -> Option<Operation> {
+    match request(plaintext)? {
+        Operation::Http {
+            method,
+            url,
+            target,
+            host,
+            headers,
+        } => Some(Operation::Http {
+            method,
+            url: match url.strip_prefix("http://") {
+                Some(rest) if !target.starts_with("http://") => format!("https://{rest}"),
+                _ => url,
+            },
+            target,
+            host,
+            headers,
+        }),
+        other => Some(other),
+    }
+}
+
+fn first_iovec(tid: u32, iov: u64, count: u64, max: usize) -> Option<Vec<u8>> {
     if count == 0 {
         return None;
     }
@@ -676,19 +791,16 @@ fn first_iovec(tid: u32, iov: u64, count: u64) -> Option<Vec<u8>> {
     read_memory(tid, iov, &mut raw).ok()?;
     let base = u64::from_ne_bytes(raw[..8].try_into().ok()?);
     let len = u64::from_ne_bytes(raw[8..].try_into().ok()?);
-    let mut buf = vec![0u8; (len as usize).min(HEAD_BYTES)];
-    let n = read_memory(tid, base, &mut buf).ok()?;
-    buf.truncate(n);
-    Some(buf)
+    read_bytes(tid, base, len, max)
 }
 
-fn first_msg_iovec(tid: u32, msg: u64) -> Option<Vec<u8>> {
+fn first_msg_iovec(tid: u32, msg: u64, max: usize) -> Option<Vec<u8>> {
     // struct msghdr: name (8), namelen (4 + 4 padding), iov (8), iovlen (8), ...
     let mut raw = [0u8; 32];
     read_memory(tid, msg, &mut raw).ok()?;
     let iov = u64::from_ne_bytes(raw[16..24].try_into().ok()?);
     let count = u64::from_ne_bytes(raw[24..32].try_into().ok()?);
-    first_iovec(tid, iov, count)
+    first_iovec(tid, iov, count, max)
 }
 
 fn read_c_string(tid: u32, addr: u64) -> Option<String> {
@@ -845,6 +957,26 @@ mod tests {
             None,
             "a length below its own size"
         );
+    }
+
+    #[test]
+    fn tls_plaintext_is_named_with_the_https_scheme() {
+        let op = tls_request(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n").unwrap();
+        assert_eq!(op.key(), "http GET https://127.0.0.1:8443/x");
+        let proxied = tls_request(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n");
+        assert_eq!(
+            proxied.unwrap().key(),
+            "http GET http://a.example/",
+            "an absolute target stays"
+        );
+        let q = tls_request(b"Q\0\0\0\x0eSELECT 1;\0").unwrap();
+        assert_eq!(q.key(), "sql SELECT 1;");
+        assert!(is_application_data(b"\x17\x03\x03\x00\x20"));
+        assert!(
+            !is_application_data(b"\x16\x03\x01\x02\x00"),
+            "a handshake record"
+        );
+        assert!(!is_application_data(b"\x17"), "too short to tell");
     }
 
     #[test]

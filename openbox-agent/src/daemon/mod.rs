@@ -233,8 +233,14 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             })
             .ok();
         let (e, rx) = enforce::Enforcer::new(inherit, opts.skip.clone());
+        match session.capture().ssl_args_reader() {
+            Ok(map) => e.read_tls_calls(map),
+            Err(e) => tracing::warn!(
+                "--enforce: TLS requests are governed after they happen, not held: {e:#}"
+            ),
+        }
         crate::logging::announce(format_args!(
-            "enforcing before the operation (seccomp user notification): plain-HTTP requests, PostgreSQL simple queries on plain connections and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied; TLS requests and queries are governed after they happen"
+            "enforcing before the operation (seccomp user notification): HTTP requests and PostgreSQL simple queries (plain, or TLS through libssl's SSL_write) and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied"
         ));
         (Some(e), Some(rx))
     } else {
@@ -1635,7 +1641,8 @@ fn enforce_span(held: &enforce::Decide, trace_id: &str, activity_id: &str) -> Sp
             attributes.insert("http.url".into(), url.clone().into());
             attributes.insert("http.target".into(), target.clone().into());
             attributes.insert("http.host".into(), host.clone().into());
-            attributes.insert("http.scheme".into(), "http".into());
+            let scheme = url.split_once("://").map_or("http", |(s, _)| s);
+            attributes.insert("http.scheme".into(), scheme.into());
             (method.clone(), "CLIENT", Some(headers.clone()))
         }
         enforce::Operation::Sql { statement } => {

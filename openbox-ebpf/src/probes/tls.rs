@@ -31,7 +31,7 @@ use super::files::pause;
 use crate::{
     emit::{emit_payload, thread_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{SslArgs, EVENTS, SSL_ARGS, TLS_SCRATCH, WATCHED},
+    maps::{EVENTS, SSL_ARGS, TLS_SCRATCH, WATCHED},
     task::{header, watch_flags},
 };
 

@@ -1,9 +1,15 @@
 """The enforcement end-to-end test's activities (registered by gov_worker.py): sync
 activities, so each runs on an executor thread, where the hook holds its operations
-(`openbox-agent run --enforce`).
+(`openbox-agent run --enforce`), and one async activity (`enf_aiohttp`), held on the
+event-loop thread.
 
 - `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
 - `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
+- `enf_https(p)`: an HTTPS `GET {url}` with `p["client"]`, `requests` or `httpx` (sync
+  client; the test server's certificate is self-signed, so not verified); returns status
+  and body.
+- `enf_aiohttp(p)` (async): a plain-HTTP `GET {url}` with aiohttp; returns status and
+  body.
 - `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
   `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), reads its log
   as it comes and, right after the first request that succeeded (`200`, exit 0), writes
@@ -44,6 +50,29 @@ def enf_http(p: dict) -> dict:
         return {"status": r.status, "body": r.read().decode()}
     finally:
         conn.close()
+
+
+@activity.defn
+def enf_https(p: dict) -> dict:
+    if p["client"] == "requests":
+        import requests
+
+        r = requests.get(p["url"], verify=False, timeout=30)
+        return {"status": r.status_code, "body": r.text}
+    import httpx
+
+    with httpx.Client(verify=False, timeout=30) as client:
+        r = client.get(p["url"])
+        return {"status": r.status_code, "body": r.text}
+
+
+@activity.defn
+async def enf_aiohttp(p: dict) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(p["url"], timeout=aiohttp.ClientTimeout(total=30)) as r:
+            return {"status": r.status, "body": await r.text()}
 
 
 @activity.defn
@@ -138,8 +167,9 @@ def enf_bench(p: dict) -> dict:
 
 @activity.defn
 def enf_sql(p: dict) -> dict:
-    """Runs `p["sql"]` with psycopg2 on a plain (non-TLS) connection to `p["pg_plain_port"]`
-    (autocommit); returns the first row's first column when there is one."""
+    """Runs `p["sql"]` with psycopg2 on a connection to `p["pg_plain_port"]`, plain unless
+    `p["sslmode"]` says otherwise (autocommit); returns the first row's first column when
+    there is one."""
     import psycopg2
 
     conn = psycopg2.connect(
@@ -147,7 +177,7 @@ def enf_sql(p: dict) -> dict:
         port=p["pg_plain_port"],
         user="openbox",
         dbname="shop",
-        sslmode="disable",
+        sslmode=p.get("sslmode", "disable"),
         gssencmode="disable",
         connect_timeout=30,
     )

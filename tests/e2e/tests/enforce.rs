@@ -1,7 +1,8 @@
 //! Enforcement before the operation (`openbox-agent run --enforce`), end to end: a real
 //! Temporal dev server, a real Python worker with the hook, the agent and the fake
 //! OpenBox Core. The activities (support/enforce_ops.py) are sync, so each runs on an
-//! executor thread whose seccomp filter holds its calls until the agent answers.
+//! executor thread whose seccomp filter holds its calls until the agent answers, but
+//! one, async, held on the event-loop thread.
 //!
 //! Checked: Core's BLOCK at a file's `started` hook event means the file is never
 //! created; a BLOCK on a plain-HTTP request by URL means the server never receives it;
@@ -244,79 +245,11 @@ fn a_blocked_file_write_never_creates_the_file() {
 /// requests another URL of the same server normally.
 #[test]
 fn a_blocked_http_request_never_reaches_the_server() {
-    let server = Recorder::start();
-    let w = world(
+    blocked_plain_http(
         "a_blocked_http_request_never_reaches_the_server",
-        &json!({"default": {"verdict": "allow"}}),
-        Some("2.0"),
-        &[],
+        "enf_http",
+        "not that URL",
     );
-    let (m0, m1) = (w.marker(0), w.marker(1));
-    decide_on(&w, &format!("/blocked/{m0}"), "block", "not that URL");
-    let outcomes = w.run(
-        &[
-            step(
-                &w,
-                0,
-                0,
-                "enf_http",
-                item(
-                    &w,
-                    0,
-                    json!({"url": format!("{}/blocked/{m0}", server.url())}),
-                ),
-            ),
-            step(
-                &w,
-                1,
-                1,
-                "enf_http",
-                item(&w, 1, json!({"url": format!("{}/fine/{m1}", server.url())})),
-            ),
-        ],
-        RUN_TIMEOUT,
-    );
-    let (bad, good) = (
-        outcome(&outcomes, &w.workflow_id(0)).clone(),
-        outcome(&outcomes, &w.workflow_id(1)).clone(),
-    );
-    let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
-    let record = w.core().record.clone();
-    finish_clean(w);
-
-    let seen = server.lines();
-    let mut p = Vec::new();
-    if seen.iter().any(|l| l.contains(&m0)) {
-        p.push(format!("the server received the blocked request: {seen:?}"));
-    }
-    if !seen
-        .iter()
-        .any(|l| l == &format!("GET /fine/{m1} HTTP/1.1"))
-    {
-        p.push(format!(
-            "the server did not receive the allowed request: {seen:?}"
-        ));
-    }
-    check_failure(
-        &mut p,
-        "the blocked activity",
-        &bad,
-        "GovernanceBlock",
-        "Governance block: not that URL",
-    );
-    if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
-        p.push(format!("the other activity: {good}"));
-    }
-    let url = format!("{}/blocked/{m0}", server.url());
-    if hooks.len() != 1
-        || hooks[0]["spans"][0]["http_url"] != json!(url)
-        || hooks[0]["spans"][0]["http_method"] != json!("GET")
-    {
-        p.push(format!(
-            "expected one started http_request hook event for GET {url}, got {hooks:?}"
-        ));
-    }
-    assert_no_problems(&p, &record);
 }
 
 /// A HALT mid-activity, triggered by the activity right after the first request of its
@@ -510,4 +443,228 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
         ));
     }
     assert_no_problems(&p, &record);
+}
+
+/// tls_server.py (HTTPS, self-signed) recording each connection's received plaintext in
+/// `dir` (`conn-<k>.in`): what the server got, whatever the client saw.
+fn https_recorder(w: &GovWorld, dir: &std::path::Path) -> (Proc, u16) {
+    let mut cmd =
+        openbox_testkit::fixtures::tls_server(&w.env.python, &w.env.fixtures, true, Some(dir), 0);
+    cmd.env("PYTHONUNBUFFERED", "1");
+    let mut proc = Proc::spawn("https-recorder", cmd, &w.logs);
+    let port = proc.port();
+    (proc, port)
+}
+
+/// Everything the recording server received, over all connections.
+fn received(dir: &std::path::Path) -> String {
+    let mut all = String::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "in") {
+            all.push_str(&String::from_utf8_lossy(
+                &std::fs::read(e.path()).unwrap_or_default(),
+            ));
+        }
+    }
+    all
+}
+
+/// Core blocks HTTPS requests by URL at their `started` hook event, with `requests` and
+/// with httpx's sync client: the held call is the ciphertext write, and the agent reads
+/// the plaintext `SSL_write` is encrypting. The server never receives the blocked
+/// requests (its record of every connection's plaintext has none of them), each blocked
+/// activity fails with `GovernanceBlock`, and other URLs of the same server, with the same
+/// clients, go through.
+#[test]
+fn a_blocked_https_request_never_reaches_the_server() {
+    let w = world(
+        "a_blocked_https_request_never_reaches_the_server",
+        &json!({"default": {"verdict": "allow"}}),
+        Some("2.0"),
+        &[],
+    );
+    let record = w.logs.join("https-received");
+    let (mut server, port) = https_recorder(&w, &record);
+    let base = format!("https://127.0.0.1:{port}");
+    w.core().set_script(&json!({"default": {"verdict": "allow"},
+        "rules": [{"match": {"hook_trigger": true, "spans": "re:/blocked/"},
+                   "body": {"verdict": "block", "reason": "not over TLS either"}}]}));
+    // (index, client, path): 0 and 1 blocked, 2 and 3 allowed.
+    let cases = [
+        (0, "requests", "blocked"),
+        (1, "httpx", "blocked"),
+        (2, "requests", "fine"),
+        (3, "httpx", "fine"),
+    ];
+    let url = |i: usize, path: &str| format!("{base}/{path}/{}", w.marker(i));
+    let outcomes = w.run(
+        &cases
+            .iter()
+            .map(|&(i, client, path)| {
+                step(
+                    &w,
+                    i,
+                    i,
+                    "enf_https",
+                    item(&w, i, json!({"url": url(i, path), "client": client})),
+                )
+            })
+            .collect::<Vec<_>>(),
+        RUN_TIMEOUT,
+    );
+    let hooks = started_hooks(&w, "/blocked/");
+    let core_record = w.core().record.clone();
+    let got = received(&record);
+    // (workflow id, marker, URL) of each case, before finish() takes the world.
+    let named: Vec<(String, String, String)> = cases
+        .iter()
+        .map(|&(i, _, path)| (w.workflow_id(i), w.marker(i), url(i, path)))
+        .collect();
+    let (_, agent) = w.finish();
+    server.stop(libc::SIGTERM, Duration::from_secs(10));
+    agent.expect("the agent ran").assert_clean_exit();
+
+    let mut p = Vec::new();
+    for (&(_, client, path), (id, marker, wanted)) in cases.iter().zip(&named) {
+        let o = outcome(&outcomes, id);
+        let request_line = format!("GET /{path}/{marker} HTTP/1.1");
+        let reached = got.contains(&request_line);
+        if path == "blocked" {
+            if reached {
+                p.push(format!("{client}: the server received the blocked request"));
+            }
+            match app_error(o) {
+                Some((t, m, true))
+                    if t == "GovernanceBlock" && m == "Governance block: not over TLS either" => {}
+                other => p.push(format!("{client}, blocked: expected GovernanceBlock \"Governance block: not over TLS either\", got {other:?} ({o})")),
+            }
+            let mine: Vec<&Value> = hooks
+                .iter()
+                .filter(|h| h["spans"][0]["http_url"] == json!(wanted))
+                .collect();
+            if mine.len() != 1 || mine[0]["spans"][0]["http_method"] != json!("GET") {
+                p.push(format!("{client}: expected one started http_request hook event for GET {wanted}, got {mine:?}"));
+            }
+        } else {
+            let body = format!("echo:GET /{path}/{marker} 0");
+            if !reached || o["ok"] != json!(true) || o["result"][0]["body"] != json!(body) {
+                p.push(format!(
+                    "{client}, allowed: the server received it: {reached}; the activity: {o}"
+                ));
+            }
+        }
+    }
+    if hooks.len() != 2 {
+        p.push(format!(
+            "expected two started hook events for the blocked URLs, got {}: {hooks:?}",
+            hooks.len()
+        ));
+    }
+    assert!(
+        p.is_empty(),
+        "{} problem(s) (Core's record: {}; the server's: {}):\n{}",
+        p.len(),
+        core_record.display(),
+        record.display(),
+        p.join("\n")
+    );
+}
+
+/// An async activity's plain-HTTP request (aiohttp, on the worker's event-loop thread,
+/// whose filter the hook installs for async activities) blocked by URL at its `started`
+/// hook event never reaches the server; the activity fails with `GovernanceBlock`; an
+/// async activity requesting another URL, on the same loop, goes through.
+#[test]
+fn an_async_activitys_blocked_request_never_reaches_the_server() {
+    blocked_plain_http(
+        "an_async_activitys_blocked_request_never_reaches_the_server",
+        "enf_aiohttp",
+        "not from the loop either",
+    );
+}
+
+/// Core blocks `GET {server}/blocked/<marker 0>` at its `started` hook event, made by
+/// `activity` (a plain-HTTP client): the server never receives it, the activity fails with
+/// `GovernanceBlock` and Core's `reason`; the same activity requesting another URL of the
+/// server goes through.
+fn blocked_plain_http(name: &str, activity: &str, reason: &str) {
+    let server = Recorder::start();
+    let w = world(
+        name,
+        &json!({"default": {"verdict": "allow"}}),
+        Some("2.0"),
+        &[],
+    );
+    let (m0, m1) = (w.marker(0), w.marker(1));
+    w.core().set_script(&json!({"default": {"verdict": "allow"},
+        "rules": [{"match": {"hook_trigger": true, "spans": format!("re:/blocked/{m0}")},
+                   "body": {"verdict": "block", "reason": reason}}]}));
+    let outcomes = w.run(
+        &[
+            step(
+                &w,
+                0,
+                0,
+                activity,
+                item(
+                    &w,
+                    0,
+                    json!({"url": format!("{}/blocked/{m0}", server.url())}),
+                ),
+            ),
+            step(
+                &w,
+                1,
+                1,
+                activity,
+                item(&w, 1, json!({"url": format!("{}/fine/{m1}", server.url())})),
+            ),
+        ],
+        RUN_TIMEOUT,
+    );
+    let (bad, good) = (
+        outcome(&outcomes, &w.workflow_id(0)).clone(),
+        outcome(&outcomes, &w.workflow_id(1)).clone(),
+    );
+    let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
+    let record = w.core().record.clone();
+    let (_, agent) = w.finish();
+    agent.expect("the agent ran").assert_clean_exit();
+
+    let seen = server.lines();
+    let mut p = Vec::new();
+    if seen.iter().any(|l| l.contains(&m0)) {
+        p.push(format!("the server received the blocked request: {seen:?}"));
+    }
+    if !seen
+        .iter()
+        .any(|l| l == &format!("GET /fine/{m1} HTTP/1.1"))
+    {
+        p.push(format!(
+            "the server did not receive the allowed request: {seen:?}"
+        ));
+    }
+    match app_error(&bad) {
+        Some((t, m, true)) if t == "GovernanceBlock" && m == format!("Governance block: {reason}") => {}
+        other => p.push(format!("the blocked activity: expected GovernanceBlock \"Governance block: {reason}\", got {other:?} ({bad})")),
+    }
+    if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
+        p.push(format!("the other activity: {good}"));
+    }
+    let url = format!("{}/blocked/{m0}", server.url());
+    if hooks.len() != 1
+        || hooks[0]["spans"][0]["http_url"] != json!(url)
+        || hooks[0]["spans"][0]["http_method"] != json!("GET")
+    {
+        p.push(format!(
+            "expected one started http_request hook event for GET {url}, got {hooks:?}"
+        ));
+    }
+    assert!(
+        p.is_empty(),
+        "{} problem(s) (Core's record: {}):\n{}",
+        p.len(),
+        record.display(),
+        p.join("\n")
+    );
 }
