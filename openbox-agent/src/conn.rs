@@ -1493,8 +1493,10 @@ mod tests {
         ev(EV_SOCK_DATA, FLAG_LAST, 11, Body::SockData(d))
     }
 
-    /// Two TLS connections (sockets 5 and 6, ClientHello seen) with no SSL object linked.
-    fn two_fresh_tls_connections(t: &mut Tracker) {
+    /// `then` on two TLS connections (sockets 5 and 6, ClientHello seen) with no SSL
+    /// object linked yet: the tracker and the records `then` made.
+    fn on_two_fresh_tls_connections(then: Vec<Event>) -> (Tracker, Vec<Record>) {
+        let mut t = Tracker::new(SkipPaths::default());
         let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
         let mut events = Vec::new();
         for fd in [5, 6] {
@@ -1502,30 +1504,27 @@ mod tests {
             let d = data(fd, DIR_EGRESS, 0, 10, 0, &hello);
             events.push(ev(EV_SOCK_DATA, FLAG_LAST, 11, Body::SockData(d)));
         }
-        run(t, events);
+        run(&mut t, events);
+        let (out, _) = run(&mut t, then);
+        (t, out)
     }
 
     #[test]
     fn an_event_loop_interleaving_two_memory_bio_connections_keeps_each_ones_plaintext() {
         // One asyncio thread: both SSL_writes into their memory BIOs, then the loop
         // writes both ciphertexts out, then reads both replies.
-        let mut t = Tracker::new(SkipPaths::default());
-        two_fresh_tls_connections(&mut t);
-        let (out, _) = run(
-            &mut t,
-            vec![
-                ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
-                ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
-                ciphertext(5, DIR_EGRESS, 40),
-                ciphertext(6, DIR_EGRESS, 40),
-                ciphertext(5, DIR_INGRESS, 50),
-                ssl_call(DIR_INGRESS, 0xa, b"HTTP a"),
-                ciphertext(6, DIR_INGRESS, 50),
-                ssl_call(DIR_INGRESS, 0xb, b"HTTP b"),
-                ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
-                ssl_call(DIR_EGRESS, 0xb, b"GET /b2"),
-            ],
-        );
+        let (t, out) = on_two_fresh_tls_connections(vec![
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
+            ciphertext(5, DIR_EGRESS, 40),
+            ciphertext(6, DIR_EGRESS, 40),
+            ciphertext(5, DIR_INGRESS, 50),
+            ssl_call(DIR_INGRESS, 0xa, b"HTTP a"),
+            ciphertext(6, DIR_INGRESS, 50),
+            ssl_call(DIR_INGRESS, 0xb, b"HTTP b"),
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b2"),
+        ]);
         let (a, b) = ("10:5:1", "10:6:2");
         assert_eq!(conn_stream(&out, a, Direction::Egress), b"GET /aGET /a2");
         assert_eq!(conn_stream(&out, a, Direction::Ingress), b"HTTP a");
@@ -1551,22 +1550,17 @@ mod tests {
 
     #[test]
     fn ciphertext_of_a_linked_connection_never_takes_another_ssl_objects_plaintext() {
-        let mut t = Tracker::new(SkipPaths::default());
-        two_fresh_tls_connections(&mut t);
-        let (out, _) = run(
-            &mut t,
-            vec![
-                // SSL object 0xa is linked to socket 5 by its first request.
-                ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
-                ciphertext(5, DIR_EGRESS, 40),
-                // Its next request is written after SSL object 0xb's, whose ciphertext
-                // then goes to socket 6.
-                ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
-                ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
-                ciphertext(5, DIR_EGRESS, 40),
-                ciphertext(6, DIR_EGRESS, 40),
-            ],
-        );
+        let (t, out) = on_two_fresh_tls_connections(vec![
+            // SSL object 0xa is linked to socket 5 by its first request.
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
+            ciphertext(5, DIR_EGRESS, 40),
+            // Its next request is written after SSL object 0xb's, whose ciphertext
+            // then goes to socket 6.
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
+            ciphertext(5, DIR_EGRESS, 40),
+            ciphertext(6, DIR_EGRESS, 40),
+        ]);
         assert_eq!(
             conn_stream(&out, "10:5:1", Direction::Egress),
             b"GET /aGET /a2"
