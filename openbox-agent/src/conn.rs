@@ -228,6 +228,9 @@ struct Conn {
     flagged: bool,
     /// Open before watching began: its first bytes seen are mid-stream.
     midstream: bool,
+    /// The SSL object whose plaintext it carries, once linked: a memory-BIO SSL object
+    /// is only ever linked to a TLS socket no other SSL object owns.
+    ssl: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -257,13 +260,32 @@ struct Thread {
     /// The TLS socket this thread last read ciphertext from (memory-BIO TLS reads it,
     /// then decrypts with SSL_read on the same thread).
     last_tls_ingress: Option<FdKey>,
-    /// An SSL object whose SSL_write had no socket yet (memory BIO): the next
-    /// ciphertext write on this thread carries it.
-    pending_egress_ssl: Option<u64>,
+    /// SSL objects whose SSL_write had no socket yet (memory BIO), oldest first. The
+    /// next ciphertext this thread writes to a TLS socket that no SSL object owns is
+    /// theirs — when there is exactly one of them: with two or more (an event loop
+    /// interleaving connections), which one it is would be a guess, so none is linked by
+    /// it and their reads link them instead.
+    unlinked_writers: VecDeque<u64>,
 }
 
 /// Plaintext of an SSL object not yet linked to a socket, kept bounded.
 const PENDING_LIMIT: usize = 256 * 1024;
+
+/// SSL objects remembered per thread as written to but not linked (beyond that, the
+/// oldest is forgotten: its plaintext still links by its reads).
+const UNLINKED_WRITERS: usize = 8;
+
+/// How plaintext found (or did not find) its socket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TlsLinks {
+    /// Ciphertext written to a TLS socket no SSL object owned yet, by a thread with
+    /// two or more SSL objects waiting for one: not linked, as it could not be exact.
+    pub ambiguous: u64,
+    /// libssl calls whose plaintext was reported without a connection (never linked
+    /// before the bound on waiting plaintext was reached or the process exited): no
+    /// parser sees them.
+    pub unlinked_calls: u64,
+}
 
 #[derive(Default)]
 pub struct Tracker {
@@ -275,6 +297,8 @@ pub struct Tracker {
     threads: HashMap<(Pid, u32), Thread>,
     pending: HashMap<(Pid, u64), VecDeque<(Event, Data)>>,
     pending_bytes: HashMap<(Pid, u64), usize>,
+    /// Counts of plaintext that could not be linked exactly.
+    pub tls_links: TlsLinks,
     next_conn: u64,
     /// Path prefixes, substrings and suffixes never reported as files.
     pub skip: SkipPaths,
@@ -478,6 +502,7 @@ impl Tracker {
                 gen,
                 flagged: false,
                 midstream: false,
+                ssl: None,
             },
         );
         self.conns.get_mut(&key).unwrap()
@@ -777,11 +802,15 @@ impl Tracker {
             newly_linked = Some(d.ssl);
         } else if conn.tls {
             match dir {
-                Direction::Egress => {
-                    if let Some(ssl) = thread.pending_egress_ssl.take() {
-                        newly_linked = Some(ssl);
+                // Ciphertext of an SSL object already linked here takes no other.
+                Direction::Egress if conn.ssl.is_none() && first => {
+                    match thread.unlinked_writers.len() {
+                        0 => {}
+                        1 => newly_linked = thread.unlinked_writers.pop_front(),
+                        _ => self.tls_links.ambiguous += 1,
                     }
                 }
+                Direction::Egress => {}
                 Direction::Ingress => thread.last_tls_ingress = Some(key),
             }
         }
@@ -817,8 +846,37 @@ impl Tracker {
             self.no_payload_everywhere(key, actions);
         }
         if let Some(ssl) = newly_linked {
-            if ssl != 0 && self.ssl_links.insert((h.tgid, ssl), key) != Some(key) {
-                self.flush_ssl(h.tgid, ssl, out);
+            self.link(h.tgid, ssl, key, out);
+        }
+    }
+
+    /// Links SSL object `ssl` to socket `key` and reports the plaintext that waited
+    /// for it.
+    fn link(&mut self, pid: Pid, ssl: u64, key: FdKey, out: &mut Vec<Record>) {
+        if ssl == 0 {
+            return;
+        }
+        let before = self.ssl_links.insert((pid, ssl), key);
+        if before == Some(key) {
+            return;
+        }
+        if let Some(old) = before.and_then(|k| self.conns.get_mut(&k)) {
+            if old.ssl == Some(ssl) {
+                old.ssl = None;
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.ssl = Some(ssl);
+        }
+        self.forget_writer(pid, ssl);
+        self.flush_ssl(pid, ssl, out);
+    }
+
+    /// `ssl` no longer waits for a socket on any thread of `pid`.
+    fn forget_writer(&mut self, pid: Pid, ssl: u64) {
+        for ((p, _), t) in self.threads.iter_mut() {
+            if *p == pid {
+                t.unlinked_writers.retain(|s| *s != ssl);
             }
         }
     }
@@ -1002,15 +1060,15 @@ impl Tracker {
         let h = ev.hdr;
         let link = (h.tgid, d.ssl);
         if !self.ssl_links.contains_key(&link) && d.direction == DIR_INGRESS {
-            // Memory-BIO TLS: the ciphertext this thread just read is what it decrypts.
+            // Memory-BIO TLS: the ciphertext this thread just read is what it decrypts
+            // (unless another SSL object owns that socket).
             if let Some(key) = self
                 .threads
                 .get(&(h.tgid, h.tid))
                 .and_then(|t| t.last_tls_ingress)
             {
-                if self.conns.contains_key(&key) {
-                    self.ssl_links.insert(link, key);
-                    self.flush_ssl(h.tgid, d.ssl, out);
+                if self.conns.get(&key).is_some_and(|c| c.ssl.is_none()) {
+                    self.link(h.tgid, d.ssl, key, out);
                 }
             }
         }
@@ -1018,11 +1076,18 @@ impl Tracker {
             self.emit_tls(ev, &d, out);
             return;
         }
-        if d.direction == DIR_EGRESS && d.offset == 0 {
-            self.threads
+        if d.direction == DIR_EGRESS && d.offset == 0 && d.ssl != 0 {
+            let writers = &mut self
+                .threads
                 .entry((h.tgid, h.tid))
                 .or_default()
-                .pending_egress_ssl = Some(d.ssl);
+                .unlinked_writers;
+            if !writers.contains(&d.ssl) {
+                if writers.len() == UNLINKED_WRITERS {
+                    writers.pop_front();
+                }
+                writers.push_back(d.ssl);
+            }
         }
         let size = self.pending_bytes.entry(link).or_default();
         *size += d.payload.len();
@@ -1041,6 +1106,12 @@ impl Tracker {
     fn flush_ssl(&mut self, pid: Pid, ssl: u64, out: &mut Vec<Record>) {
         self.pending_bytes.remove(&(pid, ssl));
         if let Some(q) = self.pending.remove(&(pid, ssl)) {
+            if !self.ssl_links.contains_key(&(pid, ssl)) {
+                self.tls_links.unlinked_calls +=
+                    q.iter().filter(|(_, d)| d.offset == 0).count() as u64;
+                // Reported without a socket: it waits for none any more.
+                self.forget_writer(pid, ssl);
+            }
             for (ev, d) in q {
                 self.emit_tls(&ev, &d, out);
             }
@@ -1390,6 +1461,137 @@ mod tests {
                 assert_eq!(*fd, 5);
             }
         }
+    }
+
+    /// The plaintext stream of one direction of connection `id`.
+    fn conn_stream(out: &[Record], id: &str, want: Direction) -> Vec<u8> {
+        let mut segs: Vec<(u64, Vec<u8>)> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Data {
+                    conn: Some(c),
+                    tls: true,
+                    direction,
+                    seq,
+                    data,
+                    ..
+                } if c == id && *direction == want => Some((*seq, data.clone())),
+                _ => None,
+            })
+            .collect();
+        segs.sort_by_key(|s| s.0);
+        segs.into_iter().flat_map(|s| s.1).collect()
+    }
+
+    fn ssl_call(dir: u32, ssl: u64, bytes: &[u8]) -> Event {
+        let d = data(-1, dir, ssl, bytes.len() as u64, 0, bytes);
+        ev(EV_TLS_DATA, FLAG_LAST, 11, Body::TlsData(d))
+    }
+
+    fn ciphertext(fd: i32, dir: u32, len: u64) -> Event {
+        let d = data(fd, dir, 0, len, 0, &[0x17, 0x03, 0x03, 0, 1]);
+        ev(EV_SOCK_DATA, FLAG_LAST, 11, Body::SockData(d))
+    }
+
+    /// `then` on two TLS connections (sockets 5 and 6, ClientHello seen) with no SSL
+    /// object linked yet: the tracker and the records `then` made.
+    fn on_two_fresh_tls_connections(then: Vec<Event>) -> (Tracker, Vec<Record>) {
+        let mut t = Tracker::new(SkipPaths::default());
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+        let mut events = Vec::new();
+        for fd in [5, 6] {
+            events.push(connect(fd));
+            let d = data(fd, DIR_EGRESS, 0, 10, 0, &hello);
+            events.push(ev(EV_SOCK_DATA, FLAG_LAST, 11, Body::SockData(d)));
+        }
+        run(&mut t, events);
+        let (out, _) = run(&mut t, then);
+        (t, out)
+    }
+
+    #[test]
+    fn an_event_loop_interleaving_two_memory_bio_connections_keeps_each_ones_plaintext() {
+        // One asyncio thread: both SSL_writes into their memory BIOs, then the loop
+        // writes both ciphertexts out, then reads both replies.
+        let (t, out) = on_two_fresh_tls_connections(vec![
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
+            ciphertext(5, DIR_EGRESS, 40),
+            ciphertext(6, DIR_EGRESS, 40),
+            ciphertext(5, DIR_INGRESS, 50),
+            ssl_call(DIR_INGRESS, 0xa, b"HTTP a"),
+            ciphertext(6, DIR_INGRESS, 50),
+            ssl_call(DIR_INGRESS, 0xb, b"HTTP b"),
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b2"),
+        ]);
+        let (a, b) = ("10:5:1", "10:6:2");
+        assert_eq!(conn_stream(&out, a, Direction::Egress), b"GET /aGET /a2");
+        assert_eq!(conn_stream(&out, a, Direction::Ingress), b"HTTP a");
+        assert_eq!(conn_stream(&out, b, Direction::Egress), b"GET /bGET /b2");
+        assert_eq!(conn_stream(&out, b, Direction::Ingress), b"HTTP b");
+        // Each request went out with its connection, before its reply.
+        let order: Vec<&[u8]> = out
+            .iter()
+            .filter_map(|r| match r {
+                Record::Data {
+                    tls: true, data, ..
+                } => Some(data.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let expected: [&[u8]; 6] = [
+            b"GET /a", b"HTTP a", b"GET /b", b"HTTP b", b"GET /a2", b"GET /b2",
+        ];
+        assert_eq!(order, expected);
+        assert_eq!(t.tls_links.ambiguous, 2, "both writes had two candidates");
+        assert_eq!(t.tls_links.unlinked_calls, 0);
+    }
+
+    #[test]
+    fn ciphertext_of_a_linked_connection_never_takes_another_ssl_objects_plaintext() {
+        let (t, out) = on_two_fresh_tls_connections(vec![
+            // SSL object 0xa is linked to socket 5 by its first request.
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
+            ciphertext(5, DIR_EGRESS, 40),
+            // Its next request is written after SSL object 0xb's, whose ciphertext
+            // then goes to socket 6.
+            ssl_call(DIR_EGRESS, 0xa, b"GET /a2"),
+            ssl_call(DIR_EGRESS, 0xb, b"GET /b"),
+            ciphertext(5, DIR_EGRESS, 40),
+            ciphertext(6, DIR_EGRESS, 40),
+        ]);
+        assert_eq!(
+            conn_stream(&out, "10:5:1", Direction::Egress),
+            b"GET /aGET /a2"
+        );
+        assert_eq!(conn_stream(&out, "10:6:2", Direction::Egress), b"GET /b");
+        assert_eq!(t.tls_links.ambiguous, 0);
+    }
+
+    #[test]
+    fn plaintext_that_never_finds_its_socket_is_counted() {
+        let mut t = Tracker::new(SkipPaths::default());
+        let exit = ev(
+            EV_EXIT,
+            0,
+            11,
+            Body::Exit(Proc {
+                other: 0,
+                path: String::new(),
+                comm: "python".into(),
+            }),
+        );
+        let (out, _) = run(
+            &mut t,
+            vec![
+                ssl_call(DIR_EGRESS, 0xa, b"GET /a"),
+                ssl_call(DIR_EGRESS, 0xa, b"GET /b"),
+                exit,
+            ],
+        );
+        assert_eq!(stream(&out, true, Direction::Egress), b"GET /aGET /b");
+        assert_eq!(t.tls_links.unlinked_calls, 2);
     }
 
     #[test]

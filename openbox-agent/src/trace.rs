@@ -187,6 +187,7 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
                 "io_uring_data_ops_not_captured": c.io_uring_data_ops,
                 "io_uring": io_uring,
         });
+        line["tls_links"] = json!(st.tls_links);
         if let Some(o) = otlp {
             line["otlp"] = json!(o);
         }

@@ -105,6 +105,7 @@ impl Summary {
         {
             s.extend(k);
         }
+        s["tls_links"] = json!(self.pipeline.tls_links);
         if let Some(o) = &self.otlp {
             s["otlp"] = json!(o);
         }
@@ -381,6 +382,18 @@ impl Collector for Metrics {
             "connections_unrecognised",
             "Connections of no known protocol.",
             p.unrecognised_connections,
+        )?;
+        counter(
+            e,
+            "tls_links_ambiguous",
+            "Ciphertext writes to a TLS socket no SSL object owned yet, made by a thread with two or more memory-BIO SSL objects waiting for their socket: not used to link (their reads link them).",
+            p.tls_links.ambiguous,
+        )?;
+        counter(
+            e,
+            "tls_unlinked_calls",
+            "libssl calls whose plaintext never found its socket (reported without a connection, seen by no parser).",
+            p.tls_links.unlinked_calls,
         )?;
         // Attribution.
         counter(

@@ -70,6 +70,8 @@ pub struct Stats {
     pub resumed_at_start: u64,
     /// The libssl probes, attached per watched process.
     pub tls_probes: tls::TlsProbeStats,
+    /// Memory-BIO plaintext that could not be linked to its socket exactly.
+    pub tls_links: crate::conn::TlsLinks,
 }
 
 pub struct Session<S: Sink> {
@@ -178,6 +180,7 @@ impl<S: Sink> Session<S> {
             resume_failures: self.resume_failures + self.cap.recovered().failures,
             resumed_at_start: self.cap.recovered().resumed,
             tls_probes: self.cap.tls_stats(),
+            tls_links: self.tracker.tls_links,
         }
     }
 

@@ -187,6 +187,10 @@ pub struct HttpParser {
     /// a request line with a registered method ends it (a cut line such as `ET / …`
     /// must not pass for a request).
     req_fresh: bool,
+    /// The client side lost bytes, counted then, since the last paired response: the
+    /// first response that then finds no request answers what was lost, and is not
+    /// counted again (each lost exchange is counted once).
+    request_loss_counted: bool,
     losses: Losses,
     /// The connection switched to HTTP/2 (`Upgrade: h2c`): every byte goes there.
     h2: Option<Box<Http2Parser>>,
@@ -202,6 +206,7 @@ impl HttpParser {
             answering: None,
             unsure: false,
             req_fresh: true,
+            request_loss_counted: false,
             losses: Losses::default(),
             h2: None,
         }
@@ -215,6 +220,7 @@ impl HttpParser {
         let s = match side {
             Side::Client => {
                 self.req_fresh = true;
+                self.request_loss_counted = true;
                 &mut self.req
             }
             Side::Server => {
@@ -223,9 +229,9 @@ impl HttpParser {
                     && self.pending.front().is_some_and(|r| r.start_ts <= ts)
                 {
                     // The lost bytes began the oldest request's response: whatever
-                    // status line comes next is not its.
+                    // status line comes next is not its. The exchange is lost, counted
+                    // once, under `why`.
                     self.pending.pop_front();
-                    self.losses.add(Loss::Unpaired);
                 }
                 // The response being read is lost with the stream.
                 self.answering = None;
@@ -254,19 +260,21 @@ impl HttpParser {
     fn request_for_response(&mut self, ts: u64) -> Option<Request> {
         if !self.unsure {
             let req = self.pending.pop_front();
-            if req.is_none() {
-                self.losses.add(Loss::Unpaired);
+            match req {
+                Some(_) => self.request_loss_counted = false,
+                None => self.orphan_response(),
             }
             return req;
         }
         let before = self.pending.iter().take_while(|r| r.start_ts <= ts).count();
         match before {
             0 => {
-                self.losses.add(Loss::Unpaired);
+                self.orphan_response();
                 None
             }
             1 => {
                 self.unsure = false;
+                self.request_loss_counted = false;
                 self.pending.pop_front()
             }
             n => {
@@ -276,6 +284,14 @@ impl HttpParser {
                 }
                 None
             }
+        }
+    }
+
+    /// A response whose request was not seen: counted, unless it answers a request the
+    /// client side lost, which was counted then.
+    fn orphan_response(&mut self) {
+        if !std::mem::take(&mut self.request_loss_counted) {
+            self.losses.add(Loss::Unpaired);
         }
     }
 

@@ -238,6 +238,36 @@ const CASES: &[Case] = &[
         losses: [0, 0, 1, 0],
     },
     Case {
+        name: "a request lost to a gap is counted once, not again when its reply comes",
+        max_body: None,
+        steps: &[
+            // The capture cut the request's head: its boundaries are lost.
+            C(b"GET /lost HTTP/1.1\r\nHo"),
+            GapC(10),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlost"),
+            C(b"GET /next HTTP/1.1\r\n\r\n"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"),
+            // A later reply to a request never seen is a loss of its own.
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ],
+        want: &[ok("/next", 200, Some(b"next"), 4)],
+        losses: [0, 1, 1, 0],
+    },
+    Case {
+        name: "a reply lost to a gap is counted once, not again for its request",
+        max_body: None,
+        steps: &[
+            C(b"GET /a HTTP/1.1\r\n\r\n"),
+            // The capture cut the reply's head.
+            S(b"HTTP/1.1 200 OK\r\nConte"),
+            GapS(30),
+            C(b"GET /b HTTP/1.1\r\n\r\n"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+        ],
+        want: &[ok("/b", 200, Some(b"b"), 4)],
+        losses: [0, 1, 0, 0],
+    },
+    Case {
         name: "pipelined requests after a loss are dropped rather than guessed",
         max_body: None,
         steps: &[
