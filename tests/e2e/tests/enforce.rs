@@ -628,8 +628,7 @@ fn blocked_plain_http(name: &str, activity: &str, reason: &str) {
     );
     let hooks = started_hooks(&w, &format!("/blocked/{m0}"));
     let record = w.core().record.clone();
-    let (_, agent) = w.finish();
-    agent.expect("the agent ran").assert_clean_exit();
+    finish_clean(w);
 
     let seen = server.lines();
     let mut p = Vec::new();
