@@ -11,8 +11,9 @@
 //!   (xtask/bench/enforce_sdk2.py, its virtualenv), the same fake Core, no agent: what it
 //!   instruments (urllib, file opens) it reports to Core in process.
 //!
-//! Operations: a 1-byte `write` to an open file, an `open` for appending, a plain-HTTP GET
-//! (http.client, a new connection each) to a server in this process. Each round runs
+//! Operations: a 1-byte `write` to an open file, an `open` for appending, one for
+//! reading, a plain-HTTP GET (http.client, a new connection each) to a server in this
+//! process. Each round runs
 //! every variant once; the table shows the median over rounds of each run's median.
 //! The worlds are the end-to-end tests' (openbox-e2e's `GovWorld`: Temporal dev server,
 //! fake Core, worker, agent), so their logs go to target/e2e-runs/enforce_bench_*.
@@ -35,9 +36,10 @@ pub struct Size {
 }
 
 /// The figures `enf_bench` reports, in ns: (key, label).
-const OPS: [(&str, &str); 5] = [
+const OPS: [(&str, &str); 6] = [
     ("write_1_byte", "write 1 B (held, nothing to govern)"),
     ("open_same_path", "open for append, same path"),
+    ("open_read", "open for read (held, let through)"),
     ("open_new_path", "open for write, new path"),
     ("http_same_url", "HTTP GET, same URL"),
     ("http_new_url", "HTTP GET, new URL"),

@@ -5,8 +5,9 @@ first governed activity — an executor thread for a sync activity, the event-lo
 for an async one — installs a seccomp filter on itself only (no TSYNC: Temporal's own
 threads are untouched) that turns these calls into user notifications: ``connect``,
 ``sendto``, ``sendmsg``, ``sendmmsg``; ``write`` and ``writev`` on descriptors above 2;
-``open``/``openat`` with a flag that may write or create, ``openat2`` and ``creat``. The
-kernel parks the calling thread until the listener's holder answers. Threads and
+``open``, ``openat``, ``openat2`` and ``creat``. The kernel parks the calling thread
+until the listener's holder answers. Opens for reading are held too, only so that a
+halted activity cannot open anything: the agent lets them through at once otherwise. Threads and
 processes the thread starts afterwards inherit the filter (a ``curl`` subprocess too,
 across ``exec``).
 
@@ -23,7 +24,8 @@ descriptor with ``pidfd_getfd``. The hook keeps its own copy of every listener: 
 every copy closed, each filtered call would fail with ``ENOSYS``. While no agent holds
 them (it stopped or restarts), the enforce thread answers held calls itself by the
 worker's failure policy — let through under ``fail_open``, ``EPERM`` under
-``fail_closed`` — so nothing waits forever, and hands them to the next agent.
+``fail_closed``, except opens for reading, always let through: only a HALT, which the
+agent knows, denies them — so nothing waits forever, and hands them to the next agent.
 Limit: a call made while holding the GIL (a C extension that does not release it) would
 wait for that answer forever while no agent runs; CPython releases it around its I/O.
 """
@@ -72,7 +74,11 @@ _RET_ERRNO = 0x00050000
 _PR_SET_NO_NEW_PRIVS = 38
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # seccomp_data offsets: nr 0, arch 4, args[i] at 16 + 8 i (low half first).
-_NR, _ARCH, _ARG0, _ARG1, _ARG2 = 0, 4, 16, 24, 32
+_NR, _ARCH, _ARG0 = 0, 4, 16
+# In struct seccomp_notif (id u64, pid u32, flags u32, then seccomp_data): the number
+# and the argument holding an open's flags, by call.
+_NOTIF_NR = 16
+_NOTIF_OPEN_FLAGS = {_SYS["open"]: 16 + 16 + 8, _SYS["openat"]: 16 + 16 + 16}
 
 # ioctls on the listener (linux/seccomp.h), struct sizes 0x50 and 0x18.
 _NOTIF_RECV = 0xC0502100
@@ -107,20 +113,14 @@ def _program() -> bytes:
         ("sendmmsg", "notify"),
         ("creat", "notify"),
         ("openat2", "notify"),
-        ("openat", "flags2"),
-        ("open", "flags1"),
+        ("openat", "notify"),
+        ("open", "notify"),
     ):
         op(_JEQ, _SYS[name], target, None)
     op(_RET, _RET_ALLOW)
     label("fd")
     op(_LD, _ARG0)
     op(_JGT, 2, "notify", "allow")
-    label("flags2")
-    op(_LD, _ARG2)
-    op(_JSET, _WRITE_FLAGS, "notify", "allow")
-    label("flags1")
-    op(_LD, _ARG1)
-    op(_JSET, _WRITE_FLAGS, "notify", "allow")
     label("notify")
     op(_RET, _RET_USER_NOTIF)
     label("allow")
@@ -182,7 +182,7 @@ def _answer(listener: int, allow: bool) -> bool:
     except OSError as exc:
         return exc.errno in (errno.ENOENT, errno.EINTR)
     (notif_id,) = struct.unpack_from("<Q", notif)
-    if allow:
+    if allow or _reads_only(notif):
         resp = struct.pack("<QqiI", notif_id, 0, 0, _FLAG_CONTINUE)
     else:
         resp = struct.pack("<QqiI", notif_id, 0, -errno.EPERM, 0)
@@ -191,6 +191,17 @@ def _answer(listener: int, allow: bool) -> bool:
     except OSError:
         pass  # the caller is gone
     return True
+
+
+def _reads_only(notif: bytearray) -> bool:
+    """Whether the held call is an open for reading (``open``/``openat`` without a flag
+    that may write or create; ``openat2`` keeps its flags in memory: not known here)."""
+    (nr,) = struct.unpack_from("<i", notif, _NOTIF_NR)
+    at = _NOTIF_OPEN_FLAGS.get(nr)
+    if at is None:
+        return False
+    (flags,) = struct.unpack_from("<Q", notif, at)
+    return not flags & _WRITE_FLAGS
 
 
 class Enforcement(threading.Thread):

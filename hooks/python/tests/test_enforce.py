@@ -30,7 +30,16 @@ class _NoAgent:
         return {"pid": os.getpid()}
 
 
+def _write(path: Path) -> None:
+    with open(path, "w") as f:
+        f.write("x")
+
+
 def _write_in_filtered_thread(link: _NoAgent, path: Path) -> dict[str, Any]:
+    return _in_filtered_thread(link, lambda: _write(path))
+
+
+def _in_filtered_thread(link: _NoAgent, action: Any) -> dict[str, Any]:
     enforcement = _enforce.Enforcement(link)  # type: ignore[arg-type]
     enforcement.start()
     out: dict[str, Any] = {}
@@ -39,9 +48,8 @@ def _write_in_filtered_thread(link: _NoAgent, path: Path) -> dict[str, Any]:
         listener = _enforce.install()
         enforcement.hand_over(threading.get_native_id(), 0, listener, 5.0)
         try:
-            with open(path, "w") as f:
-                f.write("x")
-            out["written"] = True
+            out["result"] = action()
+            out["done"] = True
         except OSError as exc:
             out["errno"] = exc.errno
 
@@ -54,7 +62,8 @@ def _write_in_filtered_thread(link: _NoAgent, path: Path) -> dict[str, Any]:
 
 def test_without_an_agent_fail_open_lets_held_calls_through(tmp_path: Path) -> None:
     path = tmp_path / "open.txt"
-    assert _write_in_filtered_thread(_NoAgent(tmp_path, False), path) == {"written": True}
+    out = _write_in_filtered_thread(_NoAgent(tmp_path, False), path)
+    assert out == {"result": None, "done": True}
     assert path.read_text() == "x"
 
 
@@ -63,6 +72,23 @@ def test_without_an_agent_fail_closed_denies_held_calls(tmp_path: Path) -> None:
     out = _write_in_filtered_thread(_NoAgent(tmp_path, True), path)
     assert out == {"errno": errno.EPERM}
     assert not path.exists()
+
+
+def test_without_an_agent_fail_closed_still_lets_reads_open(tmp_path: Path) -> None:
+    # Opens for reading are held (a halted activity must not open anything), but only
+    # the agent knows a HALT: answering alone, the hook lets them through.
+    path = tmp_path / "read.txt"
+    path.write_text("readable")
+
+    def read_both() -> tuple[str, str]:
+        with open(path) as f:
+            by_open = f.read()
+        fd = os.open(path, os.O_RDONLY, dir_fd=os.open(tmp_path, os.O_RDONLY))
+        with os.fdopen(fd) as f:
+            return by_open, f.read()
+
+    out = _in_filtered_thread(_NoAgent(tmp_path, True), read_both)
+    assert out == {"result": ("readable", "readable"), "done": True}
 
 
 def test_the_filter_leaves_other_threads_alone(tmp_path: Path) -> None:

@@ -18,12 +18,16 @@ event-loop thread.
   for the loop and returns its log lines, what the write gave and the seconds from the
   loop's start to the write; each line also goes to stderr as
   `enf_curl_loop <marker>: <line>`, and the write's outcome as
-  `enf_curl_loop_halt <marker>: after <s> s: <outcome>` (descriptor 2 is never held, so
-  the test sees them even when the activity fails).
+  `enf_curl_loop_halt <marker>: after <s> s: <outcome>`, then what opening a file for
+  reading gave before the loop and after the HALT as
+  `enf_curl_loop_read <marker>: before <outcome>, after <outcome>; connect <outcome>`
+  (a connection to the loop's server the activity opens itself; descriptor 2 is
+  never held, so the test sees them even when the activity fails).
 """
 
 import http.client
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +79,24 @@ async def enf_aiohttp(p: dict) -> dict:
             return {"status": r.status, "body": await r.text()}
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return "ok"
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror}"
+
+
+def _connect(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=5).close()
+        return "ok"
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror}"
+
+
 @activity.defn
 def enf_curl_loop(p: dict) -> dict:
     script = (
@@ -83,6 +105,7 @@ def enf_curl_loop(p: dict) -> dict:
         'echo "$i $code $?"; sleep 0.1; done'
     )
     env = dict(os.environ, N=str(p["n"]), URL=p["url"])
+    read_before = _read(__file__)
     started = time.monotonic()
     loop = subprocess.Popen(
         ["sh", "-c", script], stdout=subprocess.PIPE, text=True, bufsize=1, env=env
@@ -107,6 +130,14 @@ def enf_curl_loop(p: dict) -> dict:
                 file=sys.stderr,
                 flush=True,
             )
+            # After the HALT even opening a file for reading is denied, and so is a
+            # connection the activity itself opens.
+            print(
+                f"enf_curl_loop_read {p['marker']}: before {read_before}, "
+                f"after {_read(__file__)}; connect {_connect(p['url'])}",
+                file=sys.stderr,
+                flush=True,
+            )
     loop.wait(timeout=120)
     return {"loop": lines, "halt_write": wrote, "halt_after_s": halt_at}
 
@@ -126,7 +157,8 @@ def enf_bench(p: dict) -> dict:
     """Median nanoseconds of allowed operations, for `cargo xtask bench --only enforce`
     (xtask/src/enforce_bench.rs): `write` of 1 byte to an open file (held under
     `--enforce`, let through at once: no operation to govern); `open` for appending of
-    one path again and again (held, verdict remembered) and `open` for writing of a new
+    one path again and again (held, verdict remembered), `open` for reading of that path
+    (held only to be denied after a HALT: let through at once) and `open` for writing of a new
     path each time (held, a Core round trip each); with `p["url"]`, a plain-HTTP GET
     (urllib.request, a new connection each) of one URL again and again (verdict remembered)
     and of a new URL each time (a Core round trip each). `p["n"]` iterations of the
@@ -144,6 +176,12 @@ def enf_bench(p: dict) -> dict:
             pass
 
     out["open_same_path"] = _median_ns(append, n)
+
+    def read(i):
+        with open(f"{base}-a.txt", "rb"):
+            pass
+
+    out["open_read"] = _median_ns(read, n)
 
     def fresh(i):
         with open(f"{base}-new-{i}.txt", "w"):

@@ -256,8 +256,10 @@ fn a_blocked_http_request_never_reaches_the_server() {
 /// `curl` loop succeeded (not after a fixed time: on a loaded machine starting `curl`
 /// alone can take longer): the loop (a subprocess started before the HALT) gets
 /// connection errors from then on and the server receives none of its later
-/// requests; the activity fails with `GovernanceHalt`; another activity of the worker
-/// runs normally afterwards.
+/// requests (curl is refused its connection, or cannot start at all: its loader's opens
+/// are denied); the activity cannot open a file even for reading, which it could before
+/// the HALT, nor connect to the server itself; it fails with `GovernanceHalt`; another activity of the worker runs
+/// normally afterwards.
 #[test]
 fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     let server = Recorder::start();
@@ -351,12 +353,28 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
             l.get(2).map(String::as_str),
         ) {
             (true, Some("200"), Some("0")) => {}
-            (false, Some("000"), Some(exit)) if exit != "0" => refused += 1,
+            // A request after the HALT: curl's connect is refused (000), or curl cannot
+            // even start — its loader's opens are denied too (no code, exit 127).
+            (false, Some("000" | ""), Some(exit)) if exit != "0" => refused += 1,
             _ => p.push(format!("curl loop line {l:?} (the server got it: {got})")),
         }
     }
     if refused == 0 {
         p.push("no request of the curl loop failed after the HALT".to_string());
+    }
+    // Sticky for every open: the halted activity cannot even open a file for reading,
+    // which it could before.
+    let read = format!(
+        "enf_curl_loop_read {m0}: before ok, after PermissionError: Operation not permitted; connect ConnectionRefusedError"
+    );
+    if !worker_log.contains(&read) {
+        let got: Vec<&str> = worker_log
+            .lines()
+            .filter(|l| l.contains("enf_curl_loop_read"))
+            .collect();
+        p.push(format!(
+            "expected \"{read}\" in the worker's log, got {got:?}"
+        ));
     }
     if good["ok"] != json!(true) || good["result"][0]["body"] != json!("ok") {
         p.push(format!("the activity after the HALT: {good}"));
