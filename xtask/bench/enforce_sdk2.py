@@ -25,6 +25,7 @@ sys.path.insert(
 )
 from enforce_ops import enf_bench
 from enforce_sdk2_flow import EnforceBenchFlow
+from quick_exit import exit_now
 
 
 async def main():
@@ -70,9 +71,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # Skip interpreter finalization, which temporalio's runtime threads can abort
-    # (SIGABRT in PyGILState_Release) after everything is done and printed.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py

@@ -87,9 +87,9 @@ const GUEST_WORK: &str = "/tmp/kmx";
 /// loading the programs ~10 s per mode.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
-/// The guest's time for one round of the syscall-loop bench in one capture mode: two
-/// agent starts and stops and two runs of the loops under TCG, on a loaded host.
-const GUEST_BENCH_RUN: Duration = Duration::from_secs(240);
+/// The guest's time for one run of the syscall loops (with an agent start and stop
+/// under TCG, on a loaded host): a round is the baseline and two runs per mode.
+const GUEST_BENCH_RUN: Duration = Duration::from_secs(150);
 
 /// Findings on a kernel that stand until the agent changes: (kernel, text of the
 /// agent's error). A mode that fails with it is reported as known, not as a failure, so
@@ -212,7 +212,16 @@ pub fn run(agent: &Path, opts: &Options) -> Result<Vec<GuestBenchRow>> {
                 &dir.join(kernel.label),
             );
             let elapsed = t.elapsed();
-            if let (Ok(results), Some(b)) = (&outcome, opts.bench) {
+            if let Some(b) = opts.bench {
+                // A guest that overran still leaves the runs it finished in its results.
+                let partial;
+                let results = match &outcome {
+                    Ok(results) => results,
+                    Err(_) => {
+                        partial = Sections::read(&dir.join(kernel.label));
+                        &partial
+                    }
+                };
                 bench_rows.extend(guest_bench_rows(kernel.label, results, b, &bench_modes));
             }
             match outcome {
@@ -800,8 +809,9 @@ fn boot_guest(
             b.rounds,
             bench_modes.join(",")
         );
-        // Per round and mode, two agent starts under TCG and the loops.
-        limit += GUEST_BENCH_RUN * (b.rounds * bench_modes.len()) as u32;
+        // Per round: the baseline loops, then per mode the unwatched and the watched
+        // runs, each with an agent start and stop under TCG.
+        limit += GUEST_BENCH_RUN * (b.rounds * (1 + 2 * bench_modes.len())) as u32;
     }
     let mut cmd = Command::new("qemu-system-x86_64");
     // One vCPU: with two, TCG sometimes runs a stale `int3` left by the guest's
@@ -824,8 +834,7 @@ fn boot_guest(
     eprintln!("xtask: booting {} under qemu (TCG)", boot.package);
     let mut qemu = Proc::service("qemu", &mut cmd)?;
     let status = qemu.wait(limit);
-    let text = fs::read_to_string(&results).unwrap_or_default();
-    let sections = Sections::parse(&text, PathBuf::from(GUEST_WORK));
+    let sections = Sections::read(dir);
     let failure = match status {
         Ok(_) if sections.done => return Ok(sections),
         Ok(status) => format!("qemu exited ({status}) before the steps ended"),
@@ -852,6 +861,12 @@ struct Sections {
 }
 
 impl Sections {
+    /// The sections a guest booted in `dir` wrote to its results serial port.
+    fn read(dir: &Path) -> Sections {
+        let text = fs::read_to_string(dir.join("results.log")).unwrap_or_default();
+        Sections::parse(&text, PathBuf::from(GUEST_WORK))
+    }
+
     fn parse(text: &str, work: PathBuf) -> Sections {
         let mut list = Vec::new();
         let mut open: Option<(String, String)> = None;
@@ -1218,6 +1233,10 @@ fn bench_report(rows: &[GuestBenchRow], b: GuestBench) -> String {
     );
     for r in rows {
         let cell = |v: f64| {
+            if v.is_nan() || r.baseline.is_nan() {
+                // A run the guest did not finish (it overran its time limit).
+                return format!("{v:.0} (no ratio: run missing)");
+            }
             format!(
                 "{v:.0} ({:+.0}, ×{:.3})",
                 (v - r.baseline) / r.syscalls as f64,

@@ -12,11 +12,11 @@ outcome), 1 on the timeout.
 import argparse
 import asyncio
 import json
-import os
 import sys
 from datetime import timedelta
 
 from temporalio.client import Client
+from quick_exit import exit_now
 
 
 async def outcome(handle):
@@ -61,9 +61,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # Skip interpreter finalization: temporalio's runtime threads can abort it
-    # ("PyGILState_Release: thread state … must be current", SIGABRT) after all the work
-    # is done and printed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py

@@ -22,11 +22,11 @@ exception and its causes (`.cause`) from the outside in, each link
 import argparse
 import asyncio
 import json
-import os
 import sys
 from datetime import timedelta
 
 from temporalio.client import Client
+from quick_exit import exit_now
 
 
 def link(e):
@@ -116,6 +116,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py

@@ -55,6 +55,7 @@ from enforce_ops import (enf_aiohttp, enf_bench, enf_curl_loop, enf_http, enf_ht
                          enf_write)
 from hook_ops import gov_ops
 from openbox_hook import OpenBoxHook, OpenBoxPlugin
+from quick_exit import exit_now
 
 
 def pg_ssl():
@@ -231,9 +232,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # Skip interpreter finalization, which temporalio's runtime threads can abort
-    # (SIGABRT) after everything is done (see worker.py).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py

@@ -30,6 +30,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from parity_workflows import ParityFlow
+from quick_exit import exit_now
 
 
 @activity.defn
@@ -112,10 +113,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # Skip interpreter finalization, which temporalio's runtime threads can abort
-    # ("PyGILState_Release: thread state … must be current", SIGABRT) after everything
-    # is done and printed (see worker.py).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py

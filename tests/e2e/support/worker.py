@@ -61,6 +61,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from openbox_hook import OpenBoxHook
+from quick_exit import exit_now
 
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
@@ -621,10 +622,4 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # The worker has shut down cleanly; skip interpreter finalization, which temporalio's
-    # runtime threads can abort (SIGABRT, "PyGILState_Release: thread state … must be
-    # current") after everything is done.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_now()  # no interpreter finalization: see quick_exit.py
