@@ -334,6 +334,15 @@ class AgentLink:
             return None
         state.slot, state.epoch = slot, epoch
         state.enforce = reply.get("enforce") is True
+        enforcement = self._enforcement
+        if state.enforce and state.filtered and enforcement is not None:
+            # Filtered under an earlier agent (this is a new epoch): until this agent
+            # holds the listener, the hook would answer the activity's calls alone.
+            if not enforcement.wait_handed(self.governed_timeout):
+                _log.warning(
+                    "openbox hook: thread %d's held calls are not handed to the agent yet",
+                    threading.get_native_id(),
+                )
         return slot
 
     def enforce_thread(self, slot: int) -> None:

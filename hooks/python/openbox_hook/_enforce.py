@@ -207,8 +207,9 @@ def _reads_only(notif: bytearray) -> bool:
 class Enforcement(threading.Thread):
     """Hands listeners to the agent, and answers held calls while no agent holds them."""
 
-    RETRY = 0.5
-    """Seconds between attempts to reach an agent while answering for it."""
+    RETRY = 0.1
+    """Seconds between attempts to reach an agent while answering for it (a refused
+    connect is cheap; a thread registering with a new agent waits for the handover)."""
     POLL = 0.05
     """Seconds between looks for a new listener to hand over."""
 
@@ -220,6 +221,14 @@ class Enforcement(threading.Thread):
         """listener fd -> (tid, slot): every listener of this process, kept open."""
         self._refused: set[int] = set()
         """Listeners the agent would not take: answered here, letting every call through."""
+        self._handed = threading.Event()
+        """Set while the agent on the current connection has been offered every listener."""
+
+    def wait_handed(self, timeout: float) -> bool:
+        """Waits until the agent this process is connected to now has been offered every
+        listener: a thread filtered under an earlier agent waits for it before its next
+        activity, whose held calls that agent must answer, not this thread alone."""
+        return self._handed.wait(timeout)
 
     def hand_over(self, tid: int, slot: int, listener: int, timeout: float) -> None:
         """Gives a thread's listener to the agent; returns once someone answers it."""
@@ -241,6 +250,7 @@ class Enforcement(threading.Thread):
             except (OSError, ValueError) as exc:
                 _log.debug("openbox hook: enforce connection: %s", exc)
             finally:
+                self._handed.clear()
                 sock.close()
 
     def _connect(self) -> socket.socket | None:
@@ -286,6 +296,7 @@ class Enforcement(threading.Thread):
                         tid,
                         reply.get("error"),
                     )
+            self._handed.set()
             pending = self._take_incoming()
             if pending:
                 continue

@@ -86,13 +86,20 @@ fn world(
     let mut w = GovWorld::new(name);
     w.sdk_conventions = conventions;
     w.start_core(script);
+    let args = agent_args(&w, agent_flags);
+    w.start_agent(&args);
+    w.start_worker();
+    w
+}
+
+/// The agent's arguments in `world`: Core's, a spool directory, `--enforce` and
+/// `agent_flags`.
+fn agent_args(w: &GovWorld, agent_flags: &[&str]) -> Vec<String> {
     let mut args = w.core().agent_args();
     args.extend(["--spool-dir".into(), w.spool_dir().display().to_string()]);
     args.push("--enforce".into());
     args.extend(agent_flags.iter().map(|f| f.to_string()));
-    w.start_agent(&args);
-    w.start_worker();
-    w
+    args
 }
 
 fn step(w: &GovWorld, k: usize, i: usize, activity: &str, arg: Value) -> Value {
@@ -684,4 +691,101 @@ fn blocked_plain_http(name: &str, activity: &str, reason: &str) {
         record.display(),
         p.join("\n")
     );
+}
+
+/// The agent restarts under a running worker whose event-loop thread it holds (its
+/// seccomp filter was installed under the first agent): while no agent runs, the hook
+/// answers the held calls itself (`fail_open`: the request goes through, nothing
+/// waits); the next agent is handed the same listener, so a request Core blocks after
+/// the restart still never reaches the server, and the first agent's stop and the
+/// second's are clean.
+#[test]
+fn after_an_agent_restart_the_next_agent_holds_the_same_threads() {
+    let server = Recorder::start();
+    let mut w = world(
+        "after_an_agent_restart_the_next_agent_holds_the_same_threads",
+        &json!({"default": {"verdict": "allow"}}),
+        Some("2.0"),
+        &[],
+    );
+    let (m0, m1, m2) = (w.marker(0), w.marker(1), w.marker(2));
+    let reason = "blocked by the second agent";
+    decide_on(&w, &format!("/blocked/{m2}"), "block", reason);
+    let get = |w: &GovWorld, k: usize, path: &str| {
+        let marker = w.marker(k);
+        let url = format!("{}/{path}/{marker}", server.url());
+        let o = w.run(
+            &[step(
+                w,
+                k,
+                k,
+                "enf_aiohttp",
+                item(w, k, json!({"url": url})),
+            )],
+            RUN_TIMEOUT,
+        );
+        outcome(&o, &w.workflow_id(k)).clone()
+    };
+    // The loop thread is filtered, and its listener held by the first agent.
+    let first = get(&w, 0, "first");
+    let first_agent = w.stop_agent();
+    // No agent: the hook answers the loop thread's held calls itself.
+    let alone = get(&w, 1, "alone");
+    let args = agent_args(&w, &[]);
+    w.start_agent(&args);
+    // The worker registers again at once (its presence connection) and hands the
+    // listener over.
+    let blocked = get(&w, 2, "blocked");
+    let hooks = started_hooks(&w, &format!("/blocked/{m2}"));
+    let record = w.core().record.clone();
+    let second_agent = finish_clean(w);
+
+    first_agent.assert_clean_exit();
+    let seen = server.lines();
+    let mut p = Vec::new();
+    for (what, o, m, path) in [
+        ("first", &first, &m0, "first"),
+        ("alone", &alone, &m1, "alone"),
+    ] {
+        if o["ok"] != json!(true) || o["result"][0]["body"] != json!("ok") {
+            p.push(format!("the {what} activity: {o}"));
+        }
+        if !seen
+            .iter()
+            .any(|l| l == &format!("GET /{path}/{m} HTTP/1.1"))
+        {
+            p.push(format!(
+                "the server did not receive the {what} request: {seen:?}"
+            ));
+        }
+    }
+    if seen.iter().any(|l| l.contains(&m2)) {
+        p.push(format!(
+            "the server received the request blocked after the restart: {seen:?}"
+        ));
+    }
+    check_failure(
+        &mut p,
+        "the activity after the restart",
+        &blocked,
+        "GovernanceBlock",
+        reason,
+    );
+    if hooks.len() != 1 {
+        p.push(format!(
+            "expected one started hook event for /blocked/{m2}, got {hooks:?}"
+        ));
+    }
+    let enforcement = second_agent
+        .summary
+        .as_ref()
+        .and_then(|s| s.get("enforcement"))
+        .cloned()
+        .unwrap_or_default();
+    if enforcement["denied"] != json!(1) {
+        p.push(format!(
+            "the second agent's summary should count the one denied call: enforcement {enforcement}"
+        ));
+    }
+    assert_no_problems(&p, &record);
 }
