@@ -22,31 +22,36 @@ nobody gives yet), so it gives it to the ``openbox-hook-enforce`` thread and wai
 thread (unfiltered) sends ``enforce`` on a connection of its own, and the agent takes the
 descriptor with ``pidfd_getfd``. The hook keeps its own copy of every listener: were
 every copy closed, each filtered call would fail with ``ENOSYS``. While no agent holds
-them (it stopped or restarts), the enforce thread answers held calls itself by the
+them (it stopped or restarts), a small process of the worker's, the answerer
+(``_answerer``, one per worker, given a copy of each listener), answers held calls by the
 worker's failure policy — let through under ``fail_open``, ``EPERM`` under
 ``fail_closed``, except opens for reading, always let through: only a HALT, which the
-agent knows, denies them — so nothing waits forever, and hands them to the next agent.
-Limit: a call made while holding the GIL (a C extension that does not release it) would
-wait for that answer forever while no agent runs; CPython releases it around its I/O.
+agent knows, denies them — so nothing waits forever; the enforce thread hands them to
+the next agent. A process, not a thread: a call held while its thread holds the GIL
+(Temporal's own core writes its ``eventfd`` so from the event-loop thread) would wait
+forever for a thread of this interpreter.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import queue
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._agent import AgentLink
+
+from . import _answerer
 
 _log = logging.getLogger("openbox.hook")
 
@@ -72,19 +77,9 @@ _RET_ALLOW = 0x7FFF0000
 _RET_USER_NOTIF = 0x7FC00000
 _RET_ERRNO = 0x00050000
 _PR_SET_NO_NEW_PRIVS = 38
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # seccomp_data offsets: nr 0, arch 4, args[i] at 16 + 8 i (low half first).
 _NR, _ARCH, _ARG0 = 0, 4, 16
-# In struct seccomp_notif (id u64, pid u32, flags u32, then seccomp_data): the number
-# and the argument holding an open's flags, by call.
-_NOTIF_NR = 16
-_NOTIF_OPEN_FLAGS = {_SYS["open"]: 16 + 16 + 8, _SYS["openat"]: 16 + 16 + 16}
 
-# ioctls on the listener (linux/seccomp.h), struct sizes 0x50 and 0x18.
-_NOTIF_RECV = 0xC0502100
-_NOTIF_SEND = 0xC0182101
-_NOTIF_SIZE = 0x50
-_FLAG_CONTINUE = 1
 
 _LD, _JEQ, _JGT, _JGE, _JSET, _RET = 0x20, 0x15, 0x25, 0x35, 0x45, 0x06
 
@@ -174,42 +169,14 @@ def install() -> int:
     raise AssertionError("unreachable")
 
 
-def _answer(listener: int, allow: bool) -> bool:
-    """Receives one held call and answers it; False when the listener is done."""
-    notif = bytearray(_NOTIF_SIZE)
-    try:
-        fcntl.ioctl(listener, _NOTIF_RECV, notif, True)
-    except OSError as exc:
-        return exc.errno in (errno.ENOENT, errno.EINTR)
-    (notif_id,) = struct.unpack_from("<Q", notif)
-    if allow or _reads_only(notif):
-        resp = struct.pack("<QqiI", notif_id, 0, 0, _FLAG_CONTINUE)
-    else:
-        resp = struct.pack("<QqiI", notif_id, 0, -errno.EPERM, 0)
-    try:
-        fcntl.ioctl(listener, _NOTIF_SEND, bytearray(resp), True)
-    except OSError:
-        pass  # the caller is gone
-    return True
-
-
-def _reads_only(notif: bytearray) -> bool:
-    """Whether the held call is an open for reading (``open``/``openat`` without a flag
-    that may write or create; ``openat2`` keeps its flags in memory: not known here)."""
-    (nr,) = struct.unpack_from("<i", notif, _NOTIF_NR)
-    at = _NOTIF_OPEN_FLAGS.get(nr)
-    if at is None:
-        return False
-    (flags,) = struct.unpack_from("<Q", notif, at)
-    return not flags & _WRITE_FLAGS
-
-
 class Enforcement(threading.Thread):
-    """Hands listeners to the agent, and answers held calls while no agent holds them."""
+    """Hands listeners to the agent; while no agent holds them, the answerer process
+    (``_answerer``) answers their held calls."""
 
     RETRY = 0.1
-    """Seconds between attempts to reach an agent while answering for it (a refused
-    connect is cheap; a thread registering with a new agent waits for the handover)."""
+    """Seconds between attempts to reach an agent while none holds the listeners (a
+    refused connect is cheap; a thread registering with a new agent waits for the
+    handover)."""
     POLL = 0.05
     """Seconds between looks for a new listener to hand over."""
 
@@ -220,14 +187,16 @@ class Enforcement(threading.Thread):
         self._listeners: dict[int, tuple[int, int]] = {}
         """listener fd -> (tid, slot): every listener of this process, kept open."""
         self._refused: set[int] = set()
-        """Listeners the agent would not take: answered here, letting every call through."""
+        """Listeners the agent would not take: the answerer lets every call through."""
         self._handed = threading.Event()
         """Set while the agent on the current connection has been offered every listener."""
+        self._answerer: subprocess.Popen[bytes] | None = None
+        self._ctl: socket.socket | None = None
 
     def wait_handed(self, timeout: float) -> bool:
         """Waits until the agent this process is connected to now has been offered every
         listener: a thread filtered under an earlier agent waits for it before its next
-        activity, whose held calls that agent must answer, not this thread alone."""
+        activity, whose held calls that agent must answer, not the answerer."""
         return self._handed.wait(timeout)
 
     def hand_over(self, tid: int, slot: int, listener: int, timeout: float) -> None:
@@ -241,17 +210,56 @@ class Enforcement(threading.Thread):
 
     def run(self) -> None:
         while True:
+            try:
+                self._ensure_answerer()
+            except OSError as exc:
+                _log.warning("openbox hook: cannot start the answerer process: %s", exc)
             sock = self._connect()
             if sock is None:
-                self._answer_alone(self.RETRY)
+                self._without_agent(self.RETRY)
                 continue
             try:
+                # The answerer stops answering before the agent is offered anything.
+                self._tell(b"A", sock.fileno())
+                assert self._ctl is not None
+                if self._ctl.recv(1) != b"k":
+                    raise ConnectionError("the answerer process did not acknowledge")
                 self._serve(sock)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, AssertionError) as exc:
                 _log.debug("openbox hook: enforce connection: %s", exc)
             finally:
                 self._handed.clear()
                 sock.close()
+
+    def _ensure_answerer(self) -> None:
+        """Starts the answerer process, again if it died (with every listener)."""
+        if self._answerer is not None and self._answerer.poll() is None:
+            return
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        ours, theirs = socket.socketpair()
+        policy = "closed" if self._link.fail_closed else "open"
+        try:
+            self._answerer = subprocess.Popen(
+                [sys.executable, "-I", "-S", _answerer.__file__, str(theirs.fileno()), policy],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.settimeout(self._link.governed_timeout)
+        self._ctl = ours
+        for listener in self._listeners:
+            self._tell(b"R" if listener in self._refused else b"L", listener)
+
+    def _tell(self, what: bytes, fd: int) -> None:
+        if self._ctl is None:
+            raise ConnectionError("no answerer process")
+        socket.send_fds(self._ctl, [what], [fd])
 
     def _connect(self) -> socket.socket | None:
         from ._agent import _decode, _encode
@@ -276,7 +284,7 @@ class Enforcement(threading.Thread):
         from ._agent import _decode, _encode
 
         next_id = 2
-        pending = list(self._listeners.items())
+        pending = [(fd, at) for fd, at in self._listeners.items() if fd not in self._refused]
         while True:
             for listener, (tid, slot) in pending:
                 sock.settimeout(self._link.governed_timeout)
@@ -287,10 +295,9 @@ class Enforcement(threading.Thread):
                 )
                 next_id += 1
                 reply = _decode(_read_line(sock))
-                if reply.get("ok"):
-                    self._refused.discard(listener)
-                else:
+                if not reply.get("ok"):
                     self._refused.add(listener)
+                    self._tell(b"R", listener)
                     _log.warning(
                         "openbox-agent refused to hold thread %d's operations: %s",
                         tid,
@@ -300,14 +307,11 @@ class Enforcement(threading.Thread):
             pending = self._take_incoming()
             if pending:
                 continue
-            watched: list[socket.socket | int] = [sock, *self._refused]
-            ready, _, _ = select.select(watched, [], [], self.POLL)
-            for listener in self._refused.intersection(ready):
-                if not _answer(listener, True):
-                    self._refused.discard(listener)
+            ready, _, _ = select.select([sock], [], [], self.POLL)
+            self._forget_exited()
             pending = self._take_incoming()
-            if sock in ready and not sock.recv(4096, socket.MSG_PEEK):
-                return  # the agent is gone: the caller answers alone until it is back
+            if ready and not sock.recv(4096, socket.MSG_PEEK):
+                return  # the agent is gone: the answerer answers until it is back
 
     def _take_incoming(self) -> list[tuple[int, tuple[int, int]]]:
         out: list[tuple[int, tuple[int, int]]] = []
@@ -317,26 +321,36 @@ class Enforcement(threading.Thread):
             except queue.Empty:
                 return out
             self._listeners[listener] = (tid, slot)
+            try:
+                self._tell(b"L", listener)
+            except OSError as exc:
+                _log.warning("openbox hook: the answerer process is gone: %s", exc)
             out.append((listener, (tid, slot)))
-            # Handed over (or about to be: the agent answers its calls once it has it).
+            # Handed over (or about to be: the agent answers its calls once it has it),
+            # and the answerer answers them meanwhile.
             done.set()
 
-    def _answer_alone(self, seconds: float) -> None:
-        """No agent: answers held calls by the failure policy for ``seconds``."""
-        allow = not self._link.fail_closed
+    def _without_agent(self, seconds: float) -> None:
+        """No agent: takes new listeners (the answerer answers their calls) for
+        ``seconds``."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+        while time.monotonic() < deadline:
             self._take_incoming()
-            poller = select.poll()
-            for listener in self._listeners:
-                poller.register(listener, select.POLLIN)
-            for fd, events in poller.poll(min(left, self.POLL) * 1000):
-                if events & select.POLLIN:
-                    _answer(fd, allow)
-                elif events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    # Every thread and process of this filter has exited.
-                    del self._listeners[fd]
-                    os.close(fd)
+            self._forget_exited()
+            time.sleep(self.POLL)
+
+    def _forget_exited(self) -> None:
+        """Closes this process's copy of the listeners whose threads have all exited."""
+        if not self._listeners:
+            return
+        poller = select.poll()
+        for listener in self._listeners:
+            poller.register(listener, 0)  # hang-ups are reported whatever is asked
+        for fd, events in poller.poll(0):
+            if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                del self._listeners[fd]
+                self._refused.discard(fd)
+                os.close(fd)
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -4,6 +4,7 @@ never an endless wait, never ENOSYS."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -89,6 +90,24 @@ def test_without_an_agent_fail_closed_still_lets_reads_open(tmp_path: Path) -> N
 
     out = _in_filtered_thread(_NoAgent(tmp_path, True), read_both)
     assert out == {"result": ("readable", "readable"), "done": True}
+
+
+def test_without_an_agent_a_call_held_with_the_gil_held_is_answered(tmp_path: Path) -> None:
+    # Temporal's core writes its eventfd from the event-loop thread while holding the GIL:
+    # no thread of this interpreter could answer that call, so a process of its own
+    # does (a PyDLL call keeps the GIL, as such an extension does).
+    path = tmp_path / "gil.txt"
+
+    def write_holding_the_gil() -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            return int(ctypes.PyDLL(None).write(fd, b"gil", 3))
+        finally:
+            os.close(fd)
+
+    out = _in_filtered_thread(_NoAgent(tmp_path, False), write_holding_the_gil)
+    assert out == {"result": 3, "done": True}
+    assert path.read_text() == "gil"
 
 
 def test_the_filter_leaves_other_threads_alone(tmp_path: Path) -> None:
