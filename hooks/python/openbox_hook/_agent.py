@@ -26,8 +26,10 @@ Every failure here means "no agent" for the call at hand: the caller gets ``None
 fail_open the activity then runs as if the hook were not installed; under fail_closed
 (``governance_policy`` in the config) it fails with ``GovernanceHalt``
 (``AgentLink.unreachable_error``): without the agent nothing governs it. The first failure
-in the process logs one warning; reconnecting is tried again at most every
-``RETRY_INTERVAL`` seconds, silently.
+in the process logs one warning; reconnecting is tried again, silently, at the next call
+when no agent listens (no socket, or a connection refused at once: the agent is
+restarting, and the next activity must find the new one) and otherwise at most every
+``RETRY_INTERVAL`` seconds (an agent that does not answer costs the timeout).
 
 Thread registrations are valid for one *epoch*: any lost connection starts a new one (the
 agent may have restarted and forgotten every thread), and threads register again before
@@ -45,6 +47,7 @@ by a restarted agent without waiting for its next activity.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -71,7 +74,17 @@ CONVENTIONS_ENV = "OPENBOX_SDK_CONVENTIONS"
 SDK_CONVENTIONS = ("1.0", "2.0")
 HOOK = f"openbox-hook/{__version__}"
 RETRY_INTERVAL = 5.0
-"""Seconds between connection attempts once one failed."""
+"""Seconds between connection attempts once one failed slowly (see ``_retry_after``)."""
+
+
+def _retry_after(exc: BaseException) -> float:
+    """Seconds before connecting again after ``exc``: none when nothing listens (a
+    missing socket or a refused connect fail at once), ``RETRY_INTERVAL`` otherwise."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return 0.0
+    return RETRY_INTERVAL
+
+
 PRESENCE_FIRST_BACKOFF = 0.05
 PRESENCE_MAX_BACKOFF = 2.0
 """Seconds between the presence connection's attempts: doubling from the first to the
@@ -513,7 +526,7 @@ class _Channel:
                     raise ConnectionRefusedError(f"hello refused: {reply.get('error')}")
             except (OSError, ValueError) as exc:
                 connection.close()
-                self._retry_at = self._loop.time() + RETRY_INTERVAL
+                self._retry_at = self._loop.time() + _retry_after(exc)
                 self._link.failed(exc)
                 return None
             _log.debug(
@@ -675,7 +688,7 @@ class _BlockingConnection:
                 raise ConnectionRefusedError(f"hello refused: {reply.get('error')}")
         except (OSError, ValueError) as exc:
             self._close()
-            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            self._retry_at = time.monotonic() + _retry_after(exc)
             self._link.failed(exc)
             return False
         return True
