@@ -650,6 +650,11 @@ pub struct RedisParser {
     /// The client lost commands since pairing was re-armed: replies that answer nothing
     /// held are theirs, not a sign that the batch on probation is one reply off.
     orphans_expected: bool,
+    /// Lost exchanges counted already whose replies are still to come: the client's lost
+    /// bytes (one, however many commands they held: the replies beyond the first are
+    /// counted as they come) and each command dropped while pairing was unsure. A reply
+    /// that answers nothing held takes one of these rather than being counted again.
+    counted_ahead: u64,
     /// The connection closed.
     closed: bool,
     building: Building,
@@ -678,6 +683,7 @@ impl RedisParser {
             unsure: true,
             probation: None,
             orphans_expected: false,
+            counted_ahead: 0,
             closed: false,
             building: Building::default(),
             pending: VecDeque::new(),
@@ -852,8 +858,10 @@ impl RedisParser {
         };
         if self.unsure {
             if !self.pending.is_empty() || !self.server_lost && self.server.mid_value() {
-                // Replies to commands we did not see may come before this one's.
+                // Replies to commands we did not see may come before this one's. Its own
+                // reply, when it comes, answers nothing held: counted now, not then.
                 self.losses.add(Loss::Unpaired);
+                self.counted_ahead += 1;
                 return;
             }
             // The server's next byte starts this command's reply (see the module doc).
@@ -863,6 +871,7 @@ impl RedisParser {
             self.items.clear();
             self.probation = Some(Vec::new());
             self.orphans_expected = false;
+            self.counted_ahead = 0;
         }
         if self.pending.len() >= MAX_PENDING - 1 {
             // Keep FIFO pairing exact: remember how many replies to pass over.
@@ -924,7 +933,11 @@ impl RedisParser {
         let Some(head) = self.pending.pop_front() else {
             // A reply to a command we did not see (lost on the client side), or, on
             // probation, proof that the batch was paired one reply off.
-            self.losses.add(Loss::Unpaired);
+            if self.counted_ahead > 0 {
+                self.counted_ahead -= 1;
+            } else {
+                self.losses.add(Loss::Unpaired);
+            }
             if self.orphans_expected {
                 return;
             }
@@ -1044,6 +1057,7 @@ impl RedisParser {
                 // after and answer nothing we hold.
                 self.client_lost = true;
                 self.orphans_expected = true;
+                self.counted_ahead += 1;
                 self.building = Building::default();
             }
             Side::Server => {
