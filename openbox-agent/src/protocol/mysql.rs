@@ -504,8 +504,12 @@ impl MysqlParser {
             }
             _ => {
                 // Not a greeting: the connection was watched from its middle. The
-                // server side waits for the client's first command.
-                self.losses.add(Loss::Malformed);
+                // server side waits for the client's first command. When the client's
+                // first bytes were the rest of a command, counted then, these answer it:
+                // the exchange is not counted again.
+                if !self.client_gap {
+                    self.losses.add(Loss::Malformed);
+                }
                 self.server.frames.dead = true;
                 self.server_resync = true;
                 return;

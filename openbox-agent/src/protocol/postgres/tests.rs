@@ -1991,3 +1991,37 @@ fn a_capture_gap_at_any_byte_offset_of_a_copy_session_loses_only_what_it_cuts() 
     );
     assert!(checked > 0);
 }
+
+/// Each lost exchange is counted once: the loss on the side that lost it, not again
+/// as an unpaired reply on the other.
+#[test]
+fn an_exchange_lost_to_a_gap_or_a_mid_stream_start_is_counted_once() {
+    let mut q = query("SELECT 1");
+    let mut answer = rows(1);
+    answer.extend(complete("SELECT 1"));
+    answer.extend(ready());
+    // The capture cut the query: its reply answers nothing seen.
+    let mut cut: Script = login("u", "d");
+    cut.push((Side::Client, q[..3].to_vec(), 3));
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, data, ts) in &cut {
+        p.feed(*side, data, *ts, &mut out);
+    }
+    p.gap(Side::Client, (q.len() - 3) as u64, 3, &mut out);
+    p.feed(Side::Server, &answer, 4, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 5, &mut out);
+    p.feed(Side::Server, &answer, 6, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+    // Watching began inside the query.
+    q.drain(..4);
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    p.feed(Side::Client, &q, 1, &mut out);
+    p.feed(Side::Server, &answer, 2, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 3, &mut out);
+    p.feed(Side::Server, &answer, 4, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(p.losses().total() <= 1, "{:?}", p.losses());
+}
