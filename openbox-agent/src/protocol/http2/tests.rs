@@ -222,6 +222,29 @@ fn a_gap_in_a_header_block_gives_the_direction_up() {
     assert_eq!(out[0].attributes["http.target"], "/v1/chat?key=secret");
 }
 
+/// A gap in a response's header block: the server's direction is given up, counted
+/// once; the request it answered is reported (its outcome unknown), not counted again,
+/// and so is the later request whose response can no longer be read.
+#[test]
+fn a_gap_in_a_response_header_block_is_counted_once() {
+    let mut p = Http2Parser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, data, ts) in scripts::recording(REST) {
+        if ts == 5 {
+            // The first response's HEADERS frame, cut in its header block.
+            p.feed(side, &data[..12], ts, &mut out);
+            p.gap(side, 5, ts, &mut out);
+            p.feed(side, &data[17..], ts, &mut out);
+        } else {
+            p.feed(side, &data, ts, &mut out);
+        }
+    }
+    p.close(1000, &mut out);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+    assert_eq!(out.len(), 2, "{out:?}");
+}
+
 #[test]
 fn malformed_input_is_counted_never_a_panic() {
     let script = scripts::recording(REST);
