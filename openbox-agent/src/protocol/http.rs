@@ -187,8 +187,9 @@ pub struct HttpParser {
     /// a request line with a registered method ends it (a cut line such as `ET / …`
     /// must not pass for a request).
     req_fresh: bool,
-    /// The client side lost bytes, counted then, since the last paired response: the
-    /// first response that then finds no request answers what was lost, and is not
+    /// An exchange was counted lost since the last paired response (the client side
+    /// lost bytes, or the server side lost the start of the oldest request's answer):
+    /// the first response that then finds no request answers what was lost, and is not
     /// counted again (each lost exchange is counted once).
     request_loss_counted: bool,
     losses: Losses,
@@ -230,8 +231,10 @@ impl HttpParser {
                 {
                     // The lost bytes began the oldest request's response: whatever
                     // status line comes next is not its. The exchange is lost, counted
-                    // once, under `why`.
+                    // once, under `why`: the rest of its answer (a final response after
+                    // a lost interim one) is not counted again.
                     self.pending.pop_front();
+                    self.request_loss_counted = true;
                 }
                 // The response being read is lost with the stream.
                 self.answering = None;

@@ -268,6 +268,22 @@ const CASES: &[Case] = &[
         losses: [0, 1, 0, 0],
     },
     Case {
+        name: "an interim reply lost to a gap is counted once, not again when the final one comes",
+        max_body: None,
+        steps: &[
+            C(b"PUT /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"),
+            // The capture cut the 100 Continue.
+            S(b"HTTP/1.1 10"),
+            GapS(14),
+            C(b"a"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            C(b"GET /b HTTP/1.1\r\n\r\n"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+        ],
+        want: &[ok("/b", 200, Some(b"b"), 6)],
+        losses: [0, 1, 0, 0],
+    },
+    Case {
         name: "pipelined requests after a loss are dropped rather than guessed",
         max_body: None,
         steps: &[
