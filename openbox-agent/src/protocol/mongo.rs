@@ -1413,7 +1413,15 @@ impl MongoParser {
                     self.exhaust.remove(j);
                 }
                 None if self.counted_ahead > 0 => self.counted_ahead -= 1,
-                None => self.losses.add(Loss::Unpaired),
+                None => {
+                    self.losses.add(Loss::Unpaired);
+                    if self.client.lost && !self.client.held.is_empty() {
+                        // The client's bytes held to be judged (too short to tell) are
+                        // the rest of this reply's request: dropped later, not counted
+                        // again.
+                        self.client.counted = true;
+                    }
+                }
             }
             if more {
                 self.follow_exhaust(m.header.request_id);

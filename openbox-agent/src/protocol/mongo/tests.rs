@@ -990,3 +990,26 @@ fn random_garbage_never_panics() {
         p.close(4, &mut out);
     }
 }
+
+#[test]
+fn a_short_request_tail_and_its_reply_seen_first_are_counted_once() {
+    let (req, rep) = find_pair();
+    let (req2, rep2) = {
+        let (mut q, mut r) = find_pair();
+        q[4] = 8; // requestID 8
+        r[8] = 8; // responseTo 8
+        (q, r)
+    };
+    let mut p = MongoParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    // Watching began five bytes before the request's end: too short to judge, held.
+    p.feed(C, &req[req.len() - 5..], 1, &mut out);
+    // Its reply answers nothing seen: counted once, as unpaired.
+    p.feed(S, &rep, 2, &mut out);
+    // The next request shows the held bytes did not start a message: dropped, not
+    // counted again.
+    p.feed(C, &req2, 3, &mut out);
+    p.feed(S, &rep2, 4, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
