@@ -667,6 +667,9 @@ pub struct RedisParser {
     sub_mode: bool,
     /// After MONITOR, the server streams `+<timestamp> …` lines that answer nothing.
     monitor: bool,
+    /// The last reply was an acknowledgement of this kind answering no command held:
+    /// the acknowledgements that follow it are the same lost command's.
+    orphan_ack: Option<&'static str>,
 }
 
 impl RedisParser {
@@ -691,6 +694,7 @@ impl RedisParser {
             db: 0,
             sub_mode: false,
             monitor: false,
+            orphan_ack: None,
         }
     }
 
@@ -902,6 +906,7 @@ impl RedisParser {
             }
             return;
         }
+        let orphan_ack = std::mem::take(&mut self.orphan_ack);
         if ty == b'*' && !scalar {
             if let Some(k) = ack_kind(kind) {
                 if self.sub_mode || self.head_is_sub() {
@@ -911,6 +916,17 @@ impl RedisParser {
                         self.sub_mode = c > 0;
                     }
                     return;
+                }
+                if self.pending.is_empty() {
+                    // An acknowledgement of a (un)subscribe we did not see: one per
+                    // channel, all of that one command, which is lost once.
+                    if let Some(c) = count {
+                        self.sub_mode = c > 0;
+                    }
+                    self.orphan_ack = Some(k);
+                    if orphan_ack == Some(k) {
+                        return;
+                    }
                 }
             }
             if self.sub_mode

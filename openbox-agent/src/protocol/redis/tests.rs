@@ -709,3 +709,19 @@ fn a_command_sent_while_earlier_ones_wait_after_a_loss_is_dropped_not_paired() {
     p.feed(C, &cmd(&["PING"]), 9, &mut out);
     assert_eq!(out.last().map(|o| (stmt(o), o.end_ts)), Some(("GET f", 8)));
 }
+
+#[test]
+fn a_subscribe_lost_to_a_gap_is_counted_once_whatever_its_acknowledgements_and_messages() {
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
+    p.feed(S, b"$1\r\na\r\n", 2, &mut out);
+    // The capture cut the SUBSCRIBE's name: the command is lost.
+    p.feed(C, b"*3\r\n$9\r\nSUBS", 3, &mut out);
+    p.gap(C, 26, 3, &mut out);
+    // One acknowledgement per channel, then a message: all of that one command.
+    p.feed(S, &RESP2_PUBSUB[5].1, 4, &mut out);
+    p.feed(S, &RESP2_PUBSUB[6].1, 5, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(p.losses(), losses(0, 1, 0, 0));
+}
