@@ -264,6 +264,10 @@ pub struct PostgresParser {
     server_confirmed: bool,
     /// The response being read answers no request seen, and was counted `unpaired`.
     orphan_counted: bool,
+    /// That answer came while the client's first bytes, too few to judge, were still
+    /// being framed: they are the rest of the request it answers, and when they turn out
+    /// not to be a message, that exchange is not counted again.
+    client_cut_answered: bool,
 }
 
 /// A request on its way to becoming an op.
@@ -322,6 +326,7 @@ impl PostgresParser {
             client_unconfirmed: true,
             server_confirmed: false,
             orphan_counted: false,
+            client_cut_answered: false,
         }
     }
 
@@ -422,6 +427,7 @@ impl PostgresParser {
     fn on_client(&mut self, f: Frame, out: &mut Vec<Op>) {
         if f.untyped || !f.truncated && message_frames(f.typ, &f.body) {
             self.client_unconfirmed = false;
+            self.client_cut_answered = false;
         }
         if f.untyped {
             self.on_startup(&f);
@@ -634,6 +640,7 @@ impl PostgresParser {
         if !self.client_gap && !self.orphan_counted {
             self.losses.add(Loss::Unpaired);
             self.orphan_counted = true;
+            self.client_cut_answered = self.client_unconfirmed && !self.client.at_boundary();
         }
     }
 
@@ -848,7 +855,10 @@ impl PostgresParser {
     /// The client's stream can no longer be framed (`why`). The server still answers
     /// what was asked; requests resume at the next piece that starts one.
     fn client_lost(&mut self, why: Loss) {
-        self.losses.add(why);
+        let answered = std::mem::take(&mut self.client_cut_answered);
+        if !(answered && why == Loss::Malformed) {
+            self.losses.add(why);
+        }
         self.client.frames.dead = true;
         self.client_gap = true;
         self.client_unconfirmed = true;
