@@ -456,6 +456,8 @@ impl PostgresParser {
                         self.statements.insert(lossy(name), Arc::clone(&stmt));
                         self.push(Pending::Parse { stmt, start_ts }, f.start_ts, out);
                     }
+                    // Cut by a capture gap: counted as what it is.
+                    None if f.truncated => self.losses.add(Loss::Gap),
                     None => self.losses.add(Loss::Malformed),
                 }
             }
@@ -808,7 +810,14 @@ impl PostgresParser {
     /// reported now (UNSET) and the connection is not parsed further: without the
     /// server's answers new ops would carry made-up end times, or another's.
     fn server_desync(&mut self, why: Loss, ts: u64, out: &mut Vec<Op>) {
-        self.losses.add(why);
+        self.server_desync_as(Some(why), ts, out);
+    }
+
+    /// [`Self::server_desync`], counted under `why` (`None`: counted already).
+    fn server_desync_as(&mut self, why: Option<Loss>, ts: u64, out: &mut Vec<Op>) {
+        if let Some(why) = why {
+            self.losses.add(why);
+        }
         let resync = self.can_resync();
         self.server_confirmed = false;
         self.end_response(ts, out);
@@ -855,9 +864,16 @@ impl PostgresParser {
     /// The client's stream can no longer be framed (`why`). The server still answers
     /// what was asked; requests resume at the next piece that starts one.
     fn client_lost(&mut self, why: Loss) {
+        self.client_lost_as(Some(why));
+    }
+
+    /// [`Self::client_lost`], counted under `why` (`None`: counted already).
+    fn client_lost_as(&mut self, why: Option<Loss>) {
         let answered = std::mem::take(&mut self.client_cut_answered);
-        if !(answered && why == Loss::Malformed) {
-            self.losses.add(why);
+        match why {
+            Some(Loss::Malformed) if answered => {}
+            Some(why) => self.losses.add(why),
+            None => {}
         }
         self.client.frames.dead = true;
         self.client_gap = true;
@@ -926,6 +942,7 @@ impl Parser for PostgresParser {
             return;
         }
         let (frame, lost) = reader.skip(n);
+        let before = self.losses;
         if let Some(frame) = frame {
             match side {
                 Side::Client => self.on_client(frame, out),
@@ -933,10 +950,13 @@ impl Parser for PostgresParser {
             }
         }
         if lost {
-            // Bytes between messages are gone: no length to frame the rest on.
+            // Bytes between messages are gone: no length to frame the rest on. The
+            // message the gap cut was counted already when it could not be read: the
+            // gap is one loss.
+            let why = (self.losses == before).then_some(Loss::Gap);
             match side {
-                Side::Client => self.client_lost(Loss::Gap),
-                Side::Server => self.server_desync(Loss::Gap, ts, out),
+                Side::Client => self.client_lost_as(why),
+                Side::Server => self.server_desync_as(why, ts, out),
             }
         }
     }

@@ -2043,3 +2043,21 @@ fn a_login_seen_from_its_last_bytes_is_counted_once() {
     assert!(!out.is_empty());
     assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
 }
+
+#[test]
+fn a_gap_from_inside_a_parse_into_the_next_messages_is_counted_once() {
+    let s = scripts::recording(ASYNCPG_SESSION);
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, d, ts) in &s[..2] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    // The batch Parse, Describe, Flush: the capture cut it inside the Parse's name, and
+    // lost the rest of the write.
+    let (side, d, ts) = &s[2];
+    assert_eq!(d[0], b'P');
+    p.feed(*side, &d[..10], *ts, &mut out);
+    p.gap(*side, (d.len() - 10) as u64, *ts, &mut out);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
