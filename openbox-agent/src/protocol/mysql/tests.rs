@@ -1367,3 +1367,20 @@ fn an_exchange_lost_to_a_gap_or_a_mid_stream_start_is_counted_once() {
     p.feed(Side::Server, &answer, 4, &mut out);
     assert!(p.losses().total() <= 1, "{:?}", p.losses());
 }
+
+#[test]
+fn a_gap_from_a_packets_header_into_the_next_packets_is_counted_once() {
+    let s = scripts::recording(DEPRECATE_EOF_SESSION);
+    let mut p = MysqlParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, d, ts) in &s[..4] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    // A result set: the capture kept the first packet's header and lost the rest.
+    let (side, d, ts) = &s[4];
+    assert_eq!(*side, Side::Server);
+    p.feed(*side, &d[..4], *ts, &mut out);
+    p.gap(*side, (d.len() - 4) as u64, *ts, &mut out);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
