@@ -268,6 +268,13 @@ pub struct PostgresParser {
     /// being framed: they are the rest of the request it answers, and when they turn out
     /// not to be a message, that exchange is not counted again.
     client_cut_answered: bool,
+    /// No message framed on either side yet, and one side's first bytes were the middle
+    /// of a message (counted): when the other side's first bytes are too, they are the
+    /// exchange in flight when watching began (a COPY's data and its response), not
+    /// counted again.
+    start_loss: Option<Side>,
+    /// A message was framed exactly on either side since watching began.
+    framed: bool,
 }
 
 /// A request on its way to becoming an op.
@@ -327,6 +334,8 @@ impl PostgresParser {
             server_confirmed: false,
             orphan_counted: false,
             client_cut_answered: false,
+            start_loss: None,
+            framed: false,
         }
     }
 
@@ -428,6 +437,8 @@ impl PostgresParser {
         if f.untyped || !f.truncated && message_frames(f.typ, &f.body) {
             self.client_unconfirmed = false;
             self.client_cut_answered = false;
+            self.framed = true;
+            self.start_loss = None;
         }
         if f.untyped {
             self.on_startup(&f);
@@ -813,10 +824,24 @@ impl PostgresParser {
         self.server_desync_as(Some(why), ts, out);
     }
 
+    /// A loss of `side`'s framing, counted, unless it is the other half of the exchange
+    /// whose middle the other side began with ([`Self::start_loss`]).
+    fn count_start(&mut self, side: Side, why: Loss) {
+        match self.start_loss {
+            Some(first) if first != side && why == Loss::Malformed => self.start_loss = None,
+            _ => {
+                self.losses.add(why);
+                if why == Loss::Malformed && !self.framed {
+                    self.start_loss = Some(side);
+                }
+            }
+        }
+    }
+
     /// [`Self::server_desync`], counted under `why` (`None`: counted already).
     fn server_desync_as(&mut self, why: Option<Loss>, ts: u64, out: &mut Vec<Op>) {
         if let Some(why) = why {
-            self.losses.add(why);
+            self.count_start(Side::Server, why);
         }
         let resync = self.can_resync();
         self.server_confirmed = false;
@@ -872,7 +897,7 @@ impl PostgresParser {
         let answered = std::mem::take(&mut self.client_cut_answered);
         match why {
             Some(Loss::Malformed) if answered => {}
-            Some(why) => self.losses.add(why),
+            Some(why) => self.count_start(Side::Client, why),
             None => {}
         }
         self.client.frames.dead = true;

@@ -1442,7 +1442,8 @@ fn out_of_sync_stream_is_counted_not_parsed() {
     p.feed(Side::Server, &[0x16, 0x03, 0x03, 0x00, 0x7a], 2, &mut out);
     p.close(3, &mut out);
     assert!(out.is_empty());
-    assert_eq!(p.unparsed(), 2);
+    // The client's bytes and the server's answer to them: one exchange, counted once.
+    assert_eq!(p.unparsed(), 1);
 }
 
 #[test]
@@ -2059,5 +2060,22 @@ fn a_gap_from_inside_a_parse_into_the_next_messages_is_counted_once() {
     p.feed(*side, &d[..10], *ts, &mut out);
     p.gap(*side, (d.len() - 10) as u64, *ts, &mut out);
     assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
+
+#[test]
+fn a_copy_watched_from_inside_its_response_is_counted_once() {
+    // Watching began inside the server's CopyInResponse: the client's first bytes are
+    // the copy's data, the other half of the same exchange.
+    let s = copy_session();
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    let (side, d, ts) = &s[5];
+    assert_eq!((*side, d[0]), (Side::Server, b'G'));
+    p.feed(*side, &d[1..], *ts, &mut out);
+    for (side, d, ts) in &s[6..] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    assert!(!out.is_empty());
     assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
 }
