@@ -720,8 +720,8 @@ fn a_subscribe_lost_to_a_gap_is_counted_once_whatever_its_acknowledgements_and_m
     p.feed(C, b"*3\r\n$9\r\nSUBS", 3, &mut out);
     p.gap(C, 26, 3, &mut out);
     // One acknowledgement per channel, then a message: all of that one command.
-    p.feed(S, &RESP2_PUBSUB[5].1, 4, &mut out);
-    p.feed(S, &RESP2_PUBSUB[6].1, 5, &mut out);
+    p.feed(S, RESP2_PUBSUB[5].1, 4, &mut out);
+    p.feed(S, RESP2_PUBSUB[6].1, 5, &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(p.losses(), losses(0, 1, 0, 0));
 }
