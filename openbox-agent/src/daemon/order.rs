@@ -125,11 +125,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        conn::Attribution,
-        daemon::{
-            protocol::ActivityStart,
-            registry::{Registry, Unattributed},
-        },
+        daemon::registry::{self, tests::info as start, Registry, Unattributed},
         span::Span,
     };
 
@@ -178,25 +174,8 @@ mod tests {
 
     fn op(owner: u32, activity: u64, name: &str) -> Span {
         Span {
-            pid: owner,
-            tid: owner,
             name: name.into(),
-            attr: Attribution { owner, activity },
-            ..crate::governance::testutil::span("GET", serde_json::Value::Null)
-        }
-    }
-
-    fn start(id: &str) -> ActivityStart {
-        ActivityStart {
-            activity: crate::governance::events::ActivityInfo {
-                activity_id: id.into(),
-                attempt: 1,
-                ..Default::default()
-            },
-            input: Vec::new(),
-            start_time: None,
-            traceparent: None,
-            tracestate: None,
+            ..registry::tests::span(owner, activity)
         }
     }
 

@@ -528,15 +528,18 @@ fn gap_inside_a_message_skips_it() {
     assert_eq!(attr(&ops[2], "db.rowcount"), 2);
 }
 
+/// Another find and its reply: requestID and responseTo 8.
+fn second_pair() -> (Vec<u8>, Vec<u8>) {
+    let (mut q, mut r) = find_pair();
+    q[4] = 8;
+    r[8] = 8;
+    (q, r)
+}
+
 #[test]
 fn gap_between_messages_resynchronises_at_the_next_piece() {
     let (req, rep) = find_pair();
-    let (req2, rep2) = {
-        let (mut q, mut r) = find_pair();
-        q[4] = 8; // requestID 8
-        r[8] = 8; // responseTo 8
-        (q, r)
-    };
+    let (req2, rep2) = second_pair();
     let mut p = MongoParser::new(ParserConfig::default());
     let mut out = Vec::new();
     p.feed(C, &req, 1, &mut out);
@@ -994,12 +997,7 @@ fn random_garbage_never_panics() {
 #[test]
 fn a_short_request_tail_and_its_reply_seen_first_are_counted_once() {
     let (req, rep) = find_pair();
-    let (req2, rep2) = {
-        let (mut q, mut r) = find_pair();
-        q[4] = 8; // requestID 8
-        r[8] = 8; // responseTo 8
-        (q, r)
-    };
+    let (req2, rep2) = second_pair();
     let mut p = MongoParser::new(ParserConfig::default());
     let mut out = Vec::new();
     // Watching began five bytes before the request's end: too short to judge, held.
