@@ -150,6 +150,11 @@ fn concurrent_activities_on_two_threads_and_their_subprocesses_are_attributed_ex
     assert_eq!(summary["workers"], 1);
     assert_eq!(summary["activities"], 2);
     assert_eq!(summary["ringbuf_drops"], 0);
+    // Each end was handled once the ring was read past the worker's request (the real
+    // ring's positions, read from its meta pages), none at the wait's bound.
+    let order = &summary["activity_end_order"];
+    assert_eq!(order["activity_ends_proven"], 2, "{summary}");
+    assert_eq!(order["activity_ends_unproven"], 0, "{summary}");
     // The summary says how sockets and files were captured (the mode asked for, when
     // the run asked for one).
     let mode = summary["capture_mode"].as_str().unwrap_or_default();
@@ -481,6 +486,14 @@ fn metrics_scraped_during_a_run_hold_the_values_of_the_summary_and_json_logs_par
         (
             "openbox_activities_total".into(),
             num(&summary["activities"]),
+        ),
+        (
+            "openbox_activity_ends_proven_total".into(),
+            num(&summary["activity_end_order"]["activity_ends_proven"]),
+        ),
+        (
+            "openbox_activity_ends_unproven_total".into(),
+            num(&summary["activity_end_order"]["activity_ends_unproven"]),
         ),
         (
             "openbox_hook_connections_refused_total".into(),

@@ -3,14 +3,15 @@
 //! writes one governance event per activity start and end.
 //!
 //! One task owns the capture session and the registry: ring-buffer records, hook
-//! requests and process exits are handled in the order they arrive, so an
-//! `activity_end` is answered only after every record the activity's syscalls produced
-//! has been read (they are in the ring before the hook can even send the request).
+//! requests and process exits are handled in the order they arrive, and an
+//! `activity_end` only once the ring has been read past every record the worker's
+//! operations produced before it sent the request ([`order`]).
 
 pub mod enforce;
 pub mod hook;
 pub mod notify;
 pub mod ops;
+pub mod order;
 pub mod protocol;
 pub mod registry;
 pub mod status;
@@ -45,7 +46,7 @@ use crate::{
         verdict::{Decision, ErrorType},
         EventDisposition, FailPolicy, GovernanceConfig, Governor, Verdict,
     },
-    pipeline::{self, Collect, Output, Session},
+    pipeline::{self, Collect, Output, Ring, RingOrder, Session},
     procfs,
     span::{Span, SpanConfig},
     workload::Workload,
@@ -108,6 +109,9 @@ struct Daemon {
     runs: BoundedMap<(String, String), RunStart>,
     /// Operations held until Core answers (`--enforce`).
     enforcer: Option<Arc<enforce::Enforcer>>,
+    /// Hook requests in arrival order, an `activity_end` held until the ring has been
+    /// read past what its worker did before sending it.
+    order: order::Ordered<HookMsg>,
 }
 
 /// What a run's span needs from its WorkflowStarted.
@@ -261,6 +265,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         runs: BoundedMap::new(MAX_ORDERED_RUNS),
         calls: tokio_util::task::TaskTracker::new(),
         enforcer,
+        order: order::Ordered::new(order::END_WAIT_BOUND),
     };
     let (tx, mut rx) = mpsc::channel(hook::REQUEST_QUEUE);
     let server = tokio::spawn(hook::serve(listener, tx, opts.hook_limits.clone()));
@@ -275,14 +280,13 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
         tokio::select! {
             ready = ring.ready() => {
                 ready?;
-                ring.drain(&mut d.session);
-                d.route();
+                d.read_ring(&mut ring);
             }
-            Some(msg) = rx.recv() => {
-                // What the worker did before sending this is in the ring: read it first.
-                ring.drain(&mut d.session);
-                d.route();
-                d.handle(msg);
+            Some(msg) = rx.recv() => d.arrived(msg, &mut ring),
+            // A request waits for the ring to be read past it: read it again soon (the
+            // kernel wakes the reader only once 64 KiB are waiting).
+            _ = tokio::time::sleep(order::END_WAIT_POLL), if d.order.is_waiting() => {
+                d.read_ring(&mut ring);
             }
             Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
             Some(held) = async { match decide_rx.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
@@ -290,8 +294,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             }
             Some(reply) = scrape_rx.recv() => {
                 // A scrape sees everything read so far, as the summary at exit does.
-                ring.drain(&mut d.session);
-                d.route();
+                d.read_ring(&mut ring);
                 let _ = reply.send(d.summary());
             }
             _ = sigint.recv() => break,
@@ -306,9 +309,11 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     // Requests workers sent before the signal and still queued are handled too: their
     // events are then finished with the calls under way.
     while let Ok(msg) = rx.try_recv() {
-        ring.drain(&mut d.session);
-        d.route();
-        d.handle(msg);
+        d.arrived(msg, &mut ring);
+    }
+    while d.order.is_waiting() {
+        tokio::time::sleep(order::END_WAIT_POLL).await;
+        d.read_ring(&mut ring);
     }
     let again = async {
         tokio::select! {
@@ -367,6 +372,29 @@ impl Daemon {
         );
     }
 
+    /// A hook request arrived: an `activity_end` takes the ring's producer position now
+    /// (everything its worker did before sending it lies below), then the ring is read
+    /// and the requests whose turn has come are handled, in arrival order.
+    fn arrived(&mut self, msg: HookMsg, ring: &mut Ring) {
+        let ends = matches!(
+            &msg,
+            HookMsg::Request { req, .. } if matches!(**req, Ok(Request::ActivityEnd(_)))
+        );
+        let mark = ends.then(|| ring.mark());
+        self.order.push(msg, mark, std::time::Instant::now());
+        self.read_ring(ring);
+    }
+
+    /// Reads every record waiting in the ring, puts the spans they finished on their
+    /// activities, then handles the hook requests whose turn has come.
+    fn read_ring(&mut self, ring: &mut Ring) {
+        ring.drain(&mut self.session);
+        self.route();
+        while let Some(msg) = self.order.pop_ready(&*ring, std::time::Instant::now()) {
+            self.handle(msg);
+        }
+    }
+
     /// Everything counted so far: the summary at exit and every `/metrics` scrape.
     fn summary(&self) -> status::Summary {
         status::Summary {
@@ -388,6 +416,7 @@ impl Daemon {
             governance: self.governor.stats(),
             otlp: self.otlp.as_ref().map(otlp::Exporter::stats),
             enforcement: self.enforcer.as_ref().map(|e| e.stats.snapshot()),
+            order: self.order.stats.clone(),
         }
     }
 

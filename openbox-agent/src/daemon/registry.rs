@@ -309,10 +309,11 @@ fn random_u64() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn span(owner: Pid, activity: u64) -> Span {
+    /// A span of `owner`'s thread carrying the token `activity`.
+    pub(crate) fn span(owner: Pid, activity: u64) -> Span {
         Span {
             pid: owner,
             tid: owner,
@@ -321,7 +322,8 @@ mod tests {
         }
     }
 
-    fn info(id: &str) -> ActivityStart {
+    /// What a hook says when activity `id` starts.
+    pub(crate) fn info(id: &str) -> ActivityStart {
         ActivityStart {
             activity: crate::governance::events::ActivityInfo {
                 activity_id: id.into(),

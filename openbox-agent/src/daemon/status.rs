@@ -47,6 +47,8 @@ pub struct Summary {
     pub otlp: Option<OtlpStats>,
     /// Enforcement before the operation (`--enforce`), when on.
     pub enforcement: Option<super::enforce::StatsSnapshot>,
+    /// Activity ends waiting for the ring buffer to be read past them ([`super::order`]).
+    pub order: super::order::OrderStats,
 }
 
 impl Summary {
@@ -106,6 +108,7 @@ impl Summary {
             s.extend(k);
         }
         s["tls_links"] = json!(self.pipeline.tls_links);
+        s["activity_end_order"] = json!(self.order);
         if let Some(o) = &self.otlp {
             s["otlp"] = json!(o);
         }
@@ -419,6 +422,31 @@ impl Collector for Metrics {
             r.spans_dropped,
         )?;
         counter(e, "activities", "Activities started.", r.activities)?;
+        let o = &s.order;
+        counter(
+            e,
+            "activity_ends_proven",
+            "Activity ends handled once the ring buffer was read past everything the worker did before sending them.",
+            o.activity_ends_proven,
+        )?;
+        counter(
+            e,
+            "activity_ends_waited",
+            "Of those, ends that waited for a ring-buffer slot another CPU had reserved and not yet committed.",
+            o.activity_ends_waited,
+        )?;
+        counter(
+            e,
+            "activity_ends_unproven",
+            "Activity ends handled when their wait for the ring buffer reached its bound: a late record of the activity is unattributed (after_activity_end).",
+            o.activity_ends_unproven,
+        )?;
+        gauge(
+            e,
+            "activity_end_wait_max_microseconds",
+            "Longest wait of an activity end for the ring buffer.",
+            o.activity_end_wait_max_us,
+        )?;
         gauge(
             e,
             "activities_in_flight",

@@ -13,6 +13,7 @@
 //! [`conn::Tracker`]: crate::conn::Tracker
 //! [`span::SpanBuilder`]: crate::span::SpanBuilder
 
+pub mod position;
 pub mod sink;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
@@ -23,7 +24,10 @@ use openbox_common::{FD_FILE, FD_NO_PAYLOAD, FD_QUIET, FD_SOCKET};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-pub use self::sink::{Collect, Sink};
+pub use self::{
+    position::{Mark, RingOrder},
+    sink::{Collect, Sink},
+};
 use crate::{
     capture::{
         clock::{now_mono, Clock},
@@ -106,7 +110,7 @@ pub fn start<S: Sink>(
     for lib in tls_libs {
         cap.name_tls_lib(lib).map_err(|e| anyhow!("{e}"))?;
     }
-    let ring = Ring::new(cap.events()?);
+    let ring = Ring::new(cap.events()?)?;
     Ok((Session::new(cap, skip, output, sink), ring))
 }
 
@@ -461,6 +465,7 @@ impl<S: Sink> Session<S> {
 pub struct Ring {
     fd: AsyncFd<RingBuf<MapData>>,
     tick: tokio::time::Interval,
+    positions: position::Positions,
 }
 
 /// The kernel wakes the reader only when 64 KiB are waiting (or a process is paused
@@ -468,10 +473,20 @@ pub struct Ring {
 const DRAIN_TICK: Duration = Duration::from_millis(10);
 
 impl Ring {
-    fn new(fd: AsyncFd<RingBuf<MapData>>) -> Ring {
+    fn new(fd: AsyncFd<RingBuf<MapData>>) -> Result<Ring> {
         let mut tick = tokio::time::interval(DRAIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ring { fd, tick }
+        let positions = position::Positions::new(fd.get_ref())?;
+        Ok(Ring {
+            fd,
+            tick,
+            positions,
+        })
+    }
+
+    /// Bytes of records read so far (the consumer position).
+    pub fn read_bytes(&self) -> u64 {
+        self.positions.consumer() as u64
     }
 
     /// Waits until records may be waiting. Cancel-safe: use it in `select!`, then
@@ -496,5 +511,15 @@ impl Ring {
             session.handle_bytes(&item);
         }
         session.sink.flush();
+    }
+}
+
+impl RingOrder for Ring {
+    fn mark(&self) -> Mark {
+        self.positions.mark()
+    }
+
+    fn read_past(&self, mark: Mark) -> bool {
+        self.positions.read_past(mark)
     }
 }

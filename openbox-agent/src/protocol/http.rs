@@ -187,13 +187,21 @@ pub struct HttpParser {
     /// a request line with a registered method ends it (a cut line such as `ET / …`
     /// must not pass for a request).
     req_fresh: bool,
-    /// The client side lost bytes, counted then, since the last paired response: the
-    /// first response that then finds no request answers what was lost, and is not
+    /// An exchange was counted lost since the last paired response (the client side
+    /// lost bytes, or the server side lost the start of the oldest request's answer):
+    /// the first response that then finds no request answers what was lost, and is not
     /// counted again (each lost exchange is counted once).
     request_loss_counted: bool,
     losses: Losses,
     /// The connection switched to HTTP/2 (`Upgrade: h2c`): every byte goes there.
     h2: Option<Box<Http2Parser>>,
+    /// No request seen yet, and one side's first bytes were the middle of a message
+    /// (counted): when the other side's first bytes are too, they are the same exchange,
+    /// the one in flight when watching began (HTTP/1.1 has one at a time), not counted
+    /// again.
+    start_loss: Option<Side>,
+    /// A request head was parsed on this connection.
+    seen_request: bool,
 }
 
 impl HttpParser {
@@ -209,13 +217,23 @@ impl HttpParser {
             request_loss_counted: false,
             losses: Losses::default(),
             h2: None,
+            start_loss: None,
+            seen_request: false,
         }
     }
 
     /// `side` is out of sync at `ts`: what it holds is dropped, counted under `why`,
     /// and the side waits for the start of its next message.
     fn lose(&mut self, side: Side, why: Loss, ts: u64) {
-        self.losses.add(why);
+        match self.start_loss {
+            Some(first) if first != side => self.start_loss = None,
+            _ => {
+                self.losses.add(why);
+                if why == Loss::Malformed && !self.seen_request {
+                    self.start_loss = Some(side);
+                }
+            }
+        }
         self.unsure = true;
         let s = match side {
             Side::Client => {
@@ -230,8 +248,10 @@ impl HttpParser {
                 {
                     // The lost bytes began the oldest request's response: whatever
                     // status line comes next is not its. The exchange is lost, counted
-                    // once, under `why`.
+                    // once, under `why`: the rest of its answer (a final response after
+                    // a lost interim one) is not counted again.
                     self.pending.pop_front();
+                    self.request_loss_counted = true;
                 }
                 // The response being read is lost with the stream.
                 self.answering = None;
@@ -522,6 +542,8 @@ impl HttpParser {
                         self.unsure = true;
                     }
                     self.req_fresh = false;
+                    self.start_loss = None;
+                    self.seen_request = true;
                     self.pending.push_back(Request {
                         method: method.to_string(),
                         target: target.to_string(),

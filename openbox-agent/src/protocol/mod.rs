@@ -575,6 +575,20 @@ pub(crate) mod scripts {
                     "offset {k} ({cut:?}): an exchange was lost and no loss counted: {w:?}"
                 );
             }
+            // Nothing counted twice: each exchange of the clean run the cut lost is
+            // counted once, under one reason; a cut that lost no whole exchange (bytes
+            // between messages, part of a body) is counted at most once.
+            let lost = keyed(&clean)
+                .into_iter()
+                .zip(&clean)
+                .filter(|(key, w)| w.end_ts >= cut_ts && !out_keys.contains(key))
+                .count() as u64;
+            assert!(
+                p.losses().total() <= lost.max(1),
+                "offset {k} ({cut:?}): {lost} exchange(s) lost, counted {} times: {:?}",
+                p.losses().total(),
+                p.losses()
+            );
             for (key, op) in keyed(&clean).into_iter().zip(&clean) {
                 if op.start_ts > cut_ts || clean_start && op.start_ts == cut_ts {
                     assert!(

@@ -1242,6 +1242,10 @@ pub struct MongoParser {
     /// Last reply of each exhaust stream followed (sent with moreToCome): the server's
     /// next reply on it answers that reply, not a request.
     exhaust: VecDeque<i32>,
+    /// Requests the client side lost, counted then, whose replies may still come: a
+    /// reply that answers no request seen takes one of these rather than being counted
+    /// again (each lost exchange is counted once).
+    counted_ahead: u64,
     closed: bool,
 }
 
@@ -1254,6 +1258,7 @@ impl MongoParser {
             server: Stream::default(),
             pending: VecDeque::new(),
             exhaust: VecDeque::new(),
+            counted_ahead: 0,
             closed: false,
         }
     }
@@ -1328,17 +1333,26 @@ impl MongoParser {
         let st = self.stream(side);
         if !st.counted {
             st.counted = true;
-            self.losses.add(Loss::Malformed);
+            self.count(side, Loss::Malformed);
         }
         if side == Side::Server {
             self.server_lost_at(ts);
         }
     }
 
+    /// A loss on `side`, counted once. On the client side it stands for the lost
+    /// request's whole exchange: its reply is not counted again.
+    fn count(&mut self, side: Side, why: Loss) {
+        self.losses.add(why);
+        if side == Side::Client {
+            self.counted_ahead += 1;
+        }
+    }
+
     /// This side's framing is lost (`why`): counted, and resumed at a piece that starts
     /// a message.
     fn lose(&mut self, side: Side, why: Loss, ts: u64) {
-        self.losses.add(why);
+        self.count(side, why);
         self.stream(side).lose();
         if side == Side::Server {
             self.server_lost_at(ts);
@@ -1363,7 +1377,7 @@ impl MongoParser {
     fn request(&mut self, m: &Message, out: &mut Vec<Op>) {
         let Some(mut req) = decode_request(m, self.cfg.max_statement) else {
             // Undecodable, a legacy opcode, or a reply opcode from the client.
-            self.losses.add(Loss::Malformed);
+            self.count(Side::Client, Loss::Malformed);
             return;
         };
         req.op.start_ts = m.start_ts;
@@ -1398,7 +1412,16 @@ impl MongoParser {
                 Some(j) => {
                     self.exhaust.remove(j);
                 }
-                None => self.losses.add(Loss::Unpaired),
+                None if self.counted_ahead > 0 => self.counted_ahead -= 1,
+                None => {
+                    self.losses.add(Loss::Unpaired);
+                    if self.client.lost && !self.client.held.is_empty() {
+                        // The client's bytes held to be judged (too short to tell) are
+                        // the rest of this reply's request: dropped later, not counted
+                        // again.
+                        self.client.counted = true;
+                    }
+                }
             }
             if more {
                 self.follow_exhaust(m.header.request_id);
@@ -1472,7 +1495,7 @@ impl Parser for MongoParser {
             st.held.clear();
             if !st.counted {
                 st.counted = true;
-                self.losses.add(Loss::Gap);
+                self.count(side, Loss::Gap);
             }
             if side == Side::Server {
                 self.server_lost_at(ts);

@@ -318,14 +318,25 @@ impl MysqlParser {
 
     /// The client's packet boundaries are lost (`why`) until a piece starts a command.
     fn client_lost(&mut self, why: Loss) {
-        self.command_lost(why);
+        self.client_lost_as(Some(why));
+    }
+
+    /// [`Self::client_lost`], counted under `why` (`None`: counted already).
+    fn client_lost_as(&mut self, why: Option<Loss>) {
+        self.command_lost_as(why);
         self.client.frames.dead = true;
     }
 
     /// Commands were sent that we do not know: their answers come before those of the
     /// commands seen next.
     fn command_lost(&mut self, why: Loss) {
-        self.losses.add(why);
+        self.command_lost_as(Some(why));
+    }
+
+    fn command_lost_as(&mut self, why: Option<Loss>) {
+        if let Some(why) = why {
+            self.losses.add(why);
+        }
         // A lost command may have switched them (COM_INIT_DB, USE, COM_CHANGE_USER):
         // unknown rather than perhaps wrong.
         self.user = None;
@@ -338,7 +349,14 @@ impl MysqlParser {
     /// unanswered and the server side resumes at the client's next command; with more
     /// (a pipeline), where the server is in their answers cannot be known: stop.
     fn server_desync(&mut self, why: Loss, ts: u64, out: &mut Vec<Op>) {
-        self.losses.add(why);
+        self.server_desync_as(Some(why), ts, out);
+    }
+
+    /// [`Self::server_desync`], counted under `why` (`None`: counted already).
+    fn server_desync_as(&mut self, why: Option<Loss>, ts: u64, out: &mut Vec<Op>) {
+        if let Some(why) = why {
+            self.losses.add(why);
+        }
         self.server.frames.dead = true;
         self.server_confirmed = false;
         if self.pending.len() > 1 {
@@ -504,8 +522,12 @@ impl MysqlParser {
             }
             _ => {
                 // Not a greeting: the connection was watched from its middle. The
-                // server side waits for the client's first command.
-                self.losses.add(Loss::Malformed);
+                // server side waits for the client's first command. When the client's
+                // first bytes were the rest of a command, counted then, these answer it:
+                // the exchange is not counted again.
+                if !self.client_gap {
+                    self.losses.add(Loss::Malformed);
+                }
                 self.server.frames.dead = true;
                 self.server_resync = true;
                 return;
@@ -1096,6 +1118,7 @@ impl Parser for MysqlParser {
             return;
         }
         let (frame, lost) = reader.skip(n);
+        let before = self.losses;
         if let Some(frame) = frame {
             match side {
                 Side::Client => self.on_client(frame, out),
@@ -1103,11 +1126,14 @@ impl Parser for MysqlParser {
             }
         }
         if lost {
-            // Bytes between packets are gone: no length to frame the rest on.
+            // Bytes between packets are gone: no length to frame the rest on. The packet
+            // the gap cut was counted already when it could not be read: the gap is one
+            // loss.
+            let why = (self.losses == before).then_some(Loss::Gap);
             match side {
                 // Commands already seen can still be answered.
-                Side::Client => self.client_lost(Loss::Gap),
-                Side::Server => self.server_desync(Loss::Gap, ts, out),
+                Side::Client => self.client_lost_as(why),
+                Side::Server => self.server_desync_as(why, ts, out),
             }
         }
     }

@@ -264,6 +264,17 @@ pub struct PostgresParser {
     server_confirmed: bool,
     /// The response being read answers no request seen, and was counted `unpaired`.
     orphan_counted: bool,
+    /// That answer came while the client's first bytes, too few to judge, were still
+    /// being framed: they are the rest of the request it answers, and when they turn out
+    /// not to be a message, that exchange is not counted again.
+    client_cut_answered: bool,
+    /// No message framed on either side yet, and one side's first bytes were the middle
+    /// of a message (counted): when the other side's first bytes are too, they are the
+    /// exchange in flight when watching began (a COPY's data and its response), not
+    /// counted again.
+    start_loss: Option<Side>,
+    /// A message was framed exactly on either side since watching began.
+    framed: bool,
 }
 
 /// A request on its way to becoming an op.
@@ -322,6 +333,9 @@ impl PostgresParser {
             client_unconfirmed: true,
             server_confirmed: false,
             orphan_counted: false,
+            client_cut_answered: false,
+            start_loss: None,
+            framed: false,
         }
     }
 
@@ -422,6 +436,9 @@ impl PostgresParser {
     fn on_client(&mut self, f: Frame, out: &mut Vec<Op>) {
         if f.untyped || !f.truncated && message_frames(f.typ, &f.body) {
             self.client_unconfirmed = false;
+            self.client_cut_answered = false;
+            self.framed = true;
+            self.start_loss = None;
         }
         if f.untyped {
             self.on_startup(&f);
@@ -450,6 +467,8 @@ impl PostgresParser {
                         self.statements.insert(lossy(name), Arc::clone(&stmt));
                         self.push(Pending::Parse { stmt, start_ts }, f.start_ts, out);
                     }
+                    // Cut by a capture gap: counted as what it is.
+                    None if f.truncated => self.losses.add(Loss::Gap),
                     None => self.losses.add(Loss::Malformed),
                 }
             }
@@ -634,6 +653,7 @@ impl PostgresParser {
         if !self.client_gap && !self.orphan_counted {
             self.losses.add(Loss::Unpaired);
             self.orphan_counted = true;
+            self.client_cut_answered = self.client_unconfirmed && !self.client.at_boundary();
         }
     }
 
@@ -801,7 +821,28 @@ impl PostgresParser {
     /// reported now (UNSET) and the connection is not parsed further: without the
     /// server's answers new ops would carry made-up end times, or another's.
     fn server_desync(&mut self, why: Loss, ts: u64, out: &mut Vec<Op>) {
-        self.losses.add(why);
+        self.server_desync_as(Some(why), ts, out);
+    }
+
+    /// A loss of `side`'s framing, counted, unless it is the other half of the exchange
+    /// whose middle the other side began with ([`Self::start_loss`]).
+    fn count_start(&mut self, side: Side, why: Loss) {
+        match self.start_loss {
+            Some(first) if first != side && why == Loss::Malformed => self.start_loss = None,
+            _ => {
+                self.losses.add(why);
+                if why == Loss::Malformed && !self.framed {
+                    self.start_loss = Some(side);
+                }
+            }
+        }
+    }
+
+    /// [`Self::server_desync`], counted under `why` (`None`: counted already).
+    fn server_desync_as(&mut self, why: Option<Loss>, ts: u64, out: &mut Vec<Op>) {
+        if let Some(why) = why {
+            self.count_start(Side::Server, why);
+        }
         let resync = self.can_resync();
         self.server_confirmed = false;
         self.end_response(ts, out);
@@ -848,7 +889,17 @@ impl PostgresParser {
     /// The client's stream can no longer be framed (`why`). The server still answers
     /// what was asked; requests resume at the next piece that starts one.
     fn client_lost(&mut self, why: Loss) {
-        self.losses.add(why);
+        self.client_lost_as(Some(why));
+    }
+
+    /// [`Self::client_lost`], counted under `why` (`None`: counted already).
+    fn client_lost_as(&mut self, why: Option<Loss>) {
+        let answered = std::mem::take(&mut self.client_cut_answered);
+        match why {
+            Some(Loss::Malformed) if answered => {}
+            Some(why) => self.count_start(Side::Client, why),
+            None => {}
+        }
         self.client.frames.dead = true;
         self.client_gap = true;
         self.client_unconfirmed = true;
@@ -916,6 +967,7 @@ impl Parser for PostgresParser {
             return;
         }
         let (frame, lost) = reader.skip(n);
+        let before = self.losses;
         if let Some(frame) = frame {
             match side {
                 Side::Client => self.on_client(frame, out),
@@ -923,10 +975,13 @@ impl Parser for PostgresParser {
             }
         }
         if lost {
-            // Bytes between messages are gone: no length to frame the rest on.
+            // Bytes between messages are gone: no length to frame the rest on. The
+            // message the gap cut was counted already when it could not be read: the
+            // gap is one loss.
+            let why = (self.losses == before).then_some(Loss::Gap);
             match side {
-                Side::Client => self.client_lost(Loss::Gap),
-                Side::Server => self.server_desync(Loss::Gap, ts, out),
+                Side::Client => self.client_lost_as(why),
+                Side::Server => self.server_desync_as(why, ts, out),
             }
         }
     }

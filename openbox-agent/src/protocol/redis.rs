@@ -650,6 +650,11 @@ pub struct RedisParser {
     /// The client lost commands since pairing was re-armed: replies that answer nothing
     /// held are theirs, not a sign that the batch on probation is one reply off.
     orphans_expected: bool,
+    /// Lost exchanges counted already whose replies are still to come: the client's lost
+    /// bytes (one, however many commands they held: the replies beyond the first are
+    /// counted as they come) and each command dropped while pairing was unsure. A reply
+    /// that answers nothing held takes one of these rather than being counted again.
+    counted_ahead: u64,
     /// The connection closed.
     closed: bool,
     building: Building,
@@ -662,6 +667,9 @@ pub struct RedisParser {
     sub_mode: bool,
     /// After MONITOR, the server streams `+<timestamp> …` lines that answer nothing.
     monitor: bool,
+    /// The last reply was an acknowledgement of this kind answering no command held:
+    /// the acknowledgements that follow it are the same lost command's.
+    orphan_ack: Option<&'static str>,
 }
 
 impl RedisParser {
@@ -678,6 +686,7 @@ impl RedisParser {
             unsure: true,
             probation: None,
             orphans_expected: false,
+            counted_ahead: 0,
             closed: false,
             building: Building::default(),
             pending: VecDeque::new(),
@@ -685,6 +694,7 @@ impl RedisParser {
             db: 0,
             sub_mode: false,
             monitor: false,
+            orphan_ack: None,
         }
     }
 
@@ -852,8 +862,10 @@ impl RedisParser {
         };
         if self.unsure {
             if !self.pending.is_empty() || !self.server_lost && self.server.mid_value() {
-                // Replies to commands we did not see may come before this one's.
+                // Replies to commands we did not see may come before this one's. Its own
+                // reply, when it comes, answers nothing held: counted now, not then.
                 self.losses.add(Loss::Unpaired);
+                self.counted_ahead += 1;
                 return;
             }
             // The server's next byte starts this command's reply (see the module doc).
@@ -863,6 +875,7 @@ impl RedisParser {
             self.items.clear();
             self.probation = Some(Vec::new());
             self.orphans_expected = false;
+            self.counted_ahead = 0;
         }
         if self.pending.len() >= MAX_PENDING - 1 {
             // Keep FIFO pairing exact: remember how many replies to pass over.
@@ -893,6 +906,7 @@ impl RedisParser {
             }
             return;
         }
+        let orphan_ack = std::mem::take(&mut self.orphan_ack);
         if ty == b'*' && !scalar {
             if let Some(k) = ack_kind(kind) {
                 if self.sub_mode || self.head_is_sub() {
@@ -902,6 +916,17 @@ impl RedisParser {
                         self.sub_mode = c > 0;
                     }
                     return;
+                }
+                if self.pending.is_empty() {
+                    // An acknowledgement of a (un)subscribe we did not see: one per
+                    // channel, all of that one command, which is lost once.
+                    if let Some(c) = count {
+                        self.sub_mode = c > 0;
+                    }
+                    self.orphan_ack = Some(k);
+                    if orphan_ack == Some(k) {
+                        return;
+                    }
                 }
             }
             if self.sub_mode
@@ -924,7 +949,11 @@ impl RedisParser {
         let Some(head) = self.pending.pop_front() else {
             // A reply to a command we did not see (lost on the client side), or, on
             // probation, proof that the batch was paired one reply off.
-            self.losses.add(Loss::Unpaired);
+            if self.counted_ahead > 0 {
+                self.counted_ahead -= 1;
+            } else {
+                self.losses.add(Loss::Unpaired);
+            }
             if self.orphans_expected {
                 return;
             }
@@ -1044,6 +1073,7 @@ impl RedisParser {
                 // after and answer nothing we hold.
                 self.client_lost = true;
                 self.orphans_expected = true;
+                self.counted_ahead += 1;
                 self.building = Building::default();
             }
             Side::Server => {

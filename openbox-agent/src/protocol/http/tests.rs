@@ -212,10 +212,26 @@ const CASES: &[Case] = &[
         max_body: None,
         steps: &[
             C(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"),
+            // The answer to that one request: the same lost exchange, counted once.
             S(b"\x00\x01garbage\r\n\r\n"),
         ],
         want: &[],
-        losses: [2, 0, 0, 0],
+        losses: [1, 0, 0, 0],
+    },
+    Case {
+        name: "watched from inside an exchange with an interim reply, it is counted once",
+        max_body: None,
+        steps: &[
+            // Watching began inside the 100 Continue; the client's first bytes are the
+            // body it then sent, the final response follows.
+            S(b"Continue\r\n\r\n"),
+            C(b"five!!"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            C(b"GET /b HTTP/1.1\r\n\r\n"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+        ],
+        want: &[ok("/b", 200, Some(b"b"), 5)],
+        losses: [1, 0, 0, 0],
     },
     Case {
         name: "conflicting Content-Length is malformed",
@@ -265,6 +281,22 @@ const CASES: &[Case] = &[
             S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
         ],
         want: &[ok("/b", 200, Some(b"b"), 4)],
+        losses: [0, 1, 0, 0],
+    },
+    Case {
+        name: "an interim reply lost to a gap is counted once, not again when the final one comes",
+        max_body: None,
+        steps: &[
+            C(b"PUT /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"),
+            // The capture cut the 100 Continue.
+            S(b"HTTP/1.1 10"),
+            GapS(14),
+            C(b"a"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            C(b"GET /b HTTP/1.1\r\n\r\n"),
+            S(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"),
+        ],
+        want: &[ok("/b", 200, Some(b"b"), 6)],
         losses: [0, 1, 0, 0],
     },
     Case {

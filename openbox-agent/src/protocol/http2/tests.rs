@@ -200,13 +200,13 @@ fn a_gap_inside_data_is_skipped() {
 /// A gap anywhere else loses the frame boundaries and the HPACK table of that
 /// direction for good: counted once, the open stream reported at close, no later
 /// stream invented.
-#[test]
-fn a_gap_in_a_header_block_gives_the_direction_up() {
+/// The REST recording with the HEADERS frame of piece `cut` cut by a gap in its header
+/// block: the parser, closed, and its ops.
+fn rest_with_a_header_block_gap(cut: u64) -> (Http2Parser, Vec<Op>) {
     let mut p = Http2Parser::new(ParserConfig::default());
     let mut out = Vec::new();
     for (side, data, ts) in scripts::recording(REST) {
-        if ts == 8 {
-            // The second request's HEADERS frame, cut in its header block.
+        if ts == cut {
             p.feed(side, &data[..12], ts, &mut out);
             p.gap(side, 5, ts, &mut out);
             p.feed(side, &data[17..], ts, &mut out);
@@ -215,11 +215,30 @@ fn a_gap_in_a_header_block_gives_the_direction_up() {
         }
     }
     p.close(1000, &mut out);
+    (p, out)
+}
+
+#[test]
+fn a_gap_in_a_header_block_gives_the_direction_up() {
+    // The second request's HEADERS frame.
+    let (p, out) = rest_with_a_header_block_gap(8);
     assert_eq!(p.unparsed(), 1);
     // Counted as what it is: bytes the capture did not deliver.
     assert_eq!(p.losses().get(Loss::Gap), 1);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].attributes["http.target"], "/v1/chat?key=secret");
+}
+
+/// A gap in a response's header block: the server's direction is given up, counted
+/// once; the request it answered is reported (its outcome unknown), not counted again,
+/// and so is the later request whose response can no longer be read.
+#[test]
+fn a_gap_in_a_response_header_block_is_counted_once() {
+    // The first response's HEADERS frame.
+    let (p, out) = rest_with_a_header_block_gap(5);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+    assert_eq!(out.len(), 2, "{out:?}");
 }
 
 #[test]

@@ -1337,3 +1337,50 @@ fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cut
         assert!(checked > 0);
     }
 }
+
+/// Each lost exchange is counted once: the loss on the side that lost it, not again
+/// as an unpaired reply on the other.
+#[test]
+fn an_exchange_lost_to_a_gap_or_a_mid_stream_start_is_counted_once() {
+    let caps = BASE | CLIENT_DEPRECATE_EOF;
+    let q = query("SELECT 1");
+    let answer = result_set(1, caps, 1, 1, 2);
+    let mut p = MysqlParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, data, ts) in &connect(caps, "u", None) {
+        p.feed(*side, data, *ts, &mut out);
+    }
+    // The capture cut the query: its reply answers nothing seen.
+    p.feed(Side::Client, &q[..3], 4, &mut out);
+    p.gap(Side::Client, (q.len() - 3) as u64, 4, &mut out);
+    p.feed(Side::Server, &answer, 5, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 6, &mut out);
+    p.feed(Side::Server, &answer, 7, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+    // Watching began inside the query.
+    let mut p = MysqlParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    p.feed(Side::Client, &q[6..], 1, &mut out);
+    p.feed(Side::Server, &answer, 2, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 3, &mut out);
+    p.feed(Side::Server, &answer, 4, &mut out);
+    assert!(p.losses().total() <= 1, "{:?}", p.losses());
+}
+
+#[test]
+fn a_gap_from_a_packets_header_into_the_next_packets_is_counted_once() {
+    let s = scripts::recording(DEPRECATE_EOF_SESSION);
+    let mut p = MysqlParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, d, ts) in &s[..4] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    // A result set: the capture kept the first packet's header and lost the rest.
+    let (side, d, ts) = &s[4];
+    assert_eq!(*side, Side::Server);
+    p.feed(*side, &d[..4], *ts, &mut out);
+    p.gap(*side, (d.len() - 4) as u64, *ts, &mut out);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}

@@ -1442,7 +1442,8 @@ fn out_of_sync_stream_is_counted_not_parsed() {
     p.feed(Side::Server, &[0x16, 0x03, 0x03, 0x00, 0x7a], 2, &mut out);
     p.close(3, &mut out);
     assert!(out.is_empty());
-    assert_eq!(p.unparsed(), 2);
+    // The client's bytes and the server's answer to them: one exchange, counted once.
+    assert_eq!(p.unparsed(), 1);
 }
 
 #[test]
@@ -1990,4 +1991,91 @@ fn a_capture_gap_at_any_byte_offset_of_a_copy_session_loses_only_what_it_cuts() 
         scripts::sql_unknowable,
     );
     assert!(checked > 0);
+}
+
+/// Each lost exchange is counted once: the loss on the side that lost it, not again
+/// as an unpaired reply on the other.
+#[test]
+fn an_exchange_lost_to_a_gap_or_a_mid_stream_start_is_counted_once() {
+    let mut q = query("SELECT 1");
+    let mut answer = rows(1);
+    answer.extend(complete("SELECT 1"));
+    answer.extend(ready());
+    // The capture cut the query: its reply answers nothing seen.
+    let mut cut: Script = login("u", "d");
+    cut.push((Side::Client, q[..3].to_vec(), 3));
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, data, ts) in &cut {
+        p.feed(*side, data, *ts, &mut out);
+    }
+    p.gap(Side::Client, (q.len() - 3) as u64, 3, &mut out);
+    p.feed(Side::Server, &answer, 4, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 5, &mut out);
+    p.feed(Side::Server, &answer, 6, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+    // Watching began inside the query.
+    q.drain(..4);
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    p.feed(Side::Client, &q, 1, &mut out);
+    p.feed(Side::Server, &answer, 2, &mut out);
+    p.feed(Side::Client, &query("SELECT 2"), 3, &mut out);
+    p.feed(Side::Server, &answer, 4, &mut out);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(p.losses().total() <= 1, "{:?}", p.losses());
+}
+
+#[test]
+fn a_login_seen_from_its_last_bytes_is_counted_once() {
+    // Watching began three bytes before the startup message's end: too few to judge.
+    let s = scripts::recording(PSYCOPG2_SESSION);
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    let (side, first, ts) = &s[0];
+    p.feed(*side, &first[first.len() - 3..], *ts, &mut out);
+    // The server's answer to the login answers nothing seen (counted), and the client's
+    // next request shows those three bytes were not a message: the same exchange, not
+    // counted again.
+    for (side, d, ts) in &s[1..] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    assert!(!out.is_empty());
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
+
+#[test]
+fn a_gap_from_inside_a_parse_into_the_next_messages_is_counted_once() {
+    let s = scripts::recording(ASYNCPG_SESSION);
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    for (side, d, ts) in &s[..2] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    // The batch Parse, Describe, Flush: the capture cut it inside the Parse's name, and
+    // lost the rest of the write.
+    let (side, d, ts) = &s[2];
+    assert_eq!(d[0], b'P');
+    p.feed(*side, &d[..10], *ts, &mut out);
+    p.gap(*side, (d.len() - 10) as u64, *ts, &mut out);
+    assert_eq!(p.losses().get(Loss::Gap), 1);
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
+}
+
+#[test]
+fn a_copy_watched_from_inside_its_response_is_counted_once() {
+    // Watching began inside the server's CopyInResponse: the client's first bytes are
+    // the copy's data, the other half of the same exchange.
+    let s = copy_session();
+    let mut p = PostgresParser::new(ParserConfig::default());
+    let mut out = Vec::new();
+    let (side, d, ts) = &s[5];
+    assert_eq!((*side, d[0]), (Side::Server, b'G'));
+    p.feed(*side, &d[1..], *ts, &mut out);
+    for (side, d, ts) in &s[6..] {
+        p.feed(*side, d, *ts, &mut out);
+    }
+    assert!(!out.is_empty());
+    assert_eq!(p.losses().total(), 1, "{:?}", p.losses());
 }

@@ -479,8 +479,57 @@ fn gap_outside_a_bulk_string_loses_the_side_until_the_next_command() {
     assert_eq!(out.len(), 1);
     assert_eq!(stmt(&out[0]), "GET a");
     assert_eq!(p.losses().get(Loss::Gap), 1);
-    // GET z came while GET a waited: dropped; replies 2 and 3 answer nothing held.
-    assert_eq!(p.losses().get(Loss::Unpaired), 3);
+    // GET z came while GET a waited: dropped, counted once; replies 2 and 3 answer
+    // nothing held: the lost command's (counted as the gap) and GET z's.
+    assert_eq!(p.losses().get(Loss::Unpaired), 1);
+}
+
+#[test]
+fn a_command_lost_to_a_gap_is_counted_once_not_again_when_its_reply_comes() {
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
+    p.feed(S, b"$1\r\na\r\n", 2, &mut out);
+    // The capture cut the next command's name: it is lost, and so is its reply.
+    p.feed(C, b"*2\r\n$3\r\nG", 3, &mut out);
+    p.gap(C, 8, 3, &mut out);
+    p.feed(S, b"$1\r\nx\r\n", 4, &mut out);
+    p.feed(C, &cmd(&["GET", "b"]), 5, &mut out);
+    p.feed(S, b"$1\r\nb\r\n", 6, &mut out);
+    let got: Vec<_> = out.iter().map(|o| (stmt(o), o.end_ts)).collect();
+    assert_eq!(got, [("GET a", 2), ("GET b", 6)]);
+    assert_eq!(p.losses(), losses(0, 1, 0, 0));
+    // A later reply to a command never seen is a loss of its own.
+    p.feed(S, b"+OK\r\n", 7, &mut out);
+    assert_eq!(p.losses(), losses(0, 1, 1, 0));
+}
+
+#[test]
+fn a_lost_write_of_two_commands_counts_the_second_when_its_reply_shows_it() {
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
+    p.gap(C, 40, 2, &mut out);
+    p.feed(S, b"$1\r\na\r\n$1\r\nc\r\n$1\r\nd\r\n", 3, &mut out);
+    assert_eq!(out.len(), 1);
+    // Two exchanges lost: the gap, and the second reply that answers nothing held.
+    assert_eq!(p.losses(), losses(0, 1, 1, 0));
+}
+
+/// Losses by reason: malformed, gap, unpaired, oversize.
+fn losses(malformed: u64, gap: u64, unpaired: u64, oversize: u64) -> Losses {
+    let mut l = Losses::default();
+    for (why, n) in [
+        (Loss::Malformed, malformed),
+        (Loss::Gap, gap),
+        (Loss::Unpaired, unpaired),
+        (Loss::Oversize, oversize),
+    ] {
+        for _ in 0..n {
+            l.add(why);
+        }
+    }
+    l
 }
 
 #[test]
@@ -651,11 +700,28 @@ fn a_command_sent_while_earlier_ones_wait_after_a_loss_is_dropped_not_paired() {
     let got: Vec<_> = out.iter().map(|o| (stmt(o), o.end_ts)).collect();
     assert_eq!(got, [("GET a", 2), ("GET b", 6)]);
     assert_eq!(p.losses().get(Loss::Gap), 1);
-    // GET e dropped, and the three replies that answer nothing we hold.
-    assert_eq!(p.losses().get(Loss::Unpaired), 4);
+    // Three exchanges lost, each counted once: the gap (c), d (its reply answers
+    // nothing held) and GET e (dropped; its reply is not counted again).
+    assert_eq!(p.losses().get(Loss::Unpaired), 2);
     // Once every command seen has its reply, the next one pairs.
     p.feed(C, &cmd(&["GET", "f"]), 7, &mut out);
     p.feed(S, b"$1\r\nf\r\n", 8, &mut out);
     p.feed(C, &cmd(&["PING"]), 9, &mut out);
     assert_eq!(out.last().map(|o| (stmt(o), o.end_ts)), Some(("GET f", 8)));
+}
+
+#[test]
+fn a_subscribe_lost_to_a_gap_is_counted_once_whatever_its_acknowledgements_and_messages() {
+    let mut p = RedisParser::new(cfg());
+    let mut out = Vec::new();
+    p.feed(C, &cmd(&["GET", "a"]), 1, &mut out);
+    p.feed(S, b"$1\r\na\r\n", 2, &mut out);
+    // The capture cut the SUBSCRIBE's name: the command is lost.
+    p.feed(C, b"*3\r\n$9\r\nSUBS", 3, &mut out);
+    p.gap(C, 26, 3, &mut out);
+    // One acknowledgement per channel, then a message: all of that one command.
+    p.feed(S, RESP2_PUBSUB[5].1, 4, &mut out);
+    p.feed(S, RESP2_PUBSUB[6].1, 5, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(p.losses(), losses(0, 1, 0, 0));
 }
