@@ -213,9 +213,11 @@ fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Res
         len: n,
     };
     // A libssl call active on this thread: these are its ciphertext bytes.
-    if let Some(ssl) = unsafe { SSL_ARGS.get(pid_tgid) } {
+    if let Some(ssl) = SSL_ARGS.get_ptr_mut(pid_tgid) {
+        // A socket BIO: the call's ciphertext goes out (or comes in) inside it.
+        unsafe { (*ssl).flags |= SSL_CALL_SOCKET_IO };
         let call = DataCall {
-            ssl: ssl.ssl,
+            ssl: unsafe { (*ssl).ssl },
             ..call
         };
         return with_scratch(preemptible, pid_tgid, |s| {

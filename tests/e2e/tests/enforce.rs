@@ -477,8 +477,34 @@ fn received(dir: &std::path::Path) -> String {
 /// clients, go through.
 #[test]
 fn a_blocked_https_request_never_reaches_the_server() {
-    let w = world(
+    blocked_https(
         "a_blocked_https_request_never_reaches_the_server",
+        "enf_https",
+        ["requests", "httpx"],
+    );
+}
+
+/// The same for an async activity, with aiohttp and httpx's `AsyncClient`: asyncio's TLS
+/// encrypts into a memory BIO (`SSL_write` returns before any byte is sent) and the
+/// event loop sends the ciphertext afterwards, outside any libssl call; the agent finds
+/// the plaintext that ciphertext carries from the write's record in the kernel.
+#[test]
+fn an_async_activitys_blocked_https_request_never_reaches_the_server() {
+    blocked_https(
+        "an_async_activitys_blocked_https_request_never_reaches_the_server",
+        "enf_aiohttp",
+        ["aiohttp", "httpx"],
+    );
+}
+
+/// Core blocks `GET https://…/blocked/<marker>` at its `started` hook event, made by
+/// `activity` with each of `clients` (cases 0 and 1), and allows `/fine/` (cases 2 and 3,
+/// the same clients): the recording TLS server never receives the blocked requests, each
+/// blocked activity fails with `GovernanceBlock` and one `started` hook event names its
+/// URL; the allowed ones get the server's answer.
+fn blocked_https(name: &str, activity: &str, clients: [&'static str; 2]) {
+    let w = world(
+        name,
         &json!({"default": {"verdict": "allow"}}),
         Some("2.0"),
         &[],
@@ -491,10 +517,10 @@ fn a_blocked_https_request_never_reaches_the_server() {
                    "body": {"verdict": "block", "reason": "not over TLS either"}}]}));
     // (index, client, path): 0 and 1 blocked, 2 and 3 allowed.
     let cases = [
-        (0, "requests", "blocked"),
-        (1, "httpx", "blocked"),
-        (2, "requests", "fine"),
-        (3, "httpx", "fine"),
+        (0, clients[0], "blocked"),
+        (1, clients[1], "blocked"),
+        (2, clients[0], "fine"),
+        (3, clients[1], "fine"),
     ];
     let url = |i: usize, path: &str| format!("{base}/{path}/{}", w.marker(i));
     let outcomes = w.run(
@@ -505,7 +531,7 @@ fn a_blocked_https_request_never_reaches_the_server() {
                     &w,
                     i,
                     i,
-                    "enf_https",
+                    activity,
                     item(&w, i, json!({"url": url(i, path), "client": client})),
                 )
             })
