@@ -5,7 +5,9 @@
 //! one, async, held on the event-loop thread.
 //!
 //! Checked: Core's BLOCK at a file's `started` hook event means the file is never
-//! created; a BLOCK on a plain-HTTP request by URL means the server never receives it;
+//! created; a BLOCK on a plain-HTTP or HTTPS request by URL (sync clients, and async ones
+//! whose TLS is asyncio's memory BIO) means the server never receives it, and on a SQL
+//! statement (plain or TLS) that the server never runs it;
 //! both fail the activity with SDK 2.0's `GovernanceBlock`, and another activity of the
 //! worker runs normally. A HALT mid-activity denies every later connection of the
 //! `curl` loop the activity started (a subprocess: the filter is inherited), and the
@@ -373,8 +375,27 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
 /// with `GovernanceBlock`.
 #[test]
 fn a_blocked_sql_statement_never_reaches_the_server() {
-    let w = world(
+    blocked_sql(
         "a_blocked_sql_statement_never_reaches_the_server",
+        "disable",
+    );
+}
+
+/// The same over TLS (`sslmode=require`): libpq's `SSL_write` sends the ciphertext from
+/// within the call, and the agent reads the query from its plaintext.
+#[test]
+fn a_blocked_sql_statement_over_tls_never_reaches_the_server() {
+    blocked_sql(
+        "a_blocked_sql_statement_over_tls_never_reaches_the_server",
+        "require",
+    );
+}
+
+/// Core blocks `CREATE TABLE blocked_<token>` made by psycopg2 with `sslmode`; a second
+/// activity then asks the server whether the table exists.
+fn blocked_sql(name: &str, sslmode: &str) {
+    let w = world(
+        name,
         &json!({"default": {"verdict": "allow"}}),
         Some("2.0"),
         &[],
@@ -405,13 +426,13 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
             item(
                 &w,
                 0,
-                json!({"pg_plain_port": port, "sql": format!("CREATE TABLE {table} (x int)")}),
+                json!({"pg_plain_port": port, "sslmode": sslmode, "sql": format!("CREATE TABLE {table} (x int)")}),
             ),
         )],
         RUN_TIMEOUT,
     );
     let check = w.run(
-        &[step(&w, 1, 1, "enf_sql", item(&w, 1, json!({"pg_plain_port": port, "sql": format!("SELECT to_regclass('{table}')::text")})))],
+        &[step(&w, 1, 1, "enf_sql", item(&w, 1, json!({"pg_plain_port": port, "sslmode": sslmode, "sql": format!("SELECT to_regclass('{table}')::text")})))],
         RUN_TIMEOUT,
     );
     let (bad, good) = (
