@@ -676,10 +676,11 @@ impl Enforcer {
     /// or another plain handshake record comes before any `SSL_write` of its
     /// connection). Two or more waiting would make it a guess: [`Carried::Ambiguous`].
     fn memory_bio_send(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<Carried> {
-        let unsent = self.unsent.get()?;
-        if self.tls_call(tgid, tid, d).is_some() {
+        if let Some(call) = self.tls_call(tgid, tid, d) {
+            self.mark_socket_io(tgid, tid, call);
             return None;
         }
+        let unsent = self.unsent.get()?;
         let record = sent_bytes(tid, d, 6)?;
         let content_type = tls_record_type(&record)?;
         let fd = d.args[0] as RawFd;
@@ -762,6 +763,34 @@ impl Enforcer {
             .unwrap_or_else(|p| p.into_inner())
             .get(&tid)
             .map(|p| p.worker)
+    }
+
+    /// Flags the libssl call thread `tid` is held in as one that sends on a socket itself
+    /// (a socket BIO), so its return probe keeps nothing of it as unsent: the kernel
+    /// flags it only when the send moved bytes, and a send denied here moves none —
+    /// while libpq, for one, then tells OpenSSL the write succeeded. The thread is
+    /// parked, so its entry cannot change meanwhile; only an existing one is updated.
+    fn mark_socket_io(&self, tgid: Pid, tid: u32, call: openbox_common::SslArgs) {
+        use openbox_common::SSL_CALL_SOCKET_IO;
+        if call.flags & SSL_CALL_SOCKET_IO != 0 {
+            return;
+        }
+        let Some(map) = self.ssl_calls.get() else {
+            return;
+        };
+        let key = (u64::from(tgid) << 32) | u64::from(tid);
+        let marked = openbox_common::SslArgs {
+            flags: call.flags | SSL_CALL_SOCKET_IO,
+            ..call
+        };
+        const BPF_EXIST: u64 = 2;
+        if let Err(e) = map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, marked, BPF_EXIST)
+        {
+            tracing::debug!(tgid, tid, "flagging a libssl call as a socket BIO's: {e}");
+        }
     }
 
     /// The activity host thread `tid` works for, and its process: a registered thread's
