@@ -344,6 +344,8 @@ pub struct Decide {
     pub fd: RawFd,
     /// The memory-BIO plaintext this send carries, taken once it is answered.
     pub taken: Option<Taken>,
+    /// The enforcer's counters (a denial counts there too).
+    pub stats: Arc<Stats>,
 }
 
 impl Decide {
@@ -352,6 +354,7 @@ impl Decide {
             Answer::Continue
         } else {
             self.gate.denied.fetch_add(1, Relaxed);
+            self.stats.denied.fetch_add(1, Relaxed);
             if matches!(self.operation, Operation::Sql { .. }) {
                 end_connection(self.pid, self.fd);
             }
@@ -474,7 +477,7 @@ pub struct Enforcer {
     filtered_at: Mutex<HashMap<u32, u64>>,
     decide: mpsc::UnboundedSender<Decide>,
     skip: SkipPaths,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl Enforcer {
@@ -494,7 +497,7 @@ impl Enforcer {
                 filtered_at: Mutex::default(),
                 decide: tx,
                 skip,
-                stats: Stats::default(),
+                stats: Arc::default(),
             }),
             rx,
         )
@@ -643,6 +646,7 @@ impl Enforcer {
                     nr,
                     fd: n.data.args[0] as RawFd,
                     taken,
+                    stats: self.stats.clone(),
                 };
                 if let Err(e) = self.decide.send(d) {
                     // The daemon is stopping: nothing can ask Core any more.

@@ -569,9 +569,30 @@ fn blocked_https(name: &str, activity: &str, clients: [&'static str; 2]) {
         .collect();
     let (_, agent) = w.finish();
     server.stop(libc::SIGTERM, Duration::from_secs(10));
-    agent.expect("the agent ran").assert_clean_exit();
+    let agent = agent.expect("the agent ran");
+    agent.assert_clean_exit();
 
     let mut p = Vec::new();
+    // The agent's own account: both blocked sends denied; an async client's sends were
+    // matched to their plaintext, none left to the failure policy.
+    let enforcement = agent
+        .summary
+        .as_ref()
+        .map(|s| s["enforcement"].clone())
+        .unwrap_or_default();
+    let count = |k: &str| enforcement[k].as_u64().unwrap_or(0);
+    let memory_bio = activity == "enf_aiohttp";
+    if count("denied") < 2 || (memory_bio && (count("tls_named") < 4 || count("tls_unnamed") != 0))
+    {
+        p.push(format!(
+            "the summary's enforcement: expected at least 2 denied{}, got {enforcement}",
+            if memory_bio {
+                ", 4 TLS sends named and none unnamed"
+            } else {
+                ""
+            }
+        ));
+    }
     for (&(_, client, path), (id, marker, wanted)) in cases.iter().zip(&named) {
         let o = outcome(&outcomes, id);
         let request_line = format!("GET /{path}/{marker} HTTP/1.1");
