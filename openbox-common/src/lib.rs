@@ -469,7 +469,62 @@ pub struct SslArgs {
     pub out_len: u64,
     /// `SRC_SSL_*`.
     pub source: u32,
+    /// `SSL_CALL_*` flags.
+    pub flags: u32,
+}
+
+/// [`SslArgs::flags`]: the call moved bytes on a socket itself (a socket BIO), so its
+/// ciphertext went out inside it; a write without it encrypted into a memory BIO.
+pub const SSL_CALL_SOCKET_IO: u32 = 1;
+
+/// Bytes kept of the first unsent write of a memory-BIO SSL object ([`UnsentWrite`]):
+/// enough for a request head with its headers.
+pub const UNSENT_HEAD: usize = 2048;
+
+/// Key of the `TLS_UNSENT` map: an SSL object of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnsentKey {
+    pub tgid: u32,
     pub _pad: u32,
+    pub ssl: u64,
+}
+
+/// Value of the `TLS_UNSENT` map: the plaintext a memory-BIO SSL object encrypted since
+/// the agent last let its socket send (asyncio's TLS: `SSL_write` returns before any
+/// byte is sent, and the event loop sends the ciphertext later, outside libssl). Written
+/// by the `SSL_write` return probe on registered worker threads: created by the first
+/// such write (its first bytes kept), counted by the next ones; removed by the agent
+/// under `--enforce` once a send of that socket carrying it was let through or denied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnsentWrite {
+    /// Host tid of the thread that wrote it.
+    pub tid: u32,
+    /// `SSL_write` calls since the entry was created (the first included).
+    pub writes: u32,
+    /// Plaintext length of the first write.
+    pub len: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the first write.
+    pub at_ns: u64,
+    /// Bytes of it in `head` (0 when they could not be read).
+    pub head_len: u32,
+    pub _pad: u32,
+    pub head: [u8; UNSENT_HEAD],
+}
+
+impl Default for UnsentWrite {
+    fn default() -> Self {
+        UnsentWrite {
+            tid: 0,
+            writes: 0,
+            len: 0,
+            at_ns: 0,
+            head_len: 0,
+            _pad: 0,
+            head: [0; UNSENT_HEAD],
+        }
+    }
 }
 
 /// Value of the `PAUSED` map (key: host tgid): a process the kernel stopped when it
@@ -499,4 +554,6 @@ mod pod {
     unsafe impl aya::Pod for super::Inherited {}
     unsafe impl aya::Pod for super::PausedProc {}
     unsafe impl aya::Pod for super::SslArgs {}
+    unsafe impl aya::Pod for super::UnsentKey {}
+    unsafe impl aya::Pod for super::UnsentWrite {}
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use openbox_common::*;
 
@@ -33,6 +33,16 @@ pub static ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0)
 /// call is active on this thread": socket bytes moved meanwhile are ciphertext.
 #[map]
 pub static SSL_ARGS: HashMap<u64, SslArgs> = HashMap::with_max_entries(16384, 0);
+/// What memory-BIO SSL objects of registered worker threads encrypted and their socket
+/// has not sent yet (see `UnsentWrite`), by process and SSL object: under `--enforce`
+/// the agent names a held ciphertext send of the event loop by it. LRU: entries nobody
+/// takes (no `--enforce`, a thread without the hook's filter) give way to new ones.
+#[map]
+pub static TLS_UNSENT: LruHashMap<UnsentKey, UnsentWrite> = LruHashMap::with_max_entries(1024, 0);
+/// One zeroed `UnsentWrite`, never written: a new `TLS_UNSENT` entry is inserted from it
+/// (the stack cannot hold one), then filled in place.
+#[map]
+pub static UNSENT_ZERO: Array<UnsentWrite> = Array::with_max_entries(1, 0);
 /// Scratch space of the tracepoint and fentry/fexit programs for data records (the
 /// stack is 512 bytes). Per CPU: a tracepoint program runs with preemption disabled, so
 /// it has its CPU's slot to itself until it returns; an fexit program may be preempted

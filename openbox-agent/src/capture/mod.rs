@@ -233,6 +233,8 @@ pub struct Capture {
     inherit_id: Option<u32>,
     /// The id of the `SSL_ARGS` map (the libssl calls in flight), for `--enforce`.
     ssl_args_id: Option<u32>,
+    /// The id of the `TLS_UNSENT` map (memory-BIO plaintext not sent yet), likewise.
+    tls_unsent_id: Option<u32>,
     /// Generations for descriptors the agent seeds: small numbers, below any kernel
     /// timestamp, so they never collide with the kernel's.
     next_seed_gen: u64,
@@ -429,6 +431,10 @@ impl Capture {
             Some(aya::maps::Map::HashMap(data)) => data.info().ok().map(|i| i.id()),
             _ => None,
         };
+        let tls_unsent_id = match ebpf.map("TLS_UNSENT") {
+            Some(aya::maps::Map::LruHashMap(data)) => data.info().ok().map(|i| i.id()),
+            _ => None,
+        };
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").context("map COUNTERS")?)?;
         let ring = Some(ebpf.take_map("EVENTS").context("map EVENTS")?);
         // The libssl programs: no watched process needs them before it maps a libssl,
@@ -453,6 +459,7 @@ impl Capture {
             inherit,
             inherit_id,
             ssl_args_id,
+            tls_unsent_id,
             next_seed_gen: 1,
             counters,
             tls: tls::TlsProbes::default(),
@@ -554,6 +561,12 @@ impl Capture {
     /// the map: this is a second handle on it).
     pub fn ssl_args_reader(&self) -> Result<BpfHashMap<MapData, u64, SslArgs>> {
         second_handle(self.ssl_args_id, "SSL_ARGS")
+    }
+
+    /// A reader (and remover) of the plaintext memory-BIO SSL objects encrypted and
+    /// did not send yet (`TLS_UNSENT`), for `--enforce`.
+    pub fn tls_unsent_reader(&self) -> Result<BpfHashMap<MapData, UnsentKey, UnsentWrite>> {
+        second_handle_as(self.tls_unsent_id, "TLS_UNSENT", aya::maps::Map::LruHashMap)
     }
 
     pub fn unregister_thread(&mut self, tid: u32) {
@@ -812,7 +825,16 @@ fn second_handle<K: aya::Pod, V: aya::Pod>(
     id: Option<u32>,
     name: &str,
 ) -> Result<BpfHashMap<MapData, K, V>> {
+    second_handle_as(id, name, aya::maps::Map::HashMap)
+}
+
+/// [`second_handle`] on a map of the kind `kind` makes (a hash or an LRU hash).
+fn second_handle_as<K: aya::Pod, V: aya::Pod>(
+    id: Option<u32>,
+    name: &str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Result<BpfHashMap<MapData, K, V>> {
     let id = id.with_context(|| format!("the {name} map has no id"))?;
     let data = MapData::from_id(id).with_context(|| format!("opening the {name} map by id"))?;
-    Ok(BpfHashMap::try_from(aya::maps::Map::HashMap(data))?)
+    Ok(BpfHashMap::try_from(kind(data))?)
 }

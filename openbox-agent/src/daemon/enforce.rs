@@ -43,6 +43,7 @@ use std::{
     },
 };
 
+use openbox_common::{UnsentKey, UnsentWrite};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
@@ -235,6 +236,9 @@ pub enum Operation {
     },
     /// A PostgreSQL simple query (`Q` message) on a plain connection.
     Sql { statement: String },
+    /// A TLS send whose plaintext the agent cannot name exactly (see [`Carried`]): the
+    /// failure policy decides it, never a guess.
+    Unnamed { why: &'static str },
 }
 
 impl Operation {
@@ -244,6 +248,7 @@ impl Operation {
             Operation::File { path, flags } => format!("file {} {path}", open_mode(*flags)),
             Operation::Http { method, url, .. } => format!("http {method} {url}"),
             Operation::Sql { statement } => format!("sql {statement}"),
+            Operation::Unnamed { why } => format!("unnamed {why}"),
         }
     }
 }
@@ -337,6 +342,10 @@ pub struct Decide {
     pub nr: i64,
     /// Its descriptor (the socket, for a denied query).
     pub fd: RawFd,
+    /// The memory-BIO plaintext this send carries, taken once it is answered.
+    pub taken: Option<Taken>,
+    /// The enforcer's counters (a denial counts there too).
+    pub stats: Arc<Stats>,
 }
 
 impl Decide {
@@ -345,12 +354,37 @@ impl Decide {
             Answer::Continue
         } else {
             self.gate.denied.fetch_add(1, Relaxed);
+            self.stats.denied.fetch_add(1, Relaxed);
             if matches!(self.operation, Operation::Sql { .. }) {
                 end_connection(self.pid, self.fd);
             }
             Answer::Deny(deny_errno(self.nr))
         };
-        let _ = self.listener.answer(self.id, answer);
+        answer_taking(&self.listener, self.id, answer, self.taken.as_ref());
+    }
+}
+
+type UnsentMap = aya::maps::HashMap<aya::maps::MapData, UnsentKey, UnsentWrite>;
+
+/// The kernel's record of a memory-BIO SSL object's unsent plaintext that a held send
+/// carries: removed once the send is answered (let through or denied), so no later send
+/// is named by it. A call that was interrupted meanwhile keeps it for its retry.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    unsent: Arc<Mutex<UnsentMap>>,
+    key: UnsentKey,
+}
+
+/// Answers held call `id`; once the answer reached it, takes the plaintext it carried.
+fn answer_taking(listener: &Listener, id: u64, answer: Answer, taken: Option<&Taken>) {
+    if listener.answer(id, answer).is_ok() {
+        if let Some(t) = taken {
+            let _ = t
+                .unsent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&t.key);
+        }
     }
 }
 
@@ -371,6 +405,8 @@ pub struct Stats {
     pub asked: AtomicU64,
     pub cached: AtomicU64,
     pub denied: AtomicU64,
+    pub tls_named: AtomicU64,
+    pub tls_unnamed: AtomicU64,
 }
 
 impl Stats {
@@ -382,6 +418,8 @@ impl Stats {
             asked: self.asked.load(Relaxed),
             cached: self.cached.load(Relaxed),
             denied: self.denied.load(Relaxed),
+            tls_named: self.tls_named.load(Relaxed),
+            tls_unnamed: self.tls_unnamed.load(Relaxed),
         }
     }
 }
@@ -402,6 +440,13 @@ pub struct StatsSnapshot {
     pub cached: u64,
     /// Held calls denied (BLOCK, HALT, or the failure policy).
     pub denied: u64,
+    /// Held TLS sends outside libssl (asyncio's memory-BIO TLS) whose ciphertext the
+    /// agent matched to the plaintext its SSL object encrypted.
+    pub tls_named: u64,
+    /// Held TLS sends outside libssl whose plaintext could not be told exactly (two SSL
+    /// objects of the thread waiting for a socket none owns, or a request head longer
+    /// than the bytes kept): decided by the failure policy.
+    pub tls_unnamed: u64,
 }
 
 /// Where a registered thread publishes its activity.
@@ -422,9 +467,17 @@ pub struct Enforcer {
     /// The libssl calls in flight (`SSL_ARGS`): what a thread held in a socket write
     /// inside `SSL_write` is encrypting ([`Enforcer::read_tls_calls`]).
     ssl_calls: std::sync::OnceLock<Mutex<SslArgsMap>>,
+    /// What memory-BIO SSL objects encrypted and did not send yet (`TLS_UNSENT`): what
+    /// a thread held in a TLS send outside libssl is sending ([`Enforcer::carried`]).
+    unsent: std::sync::OnceLock<Arc<Mutex<UnsentMap>>>,
+    /// Which SSL object each TLS socket carries, learned at held sends.
+    bio: Mutex<MemoryBio>,
+    /// When each thread that handed a listener was filtered (CLOCK_MONOTONIC ns): a
+    /// `TLS_UNSENT` entry it wrote before then was sent unheld, and is stale.
+    filtered_at: Mutex<HashMap<u32, u64>>,
     decide: mpsc::UnboundedSender<Decide>,
     skip: SkipPaths,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl Enforcer {
@@ -439,9 +492,12 @@ impl Enforcer {
                 gates: Mutex::default(),
                 inherit: inherit.map(Mutex::new),
                 ssl_calls: std::sync::OnceLock::new(),
+                unsent: std::sync::OnceLock::new(),
+                bio: Mutex::default(),
+                filtered_at: Mutex::default(),
                 decide: tx,
                 skip,
-                stats: Stats::default(),
+                stats: Arc::default(),
             }),
             rx,
         )
@@ -494,6 +550,10 @@ impl Enforcer {
         let me = self.clone();
         let listener = Arc::new(listener);
         self.stats.listeners.fetch_add(1, Relaxed);
+        self.filtered_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tid, monotonic_ns());
         std::thread::Builder::new()
             .name(format!("enforce-{tid}"))
             .spawn(move || {
@@ -525,24 +585,33 @@ impl Enforcer {
 
     /// Answers a held call at once, or hands it to the daemon to ask Core.
     fn first_look(&self, listener: &Arc<Listener>, n: Notif) {
-        let answer = |a: Answer| {
-            let _ = listener.answer(n.id, a);
-        };
-        let Some((activity, pid)) = self.activity_of(n.pid) else {
-            self.stats.continued.fetch_add(1, Relaxed);
-            return answer(Answer::Continue);
-        };
-        let Some(gate) = self.gate(&activity) else {
-            self.stats.continued.fetch_add(1, Relaxed);
-            return answer(Answer::Continue);
-        };
         let nr = i64::from(n.data.nr);
+        let governed = self
+            .activity_of(n.pid)
+            .and_then(|(activity, pid)| Some((activity, pid, self.gate(&activity)?)));
+        let Some((activity, pid, gate)) = governed else {
+            // Nothing to govern; a memory-BIO send still carries what it carries, which
+            // no later send may be named by.
+            // (Only registered threads' writes are kept: `note_unsent`.)
+            let taken = self
+                .worker_of(n.pid)
+                .and_then(|tgid| self.memory_bio_send(tgid, n.pid, &n.data))
+                .and_then(|c| c.taken(self));
+            self.stats.continued.fetch_add(1, Relaxed);
+            return answer_taking(listener, n.id, Answer::Continue, taken.as_ref());
+        };
+        let carried = self.memory_bio_send(pid, n.pid, &n.data);
+        let taken = carried.as_ref().and_then(|c| c.taken(self));
+        let answer = |a: Answer| answer_taking(listener, n.id, a, taken.as_ref());
         if gate.halted() {
             gate.denied.fetch_add(1, Relaxed);
             self.stats.denied.fetch_add(1, Relaxed);
             return answer(Answer::Deny(deny_errno(nr)));
         }
-        let operation = self.operation(pid, n.pid, &n.data);
+        let operation = match carried {
+            Some(c) => c.operation(&self.stats),
+            None => self.operation(pid, n.pid, &n.data),
+        };
         // Read from the caller's memory: still the same call? (TOCTOU)
         if !listener.valid(n.id) {
             return;
@@ -576,6 +645,8 @@ impl Enforcer {
                     tid: n.pid,
                     nr,
                     fd: n.data.args[0] as RawFd,
+                    taken,
+                    stats: self.stats.clone(),
                 };
                 if let Err(e) = self.decide.send(d) {
                     // The daemon is stopping: nothing can ask Core any more.
@@ -589,6 +660,83 @@ impl Enforcer {
     /// the plaintext that call encrypts (`SSL_ARGS`, kept by the libssl entry probe).
     pub fn read_tls_calls(&self, ssl_args: SslArgsMap) {
         let _ = self.ssl_calls.set(Mutex::new(ssl_args));
+    }
+
+    /// Governs asyncio's TLS requests too: a TLS send of a thread outside libssl is read
+    /// as the plaintext its socket's memory-BIO SSL object encrypted and did not send yet
+    /// (`TLS_UNSENT`, kept by the `SSL_write` return probe).
+    pub fn read_unsent_tls(&self, unsent: UnsentMap) {
+        let _ = self.unsent.set(Arc::new(Mutex::new(unsent)));
+    }
+
+    /// What held call `d` of thread `tid` (of process `tgid`) carries when it is a TLS
+    /// send made outside libssl (memory-BIO TLS: the event loop sending what `SSL_write`
+    /// encrypted earlier); `None` for any other call.
+    ///
+    /// Each TLS socket carries one SSL object. The socket's SSL object is known once a
+    /// send linked them; a socket with none yet takes the one SSL object of this thread
+    /// whose plaintext waits for a socket (none owned by a live socket) — as the capture
+    /// links them — when its first record can carry application data (a `ClientHello`
+    /// or another plain handshake record comes before any `SSL_write` of its
+    /// connection). Two or more waiting would make it a guess: [`Carried::Ambiguous`].
+    fn memory_bio_send(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<Carried> {
+        if let Some(call) = self.tls_call(tgid, tid, d) {
+            self.mark_socket_io(tgid, tid, call);
+            return None;
+        }
+        let unsent = self.unsent.get()?;
+        let record = sent_bytes(tid, d, 6)?;
+        let content_type = tls_record_type(&record)?;
+        let fd = d.args[0] as RawFd;
+        let ino = socket_inode(tid, fd)?;
+        let mut bio = self.bio.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = unsent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&ssl) = bio.owners.get(&(tgid, ino)) {
+            let key = UnsentKey { tgid, _pad: 0, ssl };
+            return Some(match map.get(&key, 0) {
+                Ok(w) => Carried::Write(key, Box::new(w)),
+                Err(_) => Carried::Nothing,
+            });
+        }
+        if content_type == TLS_HANDSHAKE || content_type == TLS_ALERT {
+            return Some(Carried::Nothing);
+        }
+        let since = self
+            .filtered_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tid)
+            .copied()
+            .unwrap_or(0);
+        let (mut waiting, mut stale) = (Vec::new(), Vec::new());
+        for (key, w) in map.iter().flatten() {
+            if key.tgid != tgid || w.tid != tid {
+                continue;
+            }
+            if w.at_ns < since {
+                stale.push(key);
+                continue;
+            }
+            let owned = bio
+                .sockets
+                .get(&(tgid, key.ssl))
+                .is_some_and(|&(fd, ino)| socket_inode(tid, fd) == Some(ino));
+            if !owned {
+                waiting.push((key, w));
+            }
+        }
+        for key in stale {
+            let _ = map.remove(&key);
+        }
+        Some(match waiting.len() {
+            0 => Carried::Nothing,
+            1 => {
+                let (key, w) = waiting.remove(0);
+                bio.link(tgid, key.ssl, fd, ino);
+                Carried::Write(key, Box::new(w))
+            }
+            _ => Carried::Ambiguous,
+        })
     }
 
     /// What held call `d` of thread `tid` (of process `tgid`) is about to do. A send
@@ -610,6 +758,43 @@ impl Enforcer {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key, 0)
             .ok()
+    }
+
+    /// The worker host thread `tid` is a registered thread of.
+    fn worker_of(&self, tid: u32) -> Option<Pid> {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&tid)
+            .map(|p| p.worker)
+    }
+
+    /// Flags the libssl call thread `tid` is held in as one that sends on a socket itself
+    /// (a socket BIO), so its return probe keeps nothing of it as unsent: the kernel
+    /// flags it only when the send moved bytes, and a send denied here moves none —
+    /// while libpq, for one, then tells OpenSSL the write succeeded. The thread is
+    /// parked, so its entry cannot change meanwhile; only an existing one is updated.
+    fn mark_socket_io(&self, tgid: Pid, tid: u32, call: openbox_common::SslArgs) {
+        use openbox_common::SSL_CALL_SOCKET_IO;
+        if call.flags & SSL_CALL_SOCKET_IO != 0 {
+            return;
+        }
+        let Some(map) = self.ssl_calls.get() else {
+            return;
+        };
+        let key = (u64::from(tgid) << 32) | u64::from(tid);
+        let marked = openbox_common::SslArgs {
+            flags: call.flags | SSL_CALL_SOCKET_IO,
+            ..call
+        };
+        const BPF_EXIST: u64 = 2;
+        if let Err(e) = map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, marked, BPF_EXIST)
+        {
+            tracing::debug!(tgid, tid, "flagging a libssl call as a socket BIO's: {e}");
+        }
     }
 
     /// The activity host thread `tid` works for, and its process: a registered thread's
@@ -756,7 +941,143 @@ fn tls_operation(tid: u32, d: &SeccompData, call: &openbox_common::SslArgs) -> O
 
 /// Whether `buf` starts a TLS application-data record (content type 23, version 3.x).
 fn is_application_data(buf: &[u8]) -> bool {
-    matches!(buf, [23, 3, _, ..])
+    tls_record_type(buf) == Some(TLS_APPLICATION_DATA)
+}
+
+const TLS_ALERT: u8 = 21;
+const TLS_HANDSHAKE: u8 = 22;
+const TLS_APPLICATION_DATA: u8 = 23;
+
+/// The content type of the TLS record `buf` starts (change_cipher_spec, alert,
+/// handshake or application data, version 3.x), when it starts one.
+fn tls_record_type(buf: &[u8]) -> Option<u8> {
+    match buf {
+        [t @ 20..=23, 3, _, ..] => Some(*t),
+        _ => None,
+    }
+}
+
+/// The inode of socket `fd` of thread `tid`: what names a socket for as long as it is
+/// open (a descriptor number is reused).
+fn socket_inode(tid: u32, fd: RawFd) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(format!("/proc/{tid}/fd/{fd}")).ok()?;
+    m.file_type().is_socket().then(|| m.ino())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: one valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Which SSL object each TLS socket of a process carries (memory-BIO TLS), as held
+/// sends linked them.
+#[derive(Debug, Default)]
+struct MemoryBio {
+    /// (process, SSL object) → its socket: descriptor and inode.
+    sockets: HashMap<(Pid, u64), (RawFd, u64)>,
+    /// (process, socket inode) → its SSL object.
+    owners: HashMap<(Pid, u64), u64>,
+}
+
+impl MemoryBio {
+    fn link(&mut self, tgid: Pid, ssl: u64, fd: RawFd, ino: u64) {
+        if let Some((_, old)) = self.sockets.insert((tgid, ssl), (fd, ino)) {
+            self.owners.remove(&(tgid, old));
+        }
+        if let Some(old) = self.owners.insert((tgid, ino), ssl) {
+            if old != ssl {
+                self.sockets.remove(&(tgid, old));
+            }
+        }
+    }
+}
+
+/// What a held TLS send outside libssl carries ([`Enforcer::memory_bio_send`]).
+#[derive(Debug)]
+enum Carried {
+    /// No plaintext waits for this socket: a handshake record, an alert, the rest of an
+    /// earlier send.
+    Nothing,
+    /// The plaintext its SSL object encrypted since its socket last sent (the first
+    /// write's first bytes, and how many writes).
+    Write(UnsentKey, Box<UnsentWrite>),
+    /// Two or more SSL objects of the thread wait for a socket none owns yet.
+    Ambiguous,
+}
+
+impl Carried {
+    fn taken(&self, e: &Enforcer) -> Option<Taken> {
+        match self {
+            Carried::Write(key, _) => Some(Taken {
+                unsent: e.unsent.get()?.clone(),
+                key: *key,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The operation the send starts: the request at the start of the first unsent
+    /// write (a write that starts no request — a body's continuation — is none), or
+    /// [`Operation::Unnamed`] when that cannot be told exactly.
+    fn operation(self, stats: &Stats) -> Option<Operation> {
+        let op = match self {
+            Carried::Nothing => return None,
+            Carried::Ambiguous => Some(Operation::Unnamed {
+                why: "two or more SSL objects of the thread wait for a socket",
+            }),
+            Carried::Write(_, w) => unsent_operation(&w),
+        };
+        match &op {
+            Some(Operation::Unnamed { .. }) => stats.tls_unnamed.fetch_add(1, Relaxed),
+            _ => stats.tls_named.fetch_add(1, Relaxed),
+        };
+        op
+    }
+}
+
+/// The request at the start of a memory-BIO SSL object's first unsent write: named as
+/// [`tls_request`] names it when its head is within the kept bytes; a head cut by them
+/// (or bytes the kernel could not read) cannot be named exactly.
+fn unsent_operation(w: &UnsentWrite) -> Option<Operation> {
+    let kept = (w.head_len as usize).min(w.head.len());
+    if kept == 0 && w.len > 0 {
+        return Some(Operation::Unnamed {
+            why: "the plaintext could not be read",
+        });
+    }
+    let head = &w.head[..kept];
+    let all = kept as u64 >= w.len;
+    let cut = Some(Operation::Unnamed {
+        why: "a request longer than the bytes kept",
+    });
+    match tls_request(head) {
+        Some(Operation::Http { .. }) if !all && !head.windows(4).any(|x| x == b"\r\n\r\n") => cut,
+        Some(op) => Some(op),
+        // A request line or a query cut by the kept bytes.
+        None if !all && starts_request(head) => cut,
+        None => None,
+    }
+}
+
+const METHODS: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+];
+
+/// Whether `buf` starts like a request the agent governs (an HTTP method and a space, a
+/// PostgreSQL query message), whole or not.
+fn starts_request(buf: &[u8]) -> bool {
+    buf.first() == Some(&b'Q')
+        || METHODS.iter().any(|m| {
+            buf.strip_prefix(m.as_bytes())
+                .is_some_and(|rest| rest.first() == Some(&b' '))
+        })
 }
 
 /// The request at the start of an `SSL_write`'s plaintext, named as the capture names a
@@ -857,9 +1178,6 @@ pub fn pg_query(buf: &[u8]) -> Option<Operation> {
 /// target, as the capture names it) and headers. `None` for anything else (TLS records,
 /// a body, another protocol).
 pub fn http_head(buf: &[u8]) -> Option<Operation> {
-    const METHODS: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
-    ];
     let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
     let line = std::str::from_utf8(&buf[..line_end]).ok()?;
     let mut parts = line.split(' ');
@@ -977,6 +1295,104 @@ mod tests {
             "a handshake record"
         );
         assert!(!is_application_data(b"\x17"), "too short to tell");
+    }
+
+    fn unsent(first: &[u8], len: u64) -> UnsentWrite {
+        let mut w = UnsentWrite {
+            tid: 7,
+            writes: 1,
+            len,
+            head_len: first.len().min(openbox_common::UNSENT_HEAD) as u32,
+            ..UnsentWrite::default()
+        };
+        let n = w.head_len as usize;
+        w.head[..n].copy_from_slice(&first[..n]);
+        w
+    }
+
+    #[test]
+    fn a_memory_bio_write_is_named_only_when_it_starts_a_whole_request_head() {
+        let head = b"GET /blocked/x HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nAccept: */*\r\n\r\n";
+        let op = unsent_operation(&unsent(head, head.len() as u64)).unwrap();
+        assert_eq!(op.key(), "http GET https://127.0.0.1:8443/blocked/x");
+        // The head and its body in one write: the head is whole within the kept bytes.
+        let mut with_body = head.to_vec();
+        with_body.extend(std::iter::repeat_n(b'a', 4000));
+        let op = unsent_operation(&unsent(&with_body, with_body.len() as u64)).unwrap();
+        assert_eq!(op.key(), "http GET https://127.0.0.1:8443/blocked/x");
+        // A body's continuation starts no request.
+        assert_eq!(unsent_operation(&unsent(b"aaaa{\"x\": 1}", 12)), None);
+        // A head longer than the kept bytes: its headers cannot all be read, so it is
+        // not named (nor let through as "no request").
+        let mut long = b"GET /x HTTP/1.1\r\nHost: h\r\nCookie: ".to_vec();
+        long.extend(std::iter::repeat_n(b'c', 3000));
+        long.extend_from_slice(b"\r\n\r\n");
+        assert!(matches!(
+            unsent_operation(&unsent(&long, long.len() as u64)),
+            Some(Operation::Unnamed { .. })
+        ));
+        // A request line (or a query) longer than the kept bytes.
+        let mut long_url = b"GET /".to_vec();
+        long_url.extend(std::iter::repeat_n(b'u', 3000));
+        assert!(matches!(
+            unsent_operation(&unsent(&long_url, 3100)),
+            Some(Operation::Unnamed { .. })
+        ));
+        let mut long_query = b"Q\0\0\x0b\xc0SELECT '".to_vec();
+        long_query.extend(std::iter::repeat_n(b'q', 3000));
+        assert!(matches!(
+            unsent_operation(&unsent(&long_query, 3009)),
+            Some(Operation::Unnamed { .. })
+        ));
+        // Bytes the kernel could not read.
+        let mut unread = unsent(b"", 0);
+        unread.len = 100;
+        assert!(matches!(
+            unsent_operation(&unread),
+            Some(Operation::Unnamed { .. })
+        ));
+        // A PostgreSQL query over TLS.
+        let q = unsent_operation(&unsent(b"Q\0\0\0\x0eSELECT 1;\0", 15)).unwrap();
+        assert_eq!(q.key(), "sql SELECT 1;");
+    }
+
+    #[test]
+    fn tls_records_are_told_by_their_content_type() {
+        assert_eq!(
+            tls_record_type(b"\x16\x03\x01\x02\x00\x01"),
+            Some(TLS_HANDSHAKE)
+        );
+        assert_eq!(tls_record_type(b"\x14\x03\x03\x00\x01\x01"), Some(20));
+        assert_eq!(
+            tls_record_type(b"\x17\x03\x03\x00\x20"),
+            Some(TLS_APPLICATION_DATA)
+        );
+        assert_eq!(tls_record_type(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(
+            tls_record_type(b"\x18\x03\x03"),
+            None,
+            "no such content type"
+        );
+        assert_eq!(tls_record_type(b"Q\0\0\0\x0e"), None);
+    }
+
+    #[test]
+    fn a_socket_carries_one_ssl_object_and_relinking_forgets_the_old_pairing() {
+        let mut bio = MemoryBio::default();
+        bio.link(1, 0xa, 5, 100);
+        assert_eq!(bio.owners[&(1, 100)], 0xa);
+        // The SSL object's address reused by another object on a new socket.
+        bio.link(1, 0xa, 6, 200);
+        assert_eq!(bio.owners.get(&(1, 100)), None);
+        assert_eq!(bio.sockets[&(1, 0xa)], (6, 200));
+        // Another object on the same socket (inode) takes it over.
+        bio.link(1, 0xb, 6, 200);
+        assert_eq!(bio.owners[&(1, 200)], 0xb);
+        assert_eq!(bio.sockets.get(&(1, 0xa)), None);
+        // Processes apart.
+        bio.link(2, 0xb, 6, 200);
+        assert_eq!(bio.owners[&(1, 200)], 0xb);
+        assert_eq!(bio.owners[&(2, 200)], 0xb);
     }
 
     #[test]

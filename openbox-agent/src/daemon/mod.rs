@@ -243,8 +243,14 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 "--enforce: TLS requests are governed after they happen, not held: {e:#}"
             ),
         }
+        match session.capture().tls_unsent_reader() {
+            Ok(map) => e.read_unsent_tls(map),
+            Err(e) => tracing::warn!(
+                "--enforce: asyncio's TLS requests (memory BIO) are governed after they happen, not held: {e:#}"
+            ),
+        }
         crate::logging::announce(format_args!(
-            "enforcing before the operation (seccomp user notification): HTTP requests and PostgreSQL simple queries (plain, or TLS through libssl's SSL_write) and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied"
+            "enforcing before the operation (seccomp user notification): HTTP requests and PostgreSQL simple queries (plain, or TLS through libssl's SSL_write, asyncio's memory BIO included) and opens for writing wait for Core's verdict on their started hook event, and after a HALT every connect/send/write/open-for-write of the activity's threads and processes is denied"
         ));
         (Some(e), Some(rx))
     } else {
@@ -1258,6 +1264,21 @@ impl Daemon {
         let Ok(gov) = self.governor_of(worker) else {
             return held.answer(true);
         };
+        if let enforce::Operation::Unnamed { why } = held.operation {
+            // Which request the send carries cannot be told: never a guess, the failure
+            // policy decides (counted in the enforcement summary).
+            let closed = gov.config().on_api_error == FailPolicy::FailClosed;
+            tracing::warn!(pid = held.pid, tid = held.tid, fd = held.fd, reason = why, fail_closed = closed,
+                "a held TLS send carries plaintext the agent cannot name exactly: the failure policy decides it");
+            if closed {
+                held.gate.hooks.stop(registry::HookStop {
+                    stage: HookStage::Started,
+                    verdict: Verdict::Halt,
+                    reason: format!("Governance: a TLS send could not be named exactly ({why}); on_api_error is fail_closed"),
+                });
+            }
+            return held.answer(!closed);
+        }
         let style = self.style_of(worker).over(gov.default_style());
         let Some(a) = self.registry.activities.get(&held.activity) else {
             // Ended meanwhile: nothing governs the call any more.
@@ -1673,6 +1694,11 @@ fn enforce_span(held: &enforce::Decide, trace_id: &str, activity_id: &str) -> Sp
             let scheme = url.split_once("://").map_or("http", |(s, _)| s);
             attributes.insert("http.scheme".into(), scheme.into());
             (method.clone(), "CLIENT", Some(headers.clone()))
+        }
+        enforce::Operation::Unnamed { why } => {
+            // Never sent to Core (`decide` applies the failure policy first).
+            attributes.insert("openbox.unnamed".into(), (*why).into());
+            ("tls.send".to_owned(), "CLIENT", None)
         }
         enforce::Operation::Sql { statement } => {
             let operation = statement

@@ -619,6 +619,14 @@ impl Collector for Metrics {
                         "Calls the kernel held for enforcement.",
                         Metric::Counter(f.held),
                     ),
+                    (
+                        "enforce_tls_sends",
+                        "Held TLS sends made outside libssl (memory-BIO TLS, asyncio), by whether the plaintext they carry was told exactly (unnamed: decided by the failure policy).",
+                        Metric::Labelled(
+                            "plaintext",
+                            &[("named", f.tls_named), ("unnamed", f.tls_unnamed)],
+                        ),
+                    ),
                 ],
             )?;
         }
@@ -718,6 +726,8 @@ mod tests {
             asked: 2,
             cached: 1,
             denied: 1,
+            tls_named: 3,
+            tls_unnamed: 1,
         });
         let text = s.to_prometheus();
         for line in [
@@ -725,6 +735,7 @@ mod tests {
             "openbox_enforce_calls_total{outcome=\"continued\"} 5",
             "openbox_enforce_calls_total{outcome=\"denied\"} 1",
             "openbox_enforce_held_calls_total 9",
+            "openbox_enforce_tls_sends_total{plaintext=\"unnamed\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -187,6 +187,14 @@ fn data_done(pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Res
     else {
         return Ok(());
     };
+    if fd_kind == FD_SOCKET {
+        if let Some(ssl) = SSL_ARGS.get_ptr_mut(pid_tgid) {
+            // A socket BIO: the call's ciphertext goes out (or comes in) inside it, and
+            // its plaintext is never kept as unsent (`tls::note_unsent`) — a failed send
+            // included (libpq then tells OpenSSL the write succeeded).
+            unsafe { (*ssl).flags |= SSL_CALL_SOCKET_IO };
+        }
+    }
     if n <= 0 {
         // The call failed or moved nothing: nothing to report.
         return Ok(());

@@ -19,9 +19,14 @@
 //! stops itself at its first watched call until the agent has attached its own
 //! ([`hold_forked_child`]).
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_RB_FORCE_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_probe_read_user as raw_probe_read_user,
+    },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -31,7 +36,7 @@ use super::files::pause;
 use crate::{
     emit::{emit_payload, thread_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{EVENTS, SSL_ARGS, TLS_SCRATCH, WATCHED},
+    maps::{EVENTS, SSL_ARGS, THREADS, TLS_SCRATCH, TLS_UNSENT, UNSENT_ZERO, WATCHED},
     task::{header, watch_flags},
 };
 
@@ -58,7 +63,7 @@ fn try_ssl_enter(ctx: &ProbeContext, source: u32, ex: bool) -> Result<(), Loss> 
         num: reg(ctx, 2),
         out_len: if ex { reg(ctx, 3) } else { 0 },
         source,
-        _pad: 0,
+        flags: 0,
     };
     SSL_ARGS
         .insert(pid_tgid, args, BPF_ANY.into())
@@ -121,6 +126,9 @@ fn try_ssl_ret(ctx: &RetProbeContext) -> Result<(), Loss> {
         SRC_SSL_WRITE | SRC_SSL_WRITE_EX => DIR_EGRESS,
         _ => DIR_INGRESS,
     };
+    if direction == DIR_EGRESS && args.flags & SSL_CALL_SOCKET_IO == 0 {
+        note_unsent(pid_tgid, &args, n);
+    }
     let call = DataCall {
         kind: EV_TLS_DATA,
         pid_tgid,
@@ -135,6 +143,61 @@ fn try_ssl_ret(ctx: &RetProbeContext) -> Result<(), Loss> {
     // Whatever happened, the entry must not outlive this run (no entry: no harm).
     let _ = TLS_SCRATCH.remove(pid_tgid);
     result
+}
+
+/// Keeps what an `SSL_write` that sent nothing on a socket (a memory BIO: asyncio's TLS)
+/// encrypted, for the agent to name the event loop's later send of its ciphertext
+/// (`TLS_UNSENT`): the first `n` bytes at `args.buf` (at most `UNSENT_HEAD`) when the SSL
+/// object has nothing unsent yet, else one more write counted. Only on threads of
+/// registered workers, the ones `--enforce` holds.
+#[inline(always)]
+fn note_unsent(pid_tgid: u64, args: &SslArgs, n: u64) {
+    if unsafe { THREADS.get(pid_tgid as u32) }.is_none() {
+        return;
+    }
+    let key = UnsentKey {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        ssl: args.ssl,
+    };
+    if let Some(e) = TLS_UNSENT.get_ptr_mut(key) {
+        unsafe { (*e).writes = (*e).writes.saturating_add(1) };
+        return;
+    }
+    let Some(zero) = UNSENT_ZERO.get(0) else {
+        return;
+    };
+    if TLS_UNSENT.insert(key, zero, BPF_NOEXIST.into()).is_err() {
+        Loss::MapFull.count();
+        return;
+    }
+    let Some(e) = TLS_UNSENT.get_ptr_mut(key) else {
+        return;
+    };
+    let take = if n > UNSENT_HEAD as u64 {
+        UNSENT_HEAD as u64
+    } else {
+        n
+    };
+    // Bounded again where the verifier sees the copy's size.
+    let take = core::hint::black_box(take);
+    if take == 0 || take > UNSENT_HEAD as u64 {
+        return;
+    }
+    let rc = unsafe {
+        raw_probe_read_user(
+            (*e).head.as_mut_ptr() as *mut c_void,
+            take as u32,
+            args.buf as *const c_void,
+        )
+    };
+    unsafe {
+        (*e).tid = pid_tgid as u32;
+        (*e).writes = 1;
+        (*e).len = n;
+        (*e).at_ns = bpf_ktime_get_ns();
+        (*e).head_len = if rc == 0 { take as u32 } else { 0 };
+    }
 }
 
 /// Stops a forked child of a process with TLS probes at its first watched call, once,

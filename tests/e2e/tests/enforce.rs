@@ -5,7 +5,9 @@
 //! one, async, held on the event-loop thread.
 //!
 //! Checked: Core's BLOCK at a file's `started` hook event means the file is never
-//! created; a BLOCK on a plain-HTTP request by URL means the server never receives it;
+//! created; a BLOCK on a plain-HTTP or HTTPS request by URL (sync clients, and async ones
+//! whose TLS is asyncio's memory BIO) means the server never receives it, and on a SQL
+//! statement (plain or TLS) that the server never runs it;
 //! both fail the activity with SDK 2.0's `GovernanceBlock`, and another activity of the
 //! worker runs normally. A HALT mid-activity denies every later connection of the
 //! `curl` loop the activity started (a subprocess: the filter is inherited), and the
@@ -398,8 +400,27 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
 /// with `GovernanceBlock`.
 #[test]
 fn a_blocked_sql_statement_never_reaches_the_server() {
-    let w = world(
+    blocked_sql(
         "a_blocked_sql_statement_never_reaches_the_server",
+        "disable",
+    );
+}
+
+/// The same over TLS (`sslmode=require`): libpq's `SSL_write` sends the ciphertext from
+/// within the call, and the agent reads the query from its plaintext.
+#[test]
+fn a_blocked_sql_statement_over_tls_never_reaches_the_server() {
+    blocked_sql(
+        "a_blocked_sql_statement_over_tls_never_reaches_the_server",
+        "require",
+    );
+}
+
+/// Core blocks `CREATE TABLE blocked_<token>` made by psycopg2 with `sslmode`; a second
+/// activity then asks the server whether the table exists.
+fn blocked_sql(name: &str, sslmode: &str) {
+    let w = world(
+        name,
         &json!({"default": {"verdict": "allow"}}),
         Some("2.0"),
         &[],
@@ -430,13 +451,13 @@ fn a_blocked_sql_statement_never_reaches_the_server() {
             item(
                 &w,
                 0,
-                json!({"pg_plain_port": port, "sql": format!("CREATE TABLE {table} (x int)")}),
+                json!({"pg_plain_port": port, "sslmode": sslmode, "sql": format!("CREATE TABLE {table} (x int)")}),
             ),
         )],
         RUN_TIMEOUT,
     );
     let check = w.run(
-        &[step(&w, 1, 1, "enf_sql", item(&w, 1, json!({"pg_plain_port": port, "sql": format!("SELECT to_regclass('{table}')::text")})))],
+        &[step(&w, 1, 1, "enf_sql", item(&w, 1, json!({"pg_plain_port": port, "sslmode": sslmode, "sql": format!("SELECT to_regclass('{table}')::text")})))],
         RUN_TIMEOUT,
     );
     let (bad, good) = (
@@ -502,8 +523,34 @@ fn received(dir: &std::path::Path) -> String {
 /// clients, go through.
 #[test]
 fn a_blocked_https_request_never_reaches_the_server() {
-    let w = world(
+    blocked_https(
         "a_blocked_https_request_never_reaches_the_server",
+        "enf_https",
+        ["requests", "httpx"],
+    );
+}
+
+/// The same for an async activity, with aiohttp and httpx's `AsyncClient`: asyncio's TLS
+/// encrypts into a memory BIO (`SSL_write` returns before any byte is sent) and the
+/// event loop sends the ciphertext afterwards, outside any libssl call; the agent finds
+/// the plaintext that ciphertext carries from the write's record in the kernel.
+#[test]
+fn an_async_activitys_blocked_https_request_never_reaches_the_server() {
+    blocked_https(
+        "an_async_activitys_blocked_https_request_never_reaches_the_server",
+        "enf_aiohttp",
+        ["aiohttp", "httpx"],
+    );
+}
+
+/// Core blocks `GET https://…/blocked/<marker>` at its `started` hook event, made by
+/// `activity` with each of `clients` (cases 0 and 1), and allows `/fine/` (cases 2 and 3,
+/// the same clients): the recording TLS server never receives the blocked requests, each
+/// blocked activity fails with `GovernanceBlock` and one `started` hook event names its
+/// URL; the allowed ones get the server's answer.
+fn blocked_https(name: &str, activity: &str, clients: [&'static str; 2]) {
+    let w = world(
+        name,
         &json!({"default": {"verdict": "allow"}}),
         Some("2.0"),
         &[],
@@ -516,10 +563,10 @@ fn a_blocked_https_request_never_reaches_the_server() {
                    "body": {"verdict": "block", "reason": "not over TLS either"}}]}));
     // (index, client, path): 0 and 1 blocked, 2 and 3 allowed.
     let cases = [
-        (0, "requests", "blocked"),
-        (1, "httpx", "blocked"),
-        (2, "requests", "fine"),
-        (3, "httpx", "fine"),
+        (0, clients[0], "blocked"),
+        (1, clients[1], "blocked"),
+        (2, clients[0], "fine"),
+        (3, clients[1], "fine"),
     ];
     let url = |i: usize, path: &str| format!("{base}/{path}/{}", w.marker(i));
     let outcomes = w.run(
@@ -530,7 +577,7 @@ fn a_blocked_https_request_never_reaches_the_server() {
                     &w,
                     i,
                     i,
-                    "enf_https",
+                    activity,
                     item(&w, i, json!({"url": url(i, path), "client": client})),
                 )
             })
@@ -547,9 +594,30 @@ fn a_blocked_https_request_never_reaches_the_server() {
         .collect();
     let (_, agent) = w.finish();
     server.stop(libc::SIGTERM, Duration::from_secs(10));
-    agent.expect("the agent ran").assert_clean_exit();
+    let agent = agent.expect("the agent ran");
+    agent.assert_clean_exit();
 
     let mut p = Vec::new();
+    // The agent's own account: both blocked sends denied; an async client's sends were
+    // matched to their plaintext, none left to the failure policy.
+    let enforcement = agent
+        .summary
+        .as_ref()
+        .map(|s| s["enforcement"].clone())
+        .unwrap_or_default();
+    let count = |k: &str| enforcement[k].as_u64().unwrap_or(0);
+    let memory_bio = activity == "enf_aiohttp";
+    if count("denied") < 2 || (memory_bio && (count("tls_named") < 4 || count("tls_unnamed") != 0))
+    {
+        p.push(format!(
+            "the summary's enforcement: expected at least 2 denied{}, got {enforcement}",
+            if memory_bio {
+                ", 4 TLS sends named and none unnamed"
+            } else {
+                ""
+            }
+        ));
+    }
     for (&(_, client, path), (id, marker, wanted)) in cases.iter().zip(&named) {
         let o = outcome(&outcomes, id);
         let request_line = format!("GET /{path}/{marker} HTTP/1.1");
