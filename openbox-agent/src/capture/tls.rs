@@ -219,11 +219,11 @@ const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// would be single-stepped.
 fn emulated_entry(code: &[u8]) -> Option<u64> {
     let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
-    let push = match code.get(skip..) {
-        Some([0x50..=0x57, ..]) => true,
-        Some([0x41, 0x50..=0x57, ..]) => true,
-        _ => false,
-    };
+    // push %reg, or push %r8..%r15 (REX.B 0x41): what x86 uprobes emulate.
+    let push = matches!(
+        code.get(skip..),
+        Some([0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
+    );
     push.then_some(skip as u64)
 }
 
