@@ -26,7 +26,8 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use super::{background::Programs, SSL_FUNCTIONS, SSL_RET_PROGRAM};
 
 /// Probes attached at one time, over every process. Each is a perf event and a BPF
-/// link (two descriptors); a process with one libssl has eight.
+/// link (two descriptors); a process with one libssl has up to eight (four when the
+/// internal functions are probed, see [`probe_points`]).
 pub const MAX_TLS_PROBES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,7 @@ pub enum AttachError {
         func: String,
         reason: String,
     },
-    #[error("TLS probes for process {pid} on {path} not attached: {MAX_TLS_PROBES} probes are attached already (a process with one libssl has 8); its TLS plaintext is not captured")]
+    #[error("TLS probes for process {pid} on {path} not attached: {MAX_TLS_PROBES} probes are attached already (a process with one libssl has up to 8); its TLS plaintext is not captured")]
     TooMany { pid: u32, path: PathBuf },
     #[error("{0}")]
     Internal(String),
