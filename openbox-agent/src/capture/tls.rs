@@ -26,7 +26,8 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use super::{background::Programs, SSL_FUNCTIONS, SSL_RET_PROGRAM};
 
 /// Probes attached at one time, over every process. Each is a perf event and a BPF
-/// link (two descriptors); a process with one libssl has eight.
+/// link (two descriptors); a process with one libssl has up to eight (four when the
+/// internal functions are probed, see [`probe_points`]).
 pub const MAX_TLS_PROBES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,7 @@ pub enum AttachError {
         func: String,
         reason: String,
     },
-    #[error("TLS probes for process {pid} on {path} not attached: {MAX_TLS_PROBES} probes are attached already (a process with one libssl has 8); its TLS plaintext is not captured")]
+    #[error("TLS probes for process {pid} on {path} not attached: {MAX_TLS_PROBES} probes are attached already (a process with one libssl has up to 8); its TLS plaintext is not captured")]
     TooMany { pid: u32, path: PathBuf },
     #[error("{0}")]
     Internal(String),
@@ -61,9 +62,24 @@ pub fn file_id(path: &Path) -> std::io::Result<FileId> {
     Ok((m.dev(), m.ino()))
 }
 
-/// The probed libssl functions that `path` defines (not merely imports), with their
-/// offsets in the file (what a uprobe is attached at), in `SSL_FUNCTIONS` order.
-pub fn ssl_symbols(path: &Path) -> Result<Vec<(&'static str, u64)>, AttachError> {
+/// One probe point: an entry program and the return program, attached at one file
+/// offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbePoint {
+    /// The libssl function whose calls it captures (for messages).
+    pub func: &'static str,
+    /// The entry program (one of `SSL_FUNCTIONS`').
+    pub program: &'static str,
+    /// Where in the file: the function's entry, or the internal function it calls
+    /// (see [`probe_points`]).
+    pub offset: u64,
+    /// Where a probe is placed instead of the exported entry, why.
+    pub moved: Option<&'static str>,
+}
+
+/// The probe points for the libssl functions that `path` defines (not merely imports),
+/// in `SSL_FUNCTIONS` order (see [`probe_points`] for where each goes).
+pub fn ssl_symbols(path: &Path) -> Result<Vec<ProbePoint>, AttachError> {
     let data = std::fs::read(path).map_err(|e| AttachError::NotFound {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -73,6 +89,7 @@ pub fn ssl_symbols(path: &Path) -> Result<Vec<(&'static str, u64)>, AttachError>
         reason: e.to_string(),
     })?;
     let mut found: HashMap<&'static str, u64> = HashMap::new();
+    let mut write_ex2 = false;
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_undefined() {
             continue;
@@ -80,6 +97,7 @@ pub fn ssl_symbols(path: &Path) -> Result<Vec<(&'static str, u64)>, AttachError>
         let Ok(name) = sym.name() else { continue };
         // Versioned names appear as "SSL_write@@OPENSSL_3.0.0" in some tables.
         let base = name.split('@').next().unwrap_or(name);
+        write_ex2 |= base == "SSL_write_ex2";
         let Some((func, _)) = SSL_FUNCTIONS.iter().find(|(f, _)| *f == base) else {
             continue;
         };
@@ -118,7 +136,121 @@ pub fn ssl_symbols(path: &Path) -> Result<Vec<(&'static str, u64)>, AttachError>
             path: path.to_path_buf(),
         });
     }
-    Ok(symbols)
+    // OpenSSL 3.2 added a flags argument to its internal write function (the byte count
+    // moved to the fifth argument): its internal functions are left alone there.
+    Ok(probe_points(&data, &symbols, !write_ex2))
+}
+
+/// The instruction a uprobe traps on is either emulated by the kernel or executed
+/// out of line under single-step, and the single-step's debug exception is what costs:
+/// KVM intercepts every #DB of a guest, so on a virtual machine each one is a VM exit
+/// (measured on the 2-core development VM, a uprobe on a function: 18.3 µs per call
+/// when it starts with `sub $8,%rsp`, 0.4 µs when it starts with `push %r14` or a
+/// `call`, which x86 uprobes emulate). OpenSSL's `SSL_write_ex` and `SSL_read_ex` (all
+/// CPython calls) start with `sub $8,%rsp; call ssl_*_internal`, whose first instruction
+/// is a push: so when `inner` is true and the code has that shape, the probe goes on the
+/// internal function (entry and return: the return address is still on top of the
+/// stack there). `ssl_write_internal(s, buf, num, written)` and
+/// `ssl_read_internal(s, buf, num, readbytes)` take the `_ex` functions' arguments and
+/// return 1 on success, so the `_ex` entry program reads them as before. `SSL_write`
+/// and `SSL_read` call the same internal functions (the byte count through the fourth
+/// argument): when their code calls it, they get no probe of their own (a call is
+/// captured once, as an `_ex` call). Any other shape keeps the exported entry.
+pub fn probe_points(data: &[u8], symbols: &[(&'static str, u64)], inner: bool) -> Vec<ProbePoint> {
+    let code = |offset: u64| {
+        usize::try_from(offset)
+            .ok()
+            .and_then(|o| data.get(o..))
+            .unwrap_or(&[])
+    };
+    // The internal function each `_ex` function calls, when it is one to probe.
+    let mut internal: HashMap<&'static str, u64> = HashMap::new();
+    if inner {
+        for (func, offset) in symbols {
+            if matches!(*func, "SSL_write_ex" | "SSL_read_ex") {
+                if let Some(target) = wrapper_call(code(*offset), *offset) {
+                    if emulated_entry(code(target)).is_some() {
+                        internal.insert(func, target);
+                    }
+                }
+            }
+        }
+    }
+    let mut points = Vec::new();
+    for &(func, offset) in symbols {
+        let Some((_, program)) = SSL_FUNCTIONS.iter().find(|(f, _)| *f == func) else {
+            continue;
+        };
+        let ex = match func {
+            "SSL_write" => "SSL_write_ex",
+            "SSL_read" => "SSL_read_ex",
+            _ => func,
+        };
+        if let Some(&target) = internal.get(ex) {
+            if ex != func {
+                if calls(code(offset), offset, target) {
+                    // Covered by the internal function's probe.
+                    continue;
+                }
+            } else {
+                points.push(ProbePoint {
+                    func,
+                    program,
+                    offset: target + emulated_entry(code(target)).unwrap_or(0),
+                    moved: Some("the internal function it calls"),
+                });
+                continue;
+            }
+        }
+        points.push(ProbePoint {
+            func,
+            program,
+            offset: offset + emulated_entry(code(offset)).unwrap_or(0),
+            moved: None,
+        });
+    }
+    points
+}
+
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// Where the first instruction the kernel emulates (a push of a register) begins in a
+/// function's code: 0, or 4 after an `endbr64` (which changes nothing, so a probe after
+/// it still sees the return address on top of the stack). None: the first instruction
+/// would be single-stepped.
+fn emulated_entry(code: &[u8]) -> Option<u64> {
+    let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+    // push %reg, or push %r8..%r15 (REX.B 0x41): what x86 uprobes emulate.
+    let push = matches!(
+        code.get(skip..),
+        Some([0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
+    );
+    push.then_some(skip as u64)
+}
+
+/// The file offset of the function a wrapper starts by calling: code (at file offset
+/// `offset`) of the shape `[endbr64] sub $imm8,%rsp; call rel32`.
+fn wrapper_call(code: &[u8], offset: u64) -> Option<u64> {
+    let skip = if code.starts_with(&ENDBR64) { 4 } else { 0 };
+    match code.get(skip..)? {
+        [0x48, 0x83, 0xec, _, 0xe8, r0, r1, r2, r3, ..] => {
+            let rel = i32::from_le_bytes([*r0, *r1, *r2, *r3]);
+            offset.checked_add_signed(skip as i64 + 9 + i64::from(rel))
+        }
+        _ => None,
+    }
+}
+
+/// Whether the first 256 bytes of code (at file offset `offset`) hold a `call rel32`
+/// to file offset `target` (a byte-wise scan: a stray match needs four exact bytes).
+fn calls(code: &[u8], offset: u64, target: u64) -> bool {
+    let code = &code[..code.len().min(256)];
+    code.windows(5).enumerate().any(|(i, w)| {
+        w[0] == 0xe8
+            && offset.checked_add_signed(
+                i as i64 + 5 + i64::from(i32::from_le_bytes([w[1], w[2], w[3], w[4]])),
+            ) == Some(target)
+    })
 }
 
 /// What the TLS probes amount to, for the summary and the daemon's status.
@@ -140,7 +272,7 @@ pub struct TlsProbeStats {
 /// The TLS probes of every watched process.
 pub struct TlsProbes {
     /// Function offsets, by file: each libssl is parsed once.
-    symbols: HashMap<FileId, Vec<(&'static str, u64)>>,
+    symbols: HashMap<FileId, Vec<ProbePoint>>,
     /// Files that define none of the functions (a process's executable, mostly): not
     /// parsed again at each fork or exec of a watched process.
     not_ssl: HashSet<FileId>,
@@ -249,6 +381,15 @@ impl TlsProbes {
             Some(s) => s.clone(),
             None => match ssl_symbols(path) {
                 Ok(s) => {
+                    for point in &s {
+                        tracing::debug!(
+                            path = %path.display(),
+                            func = point.func,
+                            offset = point.offset,
+                            moved = point.moved.unwrap_or("no"),
+                            "libssl probe point"
+                        );
+                    }
                     self.symbols.insert(id, s.clone());
                     s
                 }
@@ -289,16 +430,13 @@ impl TlsProbes {
         // which can stretch the gap between two attaches to seconds.
         let (mut entries, mut returns) = (Vec::new(), Vec::new());
         let mut failure = None;
-        for (func, offset) in &symbols {
-            let Some((_, entry)) = SSL_FUNCTIONS.iter().find(|(f, _)| f == func) else {
-                continue;
-            };
-            let attached = attach_one(ebpf, SSL_RET_PROGRAM, path, *offset, scope)
+        for point in &symbols {
+            let attached = attach_one(ebpf, SSL_RET_PROGRAM, path, point.offset, scope)
                 .map_err(|reason| (reason, "return"))
                 .and_then(|ret| {
                     returns.push(ret);
                     test_hold_between_probes();
-                    attach_one(ebpf, entry, path, *offset, scope)
+                    attach_one(ebpf, point.program, path, point.offset, scope)
                         .map_err(|reason| (reason, "entry"))
                 });
             match attached {
@@ -308,7 +446,7 @@ impl TlsProbes {
                     self.stats.not_attached += if what == "return" { 2 } else { 1 };
                     failure.get_or_insert(AttachError::Attach {
                         path: path.clone(),
-                        func: format!("{func} ({what})"),
+                        func: format!("{} ({what})", point.func),
                         reason,
                     });
                 }
@@ -456,6 +594,85 @@ mod tests {
             "/usr/bin/python3.11",
             Some("/usr/bin/node")
         ));
+    }
+
+    /// Code laid out as Debian's OpenSSL 3.0 builds it: each `_ex` function a wrapper
+    /// (`sub $8,%rsp; call internal`), the internal functions starting with pushes.
+    fn wrapped_library() -> Vec<u8> {
+        let mut data = vec![0xccu8; 0x500];
+        let mut put = |at: usize, bytes: &[u8]| data[at..at + bytes.len()].copy_from_slice(bytes);
+        let call = |from: usize, to: usize| {
+            let rel = (to as i64 - (from as i64 + 5)) as i32;
+            let mut b = vec![0xe8];
+            b.extend_from_slice(&rel.to_le_bytes());
+            b
+        };
+        // SSL_write_ex at 0x100 → 0x200; SSL_write at 0x150 calls 0x200 further in.
+        put(0x100, &[0x48, 0x83, 0xec, 0x08]);
+        put(0x104, &call(0x104, 0x200));
+        put(0x150, &[0x48, 0x83, 0xec, 0x18, 0x31, 0xc0]);
+        put(0x170, &call(0x170, 0x200));
+        put(0x200, &[0x41, 0x56, 0x41, 0x55]);
+        // SSL_read_ex at 0x300 (after endbr64) → 0x400 (endbr64, push); SSL_read at
+        // 0x350 calls something else.
+        put(0x300, &[0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x83, 0xec, 0x08]);
+        put(0x308, &call(0x308, 0x400));
+        put(0x350, &[0x48, 0x83, 0xec, 0x18]);
+        put(0x360, &call(0x360, 0x480));
+        put(0x400, &[0xf3, 0x0f, 0x1e, 0xfa, 0x55]);
+        data
+    }
+
+    const WRAPPED: [(&str, u64); 4] = [
+        ("SSL_write", 0x150),
+        ("SSL_write_ex", 0x100),
+        ("SSL_read", 0x350),
+        ("SSL_read_ex", 0x300),
+    ];
+
+    #[test]
+    fn wrapper_functions_are_probed_at_the_internal_function_they_call() {
+        let points = probe_points(&wrapped_library(), &WRAPPED, true);
+        let at: Vec<(&str, &str, u64)> = points
+            .iter()
+            .map(|p| (p.func, p.program, p.offset))
+            .collect();
+        assert_eq!(
+            at,
+            [
+                // SSL_write calls the internal function: its calls are captured there.
+                ("SSL_write_ex", "ssl_write_ex", 0x200),
+                // SSL_read calls another function: it keeps its own probe.
+                ("SSL_read", "ssl_read", 0x350),
+                // After the internal function's endbr64, on its push.
+                ("SSL_read_ex", "ssl_read_ex", 0x404),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_internal_functions_every_function_is_probed_at_its_entry() {
+        let points = probe_points(&wrapped_library(), &WRAPPED, false);
+        let at: Vec<(&str, u64)> = points.iter().map(|p| (p.func, p.offset)).collect();
+        assert_eq!(
+            at,
+            [
+                ("SSL_write", 0x150),
+                ("SSL_write_ex", 0x100),
+                ("SSL_read", 0x350),
+                ("SSL_read_ex", 0x300),
+            ]
+        );
+        // A function of another shape keeps its entry too.
+        let mut data = wrapped_library();
+        data[0x104] = 0x90;
+        let points = probe_points(&data, &WRAPPED, true);
+        assert!(points
+            .iter()
+            .any(|p| p.func == "SSL_write_ex" && p.offset == 0x100));
+        assert!(points
+            .iter()
+            .any(|p| p.func == "SSL_write" && p.offset == 0x150));
     }
 
     #[test]

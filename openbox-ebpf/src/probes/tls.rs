@@ -18,6 +18,12 @@
 //! libssl. A forked child has a copy of its parent's memory but not its probes: it
 //! stops itself at its first watched call until the agent has attached its own
 //! ([`hold_forked_child`]).
+//!
+//! Where: on OpenSSL builds whose `SSL_write_ex`/`SSL_read_ex` are wrappers, the agent
+//! attaches `ssl_write_ex`/`ssl_read_ex` and `ssl_ret` to the internal functions they
+//! call (same first four arguments, same return), whose first instruction the kernel
+//! emulates instead of single-stepping it (openbox-agent's capture/tls.rs,
+//! `probe_points`).
 
 use core::ffi::c_void;
 
