@@ -428,9 +428,18 @@ impl TlsProbes {
         // first (`links`: entries, then returns; a Vec drops in order). A restarted
         // agent attaches while the last one's detach holds the kernel's trace-event lock,
         // which can stretch the gap between two attaches to seconds.
+        //
+        // Reads before writes: between a write probe and a read probe, a request would be
+        // captured and its response not, and the parser, in step with one request too
+        // many, would pair each later response of the connection with an earlier request
+        // (seen after an agent restart: every HTTPS span of a pooled connection on the
+        // wrong request). A response whose request was missed is an orphan instead, which
+        // the parser counts and drops.
+        let mut points: Vec<&ProbePoint> = symbols.iter().collect();
+        points.sort_by_key(|p| !matches!(p.program, "ssl_read" | "ssl_read_ex"));
         let (mut entries, mut returns) = (Vec::new(), Vec::new());
         let mut failure = None;
-        for point in &symbols {
+        for point in points {
             let attached = attach_one(ebpf, SSL_RET_PROGRAM, path, point.offset, scope)
                 .map_err(|reason| (reason, "return"))
                 .and_then(|ret| {
