@@ -472,13 +472,23 @@ fn a_collector_that_never_answers_slows_nothing_and_the_dropped_spans_are_counte
             ..ScenarioOpts::default()
         },
     );
-    let wf = s.workflow_id(0);
-    let items: Vec<Value> = (0..10).map(|i| s.item(i)).collect();
-    s.run_ok(&[(wf, json!({"activity": "async_io", "items": items}))]);
+    // One activity first: its spans make the first batch, whose export then hangs on
+    // the black hole (the exporter's own timeout is 10 s)...
+    let first = json!({"activity": "async_io", "items": [s.item(0)]});
+    s.run_ok(&[(s.workflow_id(0), first)]);
+    // ...past the batch delay, so that batch is surely on its way.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Ten more while it hangs: their spans meet a full queue of 8. (Run all at once,
+    // every span could make the first batch, and none meet a full queue.)
+    let items: Vec<Value> = (1..11).map(|i| s.item(i)).collect();
+    s.run_ok(&[(
+        s.workflow_id(1),
+        json!({"activity": "async_io", "items": items}),
+    )]);
     let done = s.finish();
     let agent = done.agent.expect("the scenario ran an agent");
     // Governance got everything.
-    assert_eq!(agent.events_of("ActivityCompleted").len(), 10);
+    assert_eq!(agent.events_of("ActivityCompleted").len(), 11);
     let otlp = &agent.summary["otlp"];
     let n = |k: &str| {
         otlp[k]
@@ -486,9 +496,9 @@ fn a_collector_that_never_answers_slows_nothing_and_the_dropped_spans_are_counte
             .unwrap_or_else(|| panic!("summary otlp has no {k}: {otlp}"))
     };
     assert_eq!(n("spans_exported"), 0, "{otlp}");
-    // 10 activity spans, a workflow span and at least 4 I/O spans per activity (GET,
+    // 11 activity spans, 2 workflow spans and at least 4 I/O spans per activity (GET,
     // SQL, file.open, file.write): none exported, every one counted.
-    let at_least = 10 + 1 + 10 * 4;
+    let at_least = 11 + 2 + 11 * 4;
     assert!(
         n("spans_dropped_queue_full") + n("spans_dropped_export_failed") >= at_least,
         "{otlp}"
