@@ -507,9 +507,14 @@ pub struct UnsentWrite {
     pub len: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the first write.
     pub at_ns: u64,
+    /// The token of the activity whose step made the first write (0: none): the event
+    /// loop may send it later, between that activity's steps or in another's.
+    pub activity: u64,
     /// Bytes of it in `head` (0 when they could not be read).
     pub head_len: u32,
-    pub _pad: u32,
+    /// Host tgid of the worker that activity belongs to (0: none): the writer's own
+    /// process, or the worker that started it.
+    pub owner: u32,
     pub head: [u8; UNSENT_HEAD],
 }
 
@@ -520,8 +525,9 @@ impl Default for UnsentWrite {
             writes: 0,
             len: 0,
             at_ns: 0,
+            activity: 0,
             head_len: 0,
-            _pad: 0,
+            owner: 0,
             head: [0; UNSENT_HEAD],
         }
     }

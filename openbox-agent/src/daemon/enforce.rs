@@ -407,6 +407,7 @@ pub struct Stats {
     pub denied: AtomicU64,
     pub tls_named: AtomicU64,
     pub tls_unnamed: AtomicU64,
+    pub outside_step: AtomicU64,
 }
 
 impl Stats {
@@ -420,6 +421,7 @@ impl Stats {
             denied: self.denied.load(Relaxed),
             tls_named: self.tls_named.load(Relaxed),
             tls_unnamed: self.tls_unnamed.load(Relaxed),
+            outside_step: self.outside_step.load(Relaxed),
         }
     }
 }
@@ -447,6 +449,10 @@ pub struct StatsSnapshot {
     /// objects of the thread waiting for a socket none owns, or a request head longer
     /// than the bytes kept): decided by the failure policy.
     pub tls_unnamed: u64,
+    /// Held TLS sends outside libssl carrying what an activity's step encrypted, made
+    /// outside that step (asyncio's event loop sending a buffered remainder between the
+    /// activity's steps, or during another's): governed by the activity that wrote them.
+    pub outside_step: u64,
 }
 
 /// Where a registered thread publishes its activity.
@@ -586,22 +592,35 @@ impl Enforcer {
     /// Answers a held call at once, or hands it to the daemon to ask Core.
     fn first_look(&self, listener: &Arc<Listener>, n: Notif) {
         let nr = i64::from(n.data.nr);
-        let governed = self
-            .activity_of(n.pid)
+        let current = self.activity_of(n.pid);
+        // A memory-BIO send carries what it carries, which no later send may be named
+        // by; and the activity whose step encrypted it governs it, whichever step (if
+        // any) the thread is in now: asyncio's event loop sends a transport's buffered
+        // remainder from its own callbacks. (Only the writes of registered threads and of
+        // processes an activity started are kept: `note_unsent`.)
+        let sent = current
+            .map(|(_, pid)| pid)
+            .or_else(|| self.worker_of(n.pid))
+            .and_then(|tgid| Some((tgid, self.memory_bio_send(tgid, n.pid, &n.data)?)));
+        let writer = sent.as_ref().and_then(|(tgid, s)| Some((s.writer?, *tgid)));
+        let (carried, taken) = match sent {
+            Some((_, s)) => {
+                let taken = s.carried.taken(self);
+                (Some(s.carried), taken)
+            }
+            None => (None, None),
+        };
+        if writer.is_some() && writer.map(|w| w.0) != current.map(|c| c.0) {
+            self.stats.outside_step.fetch_add(1, Relaxed);
+        }
+        let governed = writer
+            .or(current)
             .and_then(|(activity, pid)| Some((activity, pid, self.gate(&activity)?)));
         let Some((activity, pid, gate)) = governed else {
-            // Nothing to govern; a memory-BIO send still carries what it carries, which
-            // no later send may be named by.
-            // (Only registered threads' writes are kept: `note_unsent`.)
-            let taken = self
-                .worker_of(n.pid)
-                .and_then(|tgid| self.memory_bio_send(tgid, n.pid, &n.data))
-                .and_then(|c| c.taken(self));
+            // Nothing to govern (or what it carries belongs to an activity that ended).
             self.stats.continued.fetch_add(1, Relaxed);
             return answer_taking(listener, n.id, Answer::Continue, taken.as_ref());
         };
-        let carried = self.memory_bio_send(pid, n.pid, &n.data);
-        let taken = carried.as_ref().and_then(|c| c.taken(self));
         let answer = |a: Answer| answer_taking(listener, n.id, a, taken.as_ref());
         if gate.halted() {
             gate.denied.fetch_add(1, Relaxed);
@@ -679,27 +698,42 @@ impl Enforcer {
     /// links them — when its first record can carry application data (a `ClientHello`
     /// or another plain handshake record comes before any `SSL_write` of its
     /// connection). Two or more waiting would make it a guess: [`Carried::Ambiguous`].
-    fn memory_bio_send(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<Carried> {
+    fn memory_bio_send(&self, tgid: Pid, tid: u32, d: &SeccompData) -> Option<BioSend> {
         if let Some(call) = self.tls_call(tgid, tid, d) {
             self.mark_socket_io(tgid, tid, call);
             return None;
         }
         let unsent = self.unsent.get()?;
         let record = sent_bytes(tid, d, 6)?;
-        let content_type = tls_record_type(&record)?;
+        let content_type = tls_record_type(&record);
         let fd = d.args[0] as RawFd;
-        let ino = socket_inode(tid, fd)?;
         let mut bio = self.bio.lock().unwrap_or_else(|p| p.into_inner());
+        // Bytes that start no record continue one — the rest of a send the transport
+        // deferred or cut short: TLS only on a socket a send linked already.
+        if content_type.is_none()
+            && !bio
+                .sockets
+                .iter()
+                .any(|(&(pid, _), &(linked, _))| pid == tgid && linked == fd)
+        {
+            return None;
+        }
+        let ino = socket_inode(tid, fd)?;
         let mut map = unsent.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&ssl) = bio.owners.get(&(tgid, ino)) {
             let key = UnsentKey { tgid, _pad: 0, ssl };
             return Some(match map.get(&key, 0) {
-                Ok(w) => Carried::Write(key, Box::new(w)),
-                Err(_) => Carried::Nothing,
+                Ok(w) => bio.written(tgid, Carried::Write(key, Box::new(w))),
+                // The rest of what its last write encrypted, or a record of its own.
+                Err(_) => BioSend {
+                    carried: Carried::Nothing,
+                    writer: bio.writers.get(&(tgid, ssl)).copied(),
+                },
             });
         }
+        let content_type = content_type?;
         if content_type == TLS_HANDSHAKE || content_type == TLS_ALERT {
-            return Some(Carried::Nothing);
+            return Some(BioSend::nothing());
         }
         let since = self
             .filtered_at
@@ -729,13 +763,16 @@ impl Enforcer {
             let _ = map.remove(&key);
         }
         Some(match waiting.len() {
-            0 => Carried::Nothing,
+            0 => BioSend::nothing(),
             1 => {
                 let (key, w) = waiting.remove(0);
                 bio.link(tgid, key.ssl, fd, ino);
-                Carried::Write(key, Box::new(w))
+                bio.written(tgid, Carried::Write(key, Box::new(w)))
             }
-            _ => Carried::Ambiguous,
+            _ => BioSend {
+                carried: Carried::Ambiguous,
+                writer: None,
+            },
         })
     }
 
@@ -984,6 +1021,9 @@ struct MemoryBio {
     sockets: HashMap<(Pid, u64), (RawFd, u64)>,
     /// (process, socket inode) → its SSL object.
     owners: HashMap<(Pid, u64), u64>,
+    /// (process, SSL object) → the activity whose step made its last write a send
+    /// carried (absent: none): the writer of what its socket sends until then.
+    writers: HashMap<(Pid, u64), ActivityKey>,
 }
 
 impl MemoryBio {
@@ -994,7 +1034,41 @@ impl MemoryBio {
         if let Some(old) = self.owners.insert((tgid, ino), ssl) {
             if old != ssl {
                 self.sockets.remove(&(tgid, old));
+                self.writers.remove(&(tgid, old));
             }
+        }
+    }
+
+    /// A send carrying `carried` (a write): its writer is now its SSL object's.
+    fn written(&mut self, tgid: Pid, carried: Carried) -> BioSend {
+        let writer = match &carried {
+            Carried::Write(key, w) => {
+                let writer = (w.activity != 0).then_some((w.owner, w.activity));
+                match writer {
+                    None => self.writers.remove(&(tgid, key.ssl)),
+                    Some(a) => self.writers.insert((tgid, key.ssl), a),
+                };
+                writer
+            }
+            _ => None,
+        };
+        BioSend { carried, writer }
+    }
+}
+
+/// A held TLS send outside libssl ([`Enforcer::memory_bio_send`]): what it carries, and
+/// the activity whose step encrypted that (none, or not known).
+#[derive(Debug)]
+struct BioSend {
+    carried: Carried,
+    writer: Option<ActivityKey>,
+}
+
+impl BioSend {
+    fn nothing() -> BioSend {
+        BioSend {
+            carried: Carried::Nothing,
+            writer: None,
         }
     }
 }
@@ -1393,6 +1467,32 @@ mod tests {
         bio.link(2, 0xb, 6, 200);
         assert_eq!(bio.owners[&(1, 200)], 0xb);
         assert_eq!(bio.owners[&(2, 200)], 0xb);
+    }
+
+    #[test]
+    fn what_a_socket_sends_belongs_to_the_activity_whose_step_wrote_it_last() {
+        let mut bio = MemoryBio::default();
+        bio.link(1, 0xa, 5, 100);
+        let key = UnsentKey {
+            tgid: 1,
+            _pad: 0,
+            ssl: 0xa,
+        };
+        let write = |activity| {
+            let mut w = unsent(b"POST /up HTTP/1.1\r\n\r\n", 23);
+            (w.owner, w.activity) = (1, activity);
+            Carried::Write(key, Box::new(w))
+        };
+        // Activity 7's step wrote it: that send, and the rest of it after, are 7's.
+        assert_eq!(bio.written(1, write(7)).writer, Some((1, 7)));
+        assert_eq!(bio.writers[&(1, 0xa)], (1, 7));
+        // Then a write made outside any activity: its remainder is nobody's.
+        assert_eq!(bio.written(1, write(0)).writer, None);
+        assert_eq!(bio.writers.get(&(1, 0xa)), None);
+        bio.written(1, write(9));
+        // Another SSL object on that socket: the old one's writer is forgotten.
+        bio.link(1, 0xb, 5, 100);
+        assert_eq!(bio.writers.get(&(1, 0xa)), None);
     }
 
     #[test]

@@ -627,6 +627,11 @@ impl Collector for Metrics {
                             &[("named", f.tls_named), ("unnamed", f.tls_unnamed)],
                         ),
                     ),
+                    (
+                        "enforce_sends_outside_step",
+                        "Held TLS sends carrying what an activity's step encrypted, made outside that step (asyncio's event loop sending a buffered remainder): governed by that activity.",
+                        Metric::Counter(f.outside_step),
+                    ),
                 ],
             )?;
         }
@@ -728,6 +733,7 @@ mod tests {
             denied: 1,
             tls_named: 3,
             tls_unnamed: 1,
+            outside_step: 4,
         });
         let text = s.to_prometheus();
         for line in [
@@ -736,6 +742,7 @@ mod tests {
             "openbox_enforce_calls_total{outcome=\"denied\"} 1",
             "openbox_enforce_held_calls_total 9",
             "openbox_enforce_tls_sends_total{plaintext=\"unnamed\"} 1",
+            "openbox_enforce_sends_outside_step_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -14,6 +14,8 @@ Every response is deterministic (no Date header):
 `GET /bytes/<n>` answers a body of n bytes (a repeating a-z pattern) instead.
 `/slow/<ms>/<rest>` answers the echo body in two writes <ms> milliseconds apart (the
 head and half the body, then the rest): a response that is on its way for a while.
+`/trickle/<ms>/<rest>` reads the request's body 16 KiB at a time, <ms> milliseconds
+apart (a slow reader: a large upload stays on its way for a while), then echoes.
 Other paths with their own answer (any method; `<rest>` is free text, e.g. a marker):
     /status/<code>/<rest>  status <code> (its standard reason phrase), text/plain body
                            "status:<code> <method> <path>"
@@ -93,9 +95,13 @@ class Conn:
         self.sock = sock
         self.rec = recorder
         self.buf = bytearray()
+        # Seconds between reads of 16 KiB, or 0 (full speed): `/trickle/`.
+        self.pace = 0.0
 
     def fill(self):
-        data = self.sock.recv(256 * 1024)
+        if self.pace:
+            time.sleep(self.pace)
+        data = self.sock.recv(16 * 1024 if self.pace else 256 * 1024)
         if not data:
             return False
         self.rec.add("in", data)
@@ -232,7 +238,10 @@ def serve_connection(sock, context, record_dir, index):
                 interim = b"HTTP/1.1 100 Continue\r\n\r\n"
                 rec.add("out", interim)
                 sock.sendall(interim)
+            if path.startswith("/trickle/"):
+                conn.pace = int(path.split("/")[2]) / 1000
             body = read_body(conn, headers)
+            conn.pace = 0.0
             response = response_for(method, path, body)
             if method == "HEAD":
                 # The headers a GET would get (Content-Length included), no body.

@@ -42,8 +42,10 @@ use super::files::pause;
 use crate::{
     emit::{emit_payload, thread_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{EVENTS, SSL_ARGS, THREADS, TLS_SCRATCH, TLS_UNSENT, UNSENT_ZERO, WATCHED},
-    task::{header, watch_flags},
+    maps::{
+        EVENTS, INHERIT, SSL_ARGS, THREADS, TLS_SCRATCH, TLS_UNSENT, UNSENT_ZERO, WATCHED,
+    },
+    task::{attribution, header, watch_flags},
 };
 
 /// Argument `n` (0-based) of the probed function. `ProbeContext::arg` is None only for
@@ -154,11 +156,14 @@ fn try_ssl_ret(ctx: &RetProbeContext) -> Result<(), Loss> {
 /// Keeps what an `SSL_write` that sent nothing on a socket (a memory BIO: asyncio's TLS)
 /// encrypted, for the agent to name the event loop's later send of its ciphertext
 /// (`TLS_UNSENT`): the first `n` bytes at `args.buf` (at most `UNSENT_HEAD`) when the SSL
-/// object has nothing unsent yet, else one more write counted. Only on threads of
-/// registered workers, the ones `--enforce` holds.
+/// object has nothing unsent yet, else one more write counted, with the activity the
+/// write is attributed to. Only on threads of registered workers and in processes an
+/// activity started, the ones `--enforce` holds.
 #[inline(always)]
 fn note_unsent(pid_tgid: u64, args: &SslArgs, n: u64) {
-    if unsafe { THREADS.get(pid_tgid as u32) }.is_none() {
+    if unsafe { THREADS.get(pid_tgid as u32) }.is_none()
+        && unsafe { INHERIT.get((pid_tgid >> 32) as u32) }.is_none()
+    {
         return;
     }
     let key = UnsentKey {
@@ -202,6 +207,7 @@ fn note_unsent(pid_tgid: u64, args: &SslArgs, n: u64) {
         (*e).writes = 1;
         (*e).len = n;
         (*e).at_ns = bpf_ktime_get_ns();
+        ((*e).owner, (*e).activity) = attribution(pid_tgid);
         (*e).head_len = if rc == 0 { take as u32 } else { 0 };
     }
 }

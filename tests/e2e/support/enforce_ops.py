@@ -1,7 +1,7 @@
 """The enforcement end-to-end test's activities (registered by gov_worker.py): sync
 activities, so each runs on an executor thread, where the hook holds its operations
-(`openbox-agent run --enforce`), and one async activity (`enf_aiohttp`), held on the
-event-loop thread.
+(`openbox-agent run --enforce`), and two async ones (`enf_aiohttp`,
+`enf_async_upload`), held on the event-loop thread.
 
 - `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
 - `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
@@ -25,11 +25,20 @@ event-loop thread.
   `enf_curl_loop_read <marker>: before <outcome>, after <outcome>; connect <outcome>`
   (a connection to the loop's server the activity opens itself; descriptor 2 is
   never held, so the test sees them even when the activity fails).
+- `enf_async_upload(p)` (async): POSTs `p["size"]` bytes over HTTPS to `{url}` with
+  asyncio's own streams (a memory BIO: the event loop's callbacks send what the writes
+  encrypted, between the activity's steps) from a socket with a small send buffer, to a
+  server that reads slowly; after `p["halt_after_s"]` seconds writes
+  `{dir}/{marker}-halt.txt` (Core halts on that path), then waits for the upload to end.
+  Logs `enf_async_upload <marker>: halt write <outcome>; upload <outcome>` to stderr
+  and returns the same.
 """
 
+import asyncio
 import http.client
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -238,3 +247,44 @@ def enf_sql(p: dict) -> dict:
         return {"value": row[0] if row else None}
     finally:
         conn.close()
+
+
+@activity.defn
+async def enf_async_upload(p: dict) -> dict:
+    url = urllib.parse.urlsplit(p["url"])
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test server's certificate is self-signed
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (url.hostname, url.port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=context, server_hostname=url.hostname
+    )
+    size = p["size"]
+    writer.write(
+        f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    )
+    # Encrypted now, in this step; sent by the loop's callbacks as the server reads.
+    writer.write(b"u" * size)
+    await asyncio.sleep(p["halt_after_s"])
+    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
+    try:
+        with open(path, "w") as f:
+            f.write("halt here\n")
+        wrote = "ok"
+    except OSError as e:
+        wrote = f"{type(e).__name__}: {e.strerror}"
+    try:
+        await asyncio.wait_for(writer.drain(), 60)
+        status = await asyncio.wait_for(reader.readline(), 60)
+        upload = f"answered {status.decode().strip()!r}"
+    except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        upload = f"failed: {type(e).__name__}"
+    finally:
+        writer.close()
+    line = f"halt write {wrote}; upload {upload}"
+    print(f"enf_async_upload {p['marker']}: {line}", file=sys.stderr, flush=True)
+    return {"log": line}

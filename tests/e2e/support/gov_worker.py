@@ -28,7 +28,7 @@ Activities (each returns what it did, so the test sees what the activity really 
   `model`, `finish`, `input_tokens`, `output_tokens`) under `chat` and `stream`.
 - `gov_ops(p)` (async, hook_ops.py): one operation of each kind SDK 2.0 governs.
 - `enf_write`, `enf_http`, `enf_https`, `enf_curl_loop`, `enf_bench`, `enf_sql` (sync),
-  `enf_aiohttp` (async; enforce_ops.py): the enforcement test's.
+  `enf_aiohttp`, `enf_async_upload` (async; enforce_ops.py): the enforcement test's.
 `echo`, `echo_dc` and `answer` first create the empty file
 `{dir}/ran-{activity_id}-{attempt}`, so the test can tell which attempts really ran
 their body (a refused activity must never get there).
@@ -51,8 +51,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from gov_workflows import WORKFLOWS
-from enforce_ops import (enf_aiohttp, enf_bench, enf_curl_loop, enf_http, enf_https, enf_sql,
-                         enf_write)
+from enforce_ops import (enf_aiohttp, enf_async_upload, enf_bench, enf_curl_loop, enf_http,
+                         enf_https, enf_sql, enf_write)
 from hook_ops import gov_ops
 from openbox_hook import OpenBoxHook, OpenBoxPlugin
 from quick_exit import exit_now
@@ -178,7 +178,8 @@ async def gov_llm(p: dict) -> dict:
 
 
 ACTIVITIES = [gov_http, gov_sql, gov_file, echo, echo_dc, answer, gov_llm, gov_ops,
-              enf_write, enf_http, enf_https, enf_curl_loop, enf_bench, enf_sql, enf_aiohttp]
+              enf_write, enf_http, enf_https, enf_curl_loop, enf_bench, enf_sql, enf_aiohttp,
+              enf_async_upload]
 
 
 def governance(args):

@@ -394,6 +394,78 @@ fn after_a_halt_the_activitys_curl_loop_cannot_connect() {
     assert_no_problems(&p, &record);
 }
 
+/// HALT is sticky for what an async activity's event loop sends on its behalf between
+/// its steps: an HTTPS upload to a slowly reading server, encrypted by the activity's
+/// step into asyncio's memory BIO and sent by the loop's callbacks as the server reads,
+/// is cut when Core halts the activity (on a file write made while the upload is on its
+/// way): the server receives part of the body, not all of it, and the upload fails.
+#[test]
+fn after_a_halt_an_async_activitys_upload_on_its_way_is_cut() {
+    let w = world(
+        "after_a_halt_an_async_activitys_upload_on_its_way_is_cut",
+        &json!({"default": {"verdict": "allow"}}),
+        None,
+        &["--hook-events"],
+    );
+    let m0 = w.marker(0);
+    decide_on(&w, &format!("{m0}-halt.txt"), "halt", "stop the upload");
+    let record = w.logs.join("https-received");
+    let (mut server, port) = https_recorder(&w, &record);
+    let size: usize = 4 << 20;
+    let url = format!("https://127.0.0.1:{port}/trickle/10/{m0}");
+    let outcomes = w.run(
+        &[step(
+            &w,
+            0,
+            0,
+            "enf_async_upload",
+            item(
+                &w,
+                0,
+                json!({"url": url, "size": size, "halt_after_s": 0.5}),
+            ),
+        )],
+        RUN_TIMEOUT,
+    );
+    let halted = outcome(&outcomes, &w.workflow_id(0)).clone();
+    let core_record = w.core().record.clone();
+    let worker_log = std::fs::read_to_string(w.worker().stderr_path()).unwrap_or_default();
+    let agent = finish_clean(w);
+    server.stop(libc::SIGTERM, Duration::from_secs(10));
+    let got = received(&record);
+    let body = got.bytes().filter(|&b| b == b'u').count();
+    let mut p = Vec::new();
+    check_failure(
+        &mut p,
+        "the halted activity",
+        &halted,
+        "GovernanceHalt",
+        "stop the upload",
+    );
+    if !got.contains(&format!("POST /trickle/10/{m0} ")) {
+        p.push(format!(
+            "the server never received the upload's request (body bytes: {body})"
+        ));
+    }
+    if body == 0 || body >= size {
+        p.push(format!("the server received {body} of the upload's {size} body bytes: expected some before the HALT and not all"));
+    }
+    let line = worker_log
+        .lines()
+        .find_map(|l| l.split_once(&format!("enf_async_upload {m0}: ")))
+        .map(|(_, rest)| rest.to_string())
+        .unwrap_or_default();
+    if !line.starts_with("halt write PermissionError") || !line.contains("upload failed") {
+        p.push(format!(
+            "expected the halting write denied and the upload failed in the worker's log, got {line:?}"
+        ));
+    }
+    if !agent.stderr.contains("operations_denied") {
+        p.push("the agent's log does not report the denied calls (operations_denied)".to_string());
+    }
+    assert_no_problems(&p, &core_record);
+}
+
 /// Core blocks a SQL statement (a psycopg2 query on a plain PostgreSQL connection) at its
 /// `started` hook event: the server never runs it — the table it would create does not
 /// exist afterwards, as another activity asks the same server — and the activity fails
