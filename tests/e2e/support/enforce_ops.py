@@ -10,7 +10,8 @@ activities, so each runs on an executor thread, where the hook holds its operati
   and body.
 - `enf_aiohttp(p)` (async): a `GET {url}` (plain HTTP or HTTPS, whose self-signed
   certificate is not verified) with aiohttp, or with httpx's `AsyncClient` when
-  `p["client"]` is `httpx`; returns status and body. Over HTTPS both encrypt into a
+  `p["client"]` is `httpx`, or with aiohttp in a Python process the activity starts
+  when it is `subprocess`; returns status and body. Over HTTPS each encrypts into a
   memory BIO (asyncio's TLS) and the event loop sends the ciphertext later.
 - `enf_curl_loop(p)`: starts a shell loop of `p["n"]` `curl` requests to
   `{url}/{i}` (0.1 s apart; each logs `<i> <http code> <curl exit code>`), reads its log
@@ -81,8 +82,35 @@ def enf_https(p: dict) -> dict:
         return {"status": r.status_code, "body": r.text}
 
 
+# What `enf_aiohttp` runs in a process of its own for client "subprocess".
+_AIOHTTP_GET = """
+import asyncio, sys
+import aiohttp
+async def main(url):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, ssl=False, timeout=aiohttp.ClientTimeout(total=30)) as r:
+            print(r.status)
+            print(await r.text(), end="")
+asyncio.run(main(sys.argv[1]))
+"""
+
+
 @activity.defn
 async def enf_aiohttp(p: dict) -> dict:
+    if p.get("client") == "subprocess":
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _AIOHTTP_GET,
+            p["url"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the aiohttp subprocess failed: {err.decode()[-400:]}")
+        status, body = out.decode().split("\n", 1)
+        return {"status": int(status), "body": body}
     if p.get("client") == "httpx":
         import httpx
 
@@ -281,7 +309,7 @@ async def enf_async_upload(p: dict) -> dict:
         await asyncio.wait_for(writer.drain(), 60)
         status = await asyncio.wait_for(reader.readline(), 60)
         upload = f"answered {status.decode().strip()!r}"
-    except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+    except (OSError, TimeoutError, ssl.SSLError) as e:
         upload = f"failed: {type(e).__name__}"
     finally:
         writer.close()

@@ -615,6 +615,18 @@ fn an_async_activitys_blocked_https_request_never_reaches_the_server() {
     );
 }
 
+/// The same for a Python process an async activity starts (aiohttp in it): the process
+/// inherits the activity and the event-loop thread's filter, and its memory-BIO writes
+/// are kept like the worker's.
+#[test]
+fn an_async_activitys_subprocess_blocked_https_request_never_reaches_the_server() {
+    blocked_https(
+        "an_async_activitys_subprocess_blocked_https_request_never_reaches_the_server",
+        "enf_aiohttp",
+        ["subprocess", "aiohttp"],
+    );
+}
+
 /// Core blocks `GET https://…/blocked/<marker>` at its `started` hook event, made by
 /// `activity` with each of `clients` (cases 0 and 1), and allows `/fine/` (cases 2 and 3,
 /// the same clients): the recording TLS server never receives the blocked requests, each
