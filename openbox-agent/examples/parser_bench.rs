@@ -67,6 +67,7 @@ fn load(path: &str) -> Vec<Record> {
                     .unwrap_or_default(),
                 attr: Default::default(),
                 from_file: v["from_file"].as_str().map(str::to_string),
+                midstream: v["midstream"].as_bool().unwrap_or(false),
             }),
             Some("close") => out.push(Record::Close {
                 ts: u("ts"),

@@ -159,6 +159,9 @@ pub enum Record {
         /// were copied, `truncated` says how many. "pipe" when the source is not a file
         /// the agent follows.
         from_file: Option<String>,
+        /// The connection was open before watching began: its first bytes may be the
+        /// middle of an exchange, and requests may have gone unseen.
+        midstream: bool,
     },
     Close {
         ts: u64,
@@ -840,6 +843,7 @@ impl Tracker {
                 data: d.payload.clone(),
                 attr: Attribution::of(&h),
                 from_file: None,
+                midstream: conn.midstream,
             });
         }
         if became_tls {
@@ -1052,6 +1056,7 @@ impl Tracker {
                 data: Vec::new(),
                 attr: Attribution::of(&h),
                 from_file: egress.then(|| source_path.clone()),
+                midstream: conn.midstream,
             });
         }
     }
@@ -1141,7 +1146,7 @@ impl Tracker {
         } else {
             0
         };
-        let (conn_id, peer, fd, seq) = match conn {
+        let (conn_id, peer, fd, seq, midstream) = match conn {
             Some(c) => {
                 let s = &mut c.streams[1][i];
                 if d.offset == 0 {
@@ -1156,9 +1161,10 @@ impl Tracker {
                     c.peer.clone(),
                     key.map(|k| k.1).unwrap_or(-1),
                     seq,
+                    c.midstream,
                 )
             }
-            None => (None, None, -1, d.offset),
+            None => (None, None, -1, d.offset, false),
         };
         out.push(Record::Data {
             ts: h.ts_ns,
@@ -1175,6 +1181,7 @@ impl Tracker {
             data: d.payload.clone(),
             attr: Attribution::of(&h),
             from_file: None,
+            midstream,
         });
     }
 

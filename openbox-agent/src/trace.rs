@@ -409,6 +409,7 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             data,
             attr,
             from_file,
+            midstream,
         } => {
             let mut line = json!({
                 "type": "data", "ts": clock.epoch_ns(*ts), "pid": pid, "tid": tid, "fd": fd, "conn": conn,
@@ -418,6 +419,9 @@ pub fn record_json(r: &Record, clock: &Clock) -> Option<serde_json::Value> {
             });
             if let Some(path) = from_file {
                 line["from_file"] = path.as_str().into();
+            }
+            if *midstream {
+                line["midstream"] = true.into();
             }
             line
         }

@@ -963,6 +963,89 @@ fn fixtures_work_without_the_agent() {
     );
 }
 
+/// A number a running client writes to a file (0 before its first write).
+fn count_in(path: &std::path::Path) -> usize {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 30 s) for a running client's first request.
+#[track_caller]
+fn wait_for_first_request(count: impl Fn() -> usize) {
+    for _ in 0..600 {
+        if count() > 0 {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the client made no request");
+}
+
+/// `trace --json --pid PID` started on a process already running, its TLS probes
+/// attached `OPENBOX_TEST_TLS_PROBE_GAP_MS` = 1000 apart (as a restarted agent waiting on
+/// the last one's detach can take): span lines on stdout, logs and the summary on
+/// stderr.
+struct AttachedTrace {
+    agent: std::process::Child,
+    logs: TempDir,
+}
+
+impl AttachedTrace {
+    /// Returns once the agent says it watches `pid` (its TLS probes are attached then).
+    fn start(env: &TestEnv, pid: u32, name: &str) -> AttachedTrace {
+        let logs = TempDir::new(name);
+        let agent = Command::new(&env.agent)
+            .args(["trace", "--json", "--pid", &pid.to_string()])
+            .env("OPENBOX_LOG", "info")
+            .env("OPENBOX_TEST_TLS_PROBE_GAP_MS", "1000")
+            .stdout(fs::File::create(logs.join("stdout")).unwrap())
+            .stderr(fs::File::create(logs.join("stderr")).unwrap())
+            .spawn()
+            .expect("starting the agent");
+        let mut t = AttachedTrace { agent, logs };
+        for _ in 0..1200 {
+            if t.stderr().contains("watching process") {
+                break;
+            }
+            assert!(
+                t.agent.try_wait().unwrap().is_none(),
+                "the agent ended: {}",
+                t.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(t.stderr().contains("attached TLS probes"), "{}", t.stderr());
+        t
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(self.logs.join("stderr")).unwrap_or_default()
+    }
+
+    /// Ends tracing (SIGINT): the HTTP spans printed, and the summary.
+    fn stop(mut self) -> (Vec<serde_json::Value>, serde_json::Value) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.agent.id().to_string()])
+            .status();
+        let _ = self.agent.wait();
+        let spans = fs::read_to_string(self.logs.join("stdout"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["attributes"]["http.target"].is_string())
+            .collect();
+        let stderr = self.stderr();
+        let summary = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["type"] == "summary")
+            .unwrap_or_else(|| panic!("no summary on the agent's stderr:\n{stderr}"));
+        (spans, summary)
+    }
+}
+
 /// The agent starts watching a running process whose one thread makes TLS calls
 /// (memory-BIO, as asyncio does) and plain socket calls in turn: while its libssl probes
 /// are being attached, a TLS call may run its entry probe without its return probe, and
@@ -981,58 +1064,17 @@ fn a_plain_connection_stays_plain_while_tls_probes_attach_to_a_running_process()
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .spawn()
         .expect("starting the client");
-    let rounds = || -> usize {
-        fs::read_to_string(out.join("rounds"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    for _ in 0..600 {
-        if rounds() > 0 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(rounds() > 0, "the client made no request");
-    let logs = TempDir::new("tls-and-plain-agent");
-    let mut agent = Command::new(&env.agent)
-        .args(["trace", "--json", "--pid", &client.id().to_string()])
-        .env("OPENBOX_LOG", "info")
-        .env("OPENBOX_TEST_TLS_PROBE_GAP_MS", "1000")
-        .stdout(fs::File::create(logs.join("stdout")).unwrap())
-        .stderr(fs::File::create(logs.join("stderr")).unwrap())
-        .spawn()
-        .expect("starting the agent");
-    let stderr = || fs::read_to_string(logs.join("stderr")).unwrap_or_default();
-    for _ in 0..1200 {
-        if stderr().contains("watching process") {
-            break;
-        }
-        assert!(
-            agent.try_wait().unwrap().is_none(),
-            "the agent ended: {}",
-            stderr()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(stderr().contains("attached TLS probes"), "{}", stderr());
+    let rounds = || count_in(&out.join("rounds"));
+    wait_for_first_request(rounds);
+    let agent = AttachedTrace::start(&env, client.id(), "tls-and-plain-agent");
     // Requests from the next round on are made with every probe in place.
     let first = rounds() + 1;
     thread::sleep(Duration::from_secs(2));
     let last = rounds().saturating_sub(1);
-    let _ = Command::new("kill")
-        .args(["-INT", &agent.id().to_string()])
-        .status();
-    let _ = agent.wait();
+    let (spans, _) = agent.stop();
     fs::write(out.join("stop"), b"").unwrap();
     let _ = client.wait();
     assert!(last > first + 10, "too few rounds: {first}..{last}");
-    let spans: Vec<serde_json::Value> = fs::read_to_string(logs.join("stdout"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["attributes"]["http.target"].is_string())
-        .collect();
     // (The spans' peer port comes from the Host header, which names no port here.)
     let seen = |kind: &str, scheme: &str| -> BTreeSet<usize> {
         spans
@@ -1060,5 +1102,115 @@ fn a_plain_connection_stays_plain_while_tls_probes_attach_to_a_running_process()
         wanted.is_subset(&tls),
         "TLS requests {first}..={last} missing: {:?}",
         wanted.difference(&tls).collect::<Vec<_>>()
+    );
+}
+
+/// The agent starts watching a process whose two HTTPS clients each already hold a
+/// keep-alive connection and send one request after another: aiohttp (memory-BIO TLS)
+/// and requests.Session (socket-BIO TLS). Its libssl probes attach a second apart (as a
+/// restarted agent waiting on the last one's detach can take), so for seconds some
+/// libssl functions are probed and others not. A request captured without its
+/// response would put the HTTP parser one request ahead, pairing every later response
+/// of the connection with an earlier request: every span must carry its own request's
+/// answer (the server echoes the path), every request made once all probes are in
+/// place must have its span, and what the attach window cost is counted as lost.
+#[test]
+fn keep_alive_https_spans_stay_paired_while_tls_probes_attach_to_a_running_process() {
+    let env = TestEnv::get();
+    let https = HttpServer::start(&env, true);
+    let out = TempDir::new("keepalive-tls");
+    let mut client = Command::new(&env.python)
+        .arg(env.script("client_keepalive_tls.py"))
+        .args([https.port.to_string(), out.arg()])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .spawn()
+        .expect("starting the client");
+    let clients = ["aio", "sync"];
+    let rounds = |name: &str| count_in(&out.join(&format!("rounds-{name}")));
+    for name in clients {
+        wait_for_first_request(|| rounds(name));
+    }
+    let agent = AttachedTrace::start(&env, client.id(), "keepalive-tls-agent");
+    // Requests from each client's next one on are made with every probe in place.
+    let first: Vec<usize> = clients.iter().map(|c| rounds(c) + 1).collect();
+    thread::sleep(Duration::from_secs(2));
+    let last: Vec<usize> = clients
+        .iter()
+        .map(|c| rounds(c).saturating_sub(1))
+        .collect();
+    let (spans, summary) = agent.stop();
+    fs::write(out.join("stop"), b"").unwrap();
+    let status = client.wait().unwrap();
+    assert!(
+        status.success() && out.join("ok").exists(),
+        "the client failed ({status}): a response did not echo its request"
+    );
+    assert_eq!(
+        https.connections(),
+        2,
+        "each client was to use its one pooled connection"
+    );
+    // A span names its client and request number in its target.
+    let request_of = |s: &serde_json::Value| -> Option<(usize, usize)> {
+        let target = s["attributes"]["http.target"].as_str()?;
+        let (name, n) = target.strip_prefix("/echo/")?.split_once('-')?;
+        Some((clients.iter().position(|c| *c == name)?, n.parse().ok()?))
+    };
+    // Every response must be its own request's; a request with no response is one in
+    // flight when tracing stopped (after the last one the client had finished).
+    let wrong: Vec<String> = spans
+        .iter()
+        .filter(|s| {
+            let target = s["attributes"]["http.target"].as_str().unwrap_or_default();
+            match s["response_body"].as_str() {
+                Some(body) => body != format!("echo:GET {target} 0"),
+                None => request_of(s).is_none_or(|(k, n)| n <= last[k]),
+            }
+        })
+        .map(|s| {
+            format!(
+                "{} -> {}",
+                s["attributes"]["http.target"], s["response_body"]
+            )
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} HTTPS spans carry another request's response, or none; the first: {:#?}",
+        wrong.len(),
+        spans.len(),
+        &wrong[..wrong.len().min(12)]
+    );
+    for (k, name) in clients.iter().enumerate() {
+        let (first, last) = (first[k], last[k]);
+        assert!(
+            last > first + 10,
+            "too few {name} requests: {first}..{last}"
+        );
+        let seen: BTreeSet<usize> = spans
+            .iter()
+            .filter(|s| s["attributes"]["http.scheme"] == "https")
+            .filter_map(|s| {
+                s["attributes"]["http.target"]
+                    .as_str()?
+                    .strip_prefix(&format!("/echo/{name}-"))?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let wanted: BTreeSet<usize> = (first..=last).collect();
+        assert!(
+            wanted.is_subset(&seen),
+            "{name} requests {first}..={last} missing: {:?}",
+            wanted.difference(&seen).collect::<Vec<_>>()
+        );
+    }
+    // Between the read-side and the write-side probes, responses are captured without
+    // their requests: each is counted, never paired with another request.
+    let lost = &summary["parser_losses"]["http"];
+    let unpaired = lost["unpaired"].as_u64().unwrap_or(0);
+    assert!(
+        unpaired > 0,
+        "no HTTP response counted unpaired while the probes attached: parser losses {lost}; summary {summary}"
     );
 }

@@ -1010,6 +1010,12 @@ impl Parser for HttpParser {
         }
     }
 
+    /// Pairing starts unsure: a response pairs only with the one request sent before it
+    /// began (so none before the first request line seen), never by order alone.
+    fn watched_midstream(&mut self) {
+        self.unsure = true;
+    }
+
     fn unparsed(&self) -> u64 {
         self.losses().total()
     }

@@ -231,6 +231,12 @@ pub trait Parser: Send {
     /// The connection closed: finish what can be finished (a close-delimited HTTP body,
     /// a request that never got its response).
     fn close(&mut self, ts: u64, out: &mut Vec<Op>);
+    /// The connection was open before watching began, told before the first byte is
+    /// fed: requests may have gone unseen and each side may start in a message's middle,
+    /// so the parser must not take the first response it meets for the answer to the
+    /// first request it sees. Parsers that assume this of every connection (Redis), or
+    /// pair by id (MongoDB), leave it.
+    fn watched_midstream(&mut self) {}
     /// Messages that could not be parsed (malformed, truncated, out of sync).
     fn unparsed(&self) -> u64;
     /// The same losses, by reason. Parsers that do not tell reasons apart report them
@@ -409,6 +415,9 @@ pub(crate) mod scripts {
 
     pub type Script = Vec<(Side, Vec<u8>, u64)>;
 
+    /// When the scripts' connections close.
+    const CLOSED_AT: u64 = 1000;
+
     /// Feeds a script to a fresh parser, whole pieces or one byte at a time, then closes
     /// it: the ops and the unparsed count.
     pub fn run_with(
@@ -445,11 +454,14 @@ pub(crate) mod scripts {
     }
 
     /// How a stream that began at a byte offset is fed: whole, from there on (watching
-    /// began mid-stream), or with the rest of that piece lost (a capture gap).
+    /// began mid-stream), the same with the parser told the connection was open before
+    /// ([`Parser::watched_midstream`], as the agent tells it), or with the rest of that
+    /// piece lost (a capture gap).
     #[derive(Clone, Copy, Debug)]
     pub enum Cut {
-        StartAt,
-        GapAt,
+        Start,
+        Midstream,
+        Gap,
     }
 
     /// For every byte offset of `script` (its pieces laid end to end): the stream cut
@@ -491,11 +503,14 @@ pub(crate) mod scripts {
             let mut p = new_parser(protocol, &ParserConfig::default());
             let mut out = Vec::new();
             match cut {
-                Cut::StartAt => {
+                Cut::Start | Cut::Midstream => {
+                    if matches!(cut, Cut::Midstream) {
+                        p.watched_midstream();
+                    }
                     let (side, data, ts) = &script[i];
                     p.feed(*side, &data[at..], *ts, &mut out);
                 }
-                Cut::GapAt => {
+                Cut::Gap => {
                     for (side, data, ts) in &script[..i] {
                         p.feed(*side, data, *ts, &mut out);
                     }
@@ -508,11 +523,11 @@ pub(crate) mod scripts {
                 p.feed(*side, data, *ts, &mut out);
             }
             p.close(1000, &mut out);
-            let clean_start = at == 0 && matches!(cut, Cut::StartAt);
+            let clean_start = at == 0 && !matches!(cut, Cut::Gap);
             let mut seen = std::collections::HashSet::new();
             for (key, op) in keyed(&out).into_iter().zip(&out) {
                 let partial = op.start_ts == cut_ts && !clean_start
-                    || matches!(cut, Cut::GapAt) && op.start_ts <= cut_ts;
+                    || matches!(cut, Cut::Gap) && op.start_ts <= cut_ts;
                 if partial {
                     // Cut through, or answered across the hole: it may be partial, but
                     // never another exchange's.
@@ -560,8 +575,8 @@ pub(crate) mod scripts {
             let out_keys: std::collections::HashSet<_> = keyed(&out).into_iter().collect();
             let missing = keyed(&clean).into_iter().zip(&clean).find(|(key, w)| {
                 let touched = match cut {
-                    Cut::StartAt => w.end_ts > cut_ts,
-                    Cut::GapAt => w.end_ts >= cut_ts,
+                    Cut::Start | Cut::Midstream => w.end_ts > cut_ts,
+                    Cut::Gap => w.end_ts >= cut_ts,
                 };
                 touched
                     && !out_keys.contains(key)
@@ -600,6 +615,87 @@ pub(crate) mod scripts {
             }
         }
         checked
+    }
+
+    /// Which side of a connection watched from its middle is captured first.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum First {
+        /// The server's (the client reads before it writes): the order the agent
+        /// attaches the libssl probes in.
+        Server,
+        /// Either.
+        Either,
+    }
+
+    /// A connection watched from its middle while the TLS probes attach one libssl
+    /// function after another: for every pair of pieces `(w, r)` (`r <= w` when the
+    /// server side is `first`), the client's pieces from `w` on and the server's from
+    /// `r` on, with nothing to say the others were missed, fed to a parser told the
+    /// connection was open before ([`Parser::watched_midstream`]). No op may carry
+    /// another exchange's answer: each is the clean run's op of the same start (modulo
+    /// `unknowable`), or that op cut short (its status unknown, an end no later than
+    /// its own, or none: still unanswered at the close, or reported ended where its
+    /// answer was lost). Returns how many ops were checked.
+    pub fn one_side_first(
+        protocol: Protocol,
+        script: &Script,
+        first: First,
+        unknowable: fn(&Op, &mut Op),
+    ) -> usize {
+        let (clean, _) = run_with(protocol, ParserConfig::default(), script, false);
+        let by_start: std::collections::HashMap<(u64, usize), &Op> =
+            keyed(&clean).into_iter().zip(&clean).collect();
+        let mut checked = 0;
+        for w in 0..script.len() {
+            let last_r = if first == First::Server {
+                w
+            } else {
+                script.len() - 1
+            };
+            for r in 0..=last_r {
+                let mut p = new_parser(protocol, &ParserConfig::default());
+                p.watched_midstream();
+                let mut out = Vec::new();
+                for (i, (side, data, ts)) in script.iter().enumerate() {
+                    if i >= if *side == Side::Client { w } else { r } {
+                        p.feed(*side, data, *ts, &mut out);
+                    }
+                }
+                p.close(CLOSED_AT, &mut out);
+                for (key, op) in keyed(&out).into_iter().zip(&out) {
+                    let Some(want) = by_start.get(&key) else {
+                        // An exchange seen from its later messages on ends as it ended.
+                        assert!(
+                            clean.iter().any(|c| c.start_ts < op.start_ts
+                                && c.end_ts == op.end_ts
+                                && (c.status == op.status || op.status == StatusCode::Unset)),
+                            "client from piece {w}, server from {r}: an op the clean run does not have: {op:?}"
+                        );
+                        continue;
+                    };
+                    let mut want = (*want).clone();
+                    unknowable(op, &mut want);
+                    assert!(
+                        *op == want
+                            || op.name == want.name
+                                && op.status == StatusCode::Unset
+                                && (op.end_ts <= want.end_ts
+                                    || op.end_ts == CLOSED_AT
+                                    || cut_short(op)),
+                        "client from piece {w}, server from {r}: paired wrongly: {op:?}\nwant: {want:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        checked
+    }
+
+    /// An op reported as ended where its answer was lost (`db.response_truncated`),
+    /// with nothing of an answer on it.
+    fn cut_short(op: &Op) -> bool {
+        op.attributes.get("db.response_truncated") == Some(&serde_json::Value::Bool(true))
+            && !op.attributes.contains_key("db.rowcount")
     }
 
     /// Ops told apart by their start timestamp and, among ops that started in the same

@@ -483,14 +483,136 @@ fn the_recorded_session_pairs_each_response_with_its_own_request() {
 #[test]
 fn a_stream_watched_from_any_byte_offset_yields_every_later_exchange_paired_right() {
     let s = keep_alive_session();
-    let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::StartAt);
+    for cut in [scripts::Cut::Start, scripts::Cut::Midstream] {
+        let checked = scripts::every_offset(Protocol::Http, &s, cut);
+        assert!(checked > 0, "{cut:?}");
+    }
+}
+
+/// The session as the agent sees it when it starts watching an open connection while
+/// the libssl probes attach one function after another: the client's pieces from `w`
+/// on, the server's from `r` on, with nothing to say the others were missed (a function
+/// not yet probed leaves no gap). `midstream`: the parser is told the connection was
+/// open before watching began, as the agent tells it.
+fn attach_window(s: &scripts::Script, w: usize, r: usize, midstream: bool) -> (Vec<Op>, Losses) {
+    let mut p = HttpParser::new(ParserConfig::default());
+    if midstream {
+        p.watched_midstream();
+    }
+    let mut out = Vec::new();
+    for (i, (side, data, ts)) in s.iter().enumerate() {
+        if i >= if *side == Side::Client { w } else { r } {
+            p.feed(*side, data, *ts, &mut out);
+        }
+    }
+    p.close(1000, &mut out);
+    (out, p.losses())
+}
+
+/// Requests seen whose responses were not (the write side probed first), or responses
+/// whose requests were not (the read side first), at the start of a connection watched
+/// from its middle: no response is ever paired with another's request, every exchange
+/// whose request began once both sides were captured and a status line had been seen
+/// comes out whole, and whatever went missing is counted.
+#[test]
+fn a_connection_watched_from_its_middle_with_one_side_captured_first_never_pairs_wrongly() {
+    let s = keep_alive_session();
+    let clean = scripts::run(Protocol::Http, &s);
+    let want = |op: &Op| clean.iter().find(|c| c.start_ts == op.start_ts).unwrap();
+    let mut checked = 0;
+    for w in 0..s.len() {
+        for r in 0..s.len() {
+            let (ops, losses) = attach_window(&s, w, r, true);
+            for op in &ops {
+                assert_eq!(
+                    op,
+                    want(op),
+                    "client from piece {w}, server from {r}: paired wrongly"
+                );
+            }
+            // The first status line the server side can resynchronise at.
+            let Some(f) =
+                (r..s.len()).find(|&i| s[i].0 == Side::Server && s[i].1.starts_with(b"HTTP/1."))
+            else {
+                continue;
+            };
+            let after = s[w.max(f)].2;
+            for c in clean.iter().filter(|c| c.start_ts > after) {
+                assert!(
+                    ops.contains(c),
+                    "client from piece {w}, server from {r}: missing {c:?}"
+                );
+                checked += 1;
+            }
+            let fed = |c: &Op| {
+                s.iter().enumerate().any(|(i, (side, _, ts))| {
+                    *ts >= c.start_ts
+                        && *ts <= c.end_ts
+                        && i >= if *side == Side::Client { w } else { r }
+                })
+            };
+            if let Some(lost) = clean.iter().find(|c| fed(c) && !ops.contains(c)) {
+                assert!(
+                    losses.total() > 0,
+                    "client from piece {w}, server from {r}: {lost:?} lost, no loss counted"
+                );
+            }
+        }
+    }
     assert!(checked > 0);
+}
+
+/// The generic form of the test above (the one every parser runs).
+#[test]
+fn the_session_with_one_side_captured_first_never_pairs_wrongly() {
+    assert!(
+        scripts::one_side_first(
+            Protocol::Http,
+            &keep_alive_session(),
+            scripts::First::Server,
+            |_, _| {}
+        ) > 0
+    );
+}
+
+/// The same with the client side captured first.
+#[test]
+fn the_session_with_the_client_side_captured_first_never_pairs_wrongly() {
+    assert!(
+        scripts::one_side_first(
+            Protocol::Http,
+            &keep_alive_session(),
+            scripts::First::Either,
+            |_, _| {}
+        ) > 0
+    );
+}
+
+/// Without being told the connection was open before watching began, the parser
+/// pairs by order from the first request it sees: requests seen without their
+/// responses put every later response on an earlier request.
+#[test]
+fn a_parser_not_told_the_connection_is_midstream_pairs_by_order_from_the_first_request() {
+    let s = keep_alive_session();
+    // Client from GET /item/1 on, server from the HEAD's response (piece 7) on.
+    let (ops, _) = attach_window(&s, 0, 7, false);
+    let head = ops
+        .iter()
+        .find(|op| header(op.response_headers.as_ref().unwrap(), "x-id") == Some("3"))
+        .unwrap();
+    assert_eq!(head.attributes["http.target"].as_str(), Some("/item/1"));
+    let (ops, _) = attach_window(&s, 0, 7, true);
+    assert!(ops.iter().all(|op| {
+        let target = op.attributes["http.target"].as_str().unwrap();
+        header(op.response_headers.as_ref().unwrap(), "x-id")
+            .is_some_and(|id| target == format!("/item/{id}"))
+    }));
 }
 
 #[test]
 fn a_capture_gap_at_any_byte_offset_loses_only_the_exchange_it_cuts() {
     let s = keep_alive_session();
-    let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::GapAt);
+    let checked = scripts::every_offset(Protocol::Http, &s, scripts::Cut::Gap);
     assert!(checked > 0);
 }
 

@@ -1311,11 +1311,67 @@ fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_pai
         let checked = scripts::every_offset_with(
             Protocol::Mysql,
             &s,
-            scripts::Cut::StartAt,
+            scripts::Cut::Start,
             scripts::sql_unknowable,
         );
         assert!(checked > 0);
     }
+}
+
+const ONE_SIDE_FIRST_SESSIONS: [&str; 5] = [
+    PYMYSQL_SESSION,
+    DEPRECATE_EOF_SESSION,
+    MARIADB_CACHE_METADATA_SESSION,
+    CURSOR_CONNECTOR_C_SESSION,
+    CURSOR_DEPRECATE_EOF_SESSION,
+];
+
+/// [`scripts::one_side_first`] over the recorded sessions, each from its first command
+/// on when `from_first_command` (a connection watched from its middle shows no
+/// handshake), else whole.
+fn one_side_first(first: scripts::First, from_first_command: bool) {
+    for rec in ONE_SIDE_FIRST_SESSIONS {
+        let s = scripts::recording(rec);
+        let start = match from_first_command {
+            true => s
+                .iter()
+                .position(|(side, data, _)| *side == Side::Client && starts_command(data))
+                .unwrap(),
+            false => 0,
+        };
+        let checked = scripts::one_side_first(
+            Protocol::Mysql,
+            &s[start..].to_vec(),
+            first,
+            scripts::sql_unknowable,
+        );
+        assert!(checked > 0);
+    }
+}
+
+/// One side captured before the other at the start of a connection watched from its
+/// middle (the TLS probes attaching): no op carries another's answer.
+#[test]
+fn recorded_sessions_with_one_side_captured_first_never_pair_wrongly() {
+    one_side_first(scripts::First::Server, true);
+}
+
+/// The same with the client side captured first.
+#[test]
+#[ignore = "known gap: a request captured without its answer at the start of a connection watched from its middle (the client side captured first, which the agent's read-before-write probe order avoids) pairs the next answer with it: the parser pairs by order from the first request it sees"]
+fn recorded_sessions_with_the_client_side_captured_first_never_pair_wrongly() {
+    one_side_first(scripts::First::Either, true);
+}
+
+/// A connection opened while the probes attach, over TLS: the greeting is cleartext
+/// (captured), the client's handshake response is TLS plaintext written before the
+/// write side was probed (missed, with no gap), the server's answers are read through
+/// probed functions. The parser then infers the capability flags from a session it
+/// takes for one without its handshake, and can read a result set wrongly.
+#[test]
+#[ignore = "known gap: with the greeting seen and the handshake response missed without a gap, DEPRECATE_EOF_SESSION pairs a SELECT with a later error (client from piece 2, server from 0)"]
+fn recorded_sessions_with_the_handshake_response_missed_never_pair_wrongly() {
+    one_side_first(scripts::First::Server, false);
 }
 
 #[test]
@@ -1331,7 +1387,7 @@ fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cut
         let checked = scripts::every_offset_with(
             Protocol::Mysql,
             &s,
-            scripts::Cut::GapAt,
+            scripts::Cut::Gap,
             scripts::sql_unknowable,
         );
         assert!(checked > 0);

@@ -1818,11 +1818,35 @@ fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_pai
         let checked = scripts::every_offset_with(
             Protocol::Postgres,
             &s,
-            scripts::Cut::StartAt,
+            scripts::Cut::Start,
             scripts::sql_unknowable,
         );
         assert!(checked > 0);
     }
+}
+
+/// [`scripts::one_side_first`] over the recorded sessions.
+fn one_side_first(first: scripts::First) {
+    for rec in [PSYCOPG2_SESSION, ASYNCPG_SESSION] {
+        let s = scripts::recording(rec);
+        let checked =
+            scripts::one_side_first(Protocol::Postgres, &s, first, scripts::sql_unknowable);
+        assert!(checked > 0);
+    }
+}
+
+/// One side captured before the other at the start of a connection watched from its
+/// middle (the TLS probes attaching): no op carries another's answer.
+#[test]
+fn recorded_sessions_with_one_side_captured_first_never_pair_wrongly() {
+    one_side_first(scripts::First::Server);
+}
+
+/// The same with the client side captured first.
+#[test]
+#[ignore = "known gap: a request captured without its answer at the start of a connection watched from its middle (the client side captured first, which the agent's read-before-write probe order avoids) pairs the next answer with it: the parser pairs by order from the first request it sees"]
+fn recorded_sessions_with_the_client_side_captured_first_never_pair_wrongly() {
+    one_side_first(scripts::First::Either);
 }
 
 #[test]
@@ -1832,7 +1856,7 @@ fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cut
         let checked = scripts::every_offset_with(
             Protocol::Postgres,
             &s,
-            scripts::Cut::GapAt,
+            scripts::Cut::Gap,
             scripts::sql_unknowable,
         );
         assert!(checked > 0);
@@ -1976,7 +2000,7 @@ fn a_copy_session_watched_from_any_byte_offset_yields_every_later_exchange_paire
     let checked = scripts::every_offset_with(
         Protocol::Postgres,
         &copy_session(),
-        scripts::Cut::StartAt,
+        scripts::Cut::Start,
         scripts::sql_unknowable,
     );
     assert!(checked > 0);
@@ -1987,7 +2011,7 @@ fn a_capture_gap_at_any_byte_offset_of_a_copy_session_loses_only_what_it_cuts() 
     let checked = scripts::every_offset_with(
         Protocol::Postgres,
         &copy_session(),
-        scripts::Cut::GapAt,
+        scripts::Cut::Gap,
         scripts::sql_unknowable,
     );
     assert!(checked > 0);

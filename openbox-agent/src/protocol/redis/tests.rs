@@ -637,22 +637,50 @@ fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_pai
         let checked = scripts::every_offset_with(
             Protocol::Redis,
             &script(rec),
-            scripts::Cut::StartAt,
+            scripts::Cut::Start,
             name_cut,
         );
         assert!(checked > 0);
     }
 }
 
+/// One side captured before the other at the start of a connection watched from its
+/// middle (the TLS probes attaching): no reply is paired with another's command.
+#[test]
+fn recorded_sessions_with_one_side_captured_first_never_pair_wrongly() {
+    for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
+        assert!(
+            scripts::one_side_first(
+                Protocol::Redis,
+                &script(rec),
+                scripts::First::Server,
+                name_cut
+            ) > 0
+        );
+    }
+}
+
+/// The same with the client side captured first.
+#[test]
+#[ignore = "known gap: a request captured without its answer at the start of a connection watched from its middle (the client side captured first, which the agent's read-before-write probe order avoids) pairs the next answer with it: the parser pairs by order from the first request it sees"]
+fn recorded_sessions_with_the_client_side_captured_first_never_pair_wrongly() {
+    for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
+        assert!(
+            scripts::one_side_first(
+                Protocol::Redis,
+                &script(rec),
+                scripts::First::Either,
+                name_cut
+            ) > 0
+        );
+    }
+}
+
 #[test]
 fn a_capture_gap_at_any_byte_offset_of_a_recorded_session_loses_only_what_it_cuts() {
     for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
-        let checked = scripts::every_offset_with(
-            Protocol::Redis,
-            &script(rec),
-            scripts::Cut::GapAt,
-            name_cut,
-        );
+        let checked =
+            scripts::every_offset_with(Protocol::Redis, &script(rec), scripts::Cut::Gap, name_cut);
         assert!(checked > 0);
     }
 }
