@@ -136,6 +136,16 @@ def _read(path: str) -> str:
         return f"{type(e).__name__}: {e.strerror}"
 
 
+def _write_halt_file(p: dict) -> str:
+    """Writes `{dir}/{marker}-halt.txt`, the path Core halts on: "ok" or the error."""
+    try:
+        with open(os.path.join(p["dir"], f"{p['marker']}-halt.txt"), "w") as f:
+            f.write("halt here\n")
+        return "ok"
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror}"
+
+
 def _connect(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     try:
@@ -166,13 +176,7 @@ def enf_curl_loop(p: dict) -> dict:
         print(f"enf_curl_loop {p['marker']}: {line}", file=sys.stderr, flush=True)
         if halt_at is None and line.split(" ")[1:] == ["200", "0"]:
             halt_at = round(time.monotonic() - started, 3)
-            path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
-            try:
-                with open(path, "w") as f:
-                    f.write("halt here\n")
-                wrote = "ok"
-            except OSError as e:
-                wrote = f"{type(e).__name__}: {e.strerror}"
+            wrote = _write_halt_file(p)
             print(
                 f"enf_curl_loop_halt {p['marker']}: after {halt_at} s: {wrote}",
                 file=sys.stderr,
@@ -298,13 +302,7 @@ async def enf_async_upload(p: dict) -> dict:
     # Encrypted now, in this step; sent by the loop's callbacks as the server reads.
     writer.write(b"u" * size)
     await asyncio.sleep(p["halt_after_s"])
-    path = os.path.join(p["dir"], f"{p['marker']}-halt.txt")
-    try:
-        with open(path, "w") as f:
-            f.write("halt here\n")
-        wrote = "ok"
-    except OSError as e:
-        wrote = f"{type(e).__name__}: {e.strerror}"
+    wrote = _write_halt_file(p)
     try:
         await asyncio.wait_for(writer.drain(), 60)
         status = await asyncio.wait_for(reader.readline(), 60)
