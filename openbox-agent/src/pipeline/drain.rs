@@ -46,6 +46,10 @@ pub const QUEUE_BYTES: usize = 64 << 20;
 /// session when full, or when the ring is empty.
 const BATCH_BYTES: usize = 256 << 10;
 
+/// Room left in a batch's buffer past [`BATCH_BYTES`] for the record that fills it (the
+/// largest records, payload chunks, are `MAX_CHUNK` (4 KiB) and a header).
+const MAX_RECORD: usize = 16 << 10;
+
 /// Emptied batches kept for reuse (a batch's buffer is allocated once at this rate).
 const SPARE_BATCHES: usize = 4;
 
@@ -302,7 +306,7 @@ fn wait(ring_fd: std::os::fd::RawFd, kick: &OwnedFd) {
 /// (discarded records move it too, so a batch may be empty).
 fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) {
     let mut batch = Batch {
-        buf: shared.queue().spare.pop().unwrap_or_default(),
+        buf: spare(shared),
         end: r.handed,
     };
     loop {
@@ -317,7 +321,7 @@ fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) {
         if batch.buf.len() >= BATCH_BYTES {
             batch.end = positions.consumer();
             r.handed = batch.end;
-            let next = shared.queue().spare.pop().unwrap_or_default();
+            let next = spare(shared);
             queue(
                 shared,
                 std::mem::replace(&mut batch, Batch { buf: next, end: 0 }),
@@ -332,6 +336,16 @@ fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) {
     } else {
         shared.queue().spare.push(batch.buf);
     }
+}
+
+/// An emptied batch's buffer, or a new one of a batch's size (grown as records are
+/// copied, a buffer would be copied again at each doubling).
+fn spare(shared: &Shared) -> Vec<u8> {
+    shared
+        .queue()
+        .spare
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES + MAX_RECORD))
 }
 
 fn queue(shared: &Shared, batch: Batch) {

@@ -98,7 +98,14 @@ pub struct Session<S: Sink> {
     /// Test-only (`OPENBOX_TEST_HOLD_PAUSED`, see `capture::pause::HOLD_ENV`): paused
     /// processes stay stopped until the agent ends.
     hold_paused: bool,
+    /// Test-only ([`STALL_ENV`]): the session's thread sleeps this long at its first
+    /// record, as it would waiting for a CPU on a busy node.
+    stall: Option<Duration>,
 }
+
+/// Test-only: milliseconds the session's thread is held up at its first record (the
+/// ring buffer must still be emptied meanwhile).
+pub const STALL_ENV: &str = "OPENBOX_TEST_STALL_MS";
 
 /// Loads the kernel programs, checks the libssl copies named on the command line (they
 /// are probed in each watched process that maps them, as the ones named libssl are),
@@ -138,6 +145,10 @@ impl<S: Sink> Session<S> {
             queue: Default::default(),
             workloads: HashMap::new(),
             hold_paused: std::env::var_os(pause::HOLD_ENV).is_some(),
+            stall: std::env::var(STALL_ENV)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
         }
     }
 
@@ -223,6 +234,13 @@ impl<S: Sink> Session<S> {
 
     /// One ring-buffer record through every stage.
     pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        if let Some(stall) = self.stall.take() {
+            tracing::warn!(
+                "{STALL_ENV} is set (tests only): the session's thread sleeps {} ms",
+                stall.as_millis()
+            );
+            std::thread::sleep(stall);
+        }
         self.records_received += 1;
         let ev = match event::decode(bytes) {
             Ok(ev) => ev,
