@@ -188,6 +188,7 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
                 "io_uring": io_uring,
         });
         line["tls_links"] = json!(st.tls_links);
+        line["ring_queue"] = json!(st.ring_queue);
         if let Some(o) = otlp {
             line["otlp"] = json!(o);
         }
@@ -220,6 +221,7 @@ fn summary(session: &mut Session<Out>, otlp: Option<otlp::OtlpStats>) -> Counter
             "io_uring_ops_not_captured": c.io_uring_ops,
             "io_uring_data_ops_not_captured": c.io_uring_data_ops,
             "io_uring": io_uring,
+            "ring_queue": st.ring_queue,
         });
         let _ = writeln!(p.out, "{line}");
         if let Some(o) = otlp {
@@ -650,7 +652,7 @@ pub async fn run(opts: TraceOpts) -> Result<i32> {
         }
     };
     // Everything the traced processes did is already in the ring: drain it.
-    ring.drain(&mut session);
+    ring.drain_all(&mut session);
     session.finish();
     let code = if opts.pid.is_some() { 0 } else { code };
     let otlp = match (session.sink_mut().1.take(), done) {

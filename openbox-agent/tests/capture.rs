@@ -663,6 +663,42 @@ fn body_beyond_the_capture_limit_is_truncated_and_counted() {
     );
 }
 
+/// While the thread that parses records is held up (as it is when it waits for a CPU on
+/// a busy node), the ring buffer is still emptied: a burst sixteen times the ring's size
+/// is captured whole, with no ring-buffer drop.
+#[test]
+fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
+    let env = TestEnv::get();
+    let out = TempDir::new("burst");
+    let trace = trace_with(
+        &env,
+        "a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops",
+        &["--ring-mib", "1"],
+        &[("OPENBOX_TEST_STALL_MS", "3000")],
+        &env.python_command("client_burst.py", &["16", &out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+    assert!(
+        trace.stderr.contains("OPENBOX_TEST_STALL_MS is set"),
+        "the agent was not held up: {}",
+        trace.stderr
+    );
+    assert_eq!(
+        trace.summary_u64("ringbuf_drops"),
+        0,
+        "records were dropped: {}",
+        trace.summary()
+    );
+    let sent = read(&out.join("sent.bin"));
+    let port = fs::read_to_string(out.join("port")).expect("the client's port file");
+    let conn = only_connection(&trace, &format!("127.0.0.1:{}", port.trim()));
+    assert_bytes_eq(
+        &trace.stream(&conn, Dir::Egress, false),
+        &sent,
+        "the burst as captured",
+    );
+}
+
 #[test]
 fn streams_reassemble_exactly_from_short_vectored_and_concurrent_io() {
     let env = TestEnv::get();

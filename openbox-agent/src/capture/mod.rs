@@ -20,7 +20,6 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use openbox_common::*;
-use tokio::io::unix::AsyncFd;
 
 use self::load::How;
 use crate::preflight;
@@ -490,13 +489,10 @@ impl Capture {
         self.pauses.recovered
     }
 
-    /// The ring buffer, readable from tokio.
-    pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
+    /// The ring buffer.
+    pub fn events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self.ring.take().context("map EVENTS, taken already")?;
-        let ring = RingBuf::try_from(map)?;
-        // SAFETY: the ring buffer owns its descriptor for as long as the AsyncFd lives.
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| anyhow!("polling the ring buffer: {e}"))
+        Ok(RingBuf::try_from(map)?)
     }
 
     pub fn watch(&mut self, tgid: u32) -> Result<()> {

@@ -292,6 +292,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
             // A request waits for the ring to be read past it: read it again soon (the
             // kernel wakes the reader only once 64 KiB are waiting).
             _ = tokio::time::sleep(order::END_WAIT_POLL), if d.order.is_waiting() => {
+                ring.copy_now();
                 d.read_ring(&mut ring);
             }
             Some((key, result)) = ready_rx.recv() => d.governor_ready(key, result),
@@ -319,6 +320,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     }
     while d.order.is_waiting() {
         tokio::time::sleep(order::END_WAIT_POLL).await;
+        ring.copy_now();
         d.read_ring(&mut ring);
     }
     let again = async {
@@ -330,7 +332,7 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
     };
     d.finish_calls(opts.governance.governance_timeout, again)
         .await;
-    ring.drain(&mut d.session);
+    ring.drain_all(&mut d.session);
     d.session.finish();
     d.route();
     if let Some(done) = otlp_done {
@@ -388,6 +390,11 @@ impl Daemon {
         );
         let mark = ends.then(|| ring.mark());
         self.order.push(msg, mark, std::time::Instant::now());
+        if ends {
+            // The records below the mark are read now, not at the drain thread's next
+            // wake-up (the kernel wakes it only once 64 KiB are waiting).
+            ring.copy_now();
+        }
         self.read_ring(ring);
     }
 

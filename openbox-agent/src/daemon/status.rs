@@ -108,6 +108,7 @@ impl Summary {
             s.extend(k);
         }
         s["tls_links"] = json!(self.pipeline.tls_links);
+        s["ring_queue"] = json!(self.pipeline.ring_queue);
         s["activity_end_order"] = json!(self.order);
         if let Some(o) = &self.otlp {
             s["otlp"] = json!(o);
@@ -299,6 +300,18 @@ impl Collector for Metrics {
             "records_unparsed",
             "Ring-buffer records that did not decode.",
             p.unparsed_records,
+        )?;
+        counter(
+            e,
+            "ring_queue_full",
+            "Times the queue between the ring buffer's drain thread and the parsers was full (copying then stopped and the ring filled behind it).",
+            p.ring_queue.full,
+        )?;
+        gauge(
+            e,
+            "ring_queue_peak_bytes",
+            "Most bytes of records queued at once between the ring buffer's drain thread and the parsers.",
+            p.ring_queue.peak_bytes,
         )?;
         counter(
             e,

@@ -13,16 +13,16 @@
 //! [`conn::Tracker`]: crate::conn::Tracker
 //! [`span::SpanBuilder`]: crate::span::SpanBuilder
 
+pub mod drain;
 pub mod position;
 pub mod sink;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, Result};
 use aya::maps::{MapData, RingBuf};
 use openbox_common::{FD_FILE, FD_NO_PAYLOAD, FD_QUIET, FD_SOCKET};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 
 pub use self::{
     position::{Mark, RingOrder},
@@ -76,6 +76,8 @@ pub struct Stats {
     pub tls_probes: tls::TlsProbeStats,
     /// Memory-BIO plaintext that could not be linked to its socket exactly.
     pub tls_links: crate::conn::TlsLinks,
+    /// The queue between the ring buffer's drain thread and the session.
+    pub ring_queue: drain::QueueStats,
 }
 
 pub struct Session<S: Sink> {
@@ -88,13 +90,22 @@ pub struct Session<S: Sink> {
     unparsed_records: u64,
     resumed: u64,
     resume_failures: u64,
+    /// The ring's queue, as of the last drain.
+    queue: drain::QueueStats,
     /// The container (and pod) of each process that made a span, read once per process
     /// and forgotten when it exits.
     workloads: HashMap<Pid, Workload>,
     /// Test-only (`OPENBOX_TEST_HOLD_PAUSED`, see `capture::pause::HOLD_ENV`): paused
     /// processes stay stopped until the agent ends.
     hold_paused: bool,
+    /// Test-only ([`STALL_ENV`]): the session's thread sleeps this long at its first
+    /// record, as it would waiting for a CPU on a busy node.
+    stall: Option<Duration>,
 }
+
+/// Test-only: milliseconds the session's thread is held up at its first record (the
+/// ring buffer must still be emptied meanwhile).
+pub const STALL_ENV: &str = "OPENBOX_TEST_STALL_MS";
 
 /// Loads the kernel programs, checks the libssl copies named on the command line (they
 /// are probed in each watched process that maps them, as the ones named libssl are),
@@ -131,8 +142,13 @@ impl<S: Sink> Session<S> {
             unparsed_records: 0,
             resumed: 0,
             resume_failures: 0,
+            queue: Default::default(),
             workloads: HashMap::new(),
             hold_paused: std::env::var_os(pause::HOLD_ENV).is_some(),
+            stall: std::env::var(STALL_ENV)
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
         }
     }
 
@@ -185,6 +201,7 @@ impl<S: Sink> Session<S> {
             resumed_at_start: self.cap.recovered().resumed,
             tls_probes: self.cap.tls_stats(),
             tls_links: self.tracker.tls_links,
+            ring_queue: self.queue,
         }
     }
 
@@ -217,6 +234,13 @@ impl<S: Sink> Session<S> {
 
     /// One ring-buffer record through every stage.
     pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        if let Some(stall) = self.stall.take() {
+            tracing::warn!(
+                "{STALL_ENV} is set (tests only): the session's thread sleeps {} ms",
+                stall.as_millis()
+            );
+            std::thread::sleep(stall);
+        }
         self.records_received += 1;
         let ev = match event::decode(bytes) {
             Ok(ev) => ev,
@@ -461,55 +485,77 @@ impl<S: Sink> Session<S> {
     }
 }
 
-/// The ring buffer, read when the kernel wakes us and on a short tick.
+/// The ring buffer: its records are copied out by a thread of their own
+/// ([`drain`]) and handled here, when it has queued some and on a short tick.
 pub struct Ring {
-    fd: AsyncFd<RingBuf<MapData>>,
+    drain: drain::Drain,
     tick: tokio::time::Interval,
-    positions: position::Positions,
+    positions: Arc<position::Positions>,
+    /// The consumer position after the last record handled (records copied into the
+    /// queue but not yet handled are not read, for [`RingOrder`]).
+    handled: usize,
 }
 
-/// The kernel wakes the reader only when 64 KiB are waiting (or a process is paused
-/// for the agent): the tick bounds how late a record can be read.
+/// How often the session looks at the queue without a wake-up (timers of the sinks run
+/// at this pace too).
 const DRAIN_TICK: Duration = Duration::from_millis(10);
 
 impl Ring {
-    fn new(fd: AsyncFd<RingBuf<MapData>>) -> Result<Ring> {
+    fn new(ring: RingBuf<MapData>) -> Result<Ring> {
         let mut tick = tokio::time::interval(DRAIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let positions = position::Positions::new(fd.get_ref())?;
+        let positions = Arc::new(position::Positions::new(&ring)?);
+        let handled = positions.consumer();
+        let drain = drain::Drain::start(ring, positions.clone(), drain::QUEUE_BYTES)?;
         Ok(Ring {
-            fd,
+            drain,
             tick,
             positions,
+            handled,
         })
     }
 
-    /// Bytes of records read so far (the consumer position).
+    /// Bytes of records handled so far (the consumer position of the last one).
     pub fn read_bytes(&self) -> u64 {
-        self.positions.consumer() as u64
+        self.handled as u64
     }
 
     /// Waits until records may be waiting. Cancel-safe: use it in `select!`, then
     /// [`Ring::drain`].
     pub async fn ready(&mut self) -> Result<()> {
         tokio::select! {
-            guard = self.fd.readable_mut() => {
-                // Clearing before the drain that follows cannot lose a wake-up: records
-                // arriving after this point are read by that drain or wake us again.
-                guard.map_err(|e| anyhow!("polling the ring buffer: {e}"))?.clear_ready();
-            }
+            _ = self.drain.ready() => {}
             _ = self.tick.tick() => {}
         }
         Ok(())
     }
 
-    /// Passes every record waiting in the ring through the session, then flushes its
-    /// sink.
+    /// Copies what the ring holds now into the queue, without waiting for the drain
+    /// thread's next wake-up (see [`drain::Drain::copy_now`]); [`Ring::drain`] then
+    /// handles it.
+    pub fn copy_now(&self) {
+        self.drain.copy_now();
+    }
+
+    /// Passes every record queued through the session, then flushes its sink.
     pub fn drain<S: Sink>(&mut self, session: &mut Session<S>) {
-        let ring = self.fd.get_mut();
-        while let Some(item) = ring.next() {
-            session.handle_bytes(&item);
+        while let Some(batch) = self.drain.pop() {
+            for record in batch.records() {
+                session.handle_bytes(record);
+            }
+            self.handled = batch.end;
+            self.drain.recycle(batch);
         }
+        session.queue = self.drain.stats();
+        session.sink.flush();
+    }
+
+    /// At the end: stops the drain thread, then passes what it queued and every record
+    /// still in the ring through the session.
+    pub fn drain_all<S: Sink>(&mut self, session: &mut Session<S>) {
+        self.drain.stop();
+        self.drain(session);
+        self.handled = self.drain.rest(|record| session.handle_bytes(record));
         session.sink.flush();
     }
 }
@@ -520,6 +566,6 @@ impl RingOrder for Ring {
     }
 
     fn read_past(&self, mark: Mark) -> bool {
-        self.positions.read_past(mark)
+        position::reached(self.handled, mark)
     }
 }

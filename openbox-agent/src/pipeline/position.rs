@@ -46,6 +46,8 @@ pub struct Positions {
 
 // SAFETY: the pages are read-only mappings of kernel memory read with atomic loads.
 unsafe impl Send for Positions {}
+// SAFETY: as above; shared between the session and the ring's drain thread.
+unsafe impl Sync for Positions {}
 
 struct Page {
     ptr: NonNull<libc::c_void>,

@@ -173,8 +173,19 @@ pub fn run_agent<S: AsRef<OsStr>>(
     name: &str,
     args: &[S],
 ) -> (ExitStatus, Vec<u8>, String, PathBuf) {
+    run_agent_with(env, name, args, &[])
+}
+
+/// [`run_agent`] with more environment variables for the agent (test-only knobs).
+pub fn run_agent_with<S: AsRef<OsStr>>(
+    env: &TestEnv,
+    name: &str,
+    args: &[S],
+    vars: &[(&str, &str)],
+) -> (ExitStatus, Vec<u8>, String, PathBuf) {
     let mut cmd = Command::new(&env.agent);
     cmd.args(args)
+        .envs(vars.iter().copied())
         // Keep the interpreter from writing .pyc files next to the fixtures.
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())
@@ -192,9 +203,23 @@ pub fn run_agent<S: AsRef<OsStr>>(
 /// `openbox-agent trace --json -- COMMAND...`; the run must succeed and end with a
 /// summary record.
 pub fn trace(env: &TestEnv, name: &str, command: &[String]) -> Trace {
-    let mut args: Vec<String> = vec!["trace".into(), "--json".into(), "--raw".into(), "--".into()];
+    trace_with(env, name, &[], &[], command)
+}
+
+/// [`trace`] with more options for `trace` (before the `--`) and environment variables
+/// for the agent.
+pub fn trace_with(
+    env: &TestEnv,
+    name: &str,
+    options: &[&str],
+    vars: &[(&str, &str)],
+    command: &[String],
+) -> Trace {
+    let mut args: Vec<String> = vec!["trace".into(), "--json".into(), "--raw".into()];
+    args.extend(options.iter().map(|o| o.to_string()));
+    args.push("--".into());
     args.extend(command.iter().cloned());
-    let (status, stdout, stderr, saved) = run_agent(env, name, &args);
+    let (status, stdout, stderr, saved) = run_agent_with(env, name, &args, vars);
     assert!(
         status.success(),
         "`openbox-agent trace --json -- {}` failed with {status}\nstderr:\n{stderr}",
