@@ -39,7 +39,7 @@
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::bpf_probe_read_user,
     macros::{fentry, fexit, tracepoint},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
@@ -49,7 +49,7 @@ use super::{stash, take_args, track_fd};
 use crate::{
     emit::{cpu_scratch, emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{Batch, Scratch, SyscallArgs, ARGS, FDS, FD_FLAGS, MMSG_MESSAGE, SSL_ARGS},
+    maps::{Batch, Scratch, SyscallArgs, FDS, FD_FLAGS, MMSG_MESSAGE, SSL_ARGS},
     task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
@@ -123,12 +123,10 @@ fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
 /// Exit tracepoint of a data call: its stashed arguments and its result.
 #[inline(always)]
 fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Nothing kept: not watched or not tracked at entry (see `take_args`).
-    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
+    // Nothing kept: not watched or not tracked at entry.
+    let Some((pid_tgid, args)) = take_args() else {
         return Ok(());
     };
-    let _ = ARGS.remove(pid_tgid);
     data_done(pid_tgid, args, ret(ctx), false)
 }
 
@@ -500,11 +498,9 @@ fn emit_messages(scratch: *mut Scratch, batch: Batch) -> Result<(), Loss> {
 /// and `sys_mmsg_message` reports it, one tail call per message (see `MMSG_MESSAGE`).
 #[inline(always)]
 fn try_mmsg_exit(ctx: &TracePointContext) -> Result<(), Loss> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
+    let Some((pid_tgid, args)) = take_args() else {
         return Ok(());
     };
-    let _ = ARGS.remove(pid_tgid);
     let Some(batch) = mmsg_batch(pid_tgid, args, ret(ctx)) else {
         return Ok(());
     };
