@@ -187,7 +187,10 @@ fn inherit_fds(parent: u32, child: u32, first: i32) {
     // A multiple of FDS_PER_COPY below INHERITED_FDS_COPIED, as `task_newtask` and its
     // tail calls set it; checked once here, not per number (a check per number is a
     // way out of the loop per number, each walked by the verifier).
-    if !(0..=INHERITED_FDS_COPIED - FDS_PER_COPY).contains(&first) {
+    // Two signed comparisons: written as a range's `contains`, the verifier walked 30 000
+    // instructions instead of 13 000.
+    #[allow(clippy::manual_range_contains)]
+    if first < 0 || first > INHERITED_FDS_COPIED - FDS_PER_COPY {
         return;
     }
     for k in 0..FDS_PER_COPY {
