@@ -174,7 +174,8 @@ pub const CNT_CAPTURED_BYTES: u32 = 8;
 pub const CNT_SLOT_READ_FAILURES: u32 = 9;
 /// Data records not made for want of scratch space: the per-thread TLS scratch map
 /// was full (or a per-CPU scratch lookup failed, which cannot happen but the verifier
-/// makes the programs check).
+/// makes the programs check), or a sendmmsg/recvmmsg batch whose tail call to the
+/// program reporting its messages failed (the agent sets it before attaching).
 pub const CNT_SCRATCH_FAILURES: u32 = 10;
 /// bpf_probe_read_kernel failures (the exec tracepoint's file name): the record went
 /// out without it.

@@ -152,6 +152,7 @@ pub enum Payload {
 }
 
 /// One call whose bytes become data records.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DataCall {
     /// `EV_SOCK_DATA` or `EV_TLS_DATA`.

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use openbox_common::*;
 
-use crate::emit::LoopState;
+use crate::emit::{DataCall, LoopState};
 
 // ---- load-time settings (EbpfLoader::set_global) ----
 #[no_mangle]
@@ -150,6 +150,55 @@ pub struct Scratch {
     /// Non-zero while an fentry/fexit program uses this CPU's slot (see
     /// `emit::claim_scratch`).
     pub busy: u64,
-    /// Index of the sendmmsg/recvmmsg message being reported (`probes::sockets`).
-    pub message: u64,
+    /// The sendmmsg/recvmmsg batch being reported (`probes::sockets`).
+    pub batch: Batch,
 }
+
+/// A sendmmsg/recvmmsg batch being reported, one message after the other: in map
+/// memory, so the message index is not a constant the verifier walks each value of,
+/// and (tracepoint mode) so it outlives the tail calls between messages.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Batch {
+    /// What each message's records carry (its `len` set per message).
+    pub call: DataCall,
+    /// The `struct mmsghdr` array and the number of messages the call moved.
+    pub array: u64,
+    pub messages: u64,
+    /// Records without payload (ciphertext, or a descriptor marked FD_NO_PAYLOAD).
+    pub no_payload: u64,
+    /// The message to report next.
+    pub next: u64,
+}
+
+/// The program that reports one message of a batch (`sys_mmsg_message`) at index 0,
+/// set by the agent once loaded: the tracepoint exits of sendmmsg/recvmmsg tail-call
+/// it, and it itself for each next message. Verified as one message's work instead of
+/// every message's (a loop over MAX_MMSG messages each looping over MAX_RECORDS_PER_CALL
+/// records was walked 16 × 64 times: 293 000 instructions, 110–250 ms of start-up).
+#[map]
+pub static MMSG_MESSAGE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// A new process whose parent's descriptors are being copied to it
+/// (`probes::process`), across the tail calls of `task_newtask_fds`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ForkCopy {
+    pub parent: u32,
+    pub child: u32,
+    /// The first descriptor number the next `task_newtask_fds` copies.
+    pub next_fd: i32,
+    pub _pad: u32,
+}
+
+/// This CPU's fork being copied: `task_newtask` and its tail calls are not preempted.
+#[map]
+pub static FORK_COPY: PerCpuArray<ForkCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// The program that copies the next `FDS_PER_COPY` descriptors of a fork
+/// (`task_newtask_fds`) at index 0, set by the agent once loaded: `task_newtask`
+/// tail-calls it, and it itself until `INHERITED_FDS_COPIED`. The loop over all 1024
+/// numbers in `task_newtask` was walked for each by the verifier (152 000 instructions,
+/// 40–100 ms: the longest program once the sendmmsg/recvmmsg ones were cut).
+#[map]
+pub static FORK_FDS: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -31,6 +31,8 @@ pub enum How<'a> {
 pub struct Outcome<'j> {
     pub program: &'j str,
     pub took: Duration,
+    /// Instructions the verifier walked (its cost), when the kernel says.
+    pub verified: Option<u32>,
     pub result: Result<(), ProgramError>,
 }
 
@@ -70,17 +72,23 @@ pub fn load_all<'j>(ebpf: &mut Ebpf, jobs: &[(&'j str, How<'_>)]) -> Result<Vec<
                 };
                 let t = Instant::now();
                 let r = load_one(program, &jobs[i].1);
-                results.lock().unwrap().push((i, t.elapsed(), r));
+                let took = t.elapsed();
+                let verified = program
+                    .info()
+                    .ok()
+                    .and_then(|info| info.verified_instruction_count());
+                results.lock().unwrap().push((i, took, verified, r));
             });
         }
     });
     let mut results = results.into_inner().unwrap();
-    results.sort_by_key(|(i, _, _)| *i);
+    results.sort_by_key(|(i, _, _, _)| *i);
     let outcomes: Vec<Outcome<'j>> = results
         .into_iter()
-        .map(|(i, took, result)| Outcome {
+        .map(|(i, took, verified, result)| Outcome {
             program: jobs[i].0,
             took,
+            verified,
             result,
         })
         .collect();
@@ -88,6 +96,7 @@ pub fn load_all<'j>(ebpf: &mut Ebpf, jobs: &[(&'j str, How<'_>)]) -> Result<Vec<
         tracing::debug!(
             program = o.program,
             ms = o.took.as_secs_f64() * 1e3,
+            verified_insns = o.verified,
             ok = o.result.is_ok(),
             "loaded"
         );
@@ -114,8 +123,8 @@ pub fn load_or_fail(
     Ok(())
 }
 
-/// A job's index, its load time and its result.
-type Done = (usize, Duration, Result<(), ProgramError>);
+/// A job's index, its load time, the instructions verified and its result.
+type Done = (usize, Duration, Option<u32>, Result<(), ProgramError>);
 
 fn load_one(program: &mut Program, how: &How<'_>) -> Result<(), ProgramError> {
     match (program, how) {

@@ -23,8 +23,8 @@ use crate::{
     emit::wakeup,
     error::{count, finish, Loss},
     maps::{
-        ARGS, EVENTS, EXIT_SIGNAL_LIVE, EXIT_TASK_SIGNAL, FDS, FD_FLAGS, INHERIT, PAUSED,
-        PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED,
+        ForkCopy, ARGS, EVENTS, EXIT_SIGNAL_LIVE, EXIT_TASK_SIGNAL, FDS, FD_FLAGS, FORK_COPY,
+        FORK_FDS, INHERIT, PAUSED, PAUSE_ON_TLS_LIB, SSL_ARGS, THREADS, WATCHED,
     },
     task::{attribution, field, header, is_watched, watch_flags},
 };
@@ -90,7 +90,6 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
         Err(e) if e == -EEXIST => {}
         Err(_) => Loss::MapFull.count(),
     }
-    inherit_fds((pid_tgid >> 32) as u32, child);
     // A process started while an activity ran on this thread (subprocess.run, a shell)
     // works for that activity for its whole life, and so do its own children.
     let (owner, activity) = attribution(pid_tgid);
@@ -104,6 +103,68 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
             Loss::MapFull.count();
         }
     }
+    // The descriptors, then the fork's record, in `task_newtask_fds`.
+    match FORK_COPY.get_ptr_mut(0) {
+        Some(copy) => {
+            // SAFETY: this CPU's slot; nothing preempts this program or its tail calls.
+            unsafe {
+                *copy = ForkCopy {
+                    parent: (pid_tgid >> 32) as u32,
+                    child,
+                    next_fd: 0,
+                    _pad: 0,
+                };
+                // SAFETY: the callee is a tracepoint program, as this one.
+                FORK_FDS.tail_call(ctx, 0);
+            }
+            // Only when the agent did not set the program: no descriptor is copied.
+            Loss::Scratch.count();
+        }
+        None => Loss::Scratch.count(),
+    }
+    fork_event(pid_tgid, child)
+}
+
+/// Descriptors `task_newtask_fds` copies per run.
+const FDS_PER_COPY: i32 = 64;
+// At most INHERITED_FDS_COPIED / FDS_PER_COPY tail calls, under the kernel's 33.
+const _: () = assert!(INHERITED_FDS_COPIED / FDS_PER_COPY <= 32);
+
+/// Copies the next [`FDS_PER_COPY`] descriptors of the fork in `FORK_COPY`, then the
+/// next ones by a tail call to itself, and at the end sends the fork's record: never
+/// attached, only tail-called from `task_newtask`.
+#[tracepoint]
+pub fn task_newtask_fds(ctx: TracePointContext) -> u32 {
+    finish(try_task_newtask_fds(&ctx))
+}
+
+#[inline(always)]
+fn try_task_newtask_fds(ctx: &TracePointContext) -> Result<(), Loss> {
+    let copy = FORK_COPY.get_ptr_mut(0).ok_or(Loss::Scratch)?;
+    // SAFETY: this CPU's slot, as in `try_task_newtask`.
+    let ForkCopy {
+        parent,
+        child,
+        next_fd,
+        ..
+    } = unsafe { *copy };
+    inherit_fds(parent, child, next_fd);
+    let next = next_fd + FDS_PER_COPY;
+    if next < INHERITED_FDS_COPIED {
+        unsafe {
+            (*copy).next_fd = next;
+            FORK_FDS.tail_call(ctx, 0);
+        }
+        // Cannot happen (the program is set, and at most 16 tail calls in a row): the
+        // rest of the descriptors are not copied.
+        Loss::Scratch.count();
+    }
+    fork_event(bpf_get_current_pid_tgid(), child)
+}
+
+/// The record of a watched process's new child.
+#[inline(always)]
+fn fork_event(pid_tgid: u64, child: u32) -> Result<(), Loss> {
     let mut entry = EVENTS.reserve::<ProcEvent>(0).ok_or(Loss::RingFull)?;
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     ev.hdr = header(EV_FORK, 0, pid_tgid);
@@ -115,15 +176,25 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<(), Loss> {
     Ok(())
 }
 
-/// Copies the parent's tracked descriptors (and their flags) to a new child process,
-/// before the child can run: it uses them from its first instruction, long before the
-/// agent could read its /proc. The copy keeps each descriptor's generation (the same
-/// incarnation), so the agent's seeding finds the entry and keeps it. Numbers above
-/// [`INHERITED_FDS_COPIED`] are left to that seeding.
+/// Copies the parent's tracked descriptors `first` to `first + FDS_PER_COPY - 1` (and
+/// their flags) to a new child process, before the child can run: it uses them from
+/// its first instruction, long before the agent could read its /proc. The copy keeps
+/// each descriptor's generation (the same incarnation), so the agent's seeding finds
+/// the entry and keeps it. Numbers from [`INHERITED_FDS_COPIED`] are left to that
+/// seeding.
 #[inline(always)]
-fn inherit_fds(parent: u32, child: u32) {
-    let mut fd: i32 = 0;
-    while fd < INHERITED_FDS_COPIED {
+fn inherit_fds(parent: u32, child: u32, first: i32) {
+    // A multiple of FDS_PER_COPY below INHERITED_FDS_COPIED, as `task_newtask` and its
+    // tail calls set it; checked once here, not per number (a check per number is a
+    // way out of the loop per number, each walked by the verifier).
+    // Two signed comparisons: written as a range's `contains`, the verifier walked 30 000
+    // instructions instead of 13 000.
+    #[allow(clippy::manual_range_contains)]
+    if first < 0 || first > INHERITED_FDS_COPIED - FDS_PER_COPY {
+        return;
+    }
+    for k in 0..FDS_PER_COPY {
+        let fd = first + k;
         // SAFETY: plain lookups; the values are copied out at once.
         if let Some(state) = unsafe { FDS.get(fd_key(parent, fd)) }.copied() {
             if FDS
@@ -149,7 +220,6 @@ fn inherit_fds(parent: u32, child: u32) {
                 }
             }
         }
-        fd += 1;
     }
 }
 

@@ -39,7 +39,7 @@
 use core::ptr;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::bpf_probe_read_user,
     macros::{fentry, fexit, tracepoint},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
@@ -47,9 +47,9 @@ use openbox_common::*;
 
 use super::{stash, take_args, track_fd};
 use crate::{
-    emit::{emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
+    emit::{cpu_scratch, emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{Scratch, SyscallArgs, ARGS, FDS, FD_FLAGS, SSL_ARGS},
+    maps::{Batch, Scratch, SyscallArgs, FDS, FD_FLAGS, MMSG_MESSAGE, SSL_ARGS},
     task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
@@ -120,44 +120,22 @@ fn try_data_enter(ctx: &TracePointContext, source: u32) -> Result<(), Loss> {
     }
 }
 
-/// How a data call's result is reported: as one call (`data_done`), or as one call per
-/// message of a sendmmsg/recvmmsg batch (`mmsg_done`). Always a constant at the call
-/// site, so each program holds only the one it uses (a function passed in instead was
-/// emitted as a BPF-to-BPF call, a different program for the verifier).
-#[derive(Clone, Copy)]
-enum Report {
-    Call,
-    Batch,
-}
-
-impl Report {
-    #[inline(always)]
-    fn done(self, pid_tgid: u64, args: SyscallArgs, n: i64, preemptible: bool) -> Result<(), Loss> {
-        match self {
-            Report::Call => data_done(pid_tgid, args, n, preemptible),
-            Report::Batch => mmsg_done(pid_tgid, args, n, preemptible),
-        }
-    }
-}
-
 /// Exit tracepoint of a data call: its stashed arguments and its result.
 #[inline(always)]
-fn try_data_exit(ctx: &TracePointContext, report: Report) -> Result<(), Loss> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Nothing kept: not watched or not tracked at entry (see `take_args`).
-    let Some(args) = (unsafe { ARGS.get(pid_tgid) }).copied() else {
+fn try_data_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+    // Nothing kept: not watched or not tracked at entry.
+    let Some((pid_tgid, args)) = take_args() else {
         return Ok(());
     };
-    let _ = ARGS.remove(pid_tgid);
-    report.done(pid_tgid, args, ret(ctx), false)
+    data_done(pid_tgid, args, ret(ctx), false)
 }
 
 /// fexit of a data call: the arguments and the result at once.
 #[inline(always)]
-fn try_data_fexit(ctx: &FExitContext, source: u32, report: Report) -> Result<(), Loss> {
+fn try_data_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
     let regs = SyscallRegs::of(ctx);
     match data_args(source, |n| regs.arg(n)) {
-        Some((pid_tgid, args)) => report.done(pid_tgid, args, fexit_ret(ctx), true),
+        Some((pid_tgid, args)) => data_done(pid_tgid, args, fexit_ret(ctx), true),
         None => Ok(()),
     }
 }
@@ -258,11 +236,11 @@ macro_rules! data_syscall {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            finish(try_data_exit(&ctx, Report::Call))
+            finish(try_data_exit(&ctx))
         }
         #[fexit(function = $func)]
         pub fn $fexit(ctx: FExitContext) -> u32 {
-            finish(try_data_fexit(&ctx, $src, Report::Call))
+            finish(try_data_fexit(&ctx, $src))
         }
     };
 }
@@ -378,15 +356,11 @@ data_syscall!(
 const MMSGHDR_SIZE: u64 = 64;
 const MMSG_LEN_OFFSET: u64 = 56;
 
-/// Reports each message a sendmmsg/recvmmsg call moved as a data call of its own, in
-/// the batch's order. `messages`: the call's result, the number of messages moved.
+/// What a sendmmsg/recvmmsg call's messages are reported with, each as a data call of
+/// its own in the batch's order; `None` when there is nothing to report. `messages`:
+/// the call's result, the number of messages moved.
 #[inline(always)]
-fn mmsg_done(
-    pid_tgid: u64,
-    args: SyscallArgs,
-    messages: i64,
-    preemptible: bool,
-) -> Result<(), Loss> {
+fn mmsg_batch(pid_tgid: u64, args: SyscallArgs, messages: i64) -> Option<Batch> {
     let SyscallArgs::Data {
         source,
         fd,
@@ -396,137 +370,216 @@ fn mmsg_done(
         ..
     } = args
     else {
-        return Ok(());
+        return None;
     };
     if messages <= 0 || fd_kind != FD_SOCKET {
         // Nothing moved, or not a socket (the call fails on anything else).
-        return Ok(());
+        return None;
     }
-    let call = DataCall {
-        kind: EV_SOCK_DATA,
-        pid_tgid,
-        fd,
-        source,
-        direction: direction_of(source),
-        ssl: 0,
-        len: 0,
-    };
     let in_ssl = unsafe { SSL_ARGS.get(pid_tgid) }.is_some();
-    let no_payload = in_ssl || fd_flags & FD_NO_PAYLOAD != 0;
-    with_scratch(preemptible, pid_tgid, |s| {
-        emit_messages(s, call, buf, messages as u64, no_payload)
+    Some(Batch {
+        call: DataCall {
+            kind: EV_SOCK_DATA,
+            pid_tgid,
+            fd,
+            source,
+            direction: direction_of(source),
+            ssl: 0,
+            len: 0,
+        },
+        array: buf,
+        messages: messages as u64,
+        no_payload: (in_ssl || fd_flags & FD_NO_PAYLOAD != 0) as u64,
+        next: 0,
     })
 }
 
-/// The messages of one batch, one data call each. The message index lives in map
-/// memory for the reason given on `emit::LoopState`: the verifier then sees every
-/// iteration in the same abstract state instead of walking each.
+/// Reports message `i` of `batch`. `false`: its length could not be read, so the
+/// stream's offsets are lost from here on and the batch stops.
 #[inline(always)]
-fn emit_messages(
-    scratch: *mut Scratch,
-    call: DataCall,
-    array: u64,
-    messages: u64,
-    no_payload: bool,
-) -> Result<(), Loss> {
-    let idx = unsafe { ptr::addr_of_mut!((*scratch).message) };
-    unsafe { ptr::write_volatile(idx, 0) };
-    for _ in 0..MAX_MMSG {
-        let i = unsafe { ptr::read_volatile(idx) };
-        if i >= messages || i >= MAX_MMSG as u64 {
-            break;
+fn emit_message(scratch: *mut Scratch, batch: &Batch, i: u64) -> bool {
+    let hdr = batch.array + i * MMSGHDR_SIZE;
+    let len = match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
+        Ok(len) => len as u64,
+        Err(_) => {
+            Loss::UserRead.count();
+            return false;
         }
-        unsafe { ptr::write_volatile(idx, i + 1) };
-        let hdr = array + i * MMSGHDR_SIZE;
-        let len = match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
-            Ok(len) => len as u64,
-            Err(_) => {
-                // Without its length the stream's offsets are lost from here on.
-                Loss::UserRead.count();
-                return Ok(());
-            }
-        };
-        if len == 0 {
-            // An empty message moves nothing.
-            continue;
-        }
-        let call = DataCall { len, ..call };
-        let sent = if no_payload {
-            emit_no_payload(scratch, call, 0)
-        } else {
-            match (
-                unsafe { bpf_probe_read_user((hdr + 16) as *const u64) },
-                unsafe { bpf_probe_read_user((hdr + 24) as *const u64) },
-            ) {
-                (Ok(array), Ok(count)) => {
-                    emit_payload(scratch, call, Payload::Iovecs { array, count })
-                }
-                _ => {
-                    // The message goes out without its bytes: a gap the parsers see.
-                    Loss::UserRead.count();
-                    emit_no_payload(scratch, call, FLAG_TRUNCATED)
-                }
-            }
-        };
-        if let Err(loss) = sent {
-            // The next message is still tried; the agent sees the gap in the offsets.
-            loss.count();
-        }
+    };
+    if len == 0 {
+        // An empty message moves nothing.
+        return true;
     }
-    if messages > MAX_MMSG as u64 {
-        // The rest of the batch, by length only, so later offsets stay exact.
-        let mut rest = 0u64;
-        let last = if messages > MAX_MMSG_LENS as u64 {
-            MAX_MMSG_LENS as u64
-        } else {
-            messages
-        };
-        let mut i = MAX_MMSG as u64;
-        while i < last && i < MAX_MMSG_LENS as u64 {
-            let hdr = array + i * MMSGHDR_SIZE;
-            match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
-                Ok(len) => rest += len as u64,
-                Err(_) => {
-                    Loss::UserRead.count();
-                    break;
-                }
+    let call = DataCall { len, ..batch.call };
+    let sent = if batch.no_payload != 0 {
+        emit_no_payload(scratch, call, 0)
+    } else {
+        match (
+            unsafe { bpf_probe_read_user((hdr + 16) as *const u64) },
+            unsafe { bpf_probe_read_user((hdr + 24) as *const u64) },
+        ) {
+            (Ok(array), Ok(count)) => emit_payload(scratch, call, Payload::Iovecs { array, count }),
+            _ => {
+                // The message goes out without its bytes: a gap the parsers see.
+                Loss::UserRead.count();
+                emit_no_payload(scratch, call, FLAG_TRUNCATED)
             }
-            i += 1;
         }
-        if rest > 0 {
-            count(CNT_TRUNCATED_CALLS, 1);
-            count(CNT_TRUNCATED_BYTES, rest);
-            emit_no_payload(scratch, DataCall { len: rest, ..call }, FLAG_TRUNCATED)?;
+    };
+    if let Err(loss) = sent {
+        // The next message is still tried; the agent sees the gap in the offsets.
+        loss.count();
+    }
+    true
+}
+
+/// The messages of a batch past the first MAX_MMSG, by length only (up to
+/// MAX_MMSG_LENS), so later offsets stay exact.
+#[inline(always)]
+fn emit_rest(scratch: *mut Scratch, batch: &Batch) -> Result<(), Loss> {
+    let messages = batch.messages;
+    if messages <= MAX_MMSG as u64 {
+        return Ok(());
+    }
+    let mut rest = 0u64;
+    let last = if messages > MAX_MMSG_LENS as u64 {
+        MAX_MMSG_LENS as u64
+    } else {
+        messages
+    };
+    let mut i = MAX_MMSG as u64;
+    while i < last && i < MAX_MMSG_LENS as u64 {
+        let hdr = batch.array + i * MMSGHDR_SIZE;
+        match unsafe { bpf_probe_read_user((hdr + MMSG_LEN_OFFSET) as *const u32) } {
+            Ok(len) => rest += len as u64,
+            Err(_) => {
+                Loss::UserRead.count();
+                break;
+            }
         }
+        i += 1;
+    }
+    if rest > 0 {
+        count(CNT_TRUNCATED_CALLS, 1);
+        count(CNT_TRUNCATED_BYTES, rest);
+        emit_no_payload(
+            scratch,
+            DataCall {
+                len: rest,
+                ..batch.call
+            },
+            FLAG_TRUNCATED,
+        )?;
     }
     Ok(())
 }
 
+/// fexit of sendmmsg/recvmmsg: every message of the batch in one program (no tail
+/// calls here: the scratch space may be a thread's own entry, see `emit::with_scratch`).
+/// The message index lives in map memory for the reason given on `emit::LoopState`.
+#[inline(always)]
+fn emit_messages(scratch: *mut Scratch, batch: Batch) -> Result<(), Loss> {
+    let idx = unsafe { ptr::addr_of_mut!((*scratch).batch.next) };
+    unsafe { ptr::write_volatile(idx, 0) };
+    for _ in 0..MAX_MMSG {
+        let i = unsafe { ptr::read_volatile(idx) };
+        if i >= batch.messages || i >= MAX_MMSG as u64 {
+            break;
+        }
+        unsafe { ptr::write_volatile(idx, i + 1) };
+        if !emit_message(scratch, &batch, i) {
+            return Ok(());
+        }
+    }
+    emit_rest(scratch, &batch)
+}
+
+/// Exit tracepoint of sendmmsg/recvmmsg: the batch goes to this CPU's scratch record
+/// and `sys_mmsg_message` reports it, one tail call per message (see `MMSG_MESSAGE`).
+#[inline(always)]
+fn try_mmsg_exit(ctx: &TracePointContext) -> Result<(), Loss> {
+    let Some((pid_tgid, args)) = take_args() else {
+        return Ok(());
+    };
+    let Some(batch) = mmsg_batch(pid_tgid, args, ret(ctx)) else {
+        return Ok(());
+    };
+    let scratch = cpu_scratch()?;
+    // SAFETY: this CPU's slot; a tracepoint program and its tail calls are not
+    // preempted, so nothing else uses it until the batch is reported.
+    unsafe { (*scratch).batch = batch };
+    // SAFETY: the callee is a tracepoint program, as this one.
+    unsafe { MMSG_MESSAGE.tail_call(ctx, 0) };
+    // Only when the agent did not set the program: the batch is not reported.
+    Err(Loss::Scratch)
+}
+
+/// One message of the batch in this CPU's scratch record (see `try_mmsg_exit`), then
+/// the next one by a tail call to itself: never attached, only tail-called.
+#[tracepoint]
+pub fn sys_mmsg_message(ctx: TracePointContext) -> u32 {
+    finish(try_mmsg_message(&ctx))
+}
+
+#[inline(always)]
+fn try_mmsg_message(ctx: &TracePointContext) -> Result<(), Loss> {
+    let scratch = cpu_scratch()?;
+    // SAFETY: as in `try_mmsg_exit`. Copied: emitting a message rewrites the rest of
+    // the scratch record.
+    let batch = unsafe { (*scratch).batch };
+    let i = batch.next;
+    if i < batch.messages && i < MAX_MMSG as u64 {
+        if !emit_message(scratch, &batch, i) {
+            return Ok(());
+        }
+        let next = i + 1;
+        if next < batch.messages && next < MAX_MMSG as u64 {
+            unsafe { (*scratch).batch.next = next };
+            // SAFETY: as in `try_mmsg_exit`; at most MAX_MMSG tail calls in a row,
+            // under the kernel's limit of 33.
+            unsafe { MMSG_MESSAGE.tail_call(ctx, 0) };
+            return Err(Loss::Scratch);
+        }
+    }
+    emit_rest(scratch, &batch)
+}
+
 // The descriptor, the mmsghdr array and its length are sendmmsg's and recvmmsg's first
-// three arguments, as for the other data calls: only the report differs (`mmsg_done`).
+// three arguments, as for the other data calls: only the report differs. Both exits
+// are the same code (the call's kind comes from what its entry kept): the agent loads
+// `sys_exit_sendmmsg` once and attaches it to both tracepoints.
 #[tracepoint]
 pub fn sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
     finish(try_data_enter(&ctx, SRC_SENDMMSG))
 }
 #[tracepoint]
 pub fn sys_exit_sendmmsg(ctx: TracePointContext) -> u32 {
-    finish(try_data_exit(&ctx, Report::Batch))
+    finish(try_mmsg_exit(&ctx))
 }
 #[fexit(function = "__x64_sys_sendmmsg")]
 pub fn fexit_sendmmsg(ctx: FExitContext) -> u32 {
-    finish(try_data_fexit(&ctx, SRC_SENDMMSG, Report::Batch))
+    finish(try_mmsg_fexit(&ctx, SRC_SENDMMSG))
 }
 #[tracepoint]
 pub fn sys_enter_recvmmsg(ctx: TracePointContext) -> u32 {
     finish(try_data_enter(&ctx, SRC_RECVMMSG))
 }
-#[tracepoint]
-pub fn sys_exit_recvmmsg(ctx: TracePointContext) -> u32 {
-    finish(try_data_exit(&ctx, Report::Batch))
-}
 #[fexit(function = "__x64_sys_recvmmsg")]
 pub fn fexit_recvmmsg(ctx: FExitContext) -> u32 {
-    finish(try_data_fexit(&ctx, SRC_RECVMMSG, Report::Batch))
+    finish(try_mmsg_fexit(&ctx, SRC_RECVMMSG))
+}
+
+/// fexit of sendmmsg/recvmmsg: the arguments and the result at once.
+#[inline(always)]
+fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
+    let regs = SyscallRegs::of(ctx);
+    let Some((pid_tgid, args)) = data_args(source, |n| regs.arg(n)) else {
+        return Ok(());
+    };
+    let Some(batch) = mmsg_batch(pid_tgid, args, fexit_ret(ctx)) else {
+        return Ok(());
+    };
+    with_scratch(true, pid_tgid, |s| emit_messages(s, batch))
 }
 
 // ---- connections ----
