@@ -1308,13 +1308,11 @@ fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_pai
         CURSOR_DEPRECATE_EOF_SESSION,
     ] {
         let s = scripts::recording(rec);
-        let checked = scripts::every_offset_with(
-            Protocol::Mysql,
-            &s,
-            scripts::Cut::Start,
-            scripts::sql_unknowable,
-        );
-        assert!(checked > 0);
+        for cut in [scripts::Cut::Start, scripts::Cut::Midstream] {
+            let checked =
+                scripts::every_offset_with(Protocol::Mysql, &s, cut, scripts::sql_unknowable);
+            assert!(checked > 0, "{cut:?}");
+        }
     }
 }
 

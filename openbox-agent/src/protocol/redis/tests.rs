@@ -634,13 +634,10 @@ fn script(pieces: &[(Side, &[u8])]) -> scripts::Script {
 #[test]
 fn recorded_sessions_watched_from_any_byte_offset_yield_every_later_exchange_paired_right() {
     for rec in [PIPELINE, RESP2_PUBSUB, RESP3_PUBSUB] {
-        let checked = scripts::every_offset_with(
-            Protocol::Redis,
-            &script(rec),
-            scripts::Cut::Start,
-            name_cut,
-        );
-        assert!(checked > 0);
+        for cut in [scripts::Cut::Start, scripts::Cut::Midstream] {
+            let checked = scripts::every_offset_with(Protocol::Redis, &script(rec), cut, name_cut);
+            assert!(checked > 0, "{cut:?}");
+        }
     }
 }
 
