@@ -234,8 +234,7 @@ pub trait Parser: Send {
     /// The connection was open before watching began, told before the first byte is
     /// fed: requests may have gone unseen and each side may start in a message's middle,
     /// so the parser must not take the first response it meets for the answer to the
-    /// first request it sees. Parsers that assume this of every connection (Redis), or
-    /// pair by id (MongoDB), leave it.
+    /// first request it sees. MongoDB's parser, which pairs by request id, leaves it.
     fn watched_midstream(&mut self) {}
     /// Messages that could not be parsed (malformed, truncated, out of sync).
     fn unparsed(&self) -> u64;
