@@ -373,9 +373,10 @@ pub fn fuzz_one(protocol: Protocol, input: &[u8]) -> usize {
 
 /// The pieces [`fuzz_one`] lays out, fed as capture feeds a parser that began watching
 /// mid-stream and loses bytes: from a byte offset on, and with every n-th piece's tail
-/// lost to a capture gap. Where, a hash of the whole input chooses, so the fuzzer's
-/// mutations move them while a seed's pieces (its sides) stay as laid out. Must never
-/// panic.
+/// lost to a capture gap; half the time told the connection was open before watching
+/// began ([`Parser::watched_midstream`]), as the agent tells it. Where, and whether, a
+/// hash of the whole input chooses, so the fuzzer's mutations move them while a seed's
+/// pieces (its sides) stay as laid out. Must never panic.
 pub fn fuzz_resync(protocol: Protocol, input: &[u8]) -> usize {
     let Some((&seed, rest)) = input.split_first() else {
         return 0;
@@ -387,6 +388,9 @@ pub fn fuzz_resync(protocol: Protocol, input: &[u8]) -> usize {
     let start = (h % (rest.len() as u64 + 1)) as usize;
     let gap_every = 2 + (h >> 32) % 7;
     let mut p = fuzz_parser(protocol);
+    if (h >> 48) & 1 == 1 {
+        p.watched_midstream();
+    }
     let mut out = Vec::new();
     let mut pieces = 0;
     for (i, pos, end, side, _) in fuzz_pieces(seed, rest.len()) {
