@@ -42,9 +42,7 @@ use super::files::pause;
 use crate::{
     emit::{emit_payload, thread_scratch, DataCall, Payload},
     error::{count, finish, Loss},
-    maps::{
-        EVENTS, INHERIT, SSL_ARGS, THREADS, TLS_SCRATCH, TLS_UNSENT, UNSENT_ZERO, WATCHED,
-    },
+    maps::{EVENTS, INHERIT, SSL_ARGS, THREADS, TLS_SCRATCH, TLS_UNSENT, UNSENT_ZERO, WATCHED},
     task::{attribution, header, watch_flags},
 };
 
