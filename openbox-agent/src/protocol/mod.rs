@@ -620,6 +620,33 @@ pub(crate) mod scripts {
         checked
     }
 
+    /// A connection watched from its middle ([`Parser::watched_midstream`]), the client
+    /// side captured first: `requests[0]` seen without its answer (read before the read
+    /// side was probed), `requests[1]`, then `answer`. Which one it answers cannot be
+    /// told: both are dropped, each counted `unpaired`; then `requests[2]` and `answer`
+    /// pair by order. Returns that op, checked to be the only one, from piece 5 to 6.
+    pub fn an_answer_missed_at_a_midstream_start(
+        protocol: Protocol,
+        requests: [&[u8]; 3],
+        answer: &[u8],
+    ) -> Op {
+        let mut p = new_parser(protocol, &ParserConfig::default());
+        p.watched_midstream();
+        let mut out = Vec::new();
+        p.feed(Side::Client, requests[0], 1, &mut out);
+        p.feed(Side::Client, requests[1], 3, &mut out);
+        p.feed(Side::Server, answer, 4, &mut out);
+        assert!(out.is_empty(), "{out:#?}");
+        assert_eq!(p.losses().get(Loss::Unpaired), 2, "{:?}", p.losses());
+        p.feed(Side::Client, requests[2], 5, &mut out);
+        p.feed(Side::Server, answer, 6, &mut out);
+        p.close(7, &mut out);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!((out[0].start_ts, out[0].end_ts), (5, 6));
+        assert_eq!(p.losses().total(), 2, "{:?}", p.losses());
+        out.remove(0)
+    }
+
     /// Which side of a connection watched from its middle is captured first.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum First {

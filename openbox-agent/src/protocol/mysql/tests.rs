@@ -1378,23 +1378,13 @@ fn recorded_sessions_with_the_handshake_response_missed_never_pair_wrongly() {
 #[test]
 fn a_command_seen_without_its_answer_on_a_connection_watched_midstream_takes_no_other_answer() {
     let caps = BASE | CLIENT_DEPRECATE_EOF;
-    let answer = result_set(1, caps, 1, 3, 2);
-    let mut p = MysqlParser::new(ParserConfig::default());
-    p.watched_midstream();
-    let mut out = Vec::new();
-    p.feed(Side::Client, &query("SELECT 1"), 1, &mut out);
-    // Its answer was read before the read side was probed.
-    p.feed(Side::Client, &query("SELECT 2"), 3, &mut out);
-    p.feed(Side::Server, &answer, 4, &mut out);
-    assert!(out.is_empty(), "{out:#?}");
-    assert_eq!(p.losses().get(Loss::Unpaired), 2, "{:?}", p.losses());
-    p.feed(Side::Client, &query("SELECT 3"), 5, &mut out);
-    p.feed(Side::Server, &answer, 6, &mut out);
-    assert_eq!(out.len(), 1, "{out:#?}");
-    assert_eq!(out[0].attributes["db.statement"], json!("SELECT 3"));
-    assert_eq!(out[0].attributes["db.rowcount"], json!(3));
-    assert_eq!((out[0].start_ts, out[0].end_ts), (5, 6));
-    assert_eq!(p.losses().total(), 2, "{:?}", p.losses());
+    let op = scripts::an_answer_missed_at_a_midstream_start(
+        Protocol::Mysql,
+        [&query("SELECT 1"), &query("SELECT 2"), &query("SELECT 3")],
+        &result_set(1, caps, 1, 3, 2),
+    );
+    assert_eq!(op.attributes["db.statement"], json!("SELECT 3"));
+    assert_eq!(op.attributes["db.rowcount"], json!(3));
 }
 
 /// A TLS connection opened while the probes attach: the greeting and the server's

@@ -1853,24 +1853,15 @@ fn recorded_sessions_with_the_client_side_captured_first_never_pair_wrongly() {
 /// first query took the second's answer.)
 #[test]
 fn a_request_seen_without_its_answer_on_a_connection_watched_midstream_takes_no_other_answer() {
-    let mut p = PostgresParser::new(ParserConfig::default());
-    p.watched_midstream();
-    let mut out = Vec::new();
-    p.feed(Side::Client, &query("SELECT 1"), 1, &mut out);
-    // Its answer was read before the read side was probed.
-    p.feed(Side::Client, &query("SELECT 2"), 3, &mut out);
     let mut answer = rows(2);
     answer.extend(complete("SELECT 2"));
     answer.extend(ready());
-    p.feed(Side::Server, &answer, 4, &mut out);
-    assert!(out.is_empty(), "{out:#?}");
-    assert_eq!(p.losses().get(Loss::Unpaired), 2, "{:?}", p.losses());
-    p.feed(Side::Client, &query("SELECT 3"), 5, &mut out);
-    p.feed(Side::Server, &answer, 6, &mut out);
-    assert_eq!(out.len(), 1, "{out:#?}");
-    assert_eq!(out[0].attributes["db.statement"], json!("SELECT 3"));
-    assert_eq!((out[0].start_ts, out[0].end_ts), (5, 6));
-    assert_eq!(p.losses().total(), 2, "{:?}", p.losses());
+    let op = scripts::an_answer_missed_at_a_midstream_start(
+        Protocol::Postgres,
+        [&query("SELECT 1"), &query("SELECT 2"), &query("SELECT 3")],
+        &answer,
+    );
+    assert_eq!(op.attributes["db.statement"], json!("SELECT 3"));
     // One query waiting: its answer is its own, from the first.
     let mut p = PostgresParser::new(ParserConfig::default());
     p.watched_midstream();
