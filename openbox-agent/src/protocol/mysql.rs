@@ -24,6 +24,16 @@
 //! greeting) starts at the first command: the capability flags the handshake would
 //! have given are inferred from the answers (an EOF after the column definitions or
 //! not, a metadata flag after the column count or not).
+//!
+//! A connection open before watching began ([`Parser::watched_midstream`]) starts
+//! *unsure*, as HTTP/1.1's parser does: while the TLS probes attach one libssl function
+//! after another, a command may be captured without its answer, with nothing to say so.
+//! The first answer is paired only when one command waits (a client waits for each
+//! answer before it sends again); with several, which one it answers is not known:
+//! they are dropped, counted `unpaired`, and the server side resumes at the client's
+//! next command. A command seen where the handshake response was expected (sequence id
+//! 0: the response was missed, as on a TLS connection opened while the probes attach)
+//! ends the handshake, its capability flags inferred from the answers.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -225,6 +235,9 @@ pub struct MysqlParser {
     /// The server's framing was seen to be its own (a greeting, or an answer starting
     /// with sequence id 1) since watching began or resumed.
     server_confirmed: bool,
+    /// Watched from the connection's middle and no answer paired yet: commands may have
+    /// been captured without their answers (see the module doc).
+    unsure: bool,
 }
 
 #[derive(Debug)]
@@ -305,6 +318,7 @@ impl MysqlParser {
             client_gap: false,
             caps_known: true,
             server_confirmed: false,
+            unsure: false,
         }
     }
 
@@ -369,6 +383,40 @@ impl MysqlParser {
         self.server_resync = true;
     }
 
+    /// Unsure, an answer began while several commands waited: the others' answers were
+    /// missed and which one this is cannot be known. They are dropped, each with an op
+    /// counted `unpaired` once, and the server side skips the rest of this answer until
+    /// the client's next command (see the module doc).
+    fn drop_unsure(&mut self, ts: u64, out: &mut Vec<Op>) {
+        let ops = self
+            .pending
+            .drain(..)
+            .filter(|p| {
+                matches!(
+                    p.kind,
+                    Kind::Query { .. } | Kind::Execute | Kind::InitDb(_) | Kind::Fetch
+                )
+            })
+            .count();
+        for _ in 0..ops.max(1) {
+            self.losses.add(Loss::Unpaired);
+        }
+        self.resp = Resp::Start;
+        self.server_desync_as(None, ts, out);
+    }
+
+    /// The handshake response (or the rest of the authentication) was missed: a command
+    /// means the server accepted the login. The capability flags the response would
+    /// have settled are inferred from the answers.
+    fn handshake_missed(&mut self) {
+        if self.phase == Phase::HandshakeResponse {
+            self.caps = self.server_caps
+                & (CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION);
+            self.caps_known = false;
+        }
+        self.phase = Phase::Command;
+    }
+
     fn feed_client(&mut self, mut data: &[u8], ts: u64, out: &mut Vec<Op>) {
         if self.stopped || data.is_empty() {
             return;
@@ -394,16 +442,7 @@ impl MysqlParser {
             self.client.restart();
             match self.phase {
                 Phase::Greeting => self.midstream(),
-                // The handshake response (or the rest of the authentication) was lost:
-                // a command means the server accepted the login.
-                Phase::HandshakeResponse | Phase::Auth => {
-                    if self.phase == Phase::HandshakeResponse {
-                        self.caps = self.server_caps
-                            & (CLIENT_PROTOCOL_41 | CLIENT_TRANSACTIONS | CLIENT_SECURE_CONNECTION);
-                        self.caps_known = false;
-                    }
-                    self.phase = Phase::Command;
-                }
+                Phase::HandshakeResponse | Phase::Auth => self.handshake_missed(),
                 Phase::Command => {}
             }
         }
@@ -428,6 +467,14 @@ impl MysqlParser {
             };
             match self.server.pull(&mut data, ts, keep) {
                 Some(frame) => {
+                    if self.phase == Phase::Command && self.unsure && !self.pending.is_empty() {
+                        if self.pending.len() > 1 {
+                            self.server.recycle(frame.body);
+                            self.drop_unsure(ts, out);
+                            break;
+                        }
+                        self.unsure = false;
+                    }
                     if self.phase == Phase::Command
                         && std::mem::take(&mut self.expect_answer_start)
                         && frame.seq != 1
@@ -449,6 +496,12 @@ impl MysqlParser {
 
     fn on_client(&mut self, f: Frame, out: &mut Vec<Op>) {
         match self.phase {
+            // A handshake response continues the greeting's sequence (id 1, or 2 after
+            // an SSLRequest); a packet starting one is a command: the response was missed.
+            Phase::HandshakeResponse if f.seq == 0 && !self.compressed() => {
+                self.handshake_missed();
+                self.on_command(&f, out);
+            }
             Phase::HandshakeResponse => self.on_handshake_response(&f.body),
             Phase::Command if f.seq == 0 => self.on_command(&f, out),
             // A command while authenticating: the server's OK was lost (authentication
@@ -1136,6 +1189,12 @@ impl Parser for MysqlParser {
                 Side::Server => self.server_desync_as(why, ts, out),
             }
         }
+    }
+
+    /// Pairing starts unsure: the first answer pairs only with a command waiting alone
+    /// (see the module doc).
+    fn watched_midstream(&mut self) {
+        self.unsure = true;
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {

@@ -36,6 +36,13 @@
 //! - A response to a request never seen (sent before watching began: its CommandComplete,
 //!   ERROR or ReadyForQuery arrives with no Query or Execute waiting) is framed,
 //!   dropped and counted `unpaired`, once per response.
+//! - A connection open before watching began ([`Parser::watched_midstream`]) starts
+//!   *unsure*, as HTTP/1.1's parser does: while the TLS probes attach one libssl
+//!   function after another, a request may be captured without its response, with
+//!   nothing to say so. So the first response is paired only when the requests waiting
+//!   were all sent in one write (a client that waits for its answers has had every
+//!   earlier one by then); requests from several writes are all dropped, counted
+//!   `unpaired`, and the server side resumes at the client's next request.
 //!
 //! Every loss is counted by reason ([`Loss`]).
 
@@ -275,6 +282,13 @@ pub struct PostgresParser {
     start_loss: Option<Side>,
     /// A message was framed exactly on either side since watching began.
     framed: bool,
+    /// Watched from the connection's middle and no response paired yet: requests may
+    /// have been captured without their responses (see the module doc).
+    unsure: bool,
+    /// While unsure: how many client writes (pieces) the waiting requests came in, and
+    /// the last one's timestamp.
+    unsure_writes: u32,
+    unsure_last_write: Option<u64>,
 }
 
 /// A request on its way to becoming an op.
@@ -336,6 +350,9 @@ impl PostgresParser {
             client_cut_answered: false,
             start_loss: None,
             framed: false,
+            unsure: false,
+            unsure_writes: 0,
+            unsure_last_write: None,
         }
     }
 
@@ -566,6 +583,14 @@ impl PostgresParser {
     }
 
     fn on_server(&mut self, f: Frame, ts: u64, out: &mut Vec<Op>) {
+        // ParameterStatus, NoticeResponse and NotificationResponse come unasked.
+        if self.unsure && !self.pending.is_empty() && !matches!(f.typ, b'S' | b'N' | b'A') {
+            if self.unsure_writes > 1 {
+                self.server.recycle(f.body);
+                return self.drop_unsure(ts, out);
+            }
+            self.unsure = false;
+        }
         match f.typ {
             // CopyIn/CopyOut/CopyBothResponse start COPY; it ends with CommandComplete or
             // ErrorResponse (both handled below), ReadyForQuery at the latest.
@@ -755,9 +780,19 @@ impl PostgresParser {
                 }
                 Pending::Sync | Pending::FunctionCall => break,
                 // Queued after an error and skipped by the server up to this Sync.
-                Pending::Execute(mut run) => {
+                Pending::Execute(mut run) if self.batch_error.is_some() || run.error.is_some() => {
                     run.error = run.error.or_else(|| self.batch_error.clone());
                     out.push(finish(run, ts));
+                }
+                // No error, and no completion: its answer was not captured (a connection
+                // watched from its middle whose server side was captured from a later
+                // read than the client's). It ends here, its result unknown.
+                Pending::Execute(mut run) => {
+                    self.losses.add(Loss::Gap);
+                    run.rowcount = None;
+                    let mut op = finish(run, ts);
+                    op.attr("db.response_truncated", true);
+                    out.push(op);
                 }
                 Pending::Parse { .. } | Pending::Bind | Pending::Describe | Pending::Close => {}
             }
@@ -777,6 +812,9 @@ impl PostgresParser {
                 return;
             }
         }
+        // The client asks only after the startup's ReadyForQuery: when it was not seen
+        // (the server side captured later than the client's), it is not the next one.
+        self.startup_ready_due = false;
         if self.server_resync {
             self.resume_server();
         } else if !self.server_confirmed
@@ -789,6 +827,16 @@ impl PostgresParser {
             // framed from bytes that are not one.
             self.losses.add(Loss::Malformed);
             self.server.restart();
+        }
+        if self.unsure {
+            if self.pending.is_empty() {
+                self.unsure_writes = 0;
+                self.unsure_last_write = None;
+            }
+            if self.unsure_last_write != Some(ts) {
+                self.unsure_writes = self.unsure_writes.saturating_add(1);
+                self.unsure_last_write = Some(ts);
+            }
         }
         if self.pending.len() >= MAX_PENDING {
             // The server's answers are not reaching us: give up the oldest request.
@@ -873,6 +921,23 @@ impl PostgresParser {
         // client whose stream is lost sends it when it resynchronises; a client in COPY
         // sends its next request after the copy's ReadyForQuery.
         waiting && self.ssl_answers == 0
+    }
+
+    /// Unsure, a response began while requests from several writes waited: which one it
+    /// answers is not known (the others' responses were missed), so they are all
+    /// dropped, each op counted `unpaired` once, and the server side skips the rest of
+    /// this response until the client's next request (see the module doc).
+    fn drop_unsure(&mut self, ts: u64, out: &mut Vec<Op>) {
+        let ops = self
+            .pending
+            .drain(..)
+            .filter(|p| matches!(p, Pending::Query(_) | Pending::Execute(_)))
+            .count();
+        for _ in 0..ops.max(1) {
+            self.losses.add(Loss::Unpaired);
+        }
+        self.batch_error = None;
+        self.server_desync_as(None, ts, out);
     }
 
     /// The client's next request after a resync: the server's next byte starts the
@@ -988,6 +1053,12 @@ impl Parser for PostgresParser {
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
         self.flush(ts, out);
+    }
+
+    /// Pairing starts unsure: the first response pairs only with requests sent in one
+    /// write (see the module doc).
+    fn watched_midstream(&mut self) {
+        self.unsure = true;
     }
 
     fn unparsed(&self) -> u64 {

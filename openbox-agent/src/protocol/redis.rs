@@ -28,6 +28,13 @@
 //!   piece was not the start of what the client sent (the reply of a command we did
 //!   not see came first), and the batch's ops are dropped, counted `unpaired`, instead
 //!   of being paired one reply off.
+//! - A connection open before watching began ([`Parser::watched_midstream`]): while the
+//!   TLS probes attach one libssl function after another, a command may be captured
+//!   without its reply, with nothing to say so, and the first batch's replies then be
+//!   one short. So a reply to the batch on probation is paired only while the commands
+//!   waiting were all sent in one write (a client that waits for its replies has had
+//!   them all before it writes again); commands from several writes are all dropped,
+//!   counted `unpaired`, and pairing waits to be re-armed as after a loss.
 //!
 //! Every loss is counted by reason ([`Loss`]).
 //!
@@ -655,6 +662,9 @@ pub struct RedisParser {
     /// counted as they come) and each command dropped while pairing was unsure. A reply
     /// that answers nothing held takes one of these rather than being counted again.
     counted_ahead: u64,
+    /// The connection was open before watching began: the batch on probation must have
+    /// been sent in one write (see the module doc).
+    midstream: bool,
     /// The connection closed.
     closed: bool,
     building: Building,
@@ -687,6 +697,7 @@ impl RedisParser {
             probation: None,
             orphans_expected: false,
             counted_ahead: 0,
+            midstream: false,
             closed: false,
             building: Building::default(),
             pending: VecDeque::new(),
@@ -890,6 +901,9 @@ impl RedisParser {
     }
 
     fn reply_done(&mut self, ty: u8, scalar: bool, ts: u64, out: &mut Vec<Op>) {
+        if self.midstream && self.probation.is_some() && self.waiting_writes() > 1 {
+            return self.drop_unsure();
+        }
         let items = std::mem::take(&mut self.items);
         let kind = match items.first() {
             Some(Item::Str(s)) if !scalar => s.as_slice(),
@@ -929,7 +943,9 @@ impl RedisParser {
                     }
                 }
             }
-            if self.sub_mode
+            // A message while a subscription waits for its acknowledgements (which can
+            // only come first) follows acknowledgements that were not captured.
+            if (self.sub_mode || self.head_is_sub())
                 && [&b"message"[..], b"pmessage", b"smessage"]
                     .iter()
                     .any(|m| m.eq_ignore_ascii_case(kind))
@@ -997,6 +1013,49 @@ impl RedisParser {
             }
         }
         self.emit(build_op(&cmd, error), out);
+    }
+
+    /// How many client writes (pieces) the commands waiting were sent in.
+    fn waiting_writes(&self) -> usize {
+        let mut starts = self.pending.iter().filter_map(|p| match p {
+            Pending::Cmd(c) => Some(c.start_ts),
+            Pending::Skip(_) => None,
+        });
+        let Some(mut last) = starts.next() else {
+            return 0;
+        };
+        let mut writes = 1;
+        for ts in starts {
+            if ts != last {
+                writes += 1;
+                last = ts;
+            }
+        }
+        writes
+    }
+
+    /// A reply came while the batch on probation waited behind commands from several
+    /// writes: replies were missed, and which command this one answers cannot be known.
+    /// The batch and the commands after it are dropped, each counted `unpaired` once
+    /// (this reply, and the rest of the stream until pairing is re-armed, answer them),
+    /// and the server side waits to be re-armed (see the module doc).
+    fn drop_unsure(&mut self) {
+        let held = self.probation.take().map_or(0, |h| h.len() as u64);
+        let waiting: u64 = self
+            .pending
+            .drain(..)
+            .map(|p| match p {
+                Pending::Cmd(_) => 1,
+                Pending::Skip(n) => n,
+            })
+            .sum();
+        for _ in 0..held + waiting {
+            self.losses.add(Loss::Unpaired);
+        }
+        self.items.clear();
+        self.orphan_ack = None;
+        self.server_lost = true;
+        self.unsure = true;
     }
 
     /// The database index changed: it applies to every command sent after the one that
@@ -1151,6 +1210,12 @@ impl Parser for RedisParser {
         } else {
             self.give_up(side, Loss::Gap, ts, out);
         }
+    }
+
+    /// The batch that re-arms pairing must have been sent in one write (see the module
+    /// doc).
+    fn watched_midstream(&mut self) {
+        self.midstream = true;
     }
 
     fn close(&mut self, ts: u64, out: &mut Vec<Op>) {
