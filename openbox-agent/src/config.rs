@@ -9,7 +9,7 @@
 //! [capture]     # max_body, max_statement, no_redact, redact_headers, redact_patterns,
 //!               # no_redact_patterns, every_file_call, capture_limit, tls_libs,
 //!               # skip_paths, no_default_skips, no_tls_pause, ring_mib,
-//!               # capture_mode
+//!               # queue_mib, capture_mode
 //! [governance]  # see governance::config (`--events` is `events_sink` there)
 //! [otlp]        # endpoint, traces_endpoint, protocol, headers, service_name,
 //!               # resource_attributes, ca_file, queue_size
@@ -75,6 +75,7 @@ pub struct CaptureFile {
     pub no_default_skips: Option<bool>,
     pub no_tls_pause: Option<bool>,
     pub ring_mib: Option<u32>,
+    pub queue_mib: Option<u32>,
     pub capture_mode: Option<crate::capture::mode::ModeChoice>,
 }
 
@@ -147,6 +148,7 @@ metrics_addr = "127.0.0.1:9464"
 log_format = "json"
 [capture]
 ring_mib = 32
+queue_mib = 48
 capture_mode = "tracepoint"
 tls_libs = ["/opt/ssl/libssl.so.3"]
 [governance]
@@ -162,6 +164,7 @@ headers = ["x-api-key=k"]
         assert_eq!(c.agent.socket, Some("/run/x.sock".into()));
         assert_eq!(c.agent.log_format, Some(LogFormat::Json));
         assert_eq!(c.capture.ring_mib, Some(32));
+        assert_eq!(c.capture.queue_mib, Some(48));
         assert_eq!(
             c.capture.capture_mode,
             Some(crate::capture::mode::ModeChoice::Tracepoint)

@@ -10,9 +10,12 @@ use openbox_agent::{
     config::{pick, pick_flag, pick_list, CaptureFile, FileConfig},
     conn, daemon, export,
     logging::{self, LogFormat},
-    preflight, redact, span, trace,
+    pipeline, preflight, redact, span, trace,
 };
 use openbox_common::{DEFAULT_CAPTURE_LIMIT, MAX_CAPTURE_LIMIT};
+
+/// `--queue-mib`'s upper bound: 4 GiB of backlog.
+const MAX_QUEUE_MIB: u32 = 4096;
 
 /// Span building makes and drops a few dozen small strings per span: with glibc's
 /// allocator, malloc and free were a quarter of the agent's CPU under a sustained load
@@ -92,6 +95,11 @@ struct CaptureArgs {
     /// Ring-buffer size in MiB (a power of two) [default: 16].
     #[arg(long)]
     ring_mib: Option<u32>,
+    /// Most MiB of records copied out of the ring and not parsed yet: the backlog
+    /// while the agent is short of CPU (beyond it the ring fills, and the kernel drops
+    /// and counts) [default: 64].
+    #[arg(long)]
+    queue_mib: Option<u32>,
     /// How sockets and files are captured: `fentry` (fentry/fexit programs on the
     /// syscall functions: only the calls pay), `tracepoint` (syscall tracepoints: every
     /// syscall of every process on the node pays the slow path), or `auto` (fentry
@@ -116,6 +124,7 @@ struct Capture {
     no_default_skips: bool,
     no_tls_pause: bool,
     ring_mib: u32,
+    queue_mib: u32,
     capture_mode: capture::mode::ModeChoice,
 }
 
@@ -139,6 +148,11 @@ impl CaptureArgs {
             no_default_skips: pick_flag(self.no_default_skips, file.no_default_skips),
             no_tls_pause: pick_flag(self.no_tls_pause, file.no_tls_pause),
             ring_mib: pick(self.ring_mib, file.ring_mib, 16),
+            queue_mib: pick(
+                self.queue_mib,
+                file.queue_mib,
+                (pipeline::drain::QUEUE_BYTES >> 20) as u32,
+            ),
             capture_mode: pick(self.capture_mode, file.capture_mode, Default::default()),
         }
     }
@@ -188,6 +202,12 @@ impl Capture {
                 self.ring_mib
             );
         }
+        if !(1..=MAX_QUEUE_MIB).contains(&self.queue_mib) {
+            anyhow::bail!(
+                "queue_mib (--queue-mib) must be 1 to {MAX_QUEUE_MIB} (got {})",
+                self.queue_mib
+            );
+        }
         if self.capture_limit > MAX_CAPTURE_LIMIT {
             anyhow::bail!(
                 "capture_limit (--capture-limit) must be at most {MAX_CAPTURE_LIMIT} (got {})",
@@ -198,6 +218,7 @@ impl Capture {
             capture_limit: self.capture_limit,
             pause_on_tls_lib: !self.no_tls_pause,
             ring_bytes: self.ring_mib << 20,
+            queue_bytes: (self.queue_mib as usize) << 20,
             mode: self.capture_mode,
         })
     }

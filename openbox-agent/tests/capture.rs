@@ -699,6 +699,42 @@ fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
     );
 }
 
+/// The same burst with the queue bounded at 1 MiB (`--queue-mib 1`): the backlog beyond
+/// it is not held in memory — the queue is found full, the ring fills behind it and the
+/// kernel drops — and both are counted in the summary.
+#[test]
+fn a_backlog_beyond_the_queue_bound_is_dropped_and_counted() {
+    let env = TestEnv::get();
+    let out = TempDir::new("burst-bounded");
+    let trace = trace_with(
+        &env,
+        "a_backlog_beyond_the_queue_bound_is_dropped_and_counted",
+        &["--ring-mib", "1", "--queue-mib", "1"],
+        &[("OPENBOX_TEST_STALL_MS", "3000")],
+        &env.python_command("client_burst.py", &["16", &out.arg()]),
+    );
+    assert_client_ok(&out, &trace);
+    let queue = &trace.summary()["ring_queue"];
+    let full = queue["full"].as_u64().unwrap_or(0);
+    let peak = queue["peak_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        // (A batch may pass the bound by one record, at most 16 KiB.)
+        full > 0 && peak <= (1 << 20) + (16 << 10) && trace.summary_u64("ringbuf_drops") > 0,
+        "expected the 1 MiB queue full (and no fuller) and drops counted: {}",
+        trace.summary()
+    );
+    // A bound that cannot work is refused before anything loads.
+    let refused = std::process::Command::new(&env.agent)
+        .args(["trace", "--queue-mib", "0", "--", "true"])
+        .output()
+        .expect("running openbox-agent");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("queue_mib (--queue-mib) must be 1 to"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn streams_reassemble_exactly_from_short_vectored_and_concurrent_io() {
     let env = TestEnv::get();

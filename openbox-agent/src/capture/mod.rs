@@ -155,6 +155,9 @@ pub struct CaptureConfig {
     pub pause_on_tls_lib: bool,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_bytes: u32,
+    /// Most bytes of records copied out of the ring and not parsed yet (the
+    /// pipeline's drain queue).
+    pub queue_bytes: usize,
     /// fentry/fexit or syscall tracepoints for sockets and files.
     pub mode: mode::ModeChoice,
 }
@@ -165,6 +168,7 @@ impl Default for CaptureConfig {
             capture_limit: DEFAULT_CAPTURE_LIMIT,
             pause_on_tls_lib: true,
             ring_bytes: 16 << 20,
+            queue_bytes: crate::pipeline::drain::QUEUE_BYTES,
             mode: mode::ModeChoice::Auto,
         }
     }

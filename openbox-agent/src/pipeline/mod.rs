@@ -121,7 +121,7 @@ pub fn start<S: Sink>(
     for lib in tls_libs {
         cap.name_tls_lib(lib).map_err(|e| anyhow!("{e}"))?;
     }
-    let ring = Ring::new(cap.events()?)?;
+    let ring = Ring::new(cap.events()?, capture.queue_bytes)?;
     Ok((Session::new(cap, skip, output, sink), ring))
 }
 
@@ -501,12 +501,12 @@ pub struct Ring {
 const DRAIN_TICK: Duration = Duration::from_millis(10);
 
 impl Ring {
-    fn new(ring: RingBuf<MapData>) -> Result<Ring> {
+    fn new(ring: RingBuf<MapData>, queue_bytes: usize) -> Result<Ring> {
         let mut tick = tokio::time::interval(DRAIN_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let positions = Arc::new(position::Positions::new(&ring)?);
         let handled = positions.consumer();
-        let drain = drain::Drain::start(ring, positions.clone(), drain::QUEUE_BYTES)?;
+        let drain = drain::Drain::start(ring, positions.clone(), queue_bytes)?;
         Ok(Ring {
             drain,
             tick,
