@@ -187,12 +187,22 @@ impl Agent {
                 self.proc.stderr_tail()
             )
         });
-        let metrics_text = scrape(&addr).unwrap_or_else(|e| {
-            panic!(
-                "scraping http://{addr}/metrics: {e}\nstderr: {}",
-                self.proc.stderr_tail()
-            )
-        });
+        // Once every record the kernel emitted has been read (the drain thread copies
+        // records into a queue that the session parses a moment later): up to 2 s.
+        let mut metrics_text = String::new();
+        for _ in 0..40 {
+            metrics_text = scrape(&addr).unwrap_or_else(|e| {
+                panic!(
+                    "scraping http://{addr}/metrics: {e}\nstderr: {}",
+                    self.proc.stderr_tail()
+                )
+            });
+            let m = parse_metrics(&metrics_text);
+            if m.get("openbox_records_received_total") == m.get("openbox_events_total") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let (status, in_time) = self
             .proc
             .stop_leader(libc::SIGTERM, Duration::from_secs(60));
