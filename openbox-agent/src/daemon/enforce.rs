@@ -603,14 +603,9 @@ impl Enforcer {
             .or_else(|| self.worker_of(n.pid))
             .and_then(|tgid| Some((tgid, self.memory_bio_send(tgid, n.pid, &n.data)?)));
         let writer = sent.as_ref().and_then(|(tgid, s)| Some((s.writer?, *tgid)));
-        let (carried, taken) = match sent {
-            Some((_, s)) => {
-                let taken = s.carried.taken(self);
-                (Some(s.carried), taken)
-            }
-            None => (None, None),
-        };
-        if writer.is_some() && writer.map(|w| w.0) != current.map(|c| c.0) {
+        let taken = sent.as_ref().and_then(|(_, s)| s.carried.taken(self));
+        let carried = sent.map(|(_, s)| s.carried);
+        if writer.is_some_and(|(w, _)| current.map(|(c, _)| c) != Some(w)) {
             self.stats.outside_step.fetch_add(1, Relaxed);
         }
         let governed = writer
