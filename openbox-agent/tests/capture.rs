@@ -663,17 +663,14 @@ fn body_beyond_the_capture_limit_is_truncated_and_counted() {
     );
 }
 
-/// While the thread that parses records is held up (as it is when it waits for a CPU on
-/// a busy node), the ring buffer is still emptied: a burst sixteen times the ring's size
-/// is captured whole, with no ring-buffer drop.
-#[test]
-fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
-    let env = TestEnv::get();
-    let out = TempDir::new("burst");
+/// `trace` (with `options`) of a 16 MiB burst (client_burst.py) while the agent's
+/// parsing thread is held up for 3 s; the client succeeded and the agent was held up.
+fn burst_while_held_up(env: &TestEnv, name: &str, options: &[&str]) -> (TempDir, Trace) {
+    let out = TempDir::new(name);
     let trace = trace_with(
-        &env,
-        "a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops",
-        &["--ring-mib", "1"],
+        env,
+        name,
+        options,
         &[("OPENBOX_TEST_STALL_MS", "3000")],
         &env.python_command("client_burst.py", &["16", &out.arg()]),
     );
@@ -682,6 +679,20 @@ fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
         trace.stderr.contains("OPENBOX_TEST_STALL_MS is set"),
         "the agent was not held up: {}",
         trace.stderr
+    );
+    (out, trace)
+}
+
+/// While the thread that parses records is held up (as it is when it waits for a CPU on
+/// a busy node), the ring buffer is still emptied: a burst sixteen times the ring's size
+/// is captured whole, with no ring-buffer drop.
+#[test]
+fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
+    let env = TestEnv::get();
+    let (out, trace) = burst_while_held_up(
+        &env,
+        "a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops",
+        &["--ring-mib", "1"],
     );
     assert_eq!(
         trace.summary_u64("ringbuf_drops"),
@@ -705,15 +716,11 @@ fn a_burst_while_the_parsing_thread_is_held_up_is_captured_without_drops() {
 #[test]
 fn a_backlog_beyond_the_queue_bound_is_dropped_and_counted() {
     let env = TestEnv::get();
-    let out = TempDir::new("burst-bounded");
-    let trace = trace_with(
+    let (_out, trace) = burst_while_held_up(
         &env,
         "a_backlog_beyond_the_queue_bound_is_dropped_and_counted",
         &["--ring-mib", "1", "--queue-mib", "1"],
-        &[("OPENBOX_TEST_STALL_MS", "3000")],
-        &env.python_command("client_burst.py", &["16", &out.arg()]),
     );
-    assert_client_ok(&out, &trace);
     let queue = &trace.summary()["ring_queue"];
     let full = queue["full"].as_u64().unwrap_or(0);
     let peak = queue["peak_bytes"].as_u64().unwrap_or(u64::MAX);
