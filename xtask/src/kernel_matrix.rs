@@ -385,9 +385,27 @@ fn ensure_certificate(cache: &Path) -> Result<Tls> {
 // ---------------------------------------------------------------------------------------
 // Kernels
 
-struct Boot {
-    package: String,
-    vmlinuz: PathBuf,
+pub(crate) struct Boot {
+    pub(crate) package: String,
+    pub(crate) vmlinuz: PathBuf,
+}
+
+/// The kernel of the matrix labelled `label` (6.1, 6.12), downloaded once into
+/// `~/.cache/openbox/kernels` (`cargo xtask guest-test` boots it too).
+pub(crate) fn boot_image(label: &str) -> Result<Boot> {
+    let kernel = KERNELS.iter().find(|k| k.label == label).ok_or_else(|| {
+        anyhow!(
+            "unknown kernel {label:?}: there are {}",
+            KERNELS
+                .iter()
+                .map(|k| k.label)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let dir = toolchain::cache_dir().join("kernels");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fetch_kernel(kernel, &dir)
 }
 
 /// The newest `-unsigned` build the meta-package points at, downloaded once and its
@@ -605,7 +623,7 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
 /// An initramfs being assembled: guest path → entry. Sorted by path, so a directory
 /// comes before what it holds, as the kernel's unpacker needs.
 #[derive(Default)]
-struct Cpio {
+pub(crate) struct Cpio {
     entries: BTreeMap<String, Entry>,
 }
 
@@ -627,18 +645,18 @@ impl Cpio {
         }
     }
 
-    fn dir(&mut self, path: &str) {
+    pub(crate) fn dir(&mut self, path: &str) {
         self.parents(path);
         self.entries.insert(path.to_string(), Entry::Dir);
     }
 
-    fn file(&mut self, path: &str, data: Vec<u8>, mode: u32) {
+    pub(crate) fn file(&mut self, path: &str, data: Vec<u8>, mode: u32) {
         self.parents(path);
         self.entries
             .insert(path.to_string(), Entry::File(data, mode));
     }
 
-    fn char_device(&mut self, path: &str, major: u32, minor: u32) {
+    pub(crate) fn char_device(&mut self, path: &str, major: u32, minor: u32) {
         self.parents(path);
         self.entries
             .insert(path.to_string(), Entry::CharDevice(major, minor));
@@ -648,7 +666,7 @@ impl Cpio {
     /// symbolic link on the way (`/lib64` → `usr/lib64`, …) so the guest resolves the
     /// path as the host does: the loader's path in each binary, and the library paths
     /// the agent sees in /proc/PID/maps.
-    fn host_path(&mut self, path: &Path) -> Result<()> {
+    pub(crate) fn host_path(&mut self, path: &Path) -> Result<()> {
         let mut at = PathBuf::from("/");
         let mut components = path.components().skip_while(|c| *c == Component::RootDir);
         while let Some(c) = components.next() {
@@ -679,7 +697,7 @@ impl Cpio {
     }
 
     /// The newc archive.
-    fn finish(self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
         let mut out = Vec::new();
         // Inode numbers from 1: the unpacker links entries that share one.
         for (ino, (path, entry)) in (1..).zip(self.entries) {

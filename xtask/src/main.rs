@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask build-ebpf | build | image | lint | test | demo | bench |
-//! kernel-matrix`.
+//! kernel-matrix | guest-test`.
 //!
 //! Every task installs what it needs and reuses what is already there, so the two
 //! commands of the README work on a fresh machine.
@@ -8,6 +8,7 @@ mod bench;
 mod enforce_bench;
 mod env;
 mod fuzz;
+mod guest_suite;
 mod hook_bench;
 mod http_bench;
 mod image;
@@ -140,6 +141,24 @@ enum Task {
         #[arg(long, default_value_t = 3)]
         bench_rounds: usize,
     },
+    /// Run openbox-agent's capture tests in a Debian kernel under qemu (TCG) with this
+    /// machine's root filesystem shared over virtiofs: the capture mode this machine's
+    /// kernel refuses (fentry), with the same test binaries and environment.
+    GuestTest {
+        /// The kernel to boot (6.1, 6.12).
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// The capture mode the tests' agents use (OPENBOX_CAPTURE_MODE).
+        #[arg(long, default_value = "fentry")]
+        mode: String,
+        /// A test binary of openbox-agent (capture, spans, syscalls, …); repeatable.
+        /// Default: the ones `cargo xtask test` runs in both modes.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Arguments passed to each test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install the test environment only (Debian packages, Python virtualenvs with the
     /// worker hook, FerretDB, the Temporal CLI, Helm and the Kubernetes manifest
     /// checker); prints the OPENBOX_* variables.
@@ -210,6 +229,30 @@ fn main() -> Result<()> {
                 },
             )
             .map(|_| ())
+        }
+        Task::GuestTest {
+            kernel,
+            mode,
+            tests,
+            args,
+        } => {
+            build_agent()?;
+            let test_env = env::setup()?;
+            let tests = if tests.is_empty() {
+                CAPTURE_MODE_TESTS.iter().map(|t| t.to_string()).collect()
+            } else {
+                tests
+            };
+            guest_suite::run(
+                &agent_binary(),
+                &test_env.vars(),
+                &guest_suite::Options {
+                    kernel,
+                    mode,
+                    tests,
+                    args,
+                },
+            )
         }
         Task::SetupEnv => env::setup().map(|_| ()),
         Task::Fuzz { seconds, targets } => fuzz::run_fuzz(&targets, seconds),
@@ -310,8 +353,19 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
             run(cargo_test(&extra_args)?.env(CAPTURE_MODE_ENV, mode))
         }
         OtherMode::Unavailable(why) => {
-            println!("xtask: the suite ran in tracepoint mode only: this kernel cannot run fentry/fexit programs ({why})");
-            Ok(())
+            // Where this kernel refuses fentry, the capture tests run in fentry mode on
+            // Debian's 6.12 under qemu instead (`cargo xtask guest-test`).
+            println!("xtask: this kernel cannot run fentry/fexit programs ({why}): the capture tests in fentry mode run on Debian's {GUEST_KERNEL} kernel under qemu");
+            guest_suite::run(
+                &agent_binary(),
+                &test_env.vars(),
+                &guest_suite::Options {
+                    kernel: GUEST_KERNEL.to_string(),
+                    mode: "fentry".to_string(),
+                    tests: CAPTURE_MODE_TESTS.iter().map(|t| t.to_string()).collect(),
+                    args: Vec::new(),
+                },
+            )
         }
     }
 }
@@ -320,6 +374,8 @@ fn test(skip_lint: bool, args: &[String]) -> Result<()> {
 const CAPTURE_MODE_ENV: &str = "OPENBOX_CAPTURE_MODE";
 /// The test binaries run in both capture modes (the whole suite runs in `auto`'s).
 const CAPTURE_MODE_TESTS: &[&str] = &["capture", "spans"];
+/// The kernel the capture tests run on in fentry mode when this one refuses it.
+const GUEST_KERNEL: &str = "6.12";
 
 enum OtherMode {
     /// The mode to run the capture tests in as well.
