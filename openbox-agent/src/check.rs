@@ -1,7 +1,7 @@
 //! `openbox-agent check`: what this kernel offers, what privileges the agent holds, the
 //! mode it will use, and what to do about anything missing.
 
-use std::{io::Write, path::Path};
+use std::{fmt::Write as _, io::Write, path::Path};
 
 use serde::Serialize;
 
@@ -29,6 +29,9 @@ pub struct Report {
     /// What `--capture-mode auto` uses here.
     pub capture_mode: Mode,
     pub ready: bool,
+    /// What each fentry/fexit program cost the verifier here, when they all loaded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fentry_programs: Vec<crate::capture::load::Cost>,
 }
 
 fn exists(p: &str) -> bool {
@@ -343,10 +346,20 @@ pub fn report() -> Report {
         name: "fentry/fexit",
         ok: fentry.is_ok(),
         detail: match &fentry {
-            Ok(()) => format!(
-                "the {} fentry/fexit programs load and attach (__x64_sys_* functions in BTF, trampolines)",
-                crate::capture::mode::FENTRY_PROGRAMS.len()
-            ),
+            Ok(costs) => {
+                let mut d = format!(
+                    "the {} fentry/fexit programs load and attach (__x64_sys_* functions in BTF, trampolines)",
+                    crate::capture::mode::FENTRY_PROGRAMS.len()
+                );
+                let longest = costs.iter().max_by(|a, b| a.ms.total_cmp(&b.ms));
+                if let Some(c) = longest {
+                    let insns = c
+                        .verified_insns
+                        .map_or(String::new(), |n| format!("{n} instructions, "));
+                    let _ = write!(d, "; longest to verify: {} ({insns}{:.1} ms)", c.program, c.ms);
+                }
+                d
+            }
             Err(e) => e.clone(),
         },
         fix: if fentry.is_ok() || !btf {
@@ -541,7 +554,7 @@ pub fn report() -> Report {
     } else {
         // What `--capture-mode auto` (the default) uses.
         let mut m = match &fentry {
-            Ok(()) => "fentry/fexit on the syscall functions for sockets and files".to_string(),
+            Ok(_) => "fentry/fexit on the syscall functions for sockets and files".to_string(),
             Err(_) => {
                 "syscall tracepoints for sockets and files (fentry/fexit unavailable, see above)"
                     .to_string()
@@ -567,6 +580,7 @@ pub fn report() -> Report {
             Mode::Tracepoint
         },
         ready,
+        fentry_programs: fentry.unwrap_or_default(),
     }
 }
 

@@ -156,7 +156,7 @@ pub struct Scratch {
 
 /// A sendmmsg/recvmmsg batch being reported, one message after the other: in map
 /// memory, so the message index is not a constant the verifier walks each value of,
-/// and (tracepoint mode) so it outlives the tail calls between messages.
+/// and so it outlives the tail calls between messages.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Batch {
@@ -178,6 +178,14 @@ pub struct Batch {
 /// records was walked 16 × 64 times: 293 000 instructions, 110–250 ms of start-up).
 #[map]
 pub static MMSG_MESSAGE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The same for fentry mode, tail-called by the fexit programs of sendmmsg/recvmmsg and
+/// by themselves: `fexit_mmsg_message` at index 0 (the batch in this CPU's scratch
+/// slot), `fexit_mmsg_message_own` at 1 (in the thread's own entry, `TLS_SCRATCH`). A
+/// program array of its own: one holds programs of one type, and tracing programs of
+/// one attach prototype.
+#[map]
+pub static FEXIT_MMSG_MESSAGE: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// A new process whose parent's descriptors are being copied to it
 /// (`probes::process`), across the tail calls of `task_newtask_fds`.

@@ -6,7 +6,8 @@
 #   ...
 #   @@kmx end NAME rc=N
 # Variables: KMX_OUT KMX_AGENT KMX_CERT_DIR KMX_WORK KMX_PORT KMX_MODES KMX_BPFTOOL,
-# and for the syscall-loop bench KMX_BENCH KMX_BENCH_ROUNDS KMX_BENCH_MODES.
+# KMX_MMSG (guests only: tests/support/mmsg.c, built), and for the syscall-loop
+# bench KMX_BENCH KMX_BENCH_ROUNDS KMX_BENCH_MODES.
 set -u
 out=$KMX_OUT
 work=$KMX_WORK
@@ -66,6 +67,18 @@ echo kmatrix-$mode | busybox tee $work/file-$mode.txt >/dev/null"
     section "spans $mode" cat "$work/spans-$mode"
     section "stderr $mode" cat "$work/stderr-$mode"
     section "trace $mode" echo "$rc"
+    # sendmmsg/recvmmsg batches (KMX_MMSG; guests only, where fentry mode runs), as
+    # records: each message is a data record of its own; past the 16 copied per call,
+    # only their length.
+    if [ -n "${KMX_MMSG:-}" ]; then
+        mkdir -p "$work/mmsg-$mode"
+        # shellcheck disable=SC2086
+        timeout -s INT 120 "$KMX_AGENT" trace --json --raw $flag -- "$KMX_MMSG" \
+            "$work/mmsg-$mode" >"$work/mmsg-records-$mode" 2>"$work/mmsg-stderr-$mode"
+        section "mmsg records $mode" grep -E '"type":"(data|close|summary)"' "$work/mmsg-records-$mode"
+        section "mmsg sent $mode" cat "$work/mmsg-$mode/mmsg.sent"
+        section "mmsg stderr $mode" tail -n 5 "$work/mmsg-stderr-$mode"
+    fi
 done
 kill "$server" 2>/dev/null
 section server-log cat "$work/server.log"

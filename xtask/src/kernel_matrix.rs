@@ -545,12 +545,23 @@ fn build_initramfs(
     ];
     binaries.push(on_path("bpftool")?);
     binaries.push(stripped.clone());
+    // The sendmmsg/recvmmsg batches of the capture tests (steps.sh, KMX_MMSG).
+    let mmsg = cache.join("mmsg");
+    run_cmd(
+        Command::new("cc")
+            .args(["-O2", "-Wall", "-o"])
+            .arg(&mmsg)
+            .arg(crate::workspace_root().join("openbox-agent/tests/support/mmsg.c")),
+    )
+    .context("building tests/support/mmsg.c for the guests with cc")?;
+    fs_.file("/usr/bin/mmsg", fs::read(&mmsg)?, 0o755);
+    binaries.push(mmsg.clone());
     if let Some(bin) = loop_bin {
         fs_.file("/usr/bin/syscall_loop", fs::read(bin)?, 0o755);
         binaries.push(bin.to_path_buf());
     }
     for bin in &binaries {
-        if bin != &stripped && Some(bin.as_path()) != loop_bin {
+        if bin != &stripped && bin != &mmsg && Some(bin.as_path()) != loop_bin {
             fs_.host_path(bin)?;
         }
         for lib in shared_libraries(bin)? {
@@ -575,6 +586,7 @@ fn build_initramfs(
         fs::rename(&tmp, &path)?;
     }
     let _ = fs::remove_file(&stripped);
+    let _ = fs::remove_file(&mmsg);
     eprintln!(
         "xtask: initramfs {} ({} MiB)",
         path.display(),
@@ -957,6 +969,9 @@ struct ModeResult {
     /// The entry of [`KNOWN`] the error matches.
     known: Option<&'static str>,
     summary: Option<Value>,
+    /// The sendmmsg/recvmmsg batches ([`mmsg_captured`]); `None` where not run (the
+    /// host, whose own tests check them).
+    mmsg: Option<Result<(), String>>,
 }
 
 impl Row {
@@ -996,7 +1011,7 @@ impl Row {
             if m.known.is_some() {
                 continue;
             }
-            let missing: Vec<&str> = [
+            let missing: Vec<String> = [
                 (m.loaded != Some(true), "programs not loaded"),
                 (m.attached != Some(true), "not attached"),
                 (!m.https, "HTTPS request not captured"),
@@ -1004,7 +1019,13 @@ impl Row {
             ]
             .into_iter()
             .filter(|(bad, _)| *bad)
-            .map(|(_, what)| what)
+            .map(|(_, what)| what.to_string())
+            .chain(
+                m.mmsg
+                    .clone()
+                    .and_then(Result::err)
+                    .map(|e| format!("sendmmsg/recvmmsg batches not captured as sent: {e}")),
+            )
             .collect();
             if !missing.is_empty() {
                 out.push(format!(
@@ -1092,8 +1113,67 @@ impl ModeResult {
             refused,
             known,
             summary,
+            mmsg: s
+                .get(&format!("mmsg sent {mode}"))
+                .map(|(sent, _)| mmsg_captured(sent, s.text(&format!("mmsg records {mode}")))),
         }
     }
+}
+
+/// Whether tests/support/mmsg.c's batches (5 then 20 messages, `sent`: one a line) were
+/// captured as the host's capture tests check them, from its data and close `records`:
+/// per call one socket, the first 5 + 16 messages copied in order with no gap, and every
+/// byte counted in its close, the uncopied messages' too.
+fn mmsg_captured(sent: &str, records: &str) -> Result<(), String> {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    let messages: Vec<String> = sent.lines().map(|l| format!("{l}\n")).collect();
+    if messages.len() != 25 {
+        return Err(format!(
+            "mmsg sent {} messages, not 5 + 20 (see its output)",
+            messages.len()
+        ));
+    }
+    let want = messages[..5 + 16].concat();
+    let total: u64 = messages.iter().map(|m| m.len() as u64).sum();
+    let records: Vec<Value> = records
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for (via, counter) in [("sendmmsg", "bytes_sent"), ("recvmmsg", "bytes_received")] {
+        let mut of: Vec<&Value> = records.iter().filter(|r| r["via"] == via).collect();
+        of.sort_by_key(|r| r["seq"].as_u64());
+        let conns: BTreeSet<&str> = of.iter().filter_map(|r| r["conn"].as_str()).collect();
+        let [conn] = conns.into_iter().collect::<Vec<_>>()[..] else {
+            return Err(format!("{via}: records on other than one socket"));
+        };
+        let mut copied = Vec::new();
+        for r in of {
+            let data = STANDARD
+                .decode(r["data_b64"].as_str().unwrap_or_default())
+                .map_err(|e| format!("{via}: data_b64 is not base64 ({e})"))?;
+            if r["seq"].as_u64() != Some(copied.len() as u64) {
+                return Err(format!("{via}: a gap before seq {}", r["seq"]));
+            }
+            copied.extend(data);
+        }
+        if copied != want.as_bytes() {
+            return Err(format!(
+                "{via}: the copied bytes ({}) are not the first 21 messages ({})",
+                copied.len(),
+                want.len()
+            ));
+        }
+        let counted = records
+            .iter()
+            .find(|r| r["type"] == "close" && r["conn"] == conn)
+            .and_then(|r| r[counter].as_u64());
+        if counted != Some(total) {
+            return Err(format!(
+                "{via}: {counter} {counted:?} in the socket's close, {total} sent"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn mark(v: Option<bool>) -> &'static str {
@@ -1154,6 +1234,19 @@ fn report(rows: &[Row], expect: &Expect) -> String {
                 mark(Some(m.https).filter(|_| !m.refused)),
                 mark(Some(m.file).filter(|_| !m.refused))
             );
+        }
+        for m in &row.modes {
+            if let Some(r) = &m.mmsg {
+                let _ = writeln!(
+                    o,
+                    "   mode {}: sendmmsg/recvmmsg batches {}",
+                    m.mode,
+                    match r {
+                        Ok(()) => "captured as sent".to_string(),
+                        Err(e) => format!("NOT captured as sent: {e}"),
+                    }
+                );
+            }
         }
         describe(&mut o, s, host, row.label == "host", &expect.helpers);
         for m in &row.modes {
@@ -1666,5 +1759,36 @@ mod tests {
         let f = format_fields("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;");
         assert_eq!(f["pid"], (24, 4));
         assert_eq!(f["comm"], (8, 16));
+    }
+
+    #[test]
+    fn mmsg_batches_pass_only_when_every_copied_message_and_every_byte_is_there() {
+        use base64::{engine::general_purpose::STANDARD, Engine as _};
+        let messages: Vec<String> = (0..25).map(|i| format!("message-{i:02}\n")).collect();
+        let sent = messages.concat();
+        // Each copied message a record of its own; the last 4 of each call only in
+        // the close's count.
+        let records = |skip: Option<usize>| {
+            let mut out = String::new();
+            for (via, conn) in [("sendmmsg", "a"), ("recvmmsg", "b")] {
+                let mut seq = 0;
+                for (i, m) in messages[..21].iter().enumerate() {
+                    if skip != Some(i) {
+                        let data = STANDARD.encode(m);
+                        out += &format!("{{\"type\":\"data\",\"via\":\"{via}\",\"conn\":\"{conn}\",\"seq\":{seq},\"data_b64\":\"{data}\"}}\n");
+                    }
+                    seq += m.len();
+                }
+            }
+            let total = sent.len();
+            out += &format!("{{\"type\":\"close\",\"conn\":\"a\",\"bytes_sent\":{total}}}\n");
+            out += &format!("{{\"type\":\"close\",\"conn\":\"b\",\"bytes_received\":{total}}}\n");
+            out
+        };
+        assert_eq!(mmsg_captured(&sent, &records(None)), Ok(()));
+        let missing = mmsg_captured(&sent, &records(Some(7))).unwrap_err();
+        assert!(missing.contains("sendmmsg: a gap"), "{missing}");
+        let last = mmsg_captured(&sent, &records(Some(20))).unwrap_err();
+        assert!(last.contains("not the first 21 messages"), "{last}");
     }
 }

@@ -36,6 +36,17 @@ pub struct Outcome<'j> {
     pub result: Result<(), ProgramError>,
 }
 
+/// What loading one program cost, as `check` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cost {
+    pub program: String,
+    /// Time in the load call: mostly the verifier's.
+    pub ms: f64,
+    /// Instructions the verifier walked, when the kernel says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_insns: Option<u32>,
+}
+
 /// Loads each of `jobs` (program name, how) from up to as many threads as there are
 /// CPUs, and says how each went, in `jobs`' order. Fails only when a program is not in
 /// the object.

@@ -367,10 +367,7 @@ impl Capture {
         let mut fentry_refused = None;
         for o in load::load_all(&mut ebpf, &jobs)? {
             let Err(e) = o.result else { continue };
-            if mode::FENTRY_PROGRAMS
-                .iter()
-                .any(|(p, _, _)| *p == o.program)
-            {
+            if mode::is_fentry_program(o.program) {
                 if fentry_refused.is_none() {
                     fentry_refused = Some(mode::fentry_error(o.program, &e));
                 }
@@ -722,8 +719,9 @@ impl Capture {
 
 /// Whether fentry mode works here, the way `auto` finds out: the kernel's BTF is read,
 /// and every fentry/fexit program is loaded and attached (then detached at once), so
-/// a missing function, a verifier refusal or missing trampolines all show. For `check`.
-pub fn probe_fentry() -> Result<()> {
+/// a missing function, a verifier refusal or missing trampolines all show. For `check`,
+/// with what each program cost the verifier.
+pub fn probe_fentry() -> Result<Vec<load::Cost>> {
     if EBPF_OBJECT.is_empty() {
         bail!("this openbox-agent was built without its kernel programs");
     }
@@ -784,6 +782,16 @@ fn process_programs<'a>() -> impl Iterator<Item = (&'static str, How<'a>)> {
 /// 0, before those are attached (until then their tail calls fail and are counted as
 /// scratch failures).
 fn set_tail_call(ebpf: &mut Ebpf, (map, program): (&str, &str)) -> Result<()> {
+    set_tail_call_at(ebpf, map, 0, program)
+}
+
+/// [`set_tail_call`] at `index`.
+pub(crate) fn set_tail_call_at(
+    ebpf: &mut Ebpf,
+    map: &str,
+    index: u32,
+    program: &str,
+) -> Result<()> {
     let fd = ebpf
         .program(program)
         .with_context(|| format!("program {program} missing from the kernel object"))?
@@ -796,8 +804,8 @@ fn set_tail_call(ebpf: &mut Ebpf, (map, program): (&str, &str)) -> Result<()> {
             .with_context(|| format!("map {map} missing from the kernel object"))?,
     )?;
     array
-        .set(0, &fd, 0)
-        .with_context(|| format!("setting program {program} in map {map}"))
+        .set(index, &fd, 0)
+        .with_context(|| format!("setting program {program} in map {map} at {index}"))
 }
 
 /// Whether fentry mode can be used, as found while loading.

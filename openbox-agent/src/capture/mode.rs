@@ -18,6 +18,7 @@ use std::fmt;
 
 use anyhow::{bail, Context, Result};
 use aya::{
+    maps::ProgramArray,
     programs::{FEntry, FExit},
     Btf, Ebpf,
 };
@@ -114,6 +115,26 @@ pub const FENTRY_PROGRAMS: &[(&str, &str, Hook)] = &[
     ),
 ];
 
+/// Report one message of a sendmmsg/recvmmsg batch, then tail-call themselves for the
+/// next: (program, index in [`MMSG_ARRAY`]), for a batch kept in the CPU's scratch slot
+/// and for one in the thread's own scratch entry. Loaded as fexit programs of
+/// [`MMSG_FUNCTION`] (a tail call stays between tracing programs of one attach
+/// prototype, and every `__x64_sys_*` function has the same) but never attached: set in
+/// their program array before the fexit programs of sendmmsg and recvmmsg, which
+/// tail-call them, are attached. Verified as one message's work where a loop over the
+/// batch's 16 messages in each of those two programs was walked for each message.
+pub const MMSG_PROGRAMS: [(&str, u32); 2] =
+    [("fexit_mmsg_message", 0), ("fexit_mmsg_message_own", 1)];
+pub const MMSG_ARRAY: &str = "FEXIT_MMSG_MESSAGE";
+pub const MMSG_FUNCTION: &str = "__x64_sys_sendmmsg";
+
+/// Whether `program` is one of fentry mode's (a refusal then means fentry mode cannot
+/// be used, not that the agent cannot run).
+pub fn is_fentry_program(program: &str) -> bool {
+    MMSG_PROGRAMS.iter().any(|(p, _)| *p == program)
+        || FENTRY_PROGRAMS.iter().any(|(p, _, _)| *p == program)
+}
+
 /// Why fentry mode cannot be used here, before anything is loaded: the architecture
 /// (the programs read x86_64's `pt_regs`) and the kernel's BTF. Returns the parsed BTF
 /// for loading; a function missing from it is found when its program is loaded.
@@ -132,24 +153,31 @@ pub fn fentry_prerequisites() -> Result<Btf> {
     })
 }
 
-/// The fentry/fexit programs as [`load::load_all`] jobs.
+/// The fentry/fexit programs as [`load::load_all`] jobs: [`MMSG_PROGRAMS`] first (among
+/// the longest to verify; `load_all` starts the jobs in order), then
+/// [`FENTRY_PROGRAMS`].
 pub fn fentry_jobs(btf: &Btf) -> Vec<(&'static str, How<'_>)> {
-    FENTRY_PROGRAMS
+    MMSG_PROGRAMS
         .iter()
-        .map(|&(prog, func, hook)| {
+        .map(|&(prog, _)| (prog, How::Fexit(MMSG_FUNCTION, btf)))
+        .chain(FENTRY_PROGRAMS.iter().map(|&(prog, func, hook)| {
             let how = match hook {
                 Hook::Entry => How::Fentry(func, btf),
                 Hook::Exit => How::Fexit(func, btf),
             };
             (prog, how)
-        })
+        }))
         .collect()
 }
 
 /// An fentry/fexit program's load or attach failure, named with its function.
 pub fn fentry_error(prog: &str, e: &dyn std::error::Error) -> anyhow::Error {
     let (func, what) = FENTRY_PROGRAMS.iter().find(|(p, _, _)| *p == prog).map_or(
-        ("?", "fentry"),
+        if MMSG_PROGRAMS.iter().any(|(p, _)| *p == prog) {
+            (MMSG_FUNCTION, "fexit")
+        } else {
+            ("?", "fentry")
+        },
         |(_, func, hook)| {
             (
                 *func,
@@ -188,10 +216,14 @@ pub fn load_first(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     load::load_or_fail(ebpf, &[first], |p, e| fentry_error(p, &e))
 }
 
-/// Attaches the fentry/fexit programs, loaded already. On an error the programs
-/// already attached stay so until `ebpf` drops them or the caller unloads them
-/// ([`unload`]).
+/// Attaches the fentry/fexit programs, loaded already, once [`MMSG_PROGRAMS`] are where
+/// they tail-call them. On an error the programs already attached stay so until `ebpf`
+/// drops them or the caller unloads them ([`unload`]).
 pub fn attach_loaded(ebpf: &mut Ebpf) -> Result<()> {
+    for (prog, index) in MMSG_PROGRAMS {
+        super::set_tail_call_at(ebpf, MMSG_ARRAY, index, prog)
+            .map_err(|e| anyhow::anyhow!("fexit program {prog}: {e:#}"))?;
+    }
     for (prog, _, hook) in FENTRY_PROGRAMS {
         let program = ebpf
             .program_mut(prog)
@@ -205,11 +237,20 @@ pub fn attach_loaded(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// Loads (in parallel) and attaches every fentry/fexit program; see [`attach_loaded`]
-/// for what an error leaves.
-pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
-    load::load_or_fail(ebpf, &fentry_jobs(btf), |p, e| fentry_error(p, &e))?;
-    attach_loaded(ebpf)
+/// Loads (in parallel) and attaches every fentry/fexit program, and says what each
+/// cost the verifier; see [`attach_loaded`] for what an error leaves.
+pub fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<load::Cost>> {
+    let mut costs = Vec::new();
+    for o in load::load_all(ebpf, &fentry_jobs(btf))? {
+        o.result.map_err(|e| fentry_error(o.program, &e))?;
+        costs.push(load::Cost {
+            program: o.program.to_string(),
+            ms: o.took.as_secs_f64() * 1e3,
+            verified_insns: o.verified,
+        });
+    }
+    attach_loaded(ebpf)?;
+    Ok(costs)
 }
 
 /// Detaches and unloads the fentry/fexit programs (after a failed [`attach_fentry`],
@@ -223,5 +264,14 @@ pub fn unload(ebpf: &mut Ebpf) {
             Hook::Entry => <&mut FEntry>::try_from(program).map(|p| p.unload()),
             Hook::Exit => <&mut FExit>::try_from(program).map(|p| p.unload()),
         };
+    }
+    // The program array holds the message programs too: emptied, so they go.
+    for (prog, index) in MMSG_PROGRAMS {
+        if let Some(Ok(mut array)) = ebpf.map_mut(MMSG_ARRAY).map(ProgramArray::try_from) {
+            let _ = array.clear_index(&index);
+        }
+        if let Some(Ok(p)) = ebpf.program_mut(prog).map(<&mut FExit>::try_from) {
+            let _ = p.unload();
+        }
     }
 }

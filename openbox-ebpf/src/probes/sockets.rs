@@ -36,10 +36,8 @@
 //! BPF trampoline and one hash lookup per call instead of the syscall slow path that
 //! any enabled syscall tracepoint forces on every process.
 
-use core::ptr;
-
 use aya_ebpf::{
-    helpers::bpf_probe_read_user,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{fentry, fexit, tracepoint},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
@@ -47,9 +45,15 @@ use openbox_common::*;
 
 use super::{stash, take_args, track_fd};
 use crate::{
-    emit::{cpu_scratch, emit_no_payload, emit_payload, submit, with_scratch, DataCall, Payload},
+    emit::{
+        claim_scratch, cpu_scratch, emit_no_payload, emit_payload, release, submit, with_scratch,
+        Claimed, DataCall, Payload,
+    },
     error::{count, finish, Loss},
-    maps::{Batch, Scratch, SyscallArgs, FDS, FD_FLAGS, MMSG_MESSAGE, SSL_ARGS},
+    maps::{
+        Batch, Scratch, SyscallArgs, FDS, FD_FLAGS, FEXIT_MMSG_MESSAGE, MMSG_MESSAGE, SSL_ARGS,
+        TLS_SCRATCH,
+    },
     task::{arg, fexit_ret, header, ret, watched, SyscallRegs},
 };
 
@@ -474,26 +478,6 @@ fn emit_rest(scratch: *mut Scratch, batch: &Batch) -> Result<(), Loss> {
     Ok(())
 }
 
-/// fexit of sendmmsg/recvmmsg: every message of the batch in one program (no tail
-/// calls here: the scratch space may be a thread's own entry, see `emit::with_scratch`).
-/// The message index lives in map memory for the reason given on `emit::LoopState`.
-#[inline(always)]
-fn emit_messages(scratch: *mut Scratch, batch: Batch) -> Result<(), Loss> {
-    let idx = unsafe { ptr::addr_of_mut!((*scratch).batch.next) };
-    unsafe { ptr::write_volatile(idx, 0) };
-    for _ in 0..MAX_MMSG {
-        let i = unsafe { ptr::read_volatile(idx) };
-        if i >= batch.messages || i >= MAX_MMSG as u64 {
-            break;
-        }
-        unsafe { ptr::write_volatile(idx, i + 1) };
-        if !emit_message(scratch, &batch, i) {
-            return Ok(());
-        }
-    }
-    emit_rest(scratch, &batch)
-}
-
 /// Exit tracepoint of sendmmsg/recvmmsg: the batch goes to this CPU's scratch record
 /// and `sys_mmsg_message` reports it, one tail call per message (see `MMSG_MESSAGE`).
 #[inline(always)]
@@ -523,25 +507,35 @@ pub fn sys_mmsg_message(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn try_mmsg_message(ctx: &TracePointContext) -> Result<(), Loss> {
-    let scratch = cpu_scratch()?;
-    // SAFETY: as in `try_mmsg_exit`. Copied: emitting a message rewrites the rest of
-    // the scratch record.
+    // This CPU's slot, as in `try_mmsg_exit`.
+    if next_message(cpu_scratch()?)? {
+        // SAFETY: as in `try_mmsg_exit`; at most MAX_MMSG tail calls in a row, under
+        // the kernel's limit of 33.
+        unsafe { MMSG_MESSAGE.tail_call(ctx, 0) };
+        return Err(Loss::Scratch);
+    }
+    Ok(())
+}
+
+/// Reports the next message of the batch in `scratch` (and after the last one copied,
+/// the length of the rest). `true`: another message is left, for the next tail call.
+#[inline(always)]
+fn next_message(scratch: *mut Scratch) -> Result<bool, Loss> {
+    // SAFETY: scratch space the caller holds. Copied: emitting a message rewrites the
+    // rest of the scratch record.
     let batch = unsafe { (*scratch).batch };
     let i = batch.next;
     if i < batch.messages && i < MAX_MMSG as u64 {
         if !emit_message(scratch, &batch, i) {
-            return Ok(());
+            return Ok(false);
         }
         let next = i + 1;
         if next < batch.messages && next < MAX_MMSG as u64 {
             unsafe { (*scratch).batch.next = next };
-            // SAFETY: as in `try_mmsg_exit`; at most MAX_MMSG tail calls in a row,
-            // under the kernel's limit of 33.
-            unsafe { MMSG_MESSAGE.tail_call(ctx, 0) };
-            return Err(Loss::Scratch);
+            return Ok(true);
         }
     }
-    emit_rest(scratch, &batch)
+    emit_rest(scratch, &batch).map(|()| false)
 }
 
 // The descriptor, the mmsghdr array and its length are sendmmsg's and recvmmsg's first
@@ -569,7 +563,11 @@ pub fn fexit_recvmmsg(ctx: FExitContext) -> u32 {
     finish(try_mmsg_fexit(&ctx, SRC_RECVMMSG))
 }
 
-/// fexit of sendmmsg/recvmmsg: the arguments and the result at once.
+/// fexit of sendmmsg/recvmmsg: the arguments and the result at once. The batch goes to
+/// the scratch space this program claims (`emit::claim_scratch`: an fexit program may
+/// be preempted) and is reported one message per tail call, as in tracepoint mode, by
+/// the program for that space: `fexit_mmsg_message` for this CPU's slot,
+/// `fexit_mmsg_message_own` for the thread's own entry. The last message gives it back.
 #[inline(always)]
 fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
     let regs = SyscallRegs::of(ctx);
@@ -579,7 +577,63 @@ fn try_mmsg_fexit(ctx: &FExitContext, source: u32) -> Result<(), Loss> {
     let Some(batch) = mmsg_batch(pid_tgid, args, fexit_ret(ctx)) else {
         return Ok(());
     };
-    with_scratch(true, pid_tgid, |s| emit_messages(s, batch))
+    let claimed = claim_scratch(pid_tgid)?;
+    // SAFETY: claimed: no other program writes it until it is given back.
+    unsafe { (*claimed.scratch()).batch = batch };
+    let index = match claimed {
+        Claimed::Cpu(_) => MMSG_IN_CPU_SLOT,
+        Claimed::Thread(_) => MMSG_IN_OWN_ENTRY,
+    };
+    // SAFETY: the callee is an fexit program of the same prototype as this one (every
+    // `__x64_sys_*` function takes one `const struct pt_regs *`).
+    unsafe { FEXIT_MMSG_MESSAGE.tail_call(ctx, index) };
+    // Only when the agent did not set the program: the batch is not reported.
+    release(claimed, pid_tgid);
+    Err(Loss::Scratch)
+}
+
+/// The index in `FEXIT_MMSG_MESSAGE` of the program that reports a batch kept in this
+/// CPU's scratch slot, and of the one for a batch in the thread's own entry. Two
+/// programs rather than one that looks for its space: the verifier would walk a
+/// message's work once for each map the space could be in.
+const MMSG_IN_CPU_SLOT: u32 = 0;
+const MMSG_IN_OWN_ENTRY: u32 = 1;
+
+/// One message of a batch in this CPU's scratch slot, claimed by `fexit_sendmmsg` or
+/// `fexit_recvmmsg` (and still marked busy: migration stays disabled across tail calls,
+/// so it is this CPU's), then the next one by a tail call to itself; the last gives the
+/// slot back. Loaded as an fexit program of sendmmsg but never attached: only
+/// tail-called, from both.
+#[fexit(function = "__x64_sys_sendmmsg")]
+pub fn fexit_mmsg_message(ctx: FExitContext) -> u32 {
+    finish(cpu_scratch().and_then(|s| mmsg_message_fexit(&ctx, Claimed::Cpu(s), MMSG_IN_CPU_SLOT)))
+}
+
+/// The same for a batch in the thread's own scratch entry (this CPU's slot was taken).
+#[fexit(function = "__x64_sys_sendmmsg")]
+pub fn fexit_mmsg_message_own(ctx: FExitContext) -> u32 {
+    let own = TLS_SCRATCH.get_ptr_mut(bpf_get_current_pid_tgid());
+    finish(
+        own.ok_or(Loss::Scratch)
+            .and_then(|s| mmsg_message_fexit(&ctx, Claimed::Thread(s), MMSG_IN_OWN_ENTRY)),
+    )
+}
+
+#[inline(always)]
+fn mmsg_message_fexit(ctx: &FExitContext, claimed: Claimed, index: u32) -> Result<(), Loss> {
+    let more = next_message(claimed.scratch());
+    if let Ok(true) = more {
+        // SAFETY: as in `try_mmsg_fexit`; at most MAX_MMSG tail calls in a row, under
+        // the kernel's limit of 33.
+        unsafe { FEXIT_MMSG_MESSAGE.tail_call(ctx, index) };
+    }
+    release(claimed, bpf_get_current_pid_tgid());
+    match more {
+        // The tail call failed: the rest of the batch is not reported.
+        Ok(true) => Err(Loss::Scratch),
+        Ok(false) => Ok(()),
+        Err(loss) => Err(loss),
+    }
 }
 
 // ---- connections ----
