@@ -206,9 +206,10 @@ fn virtiofsd() -> Result<PathBuf> {
         })
 }
 
-/// The executables of the openbox-agent test targets `tests`, built as `cargo xtask
+/// The executables of openbox-agent's test targets `tests`, built as `cargo xtask
 /// test` builds them (release, the whole workspace's features), so nothing rebuilds.
 fn test_binaries(tests: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let manifest = crate::workspace_root().join("openbox-agent/Cargo.toml");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(crate::workspace_root())
         .args(["test", "--release", "--workspace", "--no-run"])
@@ -232,7 +233,9 @@ fn test_binaries(tests: &[String]) -> Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
-        if msg["target"]["kind"][0] == "test" && tests.iter().any(|t| t == name) {
+        // Only openbox-agent's: tests/e2e has binaries of the same names (llm).
+        let ours = msg["manifest_path"].as_str().map(Path::new) == Some(manifest.as_path());
+        if ours && msg["target"]["kind"][0] == "test" && tests.iter().any(|t| t == name) {
             found.push((name.to_string(), PathBuf::from(exe)));
         }
     }
