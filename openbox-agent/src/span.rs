@@ -5,8 +5,9 @@
 //! protocol from its first bytes, feeds both directions to that protocol's parser, and
 //! turns the parser's [`Op`]s into [`Span`]s with the SDK's attribute names.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
+use hashbrown::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
