@@ -6,7 +6,9 @@
 //! what the caller must do to the kernel maps it returns as [`Action`]s; what a user
 //! sees it returns as [`Record`]s.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 
 use openbox_common::*;
 

@@ -5,8 +5,9 @@
 //! protocol from its first bytes, feeds both directions to that protocol's parser, and
 //! turns the parser's [`Op`]s into [`Span`]s with the SDK's attribute names.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
+use hashbrown::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -125,8 +126,42 @@ impl Span {
 }
 
 /// A JSON string, escaped as serde_json escapes it (writing into a `Vec` cannot fail).
+/// Most strings of a span need no escape (serde_json escapes `"`, `\\` and control
+/// characters below U+0020, nothing else): those are copied between quotes without
+/// serde's writer calls per piece.
 fn json_str(out: &mut Vec<u8>, s: &str) {
+    if !needs_escape(s.as_bytes()) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Whether serde_json would escape a byte of `b` (`"`, `\\`, below 0x20), eight bytes
+/// at a time (a byte loop cost about what serde's escaper did).
+fn needs_escape(b: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Some byte of `x` is below `n` (n ≤ 0x80): its lane borrows in the subtraction while
+    // its high bit was clear. A borrow only starts at such a byte, so the answer is exact.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let x = u64::from_le_bytes(c.try_into().unwrap_or_default());
+        if below(x, 0x20)
+            || below(x ^ (ONES * u64::from(b'"')), 1)
+            || below(x ^ (ONES * u64::from(b'\\')), 1)
+        {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&c| c < 0x20 || c == b'"' || c == b'\\')
 }
 
 fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
@@ -296,10 +331,21 @@ impl Ids {
         z ^ (z >> 31)
     }
     fn span_id(&mut self) -> String {
-        format!("{:016x}", self.next())
+        let mut id = String::with_capacity(16);
+        push_hex(&mut id, self.next());
+        id
     }
     fn trace_id(&mut self) -> String {
         format!("{:016x}{:016x}", self.next(), self.next())
+    }
+}
+
+/// `format!("{:016x}")` without the formatting machinery (one id per span).
+fn push_hex(out: &mut String, n: u64) {
+    for shift in (0..16).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 0xf],
+        ));
     }
 }
 
@@ -677,34 +723,47 @@ impl SpanBuilder {
         if matches!(protocol, Some(Protocol::Http | Protocol::Http2)) {
             let scheme = if c.tls { "https" } else { "http" };
             let default_port = if c.tls { 443 } else { 80 };
-            let host_header = attributes
-                .get("http.host")
-                .and_then(|v| v.as_str())
-                .map(str::to_string);
-            let (name, port) = match &host_header {
-                Some(h) => split_host_port(h, default_port),
-                None => (
-                    peer_host().unwrap_or_default(),
-                    peer_port.unwrap_or(default_port),
-                ),
+            // Read from the parser's attributes in place; only the URL is built new.
+            let (name, port, url) = {
+                let host_header = attributes.get("http.host").and_then(Value::as_str);
+                let (name, port) = match host_header {
+                    Some(h) => split_host_port(h, default_port),
+                    None => (
+                        peer_host().unwrap_or_default(),
+                        peer_port.unwrap_or(default_port),
+                    ),
+                };
+                let target = attributes
+                    .get("http.target")
+                    .and_then(Value::as_str)
+                    .unwrap_or("/");
+                let url = if target.starts_with("http://") || target.starts_with("https://") {
+                    target.to_string()
+                } else {
+                    let authority = match host_header {
+                        Some(h) => h.into(),
+                        None => {
+                            std::borrow::Cow::Owned(format_authority(&name, port, default_port))
+                        }
+                    };
+                    let mut url =
+                        String::with_capacity(scheme.len() + 3 + authority.len() + target.len());
+                    url.push_str(scheme);
+                    url.push_str("://");
+                    url.push_str(&authority);
+                    url.push_str(target);
+                    url
+                };
+                (name, port, url)
             };
-            let target = attributes
-                .get("http.target")
-                .and_then(|v| v.as_str())
-                .unwrap_or("/")
-                .to_string();
-            let url = if target.starts_with("http://") || target.starts_with("https://") {
-                target.clone()
-            } else {
-                let authority = host_header
-                    .clone()
-                    .unwrap_or_else(|| format_authority(&name, port, default_port));
-                format!("{scheme}://{authority}{target}")
+            let target = match attributes.remove("http.target") {
+                Some(Value::String(t)) => t,
+                _ => "/".to_string(),
             };
             let redact = &self.cfg.redact;
             attributes.insert("http.scheme".into(), scheme.into());
-            attributes.insert("http.url".into(), redact.url(&url).into());
-            attributes.insert("http.target".into(), redact.url(&target).into());
+            attributes.insert("http.url".into(), redact.url_owned(url).into());
+            attributes.insert("http.target".into(), redact.url_owned(target).into());
             attributes
                 .entry("http.host")
                 .or_insert_with(|| format_authority(&name, port, default_port).into());
@@ -713,27 +772,27 @@ impl SpanBuilder {
             attributes.insert("net.transport".into(), "ip_tcp".into());
             span.request_headers = op.request_headers.as_ref().map(|h| self.headers(h));
             span.response_headers = op.response_headers.as_ref().map(|h| self.headers(h));
-            span.request_body = op.request_body.as_ref().map(|b| {
+            span.request_body = op.request_body.map(|b| {
                 if binary_grpc(&op.request_headers) {
-                    grpc_body(b)
+                    grpc_body(&b)
                 } else {
-                    redact.body(&text(b), content_type(&op.request_headers))
+                    redact.body_owned(text(b), content_type(&op.request_headers))
                 }
             });
             let decoded = attributes.contains_key("http.response.body.decoded");
-            span.response_body = match (&op.response_body, &op.response_headers) {
-                (Some(b), Some(_)) if binary_grpc(&op.response_headers) => Some(grpc_body(b)),
+            span.response_body = match (op.response_body, &op.response_headers) {
+                (Some(b), Some(_)) if binary_grpc(&op.response_headers) => Some(grpc_body(&b)),
                 (Some(b), Some(h)) if textual(h, decoded) => {
-                    Some(redact.body(&text(b), content_type(&op.response_headers)))
+                    Some(redact.body_owned(text(b), content_type(&op.response_headers)))
                 }
                 _ => None,
             };
             // The reassembled answer of a streamed LLM call is JSON, like the body.
             if let Some(Value::String(m)) = attributes.get_mut("gen_ai.output.messages") {
-                *m = redact.json(m);
+                *m = redact.json_owned(std::mem::take(m));
             }
             // The span name is the method; a parser may one day put the target in it.
-            span.name = redact.url(&span.name);
+            span.name = redact.url_owned(std::mem::take(&mut span.name));
         } else {
             if let Some(system) = protocol.and_then(|p| p.db_system()) {
                 attributes.insert("db.system".into(), system.into());
@@ -1024,22 +1083,35 @@ fn content_type(headers: &Option<Vec<(String, String)>>) -> Option<&str> {
     headers.as_deref().and_then(|h| header(h, "content-type"))
 }
 
-/// Request bodies: UTF-8 with invalid bytes dropped, as the SDK decodes them.
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).replace('\u{FFFD}', "")
+/// Request bodies: UTF-8 with invalid bytes dropped, as the SDK decodes them (and any
+/// U+FFFD the body held, as the SDK's decoding does). A valid body is kept, not copied.
+fn text(b: Vec<u8>) -> String {
+    match String::from_utf8(b) {
+        Ok(s) if !s.contains('\u{FFFD}') => s,
+        Ok(s) => s.replace('\u{FFFD}', ""),
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).replace('\u{FFFD}', ""),
+    }
+}
+
+/// A content type's media type (`application/json; charset=utf-8` → `application/json`),
+/// still in the case it was sent.
+fn media_type(ct: &str) -> &str {
+    ct.split(';').next().unwrap_or("").trim()
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
 /// gRPC with a binary codec (protobuf, the default): `application/grpc` or
 /// `application/grpc+proto`; `+json` bodies are text and are redacted as JSON.
 fn binary_grpc(headers: &Option<Vec<(String, String)>>) -> bool {
     content_type(headers).is_some_and(|ct| {
-        let ct = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        ct == "application/grpc" || ct.starts_with("application/grpc+") && !ct.ends_with("json")
+        let ct = media_type(ct).as_bytes();
+        ct.eq_ignore_ascii_case(b"application/grpc")
+            || ct.len() >= 17
+                && ct[..17].eq_ignore_ascii_case(b"application/grpc+")
+                && !ct[ct.len() - 4..].eq_ignore_ascii_case(b"json")
     })
 }
 
@@ -1053,6 +1125,15 @@ fn grpc_body(b: &[u8]) -> String {
     )
 }
 
+/// Media type prefixes of the response bodies the SDK keeps.
+const TEXT_TYPES: [&str; 5] = [
+    "text/",
+    "application/json",
+    "application/xml",
+    "application/javascript",
+    "application/x-www-form-urlencoded",
+];
+
 /// The SDK keeps response bodies only for text content types (or none); a
 /// content-coded body only once the parser has `decoded` it.
 fn textual(headers: &[(String, String)], decoded: bool) -> bool {
@@ -1064,21 +1145,8 @@ fn textual(headers: &[(String, String)], decoded: bool) -> bool {
     match header(headers, "content-type") {
         None => true,
         Some(ct) => {
-            let ct = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            [
-                "text/",
-                "application/json",
-                "application/xml",
-                "application/javascript",
-                "application/x-www-form-urlencoded",
-            ]
-            .iter()
-            .any(|p| ct.starts_with(p))
+            let ct = media_type(ct);
+            TEXT_TYPES.iter().any(|p| starts_with_ignore_case(ct, p))
         }
     }
 }
@@ -1625,6 +1693,89 @@ mod tests {
                 String::from_utf8(mine).unwrap(),
                 String::from_utf8(serde).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn body_text_is_the_lossy_decoding_without_replacement_characters() {
+        for b in [
+            &b"{\"a\":1}"[..],
+            b"",
+            b"caf\xc3\xa9",
+            b"bad \xff byte",
+            b"kept \xef\xbf\xbd replacement",
+            b"\xef\xbf\xbd\xff",
+            b"cut \xc3",
+        ] {
+            assert_eq!(
+                text(b.to_vec()),
+                String::from_utf8_lossy(b).replace('\u{FFFD}', ""),
+                "{b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_types_are_matched_as_their_lowercase_media_type() {
+        let lower = |ct: &str| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        };
+        for ct in [
+            "application/grpc",
+            "Application/GRPC",
+            "application/grpc+proto",
+            "application/grpc+",
+            "application/grpc+json",
+            "application/GRPC+JSON; charset=utf-8",
+            "application/grpc-web",
+            "application/grp",
+            " text/plain ; q=1",
+            "TEXT/HTML",
+            "application/json",
+            "Application/Json; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "application/octet-stream",
+            "image/png",
+            "",
+            "t\u{e9}xt/plain",
+        ] {
+            let old = lower(ct);
+            let grpc = old == "application/grpc"
+                || old.starts_with("application/grpc+") && !old.ends_with("json");
+            let headers = Some(vec![("Content-Type".to_string(), ct.to_string())]);
+            assert_eq!(binary_grpc(&headers), grpc, "{ct:?}");
+            let text = TEXT_TYPES.iter().any(|p| old.starts_with(p));
+            assert_eq!(textual(headers.as_deref().unwrap(), false), text, "{ct:?}");
+        }
+    }
+
+    #[test]
+    fn strings_needing_no_escape_are_found_eight_bytes_at_a_time() {
+        let special = [
+            b'"', b'\\', 0x00, 0x1f, 0x20, 0x21, 0x7f, 0x80, 0xff, b'[', b']',
+        ];
+        for len in 0..20 {
+            for at in 0..len {
+                for &c in &special {
+                    let mut b = vec![b'a'; len];
+                    b[at] = c;
+                    let naive = b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+                    assert_eq!(needs_escape(&b), naive, "{b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn span_ids_are_sixteen_hex_digits() {
+        let mut ids = Ids(7);
+        for _ in 0..100 {
+            let mut copy = Ids(ids.0);
+            assert_eq!(ids.span_id(), format!("{:016x}", copy.next()));
         }
     }
 }
