@@ -246,6 +246,14 @@ fn run_sdk2(name: &str, arg: &Value) -> Result<(Value, usize)> {
     Ok((r, hooks))
 }
 
+/// A table's header: the variants, then the ratios to none and `last`.
+fn header(title: &str, last: &str) {
+    println!(
+        "  {title:<38} {:>8} {:>8} {:>8} {:>8}   {:>6} {:>6} {last:>8}",
+        "none", "hook ev", "enforce", "SDK 2.0", "hook×", "enf×"
+    );
+}
+
 pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<()> {
     // openbox-e2e reads its environment from these variables, as under `cargo xtask test`.
     for (k, v) in env.vars() {
@@ -364,23 +372,13 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<()> {
     drop(stats);
     drop(https_server);
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "  {:<38} {:>8} {:>8} {:>8} {:>8}   {:>6} {:>6} {:>6}",
-        "µs per operation (median)",
-        "none",
-        "hook ev",
-        "enforce",
-        "SDK 2.0",
-        "hook×",
-        "enf×",
-        "SDK2×"
-    );
+    header("µs per operation (median)", "SDK2×");
     for (oi, (_, label)) in OPS.iter().enumerate() {
         let m: Vec<f64> = (0..VARIANTS.len())
             .map(|vi| median(runs[vi][oi].clone()) / 1000.0)
             .collect();
         println!(
-            "  {label:<38} {:>8.1} {:>8.1} {:>8.1} {:>8.1}   {:>6.2} {:>6.2} {:>6.2}",
+            "  {label:<38} {:>8.1} {:>8.1} {:>8.1} {:>8.1}   {:>6.2} {:>6.2} {:>8.2}",
             m[0],
             m[1],
             m[2],
@@ -391,17 +389,7 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<()> {
         );
     }
     println!("  (enforce: \"same\" rows answer from a remembered verdict, \"new\" rows wait for a fake-Core round trip each)");
-    println!(
-        "  {:<38} {:>8} {:>8} {:>8} {:>8}   {:>6} {:>6} {:>8}",
-        "async activity, µs per request (median)",
-        "none",
-        "hook ev",
-        "enforce",
-        "SDK 2.0",
-        "hook×",
-        "enf×",
-        "enf/hook"
-    );
+    header("async activity, µs per request (median)", "enf/hook");
     for (oi, (_, label)) in ASYNC_OPS.iter().enumerate() {
         let m: Vec<f64> = (0..3)
             .map(|vi| median(async_runs[vi][oi].clone()) / 1000.0)

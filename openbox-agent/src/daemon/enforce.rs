@@ -1044,16 +1044,10 @@ impl MemoryBio {
     fn link(&mut self, tgid: Pid, ssl: u64, fd: RawFd, ino: u64) {
         // Whatever else this descriptor linked was another socket, closed since (its
         // close record not read yet, or lost): nothing can send on it any more.
-        let gone: Vec<u64> = self
-            .by_fd
-            .get(&(tgid, fd))
-            .into_iter()
-            .flatten()
-            .copied()
-            .filter(|&other| other != ssl && self.sockets.get(&(tgid, other)) != Some(&(fd, ino)))
-            .collect();
-        for other in gone {
-            self.unlink(tgid, other);
+        for other in self.linked_elsewhere(tgid, fd, Some(ino)) {
+            if other != ssl {
+                self.unlink(tgid, other);
+            }
         }
         if let Some((_, old)) = self.set_socket(tgid, ssl, fd, ino) {
             self.owners.remove(&(tgid, old));
@@ -1076,17 +1070,21 @@ impl MemoryBio {
     /// before the close record was read). Every link by that descriptor to another
     /// socket goes.
     fn closed(&mut self, tgid: Pid, fd: RawFd, live: Option<u64>) {
-        let gone: Vec<u64> = self
-            .by_fd
+        for ssl in self.linked_elsewhere(tgid, fd, live) {
+            self.unlink(tgid, ssl);
+        }
+    }
+
+    /// The SSL objects linked by descriptor `fd` of process `tgid` to a socket other
+    /// than `live`.
+    fn linked_elsewhere(&self, tgid: Pid, fd: RawFd, live: Option<u64>) -> Vec<u64> {
+        self.by_fd
             .get(&(tgid, fd))
             .into_iter()
             .flatten()
             .copied()
             .filter(|&ssl| self.sockets.get(&(tgid, ssl)).map(|&(_, ino)| ino) != live)
-            .collect();
-        for ssl in gone {
-            self.unlink(tgid, ssl);
-        }
+            .collect()
     }
 
     /// Process `tgid` exited: every link of it goes.
