@@ -300,7 +300,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 d.decide(held);
             }
             Some(reply) = scrape_rx.recv() => {
-                // A scrape sees everything read so far, as the summary at exit does.
+                // A scrape sees everything the kernel emitted so far, as the summary at
+                // exit does (the drain thread may be in its idle sleep).
+                ring.copy_now();
                 d.read_ring(&mut ring);
                 let _ = reply.send(d.summary());
             }
