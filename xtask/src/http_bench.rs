@@ -99,25 +99,7 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
     let mut urls = BTreeMap::new();
     let mut server_pids = BTreeMap::new();
     for scheme in SCHEMES {
-        let mut cmd = Command::new(&python);
-        cmd.arg(&server_script).stdin(Stdio::null());
-        if scheme == "http" {
-            cmd.arg("--plain");
-        }
-        let server = Proc::spawn(&format!("the {scheme} test server"), &mut cmd, true)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let port: u16 = loop {
-            if let Ok(port) = server.last_line().trim().parse() {
-                break port;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the {scheme} test server printed no port: {}",
-                    server.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let (server, port) = test_server(&python, &server_script, scheme)?;
         urls.insert(scheme, format!("{scheme}://127.0.0.1:{port}/echo/bench"));
         server_pids.insert(scheme, server.pid());
         servers.push(server);
@@ -214,6 +196,30 @@ pub fn run(agent: &Path, env: &TestEnv, size: Size) -> Result<Vec<HttpResult>> {
         "  target: agent/sdk added ≤ 0.050; agent ring-buffer drops over all runs: {drops:.0}"
     );
     Ok(results)
+}
+
+/// Starts openbox-agent/tests/support/tls_server.py (`script`) with `python`, over
+/// `scheme` (`http` or `https`), in a process of its own; returns it and its port.
+pub fn test_server(python: &str, script: &Path, scheme: &str) -> Result<(Proc, u16)> {
+    let mut cmd = Command::new(python);
+    cmd.arg(script).stdin(Stdio::null());
+    if scheme == "http" {
+        cmd.arg("--plain");
+    }
+    let server = Proc::spawn(&format!("the {scheme} test server"), &mut cmd, true)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(port) = server.last_line().trim().parse() {
+            return Ok((server, port));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {scheme} test server printed no port: {}",
+                server.stderr_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 struct Bench {

@@ -186,13 +186,20 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
-/// Sum of `run_time_ns` and `run_cnt` over the BPF programs the process holds (0 unless
-/// kernel.bpf_stats_enabled is on).
-fn bpf_run_stats(pid: u32) -> (u64, u64) {
-    let (mut ns, mut cnt) = (0, 0);
+/// One BPF program's counters (0 unless kernel.bpf_stats_enabled is on).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgRuns {
+    pub id: u32,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// The BPF programs process `pid` holds, with their counters (from its fdinfo).
+pub fn bpf_programs(pid: u32) -> Vec<ProgRuns> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0);
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for e in dir.flatten() {
         let Ok(info) = std::fs::read_to_string(e.path()) else {
             continue;
@@ -200,25 +207,39 @@ fn bpf_run_stats(pid: u32) -> (u64, u64) {
         if !info.contains("prog_type:") {
             continue;
         }
+        let mut p = ProgRuns::default();
         for line in info.lines() {
             let mut it = line.split_whitespace();
             match (it.next(), it.next().and_then(|v| v.parse::<u64>().ok())) {
-                (Some("run_time_ns:"), Some(v)) => ns += v,
-                (Some("run_cnt:"), Some(v)) => cnt += v,
+                (Some("prog_id:"), Some(v)) => p.id = v as u32,
+                (Some("run_time_ns:"), Some(v)) => p.run_time_ns = v,
+                (Some("run_cnt:"), Some(v)) => p.run_cnt = v,
                 _ => {}
             }
         }
+        // A program held through two descriptors counts once.
+        if !out.iter().any(|q: &ProgRuns| q.id == p.id) {
+            out.push(p);
+        }
     }
-    (ns, cnt)
+    out
+}
+
+/// Sum of `run_time_ns` and `run_cnt` over the BPF programs the process holds (0 unless
+/// kernel.bpf_stats_enabled is on).
+fn bpf_run_stats(pid: u32) -> (u64, u64) {
+    bpf_programs(pid)
+        .iter()
+        .fold((0, 0), |(ns, cnt), p| (ns + p.run_time_ns, cnt + p.run_cnt))
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// Switches kernel.bpf_stats_enabled on for its lifetime, back to what it was after.
-struct BpfStats(Option<String>);
+pub struct BpfStats(Option<String>);
 
 impl BpfStats {
-    fn enable() -> BpfStats {
+    pub fn enable() -> BpfStats {
         let old = std::fs::read_to_string(BPF_STATS).ok();
         if std::fs::write(BPF_STATS, "1").is_err() {
             return BpfStats(None);

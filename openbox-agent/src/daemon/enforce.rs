@@ -705,12 +705,7 @@ impl Enforcer {
         let mut bio = self.bio.lock().unwrap_or_else(|p| p.into_inner());
         // Bytes that start no record continue one — the rest of a send the transport
         // deferred or cut short: TLS only on a socket a send linked already.
-        if content_type.is_none()
-            && !bio
-                .sockets
-                .iter()
-                .any(|(&(pid, _), &(linked, _))| pid == tgid && linked == fd)
-        {
+        if content_type.is_none() && !bio.linked_fd(tgid, fd) {
             return None;
         }
         let ino = socket_inode(tid, fd)?;
@@ -769,6 +764,24 @@ impl Enforcer {
                 writer: None,
             },
         })
+    }
+
+    /// Socket `fd` of process `tgid` was closed (the capture's close record): the SSL
+    /// object a held send linked to it is forgotten, unless the descriptor names that
+    /// same socket still (a new socket took the number and was linked meanwhile).
+    pub fn socket_closed(&self, tgid: Pid, fd: RawFd) {
+        let mut bio = self.bio.lock().unwrap_or_else(|p| p.into_inner());
+        if bio.linked_fd(tgid, fd) {
+            bio.closed(tgid, fd, socket_inode(tgid, fd));
+        }
+    }
+
+    /// Process `tgid` exited: what held sends learned of its sockets goes.
+    pub fn process_exited(&self, tgid: Pid) {
+        self.bio
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .exited(tgid);
     }
 
     /// What held call `d` of thread `tid` (of process `tgid`) is about to do. A send
@@ -989,8 +1002,8 @@ fn tls_record_type(buf: &[u8]) -> Option<u8> {
     }
 }
 
-/// The inode of socket `fd` of thread `tid`: what names a socket for as long as it is
-/// open (a descriptor number is reused).
+/// The inode of socket `fd` of thread (or process) `tid`: what names a socket for as
+/// long as it is open (a descriptor number is reused).
 fn socket_inode(tid: u32, fd: RawFd) -> Option<u64> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let m = std::fs::metadata(format!("/proc/{tid}/fd/{fd}")).ok()?;
@@ -1009,7 +1022,10 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Which SSL object each TLS socket of a process carries (memory-BIO TLS), as held
-/// sends linked them.
+/// sends linked them. A link lasts until its socket closes (the capture's close record,
+/// [`MemoryBio::closed`]), another link takes its descriptor or its socket, or its
+/// process exits ([`MemoryBio::exited`]): a long-lived worker's connections come and go
+/// without it growing.
 #[derive(Debug, Default)]
 struct MemoryBio {
     /// (process, SSL object) → its socket: descriptor and inode.
@@ -1019,17 +1035,101 @@ struct MemoryBio {
     /// (process, SSL object) → the activity whose step made its last write a send
     /// carried (absent: none): the writer of what its socket sends until then.
     writers: HashMap<(Pid, u64), ActivityKey>,
+    /// (process, descriptor) → the SSL objects `sockets` links by that descriptor: the
+    /// index a held send that starts no record is checked against (never empty).
+    by_fd: HashMap<(Pid, RawFd), Vec<u64>>,
 }
 
 impl MemoryBio {
     fn link(&mut self, tgid: Pid, ssl: u64, fd: RawFd, ino: u64) {
-        if let Some((_, old)) = self.sockets.insert((tgid, ssl), (fd, ino)) {
+        // Whatever else this descriptor linked was another socket, closed since (its
+        // close record not read yet, or lost): nothing can send on it any more.
+        for other in self.linked_elsewhere(tgid, fd, Some(ino)) {
+            if other != ssl {
+                self.unlink(tgid, other);
+            }
+        }
+        if let Some((_, old)) = self.set_socket(tgid, ssl, fd, ino) {
             self.owners.remove(&(tgid, old));
         }
         if let Some(old) = self.owners.insert((tgid, ino), ssl) {
             if old != ssl {
-                self.sockets.remove(&(tgid, old));
+                self.remove_socket(tgid, old);
                 self.writers.remove(&(tgid, old));
+            }
+        }
+    }
+
+    /// Whether a link names descriptor `fd` of process `tgid`.
+    fn linked_fd(&self, tgid: Pid, fd: RawFd) -> bool {
+        self.by_fd.contains_key(&(tgid, fd))
+    }
+
+    /// Descriptor `fd` of process `tgid` was closed; `live` is the inode of the socket
+    /// it names now, if any (a new socket may have taken the number, and been linked,
+    /// before the close record was read). Every link by that descriptor to another
+    /// socket goes.
+    fn closed(&mut self, tgid: Pid, fd: RawFd, live: Option<u64>) {
+        for ssl in self.linked_elsewhere(tgid, fd, live) {
+            self.unlink(tgid, ssl);
+        }
+    }
+
+    /// The SSL objects linked by descriptor `fd` of process `tgid` to a socket other
+    /// than `live`.
+    fn linked_elsewhere(&self, tgid: Pid, fd: RawFd, live: Option<u64>) -> Vec<u64> {
+        self.by_fd
+            .get(&(tgid, fd))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&ssl| self.sockets.get(&(tgid, ssl)).map(|&(_, ino)| ino) != live)
+            .collect()
+    }
+
+    /// Process `tgid` exited: every link of it goes.
+    fn exited(&mut self, tgid: Pid) {
+        self.sockets.retain(|&(pid, _), _| pid != tgid);
+        self.owners.retain(|&(pid, _), _| pid != tgid);
+        self.writers.retain(|&(pid, _), _| pid != tgid);
+        self.by_fd.retain(|&(pid, _), _| pid != tgid);
+    }
+
+    /// Forgets SSL object `ssl` of process `tgid`: its socket, that socket's owner, its
+    /// writer.
+    fn unlink(&mut self, tgid: Pid, ssl: u64) {
+        if let Some((_, ino)) = self.remove_socket(tgid, ssl) {
+            if self.owners.get(&(tgid, ino)) == Some(&ssl) {
+                self.owners.remove(&(tgid, ino));
+            }
+        }
+        self.writers.remove(&(tgid, ssl));
+    }
+
+    /// `sockets`' insert, keeping `by_fd` its index.
+    fn set_socket(&mut self, tgid: Pid, ssl: u64, fd: RawFd, ino: u64) -> Option<(RawFd, u64)> {
+        let old = self.sockets.insert((tgid, ssl), (fd, ino));
+        if let Some((old_fd, _)) = old {
+            self.unindex(tgid, ssl, old_fd);
+        }
+        self.by_fd.entry((tgid, fd)).or_default().push(ssl);
+        old
+    }
+
+    /// `sockets`' remove, keeping `by_fd` its index.
+    fn remove_socket(&mut self, tgid: Pid, ssl: u64) -> Option<(RawFd, u64)> {
+        let old = self.sockets.remove(&(tgid, ssl));
+        if let Some((fd, _)) = old {
+            self.unindex(tgid, ssl, fd);
+        }
+        old
+    }
+
+    fn unindex(&mut self, tgid: Pid, ssl: u64, fd: RawFd) {
+        if let Some(list) = self.by_fd.get_mut(&(tgid, fd)) {
+            list.retain(|&s| s != ssl);
+            if list.is_empty() {
+                self.by_fd.remove(&(tgid, fd));
             }
         }
     }
@@ -1462,6 +1562,119 @@ mod tests {
         bio.link(2, 0xb, 6, 200);
         assert_eq!(bio.owners[&(1, 200)], 0xb);
         assert_eq!(bio.owners[&(2, 200)], 0xb);
+        assert_indexed(&bio);
+    }
+
+    /// `by_fd` is exactly `sockets` indexed by descriptor, and `owners` its inverse.
+    fn assert_indexed(bio: &MemoryBio) {
+        let mut want: HashMap<(Pid, RawFd), Vec<u64>> = HashMap::new();
+        for (&(pid, ssl), &(fd, ino)) in &bio.sockets {
+            want.entry((pid, fd)).or_default().push(ssl);
+            assert_eq!(bio.owners.get(&(pid, ino)), Some(&ssl), "{bio:?}");
+        }
+        let mut got = bio.by_fd.clone();
+        for list in want.values_mut().chain(got.values_mut()) {
+            list.sort_unstable();
+        }
+        assert_eq!(got, want, "{bio:?}");
+        assert_eq!(bio.owners.len(), bio.sockets.len(), "{bio:?}");
+    }
+
+    #[test]
+    fn a_linked_descriptor_is_found_by_its_index() {
+        let mut bio = MemoryBio::default();
+        assert!(!bio.linked_fd(1, 5));
+        bio.link(1, 0xa, 5, 100);
+        assert!(bio.linked_fd(1, 5));
+        assert!(!bio.linked_fd(2, 5), "processes apart");
+        assert!(!bio.linked_fd(1, 6));
+        // The SSL object's address reused on a new socket: the index follows it.
+        bio.link(1, 0xa, 6, 200);
+        assert!(!bio.linked_fd(1, 5));
+        assert!(bio.linked_fd(1, 6));
+        // Another object takes that socket over.
+        bio.link(1, 0xb, 6, 200);
+        assert!(bio.linked_fd(1, 6));
+        assert_eq!(bio.by_fd[&(1, 6)], vec![0xb]);
+        assert_indexed(&bio);
+    }
+
+    #[test]
+    fn a_closed_socket_is_forgotten_unless_its_descriptor_names_it_still() {
+        let mut bio = MemoryBio::default();
+        bio.link(1, 0xa, 5, 100);
+        bio.link(1, 0xb, 7, 300);
+        bio.written(
+            1,
+            Carried::Write(
+                UnsentKey {
+                    tgid: 1,
+                    _pad: 0,
+                    ssl: 0xa,
+                },
+                Box::new(UnsentWrite {
+                    owner: 1,
+                    activity: 7,
+                    ..UnsentWrite::default()
+                }),
+            ),
+        );
+        // The close record read after a new socket took the number and was linked: the
+        // new link stays.
+        bio.closed(1, 5, Some(100));
+        assert_eq!(bio.owners[&(1, 100)], 0xa);
+        assert_eq!(bio.writers[&(1, 0xa)], (1, 7));
+        // Closed for good: all of it goes, the other socket's link stays.
+        bio.closed(1, 5, None);
+        assert!(!bio.linked_fd(1, 5));
+        assert_eq!(bio.owners.get(&(1, 100)), None);
+        assert_eq!(bio.sockets.get(&(1, 0xa)), None);
+        assert_eq!(bio.writers.get(&(1, 0xa)), None);
+        assert_eq!(bio.owners[&(1, 300)], 0xb);
+        // A socket the process never linked: nothing changes.
+        bio.closed(1, 9, None);
+        assert_indexed(&bio);
+        assert_eq!(bio.sockets.len(), 1);
+    }
+
+    #[test]
+    fn a_new_socket_linked_on_a_reused_descriptor_drops_the_old_link() {
+        let mut bio = MemoryBio::default();
+        bio.link(1, 0xa, 5, 100);
+        // Socket 100 closed (its close record not read yet), a new one got descriptor 5.
+        bio.link(1, 0xb, 5, 200);
+        assert_eq!(bio.by_fd[&(1, 5)], vec![0xb]);
+        assert_eq!(bio.owners.get(&(1, 100)), None);
+        assert_eq!(bio.sockets.get(&(1, 0xa)), None);
+        // The late close record finds the new socket at 5: it stays.
+        bio.closed(1, 5, Some(200));
+        assert_eq!(bio.owners[&(1, 200)], 0xb);
+        assert_indexed(&bio);
+    }
+
+    #[test]
+    fn links_do_not_outlive_their_sockets_or_their_process() {
+        let mut bio = MemoryBio::default();
+        // A long-lived worker's connections, one after another on the lowest free
+        // descriptors, each with an SSL object of its own; every other close record lost
+        // (the next link on the number drops it).
+        for i in 0..10_000u64 {
+            let fd = 10 + (i % 3) as RawFd;
+            bio.link(1, 0x1000 + i, fd, 1_000 + i);
+            if i % 2 == 0 {
+                bio.closed(1, fd, None);
+            }
+            assert!(bio.sockets.len() <= 3, "{i}: {}", bio.sockets.len());
+        }
+        assert_indexed(&bio);
+        bio.link(2, 0xa, 5, 100);
+        bio.exited(1);
+        assert!(bio.sockets.keys().all(|&(pid, _)| pid == 2));
+        assert!(bio.by_fd.keys().all(|&(pid, _)| pid == 2));
+        assert!(bio.owners.keys().all(|&(pid, _)| pid == 2));
+        bio.exited(2);
+        assert!(bio.sockets.is_empty() && bio.owners.is_empty() && bio.by_fd.is_empty());
+        assert!(bio.writers.is_empty());
     }
 
     #[test]

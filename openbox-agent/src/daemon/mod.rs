@@ -300,7 +300,9 @@ pub async fn run(opts: RunOpts) -> Result<i32> {
                 d.decide(held);
             }
             Some(reply) = scrape_rx.recv() => {
-                // A scrape sees everything read so far, as the summary at exit does.
+                // A scrape sees everything the kernel emitted so far, as the summary at
+                // exit does (the drain thread may be in its idle sleep).
+                ring.copy_now();
                 d.read_ring(&mut ring);
                 let _ = reply.send(d.summary());
             }
@@ -435,12 +437,24 @@ impl Daemon {
 
     /// Moves the spans the session finished onto their activities.
     fn route(&mut self) {
-        let Collect { spans, exits } = self.session.sink_mut().take();
+        let Collect {
+            spans,
+            closes,
+            exits,
+        } = self.session.sink_mut().take();
         for span in spans {
             match self.registry.route(span) {
                 Ok(Some(activity)) => self.hook_events(activity),
                 Ok(None) => {}
                 Err(refused) => self.unattributed_span(*refused),
+            }
+        }
+        if let Some(enforcer) = &self.enforcer {
+            for &(pid, fd) in &closes {
+                enforcer.socket_closed(pid, fd);
+            }
+            for &pid in &exits {
+                enforcer.process_exited(pid);
             }
         }
         for pid in exits {

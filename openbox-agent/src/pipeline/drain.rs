@@ -53,10 +53,48 @@ const MAX_RECORD: usize = 16 << 10;
 /// Emptied batches kept for reuse (a batch's buffer is allocated once at this rate).
 const SPARE_BATCHES: usize = 4;
 
-/// How long the thread sleeps without a wake-up from the kernel: the kernel wakes the
-/// reader only once 64 KiB are waiting (or a process is paused for the agent), so this
-/// bounds how late a record is read.
+/// How long the thread sleeps without a wake-up from the kernel while records come: the
+/// kernel wakes the reader only once 64 KiB are waiting (or a process is paused for the
+/// agent), so this bounds how late a record is read.
 const TICK: Duration = Duration::from_millis(10);
+
+/// How long it sleeps once [`IDLE_POLLS`] polls in a row (a second) found nothing: an
+/// idle agent then wakes 10 times a second instead of 100, and the first record it finds
+/// brings [`TICK`] back. So a lone record after a quiet second is read up to this late;
+/// an `activity_end` is not (the daemon copies the ring at once, [`Drain::copy_now`]),
+/// nor a process the kernel paused for the agent (it forces a wake-up).
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
+/// Empty polls in a row after which the thread sleeps [`IDLE_TICK`].
+const IDLE_POLLS: u32 = 100;
+
+/// The drain thread's pace: [`TICK`] while records come, [`IDLE_TICK`] once it has been
+/// idle a while.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Polls in a row that found nothing.
+    empty: u32,
+}
+
+impl Pace {
+    /// How long the next poll may sleep.
+    fn timeout(&self) -> Duration {
+        if self.empty >= IDLE_POLLS {
+            IDLE_TICK
+        } else {
+            TICK
+        }
+    }
+
+    /// A poll returned; `found` whether it copied anything (or the consumer moved).
+    fn polled(&mut self, found: bool) {
+        self.empty = if found {
+            0
+        } else {
+            self.empty.saturating_add(1)
+        };
+    }
+}
 
 /// The queue's own counts.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -259,8 +297,8 @@ impl Drop for Drain {
     }
 }
 
-/// The thread: waits for the kernel's wake-up or the tick, then copies every record
-/// waiting into batches.
+/// The thread: waits for the kernel's wake-up or the tick ([`Pace`]), then copies every
+/// record waiting into batches.
 fn run(
     ring_fd: std::os::fd::RawFd,
     reader: &Mutex<Reader>,
@@ -268,18 +306,19 @@ fn run(
     kick: &OwnedFd,
     positions: &Positions,
 ) {
+    let mut pace = Pace::default();
     while !shared.stop.load(Ordering::Acquire) {
-        wait(ring_fd, kick);
+        wait(ring_fd, kick, pace.timeout());
         if shared.stop.load(Ordering::Acquire) {
             break;
         }
         let mut r = reader.lock().unwrap_or_else(|e| e.into_inner());
-        copy(&mut r, shared, positions, true);
+        pace.polled(copy(&mut r, shared, positions, true));
     }
 }
 
-/// Waits up to [`TICK`] for the ring or the eventfd.
-fn wait(ring_fd: std::os::fd::RawFd, kick: &OwnedFd) {
+/// Waits up to `timeout` for the ring or the eventfd.
+fn wait(ring_fd: std::os::fd::RawFd, kick: &OwnedFd, timeout: Duration) {
     let mut fds = [
         libc::pollfd {
             fd: ring_fd,
@@ -293,7 +332,7 @@ fn wait(ring_fd: std::os::fd::RawFd, kick: &OwnedFd) {
         },
     ];
     // SAFETY: two valid pollfds.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK.as_millis() as libc::c_int) };
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as libc::c_int) };
     if n > 0 && fds[1].revents & libc::POLLIN != 0 {
         let mut count = [0u8; 8];
         // SAFETY: an 8-byte read from our non-blocking eventfd resets it.
@@ -303,8 +342,9 @@ fn wait(ring_fd: std::os::fd::RawFd, kick: &OwnedFd) {
 
 /// Copies the records waiting in the ring into the queue; when it is full, waits for
 /// room (`block`) or stops. A batch is queued whenever the consumer position moved
-/// (discarded records move it too, so a batch may be empty).
-fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) {
+/// (discarded records move it too, so a batch may be empty); returns whether one was.
+fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) -> bool {
+    let start = r.handed;
     let mut batch = Batch {
         buf: spare(shared),
         end: r.handed,
@@ -333,8 +373,11 @@ fn copy(r: &mut Reader, shared: &Shared, positions: &Positions, block: bool) {
         batch.end = end;
         r.handed = end;
         queue(shared, batch);
+        true
     } else {
         shared.queue().spare.push(batch.buf);
+        // Batches queued above, when the ring held more than one.
+        end != start
     }
 }
 
@@ -389,6 +432,51 @@ fn room(shared: &Shared, more: usize, block: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The drain thread copies whatever the ring holds each time its poll returns, so a
+    /// record is read at the latest when the sleep it arrived in ends: the timeout in
+    /// force after `quiet` empty polls.
+    fn longest_wait_for_a_lone_record(quiet: u32) -> Duration {
+        let mut pace = Pace::default();
+        for _ in 0..quiet {
+            pace.polled(false);
+        }
+        pace.timeout()
+    }
+
+    #[test]
+    fn a_lone_record_is_read_within_the_idle_tick_however_long_the_agent_was_idle() {
+        for quiet in [0, 1, IDLE_POLLS - 1, IDLE_POLLS, 10 * IDLE_POLLS, u32::MAX] {
+            let waited = longest_wait_for_a_lone_record(quiet);
+            assert!(waited <= IDLE_TICK, "after {quiet} empty polls: {waited:?}");
+        }
+        // Busy or briefly quiet: the short tick, as before.
+        assert_eq!(longest_wait_for_a_lone_record(0), TICK);
+        assert_eq!(longest_wait_for_a_lone_record(IDLE_POLLS - 1), TICK);
+        assert!(IDLE_TICK <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn any_record_brings_the_short_tick_back_and_only_a_quiet_second_lengthens_it() {
+        let mut pace = Pace::default();
+        for i in 0..IDLE_POLLS {
+            assert_eq!(pace.timeout(), TICK, "after {i} empty polls");
+            pace.polled(false);
+        }
+        assert_eq!(pace.timeout(), IDLE_TICK);
+        pace.polled(false);
+        assert_eq!(pace.timeout(), IDLE_TICK);
+        pace.polled(true);
+        assert_eq!(pace.timeout(), TICK);
+        // A record every so often keeps it short.
+        for _ in 0..1000 {
+            for _ in 0..IDLE_POLLS - 1 {
+                pace.polled(false);
+            }
+            pace.polled(true);
+            assert_eq!(pace.timeout(), TICK);
+        }
+    }
 
     #[test]
     fn a_batch_gives_back_its_records_in_order_whatever_their_lengths() {

@@ -486,30 +486,24 @@ impl<S: Sink> Session<S> {
 }
 
 /// The ring buffer: its records are copied out by a thread of their own
-/// ([`drain`]) and handled here, when it has queued some and on a short tick.
+/// ([`drain`]) and handled here when it has queued some. No tick of its own: each batch
+/// the thread queues wakes the session (a wake-up while it is busy is kept for its next
+/// wait), and nothing else is timed here — an idle agent's session thread sleeps.
 pub struct Ring {
     drain: drain::Drain,
-    tick: tokio::time::Interval,
     positions: Arc<position::Positions>,
     /// The consumer position after the last record handled (records copied into the
     /// queue but not yet handled are not read, for [`RingOrder`]).
     handled: usize,
 }
 
-/// How often the session looks at the queue without a wake-up (timers of the sinks run
-/// at this pace too).
-const DRAIN_TICK: Duration = Duration::from_millis(10);
-
 impl Ring {
     fn new(ring: RingBuf<MapData>, queue_bytes: usize) -> Result<Ring> {
-        let mut tick = tokio::time::interval(DRAIN_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let positions = Arc::new(position::Positions::new(&ring)?);
         let handled = positions.consumer();
         let drain = drain::Drain::start(ring, positions.clone(), queue_bytes)?;
         Ok(Ring {
             drain,
-            tick,
             positions,
             handled,
         })
@@ -520,13 +514,10 @@ impl Ring {
         self.handled as u64
     }
 
-    /// Waits until records may be waiting. Cancel-safe: use it in `select!`, then
-    /// [`Ring::drain`].
+    /// Waits until the drain thread has queued records. Cancel-safe: use it in
+    /// `select!`, then [`Ring::drain`].
     pub async fn ready(&mut self) -> Result<()> {
-        tokio::select! {
-            _ = self.drain.ready() => {}
-            _ = self.tick.tick() => {}
-        }
+        self.drain.ready().await;
         Ok(())
     }
 

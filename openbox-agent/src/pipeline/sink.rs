@@ -79,11 +79,13 @@ impl<S: Sink> Sink for Option<S> {
     }
 }
 
-/// Keeps spans and process exits until the caller takes them (the daemon routes them
-/// to activities after each drain).
+/// Keeps spans, socket closes and process exits until the caller takes them (the daemon
+/// routes them to activities after each drain).
 #[derive(Debug, Default)]
 pub struct Collect {
     pub spans: Vec<Span>,
+    /// Sockets closed: (host tgid, descriptor).
+    pub closes: Vec<(Pid, i32)>,
     /// Processes that exited (host tgids).
     pub exits: Vec<Pid>,
 }
@@ -100,8 +102,10 @@ impl Sink for Collect {
     }
 
     fn record(&mut self, record: &Record, _clock: &Clock) {
-        if let Record::Exit { pid, .. } = record {
-            self.exits.push(*pid);
+        match record {
+            Record::Exit { pid, .. } => self.exits.push(*pid),
+            Record::Close { pid, fd, .. } => self.closes.push((*pid, *fd)),
+            _ => {}
         }
     }
 }

@@ -1,7 +1,7 @@
 """The enforcement end-to-end test's activities (registered by gov_worker.py): sync
 activities, so each runs on an executor thread, where the hook holds its operations
-(`openbox-agent run --enforce`), and two async ones (`enf_aiohttp`,
-`enf_async_upload`), held on the event-loop thread.
+(`openbox-agent run --enforce`), and three async ones (`enf_aiohttp`,
+`enf_async_upload`, `enf_bench_async`), held on the event-loop thread.
 
 - `enf_write(p)`: writes `{dir}/{marker}.txt`; returns `{"written": path}`.
 - `enf_http(p)`: a plain-HTTP `GET {url}` with `http.client`; returns status and body.
@@ -26,6 +26,8 @@ activities, so each runs on an executor thread, where the hook holds its operati
   `enf_curl_loop_read <marker>: before <outcome>, after <outcome>; connect <outcome>`
   (a connection to the loop's server the activity opens itself; descriptor 2 is
   never held, so the test sees them even when the activity fails).
+- `enf_bench` (sync), `enf_bench_async` (async): `cargo xtask bench --only enforce`'s
+  timings of allowed operations (their docstrings).
 - `enf_async_upload(p)` (async): POSTs `p["size"]` bytes over HTTPS to `{url}` with
   asyncio's own streams (a memory BIO: the event loop's callbacks send what the writes
   encrypted, between the activity's steps) from a socket with a small send buffer, to a
@@ -252,6 +254,51 @@ def enf_bench(p: dict) -> dict:
         out["http_new_url"] = _median_ns(
             lambda i: get(f"{p['url']}/new/{i}"), p["n_new"]
         )
+    return out
+
+
+async def _median_ns_async(fn, n: int) -> int:
+    times = []
+    for i in range(n):
+        t = time.perf_counter_ns()
+        await fn(i)
+        times.append(time.perf_counter_ns() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@activity.defn
+async def enf_bench_async(p: dict) -> dict:
+    """Median nanoseconds of an HTTPS GET from an async activity, for `cargo xtask bench
+    --only enforce`: aiohttp on one keep-alive session to `p["https_url"]` (asyncio's
+    TLS, a memory BIO: each request's `SSL_write` encrypts into a buffer and the event
+    loop sends it, the send `--enforce` holds and names by its kept plaintext,
+    `TLS_UNSENT`). `p["warmup"]` requests first (the connection and its handshake), then
+    `p["n"]` of one URL again and again (verdict remembered) and `p["n_new"]` of a new
+    URL each (a Core round trip each under `--enforce`). Also returns how many requests
+    it made in all (`https_async_requests`), for the kernel programs' cost per request.
+    Runs without Temporal too (`asyncio.run`, no governance at all)."""
+    import aiohttp
+
+    base = p["https_url"]
+    timeout = aiohttp.ClientTimeout(total=30)
+    out = {}
+    async with aiohttp.ClientSession() as session:
+
+        async def get(url):
+            # The bench server's certificate is self-signed, not verified.
+            async with session.get(url, ssl=False, timeout=timeout) as r:
+                await r.read()
+
+        for i in range(p["warmup"]):
+            await get(f"{base}/warmup")
+        out["https_async_same_url"] = await _median_ns_async(
+            lambda i: get(f"{base}/same"), p["n"]
+        )
+        out["https_async_new_url"] = await _median_ns_async(
+            lambda i: get(f"{base}/new/{i}"), p["n_new"]
+        )
+    out["https_async_requests"] = p["warmup"] + p["n"] + p["n_new"]
     return out
 
 

@@ -28,7 +28,8 @@ Activities (each returns what it did, so the test sees what the activity really 
   `model`, `finish`, `input_tokens`, `output_tokens`) under `chat` and `stream`.
 - `gov_ops(p)` (async, hook_ops.py): one operation of each kind SDK 2.0 governs.
 - `enf_write`, `enf_http`, `enf_https`, `enf_curl_loop`, `enf_bench`, `enf_sql` (sync),
-  `enf_aiohttp`, `enf_async_upload` (async; enforce_ops.py): the enforcement test's.
+  `enf_aiohttp`, `enf_async_upload`, `enf_bench_async` (async; enforce_ops.py): the
+  enforcement test's and its bench's.
 `echo`, `echo_dc` and `answer` first create the empty file
 `{dir}/ran-{activity_id}-{attempt}`, so the test can tell which attempts really ran
 their body (a refused activity must never get there).
@@ -51,8 +52,17 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from gov_workflows import WORKFLOWS
-from enforce_ops import (enf_aiohttp, enf_async_upload, enf_bench, enf_curl_loop, enf_http,
-                         enf_https, enf_sql, enf_write)
+from enforce_ops import (
+    enf_aiohttp,
+    enf_async_upload,
+    enf_bench,
+    enf_bench_async,
+    enf_curl_loop,
+    enf_http,
+    enf_https,
+    enf_sql,
+    enf_write,
+)
 from hook_ops import gov_ops
 from openbox_hook import OpenBoxHook, OpenBoxPlugin
 from quick_exit import exit_now
@@ -107,8 +117,14 @@ async def gov_http(p: dict) -> dict:
 @activity.defn
 async def gov_sql(p: dict) -> dict:
     marker = p["marker"]
-    conn = await asyncpg.connect(host="127.0.0.1", port=p["pg_port"], user="openbox",
-                                 database="shop", ssl=pg_ssl(), timeout=60)
+    conn = await asyncpg.connect(
+        host="127.0.0.1",
+        port=p["pg_port"],
+        user="openbox",
+        database="shop",
+        ssl=pg_ssl(),
+        timeout=60,
+    )
     try:
         value = await conn.fetchval(f"SELECT '{marker}'::text AS marker")
     finally:
@@ -140,8 +156,11 @@ async def echo(p: dict) -> dict:
 @activity.defn
 def echo_dc(req: Req) -> dict:
     mark_ran(req.dir)
-    return {"got": dataclasses.asdict(req), "was_dataclass": isinstance(req, Req),
-            "attempt": attempt()}
+    return {
+        "got": dataclasses.asdict(req),
+        "was_dataclass": isinstance(req, Req),
+        "attempt": attempt(),
+    }
 
 
 @activity.defn
@@ -157,39 +176,85 @@ async def gov_llm(p: dict) -> dict:
     import openai
 
     base, marker = p["llm_base"], p["marker"]
-    async with openai.AsyncOpenAI(base_url=f"{base}/gzip/v1", api_key="sk-e2e-secret",
-                                  max_retries=0) as c:
+    async with openai.AsyncOpenAI(
+        base_url=f"{base}/gzip/v1", api_key="sk-e2e-secret", max_retries=0
+    ) as c:
         r = await c.chat.completions.create(
-            model="gpt-e2e", messages=[{"role": "user", "content": f"hello {marker}"}],
-            max_tokens=20, temperature=0.5)
-    chat = {"text": r.choices[0].message.content, "id": r.id, "model": r.model,
-            "finish": r.choices[0].finish_reason, "input_tokens": r.usage.prompt_tokens,
-            "output_tokens": r.usage.completion_tokens}
-    async with anthropic.AsyncAnthropic(base_url=f"{base}/identity",
-                                        api_key="sk-ant-e2e-secret", max_retries=0) as c:
+            model="gpt-e2e",
+            messages=[{"role": "user", "content": f"hello {marker}"}],
+            max_tokens=20,
+            temperature=0.5,
+        )
+    chat = {
+        "text": r.choices[0].message.content,
+        "id": r.id,
+        "model": r.model,
+        "finish": r.choices[0].finish_reason,
+        "input_tokens": r.usage.prompt_tokens,
+        "output_tokens": r.usage.completion_tokens,
+    }
+    async with anthropic.AsyncAnthropic(
+        base_url=f"{base}/identity", api_key="sk-ant-e2e-secret", max_retries=0
+    ) as c:
         async with c.messages.stream(
-                model="claude-e2e", max_tokens=30,
-                messages=[{"role": "user", "content": f"stream {marker}"}]) as s:
+            model="claude-e2e",
+            max_tokens=30,
+            messages=[{"role": "user", "content": f"stream {marker}"}],
+        ) as s:
             text = "".join([t async for t in s.text_stream])
             m = await s.get_final_message()
-    stream = {"text": text, "id": m.id, "model": m.model, "finish": m.stop_reason,
-              "input_tokens": m.usage.input_tokens, "output_tokens": m.usage.output_tokens}
+    stream = {
+        "text": text,
+        "id": m.id,
+        "model": m.model,
+        "finish": m.stop_reason,
+        "input_tokens": m.usage.input_tokens,
+        "output_tokens": m.usage.output_tokens,
+    }
     return {"chat": chat, "stream": stream}
 
 
-ACTIVITIES = [gov_http, gov_sql, gov_file, echo, echo_dc, answer, gov_llm, gov_ops,
-              enf_write, enf_http, enf_https, enf_curl_loop, enf_bench, enf_sql, enf_aiohttp,
-              enf_async_upload]
+ACTIVITIES = [
+    gov_http,
+    gov_sql,
+    gov_file,
+    echo,
+    echo_dc,
+    answer,
+    gov_llm,
+    gov_ops,
+    enf_write,
+    enf_http,
+    enf_https,
+    enf_curl_loop,
+    enf_bench,
+    enf_sql,
+    enf_aiohttp,
+    enf_async_upload,
+    enf_bench_async,
+]
 
 
 def governance(args):
     if args.plugin:
         # What an SDK 2.0 worker says, the import aside.
-        optional = {k: v for k, v in (("governance_policy", args.governance_policy),
-                                      ("governance_timeout", args.governance_timeout))
-                    if v is not None}
-        return {"plugins": [OpenBoxPlugin(openbox_url=args.openbox_url,
-                                          openbox_api_key=args.openbox_api_key, **optional)]}
+        optional = {
+            k: v
+            for k, v in (
+                ("governance_policy", args.governance_policy),
+                ("governance_timeout", args.governance_timeout),
+            )
+            if v is not None
+        }
+        return {
+            "plugins": [
+                OpenBoxPlugin(
+                    openbox_url=args.openbox_url,
+                    openbox_api_key=args.openbox_api_key,
+                    **optional,
+                )
+            ]
+        }
     return {"interceptors": [OpenBoxHook(args.socket)]}
 
 
@@ -205,8 +270,11 @@ async def main():
     parser.add_argument("--governance-policy")
     parser.add_argument("--governance-timeout", type=float)
     args = parser.parse_args()
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
     client = await Client.connect(args.address)
     stop = asyncio.Event()
