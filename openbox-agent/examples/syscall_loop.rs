@@ -1,6 +1,6 @@
 //! Syscall micro-benchmark driven by `cargo xtask bench`.
 //!
-//! `syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--out FILE] [LOOP...]`
+//! `syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--hold-ms MS] [--out FILE] [LOOP...]`
 //!
 //! Loops (all three when none is named):
 //! - `sock1`: write 1 byte to one end of an AF_UNIX SOCK_STREAM socketpair, then read it
@@ -15,7 +15,9 @@
 //! apart from the output of a tracer whose stdout this process shares), else stdout;
 //! they are written only after every loop is done. `--settle-ms` sleeps before the
 //! first loop, so a tracer that started this process has processed its exec first
-//! (descriptors created within ~2 ms of exec may otherwise be mis-tracked).
+//! (descriptors created within ~2 ms of exec may otherwise be mis-tracked). FILE appears
+//! whole (written beside it, then renamed); `--hold-ms` sleeps after that, before exiting,
+//! so a bench can read its tracer's program counters while the loops' process is alive.
 
 use std::{ffi::CString, io::Write, time::Instant};
 
@@ -134,6 +136,7 @@ fn main() {
     let mut iterations: u64 = 200_000;
     let mut batches: u64 = 15;
     let mut settle_ms: u64 = 0;
+    let mut hold_ms: u64 = 0;
     let mut out_path: Option<String> = None;
     let mut loops: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -158,10 +161,16 @@ fn main() {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| die("--settle-ms needs a number"))
             }
+            "--hold-ms" => {
+                hold_ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| die("--hold-ms needs a number"))
+            }
             "--out" => out_path = Some(args.next().unwrap_or_else(|| die("--out needs a path"))),
             "sock1" | "sock4k" | "file" => loops.push(a),
             "-h" | "--help" => {
-                println!("usage: syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--out FILE] [sock1|sock4k|file]...");
+                println!("usage: syscall_loop [--iterations N] [--batches B] [--settle-ms MS] [--hold-ms MS] [--out FILE] [sock1|sock4k|file]...");
                 return;
             }
             other => die(&format!("unknown argument {other:?}")),
@@ -205,9 +214,14 @@ fn main() {
     }
     let text = lines.join("\n") + "\n";
     match out_path {
-        Some(p) => std::fs::write(&p, text).unwrap_or_else(|e| die(&format!("{p}: {e}"))),
+        Some(p) => {
+            let part = format!("{p}.part");
+            std::fs::write(&part, text).unwrap_or_else(|e| die(&format!("{part}: {e}")));
+            std::fs::rename(&part, &p).unwrap_or_else(|e| die(&format!("{p}: {e}")));
+        }
         None => {
             let _ = std::io::stdout().write_all(text.as_bytes());
         }
     }
+    std::thread::sleep(std::time::Duration::from_millis(hold_ms));
 }

@@ -11,7 +11,10 @@
 //!   except for the last line (the summary, which span output puts on stderr instead).
 //!
 //! Each syscall_loop run reports, per loop, the median of its timed batches; the table
-//! shows the median of those over the rounds. All of it once per capture mode the
+//! shows the median of those over the rounds. With `kernel.bpf_stats_enabled` on for the
+//! bench, the agent's programs' run time over the loops (from its fdinfo, read while the
+//! loops' process is still alive) splits the added cost per syscall into what the
+//! programs ran and the rest (the syscall slow path, trampolines, the ring's wake-ups). All of it once per capture mode the
 //! kernel has (`--capture-mode fentry`, `tracepoint`), each with its own baseline.
 
 use std::{
@@ -39,6 +42,9 @@ const ATTACH_WAIT: Duration = Duration::from_secs(2);
 /// millisecond or two (the agent's post-exec fd resync races with it), which would
 /// leave half the payload uncaptured and the watched figure too low.
 const SETTLE_MS: &str = "300";
+/// Pause of the watched loop process after its results, while the bench reads the
+/// agent's program counters.
+const HOLD_MS: &str = "400";
 
 /// One loop's medians in one capture mode, ns per iteration.
 pub struct Row {
@@ -101,6 +107,18 @@ type LoopResult = (&'static str, f64, u64);
 type Runs = BTreeMap<(&'static str, Cond), Vec<f64>>;
 /// Per loop, each watched run's iterations (with warm-up) and agent summary line.
 type Summaries = BTreeMap<&'static str, Vec<(u64, String)>>;
+/// The agent's programs' run time per syscall of the loops, ns, in the round with
+/// bpf_stats on (None where not read).
+#[derive(Default)]
+struct Progs {
+    /// Over all three loops (one unwatched run runs them all).
+    unwatched: Option<f64>,
+    watched: BTreeMap<&'static str, Option<f64>>,
+}
+
+fn stats_on(p: &Progs) -> bool {
+    p.unwatched.is_some() || p.watched.values().any(Option::is_some)
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Cond {
@@ -139,13 +157,13 @@ impl Bench {
             for (kind, ns, _) in self.baseline()? {
                 runs.entry((kind, Cond::Baseline)).or_default().push(ns);
             }
-            let (results, summary) = self.unwatched()?;
+            let (results, summary, _) = self.unwatched()?;
             for (kind, ns, _) in results {
                 runs.entry((kind, Cond::Unwatched)).or_default().push(ns);
             }
             unwatched_summaries.push(summary);
             for (kind, _, _) in LOOPS {
-                let (ns, total, summary) = self.watched(kind)?;
+                let (ns, total, summary, _) = self.watched(kind)?;
                 runs.entry((kind, Cond::Watched)).or_default().push(ns);
                 summaries.entry(kind).or_default().push((total, summary));
             }
@@ -165,6 +183,18 @@ impl Bench {
             );
         }
         let rows = self.report(&runs, &summaries, &unwatched_summaries);
+        // One more round with the programs' counters on, apart: they add two clock reads
+        // to every program run, which the timed rounds above must not pay.
+        let stats = crate::load_bench::BpfStats::enable();
+        let mut progs = Progs::default();
+        if stats.is_on() {
+            progs.unwatched = self.unwatched()?.2;
+            for (kind, _, _) in LOOPS {
+                progs.watched.insert(kind, self.watched(kind)?.3);
+            }
+        }
+        drop(stats);
+        self.report_programs(&runs, &progs, stats_on(&progs));
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         Ok(rows)
     }
@@ -177,7 +207,7 @@ impl Bench {
             let mut c = Command::new(&self.agent);
             c.args(["trace", "--json", "--capture-mode", self.mode, "--"])
                 .arg(&self.loop_bin)
-                .args(["--settle-ms", SETTLE_MS]);
+                .args(["--settle-ms", SETTLE_MS, "--hold-ms", HOLD_MS]);
             c
         } else {
             Command::new(&self.loop_bin)
@@ -214,8 +244,10 @@ impl Bench {
         self.results()
     }
 
-    /// Agent attached and watching an idle `sleep`; the loops run outside it.
-    fn unwatched(&self) -> Result<(Vec<LoopResult>, String)> {
+    /// Agent attached and watching an idle `sleep`; the loops run outside it. Also
+    /// returns the agent's programs' run time per syscall of the loops (every process's
+    /// runs while the loops ran, so the bench's and the node's own syscalls too).
+    fn unwatched(&self) -> Result<(Vec<LoopResult>, String, Option<f64>)> {
         let sleep = Proc::spawn(
             "sleep 600",
             Command::new("sleep").arg("600").stdin(Stdio::null()),
@@ -234,7 +266,9 @@ impl Bench {
         if let Some(status) = agent.try_wait()? {
             bail!("the agent exited early ({status}): {}", agent.stderr_text());
         }
+        let before = program_ns(agent.pid());
         crate::run(&mut self.loop_cmd(false, &[]))?;
+        let after = program_ns(agent.pid());
         let results = self.results()?;
         agent.interrupt()?;
         let status = agent.wait(Duration::from_secs(60))?;
@@ -251,15 +285,30 @@ impl Bench {
                 "  warning: the unwatched agent saw {hits} unwatched hits, fewer than the loops' {loop_syscalls} syscalls: was it attached in time?"
             );
         }
-        Ok((results, summary))
+        let run_syscalls: u64 = results
+            .iter()
+            .map(|(kind, _, total)| total * syscalls_per_iter(kind))
+            .sum();
+        let progs = per_syscall(before, after, run_syscalls);
+        Ok((results, summary, progs))
     }
 
     /// The loop run by the agent, which watches it; returns ns/iter, the iterations
-    /// run and the agent's summary.
-    fn watched(&self, kind: &'static str) -> Result<(f64, u64, String)> {
+    /// run, the agent's summary and its programs' run time per syscall of the loop (the
+    /// whole run's, read once the results are written, while the loop process holds).
+    fn watched(&self, kind: &'static str) -> Result<(f64, u64, String, Option<f64>)> {
         let mut agent = Proc::spawn("agent (watched)", &mut self.loop_cmd(true, &[kind]), true)?;
         let limit = Duration::from_secs(120 + self.iterations / 1000);
-        let status = agent.wait(limit)?;
+        let deadline = Instant::now() + limit;
+        let mut progs = None;
+        while Instant::now() < deadline && agent.try_wait()?.is_none() {
+            if self.out.exists() {
+                progs = program_ns(agent.pid());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = agent.wait(deadline.saturating_duration_since(Instant::now()))?;
         if !status.success() {
             bail!(
                 "watched run of {kind} failed ({status}): {}",
@@ -273,7 +322,41 @@ impl Bench {
             .find(|(k, _, _)| *k == kind)
             .map(|(_, ns, total)| (*ns, *total))
             .with_context(|| format!("no {kind} result"))?;
-        Ok((ns, total, summary))
+        let progs = per_syscall(Some(0), progs, total * syscalls_per_iter(kind));
+        Ok((ns, total, summary, progs))
+    }
+
+    /// What the added cost per syscall is made of: the agent's programs' run time per
+    /// syscall of the loops, and the rest.
+    fn report_programs(&self, runs: &Runs, progs: &Progs, on: bool) {
+        println!();
+        if !on {
+            println!("the agent's programs' run time: not measured (kernel.bpf_stats_enabled could not be set, or no run was read)");
+            return;
+        }
+        let med = |kind, c| median(runs[&(kind, c)].clone());
+        println!(
+            "added ns per syscall, split: medians of the rounds above = programs (the agent's BPF programs' run_time_ns / the loops' syscalls, tail calls included, from one more round with kernel.bpf_stats_enabled on) + rest (the syscall slow path or trampolines, the ring's wake-ups, caches):"
+        );
+        for (kind, label, n) in LOOPS {
+            let b = med(kind, Cond::Baseline);
+            let split = |c: Cond, p: Option<f64>| {
+                let added = (med(kind, c) - b) / n as f64;
+                match p {
+                    Some(p) => format!(
+                        "{added:>+6.0} = programs {p:>4.0} + rest {:>+5.0}",
+                        added - p
+                    ),
+                    None => format!("{added:>+6.0} (programs not read)"),
+                }
+            };
+            println!(
+                "  {:<30} unwatched {}   watched {}",
+                label,
+                split(Cond::Unwatched, progs.unwatched),
+                split(Cond::Watched, progs.watched.get(kind).copied().flatten()),
+            );
+        }
     }
 
     fn report(&self, runs: &Runs, summaries: &Summaries, unwatched: &[String]) -> Vec<Row> {
@@ -385,6 +468,25 @@ impl Bench {
         }
         rows
     }
+}
+
+/// Syscalls per iteration of loop `kind`.
+fn syscalls_per_iter(kind: &str) -> u64 {
+    LOOPS.iter().find(|(k, _, _)| *k == kind).map_or(1, |l| l.2)
+}
+
+/// Total run time (ns) of the BPF programs process `pid` holds; None without bpf_stats
+/// (every counter 0) or when it holds none.
+fn program_ns(pid: u32) -> Option<u64> {
+    let progs = crate::load_bench::bpf_programs(pid);
+    let ns: u64 = progs.iter().map(|p| p.run_time_ns).sum();
+    (ns > 0).then_some(ns)
+}
+
+/// (after − before) / syscalls, when both were read.
+fn per_syscall(before: Option<u64>, after: Option<u64>, syscalls: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (syscalls > 0 && after >= before).then(|| (after - before) as f64 / syscalls as f64)
 }
 
 /// The number after `"key":` in a flat JSON line.

@@ -246,6 +246,11 @@ impl BpfStats {
         }
         BpfStats(old)
     }
+
+    /// Whether the counters are on (the sysctl could be set).
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl Drop for BpfStats {
