@@ -229,6 +229,12 @@ struct ConnState {
     unknown: bool,
     /// First bytes per direction [egress, ingress] kept for detection, with their ts.
     held: [Vec<Held>; 2],
+    /// Bytes in `held`, per direction.
+    held_bytes: [usize; 2],
+    /// Per direction, the first held piece detection must still look from: from each
+    /// piece before it, the 64 bytes detection reads (or the bytes up to a gap) were
+    /// all there and showed no known protocol, so they never will.
+    detect_from: [usize; 2],
     /// Open before watching began: its parser starts out of step (see
     /// [`Parser::watched_midstream`]).
     midstream: bool,
@@ -406,6 +412,8 @@ impl SpanBuilder {
                 parser: None,
                 unknown: false,
                 held: [Vec::new(), Vec::new()],
+                held_bytes: [0; 2],
+                detect_from: [0; 2],
                 midstream: false,
                 counted: Losses::default(),
                 next_seq: [[0; 2]; 2],
@@ -924,6 +932,9 @@ fn feed(
 /// already on its way when watching began is held (and dropped by the parser) until the
 /// client's next request shows the protocol.
 const HELD_LIMIT: usize = 64 * 1024;
+/// Most pieces held (both directions): a stream of tiny writes of no known protocol is
+/// given up before it holds 64 KiB in 64 K pieces.
+const HELD_RECORDS: usize = 4096;
 
 /// Holds one data segment of a connection whose protocol is not known yet, and starts
 /// its parser once the first bytes of a captured piece show which protocol it speaks.
@@ -951,54 +962,68 @@ fn detect_and_start(
     if truncated > 0 {
         c.held[d].push(Held::Gap(ts, truncated));
     }
+    if !data.is_empty() {
+        c.held_bytes[d] += data.len();
+    }
+    // Only this direction's places to look from changed: the new piece, and the
+    // earlier ones whose 64 bytes were not all there yet.
+    let side_if_client = if d == 0 { Side::Client } else { Side::Server };
+    let sides: &[(Side, Role)] = match c.role {
+        Role::Client => &[(side_if_client, Role::Client)],
+        Role::Server => &[(side_if_client.opposite(), Role::Server)],
+        Role::Unknown => &[
+            (side_if_client, Role::Client),
+            (side_if_client.opposite(), Role::Server),
+        ],
+    };
     let mut detected = None;
-    'found: for (hd, side_if_client) in [(0, Side::Client), (1, Side::Server)] {
-        // Egress bytes are the client's when we are the client; try both readings while
-        // the role is unknown.
-        let sides: Vec<(Side, Role)> = match c.role {
-            Role::Client => vec![(side_if_client, Role::Client)],
-            Role::Server => vec![(side_if_client.opposite(), Role::Server)],
-            Role::Unknown => vec![
-                (side_if_client, Role::Client),
-                (side_if_client.opposite(), Role::Server),
-            ],
-        };
-        for start in 0..c.held[hd].len() {
-            let first: Vec<u8> = c.held[hd][start..]
-                .iter()
-                .map_while(|h| match h {
-                    Held::Bytes(_, b) => Some(b.as_slice()),
-                    Held::Gap(..) => None,
-                })
-                .flatten()
-                .copied()
-                .take(DETECT_BYTES)
-                .collect();
-            if !matches!(c.held[hd][start], Held::Bytes(..)) || first.is_empty() {
-                continue;
-            }
-            for &(side, role) in &sides {
-                if let Some(p) = protocol::detect(side, &first) {
-                    detected = Some((p, role));
-                    break 'found;
+    let mut first = Vec::with_capacity(DETECT_BYTES);
+    let held = &c.held[d];
+    for start in c.detect_from[d]..held.len() {
+        first.clear();
+        // Whether this place's window is final: 64 bytes, or cut by a gap.
+        let mut whole = !matches!(held[start], Held::Bytes(..));
+        if !whole {
+            for h in &held[start..] {
+                match h {
+                    Held::Bytes(_, b) => {
+                        let take = (DETECT_BYTES - first.len()).min(b.len());
+                        first.extend_from_slice(&b[..take]);
+                        if first.len() == DETECT_BYTES {
+                            whole = true;
+                            break;
+                        }
+                    }
+                    Held::Gap(..) => {
+                        whole = true;
+                        break;
+                    }
                 }
             }
+            if let Some(found) = sides
+                .iter()
+                .find_map(|&(side, role)| protocol::detect(side, &first).map(|p| (p, role)))
+            {
+                detected = Some(found);
+                break;
+            }
+        }
+        if whole && c.detect_from[d] == start {
+            c.detect_from[d] = start + 1;
         }
     }
     let Some((p, role)) = detected else {
-        let held = |h: &Vec<Held>| -> usize {
-            h.iter()
-                .map(|h| match h {
-                    Held::Bytes(_, b) => b.len(),
-                    Held::Gap(..) => 0,
-                })
-                .sum()
-        };
         // Both ends spoke and neither looks like a known protocol, or too much waited.
-        let (egress, ingress) = (held(&c.held[0]), held(&c.held[1]));
-        if egress.min(ingress) >= DETECT_BYTES || egress + ingress >= HELD_LIMIT {
+        let [egress, ingress] = c.held_bytes;
+        let pieces = c.held[0].len() + c.held[1].len();
+        if egress.min(ingress) >= DETECT_BYTES
+            || egress + ingress >= HELD_LIMIT
+            || pieces >= HELD_RECORDS
+        {
             c.unknown = true;
             c.held = [Vec::new(), Vec::new()];
+            c.held_bytes = [0; 2];
+            c.detect_from = [0; 2];
         }
         return;
     };
@@ -1009,6 +1034,8 @@ fn detect_and_start(
     }
     // Replay what was held, in order of arrival; the parser skips what it cannot frame.
     let mut held: Vec<(u64, usize, Held)> = Vec::new();
+    c.held_bytes = [0; 2];
+    c.detect_from = [0; 2];
     for (hd, items) in c.held.iter_mut().enumerate() {
         for h in items.drain(..) {
             held.push((h.ts(), hd, h));
@@ -1489,6 +1516,41 @@ mod tests {
         )));
         assert!(out.is_empty());
         assert_eq!(b.given_up, vec!["c3".to_string()]);
+    }
+
+    /// A stream of one-byte writes in one direction only (an AF_UNIX socketpair's end, a
+    /// log pipe): neither end ever shows 64 bytes of a known protocol, and the other
+    /// direction never speaks. Each held piece was a new place to look from, and each
+    /// new piece made detection look again from every one of them: 20 000 one-byte
+    /// writes took minutes of the agent's CPU, with the watched process held up behind
+    /// it. Now the connection is given up once HELD_RECORDS pieces wait.
+    #[test]
+    fn a_stream_of_tiny_writes_of_no_known_protocol_is_given_up() {
+        let one: &[u8] = b"x";
+        let writes = vec![(Egress, one); 20_000];
+        let (b, out) = build(std::iter::once(connect("c4")).chain(pieces("c4", false, &writes)));
+        assert!(out.is_empty());
+        assert_eq!(b.given_up, vec!["c4".to_string()]);
+        let c = &b.conns["c4"];
+        assert!(c.unknown && c.held.iter().all(|h| h.is_empty()));
+    }
+
+    /// Detection still finds the next request of a connection watched from its middle
+    /// after a response tail that came in many one-byte pieces, the request in pieces too.
+    #[test]
+    fn a_request_after_a_tail_in_many_small_pieces_is_detected() {
+        let one: &[u8] = b"x";
+        let mut parts = vec![(Ingress, one); 1_000];
+        let req = b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n";
+        for chunk in req.chunks(3) {
+            parts.push((Egress, chunk));
+        }
+        parts.push((Ingress, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"));
+        let (b, out) = build(pieces("m2", false, &parts));
+        assert!(b.given_up.is_empty());
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].attributes["http.target"], "/late");
+        assert_eq!(out[0].attributes["http.status_code"], 200);
     }
 
     /// A pooled connection seen from its middle (no connect record): the tail of a
