@@ -14,7 +14,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     process::{Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::*;
@@ -1213,6 +1213,12 @@ fn keep_alive_https_spans_stay_paired_while_tls_probes_attach_to_a_running_proce
     // Requests from each client's next one on are made with every probe in place.
     let first: Vec<usize> = clients.iter().map(|c| rounds(c) + 1).collect();
     thread::sleep(Duration::from_secs(2));
+    // Under emulation (fentry mode in a TCG guest) 2 s can hold fewer than the dozen
+    // requests per client checked below: wait for them, within a minute.
+    let enough = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < enough && clients.iter().zip(&first).any(|(c, f)| rounds(c) < f + 12) {
+        thread::sleep(Duration::from_millis(50));
+    }
     let last: Vec<usize> = clients
         .iter()
         .map(|c| rounds(c).saturating_sub(1))
