@@ -260,6 +260,13 @@ const FROM_FILES_KEPT: usize = 64;
 const ATTR_HISTORY: usize = 256;
 
 impl ConnState {
+    /// What was held for detection, leaving nothing held.
+    fn take_held(&mut self) -> [Vec<Held>; 2] {
+        self.held_bytes = [0; 2];
+        self.detect_from = [0; 2];
+        std::mem::take(&mut self.held)
+    }
+
     /// The file bytes the kernel sent on direction `d` between `start` and `end` (an
     /// operation's time), summed, with the file they came from (the first, if
     /// several); forgets older ones.
@@ -958,12 +965,10 @@ fn detect_and_start(
     }
     if !data.is_empty() {
         c.held[d].push(Held::Bytes(ts, data.to_vec()));
+        c.held_bytes[d] += data.len();
     }
     if truncated > 0 {
         c.held[d].push(Held::Gap(ts, truncated));
-    }
-    if !data.is_empty() {
-        c.held_bytes[d] += data.len();
     }
     // Only this direction's places to look from changed: the new piece, and the
     // earlier ones whose 64 bytes were not all there yet.
@@ -1021,9 +1026,7 @@ fn detect_and_start(
             || pieces >= HELD_RECORDS
         {
             c.unknown = true;
-            c.held = [Vec::new(), Vec::new()];
-            c.held_bytes = [0; 2];
-            c.detect_from = [0; 2];
+            c.take_held();
         }
         return;
     };
@@ -1034,10 +1037,8 @@ fn detect_and_start(
     }
     // Replay what was held, in order of arrival; the parser skips what it cannot frame.
     let mut held: Vec<(u64, usize, Held)> = Vec::new();
-    c.held_bytes = [0; 2];
-    c.detect_from = [0; 2];
-    for (hd, items) in c.held.iter_mut().enumerate() {
-        for h in items.drain(..) {
+    for (hd, items) in c.take_held().into_iter().enumerate() {
+        for h in items {
             held.push((h.ts(), hd, h));
         }
     }

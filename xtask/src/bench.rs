@@ -11,11 +11,11 @@
 //!   except for the last line (the summary, which span output puts on stderr instead).
 //!
 //! Each syscall_loop run reports, per loop, the median of its timed batches; the table
-//! shows the median of those over the rounds. With `kernel.bpf_stats_enabled` on for the
-//! bench, the agent's programs' run time over the loops (from its fdinfo, read while the
-//! loops' process is still alive) splits the added cost per syscall into what the
-//! programs ran and the rest (the syscall slow path, trampolines, the ring's wake-ups). All of it once per capture mode the
-//! kernel has (`--capture-mode fentry`, `tracepoint`), each with its own baseline.
+//! shows the median of those over the rounds. One more round, with
+//! `kernel.bpf_stats_enabled` on, reads the agent's programs' run time over the loops
+//! (from its fdinfo, while the loops' process is still alive) to split the added cost
+//! per syscall into what the programs ran and the rest (the syscall slow path,
+//! trampolines, the ring's wake-ups). All of it once per capture mode the kernel has (`--capture-mode fentry`, `tracepoint`), each with its own baseline.
 
 use std::{
     collections::BTreeMap,
@@ -116,10 +116,6 @@ struct Progs {
     watched: BTreeMap<&'static str, Option<f64>>,
 }
 
-fn stats_on(p: &Progs) -> bool {
-    p.unwatched.is_some() || p.watched.values().any(Option::is_some)
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Cond {
     Baseline,
@@ -194,7 +190,7 @@ impl Bench {
             }
         }
         drop(stats);
-        self.report_programs(&runs, &progs, stats_on(&progs));
+        self.report_programs(&runs, &progs);
         println!("bench: done in {:.0} s", started.elapsed().as_secs_f64());
         Ok(rows)
     }
@@ -328,9 +324,9 @@ impl Bench {
 
     /// What the added cost per syscall is made of: the agent's programs' run time per
     /// syscall of the loops, and the rest.
-    fn report_programs(&self, runs: &Runs, progs: &Progs, on: bool) {
+    fn report_programs(&self, runs: &Runs, progs: &Progs) {
         println!();
-        if !on {
+        if progs.unwatched.is_none() && progs.watched.values().all(Option::is_none) {
             println!("the agent's programs' run time: not measured (kernel.bpf_stats_enabled could not be set, or no run was read)");
             return;
         }
@@ -478,8 +474,7 @@ fn syscalls_per_iter(kind: &str) -> u64 {
 /// Total run time (ns) of the BPF programs process `pid` holds; None without bpf_stats
 /// (every counter 0) or when it holds none.
 fn program_ns(pid: u32) -> Option<u64> {
-    let progs = crate::load_bench::bpf_programs(pid);
-    let ns: u64 = progs.iter().map(|p| p.run_time_ns).sum();
+    let (ns, _) = crate::load_bench::bpf_run_stats(pid);
     (ns > 0).then_some(ns)
 }
 

@@ -227,7 +227,7 @@ pub fn bpf_programs(pid: u32) -> Vec<ProgRuns> {
 
 /// Sum of `run_time_ns` and `run_cnt` over the BPF programs the process holds (0 unless
 /// kernel.bpf_stats_enabled is on).
-fn bpf_run_stats(pid: u32) -> (u64, u64) {
+pub fn bpf_run_stats(pid: u32) -> (u64, u64) {
     bpf_programs(pid)
         .iter()
         .fold((0, 0), |(ns, cnt), p| (ns + p.run_time_ns, cnt + p.run_cnt))
